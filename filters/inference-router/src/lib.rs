@@ -1,0 +1,9 @@
+//! inference-router: picks the best model-server endpoint from live metrics.
+//!
+//! `config` is the pure core (no proxy-wasm types, unit-tested natively); `filter` is the thin
+//! proxy-wasm adapter, compiled only for wasm32 (and for clippy).
+
+pub mod config;
+
+#[cfg(any(target_arch = "wasm32", clippy))]
+mod filter;

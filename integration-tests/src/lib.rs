@@ -1,0 +1,11 @@
+//! meshwarden's test harness: real Envoy loading our real `.wasm`, real HTTP upstreams.
+//!
+//! - [`envoy`]: render a config from `envoy-configs/`, start Envoy on free loopback ports, wait until
+//!   ready, stop on drop (printing the Envoy log when a test fails).
+//! - [`mock_llm`]: an OpenAI/Anthropic-compatible upstream (JSON and SSE) with configurable usage,
+//!   latency and errors, and a record of every request it received (what left the gateway).
+//! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
+
+pub mod envoy;
+pub mod mock_llm;
+pub mod paths;

@@ -1,0 +1,460 @@
+//! An OpenAI- and Anthropic-compatible mock LLM upstream, served over real HTTP.
+//!
+//! Endpoints: `/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/embeddings`,
+//! `/v1/messages` (Anthropic), JSON or SSE (`"stream": true`), with realistic `usage`. Any other POST path
+//! is answered by its body's shape. Per-request behaviour is set with headers, so one mock serves every
+//! test:
+//!
+//! | header | effect |
+//! |---|---|
+//! | `x-mock-prompt-tokens: N` | reported input tokens (default: the shared estimator over the prompt) |
+//! | `x-mock-completion-tokens: N` | output tokens: the answer is N words, one per stream chunk |
+//! | `x-mock-answer: text` | the answer text (its word count is the output tokens unless set above) |
+//! | `x-mock-echo: 1` | echo mode: the answer is the prompt's texts joined with `\n` |
+//! | `x-mock-latency-ms: N` | wait before answering |
+//! | `x-mock-chunk-delay-ms: N` | wait between stream chunks |
+//! | `x-mock-status: N` | answer with this HTTP status and a provider-shaped error body |
+//! | `x-mock-no-usage: 1` | leave `usage` out (JSON and streams) |
+//! | `x-mock-abort-after-chunks: N` | stream N chunks, then reset the connection |
+//!
+//! Every request received (method, path, headers, body) is recorded: `GET /mock/requests` returns them
+//! as JSON, `DELETE /mock/requests` clears them, and tests read them directly with [`MockLlm::requests`].
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use bytes::Bytes;
+use meshwarden_shared::llm::{estimate_request_tokens, extract_request_texts, Api};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// One request as it reached the upstream, i.e. as it left the gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_str(&self.body).ok()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MockOptions {
+    /// Default latency before answering, for every request.
+    pub latency_ms: u64,
+    /// Keep at most this many recorded requests (0 = 10,000), so long runs stay bounded.
+    pub max_recorded: usize,
+}
+
+#[derive(Clone)]
+struct AppState {
+    recorded: Arc<Mutex<Vec<Recorded>>>,
+    options: MockOptions,
+}
+
+/// A running mock; stops when dropped.
+pub struct MockLlm {
+    pub addr: SocketAddr,
+    recorded: Arc<Mutex<Vec<Recorded>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl MockLlm {
+    /// Start on `127.0.0.1:0` (a free port).
+    pub async fn start() -> anyhow::Result<MockLlm> {
+        Self::start_on("127.0.0.1:0".parse()?, MockOptions::default()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, options: MockOptions) -> anyhow::Result<MockLlm> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let state = AppState {
+            recorded: recorded.clone(),
+            options,
+        };
+        let app = Router::new()
+            .route("/mock/requests", any(recorded_handler))
+            .fallback(any(handle))
+            .with_state(state);
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(MockLlm {
+            addr,
+            recorded,
+            shutdown: Some(tx),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.recorded.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    pub fn last_request(&self) -> Option<Recorded> {
+        self.requests().pop()
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut r) = self.recorded.lock() {
+            r.clear();
+        }
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+async fn recorded_handler(State(state): State<AppState>, method: Method) -> Response {
+    let Ok(mut rec) = state.recorded.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    if method == Method::DELETE {
+        rec.clear();
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    axum::Json(rec.clone()).into_response()
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn header_flag(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+}
+
+const WORDS: [&str; 12] = [
+    "The", "mock", "model", "answers", "with", "plain", "words", "so", "tests", "can", "count", "tokens.",
+];
+
+struct Plan {
+    api: Api,
+    model: String,
+    stream: bool,
+    include_usage: bool,
+    prompt_tokens: u64,
+    /// One entry per output token; each is one stream chunk.
+    pieces: Vec<String>,
+    usage: bool,
+    chunk_delay: Duration,
+    abort_after: Option<u64>,
+}
+
+impl Plan {
+    fn completion_tokens(&self) -> u64 {
+        self.pieces.len() as u64
+    }
+
+    fn answer(&self) -> String {
+        self.pieces.concat()
+    }
+}
+
+fn split_pieces(text: &str) -> Vec<String> {
+    // Keep the whitespace with the word before it, so concatenating the pieces gives the text back.
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    let mut in_space = false;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            in_space = true;
+            cur.push(c);
+        } else {
+            if in_space && !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            in_space = false;
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let body_text = String::from_utf8_lossy(&body).to_string();
+    if let Ok(mut rec) = state.recorded.lock() {
+        let max = if state.options.max_recorded == 0 { 10_000 } else { state.options.max_recorded };
+        if rec.len() >= max {
+            rec.remove(0);
+        }
+        rec.push(Recorded {
+            method: method.to_string(),
+            path: uri.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).to_string()))
+                .collect(),
+            body: body_text.clone(),
+        });
+    }
+
+    let latency = header_u64(&headers, "x-mock-latency-ms").unwrap_or(state.options.latency_ms);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+
+    if method == Method::GET && uri.path() == "/healthz" {
+        return (StatusCode::OK, "ok").into_response();
+    }
+
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => {
+            return error_response(Api::from_path(uri.path()), 400, "mock: request body is not JSON");
+        }
+    };
+    let api = match Api::detect(uri.path(), &parsed) {
+        Api::Unknown => Api::OpenAiChat,
+        a => a,
+    };
+    if let Some(status) = header_u64(&headers, "x-mock-status") {
+        return error_response(api, u16::try_from(status).unwrap_or(500), "mock: error requested by x-mock-status");
+    }
+
+    let spans = extract_request_texts(api, &parsed);
+    let answer = if header_flag(&headers, "x-mock-echo") {
+        spans.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join("\n")
+    } else if let Some(a) = headers.get("x-mock-answer").and_then(|v| v.to_str().ok()) {
+        a.to_string()
+    } else {
+        String::new()
+    };
+    let pieces = match header_u64(&headers, "x-mock-completion-tokens") {
+        Some(n) if answer.is_empty() => (0..n)
+            .map(|i| {
+                let w = WORDS.get(i as usize % WORDS.len()).copied().unwrap_or("x");
+                if i == 0 { w.to_string() } else { format!(" {w}") }
+            })
+            .collect(),
+        Some(n) => {
+            // Spread the given answer over exactly n chunks.
+            let mut p = split_pieces(&answer);
+            while (p.len() as u64) < n {
+                p.push(String::new());
+            }
+            p
+        }
+        None if answer.is_empty() => split_pieces(&WORDS.join(" ")),
+        None => split_pieces(&answer),
+    };
+    let plan = Plan {
+        api,
+        model: parsed.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string(),
+        stream: parsed.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: parsed
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        prompt_tokens: header_u64(&headers, "x-mock-prompt-tokens").unwrap_or_else(|| estimate_request_tokens(&spans)),
+        pieces,
+        usage: !header_flag(&headers, "x-mock-no-usage"),
+        chunk_delay: Duration::from_millis(header_u64(&headers, "x-mock-chunk-delay-ms").unwrap_or(0)),
+        abort_after: header_u64(&headers, "x-mock-abort-after-chunks"),
+    };
+    if plan.stream && api != Api::OpenAiEmbeddings {
+        stream_response(plan)
+    } else {
+        json_response(&plan)
+    }
+}
+
+fn error_response(api: Api, status: u16, message: &str) -> Response {
+    let body = if api.is_anthropic() {
+        json!({"type":"error","error":{"type":"api_error","message":message}})
+    } else {
+        json!({"error":{"message":message,"type":"server_error","param":null,"code":null}})
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn json_response(plan: &Plan) -> Response {
+    let p = plan.prompt_tokens;
+    let c = plan.completion_tokens();
+    let mut body = match plan.api {
+        Api::AnthropicMessages => json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": plan.model,
+            "content": [{"type": "text", "text": plan.answer()}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": p, "output_tokens": c}
+        }),
+        Api::OpenAiResponses => json!({
+            "id": "resp_mock", "object": "response", "status": "completed", "model": plan.model,
+            "output": [{"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": plan.answer(), "annotations": []}]}],
+            "usage": {"input_tokens": p, "output_tokens": c, "total_tokens": p + c}
+        }),
+        Api::OpenAiEmbeddings => json!({
+            "object": "list", "model": plan.model,
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+            "usage": {"prompt_tokens": p, "total_tokens": p}
+        }),
+        Api::OpenAiCompletions => json!({
+            "id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000u64, "model": plan.model,
+            "choices": [{"index": 0, "text": plan.answer(), "finish_reason": "stop", "logprobs": null}],
+            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        }),
+        _ => json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000u64, "model": plan.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": plan.answer()}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        }),
+    };
+    if !plan.usage {
+        if let Some(o) = body.as_object_mut() {
+            o.remove("usage");
+        }
+    }
+    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
+}
+
+fn sse(event: Option<&str>, data: &Value) -> String {
+    match event {
+        Some(e) => format!("event: {e}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+/// The wire events of a streamed answer, in order.
+fn stream_events(plan: &Plan) -> Vec<String> {
+    let p = plan.prompt_tokens;
+    let c = plan.completion_tokens();
+    let model = &plan.model;
+    let mut ev = Vec::new();
+    match plan.api {
+        Api::AnthropicMessages => {
+            let start_usage = if plan.usage { json!({"input_tokens": p, "output_tokens": 1}) } else { json!({}) };
+            ev.push(sse(Some("message_start"), &json!({"type":"message_start","message":{"id":"msg_mock","type":"message","role":"assistant","model":model,"content":[],"stop_reason":null,"stop_sequence":null,"usage":start_usage}})));
+            ev.push(sse(Some("content_block_start"), &json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})));
+            ev.push(sse(Some("ping"), &json!({"type":"ping"})));
+            for piece in &plan.pieces {
+                ev.push(sse(Some("content_block_delta"), &json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":piece}})));
+            }
+            ev.push(sse(Some("content_block_stop"), &json!({"type":"content_block_stop","index":0})));
+            let mut delta = json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null}});
+            if plan.usage {
+                delta["usage"] = json!({"output_tokens": c});
+            }
+            ev.push(sse(Some("message_delta"), &delta));
+            ev.push(sse(Some("message_stop"), &json!({"type":"message_stop"})));
+        }
+        Api::OpenAiResponses => {
+            ev.push(sse(Some("response.created"), &json!({"type":"response.created","response":{"id":"resp_mock","object":"response","status":"in_progress","model":model,"output":[]}})));
+            for piece in &plan.pieces {
+                ev.push(sse(Some("response.output_text.delta"), &json!({"type":"response.output_text.delta","item_id":"msg_mock","output_index":0,"content_index":0,"delta":piece})));
+            }
+            let mut resp = json!({"id":"resp_mock","object":"response","status":"completed","model":model,
+                "output":[{"type":"message","id":"msg_mock","role":"assistant","status":"completed","content":[{"type":"output_text","text":plan.answer(),"annotations":[]}]}]});
+            if plan.usage {
+                resp["usage"] = json!({"input_tokens": p, "output_tokens": c, "total_tokens": p + c});
+            }
+            ev.push(sse(Some("response.completed"), &json!({"type":"response.completed","response":resp})));
+        }
+        Api::OpenAiCompletions => {
+            for piece in &plan.pieces {
+                ev.push(sse(None, &json!({"id":"cmpl-mock","object":"text_completion","created":1_700_000_000u64,"model":model,"choices":[{"index":0,"text":piece,"finish_reason":null}]})));
+            }
+            ev.push(sse(None, &json!({"id":"cmpl-mock","object":"text_completion","created":1_700_000_000u64,"model":model,"choices":[{"index":0,"text":"","finish_reason":"stop"}]})));
+            if plan.usage && plan.include_usage {
+                ev.push(sse(None, &json!({"id":"cmpl-mock","object":"text_completion","created":1_700_000_000u64,"model":model,"choices":[],"usage":{"prompt_tokens":p,"completion_tokens":c,"total_tokens":p+c}})));
+            }
+            ev.push("data: [DONE]\n\n".to_string());
+        }
+        _ => {
+            let chunk = |delta: Value, finish: Value| json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1_700_000_000u64,"model":model,"choices":[{"index":0,"delta":delta,"finish_reason":finish}]});
+            ev.push(sse(None, &chunk(json!({"role":"assistant","content":""}), Value::Null)));
+            for piece in &plan.pieces {
+                ev.push(sse(None, &chunk(json!({"content":piece}), Value::Null)));
+            }
+            ev.push(sse(None, &chunk(json!({}), json!("stop"))));
+            if plan.usage && plan.include_usage {
+                ev.push(sse(None, &json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1_700_000_000u64,"model":model,"choices":[],"usage":{"prompt_tokens":p,"completion_tokens":c,"total_tokens":p+c}})));
+            }
+            ev.push("data: [DONE]\n\n".to_string());
+        }
+    }
+    ev
+}
+
+fn stream_response(plan: Plan) -> Response {
+    let events = stream_events(&plan);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let delay = plan.chunk_delay;
+    let abort_after = plan.abort_after;
+    tokio::spawn(async move {
+        for (i, e) in events.into_iter().enumerate() {
+            if abort_after.is_some_and(|n| i as u64 >= n) {
+                let _ = tx
+                    .send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock: abort requested")))
+                    .await;
+                return;
+            }
+            if i > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send(Ok(Bytes::from(e))).await.is_err() {
+                return; // client went away
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_concatenate_back() {
+        let t = "hello  world\nbye";
+        assert_eq!(split_pieces(t).concat(), t);
+        assert_eq!(split_pieces(t).len(), 3);
+    }
+}

@@ -1,0 +1,124 @@
+//! Error bodies in the shapes the official OpenAI and Anthropic SDKs parse, so a client sees a typed
+//! exception (`RateLimitError`, `PermissionDeniedError`, ...) with our message, not a generic failure.
+
+use serde_json::{json, Value};
+
+/// Which SDK family the caller speaks; chosen per request from [`crate::llm::Api`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorFlavor {
+    OpenAi,
+    Anthropic,
+}
+
+impl ErrorFlavor {
+    pub fn for_api(api: crate::llm::Api) -> ErrorFlavor {
+        if api.is_anthropic() {
+            ErrorFlavor::Anthropic
+        } else {
+            ErrorFlavor::OpenAi
+        }
+    }
+}
+
+/// The error classes we answer with, mapped to each provider's `type` strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    RateLimit,
+    PermissionDenied,
+    InvalidRequest,
+    RequestTooLarge,
+    Unavailable,
+}
+
+impl ErrorKind {
+    fn openai_type(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimit => "rate_limit_error",
+            ErrorKind::PermissionDenied => "permission_error",
+            ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge => "invalid_request_error",
+            ErrorKind::Unavailable => "server_error",
+        }
+    }
+
+    fn anthropic_type(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimit => "rate_limit_error",
+            ErrorKind::PermissionDenied => "permission_error",
+            ErrorKind::InvalidRequest => "invalid_request_error",
+            ErrorKind::RequestTooLarge => "request_too_large",
+            ErrorKind::Unavailable => "api_error",
+        }
+    }
+}
+
+/// OpenAI: `{"error":{"message","type","param","code"}}`.
+pub fn openai_error(kind: ErrorKind, code: Option<&str>, message: &str) -> Value {
+    json!({"error": {"message": message, "type": kind.openai_type(), "param": null, "code": code}})
+}
+
+/// Anthropic: `{"type":"error","error":{"type","message"}}`.
+pub fn anthropic_error(kind: ErrorKind, message: &str) -> Value {
+    json!({"type": "error", "error": {"type": kind.anthropic_type(), "message": message}})
+}
+
+/// The body for `flavor`, serialised. `code` is OpenAI's machine-readable code (e.g.
+/// `rate_limit_exceeded`); Anthropic bodies have no such field.
+pub fn error_body(flavor: ErrorFlavor, kind: ErrorKind, code: Option<&str>, message: &str) -> String {
+    let v = match flavor {
+        ErrorFlavor::OpenAi => openai_error(kind, code, message),
+        ErrorFlavor::Anthropic => anthropic_error(kind, message),
+    };
+    v.to_string()
+}
+
+/// OpenAI's duration format for `x-ratelimit-reset-*`: `6m0s`, `1.5s`, `20ms`, `1h2m3s`.
+pub fn openai_reset_duration(millis: u64) -> String {
+    if millis < 1000 {
+        return format!("{millis}ms");
+    }
+    let hours = millis / 3_600_000;
+    let minutes = (millis % 3_600_000) / 60_000;
+    let sec_millis = millis % 60_000;
+    let secs = if sec_millis % 1000 == 0 {
+        format!("{}s", sec_millis / 1000)
+    } else {
+        let s = format!("{:.3}", sec_millis as f64 / 1000.0);
+        format!("{}s", s.trim_end_matches('0').trim_end_matches('.'))
+    };
+    match (hours, minutes) {
+        (0, 0) => secs,
+        (0, m) => format!("{m}m{secs}"),
+        (h, m) => format!("{h}h{m}m{secs}"),
+    }
+}
+
+/// `retry-after` is whole seconds; round up so a client that honours it is never early.
+pub fn retry_after_seconds(millis: u64) -> u64 {
+    millis.div_ceil(1000).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn shapes() {
+        let o: Value = serde_json::from_str(&error_body(ErrorFlavor::OpenAi, ErrorKind::RateLimit, Some("rate_limit_exceeded"), "slow down")).unwrap();
+        assert_eq!(o, json!({"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}));
+        let a: Value = serde_json::from_str(&error_body(ErrorFlavor::Anthropic, ErrorKind::RequestTooLarge, None, "big")).unwrap();
+        assert_eq!(a, json!({"type":"error","error":{"type":"request_too_large","message":"big"}}));
+        assert_eq!(ErrorFlavor::for_api(crate::llm::Api::AnthropicMessages), ErrorFlavor::Anthropic);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn durations() {
+        assert_eq!(openai_reset_duration(20), "20ms");
+        assert_eq!(openai_reset_duration(1500), "1.5s");
+        assert_eq!(openai_reset_duration(360_000), "6m0s");
+        assert_eq!(openai_reset_duration(3_723_000), "1h2m3s");
+        assert_eq!(retry_after_seconds(1), 1);
+        assert_eq!(retry_after_seconds(0), 1);
+        assert_eq!(retry_after_seconds(2001), 3);
+    }
+}

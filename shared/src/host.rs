@@ -1,0 +1,144 @@
+//! The thin proxy-wasm glue every filter uses: config loading, metrics, local replies, callouts.
+//! Kept small on purpose: decisions live in the pure modules, this only talks to the host.
+
+use crate::callout::{CalloutConfig, CalloutFailure};
+use crate::config::{parse_config, Validate};
+use crate::errors::{error_body, ErrorFlavor, ErrorKind};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{LogLevel, MetricType, Status};
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Log through Envoy (shows up in Envoy's log with the plugin name). Failures to log are ignored:
+/// there is nowhere else to report them.
+pub fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, msg);
+}
+
+/// Parse the plugin configuration in `on_configure`. On error, logs one line naming the JSON path and
+/// returns `None`; the caller returns `false`, which makes Envoy reject the plugin.
+pub fn load_config<T: DeserializeOwned + Validate>(filter: &str, bytes: Option<Vec<u8>>) -> Option<T> {
+    match parse_config::<T>(bytes.as_deref().unwrap_or(&[])) {
+        Ok(cfg) => Some(cfg),
+        Err(err) => {
+            log(LogLevel::Critical, &format!("meshwarden {filter}: {err}"));
+            None
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, from the host clock.
+pub fn now_ms() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Metric ids by name, defined on first use. One per root context (per VM); stat names must already
+/// be bounded ([`crate::stats::BoundedLabels`]).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    ids: HashMap<String, u32>,
+}
+
+impl Metrics {
+    fn id(&mut self, kind: MetricType, name: &str) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        let id = hostcalls::define_metric(kind, name).ok()?;
+        self.ids.insert(name.to_string(), id);
+        Some(id)
+    }
+
+    pub fn counter(&mut self, name: &str, delta: u64) {
+        if let Some(id) = self.id(MetricType::Counter, name) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn gauge_set(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricType::Gauge, name) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    pub fn gauge_add(&mut self, name: &str, delta: i64) {
+        if let Some(id) = self.id(MetricType::Gauge, name) {
+            let _ = hostcalls::increment_metric(id, delta);
+        }
+    }
+
+    pub fn histogram(&mut self, name: &str, value: u64) {
+        if let Some(id) = self.id(MetricType::Histogram, name) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}
+
+/// Answer the client from the filter with an OpenAI- or Anthropic-shaped error body.
+pub fn send_error(
+    status: u32,
+    flavor: ErrorFlavor,
+    kind: ErrorKind,
+    code: Option<&str>,
+    message: &str,
+    extra_headers: &[(&str, &str)],
+) {
+    let body = error_body(flavor, kind, code, message);
+    send_json(status, &body, extra_headers);
+}
+
+/// A local JSON reply. `content-type` is set here; callers add what else they need.
+pub fn send_json(status: u32, body: &str, extra_headers: &[(&str, &str)]) {
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    headers.extend_from_slice(extra_headers);
+    let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
+}
+
+/// Ask Envoy to recompute the route after headers that routing reads were changed.
+pub fn clear_route_cache() -> Result<(), Status> {
+    hostcalls::call_foreign_function("clear_route_cache", Some(&[])).map(|_| ())
+}
+
+/// Dispatch a callout described by `cfg`; returns the token that `on_http_call_response` will carry.
+pub fn dispatch(
+    cfg: &CalloutConfig,
+    method: &str,
+    path: &str,
+    extra_headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<u32, CalloutFailure> {
+    let mut headers: Vec<(&str, &str)> = vec![(":method", method), (":path", path), (":authority", cfg.authority())];
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    headers.extend_from_slice(extra_headers);
+    hostcalls::dispatch_http_call(
+        &cfg.cluster,
+        headers,
+        body,
+        vec![],
+        Duration::from_millis(cfg.timeout_ms),
+    )
+    .map_err(|_| CalloutFailure::Dispatch)
+}
+
+/// Read a callout's answer in `on_http_call_response`: the body on 2xx, or why it failed. Envoy reports
+/// a timeout or connection failure as a response without `:status`.
+pub fn callout_response(body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
+    let status = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse::<u16>().ok());
+    match status {
+        None => Err(CalloutFailure::Timeout),
+        Some(s) if !(200..300).contains(&s) => Err(CalloutFailure::Status(s)),
+        Some(_) => Ok(hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()),
+    }
+}

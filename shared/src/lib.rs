@@ -1,0 +1,26 @@
+//! Protocol knowledge written once for every meshwarden filter.
+//!
+//! Everything here except [`host`] is plain Rust with no proxy-wasm types, so it is unit-tested natively
+//! and, with `make test-wasm`, compiled to wasm32 and run under `wasm-bindgen-test` (32-bit `usize`).
+//!
+//! | module | what it knows |
+//! |---|---|
+//! | [`config`] | parsing a filter's JSON config with errors that name the JSON path of the bad field |
+//! | [`llm`] | OpenAI (chat, completions, Responses, embeddings) and Anthropic request fields, text extraction and rewrite, usage from every provider |
+//! | [`sse`] | an incremental Server-Sent Events parser that accepts chunks cut at any byte |
+//! | [`jsonrpc`] | JSON-RPC 2.0 messages (MCP, A2A) |
+//! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
+//! | [`stats`] | stat names with bounded label cardinality |
+//! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
+//! | [`host`] | (feature `host`) the thin proxy-wasm glue: metrics, callouts, local replies |
+
+pub mod callout;
+pub mod config;
+pub mod errors;
+pub mod jsonrpc;
+pub mod llm;
+pub mod sse;
+pub mod stats;
+
+#[cfg(feature = "host")]
+pub mod host;

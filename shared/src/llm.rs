@@ -1,0 +1,759 @@
+//! What the LLM APIs put where: OpenAI (chat completions, legacy completions, Responses, embeddings),
+//! Anthropic messages, and the usage shapes of Gemini and Bedrock. Tolerant by design: fields are read
+//! from a `serde_json::Value` and anything missing or of an unexpected type is skipped, never an error,
+//! because providers add fields every month and a gateway must not break on them.
+//!
+//! Text extraction returns, for every piece of text a model will read, its role and its JSON pointer, so
+//! that filters scan what the model sees (not raw JSON) and can rewrite exactly those strings
+//! ([`replace_texts`]) while leaving the rest of the body untouched.
+
+use serde_json::Value;
+
+/// Which API a request speaks. Decided from the path first ([`Api::from_path`]) and, for unknown paths,
+/// from the body's shape ([`Api::detect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    OpenAiChat,
+    OpenAiCompletions,
+    OpenAiResponses,
+    OpenAiEmbeddings,
+    AnthropicMessages,
+    Unknown,
+}
+
+impl Api {
+    /// From the request path (`:path`, query string ignored), matching the path's suffix so that
+    /// prefixes such as `/openai/v1` or `/api/anthropic/v1` work.
+    pub fn from_path(path: &str) -> Api {
+        let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
+        if path.ends_with("/chat/completions") {
+            Api::OpenAiChat
+        } else if path.ends_with("/completions") {
+            Api::OpenAiCompletions
+        } else if path.ends_with("/responses") {
+            Api::OpenAiResponses
+        } else if path.ends_with("/embeddings") {
+            Api::OpenAiEmbeddings
+        } else if path.ends_with("/messages") {
+            Api::AnthropicMessages
+        } else {
+            Api::Unknown
+        }
+    }
+
+    /// From the path, falling back to the body's shape for unknown paths.
+    pub fn detect(path: &str, body: &Value) -> Api {
+        match Api::from_path(path) {
+            Api::Unknown => Api::from_body(body),
+            api => api,
+        }
+    }
+
+    fn from_body(body: &Value) -> Api {
+        let Some(obj) = body.as_object() else {
+            return Api::Unknown;
+        };
+        if obj.contains_key("messages") {
+            // Anthropic requires max_tokens and keeps the system prompt outside messages.
+            if obj.contains_key("anthropic_version") || (obj.contains_key("system") && obj.contains_key("max_tokens")) {
+                Api::AnthropicMessages
+            } else {
+                Api::OpenAiChat
+            }
+        } else if obj.contains_key("prompt") {
+            Api::OpenAiCompletions
+        } else if obj.contains_key("input") {
+            Api::OpenAiResponses
+        } else {
+            Api::Unknown
+        }
+    }
+
+    /// Error bodies on this API should be Anthropic-shaped; everything else gets OpenAI's shape, which
+    /// most OpenAI-compatible SDKs and servers also use.
+    pub fn is_anthropic(self) -> bool {
+        self == Api::AnthropicMessages
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::OpenAiChat => "openai_chat",
+            Api::OpenAiCompletions => "openai_completions",
+            Api::OpenAiResponses => "openai_responses",
+            Api::OpenAiEmbeddings => "openai_embeddings",
+            Api::AnthropicMessages => "anthropic_messages",
+            Api::Unknown => "unknown",
+        }
+    }
+}
+
+/// Who wrote a piece of text, as the model will see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    /// OpenAI's `developer` role; treated like `system` by most policies.
+    Developer,
+    User,
+    Assistant,
+    /// Tool / function results: where indirect prompt injection arrives.
+    Tool,
+    Other,
+}
+
+impl Role {
+    fn parse(s: &str) -> Role {
+        match s {
+            "system" => Role::System,
+            "developer" => Role::Developer,
+            "user" => Role::User,
+            "assistant" | "model" => Role::Assistant,
+            "tool" | "function" | "ipython" => Role::Tool,
+            _ => Role::Other,
+        }
+    }
+}
+
+/// One string the model will read, with where it lives in the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextSpan {
+    pub role: Role,
+    /// RFC 6901 JSON pointer to the string, e.g. `/messages/2/content/0/text`.
+    pub pointer: String,
+    pub text: String,
+}
+
+/// The request fields filters route, limit and account on.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestInfo {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// OpenAI streams report usage only with `stream_options.include_usage: true`.
+    pub include_usage: bool,
+    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is present.
+    pub max_output_tokens: Option<u64>,
+}
+
+pub fn request_info(body: &Value) -> RequestInfo {
+    let max_output_tokens = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64));
+    RequestInfo {
+        model: body.get("model").and_then(Value::as_str).map(str::to_string),
+        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        max_output_tokens,
+    }
+}
+
+/// For a streaming OpenAI chat or completions request, set `stream_options.include_usage` so that the
+/// final chunk carries usage. Returns true if the body was changed. Other APIs report usage in streams
+/// anyway, and non-streaming requests must not get `stream_options` (OpenAI rejects it).
+pub fn ensure_stream_usage(api: Api, body: &mut Value) -> bool {
+    if !matches!(api, Api::OpenAiChat | Api::OpenAiCompletions) {
+        return false;
+    }
+    if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        return false;
+    }
+    let Some(obj) = body.as_object_mut() else {
+        return false;
+    };
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if !options.is_object() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    match options.as_object_mut() {
+        Some(map) if map.get("include_usage").and_then(Value::as_bool) != Some(true) => {
+            map.insert("include_usage".to_string(), Value::Bool(true));
+            true
+        }
+        _ => false,
+    }
+}
+
+fn ptr_escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+fn push_text(out: &mut Vec<TextSpan>, role: Role, pointer: String, v: &Value) {
+    if let Some(s) = v.as_str() {
+        out.push(TextSpan {
+            role,
+            pointer,
+            text: s.to_string(),
+        });
+    }
+}
+
+/// Content that is a string, or an array of parts where text parts are `{"type": "text"|"input_text"|
+/// "output_text", "text": "..."}`. Anthropic `tool_result` blocks nest their own content and are tagged
+/// [`Role::Tool`].
+fn push_content(out: &mut Vec<TextSpan>, role: Role, base: &str, content: &Value) {
+    match content {
+        Value::String(_) => push_text(out, role, base.to_string(), content),
+        Value::Array(parts) => {
+            for (j, part) in parts.iter().enumerate() {
+                let here = format!("{base}/{j}");
+                match part.get("type").and_then(Value::as_str) {
+                    Some("tool_result") => {
+                        if let Some(inner) = part.get("content") {
+                            push_content(out, Role::Tool, &format!("{here}/content"), inner);
+                        }
+                    }
+                    Some("text") | Some("input_text") | Some("output_text") | None => {
+                        if let Some(t) = part.get("text") {
+                            push_text(out, role, format!("{here}/text"), t);
+                        } else if part.is_string() {
+                            push_text(out, role, here, part);
+                        }
+                    }
+                    _ => {} // images, audio, files: not text a filter can scan
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every string in a request body that the model will read, with role and JSON pointer.
+pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
+    let mut out = Vec::new();
+    match api {
+        Api::OpenAiChat | Api::AnthropicMessages | Api::Unknown => {
+            if let Some(system) = body.get("system") {
+                push_content(&mut out, Role::System, "/system", system);
+            }
+            if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+                for (i, m) in messages.iter().enumerate() {
+                    let role = m.get("role").and_then(Value::as_str).map_or(Role::Other, Role::parse);
+                    if let Some(content) = m.get("content") {
+                        push_content(&mut out, role, &format!("/messages/{i}/content"), content);
+                    }
+                }
+            }
+            if api == Api::Unknown {
+                for key in ["prompt", "input"] {
+                    if let Some(v) = body.get(key) {
+                        push_prompt_like(&mut out, &format!("/{}", ptr_escape(key)), v);
+                    }
+                }
+            }
+        }
+        Api::OpenAiCompletions => {
+            if let Some(prompt) = body.get("prompt") {
+                push_prompt_like(&mut out, "/prompt", prompt);
+            }
+        }
+        Api::OpenAiEmbeddings => {
+            if let Some(input) = body.get("input") {
+                push_prompt_like(&mut out, "/input", input);
+            }
+        }
+        Api::OpenAiResponses => {
+            if let Some(instructions) = body.get("instructions") {
+                push_text(&mut out, Role::System, "/instructions".into(), instructions);
+            }
+            match body.get("input") {
+                Some(Value::String(_)) => {
+                    if let Some(v) = body.get("input") {
+                        push_text(&mut out, Role::User, "/input".into(), v);
+                    }
+                }
+                Some(Value::Array(items)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let base = format!("/input/{i}");
+                        match item.get("type").and_then(Value::as_str) {
+                            Some("function_call_output") | Some("custom_tool_call_output") => {
+                                if let Some(o) = item.get("output") {
+                                    push_content(&mut out, Role::Tool, &format!("{base}/output"), o);
+                                }
+                            }
+                            Some("message") | None => {
+                                let role = item.get("role").and_then(Value::as_str).map_or(Role::User, Role::parse);
+                                if let Some(c) = item.get("content") {
+                                    push_content(&mut out, role, &format!("{base}/content"), c);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn push_prompt_like(out: &mut Vec<TextSpan>, base: &str, v: &Value) {
+    match v {
+        Value::String(_) => push_text(out, Role::User, base.to_string(), v),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                push_text(out, Role::User, format!("{base}/{i}"), item);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every string in a non-streamed response body that the model wrote.
+pub fn extract_response_texts(body: &Value) -> Vec<TextSpan> {
+    let mut out = Vec::new();
+    // OpenAI chat / completions
+    if let Some(choices) = body.get("choices").and_then(Value::as_array) {
+        for (i, c) in choices.iter().enumerate() {
+            if let Some(m) = c.get("message").and_then(|m| m.get("content")) {
+                push_content(&mut out, Role::Assistant, &format!("/choices/{i}/message/content"), m);
+            }
+            if let Some(t) = c.get("text") {
+                push_text(&mut out, Role::Assistant, format!("/choices/{i}/text"), t);
+            }
+        }
+    }
+    // Anthropic messages
+    if body.get("type").and_then(Value::as_str) == Some("message") {
+        if let Some(content) = body.get("content") {
+            push_content(&mut out, Role::Assistant, "/content", content);
+        }
+    }
+    // OpenAI Responses
+    if let Some(items) = body.get("output").and_then(Value::as_array) {
+        for (i, item) in items.iter().enumerate() {
+            if let Some(c) = item.get("content") {
+                push_content(&mut out, Role::Assistant, &format!("/output/{i}/content"), c);
+            }
+        }
+    }
+    // Gemini
+    if let Some(cands) = body.get("candidates").and_then(Value::as_array) {
+        for (i, c) in cands.iter().enumerate() {
+            if let Some(parts) = c.pointer("/content/parts").and_then(Value::as_array) {
+                for (j, p) in parts.iter().enumerate() {
+                    if let Some(t) = p.get("text") {
+                        push_text(&mut out, Role::Assistant, format!("/candidates/{i}/content/parts/{j}/text"), t);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The text deltas in one parsed stream event (OpenAI chat and completions chunks, Anthropic
+/// `content_block_delta`, Responses `response.output_text.delta`, Gemini chunks), with pointers.
+pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
+    let mut out = Vec::new();
+    if let Some(choices) = event.get("choices").and_then(Value::as_array) {
+        for (i, c) in choices.iter().enumerate() {
+            if let Some(t) = c.pointer("/delta/content") {
+                push_text(&mut out, Role::Assistant, format!("/choices/{i}/delta/content"), t);
+            }
+            if let Some(t) = c.get("text") {
+                push_text(&mut out, Role::Assistant, format!("/choices/{i}/text"), t);
+            }
+        }
+    }
+    match event.get("type").and_then(Value::as_str) {
+        Some("content_block_delta") => {
+            if let Some(t) = event.pointer("/delta/text") {
+                push_text(&mut out, Role::Assistant, "/delta/text".into(), t);
+            }
+        }
+        Some("response.output_text.delta") => {
+            if let Some(t) = event.get("delta") {
+                push_text(&mut out, Role::Assistant, "/delta".into(), t);
+            }
+        }
+        _ => {}
+    }
+    if event.get("candidates").is_some() {
+        out.extend(extract_response_texts(event));
+    }
+    out
+}
+
+/// Replace strings at JSON pointers. Pointers that no longer point at a string are skipped and counted
+/// in the return value, so a caller can tell a partial rewrite from a full one.
+pub fn replace_texts(body: &mut Value, replacements: &[(String, String)]) -> usize {
+    let mut missed = 0;
+    for (pointer, text) in replacements {
+        match body.pointer_mut(pointer) {
+            Some(v @ Value::String(_)) => *v = Value::String(text.clone()),
+            _ => missed += 1,
+        }
+    }
+    missed
+}
+
+/// Token usage normalised across providers.
+///
+/// `input_tokens` counts every prompt token the model processed, cached or not: OpenAI's
+/// `prompt_tokens` already does; for Anthropic it is `input_tokens + cache_creation_input_tokens +
+/// cache_read_input_tokens`. `cached_input_tokens` is the part served from a prompt cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub reasoning_tokens: u64,
+}
+
+impl Usage {
+    /// Field-wise maximum: streams report cumulative counts (Anthropic `message_delta`, Gemini chunks),
+    /// so the largest value seen for a field is its final value.
+    pub fn merge_max(&mut self, other: Usage) {
+        self.input_tokens = self.input_tokens.max(other.input_tokens);
+        self.output_tokens = self.output_tokens.max(other.output_tokens);
+        self.total_tokens = self.total_tokens.max(other.total_tokens);
+        self.cached_input_tokens = self.cached_input_tokens.max(other.cached_input_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.max(other.reasoning_tokens);
+    }
+
+    fn finish(mut self) -> Usage {
+        self.total_tokens = self.total_tokens.max(self.input_tokens + self.output_tokens);
+        self
+    }
+}
+
+fn u(v: &Value, key: &str) -> Option<u64> {
+    v.get(key).and_then(Value::as_u64)
+}
+
+/// Usage from one usage object of any known shape.
+fn usage_object(obj: &Value) -> Option<Usage> {
+    // OpenAI chat / completions / embeddings
+    if let Some(prompt) = u(obj, "prompt_tokens") {
+        return Some(
+            Usage {
+                input_tokens: prompt,
+                output_tokens: u(obj, "completion_tokens").unwrap_or(0),
+                total_tokens: u(obj, "total_tokens").unwrap_or(0),
+                cached_input_tokens: obj
+                    .pointer("/prompt_tokens_details/cached_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                reasoning_tokens: obj
+                    .pointer("/completion_tokens_details/reasoning_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+            }
+            .finish(),
+        );
+    }
+    // Anthropic messages and OpenAI Responses share the names; only Anthropic has cache_* fields.
+    if u(obj, "input_tokens").is_some() || u(obj, "output_tokens").is_some() {
+        let cache_read = u(obj, "cache_read_input_tokens").unwrap_or(0);
+        let cache_create = u(obj, "cache_creation_input_tokens").unwrap_or(0);
+        let responses_cached = obj
+            .pointer("/input_tokens_details/cached_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        return Some(
+            Usage {
+                input_tokens: u(obj, "input_tokens").unwrap_or(0) + cache_read + cache_create,
+                output_tokens: u(obj, "output_tokens").unwrap_or(0),
+                total_tokens: u(obj, "total_tokens").unwrap_or(0),
+                cached_input_tokens: cache_read + responses_cached,
+                reasoning_tokens: obj
+                    .pointer("/output_tokens_details/reasoning_tokens")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+            }
+            .finish(),
+        );
+    }
+    // Bedrock Converse
+    if u(obj, "inputTokens").is_some() || u(obj, "outputTokens").is_some() {
+        return Some(
+            Usage {
+                input_tokens: u(obj, "inputTokens").unwrap_or(0),
+                output_tokens: u(obj, "outputTokens").unwrap_or(0),
+                total_tokens: u(obj, "totalTokens").unwrap_or(0),
+                cached_input_tokens: u(obj, "cacheReadInputTokens").unwrap_or(0),
+                reasoning_tokens: 0,
+            }
+            .finish(),
+        );
+    }
+    // Gemini usageMetadata
+    if u(obj, "promptTokenCount").is_some() || u(obj, "candidatesTokenCount").is_some() {
+        let thoughts = u(obj, "thoughtsTokenCount").unwrap_or(0);
+        return Some(
+            Usage {
+                input_tokens: u(obj, "promptTokenCount").unwrap_or(0),
+                output_tokens: u(obj, "candidatesTokenCount").unwrap_or(0) + thoughts,
+                total_tokens: u(obj, "totalTokenCount").unwrap_or(0),
+                cached_input_tokens: u(obj, "cachedContentTokenCount").unwrap_or(0),
+                reasoning_tokens: thoughts,
+            }
+            .finish(),
+        );
+    }
+    None
+}
+
+/// Usage from a JSON response body, or from one parsed stream event, of any provider.
+/// Looks at `usage` (OpenAI, Anthropic `message_delta`, Bedrock), `message.usage` (Anthropic
+/// `message_start`), `response.usage` (Responses `response.completed`), `usageMetadata` (Gemini) and
+/// `metadata.usage` (Bedrock ConverseStream).
+pub fn usage_from_json(body: &Value) -> Option<Usage> {
+    ["/usage", "/message/usage", "/response/usage", "/usageMetadata", "/metadata/usage"]
+        .iter()
+        .filter_map(|p| body.pointer(p))
+        .filter(|v| v.is_object())
+        .find_map(usage_object)
+}
+
+/// Accumulates usage and streamed text over a whole SSE answer, event by event.
+#[derive(Debug, Default, Clone)]
+pub struct StreamUsage {
+    usage: Usage,
+    saw_usage: bool,
+    /// Characters of generated text seen, for an estimate when the stream ends without usage.
+    streamed_text: TokenEstimator,
+}
+
+impl StreamUsage {
+    /// Feed the `data` of one event (non-JSON data such as `[DONE]` is ignored).
+    pub fn on_event_data(&mut self, data: &str) {
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        self.on_event_json(&v);
+    }
+
+    pub fn on_event_json(&mut self, v: &Value) {
+        if let Some(usage) = usage_from_json(v) {
+            self.usage.merge_max(usage);
+            self.saw_usage = true;
+        }
+        for span in extract_stream_delta_texts(v) {
+            self.streamed_text.add(&span.text);
+        }
+    }
+
+    /// The provider's usage, if the stream reported any.
+    pub fn reported(&self) -> Option<Usage> {
+        self.saw_usage.then(|| self.usage.finish())
+    }
+
+    /// Estimated output tokens from the text streamed so far (for cut streams without usage).
+    pub fn estimated_output_tokens(&self) -> u64 {
+        self.streamed_text.tokens()
+    }
+}
+
+/// The documented token estimate used before the model has counted: one token per 4 ASCII characters
+/// (OpenAI's rule of thumb for English), one token per non-ASCII character (CJK scripts run close to a
+/// token per character, accented Latin text is rare enough that over-counting it is the safe side), and
+/// at least one token for any non-empty text. It is an estimate for admission only; budgets are settled
+/// with the provider's reported usage.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokenEstimator {
+    ascii: u64,
+    other: u64,
+    nonempty_pieces: u64,
+}
+
+impl TokenEstimator {
+    pub fn add(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        self.nonempty_pieces += 1;
+        for c in text.chars() {
+            if c.is_ascii() {
+                self.ascii += 1;
+            } else {
+                self.other += 1;
+            }
+        }
+    }
+
+    pub fn tokens(&self) -> u64 {
+        let t = self.ascii.div_ceil(4) + self.other;
+        if self.nonempty_pieces > 0 {
+            t.max(1)
+        } else {
+            0
+        }
+    }
+}
+
+/// Estimated prompt tokens of a request: the estimator over every extracted text, plus 4 tokens per
+/// text part for role and message framing.
+pub fn estimate_request_tokens(spans: &[TextSpan]) -> u64 {
+    let mut est = TokenEstimator::default();
+    for s in spans {
+        est.add(&s.text);
+    }
+    est.tokens() + 4 * spans.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn api_from_path_and_body() {
+        assert_eq!(Api::from_path("/v1/chat/completions?x=1"), Api::OpenAiChat);
+        assert_eq!(Api::from_path("/openai/v1/completions"), Api::OpenAiCompletions);
+        assert_eq!(Api::from_path("/v1/responses"), Api::OpenAiResponses);
+        assert_eq!(Api::from_path("/v1/embeddings/"), Api::OpenAiEmbeddings);
+        assert_eq!(Api::from_path("/anthropic/v1/messages"), Api::AnthropicMessages);
+        assert_eq!(Api::detect("/x", &json!({"messages": [], "system": "s", "max_tokens": 5})), Api::AnthropicMessages);
+        assert_eq!(Api::detect("/x", &json!({"messages": []})), Api::OpenAiChat);
+        assert_eq!(Api::detect("/x", &json!({"prompt": "p"})), Api::OpenAiCompletions);
+        assert_eq!(Api::detect("/x", &json!([1])), Api::Unknown);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn openai_chat_texts_with_parts_and_tools() {
+        let body = json!({"model":"gpt-4o","messages":[
+            {"role":"system","content":"be nice"},
+            {"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"x"}}]},
+            {"role":"tool","tool_call_id":"1","content":"tool says"},
+            {"role":"assistant","content":null}
+        ]});
+        let spans = extract_request_texts(Api::OpenAiChat, &body);
+        let got: Vec<(Role, &str, &str)> = spans.iter().map(|s| (s.role, s.pointer.as_str(), s.text.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Role::System, "/messages/0/content", "be nice"),
+                (Role::User, "/messages/1/content/0/text", "hello"),
+                (Role::Tool, "/messages/2/content", "tool says"),
+            ]
+        );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn anthropic_texts_with_system_parts_and_tool_results() {
+        let body = json!({"model":"claude","max_tokens":10,
+            "system":[{"type":"text","text":"sys"}],
+            "messages":[{"role":"user","content":[
+                {"type":"tool_result","tool_use_id":"t","content":[{"type":"text","text":"from tool"}]},
+                {"type":"text","text":"question"}]}]});
+        let spans = extract_request_texts(Api::AnthropicMessages, &body);
+        assert_eq!(spans.len(), 3);
+        assert_eq!((spans[0].role, spans[0].pointer.as_str()), (Role::System, "/system/0/text"));
+        assert_eq!((spans[1].role, spans[1].pointer.as_str()), (Role::Tool, "/messages/0/content/0/content/0/text"));
+        assert_eq!(spans[2].text, "question");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn responses_completions_embeddings_texts() {
+        let r = json!({"instructions":"sys","input":[{"role":"user","content":[{"type":"input_text","text":"q"}]},
+            {"type":"function_call_output","call_id":"c","output":"tool out"}]});
+        let spans = extract_request_texts(Api::OpenAiResponses, &r);
+        let roles: Vec<Role> = spans.iter().map(|s| s.role).collect();
+        assert_eq!(roles, vec![Role::System, Role::User, Role::Tool]);
+        assert_eq!(extract_request_texts(Api::OpenAiResponses, &json!({"input":"hi"}))[0].pointer, "/input");
+        let c = extract_request_texts(Api::OpenAiCompletions, &json!({"prompt":["a","b"]}));
+        assert_eq!(c.iter().map(|s| s.pointer.as_str()).collect::<Vec<_>>(), vec!["/prompt/0", "/prompt/1"]);
+        assert_eq!(extract_request_texts(Api::OpenAiEmbeddings, &json!({"input":[1,2,3]})).len(), 0);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn replace_texts_rewrites_only_the_pointed_strings() {
+        let mut body = json!({"messages":[{"role":"user","content":"secret a@b.co"}],"model":"m"});
+        let missed = replace_texts(
+            &mut body,
+            &[("/messages/0/content".into(), "secret <EMAIL_1>".into()), ("/nope".into(), "x".into())],
+        );
+        assert_eq!(missed, 1);
+        assert_eq!(body, json!({"messages":[{"role":"user","content":"secret <EMAIL_1>"}],"model":"m"}));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn request_info_and_stream_usage_option() {
+        let mut body = json!({"model":"gpt","stream":true,"max_completion_tokens":50});
+        let info = request_info(&body);
+        assert_eq!(info.model.as_deref(), Some("gpt"));
+        assert!(info.stream && !info.include_usage);
+        assert_eq!(info.max_output_tokens, Some(50));
+        assert!(ensure_stream_usage(Api::OpenAiChat, &mut body));
+        assert!(request_info(&body).include_usage);
+        assert!(!ensure_stream_usage(Api::OpenAiChat, &mut body), "idempotent");
+        let mut nonstream = json!({"model":"gpt"});
+        assert!(!ensure_stream_usage(Api::OpenAiChat, &mut nonstream));
+        assert!(nonstream.get("stream_options").is_none());
+        let mut anthropic = json!({"stream":true});
+        assert!(!ensure_stream_usage(Api::AnthropicMessages, &mut anthropic));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn usage_of_every_provider() {
+        let openai = json!({"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+            "prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}});
+        assert_eq!(usage_from_json(&openai), Some(Usage{input_tokens:10,output_tokens:5,total_tokens:15,cached_input_tokens:3,reasoning_tokens:2}));
+        let anthropic = json!({"type":"message","usage":{"input_tokens":10,"output_tokens":7,"cache_read_input_tokens":100,"cache_creation_input_tokens":5}});
+        let a = usage_from_json(&anthropic).unwrap();
+        assert_eq!((a.input_tokens, a.output_tokens, a.total_tokens, a.cached_input_tokens), (115, 7, 122, 100));
+        let responses = json!({"type":"response.completed","response":{"usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10}}});
+        assert_eq!(usage_from_json(&responses).unwrap().total_tokens, 10);
+        let gemini = json!({"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":3,"totalTokenCount":11}});
+        assert_eq!(usage_from_json(&gemini).unwrap().output_tokens, 3);
+        let bedrock = json!({"usage":{"inputTokens":2,"outputTokens":9,"totalTokens":11}});
+        assert_eq!(usage_from_json(&bedrock).unwrap().input_tokens, 2);
+        assert_eq!(usage_from_json(&json!({"choices":[]})), None);
+        assert_eq!(usage_from_json(&json!({"usage":"lots"})), None);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn stream_usage_anthropic_is_cumulative() {
+        let mut s = StreamUsage::default();
+        s.on_event_data(r#"{"type":"message_start","message":{"usage":{"input_tokens":25,"output_tokens":1}}}"#);
+        s.on_event_data(r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"Hello there"}}"#);
+        s.on_event_data(r#"{"type":"message_delta","usage":{"output_tokens":15}}"#);
+        s.on_event_data("[DONE]");
+        let u = s.reported().unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (25, 15, 40));
+        assert_eq!(s.estimated_output_tokens(), 3);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn stream_without_usage_is_estimated() {
+        let mut s = StreamUsage::default();
+        s.on_event_data(r#"{"choices":[{"delta":{"content":"abcdefgh"}}]}"#);
+        s.on_event_data(r#"{"choices":[{"delta":{"content":"ij"}}]}"#);
+        assert_eq!(s.reported(), None);
+        assert_eq!(s.estimated_output_tokens(), 3);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn estimator() {
+        let mut e = TokenEstimator::default();
+        assert_eq!(e.tokens(), 0);
+        e.add("a");
+        assert_eq!(e.tokens(), 1);
+        e.add("bcdefgh"); // 8 ascii
+        assert_eq!(e.tokens(), 2);
+        e.add("日本語");
+        assert_eq!(e.tokens(), 5);
+        let spans = extract_request_texts(Api::OpenAiChat, &json!({"messages":[{"role":"user","content":"12345678"}]}));
+        assert_eq!(estimate_request_tokens(&spans), 2 + 4);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn response_texts() {
+        let chat = json!({"choices":[{"message":{"role":"assistant","content":"hi <EMAIL_1>"}}]});
+        assert_eq!(extract_response_texts(&chat)[0].pointer, "/choices/0/message/content");
+        let anth = json!({"type":"message","content":[{"type":"text","text":"yo"}]});
+        assert_eq!(extract_response_texts(&anth)[0].pointer, "/content/0/text");
+        let resp = json!({"output":[{"type":"message","content":[{"type":"output_text","text":"r"}]}]});
+        assert_eq!(extract_response_texts(&resp)[0].text, "r");
+        let d = json!({"type":"response.output_text.delta","delta":"x"});
+        assert_eq!(extract_stream_delta_texts(&d)[0].pointer, "/delta");
+    }
+}

@@ -1,0 +1,328 @@
+//! Incremental Server-Sent Events parser (WHATWG "event stream" interpretation).
+//!
+//! Network chunks may cut anywhere: inside a line, between `\r` and `\n`, inside a UTF-8 character or a
+//! JSON escape. The parser buffers bytes until a full line is available and only decodes complete lines,
+//! so no split can change what is parsed. Lines end with `\n`, `\r\n` or `\r`; an event ends with a blank
+//! line; several `data:` lines are joined with `\n`; lines starting with `:` are comments.
+//!
+//! Memory is bounded: a line or an event longer than `max_event_bytes` is dropped whole and counted in
+//! [`SseParser::oversized_events`], so a broken or hostile upstream cannot make the filter buffer forever.
+
+/// One dispatched event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `event:` field, if any (Anthropic names its events; OpenAI does not).
+    pub event: Option<String>,
+    /// `data:` lines joined with `\n`.
+    pub data: String,
+    /// The `id:` field, if any.
+    pub id: Option<String>,
+}
+
+impl SseEvent {
+    /// OpenAI ends a stream with `data: [DONE]`.
+    pub fn is_done_marker(&self) -> bool {
+        self.data.trim() == "[DONE]"
+    }
+}
+
+/// Default bound on one event; generous for tool-call deltas, small next to Envoy's 1 MiB buffer limit.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 256 * 1024;
+
+#[derive(Debug)]
+pub struct SseParser {
+    line: Vec<u8>,
+    /// The previous chunk ended with `\r`: a `\n` starting the next chunk belongs to that line ending.
+    after_cr: bool,
+    event: Option<String>,
+    data: String,
+    has_data: bool,
+    id: Option<String>,
+    event_bytes: usize,
+    discarding: bool,
+    max_event_bytes: usize,
+    oversized: u64,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_EVENT_BYTES)
+    }
+}
+
+impl SseParser {
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            line: Vec::new(),
+            after_cr: false,
+            event: None,
+            data: String::new(),
+            has_data: false,
+            id: None,
+            event_bytes: 0,
+            discarding: false,
+            max_event_bytes: max_event_bytes.max(64),
+            oversized: 0,
+        }
+    }
+
+    /// How many events were dropped for exceeding the size bound.
+    pub fn oversized_events(&self) -> u64 {
+        self.oversized
+    }
+
+    /// Bytes held back waiting for the rest of a line or event.
+    pub fn buffered_bytes(&self) -> usize {
+        self.line.len() + self.data.len()
+    }
+
+    /// Feed one network chunk; returns the events it completed, in order.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        self.feed_with(chunk, |e| out.push(e));
+        out
+    }
+
+    /// Like [`feed`](Self::feed) without allocating a vector.
+    pub fn feed_with(&mut self, chunk: &[u8], mut on_event: impl FnMut(SseEvent)) {
+        let mut rest = chunk;
+        if self.after_cr {
+            self.after_cr = false;
+            if let Some((&b'\n', tail)) = rest.split_first() {
+                rest = tail;
+            }
+        }
+        while !rest.is_empty() {
+            match rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+                None => {
+                    self.push_line_bytes(rest);
+                    break;
+                }
+                Some(pos) => {
+                    let (head, tail) = rest.split_at(pos);
+                    self.push_line_bytes(head);
+                    let mut tail = tail.get(1..).unwrap_or(&[]);
+                    if rest.get(pos) == Some(&b'\r') {
+                        match tail.first() {
+                            Some(b'\n') => tail = tail.get(1..).unwrap_or(&[]),
+                            None => self.after_cr = true,
+                            Some(_) => {}
+                        }
+                    }
+                    rest = tail;
+                    if let Some(event) = self.end_line() {
+                        on_event(event);
+                    }
+                }
+            }
+        }
+    }
+
+    /// End of stream. Per the SSE specification an event without its terminating blank line is discarded;
+    /// a filter that wants to account for it (e.g. usage in a truncated stream) can take it here.
+    pub fn finish(&mut self) -> Option<SseEvent> {
+        let partial_line = std::mem::take(&mut self.line);
+        if !partial_line.is_empty() && !self.discarding {
+            self.process_field_line(&partial_line);
+        }
+        self.after_cr = false;
+        self.take_event()
+    }
+
+    fn push_line_bytes(&mut self, bytes: &[u8]) {
+        if self.discarding {
+            return;
+        }
+        if self.line.len() + bytes.len() + self.event_bytes > self.max_event_bytes {
+            self.discarding = true;
+            self.oversized += 1;
+            self.line.clear();
+            self.reset_event();
+            return;
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn end_line(&mut self) -> Option<SseEvent> {
+        let line = std::mem::take(&mut self.line);
+        if line.is_empty() {
+            if self.discarding {
+                // The blank line ends the oversized event; resume with the next one.
+                self.discarding = false;
+                self.reset_event();
+                return None;
+            }
+            return self.take_event();
+        }
+        if !self.discarding {
+            self.event_bytes += line.len();
+            self.process_field_line(&line);
+        }
+        None
+    }
+
+    fn process_field_line(&mut self, line: &[u8]) {
+        if line.first() == Some(&b':') {
+            return; // comment
+        }
+        let text = String::from_utf8_lossy(line);
+        let (field, value) = match text.find(':') {
+            Some(idx) => {
+                let value = text.get(idx + 1..).unwrap_or("");
+                (text.get(..idx).unwrap_or(""), value.strip_prefix(' ').unwrap_or(value))
+            }
+            None => (text.as_ref(), ""),
+        };
+        match field {
+            "data" => {
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(value);
+                self.has_data = true;
+            }
+            "event" => self.event = Some(value.to_string()),
+            "id" if !value.contains('\0') => self.id = Some(value.to_string()),
+            _ => {} // `retry` and unknown fields are ignored, as the specification says
+        }
+    }
+
+    fn take_event(&mut self) -> Option<SseEvent> {
+        if !self.has_data && self.event.is_none() {
+            self.reset_event();
+            return None;
+        }
+        let event = SseEvent {
+            event: self.event.take(),
+            data: std::mem::take(&mut self.data),
+            id: self.id.take(),
+        };
+        self.reset_event();
+        Some(event)
+    }
+
+    fn reset_event(&mut self) {
+        self.event = None;
+        self.data.clear();
+        self.has_data = false;
+        self.id = None;
+        self.event_bytes = 0;
+    }
+}
+
+/// Serialise an event back to wire form (used when a filter rewrites a stream).
+pub fn encode_event(event: &SseEvent) -> String {
+    let mut out = String::new();
+    if let Some(id) = &event.id {
+        out.push_str("id: ");
+        out.push_str(id);
+        out.push('\n');
+    }
+    if let Some(name) = &event.event {
+        out.push_str("event: ");
+        out.push_str(name);
+        out.push('\n');
+    }
+    for line in event.data.split('\n') {
+        out.push_str("data: ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    const ANTHROPIC: &str = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":12}}}\r\n\r\n: keep-alive\r\n\r\nevent: content_block_delta\r\ndata: {\"delta\":{\"text\":\"h\u{e9}llo \u{1F600}\"}}\r\n\r\nevent: message_delta\ndata: {\"usage\":{\"output_tokens\":7}}\n\n";
+
+    fn parse_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend(p.feed(c));
+        }
+        out
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn parses_named_events_and_skips_comments() {
+        let events = parse_all(&[ANTHROPIC.as_bytes()]);
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0].event.as_deref(), Some("message_start"));
+        assert!(events[1].data.contains("h\u{e9}llo \u{1F600}"));
+        assert_eq!(events[2].event.as_deref(), Some("message_delta"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn any_split_gives_the_same_events() {
+        let whole = parse_all(&[ANTHROPIC.as_bytes()]);
+        let bytes = ANTHROPIC.as_bytes();
+        for cut in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(cut);
+            assert_eq!(parse_all(&[a, b]), whole, "cut at {cut}");
+        }
+        // and byte by byte
+        let singles: Vec<&[u8]> = bytes.chunks(1).collect();
+        assert_eq!(parse_all(&singles), whole);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn cr_only_line_endings_and_multiline_data() {
+        let events = parse_all(&[b"data: a\rdata: b\r\rdata: [DONE]\r", b"\r"]);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].data, "a\nb");
+        assert!(events[1].is_done_marker());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn cr_at_chunk_end_then_lf_is_one_line_ending() {
+        let events = parse_all(&[b"data: x\r", b"\n\r", b"\n"]);
+        assert_eq!(events, vec![SseEvent { event: None, data: "x".into(), id: None }]);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn field_without_space_and_id() {
+        let events = parse_all(&[b"id:7\ndata:{\"a\":1}\n\n"]);
+        assert_eq!(events[0].id.as_deref(), Some("7"));
+        assert_eq!(events[0].data, "{\"a\":1}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn oversized_event_is_dropped_and_parsing_resumes() {
+        let mut p = SseParser::new(100);
+        let big = format!("data: {}\n\ndata: ok\n\n", "x".repeat(500));
+        let events = p.feed(big.as_bytes());
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "ok");
+        assert_eq!(p.oversized_events(), 1);
+        assert!(p.buffered_bytes() < 100);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn finish_returns_an_unterminated_event() {
+        let mut p = SseParser::default();
+        assert!(p.feed(b"data: {\"usage\":1}").is_empty());
+        assert_eq!(p.finish().map(|e| e.data), Some("{\"usage\":1}".to_string()));
+        assert_eq!(p.finish(), None);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn garbage_does_not_panic() {
+        let mut p = SseParser::new(64);
+        let junk: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+        for c in junk.chunks(7) {
+            let _ = p.feed(c);
+        }
+        let _ = p.finish();
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn encode_round_trips() {
+        let e = SseEvent { event: Some("x".into()), data: "a\nb".into(), id: Some("1".into()) };
+        assert_eq!(parse_all(&[encode_event(&e).as_bytes()]), vec![e]);
+    }
+}
