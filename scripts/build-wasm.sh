@@ -10,8 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FILTERS=(token-limiter prompt-guard pii-redactor mcp-authz inference-router)
-OUT=target/meshwarden
+# FILTERS="a b" builds a subset; MESHWARDEN_WASM_DIR moves the output (the tests read the same variable).
+read -r -a FILTERS <<< "${FILTERS:-token-limiter prompt-guard pii-redactor mcp-authz inference-router}"
+OUT="${MESHWARDEN_WASM_DIR:-target/meshwarden}"
 DEBIAN_PACKAGES=(rustc-web cargo-web rust-web-src lld-22 wasi-libc)
 
 pkgs=()
@@ -27,6 +28,7 @@ if [ -z "$route" ]; then
 fi
 
 if [ "$route" = rustup ]; then
+  if [ "${1:-}" = --toolchain-only ]; then exit 0; fi
   echo "==> building filters with rustup's wasm32-wasip1 target"
   cargo build --release --target wasm32-wasip1 "${pkgs[@]}"
   built=target/wasm32-wasip1/release
@@ -46,6 +48,7 @@ else
       exit 1
     fi
   fi
+  if [ "${1:-}" = --toolchain-only ]; then exit 0; fi
   echo "==> building filters with Debian's rustc-web and -Zbuild-std (no rustup wasm32-wasip1 target here)"
   # A separate target dir: the two toolchains must not overwrite each other's host artefacts.
   CARGO_TARGET_DIR=target/wasm-debian \

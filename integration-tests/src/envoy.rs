@@ -64,12 +64,7 @@ impl EnvoyBuilder {
         for f in paths::FILTERS {
             vars.insert(config_var(f), json_string("{}"));
         }
-        Self {
-            template,
-            vars,
-            concurrency: 2,
-            log_level: "info".to_string(),
-        }
+        Self { template, vars, concurrency: 2, log_level: "info".to_string() }
     }
 
     pub fn var(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -105,8 +100,8 @@ impl EnvoyBuilder {
     }
 
     fn spawn(self) -> Result<(Child, tempfile::TempDir, PathBuf, PathBuf)> {
-        let template = std::fs::read_to_string(&self.template)
-            .with_context(|| format!("reading {}", self.template.display()))?;
+        let template =
+            std::fs::read_to_string(&self.template).with_context(|| format!("reading {}", self.template.display()))?;
         let rendered = render(&template, &self.vars)?;
         let dir = tempfile::Builder::new().prefix("meshwarden-envoy-").tempdir()?;
         let config_path = dir.path().join("envoy.yaml");
@@ -230,19 +225,12 @@ impl Envoy {
     }
 
     pub async fn listener_port(&self, name: &str) -> Result<u16> {
-        let v: serde_json::Value = self
-            .http
-            .get(self.admin_url("/listeners?format=json"))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let v: serde_json::Value = self.http.get(self.admin_url("/listeners?format=json")).send().await?.json().await?;
         let statuses = v["listener_statuses"].as_array().context("no listener_statuses")?;
         for s in statuses {
             if s["name"] == name {
-                let port = s["local_address"]["socket_address"]["port_value"]
-                    .as_u64()
-                    .context("listener without port")?;
+                let port =
+                    s["local_address"]["socket_address"]["port_value"].as_u64().context("listener without port")?;
                 return Ok(u16::try_from(port)?);
             }
         }
@@ -252,13 +240,7 @@ impl Envoy {
     /// All counters and gauges whose name contains `filter`, as `name -> value`. Wasm-defined stats
     /// appear under Envoy's `wasmcustom.` prefix; it is stripped here.
     pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>> {
-        let text = self
-            .http
-            .get(self.admin_url(&format!("/stats?filter={filter}")))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let text = self.http.get(self.admin_url(&format!("/stats?filter={filter}"))).send().await?.text().await?;
         let mut out = BTreeMap::new();
         for line in text.lines() {
             if let Some((k, v)) = line.split_once(": ") {

@@ -1,3 +1,6 @@
+// Test tooling, not shipped code: JSON indexing (`v["a"]`) is clearer here and never panics on serde_json::Value.
+#![allow(clippy::indexing_slicing)]
+
 //! meshwarden's test harness: real Envoy loading our real `.wasm`, real HTTP upstreams.
 //!
 //! - [`envoy`]: render a config from `envoy-configs/`, start Envoy on free loopback ports, wait until
@@ -6,6 +9,7 @@
 //!   latency and errors, and a record of every request it received (what left the gateway).
 //! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
 
+pub mod bench;
 pub mod envoy;
 pub mod mock_llm;
 pub mod paths;

@@ -47,10 +47,7 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> Option<Value> {
@@ -89,14 +86,8 @@ impl MockLlm {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let recorded = Arc::new(Mutex::new(Vec::new()));
-        let state = AppState {
-            recorded: recorded.clone(),
-            options,
-        };
-        let app = Router::new()
-            .route("/mock/requests", any(recorded_handler))
-            .fallback(any(handle))
-            .with_state(state);
+        let state = AppState { recorded: recorded.clone(), options };
+        let app = Router::new().route("/mock/requests", any(recorded_handler)).fallback(any(handle)).with_state(state);
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -105,11 +96,7 @@ impl MockLlm {
                 })
                 .await;
         });
-        Ok(MockLlm {
-            addr,
-            recorded,
-            shutdown: Some(tx),
-        })
+        Ok(MockLlm { addr, recorded, shutdown: Some(tx) })
     }
 
     pub fn port(&self) -> u16 {
@@ -155,15 +142,11 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
 }
 
 fn header_flag(headers: &HeaderMap, name: &str) -> bool {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+    headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
 
-const WORDS: [&str; 12] = [
-    "The", "mock", "model", "answers", "with", "plain", "words", "so", "tests", "can", "count", "tokens.",
-];
+const WORDS: [&str; 12] =
+    ["The", "mock", "model", "answers", "with", "plain", "words", "so", "tests", "can", "count", "tokens."];
 
 struct Plan {
     api: Api,
@@ -264,7 +247,11 @@ async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers
         Some(n) if answer.is_empty() => (0..n)
             .map(|i| {
                 let w = WORDS.get(i as usize % WORDS.len()).copied().unwrap_or("x");
-                if i == 0 { w.to_string() } else { format!(" {w}") }
+                if i == 0 {
+                    w.to_string()
+                } else {
+                    format!(" {w}")
+                }
             })
             .collect(),
         Some(n) => {
@@ -282,10 +269,7 @@ async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers
         api,
         model: parsed.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string(),
         stream: parsed.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: parsed
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        include_usage: parsed.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         prompt_tokens: header_u64(&headers, "x-mock-prompt-tokens").unwrap_or_else(|| estimate_request_tokens(&spans)),
         pieces,
         usage: !header_flag(&headers, "x-mock-no-usage"),
@@ -366,10 +350,16 @@ fn stream_events(plan: &Plan) -> Vec<String> {
         Api::AnthropicMessages => {
             let start_usage = if plan.usage { json!({"input_tokens": p, "output_tokens": 1}) } else { json!({}) };
             ev.push(sse(Some("message_start"), &json!({"type":"message_start","message":{"id":"msg_mock","type":"message","role":"assistant","model":model,"content":[],"stop_reason":null,"stop_sequence":null,"usage":start_usage}})));
-            ev.push(sse(Some("content_block_start"), &json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})));
+            ev.push(sse(
+                Some("content_block_start"),
+                &json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}),
+            ));
             ev.push(sse(Some("ping"), &json!({"type":"ping"})));
             for piece in &plan.pieces {
-                ev.push(sse(Some("content_block_delta"), &json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":piece}})));
+                ev.push(sse(
+                    Some("content_block_delta"),
+                    &json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":piece}}),
+                ));
             }
             ev.push(sse(Some("content_block_stop"), &json!({"type":"content_block_stop","index":0})));
             let mut delta = json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null}});

@@ -1,6 +1,8 @@
 //! Foundation: each filter's real `.wasm` loads in Envoy 1.40 and passes traffic; the whole chain serves
 //! OpenAI JSON and streaming answers; an invalid config is rejected with the bad field named.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
 use meshwarden_integration_tests::envoy::EnvoyBuilder;
 use meshwarden_integration_tests::mock_llm::MockLlm;
 use meshwarden_integration_tests::paths::FILTERS;
@@ -24,12 +26,7 @@ async fn each_filter_loads_and_passes_traffic() {
             .start()
             .await
             .unwrap_or_else(|e| panic!("{filter}: {e:#}"));
-        let resp = client()
-            .post(envoy.url("/v1/chat/completions"))
-            .json(&chat(false))
-            .send()
-            .await
-            .unwrap();
+        let resp = client().post(envoy.url("/v1/chat/completions")).json(&chat(false)).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{filter}");
         let body: Value = resp.json().await.unwrap();
         assert_eq!(body["object"], "chat.completion", "{filter}");
@@ -53,12 +50,7 @@ async fn whole_chain_serves_json_and_streams() {
     assert_eq!(upstream.path, "/v1/chat/completions");
     assert_eq!(upstream.json().unwrap(), sent, "the chain passes the body through unchanged");
 
-    let resp = client()
-        .post(envoy.url("/v1/chat/completions"))
-        .json(&chat(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().post(envoy.url("/v1/chat/completions")).json(&chat(true)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let text = resp.text().await.unwrap();
@@ -93,7 +85,10 @@ async fn invalid_config_is_rejected_naming_the_field() {
             .await
             .unwrap();
         assert!(
-            log.contains(&format!("meshwarden {}: invalid configuration at $.max_bodybytes: unknown field `max_bodybytes`", filter.replace('-', "_"))),
+            log.contains(&format!(
+                "meshwarden {}: invalid configuration at $.max_bodybytes: unknown field `max_bodybytes`",
+                filter.replace('-', "_")
+            )),
             "{filter}: {log}"
         );
     }

@@ -86,11 +86,7 @@ pub struct LogThrottle {
 
 impl LogThrottle {
     pub fn new(interval_ms: u64) -> Self {
-        Self {
-            interval_ms,
-            last_ms: None,
-            suppressed: 0,
-        }
+        Self { interval_ms, last_ms: None, suppressed: 0 }
     }
 
     /// `Some(suppressed_since_last)` if a line should be logged now.
@@ -129,9 +125,11 @@ mod tests {
         assert_eq!(c.timeout_ms, DEFAULT_CALLOUT_TIMEOUT_MS);
         assert_eq!(c.failure_mode, FailureMode::Deny);
         assert_eq!(c.authority(), "sidecar");
-        let bad = CalloutConfig { cluster: " ".into(), authority: None, timeout_ms: 5, failure_mode: FailureMode::Allow };
+        let bad =
+            CalloutConfig { cluster: " ".into(), authority: None, timeout_ms: 5, failure_mode: FailureMode::Allow };
         assert_eq!(bad.validate("$.sidecar").unwrap_err().path, "$.sidecar.cluster");
-        let slow = CalloutConfig { cluster: "c".into(), authority: None, timeout_ms: 0, failure_mode: FailureMode::Allow };
+        let slow =
+            CalloutConfig { cluster: "c".into(), authority: None, timeout_ms: 0, failure_mode: FailureMode::Allow };
         assert!(slow.validate("sidecar").is_err());
         assert!(serde_json::from_str::<CalloutConfig>(r#"{"cluster":"c","failure_mode":"maybe"}"#).is_err());
     }

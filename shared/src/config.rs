@@ -19,10 +19,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self { path: path.into(), message: message.into() }
     }
 
     /// Prefix a relative path (`rules[0].model`) with the document root.
@@ -199,7 +196,8 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn wrong_type_is_named_with_its_path() {
-        let err = parse_config::<Doc>(br#"{"rules":[{"name":"a","limits":{"tokens_per_minute":"many"}}]}"#).unwrap_err();
+        let err =
+            parse_config::<Doc>(br#"{"rules":[{"name":"a","limits":{"tokens_per_minute":"many"}}]}"#).unwrap_err();
         assert_eq!(err.path, "$.rules[0].limits.tokens_per_minute");
         assert!(err.message.contains("expected u64"), "{}", err.message);
     }

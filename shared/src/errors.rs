@@ -104,9 +104,19 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn shapes() {
-        let o: Value = serde_json::from_str(&error_body(ErrorFlavor::OpenAi, ErrorKind::RateLimit, Some("rate_limit_exceeded"), "slow down")).unwrap();
-        assert_eq!(o, json!({"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}}));
-        let a: Value = serde_json::from_str(&error_body(ErrorFlavor::Anthropic, ErrorKind::RequestTooLarge, None, "big")).unwrap();
+        let o: Value = serde_json::from_str(&error_body(
+            ErrorFlavor::OpenAi,
+            ErrorKind::RateLimit,
+            Some("rate_limit_exceeded"),
+            "slow down",
+        ))
+        .unwrap();
+        assert_eq!(
+            o,
+            json!({"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":"rate_limit_exceeded"}})
+        );
+        let a: Value =
+            serde_json::from_str(&error_body(ErrorFlavor::Anthropic, ErrorKind::RequestTooLarge, None, "big")).unwrap();
         assert_eq!(a, json!({"type":"error","error":{"type":"request_too_large","message":"big"}}));
         assert_eq!(ErrorFlavor::for_api(crate::llm::Api::AnthropicMessages), ErrorFlavor::Anthropic);
     }

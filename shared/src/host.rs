@@ -116,14 +116,8 @@ pub fn dispatch(
         headers.push(("content-type", "application/json"));
     }
     headers.extend_from_slice(extra_headers);
-    hostcalls::dispatch_http_call(
-        &cfg.cluster,
-        headers,
-        body,
-        vec![],
-        Duration::from_millis(cfg.timeout_ms),
-    )
-    .map_err(|_| CalloutFailure::Dispatch)
+    hostcalls::dispatch_http_call(&cfg.cluster, headers, body, vec![], Duration::from_millis(cfg.timeout_ms))
+        .map_err(|_| CalloutFailure::Dispatch)
 }
 
 /// Read a callout's answer in `on_http_call_response`: the body on 2xx, or why it failed. Envoy reports

@@ -15,10 +15,21 @@ pub type Id = Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
-    Request { id: Id, method: String, params: Option<Value> },
-    Notification { method: String, params: Option<Value> },
+    Request {
+        id: Id,
+        method: String,
+        params: Option<Value>,
+    },
+    Notification {
+        method: String,
+        params: Option<Value>,
+    },
     /// A response, e.g. a client answering a server's `sampling/createMessage`.
-    Response { id: Id, result: Option<Value>, error: Option<Value> },
+    Response {
+        id: Id,
+        result: Option<Value>,
+        error: Option<Value>,
+    },
 }
 
 impl Message {

@@ -141,10 +141,7 @@ pub fn request_info(body: &Value) -> RequestInfo {
     RequestInfo {
         model: body.get("model").and_then(Value::as_str).map(str::to_string),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: body
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        include_usage: body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         max_output_tokens,
     }
 }
@@ -162,9 +159,7 @@ pub fn ensure_stream_usage(api: Api, body: &mut Value) -> bool {
     let Some(obj) = body.as_object_mut() else {
         return false;
     };
-    let options = obj
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    let options = obj.entry("stream_options").or_insert_with(|| Value::Object(serde_json::Map::new()));
     if !options.is_object() {
         *options = Value::Object(serde_json::Map::new());
     }
@@ -183,11 +178,7 @@ fn ptr_escape(key: &str) -> String {
 
 fn push_text(out: &mut Vec<TextSpan>, role: Role, pointer: String, v: &Value) {
     if let Some(s) = v.as_str() {
-        out.push(TextSpan {
-            role,
-            pointer,
-            text: s.to_string(),
-        });
+        out.push(TextSpan { role, pointer, text: s.to_string() });
     }
 }
 
@@ -452,10 +443,7 @@ fn usage_object(obj: &Value) -> Option<Usage> {
     if u(obj, "input_tokens").is_some() || u(obj, "output_tokens").is_some() {
         let cache_read = u(obj, "cache_read_input_tokens").unwrap_or(0);
         let cache_create = u(obj, "cache_creation_input_tokens").unwrap_or(0);
-        let responses_cached = obj
-            .pointer("/input_tokens_details/cached_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let responses_cached = obj.pointer("/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
         return Some(
             Usage {
                 input_tokens: u(obj, "input_tokens").unwrap_or(0) + cache_read + cache_create,
@@ -626,7 +614,8 @@ mod tests {
             {"role":"assistant","content":null}
         ]});
         let spans = extract_request_texts(Api::OpenAiChat, &body);
-        let got: Vec<(Role, &str, &str)> = spans.iter().map(|s| (s.role, s.pointer.as_str(), s.text.as_str())).collect();
+        let got: Vec<(Role, &str, &str)> =
+            spans.iter().map(|s| (s.role, s.pointer.as_str(), s.text.as_str())).collect();
         assert_eq!(
             got,
             vec![
@@ -696,7 +685,16 @@ mod tests {
     fn usage_of_every_provider() {
         let openai = json!({"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
             "prompt_tokens_details":{"cached_tokens":3},"completion_tokens_details":{"reasoning_tokens":2}}});
-        assert_eq!(usage_from_json(&openai), Some(Usage{input_tokens:10,output_tokens:5,total_tokens:15,cached_input_tokens:3,reasoning_tokens:2}));
+        assert_eq!(
+            usage_from_json(&openai),
+            Some(Usage {
+                input_tokens: 10,
+                output_tokens: 5,
+                total_tokens: 15,
+                cached_input_tokens: 3,
+                reasoning_tokens: 2
+            })
+        );
         let anthropic = json!({"type":"message","usage":{"input_tokens":10,"output_tokens":7,"cache_read_input_tokens":100,"cache_creation_input_tokens":5}});
         let a = usage_from_json(&anthropic).unwrap();
         assert_eq!((a.input_tokens, a.output_tokens, a.total_tokens, a.cached_input_tokens), (115, 7, 122, 100));

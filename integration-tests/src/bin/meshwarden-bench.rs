@@ -1,0 +1,120 @@
+//! `make bench`: each scenario through plain Envoy and through Envoy + meshwarden, in the same run.
+//! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING]` (env `BENCH` works like `--filter`).
+//! Prints a Markdown table and writes it to `target/bench/latest.md`.
+#![allow(clippy::indexing_slicing)]
+
+use anyhow::{bail, Context, Result};
+use meshwarden_integration_tests::bench::{parse_wrk, scenarios, wrk_script, Scenario, WrkResult};
+use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
+use meshwarden_integration_tests::mock_llm::MockLlm;
+use meshwarden_integration_tests::paths;
+use std::fmt::Write as _;
+use std::process::Command;
+
+fn wrk(url: &str, script: &std::path::Path, connections: u32, seconds: u64) -> Result<WrkResult> {
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency", "-s"])
+        .arg(script)
+        .arg(url)
+        .output()
+        .context("running wrk (apt-get install wrk; make bench installs it)")?;
+    if !out.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(parse_wrk(&String::from_utf8_lossy(&out.stdout)))
+}
+
+async fn start(template: &str, s: Option<&Scenario>, upstream: u16) -> Result<Envoy> {
+    let mut b = EnvoyBuilder::new(template).upstream_port(upstream).concurrency(1).log_level("warn");
+    if let Some(s) = s {
+        for (f, c) in &s.configs {
+            b = b.filter_config(f, c);
+        }
+    }
+    b.start().await
+}
+
+struct Row {
+    name: String,
+    plain: WrkResult,
+    filtered: WrkResult,
+    plain_tp: WrkResult,
+    filtered_tp: WrkResult,
+}
+
+fn avg(a: WrkResult, b: WrkResult) -> WrkResult {
+    WrkResult {
+        p50_us: (a.p50_us + b.p50_us) / 2.0,
+        p99_us: (a.p99_us + b.p99_us) / 2.0,
+        requests_per_sec: (a.requests_per_sec + b.requests_per_sec) / 2.0,
+        non_2xx: a.non_2xx + b.non_2xx,
+        errors: a.errors + b.errors,
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut seconds = 5u64;
+    let mut filter = std::env::var("BENCH").unwrap_or_default();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seconds" => seconds = args.next().context("--seconds N")?.parse()?,
+            "--filter" => filter = args.next().context("--filter SUBSTRING")?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    for f in paths::FILTERS {
+        paths::wasm_path(f)?;
+    }
+    let mock = MockLlm::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut rows = Vec::new();
+    for s in scenarios::all().into_iter().filter(|s| s.name.contains(&filter)) {
+        eprintln!("==> {} ({}s per run)", s.name, seconds);
+        let script = dir.path().join(format!("{}.lua", s.name));
+        std::fs::write(&script, wrk_script(&s))?;
+        let plain = start("plain.yaml", None, mock.port()).await?;
+        let filtered = start(&s.template, Some(&s), mock.port()).await?;
+        let (pu, fu) = (plain.url(""), filtered.url(""));
+        // Warm up both (V8 compiles lazily; connection pools fill).
+        wrk(&pu, &script, 1, 1)?;
+        wrk(&fu, &script, 1, 1)?;
+        // Latency: one connection, sequential requests; two interleaved rounds against drift.
+        let half = (seconds / 2).max(1);
+        let p1 = wrk(&pu, &script, 1, half)?;
+        let f1 = wrk(&fu, &script, 1, half)?;
+        let p2 = wrk(&pu, &script, 1, half)?;
+        let f2 = wrk(&fu, &script, 1, half)?;
+        let plain_tp = wrk(&pu, &script, 32, half)?;
+        let filtered_tp = wrk(&fu, &script, 32, half)?;
+        rows.push(Row { name: s.name.clone(), plain: avg(p1, p2), filtered: avg(f1, f2), plain_tp, filtered_tp });
+    }
+    let mut md = String::new();
+    writeln!(md, "| scenario | p50 plain | p50 meshwarden | added p50 | p99 plain | p99 meshwarden | added p99 | req/s plain (32 conns) | req/s meshwarden | ratio | non-2xx / errors |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for r in &rows {
+        writeln!(
+            md,
+            "| {} | {:.0} µs | {:.0} µs | **{:+.0} µs** | {:.0} µs | {:.0} µs | {:+.0} µs | {:.0} | {:.0} | {:.2} | {} / {} |",
+            r.name,
+            r.plain.p50_us,
+            r.filtered.p50_us,
+            r.filtered.p50_us - r.plain.p50_us,
+            r.plain.p99_us,
+            r.filtered.p99_us,
+            r.filtered.p99_us - r.plain.p99_us,
+            r.plain_tp.requests_per_sec,
+            r.filtered_tp.requests_per_sec,
+            if r.plain_tp.requests_per_sec > 0.0 { r.filtered_tp.requests_per_sec / r.plain_tp.requests_per_sec } else { 0.0 },
+            r.filtered.non_2xx + r.filtered_tp.non_2xx,
+            r.filtered.errors + r.filtered_tp.errors,
+        )?;
+    }
+    println!("{md}");
+    let out = paths::repo_root().join("target").join("bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("latest.md"), &md)?;
+    eprintln!("written to {}", out.join("latest.md").display());
+    Ok(())
+}
