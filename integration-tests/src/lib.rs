@@ -13,3 +13,4 @@ pub mod bench;
 pub mod envoy;
 pub mod mock_llm;
 pub mod paths;
+pub mod sidecar;

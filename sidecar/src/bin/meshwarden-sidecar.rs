@@ -1,0 +1,55 @@
+//! The sidecar binary: flags/env -> logging -> serve until SIGTERM/Ctrl-C, then drain.
+
+use clap::Parser;
+use meshwarden_sidecar::config::{Config, LogFormat};
+use meshwarden_sidecar::server::{build_router, AppState};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = EnvFilter::try_new(&config.log)?;
+    match config.log_format {
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    let state = AppState::new()?;
+    let app = build_router(state.clone());
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to learn the port when --listen uses port 0.
+    println!("meshwarden-sidecar listening on {addr}");
+    tracing::info!(%addr, "listening");
+    state.ready.store(true, Ordering::Relaxed);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let shutdown_state = state.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        shutdown_state.ready.store(false, Ordering::Relaxed);
+        tracing::info!("shutting down: draining in-flight requests");
+    });
+    tokio::select! {
+        r = server => r?,
+        _ = async { shutdown_signal().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("grace period over; exiting with requests still in flight");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

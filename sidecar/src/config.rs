@@ -1,0 +1,36 @@
+//! Sidecar configuration: flags, each with an environment variable (`MESHWARDEN_SIDECAR_*`).
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (for log pipelines).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "meshwarden-sidecar",
+    version,
+    about = "meshwarden sidecar: global rate-limit state and endpoint metrics"
+)]
+pub struct Config {
+    /// Address to listen on. Port 0 picks a free port (printed at startup).
+    #[arg(long, env = "MESHWARDEN_SIDECAR_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `meshwarden_sidecar=debug`.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Seconds to wait for in-flight requests on shutdown.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
+    pub shutdown_grace_secs: u64,
+}
