@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+.PHONY: oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -43,6 +43,13 @@ run: build ## Envoy + all five filters + the mock LLM on localhost (Ctrl-C stops
 
 bench: tools build ## added latency and throughput vs plain Envoy, same run (BENCH=substring selects)
 	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
+
+oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in target/oci/
+	scripts/oci.sh build
+
+push: oci ## push the images without Docker: make push REGISTRY=host/ns VERSION=x (prints digests)
+	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host/namespace [VERSION=x]"; exit 2; }
+	VERSION=$(VERSION) scripts/oci.sh push "$(REGISTRY)" $(VERSION)
 
 clean: ## remove build output
 	cargo clean
