@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod envoy;
+pub mod k8s_schema;
 pub mod mock_llm;
 pub mod paths;
 pub mod sidecar;
