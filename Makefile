@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+.PHONY: fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -35,8 +35,14 @@ test-wasm: ## the shared crate's tests compiled to wasm32 and run under wasm-bin
 test-integration: build ## real Envoy loading the real .wasm files, real HTTP upstreams
 	cargo test -p meshwarden-integration-tests --tests
 
-test: tools lint test-unit test-wasm test-integration ## everything CI runs: installs tools, builds, all tests
+test: tools lint test-unit test-wasm test-integration fuzz-smoke ## everything CI runs: installs tools, builds, all tests
 	@echo "make test: all passed"
+
+fuzz: ## run every fuzz target (cargo fuzz) for FUZZ_SECONDS each (default 300); figures in target/fuzz/summary.md
+	scripts/fuzz.sh $${FUZZ_SECONDS:-300}
+
+fuzz-smoke: ## a short fuzz run of every target (part of make test)
+	scripts/fuzz.sh $${FUZZ_SECONDS:-10}
 
 run: build ## Envoy + all five filters + the mock LLM on localhost (Ctrl-C stops)
 	cargo run -q -p meshwarden-integration-tests --bin meshwarden-run

@@ -1,0 +1,38 @@
+//! Text extraction and rewrite on arbitrary JSON bodies: never panics; every extracted pointer can be
+//! rewritten, and re-extracting gives the new texts at the same pointers (the body stays valid JSON).
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use meshwarden_shared::llm::{
+    ensure_stream_usage, estimate_request_tokens, extract_request_texts, extract_response_texts,
+    extract_stream_delta_texts, replace_texts, request_info, usage_from_json, Api,
+};
+
+const APIS: [Api; 6] = [
+    Api::OpenAiChat,
+    Api::OpenAiCompletions,
+    Api::OpenAiResponses,
+    Api::OpenAiEmbeddings,
+    Api::AnthropicMessages,
+    Api::Unknown,
+];
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let _ = (request_info(&body), usage_from_json(&body), extract_response_texts(&body), extract_stream_delta_texts(&body));
+    for api in APIS {
+        let spans = extract_request_texts(api, &body);
+        let _ = estimate_request_tokens(&spans);
+        let replacements: Vec<(String, String)> =
+            spans.iter().map(|s| (s.pointer.clone(), format!("<{}>", s.text.len()))).collect();
+        let mut copy = body.clone();
+        assert_eq!(replace_texts(&mut copy, &replacements), 0, "every extracted pointer is rewritable");
+        let again = extract_request_texts(api, &copy);
+        assert_eq!(again.len(), spans.len());
+        for (a, (p, t)) in again.iter().zip(&replacements) {
+            assert_eq!(&a.pointer, p);
+            assert_eq!(&a.text, t);
+        }
+        assert!(serde_json::to_vec(&copy).is_ok());
+    }
+    let _ = ensure_stream_usage(Api::OpenAiChat, &mut body);
+});
