@@ -47,7 +47,12 @@ Ctrl-C to stop."#,
         admin_url = envoy.admin_url(""),
         mock_addr = mock.addr,
     );
-    tokio::signal::ctrl_c().await?;
+    // Stop on Ctrl-C or SIGTERM; returning drops Envoy and the mock, which stops them.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     println!("stopping");
     Ok(())
 }
