@@ -13,4 +13,5 @@ pub mod bench;
 pub mod envoy;
 pub mod mock_llm;
 pub mod paths;
+pub mod redis_server;
 pub mod sidecar;

@@ -16,7 +16,12 @@ fn client() -> reqwest::Client {
 }
 
 async fn envoy(mock: &MockLlm, config: Value) -> Envoy {
-    EnvoyBuilder::new("token-limiter.yaml").upstream_port(mock.port()).filter_config("token-limiter", &config).start().await.unwrap()
+    EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(mock.port())
+        .filter_config("token-limiter", &config)
+        .start()
+        .await
+        .unwrap()
 }
 
 fn chat(model: &str, text: &str, max_tokens: Option<u64>, stream: bool) -> Value {
@@ -50,11 +55,9 @@ fn h(resp: &reqwest::Response, name: &str) -> String {
 async fn over_budget_gets_openai_429_with_exact_retry_after() {
     let mock = MockLlm::start().await.unwrap();
     // 600 tokens per minute = 10 tokens per second.
-    let e = envoy(
-        &mock,
-        json!({"rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":600}}]}),
-    )
-    .await;
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":600}}]}))
+            .await;
     let body = chat("gpt-4o-mini", "Tell me a story about budgets and gateways.", Some(100), false);
     let cost = estimate(Api::OpenAiChat, &body) + 100;
     let hdrs = [("x-team", "alpha"), ("x-mock-completion-tokens", "100")];
@@ -97,7 +100,8 @@ async fn over_budget_gets_openai_429_with_exact_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_route_gets_anthropic_429() {
     let mock = MockLlm::start().await.unwrap();
-    let e = envoy(&mock, json!({"rules":[{"name":"all","key":{"constant":"g"},"limits":{"tokens_per_hour":50}}]})).await;
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"all","key":{"constant":"g"},"limits":{"tokens_per_hour":50}}]})).await;
     let body = json!({"model":"claude-sonnet-4","max_tokens":64,"messages":[{"role":"user","content":"hello"}]});
     let r = post(&e, "/v1/messages", &body, &[]).await;
     assert_eq!(r.status(), 429, "64 output tokens reserved exceed 50: never fits");
@@ -140,8 +144,8 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
 
 async fn stream_case(path: &str, body: Value, api: Api) {
     let mock = MockLlm::start().await.unwrap();
-    let e = envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_hour":100000}}]}))
-        .await;
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_hour":100000}}]})).await;
     let est = estimate(api, &body);
     for _ in 0..2 {
         let r = post(&e, path, &body, &[("x-mock-completion-tokens", "37"), ("x-mock-prompt-tokens", "123")]).await;
@@ -161,7 +165,7 @@ async fn stream_case(path: &str, body: Value, api: Api) {
     // Budget: the 3rd request sees limit - 2*(123+37) - its own reservation.
     let r = post(&e, path, &body, &[("x-mock-completion-tokens", "1")]).await;
     let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
-    let reserved = est + body["max_tokens"].as_u64().unwrap_or(256);
+    let reserved = est + body["max_tokens"].as_u64().or(body["max_output_tokens"].as_u64()).unwrap_or(256);
     assert!((100000 - 320 - reserved).abs_diff(rem) <= 1, "remaining {rem}");
 }
 
@@ -263,7 +267,10 @@ async fn concurrency_limit_with_client_aborts_leaks_no_slot() {
     let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a"), ("x-mock-abort-after-chunks", "2")]).await;
     let _ = r.text().await;
     for _ in 0..2 {
-        assert_eq!(post(&e, "/v1/chat/completions", &chat("m", "x", None, false), &[("x-team", "a")]).await.status(), 200);
+        assert_eq!(
+            post(&e, "/v1/chat/completions", &chat("m", "x", None, false), &[("x-team", "a")]).await.status(),
+            200
+        );
     }
     assert_eq!(e.stat("meshwarden.token_limiter.rule.c.limited_concurrency").await.unwrap(), 3);
 }
@@ -273,7 +280,9 @@ async fn fifty_concurrent_clients_stay_within_the_bound() {
     let mock = MockLlm::start().await.unwrap();
     // 3000 tokens per hour: refill during the test is < 1 token per second.
     let limit = 3000u64;
-    let e = envoy(&mock, json!({"rules":[{"name":"shared","key":{"constant":"all"},"limits":{"tokens_per_hour":limit}}]})).await;
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"shared","key":{"constant":"all"},"limits":{"tokens_per_hour":limit}}]}))
+            .await;
     let body = chat("gpt-4o-mini", "Fifty clients share one budget; how much do they get?", Some(40), false);
     let est = estimate(Api::OpenAiChat, &body);
     let cost = est + 40;
@@ -337,7 +346,8 @@ async fn bad_inputs_have_documented_behaviour() {
     .await;
     let url = e.url("/v1/chat/completions");
     // non-JSON: limited on a size estimate, passed through (the upstream answers 400).
-    let r = client().post(&url).header("content-type", "application/json").body("this is {not json").send().await.unwrap();
+    let r =
+        client().post(&url).header("content-type", "application/json").body("this is {not json").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(mock.last_request().unwrap().body, "this is {not json");
     assert_eq!(e.stat("meshwarden.token_limiter.bad_body.not_json").await.unwrap(), 1);

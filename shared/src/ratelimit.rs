@@ -332,7 +332,11 @@ mod tests {
             if let Some(c) = &g.concurrency {
                 let l = self.2.entry(g.key.clone()).or_default();
                 if l.len() as u64 >= c.max {
-                    return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() });
+                    return Ok(GroupResult {
+                        allowed: false,
+                        reason: Some(DenyReason::Concurrency),
+                        ..Default::default()
+                    });
                 }
             }
             let rs: Vec<Reservation> = g
@@ -378,7 +382,12 @@ mod tests {
             cost: 100,
             concurrency: Some(ConcurrencySpec { max: 5, lease_id: "l1".into(), lease_ms: 1000 }),
         };
-        let model = Group { key: "model".into(), windows: vec![WindowSpec { limit: 50, window_ms: 1000 }], cost: 100, concurrency: None };
+        let model = Group {
+            key: "model".into(),
+            windows: vec![WindowSpec { limit: 50, window_ms: 1000 }],
+            cost: 100,
+            concurrency: None,
+        };
         let r = reserve_all(&mut m, &ReserveRequest { groups: vec![team.clone(), model] }).unwrap();
         assert!(!r.allowed);
         assert_eq!(r.denied_group, Some(1));
@@ -393,9 +402,8 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn wire_format_round_trips() {
-        let req = ReserveRequest {
-            groups: vec![Group { key: "k".into(), windows: vec![MIN], cost: 3, concurrency: None }],
-        };
+        let req =
+            ReserveRequest { groups: vec![Group { key: "k".into(), windows: vec![MIN], cost: 3, concurrency: None }] };
         let s = serde_json::to_string(&req).unwrap();
         assert_eq!(s, r#"{"groups":[{"key":"k","windows":[{"limit":600,"window_ms":60000}],"cost":3}]}"#);
         assert_eq!(serde_json::from_str::<ReserveRequest>(&s).unwrap(), req);

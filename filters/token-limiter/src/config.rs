@@ -317,13 +317,17 @@ mod tests {
         let e = |s: &str| parse_config::<Config>(s.as_bytes()).unwrap_err().path;
         assert_eq!(e(r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{}}]}"#), "$.rules[0].limits");
         assert_eq!(
-            e(r#"{"rules":[{"name":"a","key":{"unverified_jwt_claim":{"claim":"sub"}},"limits":{"tokens_per_second":1}}]}"#),
+            e(
+                r#"{"rules":[{"name":"a","key":{"unverified_jwt_claim":{"claim":"sub"}},"limits":{"tokens_per_second":1}}]}"#
+            ),
             "$.rules[0].key"
         );
         assert_eq!(e(r#"{"state":"sidecar"}"#), "$.sidecar");
         assert_eq!(e(r#"{"rules":[{"name":"a","key":{"constant":"x"},"limitz":{}}]}"#), "$.rules[0].limitz");
         assert_eq!(
-            e(r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_second":1},"counts":{"input":-1}}]}"#),
+            e(
+                r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_second":1},"counts":{"input":-1}}]}"#
+            ),
             "$.rules[0].counts.input"
         );
     }

@@ -370,7 +370,8 @@ impl Request {
                 self.get_http_request_header(header).and_then(|v| unverified_jwt_claim(&v, claim))
             }
             KeySource::JwtClaim { claim, metadata_key } => {
-                let mut path = vec!["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", metadata_key.as_str()];
+                let mut path =
+                    vec!["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", metadata_key.as_str()];
                 path.extend(claim.split('.'));
                 let raw = self.get_property(path)?;
                 let text = String::from_utf8(raw).ok()?;
@@ -659,9 +660,8 @@ impl Context for Request {
         if self.phase != Phase::Waiting {
             return;
         }
-        let resp = callout_response(body_size).and_then(|b| {
-            serde_json::from_slice::<ReserveResponse>(&b).map_err(|_| CalloutFailure::BadBody)
-        });
+        let resp = callout_response(body_size)
+            .and_then(|b| serde_json::from_slice::<ReserveResponse>(&b).map_err(|_| CalloutFailure::BadBody));
         let resp = match resp {
             Ok(r) => r,
             Err(f) => {

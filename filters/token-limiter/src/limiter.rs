@@ -99,8 +99,11 @@ impl Admission {
                 }
             }
             let windows = rule.limits.windows();
-            let cost =
-                if windows.is_empty() { 0 } else { rule.counts.cost(self.facts.input_estimate, self.facts.output_reservation) };
+            let cost = if windows.is_empty() {
+                0
+            } else {
+                rule.counts.cost(self.facts.input_estimate, self.facts.output_reservation)
+            };
             groups.push(Group {
                 key: budget_key(&rule.name, &rule.key, identity.as_deref()),
                 windows,
@@ -139,7 +142,13 @@ impl Admission {
             rule: rule_idx,
             reason,
             retry_after_ms: retry_after_ms(denying),
-            window: result.windows.iter().copied().filter(|w| w.retry_after_ms > 0).max_by_key(|w| w.retry_after_ms).or_else(|| tightest(denying)),
+            window: result
+                .windows
+                .iter()
+                .copied()
+                .filter(|w| w.retry_after_ms > 0)
+                .max_by_key(|w| w.retry_after_ms)
+                .or_else(|| tightest(denying)),
             never: result.never,
             missing_key: false,
         })
@@ -154,11 +163,8 @@ pub fn settle_deltas(cfg: &Config, plan: &Plan, input: u64, output: u64) -> Vec<
         .iter()
         .zip(&plan.rules)
         .map(|(g, &ri)| {
-            let actual = if g.windows.is_empty() {
-                0
-            } else {
-                cfg.rules.get(ri).map_or(0, |r| r.counts.cost(input, output))
-            };
+            let actual =
+                if g.windows.is_empty() { 0 } else { cfg.rules.get(ri).map_or(0, |r| r.counts.cost(input, output)) };
             i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(g.cost).unwrap_or(i64::MAX)
         })
         .collect()
@@ -215,7 +221,12 @@ mod tests {
         let denied_team = ReserveResponse {
             allowed: false,
             denied_group: Some(0),
-            groups: vec![GroupResult { allowed: false, reason: Some(DenyReason::Tokens), windows: vec![w], never: false }],
+            groups: vec![GroupResult {
+                allowed: false,
+                reason: Some(DenyReason::Tokens),
+                windows: vec![w],
+                never: false,
+            }],
         };
         match a.decide(&c, &p2, &denied_team) {
             Outcome::Deny(d) => {

@@ -7,8 +7,15 @@ use meshwarden_shared::sse::SseParser;
 #[derive(Debug)]
 enum Kind {
     /// A JSON body, collected up to a bound.
-    Json { buf: Vec<u8>, overflow: bool },
-    Sse { parser: SseParser, usage: StreamUsage, done: bool },
+    Json {
+        buf: Vec<u8>,
+        overflow: bool,
+    },
+    Sse {
+        parser: SseParser,
+        usage: StreamUsage,
+        done: bool,
+    },
     /// Compressed or unknown content: usage cannot be read.
     Opaque,
 }
@@ -44,7 +51,8 @@ pub struct Meter {
 impl Meter {
     /// From the response headers: `:status`, `content-type`, `content-encoding`.
     pub fn new(status: u32, content_type: Option<&str>, content_encoding: Option<&str>, max_bytes: usize) -> Self {
-        let encoded = content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity") && !e.trim().is_empty());
+        let encoded =
+            content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity") && !e.trim().is_empty());
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
         let kind = if encoded {
             Kind::Opaque

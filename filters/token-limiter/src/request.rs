@@ -104,7 +104,8 @@ mod tests {
     #[test]
     fn parse_and_rewrite() {
         let cfg = Config::default();
-        let body = br#"{"model":"gpt-4o","stream":true,"max_tokens":50000,"messages":[{"role":"user","content":"12345678"}]}"#;
+        let body =
+            br#"{"model":"gpt-4o","stream":true,"max_tokens":50000,"messages":[{"role":"user","content":"12345678"}]}"#;
         let p = parse_request(&cfg, "/v1/chat/completions", body, false);
         assert_eq!(p.model.as_deref(), Some("gpt-4o"));
         assert_eq!((p.input_estimate, p.output_reservation), (6, 4096));
