@@ -14,4 +14,5 @@ pub mod envoy;
 pub mod k8s_schema;
 pub mod mock_llm;
 pub mod paths;
+pub mod redis_server;
 pub mod sidecar;

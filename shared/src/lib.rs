@@ -11,6 +11,7 @@
 //! | [`jsonrpc`] | JSON-RPC 2.0 messages (MCP, A2A) |
 //! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
 //! | [`stats`] | stat names with bounded label cardinality |
+//! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |
 //! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
 //! | [`host`] | (feature `host`) the thin proxy-wasm glue: metrics, callouts, local replies |
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod errors;
 pub mod jsonrpc;
 pub mod llm;
+pub mod ratelimit;
 pub mod sse;
 pub mod stats;
 

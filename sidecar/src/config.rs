@@ -33,4 +33,12 @@ pub struct Config {
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
+
+    /// Redis for rate-limit state shared by many sidecars (`redis://host:6379/0`); memory when unset.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Timeout of one Redis operation, in milliseconds.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_TIMEOUT_MS", default_value_t = 40)]
+    pub redis_timeout_ms: u64,
 }

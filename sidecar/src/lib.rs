@@ -9,4 +9,5 @@
 
 pub mod config;
 pub mod metrics;
+pub mod ratelimit;
 pub mod server;

@@ -1,21 +1,334 @@
+//! token-limiter configuration. Every field is documented with an example in `docs/token-limiter.md`.
+
+use meshwarden_shared::callout::CalloutConfig;
 use meshwarden_shared::config::{check_range, ConfigError, Validate};
+use meshwarden_shared::ratelimit::WindowSpec;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Largest request body buffered for inspection.
+    /// Largest request body read for the prompt estimate; larger bodies are admitted on a size-based
+    /// estimate (bytes / 4) without reading the model.
     pub max_body_bytes: u64,
+    /// Where budgets live: `local` (this Envoy's shared data) or `sidecar`.
+    pub state: StateMode,
+    /// The sidecar callout (cluster, timeout_ms, failure_mode); required with `state: sidecar`.
+    pub sidecar: Option<CalloutConfig>,
+    /// Allow `unverified_jwt_claim` keys (decoding a bearer token without checking its signature).
+    pub trust_unverified_jwt: bool,
+    /// Output tokens reserved at admission when a request has no `max_tokens`.
+    pub default_output_reservation: u64,
+    /// Cap on the output reservation taken from a request's `max_tokens`.
+    pub max_output_reservation: u64,
+    /// Response header naming the model actually used after a fallback.
+    pub fallback_header: String,
+    /// How often (ms) queued settlements are sent to the sidecar.
+    pub settle_interval_ms: u64,
+    /// Concurrency leases in the sidecar expire after this long (a crashed Envoy cannot hold slots).
+    pub lease_ms: u64,
+    pub rules: Vec<Rule>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20 }
+        Self {
+            max_body_bytes: 1 << 20,
+            state: StateMode::Local,
+            sidecar: None,
+            trust_unverified_jwt: false,
+            default_output_reservation: 256,
+            max_output_reservation: 4096,
+            fallback_header: "x-meshwarden-fallback-model".to_string(),
+            settle_interval_ms: 20,
+            lease_ms: 600_000,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StateMode {
+    #[default]
+    Local,
+    Sidecar,
+}
+
+/// Who is charged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum KeySource {
+    /// A request header (API key, team); the value is hashed (SHA-256) before use.
+    Header(String),
+    /// A claim from Envoy `jwt_authn` dynamic metadata (`payload_in_metadata` name + claim).
+    JwtClaim { claim: String, metadata_key: String },
+    /// A claim from the unverified bearer token in `header` (default `authorization`).
+    /// Only with `trust_unverified_jwt: true`.
+    UnverifiedJwtClaim {
+        claim: String,
+        #[serde(default = "default_auth_header")]
+        header: String,
+    },
+    /// From the mTLS peer's SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    Spiffe(SpiffePart),
+    /// One budget for everyone.
+    Constant(String),
+}
+
+fn default_auth_header() -> String {
+    "authorization".to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpiffePart {
+    Namespace,
+    ServiceAccount,
+}
+
+/// What to do when a rule's key is not in the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissingKey {
+    /// All requests without the key share one budget of this rule.
+    #[default]
+    Shared,
+    /// The rule does not apply.
+    Skip,
+    /// 401-free rejection: 429 with a message naming the missing key source.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub tokens_per_second: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_hour: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+}
+
+impl Limits {
+    pub fn windows(&self) -> Vec<WindowSpec> {
+        [
+            (self.tokens_per_second, 1_000),
+            (self.tokens_per_minute, 60_000),
+            (self.tokens_per_hour, 3_600_000),
+            (self.tokens_per_day, 86_400_000),
+        ]
+        .iter()
+        .filter_map(|(l, w)| l.map(|limit| WindowSpec { limit, window_ms: *w }))
+        .collect()
+    }
+}
+
+/// What a token costs: `input`, `output`, `total`, or weights `{"input": 1, "output": 4}`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Counts {
+    Named(CountsName),
+    Weighted(Weights),
+}
+
+impl Default for Counts {
+    fn default() -> Self {
+        Counts::Named(CountsName::Total)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountsName {
+    Input,
+    Output,
+    Total,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Weights {
+    #[serde(default)]
+    pub input: f64,
+    #[serde(default)]
+    pub output: f64,
+}
+
+impl Counts {
+    pub fn weights(&self) -> Weights {
+        match self {
+            Counts::Named(CountsName::Input) => Weights { input: 1.0, output: 0.0 },
+            Counts::Named(CountsName::Output) => Weights { input: 0.0, output: 1.0 },
+            Counts::Named(CountsName::Total) => Weights { input: 1.0, output: 1.0 },
+            Counts::Weighted(w) => *w,
+        }
+    }
+
+    /// Weighted cost, rounded up.
+    pub fn cost(&self, input: u64, output: u64) -> u64 {
+        let w = self.weights();
+        let c = (w.input * input as f64 + w.output * output as f64).ceil();
+        if c.is_finite() && c > 0.0 {
+            c as u64
+        } else {
+            0
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique name; used in stats and state keys.
+    pub name: String,
+    pub key: KeySource,
+    #[serde(default)]
+    pub on_missing_key: OnMissingKey,
+    /// Exact model name or glob (`gpt-4o*`); absent = every request.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub counts: Counts,
+    #[serde(default)]
+    pub max_concurrent_requests: Option<u64>,
+    /// When this rule's token budget is spent, rewrite `model` to this one instead of rejecting.
+    #[serde(default)]
+    pub fallback_model: Option<String>,
+}
+
+impl Rule {
+    pub fn matches_model(&self, model: Option<&str>) -> bool {
+        match (&self.model, model) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(p), Some(m)) => meshwarden_shared::config::glob_match(p, m),
+        }
     }
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)
+        check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
+        check_range("default_output_reservation", self.default_output_reservation, 0, 10_000_000)?;
+        check_range("max_output_reservation", self.max_output_reservation, 0, 10_000_000)?;
+        check_range("settle_interval_ms", self.settle_interval_ms, 1, 10_000)?;
+        check_range("lease_ms", self.lease_ms, 1_000, 86_400_000)?;
+        if self.fallback_header.trim().is_empty() || self.fallback_header.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError::at("fallback_header", "must be a non-empty lower-case header name"));
+        }
+        match (&self.state, &self.sidecar) {
+            (StateMode::Sidecar, None) => {
+                return Err(ConfigError::at("sidecar", "required when state is \"sidecar\""));
+            }
+            (_, Some(s)) => s.validate("sidecar")?,
+            _ => {}
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let p = format!("rules[{i}]");
+            if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(ConfigError::at(&format!("{p}.name"), "must be non-empty [A-Za-z0-9_-]"));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(ConfigError::at(&format!("{p}.name"), format!("duplicate rule name {:?}", r.name)));
+            }
+            let windows = r.limits.windows();
+            if windows.is_empty() && r.max_concurrent_requests.is_none() {
+                return Err(ConfigError::at(
+                    &format!("{p}.limits"),
+                    "set at least one of tokens_per_second/minute/hour/day or max_concurrent_requests",
+                ));
+            }
+            for w in &windows {
+                if w.limit == 0 {
+                    return Err(ConfigError::at(&format!("{p}.limits"), "a token limit must be at least 1"));
+                }
+            }
+            if let Some(n) = r.max_concurrent_requests {
+                check_range(&format!("{p}.max_concurrent_requests"), n, 1, 1_000_000)?;
+            }
+            if let Counts::Weighted(w) = r.counts {
+                for (f, v) in [("input", w.input), ("output", w.output)] {
+                    if !(0.0..=1000.0).contains(&v) {
+                        return Err(ConfigError::at(&format!("{p}.counts.{f}"), "weight must be between 0 and 1000"));
+                    }
+                }
+                if w.input == 0.0 && w.output == 0.0 {
+                    return Err(ConfigError::at(&format!("{p}.counts"), "at least one weight must be positive"));
+                }
+            }
+            match &r.key {
+                KeySource::UnverifiedJwtClaim { .. } if !self.trust_unverified_jwt => {
+                    return Err(ConfigError::at(
+                        &format!("{p}.key"),
+                        "unverified_jwt_claim needs trust_unverified_jwt: true (signatures are not checked)",
+                    ));
+                }
+                KeySource::Header(h) | KeySource::UnverifiedJwtClaim { header: h, .. } if h.trim().is_empty() => {
+                    return Err(ConfigError::at(&format!("{p}.key"), "header name must not be empty"));
+                }
+                KeySource::JwtClaim { claim, metadata_key } if claim.is_empty() || metadata_key.is_empty() => {
+                    return Err(ConfigError::at(&format!("{p}.key"), "claim and metadata_key must not be empty"));
+                }
+                _ => {}
+            }
+            if let Some(f) = &r.fallback_model {
+                if f.is_empty() {
+                    return Err(ConfigError::at(&format!("{p}.fallback_model"), "must not be empty"));
+                }
+                if windows.is_empty() {
+                    return Err(ConfigError::at(&format!("{p}.fallback_model"), "needs a token limit"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwarden_shared::config::parse_config;
+
+    #[test]
+    fn full_example_parses() {
+        let c: Config = parse_config(
+            br#"{"state":"local","trust_unverified_jwt":true,"rules":[
+            {"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":1000,"tokens_per_day":100000},"max_concurrent_requests":4},
+            {"name":"gpt4","key":{"unverified_jwt_claim":{"claim":"sub"}},"model":"gpt-4*","counts":{"input":1,"output":4},
+             "limits":{"tokens_per_hour":50},"fallback_model":"gpt-4o-mini"},
+            {"name":"ns","key":{"spiffe":"namespace"},"limits":{"tokens_per_second":10},"counts":"output"},
+            {"name":"all","key":{"constant":"global"},"limits":{"tokens_per_second":10}},
+            {"name":"jwt","key":{"jwt_claim":{"claim":"team","metadata_key":"payload"}},"limits":{"tokens_per_second":10}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rules.len(), 5);
+        assert_eq!(c.rules[0].limits.windows().len(), 2);
+        assert_eq!(c.rules[1].counts.cost(10, 10), 50);
+        assert_eq!(c.rules[2].counts.cost(10, 3), 3);
+        assert!(c.rules[1].matches_model(Some("gpt-4o")));
+        assert!(!c.rules[1].matches_model(None));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = |s: &str| parse_config::<Config>(s.as_bytes()).unwrap_err().path;
+        assert_eq!(e(r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{}}]}"#), "$.rules[0].limits");
+        assert_eq!(
+            e(
+                r#"{"rules":[{"name":"a","key":{"unverified_jwt_claim":{"claim":"sub"}},"limits":{"tokens_per_second":1}}]}"#
+            ),
+            "$.rules[0].key"
+        );
+        assert_eq!(e(r#"{"state":"sidecar"}"#), "$.sidecar");
+        assert_eq!(e(r#"{"rules":[{"name":"a","key":{"constant":"x"},"limitz":{}}]}"#), "$.rules[0].limitz");
+        assert_eq!(
+            e(
+                r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_second":1},"counts":{"input":-1}}]}"#
+            ),
+            "$.rules[0].counts.input"
+        );
     }
 }

@@ -1,38 +1,177 @@
-use crate::config::Config;
-use meshwarden_shared::host::{load_config, Metrics};
+//! The thin proxy-wasm adapter: reads headers/body/properties, keeps `local` state in Envoy shared data
+//! (compare-and-swap across worker threads) or calls the sidecar, answers 429s, meters responses and
+//! settles every admitted request exactly once in `on_log`.
+
+use crate::config::{Config, KeySource, StateMode};
+use crate::keys::{claim_value, spiffe_part, unverified_jwt_claim};
+use crate::limiter::{settle_deltas, Admission, Denial, Facts, Outcome, Plan};
+use crate::meter::Meter;
+use crate::request::{parse_request, rewrite_body, size_estimate, BadBody, Parsed};
+use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
+use meshwarden_shared::errors::{openai_reset_duration, retry_after_seconds, ErrorFlavor, ErrorKind};
+use meshwarden_shared::host::{callout_response, dispatch, load_config, log, send_error, Metrics};
+use meshwarden_shared::llm::Api;
+use meshwarden_shared::ratelimit::{
+    reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveResponse, SettleItem,
+    SettleRequest, WindowState,
+};
+use meshwarden_shared::stats::BoundedLabels;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
-use std::cell::RefCell;
+use proxy_wasm::types::{Action, ContextType, LogLevel, Status};
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
 const FILTER: &str = "token_limiter";
+const P: &str = "meshwarden.token_limiter";
+const LOCK_KEY: &str = "meshwarden.tl.lock";
+const FAILURE_LOG_INTERVAL_MS: u64 = 60_000;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::new(id)) });
 }}
 
-#[derive(Default)]
-struct Root {
+/// State shared by a worker's root context and its requests.
+struct Shared {
     config: Rc<Config>,
-    metrics: Rc<RefCell<Metrics>>,
+    metrics: RefCell<Metrics>,
+    models: RefCell<BoundedLabels>,
+    settle_queue: RefCell<Vec<SettleItem>>,
+    failure_log: RefCell<LogThrottle>,
+    lease_seq: Cell<u64>,
+    seed: u64,
 }
 
-impl Context for Root {}
+impl Shared {
+    fn count(&self, name: &str, n: u64) {
+        self.metrics.borrow_mut().counter(&format!("{P}.{name}"), n);
+    }
+
+    fn callout_failed(&self, what: &str, f: CalloutFailure) {
+        self.count(&format!("callout_failures.{}", f.as_str()), 1);
+        self.count("callout_failures", 1);
+        if let Some(suppressed) = self.failure_log.borrow_mut().should_log(now_ms()) {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "meshwarden {FILTER}: sidecar {what} failed ({}{}); {suppressed} more failures since the last line",
+                    f.as_str(),
+                    match f {
+                        CalloutFailure::Status(s) => format!(" {s}"),
+                        _ => String::new(),
+                    }
+                ),
+            );
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn now_ms() -> u64 {
+    now_us() / 1000
+}
+
+struct Root {
+    id: u32,
+    shared: Rc<Shared>,
+    settle_in_flight: usize,
+}
+
+impl Root {
+    fn new(id: u32) -> Self {
+        let seed = now_us() ^ (u64::from(id) << 48);
+        Root {
+            id,
+            shared: Rc::new(Shared {
+                config: Rc::new(Config::default()),
+                metrics: RefCell::new(Metrics::default()),
+                models: RefCell::new(BoundedLabels::new(32)),
+                settle_queue: RefCell::new(Vec::new()),
+                failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
+                lease_seq: Cell::new(0),
+                seed,
+            }),
+            settle_in_flight: 0,
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        self.settle_in_flight = self.settle_in_flight.saturating_sub(1);
+        if let Err(f) = callout_response(body_size) {
+            self.shared.count("settle_failures", 1);
+            self.shared.callout_failed("settle", f);
+        }
+    }
+}
 
 impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        // The creation lock must exist before traffic; every worker's VM starts before listeners serve.
+        if let Ok((None, _)) = hostcalls::get_shared_data(LOCK_KEY) {
+            let _ = hostcalls::set_shared_data(LOCK_KEY, Some(&[0]), None);
+        }
+        true
+    }
+
     fn on_configure(&mut self, _size: usize) -> bool {
-        match load_config::<Config>(FILTER, self.get_plugin_configuration()) {
-            Some(c) => {
-                self.config = Rc::new(c);
-                true
+        let Some(config) = load_config::<Config>(FILTER, self.get_plugin_configuration()) else {
+            return false;
+        };
+        let mut models = BoundedLabels::new(32);
+        models.preload(config.rules.iter().filter_map(|r| r.model.as_deref()).filter(|m| !m.contains(['*', '?'])));
+        models.preload(config.rules.iter().filter_map(|r| r.fallback_model.as_deref()));
+        if config.state == StateMode::Sidecar {
+            self.set_tick_period(Duration::from_millis(config.settle_interval_ms));
+        }
+        self.shared = Rc::new(Shared {
+            config: Rc::new(config),
+            metrics: RefCell::new(Metrics::default()),
+            models: RefCell::new(models),
+            settle_queue: RefCell::new(Vec::new()),
+            failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
+            lease_seq: Cell::new(0),
+            seed: self.shared.seed,
+        });
+        let _ = self.id;
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let items: Vec<SettleItem> = std::mem::take(&mut *self.shared.settle_queue.borrow_mut());
+        if items.is_empty() {
+            return;
+        }
+        let Some(cfg) = self.shared.config.sidecar.as_ref() else {
+            return;
+        };
+        // Bounded batches keep each call small.
+        for chunk in items.chunks(256) {
+            let body = match serde_json::to_vec(&SettleRequest { items: chunk.to_vec() }) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            match dispatch(cfg, "POST", "/v1/ratelimit/settle", &[], Some(&body)) {
+                Ok(_) => self.settle_in_flight += 1,
+                Err(f) => {
+                    self.shared.count("settle_failures", 1);
+                    self.shared.callout_failed("settle", f);
+                }
             }
-            None => false,
         }
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { metrics: self.metrics.clone() }))
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Request::new(self.shared.clone(), context_id)))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -40,15 +179,612 @@ impl RootContext for Root {
     }
 }
 
-struct Request {
-    metrics: Rc<RefCell<Metrics>>,
+// ---------------------------------------------------------------------------------------------------
+// `local` state: Envoy shared data, one entry per (key, window) holding the GCRA `tat` (µs, 8 bytes LE)
+// and one per concurrency key holding the count. Every update is a compare-and-swap loop.
+
+fn read_u64(bytes: Option<&[u8]>) -> u64 {
+    bytes.and_then(|b| b.get(..8)).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_le_bytes)
 }
 
-impl Context for Request {}
+const CAS_ATTEMPTS: usize = 64;
+
+/// Create `key` (value 0) if it does not exist, under the creation lock, so that two workers creating
+/// the same key cannot overwrite each other's first update.
+fn ensure_key(key: &str) -> Result<(), Status> {
+    if let (Some(_), _) = hostcalls::get_shared_data(key)? {
+        return Ok(());
+    }
+    let mut locked = false;
+    for _ in 0..CAS_ATTEMPTS * 4 {
+        let (v, cas) = hostcalls::get_shared_data(LOCK_KEY)?;
+        if v.as_deref().and_then(|b| b.first().copied()).unwrap_or(0) == 0
+            && hostcalls::set_shared_data(LOCK_KEY, Some(&[1]), cas).is_ok()
+        {
+            locked = true;
+            break;
+        }
+    }
+    let r = match hostcalls::get_shared_data(key) {
+        Ok((None, _)) => hostcalls::set_shared_data(key, Some(&0u64.to_le_bytes()), None),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if locked {
+        let _ = hostcalls::set_shared_data(LOCK_KEY, Some(&[0]), None);
+    }
+    r
+}
+
+/// CAS-update a u64 entry: `f(old)` returns the new value or `None` to leave it. Returns `f`'s answer.
+fn cas_update<T>(key: &str, mut f: impl FnMut(u64) -> (Option<u64>, T)) -> Result<T, Status> {
+    ensure_key(key)?;
+    for _ in 0..CAS_ATTEMPTS {
+        let (v, cas) = hostcalls::get_shared_data(key)?;
+        let old = read_u64(v.as_deref());
+        let (new, out) = f(old);
+        let Some(new) = new else {
+            return Ok(out);
+        };
+        match hostcalls::set_shared_data(key, Some(&new.to_le_bytes()), cas) {
+            Ok(()) => return Ok(out),
+            Err(Status::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Status::CasMismatch)
+}
+
+fn window_key(group_key: &str, w: &meshwarden_shared::ratelimit::WindowSpec) -> String {
+    format!("meshwarden.tl.b.{group_key}.{}", w.id())
+}
+
+fn conc_key(group_key: &str) -> String {
+    format!("meshwarden.tl.c.{group_key}")
+}
+
+struct LocalStore;
+
+impl GroupStore for LocalStore {
+    type Error = Status;
+
+    fn reserve_group(&mut self, g: &Group) -> Result<GroupResult, Status> {
+        if let Some(c) = &g.concurrency {
+            let max = c.max;
+            let took = cas_update(&conc_key(&g.key), |n| if n < max { (Some(n + 1), true) } else { (None, false) })?;
+            if !took {
+                return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() });
+            }
+        }
+        let now = now_us();
+        let mut states = Vec::with_capacity(g.windows.len());
+        let mut done: Vec<usize> = Vec::new();
+        let mut denied: Option<(bool, WindowState)> = None;
+        for (i, w) in g.windows.iter().enumerate() {
+            let r = cas_update(&window_key(&g.key, w), |tat| {
+                let r = reserve(w, tat, now, g.cost);
+                (r.allowed.then_some(r.new_tat_us), r)
+            })?;
+            states.push(r.state);
+            if r.allowed {
+                done.push(i);
+            } else {
+                denied = Some((r.never, r.state));
+                break;
+            }
+        }
+        if let Some((never, _)) = denied {
+            // Undo this group's windows reserved so far and its slot: the group is all-or-nothing.
+            let delta = -i64::try_from(g.cost).unwrap_or(i64::MAX);
+            for i in done {
+                if let Some(w) = g.windows.get(i) {
+                    let _ = cas_update(&window_key(&g.key, w), |tat| (Some(settle(w, tat, now_us(), delta)), ()));
+                }
+            }
+            if g.concurrency.is_some() {
+                let _ = cas_update(&conc_key(&g.key), |n| (Some(n.saturating_sub(1)), ()));
+            }
+            return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Tokens), windows: states, never });
+        }
+        Ok(GroupResult { allowed: true, reason: None, windows: states, never: false })
+    }
+
+    fn settle_item(&mut self, item: &SettleItem) -> Result<(), Status> {
+        if item.delta != 0 {
+            for w in &item.windows {
+                cas_update(&window_key(&item.key, w), |tat| (Some(settle(w, tat, now_us(), item.delta)), ()))?;
+            }
+        }
+        if item.release_lease.is_some() {
+            cas_update(&conc_key(&item.key), |n| (Some(n.saturating_sub(1)), ()))?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the body.
+    Start,
+    /// Not limited (no body, or failed open).
+    Pass,
+    /// A reserve callout is in flight.
+    Waiting,
+    /// Reservations are held and must be settled in `on_log`.
+    Admitted,
+    /// Answered with a local reply.
+    Rejected,
+}
+
+struct Request {
+    shared: Rc<Shared>,
+    context_id: u32,
+    phase: Phase,
+    path: String,
+    encoded: bool,
+    identities: Vec<Option<String>>,
+    body_size: usize,
+    parsed: Option<Parsed>,
+    admission: Option<Admission>,
+    plan: Option<Plan>,
+    window: Option<WindowState>,
+    meter: Option<Meter>,
+    lease_id: String,
+    settled: bool,
+}
+
+impl Request {
+    fn new(shared: Rc<Shared>, context_id: u32) -> Self {
+        Request {
+            shared,
+            context_id,
+            phase: Phase::Start,
+            path: String::new(),
+            encoded: false,
+            identities: Vec::new(),
+            body_size: 0,
+            parsed: None,
+            admission: None,
+            plan: None,
+            window: None,
+            meter: None,
+            lease_id: String::new(),
+            settled: false,
+        }
+    }
+
+    fn cfg(&self) -> Rc<Config> {
+        self.shared.config.clone()
+    }
+
+    fn flavor(&self) -> ErrorFlavor {
+        ErrorFlavor::for_api(self.parsed.as_ref().map_or(Api::from_path(&self.path), |p| p.api))
+    }
+
+    fn identity(&self, source: &KeySource) -> Option<String> {
+        match source {
+            KeySource::Header(h) => self.get_http_request_header(h).filter(|v| !v.is_empty()),
+            KeySource::UnverifiedJwtClaim { claim, header } => {
+                self.get_http_request_header(header).and_then(|v| unverified_jwt_claim(&v, claim))
+            }
+            KeySource::JwtClaim { claim, metadata_key } => {
+                let mut path =
+                    vec!["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", metadata_key.as_str()];
+                path.extend(claim.split('.'));
+                let raw = self.get_property(path)?;
+                let text = String::from_utf8(raw).ok()?;
+                // Strings come back raw; anything else as JSON.
+                match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(v @ serde_json::Value::Object(_)) => claim_value(&v, claim),
+                    _ if text.is_empty() => None,
+                    _ => Some(text),
+                }
+            }
+            KeySource::Spiffe(part) => {
+                let raw = self.get_property(vec!["connection", "uri_san_peer_certificate"])?;
+                spiffe_part(&String::from_utf8_lossy(&raw), *part)
+            }
+            KeySource::Constant(c) => Some(c.clone()),
+        }
+    }
+
+    /// Decide with what we know; called at end of body (or when the body is over `max_body_bytes`).
+    fn start_admission(&mut self, body: &[u8], oversize: bool) -> Action {
+        let cfg = self.cfg();
+        let parsed = if oversize {
+            Parsed {
+                api: Api::from_path(&self.path),
+                json: None,
+                model: None,
+                stream: false,
+                input_estimate: size_estimate(self.body_size),
+                output_reservation: cfg.default_output_reservation,
+                bad: Some(BadBody::TooLarge),
+            }
+        } else {
+            parse_request(&cfg, &self.path, body, self.encoded)
+        };
+        if let Some(bad) = parsed.bad {
+            self.shared.count(&format!("bad_body.{}", bad.as_str()), 1);
+        }
+        let facts = Facts {
+            model: parsed.model.clone(),
+            input_estimate: parsed.input_estimate,
+            output_reservation: parsed.output_reservation,
+            identities: std::mem::take(&mut self.identities),
+        };
+        self.parsed = Some(parsed);
+        self.admission = Some(Admission::new(facts));
+        let seq = self.shared.lease_seq.get().wrapping_add(1);
+        self.shared.lease_seq.set(seq);
+        self.lease_id = format!("{:x}-{:x}-{:x}", self.shared.seed, self.context_id, seq);
+        self.step()
+    }
+
+    /// Plan for the current model and reserve (local) or dispatch (sidecar).
+    fn step(&mut self) -> Action {
+        let cfg = self.cfg();
+        for _ in 0..=crate::limiter::MAX_FALLBACKS + 1 {
+            let Some(adm) = self.admission.as_ref() else {
+                return Action::Continue;
+            };
+            let plan = match adm.plan(&cfg, &self.lease_id) {
+                Ok(p) => p,
+                Err(d) => {
+                    self.reject(&d);
+                    return Action::Pause;
+                }
+            };
+            if plan.request.groups.is_empty() {
+                self.plan = Some(plan);
+                return self.admit(None);
+            }
+            match cfg.state {
+                StateMode::Local => {
+                    let resp = match reserve_all(&mut LocalStore, &plan.request) {
+                        Ok(r) => r,
+                        Err(_) => {
+                            // Shared data failing is an Envoy-internal problem; count it and fail open.
+                            self.shared.count("local_state_errors", 1);
+                            self.phase = Phase::Pass;
+                            return Action::Continue;
+                        }
+                    };
+                    match self.apply(&plan, &resp) {
+                        Some(a) => return a,
+                        None => continue, // fallback: plan again
+                    }
+                }
+                StateMode::Sidecar => {
+                    let Some(sc) = cfg.sidecar.as_ref() else {
+                        return Action::Continue;
+                    };
+                    let body = match serde_json::to_vec(&plan.request) {
+                        Ok(b) => b,
+                        Err(_) => return Action::Continue,
+                    };
+                    self.plan = Some(plan);
+                    match dispatch(sc, "POST", "/v1/ratelimit/reserve", &[], Some(&body)) {
+                        Ok(_) => {
+                            self.phase = Phase::Waiting;
+                            return Action::Pause;
+                        }
+                        Err(f) => return self.sidecar_failed(f, false),
+                    }
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    /// Apply a reservation answer. `None` = fell back, plan again.
+    fn apply(&mut self, plan: &Plan, resp: &ReserveResponse) -> Option<Action> {
+        let cfg = self.cfg();
+        let adm = self.admission.as_mut()?;
+        match adm.decide(&cfg, plan, resp) {
+            Outcome::Admit { window } => {
+                self.plan = Some(plan.clone());
+                Some(self.admit(window))
+            }
+            Outcome::Fallback { .. } => {
+                if let Some(r) = resp.denied_group.and_then(|g| plan.rules.get(g)).and_then(|i| cfg.rules.get(*i)) {
+                    self.shared.count(&format!("rule.{}.fallbacks", r.name), 1);
+                }
+                self.shared.count("fallbacks", 1);
+                None
+            }
+            Outcome::Deny(d) => {
+                self.reject(&d);
+                Some(Action::Pause)
+            }
+        }
+    }
+
+    fn admit(&mut self, window: Option<WindowState>) -> Action {
+        self.phase = Phase::Admitted;
+        self.window = window;
+        self.shared.count("admitted", 1);
+        let new_model = self.admission.as_ref().filter(|a| a.fell_back()).and_then(|a| a.model.clone());
+        if let Some(p) = self.parsed.as_ref() {
+            if let Some(bytes) = rewrite_body(p, new_model.as_deref()) {
+                self.set_http_request_body(0, self.body_size.max(1), &bytes);
+            }
+        }
+        Action::Continue
+    }
+
+    fn reject(&mut self, d: &Denial) {
+        self.phase = Phase::Rejected;
+        let cfg = self.cfg();
+        let rule = cfg.rules.get(d.rule).map_or("unknown", |r| r.name.as_str());
+        self.shared.count("limited", 1);
+        let what = match (d.missing_key, d.reason) {
+            (true, _) => "missing_key",
+            (false, DenyReason::Concurrency) => "limited_concurrency",
+            (false, DenyReason::Tokens) => "limited",
+        };
+        self.shared.count(&format!("rule.{rule}.{what}"), 1);
+        let retry_ms = match d.reason {
+            DenyReason::Tokens if !d.never => d.retry_after_ms,
+            DenyReason::Tokens => d.window.map_or(1000, |w| w.window_ms),
+            DenyReason::Concurrency => 1000,
+        };
+        let message = if d.missing_key {
+            format!("Request rejected by rule '{rule}': the request does not carry the key this budget is charged to.")
+        } else if d.reason == DenyReason::Concurrency {
+            format!("Rate limit reached for rule '{rule}': too many concurrent requests. Please retry after a request completes.")
+        } else if d.never {
+            format!("Request too large for rule '{rule}': it needs more tokens than the limit allows per window.")
+        } else {
+            let w = d.window.unwrap_or_default();
+            format!(
+                "Rate limit reached for rule '{rule}' on tokens: limit {} per {}, remaining {}. Please try again in {}.",
+                w.limit,
+                openai_reset_duration(w.window_ms),
+                w.remaining,
+                openai_reset_duration(retry_ms)
+            )
+        };
+        let retry_after = retry_after_seconds(retry_ms).to_string();
+        let retry_after_ms = retry_ms.max(1).to_string();
+        let mut headers: Vec<(String, String)> =
+            vec![("retry-after".into(), retry_after), ("retry-after-ms".into(), retry_after_ms)];
+        if let Some(w) = d.window {
+            headers.extend(self.ratelimit_headers(&w));
+        }
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        send_error(429, self.flavor(), ErrorKind::RateLimit, Some("rate_limit_exceeded"), &message, &refs);
+    }
+
+    fn ratelimit_headers(&self, w: &WindowState) -> Vec<(String, String)> {
+        let mut h = vec![
+            ("x-ratelimit-limit-tokens".to_string(), w.limit.to_string()),
+            ("x-ratelimit-remaining-tokens".to_string(), w.remaining.to_string()),
+            ("x-ratelimit-reset-tokens".to_string(), openai_reset_duration(w.reset_ms)),
+        ];
+        if self.flavor() == ErrorFlavor::Anthropic {
+            h.push(("anthropic-ratelimit-tokens-limit".to_string(), w.limit.to_string()));
+            h.push(("anthropic-ratelimit-tokens-remaining".to_string(), w.remaining.to_string()));
+        }
+        h
+    }
+
+    fn sidecar_failed(&mut self, f: CalloutFailure, resume: bool) -> Action {
+        self.shared.callout_failed("reserve", f);
+        let mode = self.cfg().sidecar.as_ref().map_or(FailureMode::Deny, |s| s.failure_mode);
+        match mode {
+            FailureMode::Allow => {
+                self.shared.count("failure_allowed", 1);
+                self.phase = Phase::Pass;
+                // Still add include_usage / keep the body as is: nothing was reserved.
+                if let Some(p) = self.parsed.as_ref() {
+                    if let Some(bytes) = rewrite_body(p, None) {
+                        self.set_http_request_body(0, self.body_size.max(1), &bytes);
+                    }
+                }
+                if resume {
+                    self.resume_http_request();
+                }
+                Action::Continue
+            }
+            FailureMode::Deny => {
+                self.shared.count("failure_denied", 1);
+                self.phase = Phase::Rejected;
+                send_error(
+                    503,
+                    self.flavor(),
+                    ErrorKind::Unavailable,
+                    None,
+                    "The rate limit service is unavailable; the request was not sent (failure_mode: deny).",
+                    &[("retry-after", "1")],
+                );
+                Action::Pause
+            }
+        }
+    }
+
+    /// Settle the reservation with what the response cost. Exactly once (guarded by `settled`).
+    fn settle_once(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        let cfg = self.cfg();
+        let (Some(plan), Some(adm)) = (self.plan.as_ref(), self.admission.as_ref()) else {
+            return;
+        };
+        let est = adm.facts.input_estimate;
+        let (input, output, source) = match self.meter.as_mut() {
+            Some(m) => m.finish(est),
+            // No response at all (client went away, upstream never answered): the prompt was sent.
+            None => (est, 0, crate::meter::Source::Estimated),
+        };
+        self.shared.count(&format!("usage.{}", source.as_str()), 1);
+        let model = adm.model.clone().unwrap_or_else(|| "none".to_string());
+        let label = self.shared.models.borrow_mut().label(&model);
+        self.shared.count(&format!("model.{label}.input_tokens"), input);
+        self.shared.count(&format!("model.{label}.output_tokens"), output);
+        self.shared.count("input_tokens", input);
+        self.shared.count("output_tokens", output);
+        let deltas = settle_deltas(&cfg, plan, input, output);
+        let items: Vec<SettleItem> = plan
+            .request
+            .groups
+            .iter()
+            .zip(deltas)
+            .filter(|(g, d)| *d != 0 || g.concurrency.is_some())
+            .map(|(g, delta)| SettleItem {
+                key: g.key.clone(),
+                windows: g.windows.clone(),
+                delta,
+                release_lease: g.concurrency.as_ref().map(|c| c.lease_id.clone()),
+            })
+            .collect();
+        match cfg.state {
+            StateMode::Local => {
+                for it in &items {
+                    if LocalStore.settle_item(it).is_err() {
+                        self.shared.count("local_state_errors", 1);
+                    }
+                }
+            }
+            StateMode::Sidecar => self.shared.settle_queue.borrow_mut().extend(items),
+        }
+    }
+}
+
+impl Context for Request {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.phase != Phase::Waiting {
+            return;
+        }
+        let resp = callout_response(body_size)
+            .and_then(|b| serde_json::from_slice::<ReserveResponse>(&b).map_err(|_| CalloutFailure::BadBody));
+        let resp = match resp {
+            Ok(r) => r,
+            Err(f) => {
+                self.sidecar_failed(f, true);
+                return;
+            }
+        };
+        let Some(plan) = self.plan.clone() else {
+            self.resume_http_request();
+            return;
+        };
+        match self.apply(&plan, &resp) {
+            Some(Action::Continue) => {
+                self.resume_http_request();
+            }
+            Some(_) => {} // rejected: the local reply was sent
+            None => {
+                // Fell back: reserve for the new model.
+                if self.step() == Action::Continue {
+                    self.resume_http_request();
+                }
+            }
+        }
+    }
+}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.metrics.borrow_mut().counter("meshwarden.token_limiter.requests", 1);
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        self.shared.count("requests", 1);
+        if end_of_stream {
+            // No body: nothing to charge (GET /v1/models and the like).
+            self.phase = Phase::Pass;
+            self.shared.count("skipped_no_body", 1);
+            return Action::Continue;
+        }
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.encoded = self
+            .get_http_request_header("content-encoding")
+            .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+        let cfg = self.cfg();
+        self.identities = cfg.rules.iter().map(|r| self.identity(&r.key)).collect();
+        // The body may be rewritten (include_usage, fallback model).
+        self.set_http_request_header("content-length", None);
         Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match self.phase {
+            Phase::Start => {}
+            Phase::Waiting => return Action::Pause,
+            _ => return Action::Continue,
+        }
+        self.body_size = body_size;
+        let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
+        if body_size > max {
+            return self.start_admission(&[], true);
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        self.start_admission(&body, false)
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        if self.phase != Phase::Admitted {
+            return Action::Continue;
+        }
+        let status = self.get_http_response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+        let ct = self.get_http_response_header("content-type");
+        let ce = self.get_http_response_header("content-encoding");
+        let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
+        self.meter = Some(Meter::new(status, ct.as_deref(), ce.as_deref(), max));
+        if let Some(w) = self.window {
+            for (k, v) in self.ratelimit_headers(&w) {
+                self.set_http_response_header(&k, Some(&v));
+            }
+        }
+        if let Some(adm) = self.admission.as_ref().filter(|a| a.fell_back()) {
+            if let Some(m) = adm.model.clone() {
+                let header = self.cfg().fallback_header.clone();
+                self.set_http_response_header(&header, Some(&m));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.phase != Phase::Admitted || body_size == 0 {
+            return Action::Continue;
+        }
+        if let Some(chunk) = self.get_http_response_body(0, body_size) {
+            if let Some(m) = self.meter.as_mut() {
+                m.on_chunk(&chunk);
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        match self.phase {
+            Phase::Admitted => self.settle_once(),
+            Phase::Waiting => {
+                // The client left while the reserve call was in flight: whatever the sidecar decides
+                // stays charged (the prompt estimate), but the concurrency lease is released now.
+                if let Some(plan) = self.plan.as_ref() {
+                    let items: Vec<SettleItem> = plan
+                        .request
+                        .groups
+                        .iter()
+                        .filter_map(|g| {
+                            g.concurrency.as_ref().map(|c| SettleItem {
+                                key: g.key.clone(),
+                                windows: Vec::new(),
+                                delta: 0,
+                                release_lease: Some(c.lease_id.clone()),
+                            })
+                        })
+                        .collect();
+                    self.shared.settle_queue.borrow_mut().extend(items);
+                }
+            }
+            _ => {}
+        }
     }
 }

@@ -1,9 +1,16 @@
-//! token-limiter: budgets in tokens per team and model.
+//! token-limiter: token budgets per team and model, with concurrency limits, model fallback and
+//! OpenAI/Anthropic-shaped 429s.
 //!
-//! `config` is the pure core (no proxy-wasm types, unit-tested natively); `filter` is the thin
-//! proxy-wasm adapter, compiled only for wasm32 (and for clippy).
+//! Pure core (no proxy-wasm types, unit-tested natively): `config`, `keys` (who is charged), `request`
+//! (what the body says), `limiter` (admission state machine), `meter` (what the response cost).
+//! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy); the GCRA itself
+//! and the sidecar wire format are in `meshwarden_shared::ratelimit`.
 
 pub mod config;
+pub mod keys;
+pub mod limiter;
+pub mod meter;
+pub mod request;
 
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod filter;

@@ -16,6 +16,7 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
     let state = AppState::new()?;
+    meshwarden_sidecar::ratelimit::install(&state, &config)?;
     let app = build_router(state.clone());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

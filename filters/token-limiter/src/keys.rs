@@ -1,0 +1,141 @@
+//! Budget keys: who is charged. Raw values (API keys, subjects) never leave this module unhashed.
+
+use crate::config::{KeySource, SpiffePart};
+use sha2::{Digest, Sha256};
+
+/// A short, stable, non-reversible key for a raw value: 32 hex digits of SHA-256.
+pub fn hash_key(raw: &str) -> String {
+    let d = Sha256::digest(raw.as_bytes());
+    let mut s = String::with_capacity(32);
+    for b in d.iter().take(16) {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// `spiffe://<td>/ns/<ns>/sa/<sa>` -> the namespace or service account (`ns/sa` for the latter,
+/// since service account names are only unique within a namespace).
+pub fn spiffe_part(uri: &str, part: SpiffePart) -> Option<String> {
+    let rest = uri.strip_prefix("spiffe://")?;
+    let mut segs = rest.split('/');
+    let _trust_domain = segs.next()?;
+    let mut ns = None;
+    let mut sa = None;
+    while let Some(k) = segs.next() {
+        let v = segs.next()?;
+        match k {
+            "ns" => ns = Some(v),
+            "sa" => sa = Some(v),
+            _ => {}
+        }
+    }
+    match part {
+        SpiffePart::Namespace => ns.filter(|s| !s.is_empty()).map(str::to_string),
+        SpiffePart::ServiceAccount => match (ns, sa) {
+            (Some(n), Some(s)) if !n.is_empty() && !s.is_empty() => Some(format!("{n}/{s}")),
+            _ => None,
+        },
+    }
+}
+
+fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    for c in s.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            b'=' => break,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// A claim of an unverified JWT in an `Authorization: Bearer <jwt>` (or bare token) header value.
+/// String claims are used as is; numbers and booleans as their JSON text.
+pub fn unverified_jwt_claim(header_value: &str, claim: &str) -> Option<String> {
+    let v = header_value.trim();
+    let token = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim();
+    let payload = token.split('.').nth(1)?;
+    if payload.len() > 16 * 1024 {
+        return None;
+    }
+    let bytes = b64url_decode(payload)?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claim_value(&json, claim)
+}
+
+/// A claim from a JSON object (a decoded JWT payload or `jwt_authn` metadata); `a.b` reads nested claims.
+pub fn claim_value(payload: &serde_json::Value, claim: &str) -> Option<String> {
+    let mut cur = payload;
+    for part in claim.split('.') {
+        cur = cur.get(part)?;
+    }
+    match cur {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Some(cur.to_string()),
+        _ => None,
+    }
+}
+
+/// The state key of a rule for a resolved raw identity. `None` identity = the key is missing.
+pub fn budget_key(rule: &str, source: &KeySource, identity: Option<&str>) -> String {
+    let kind = match source {
+        KeySource::Header(_) => "h",
+        KeySource::JwtClaim { .. } => "j",
+        KeySource::UnverifiedJwtClaim { .. } => "u",
+        KeySource::Spiffe(_) => "s",
+        KeySource::Constant(_) => "c",
+    };
+    match identity {
+        Some(id) => format!("{rule}:{kind}:{}", hash_key(id)),
+        None => format!("{rule}:{kind}:missing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe() {
+        let id = "spiffe://cluster.local/ns/team-a/sa/chatbot";
+        assert_eq!(spiffe_part(id, SpiffePart::Namespace).as_deref(), Some("team-a"));
+        assert_eq!(spiffe_part(id, SpiffePart::ServiceAccount).as_deref(), Some("team-a/chatbot"));
+        assert_eq!(spiffe_part("https://x/ns/a", SpiffePart::Namespace), None);
+        assert_eq!(spiffe_part("spiffe://td/ns", SpiffePart::Namespace), None);
+    }
+
+    #[test]
+    fn unverified_jwt() {
+        // {"alg":"none"} . {"sub":"alice","org":{"team":"ml"},"n":7}
+        let tok = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsIm9yZyI6eyJ0ZWFtIjoibWwifSwibiI6N30.";
+        assert_eq!(unverified_jwt_claim(&format!("Bearer {tok}"), "sub").as_deref(), Some("alice"));
+        assert_eq!(unverified_jwt_claim(tok, "org.team").as_deref(), Some("ml"));
+        assert_eq!(unverified_jwt_claim(tok, "n").as_deref(), Some("7"));
+        assert_eq!(unverified_jwt_claim(tok, "missing"), None);
+        assert_eq!(unverified_jwt_claim("Bearer not-a-jwt", "sub"), None);
+        assert_eq!(unverified_jwt_claim("Bearer a.!!!.c", "sub"), None);
+    }
+
+    #[test]
+    fn keys_are_hashed() {
+        let k = budget_key("team", &KeySource::Header("x-api-key".into()), Some("sk-secret"));
+        assert!(!k.contains("secret"));
+        assert_eq!(k.len(), "team:h:".len() + 32);
+        assert_eq!(k, budget_key("team", &KeySource::Header("x-api-key".into()), Some("sk-secret")));
+        assert_ne!(k, budget_key("team", &KeySource::Header("x-api-key".into()), Some("sk-other")));
+        assert_eq!(budget_key("r", &KeySource::Constant("g".into()), None), "r:c:missing");
+    }
+}

@@ -1,0 +1,250 @@
+//! Admission: which rules apply to a request, what each reserves, and what a reservation answer means
+//! (admit, fall back to a cheaper model, or reject). A state machine so that the same logic drives the
+//! synchronous `local` store and the asynchronous sidecar callout.
+
+use crate::config::{Config, OnMissingKey};
+use crate::keys::budget_key;
+use meshwarden_shared::ratelimit::{
+    retry_after_ms, tightest, ConcurrencySpec, DenyReason, Group, ReserveRequest, ReserveResponse, WindowState,
+};
+
+/// What the filter learned about a request before admission.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    pub model: Option<String>,
+    /// Estimated prompt tokens.
+    pub input_estimate: u64,
+    /// Output tokens reserved (max_tokens capped, or the default reservation).
+    pub output_reservation: u64,
+    /// Per rule (same order as `Config::rules`): the raw identity, `None` when missing.
+    pub identities: Vec<Option<String>>,
+}
+
+/// At most this many fallbacks per request (a chain a -> b -> c is allowed, loops are cut).
+pub const MAX_FALLBACKS: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub request: ReserveRequest,
+    /// Rule index of each group.
+    pub rules: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Reserved. `window` is the tightest window (for `x-ratelimit-*`).
+    Admit { window: Option<WindowState> },
+    /// A rule with `fallback_model` is spent: try again with this model.
+    Fallback { model: String },
+    /// Rejected with a 429.
+    Deny(Denial),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denial {
+    pub rule: usize,
+    pub reason: DenyReason,
+    /// Exact milliseconds until the reservation fits (0 for concurrency denials: unknown).
+    pub retry_after_ms: u64,
+    pub window: Option<WindowState>,
+    /// The request alone exceeds a window's limit.
+    pub never: bool,
+    /// The rule's key was missing and the rule says `reject`.
+    pub missing_key: bool,
+}
+
+#[derive(Debug)]
+pub struct Admission {
+    pub facts: Facts,
+    /// The model being tried now (after fallbacks).
+    pub model: Option<String>,
+    /// Models tried, in order; first = the client's.
+    pub tried: Vec<String>,
+}
+
+impl Admission {
+    pub fn new(facts: Facts) -> Self {
+        let model = facts.model.clone();
+        Self { tried: model.iter().cloned().collect(), facts, model }
+    }
+
+    /// True once a fallback replaced the client's model.
+    pub fn fell_back(&self) -> bool {
+        self.tried.len() > 1
+    }
+
+    /// The groups to reserve for the current model, or a denial when a `reject` rule's key is missing.
+    pub fn plan(&self, cfg: &Config, lease_id: &str) -> Result<Plan, Denial> {
+        let mut groups = Vec::new();
+        let mut rules = Vec::new();
+        for (i, rule) in cfg.rules.iter().enumerate() {
+            if !rule.matches_model(self.model.as_deref()) {
+                continue;
+            }
+            let identity = self.facts.identities.get(i).cloned().flatten();
+            if identity.is_none() {
+                match rule.on_missing_key {
+                    OnMissingKey::Skip => continue,
+                    OnMissingKey::Reject => {
+                        return Err(Denial {
+                            rule: i,
+                            reason: DenyReason::Tokens,
+                            retry_after_ms: 0,
+                            window: None,
+                            never: true,
+                            missing_key: true,
+                        })
+                    }
+                    OnMissingKey::Shared => {}
+                }
+            }
+            let windows = rule.limits.windows();
+            let cost = if windows.is_empty() {
+                0
+            } else {
+                rule.counts.cost(self.facts.input_estimate, self.facts.output_reservation)
+            };
+            groups.push(Group {
+                key: budget_key(&rule.name, &rule.key, identity.as_deref()),
+                windows,
+                cost,
+                concurrency: rule.max_concurrent_requests.map(|max| ConcurrencySpec {
+                    max,
+                    lease_id: lease_id.to_string(),
+                    lease_ms: cfg.lease_ms,
+                }),
+            });
+            rules.push(i);
+        }
+        Ok(Plan { request: ReserveRequest { groups }, rules })
+    }
+
+    /// Interpret the store's answer to `plan`.
+    pub fn decide(&mut self, cfg: &Config, plan: &Plan, resp: &ReserveResponse) -> Outcome {
+        if resp.allowed {
+            return Outcome::Admit { window: tightest(&resp.groups) };
+        }
+        let g = resp.denied_group.unwrap_or(0);
+        let rule_idx = plan.rules.get(g).copied().unwrap_or(0);
+        let result = resp.groups.get(g).cloned().unwrap_or_default();
+        let reason = result.reason.unwrap_or(DenyReason::Tokens);
+        if reason == DenyReason::Tokens {
+            if let Some(fb) = cfg.rules.get(rule_idx).and_then(|r| r.fallback_model.as_ref()) {
+                if !self.tried.iter().any(|m| m == fb) && self.tried.len() <= MAX_FALLBACKS {
+                    self.tried.push(fb.clone());
+                    self.model = Some(fb.clone());
+                    return Outcome::Fallback { model: fb.clone() };
+                }
+            }
+        }
+        let denying = std::slice::from_ref(&result);
+        Outcome::Deny(Denial {
+            rule: rule_idx,
+            reason,
+            retry_after_ms: retry_after_ms(denying),
+            window: result
+                .windows
+                .iter()
+                .copied()
+                .filter(|w| w.retry_after_ms > 0)
+                .max_by_key(|w| w.retry_after_ms)
+                .or_else(|| tightest(denying)),
+            never: result.never,
+            missing_key: false,
+        })
+    }
+}
+
+/// The per-group settlement deltas for actual usage: each group's weighted actual cost minus what it
+/// reserved.
+pub fn settle_deltas(cfg: &Config, plan: &Plan, input: u64, output: u64) -> Vec<i64> {
+    plan.request
+        .groups
+        .iter()
+        .zip(&plan.rules)
+        .map(|(g, &ri)| {
+            let actual =
+                if g.windows.is_empty() { 0 } else { cfg.rules.get(ri).map_or(0, |r| r.counts.cost(input, output)) };
+            i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(g.cost).unwrap_or(i64::MAX)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwarden_shared::config::parse_config;
+    use meshwarden_shared::ratelimit::{GroupResult, WindowState};
+
+    fn cfg() -> Config {
+        parse_config(
+            br#"{"rules":[
+            {"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":1000}},
+            {"name":"big","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_minute":100},"fallback_model":"gpt-4o-mini","counts":{"input":1,"output":4}},
+            {"name":"strict","key":{"header":"x-user"},"on_missing_key":"skip","limits":{"tokens_per_minute":100}},
+            {"name":"conc","key":{"constant":"all"},"model":"gpt-4o-mini","max_concurrent_requests":2}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn facts() -> Facts {
+        Facts {
+            model: Some("gpt-4o".into()),
+            input_estimate: 10,
+            output_reservation: 20,
+            identities: vec![Some("a".into()), Some("a".into()), None, Some("all".into())],
+        }
+    }
+
+    #[test]
+    fn plan_layers_and_fallback() {
+        let c = cfg();
+        let mut a = Admission::new(facts());
+        let p = a.plan(&c, "l").unwrap();
+        assert_eq!(p.rules, vec![0, 1], "team total + per-model; strict skipped (no key); conc is for mini");
+        assert_eq!(p.request.groups[0].cost, 30);
+        assert_eq!(p.request.groups[1].cost, 90);
+        let denied = ReserveResponse {
+            allowed: false,
+            denied_group: Some(1),
+            groups: vec![
+                GroupResult { allowed: true, ..Default::default() },
+                GroupResult { allowed: false, reason: Some(DenyReason::Tokens), ..Default::default() },
+            ],
+        };
+        assert_eq!(a.decide(&c, &p, &denied), Outcome::Fallback { model: "gpt-4o-mini".into() });
+        let p2 = a.plan(&c, "l").unwrap();
+        assert_eq!(p2.rules, vec![0, 3]);
+        assert!(p2.request.groups[1].concurrency.is_some());
+        assert_eq!(p2.request.groups[1].cost, 0);
+        let w = WindowState { limit: 1000, window_ms: 60000, remaining: 5, reset_ms: 100, retry_after_ms: 700 };
+        let denied_team = ReserveResponse {
+            allowed: false,
+            denied_group: Some(0),
+            groups: vec![GroupResult {
+                allowed: false,
+                reason: Some(DenyReason::Tokens),
+                windows: vec![w],
+                never: false,
+            }],
+        };
+        match a.decide(&c, &p2, &denied_team) {
+            Outcome::Deny(d) => {
+                assert_eq!((d.rule, d.retry_after_ms), (0, 700));
+            }
+            o => panic!("{o:?}"),
+        }
+        assert!(a.fell_back());
+        assert_eq!(settle_deltas(&c, &p2, 15, 5), vec![-10, 0]);
+    }
+
+    #[test]
+    fn missing_key_reject() {
+        let c: Config = parse_config(
+            br#"{"rules":[{"name":"k","key":{"header":"x-k"},"on_missing_key":"reject","limits":{"tokens_per_second":5}}]}"#,
+        )
+        .unwrap();
+        let a = Admission::new(Facts { identities: vec![None], ..Default::default() });
+        assert!(a.plan(&c, "l").unwrap_err().missing_key);
+    }
+}

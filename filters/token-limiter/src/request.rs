@@ -1,0 +1,124 @@
+//! The request side: what the body says (model, prompt estimate, output reservation) and the body
+//! rewrites the limiter makes (`stream_options.include_usage`, `model` after a fallback).
+
+use crate::config::Config;
+use meshwarden_shared::llm::{ensure_stream_usage, estimate_request_tokens, extract_request_texts, request_info, Api};
+use serde_json::Value;
+
+/// Why a body could not be read; the request is then limited on a size-based estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadBody {
+    NotJson,
+    Encoded,
+    TooLarge,
+    NoModel,
+}
+
+impl BadBody {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BadBody::NotJson => "not_json",
+            BadBody::Encoded => "encoded",
+            BadBody::TooLarge => "too_large",
+            BadBody::NoModel => "no_model",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub api: Api,
+    pub json: Option<Value>,
+    pub model: Option<String>,
+    pub stream: bool,
+    pub input_estimate: u64,
+    pub output_reservation: u64,
+    pub bad: Option<BadBody>,
+}
+
+/// Size-based estimate for bodies that cannot be read: a token per 4 bytes.
+pub fn size_estimate(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(4)
+}
+
+pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Parsed {
+    let fallback = |bad| Parsed {
+        api: Api::from_path(path),
+        json: None,
+        model: None,
+        stream: false,
+        input_estimate: size_estimate(body.len()),
+        output_reservation: cfg.default_output_reservation,
+        bad: Some(bad),
+    };
+    if encoded {
+        return fallback(BadBody::Encoded);
+    }
+    if body.len() as u64 > cfg.max_body_bytes {
+        return fallback(BadBody::TooLarge);
+    }
+    let Ok(json) = serde_json::from_slice::<Value>(body) else {
+        return fallback(BadBody::NotJson);
+    };
+    if !json.is_object() {
+        return fallback(BadBody::NotJson);
+    }
+    let api = Api::detect(path, &json);
+    let info = request_info(&json);
+    let spans = extract_request_texts(api, &json);
+    let output_reservation =
+        info.max_output_tokens.map_or(cfg.default_output_reservation, |m| m.min(cfg.max_output_reservation));
+    Parsed {
+        api,
+        bad: if info.model.is_none() { Some(BadBody::NoModel) } else { None },
+        model: info.model,
+        stream: info.stream,
+        input_estimate: estimate_request_tokens(&spans),
+        output_reservation,
+        json: Some(json),
+    }
+}
+
+/// The body to send upstream, if it must change: `include_usage` added to OpenAI streams, and `model`
+/// replaced after a fallback.
+pub fn rewrite_body(parsed: &Parsed, new_model: Option<&str>) -> Option<Vec<u8>> {
+    let mut json = parsed.json.clone()?;
+    let mut changed = ensure_stream_usage(parsed.api, &mut json);
+    if let (Some(m), Some(obj)) = (new_model, json.as_object_mut()) {
+        if parsed.model.as_deref() != Some(m) {
+            obj.insert("model".to_string(), Value::String(m.to_string()));
+            changed = true;
+        }
+    }
+    if changed {
+        serde_json::to_vec(&json).ok()
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_rewrite() {
+        let cfg = Config::default();
+        let body =
+            br#"{"model":"gpt-4o","stream":true,"max_tokens":50000,"messages":[{"role":"user","content":"12345678"}]}"#;
+        let p = parse_request(&cfg, "/v1/chat/completions", body, false);
+        assert_eq!(p.model.as_deref(), Some("gpt-4o"));
+        assert_eq!((p.input_estimate, p.output_reservation), (6, 4096));
+        let out: Value = serde_json::from_slice(&rewrite_body(&p, Some("mini")).unwrap()).unwrap();
+        assert_eq!(out["model"], "mini");
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        let plain = parse_request(&cfg, "/v1/chat/completions", br#"{"model":"m","messages":[]}"#, false);
+        assert_eq!(plain.output_reservation, 256);
+        assert!(rewrite_body(&plain, Some("m")).is_none());
+        assert_eq!(parse_request(&cfg, "/x", b"hello world!", false).bad, Some(BadBody::NotJson));
+        assert_eq!(parse_request(&cfg, "/x", b"hello world!", false).input_estimate, 3);
+        assert_eq!(parse_request(&cfg, "/x", b"{}", true).bad, Some(BadBody::Encoded));
+        assert_eq!(parse_request(&cfg, "/x", br#"{"messages":[]}"#, false).bad, Some(BadBody::NoModel));
+        assert_eq!(parse_request(&cfg, "/x", b"[1]", false).bad, Some(BadBody::NotJson));
+    }
+}

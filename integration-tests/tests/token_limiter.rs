@@ -1,0 +1,397 @@
+//! token-limiter in `local` mode through real Envoy (2 worker threads) + the real `.wasm` + the mock LLM:
+//! 429 shape and exact retry-after, remaining headers going down, stream usage (OpenAI + Anthropic),
+//! fallback model, concurrency with client aborts, 50 concurrent clients within the stated bound, and
+//! bad inputs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
+use meshwarden_integration_tests::mock_llm::MockLlm;
+use meshwarden_shared::llm::{estimate_request_tokens, extract_request_texts, Api};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn envoy(mock: &MockLlm, config: Value) -> Envoy {
+    EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(mock.port())
+        .filter_config("token-limiter", &config)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn chat(model: &str, text: &str, max_tokens: Option<u64>, stream: bool) -> Value {
+    let mut v = json!({"model": model, "messages": [{"role": "user", "content": text}]});
+    if let Some(m) = max_tokens {
+        v["max_tokens"] = json!(m);
+    }
+    if stream {
+        v["stream"] = json!(true);
+    }
+    v
+}
+
+fn estimate(api: Api, body: &Value) -> u64 {
+    estimate_request_tokens(&extract_request_texts(api, body))
+}
+
+async fn post(envoy: &Envoy, path: &str, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = client().post(envoy.url(path)).json(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
+fn h(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_else(|| panic!("no header {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_budget_gets_openai_429_with_exact_retry_after() {
+    let mock = MockLlm::start().await.unwrap();
+    // 600 tokens per minute = 10 tokens per second.
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":600}}]}))
+            .await;
+    let body = chat("gpt-4o-mini", "Tell me a story about budgets and gateways.", Some(100), false);
+    let cost = estimate(Api::OpenAiChat, &body) + 100;
+    let hdrs = [("x-team", "alpha"), ("x-mock-completion-tokens", "100")];
+    let mut admitted = 0;
+    let denied = loop {
+        let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        admitted += 1;
+        assert!(admitted < 20, "never limited");
+    };
+    assert_eq!(admitted, 600 / cost, "admitted exactly as many as the budget holds");
+    let retry_ms: u64 = h(&denied, "retry-after-ms").parse().unwrap();
+    let retry_s: u64 = h(&denied, "retry-after").parse().unwrap();
+    let remaining: u64 = h(&denied, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(h(&denied, "x-ratelimit-limit-tokens"), "600");
+    assert!(h(&denied, "x-ratelimit-reset-tokens").ends_with('s'));
+    // exact: (cost - remaining) tokens at 10 tokens/s; `remaining` is floored, so up to 100 ms less.
+    let expected = (cost - remaining) * 100;
+    assert!(retry_ms <= expected && retry_ms + 100 >= expected, "retry {retry_ms} ms vs {expected} ms");
+    assert_eq!(retry_s, retry_ms.div_ceil(1000));
+    assert_eq!(h(&denied, "content-type"), "application/json");
+    let err: Value = denied.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "rate_limit_error");
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    assert!(err["error"]["message"].as_str().unwrap().contains("team"));
+    let upstream_before = mock.requests().len();
+    assert_eq!(upstream_before, admitted as usize, "the 429 never reached the model");
+    // Another team has its own budget.
+    assert_eq!(post(&e, "/v1/chat/completions", &body, &[("x-team", "beta")]).await.status(), 200);
+    // Honouring retry-after-ms is enough (and not much more is needed).
+    tokio::time::sleep(Duration::from_millis(retry_ms + 20)).await;
+    assert_eq!(post(&e, "/v1/chat/completions", &body, &hdrs).await.status(), 200);
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.team.limited").await.unwrap(), 1);
+    assert_eq!(e.stat("meshwarden.token_limiter.limited").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_route_gets_anthropic_429() {
+    let mock = MockLlm::start().await.unwrap();
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"all","key":{"constant":"g"},"limits":{"tokens_per_hour":50}}]})).await;
+    let body = json!({"model":"claude-sonnet-4","max_tokens":64,"messages":[{"role":"user","content":"hello"}]});
+    let r = post(&e, "/v1/messages", &body, &[]).await;
+    assert_eq!(r.status(), 429, "64 output tokens reserved exceed 50: never fits");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert!(v["error"]["message"].as_str().unwrap().contains("too large"), "{v}");
+    assert!(mock.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remaining_headers_go_down_as_tokens_are_spent() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_hour":100000}}]}),
+    )
+    .await;
+    let body = chat("gpt-4o-mini", "How many tokens do I have left?", None, false);
+    let est = estimate(Api::OpenAiChat, &body);
+    let mut last = u64::MAX;
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a"), ("x-mock-completion-tokens", "50")]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(h(&r, "x-ratelimit-limit-tokens"), "100000");
+        let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+        assert!(rem < last, "{seen:?} then {rem}");
+        seen.push(rem);
+        last = rem;
+        let _ = r.text().await.unwrap();
+    }
+    // First: limit - reservation (est + 10). Later ones: the previous request settled at est + 50.
+    assert_eq!(seen[0], 100000 - (est + 10));
+    let step = seen[1] as i64 - seen[2] as i64;
+    assert!((est as i64 + 50 - step).abs() <= 1, "each request costs est+50 once settled: {seen:?}");
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o-mini.output_tokens").await.unwrap(), 200);
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 4);
+}
+
+async fn stream_case(path: &str, body: Value, api: Api) {
+    let mock = MockLlm::start().await.unwrap();
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_hour":100000}}]})).await;
+    let est = estimate(api, &body);
+    for _ in 0..2 {
+        let r = post(&e, path, &body, &[("x-mock-completion-tokens", "37"), ("x-mock-prompt-tokens", "123")]).await;
+        assert_eq!(r.status(), 200);
+        assert!(h(&r, "content-type").starts_with("text/event-stream"));
+        let _ = r.text().await.unwrap();
+    }
+    if api == Api::OpenAiChat {
+        let sent = mock.last_request().unwrap().json().unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], true, "include_usage added");
+    }
+    // Charged from the stream's usage, exactly once each: 2 x (123 in, 37 out).
+    let m = body["model"].as_str().unwrap().replace('.', "_"); // stat segments are sanitised
+    assert_eq!(e.stat(&format!("meshwarden.token_limiter.model.{m}.input_tokens")).await.unwrap(), 246);
+    assert_eq!(e.stat(&format!("meshwarden.token_limiter.model.{m}.output_tokens")).await.unwrap(), 74);
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 2);
+    // Budget: the 3rd request sees limit - 2*(123+37) - its own reservation.
+    let r = post(&e, path, &body, &[("x-mock-completion-tokens", "1")]).await;
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    let reserved = est + body["max_tokens"].as_u64().or(body["max_output_tokens"].as_u64()).unwrap_or(256);
+    assert!((100000 - 320 - reserved).abs_diff(rem) <= 1, "remaining {rem}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_usage_openai_chat() {
+    stream_case("/v1/chat/completions", chat("gpt-4o-mini", "Stream me a haiku.", None, true), Api::OpenAiChat).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_usage_anthropic_messages() {
+    let body = json!({"model":"claude-sonnet-4","max_tokens":300,"stream":true,"system":"Be brief.",
+        "messages":[{"role":"user","content":"Stream me a haiku."}]});
+    stream_case("/v1/messages", body, Api::AnthropicMessages).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_usage_responses_api() {
+    let body = json!({"model":"gpt-4.1","input":"Stream me a haiku.","stream":true,"max_output_tokens":100});
+    stream_case("/v1/responses", body, Api::OpenAiResponses).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_model_when_budget_is_spent() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"fallback_header":"x-meshwarden-fallback-model","rules":[
+            {"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_hour":100000}},
+            {"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_hour":300},"fallback_model":"gpt-4o-mini"},
+            {"name":"mini","key":{"header":"x-team"},"model":"gpt-4o-mini","limits":{"tokens_per_hour":400}}]}),
+    )
+    .await;
+    let body = chat("gpt-4o", "Expensive question", Some(100), false);
+    let hdrs = [("x-team", "a"), ("x-mock-completion-tokens", "100")];
+    let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-meshwarden-fallback-model").is_none());
+    assert_eq!(mock.last_request().unwrap().json().unwrap()["model"], "gpt-4o");
+    let _ = r.text().await;
+    let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    // gpt-4o's 300 are spent (2 x ~105): the third goes to the cheaper model.
+    let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h(&r, "x-meshwarden-fallback-model"), "gpt-4o-mini");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["model"], "gpt-4o-mini");
+    assert_eq!(sent["messages"], body["messages"], "only the model changed");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["model"], "gpt-4o-mini");
+    // The fallback model has its own budget (400 = 3 x ~105): 2 more fit, then 429 when both are spent.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(post(&e, "/v1/chat/completions", &body, &hdrs).await.status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 429]);
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.gpt4o.fallbacks").await.unwrap(), 4);
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.mini.limited").await.unwrap(), 1);
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o-mini.output_tokens").await.unwrap(), 300);
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o.output_tokens").await.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_with_client_aborts_leaks_no_slot() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, json!({"rules":[{"name":"c","key":{"header":"x-team"},"max_concurrent_requests":2}]})).await;
+    let body = chat("gpt-4o-mini", "slow stream", None, true);
+    for round in 0..3 {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a"), ("x-mock-chunk-delay-ms", "300")]).await;
+            assert_eq!(r.status(), 200, "round {round}");
+            held.push(r);
+        }
+        let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a")]).await;
+        assert_eq!(r.status(), 429, "round {round}: third concurrent request");
+        assert_eq!(h(&r, "retry-after"), "1");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].as_str().unwrap().contains("concurrent"));
+        // Another key is not affected.
+        let other = post(&e, "/v1/chat/completions", &chat("m", "x", None, false), &[("x-team", "b")]).await;
+        assert_eq!(other.status(), 200);
+        // Clients abort mid-stream: both slots must come back.
+        drop(held);
+        let mut ok = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let a = post(&e, "/v1/chat/completions", &chat("m", "x", None, false), &[("x-team", "a")]).await;
+            let b = post(&e, "/v1/chat/completions", &chat("m", "x", None, false), &[("x-team", "a")]).await;
+            if a.status() == 200 && b.status() == 200 {
+                ok = true;
+                break;
+            }
+        }
+        assert!(ok, "round {round}: slots were not released after client aborts");
+    }
+    // Upstream aborts release too.
+    let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a"), ("x-mock-abort-after-chunks", "2")]).await;
+    let _ = r.text().await;
+    for _ in 0..2 {
+        assert_eq!(
+            post(&e, "/v1/chat/completions", &chat("m", "x", None, false), &[("x-team", "a")]).await.status(),
+            200
+        );
+    }
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.c.limited_concurrency").await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_clients_stay_within_the_bound() {
+    let mock = MockLlm::start().await.unwrap();
+    // 3000 tokens per hour: refill during the test is < 1 token per second.
+    let limit = 3000u64;
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"shared","key":{"constant":"all"},"limits":{"tokens_per_hour":limit}}]}))
+            .await;
+    let body = chat("gpt-4o-mini", "Fifty clients share one budget; how much do they get?", Some(40), false);
+    let est = estimate(Api::OpenAiChat, &body);
+    let cost = est + 40;
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let url = e.url("/v1/chat/completions");
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            let mut limited = 0u64;
+            for _ in 0..4 {
+                let r = client()
+                    .post(&url)
+                    .header("x-mock-completion-tokens", if i % 2 == 0 { "40" } else { "25" })
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    200 => ok += 1,
+                    429 => limited += 1,
+                    s => panic!("status {s}"),
+                }
+                let _ = r.bytes().await;
+            }
+            (ok, limited)
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        let (o, l) = t.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(ok + limited, 200);
+    assert!(limited > 0);
+    let charged = e.stat("meshwarden.token_limiter.input_tokens").await.unwrap()
+        + e.stat("meshwarden.token_limiter.output_tokens").await.unwrap();
+    // Stated bound: charged <= limit + refill + sum(actual - reserved)+; actual <= reserved here
+    // (completion <= max_tokens, prompt estimate == mock's count), so no overshoot at all.
+    let refill = (limit as f64 * secs / 3600.0).ceil() as u64;
+    assert!(charged <= limit + refill, "charged {charged} > {limit} + {refill}");
+    // And the budget was not wasted: with reservations of `cost`, at least limit - cost was admitted
+    // in reservations, i.e. ok * cost >= limit - cost.
+    assert!(ok * cost + cost >= limit, "only {ok} admitted of cost {cost}");
+    assert_eq!(mock.requests().len() as u64, ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_have_documented_behaviour() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_body_bytes": 2048, "rules":[
+            {"name":"all","key":{"constant":"g"},"limits":{"tokens_per_hour":100000}},
+            {"name":"gpt","key":{"constant":"g"},"model":"gpt-*","limits":{"tokens_per_hour":100000}}]}),
+    )
+    .await;
+    let url = e.url("/v1/chat/completions");
+    // non-JSON: limited on a size estimate, passed through (the upstream answers 400).
+    let r =
+        client().post(&url).header("content-type", "application/json").body("this is {not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(mock.last_request().unwrap().body, "this is {not json");
+    assert_eq!(e.stat("meshwarden.token_limiter.bad_body.not_json").await.unwrap(), 1);
+    // missing model: only model-less rules apply.
+    let r = post(&e, "/v1/chat/completions", &json!({"messages":[{"role":"user","content":"hi"}]}), &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(e.stat("meshwarden.token_limiter.bad_body.no_model").await.unwrap(), 1);
+    // gzip-encoded: not decoded; size estimate; forwarded byte for byte.
+    let gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3];
+    let r = client().post(&url).header("content-encoding", "gzip").body(gz).send().await.unwrap();
+    assert!(r.status().is_client_error());
+    assert_eq!(e.stat("meshwarden.token_limiter.bad_body.encoded").await.unwrap(), 1);
+    // over max_body_bytes: admitted on the size estimate without buffering the rest.
+    let big = chat("gpt-4o", &"word ".repeat(2000), None, false);
+    let r = post(&e, "/v1/chat/completions", &big, &[]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(e.stat("meshwarden.token_limiter.bad_body.too_large").await.unwrap(), 1);
+    assert_eq!(mock.last_request().unwrap().json().unwrap(), big, "forwarded unchanged");
+    // response without usage: charged the estimate (prompt estimate + answer text).
+    let r = post(&e, "/v1/chat/completions", &chat("gpt-4o", "hi", None, false), &[("x-mock-no-usage", "1")]).await;
+    assert_eq!(r.status(), 200);
+    let r = post(&e, "/v1/chat/completions", &chat("gpt-4o", "hi", None, true), &[("x-mock-no-usage", "1")]).await;
+    let _ = r.text().await;
+    // upstream error: charged once (prompt estimate).
+    let r = post(&e, "/v1/chat/completions", &chat("gpt-4o", "hi", None, false), &[("x-mock-status", "503")]).await;
+    assert_eq!(r.status(), 503);
+    // estimated: not-JSON (upstream error body), gzip (error body), no-usage JSON, no-usage stream, 503
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.estimated").await.unwrap(), 5);
+    // GET without body is not limited.
+    assert_eq!(client().get(e.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(e.stat("meshwarden.token_limiter.skipped_no_body").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_config_is_rejected_naming_the_field() {
+    let mock = MockLlm::start().await.unwrap();
+    let log = EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(mock.port())
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[{"name":"a","key":{"unverified_jwt_claim":{"claim":"sub"}},"limits":{"tokens_per_second":1}}]}),
+        )
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("$.rules[0].key"), "{log}");
+}

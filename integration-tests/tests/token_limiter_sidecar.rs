@@ -1,0 +1,331 @@
+//! token-limiter in `sidecar` state mode: real Envoy + the real `.wasm` + the real `meshwarden-sidecar`
+//! binary, with the memory backend and with a real `redis-server`: one semantics for both backends,
+//! two Envoys (and two sidecar replicas) sharing one budget through Redis, the sidecar killed mid-test
+//! (failure_mode allow and deny), Redis restarted, and concurrency leases released on client aborts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
+use meshwarden_integration_tests::mock_llm::MockLlm;
+use meshwarden_integration_tests::redis_server::RedisServer;
+use meshwarden_integration_tests::sidecar::Sidecar;
+use meshwarden_shared::llm::{estimate_request_tokens, extract_request_texts, Api};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+fn config(failure_mode: &str, limit_per_hour: u64) -> Value {
+    json!({"state":"sidecar",
+           "sidecar":{"cluster":"meshwarden_sidecar","timeout_ms":200,"failure_mode":failure_mode},
+           "settle_interval_ms": 10,
+           "rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_hour":limit_per_hour}},
+                    {"name":"conc","key":{"header":"x-team"},"model":"slow-*","max_concurrent_requests":2}]})
+}
+
+async fn envoy(mock: &MockLlm, sidecar_port: u16, cfg: &Value) -> Envoy {
+    EnvoyBuilder::new("token-limiter-sidecar.yaml")
+        .upstream_port(mock.port())
+        .var("SIDECAR_PORT", sidecar_port.to_string())
+        .filter_config("token-limiter", cfg)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn body() -> Value {
+    json!({"model":"gpt-4o-mini","max_tokens":50,"messages":[{"role":"user","content":"Share one budget across gateways."}]})
+}
+
+fn cost() -> u64 {
+    estimate_request_tokens(&extract_request_texts(Api::OpenAiChat, &body())) + 50
+}
+
+async fn send(e: &Envoy, team: &str) -> reqwest::Response {
+    client()
+        .post(e.url("/v1/chat/completions"))
+        .header("x-team", team)
+        .header("x-mock-completion-tokens", "50")
+        .json(&body())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn hdr(r: &reqwest::Response, n: &str) -> Option<String> {
+    r.headers().get(n).map(|v| v.to_str().unwrap().to_string())
+}
+
+/// Sends until the first 429; returns (admitted, the 429).
+async fn drain(envoys: &[&Envoy], team: &str) -> (u64, reqwest::Response) {
+    for (admitted, i) in (0u64..).zip(0..100) {
+        let r = send(envoys[i % envoys.len()], team).await;
+        if r.status() == 429 {
+            return (admitted, r);
+        }
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        let _ = r.text().await;
+        // Settlements are batched every 10 ms; actual == reserved here, so no need to wait for them.
+    }
+    panic!("never limited");
+}
+
+async fn budget_case(sidecar: &Sidecar) {
+    let mock = MockLlm::start().await.unwrap();
+    let limit = 1000;
+    let e = envoy(&mock, sidecar.port(), &config("deny", limit)).await;
+    // remaining goes down
+    let r1 = send(&e, "a").await;
+    let rem1: u64 = hdr(&r1, "x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
+    let _ = r1.text().await;
+    let r2 = send(&e, "a").await;
+    let rem2: u64 = hdr(&r2, "x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
+    let _ = r2.text().await;
+    assert_eq!(rem1, limit - cost());
+    assert!(rem2 < rem1 && rem1 - rem2 >= cost() - 1, "{rem1} -> {rem2}");
+    let (admitted, denied) = drain(&[&e], "a").await;
+    assert_eq!(admitted + 2, limit / cost());
+    let retry_ms: u64 = hdr(&denied, "retry-after-ms").unwrap().parse().unwrap();
+    let rem: u64 = hdr(&denied, "x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
+    // exact: (cost - remaining) tokens at limit/3600 s per token, up to one token of flooring.
+    let per_token_ms = 3_600_000 / limit;
+    let expected = (cost() - rem) * per_token_ms;
+    assert!(retry_ms <= expected && retry_ms + per_token_ms >= expected, "{retry_ms} vs {expected}");
+    let v: Value = denied.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(e.stat("meshwarden.token_limiter.callout_failures").await.unwrap(), 0);
+    let metrics = client().get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("meshwarden_sidecar_ratelimit_decisions_total{result=\"denied_tokens\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_memory_backend_limits_like_local_mode() {
+    let sidecar = Sidecar::start(&[]).unwrap();
+    budget_case(&sidecar).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_redis_backend_limits_like_local_mode() {
+    let redis = RedisServer::start().unwrap();
+    let sidecar = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    budget_case(&sidecar).await;
+}
+
+/// The sidecar API itself: the same sequence of reserve/settle calls gives the same answers on both
+/// backends (per-day windows, so refill between calls is negligible).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_and_redis_backends_answer_the_same() {
+    let redis = RedisServer::start().unwrap();
+    let mem = Sidecar::start(&[]).unwrap();
+    let red = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let steps: Vec<(&str, Value)> = vec![
+        (
+            "reserve",
+            json!({"groups":[{"key":"t","windows":[{"limit":1000,"window_ms":86400000},{"limit":300,"window_ms":3600000}],"cost":120}]}),
+        ),
+        (
+            "reserve",
+            json!({"groups":[{"key":"t","windows":[{"limit":1000,"window_ms":86400000},{"limit":300,"window_ms":3600000}],"cost":120}]}),
+        ),
+        (
+            "reserve",
+            json!({"groups":[{"key":"t","windows":[{"limit":1000,"window_ms":86400000},{"limit":300,"window_ms":3600000}],"cost":120}]}),
+        ),
+        (
+            "settle",
+            json!({"items":[{"key":"t","windows":[{"limit":1000,"window_ms":86400000},{"limit":300,"window_ms":3600000}],"delta":-100}]}),
+        ),
+        (
+            "reserve",
+            json!({"groups":[{"key":"t","windows":[{"limit":1000,"window_ms":86400000},{"limit":300,"window_ms":3600000}],"cost":120}]}),
+        ),
+        (
+            "reserve",
+            json!({"groups":[{"key":"u","windows":[{"limit":100,"window_ms":86400000}],"cost":10,"concurrency":{"max":1,"lease_id":"a"}},
+                                     {"key":"t","windows":[{"limit":1000,"window_ms":86400000}],"cost":5000}]}),
+        ),
+        (
+            "reserve",
+            json!({"groups":[{"key":"u","windows":[{"limit":100,"window_ms":86400000}],"cost":10,"concurrency":{"max":1,"lease_id":"b"}}]}),
+        ),
+        (
+            "reserve",
+            json!({"groups":[{"key":"u","windows":[{"limit":100,"window_ms":86400000}],"cost":10,"concurrency":{"max":1,"lease_id":"c"}}]}),
+        ),
+        ("settle", json!({"items":[{"key":"u","windows":[],"delta":0,"release_lease":"b"}]})),
+        (
+            "reserve",
+            json!({"groups":[{"key":"u","windows":[{"limit":100,"window_ms":86400000}],"cost":10,"concurrency":{"max":1,"lease_id":"d"}}]}),
+        ),
+        ("reserve", json!({"groups":[{"key":"v","windows":[{"limit":10,"window_ms":86400000}],"cost":11}]})),
+    ];
+    let mut answers = [Vec::new(), Vec::new()];
+    for (i, s) in [&mem, &red].iter().enumerate() {
+        for (op, req) in &steps {
+            let r = client().post(s.url(&format!("/v1/ratelimit/{op}"))).json(req).send().await.unwrap();
+            assert!(r.status().is_success(), "{op}: {}", r.status());
+            let mut v: Value = if *op == "reserve" { r.json().await.unwrap() } else { Value::Null };
+            // reset_ms / retry_after_ms drift by the milliseconds between calls; compare them coarsely.
+            if let Some(groups) = v["groups"].as_array_mut() {
+                for g in groups {
+                    if let Some(ws) = g["windows"].as_array_mut() {
+                        for w in ws {
+                            w["reset_ms"] = json!(w["reset_ms"].as_u64().unwrap().div_ceil(60_000));
+                            w["retry_after_ms"] = json!(w["retry_after_ms"].as_u64().unwrap().div_ceil(60_000));
+                        }
+                    }
+                }
+            }
+            answers[i].push(v);
+        }
+    }
+    assert_eq!(answers[0], answers[1]);
+    let allowed: Vec<Value> = answers[0].iter().map(|v| v["allowed"].clone()).collect();
+    assert_eq!(
+        allowed,
+        vec![
+            json!(true),
+            json!(true),
+            json!(false),
+            Value::Null,
+            json!(true),
+            json!(false),
+            json!(true),
+            json!(false),
+            Value::Null,
+            json!(true),
+            json!(false)
+        ],
+        "{:#?}",
+        answers[0]
+    );
+    assert_eq!(answers[0][10]["groups"][0]["never"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_envoys_share_one_budget_through_redis() {
+    let redis = RedisServer::start().unwrap();
+    let s1 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let s2 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let limit = 1200;
+    let e1 = envoy(&mock, s1.port(), &config("deny", limit)).await;
+    let e2 = envoy(&mock, s2.port(), &config("deny", limit)).await;
+    let (admitted, denied) = drain(&[&e1, &e2], "shared").await;
+    assert_eq!(admitted, limit / cost(), "one budget across both gateways");
+    assert_eq!(denied.status(), 429);
+    // both gateways see it spent
+    assert_eq!(send(&e1, "shared").await.status(), 429);
+    assert_eq!(send(&e2, "shared").await.status(), 429);
+    assert_eq!(mock.requests().len() as u64, admitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_killed_mid_test_allow_and_deny() {
+    let mock = MockLlm::start().await.unwrap();
+    let mut sidecar = Sidecar::start(&[]).unwrap();
+    let allow = envoy(&mock, sidecar.port(), &config("allow", 100_000)).await;
+    let deny = envoy(&mock, sidecar.port(), &config("deny", 100_000)).await;
+    assert_eq!(send(&allow, "a").await.status(), 200);
+    assert_eq!(send(&deny, "a").await.status(), 200);
+    sidecar.kill();
+    for _ in 0..5 {
+        let r = send(&allow, "a").await;
+        assert_eq!(r.status(), 200, "fail open");
+        assert!(hdr(&r, "x-ratelimit-remaining-tokens").is_none(), "no budget to report");
+        let r = send(&deny, "a").await;
+        assert_eq!(r.status(), 503, "fail closed");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "server_error");
+    }
+    assert_eq!(allow.stat("meshwarden.token_limiter.failure_allowed").await.unwrap(), 5);
+    assert_eq!(deny.stat("meshwarden.token_limiter.failure_denied").await.unwrap(), 5);
+    assert!(deny.stat("meshwarden.token_limiter.callout_failures").await.unwrap() >= 5);
+    // logged once per interval, not per request
+    let lines = deny.log().matches("sidecar reserve failed").count();
+    assert!((1..=2).contains(&lines), "throttled failure log: one line per worker VM per interval, got {lines}");
+    sidecar.restart().unwrap();
+    let mut ok = false;
+    for _ in 0..40 {
+        if send(&deny, "a").await.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "limiting resumes after the sidecar is back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted() {
+    let mut redis = RedisServer::start().unwrap();
+    let sidecar = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, sidecar.port(), &config("deny", 100_000)).await;
+    assert_eq!(send(&e, "a").await.status(), 200);
+    redis.kill();
+    let r = send(&e, "a").await;
+    assert_eq!(r.status(), 503, "Redis down: the sidecar answers 503, the filter fails closed");
+    redis.restart().unwrap();
+    let mut ok = false;
+    for _ in 0..60 {
+        let r = send(&e, "a").await;
+        if r.status() == 200 {
+            assert!(hdr(&r, "x-ratelimit-remaining-tokens").is_some());
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the sidecar reconnects to the restarted Redis");
+    let metrics = client().get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("meshwarden_sidecar_ratelimit_backend_errors_total{op=\"reserve\"}"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_concurrency_leases_released_on_client_abort() {
+    let redis = RedisServer::start().unwrap();
+    let sidecar = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, sidecar.port(), &config("deny", 1_000_000)).await;
+    let slow = json!({"model":"slow-model","stream":true,"messages":[{"role":"user","content":"slow"}]});
+    let post = |extra: Option<&'static str>| {
+        let mut r = client().post(e.url("/v1/chat/completions")).header("x-team", "c").json(&slow);
+        if let Some(d) = extra {
+            r = r.header("x-mock-chunk-delay-ms", d);
+        }
+        r.send()
+    };
+    for round in 0..2 {
+        let a = post(Some("300")).await.unwrap();
+        let b = post(Some("300")).await.unwrap();
+        if b.status() != 200 {
+            panic!("{}", b.text().await.unwrap());
+        }
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+        let c = post(None).await.unwrap();
+        assert_eq!(c.status(), 429, "round {round}");
+        drop((a, b));
+        let mut ok = false;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let x = post(None).await.unwrap();
+            let st = x.status();
+            let _ = x.text().await;
+            if st == 200 {
+                let y = post(None).await.unwrap();
+                let st2 = y.status();
+                let _ = y.text().await;
+                if st2 == 200 {
+                    ok = true;
+                    break;
+                }
+            }
+        }
+        assert!(ok, "round {round}: leases not released");
+        // Sidecar mode releases leases with the batched settlement (every settle_interval_ms).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

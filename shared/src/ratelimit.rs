@@ -1,0 +1,411 @@
+//! Token budgets: the GCRA (generic cell rate algorithm, a token bucket kept as one timestamp) with
+//! reservations, and the versioned JSON wire format between token-limiter and the sidecar.
+//!
+//! Written once and used by the filter's `local` state (Envoy shared data), the sidecar's memory backend
+//! and, transcribed line by line into Lua, the sidecar's Redis backend, so the three have one semantics.
+//!
+//! ## The algorithm
+//! A window is `limit` tokens per `window_us`. One token "costs" `window_us / limit` microseconds of
+//! the window. The state is one number, the theoretical arrival time `tat` (µs): the moment at which
+//! the bucket would be full again. A reservation of `n` tokens at `now`:
+//!
+//! - `base = max(tat, now)`, `new_tat = base + cost(n)`;
+//! - allowed iff `new_tat - window_us <= now`; then `tat = new_tat`;
+//! - otherwise denied, state unchanged, and `retry_after = new_tat - window_us - now`, which is exact:
+//!   at `now + retry_after` the same reservation is allowed (nothing else is needed to free).
+//!
+//! `remaining = limit * (window_us - (tat - now)) / window_us` (floored) and `reset = tat - now`, the time
+//! until the bucket is full again (OpenAI's `x-ratelimit-reset-tokens`).
+//!
+//! Settling (reconcile the reservation with the provider's count): `delta = actual - reserved` tokens;
+//! a positive delta moves `tat` forward (debt, paid back before the next admission), a negative delta
+//! moves it back but never below `now` (a refund can fill the bucket, not overfill it).
+//!
+//! ## Guarantee (overshoot bound)
+//! Each reservation is an atomic read-check-write (CAS on Envoy shared data, a mutex in the sidecar, a
+//! Lua script in Redis), so concurrent requests can never both take the same budget. Over any interval
+//! of length `t`, the tokens charged are at most `limit + limit * t / window + Σ max(0, actual_i -
+//! reserved_i)` over the requests admitted in that interval. With `reserved_i` = the prompt estimate
+//! plus `max_tokens` (or the configured output reservation), the only overshoot is what models produce
+//! beyond their reservation, bounded by `in-flight requests × (output beyond reservation + estimate
+//! error)`; requests that set `max_tokens` never overshoot.
+
+use serde::{Deserialize, Serialize};
+
+/// The wire format version; the path is `/v1/ratelimit/...`.
+pub const API_VERSION: &str = "v1";
+
+/// One rate window: `limit` tokens per `window_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSpec {
+    pub limit: u64,
+    pub window_ms: u64,
+}
+
+impl WindowSpec {
+    pub fn window_us(&self) -> u64 {
+        self.window_ms.saturating_mul(1000)
+    }
+
+    /// Microseconds of the window that `tokens` tokens take (rounded up: never cheaper than exact).
+    pub fn cost_us(&self, tokens: u64) -> u64 {
+        if self.limit == 0 {
+            return u64::MAX / 4;
+        }
+        let c = (u128::from(tokens) * u128::from(self.window_us())).div_ceil(u128::from(self.limit));
+        u64::try_from(c).unwrap_or(u64::MAX / 4).min(u64::MAX / 4)
+    }
+
+    /// A stable short id of the window, used in state keys (`60000` for a minute).
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.window_ms, self.limit)
+    }
+}
+
+/// What one window says about a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WindowState {
+    pub limit: u64,
+    pub window_ms: u64,
+    /// Tokens left after this decision.
+    pub remaining: u64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: u64,
+    /// Milliseconds until the denied reservation would be allowed (0 when allowed).
+    pub retry_after_ms: u64,
+}
+
+/// Result of [`reserve`] on one window: the new state (`tat`) to store when allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub allowed: bool,
+    pub new_tat_us: u64,
+    pub state: WindowState,
+    /// The reservation can never be allowed (more tokens than the window's limit).
+    pub never: bool,
+}
+
+fn remaining(w: &WindowSpec, tat: u64, now: u64) -> u64 {
+    let used = tat.saturating_sub(now);
+    let free = w.window_us().saturating_sub(used);
+    let r = (u128::from(w.limit) * u128::from(free)) / u128::from(w.window_us().max(1));
+    u64::try_from(r).unwrap_or(u64::MAX)
+}
+
+fn ceil_ms(us: u64) -> u64 {
+    us.div_ceil(1000)
+}
+
+/// Try to reserve `tokens` in window `w` whose stored state is `tat_us` (0 when new), at `now_us`.
+pub fn reserve(w: &WindowSpec, tat_us: u64, now_us: u64, tokens: u64) -> Reservation {
+    let base = tat_us.max(now_us);
+    let new_tat = base.saturating_add(w.cost_us(tokens));
+    let allow_at = new_tat.saturating_sub(w.window_us());
+    if allow_at <= now_us {
+        Reservation {
+            allowed: true,
+            new_tat_us: new_tat,
+            state: WindowState {
+                limit: w.limit,
+                window_ms: w.window_ms,
+                remaining: remaining(w, new_tat, now_us),
+                reset_ms: ceil_ms(new_tat - now_us),
+                retry_after_ms: 0,
+            },
+            never: false,
+        }
+    } else {
+        Reservation {
+            allowed: false,
+            new_tat_us: tat_us,
+            state: WindowState {
+                limit: w.limit,
+                window_ms: w.window_ms,
+                remaining: remaining(w, base, now_us),
+                reset_ms: ceil_ms(base - now_us),
+                retry_after_ms: ceil_ms(allow_at - now_us),
+            },
+            never: tokens > w.limit,
+        }
+    }
+}
+
+/// Apply a settlement of `delta_tokens` (actual minus reserved) to a stored `tat_us`.
+pub fn settle(w: &WindowSpec, tat_us: u64, now_us: u64, delta_tokens: i64) -> u64 {
+    if delta_tokens >= 0 {
+        tat_us.max(now_us).saturating_add(w.cost_us(delta_tokens.unsigned_abs()))
+    } else {
+        let refund = w.cost_us(delta_tokens.unsigned_abs());
+        if tat_us <= now_us {
+            tat_us
+        } else {
+            tat_us.saturating_sub(refund).max(now_us)
+        }
+    }
+}
+
+/// The current state of a window without reserving anything.
+pub fn peek(w: &WindowSpec, tat_us: u64, now_us: u64) -> WindowState {
+    let base = tat_us.max(now_us);
+    WindowState {
+        limit: w.limit,
+        window_ms: w.window_ms,
+        remaining: remaining(w, base, now_us),
+        reset_ms: ceil_ms(base - now_us),
+        retry_after_ms: 0,
+    }
+}
+
+/// A concurrency limit on a group: at most `max` leases at once. A lease expires after `lease_ms`
+/// (sidecar only) so that a crashed Envoy cannot hold slots forever.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcurrencySpec {
+    pub max: u64,
+    pub lease_id: String,
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+pub const DEFAULT_LEASE_MS: u64 = 600_000;
+
+fn default_lease_ms() -> u64 {
+    DEFAULT_LEASE_MS
+}
+
+/// One budget key (a rule applied to one caller): its windows, reserved atomically together, and its
+/// optional concurrency limit. `key` is already hashed/sanitised by the filter; stores prefix it and put
+/// it in a Redis hash tag so that every window of a key lives in one Cluster slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub key: String,
+    pub windows: Vec<WindowSpec>,
+    /// Tokens to reserve (already weighted).
+    pub cost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencySpec>,
+}
+
+/// `POST /v1/ratelimit/reserve`: all groups are reserved, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveRequest {
+    pub groups: Vec<Group>,
+}
+
+/// Why a group denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    Tokens,
+    Concurrency,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GroupResult {
+    pub allowed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<DenyReason>,
+    /// Per window, in the order of the request.
+    pub windows: Vec<WindowState>,
+    /// The reservation exceeds a window's whole limit and can never pass.
+    #[serde(default)]
+    pub never: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ReserveResponse {
+    pub allowed: bool,
+    /// Index of the first group that denied, when denied. Groups after it were not evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied_group: Option<usize>,
+    pub groups: Vec<GroupResult>,
+}
+
+/// One settlement: adjust the group's windows by `delta` tokens and release its lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleItem {
+    pub key: String,
+    pub windows: Vec<WindowSpec>,
+    pub delta: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_lease: Option<String>,
+}
+
+/// `POST /v1/ratelimit/settle`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleRequest {
+    pub items: Vec<SettleItem>,
+}
+
+/// The storage side of a budget: one group reserved atomically, one item settled. Implemented over Envoy
+/// shared data (filter), a mutex-protected map and Redis (sidecar).
+pub trait GroupStore {
+    type Error;
+    fn reserve_group(&mut self, group: &Group) -> Result<GroupResult, Self::Error>;
+    fn settle_item(&mut self, item: &SettleItem) -> Result<(), Self::Error>;
+}
+
+/// Reserve every group in order; on the first denial, roll back the groups already reserved (refund
+/// their cost, release their lease). Atomic per group, all-or-nothing overall from the caller's view.
+pub fn reserve_all<S: GroupStore>(store: &mut S, req: &ReserveRequest) -> Result<ReserveResponse, S::Error> {
+    let mut results = Vec::with_capacity(req.groups.len());
+    for (i, g) in req.groups.iter().enumerate() {
+        let r = store.reserve_group(g)?;
+        let allowed = r.allowed;
+        results.push(r);
+        if !allowed {
+            for done in req.groups.iter().take(i) {
+                store.settle_item(&rollback_item(done))?;
+            }
+            return Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results });
+        }
+    }
+    Ok(ReserveResponse { allowed: true, denied_group: None, groups: results })
+}
+
+/// The settlement that undoes a reservation of `g`.
+pub fn rollback_item(g: &Group) -> SettleItem {
+    SettleItem {
+        key: g.key.clone(),
+        windows: g.windows.clone(),
+        delta: -i64::try_from(g.cost).unwrap_or(i64::MAX),
+        release_lease: g.concurrency.as_ref().map(|c| c.lease_id.clone()),
+    }
+}
+
+/// The window with the least remaining budget over all groups (what `x-ratelimit-*` headers report).
+pub fn tightest(groups: &[GroupResult]) -> Option<WindowState> {
+    groups.iter().flat_map(|g| g.windows.iter()).copied().min_by_key(|w| (w.remaining, std::cmp::Reverse(w.reset_ms)))
+}
+
+/// The longest wait among denying windows: the exact time until the whole reservation fits.
+pub fn retry_after_ms(groups: &[GroupResult]) -> u64 {
+    groups.iter().flat_map(|g| g.windows.iter()).map(|w| w.retry_after_ms).max().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    const MIN: WindowSpec = WindowSpec { limit: 600, window_ms: 60_000 }; // 10 tokens/s, 100 ms per token
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn reserve_until_empty_then_exact_retry_after() {
+        let now = 1_000_000_000;
+        let r = reserve(&MIN, 0, now, 500);
+        assert!(r.allowed);
+        assert_eq!(r.state.remaining, 100);
+        assert_eq!(r.state.reset_ms, 50_000);
+        let r2 = reserve(&MIN, r.new_tat_us, now, 150);
+        assert!(!r2.allowed);
+        assert_eq!(r2.state.retry_after_ms, 5_000, "50 missing tokens at 10/s");
+        assert_eq!(r2.new_tat_us, r.new_tat_us, "denial leaves state unchanged");
+        // exactly at now + retry_after it fits, 1 ms before it does not
+        assert!(!reserve(&MIN, r.new_tat_us, now + 4_999_000, 150).allowed);
+        let r3 = reserve(&MIN, r.new_tat_us, now + 5_000_000, 150);
+        assert!(r3.allowed);
+        assert_eq!(r3.state.remaining, 0);
+        assert!(reserve(&MIN, 0, now, 601).never);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn settle_debt_and_refund_never_overfills() {
+        let now = 10_000_000_000;
+        let r = reserve(&MIN, 0, now, 100);
+        let tat = settle(&MIN, r.new_tat_us, now, 50);
+        assert_eq!(peek(&MIN, tat, now).remaining, 450);
+        let tat = settle(&MIN, tat, now, -1000);
+        assert_eq!(tat, now);
+        assert_eq!(peek(&MIN, tat, now).remaining, 600);
+        // debt beyond the window: denied until paid back, with the exact wait
+        let tat = settle(&MIN, now, now, 700);
+        let d = reserve(&MIN, tat, now, 1);
+        assert!(!d.allowed);
+        assert_eq!(d.state.retry_after_ms, 10_100);
+    }
+
+    struct Mem(std::collections::HashMap<String, u64>, u64, std::collections::HashMap<String, Vec<String>>);
+    impl GroupStore for Mem {
+        type Error = ();
+        fn reserve_group(&mut self, g: &Group) -> Result<GroupResult, ()> {
+            let now = self.1;
+            if let Some(c) = &g.concurrency {
+                let l = self.2.entry(g.key.clone()).or_default();
+                if l.len() as u64 >= c.max {
+                    return Ok(GroupResult {
+                        allowed: false,
+                        reason: Some(DenyReason::Concurrency),
+                        ..Default::default()
+                    });
+                }
+            }
+            let rs: Vec<Reservation> = g
+                .windows
+                .iter()
+                .map(|w| reserve(w, *self.0.get(&format!("{}{}", g.key, w.id())).unwrap_or(&0), now, g.cost))
+                .collect();
+            let allowed = rs.iter().all(|r| r.allowed);
+            if allowed {
+                for (w, r) in g.windows.iter().zip(&rs) {
+                    self.0.insert(format!("{}{}", g.key, w.id()), r.new_tat_us);
+                }
+                if let Some(c) = &g.concurrency {
+                    self.2.entry(g.key.clone()).or_default().push(c.lease_id.clone());
+                }
+            }
+            Ok(GroupResult {
+                allowed,
+                reason: (!allowed).then_some(DenyReason::Tokens),
+                windows: rs.iter().map(|r| r.state).collect(),
+                never: rs.iter().any(|r| r.never),
+            })
+        }
+        fn settle_item(&mut self, it: &SettleItem) -> Result<(), ()> {
+            for w in &it.windows {
+                let k = format!("{}{}", it.key, w.id());
+                let t = *self.0.get(&k).unwrap_or(&0);
+                self.0.insert(k, settle(w, t, self.1, it.delta));
+            }
+            if let Some(l) = &it.release_lease {
+                self.2.entry(it.key.clone()).or_default().retain(|x| x != l);
+            }
+            Ok(())
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn reserve_all_rolls_back_earlier_groups() {
+        let mut m = Mem(Default::default(), 1_000_000_000, Default::default());
+        let team = Group {
+            key: "team".into(),
+            windows: vec![MIN],
+            cost: 100,
+            concurrency: Some(ConcurrencySpec { max: 5, lease_id: "l1".into(), lease_ms: 1000 }),
+        };
+        let model = Group {
+            key: "model".into(),
+            windows: vec![WindowSpec { limit: 50, window_ms: 1000 }],
+            cost: 100,
+            concurrency: None,
+        };
+        let r = reserve_all(&mut m, &ReserveRequest { groups: vec![team.clone(), model] }).unwrap();
+        assert!(!r.allowed);
+        assert_eq!(r.denied_group, Some(1));
+        assert!(r.groups[1].never);
+        // the team group was refunded and its lease released
+        let again = reserve_all(&mut m, &ReserveRequest { groups: vec![team] }).unwrap();
+        assert!(again.allowed);
+        assert_eq!(again.groups[0].windows[0].remaining, 500);
+        assert_eq!(m.2["team"].len(), 1);
+        assert_eq!(tightest(&again.groups).unwrap().remaining, 500);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn wire_format_round_trips() {
+        let req =
+            ReserveRequest { groups: vec![Group { key: "k".into(), windows: vec![MIN], cost: 3, concurrency: None }] };
+        let s = serde_json::to_string(&req).unwrap();
+        assert_eq!(s, r#"{"groups":[{"key":"k","windows":[{"limit":600,"window_ms":60000}],"cost":3}]}"#);
+        assert_eq!(serde_json::from_str::<ReserveRequest>(&s).unwrap(), req);
+    }
+}

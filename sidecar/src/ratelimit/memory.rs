@@ -1,0 +1,140 @@
+//! In-memory backend: one process, one mutex. The same GCRA code as the filter's `local` state
+//! (`meshwarden_shared::ratelimit`), so the semantics are identical by construction.
+
+use super::now_us;
+use meshwarden_shared::ratelimit::{
+    reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveRequest, ReserveResponse,
+    SettleItem, WindowSpec,
+};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+#[derive(Default)]
+struct State {
+    /// `(key, window id)` -> tat (µs).
+    tats: HashMap<(String, String), u64>,
+    /// key -> lease id -> expiry (µs).
+    leases: HashMap<String, HashMap<String, u64>>,
+}
+
+#[derive(Default)]
+pub struct MemoryBackend {
+    state: Mutex<State>,
+}
+
+struct Locked<'a> {
+    s: &'a mut State,
+    now: u64,
+}
+
+impl GroupStore for Locked<'_> {
+    type Error = std::convert::Infallible;
+
+    fn reserve_group(&mut self, g: &Group) -> Result<GroupResult, Self::Error> {
+        let now = self.now;
+        if let Some(c) = &g.concurrency {
+            let leases = self.s.leases.entry(g.key.clone()).or_default();
+            leases.retain(|_, exp| *exp > now);
+            if leases.len() as u64 >= c.max && !leases.contains_key(&c.lease_id) {
+                return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() });
+            }
+        }
+        let rs: Vec<_> = g
+            .windows
+            .iter()
+            .map(|w| {
+                let tat = self.s.tats.get(&(g.key.clone(), w.id())).copied().unwrap_or(0);
+                reserve(w, tat, now, g.cost)
+            })
+            .collect();
+        let allowed = rs.iter().all(|r| r.allowed);
+        if allowed {
+            for (w, r) in g.windows.iter().zip(&rs) {
+                self.s.tats.insert((g.key.clone(), w.id()), r.new_tat_us);
+            }
+            if let Some(c) = &g.concurrency {
+                self.s
+                    .leases
+                    .entry(g.key.clone())
+                    .or_default()
+                    .insert(c.lease_id.clone(), now.saturating_add(c.lease_ms.saturating_mul(1000)));
+            }
+        }
+        Ok(GroupResult {
+            allowed,
+            reason: (!allowed).then_some(DenyReason::Tokens),
+            windows: rs.iter().map(|r| r.state).collect(),
+            never: rs.iter().any(|r| r.never),
+        })
+    }
+
+    fn settle_item(&mut self, it: &SettleItem) -> Result<(), Self::Error> {
+        if it.delta != 0 {
+            for w in &it.windows {
+                let k = (it.key.clone(), w.id());
+                let tat = self.s.tats.get(&k).copied().unwrap_or(0);
+                self.s.tats.insert(k, settle(w, tat, self.now, it.delta));
+            }
+        }
+        if let Some(l) = &it.release_lease {
+            if let Some(m) = self.s.leases.get_mut(&it.key) {
+                m.remove(l);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MemoryBackend {
+    pub fn reserve(&self, req: &ReserveRequest) -> ReserveResponse {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut store = Locked { s: &mut guard, now: now_us() };
+        match reserve_all(&mut store, req) {
+            Ok(r) => r,
+            Err(never) => match never {},
+        }
+    }
+
+    pub fn settle(&self, req: &[SettleItem]) {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut store = Locked { s: &mut guard, now: now_us() };
+        for it in req {
+            let _ = store.settle_item(it);
+        }
+    }
+
+    /// Drop state that is equivalent to "never seen" (full buckets, expired leases): bounded memory.
+    pub fn prune(&self) -> usize {
+        let now = now_us();
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let before = guard.tats.len();
+        guard.tats.retain(|_, tat| *tat > now);
+        guard.leases.retain(|_, m| {
+            m.retain(|_, exp| *exp > now);
+            !m.is_empty()
+        });
+        before - guard.tats.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().map(|g| g.tats.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_window_is_copy(w: WindowSpec) -> WindowSpec {
+    w
+}

@@ -1,0 +1,202 @@
+//! Rate-limit state for token-limiter: `POST /v1/ratelimit/reserve` and `POST /v1/ratelimit/settle`
+//! (wire format in `meshwarden_shared::ratelimit`, documented in `docs/sidecar-api.md`), over a storage
+//! backend: [`memory::MemoryBackend`] (default) or [`redis::RedisBackend`] (`--redis-url`).
+
+pub mod memory;
+pub mod redis;
+
+use crate::server::AppState;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use meshwarden_shared::ratelimit::{ReserveRequest, ReserveResponse, SettleItem, SettleRequest};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The storage behind the API. One semantics: both implement the GCRA of
+/// `meshwarden_shared::ratelimit` (Redis as a transcription into Lua), tested against the same cases.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn reserve(&self, req: ReserveRequest)
+        -> impl std::future::Future<Output = anyhow::Result<ReserveResponse>> + Send;
+    fn settle(&self, items: Vec<SettleItem>) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+}
+
+impl Backend for memory::MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    async fn reserve(&self, req: ReserveRequest) -> anyhow::Result<ReserveResponse> {
+        Ok(memory::MemoryBackend::reserve(self, &req))
+    }
+    async fn settle(&self, items: Vec<SettleItem>) -> anyhow::Result<()> {
+        memory::MemoryBackend::settle(self, &items);
+        Ok(())
+    }
+}
+
+impl Backend for redis::RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    async fn reserve(&self, req: ReserveRequest) -> anyhow::Result<ReserveResponse> {
+        Ok(redis::RedisBackend::reserve(self, &req).await?)
+    }
+    async fn settle(&self, items: Vec<SettleItem>) -> anyhow::Result<()> {
+        Ok(redis::RedisBackend::settle(self, &items).await?)
+    }
+}
+
+/// The configured backend.
+pub enum AnyBackend {
+    Memory(memory::MemoryBackend),
+    Redis(redis::RedisBackend),
+}
+
+impl AnyBackend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnyBackend::Memory(b) => b.name(),
+            AnyBackend::Redis(b) => b.name(),
+        }
+    }
+    pub async fn reserve(&self, req: ReserveRequest) -> anyhow::Result<ReserveResponse> {
+        match self {
+            AnyBackend::Memory(b) => Backend::reserve(b, req).await,
+            AnyBackend::Redis(b) => Backend::reserve(b, req).await,
+        }
+    }
+    pub async fn settle(&self, items: Vec<SettleItem>) -> anyhow::Result<()> {
+        match self {
+            AnyBackend::Memory(b) => Backend::settle(b, items).await,
+            AnyBackend::Redis(b) => Backend::settle(b, items).await,
+        }
+    }
+}
+
+pub struct RateLimitMetrics {
+    /// Decisions by result (`allowed`, `denied_tokens`, `denied_concurrency`).
+    pub decisions: IntCounterVec,
+    /// Backend latency by operation, seconds.
+    pub latency: HistogramVec,
+    /// Backend errors by operation.
+    pub backend_errors: IntCounterVec,
+}
+
+impl RateLimitMetrics {
+    pub fn new(registry: &Registry) -> anyhow::Result<Self> {
+        let decisions =
+            IntCounterVec::new(Opts::new("ratelimit_decisions_total", "rate-limit decisions"), &["result"])?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new("ratelimit_backend_duration_seconds", "rate-limit backend latency")
+                .buckets(vec![0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05]),
+            &["op", "backend"],
+        )?;
+        let backend_errors =
+            IntCounterVec::new(Opts::new("ratelimit_backend_errors_total", "rate-limit backend errors"), &["op"])?;
+        registry.register(Box::new(decisions.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(backend_errors.clone()))?;
+        Ok(Self { decisions, latency, backend_errors })
+    }
+}
+
+pub struct RateLimiter {
+    pub backend: AnyBackend,
+    pub metrics: RateLimitMetrics,
+}
+
+/// Build the backend from the flags and attach it to the app state (called once by the binary).
+pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Result<()> {
+    let backend = match config.redis_url.as_deref() {
+        Some(url) if !url.is_empty() => {
+            AnyBackend::Redis(redis::RedisBackend::new(url, Duration::from_millis(config.redis_timeout_ms))?)
+        }
+        _ => AnyBackend::Memory(memory::MemoryBackend::default()),
+    };
+    tracing::info!(backend = backend.name(), "rate-limit backend");
+    let rl = Arc::new(RateLimiter { backend, metrics: RateLimitMetrics::new(&state.metrics.registry)? });
+    if let AnyBackend::Memory(_) = rl.backend {
+        let weak = Arc::downgrade(&rl);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let Some(rl) = weak.upgrade() else { break };
+                if let AnyBackend::Memory(m) = &rl.backend {
+                    m.prune();
+                }
+            }
+        });
+    }
+    state.ratelimit.set(rl).map_err(|_| anyhow::anyhow!("rate limiter installed twice"))
+}
+
+/// The routes, merged into the sidecar's router.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/ratelimit/reserve", post(reserve)).route("/v1/ratelimit/settle", post(settle))
+}
+
+fn error(status: StatusCode, msg: &str) -> Response {
+    (status, [("content-type", "application/json")], serde_json::json!({"error": msg}).to_string()).into_response()
+}
+
+async fn reserve(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(rl) = state.ratelimit.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "rate limiter not configured");
+    };
+    let req: ReserveRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid reserve request: {e}")),
+    };
+    let start = Instant::now();
+    let r = rl.backend.reserve(req).await;
+    rl.metrics.latency.with_label_values(&["reserve", rl.backend.name()]).observe(start.elapsed().as_secs_f64());
+    match r {
+        Ok(resp) => {
+            let result = if resp.allowed {
+                "allowed"
+            } else {
+                match resp.denied_group.and_then(|g| resp.groups.get(g)).and_then(|g| g.reason) {
+                    Some(meshwarden_shared::ratelimit::DenyReason::Concurrency) => "denied_concurrency",
+                    _ => "denied_tokens",
+                }
+            };
+            rl.metrics.decisions.with_label_values(&[result]).inc();
+            axum::Json(resp).into_response()
+        }
+        Err(e) => {
+            rl.metrics.backend_errors.with_label_values(&["reserve"]).inc();
+            tracing::warn!(error = %e, "reserve failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
+        }
+    }
+}
+
+async fn settle(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(rl) = state.ratelimit.get() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "rate limiter not configured");
+    };
+    let req: SettleRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid settle request: {e}")),
+    };
+    let start = Instant::now();
+    let r = rl.backend.settle(req.items).await;
+    rl.metrics.latency.with_label_values(&["settle", rl.backend.name()]).observe(start.elapsed().as_secs_f64());
+    match r {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => {
+            rl.metrics.backend_errors.with_label_values(&["settle"]).inc();
+            tracing::warn!(error = %e, "settle failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Redis backend: the same GCRA as `meshwarden_shared::ratelimit`, transcribed into Lua and run
+//! atomically server-side, with Redis's own clock (`TIME`) so that every sidecar replica agrees.
+//!
+//! Key layout (Redis Cluster compatible): everything of one budget key lives in one hash slot thanks
+//! to the hash tag `{...}`:
+//! - `mw:tl:{<key>}:w` - a hash, field `<window_ms>:<limit>` -> tat (µs);
+//! - `mw:tl:{<key>}:c` - a sorted set of concurrency leases, score = expiry (µs).
+//!
+//! A request with several budget keys (team total + per-model) reserves key by key, each atomically,
+//! and rolls back the keys already reserved when a later one denies (all-or-nothing from the caller's
+//! view; no script touches two slots). Keys expire once their state equals "never seen".
+//!
+//! Arithmetic is in Lua doubles: exact for timestamps and costs below 2^53 µs (285 years).
+
+use meshwarden_shared::ratelimit::{
+    rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
+};
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+const RESERVE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local cost = tonumber(ARGV[1])
+local nwin = tonumber(ARGV[2])
+local cmax = tonumber(ARGV[3])
+local lease = ARGV[4]
+local lease_us = tonumber(ARGV[5]) * 1000
+if cmax > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZSCORE', KEYS[2], lease) == false and redis.call('ZCARD', KEYS[2]) >= cmax then
+    return {0, 2, 0}
+  end
+end
+local out = {1, 0, 0}
+local news = {}
+local allowed = true
+local maxttl = 0
+for i = 1, nwin do
+  local limit = tonumber(ARGV[4 + 2 * i])
+  local wms = tonumber(ARGV[5 + 2 * i])
+  local field = wms .. ':' .. limit
+  local wus = wms * 1000
+  local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+  local base = math.max(tat, now)
+  local c = math.ceil(cost * wus / limit)
+  local new = base + c
+  local allow_at = new - wus
+  if allow_at <= now then
+    news[i] = {field, new}
+    local rem = math.floor(limit * (wus - (new - now)) / wus)
+    table.insert(out, rem); table.insert(out, math.ceil((new - now) / 1000)); table.insert(out, 0)
+    if new - now > maxttl then maxttl = new - now end
+  else
+    allowed = false
+    local rem = math.floor(limit * math.max(0, wus - (base - now)) / wus)
+    table.insert(out, rem); table.insert(out, math.ceil((base - now) / 1000)); table.insert(out, math.ceil((allow_at - now) / 1000))
+    if cost > limit then out[3] = 1 end
+  end
+end
+if not allowed then
+  out[1] = 0; out[2] = 1
+  return out
+end
+for i = 1, nwin do
+  redis.call('HSET', KEYS[1], news[i][1], string.format('%.0f', news[i][2]))
+end
+if nwin > 0 then
+  local ttl = math.ceil(maxttl / 1000) + 1000
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+if cmax > 0 then
+  redis.call('ZADD', KEYS[2], now + lease_us, lease)
+  redis.call('PEXPIRE', KEYS[2], math.ceil(lease_us / 1000) + 1000)
+end
+return out
+"#;
+
+const SETTLE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local delta = tonumber(ARGV[1])
+local nwin = tonumber(ARGV[2])
+local lease = ARGV[3]
+local maxttl = 0
+if delta ~= 0 then
+  for i = 1, nwin do
+    local limit = tonumber(ARGV[2 + 2 * i])
+    local wms = tonumber(ARGV[3 + 2 * i])
+    local field = wms .. ':' .. limit
+    local wus = wms * 1000
+    local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
+    local new
+    if delta >= 0 then
+      new = math.max(tat, now) + math.ceil(delta * wus / limit)
+    elseif tat <= now then
+      new = tat
+    else
+      new = math.max(tat - math.ceil(-delta * wus / limit), now)
+    end
+    redis.call('HSET', KEYS[1], field, string.format('%.0f', new))
+    if new - now > maxttl then maxttl = new - now end
+  end
+  if nwin > 0 then
+    local ttl = math.ceil(maxttl / 1000) + 1000
+    if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+  end
+end
+if lease ~= '' then redis.call('ZREM', KEYS[2], lease) end
+return 1
+"#;
+
+pub struct RedisBackend {
+    client: redis::Client,
+    timeout: Duration,
+    conn: Mutex<Option<ConnectionManager>>,
+    reserve: Script,
+    settle: Script,
+}
+
+fn keys(key: &str) -> (String, String) {
+    (format!("mw:tl:{{{key}}}:w"), format!("mw:tl:{{{key}}}:c"))
+}
+
+impl RedisBackend {
+    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            timeout,
+            conn: Mutex::new(None),
+            reserve: Script::new(RESERVE_LUA),
+            settle: Script::new(SETTLE_LUA),
+        })
+    }
+
+    /// A connection manager (reconnects by itself); created lazily so the sidecar starts and answers
+    /// (503 on rate-limit calls) while Redis is down.
+    async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(self.timeout)
+            .set_connection_timeout(self.timeout.max(Duration::from_millis(100)))
+            .set_number_of_retries(1)
+            .set_max_delay(200);
+        let c = self.client.get_connection_manager_with_config(cfg).await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn().await?;
+        redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ())
+    }
+
+    async fn reserve_group(&self, c: &mut ConnectionManager, g: &Group) -> redis::RedisResult<GroupResult> {
+        let (kw, kc) = keys(&g.key);
+        let mut inv = self.reserve.key(kw);
+        inv.key(kc);
+        inv.arg(g.cost).arg(g.windows.len());
+        match &g.concurrency {
+            Some(cs) => inv.arg(cs.max).arg(&cs.lease_id).arg(cs.lease_ms),
+            None => inv.arg(0).arg("").arg(0),
+        };
+        for w in &g.windows {
+            inv.arg(w.limit).arg(w.window_ms);
+        }
+        let out: Vec<i64> = inv.invoke_async(c).await?;
+        let get = |i: usize| out.get(i).copied().unwrap_or(0);
+        let allowed = get(0) == 1;
+        let reason = match get(1) {
+            1 => Some(DenyReason::Tokens),
+            2 => Some(DenyReason::Concurrency),
+            _ => None,
+        };
+        let windows = g
+            .windows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| out.len() >= 3 + 3 * (i + 1))
+            .map(|(i, w)| WindowState {
+                limit: w.limit,
+                window_ms: w.window_ms,
+                remaining: u64::try_from(get(3 + 3 * i)).unwrap_or(0),
+                reset_ms: u64::try_from(get(4 + 3 * i)).unwrap_or(0),
+                retry_after_ms: u64::try_from(get(5 + 3 * i)).unwrap_or(0),
+            })
+            .collect();
+        Ok(GroupResult { allowed, reason, windows, never: get(2) == 1 })
+    }
+
+    async fn settle_one(&self, c: &mut ConnectionManager, it: &SettleItem) -> redis::RedisResult<()> {
+        let (kw, kc) = keys(&it.key);
+        let mut inv = self.settle.key(kw);
+        inv.key(kc);
+        inv.arg(it.delta).arg(it.windows.len()).arg(it.release_lease.as_deref().unwrap_or(""));
+        for w in &it.windows {
+            inv.arg(w.limit).arg(w.window_ms);
+        }
+        let _: i64 = inv.invoke_async(c).await?;
+        Ok(())
+    }
+
+    pub async fn reserve(&self, req: &ReserveRequest) -> redis::RedisResult<ReserveResponse> {
+        let mut c = self.conn().await?;
+        let mut results = Vec::with_capacity(req.groups.len());
+        for (i, g) in req.groups.iter().enumerate() {
+            let r = self.reserve_group(&mut c, g).await?;
+            let allowed = r.allowed;
+            results.push(r);
+            if !allowed {
+                for done in req.groups.iter().take(i) {
+                    self.settle_one(&mut c, &rollback_item(done)).await?;
+                }
+                return Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results });
+            }
+        }
+        Ok(ReserveResponse { allowed: true, denied_group: None, groups: results })
+    }
+
+    pub async fn settle(&self, items: &[SettleItem]) -> redis::RedisResult<()> {
+        let mut c = self.conn().await?;
+        for it in items {
+            self.settle_one(&mut c, it).await?;
+        }
+        Ok(())
+    }
+}
