@@ -16,6 +16,7 @@
 
 pub mod callout;
 pub mod config;
+pub mod endpoints;
 pub mod errors;
 pub mod jsonrpc;
 pub mod llm;

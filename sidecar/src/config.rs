@@ -33,4 +33,8 @@ pub struct Config {
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
+
+    /// Model-server pools to scrape for inference-router (JSON file; see docs/sidecar-api.md).
+    #[arg(long, env = "MESHWARDEN_SIDECAR_POOLS_CONFIG")]
+    pub pools_config: Option<std::path::PathBuf>,
 }

@@ -8,5 +8,6 @@
 //! under `/v1/` and documented in `docs/sidecar-api.md`.
 
 pub mod config;
+pub mod endpoints;
 pub mod metrics;
 pub mod server;

@@ -17,11 +17,17 @@ pub struct AppState {
     pub metrics: SidecarMetrics,
     /// False until every backend is usable, and again while shutting down.
     pub ready: AtomicBool,
+    /// Model-server endpoint snapshots per pool (inference-router).
+    pub endpoints: crate::endpoints::EndpointsState,
 }
 
 impl AppState {
     pub fn new() -> anyhow::Result<Arc<AppState>> {
-        Ok(Arc::new(AppState { metrics: SidecarMetrics::new()?, ready: AtomicBool::new(false) }))
+        Ok(Arc::new(AppState {
+            metrics: SidecarMetrics::new()?,
+            ready: AtomicBool::new(false),
+            endpoints: Default::default(),
+        }))
     }
 }
 
@@ -30,6 +36,7 @@ pub fn build_router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::endpoints::api::router())
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
