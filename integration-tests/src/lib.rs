@@ -12,5 +12,6 @@
 pub mod bench;
 pub mod envoy;
 pub mod mock_llm;
+pub mod model_sim;
 pub mod paths;
 pub mod sidecar;
