@@ -365,3 +365,39 @@ async fn sidecar_rejects_a_bad_pools_config() {
     let err = Sidecar::start(&["--pools-config", &f.path().display().to_string()]).err().unwrap();
     assert!(err.to_string().contains("pools[0].endpoints[0]"), "{err}");
 }
+
+#[tokio::test]
+async fn without_allow_on_headers_stop_iteration_requests_are_released_not_stalled() {
+    // The same template minus the flag: Envoy never delivers the body while headers are held.
+    let template = std::fs::read_to_string(
+        meshwarden_integration_tests::paths::repo_root().join("envoy-configs/inference-router-pool.yaml"),
+    )
+    .unwrap();
+    let stripped: String =
+        template.lines().filter(|l| !l.contains("allow_on_headers_stop_iteration")).map(|l| format!("{l}\n")).collect();
+    assert_ne!(stripped, template);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noflag.yaml");
+    std::fs::write(&path, stripped).unwrap();
+    let sim = SimServer::start(fast()).await.unwrap();
+    let envoy = EnvoyBuilder::new(path.to_str().unwrap())
+        .filter_config("inference-router", &filter_config(json!({})))
+        .var("POOL_LB_ENDPOINTS", lb_endpoints_yaml(&[sim.addr]))
+        .var("SIDECAR_PORT", "9")
+        .start()
+        .await
+        .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..3 {
+        let r = http
+            .post(envoy.url("/v1/chat/completions"))
+            .json(&json!({"model":"base","messages":[{"role":"user","content":"hi"}],"max_tokens":1}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(envoy.stat("meshwarden.inference_router.released_without_body").await.unwrap() >= 1);
+    assert!(envoy.log().contains("allow_on_headers_stop_iteration"));
+}

@@ -13,9 +13,11 @@ use meshwarden_shared::endpoints::PoolSnapshot;
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
 use meshwarden_shared::host::{clear_route_cache, load_config, log, now_ms, send_error, Metrics};
 use meshwarden_shared::llm::Api;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -31,15 +33,29 @@ struct Shared {
     config: Config,
     picker: RefCell<Picker>,
     metrics: RefCell<Metrics>,
+    /// Requests whose headers are held until their body arrives: context id -> since (ms).
+    held: RefCell<HashMap<u32, u64>>,
+    /// Set when a held request got no body callback in time: Envoy runs without
+    /// `allow_on_headers_stop_iteration`, so from then on requests are decided in the headers callback.
+    no_stop_iteration: Cell<bool>,
 }
 
 impl Default for Shared {
     fn default() -> Self {
         let config = Config::default();
         let picker = RefCell::new(Picker::new(PickerConfig::from(&config)));
-        Self { config, picker, metrics: RefCell::new(Metrics::default()) }
+        Self {
+            config,
+            picker,
+            metrics: RefCell::new(Metrics::default()),
+            held: RefCell::new(HashMap::new()),
+            no_stop_iteration: Cell::new(false),
+        }
     }
 }
+
+/// How long a request may wait for its first body callback before the root context releases it.
+const HELD_LIMIT_MS: u64 = 500;
 
 impl Shared {
     fn count(&self, name: &str, n: u64) {
@@ -125,6 +141,38 @@ impl Root {
     }
 }
 
+impl Root {
+    /// Never stall: a request held in the headers callback whose body never reaches the filter (Envoy
+    /// without `allow_on_headers_stop_iteration`) is resumed without a pick, and later requests are
+    /// decided in the headers callback.
+    fn release_stuck(&mut self, now: u64) {
+        let stuck: Vec<u32> = self
+            .shared
+            .held
+            .borrow()
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) > HELD_LIMIT_MS)
+            .map(|(id, _)| *id)
+            .collect();
+        if stuck.is_empty() {
+            return;
+        }
+        if !self.shared.no_stop_iteration.replace(true) {
+            log(
+                LogLevel::Error,
+                &format!("meshwarden {FILTER}: request bodies do not reach the filter while headers are held; set `allow_on_headers_stop_iteration: true` in the Wasm plugin config (Envoy >= 1.35). Routing on headers only until then."),
+            );
+        }
+        for id in stuck {
+            self.shared.held.borrow_mut().remove(&id);
+            self.shared.count("released_without_body", 1);
+            if hostcalls::set_effective_context(id).is_ok() {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         self.call_started_ms = None;
@@ -163,7 +211,13 @@ impl RootContext for Root {
                 let picker = RefCell::new(Picker::new(PickerConfig::from(&c)));
                 self.set_tick_period(Duration::from_millis(c.refresh_interval_ms));
                 self.fail_log = Some(LogThrottle::new(60_000));
-                self.shared = Rc::new(Shared { config: c, picker, metrics: RefCell::new(Metrics::default()) });
+                self.shared = Rc::new(Shared {
+                    config: c,
+                    picker,
+                    metrics: RefCell::new(Metrics::default()),
+                    held: RefCell::new(HashMap::new()),
+                    no_stop_iteration: Cell::new(false),
+                });
                 self.seen_cas = None;
                 self.version = None;
                 true
@@ -174,6 +228,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let now = now_ms();
+        self.release_stuck(now);
         let confirmed = self.adopt_shared();
         let cfg = &self.shared.config;
         if let Some(age) = self.shared.picker.borrow().snapshot_age_ms(now) {
@@ -200,8 +255,9 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
+            id,
             shared: self.shared.clone(),
             path: String::new(),
             priority: 0,
@@ -217,6 +273,7 @@ impl RootContext for Root {
 }
 
 struct Request {
+    id: u32,
     shared: Rc<Shared>,
     path: String,
     priority: i32,
@@ -288,17 +345,24 @@ impl HttpContext for Request {
             .get_http_request_header("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .is_some_and(|n| n > cfg.max_body_bytes);
-        if end_of_stream || too_large {
+        if end_of_stream || too_large || self.shared.no_stop_iteration.get() {
             if too_large {
                 self.shared.count("body_too_large", 1);
             }
             return self.decide(&[]);
         }
+        self.shared.held.borrow_mut().insert(self.id, now_ms());
         Action::Pause
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let was_held = self.shared.held.borrow_mut().remove(&self.id).is_some();
         if self.decided {
+            return Action::Continue;
+        }
+        if !was_held && self.shared.no_stop_iteration.get() {
+            // Released by the root context: the headers are gone, nothing to route any more.
+            self.decided = true;
             return Action::Continue;
         }
         self.body_len = body_size;
@@ -322,6 +386,7 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
+        self.shared.held.borrow_mut().remove(&self.id);
         if let Some(e) = self.endpoint.take() {
             self.shared.picker.borrow_mut().done(&e);
         }
