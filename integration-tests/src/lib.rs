@@ -13,6 +13,7 @@ pub mod bench;
 pub mod envoy;
 pub mod k8s_schema;
 pub mod mock_llm;
+pub mod model_sim;
 pub mod paths;
 pub mod redis_server;
 pub mod sidecar;

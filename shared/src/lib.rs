@@ -17,6 +17,7 @@
 
 pub mod callout;
 pub mod config;
+pub mod endpoints;
 pub mod errors;
 pub mod jsonrpc;
 pub mod llm;

@@ -41,4 +41,7 @@ pub struct Config {
     /// Timeout of one Redis operation, in milliseconds.
     #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_TIMEOUT_MS", default_value_t = 40)]
     pub redis_timeout_ms: u64,
+    /// Model-server pools to scrape for inference-router (JSON file; see docs/sidecar-api.md).
+    #[arg(long, env = "MESHWARDEN_SIDECAR_POOLS_CONFIG")]
+    pub pools_config: Option<std::path::PathBuf>,
 }

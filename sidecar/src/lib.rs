@@ -8,6 +8,7 @@
 //! under `/v1/` and documented in `docs/sidecar-api.md`.
 
 pub mod config;
+pub mod endpoints;
 pub mod metrics;
 pub mod ratelimit;
 pub mod server;

@@ -19,6 +19,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// token-limiter budgets (set once at startup by `ratelimit::install`).
     pub ratelimit: std::sync::OnceLock<Arc<crate::ratelimit::RateLimiter>>,
+    /// Model-server endpoint snapshots per pool (inference-router).
+    pub endpoints: crate::endpoints::EndpointsState,
 }
 
 impl AppState {
@@ -27,6 +29,7 @@ impl AppState {
             metrics: SidecarMetrics::new()?,
             ready: AtomicBool::new(false),
             ratelimit: std::sync::OnceLock::new(),
+            endpoints: Default::default(),
         }))
     }
 }
@@ -37,6 +40,7 @@ pub fn build_router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(crate::ratelimit::routes())
+        .merge(crate::endpoints::api::router())
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }

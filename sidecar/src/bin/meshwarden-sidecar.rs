@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let state = AppState::new()?;
     meshwarden_sidecar::ratelimit::install(&state, &config)?;
     let app = build_router(state.clone());
+    meshwarden_sidecar::endpoints::start(&state, config.pools_config.as_deref())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to learn the port when --listen uses port 0.
