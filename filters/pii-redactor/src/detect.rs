@@ -105,7 +105,24 @@ impl Builtin {
     /// Words that, found shortly before a candidate, raise its confidence one level.
     pub fn default_context_words(self) -> &'static [&'static str] {
         match self {
-            Builtin::Phone => &["phone", "tel", "call", "mobile", "cell", "fax", "whatsapp", "contact", "number"],
+            Builtin::Phone => &[
+                "phone",
+                "tel",
+                "telephone",
+                "call",
+                "mobile",
+                "cell",
+                "fax",
+                "whatsapp",
+                "contact",
+                "number",
+                "reach",
+                "dial",
+                "sms",
+                "text me",
+                "line",
+                "hotline",
+            ],
             Builtin::CreditCard => &["card", "visa", "mastercard", "amex", "credit", "debit", "payment"],
             Builtin::UsSsn => &["ssn", "social security", "social-security", "taxpayer"],
             Builtin::Iban => &["iban", "bank", "account", "transfer"],
@@ -292,7 +309,8 @@ impl Scanner {
         };
         let from = f.start.saturating_sub(self.context_window);
         let window = t.get(from..f.start).unwrap_or(&[]);
-        if words.iter().any(|w| contains_ci(window, w.as_bytes())) {
+        let after = t.get(f.end..(f.end + self.context_window / 2).min(t.len())).unwrap_or(&[]);
+        if words.iter().any(|w| contains_ci(window, w.as_bytes()) || contains_ci(after, w.as_bytes())) {
             f.confidence = f.confidence.raised();
         }
         f
@@ -385,7 +403,26 @@ impl Scanner {
             let end = run.groups.get(g - 1).map(|x| x.1)?;
             // A prefix must end at a token end.
             if g < run.groups.len() || run.complete {
-                if let Some(f) = self.classify(t, i, end, run.groups.get(..g)?, run.seps.get(..g.saturating_sub(1))?) {
+                let groups = run.groups.get(..g)?;
+                let seps = run.seps.get(..g.saturating_sub(1))?;
+                let full = g == run.groups.len();
+                if full && (run.ext_end.is_some() || run.trunk_paren) {
+                    // Only a phone has an extension or a (0) trunk.
+                    if !self.on(Builtin::Phone) {
+                        return None;
+                    }
+                    let lens: Vec<usize> = groups.iter().map(|(a, b)| b - a).collect();
+                    let digits: Vec<u8> =
+                        groups.iter().flat_map(|(a, b)| t.get(*a..*b).unwrap_or(&[]).iter().copied()).collect();
+                    let plus = at(t, i) == b'+';
+                    let paren = at(t, i) == b'(';
+                    if let Some(confidence) = phone(t, i, end, &lens, seps, plus, paren, &digits) {
+                        let end = run.ext_end.unwrap_or(end);
+                        return Some(Finding { start: i, end, kind: Builtin::Phone, confidence });
+                    }
+                    continue;
+                }
+                if let Some(f) = self.classify(t, i, end, groups, seps) {
                     return Some(f);
                 }
             }
@@ -456,16 +493,22 @@ impl Scanner {
             }
         }
 
-        // Credit card: 13-19 digits, single spaces or dashes between groups, Luhn, a known brand prefix.
+        // Credit card: 12-19 digits, single spaces or dashes between groups, Luhn, a known brand prefix.
         if self.on(Builtin::CreditCard)
             && !plus
             && !paren
-            && (13..=19).contains(&digits)
+            && (12..=19).contains(&digits)
             && all_same_sep
             && seps.iter().all(|s| *s == b' ' || *s == b'-')
         {
             if luhn(&digit_str) && card_brand(&digit_str) && !all_same(&digit_str) {
-                return finding(Builtin::CreditCard, Confidence::High);
+                // A Luhn-valid number next to "order", "invoice", "tracking"... is an id, unless a card word is there too.
+                let f = Finding { start, end, kind: Builtin::CreditCard, confidence: Confidence::Medium };
+                let ctx = self.with_context(t, f);
+                if ctx.confidence == Confidence::Medium && negative_context(t, start) {
+                    return Some(Finding { confidence: Confidence::Low, ..f });
+                }
+                return Some(ctx);
             }
             if groups.len() == 1 || digits > 15 {
                 return None; // an order number that fails Luhn, not a phone either
@@ -641,11 +684,16 @@ struct NumericRun {
     seps: Vec<u8>,
     /// The run ended at a token end (not inside a word).
     complete: bool,
+    /// End of a phone extension (`x123`, ` ext. 123`) after the last group.
+    ext_end: Option<usize>,
+    /// `+44(0)20...`: a trunk zero in parentheses after the country code.
+    trunk_paren: bool,
 }
 
 /// Digits in groups with single separators (space, dash, dot, `)` / `) `), optional leading `+` / `(`.
 fn numeric_run(t: &[u8], i: usize) -> NumericRun {
-    let mut run = NumericRun { groups: Vec::new(), seps: Vec::new(), complete: true };
+    let mut run =
+        NumericRun { groups: Vec::new(), seps: Vec::new(), complete: true, ext_end: None, trunk_paren: false };
     let mut j = i;
     if matches!(at(t, j), b'+' | b'(') {
         j += 1;
@@ -676,6 +724,15 @@ fn numeric_run(t: &[u8], i: usize) -> NumericRun {
                 }
             }
             b' ' | b'-' | b'.' => (c, 1),
+            // +44(0)20 7946 0958: the trunk zero is not part of the number.
+            b'(' if at(t, i) == b'+' && run.groups.len() == 1 && at(t, j + 1) == b'0' && at(t, j + 2) == b')' => {
+                run.trunk_paren = true;
+                if at(t, j + 3) == b' ' || at(t, j + 3) == b'-' {
+                    (b'(', 4)
+                } else {
+                    (b'(', 3)
+                }
+            }
             _ => break,
         };
         if !is_digit(at(t, j + width)) {
@@ -683,6 +740,25 @@ fn numeric_run(t: &[u8], i: usize) -> NumericRun {
         }
         run.seps.push(sep);
         j += width;
+    }
+    // Extension: x123, ext. 123, ext 123
+    let ext_from = if at(t, j) == b'x' && is_digit(at(t, j + 1)) {
+        Some(j + 1)
+    } else if t.get(j..).is_some_and(|r| r.starts_with(b" ext. ") || r.starts_with(b" ext ")) {
+        let k = if at(t, j + 4) == b'.' { j + 6 } else { j + 5 };
+        is_digit(at(t, k)).then_some(k)
+    } else {
+        None
+    };
+    if let Some(mut k) = ext_from {
+        let s = k;
+        while is_digit(at(t, k)) && k - s < 6 {
+            k += 1;
+        }
+        if !is_word(at(t, k)) {
+            run.ext_end = Some(k);
+            return run;
+        }
     }
     if is_word(at(t, j)) || (at(t, j) == b'.' && is_digit(at(t, j + 1))) || (at(t, j) == b'-' && is_alnum(at(t, j + 1)))
     {
@@ -719,10 +795,18 @@ fn phone(
         if !(8..=15).contains(&n) || digits.first() == Some(&b'0') {
             return None;
         }
-        if lens.len() > 1 && lens.iter().skip(1).any(|l| *l < 2) {
+        if lens.len() > 1 && lens.iter().skip(2).any(|l| *l < 2) {
             return None;
         }
         return Some(Confidence::High);
+    }
+    // 00 international prefix: 001-710-474-4773, 0044 20 7946 0958
+    if digits.starts_with(b"00")
+        && lens.len() >= 3
+        && (10..=15).contains(&(n - 2))
+        && lens.iter().skip(1).all(|l| *l >= 2)
+    {
+        return Some(Confidence::Medium);
     }
     if seps.contains(&b'.') && !seps.iter().all(|s| *s == b'.') {
         return None;
@@ -757,7 +841,7 @@ fn phone(
         return Some(if nanp_plausible(d) { Confidence::Medium } else { Confidence::Low });
     }
     // National formats with a trunk 0: 020 7946 0958, 0151 496 0123, 030 123456, 06 12 34 56 78
-    if digits.first() == Some(&b'0') && (10..=12).contains(&n) && lens.iter().all(|l| (2..=5).contains(l)) {
+    if digits.first() == Some(&b'0') && (10..=12).contains(&n) && lens.iter().all(|l| (2..=8).contains(l)) {
         return Some(Confidence::Medium);
     }
     // Other grouped 10-12 digit numbers: weak.
@@ -765,6 +849,14 @@ fn phone(
         return Some(Confidence::Low);
     }
     None
+}
+
+/// Words before a number that say it is an identifier, not personal data.
+fn negative_context(t: &[u8], start: usize) -> bool {
+    let before = t.get(start.saturating_sub(24)..start).unwrap_or(&[]);
+    ["order", "invoice", "tracking", "ticket", "ref", "reference", "sku", "serial", "isbn", "build", "id "]
+        .iter()
+        .any(|w| contains_ci(before, w.as_bytes()))
 }
 
 /// NANP: area code and exchange start with 2-9, and the area code is not N11.
@@ -1060,18 +1152,35 @@ pub fn luhn(digits: &[u8]) -> bool {
 fn card_brand(d: &[u8]) -> bool {
     let n = d.len();
     let p = |k: usize| -> u32 { d.iter().take(k).fold(0u32, |a, c| a * 10 + u32::from(c - b'0')) };
-    match d.first() {
-        Some(b'4') => matches!(n, 13 | 16 | 19),                // Visa
-        Some(b'5') => (51..=55).contains(&p(2)) && n == 16,     // Mastercard
-        Some(b'2') => (2221..=2720).contains(&p(4)) && n == 16, // Mastercard 2-series
-        Some(b'3') => {
-            (matches!(p(2), 34 | 37) && n == 15)
-                || (p(2) == 35 && (16..=19).contains(&n))
-                || (matches!(p(2), 36 | 38 | 30) && (14..=19).contains(&n))
-        }
-        Some(b'6') => p(4) == 6011 || p(2) == 65 || (644..=649).contains(&p(3)) || p(2) == 62, // Discover, UnionPay
-        _ => false,
-    }
+    let visa = d.first() == Some(&b'4') && matches!(n, 13 | 16 | 19);
+    let mastercard = n == 16 && ((51..=55).contains(&p(2)) || (2221..=2720).contains(&p(4)));
+    let amex = n == 15 && matches!(p(2), 34 | 37);
+    let jcb = p(2) == 35 && (16..=19).contains(&n);
+    let diners = matches!(p(2), 36 | 38 | 30) && (14..=19).contains(&n);
+    let discover = (16..=19).contains(&n) && (p(4) == 6011 || p(2) == 65 || (644..=649).contains(&p(3)) || p(2) == 62);
+    visa || mastercard || amex || jcb || diners || discover || maestro(d)
+}
+
+/// Maestro: 12-19 digits with the Maestro prefixes.
+fn maestro(d: &[u8]) -> bool {
+    (12..=19).contains(&d.len())
+        && [
+            &b"5018"[..],
+            b"5020",
+            b"5038",
+            b"56",
+            b"57",
+            b"58",
+            b"6304",
+            b"6759",
+            b"6761",
+            b"6762",
+            b"6763",
+            b"0604",
+            b"6390",
+        ]
+        .iter()
+        .any(|p| d.starts_with(p))
 }
 
 fn all_same(d: &[u8]) -> bool {
