@@ -10,6 +10,7 @@
 //! | [`sse`] | an incremental Server-Sent Events parser that accepts chunks cut at any byte |
 //! | [`jsonrpc`] | JSON-RPC 2.0 messages (MCP, A2A) |
 //! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
+//! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
 //! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |
 //! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
@@ -24,6 +25,7 @@ pub mod llm;
 pub mod ratelimit;
 pub mod sse;
 pub mod stats;
+pub mod stream_rewrite;
 
 #[cfg(feature = "host")]
 pub mod host;

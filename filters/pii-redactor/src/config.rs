@@ -1,21 +1,255 @@
+//! Configuration: which detectors, what each does, where to scan, what to do with what cannot be scanned.
+
+use crate::detect::{Builtin, Confidence};
 use meshwarden_shared::config::{check_range, ConfigError, Validate};
 use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// What happens to a finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Reversible placeholder `<EMAIL_1>`, restored in the answer.
+    Mask,
+    /// Irreversible `redact_text`.
+    Redact,
+    /// Keep the last `keep_last` letters/digits, `*` for the others, separators kept.
+    Partial,
+    /// `[EMAIL:3f2a9c1b04de]`: salted SipHash, stable across requests and gateways with the same salt.
+    Hash,
+    /// Refuse the request (400) naming the types found (never the values).
+    Reject,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Mask => "mask",
+            Action::Redact => "redact",
+            Action::Partial => "partial",
+            Action::Hash => "hash",
+            Action::Reject => "reject",
+        }
+    }
+}
+
+/// Bodies that cannot be scanned: compressed (`content-encoding`), larger than `max_body_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unscannable {
+    /// Answer 415 (compressed) or 413 (too large): nothing unscanned leaves (fail closed, the default).
+    Reject,
+    /// Forward unchanged and count it (fail open).
+    Pass,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Validator {
+    #[default]
+    None,
+    Luhn,
+    Mod97,
+}
+
+/// Per built-in detector settings; everything optional (the top-level defaults apply).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorConfig {
+    pub enabled: bool,
+    pub action: Option<Action>,
+    pub min_confidence: Option<Confidence>,
+    pub keep_last: Option<usize>,
+    /// Replaces the built-in context words (lower case, matched case-insensitively near the candidate).
+    pub context_words: Option<Vec<String>>,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self { enabled: true, action: None, min_confidence: None, keep_last: None, context_words: None }
+    }
+}
+
+/// A user-defined detector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomDetector {
+    /// `[a-z0-9_]`, unique; the placeholder label is its upper case (`employee_id` -> `<EMPLOYEE_ID_1>`).
+    pub name: String,
+    /// Regular expression (Rust `regex-lite` syntax: no look-around, no Unicode classes).
+    pub pattern: String,
+    #[serde(default)]
+    pub validator: Validator,
+    /// If non-empty, one of these must appear within `context_window` bytes of the match.
+    #[serde(default)]
+    pub context_words: Vec<String>,
+    #[serde(default)]
+    pub action: Option<Action>,
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Largest request body buffered for inspection.
+    /// Largest request body (and non-streamed response body) buffered for inspection.
     pub max_body_bytes: u64,
+    /// Action for detectors that do not set one.
+    pub default_action: Action,
+    /// Minimum confidence for detectors that do not set one.
+    pub min_confidence: Confidence,
+    /// Per built-in detector (`email`, `phone`, `credit_card`, ...). Absent detectors are enabled.
+    pub detectors: BTreeMap<String, DetectorConfig>,
+    pub custom_detectors: Vec<CustomDetector>,
+    /// Bytes before and after a candidate searched for context words.
+    pub context_window: usize,
+    /// Restore `mask` placeholders in the answer (JSON and SSE).
+    pub restore: bool,
+    /// Also scan what the model writes (PII it produces on its own) and apply `response_action`.
+    pub scan_responses: bool,
+    /// `redact`, `partial` or `hash` (a placeholder in an answer could never be restored).
+    pub response_action: Action,
+    /// Secret for `hash`; required when any detector hashes.
+    pub hash_salt: String,
+    pub redact_text: String,
+    /// Default `keep_last` for `partial`.
+    pub partial_keep_last: usize,
+    pub on_unscannable: Unscannable,
+    /// Scan non-JSON request bodies (and JSON that does not parse) as plain text.
+    pub raw_fallback: bool,
+    /// Response header carrying counts per type (`email=2,phone=1`) for the access log (`%RESP(...)%`);
+    /// never values. Empty disables it.
+    pub counts_header: String,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20 }
+        Self {
+            max_body_bytes: 1 << 20,
+            default_action: Action::Mask,
+            min_confidence: Confidence::Medium,
+            detectors: BTreeMap::new(),
+            custom_detectors: Vec::new(),
+            context_window: 48,
+            restore: true,
+            scan_responses: false,
+            response_action: Action::Redact,
+            hash_salt: String::new(),
+            redact_text: "[REDACTED]".to_string(),
+            partial_keep_last: 4,
+            on_unscannable: Unscannable::Reject,
+            raw_fallback: true,
+            counts_header: "x-meshwarden-pii".to_string(),
+        }
+    }
+}
+
+impl Config {
+    pub fn action_of(&self, b: Builtin) -> Action {
+        self.detector(b).and_then(|d| d.action).unwrap_or(self.default_action)
+    }
+
+    pub fn detector(&self, b: Builtin) -> Option<&DetectorConfig> {
+        self.detectors.get(b.name())
+    }
+
+    fn uses_hash(&self) -> bool {
+        self.default_action == Action::Hash
+            || self.detectors.values().any(|d| d.action == Some(Action::Hash))
+            || self.custom_detectors.iter().any(|d| d.action == Some(Action::Hash))
+            || (self.scan_responses && self.response_action == Action::Hash)
     }
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)
+        check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
+        check_range("context_window", self.context_window, 0, 1024)?;
+        check_range("partial_keep_last", self.partial_keep_last, 0, 64)?;
+        for (name, d) in &self.detectors {
+            if !Builtin::ALL.iter().any(|b| b.name() == name) {
+                let known: Vec<&str> = Builtin::ALL.iter().map(|b| b.name()).collect();
+                return Err(ConfigError::at(
+                    &format!("detectors.{name}"),
+                    format!("unknown detector, expected one of {}", known.join(", ")),
+                ));
+            }
+            if let Some(k) = d.keep_last {
+                check_range(&format!("detectors.{name}.keep_last"), k, 0, 64)?;
+            }
+        }
+        if matches!(self.response_action, Action::Mask | Action::Reject) {
+            return Err(ConfigError::at(
+                "response_action",
+                "must be redact, partial or hash (a placeholder in an answer cannot be restored, and an answer cannot be rejected once streaming)",
+            ));
+        }
+        if self.uses_hash() && self.hash_salt.len() < 16 {
+            return Err(ConfigError::at(
+                "hash_salt",
+                "a secret of at least 16 bytes is required when an action is hash",
+            ));
+        }
+        if self.redact_text.len() > 64 {
+            return Err(ConfigError::at("redact_text", "at most 64 bytes"));
+        }
+        if !self.counts_header.is_empty()
+            && !self.counts_header.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        {
+            return Err(ConfigError::at("counts_header", "a lower-case header name ([a-z0-9-]) or empty"));
+        }
+        check_range("custom_detectors.length", self.custom_detectors.len(), 0, 32)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, d) in self.custom_detectors.iter().enumerate() {
+            let at = |f: &str| format!("custom_detectors[{i}].{f}");
+            if d.name.is_empty()
+                || d.name.len() > 32
+                || !d.name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+            {
+                return Err(ConfigError::at(&at("name"), "1-32 characters of [a-z0-9_]"));
+            }
+            if Builtin::ALL.iter().any(|b| b.name() == d.name) || !seen.insert(d.name.clone()) {
+                return Err(ConfigError::at(&at("name"), format!("duplicate detector name `{}`", d.name)));
+            }
+            match regex_lite::Regex::new(&d.pattern) {
+                Ok(re) => {
+                    if re.is_match("") {
+                        return Err(ConfigError::at(&at("pattern"), "must not match the empty string"));
+                    }
+                }
+                Err(e) => return Err(ConfigError::at(&at("pattern"), format!("invalid regex: {e}"))),
+            }
+            if let Some(k) = d.keep_last {
+                check_range(&at("keep_last"), k, 0, 64)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwarden_shared::config::parse_config;
+
+    #[test]
+    fn defaults_and_errors_with_paths() {
+        let c: Config = parse_config(b"").unwrap();
+        assert_eq!(c.default_action, Action::Mask);
+        assert!(c.restore);
+        let e = parse_config::<Config>(br#"{"detectors":{"email":{"action":"maks"}}}"#).unwrap_err();
+        assert_eq!(e.path, "$.detectors.email.action", "{e}");
+        let e = parse_config::<Config>(br#"{"detectors":{"emial":{}}}"#).unwrap_err();
+        assert_eq!(e.path, "$.detectors.emial", "{e}");
+        let e = parse_config::<Config>(br#"{"default_action":"hash"}"#).unwrap_err();
+        assert_eq!(e.path, "$.hash_salt");
+        let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"("}]}"#).unwrap_err();
+        assert_eq!(e.path, "$.custom_detectors[0].pattern");
+        let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"email","pattern":"a"}]}"#).unwrap_err();
+        assert_eq!(e.path, "$.custom_detectors[0].name");
+        let e = parse_config::<Config>(br#"{"response_action":"mask"}"#).unwrap_err();
+        assert_eq!(e.path, "$.response_action");
+        let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"a*"}]}"#).unwrap_err();
+        assert!(e.message.contains("empty"), "{e}");
     }
 }

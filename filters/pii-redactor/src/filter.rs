@@ -1,11 +1,22 @@
-use crate::config::Config;
-use meshwarden_shared::host::{load_config, Metrics};
+//! The thin proxy-wasm adapter: buffers the request body, runs the pure core, rewrites the body, then
+//! restores (and optionally scans) the answer: JSON buffered, SSE and other bodies streamed chunk by
+//! chunk with only a possible placeholder prefix held back.
+
+use crate::config::{Config, Unscannable};
+use crate::engine::{Counts, Engine};
+use crate::request::{process_request, Scanned};
+use crate::restore::{RawStream, Restorer, SseRestore};
+use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
+use meshwarden_shared::host::{load_config, log, send_error, Metrics};
+use meshwarden_shared::llm::Api;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 const FILTER: &str = "pii_redactor";
+const P: &str = "meshwarden.pii_redactor";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -15,6 +26,7 @@ proxy_wasm::main! {{
 #[derive(Default)]
 struct Root {
     config: Rc<Config>,
+    engine: Option<Rc<Engine>>,
     metrics: Rc<RefCell<Metrics>>,
 }
 
@@ -24,6 +36,7 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         match load_config::<Config>(FILTER, self.get_plugin_configuration()) {
             Some(c) => {
+                self.engine = Some(Rc::new(Engine::new(&c)));
                 self.config = Rc::new(c);
                 true
             }
@@ -32,7 +45,24 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { metrics: self.metrics.clone() }))
+        let engine = match &self.engine {
+            Some(e) => e.clone(),
+            None => Rc::new(Engine::new(&self.config)),
+        };
+        Some(Box::new(Request {
+            config: self.config.clone(),
+            engine,
+            metrics: self.metrics.clone(),
+            path: String::new(),
+            api: Api::Unknown,
+            encoded: false,
+            passthrough: false,
+            counts: Counts::default(),
+            restorer: None,
+            mode: Mode::None,
+            sse: SseRestore::new(),
+            raw: RawStream::default(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -40,15 +70,235 @@ impl RootContext for Root {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    None,
+    Json,
+    Sse,
+    Raw,
+}
+
 struct Request {
+    config: Rc<Config>,
+    engine: Rc<Engine>,
     metrics: Rc<RefCell<Metrics>>,
+    path: String,
+    api: Api,
+    encoded: bool,
+    /// Request body not scanned (fail-open on unscannable input).
+    passthrough: bool,
+    counts: Counts,
+    restorer: Option<Restorer>,
+    mode: Mode,
+    sse: SseRestore,
+    raw: RawStream,
+}
+
+impl Request {
+    fn count(&self, name: &str, n: u64) {
+        self.metrics.borrow_mut().counter(&format!("{P}.{name}"), n);
+    }
+
+    fn flavor(&self) -> ErrorFlavor {
+        ErrorFlavor::for_api(self.api)
+    }
+
+    fn counts_header(&self) -> Vec<(&str, String)> {
+        if self.config.counts_header.is_empty() || self.counts.is_empty() {
+            return Vec::new();
+        }
+        vec![(self.config.counts_header.as_str(), self.counts.summary())]
+    }
+
+    /// Unscannable request body: reject (fail closed) or pass and count (fail open).
+    fn unscannable(&mut self, status: u32, kind: ErrorKind, code: &str, why: &str) -> Action {
+        self.count(&format!("unscannable.{code}"), 1);
+        match self.config.on_unscannable {
+            Unscannable::Reject => {
+                send_error(status, self.flavor(), kind, Some(code), &format!("pii-redactor: {why}"), &[]);
+                Action::Pause
+            }
+            Unscannable::Pass => {
+                self.passthrough = true;
+                Action::Continue
+            }
+        }
+    }
+}
+
+impl Request {
+    fn response_body(&mut self, restorer: &mut Restorer, size: usize, eos: bool) -> Action {
+        match self.mode {
+            Mode::None => Action::Continue,
+            Mode::Json => {
+                if !eos {
+                    if size as u64 > self.config.max_body_bytes {
+                        // Too large to buffer: stream it as raw JSON text from here on.
+                        self.mode = Mode::Raw;
+                        self.raw.escape_json = true;
+                        let chunk = self.get_http_response_body(0, size).unwrap_or_default();
+                        let out = self.raw.feed(restorer, &chunk, false);
+                        self.set_http_response_body(0, size, &out);
+                        return Action::Continue;
+                    }
+                    return Action::Pause;
+                }
+                let body = self.get_http_response_body(0, size).unwrap_or_default();
+                if let Some(out) = restorer.rewrite_json_body(&body) {
+                    self.set_http_response_body(0, size, &out);
+                }
+                Action::Continue
+            }
+            Mode::Sse | Mode::Raw => {
+                let chunk = self.get_http_response_body(0, size).unwrap_or_default();
+                let out = if self.mode == Mode::Sse {
+                    self.sse.feed(restorer, &chunk, eos)
+                } else {
+                    self.raw.feed(restorer, &chunk, eos)
+                };
+                if out != chunk {
+                    self.set_http_response_body(0, size, &out);
+                }
+                Action::Continue
+            }
+        }
+    }
 }
 
 impl Context for Request {}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.metrics.borrow_mut().counter("meshwarden.pii_redactor.requests", 1);
+    fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> Action {
+        self.count("requests", 1);
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.api = Api::from_path(&self.path);
+        if eos {
+            return Action::Continue;
+        }
+        let enc = self.get_http_request_header("content-encoding").unwrap_or_default();
+        self.encoded = !enc.is_empty() && !enc.eq_ignore_ascii_case("identity");
+        // The body may be rewritten: its length is not known yet.
+        self.set_http_request_header("content-length", None);
+        // The answer must come back uncompressed to be restored or scanned.
+        if self.config.restore || self.config.scan_responses {
+            self.set_http_request_header("accept-encoding", None);
+        }
         Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
+        if self.passthrough {
+            return Action::Continue;
+        }
+        if self.encoded {
+            return self.unscannable(
+                415,
+                ErrorKind::InvalidRequest,
+                "encoded_body",
+                "compressed request bodies cannot be scanned for sensitive data; send it uncompressed",
+            );
+        }
+        if size as u64 > self.config.max_body_bytes {
+            return self.unscannable(
+                413,
+                ErrorKind::RequestTooLarge,
+                "body_too_large",
+                &format!("request body over {} bytes cannot be scanned", self.config.max_body_bytes),
+            );
+        }
+        if !eos {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, size).unwrap_or_default();
+        let result = process_request(&self.engine, &self.path, &body, self.config.raw_fallback);
+        self.api = result.api;
+        match result.scanned {
+            Scanned::Raw => self.count("scanned_raw", 1),
+            Scanned::Skipped => self.count("not_scanned", 1),
+            _ => {}
+        }
+        self.counts = result.state.counts.clone();
+        for ((name, action), n) in &self.counts.0 {
+            self.count(&format!("findings.{name}.{}", action.name()), *n);
+        }
+        if !self.counts.is_empty() {
+            self.count("requests_with_findings", 1);
+        }
+        if !result.state.rejected.is_empty() {
+            self.count("rejected", 1);
+            let types = result.state.rejected.join(", ");
+            let header = self.counts_header();
+            let extra: Vec<(&str, &str)> = header.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            send_error(
+                400,
+                self.flavor(),
+                ErrorKind::InvalidRequest,
+                Some("sensitive_data_rejected"),
+                &format!("the request contains sensitive data that may not be sent to the model: {types}"),
+                &extra,
+            );
+            return Action::Pause;
+        }
+        if let Some(new_body) = &result.body {
+            self.set_http_request_body(0, size, new_body);
+            self.count("requests_rewritten", 1);
+        }
+        let map: HashMap<String, String> = if self.config.restore { result.state.restore } else { HashMap::new() };
+        let scan = self.config.scan_responses.then(|| self.engine.clone());
+        let restorer = Restorer::new(map, scan);
+        if !restorer.is_noop() {
+            self.restorer = Some(restorer);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, eos: bool) -> Action {
+        for (k, v) in self.counts_header() {
+            self.set_http_response_header(k, Some(&v));
+        }
+        if self.restorer.is_none() || eos {
+            return Action::Continue;
+        }
+        let enc = self.get_http_response_header("content-encoding").unwrap_or_default();
+        if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
+            // Placeholders reach the client unrestored (never the reverse: nothing leaks).
+            self.count("response_not_restored_encoded", 1);
+            log(LogLevel::Warn, "meshwarden pii_redactor: compressed answer, placeholders not restored");
+            self.restorer = None;
+            return Action::Continue;
+        }
+        let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        self.mode = if ct.starts_with("text/event-stream") {
+            Mode::Sse
+        } else if ct.contains("json") {
+            Mode::Json
+        } else {
+            Mode::Raw
+        };
+        self.set_http_response_header("content-length", None);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
+        let Some(mut restorer) = self.restorer.take() else {
+            return Action::Continue;
+        };
+        let action = self.response_body(&mut restorer, size, eos);
+        self.restorer = Some(restorer);
+        action
+    }
+
+    fn on_log(&mut self) {
+        if let Some(r) = &self.restorer {
+            if r.restored > 0 {
+                self.count("restored", r.restored);
+            }
+            for ((name, action), n) in &r.response_counts.0 {
+                self.count(&format!("response_findings.{name}.{}", action.name()), *n);
+            }
+            if self.sse.rw.oversized_events() > 0 {
+                self.count("response_oversized_events", self.sse.rw.oversized_events());
+            }
+        }
     }
 }

@@ -1,9 +1,18 @@
 //! pii-redactor: masks PII and secrets before a prompt leaves the network and restores them in the answer.
 //!
-//! `config` is the pure core (no proxy-wasm types, unit-tested natively); `filter` is the thin
-//! proxy-wasm adapter, compiled only for wasm32 (and for clippy).
+//! Pure core (no proxy-wasm types, unit-tested natively):
+//! - [`detect`]: the built-in detectors in one pass over the text, with validators;
+//! - [`engine`]: built-ins + user regex detectors, actions, the per-request placeholder map;
+//! - [`request`]: scanning the texts the model reads and rewriting the body;
+//! - [`restore`]: putting values back into JSON, SSE and raw answers, split-safe.
+//!
+//! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy).
 
 pub mod config;
+pub mod detect;
+pub mod engine;
+pub mod request;
+pub mod restore;
 
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod filter;

@@ -1,0 +1,1379 @@
+//! Built-in detectors in ONE pass over the text.
+//!
+//! No regular expressions: the scanner walks the bytes once, and only at a token start whose first byte
+//! can begin some entity (a digit, `+`, `(`, a letter that starts a known secret prefix, `@` run, `-----`)
+//! does it look further, with bounded look-ahead and a validator (Luhn, mod-97, NHS weights, SSN ranges,
+//! IBAN country lengths, IPv6 parse, JWT header decode). A token that is nothing is skipped whole, so the
+//! work is linear in the text. Works on bytes, so non-UTF-8 input is scanned too (every shape is ASCII).
+
+use serde::{Deserialize, Serialize};
+
+/// The built-in entity types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Builtin {
+    Email,
+    Phone,
+    CreditCard,
+    UsSsn,
+    Iban,
+    Ipv4,
+    Ipv6,
+    UkNhs,
+    AwsAccessKey,
+    GithubToken,
+    OpenaiKey,
+    AnthropicKey,
+    SlackToken,
+    GoogleApiKey,
+    StripeKey,
+    HuggingfaceToken,
+    PrivateKey,
+    Jwt,
+}
+
+impl Builtin {
+    pub const ALL: [Builtin; 18] = [
+        Builtin::Email,
+        Builtin::Phone,
+        Builtin::CreditCard,
+        Builtin::UsSsn,
+        Builtin::Iban,
+        Builtin::Ipv4,
+        Builtin::Ipv6,
+        Builtin::UkNhs,
+        Builtin::AwsAccessKey,
+        Builtin::GithubToken,
+        Builtin::OpenaiKey,
+        Builtin::AnthropicKey,
+        Builtin::SlackToken,
+        Builtin::GoogleApiKey,
+        Builtin::StripeKey,
+        Builtin::HuggingfaceToken,
+        Builtin::PrivateKey,
+        Builtin::Jwt,
+    ];
+
+    /// Config / stat name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Email => "email",
+            Builtin::Phone => "phone",
+            Builtin::CreditCard => "credit_card",
+            Builtin::UsSsn => "us_ssn",
+            Builtin::Iban => "iban",
+            Builtin::Ipv4 => "ipv4",
+            Builtin::Ipv6 => "ipv6",
+            Builtin::UkNhs => "uk_nhs",
+            Builtin::AwsAccessKey => "aws_access_key",
+            Builtin::GithubToken => "github_token",
+            Builtin::OpenaiKey => "openai_key",
+            Builtin::AnthropicKey => "anthropic_key",
+            Builtin::SlackToken => "slack_token",
+            Builtin::GoogleApiKey => "google_api_key",
+            Builtin::StripeKey => "stripe_key",
+            Builtin::HuggingfaceToken => "huggingface_token",
+            Builtin::PrivateKey => "private_key",
+            Builtin::Jwt => "jwt",
+        }
+    }
+
+    /// Placeholder label (`<EMAIL_1>`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Builtin::Email => "EMAIL",
+            Builtin::Phone => "PHONE",
+            Builtin::CreditCard => "CREDIT_CARD",
+            Builtin::UsSsn => "US_SSN",
+            Builtin::Iban => "IBAN",
+            Builtin::Ipv4 => "IPV4",
+            Builtin::Ipv6 => "IPV6",
+            Builtin::UkNhs => "UK_NHS",
+            Builtin::AwsAccessKey => "AWS_KEY",
+            Builtin::GithubToken => "GITHUB_TOKEN",
+            Builtin::OpenaiKey => "OPENAI_KEY",
+            Builtin::AnthropicKey => "ANTHROPIC_KEY",
+            Builtin::SlackToken => "SLACK_TOKEN",
+            Builtin::GoogleApiKey => "GOOGLE_API_KEY",
+            Builtin::StripeKey => "STRIPE_KEY",
+            Builtin::HuggingfaceToken => "HF_TOKEN",
+            Builtin::PrivateKey => "PRIVATE_KEY",
+            Builtin::Jwt => "JWT",
+        }
+    }
+
+    /// Words that, found shortly before a candidate, raise its confidence one level.
+    pub fn default_context_words(self) -> &'static [&'static str] {
+        match self {
+            Builtin::Phone => &[
+                "phone",
+                "tel",
+                "telephone",
+                "call",
+                "mobile",
+                "cell",
+                "fax",
+                "whatsapp",
+                "contact",
+                "number",
+                "reach",
+                "dial",
+                "sms",
+                "text me",
+                "line",
+                "hotline",
+            ],
+            Builtin::CreditCard => &["card", "visa", "mastercard", "amex", "credit", "debit", "payment"],
+            Builtin::UsSsn => &["ssn", "social security", "social-security", "taxpayer"],
+            Builtin::Iban => &["iban", "bank", "account", "transfer"],
+            Builtin::UkNhs => &["nhs", "health service", "patient"],
+            Builtin::Ipv4 | Builtin::Ipv6 => &["ip", "address", "host", "server", "client"],
+            _ => &[],
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How sure a finding is. Context words raise a finding one level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    Low,
+    Medium,
+    High,
+}
+
+impl Confidence {
+    fn raised(self) -> Confidence {
+        match self {
+            Confidence::Low => Confidence::Medium,
+            _ => Confidence::High,
+        }
+    }
+}
+
+/// One finding of a built-in detector: byte range in the scanned text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finding {
+    pub start: usize,
+    pub end: usize,
+    pub kind: Builtin,
+    pub confidence: Confidence,
+}
+
+/// Which built-ins are on, their minimum confidence and context words.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    enabled: [bool; 18],
+    min_confidence: [Confidence; 18],
+    context: [Vec<String>; 18],
+    context_window: usize,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        let mut s = Scanner {
+            enabled: [true; 18],
+            min_confidence: [Confidence::Medium; 18],
+            context: Default::default(),
+            context_window: 48,
+        };
+        for b in Builtin::ALL {
+            s.set_context(b, b.default_context_words().iter().map(|w| w.to_string()).collect());
+        }
+        s
+    }
+}
+
+#[inline]
+fn is_digit(b: u8) -> bool {
+    b.is_ascii_digit()
+}
+#[inline]
+fn is_alnum(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
+#[inline]
+fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+#[inline]
+fn is_local(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-')
+}
+#[inline]
+fn at(t: &[u8], i: usize) -> u8 {
+    t.get(i).copied().unwrap_or(0)
+}
+
+impl Scanner {
+    /// Nothing enabled.
+    pub fn none() -> Self {
+        Scanner { enabled: [false; 18], ..Scanner::default() }
+    }
+
+    pub fn set_enabled(&mut self, b: Builtin, on: bool) {
+        if let Some(e) = self.enabled.get_mut(b.index()) {
+            *e = on;
+        }
+    }
+
+    pub fn set_min_confidence(&mut self, b: Builtin, c: Confidence) {
+        if let Some(e) = self.min_confidence.get_mut(b.index()) {
+            *e = c;
+        }
+    }
+
+    /// Context words are matched case-insensitively; give them in lower case.
+    pub fn set_context(&mut self, b: Builtin, words: Vec<String>) {
+        if let Some(e) = self.context.get_mut(b.index()) {
+            *e = words.into_iter().map(|w| w.to_ascii_lowercase()).filter(|w| !w.is_empty()).collect();
+        }
+    }
+
+    pub fn set_context_window(&mut self, bytes: usize) {
+        self.context_window = bytes;
+    }
+
+    pub fn any_enabled(&self) -> bool {
+        self.enabled.iter().any(|e| *e)
+    }
+
+    fn on(&self, b: Builtin) -> bool {
+        self.enabled.get(b.index()).copied().unwrap_or(false)
+    }
+
+    /// Every finding, in order, non-overlapping.
+    pub fn scan(&self, t: &[u8]) -> Vec<Finding> {
+        let mut out = Vec::new();
+        self.scan_with(t, |f| out.push(f));
+        out
+    }
+
+    /// The single pass.
+    pub fn scan_with(&self, t: &[u8], mut emit: impl FnMut(Finding)) {
+        let n = t.len();
+        let mut i = 0;
+        while i < n {
+            let b = at(t, i);
+            let starts = is_alnum(b) || matches!(b, b'+' | b'(' | b'-' | b':');
+            if !starts {
+                i += 1;
+                continue;
+            }
+            // Token start: the previous byte must not continue a word.
+            if i > 0 && is_word(at(t, i - 1)) {
+                i += 1;
+                continue;
+            }
+            if let Some(f) = self.try_at(t, i) {
+                if f.end > i {
+                    let f = self.with_context(t, f);
+                    if f.confidence >= self.min_confidence.get(f.kind.index()).copied().unwrap_or(Confidence::High) {
+                        emit(f);
+                        i = f.end;
+                        continue;
+                    }
+                }
+            }
+            // An IBAN-shaped span that fails its check is skipped whole (its digit groups are not phones).
+            if b.is_ascii_uppercase() && self.on(Builtin::Iban) {
+                if let Some((end, false)) = iban_span(t, i) {
+                    i = end;
+                    continue;
+                }
+            }
+            // Skip this word (a punctuation start only itself).
+            if !is_word(b) {
+                i += 1;
+                continue;
+            }
+            let mut j = i + 1;
+            while j < n && is_word(at(t, j)) {
+                j += 1;
+            }
+            i = j;
+        }
+    }
+
+    fn with_context(&self, t: &[u8], mut f: Finding) -> Finding {
+        if f.confidence == Confidence::High {
+            return f;
+        }
+        let words = match self.context.get(f.kind.index()) {
+            Some(w) if !w.is_empty() => w,
+            _ => return f,
+        };
+        let from = f.start.saturating_sub(self.context_window);
+        let window = t.get(from..f.start).unwrap_or(&[]);
+        let after = t.get(f.end..(f.end + self.context_window / 2).min(t.len())).unwrap_or(&[]);
+        if words.iter().any(|w| contains_ci(window, w.as_bytes()) || contains_ci(after, w.as_bytes())) {
+            f.confidence = f.confidence.raised();
+        }
+        f
+    }
+
+    /// Try every detector that can start at `i` (a token start).
+    fn try_at(&self, t: &[u8], i: usize) -> Option<Finding> {
+        let b = at(t, i);
+        // Email first: its local part may look like anything else.
+        if is_local(b) && self.on(Builtin::Email) {
+            if let Some(f) = email(t, i) {
+                return Some(f);
+            }
+        }
+        match b {
+            b'-' => {
+                if self.on(Builtin::PrivateKey) {
+                    return private_key(t, i);
+                }
+                None
+            }
+            b'0'..=b'9' | b'+' | b'(' => {
+                if let Some(f) = self.ipv6(t, i) {
+                    return Some(f);
+                }
+                self.numeric(t, i)
+            }
+            b':' => self.ipv6(t, i),
+            b'a'..=b'z' | b'A'..=b'Z' => {
+                if let Some(f) = self.secret(t, i) {
+                    return Some(f);
+                }
+                if b.is_ascii_uppercase() && self.on(Builtin::Iban) {
+                    if let Some(f) = iban(t, i) {
+                        return Some(f);
+                    }
+                }
+                if b.is_ascii_hexdigit() {
+                    return self.ipv6(t, i);
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    fn ipv6(&self, t: &[u8], i: usize) -> Option<Finding> {
+        if !self.on(Builtin::Ipv6) {
+            return None;
+        }
+        let mut j = i;
+        let mut colons = 0;
+        while j < t.len() && j - i < 45 {
+            let c = at(t, j);
+            if c == b':' {
+                colons += 1;
+            } else if !(c.is_ascii_hexdigit() || c == b'.') {
+                break;
+            }
+            j += 1;
+        }
+        if colons < 2 {
+            return None;
+        }
+        // Trailing punctuation is not part of the address.
+        while j > i && matches!(at(t, j - 1), b'.' | b':') && !(at(t, j - 1) == b':' && at(t, j - 2) == b':') {
+            j -= 1;
+        }
+        if is_word(at(t, j)) {
+            return None;
+        }
+        let s = std::str::from_utf8(t.get(i..j)?).ok()?;
+        s.parse::<std::net::Ipv6Addr>().ok()?;
+        // "::" alone or a bare "12::" are too weak to call an address.
+        let hex_digits = s.bytes().filter(u8::is_ascii_hexdigit).count();
+        if hex_digits < 2 {
+            return None;
+        }
+        Some(Finding { start: i, end: j, kind: Builtin::Ipv6, confidence: Confidence::High })
+    }
+
+    /// Digits with separators: IPv4, SSN, card, NHS, phone.
+    fn numeric(&self, t: &[u8], i: usize) -> Option<Finding> {
+        let run = numeric_run(t, i);
+        if run.groups.is_empty() {
+            return None;
+        }
+        // Longest prefix (by groups) that classifies.
+        for g in (1..=run.groups.len()).rev() {
+            let end = run.groups.get(g - 1).map(|x| x.1)?;
+            // A prefix must end at a token end.
+            if g < run.groups.len() || run.complete {
+                let groups = run.groups.get(..g)?;
+                let seps = run.seps.get(..g.saturating_sub(1))?;
+                let full = g == run.groups.len();
+                if full && (run.ext_end.is_some() || run.trunk_paren) {
+                    // Only a phone has an extension or a (0) trunk.
+                    if !self.on(Builtin::Phone) {
+                        return None;
+                    }
+                    let lens: Vec<usize> = groups.iter().map(|(a, b)| b - a).collect();
+                    let digits: Vec<u8> =
+                        groups.iter().flat_map(|(a, b)| t.get(*a..*b).unwrap_or(&[]).iter().copied()).collect();
+                    let plus = at(t, i) == b'+';
+                    let paren = at(t, i) == b'(';
+                    if let Some(confidence) = phone(t, i, end, &lens, seps, plus, paren, &digits) {
+                        let end = run.ext_end.unwrap_or(end);
+                        return Some(Finding { start: i, end, kind: Builtin::Phone, confidence });
+                    }
+                    continue;
+                }
+                if let Some(f) = self.classify(t, i, end, groups, seps) {
+                    return Some(f);
+                }
+            }
+        }
+        None
+    }
+
+    fn classify(&self, t: &[u8], start: usize, end: usize, groups: &[(usize, usize)], seps: &[u8]) -> Option<Finding> {
+        let plus = at(t, start) == b'+';
+        let paren = at(t, start) == b'(';
+        let lens: Vec<usize> = groups.iter().map(|(a, b)| b - a).collect();
+        let digits: usize = lens.iter().sum();
+        let all_same_sep = seps.windows(2).all(|w| w.first() == w.get(1));
+        let sep0 = seps.first().copied();
+        let finding = |kind, confidence| Some(Finding { start, end, kind, confidence });
+        let digit_str: Vec<u8> =
+            groups.iter().flat_map(|(a, b)| t.get(*a..*b).unwrap_or(&[]).iter().copied()).collect();
+
+        // IPv4: exactly four dot-separated groups of 1-3 digits, each <= 255.
+        if !plus
+            && !paren
+            && groups.len() == 4
+            && seps.iter().all(|s| *s == b'.')
+            && lens.iter().all(|l| (1..=3).contains(l))
+        {
+            if !self.on(Builtin::Ipv4) {
+                return None;
+            }
+            let ok = groups.iter().all(|(a, b)| {
+                let g = t.get(*a..*b).unwrap_or(&[]);
+                let v = g.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'));
+                v <= 255 && !(g.len() > 1 && g.first() == Some(&b'0'))
+            });
+            if !ok {
+                return None;
+            }
+            // "version 1.2.3.4", "v1.2.3.4": a version string, not an address.
+            let before = t.get(start.saturating_sub(12)..start).unwrap_or(&[]);
+            let conf = if contains_ci(before, b"version")
+                || contains_ci(before, b"ver ")
+                || at(t, start.wrapping_sub(1)) == b'v'
+            {
+                Confidence::Low
+            } else {
+                Confidence::High
+            };
+            return finding(Builtin::Ipv4, conf);
+        }
+        if seps.contains(&b'.') && !(all_same_sep && seps.len() >= 2) {
+            return None; // 3.14, 1.2, 10.5-3
+        }
+
+        // US SSN: AAA-GG-SSSS with one separator kind, or 9 digits with a context word.
+        if self.on(Builtin::UsSsn) && !plus && !paren {
+            if lens == [3, 2, 4] && all_same_sep {
+                if ssn_valid(&digit_str) {
+                    let conf = if sep0 == Some(b'-') { Confidence::High } else { Confidence::Medium };
+                    return finding(Builtin::UsSsn, conf);
+                }
+                return None;
+            }
+            if lens == [9] && ssn_valid(&digit_str) {
+                // Bare nine digits: only with a context word.
+                let f = Finding { start, end, kind: Builtin::UsSsn, confidence: Confidence::Low };
+                if self.with_context(t, f).confidence >= Confidence::Medium {
+                    return Some(f);
+                }
+            }
+        }
+
+        // Credit card: 12-19 digits, single spaces or dashes between groups, Luhn, a known brand prefix.
+        if self.on(Builtin::CreditCard)
+            && !plus
+            && !paren
+            && (12..=19).contains(&digits)
+            && all_same_sep
+            && seps.iter().all(|s| *s == b' ' || *s == b'-')
+        {
+            if luhn(&digit_str) && card_brand(&digit_str) && !all_same(&digit_str) {
+                // A Luhn-valid number next to "order", "invoice", "tracking"... is an id, unless a card word is there too.
+                let f = Finding { start, end, kind: Builtin::CreditCard, confidence: Confidence::Medium };
+                let ctx = self.with_context(t, f);
+                if ctx.confidence == Confidence::Medium && negative_context(t, start) {
+                    return Some(Finding { confidence: Confidence::Low, ..f });
+                }
+                return Some(ctx);
+            }
+            if groups.len() == 1 || digits > 15 {
+                return None; // an order number that fails Luhn, not a phone either
+            }
+        }
+
+        // UK NHS: 3-3-4 (spaces or dashes) or 10 digits, weights 10..2.
+        let nhs_shape = (lens == [3, 3, 4] && all_same_sep && matches!(sep0, Some(b' ') | Some(b'-'))) || lens == [10];
+        let nhs_ok = self.on(Builtin::UkNhs) && !plus && !paren && nhs_shape && nhs_valid(&digit_str);
+        if nhs_ok {
+            let f = Finding { start, end, kind: Builtin::UkNhs, confidence: Confidence::Medium };
+            let with_ctx = self.with_context(t, f);
+            let nanp = lens == [3, 3, 4] && nanp_plausible(&digit_str);
+            if with_ctx.confidence > f.confidence || !nanp {
+                // Bare ten digits need the context word (else it may still be a phone).
+                if !(lens == [10] && with_ctx.confidence <= Confidence::Medium) {
+                    return Some(f);
+                }
+            }
+        }
+
+        // Phone.
+        if self.on(Builtin::Phone) {
+            return phone(t, start, end, &lens, seps, plus, paren, &digit_str).map(|confidence| Finding {
+                start,
+                end,
+                kind: Builtin::Phone,
+                confidence,
+            });
+        }
+        None
+    }
+
+    /// Secrets by literal prefix.
+    fn secret(&self, t: &[u8], i: usize) -> Option<Finding> {
+        let rest = t.get(i..)?;
+        let b = *rest.first()?;
+        let tok_end = |from: usize, ok: fn(u8) -> bool| {
+            let mut j = from;
+            while j < t.len() && ok(at(t, j)) {
+                j += 1;
+            }
+            j
+        };
+        let key_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+        let high = |kind, end| Some(Finding { start: i, end, kind, confidence: Confidence::High });
+        match b {
+            b'A' => {
+                if self.on(Builtin::AwsAccessKey) {
+                    let pre = [&b"AKIA"[..], b"ASIA", b"ABIA", b"ACCA"].iter().any(|p| rest.starts_with(p))
+                        || (rest.starts_with(b"A3T")
+                            && at(rest, 3).is_ascii_alphanumeric()
+                            && at(rest, 3).is_ascii_uppercase() | at(rest, 3).is_ascii_digit());
+                    if pre {
+                        let body = rest.get(4..20)?;
+                        if body.iter().all(|c| c.is_ascii_uppercase() || (b'2'..=b'7').contains(c))
+                            && !is_word(at(rest, 20))
+                        {
+                            return high(Builtin::AwsAccessKey, i + 20);
+                        }
+                    }
+                }
+                if self.on(Builtin::GoogleApiKey) && rest.starts_with(b"AIza") {
+                    let body = rest.get(4..39)?;
+                    if body.iter().all(|c| key_char(*c)) && !key_char(at(rest, 39)) {
+                        return high(Builtin::GoogleApiKey, i + 39);
+                    }
+                }
+                None
+            }
+            b'g' if self.on(Builtin::GithubToken) => {
+                if rest.starts_with(b"github_pat_") {
+                    let end = tok_end(i + 11, is_word);
+                    if end - (i + 11) >= 82 {
+                        return high(Builtin::GithubToken, end);
+                    }
+                    return None;
+                }
+                if rest.len() >= 40
+                    && rest.starts_with(b"gh")
+                    && matches!(at(rest, 2), b'p' | b'o' | b'u' | b's' | b'r')
+                    && at(rest, 3) == b'_'
+                {
+                    let body = rest.get(4..40)?;
+                    if body.iter().all(u8::is_ascii_alphanumeric) && !is_word(at(rest, 40)) {
+                        return high(Builtin::GithubToken, i + 40);
+                    }
+                }
+                None
+            }
+            b's' | b'r' => {
+                if b == b's' && rest.starts_with(b"sk-") {
+                    let end = tok_end(i, key_char);
+                    let tok = t.get(i..end)?;
+                    if tok.starts_with(b"sk-ant-") {
+                        if !self.on(Builtin::AnthropicKey) {
+                            return None;
+                        }
+                        for p in [&b"sk-ant-api03-"[..], b"sk-ant-admin01-"] {
+                            if tok.starts_with(p) && tok.len() == p.len() + 95 && tok.ends_with(b"AA") {
+                                return high(Builtin::AnthropicKey, end);
+                            }
+                        }
+                        return None;
+                    }
+                    if self.on(Builtin::OpenaiKey) && contains(tok, b"T3BlbkFJ") {
+                        let modern = [&b"sk-proj-"[..], b"sk-svcacct-", b"sk-admin-", b"sk-None-"]
+                            .iter()
+                            .any(|p| tok.starts_with(p));
+                        let legacy = tok.len() == 51
+                            && tok.get(23..31) == Some(b"T3BlbkFJ")
+                            && tok.iter().skip(3).all(u8::is_ascii_alphanumeric);
+                        if (modern && tok.len() >= 40) || legacy {
+                            return high(Builtin::OpenaiKey, end);
+                        }
+                    }
+                    return None;
+                }
+                if self.on(Builtin::StripeKey) && at(rest, 1) == b'k' && at(rest, 2) == b'_' {
+                    let after = rest.get(3..)?;
+                    if ![&b"test_"[..], b"live_", b"prod_"].iter().any(|p| after.starts_with(p)) {
+                        return None;
+                    }
+                    let body_start = i + 8;
+                    let end = tok_end(body_start, |c| c.is_ascii_alphanumeric());
+                    if (10..=99).contains(&(end - body_start)) && !is_word(at(t, end)) {
+                        return high(Builtin::StripeKey, end);
+                    }
+                }
+                None
+            }
+            b'x' if self.on(Builtin::SlackToken) => {
+                if rest.starts_with(b"xox")
+                    && matches!(at(rest, 3), b'b' | b'p' | b'e' | b'a' | b's' | b'r')
+                    && at(rest, 4) == b'-'
+                {
+                    let end = tok_end(i + 5, |c| c.is_ascii_alphanumeric() || c == b'-');
+                    if end - (i + 5) >= 10 {
+                        return high(Builtin::SlackToken, end);
+                    }
+                }
+                None
+            }
+            b'h' => {
+                if self.on(Builtin::HuggingfaceToken) && rest.starts_with(b"hf_") {
+                    let body = rest.get(3..37)?;
+                    if body.iter().all(u8::is_ascii_alphabetic) && !is_word(at(rest, 37)) {
+                        return high(Builtin::HuggingfaceToken, i + 37);
+                    }
+                }
+                if self.on(Builtin::SlackToken) {
+                    let skip = if rest.starts_with(b"https://") { 8 } else { 0 };
+                    if rest.get(skip..).is_some_and(|r| r.starts_with(b"hooks.slack.com/services/")) {
+                        let from = i + skip + 25;
+                        let end = tok_end(from, |c| c.is_ascii_alphanumeric() || c == b'/' || c == b'_');
+                        if end - from >= 20 {
+                            return high(Builtin::SlackToken, end);
+                        }
+                    }
+                }
+                None
+            }
+            b'e' if self.on(Builtin::Jwt) => jwt(t, i),
+            _ => None,
+        }
+    }
+}
+
+struct NumericRun {
+    /// Digit groups (start, end).
+    groups: Vec<(usize, usize)>,
+    /// The separator before each group after the first (`(415) 555` gives `)`).
+    seps: Vec<u8>,
+    /// The run ended at a token end (not inside a word).
+    complete: bool,
+    /// End of a phone extension (`x123`, ` ext. 123`) after the last group.
+    ext_end: Option<usize>,
+    /// `+44(0)20...`: a trunk zero in parentheses after the country code.
+    trunk_paren: bool,
+}
+
+/// Digits in groups with single separators (space, dash, dot, `)` / `) `), optional leading `+` / `(`.
+fn numeric_run(t: &[u8], i: usize) -> NumericRun {
+    let mut run =
+        NumericRun { groups: Vec::new(), seps: Vec::new(), complete: true, ext_end: None, trunk_paren: false };
+    let mut j = i;
+    if matches!(at(t, j), b'+' | b'(') {
+        j += 1;
+    }
+    let mut total = 0;
+    loop {
+        let gs = j;
+        while j < t.len() && is_digit(at(t, j)) && j - gs < 20 {
+            j += 1;
+        }
+        if j == gs {
+            break;
+        }
+        total += j - gs;
+        run.groups.push((gs, j));
+        if total > 19 || run.groups.len() > 8 {
+            run.complete = false;
+            return run;
+        }
+        // separator
+        let c = at(t, j);
+        let (sep, width) = match c {
+            b')' if at(t, i) == b'(' && run.groups.len() == 1 => {
+                if at(t, j + 1) == b' ' || at(t, j + 1) == b'-' {
+                    (b')', 2)
+                } else {
+                    (b')', 1)
+                }
+            }
+            b' ' | b'-' | b'.' => (c, 1),
+            // +44(0)20 7946 0958: the trunk zero is not part of the number.
+            b'(' if at(t, i) == b'+' && run.groups.len() == 1 && at(t, j + 1) == b'0' && at(t, j + 2) == b')' => {
+                run.trunk_paren = true;
+                if at(t, j + 3) == b' ' || at(t, j + 3) == b'-' {
+                    (b'(', 4)
+                } else {
+                    (b'(', 3)
+                }
+            }
+            _ => break,
+        };
+        if !is_digit(at(t, j + width)) {
+            break;
+        }
+        run.seps.push(sep);
+        j += width;
+    }
+    // Extension: x123, ext. 123, ext 123
+    let ext_from = if at(t, j) == b'x' && is_digit(at(t, j + 1)) {
+        Some(j + 1)
+    } else if t.get(j..).is_some_and(|r| r.starts_with(b" ext. ") || r.starts_with(b" ext ")) {
+        let k = if at(t, j + 4) == b'.' { j + 6 } else { j + 5 };
+        is_digit(at(t, k)).then_some(k)
+    } else {
+        None
+    };
+    if let Some(mut k) = ext_from {
+        let s = k;
+        while is_digit(at(t, k)) && k - s < 6 {
+            k += 1;
+        }
+        if !is_word(at(t, k)) {
+            run.ext_end = Some(k);
+            return run;
+        }
+    }
+    if is_word(at(t, j)) || (at(t, j) == b'.' && is_digit(at(t, j + 1))) || (at(t, j) == b'-' && is_alnum(at(t, j + 1)))
+    {
+        run.complete = false;
+    }
+    if at(t, i) == b'(' && run.seps.first().is_none_or(|s| *s != b')') {
+        run.groups.clear();
+    }
+    run
+}
+
+#[allow(clippy::too_many_arguments)]
+fn phone(
+    t: &[u8],
+    start: usize,
+    end: usize,
+    lens: &[usize],
+    seps: &[u8],
+    plus: bool,
+    paren: bool,
+    digits: &[u8],
+) -> Option<Confidence> {
+    let n = digits.len();
+    let before = t.get(start.saturating_sub(1)..start).unwrap_or(&[]);
+    if before == b"$" || before == b"#" || before == b"." || before == b"/" {
+        return None; // price, ticket number, path
+    }
+    let after = at(t, end);
+    if after == b'%' || (after == b'/' && is_digit(at(t, end + 1))) {
+        return None;
+    }
+    if plus {
+        // E.164: 8-15 digits, country code not starting with 0.
+        if !(8..=15).contains(&n) || digits.first() == Some(&b'0') {
+            return None;
+        }
+        if lens.len() > 1 && lens.iter().skip(2).any(|l| *l < 2) {
+            return None;
+        }
+        return Some(Confidence::High);
+    }
+    // 00 international prefix: 001-710-474-4773, 0044 20 7946 0958
+    if digits.starts_with(b"00")
+        && lens.len() >= 3
+        && (10..=15).contains(&(n - 2))
+        && lens.iter().skip(1).all(|l| *l >= 2)
+    {
+        return Some(Confidence::Medium);
+    }
+    if seps.contains(&b'.') && !seps.iter().all(|s| *s == b'.') {
+        return None;
+    }
+    // Dates: 4-2-2, 2-2-4 with dashes/dots/spaces.
+    if lens == [4, 2, 2] || lens == [2, 2, 4] || lens == [4, 2] || lens == [2, 4] {
+        return None;
+    }
+    if paren {
+        // (415) 555-2671
+        if lens.len() == 3 && lens.first() == Some(&3) && lens.get(1) == Some(&3) && lens.get(2) == Some(&4) {
+            return Some(if nanp_plausible(digits) { Confidence::High } else { Confidence::Medium });
+        }
+        if (9..=12).contains(&n) && lens.len() >= 2 {
+            return Some(Confidence::Medium);
+        }
+        return None;
+    }
+    if lens.len() == 1 {
+        // Bare digits: phone only with a context word (dropped at the default minimum).
+        if (10..=11).contains(&n) {
+            return Some(Confidence::Low);
+        }
+        return None;
+    }
+    // NANP 3-3-4, optionally with a leading 1.
+    if lens == [3, 3, 4] || lens == [1, 3, 3, 4] {
+        let d = if lens.len() == 4 { digits.get(1..).unwrap_or(&[]) } else { digits };
+        if lens.len() == 4 && digits.first() != Some(&b'1') {
+            return None;
+        }
+        return Some(if nanp_plausible(d) { Confidence::Medium } else { Confidence::Low });
+    }
+    // National formats with a trunk 0: 020 7946 0958, 0151 496 0123, 030 123456, 06 12 34 56 78
+    if digits.first() == Some(&b'0') && (10..=12).contains(&n) && lens.iter().all(|l| (2..=8).contains(l)) {
+        return Some(Confidence::Medium);
+    }
+    // Other grouped 10-12 digit numbers: weak.
+    if (10..=12).contains(&n) && lens.iter().all(|l| (2..=4).contains(l)) {
+        return Some(Confidence::Low);
+    }
+    None
+}
+
+/// Words before a number that say it is an identifier, not personal data.
+fn negative_context(t: &[u8], start: usize) -> bool {
+    let before = t.get(start.saturating_sub(24)..start).unwrap_or(&[]);
+    ["order", "invoice", "tracking", "ticket", "ref", "reference", "sku", "serial", "isbn", "build", "id "]
+        .iter()
+        .any(|w| contains_ci(before, w.as_bytes()))
+}
+
+/// NANP: area code and exchange start with 2-9, and the area code is not N11.
+fn nanp_plausible(d: &[u8]) -> bool {
+    d.len() == 10
+        && matches!(d.first(), Some(b'2'..=b'9'))
+        && matches!(d.get(3), Some(b'2'..=b'9'))
+        && !(d.get(1) == Some(&b'1') && d.get(2) == Some(&b'1'))
+}
+
+fn email(t: &[u8], i: usize) -> Option<Finding> {
+    let mut j = i;
+    while j < t.len() && is_local(at(t, j)) && j - i <= 64 {
+        j += 1;
+    }
+    if at(t, j) != b'@' || j == i {
+        return None;
+    }
+    let local = t.get(i..j)?;
+    if local.first() == Some(&b'.') || local.last() == Some(&b'.') || contains(local, b"..") {
+        return None;
+    }
+    // Domain: labels of [A-Za-z0-9-], at least two, TLD letters >= 2.
+    let mut k = j + 1;
+    let mut labels = 0;
+    let mut last_label = (k, k);
+    loop {
+        let ls = k;
+        while k < t.len() && (is_alnum(at(t, k)) || at(t, k) == b'-') && k - ls < 63 {
+            k += 1;
+        }
+        if k == ls || at(t, ls) == b'-' || at(t, k - 1) == b'-' {
+            if labels > 0 {
+                // "user@host." then a non-label: end before the dot.
+                k = last_label.1;
+                break;
+            }
+            return None;
+        }
+        labels += 1;
+        last_label = (ls, k);
+        if at(t, k) == b'.' && is_alnum(at(t, k + 1)) {
+            k += 1;
+            continue;
+        }
+        break;
+    }
+    if labels < 2 {
+        return None;
+    }
+    let tld = t.get(last_label.0..last_label.1)?;
+    if tld.len() < 2 || !tld.iter().all(u8::is_ascii_alphabetic) {
+        return None;
+    }
+    if is_word(at(t, k)) || at(t, k) == b'@' {
+        return None;
+    }
+    Some(Finding { start: i, end: last_label.1, kind: Builtin::Email, confidence: Confidence::High })
+}
+
+fn private_key(t: &[u8], i: usize) -> Option<Finding> {
+    let rest = t.get(i..)?;
+    if !rest.starts_with(b"-----BEGIN ") {
+        return None;
+    }
+    let line_end = rest.iter().take(80).position(|c| *c == b'\n' || *c == b'\r').unwrap_or(rest.len().min(80));
+    let header = rest.get(..line_end)?;
+    let hdr_end = find(header, b"PRIVATE KEY-----")?;
+    let after_header = hdr_end + 16;
+    // The END line, or (a truncated key is still a secret) the end of the text.
+    match find(rest.get(after_header..)?, b"-----END ") {
+        Some(p) => {
+            let from = after_header + p;
+            let tail = rest.get(from..)?;
+            let e = find(tail.get(..tail.len().min(80))?, b"PRIVATE KEY-----")? + 16;
+            Some(Finding { start: i, end: i + from + e, kind: Builtin::PrivateKey, confidence: Confidence::High })
+        }
+        None => Some(Finding { start: i, end: t.len(), kind: Builtin::PrivateKey, confidence: Confidence::High }),
+    }
+}
+
+fn jwt(t: &[u8], i: usize) -> Option<Finding> {
+    let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    if !t.get(i..)?.starts_with(b"ey") {
+        return None;
+    }
+    let mut j = i;
+    let mut parts = [(0usize, 0usize); 3];
+    for (n, part) in parts.iter_mut().enumerate() {
+        let s = j;
+        while j < t.len() && b64(at(t, j)) {
+            j += 1;
+        }
+        *part = (s, j);
+        if n < 2 {
+            if at(t, j) != b'.' {
+                return None;
+            }
+            j += 1;
+        }
+    }
+    let [h, p, s] = parts;
+    if h.1 - h.0 < 10 || p.1 - p.0 < 2 || s.1 - s.0 < 16 || !t.get(p.0..)?.starts_with(b"ey") {
+        return None;
+    }
+    let header = b64url_decode(t.get(h.0..h.1)?)?;
+    if !header.starts_with(b"{") || !(contains(&header, b"\"alg\"") || contains(&header, b"\"typ\"")) {
+        return None;
+    }
+    Some(Finding { start: i, end: j, kind: Builtin::Jwt, confidence: Confidence::High })
+}
+
+fn b64url_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        })
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for &c in s.iter().take(512) {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// IBAN: two uppercase letters, two check digits, the country's length, optionally in groups of four.
+fn iban(t: &[u8], i: usize) -> Option<Finding> {
+    match iban_span(t, i)? {
+        (end, true) => Some(Finding { start: i, end, kind: Builtin::Iban, confidence: Confidence::High }),
+        _ => None,
+    }
+}
+
+/// The end of an IBAN-shaped span at `i` and whether its mod-97 check holds.
+fn iban_span(t: &[u8], i: usize) -> Option<(usize, bool)> {
+    let rest = t.get(i..)?;
+    let (c0, c1) = (at(rest, 0), at(rest, 1));
+    if !(c1.is_ascii_uppercase() && is_digit(at(rest, 2)) && is_digit(at(rest, 3))) {
+        return None;
+    }
+    let want = iban_length([c0, c1])?;
+    let mut chars: Vec<u8> = Vec::with_capacity(34);
+    let mut j = i;
+    while chars.len() < want {
+        let c = at(t, j);
+        if c.is_ascii_uppercase() || is_digit(c) {
+            chars.push(c);
+            j += 1;
+        } else if c == b' ' && chars.len() % 4 == 0 && chars.len() >= 4 && is_alnum(at(t, j + 1)) {
+            j += 1;
+        } else {
+            return None;
+        }
+    }
+    if is_word(at(t, j)) {
+        return None;
+    }
+    Some((j, mod97(&chars)))
+}
+
+/// IBAN lengths by country (ISO 13616 registry).
+pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
+    Some(match &cc {
+        b"AD" => 24,
+        b"AE" => 23,
+        b"AL" => 28,
+        b"AT" => 20,
+        b"AZ" => 28,
+        b"BA" => 20,
+        b"BE" => 16,
+        b"BG" => 22,
+        b"BH" => 22,
+        b"BR" => 29,
+        b"BY" => 28,
+        b"CH" => 21,
+        b"CR" => 22,
+        b"CY" => 28,
+        b"CZ" => 24,
+        b"DE" => 22,
+        b"DK" => 18,
+        b"DO" => 28,
+        b"EE" => 20,
+        b"EG" => 29,
+        b"ES" => 24,
+        b"FI" => 18,
+        b"FO" => 18,
+        b"FR" => 27,
+        b"GB" => 22,
+        b"GE" => 22,
+        b"GI" => 23,
+        b"GL" => 18,
+        b"GR" => 27,
+        b"GT" => 28,
+        b"HR" => 21,
+        b"HU" => 28,
+        b"IE" => 22,
+        b"IL" => 23,
+        b"IQ" => 23,
+        b"IS" => 26,
+        b"IT" => 27,
+        b"JO" => 30,
+        b"KW" => 30,
+        b"KZ" => 20,
+        b"LB" => 28,
+        b"LC" => 32,
+        b"LI" => 21,
+        b"LT" => 20,
+        b"LU" => 20,
+        b"LV" => 21,
+        b"MC" => 27,
+        b"MD" => 24,
+        b"ME" => 22,
+        b"MK" => 19,
+        b"MR" => 27,
+        b"MT" => 31,
+        b"MU" => 30,
+        b"NL" => 18,
+        b"NO" => 15,
+        b"PK" => 24,
+        b"PL" => 28,
+        b"PS" => 29,
+        b"PT" => 25,
+        b"QA" => 29,
+        b"RO" => 24,
+        b"RS" => 22,
+        b"SA" => 24,
+        b"SC" => 31,
+        b"SE" => 24,
+        b"SI" => 19,
+        b"SK" => 24,
+        b"SM" => 27,
+        b"ST" => 25,
+        b"SV" => 28,
+        b"TL" => 23,
+        b"TN" => 24,
+        b"TR" => 26,
+        b"UA" => 29,
+        b"VA" => 22,
+        b"VG" => 24,
+        b"XK" => 20,
+        _ => return None,
+    })
+}
+
+/// ISO 7064 mod 97-10 over an IBAN (letters A=10..Z=35), first four characters moved to the end.
+pub fn mod97(chars: &[u8]) -> bool {
+    if chars.len() < 5 {
+        return false;
+    }
+    let (head, tail) = chars.split_at(4);
+    let mut rem: u32 = 0;
+    for &c in tail.iter().chain(head.iter()) {
+        match c {
+            b'0'..=b'9' => rem = (rem * 10 + u32::from(c - b'0')) % 97,
+            b'A'..=b'Z' => rem = (rem * 100 + u32::from(c - b'A') + 10) % 97,
+            b'a'..=b'z' => rem = (rem * 100 + u32::from(c - b'a') + 10) % 97,
+            _ => return false,
+        }
+    }
+    rem == 1
+}
+
+/// Luhn over ASCII digits (non-digits ignored).
+pub fn luhn(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    let mut count = 0;
+    for (k, d) in digits.iter().rev().filter(|d| d.is_ascii_digit()).enumerate() {
+        let mut v = u32::from(d - b'0');
+        if k % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+        count += 1;
+    }
+    count >= 2 && sum % 10 == 0
+}
+
+fn card_brand(d: &[u8]) -> bool {
+    let n = d.len();
+    let p = |k: usize| -> u32 { d.iter().take(k).fold(0u32, |a, c| a * 10 + u32::from(c - b'0')) };
+    let visa = d.first() == Some(&b'4') && matches!(n, 13 | 16 | 19);
+    let mastercard = n == 16 && ((51..=55).contains(&p(2)) || (2221..=2720).contains(&p(4)));
+    let amex = n == 15 && matches!(p(2), 34 | 37);
+    let jcb = p(2) == 35 && (16..=19).contains(&n);
+    let diners = matches!(p(2), 36 | 38 | 30) && (14..=19).contains(&n);
+    let discover = (16..=19).contains(&n) && (p(4) == 6011 || p(2) == 65 || (644..=649).contains(&p(3)) || p(2) == 62);
+    visa || mastercard || amex || jcb || diners || discover || maestro(d)
+}
+
+/// Maestro: 12-19 digits with the Maestro prefixes.
+fn maestro(d: &[u8]) -> bool {
+    (12..=19).contains(&d.len())
+        && [
+            &b"5018"[..],
+            b"5020",
+            b"5038",
+            b"56",
+            b"57",
+            b"58",
+            b"6304",
+            b"6759",
+            b"6761",
+            b"6762",
+            b"6763",
+            b"0604",
+            b"6390",
+        ]
+        .iter()
+        .any(|p| d.starts_with(p))
+}
+
+fn all_same(d: &[u8]) -> bool {
+    d.windows(2).all(|w| w.first() == w.get(1))
+}
+
+/// US SSN ranges: area not 000/666/9xx, group not 00, serial not 0000, well-known fakes rejected.
+pub fn ssn_valid(d: &[u8]) -> bool {
+    if d.len() != 9 || !d.iter().all(u8::is_ascii_digit) {
+        return false;
+    }
+    let area = d.get(0..3).unwrap_or(&[]);
+    let group = d.get(3..5).unwrap_or(&[]);
+    let serial = d.get(5..9).unwrap_or(&[]);
+    if area == b"000" || area == b"666" || area.first() == Some(&b'9') || group == b"00" || serial == b"0000" {
+        return false;
+    }
+    if d == b"078051120" || d == b"123456789" || d.starts_with(b"98765432") || all_same(d) {
+        return false;
+    }
+    true
+}
+
+/// UK NHS number: weights 10..2 on the first nine digits, (11 - sum mod 11) mod 11 equals the tenth; 10 is invalid.
+pub fn nhs_valid(d: &[u8]) -> bool {
+    if d.len() != 10 || all_same(d) {
+        return false;
+    }
+    let sum: u32 = d.iter().take(9).enumerate().map(|(k, c)| u32::from(c - b'0') * (10 - k as u32)).sum();
+    let check = (11 - sum % 11) % 11;
+    check != 10 && d.get(9).map(|c| u32::from(c - b'0')) == Some(check)
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+/// Case-insensitive containment with a word-start boundary (`needle` in lower case).
+pub fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return false;
+    }
+    hay.windows(needle.len()).enumerate().any(|(k, w)| {
+        w.iter().zip(needle).all(|(a, b)| a.to_ascii_lowercase() == *b) && (k == 0 || !is_alnum(at(hay, k - 1)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(s: &str) -> Vec<(Builtin, String)> {
+        Scanner::default()
+            .scan(s.as_bytes())
+            .into_iter()
+            .map(|f| (f.kind, s.get(f.start..f.end).unwrap_or("?").to_string()))
+            .collect()
+    }
+
+    fn one(s: &str) -> Option<(Builtin, String)> {
+        let k = kinds(s);
+        assert!(k.len() <= 1, "{s}: {k:?}");
+        k.into_iter().next()
+    }
+
+    #[test]
+    fn validators() {
+        assert!(luhn(b"4111111111111111"));
+        assert!(!luhn(b"4111111111111112"));
+        assert!(mod97(b"DE89370400440532013000"));
+        assert!(!mod97(b"DE89370400440532013001"));
+        assert!(mod97(b"GB82WEST12345698765432"));
+        assert!(nhs_valid(b"9434765919"));
+        assert!(!nhs_valid(b"9434765918"));
+        assert!(ssn_valid(b"536228963"));
+        for bad in
+            ["000123456", "666123456", "900123456", "123001234", "123450000", "078051120", "123456789", "987654321"]
+        {
+            assert!(!ssn_valid(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn finds_each_type_in_prose() {
+        let cases: &[(&str, Builtin, &str)] = &[
+            ("mail john.doe+x@example.co.uk now", Builtin::Email, "john.doe+x@example.co.uk"),
+            ("me (jane.doe@example.com)", Builtin::Email, "jane.doe@example.com"),
+            ("+(jane@example.com)", Builtin::Email, "jane@example.com"),
+            ("write to a@b.io.", Builtin::Email, "a@b.io"),
+            ("call (415) 555-2671 today", Builtin::Phone, "(415) 555-2671"),
+            ("call 415-555-2671.", Builtin::Phone, "415-555-2671"),
+            ("ring +44 20 7946 0958 please", Builtin::Phone, "+44 20 7946 0958"),
+            ("ring +14155552671", Builtin::Phone, "+14155552671"),
+            ("tel 020 7946 0958", Builtin::Phone, "020 7946 0958"),
+            ("card 4111 1111 1111 1111 exp", Builtin::CreditCard, "4111 1111 1111 1111"),
+            ("card 378282246310005", Builtin::CreditCard, "378282246310005"),
+            ("ssn 536-22-8963", Builtin::UsSsn, "536-22-8963"),
+            ("IBAN DE89 3704 0044 0532 0130 00 ok", Builtin::Iban, "DE89 3704 0044 0532 0130 00"),
+            ("iban GB82WEST12345698765432", Builtin::Iban, "GB82WEST12345698765432"),
+            ("host 192.168.1.20 down", Builtin::Ipv4, "192.168.1.20"),
+            ("host 2001:db8::8a2e:370:7334 down", Builtin::Ipv6, "2001:db8::8a2e:370:7334"),
+            ("NHS number 943 476 5919", Builtin::UkNhs, "943 476 5919"),
+            ("key AKIAIOSFODNN7EXAMPLE", Builtin::AwsAccessKey, "AKIAIOSFODNN7EXAMPLE"),
+            (
+                "tok ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+                Builtin::GithubToken,
+                "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+            ),
+            (
+                "k AIzaSyA1234567890abcdefghijklmnopqrstuv",
+                Builtin::GoogleApiKey,
+                "AIzaSyA1234567890abcdefghijklmnopqrstuv",
+            ),
+            ("k sk_live_abcdefghij1234567890", Builtin::StripeKey, "sk_live_abcdefghij1234567890"),
+            (
+                "k hf_abcdefghijklmnopqrstuvwxyzABCDEFGH",
+                Builtin::HuggingfaceToken,
+                "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH",
+            ),
+            ("k xoxb-123456789012-abcdefghij", Builtin::SlackToken, "xoxb-123456789012-abcdefghij"),
+        ];
+        for (text, kind, value) in cases {
+            assert_eq!(one(text), Some((*kind, value.to_string())), "{text}");
+        }
+    }
+
+    #[test]
+    fn secrets_with_long_shapes() {
+        let openai = format!("sk-proj-{}T3BlbkFJ{}", "a".repeat(30), "b".repeat(30));
+        assert_eq!(one(&format!("key={openai} end")), Some((Builtin::OpenaiKey, openai.clone())));
+        let legacy = format!("sk-{}T3BlbkFJ{}", "A1".repeat(10), "z9".repeat(10));
+        assert_eq!(one(&legacy), Some((Builtin::OpenaiKey, legacy.clone())));
+        let ant = format!("sk-ant-api03-{}AA", "x_-Y".repeat(24).get(..93).unwrap());
+        assert_eq!(one(&format!("use {ant}")), Some((Builtin::AnthropicKey, ant.clone())));
+        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        assert_eq!(one(&format!("Bearer {jwt}")), Some((Builtin::Jwt, jwt.to_string())));
+        let pk = "-----BEGIN RSA PRIVATE KEY-----\nMIIabc\n-----END RSA PRIVATE KEY-----";
+        assert_eq!(one(&format!("x {pk} y")), Some((Builtin::PrivateKey, pk.to_string())));
+        let gh = format!("github_pat_{}", "A".repeat(82));
+        assert_eq!(one(&gh), Some((Builtin::GithubToken, gh.clone())));
+    }
+
+    #[test]
+    fn hard_negatives() {
+        for text in [
+            "order 4111111111111112 shipped", // fails Luhn
+            "released on 2024-01-15 at noon", // date
+            "version 1.2.3.4 is out",         // version string
+            "id 123e4567-e89b-12d3-a456-426614174000",
+            "it costs $1,299.99 or 415.00",
+            "ssn 123-45-6789 is a known fake",
+            "tracking 1Z999AA10123456784",
+            "time 12:30:45 and mac 00:1A:2B:3C:4D:5E",
+            "IBAN DE89 3704 0044 0532 0130 01 wrong",
+            "ratio 3.14159 and 10.5",
+            "area 999-99-9999",
+            "user@localhost and a@b",
+            "sk-not-a-key and AKIA123",
+            "1111 1111 1111 1111 all same",
+        ] {
+            assert_eq!(kinds(text), vec![], "{text}");
+        }
+    }
+
+    #[test]
+    fn context_words_raise_bare_numbers() {
+        assert_eq!(kinds("id 4155552671"), vec![]);
+        assert_eq!(kinds("phone: 4155552671"), vec![(Builtin::Phone, "4155552671".into())]);
+        assert_eq!(kinds("ref 536228963"), vec![]);
+        assert_eq!(kinds("SSN 536228963"), vec![(Builtin::UsSsn, "536228963".into())]);
+    }
+
+    #[test]
+    fn numbers_followed_by_more_numbers() {
+        assert_eq!(kinds("call 415 555 2671 2 times"), vec![(Builtin::Phone, "415 555 2671".into())]);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let s = Scanner::default();
+        let junk: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let _ = s.scan(&junk);
+        for cut in
+            ["-----BEGIN X PRIVATE KEY-----", "ey", "eyJ.eyJ.", "+", "(", "(12", "sk-ant-", "AKIA", "DE89", "::", "a@"]
+        {
+            let _ = s.scan(cut.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! The detection engine built from the config (built-in scanner + user regexes) and the per-request
+//! masker that applies actions and remembers placeholders.
+//!
+//! ## Placeholders and client look-alikes
+//! A placeholder is `<LABEL_N>` (`<EMAIL_1>`). The same value gets the same placeholder within one
+//! request. Before numbering, the masker collects every placeholder-shaped literal the client itself sent
+//! (in any scanned text) and never hands out those: if the prompt already contains `<EMAIL_1>`, the first
+//! real email becomes `<EMAIL_2>`. Restoration only replaces placeholders this request created, so a
+//! look-alike sent by the client is never turned into someone's data; it passes through as text.
+
+use crate::config::{Action, Config, Validator};
+use crate::detect::{contains_ci, luhn, mod97, Builtin, Scanner};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Which detector produced a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DetId {
+    Builtin(Builtin),
+    Custom(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub start: usize,
+    pub end: usize,
+    pub det: DetId,
+}
+
+struct Custom {
+    name: String,
+    label: String,
+    re: regex_lite::Regex,
+    validator: Validator,
+    context: Vec<String>,
+    action: Action,
+    keep_last: usize,
+}
+
+pub struct Engine {
+    scanner: Scanner,
+    custom: Vec<Custom>,
+    actions: HashMap<Builtin, Action>,
+    keep_last: HashMap<Builtin, usize>,
+    default_keep_last: usize,
+    context_window: usize,
+    redact_text: String,
+    salt: (u64, u64),
+    pub response_action: Action,
+}
+
+impl Engine {
+    pub fn new(cfg: &Config) -> Engine {
+        let mut scanner = Scanner::default();
+        scanner.set_context_window(cfg.context_window);
+        let mut actions = HashMap::new();
+        let mut keep_last = HashMap::new();
+        for b in Builtin::ALL {
+            scanner.set_min_confidence(b, cfg.min_confidence);
+            if let Some(d) = cfg.detector(b) {
+                scanner.set_enabled(b, d.enabled);
+                if let Some(c) = d.min_confidence {
+                    scanner.set_min_confidence(b, c);
+                }
+                if let Some(w) = &d.context_words {
+                    scanner.set_context(b, w.clone());
+                }
+                if let Some(k) = d.keep_last {
+                    keep_last.insert(b, k);
+                }
+            }
+            actions.insert(b, cfg.action_of(b));
+        }
+        let custom = cfg
+            .custom_detectors
+            .iter()
+            .filter_map(|d| {
+                Some(Custom {
+                    name: d.name.clone(),
+                    label: d.name.to_ascii_uppercase(),
+                    re: regex_lite::Regex::new(&d.pattern).ok()?,
+                    validator: d.validator,
+                    context: d.context_words.iter().map(|w| w.to_ascii_lowercase()).collect(),
+                    action: d.action.unwrap_or(cfg.default_action),
+                    keep_last: d.keep_last.unwrap_or(cfg.partial_keep_last),
+                })
+            })
+            .collect();
+        Engine {
+            scanner,
+            custom,
+            actions,
+            keep_last,
+            default_keep_last: cfg.partial_keep_last,
+            context_window: cfg.context_window,
+            redact_text: cfg.redact_text.clone(),
+            salt: salt_keys(cfg.hash_salt.as_bytes()),
+            response_action: cfg.response_action,
+        }
+    }
+
+    /// Every detector's name, for stats.
+    pub fn detector_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = Builtin::ALL.iter().map(|b| b.name().to_string()).collect();
+        v.extend(self.custom.iter().map(|c| c.name.clone()));
+        v
+    }
+
+    pub fn name(&self, d: DetId) -> &str {
+        match d {
+            DetId::Builtin(b) => b.name(),
+            DetId::Custom(i) => self.custom.get(i).map_or("custom", |c| c.name.as_str()),
+        }
+    }
+
+    pub fn label(&self, d: DetId) -> &str {
+        match d {
+            DetId::Builtin(b) => b.label(),
+            DetId::Custom(i) => self.custom.get(i).map_or("CUSTOM", |c| c.label.as_str()),
+        }
+    }
+
+    pub fn action(&self, d: DetId) -> Action {
+        match d {
+            DetId::Builtin(b) => self.actions.get(&b).copied().unwrap_or(Action::Mask),
+            DetId::Custom(i) => self.custom.get(i).map_or(Action::Mask, |c| c.action),
+        }
+    }
+
+    fn keep_last(&self, d: DetId) -> usize {
+        match d {
+            DetId::Builtin(b) => self.keep_last.get(&b).copied().unwrap_or(self.default_keep_last),
+            DetId::Custom(i) => self.custom.get(i).map_or(self.default_keep_last, |c| c.keep_last),
+        }
+    }
+
+    /// All hits in `text`, ordered and non-overlapping (built-ins win ties; a longer custom hit that
+    /// overlaps a built-in one is dropped).
+    pub fn find(&self, text: &[u8]) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = Vec::new();
+        self.scanner.scan_with(text, |f| hits.push(Hit { start: f.start, end: f.end, det: DetId::Builtin(f.kind) }));
+        if !self.custom.is_empty() {
+            // regex-lite works on str: custom detectors see valid UTF-8 text only.
+            if let Ok(s) = std::str::from_utf8(text) {
+                let mut extra = Vec::new();
+                for (ci, c) in self.custom.iter().enumerate() {
+                    for m in c.re.find_iter(s) {
+                        if m.start() == m.end() || !self.custom_ok(c, text, m.start(), m.end()) {
+                            continue;
+                        }
+                        extra.push(Hit { start: m.start(), end: m.end(), det: DetId::Custom(ci) });
+                    }
+                }
+                if !extra.is_empty() {
+                    hits.extend(extra);
+                    hits.sort_by_key(|h| (h.start, std::cmp::Reverse(h.end)));
+                    let mut merged: Vec<Hit> = Vec::with_capacity(hits.len());
+                    for h in hits {
+                        match merged.last() {
+                            Some(last) if h.start < last.end => {}
+                            _ => merged.push(h),
+                        }
+                    }
+                    hits = merged;
+                }
+            }
+        }
+        hits
+    }
+
+    fn custom_ok(&self, c: &Custom, text: &[u8], start: usize, end: usize) -> bool {
+        let m = text.get(start..end).unwrap_or(&[]);
+        let valid = match c.validator {
+            Validator::None => true,
+            Validator::Luhn => luhn(m),
+            Validator::Mod97 => {
+                let chars: Vec<u8> = m.iter().copied().filter(u8::is_ascii_alphanumeric).collect();
+                mod97(&chars)
+            }
+        };
+        if !valid {
+            return false;
+        }
+        if c.context.is_empty() {
+            return true;
+        }
+        let before = text.get(start.saturating_sub(self.context_window)..start).unwrap_or(&[]);
+        let after = text.get(end..(end + self.context_window).min(text.len())).unwrap_or(&[]);
+        c.context.iter().any(|w| contains_ci(before, w.as_bytes()) || contains_ci(after, w.as_bytes()))
+    }
+
+    /// The irreversible replacement for `value` under `action` (`redact`, `partial`, `hash`).
+    pub fn irreversible(&self, det: DetId, action: Action, value: &[u8]) -> String {
+        match action {
+            Action::Partial => partial(value, self.keep_last(det)),
+            Action::Hash => {
+                let h = siphash24(self.salt, value);
+                format!("[{}:{:012x}]", self.label(det), h >> 16)
+            }
+            _ => self.redact_text.clone(),
+        }
+    }
+
+    /// Findings of the response scanner in model-written text (`response_action` applied), with the
+    /// placeholders of `known` left alone.
+    pub fn scan_response_text(&self, text: &str, counts: &mut Counts) -> Option<String> {
+        let hits = self.find(text.as_bytes());
+        if hits.is_empty() {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut last = 0;
+        for h in hits {
+            let value = text.as_bytes().get(h.start..h.end).unwrap_or(&[]);
+            out.push_str(text.get(last..h.start).unwrap_or(""));
+            out.push_str(&self.irreversible(h.det, self.response_action, value));
+            counts.add(self.name(h.det), self.response_action);
+            last = h.end;
+        }
+        out.push_str(text.get(last..).unwrap_or(""));
+        Some(out)
+    }
+}
+
+/// `****-****-****-1111`: letters and digits but the last `keep` become `*`, separators stay.
+pub fn partial(value: &[u8], keep: usize) -> String {
+    let total = value.iter().filter(|c| c.is_ascii_alphanumeric()).count();
+    let mut seen = 0;
+    let mut out = String::with_capacity(value.len());
+    for &c in value {
+        if c.is_ascii_alphanumeric() {
+            seen += 1;
+            if seen + keep > total {
+                out.push(c as char);
+            } else {
+                out.push('*');
+            }
+        } else if c.is_ascii() {
+            out.push(c as char);
+        } else {
+            out.push('*');
+        }
+    }
+    out
+}
+
+/// Counts per (detector, action), for stats and the counts header.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts(pub BTreeMap<(String, Action), u64>);
+
+impl Counts {
+    pub fn add(&mut self, name: &str, action: Action) {
+        *self.0.entry((name.to_string(), action)).or_insert(0) += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `email=2,phone=1` (per type, actions summed), for the access log.
+    pub fn summary(&self) -> String {
+        let mut per: BTreeMap<&str, u64> = BTreeMap::new();
+        for ((name, _), n) in &self.0 {
+            *per.entry(name.as_str()).or_insert(0) += n;
+        }
+        per.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// What masking a request decided.
+#[derive(Debug, Default)]
+pub struct MaskState {
+    /// placeholder -> original value (restore map).
+    pub restore: HashMap<String, String>,
+    by_value: HashMap<(String, Vec<u8>), String>,
+    next: HashMap<String, u32>,
+    /// Placeholder-shaped literals the client sent: never handed out.
+    taken: HashSet<String>,
+    pub counts: Counts,
+    /// Detector names whose action is reject and that found something.
+    pub rejected: Vec<String>,
+}
+
+impl MaskState {
+    /// Remember the client's own placeholder look-alikes in `text` (call for every text before masking).
+    pub fn reserve_lookalikes(&mut self, text: &[u8]) {
+        let mut i = 0;
+        while let Some(p) = text.get(i..).and_then(|r| r.iter().position(|c| *c == b'<')) {
+            let s = i + p;
+            if let Some(len) = placeholder_len(text.get(s..).unwrap_or(&[])) {
+                if let Some(ph) = text.get(s..s + len).and_then(|b| std::str::from_utf8(b).ok()) {
+                    self.taken.insert(ph.to_string());
+                }
+                i = s + len;
+            } else {
+                i = s + 1;
+            }
+        }
+    }
+
+    fn placeholder_for(&mut self, label: &str, value: &[u8]) -> String {
+        let key = (label.to_string(), value.to_vec());
+        if let Some(p) = self.by_value.get(&key) {
+            return p.clone();
+        }
+        let n = self.next.entry(label.to_string()).or_insert(0);
+        let ph = loop {
+            *n += 1;
+            let candidate = format!("<{label}_{n}>");
+            if !self.taken.contains(&candidate) {
+                break candidate;
+            }
+        };
+        self.by_value.insert(key, ph.clone());
+        self.restore.insert(ph.clone(), String::from_utf8_lossy(value).into_owned());
+        ph
+    }
+
+    /// Mask one text; `None` if nothing was found. Reject findings are recorded and left in place.
+    pub fn mask(&mut self, engine: &Engine, text: &[u8]) -> Option<Vec<u8>> {
+        let hits = engine.find(text);
+        if hits.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(text.len() + 16);
+        let mut last = 0;
+        for h in hits {
+            let value = text.get(h.start..h.end).unwrap_or(&[]);
+            let action = engine.action(h.det);
+            let name = engine.name(h.det).to_string();
+            self.counts.add(&name, action);
+            let replacement = match action {
+                Action::Reject => {
+                    if !self.rejected.contains(&name) {
+                        self.rejected.push(name);
+                    }
+                    continue;
+                }
+                Action::Mask => {
+                    let label = engine.label(h.det).to_string();
+                    self.placeholder_for(&label, value)
+                }
+                a => engine.irreversible(h.det, a, value),
+            };
+            out.extend_from_slice(text.get(last..h.start).unwrap_or(&[]));
+            out.extend_from_slice(replacement.as_bytes());
+            last = h.end;
+        }
+        out.extend_from_slice(text.get(last..).unwrap_or(&[]));
+        Some(out)
+    }
+}
+
+/// Length of a placeholder `<[A-Z][A-Z0-9_]*_[0-9]+>` at the start of `s`, if there is one.
+pub fn placeholder_len(s: &[u8]) -> Option<usize> {
+    if s.first() != Some(&b'<') || !s.get(1).is_some_and(u8::is_ascii_uppercase) {
+        return None;
+    }
+    let mut j = 2;
+    while j < s.len() && j < MAX_PLACEHOLDER {
+        let c = *s.get(j)?;
+        if c == b'>' {
+            let inner = s.get(1..j)?;
+            let us = inner.iter().rposition(|c| *c == b'_')?;
+            let num = inner.get(us + 1..)?;
+            return (!num.is_empty() && num.iter().all(u8::is_ascii_digit)).then_some(j + 1);
+        }
+        if !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_') {
+            return None;
+        }
+        j += 1;
+    }
+    None
+}
+
+/// Longest placeholder considered (labels are at most 32 characters plus a number).
+pub const MAX_PLACEHOLDER: usize = 48;
+
+/// SipHash-2-4 (written here so the hash is stable across Rust versions and platforms).
+pub fn siphash24(key: (u64, u64), data: &[u8]) -> u64 {
+    let (k0, k1) = key;
+    let mut v0 = k0 ^ 0x736f_6d65_7073_6575;
+    let mut v1 = k1 ^ 0x646f_7261_6e64_6f6d;
+    let mut v2 = k0 ^ 0x6c79_6765_6e65_7261;
+    let mut v3 = k1 ^ 0x7465_6462_7974_6573;
+    fn round(v0: &mut u64, v1: &mut u64, v2: &mut u64, v3: &mut u64) {
+        *v0 = v0.wrapping_add(*v1);
+        *v1 = v1.rotate_left(13);
+        *v1 ^= *v0;
+        *v0 = v0.rotate_left(32);
+        *v2 = v2.wrapping_add(*v3);
+        *v3 = v3.rotate_left(16);
+        *v3 ^= *v2;
+        *v0 = v0.wrapping_add(*v3);
+        *v3 = v3.rotate_left(21);
+        *v3 ^= *v0;
+        *v2 = v2.wrapping_add(*v1);
+        *v1 = v1.rotate_left(17);
+        *v1 ^= *v2;
+        *v2 = v2.rotate_left(32);
+    }
+    let chunks = data.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        let m = u64::from_le_bytes(b);
+        v3 ^= m;
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+        v0 ^= m;
+    }
+    let mut last = [0u8; 8];
+    for (k, b) in tail.iter().enumerate() {
+        if let Some(slot) = last.get_mut(k) {
+            *slot = *b;
+        }
+    }
+    let m = u64::from_le_bytes(last) | ((data.len() as u64 & 0xff) << 56);
+    v3 ^= m;
+    round(&mut v0, &mut v1, &mut v2, &mut v3);
+    round(&mut v0, &mut v1, &mut v2, &mut v3);
+    v0 ^= m;
+    v2 ^= 0xff;
+    for _ in 0..4 {
+        round(&mut v0, &mut v1, &mut v2, &mut v3);
+    }
+    v0 ^ v1 ^ v2 ^ v3
+}
+
+/// A 128-bit SipHash key from the configured salt (any length).
+fn salt_keys(salt: &[u8]) -> (u64, u64) {
+    let a = siphash24((0x5049_495f_5245_4441, 0x4354_4f52_5f4b_3031), salt);
+    let b = siphash24((a, 0x6d65_7368_7761_7264), salt);
+    (a, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwarden_shared::config::parse_config;
+
+    fn engine(cfg: &str) -> Engine {
+        Engine::new(&parse_config::<Config>(cfg.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn siphash_reference_vector() {
+        // SipHash-2-4 paper: key 00..0f, message 00..0e -> a129ca6149be45e5
+        let k0 = u64::from_le_bytes([0, 1, 2, 3, 4, 5, 6, 7]);
+        let k1 = u64::from_le_bytes([8, 9, 10, 11, 12, 13, 14, 15]);
+        let msg: Vec<u8> = (0..15).collect();
+        assert_eq!(siphash24((k0, k1), &msg), 0xa129_ca61_49be_45e5);
+    }
+
+    #[test]
+    fn mask_same_value_same_placeholder_and_lookalikes_skipped() {
+        let e = engine("{}");
+        let mut st = MaskState::default();
+        let t1 = b"I am <EMAIL_1>, mail a@b.io and c@d.io";
+        let t2 = b"again a@b.io";
+        st.reserve_lookalikes(t1);
+        st.reserve_lookalikes(t2);
+        let o1 = String::from_utf8(st.mask(&e, t1).unwrap()).unwrap();
+        let o2 = String::from_utf8(st.mask(&e, t2).unwrap()).unwrap();
+        assert_eq!(o1, "I am <EMAIL_1>, mail <EMAIL_2> and <EMAIL_3>");
+        assert_eq!(o2, "again <EMAIL_2>");
+        assert_eq!(st.restore.get("<EMAIL_2>").map(String::as_str), Some("a@b.io"));
+        assert!(!st.restore.contains_key("<EMAIL_1>"));
+        assert_eq!(st.counts.summary(), "email=3");
+    }
+
+    #[test]
+    fn actions() {
+        let e = engine(
+            r#"{"hash_salt":"0123456789abcdef","detectors":{"credit_card":{"action":"partial"},
+               "email":{"action":"hash"},"us_ssn":{"action":"reject"},"phone":{"action":"redact"}}}"#,
+        );
+        let mut st = MaskState::default();
+        let out = st.mask(&e, b"card 4111-1111-1111-1111 a@b.io 415-555-2671 ssn 536-22-8963").unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with("card ****-****-****-1111 [EMAIL:"), "{out}");
+        assert!(out.contains("[REDACTED]"), "{out}");
+        assert!(out.contains("536-22-8963"), "reject leaves the text, the request is refused: {out}");
+        assert_eq!(st.rejected, vec!["us_ssn".to_string()]);
+        // stable hash across requests, different with another salt
+        let mut st2 = MaskState::default();
+        let again = String::from_utf8(st2.mask(&e, b"a@b.io").unwrap()).unwrap();
+        assert!(out.contains(&again), "{out} / {again}");
+        let other = engine(r#"{"hash_salt":"another-salt-0000","default_action":"hash"}"#);
+        let h2 = String::from_utf8(MaskState::default().mask(&other, b"a@b.io").unwrap()).unwrap();
+        assert_ne!(h2, again);
+    }
+
+    #[test]
+    fn custom_detectors_with_validator_and_context() {
+        let e = engine(
+            r#"{"custom_detectors":[
+                {"name":"employee_id","pattern":"EMP-[0-9]{6}","context_words":["employee"]},
+                {"name":"account","pattern":"[0-9]{16}","validator":"luhn"}]}"#,
+        );
+        let mut st = MaskState::default();
+        let out = st
+            .mask(
+                &e,
+                b"employee EMP-123456 and ..................................................... far away EMP-654321",
+            )
+            .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("<EMPLOYEE_ID_1>") && out.contains("EMP-654321"), "{out}");
+        assert!(st.mask(&e, b"acct 1234567812345678").is_none(), "fails luhn");
+        let out = String::from_utf8(st.mask(&e, b"acct 4111111111111111x").unwrap()).unwrap();
+        assert!(out.contains("<ACCOUNT_1>"), "{out}");
+    }
+
+    #[test]
+    fn placeholder_grammar() {
+        assert_eq!(placeholder_len(b"<EMAIL_1>x"), Some(9));
+        assert_eq!(placeholder_len(b"<CREDIT_CARD_12>"), Some(16));
+        assert_eq!(placeholder_len(b"<EMAIL>"), None);
+        assert_eq!(placeholder_len(b"<email_1>"), None);
+        assert_eq!(placeholder_len(b"<EMAIL_1"), None);
+        assert_eq!(partial(b"4111-1111-1111-1111", 4), "****-****-****-1111");
+    }
+}

@@ -1,0 +1,303 @@
+//! Putting the original values back into the answer: JSON bodies, SSE streams (placeholders split across
+//! events and network chunks, JSON escapes) and other bodies as raw bytes; optionally scanning what the
+//! model wrote for PII of its own first.
+//!
+//! Hold-back is minimal: only a tail that is a prefix of a placeholder this request handed out is held
+//! (at most [`MAX_PLACEHOLDER`] bytes), so `<div` or `a < b` streams through untouched.
+
+use crate::engine::{Counts, Engine, MAX_PLACEHOLDER};
+use meshwarden_shared::stream_rewrite::{rewrite_strings, SseTextRewriter, TextRewrite};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// The per-request restore map plus (optionally) the response scanner.
+pub struct Restorer {
+    map: HashMap<String, String>,
+    scan: Option<Rc<Engine>>,
+    pub restored: u64,
+    pub response_counts: Counts,
+}
+
+impl Restorer {
+    pub fn new(map: HashMap<String, String>, scan: Option<Rc<Engine>>) -> Self {
+        Self { map, scan, restored: 0, response_counts: Counts::default() }
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.map.is_empty() && self.scan.is_none()
+    }
+
+    /// Bytes of `pending` that cannot start a placeholder of this request.
+    pub fn ready_bytes(&self, pending: &[u8]) -> usize {
+        if self.map.is_empty() {
+            return pending.len();
+        }
+        let from = pending.len().saturating_sub(MAX_PLACEHOLDER);
+        let tail = pending.get(from..).unwrap_or(&[]);
+        // The earliest '<' in the tail whose suffix is a proper prefix of a known placeholder.
+        for (k, c) in tail.iter().enumerate() {
+            if *c != b'<' {
+                continue;
+            }
+            let suffix = tail.get(k..).unwrap_or(&[]);
+            if self.map.keys().any(|p| p.len() > suffix.len() && p.as_bytes().starts_with(suffix)) {
+                return from + k;
+            }
+        }
+        pending.len()
+    }
+
+    /// Replace every placeholder of this request in `text`; `escape_json` writes values JSON-escaped
+    /// (for raw JSON text).
+    pub fn restore_bytes(&mut self, text: &[u8], escape_json: bool) -> Option<Vec<u8>> {
+        if self.map.is_empty() || !text.contains(&b'<') {
+            return None;
+        }
+        let mut out: Vec<u8> = Vec::with_capacity(text.len() + 32);
+        let mut last = 0;
+        let mut i = 0;
+        let mut any = false;
+        while let Some(p) = text.get(i..).and_then(|r| r.iter().position(|c| *c == b'<')) {
+            let s = i + p;
+            let end = text.get(s..).and_then(|r| r.iter().take(MAX_PLACEHOLDER + 1).position(|c| *c == b'>'));
+            if let Some(e) = end {
+                let cand = text.get(s..s + e + 1).and_then(|b| std::str::from_utf8(b).ok());
+                if let Some(value) = cand.and_then(|c| self.map.get(c)) {
+                    out.extend_from_slice(text.get(last..s).unwrap_or(&[]));
+                    if escape_json {
+                        let q = serde_json::to_string(value).unwrap_or_default();
+                        out.extend_from_slice(q.get(1..q.len().saturating_sub(1)).unwrap_or("").as_bytes());
+                    } else {
+                        out.extend_from_slice(value.as_bytes());
+                    }
+                    self.restored += 1;
+                    any = true;
+                    last = s + e + 1;
+                    i = last;
+                    continue;
+                }
+            }
+            i = s + 1;
+        }
+        if !any {
+            return None;
+        }
+        out.extend_from_slice(text.get(last..).unwrap_or(&[]));
+        Some(out)
+    }
+
+    /// Scan (if enabled) then restore one piece of model-written text.
+    pub fn rewrite_str(&mut self, text: &str) -> Option<String> {
+        let scanned = match &self.scan {
+            Some(engine) => engine.scan_response_text(text, &mut self.response_counts),
+            None => None,
+        };
+        let base = scanned.as_deref().unwrap_or(text);
+        match self.restore_bytes(base.as_bytes(), false) {
+            Some(b) => {
+                Some(String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+            }
+            None => scanned,
+        }
+    }
+
+    /// A whole JSON response body: every string value rewritten (message content, tool arguments, ...),
+    /// escapes resolved by parsing. Not JSON: restored as raw text with JSON-escaped values.
+    pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(mut v) => {
+                if rewrite_strings(&mut v, self) {
+                    serde_json::to_vec(&v).ok()
+                } else {
+                    None
+                }
+            }
+            Err(_) => self.restore_bytes(body, true),
+        }
+    }
+}
+
+impl TextRewrite for Restorer {
+    fn ready_len(&self, pending: &str) -> usize {
+        let mut n = self.ready_bytes(pending.as_bytes());
+        if self.scan.is_some() {
+            // A value the scanner must see whole: hold back the last word (bounded).
+            let b = pending.as_bytes();
+            let tail_start = b.len().saturating_sub(256);
+            if let Some(ws) = b.get(tail_start..n).and_then(|t| t.iter().rposition(|c| c.is_ascii_whitespace())) {
+                n = n.min(tail_start + ws + 1);
+            } else if b.len() - tail_start < 256 {
+                n = n.min(tail_start);
+            }
+        }
+        n
+    }
+
+    fn rewrite(&mut self, text: &str) -> Option<String> {
+        self.rewrite_str(text)
+    }
+}
+
+/// A streamed body that is not SSE: raw restore with hold-back.
+#[derive(Debug, Default)]
+pub struct RawStream {
+    held: Vec<u8>,
+    /// The body is JSON text (restored values are JSON-escaped).
+    pub escape_json: bool,
+}
+
+impl RawStream {
+    pub fn feed(&mut self, r: &mut Restorer, chunk: &[u8], end: bool) -> Vec<u8> {
+        let mut pending = std::mem::take(&mut self.held);
+        pending.extend_from_slice(chunk);
+        let cut = if end { pending.len() } else { r.ready_bytes(&pending) };
+        let later = pending.split_off(cut);
+        self.held = later;
+        r.restore_bytes(&pending, self.escape_json).unwrap_or(pending)
+    }
+}
+
+/// SSE answers: the shared rewriter driven by the restorer.
+pub struct SseRestore {
+    pub rw: SseTextRewriter,
+}
+
+impl SseRestore {
+    pub fn new() -> Self {
+        Self { rw: SseTextRewriter::default() }
+    }
+
+    pub fn feed(&mut self, r: &mut Restorer, chunk: &[u8], end: bool) -> Vec<u8> {
+        let mut out = self.rw.feed(chunk, r);
+        if end {
+            out.extend(self.rw.finish(r));
+        }
+        out
+    }
+}
+
+impl Default for SseRestore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::MaskState;
+    use meshwarden_shared::config::parse_config;
+    use meshwarden_shared::sse::SseParser;
+
+    fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn json_body_with_escapes_and_tool_arguments() {
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "a\"b@x.io"), ("<EMAIL_3>", "c@d.io")]), None);
+        let body = br#"{"choices":[{"message":{"content":"mail \u003cEMAIL_1\u003e or <EMAIL_2>","tool_calls":[{"function":{"arguments":"{\"to\":\"<EMAIL_3>\"}"}}]}}]}"#;
+        let out = r.rewrite_json_body(body).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "mail a\"b@x.io or <EMAIL_2>");
+        let args: Value = serde_json::from_str(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(args["to"], "c@d.io");
+        assert_eq!(r.restored, 2);
+        // Broken JSON: raw restore with JSON escaping keeps it JSON-string-safe.
+        let out = r.rewrite_json_body(br#"{"a":"<EMAIL_1>""#).unwrap();
+        assert_eq!(out, br#"{"a":"a\"b@x.io""#.to_vec());
+    }
+
+    #[test]
+    fn hold_back_only_known_prefixes() {
+        let r = Restorer::new(map(&[("<EMAIL_1>", "x")]), None);
+        assert_eq!(r.ready_bytes(b"a <div"), 6);
+        assert_eq!(r.ready_bytes(b"a <EM"), 2);
+        assert_eq!(r.ready_bytes(b"a <"), 2);
+        assert_eq!(r.ready_bytes(b"a <EMAIL_1"), 2);
+        assert_eq!(r.ready_bytes(b"a <EMAIL_1>"), 11);
+    }
+
+    /// restore(mask(x)) == x for answers echoing the masked prompt, split at every byte, as SSE
+    /// (OpenAI and Anthropic shapes) and as raw streams.
+    #[test]
+    fn property_restore_of_mask_at_every_split() {
+        let engine = Engine::new(&parse_config::<Config>(b"{}").unwrap());
+        let prompts = [
+            "Mail john.doe@example.com or call (415) 555-2671; card 4111 1111 1111 1111.",
+            "<EMAIL_1> is mine, jane@corp.io is hers, jane@corp.io again, key AKIAIOSFODNN7EXAMPLE",
+            "IBAN DE89 3704 0044 0532 0130 00 and ssn 536-22-8963 from 10.0.0.1 é ü 日本",
+        ];
+        for x in prompts {
+            let mut st = MaskState::default();
+            st.reserve_lookalikes(x.as_bytes());
+            let masked = String::from_utf8(st.mask(&engine, x.as_bytes()).unwrap()).unwrap();
+            assert!(!masked.contains("@example.com") && !masked.contains("jane@"), "{masked}");
+            // The model streams the masked text back in small deltas (3 chars each).
+            let chars: Vec<char> = masked.chars().collect();
+            let pieces: Vec<String> = chars.chunks(3).map(|c| c.iter().collect()).collect();
+            for anthropic in [false, true] {
+                let mut wire = String::new();
+                for p in &pieces {
+                    if anthropic {
+                        wire.push_str(&format!(
+                            "event: content_block_delta\ndata: {}\n\n",
+                            serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":p}})
+                        ));
+                    } else {
+                        wire.push_str(&format!(
+                            "data: {}\n\n",
+                            serde_json::json!({"choices":[{"index":0,"delta":{"content":p}}]})
+                        ));
+                    }
+                }
+                wire.push_str(if anthropic {
+                    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n"
+                } else {
+                    "data: [DONE]\n\n"
+                });
+                let bytes = wire.as_bytes();
+                for cut in 0..=bytes.len() {
+                    let mut r = Restorer::new(st.restore.clone(), None);
+                    let mut s = SseRestore::new();
+                    let (a, b) = bytes.split_at(cut);
+                    let mut out = s.feed(&mut r, a, false);
+                    out.extend(s.feed(&mut r, b, true));
+                    let mut text = String::new();
+                    for e in SseParser::default().feed(&out) {
+                        if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                            for t in meshwarden_shared::llm::extract_stream_delta_texts(&v) {
+                                text.push_str(&t.text);
+                            }
+                        }
+                    }
+                    assert_eq!(text, x, "anthropic={anthropic} cut={cut}");
+                }
+            }
+            // raw stream split at every byte
+            let mb = masked.as_bytes();
+            for cut in 0..=mb.len() {
+                let mut r = Restorer::new(st.restore.clone(), None);
+                let mut s = RawStream::default();
+                let (a, b) = mb.split_at(cut);
+                let mut out = s.feed(&mut r, a, false);
+                out.extend(s.feed(&mut r, b, true));
+                assert_eq!(String::from_utf8(out).unwrap(), x, "raw cut={cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn response_scanning_redacts_new_pii_but_restores_ours() {
+        let engine = Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap());
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(Rc::new(engine)));
+        let out = r.rewrite_str("yours <EMAIL_1>, leaked bob@leak.com").unwrap();
+        assert_eq!(out, "yours me@x.io, leaked [REDACTED]");
+        assert_eq!(r.response_counts.summary(), "email=1");
+    }
+}

@@ -1,0 +1,429 @@
+//! pii-redactor through a real Envoy loading the real `.wasm`: what left the gateway (the mock's record)
+//! is masked; what the client got back is restored, for JSON and streamed answers, OpenAI and Anthropic
+//! shapes, including placeholders split across SSE events and network chunks; bad input is answered.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
+use meshwarden_integration_tests::mock_llm::MockLlm;
+use meshwarden_shared::llm::extract_stream_delta_texts;
+use meshwarden_shared::sse::SseParser;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FILTER: &str = "pii-redactor";
+const PROMPT: &str = "I am Jane (jane.doe@example.com, +44 20 7946 0958). Card 4111 1111 1111 1111. \
+Write to jane.doe@example.com. My own note says <EMAIL_1> literally. AWS key AKIAIOSFODNN7EXAMPLE.";
+const ORIGINALS: [&str; 4] =
+    ["jane.doe@example.com", "+44 20 7946 0958", "4111 1111 1111 1111", "AKIAIOSFODNN7EXAMPLE"];
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn envoy(mock_port: u16, config: Value) -> Envoy {
+    EnvoyBuilder::new("pii-redactor.yaml")
+        .upstream_port(mock_port)
+        .filter_config(FILTER, &config)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Streamed text of an SSE answer (content deltas of any provider).
+fn sse_text(body: &str) -> String {
+    let mut p = SseParser::default();
+    let mut out = String::new();
+    for e in p.feed(body.as_bytes()) {
+        if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+            for t in extract_stream_delta_texts(&v) {
+                out.push_str(&t.text);
+            }
+        }
+    }
+    out
+}
+
+fn assert_masked(upstream_body: &str) {
+    for o in ORIGINALS {
+        assert!(!upstream_body.contains(o), "{o} left the gateway: {upstream_body}");
+    }
+    // The client's own look-alike stays as it was; the real email got the next free number.
+    assert!(upstream_body.contains("<EMAIL_1> literally"), "{upstream_body}");
+    assert!(upstream_body.contains("(<EMAIL_2>, <PHONE_1>)"), "{upstream_body}");
+    assert!(upstream_body.contains("Write to <EMAIL_2>."), "same value, same placeholder: {upstream_body}");
+    assert!(
+        upstream_body.contains("Card <CREDIT_CARD_1>.") && upstream_body.contains("<AWS_KEY_1>"),
+        "{upstream_body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_json_masked_upstream_and_restored_for_the_client() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"gpt-4o-mini","metadata":{"k":"v"},"messages":[{"role":"user","content":PROMPT}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-meshwarden-pii"], "aws_access_key=1,credit_card=1,email=2,phone=1");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], PROMPT, "the client gets its values back");
+
+    let sent = mock.last_request().unwrap();
+    let sent_json = sent.json().expect("valid JSON left the gateway");
+    assert_masked(sent_json["messages"][0]["content"].as_str().unwrap());
+    assert_eq!(sent_json["metadata"], json!({"k":"v"}), "the rest of the body is untouched");
+    assert!(sent.header("content-length").is_none_or(|l| l.parse::<usize>().unwrap() == sent.body.len()));
+    assert!(sent.header("accept-encoding").is_none());
+
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.findings.email.mask").await.unwrap(), 2);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.findings.credit_card.mask").await.unwrap(), 1);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.requests_rewritten").await.unwrap(), 1);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.restored").await.unwrap(), 5);
+    // The access log line carries counts, never values.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = envoy.log();
+    let line = log.lines().find(|l| l.contains("POST /v1/chat/completions")).unwrap_or_default().to_string();
+    assert!(line.contains("pii=aws_access_key=1,credit_card=1,email=2,phone=1"), "{log}");
+    assert!(!log.contains("jane.doe@example.com"), "values never logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_json_and_both_streams_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    // Anthropic JSON
+    let resp = client()
+        .post(envoy.url("/v1/messages"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"claude-sonnet-4","max_tokens":256,"messages":[{"role":"user","content":[{"type":"text","text":PROMPT}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["content"][0]["text"], PROMPT);
+    assert_masked(mock.last_request().unwrap().json().unwrap()["messages"][0]["content"][0]["text"].as_str().unwrap());
+
+    // Streams, one delta per word, small delays so they cross Envoy as separate chunks.
+    for (path, body) in [
+        ("/v1/chat/completions", json!({"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":PROMPT}]})),
+        (
+            "/v1/messages",
+            json!({"model":"claude-sonnet-4","max_tokens":256,"stream":true,"messages":[{"role":"user","content":PROMPT}]}),
+        ),
+    ] {
+        let resp = client()
+            .post(envoy.url(path))
+            .header("x-mock-echo", "1")
+            .header("x-mock-chunk-delay-ms", "2")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let text = resp.text().await.unwrap();
+        assert_eq!(sse_text(&text), PROMPT, "{path}: {text}");
+        if path.ends_with("completions") {
+            assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        } else {
+            assert!(text.contains("event: message_stop"), "{text}");
+        }
+        let sent = mock.last_request().unwrap().body;
+        assert_masked(&sent);
+    }
+}
+
+/// A raw HTTP/1.1 upstream that answers with fixed SSE bytes cut into the given network chunks (sent
+/// with pauses, chunked encoding), and records the request body it received.
+async fn chunky_upstream(chunks: Vec<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let chunks = chunks.clone();
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                // headers, then content-length or chunked body (read until the terminator)
+                loop {
+                    let n = sock.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(h) = text.find("\r\n\r\n") {
+                        let head = text[..h].to_ascii_lowercase();
+                        let body = &text[h + 4..];
+                        let done = if let Some(cl) = head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+                            body.len() >= cl.trim().parse::<usize>().unwrap_or(0)
+                        } else {
+                            body.ends_with("0\r\n\r\n")
+                        };
+                        if done {
+                            seen.lock().unwrap().push(body.to_string());
+                            break;
+                        }
+                    }
+                }
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+                    )
+                    .await;
+                for c in chunks {
+                    let _ = sock.write_all(format!("{:x}\r\n", c.len()).as_bytes()).await;
+                    let _ = sock.write_all(&c).await;
+                    let _ = sock.write_all(b"\r\n").await;
+                    let _ = sock.flush().await;
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+                let _ = sock.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholder_split_across_events_and_network_chunks_and_escaped() {
+    let ev = |t: &str| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":t}}]}));
+    // "<EMA" | "IL_1> and <PHO" | "NE_1>" across three events; then an escaped placeholder in one event.
+    let stream = format!(
+        "{}{}{}{}{}data: [DONE]\n\n",
+        ev("Mail <EMA"),
+        ev("IL_1> or call <PHO"),
+        ev("NE_1>; again "),
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\u003cEMAIL_1\\u003e.\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+    );
+    // Network chunks cut inside events, inside JSON strings and inside the placeholders.
+    let bytes = stream.as_bytes();
+    let cuts = [7usize, 60, 75, 130, 131, 190, 250];
+    let mut chunks = Vec::new();
+    let mut last = 0;
+    for c in cuts.iter().copied().filter(|c| *c < bytes.len()) {
+        chunks.push(bytes[last..c].to_vec());
+        last = c;
+    }
+    chunks.push(bytes[last..].to_vec());
+    let (port, seen) = chunky_upstream(chunks).await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"I am bob@corp.io, tel 415-555-2671"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_text(&text), "Mail bob@corp.io or call 415-555-2671; again bob@corp.io.", "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let sent = seen.lock().unwrap().join("");
+    assert!(sent.contains("I am <EMAIL_1>, tel <PHONE_1>") && !sent.contains("bob@corp.io"), "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_off_leaks_nothing_and_look_alikes_are_never_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({"restore": false})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"<EMAIL_1> <EMAIL_2> me: a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "<EMAIL_1> <EMAIL_2> me: <EMAIL_3>");
+
+    // With restore on, the client's look-alikes echo back as themselves, never as the real value.
+    let envoy = envoy_default(&mock).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-answer", "<EMAIL_1> <EMAIL_2> <EMAIL_3>")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"<EMAIL_1> <EMAIL_2> me: a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "<EMAIL_1> <EMAIL_2> a@b.io");
+}
+
+async fn envoy_default(mock: &MockLlm) -> Envoy {
+    envoy(mock.port(), json!({})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_reject_redact_partial_hash_and_response_scanning() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(
+        mock.port(),
+        json!({"hash_salt":"integration-test-salt","scan_responses":true,
+               "detectors":{"us_ssn":{"action":"reject"},"credit_card":{"action":"partial"},
+                            "email":{"action":"hash"},"phone":{"action":"redact"}}}),
+    )
+    .await;
+    // reject: OpenAI-shaped and Anthropic-shaped 400, nothing sent upstream
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"my ssn is 536-22-8963"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "sensitive_data_rejected");
+    assert!(body["error"]["message"].as_str().unwrap().contains("us_ssn"));
+    assert!(!body.to_string().contains("536-22-8963"));
+    let resp = client()
+        .post(envoy.url("/v1/messages"))
+        .json(&json!({"model":"c","max_tokens":5,"messages":[{"role":"user","content":"ssn 536-22-8963"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["type"], "error");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(mock.requests().is_empty(), "rejected requests never leave");
+
+    // partial, hash, redact; the answer has a leaked email of its own, redacted by response scanning
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-answer", "Sure. Also contact leak@evil.example.org please.")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"card 4111-1111-1111-1111 mail a@b.io tel 415-555-2671"}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "Sure. Also contact [REDACTED] please.");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let text = sent["messages"][0]["content"].as_str().unwrap();
+    assert!(text.starts_with("card ****-****-****-1111 mail [EMAIL:"), "{text}");
+    assert!(text.ends_with("tel [REDACTED]"), "{text}");
+    // hash is stable across requests
+    let _ = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    let again = mock.last_request().unwrap().json().unwrap()["messages"][0]["content"].as_str().unwrap().to_string();
+    assert!(text.contains(&again), "{text} / {again}");
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.rejected").await.unwrap(), 2);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.findings.email.hash").await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_answered_never_a_crash() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({"max_body_bytes": 65536})).await;
+    let post = |path: &str| client().post(envoy.url(path));
+
+    // malformed JSON: scanned as raw text, masked
+    let resp = post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body("{\"messages\": [ a@b.io")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "the mock refuses non-JSON; what matters is what it saw");
+    assert_eq!(mock.last_request().unwrap().body, "{\"messages\": [ <EMAIL_1>");
+
+    // non-UTF-8 text body
+    let mut raw = b"\xff\xfe mail a@b.io \xc3".to_vec();
+    raw.extend_from_slice(b" end");
+    let _ = post("/upload").header("content-type", "application/octet-stream").body(raw).send().await.unwrap();
+    let got = mock.last_request().unwrap();
+    assert!(got.body.contains("mail <EMAIL_1>") && !got.body.contains("a@b.io"), "{}", got.body);
+
+    // gzip: cannot be scanned -> 415, nothing forwarded
+    let before = mock.requests().len();
+    let resp = post("/v1/chat/completions")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "encoded_body");
+    // too large -> 413
+    let big = json!({"model":"m","messages":[{"role":"user","content":"x".repeat(100_000)}]});
+    let resp = post("/v1/chat/completions").json(&big).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(mock.requests().len(), before, "nothing unscanned left");
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.unscannable.encoded_body").await.unwrap(), 1);
+
+    // GET without a body passes
+    let resp = client().get(envoy.url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // fail-open config forwards the gzip body untouched
+    let open = envoy_with(&mock, json!({"on_unscannable": "pass"})).await;
+    let resp = client()
+        .post(open.url("/v1/chat/completions"))
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "reached the mock (which cannot read gzip)");
+    assert_eq!(open.stat("meshwarden.pii_redactor.unscannable.encoded_body").await.unwrap(), 1);
+}
+
+async fn envoy_with(mock: &MockLlm, config: Value) -> Envoy {
+    envoy(mock.port(), config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_detectors_and_config_errors() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(
+        mock.port(),
+        json!({"custom_detectors":[{"name":"employee_id","pattern":"EMP-[0-9]{6}","context_words":["employee"]}],
+               "detectors":{"phone":{"enabled":false}}}),
+    )
+    .await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"employee EMP-123456, tel 415-555-2671"}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "employee EMP-123456, tel 415-555-2671");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["messages"][0]["content"], "employee <EMPLOYEE_ID_1>, tel 415-555-2671");
+
+    let log = EnvoyBuilder::new("pii-redactor.yaml")
+        .upstream_port(9)
+        .filter_config(FILTER, &json!({"custom_detectors":[{"name":"x","pattern":"(unclosed"}]}))
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("invalid configuration at $.custom_detectors[0].pattern: invalid regex"), "{log}");
+    let log = EnvoyBuilder::new("pii-redactor.yaml")
+        .upstream_port(9)
+        .filter_config(FILTER, &json!({"detectors":{"emial":{}}}))
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("invalid configuration at $.detectors.emial: unknown detector"), "{log}");
+}
