@@ -7,9 +7,11 @@
 //!   ready, stop on drop (printing the Envoy log when a test fails).
 //! - [`mock_llm`]: an OpenAI/Anthropic-compatible upstream (JSON and SSE) with configurable usage,
 //!   latency and errors, and a record of every request it received (what left the gateway).
+//! - [`python`]: real Python servers / SDK clients from `integration-tests/python/`, on free ports.
 //! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
 
 pub mod bench;
 pub mod envoy;
 pub mod mock_llm;
 pub mod paths;
+pub mod python;
