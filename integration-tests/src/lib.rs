@@ -7,6 +7,7 @@
 //!   ready, stop on drop (printing the Envoy log when a test fails).
 //! - [`mock_llm`]: an OpenAI/Anthropic-compatible upstream (JSON and SSE) with configurable usage,
 //!   latency and errors, and a record of every request it received (what left the gateway).
+//! - [`python`]: real Python servers / SDK clients from `integration-tests/python/`, on free ports.
 //! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
 
 pub mod bench;
@@ -17,3 +18,4 @@ pub mod model_sim;
 pub mod paths;
 pub mod redis_server;
 pub mod sidecar;
+pub mod python;

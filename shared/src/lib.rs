@@ -9,6 +9,10 @@
 //! | [`llm`] | OpenAI (chat, completions, Responses, embeddings) and Anthropic request fields, text extraction and rewrite, usage from every provider |
 //! | [`sse`] | an incremental Server-Sent Events parser that accepts chunks cut at any byte |
 //! | [`jsonrpc`] | JSON-RPC 2.0 messages (MCP, A2A) |
+//! | [`mcp`] | MCP methods, targets, list answers, 2026-07-28 `Mcp-*` header checks |
+//! | [`a2a`] | A2A v0.3/v1.0 method names, agent card paths and skill filtering |
+//! | [`encoding`] | Base64 (standard and URL-safe) |
+//! | [`pbstruct`] | decoding a binary `google.protobuf.Struct` (Envoy metadata properties) into JSON |
 //! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
 //! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
@@ -16,6 +20,7 @@
 //! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
 //! | [`host`] | (feature `host`) the thin proxy-wasm glue: metrics, callouts, local replies |
 
+pub mod a2a;
 pub mod callout;
 pub mod config;
 pub mod endpoints;
@@ -23,6 +28,12 @@ pub mod errors;
 pub mod jsonrpc;
 pub mod llm;
 pub mod ratelimit;
+pub mod encoding;
+pub mod errors;
+pub mod jsonrpc;
+pub mod llm;
+pub mod mcp;
+pub mod pbstruct;
 pub mod sse;
 pub mod stats;
 pub mod stream_rewrite;

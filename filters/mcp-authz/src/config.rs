@@ -1,21 +1,267 @@
+//! The plugin configuration (plain JSON; Istio `pluginConfig`). Every struct rejects unknown fields;
+//! semantic checks report the JSON path of the bad field. See `docs/mcp-authz.md` for every field.
+
 use meshwarden_shared::config::{check_range, ConfigError, Validate};
 use serde::Deserialize;
+use serde_json::Value;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Largest request body buffered for inspection.
+    /// Largest request body buffered for inspection; larger POSTs get 413 (never forwarded unchecked).
     pub max_body_bytes: u64,
+    /// Largest answer buffered for list filtering (JSON answers; one SSE event); larger: 502, fail closed.
+    pub max_response_bytes: u64,
+    /// Path globs (query string ignored) of MCP Streamable HTTP endpoints.
+    pub mcp_paths: Vec<String>,
+    /// Path globs of A2A JSON-RPC endpoints.
+    pub a2a_paths: Vec<String>,
+    /// Paths of A2A agent cards whose `skills[]` are filtered per caller.
+    pub agent_card_paths: Vec<String>,
+    /// What to do with requests to any other path: `pass` (not MCP traffic; untouched) or `deny` (403).
+    pub other_paths: OtherPaths,
+    pub identity: IdentityConfig,
+    pub policy: PolicyConfig,
+    /// One structured log line per decision.
+    pub audit_log: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20 }
+        Self {
+            max_body_bytes: 1 << 20,
+            max_response_bytes: 4 << 20,
+            mcp_paths: vec!["/mcp".into(), "/mcp/*".into()],
+            a2a_paths: Vec::new(),
+            agent_card_paths: meshwarden_shared::a2a::AGENT_CARD_PATHS.iter().map(|s| s.to_string()).collect(),
+            other_paths: OtherPaths::Pass,
+            identity: IdentityConfig::default(),
+            policy: PolicyConfig::default(),
+            audit_log: true,
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherPaths {
+    Pass,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Claims verified by Envoy's `jwt_authn` filter (its `payload_in_metadata`); `null` disables.
+    pub jwt_authn: Option<JwtAuthnConfig>,
+    /// DEVELOPMENT ONLY: take claims from the bearer token's payload WITHOUT verifying its signature,
+    /// when `jwt_authn` gave none. Anyone can forge such a token.
+    pub unverified_bearer_dev_only: bool,
+    /// Add the mTLS peer's SPIFFE ID as claim `spiffe` (`id`, `trust_domain`, `namespace`, `service_account`).
+    pub spiffe: bool,
+    /// Headers set by earlier trusted filters, mapped to claims (they override token claims).
+    pub trusted_headers: Vec<TrustedHeader>,
+    /// Claims tried in order for the audit log's subject.
+    pub subject_claims: Vec<String>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            jwt_authn: Some(JwtAuthnConfig::default()),
+            unverified_bearer_dev_only: false,
+            spiffe: true,
+            trusted_headers: Vec::new(),
+            subject_claims: vec!["sub".into(), "spiffe.id".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtAuthnConfig {
+    /// Dynamic metadata namespace the `jwt_authn` filter writes.
+    pub metadata_namespace: String,
+    /// Its `payload_in_metadata` key; `null` = the first object in the namespace.
+    pub payload_key: Option<String>,
+}
+
+impl Default for JwtAuthnConfig {
+    fn default() -> Self {
+        Self { metadata_namespace: "envoy.filters.http.jwt_authn".into(), payload_key: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedHeader {
+    pub header: String,
+    pub claim: String,
+    /// Split the value on commas and whitespace into a list (e.g. groups, scopes).
+    #[serde(default)]
+    pub list: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyAnswer {
+    /// As if the target did not exist: JSON-RPC -32602 "Unknown tool: x" (HTTP 200).
+    Hide,
+    /// HTTP 403, JSON-RPC error body, `WWW-Authenticate: Bearer error="insufficient_scope"`.
+    Forbid,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Mcp,
+    A2a,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Mcp => "mcp",
+            Protocol::A2a => "a2a",
+        }
+    }
+}
+
+/// Methods every caller may use unless a deny rule says otherwise (they disclose nothing that list
+/// filtering does not already cover).
+pub const DEFAULT_BUILTIN_ALLOW: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "notifications/*",
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "session/stream",
+    "session/delete",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Decision when no rule matches.
+    pub default: Effect,
+    /// Answer for denied requests (rules may override).
+    pub deny_answer: DenyAnswer,
+    /// Method globs allowed for everyone after deny rules (an implicit allow rule named `builtin`).
+    pub builtin_allow: Vec<String>,
+    /// `scope` value in the forbid answer's `WWW-Authenticate` header (optional).
+    pub forbid_scope: Option<String>,
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default: Effect::Deny,
+            deny_answer: DenyAnswer::Hide,
+            builtin_allow: DEFAULT_BUILTIN_ALLOW.iter().map(|s| s.to_string()).collect(),
+            forbid_scope: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    pub effect: Effect,
+    /// Deny rules only: overrides `policy.deny_answer`.
+    #[serde(default)]
+    pub answer: Option<DenyAnswer>,
+    /// `mcp` or `a2a`; absent = both.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// Method globs (any may match); empty = every method. A2A methods match under v0.3 or v1.0 name.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Target globs (tool / prompt name, resource URI, A2A skill id); empty = any (or none).
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// All must match.
+    #[serde(default)]
+    pub identity: Vec<ClaimMatcherConfig>,
+    /// All must match.
+    #[serde(default)]
+    pub arguments: Vec<ArgMatcherConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimMatcherConfig {
+    /// Claim name; a dotted path (`realm_access.roles`, `spiffe.namespace`) reaches nested claims.
+    pub claim: String,
+    #[serde(default)]
+    pub equals: Option<Value>,
+    #[serde(default)]
+    pub one_of: Option<Vec<Value>>,
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub glob: Option<String>,
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArgMatcherConfig {
+    /// Path into the arguments: `key`, `a.b`, `items[0].id`.
+    pub path: String,
+    #[serde(default)]
+    pub equals: Option<Value>,
+    #[serde(default)]
+    pub one_of: Option<Vec<Value>>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub present: Option<bool>,
 }
 
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)
+        check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
+        check_range("max_response_bytes", self.max_response_bytes, 1024, 64 << 20)?;
+        for (field, list) in [("mcp_paths", &self.mcp_paths), ("a2a_paths", &self.a2a_paths)] {
+            for (i, p) in list.iter().enumerate() {
+                if !p.starts_with('/') {
+                    return Err(ConfigError::at(&format!("{field}[{i}]"), "must start with /"));
+                }
+            }
+        }
+        for (i, h) in self.identity.trusted_headers.iter().enumerate() {
+            if h.header.is_empty() || h.header.starts_with(':') {
+                return Err(ConfigError::at(&format!("identity.trusted_headers[{i}].header"), "must be a header name"));
+            }
+            if h.claim.is_empty() {
+                return Err(ConfigError::at(&format!("identity.trusted_headers[{i}].claim"), "must not be empty"));
+            }
+        }
+        if let Some(j) = &self.identity.jwt_authn {
+            if j.metadata_namespace.is_empty() {
+                return Err(ConfigError::at("identity.jwt_authn.metadata_namespace", "must not be empty"));
+            }
+        }
+        // Rules are compiled (regexes, one operator per matcher) by `policy::Policy::compile`, which
+        // reports paths itself.
+        crate::policy::Policy::compile(&self.policy).map(|_| ())
     }
 }

@@ -1,8 +1,19 @@
-use crate::config::Config;
-use meshwarden_shared::host::{load_config, Metrics};
+//! The thin proxy-wasm adapter: reads headers, bodies and properties, hands them to the pure engine,
+//! and applies its answer (local reply, forwarded request, filtered answer, stats, audit log,
+//! filter state for access logs).
+
+use crate::config::{Config, OtherPaths, Protocol};
+use crate::engine::{Audit, Endpoint, Engine, FilterKind, Outcome, Reply, SseFilter};
+use crate::identity::{self, Identity, Sources};
+use meshwarden_shared::host::{load_config, log, Metrics};
+use meshwarden_shared::jsonrpc;
+use meshwarden_shared::mcp::{self, RequestHeaders};
+use meshwarden_shared::pbstruct::decode_metadata_namespace;
+use meshwarden_shared::stats::{stat_name, BoundedLabels};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 const FILTER: &str = "mcp_authz";
@@ -12,27 +23,73 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
-#[derive(Default)]
+struct Shared {
+    metrics: Metrics,
+    methods: BoundedLabels,
+}
+
+impl Shared {
+    fn count(&mut self, name: &str) {
+        self.metrics.counter(&stat_name(FILTER, &[], name), 1);
+    }
+    fn add(&mut self, name: &str, n: u64) {
+        self.metrics.counter(&stat_name(FILTER, &[], name), n);
+    }
+}
+
 struct Root {
-    config: Rc<Config>,
-    metrics: Rc<RefCell<Metrics>>,
+    engine: Rc<Engine>,
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl Default for Root {
+    fn default() -> Self {
+        let mut methods = BoundedLabels::new(64);
+        methods.preload(mcp::CLIENT_METHODS.iter().copied());
+        methods.preload(meshwarden_shared::a2a::METHODS.iter().flat_map(|(a, b)| [*a, *b]));
+        methods.preload(["session/stream", "session/delete"]);
+        let engine = Engine::new(Config::default())
+            .unwrap_or_else(|_| Engine { config: Config::default(), policy: Default::default() });
+        Root { engine: Rc::new(engine), shared: Rc::new(RefCell::new(Shared { metrics: Metrics::default(), methods })) }
+    }
 }
 
 impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match load_config::<Config>(FILTER, self.get_plugin_configuration()) {
-            Some(c) => {
-                self.config = Rc::new(c);
+        let Some(cfg) = load_config::<Config>(FILTER, self.get_plugin_configuration()) else {
+            return false;
+        };
+        if cfg.identity.unverified_bearer_dev_only {
+            log(LogLevel::Warn, "meshwarden mcp_authz: identity.unverified_bearer_dev_only is ON: bearer token payloads are trusted WITHOUT signature verification; never use this in production");
+        }
+        match Engine::new(cfg) {
+            Ok(e) => {
+                log(LogLevel::Info, &format!("meshwarden mcp_authz: loaded {} rules", e.policy.rule_count()));
+                self.engine = Rc::new(e);
                 true
             }
-            None => false,
+            Err(err) => {
+                log(LogLevel::Critical, &format!("meshwarden mcp_authz: {err}"));
+                false
+            }
         }
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { metrics: self.metrics.clone() }))
+        Some(Box::new(Request {
+            engine: self.engine.clone(),
+            shared: self.shared.clone(),
+            endpoint: Endpoint::Other,
+            identity: Identity::default(),
+            headers: RequestHeaders::default(),
+            plan: HashMap::new(),
+            card: false,
+            answer: Answer::Untouched,
+            unreadable: false,
+            replied: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -40,15 +97,326 @@ impl RootContext for Root {
     }
 }
 
+enum Answer {
+    Untouched,
+    Json,
+    Sse(SseFilter),
+}
+
 struct Request {
-    metrics: Rc<RefCell<Metrics>>,
+    engine: Rc<Engine>,
+    shared: Rc<RefCell<Shared>>,
+    endpoint: Endpoint,
+    identity: Identity,
+    headers: RequestHeaders,
+    plan: HashMap<String, FilterKind>,
+    /// A GET of an agent card: filter its skills.
+    card: bool,
+    answer: Answer,
+    /// The answer to filter is compressed or of an unknown type: it is withheld (fail closed).
+    unreadable: bool,
+    replied: bool,
 }
 
 impl Context for Request {}
 
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.metrics.borrow_mut().counter("meshwarden.mcp_authz.requests", 1);
+impl Request {
+    fn reply(&mut self, r: &Reply) -> Action {
+        let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let body = if r.body.is_empty() { None } else { Some(r.body.as_bytes()) };
+        self.send_http_response(r.status, headers, body);
+        self.replied = true;
+        Action::Pause
+    }
+
+    fn error_reply(&mut self, status: u32, code: i64, message: &str, event: &str) -> Action {
+        self.shared.borrow_mut().count(event);
+        let body = jsonrpc::error_response(None, code, message).to_string();
+        self.reply(&Reply { status, headers: vec![("content-type".into(), "application/json".into())], body })
+    }
+
+    fn resolve_identity(&self) -> Identity {
+        let cfg = &self.engine.config.identity;
+        let jwt_metadata = cfg.jwt_authn.as_ref().and_then(|j| {
+            // The whole `metadata` property is the Metadata message (typed protobuf); a deeper path would
+            // come back as an untyped CEL map.
+            let raw = self.get_property(vec!["metadata"])?;
+            match decode_metadata_namespace(&raw, &j.metadata_namespace) {
+                Ok(m) => m,
+                Err(e) => {
+                    log(
+                        LogLevel::Warn,
+                        &format!("meshwarden mcp_authz: dynamic metadata unreadable ({e}): no verified claims"),
+                    );
+                    None
+                }
+            }
+        });
+        let authorization =
+            if cfg.unverified_bearer_dev_only { self.get_http_request_header("authorization") } else { None };
+        let peer = if cfg.spiffe {
+            self.get_property(vec!["connection", "uri_san_peer_certificate"]).and_then(|b| String::from_utf8(b).ok())
+        } else {
+            None
+        };
+        let headers = cfg
+            .trusted_headers
+            .iter()
+            .filter_map(|h| self.get_http_request_header(&h.header).map(|v| (h, v)))
+            .collect();
+        identity::resolve(
+            cfg,
+            Sources { jwt_metadata, authorization: authorization.as_deref(), peer_uri_san: peer.as_deref(), headers },
+        )
+    }
+
+    fn record(&mut self, audits: &[Audit]) {
+        let mut sh = self.shared.borrow_mut();
+        for a in audits {
+            let label = sh.methods.label(&a.method);
+            let decision = if a.allowed { "allow" } else { "deny" };
+            let name = stat_name(FILTER, &[("method", &label)], decision);
+            sh.metrics.counter(&name, 1);
+            sh.count(&format!("decision.{decision}"));
+            if self.engine.config.audit_log {
+                log(LogLevel::Info, &self.engine.audit_line(&self.identity, a));
+            }
+        }
+        drop(sh);
+        // Filter state for access logs: %FILTER_STATE(wasm.mcp_authz.decision:PLAIN)% etc.
+        let (method, target, decision, rule) = match audits {
+            [] => return,
+            [a] => (
+                a.method.clone(),
+                a.target.clone().unwrap_or_default(),
+                if a.allowed { "allow" } else { "deny" },
+                a.rule.clone(),
+            ),
+            many => {
+                let denied = many.iter().find(|a| !a.allowed);
+                (
+                    "batch".to_string(),
+                    String::new(),
+                    if denied.is_some() { "deny" } else { "allow" },
+                    denied.map(|a| a.rule.clone()).unwrap_or_else(|| "batch".into()),
+                )
+            }
+        };
+        self.set_property(vec!["mcp_authz.method"], Some(method.as_bytes()));
+        self.set_property(vec!["mcp_authz.target"], Some(target.as_bytes()));
+        self.set_property(vec!["mcp_authz.decision"], Some(decision.as_bytes()));
+        self.set_property(vec!["mcp_authz.rule"], Some(rule.as_bytes()));
+        let subject = self.identity.subject(&self.engine.config.identity.subject_claims);
+        self.set_property(vec!["mcp_authz.subject"], Some(subject.as_bytes()));
+    }
+
+    fn apply(&mut self, out: Outcome) -> Action {
+        self.record(&out.audits);
+        {
+            let mut sh = self.shared.borrow_mut();
+            for e in &out.events {
+                sh.count(e);
+            }
+        }
+        if let Some(r) = &out.reply {
+            return self.reply(r);
+        }
+        self.plan = out.filters;
         Action::Continue
+    }
+
+    fn fail_closed_answer(&mut self, size: usize, why: &str) {
+        self.shared.borrow_mut().count("answer_filter_failed");
+        log(LogLevel::Warn, &format!("meshwarden mcp_authz: answer withheld: {why}"));
+        let id = if self.plan.len() == 1 {
+            self.plan.keys().next().and_then(|k| serde_json::from_str::<serde_json::Value>(k).ok())
+        } else {
+            None
+        };
+        let body = jsonrpc::error_response(
+            id.as_ref(),
+            jsonrpc::INTERNAL_ERROR,
+            &format!("Gateway could not filter the answer: {why}"),
+        );
+        self.set_http_response_body(0, size, body.to_string().as_bytes());
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+        self.shared.borrow_mut().count("requests");
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        self.endpoint = self.engine.endpoint(&path);
+        if self.endpoint == Endpoint::Other {
+            if self.engine.config.other_paths == OtherPaths::Deny {
+                return self.error_reply(
+                    403,
+                    crate::engine::FORBIDDEN_CODE,
+                    "Forbidden: not an MCP or A2A endpoint",
+                    "other_path_denied",
+                );
+            }
+            self.shared.borrow_mut().count("passthrough");
+            return Action::Continue;
+        }
+        self.identity = self.resolve_identity();
+        if self.endpoint == Endpoint::Card {
+            if method == "GET" {
+                self.card = true;
+                self.set_http_request_header("accept-encoding", None);
+            }
+            return Action::Continue;
+        }
+        let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
+        match method.as_str() {
+            "POST" => {}
+            "OPTIONS" => return Action::Continue,
+            m if protocol == Protocol::Mcp => {
+                let out = self.engine.decide_session(&self.identity, m);
+                return self.apply(out);
+            }
+            _ => {
+                return self.error_reply(
+                    405,
+                    jsonrpc::INVALID_REQUEST,
+                    "Method not allowed: use POST",
+                    "method_not_allowed",
+                );
+            }
+        }
+        let encoding = self.get_http_request_header("content-encoding").unwrap_or_default();
+        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+            return self.error_reply(
+                415,
+                jsonrpc::PARSE_ERROR,
+                "Parse error: compressed request bodies are not accepted",
+                "invalid_json",
+            );
+        }
+        let too_long = self
+            .get_http_request_header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > self.engine.config.max_body_bytes);
+        if too_long {
+            return self.error_reply(413, jsonrpc::INVALID_REQUEST, "Request body too large", "body_too_large");
+        }
+        self.headers = RequestHeaders {
+            method: self.get_http_request_header(mcp::HEADER_METHOD),
+            name: self.get_http_request_header(mcp::HEADER_NAME),
+            protocol_version: self.get_http_request_header(mcp::HEADER_PROTOCOL_VERSION),
+        };
+        // Answers may have to be filtered: ask for them uncompressed.
+        self.set_http_request_header("accept-encoding", None);
+        if end_of_stream {
+            let out = self.engine.decide_body(&self.identity, protocol, &self.headers, b"");
+            return self.apply(out);
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.replied || !matches!(self.endpoint, Endpoint::Mcp | Endpoint::A2a) {
+            return Action::Continue;
+        }
+        if body_size as u64 > self.engine.config.max_body_bytes {
+            return self.error_reply(413, jsonrpc::INVALID_REQUEST, "Request body too large", "body_too_large");
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
+        let out = self.engine.decide_body(&self.identity, protocol, &self.headers, &body);
+        self.apply(out)
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        if self.replied || (self.plan.is_empty() && !self.card) {
+            return Action::Continue;
+        }
+        let status = self.get_http_response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+        if !(200..300).contains(&status) || status == 202 || status == 204 {
+            return Action::Continue;
+        }
+        let ctype = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        let encoding = self.get_http_response_header("content-encoding").unwrap_or_default();
+        let encoded = !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity");
+        self.answer = if ctype.starts_with("text/event-stream") && !self.card {
+            Answer::Sse(SseFilter::new(self.engine.config.max_response_bytes as usize))
+        } else {
+            Answer::Json
+        };
+        self.set_http_response_header("content-length", None);
+        if encoded
+            || !(ctype.starts_with("application/json")
+                || ctype.starts_with("text/event-stream")
+                || ctype.contains("+json"))
+        {
+            // Cannot read it, so cannot filter it: withhold it (fail closed) in the body callback.
+            self.set_http_response_header("content-type", Some("application/json"));
+            self.set_http_response_header("content-encoding", None);
+            self.answer = Answer::Json;
+            self.unreadable = true;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.replied {
+            return Action::Continue;
+        }
+        match std::mem::replace(&mut self.answer, Answer::Untouched) {
+            Answer::Untouched => Action::Continue,
+            Answer::Sse(mut f) => {
+                let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let out = f.feed(&self.engine, &self.identity, &self.plan, &chunk, end_of_stream);
+                let removed = std::mem::take(&mut f.removed);
+                let dropped = f.dropped_events();
+                self.answer = Answer::Sse(f);
+                if removed > 0 {
+                    self.shared
+                        .borrow_mut()
+                        .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
+                }
+                if end_of_stream && dropped > 0 {
+                    self.shared.borrow_mut().add("sse_events_dropped", dropped);
+                }
+                self.set_http_response_body(0, body_size, &out);
+                Action::Continue
+            }
+            Answer::Json => {
+                self.answer = Answer::Json;
+                if body_size as u64 > self.engine.config.max_response_bytes {
+                    self.fail_closed_answer(body_size, "answer too large");
+                    self.answer = Answer::Untouched;
+                    return Action::Continue;
+                }
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                if self.unreadable {
+                    self.fail_closed_answer(body_size, "answer is compressed or not JSON");
+                    return Action::Continue;
+                }
+                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+                let result = if self.card {
+                    self.engine.filter_card_document(&self.identity, &body)
+                } else {
+                    self.engine.filter_json_answer(&self.identity, &self.plan, &body)
+                };
+                match result {
+                    Ok(None) => {}
+                    Ok(Some((new_body, removed))) => {
+                        self.shared
+                            .borrow_mut()
+                            .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
+                        self.set_http_response_body(0, body_size, &new_body);
+                    }
+                    Err(_) => self.fail_closed_answer(body_size, "answer is not JSON"),
+                }
+                Action::Continue
+            }
+        }
     }
 }

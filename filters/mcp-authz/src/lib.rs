@@ -1,9 +1,15 @@
 //! mcp-authz: fine-grained authorization of MCP and A2A JSON-RPC traffic.
 //!
-//! `config` is the pure core (no proxy-wasm types, unit-tested natively); `filter` is the thin
-//! proxy-wasm adapter, compiled only for wasm32 (and for clippy).
+//! Pure core (no proxy-wasm types, unit-tested natively): `config` (the plugin configuration),
+//! `identity` (claims from jwt_authn metadata, an unverified bearer in development, SPIFFE, trusted
+//! headers), `policy` (rules and their evaluation order), `engine` (request decisions, answers to
+//! bad input, list / SSE / agent card filtering). `filter` is the thin proxy-wasm adapter, compiled
+//! only for wasm32 (and for clippy).
 
 pub mod config;
+pub mod engine;
+pub mod identity;
+pub mod policy;
 
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod filter;

@@ -1,0 +1,832 @@
+//! Request decisions and answer filtering, with no proxy-wasm types (the adapter in `filter.rs` only
+//! moves bytes and headers). Everything a client can send gets a documented answer:
+//!
+//! | input | answer |
+//! |---|---|
+//! | not JSON (incl. empty body, non-UTF-8) | 400, JSON-RPC -32700, id null |
+//! | JSON but not a JSON-RPC message / empty batch | 400, -32600 (id echoed when readable) |
+//! | a batch on MCP 2025-06-18 or newer (`MCP-Protocol-Version`) | 400, -32600 |
+//! | `Mcp-Method` / `Mcp-Name` / `MCP-Protocol-Version` disagree with the body (or missing in 2026-07-28) | 400, -32020 |
+//! | a denied request | `hide`: 200 with -32602 "Unknown tool: x" (-32602 "Unknown prompt", -32002 "Resource not found", -32601 otherwise); `forbid`: 403, -32000, `WWW-Authenticate: Bearer error="insufficient_scope"` |
+//! | a denied notification | `hide`: 202 with no body (as if delivered); `forbid`: 403 |
+//! | a batch with a denied or invalid element | nothing is forwarded; one error per request element |
+//! | client responses (answers to server requests) | forwarded, no decision needed |
+
+use crate::config::{Config, DenyAnswer, Protocol};
+use crate::identity::Identity;
+use crate::policy::{Call, Decision, Policy};
+use meshwarden_shared::a2a;
+use meshwarden_shared::config::glob_match;
+use meshwarden_shared::jsonrpc::{self, Message, ParseError, Payload};
+use meshwarden_shared::mcp::{self, ListKind, RequestHeaders};
+use meshwarden_shared::sse::{encode_event, SseParser};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// JSON-RPC code of the `forbid` answer (implementation-defined server error range, outside the
+/// -32020..-32099 block MCP reserves).
+pub const FORBIDDEN_CODE: i64 = -32000;
+/// MCP "Resource not found".
+pub const RESOURCE_NOT_FOUND: i64 = -32002;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Mcp,
+    A2a,
+    Card,
+    Other,
+}
+
+/// A local answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    /// Empty for 202.
+    pub body: String,
+}
+
+/// One decision, for the audit log, stats and access-log metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audit {
+    pub protocol: Protocol,
+    pub method: String,
+    pub target: Option<String>,
+    pub allowed: bool,
+    pub rule: String,
+    pub answer: Option<DenyAnswer>,
+    pub id: Option<Value>,
+}
+
+/// How to filter the answer to a forwarded request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterKind {
+    List(ListKind),
+    Card,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outcome {
+    /// `Some`: answer locally, never forward.
+    pub reply: Option<Reply>,
+    pub audits: Vec<Audit>,
+    /// Answers to filter, by JSON-RPC id (its JSON text).
+    pub filters: HashMap<String, FilterKind>,
+    /// Bounded names of notable events, counted by the adapter (`invalid_json`, `header_mismatch`...).
+    pub events: Vec<&'static str>,
+}
+
+/// A batch element's id and, when it was itself refused, its error (code, message).
+type Refused = (Option<Value>, Option<(i64, String)>);
+
+/// The answer could not be read as JSON (the adapter withholds it: fail closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// A filtered body and how many items it lost.
+pub type Filtered = Option<(Vec<u8>, usize)>;
+
+pub struct Engine {
+    pub config: Config,
+    pub policy: Policy,
+}
+
+fn strip_query(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+pub fn id_key(id: &Value) -> String {
+    id.to_string()
+}
+
+fn json_reply(status: u32, body: &Value, extra: Vec<(String, String)>) -> Reply {
+    let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+    headers.extend(extra);
+    Reply { status, headers, body: body.to_string() }
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Result<Engine, meshwarden_shared::config::ConfigError> {
+        let policy = Policy::compile(&config.policy)?;
+        Ok(Engine { config, policy })
+    }
+
+    pub fn endpoint(&self, path: &str) -> Endpoint {
+        let p = strip_query(path);
+        if self.config.mcp_paths.iter().any(|g| glob_match(g, p)) {
+            Endpoint::Mcp
+        } else if self.config.a2a_paths.iter().any(|g| glob_match(g, p)) {
+            Endpoint::A2a
+        } else if self.config.agent_card_paths.iter().any(|c| c == p) {
+            Endpoint::Card
+        } else {
+            Endpoint::Other
+        }
+    }
+
+    fn call_for<'a>(
+        &self,
+        protocol: Protocol,
+        method: &'a str,
+        params: Option<&'a Value>,
+        target: Option<&'a str>,
+    ) -> Call<'a> {
+        let arguments = match (protocol, method) {
+            (Protocol::Mcp, "tools/call" | "prompts/get") => {
+                Some(params.and_then(|p| p.get("arguments")).unwrap_or(&Value::Null))
+            }
+            _ => Some(params.unwrap_or(&Value::Null)),
+        };
+        let method_alias = if protocol == Protocol::A2a { a2a::alias(method) } else { None };
+        Call { protocol, method, method_alias, target, arguments }
+    }
+
+    fn target(protocol: Protocol, method: &str, params: Option<&Value>) -> Option<String> {
+        match protocol {
+            Protocol::Mcp => mcp::target(method, params),
+            // A2A requests do not name a skill; v1.0 `tenant` is the closest thing to a target.
+            Protocol::A2a => params.and_then(|p| p.get("tenant")).and_then(Value::as_str).map(str::to_string),
+        }
+    }
+
+    pub fn decide_call(
+        &self,
+        identity: &Identity,
+        protocol: Protocol,
+        method: &str,
+        params: Option<&Value>,
+    ) -> (Decision, Option<String>) {
+        let target = Self::target(protocol, method, params);
+        let call = self.call_for(protocol, method, params, target.as_deref());
+        (self.policy.evaluate(identity, &call), target)
+    }
+
+    /// Denied request's error (JSON-RPC error object, HTTP status).
+    fn deny_error(protocol: Protocol, method: &str, target: Option<&str>, answer: DenyAnswer) -> (i64, String) {
+        let t = target.unwrap_or("");
+        match answer {
+            DenyAnswer::Forbid => {
+                (FORBIDDEN_CODE, format!("Forbidden: {method} {t} is not allowed for this caller").replace("  ", " "))
+            }
+            DenyAnswer::Hide => match (protocol, method) {
+                (Protocol::Mcp, "tools/call") => (jsonrpc::INVALID_PARAMS, format!("Unknown tool: {t}")),
+                (Protocol::Mcp, "prompts/get") => (jsonrpc::INVALID_PARAMS, format!("Unknown prompt: {t}")),
+                (Protocol::Mcp, "resources/read" | "resources/subscribe" | "resources/unsubscribe") => {
+                    (RESOURCE_NOT_FOUND, format!("Resource not found: {t}"))
+                }
+                _ => (jsonrpc::METHOD_NOT_FOUND, format!("Method not found: {method}")),
+            },
+        }
+    }
+
+    fn www_authenticate(&self) -> (String, String) {
+        let mut v = "Bearer error=\"insufficient_scope\"".to_string();
+        if let Some(s) = &self.config.policy.forbid_scope {
+            v.push_str(&format!(", scope=\"{}\"", s.replace('"', "")));
+        }
+        ("www-authenticate".to_string(), v)
+    }
+
+    /// GET (server stream) and DELETE (end session) on an MCP endpoint: authorized as the pseudo methods
+    /// `session/stream` and `session/delete`. Other HTTP methods: 405. `None` = forward.
+    pub fn decide_session(&self, identity: &Identity, http_method: &str) -> Outcome {
+        let method = match http_method {
+            "GET" => "session/stream",
+            "DELETE" => "session/delete",
+            _ => {
+                let body = jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, "Method not allowed: use POST");
+                return Outcome {
+                    reply: Some(json_reply(405, &body, vec![("allow".into(), "GET, POST, DELETE".into())])),
+                    events: vec!["method_not_allowed"],
+                    ..Outcome::default()
+                };
+            }
+        };
+        let (d, _) = self.decide_call(identity, Protocol::Mcp, method, None);
+        let audit = Audit {
+            protocol: Protocol::Mcp,
+            method: method.into(),
+            target: None,
+            allowed: d.allowed,
+            rule: d.rule.clone(),
+            answer: (!d.allowed).then_some(d.answer),
+            id: None,
+        };
+        let reply = (!d.allowed).then(|| {
+            let (code, msg) = Self::deny_error(Protocol::Mcp, method, None, DenyAnswer::Forbid);
+            json_reply(403, &jsonrpc::error_response(None, code, &msg), vec![self.www_authenticate()])
+        });
+        Outcome { reply, audits: vec![audit], ..Outcome::default() }
+    }
+
+    /// Decide a POST body on an MCP or A2A endpoint.
+    pub fn decide_body(
+        &self,
+        identity: &Identity,
+        protocol: Protocol,
+        headers: &RequestHeaders,
+        body: &[u8],
+    ) -> Outcome {
+        let payload = match jsonrpc::parse(body) {
+            Ok(p) => p,
+            Err(ParseError::NotJson) => {
+                let b = jsonrpc::error_response(None, jsonrpc::PARSE_ERROR, "Parse error: the body is not JSON");
+                return Outcome {
+                    reply: Some(json_reply(400, &b, vec![])),
+                    events: vec!["invalid_json"],
+                    ..Outcome::default()
+                };
+            }
+            Err(ParseError::InvalidRequest) => {
+                let b = jsonrpc::error_response(
+                    None,
+                    jsonrpc::INVALID_REQUEST,
+                    "Invalid Request: not a JSON-RPC message or batch",
+                );
+                return Outcome {
+                    reply: Some(json_reply(400, &b, vec![])),
+                    events: vec!["invalid_request"],
+                    ..Outcome::default()
+                };
+            }
+        };
+        match payload {
+            Payload::Single(Err(inv)) => {
+                let b = jsonrpc::error_response(
+                    inv.id.as_ref(),
+                    jsonrpc::INVALID_REQUEST,
+                    &format!("Invalid Request: {}", inv.reason),
+                );
+                Outcome {
+                    reply: Some(json_reply(400, &b, vec![])),
+                    events: vec!["invalid_request"],
+                    ..Outcome::default()
+                }
+            }
+            Payload::Single(Ok(msg)) => self.decide_single(identity, protocol, headers, msg),
+            Payload::Batch(items) => self.decide_batch(identity, protocol, headers, items),
+        }
+    }
+
+    fn header_mismatch(&self, id: Option<&Value>, msg: &str) -> Outcome {
+        let b = jsonrpc::error_response(id, jsonrpc::MCP_HEADER_MISMATCH, &format!("Header mismatch: {msg}"));
+        Outcome { reply: Some(json_reply(400, &b, vec![])), events: vec!["header_mismatch"], ..Outcome::default() }
+    }
+
+    fn decide_single(
+        &self,
+        identity: &Identity,
+        protocol: Protocol,
+        headers: &RequestHeaders,
+        msg: Message,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        let (id, method, params) = match msg {
+            Message::Response { .. } => {
+                if protocol == Protocol::Mcp && (headers.method.is_some() || headers.name.is_some()) {
+                    return self.header_mismatch(None, "a response carries no method or name");
+                }
+                out.events.push("client_response");
+                return out;
+            }
+            Message::Request { id, method, params } => (Some(id), method, params),
+            Message::Notification { method, params } => (None, method, params),
+        };
+        if protocol == Protocol::Mcp {
+            if let Err(e) = mcp::check_headers(&method, params.as_ref(), headers) {
+                return self.header_mismatch(id.as_ref(), &e);
+            }
+        }
+        let (d, target) = self.decide_call(identity, protocol, &method, params.as_ref());
+        out.audits.push(Audit {
+            protocol,
+            method: method.clone(),
+            target: target.clone(),
+            allowed: d.allowed,
+            rule: d.rule.clone(),
+            answer: (!d.allowed).then_some(d.answer),
+            id: id.clone(),
+        });
+        if d.allowed {
+            if let Some(id) = &id {
+                if let Some(k) = self.filter_kind(protocol, &method) {
+                    out.filters.insert(id_key(id), k);
+                }
+            }
+            return out;
+        }
+        let (code, message) = Self::deny_error(protocol, &method, target.as_deref(), d.answer);
+        out.reply = Some(match (d.answer, &id) {
+            (DenyAnswer::Hide, None) => Reply { status: 202, headers: vec![], body: String::new() },
+            (DenyAnswer::Hide, Some(id)) => json_reply(200, &jsonrpc::error_response(Some(id), code, &message), vec![]),
+            (DenyAnswer::Forbid, id) => {
+                json_reply(403, &jsonrpc::error_response(id.as_ref(), code, &message), vec![self.www_authenticate()])
+            }
+        });
+        out
+    }
+
+    fn filter_kind(&self, protocol: Protocol, method: &str) -> Option<FilterKind> {
+        match protocol {
+            Protocol::Mcp => ListKind::from_method(method).map(FilterKind::List),
+            Protocol::A2a => a2a::returns_card(method).then_some(FilterKind::Card),
+        }
+    }
+
+    fn decide_batch(
+        &self,
+        identity: &Identity,
+        protocol: Protocol,
+        headers: &RequestHeaders,
+        items: Vec<Result<Message, jsonrpc::Invalid>>,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        if protocol == Protocol::Mcp {
+            if let Some(v) = headers.protocol_version.as_deref().map(str::trim) {
+                if v != mcp::REV_2025_03_26 {
+                    let b = jsonrpc::error_response(
+                        None,
+                        jsonrpc::INVALID_REQUEST,
+                        &format!("Invalid Request: JSON-RPC batches are not part of MCP {v}"),
+                    );
+                    out.reply = Some(json_reply(400, &b, vec![]));
+                    out.events.push("invalid_request");
+                    return out;
+                }
+            }
+            if headers.method.is_some() || headers.name.is_some() {
+                return self.header_mismatch(None, "Mcp-Method / Mcp-Name cannot describe a batch");
+            }
+        }
+        // (id, error) for every element that must be answered if the batch is refused.
+        let mut refused: Vec<Refused> = Vec::new();
+        let mut any_invalid = false;
+        let mut any_denied = false;
+        let mut forbid = false;
+        for item in items {
+            match item {
+                Err(inv) => {
+                    any_invalid = true;
+                    refused
+                        .push((inv.id, Some((jsonrpc::INVALID_REQUEST, format!("Invalid Request: {}", inv.reason)))));
+                }
+                Ok(Message::Response { .. }) => out.events.push("client_response"),
+                Ok(Message::Request { id, method, params }) => {
+                    let (d, target) = self.decide_call(identity, protocol, &method, params.as_ref());
+                    out.audits.push(Audit {
+                        protocol,
+                        method: method.clone(),
+                        target: target.clone(),
+                        allowed: d.allowed,
+                        rule: d.rule.clone(),
+                        answer: (!d.allowed).then_some(d.answer),
+                        id: Some(id.clone()),
+                    });
+                    if d.allowed {
+                        if let Some(k) = self.filter_kind(protocol, &method) {
+                            out.filters.insert(id_key(&id), k);
+                        }
+                        refused.push((Some(id), None));
+                    } else {
+                        any_denied = true;
+                        forbid |= d.answer == DenyAnswer::Forbid;
+                        refused
+                            .push((Some(id), Some(Self::deny_error(protocol, &method, target.as_deref(), d.answer))));
+                    }
+                }
+                Ok(Message::Notification { method, params }) => {
+                    let (d, target) = self.decide_call(identity, protocol, &method, params.as_ref());
+                    out.audits.push(Audit {
+                        protocol,
+                        method: method.clone(),
+                        target,
+                        allowed: d.allowed,
+                        rule: d.rule.clone(),
+                        answer: (!d.allowed).then_some(d.answer),
+                        id: None,
+                    });
+                    if !d.allowed {
+                        any_denied = true;
+                        forbid |= d.answer == DenyAnswer::Forbid;
+                    }
+                }
+            }
+        }
+        if !any_invalid && !any_denied {
+            return out;
+        }
+        out.filters.clear();
+        let reason =
+            if any_invalid { "the batch holds an invalid message" } else { "another request in the batch was denied" };
+        let answers: Vec<Value> = refused
+            .into_iter()
+            .map(|(id, err)| {
+                let (code, msg) = err.unwrap_or((FORBIDDEN_CODE, format!("Not executed: {reason}")));
+                jsonrpc::error_response(id.as_ref(), code, &msg)
+            })
+            .collect();
+        let body = if answers.is_empty() {
+            jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, &format!("Batch refused: {reason}"))
+        } else {
+            Value::Array(answers)
+        };
+        out.reply = Some(if any_invalid {
+            out.events.push("invalid_request");
+            json_reply(400, &body, vec![])
+        } else if forbid {
+            json_reply(403, &body, vec![self.www_authenticate()])
+        } else {
+            json_reply(200, &body, vec![])
+        });
+        out
+    }
+
+    /// Whether a listed item is visible to `identity`.
+    pub fn item_visible(&self, identity: &Identity, protocol: Protocol, method: &str, name: &str) -> bool {
+        let call = Call { protocol, method, method_alias: None, target: Some(name), arguments: None };
+        self.policy.evaluate(identity, &call).allowed
+    }
+
+    /// Filter an agent card's skills (evaluated as A2A pseudo method `agent/skill` with the skill id as
+    /// target); returns how many were removed.
+    pub fn filter_card(&self, identity: &Identity, card: &mut Value) -> usize {
+        a2a::filter_card_skills(card, |id| self.item_visible(identity, Protocol::A2a, "agent/skill", id))
+    }
+
+    /// Filter one JSON-RPC message of an answer in place; returns the number of items removed.
+    pub fn filter_message(&self, identity: &Identity, plan: &HashMap<String, FilterKind>, msg: &mut Value) -> usize {
+        let Some(kind) = msg.get("id").and_then(|id| plan.get(&id_key(id))).copied() else {
+            return 0;
+        };
+        let Some(result) = msg.get_mut("result") else {
+            return 0;
+        };
+        match kind {
+            FilterKind::Card => self.filter_card(identity, result),
+            FilterKind::List(k) => {
+                let Some(items) = result.get_mut(k.result_key()).and_then(Value::as_array_mut) else {
+                    return 0;
+                };
+                let before = items.len();
+                items.retain(|item| {
+                    item.get(k.item_name_key())
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| self.item_visible(identity, Protocol::Mcp, k.use_method(), n))
+                });
+                before - items.len()
+            }
+        }
+    }
+
+    /// Filter a whole JSON answer (one message or a batch answer). `Ok(None)` = unchanged; `Err` = not
+    /// JSON (the adapter fails closed).
+    pub fn filter_json_answer(
+        &self,
+        identity: &Identity,
+        plan: &HashMap<String, FilterKind>,
+        body: &[u8],
+    ) -> Result<Filtered, Unreadable> {
+        let mut v: Value = serde_json::from_slice(body).map_err(|_| Unreadable)?;
+        let removed = match &mut v {
+            Value::Array(items) => items.iter_mut().map(|m| self.filter_message(identity, plan, m)).sum(),
+            m => self.filter_message(identity, plan, m),
+        };
+        if removed == 0 {
+            return Ok(None);
+        }
+        Ok(Some((v.to_string().into_bytes(), removed)))
+    }
+
+    /// Filter an agent card document.
+    pub fn filter_card_document(&self, identity: &Identity, body: &[u8]) -> Result<Filtered, Unreadable> {
+        let mut v: Value = serde_json::from_slice(body).map_err(|_| Unreadable)?;
+        let removed = self.filter_card(identity, &mut v);
+        if removed == 0 {
+            return Ok(None);
+        }
+        Ok(Some((v.to_string().into_bytes(), removed)))
+    }
+
+    pub fn internal_error(message: &str) -> Reply {
+        json_reply(502, &jsonrpc::error_response(None, jsonrpc::INTERNAL_ERROR, message), vec![])
+    }
+
+    /// One audit log line (JSON).
+    pub fn audit_line(&self, identity: &Identity, a: &Audit) -> String {
+        json!({
+            "mcp_authz": "decision",
+            "subject": identity.subject(&self.config.identity.subject_claims),
+            "identity_source": identity.source,
+            "protocol": a.protocol.as_str(),
+            "method": a.method,
+            "target": a.target,
+            "id": a.id,
+            "decision": if a.allowed { "allow" } else { "deny" },
+            "rule": a.rule,
+            "answer": a.answer.map(|x| match x { DenyAnswer::Hide => "hide", DenyAnswer::Forbid => "forbid" }),
+        })
+        .to_string()
+    }
+}
+
+/// Filters an SSE answer as it streams: complete events are parsed, JSON-RPC answers in the plan are
+/// filtered, every event is re-encoded; an incomplete tail is held back. Comments and `retry:` fields
+/// are dropped (only list / card answers are streamed through this).
+pub struct SseFilter {
+    parser: SseParser,
+    pub removed: usize,
+}
+
+impl SseFilter {
+    pub fn new(max_event_bytes: usize) -> Self {
+        SseFilter { parser: SseParser::new(max_event_bytes), removed: 0 }
+    }
+
+    pub fn dropped_events(&self) -> u64 {
+        self.parser.oversized_events()
+    }
+
+    pub fn feed(
+        &mut self,
+        engine: &Engine,
+        identity: &Identity,
+        plan: &HashMap<String, FilterKind>,
+        chunk: &[u8],
+        end: bool,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut events = self.parser.feed(chunk);
+        if end {
+            events.extend(self.parser.finish());
+        }
+        for mut e in events {
+            if let Ok(mut v) = serde_json::from_str::<Value>(&e.data) {
+                let n = match &mut v {
+                    Value::Array(items) => items.iter_mut().map(|m| engine.filter_message(identity, plan, m)).sum(),
+                    m => engine.filter_message(identity, plan, m),
+                };
+                if n > 0 {
+                    self.removed += n;
+                    e.data = v.to_string();
+                }
+            }
+            out.extend_from_slice(encode_event(&e).as_bytes());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwarden_shared::config::parse_config;
+
+    fn engine(cfg: Value) -> Engine {
+        Engine::new(parse_config(cfg.to_string().as_bytes()).unwrap()).unwrap()
+    }
+
+    fn std_engine(answer: &str) -> Engine {
+        engine(json!({"a2a_paths": ["/a2a"], "policy": {"deny_answer": answer, "rules": [
+            {"name": "readers", "effect": "allow", "methods": ["tools/call", "prompts/get", "resources/read"], "targets": ["search", "get_*", "greet", "file:///public/*"]},
+            {"name": "admins", "effect": "allow", "identity": [{"claim": "groups", "contains": "admin"}]},
+            {"name": "a2a", "effect": "allow", "protocol": "a2a", "methods": ["SendMessage", "GetTask", "agent/skill"], "targets": [], "identity": [{"claim": "sub", "present": true}]},
+            {"name": "limit", "effect": "deny", "answer": "forbid", "targets": ["search"], "arguments": [{"path": "limit", "min": 51}]}
+        ]}}))
+    }
+
+    fn anon() -> Identity {
+        Identity::default()
+    }
+    fn admin() -> Identity {
+        Identity::from_claims(json!({"sub": "root", "groups": ["admin"]}).as_object().unwrap().clone())
+    }
+    fn h() -> RequestHeaders {
+        RequestHeaders::default()
+    }
+    fn call(id: Value, tool: &str, args: Value) -> Vec<u8> {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}})
+            .to_string()
+            .into_bytes()
+    }
+    fn body(r: &Reply) -> Value {
+        serde_json::from_str(&r.body).unwrap()
+    }
+
+    #[test]
+    fn endpoints() {
+        let e = std_engine("hide");
+        assert_eq!(e.endpoint("/mcp?x=1"), Endpoint::Mcp);
+        assert_eq!(e.endpoint("/mcp/tenant-a"), Endpoint::Mcp);
+        assert_eq!(e.endpoint("/a2a"), Endpoint::A2a);
+        assert_eq!(e.endpoint("/.well-known/agent-card.json"), Endpoint::Card);
+        assert_eq!(e.endpoint("/v1/chat/completions"), Endpoint::Other);
+    }
+
+    #[test]
+    fn allowed_and_hidden_and_forbidden() {
+        let e = std_engine("hide");
+        let ok = e.decide_body(&anon(), Protocol::Mcp, &h(), &call(json!(1), "search", json!({"q": "x"})));
+        assert!(ok.reply.is_none());
+        assert_eq!(ok.audits[0].rule, "readers");
+        let hidden = e.decide_body(&anon(), Protocol::Mcp, &h(), &call(json!("a-7"), "delete_all", json!({})));
+        let r = hidden.reply.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            body(&r),
+            json!({"jsonrpc": "2.0", "id": "a-7", "error": {"code": -32602, "message": "Unknown tool: delete_all"}})
+        );
+        assert!(e.decide_body(&admin(), Protocol::Mcp, &h(), &call(json!(2), "delete_all", json!({}))).reply.is_none());
+        let forbidden = e
+            .decide_body(&admin(), Protocol::Mcp, &h(), &call(json!(3), "search", json!({"limit": 100})))
+            .reply
+            .unwrap();
+        assert_eq!(forbidden.status, 403);
+        assert!(forbidden.headers.contains(&("www-authenticate".into(), "Bearer error=\"insufficient_scope\"".into())));
+        assert_eq!(body(&forbidden)["id"], 3);
+        assert_eq!(body(&forbidden)["error"]["code"], FORBIDDEN_CODE);
+        let e2 = std_engine("forbid");
+        let r = e2.decide_body(&anon(), Protocol::Mcp, &h(), &call(json!(4), "delete_all", json!({}))).reply.unwrap();
+        assert_eq!(r.status, 403);
+        let r = e
+            .decide_body(
+                &anon(),
+                Protocol::Mcp,
+                &h(),
+                br#"{"jsonrpc":"2.0","id":5,"method":"resources/read","params":{"uri":"file:///etc/x"}}"#,
+            )
+            .reply
+            .unwrap();
+        assert_eq!(body(&r)["error"]["code"], RESOURCE_NOT_FOUND);
+    }
+
+    #[test]
+    fn bad_input() {
+        let e = std_engine("hide");
+        for (input, code, event) in [
+            (&b"not json"[..], -32700, "invalid_json"),
+            (b"", -32700, "invalid_json"),
+            (b"\xff\xfe", -32700, "invalid_json"),
+            (b"[]", -32600, "invalid_request"),
+            (b"\"x\"", -32600, "invalid_request"),
+            (br#"{"jsonrpc":"1.0","id":9,"method":"tools/call"}"#, -32600, "invalid_request"),
+        ] {
+            let o = e.decide_body(&admin(), Protocol::Mcp, &h(), input);
+            let r = o.reply.unwrap();
+            assert_eq!((r.status, body(&r)["error"]["code"].as_i64().unwrap()), (400, code), "{input:?}");
+            assert_eq!(o.events, vec![event]);
+        }
+    }
+
+    #[test]
+    fn headers_are_checked() {
+        let e = std_engine("hide");
+        let hd = RequestHeaders {
+            method: Some("tools/call".into()),
+            name: Some("get_weather".into()),
+            protocol_version: Some("2026-07-28".into()),
+        };
+        let o = e.decide_body(&anon(), Protocol::Mcp, &hd, &call(json!(1), "search", json!({})));
+        let r = o.reply.unwrap();
+        assert_eq!((r.status, body(&r)["error"]["code"].as_i64()), (400, Some(-32020)));
+        assert_eq!(body(&r)["id"], 1);
+        let hd = RequestHeaders {
+            method: Some("tools/call".into()),
+            name: Some("search".into()),
+            protocol_version: Some("2026-07-28".into()),
+        };
+        assert!(e.decide_body(&anon(), Protocol::Mcp, &hd, &call(json!(1), "search", json!({}))).reply.is_none());
+    }
+
+    #[test]
+    fn notifications_responses_and_batches() {
+        let e = std_engine("hide");
+        let n =
+            e.decide_body(&anon(), Protocol::Mcp, &h(), br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        assert!(n.reply.is_none());
+        assert_eq!(n.audits[0].rule, "builtin");
+        let r = e.decide_body(&anon(), Protocol::Mcp, &h(), br#"{"jsonrpc":"2.0","id":"s1","result":{"roots":[]}}"#);
+        assert!(r.reply.is_none() && r.audits.is_empty());
+        let ok = format!(
+            "[{},{},{}]",
+            String::from_utf8(call(json!(1), "search", json!({}))).unwrap(),
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#
+        );
+        let o = e.decide_body(&anon(), Protocol::Mcp, &h(), ok.as_bytes());
+        assert!(o.reply.is_none());
+        assert_eq!(o.filters.get("2"), Some(&FilterKind::List(ListKind::Tools)));
+        let mixed = format!(
+            "[{},{}]",
+            String::from_utf8(call(json!(1), "search", json!({}))).unwrap(),
+            String::from_utf8(call(json!(2), "drop_db", json!({}))).unwrap()
+        );
+        let r = e.decide_body(&anon(), Protocol::Mcp, &h(), mixed.as_bytes()).reply.unwrap();
+        assert_eq!(r.status, 200);
+        let b = body(&r);
+        assert_eq!(b[0]["id"], 1);
+        assert_eq!(b[0]["error"]["code"], FORBIDDEN_CODE);
+        assert_eq!(b[1]["error"]["message"], "Unknown tool: drop_db");
+        let v = RequestHeaders { protocol_version: Some("2025-06-18".into()), ..h() };
+        assert_eq!(e.decide_body(&anon(), Protocol::Mcp, &v, ok.as_bytes()).reply.unwrap().status, 400);
+        let denied_note = engine(json!({"policy": {"builtin_allow": []}}));
+        let r = denied_note
+            .decide_body(&anon(), Protocol::Mcp, &h(), br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .reply
+            .unwrap();
+        assert_eq!((r.status, r.body.as_str()), (202, ""));
+    }
+
+    #[test]
+    fn list_filtering_json_and_sse_split_anywhere() {
+        let e = std_engine("hide");
+        let mut plan = HashMap::new();
+        plan.insert("7".to_string(), FilterKind::List(ListKind::Tools));
+        let answer = json!({"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "search"}, {"name": "delete_all"}, {"name": "get_weather"}, {"title": "nameless"}]}});
+        let (out, removed) = e.filter_json_answer(&anon(), &plan, answer.to_string().as_bytes()).unwrap().unwrap();
+        assert_eq!(removed, 2);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["result"]["tools"], json!([{"name": "search"}, {"name": "get_weather"}]));
+        assert_eq!(
+            e.filter_json_answer(&admin(), &plan, answer.to_string().as_bytes()).unwrap().map(|x| x.1),
+            Some(1),
+            "nameless item is dropped"
+        );
+        assert!(e.filter_json_answer(&anon(), &plan, b"<html>").is_err());
+        let other = json!({"jsonrpc": "2.0", "id": 8, "result": {"tools": [{"name": "x"}]}});
+        assert_eq!(
+            e.filter_json_answer(&anon(), &plan, other.to_string().as_bytes()).unwrap(),
+            None,
+            "other ids untouched"
+        );
+
+        let stream = format!(
+            "event: message\r\ndata: {}\r\n\r\n: ping\n\nevent: message\ndata: {}\n\n",
+            json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"p":1}}),
+            answer
+        );
+        let bytes = stream.as_bytes();
+        let mut whole = SseFilter::new(1 << 20);
+        let expect = whole.feed(&e, &anon(), &plan, bytes, true);
+        assert_eq!(whole.removed, 2);
+        let text = String::from_utf8(expect.clone()).unwrap();
+        assert!(
+            text.contains("notifications/progress") && !text.contains("delete_all") && text.contains("get_weather"),
+            "{text}"
+        );
+        for cut in 0..bytes.len() {
+            let mut f = SseFilter::new(1 << 20);
+            let mut got = f.feed(&e, &anon(), &plan, &bytes[..cut], false);
+            got.extend(f.feed(&e, &anon(), &plan, &bytes[cut..], true));
+            assert_eq!(got, expect, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn prompts_resources_templates_and_cards() {
+        let e = std_engine("hide");
+        let mut plan = HashMap::new();
+        plan.insert("\"p\"".to_string(), FilterKind::List(ListKind::Prompts));
+        plan.insert("\"r\"".to_string(), FilterKind::List(ListKind::Resources));
+        plan.insert("\"t\"".to_string(), FilterKind::List(ListKind::ResourceTemplates));
+        plan.insert("\"c\"".to_string(), FilterKind::Card);
+        let batch = json!([
+            {"jsonrpc": "2.0", "id": "p", "result": {"prompts": [{"name": "greet"}, {"name": "secret"}]}},
+            {"jsonrpc": "2.0", "id": "r", "result": {"resources": [{"uri": "file:///public/a"}, {"uri": "file:///etc/shadow"}]}},
+            {"jsonrpc": "2.0", "id": "t", "result": {"resourceTemplates": [{"uriTemplate": "file:///public/{name}"}, {"uriTemplate": "db://{table}"}]}},
+            {"jsonrpc": "2.0", "id": "c", "result": {"name": "x", "skills": [{"id": "s1"}]}}
+        ]);
+        let (out, removed) = e.filter_json_answer(&anon(), &plan, batch.to_string().as_bytes()).unwrap().unwrap();
+        assert_eq!(removed, 4);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v[0]["result"]["prompts"], json!([{"name": "greet"}]));
+        assert_eq!(v[1]["result"]["resources"], json!([{"uri": "file:///public/a"}]));
+        assert_eq!(v[2]["result"]["resourceTemplates"], json!([{"uriTemplate": "file:///public/{name}"}]));
+        assert_eq!(v[3]["result"]["skills"], json!([]));
+        let card = json!({"name": "agent", "skills": [{"id": "sql"}, {"id": "web"}]});
+        let bob = Identity::from_claims(json!({"sub": "bob"}).as_object().unwrap().clone());
+        assert_eq!(e.filter_card_document(&bob, card.to_string().as_bytes()).unwrap(), None, "bob may use every skill");
+        assert_eq!(e.filter_card_document(&anon(), card.to_string().as_bytes()).unwrap().map(|x| x.1), Some(2));
+    }
+
+    #[test]
+    fn a2a_methods_and_sessions() {
+        let e = std_engine("forbid");
+        let bob = Identity::from_claims(json!({"sub": "bob"}).as_object().unwrap().clone());
+        let send03 =
+            br#"{"jsonrpc":"2.0","id":1,"method":"message/send","params":{"message":{"role":"user","parts":[]}}}"#;
+        let send10 =
+            br#"{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"message":{"role":"ROLE_USER","parts":[]}}}"#;
+        assert!(e.decide_body(&bob, Protocol::A2a, &h(), send03).reply.is_none());
+        assert!(e.decide_body(&bob, Protocol::A2a, &h(), send10).reply.is_none());
+        assert_eq!(e.decide_body(&anon(), Protocol::A2a, &h(), send03).reply.unwrap().status, 403);
+        let cancel = br#"{"jsonrpc":"2.0","id":2,"method":"tasks/cancel","params":{"id":"t"}}"#;
+        assert_eq!(e.decide_body(&bob, Protocol::A2a, &h(), cancel).reply.unwrap().status, 403);
+        let card = br#"{"jsonrpc":"2.0","id":3,"method":"GetExtendedAgentCard"}"#;
+        assert_eq!(e.decide_body(&admin(), Protocol::A2a, &h(), card).filters.get("3"), Some(&FilterKind::Card));
+        assert!(e.decide_session(&anon(), "GET").reply.is_none());
+        assert!(e.decide_session(&anon(), "DELETE").reply.is_none());
+        assert_eq!(e.decide_session(&anon(), "PUT").reply.unwrap().status, 405);
+        let strict = engine(json!({"policy": {"builtin_allow": ["initialize"]}}));
+        assert_eq!(strict.decide_session(&anon(), "GET").reply.unwrap().status, 403);
+    }
+}

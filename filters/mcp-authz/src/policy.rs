@@ -1,0 +1,559 @@
+//! The policy engine: compiled rules and their evaluation.
+//!
+//! Evaluation order for one call (method + target + arguments, by one identity):
+//! 1. every `deny` rule, in configuration order: the first that matches denies (its `answer`, else
+//!    `policy.deny_answer`);
+//! 2. every `allow` rule, in configuration order: the first that matches allows;
+//! 3. `policy.builtin_allow` method globs: allow, reported as rule `builtin`;
+//! 4. `policy.default` (deny unless configured), reported as rule `default`.
+//!
+//! A rule matches when ALL its non-empty matchers match: protocol, any method glob, any target glob
+//! (a call without a target never matches a rule with `targets`), every identity matcher, every argument
+//! matcher. List filtering and agent cards evaluate each item as a call without arguments: deny rules
+//! that have argument matchers are skipped (they deny only some calls), allow rules with argument
+//! matchers count as matching (some calls are allowed), so an item is shown if some call may succeed.
+
+use crate::config::{ArgMatcherConfig, ClaimMatcherConfig, DenyAnswer, Effect, PolicyConfig, Protocol};
+use crate::identity::Identity;
+use meshwarden_shared::config::{glob_match, ConfigError};
+use serde_json::Value;
+
+/// One authorizable call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call<'a> {
+    pub protocol: Protocol,
+    pub method: &'a str,
+    /// The other A2A version's name for the method (rules match either).
+    pub method_alias: Option<&'a str>,
+    pub target: Option<&'a str>,
+    /// Root of argument paths; `None` when evaluating a list item (arguments unknown).
+    pub arguments: Option<&'a Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Name of the deciding rule, `builtin` or `default`.
+    pub rule: String,
+    pub answer: DenyAnswer,
+}
+
+#[derive(Debug)]
+enum ClaimOp {
+    Equals(Value),
+    OneOf(Vec<Value>),
+    Contains(String),
+    Glob(String),
+    Present(bool),
+}
+
+#[derive(Debug)]
+struct ClaimMatcher {
+    claim: String,
+    op: ClaimOp,
+}
+
+#[derive(Debug)]
+enum ArgOp {
+    Equals(Value),
+    OneOf(Vec<Value>),
+    Regex(regex_lite::Regex),
+    Range(Option<f64>, Option<f64>),
+    Present(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+#[derive(Debug)]
+struct ArgMatcher {
+    path: Vec<Segment>,
+    op: ArgOp,
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: String,
+    answer: Option<DenyAnswer>,
+    protocol: Option<Protocol>,
+    methods: Vec<String>,
+    targets: Vec<String>,
+    identity: Vec<ClaimMatcher>,
+    arguments: Vec<ArgMatcher>,
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    deny: Vec<Rule>,
+    allow: Vec<Rule>,
+    builtin: Vec<String>,
+    default: Effect,
+    deny_answer: DenyAnswer,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        // Infallible for the default config (no rules); fall back to deny-all if that ever changed.
+        Policy::compile(&PolicyConfig::default()).unwrap_or(Policy {
+            deny: Vec::new(),
+            allow: Vec::new(),
+            builtin: Vec::new(),
+            default: Effect::Deny,
+            deny_answer: DenyAnswer::Hide,
+        })
+    }
+}
+
+/// Parse an argument path: keys separated by `.`, list indexes as `[n]`: `a.b[0].c`, `[2]`.
+pub fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
+    let mut out = Vec::new();
+    let mut rest = path;
+    if rest.is_empty() {
+        return Err("empty path".into());
+    }
+    let mut expect_key = true;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(']').ok_or("unclosed [")?;
+            let idx = r.get(..end).unwrap_or("").parse::<usize>().map_err(|_| "index must be a number")?;
+            out.push(Segment::Index(idx));
+            rest = r.get(end + 1..).unwrap_or("");
+            expect_key = false;
+            if let Some(r) = rest.strip_prefix('.') {
+                rest = r;
+                expect_key = true;
+                if rest.is_empty() {
+                    return Err("trailing .".into());
+                }
+            }
+            continue;
+        }
+        if !expect_key {
+            return Err("expected . or [ after ]".into());
+        }
+        let end = rest.find(['.', '[']).unwrap_or(rest.len());
+        let key = rest.get(..end).unwrap_or("");
+        if key.is_empty() {
+            return Err("empty key".into());
+        }
+        out.push(Segment::Key(key.to_string()));
+        rest = rest.get(end..).unwrap_or("");
+        if let Some(r) = rest.strip_prefix('.') {
+            rest = r;
+            if rest.is_empty() {
+                return Err("trailing .".into());
+            }
+        } else {
+            expect_key = false;
+        }
+    }
+    Ok(out)
+}
+
+pub fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Option<&'a Value> {
+    let mut cur = root;
+    for s in path {
+        cur = match s {
+            Segment::Key(k) => cur.get(k.as_str())?,
+            Segment::Index(i) => cur.get(*i)?,
+        };
+    }
+    Some(cur)
+}
+
+/// JSON equality where numbers compare by value (1 == 1.0).
+pub fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
+    }
+}
+
+fn one_op<T>(path: &str, ops: Vec<Option<T>>, names: &str) -> Result<T, ConfigError> {
+    let mut set: Vec<T> = ops.into_iter().flatten().collect();
+    if set.len() != 1 {
+        return Err(ConfigError::at(path, format!("exactly one of {names} is required")));
+    }
+    set.pop().ok_or_else(|| ConfigError::at(path, "no operator"))
+}
+
+fn compile_claim(path: &str, c: &ClaimMatcherConfig) -> Result<ClaimMatcher, ConfigError> {
+    if c.claim.is_empty() {
+        return Err(ConfigError::at(&format!("{path}.claim"), "must not be empty"));
+    }
+    let op = one_op(
+        path,
+        vec![
+            c.equals.clone().map(ClaimOp::Equals),
+            c.one_of.clone().map(ClaimOp::OneOf),
+            c.contains.clone().map(ClaimOp::Contains),
+            c.glob.clone().map(ClaimOp::Glob),
+            c.present.map(ClaimOp::Present),
+        ],
+        "equals, one_of, contains, glob, present",
+    )?;
+    Ok(ClaimMatcher { claim: c.claim.clone(), op })
+}
+
+fn compile_arg(path: &str, a: &ArgMatcherConfig) -> Result<ArgMatcher, ConfigError> {
+    let segs = parse_path(&a.path).map_err(|e| ConfigError::at(&format!("{path}.path"), e))?;
+    let regex = match &a.regex {
+        Some(r) => {
+            Some(regex_lite::Regex::new(r).map_err(|e| ConfigError::at(&format!("{path}.regex"), e.to_string()))?)
+        }
+        None => None,
+    };
+    let range = if a.min.is_some() || a.max.is_some() {
+        if let (Some(lo), Some(hi)) = (a.min, a.max) {
+            if lo > hi {
+                return Err(ConfigError::at(&format!("{path}.min"), "min is greater than max"));
+            }
+        }
+        Some(ArgOp::Range(a.min, a.max))
+    } else {
+        None
+    };
+    let op = one_op(
+        path,
+        vec![
+            a.equals.clone().map(ArgOp::Equals),
+            a.one_of.clone().map(ArgOp::OneOf),
+            regex.map(ArgOp::Regex),
+            range,
+            a.present.map(ArgOp::Present),
+        ],
+        "equals, one_of, regex, min/max, present",
+    )?;
+    Ok(ArgMatcher { path: segs, op })
+}
+
+impl Policy {
+    pub fn compile(cfg: &PolicyConfig) -> Result<Policy, ConfigError> {
+        let mut deny = Vec::new();
+        let mut allow = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in cfg.rules.iter().enumerate() {
+            let base = format!("policy.rules[{i}]");
+            if r.name.is_empty() || r.name == "builtin" || r.name == "default" {
+                return Err(ConfigError::at(
+                    &format!("{base}.name"),
+                    "must be non-empty and not `builtin` or `default`",
+                ));
+            }
+            if !names.insert(r.name.clone()) {
+                return Err(ConfigError::at(&format!("{base}.name"), format!("duplicate rule name {:?}", r.name)));
+            }
+            if r.effect == Effect::Allow && r.answer.is_some() {
+                return Err(ConfigError::at(&format!("{base}.answer"), "only deny rules have an answer"));
+            }
+            let identity = r
+                .identity
+                .iter()
+                .enumerate()
+                .map(|(j, c)| compile_claim(&format!("{base}.identity[{j}]"), c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let arguments = r
+                .arguments
+                .iter()
+                .enumerate()
+                .map(|(j, a)| compile_arg(&format!("{base}.arguments[{j}]"), a))
+                .collect::<Result<Vec<_>, _>>()?;
+            let rule = Rule {
+                name: r.name.clone(),
+                answer: r.answer,
+                protocol: r.protocol,
+                methods: r.methods.clone(),
+                targets: r.targets.clone(),
+                identity,
+                arguments,
+            };
+            match r.effect {
+                Effect::Deny => deny.push(rule),
+                Effect::Allow => allow.push(rule),
+            }
+        }
+        Ok(Policy {
+            deny,
+            allow,
+            builtin: cfg.builtin_allow.clone(),
+            default: cfg.default,
+            deny_answer: cfg.deny_answer,
+        })
+    }
+
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.deny.iter().chain(self.allow.iter()).map(|r| r.name.as_str())
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.deny.len() + self.allow.len()
+    }
+
+    pub fn evaluate(&self, id: &Identity, call: &Call) -> Decision {
+        let listing = call.arguments.is_none();
+        for r in &self.deny {
+            if listing && !r.arguments.is_empty() {
+                continue;
+            }
+            if r.matches(id, call) {
+                return Decision { allowed: false, rule: r.name.clone(), answer: r.answer.unwrap_or(self.deny_answer) };
+            }
+        }
+        for r in &self.allow {
+            if r.matches(id, call) {
+                return Decision { allowed: true, rule: r.name.clone(), answer: self.deny_answer };
+            }
+        }
+        if self.builtin.iter().any(|g| method_matches(g, call)) {
+            return Decision { allowed: true, rule: "builtin".into(), answer: self.deny_answer };
+        }
+        Decision { allowed: self.default == Effect::Allow, rule: "default".into(), answer: self.deny_answer }
+    }
+}
+
+fn method_matches(glob: &str, call: &Call) -> bool {
+    glob_match(glob, call.method) || call.method_alias.is_some_and(|a| glob_match(glob, a))
+}
+
+impl Rule {
+    fn matches(&self, id: &Identity, call: &Call) -> bool {
+        if self.protocol.is_some_and(|p| p != call.protocol) {
+            return false;
+        }
+        if !self.methods.is_empty() && !self.methods.iter().any(|g| method_matches(g, call)) {
+            return false;
+        }
+        if !self.targets.is_empty() {
+            match call.target {
+                Some(t) if self.targets.iter().any(|g| glob_match(g, t)) => {}
+                _ => return false,
+            }
+        }
+        if !self.identity.iter().all(|m| m.matches(id)) {
+            return false;
+        }
+        match call.arguments {
+            // Listing: argument matchers are satisfiable by some call.
+            None => true,
+            Some(args) => self.arguments.iter().all(|m| m.matches(args)),
+        }
+    }
+}
+
+fn scalar_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl ClaimMatcher {
+    fn matches(&self, id: &Identity) -> bool {
+        let v = id.claim(&self.claim);
+        match &self.op {
+            ClaimOp::Present(p) => v.is_some_and(|v| !v.is_null()) == *p,
+            ClaimOp::Equals(want) => v.is_some_and(|v| json_eq(v, want)),
+            ClaimOp::OneOf(set) => v.is_some_and(|v| set.iter().any(|w| json_eq(v, w))),
+            // A list claim contains the element; a string claim contains it as a space-separated token
+            // (OAuth `scope`).
+            ClaimOp::Contains(want) => match v {
+                Some(Value::Array(items)) => items.iter().any(|i| scalar_string(i).as_deref() == Some(want)),
+                Some(Value::String(s)) => s.split_whitespace().any(|t| t == want),
+                _ => false,
+            },
+            ClaimOp::Glob(g) => match v {
+                Some(Value::Array(items)) => items.iter().any(|i| scalar_string(i).is_some_and(|s| glob_match(g, &s))),
+                Some(other) => scalar_string(other).is_some_and(|s| glob_match(g, &s)),
+                None => false,
+            },
+        }
+    }
+}
+
+impl ArgMatcher {
+    fn matches(&self, args: &Value) -> bool {
+        let v = lookup(args, &self.path);
+        match &self.op {
+            ArgOp::Present(p) => v.is_some_and(|v| !v.is_null()) == *p,
+            ArgOp::Equals(want) => v.is_some_and(|v| json_eq(v, want)),
+            ArgOp::OneOf(set) => v.is_some_and(|v| set.iter().any(|w| json_eq(v, w))),
+            ArgOp::Regex(re) => v.and_then(Value::as_str).is_some_and(|s| re.is_match(s)),
+            ArgOp::Range(lo, hi) => {
+                v.and_then(Value::as_f64).is_some_and(|n| lo.is_none_or(|lo| n >= lo) && hi.is_none_or(|hi| n <= hi))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use meshwarden_shared::config::parse_config;
+    use serde_json::json;
+
+    fn policy(v: Value) -> Policy {
+        let cfg: Config = parse_config(json!({"policy": v}).to_string().as_bytes()).unwrap();
+        Policy::compile(&cfg.policy).unwrap()
+    }
+
+    fn who(claims: Value) -> Identity {
+        Identity::from_claims(claims.as_object().unwrap().clone())
+    }
+
+    fn tool<'a>(name: &'a str, args: &'a Value) -> Call<'a> {
+        Call {
+            protocol: Protocol::Mcp,
+            method: "tools/call",
+            method_alias: None,
+            target: Some(name),
+            arguments: Some(args),
+        }
+    }
+
+    fn example() -> Policy {
+        policy(json!({
+            "rules": [
+                {"name": "finance-tools", "effect": "allow", "methods": ["tools/call"], "targets": ["ledger_*"],
+                 "identity": [{"claim": "groups", "contains": "finance"}]},
+                {"name": "writers", "effect": "allow", "methods": ["tools/call"], "targets": ["*"],
+                 "identity": [{"claim": "scope", "contains": "tools:write"}]},
+                {"name": "readers", "effect": "allow", "methods": ["tools/call"], "targets": ["search", "get_*"]},
+                {"name": "no-prod-delete", "effect": "deny", "answer": "forbid", "targets": ["delete_*"],
+                 "arguments": [{"path": "env", "equals": "prod"}]},
+                {"name": "small-pages", "effect": "deny", "targets": ["search"],
+                 "arguments": [{"path": "options.limit", "min": 101}]},
+                {"name": "no-interns", "effect": "deny", "identity": [{"claim": "role", "glob": "intern*"}]}
+            ]
+        }))
+    }
+
+    #[test]
+    fn deny_wins_then_allow_then_default() {
+        let p = example();
+        let none = json!({});
+        let alice = who(json!({"sub": "alice", "groups": ["finance"]}));
+        assert_eq!(p.evaluate(&alice, &tool("ledger_read", &none)).rule, "finance-tools");
+        assert!(p.evaluate(&alice, &tool("ledger_read", &none)).allowed);
+        let d = p.evaluate(&alice, &tool("delete_row", &none));
+        assert_eq!((d.allowed, d.rule.as_str()), (false, "default"));
+        let bob = who(json!({"sub": "bob", "scope": "tools:read tools:write"}));
+        assert!(p.evaluate(&bob, &tool("delete_row", &json!({"env": "dev"}))).allowed);
+        let d = p.evaluate(&bob, &tool("delete_row", &json!({"env": "prod"})));
+        assert_eq!((d.allowed, d.rule.as_str(), d.answer), (false, "no-prod-delete", DenyAnswer::Forbid));
+        let intern = who(json!({"sub": "i", "role": "intern-2026", "scope": "tools:write"}));
+        assert_eq!(p.evaluate(&intern, &tool("search", &none)).rule, "no-interns");
+    }
+
+    #[test]
+    fn argument_rules() {
+        let p = example();
+        let anyone = who(json!({}));
+        assert!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": 100}}))).allowed);
+        assert_eq!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": 101.5}}))).rule, "small-pages");
+        assert!(
+            p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": "999"}}))).allowed,
+            "a string is not a number"
+        );
+        let p2 = policy(json!({"rules": [
+            {"name": "paths", "effect": "allow", "targets": ["read_file"],
+             "arguments": [{"path": "path", "regex": "^/public/[a-z]+$"}, {"path": "mode", "one_of": ["r", "ro"]}]},
+            {"name": "first-item", "effect": "allow", "targets": ["batch"], "arguments": [{"path": "items[0].id", "equals": 7}]}
+        ]}));
+        assert!(p2.evaluate(&anyone, &tool("read_file", &json!({"path": "/public/a", "mode": "r"}))).allowed);
+        assert!(!p2.evaluate(&anyone, &tool("read_file", &json!({"path": "/etc/passwd", "mode": "r"}))).allowed);
+        assert!(!p2.evaluate(&anyone, &tool("read_file", &json!({"path": "/public/a"}))).allowed, "missing argument");
+        assert!(p2.evaluate(&anyone, &tool("batch", &json!({"items": [{"id": 7.0}]}))).allowed);
+        assert!(!p2.evaluate(&anyone, &tool("batch", &json!({"items": []}))).allowed);
+    }
+
+    #[test]
+    fn listing_ignores_argument_only_denies() {
+        let p = example();
+        let bob = who(json!({"scope": "tools:write"}));
+        let item = Call {
+            protocol: Protocol::Mcp,
+            method: "tools/call",
+            method_alias: None,
+            target: Some("delete_row"),
+            arguments: None,
+        };
+        assert!(p.evaluate(&bob, &item).allowed);
+        let intern = who(json!({"role": "intern", "scope": "tools:write"}));
+        assert!(!p.evaluate(&intern, &item).allowed);
+    }
+
+    #[test]
+    fn builtin_and_default_allow_and_a2a_aliases() {
+        let p = policy(json!({"rules": [{"name": "no-list", "effect": "deny", "methods": ["tools/list"],
+            "identity": [{"claim": "sub", "present": false}]},
+            {"name": "a2a-send", "effect": "allow", "protocol": "a2a", "methods": ["SendMessage"]}]}));
+        let anon = who(json!({}));
+        let list = Call {
+            protocol: Protocol::Mcp,
+            method: "tools/list",
+            method_alias: None,
+            target: None,
+            arguments: Some(&Value::Null),
+        };
+        assert_eq!(p.evaluate(&anon, &list).rule, "no-list");
+        assert_eq!(p.evaluate(&who(json!({"sub": "x"})), &list).rule, "builtin");
+        let send = Call {
+            protocol: Protocol::A2a,
+            method: "message/send",
+            method_alias: Some("SendMessage"),
+            target: None,
+            arguments: Some(&Value::Null),
+        };
+        assert_eq!(p.evaluate(&anon, &send).rule, "a2a-send");
+        let as_mcp = Call { protocol: Protocol::Mcp, ..send.clone() };
+        assert_eq!(p.evaluate(&anon, &as_mcp).rule, "default");
+        let open = policy(json!({"default": "allow", "builtin_allow": []}));
+        assert!(open.evaluate(&anon, &tool("x", &Value::Null)).allowed);
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            parse_path("a.b[2].c").unwrap(),
+            vec![Segment::Key("a".into()), Segment::Key("b".into()), Segment::Index(2), Segment::Key("c".into())]
+        );
+        assert_eq!(parse_path("[0]").unwrap(), vec![Segment::Index(0)]);
+        for bad in ["", "a.", ".a", "a..b", "a[x]", "a[1", "a[0]b"] {
+            assert!(parse_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let err = parse_config::<Config>(
+            br#"{"policy":{"rules":[{"name":"a","effect":"allow","arguments":[{"path":"x","regex":"("}]}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "$.policy.rules[0].arguments[0].regex");
+        let err = parse_config::<Config>(
+            br#"{"policy":{"rules":[{"name":"a","effect":"allow","identity":[{"claim":"x","equals":1,"glob":"a"}]}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "$.policy.rules[0].identity[0]");
+        let err = parse_config::<Config>(
+            br#"{"policy":{"rules":[{"name":"a","effect":"allow"},{"name":"a","effect":"deny"}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "$.policy.rules[1].name");
+        let err = parse_config::<Config>(br#"{"policy":{"rules":[{"name":"a","effect":"maybe"}]}}"#).unwrap_err();
+        assert_eq!(err.path, "$.policy.rules[0].effect");
+        let err = parse_config::<Config>(
+            br#"{"policy":{"rules":[{"name":"a","effect":"allow","arguments":[{"path":"a..b","present":true}]}]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "$.policy.rules[0].arguments[0].path");
+        let err = parse_config::<Config>(br#"{"polcy":{}}"#).unwrap_err();
+        assert_eq!(err.path, "$.polcy");
+    }
+}

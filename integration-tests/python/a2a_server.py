@@ -1,0 +1,58 @@
+"""A real A2A agent (official `a2a-sdk`, JSON-RPC binding, v1.0 with v0.3 compatibility) for meshwarden tests.
+
+Binds 127.0.0.1 on a free port, prints `PORT <n>`, serves until killed. JSON-RPC at /a2a, agent card at
+/.well-known/agent-card.json with three skills (sql, web-search, payments). The agent echoes the text it
+receives.
+"""
+
+import socket
+import sys
+
+import uvicorn
+from a2a.helpers.proto_helpers import get_message_text, new_text_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks import InMemoryTaskStore
+from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
+from starlette.applications import Starlette
+
+
+class Echo(AgentExecutor):
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        text = get_message_text(context.message) if context.message else ""
+        await event_queue.enqueue_event(new_text_message(f"echo: {text}", context_id=context.context_id))
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        raise NotImplementedError
+
+
+def main() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    card = AgentCard(
+        name="meshwarden-test-agent",
+        description="echo agent",
+        version="1.0.0",
+        supported_interfaces=[AgentInterface(url=f"http://127.0.0.1:{port}/a2a", protocol_binding="JSONRPC", protocol_version="1.0")],
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[
+            AgentSkill(id="sql", name="SQL", description="query databases", tags=["data"]),
+            AgentSkill(id="web-search", name="Web search", description="search the web", tags=["web"]),
+            AgentSkill(id="payments", name="Payments", description="move money", tags=["finance"]),
+        ],
+    )
+    handler = DefaultRequestHandler(agent_executor=Echo(), task_store=InMemoryTaskStore(), agent_card=card)
+    routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/a2a", enable_v0_3_compat=True)
+    app = Starlette(routes=routes)
+    print(f"PORT {port}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

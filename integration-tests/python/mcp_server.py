@@ -1,0 +1,104 @@
+"""A real MCP server (official `mcp` SDK, MCPServer = FastMCP, Streamable HTTP) for meshwarden tests.
+
+Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves until killed.
+  --json         answer with application/json instead of SSE streams
+  --stateless    no sessions
+  --extra-tools N  register N more tools (tool_000 ...), for list-filtering benchmarks
+"""
+
+import argparse
+import socket
+import sys
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+
+def build(extra_tools: int) -> MCPServer:
+    mcp = MCPServer("meshwarden-test")
+
+    @mcp.tool()
+    def search(query: str, limit: int = 10) -> str:
+        """Search the catalogue."""
+        return f"results for {query} (limit {limit})"
+
+    @mcp.tool()
+    def get_weather(city: str) -> str:
+        """Weather for a city."""
+        return f"sunny in {city}"
+
+    @mcp.tool()
+    def delete_file(path: str, env: str = "dev") -> str:
+        """Delete a file."""
+        return f"deleted {path} in {env}"
+
+    @mcp.tool()
+    def ledger_read(account: str) -> str:
+        """Read a ledger account."""
+        return f"balance of {account}: 42"
+
+    @mcp.tool()
+    def transfer(amount: float, currency: str = "EUR") -> str:
+        """Transfer money."""
+        return f"transferred {amount} {currency}"
+
+    for i in range(extra_tools):
+        name = f"tool_{i:03d}"
+
+        def make(n: str):
+            def f(x: str = "") -> str:
+                return f"{n}:{x}"
+
+            f.__name__ = n
+            f.__doc__ = f"Generated tool {n} with a description long enough to look like a real one."
+            return f
+
+        mcp.tool(name=name)(make(name))
+
+    @mcp.prompt()
+    def greet(name: str) -> str:
+        """Greeting prompt."""
+        return f"Say hello to {name}."
+
+    @mcp.prompt()
+    def admin_prompt() -> str:
+        """Admin-only prompt."""
+        return "secret instructions"
+
+    @mcp.resource("file:///public/readme")
+    def readme() -> str:
+        return "public readme"
+
+    @mcp.resource("file:///private/keys")
+    def keys() -> str:
+        return "private keys"
+
+    @mcp.resource("file:///public/{name}")
+    def public_file(name: str) -> str:
+        return f"public file {name}"
+
+    @mcp.resource("db://{table}")
+    def table(table: str) -> str:
+        return f"table {table}"
+
+    return mcp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--stateless", action="store_true")
+    ap.add_argument("--extra-tools", type=int, default=0)
+    args = ap.parse_args()
+    app = build(args.extra_tools).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    config = uvicorn.Config(app, log_level="warning")
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

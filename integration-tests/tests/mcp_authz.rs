@@ -1,0 +1,568 @@
+//! mcp-authz through real Envoy (jwt_authn + our wasm) in front of real servers: the official MCP Python
+//! SDK (MCPServer, Streamable HTTP, SSE and JSON answers), its official client, and an `a2a-sdk` agent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use meshwarden_integration_tests::envoy::{json_string, Envoy, EnvoyBuilder};
+use meshwarden_integration_tests::python::{self, PyServer};
+use serde_json::{json, Value};
+
+const JWT_KEY: &str = "meshwarden-test-key-0123456789abcdef";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+fn b64url(data: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &x)| acc | (u32::from(x) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn jwks() -> String {
+    json!({"keys": [{"kty": "oct", "alg": "HS256", "kid": "k1", "k": b64url(JWT_KEY.as_bytes())}]}).to_string()
+}
+
+/// A token signed by the test key (verified by Envoy's jwt_authn).
+async fn signed_token(claims: Value) -> String {
+    let mut c = claims;
+    c["iss"] = json!("meshwarden-test");
+    c["exp"] = json!(4_102_444_800u64); // 2100-01-01
+    let out = python::run("jwt_hs256.py", &[JWT_KEY.to_string(), c.to_string()]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// An unsigned token (signature garbage): only the development switch reads it.
+fn unverified_token(claims: Value) -> String {
+    format!("{}.{}.not-a-signature", b64url(br#"{"alg":"none"}"#), b64url(claims.to_string().as_bytes()))
+}
+
+fn policy() -> Value {
+    json!({
+        "deny_answer": "hide",
+        "rules": [
+            {"name": "everyone-reads", "effect": "allow", "methods": ["tools/call"], "targets": ["search", "get_weather"]},
+            {"name": "finance-ledger", "effect": "allow", "methods": ["tools/call"], "targets": ["ledger_read", "transfer"],
+             "identity": [{"claim": "groups", "contains": "finance"}]},
+            {"name": "ops-delete", "effect": "allow", "methods": ["tools/call"], "targets": ["delete_file"],
+             "identity": [{"claim": "groups", "contains": "ops"}]},
+            {"name": "no-prod-delete", "effect": "deny", "answer": "forbid", "targets": ["delete_file"],
+             "arguments": [{"path": "env", "equals": "prod"}]},
+            {"name": "transfer-limit", "effect": "deny", "targets": ["transfer"], "arguments": [{"path": "amount", "min": 1000}]},
+            {"name": "search-limit", "effect": "deny", "answer": "forbid", "targets": ["search"],
+             "arguments": [{"path": "limit", "min": 51}]},
+            {"name": "prompts", "effect": "allow", "methods": ["prompts/get"], "targets": ["greet"]},
+            {"name": "public-resources", "effect": "allow", "methods": ["resources/read"], "targets": ["file:///public/*"]},
+            {"name": "admins", "effect": "allow", "identity": [{"claim": "groups", "contains": "admin"}]},
+            {"name": "a2a-users", "effect": "allow", "protocol": "a2a",
+             "methods": ["SendMessage", "SendStreamingMessage", "GetTask"], "identity": [{"claim": "sub", "present": true}]},
+            {"name": "a2a-skills", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
+             "targets": ["sql", "web-search"], "identity": [{"claim": "sub", "present": true}]},
+            {"name": "a2a-payments", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
+             "targets": ["payments"], "identity": [{"claim": "groups", "contains": "finance"}]}
+        ]
+    })
+}
+
+fn config(dev_bearer: bool) -> Value {
+    json!({
+        "mcp_paths": ["/mcp", "/json/mcp"],
+        "a2a_paths": ["/a2a"],
+        "max_body_bytes": 65536,
+        "identity": {
+            "jwt_authn": {"payload_key": "jwt_payload"},
+            "unverified_bearer_dev_only": dev_bearer,
+            "trusted_headers": [
+                {"header": "x-test-user", "claim": "sub"},
+                {"header": "x-test-groups", "claim": "groups", "list": true}
+            ]
+        },
+        "policy": policy()
+    })
+}
+
+struct Setup {
+    envoy: Envoy,
+    _sse: PyServer,
+    _json: PyServer,
+    _a2a: PyServer,
+}
+
+async fn setup(cfg: Value) -> Setup {
+    let (sse, json_srv, a2a) = tokio::join!(
+        PyServer::start("mcp_server.py", &[]),
+        PyServer::start("mcp_server.py", &["--json"]),
+        PyServer::start("a2a_server.py", &[])
+    );
+    let (sse, json_srv, a2a) = (sse.unwrap(), json_srv.unwrap(), a2a.unwrap());
+    let envoy = EnvoyBuilder::new("mcp-authz-servers.yaml")
+        .var("MCP_SSE_PORT", sse.port.to_string())
+        .var("MCP_JSON_PORT", json_srv.port.to_string())
+        .var("A2A_PORT", a2a.port.to_string())
+        .var("JWKS", json_string(&jwks()))
+        .filter_config("mcp-authz", &cfg)
+        .start()
+        .await
+        .unwrap();
+    Setup { envoy, _sse: sse, _json: json_srv, _a2a: a2a }
+}
+
+/// Parse a JSON or SSE answer into its JSON-RPC messages.
+async fn messages(resp: reqwest::Response) -> (u16, reqwest::header::HeaderMap, Vec<Value>) {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let is_sse = headers.get("content-type").is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    let msgs = if is_sse {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .filter_map(|d| serde_json::from_str(d.trim()).ok())
+            .collect()
+    } else if text.is_empty() {
+        vec![]
+    } else {
+        match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Array(a)) => a,
+            Ok(v) => vec![v],
+            Err(_) => panic!("not JSON ({status}): {text}"),
+        }
+    };
+    (status, headers, msgs)
+}
+
+/// A legacy (2025-11-25) session on an MCP endpoint, raw HTTP.
+struct Session {
+    url: String,
+    id: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Session {
+    async fn open(url: String, headers: &[(&str, &str)]) -> Session {
+        let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut req = client()
+            .post(&url)
+            .header("accept", "application/json, text/event-stream")
+            .json(&json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}));
+        for (k, v) in &headers {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["mcp-session-id"].to_str().unwrap().to_string();
+        let s = Session { url, id, headers };
+        let (status, _, _) = s.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+        assert_eq!(status, 202, "a notification passes through");
+        s
+    }
+
+    async fn post_raw(&self, body: String, extra: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, Vec<Value>) {
+        let mut req = client()
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", &self.id)
+            .header("mcp-protocol-version", "2025-11-25")
+            .body(body);
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        messages(req.send().await.unwrap()).await
+    }
+
+    async fn post(&self, body: &Value) -> (u16, reqwest::header::HeaderMap, Vec<Value>) {
+        self.post_raw(body.to_string(), &[]).await
+    }
+
+    async fn call(&self, id: Value, tool: &str, args: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+        let (s, h, m) = self
+            .post(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}}))
+            .await;
+        let last = m.into_iter().last().unwrap_or(Value::Null);
+        (s, h, last)
+    }
+
+    async fn list(&self, method: &str, key: &str, name: &str) -> Vec<String> {
+        let (s, _, m) = self.post(&json!({"jsonrpc": "2.0", "id": "list", "method": method})).await;
+        assert_eq!(s, 200);
+        let answer = m.into_iter().find(|m| m["id"] == "list").unwrap();
+        answer["result"][key].as_array().unwrap().iter().map(|t| t[name].as_str().unwrap().to_string()).collect()
+    }
+}
+
+async fn wait_for_log(envoy: &Envoy, needle: &str) {
+    for _ in 0..300 {
+        if envoy.log().contains(needle) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{needle:?} not in the Envoy log:\n{}", envoy.log());
+}
+
+fn names(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_mcp_client_sees_filtered_tools_and_clean_denials() {
+    let s = setup(config(false)).await;
+    for path in ["/mcp", "/json/mcp"] {
+        for mode in ["auto", "legacy"] {
+            let run = |hdrs: Vec<&str>, calls: Vec<(&str, Value)>| {
+                let mut args = vec![s.envoy.url(path), "--mode".into(), mode.into()];
+                for h in hdrs {
+                    args.push("--header".into());
+                    args.push(h.into());
+                }
+                for (t, a) in calls {
+                    args.extend(["--call".into(), t.into(), a.to_string()]);
+                }
+                async move {
+                    let out = python::run("mcp_client.py", &args).await.unwrap();
+                    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+                    serde_json::from_slice::<Value>(&out.stdout).unwrap()
+                }
+            };
+            // bob: no groups
+            let bob = run(
+                vec!["x-test-user=bob"],
+                vec![("search", json!({"query": "q"})), ("delete_file", json!({"path": "/x"}))],
+            )
+            .await;
+            let expected_protocol = if mode == "auto" { "2026-07-28" } else { "2025-11-25" };
+            assert_eq!(bob["protocol"], expected_protocol, "{path} {mode}: {bob}");
+            assert_eq!(bob["tools"], json!(["search", "get_weather"]), "{path} {mode}");
+            assert_eq!(bob["prompts"], json!(["greet"]), "{path} {mode}");
+            assert_eq!(bob["calls"][0]["ok"], true, "{bob}");
+            assert_eq!(bob["calls"][0]["text"], "results for q (limit 10)");
+            let denied = &bob["calls"][1];
+            assert_eq!(denied["ok"], false, "{bob}");
+            assert_eq!(denied["code"], -32602, "{bob}");
+            assert!(denied["error"].as_str().unwrap().contains("Unknown tool: delete_file"), "{bob}");
+            // alice: finance and ops
+            let alice = run(
+                vec!["x-test-user=alice", "x-test-groups=finance,ops"],
+                vec![
+                    ("transfer", json!({"amount": 10})),
+                    ("transfer", json!({"amount": 5000})),
+                    ("delete_file", json!({"path": "/x", "env": "dev"})),
+                ],
+            )
+            .await;
+            assert_eq!(
+                alice["tools"],
+                json!(["search", "get_weather", "delete_file", "ledger_read", "transfer"]),
+                "{path} {mode}"
+            );
+            assert_eq!(alice["calls"][0]["text"], "transferred 10.0 EUR", "{alice}");
+            assert_eq!(alice["calls"][1]["code"], -32602, "argument rule hides the call: {alice}");
+            assert_eq!(alice["calls"][2]["text"], "deleted /x in dev", "{alice}");
+        }
+    }
+    let st = s.envoy.stats("mcp_authz").await.unwrap();
+    assert!(st["meshwarden.mcp_authz.method.tools_call.deny"] >= 8, "{st:?}");
+    assert!(st["meshwarden.mcp_authz.list_items_hidden"] >= 8, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_json_rpc_decisions_lists_and_bad_input() {
+    let s = setup(config(false)).await;
+    for path in ["/json/mcp", "/mcp"] {
+        let bob = Session::open(s.envoy.url(path), &[("x-test-user", "bob")]).await;
+        let admin = Session::open(s.envoy.url(path), &[("x-test-user", "root"), ("x-test-groups", "admin")]).await;
+
+        // lists, JSON and SSE answers
+        assert_eq!(bob.list("tools/list", "tools", "name").await, names(&["search", "get_weather"]), "{path}");
+        assert_eq!(bob.list("prompts/list", "prompts", "name").await, names(&["greet"]));
+        assert_eq!(bob.list("resources/list", "resources", "uri").await, names(&["file:///public/readme"]));
+        assert_eq!(
+            bob.list("resources/templates/list", "resourceTemplates", "uriTemplate").await,
+            names(&["file:///public/{name}"])
+        );
+        assert_eq!(admin.list("tools/list", "tools", "name").await.len(), 5);
+        assert_eq!(admin.list("resources/list", "resources", "uri").await.len(), 2);
+
+        // allowed call reaches the server; hidden call answers "Unknown tool" with the id echoed
+        let (st, _, m) = bob.call(json!(11), "get_weather", json!({"city": "Oslo"})).await;
+        assert_eq!(
+            (st, m["id"].clone(), m["result"]["content"][0]["text"].clone()),
+            (200, json!(11), json!("sunny in Oslo"))
+        );
+        let (st, _, m) = bob.call(json!("req-12"), "ledger_read", json!({"account": "a"})).await;
+        assert_eq!(st, 200);
+        assert_eq!(
+            m,
+            json!({"jsonrpc": "2.0", "id": "req-12", "error": {"code": -32602, "message": "Unknown tool: ledger_read"}})
+        );
+
+        // forbid answer: 403, JSON-RPC body, WWW-Authenticate
+        let (st, h, m) = bob.call(json!(13), "search", json!({"query": "q", "limit": 500})).await;
+        assert_eq!(st, 403, "{m}");
+        assert_eq!(h["www-authenticate"], "Bearer error=\"insufficient_scope\"");
+        assert_eq!((m["id"].clone(), m["error"]["code"].clone()), (json!(13), json!(-32000)));
+        let (st, _, m) = admin.call(json!(14), "delete_file", json!({"path": "/a", "env": "prod"})).await;
+        assert_eq!(st, 403, "deny beats the admin allow: {m}");
+        let (st, _, m) = admin.call(json!(15), "delete_file", json!({"path": "/a", "env": "dev"})).await;
+        assert_eq!((st, m["result"]["content"][0]["text"].clone()), (200, json!("deleted /a in dev")));
+
+        // resources and prompts
+        let (_, _, m) = bob.post(&json!({"jsonrpc": "2.0", "id": 16, "method": "resources/read", "params": {"uri": "file:///private/keys"}})).await;
+        assert_eq!(m[0]["error"]["code"], -32002);
+        let (_, _, m) = bob.post(&json!({"jsonrpc": "2.0", "id": 17, "method": "resources/read", "params": {"uri": "file:///public/readme"}})).await;
+        assert_eq!(m.last().unwrap()["result"]["contents"][0]["text"], "public readme");
+        let (_, _, m) = bob
+            .post(&json!({"jsonrpc": "2.0", "id": 18, "method": "prompts/get", "params": {"name": "admin_prompt"}}))
+            .await;
+        assert_eq!(m[0]["error"]["message"], "Unknown prompt: admin_prompt");
+
+        // client responses to server requests pass through (the server answers 202)
+        let (st, _, _) = bob.post(&json!({"jsonrpc": "2.0", "id": "srv-1", "result": {}})).await;
+        assert_eq!(st, 202);
+
+        // header / body mismatch (2026-07-28 headers), also base64-encoded
+        let body = json!({"jsonrpc": "2.0", "id": 19, "method": "tools/call", "params": {"name": "search", "arguments": {"query": "q"}}}).to_string();
+        let (st, _, m) = bob.post_raw(body.clone(), &[("mcp-method", "tools/call"), ("mcp-name", "delete_file")]).await;
+        assert_eq!((st, m[0]["error"]["code"].clone(), m[0]["id"].clone()), (400, json!(-32020), json!(19)));
+        let (st, _, m) = bob.post_raw(body.clone(), &[("mcp-method", "tools/list")]).await;
+        assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32020)));
+        let (st, _, m) =
+            bob.post_raw(body.clone(), &[("mcp-method", "tools/call"), ("mcp-name", "=?base64?c2VhcmNo?=")]).await;
+        assert_eq!(st, 200, "base64 'search' matches: {m:?}");
+        let (st, _, _) =
+            bob.post_raw(body.clone(), &[("mcp-method", "tools/call"), ("mcp-name", "=?base64?!!!?=")]).await;
+        assert_eq!(st, 400);
+
+        // bad input
+        let (st, _, m) = bob.post_raw("{not json".into(), &[]).await;
+        assert_eq!((st, m[0]["error"]["code"].clone(), m[0]["id"].clone()), (400, json!(-32700), Value::Null));
+        let (st, _, m) = bob.post_raw(r#"{"jsonrpc":"2.0","id":20,"method":7}"#.into(), &[]).await;
+        assert_eq!((st, m[0]["error"]["code"].clone(), m[0]["id"].clone()), (400, json!(-32600), json!(20)));
+        let (st, _, _) = bob.post_raw(format!(r#"{{"jsonrpc":"2.0","id":21,"method":"tools/call","params":{{"name":"search","arguments":{{"q":"{}"}}}}}}"#, "x".repeat(70_000)), &[]).await;
+        assert_eq!(st, 413);
+        let (st, _, m) = bob.post_raw(r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#.into(), &[]).await;
+        assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32600)), "no batches in 2025-11-25");
+
+        // session requests: DELETE ends the session (builtin allowed), then the server forgets it
+        let resp = client()
+            .delete(s.envoy.url(path))
+            .header("mcp-session-id", &bob.id)
+            .header("mcp-protocol-version", "2025-11-25")
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let resp = client().put(s.envoy.url(path)).body("x").send().await.unwrap();
+        assert_eq!(resp.status(), 405);
+    }
+    // the access log shows the filter's decision (filter state); Envoy flushes it every few seconds
+    wait_for_log(&s.envoy, "subject=bob method=tools/call target=ledger_read decision=deny rule=default").await;
+    wait_for_log(&s.envoy, "subject=root method=tools/call target=delete_file decision=deny rule=no-prod-delete").await;
+    let log = s.envoy.log();
+    // and one audit line per decision
+    assert!(log.contains(r#""decision":"deny","id":"req-12","identity_source":"none","mcp_authz":"decision","method":"tools/call","protocol":"mcp","rule":"default","subject":"bob","target":"ledger_read""#), "{log}");
+    let st = s.envoy.stats("mcp_authz").await.unwrap();
+    for k in [
+        "header_mismatch",
+        "invalid_json",
+        "invalid_request",
+        "body_too_large",
+        "client_response",
+        "method_not_allowed",
+    ] {
+        assert!(st.get(&format!("meshwarden.mcp_authz.{k}")).copied().unwrap_or(0) >= 2, "{k}: {st:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modern_requests_and_batches() {
+    let s = setup(config(false)).await;
+    let post = |body: Value, hdrs: Vec<(&'static str, String)>| {
+        let mut req = client()
+            .post(s.envoy.url("/json/mcp"))
+            .header("accept", "application/json, text/event-stream")
+            .header("x-test-user", "bob")
+            .json(&body);
+        for (k, v) in hdrs {
+            req = req.header(k, v);
+        }
+        async move { messages(req.send().await.unwrap()).await }
+    };
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}});
+    let call = |name: &str, id: u64| json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": {"query": "q", "city": "c"}, "_meta": meta.clone()}});
+    let v = ("mcp-protocol-version", "2026-07-28".to_string());
+    let (st, _, m) =
+        post(call("search", 1), vec![v.clone(), ("mcp-method", "tools/call".into()), ("mcp-name", "search".into())])
+            .await;
+    assert_eq!((st, m[0]["result"]["content"][0]["text"].clone()), (200, json!("results for q (limit 10)")));
+    let (st, _, m) = post(call("search", 2), vec![v.clone(), ("mcp-method", "tools/call".into())]).await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32020)), "Mcp-Name required in 2026-07-28");
+    let (st, _, m) = post(
+        call("get_weather", 3),
+        vec![v.clone(), ("mcp-method", "tools/call".into()), ("mcp-name", "search".into())],
+    )
+    .await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32020)));
+    let (st, _, m) = post(
+        call("ledger_read", 4),
+        vec![v.clone(), ("mcp-method", "tools/call".into()), ("mcp-name", "ledger_read".into())],
+    )
+    .await;
+    assert_eq!((st, m[0]["error"]["message"].clone()), (200, json!("Unknown tool: ledger_read")));
+
+    // 2025-03-26 batches: every element is authorized; one denied element refuses the whole batch
+    let old = ("mcp-protocol-version", "2025-03-26".to_string());
+    let batch =
+        json!([call("search", 5), {"jsonrpc": "2.0", "method": "notifications/initialized"}, call("ledger_read", 6)]);
+    let (st, _, m) = post(batch, vec![old.clone()]).await;
+    assert_eq!(st, 200);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert_eq!((m[0]["id"].clone(), m[0]["error"]["code"].clone()), (json!(5), json!(-32000)));
+    assert_eq!(m[1]["error"]["message"], "Unknown tool: ledger_read");
+    // an allowed batch is forwarded (this SDK server itself rejects batches with its own validation error)
+    let batch = json!([call("search", 7), call("get_weather", 8)]);
+    let (st, _, m) = post(batch, vec![old.clone()]).await;
+    assert_eq!(st, 400);
+    assert!(m[0]["error"]["message"].as_str().unwrap().contains("Validation error"), "the server's answer: {m:?}");
+    let st = s.envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(st["meshwarden.mcp_authz.header_mismatch"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_from_jwt_authn_and_the_dev_bearer_switch() {
+    let s = setup(config(false)).await;
+    let finance = signed_token(json!({"sub": "carol", "groups": ["finance"]})).await;
+    let sess = Session::open(s.envoy.url("/json/mcp"), &[("authorization", &format!("Bearer {finance}"))]).await;
+    assert_eq!(
+        sess.list("tools/list", "tools", "name").await,
+        names(&["search", "get_weather", "ledger_read", "transfer"])
+    );
+    let (_, _, m) = sess.call(json!(1), "ledger_read", json!({"account": "x"})).await;
+    assert_eq!(m["result"]["content"][0]["text"], "balance of x: 42");
+    assert!(s.envoy.log().contains(r#""identity_source":"jwt_authn""#));
+    // a forged token (bad signature) gives no claims: jwt_authn writes no metadata, the caller is anonymous
+    let forged = unverified_token(json!({"sub": "mallory", "groups": ["admin"]}));
+    let anon = Session::open(s.envoy.url("/json/mcp"), &[("authorization", &format!("Bearer {forged}"))]).await;
+    assert_eq!(anon.list("tools/list", "tools", "name").await, names(&["search", "get_weather"]));
+    let (_, _, m) = anon.call(json!(2), "ledger_read", json!({"account": "x"})).await;
+    assert_eq!(m["error"]["code"], -32602);
+    assert!(s.envoy.log().contains(r#""subject":"anonymous""#));
+    drop(s);
+
+    // the development switch reads the unverified payload (and says so in the log)
+    let s = setup(config(true)).await;
+    let dev = Session::open(s.envoy.url("/mcp"), &[("authorization", &format!("Bearer {forged}"))]).await;
+    assert_eq!(dev.list("tools/list", "tools", "name").await.len(), 5);
+    let log = s.envoy.log();
+    assert!(log.contains("unverified_bearer_dev_only is ON"), "{log}");
+    assert!(log.contains(r#""identity_source":"unverified_bearer""#), "{log}");
+    // a verified token still wins over the unverified path
+    let sess = Session::open(s.envoy.url("/mcp"), &[("authorization", &format!("Bearer {finance}"))]).await;
+    assert_eq!(sess.list("tools/list", "tools", "name").await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_methods_and_agent_card_per_caller() {
+    let s = setup(config(false)).await;
+    let card = |user: Option<(&'static str, &'static str)>| {
+        let mut req = client().get(s.envoy.url("/.well-known/agent-card.json"));
+        if let Some((u, g)) = user {
+            req = req.header("x-test-user", u).header("x-test-groups", g);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let v: Value = resp.json().await.unwrap();
+            assert_eq!(v["name"], "meshwarden-test-agent");
+            v["skills"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(card(None).await, Vec::<String>::new());
+    assert_eq!(card(Some(("bob", ""))).await, names(&["sql", "web-search"]));
+    assert_eq!(card(Some(("alice", "finance"))).await, names(&["sql", "web-search", "payments"]));
+
+    let rpc = |user: Option<&'static str>, body: Value| {
+        // v1.0 requests say so in `A2A-Version`; v0.3 requests carry no version header
+        let v1 = body["method"].as_str().unwrap().chars().next().unwrap().is_uppercase();
+        let mut req = client().post(s.envoy.url("/a2a")).header("content-type", "application/json").json(&body);
+        if v1 {
+            req = req.header("a2a-version", "1.0");
+        }
+        if let Some(u) = user {
+            req = req.header("x-test-user", u);
+        }
+        async move { messages(req.send().await.unwrap()).await }
+    };
+    let v1 = json!({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": {"messageId": "m1", "role": "ROLE_USER", "parts": [{"text": "hi"}]}}});
+    let v03 = json!({"jsonrpc": "2.0", "id": "b", "method": "message/send", "params": {"message": {"messageId": "m2", "role": "user", "parts": [{"kind": "text", "text": "hi03"}]}}});
+    let (st, _, m) = rpc(Some("bob"), v1.clone()).await;
+    assert_eq!((st, m[0]["result"]["message"]["parts"][0]["text"].clone()), (200, json!("echo: hi")), "{m:?}");
+    let (st, _, m) = rpc(Some("bob"), v03.clone()).await;
+    assert_eq!(
+        (st, m[0]["result"]["parts"][0]["text"].clone()),
+        (200, json!("echo: hi03")),
+        "v0.3 name matches the v1.0 rule: {m:?}"
+    );
+    let (st, _, m) = rpc(None, v1).await;
+    assert_eq!((st, m[0]["error"]["code"].clone(), m[0]["id"].clone()), (200, json!(-32601), json!(1)));
+    let (_, _, m) = rpc(None, v03).await;
+    assert_eq!(m[0]["error"]["code"], -32601);
+    let (_, _, m) =
+        rpc(Some("bob"), json!({"jsonrpc": "2.0", "id": 3, "method": "tasks/cancel", "params": {"id": "t1"}})).await;
+    assert_eq!(m[0]["error"]["message"], "Method not found: tasks/cancel");
+    let resp = client().get(s.envoy.url("/a2a")).send().await.unwrap();
+    assert_eq!(resp.status(), 405);
+    let log = s.envoy.log();
+    assert!(log.contains(r#""method":"message/send","protocol":"a2a","rule":"a2a-users","subject":"bob""#), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_settings_and_invalid_config() {
+    // GET/DELETE session requests go through the policy: without the builtin allowance they are refused
+    let mut cfg = config(false);
+    cfg["policy"]["builtin_allow"] = json!(["initialize", "notifications/*", "tools/list"]);
+    cfg["other_paths"] = json!("deny");
+    let s = setup(cfg).await;
+    let resp = client()
+        .get(s.envoy.url("/mcp"))
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", "x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer error=\"insufficient_scope\"");
+    let resp = client().delete(s.envoy.url("/mcp")).header("mcp-session-id", "x").send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = client().get(s.envoy.url("/somewhere/else")).send().await.unwrap();
+    assert_eq!(resp.status(), 403, "other_paths: deny");
+    let resp = client()
+        .post(s.envoy.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    drop(s);
+
+    let log = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(9)
+        .filter_config("mcp-authz", &json!({"policy": {"rules": [{"name": "r", "effect": "allow", "arguments": [{"path": "a", "regex": "("}]}]}}))
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("$.policy.rules[0].arguments[0].regex"), "{log}");
+}
