@@ -17,23 +17,21 @@
 //! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
 //! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |
+//! | [`endpoints`] | the sidecar endpoint-snapshot wire format inference-router reads |
 //! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
 //! | [`host`] | (feature `host`) the thin proxy-wasm glue: metrics, callouts, local replies |
 
 pub mod a2a;
 pub mod callout;
 pub mod config;
-pub mod endpoints;
-pub mod errors;
-pub mod jsonrpc;
-pub mod llm;
-pub mod ratelimit;
 pub mod encoding;
+pub mod endpoints;
 pub mod errors;
 pub mod jsonrpc;
 pub mod llm;
 pub mod mcp;
 pub mod pbstruct;
+pub mod ratelimit;
 pub mod sse;
 pub mod stats;
 pub mod stream_rewrite;
