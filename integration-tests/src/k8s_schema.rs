@@ -133,7 +133,8 @@ fn check(schema: &Value, v: &Value, path: &str, errors: &mut Vec<String>) {
                 .unwrap_or_default();
             let mut seen = std::collections::HashSet::new();
             for item in items {
-                let key: Vec<String> = keys.iter().map(|k| item.get(*k).map(Value::to_string).unwrap_or_default()).collect();
+                let key: Vec<String> =
+                    keys.iter().map(|k| item.get(*k).map(Value::to_string).unwrap_or_default()).collect();
                 if !seen.insert(key.clone()) {
                     errors.push(format!("{path}: duplicate list-map key {key:?}"));
                 }

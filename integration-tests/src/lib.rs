@@ -16,6 +16,6 @@ pub mod k8s_schema;
 pub mod mock_llm;
 pub mod model_sim;
 pub mod paths;
+pub mod python;
 pub mod redis_server;
 pub mod sidecar;
-pub mod python;
