@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+.PHONY: soak fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-integration: build ## real Envoy loading the real .wasm files, real HTTP up
 
 test: tools lint test-unit test-wasm test-integration fuzz-smoke ## everything CI runs: installs tools, builds, all tests
 	@echo "make test: all passed"
+
+soak: tools build ## the whole chain under sustained load for SOAK_MINUTES (default 3), Envoy RSS sampled
+	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-soak -- --minutes $${SOAK_MINUTES:-3}
 
 fuzz: ## run every fuzz target (cargo fuzz) for FUZZ_SECONDS each (default 300); figures in target/fuzz/summary.md
 	scripts/fuzz.sh $${FUZZ_SECONDS:-300}
