@@ -103,3 +103,23 @@ fn the_sidecar_pools_config_in_the_configmap_is_valid_json() {
     let pools: Value = serde_json::from_str(cm["data"]["pools.json"].as_str().unwrap()).unwrap();
     assert_eq!(pools["pools"][0]["name"], "vllm-llama");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_envoy_gateway_policy_configs_are_accepted() {
+    let path = repo_root().join("envoy-configs/envoy-gateway/meshwarden-extension-policy.yaml");
+    let policy: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(policy["kind"], "EnvoyExtensionPolicy");
+    let mock = MockLlm::start().await.unwrap();
+    let wasm = policy["spec"]["wasm"].as_array().unwrap();
+    assert!(wasm.len() >= 4);
+    for w in wasm {
+        let filter = w["rootID"].as_str().unwrap().replace('_', "-");
+        assert!(FILTERS.contains(&filter.as_str()), "{filter}");
+        EnvoyBuilder::new(&format!("{filter}.yaml"))
+            .upstream_port(mock.port())
+            .filter_config(&filter, &w["config"])
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{filter} rejects its Envoy Gateway config: {e:#}"));
+    }
+}
