@@ -427,3 +427,39 @@ async fn custom_detectors_and_config_errors() {
         .unwrap();
     assert!(log.contains("invalid configuration at $.detectors.emial: unknown detector"), "{log}");
 }
+
+/// Filter CPU time inside Envoy's V8 for the bench bodies, from the filter's own histograms
+/// (`request_processing_us`: body read + scan + rewrite; `response_processing_us`: restore).
+/// Not a pass/fail test: `cargo test ... --test pii_redactor -- --ignored --nocapture filter_processing_time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn filter_processing_time() {
+    let mock = MockLlm::start().await.unwrap();
+    for s in
+        meshwarden_integration_tests::bench::scenarios::all().into_iter().filter(|s| s.name.starts_with("pii-redactor"))
+    {
+        let envoy = EnvoyBuilder::new(&s.template).upstream_port(mock.port()).concurrency(1).start().await.unwrap();
+        let c = client();
+        for _ in 0..400 {
+            let r = c
+                .post(envoy.url(&s.path))
+                .header("content-type", "application/json")
+                .body(s.body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let _ = r.bytes().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5500)).await; // histogram flush
+        let text = c
+            .get(envoy.admin_url("/stats?filter=pii_redactor.*processing_us"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        println!("{} ({} bytes):\n{text}", s.name, s.body.len());
+    }
+}

@@ -105,6 +105,10 @@ impl Restorer {
     /// A whole JSON response body: every string value rewritten (message content, tool arguments, ...),
     /// escapes resolved by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        // Fast path: without a `<` (or its escape `\u003c`) there is no placeholder to restore.
+        if self.scan.is_none() && !body.contains(&b'<') && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c")) {
+            return None;
+        }
         match serde_json::from_slice::<Value>(body) {
             Ok(mut v) => {
                 if rewrite_strings(&mut v, self) {
