@@ -119,6 +119,7 @@ async fn anthropic_json_and_both_streams_restored() {
             "/v1/messages",
             json!({"model":"claude-sonnet-4","max_tokens":256,"stream":true,"messages":[{"role":"user","content":PROMPT}]}),
         ),
+        ("/v1/responses", json!({"model":"gpt-4o","stream":true,"input":PROMPT})),
     ] {
         let resp = client()
             .post(envoy.url(path))
@@ -134,6 +135,9 @@ async fn anthropic_json_and_both_streams_restored() {
         assert_eq!(sse_text(&text), PROMPT, "{path}: {text}");
         if path.ends_with("completions") {
             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        } else if path.ends_with("responses") {
+            // The final event repeats the whole text: restored as well.
+            assert!(text.contains("response.completed") && !text.contains("<EMAIL_2>"), "{text}");
         } else {
             assert!(text.contains("event: message_stop"), "{text}");
         }
