@@ -34,6 +34,12 @@ fn main() {
             std::hint::black_box(process_request(&engine, "/v1/chat/completions", body.as_bytes(), true));
         }
         let total = t.elapsed() / n;
+        let clean = text.replace("Contact jane.doe@example.com or +44 20 7946 0958. ", "");
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(engine.find(clean.as_bytes()));
+        }
+        println!("  clean scan {:?}", t.elapsed() / n);
         let mbps = text.len() as f64 / scan.as_secs_f64() / 1e6;
         println!("{} bytes: parse {parse:?}, scan {scan:?} ({mbps:.0} MB/s), whole request {total:?}", body.len());
     }
