@@ -40,6 +40,15 @@ fn main() {
             std::hint::black_box(engine.find(clean.as_bytes()));
         }
         println!("  clean scan {:?}", t.elapsed() / n);
+        for pattern in ["EMP-[0-9]{6}", "[0-9]{6}-EMP"] {
+            let cfg = format!(r#"{{"custom_detectors":[{{"name":"x","pattern":"{pattern}"}}]}}"#);
+            let custom = Engine::new(&parse_config::<Config>(cfg.as_bytes()).unwrap());
+            let t = Instant::now();
+            for _ in 0..n / 10 + 1 {
+                std::hint::black_box(custom.find(clean.as_bytes()));
+            }
+            println!("  scan with custom detector {pattern}: {:?}", t.elapsed() / (n / 10 + 1));
+        }
         let mbps = text.len() as f64 / scan.as_secs_f64() / 1e6;
         println!("{} bytes: parse {parse:?}, scan {scan:?} ({mbps:.0} MB/s), whole request {total:?}", body.len());
     }

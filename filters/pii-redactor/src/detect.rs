@@ -1233,10 +1233,16 @@ pub fn nhs_valid(d: &[u8]) -> bool {
 }
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(p) = hay.get(from..).and_then(|h| h.iter().position(|c| *c == first)) {
+        let at = from + p;
+        if hay.get(at + 1..at + needle.len()) == Some(rest) {
+            return Some(at);
+        }
+        from = at + 1;
     }
-    hay.windows(needle.len()).position(|w| w == needle)
+    None
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
