@@ -149,6 +149,11 @@ async fn anthropic_json_and_both_streams_restored() {
 /// A raw HTTP/1.1 upstream that answers with fixed SSE bytes cut into the given network chunks (sent
 /// with pauses, chunked encoding), and records the request body it received.
 async fn chunky_upstream(chunks: Vec<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    chunky_upstream_with(chunks, "200 OK\r\ncontent-type: text/event-stream").await
+}
+
+/// Like [`chunky_upstream`] with the given status and header lines; records request heads and bodies.
+async fn chunky_upstream_with(chunks: Vec<Vec<u8>>, headers: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -178,15 +183,13 @@ async fn chunky_upstream(chunks: Vec<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>)
                             body.ends_with("0\r\n\r\n")
                         };
                         if done {
-                            seen.lock().unwrap().push(body.to_string());
+                            seen.lock().unwrap().push(format!("{head}\r\n\r\n{body}"));
                             break;
                         }
                     }
                 }
                 let _ = sock
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
-                    )
+                    .write_all(format!("HTTP/1.1 {headers}\r\ntransfer-encoding: chunked\r\n\r\n").as_bytes())
                     .await;
                 for c in chunks {
                     let _ = sock.write_all(format!("{:x}\r\n", c.len()).as_bytes()).await;
@@ -265,6 +268,45 @@ async fn restore_off_leaks_nothing_and_look_alikes_are_never_restored() {
         .unwrap();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "<EMAIL_1> <EMAIL_2> a@b.io");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_answer_is_passed_unrestored_and_accept_encoding_is_dropped() {
+    let answer = br#"{"choices":[{"message":{"content":"<EMAIL_1>"}}]}"#.to_vec();
+    let (port, seen) = chunky_upstream_with(
+        vec![answer.clone()],
+        "200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip",
+    )
+    .await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("accept-encoding", "gzip")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"mail a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), answer, "bytes untouched: placeholders, never values");
+    let upstream = seen.lock().unwrap().join("");
+    assert!(!upstream.contains("accept-encoding"), "{upstream}");
+    assert!(upstream.contains("mail <EMAIL_1>"), "{upstream}");
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_not_restored_encoded").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_body_labelled_event_stream_is_restored_as_text_not_swallowed() {
+    let body = br#"{"error":{"message":"bad address <EMAIL_1>"}}"#.to_vec();
+    let (port, _seen) = chunky_upstream_with(vec![body], "400 Bad Request\r\ncontent-type: text/event-stream").await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"mail a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.text().await.unwrap(), r#"{"error":{"message":"bad address a@b.io"}}"#);
 }
 
 async fn envoy_default(mock: &MockLlm) -> Envoy {

@@ -281,7 +281,10 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
-        self.mode = if ct.starts_with("text/event-stream") {
+        // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
+        // so a mislabelled error body is never swallowed by the event parser.
+        let ok = self.get_http_response_header(":status").is_some_and(|st| st.starts_with('2'));
+        self.mode = if ct.starts_with("text/event-stream") && ok {
             Mode::Sse
         } else if ct.contains("json") {
             Mode::Json
