@@ -119,6 +119,7 @@ async fn anthropic_json_and_both_streams_restored() {
             "/v1/messages",
             json!({"model":"claude-sonnet-4","max_tokens":256,"stream":true,"messages":[{"role":"user","content":PROMPT}]}),
         ),
+        ("/v1/responses", json!({"model":"gpt-4o","stream":true,"input":PROMPT})),
     ] {
         let resp = client()
             .post(envoy.url(path))
@@ -134,6 +135,9 @@ async fn anthropic_json_and_both_streams_restored() {
         assert_eq!(sse_text(&text), PROMPT, "{path}: {text}");
         if path.ends_with("completions") {
             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        } else if path.ends_with("responses") {
+            // The final event repeats the whole text: restored as well.
+            assert!(text.contains("response.completed") && !text.contains("<EMAIL_2>"), "{text}");
         } else {
             assert!(text.contains("event: message_stop"), "{text}");
         }
@@ -145,6 +149,11 @@ async fn anthropic_json_and_both_streams_restored() {
 /// A raw HTTP/1.1 upstream that answers with fixed SSE bytes cut into the given network chunks (sent
 /// with pauses, chunked encoding), and records the request body it received.
 async fn chunky_upstream(chunks: Vec<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>) {
+    chunky_upstream_with(chunks, "200 OK\r\ncontent-type: text/event-stream").await
+}
+
+/// Like [`chunky_upstream`] with the given status and header lines; records request heads and bodies.
+async fn chunky_upstream_with(chunks: Vec<Vec<u8>>, headers: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -174,15 +183,13 @@ async fn chunky_upstream(chunks: Vec<Vec<u8>>) -> (u16, Arc<Mutex<Vec<String>>>)
                             body.ends_with("0\r\n\r\n")
                         };
                         if done {
-                            seen.lock().unwrap().push(body.to_string());
+                            seen.lock().unwrap().push(format!("{head}\r\n\r\n{body}"));
                             break;
                         }
                     }
                 }
                 let _ = sock
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
-                    )
+                    .write_all(format!("HTTP/1.1 {headers}\r\ntransfer-encoding: chunked\r\n\r\n").as_bytes())
                     .await;
                 for c in chunks {
                     let _ = sock.write_all(format!("{:x}\r\n", c.len()).as_bytes()).await;
@@ -261,6 +268,45 @@ async fn restore_off_leaks_nothing_and_look_alikes_are_never_restored() {
         .unwrap();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "<EMAIL_1> <EMAIL_2> a@b.io");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_answer_is_passed_unrestored_and_accept_encoding_is_dropped() {
+    let answer = br#"{"choices":[{"message":{"content":"<EMAIL_1>"}}]}"#.to_vec();
+    let (port, seen) = chunky_upstream_with(
+        vec![answer.clone()],
+        "200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip",
+    )
+    .await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("accept-encoding", "gzip")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"mail a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), answer, "bytes untouched: placeholders, never values");
+    let upstream = seen.lock().unwrap().join("");
+    assert!(!upstream.contains("accept-encoding"), "{upstream}");
+    assert!(upstream.contains("mail <EMAIL_1>"), "{upstream}");
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_not_restored_encoded").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_body_labelled_event_stream_is_restored_as_text_not_swallowed() {
+    let body = br#"{"error":{"message":"bad address <EMAIL_1>"}}"#.to_vec();
+    let (port, _seen) = chunky_upstream_with(vec![body], "400 Bad Request\r\ncontent-type: text/event-stream").await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"mail a@b.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.text().await.unwrap(), r#"{"error":{"message":"bad address a@b.io"}}"#);
 }
 
 async fn envoy_default(mock: &MockLlm) -> Envoy {
@@ -426,4 +472,40 @@ async fn custom_detectors_and_config_errors() {
         .await
         .unwrap();
     assert!(log.contains("invalid configuration at $.detectors.emial: unknown detector"), "{log}");
+}
+
+/// Filter CPU time inside Envoy's V8 for the bench bodies, from the filter's own histograms
+/// (`request_processing_us`: body read + scan + rewrite; `response_processing_us`: restore).
+/// Not a pass/fail test: `cargo test ... --test pii_redactor -- --ignored --nocapture filter_processing_time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn filter_processing_time() {
+    let mock = MockLlm::start().await.unwrap();
+    for s in
+        meshwarden_integration_tests::bench::scenarios::all().into_iter().filter(|s| s.name.starts_with("pii-redactor"))
+    {
+        let envoy = EnvoyBuilder::new(&s.template).upstream_port(mock.port()).concurrency(1).start().await.unwrap();
+        let c = client();
+        for _ in 0..400 {
+            let r = c
+                .post(envoy.url(&s.path))
+                .header("content-type", "application/json")
+                .body(s.body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let _ = r.bytes().await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5500)).await; // histogram flush
+        let text = c
+            .get(envoy.admin_url("/stats?filter=pii_redactor.*processing_us"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        println!("{} ({} bytes):\n{text}", s.name, s.body.len());
+    }
 }

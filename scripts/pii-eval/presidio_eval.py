@@ -6,7 +6,11 @@ a labelled entity it overlaps. Presidio's recognizers are called directly (no sp
 needs a model download this environment cannot do, so context-word enhancement is not applied; recognizer
 scores are used as they are). Reported at score thresholds 0.0 (AnalyzerEngine's default) and 0.5.
 
-    python3 scripts/pii-eval/presidio_eval.py filters/pii-redactor/tests/data/pii_eval.jsonl
+    python3 -m pip install -r scripts/pii-eval/requirements-presidio.txt
+    python3 scripts/pii-eval/presidio_eval.py filters/pii-redactor/tests/data/pii_eval.jsonl 2>/dev/null
+
+(stderr carries tldextract's failed attempt to download the public suffix list; it falls back to its
+bundled snapshot.)
 """
 import json
 import sys

@@ -269,6 +269,24 @@ impl Scanner {
                 i += 1;
                 continue;
             }
+            // Literal prefilter: a plain word (letters/digits followed by a space or punctuation that
+            // continues no shape) is skipped without trying any detector.
+            if b.is_ascii_alphabetic() {
+                let mut j = i + 1;
+                while j < n && is_alnum(at(t, j)) {
+                    j += 1;
+                }
+                let next = at(t, j);
+                let continues = matches!(next, b'@' | b'.' | b'_' | b'%' | b'+' | b'-' | b':' | b'/');
+                let long = j - i >= 16; // AWS / Google keys are one alphanumeric word of 20+ characters
+                let iban_like =
+                    j - i >= 4 && at(t, i + 1).is_ascii_uppercase() && is_digit(at(t, i + 2)) && is_digit(at(t, i + 3));
+                let hex = j - i <= 4 && next == b':';
+                if !(continues || long || iban_like || hex) {
+                    i = j;
+                    continue;
+                }
+            }
             if let Some(f) = self.try_at(t, i) {
                 if f.end > i {
                     let f = self.with_context(t, f);
@@ -1215,10 +1233,16 @@ pub fn nhs_valid(d: &[u8]) -> bool {
 }
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(p) = hay.get(from..).and_then(|h| h.iter().position(|c| *c == first)) {
+        let at = from + p;
+        if hay.get(at + 1..at + needle.len()) == Some(rest) {
+            return Some(at);
+        }
+        from = at + 1;
     }
-    hay.windows(needle.len()).position(|w| w == needle)
+    None
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {

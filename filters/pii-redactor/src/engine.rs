@@ -30,6 +30,8 @@ struct Custom {
     name: String,
     label: String,
     re: regex_lite::Regex,
+    /// A literal every match starts with, from the pattern's head: texts without it skip the regex.
+    literal: Option<Vec<u8>>,
     validator: Validator,
     context: Vec<String>,
     action: Action,
@@ -78,6 +80,7 @@ impl Engine {
                     name: d.name.clone(),
                     label: d.name.to_ascii_uppercase(),
                     re: regex_lite::Regex::new(&d.pattern).ok()?,
+                    literal: required_prefix(&d.pattern),
                     validator: d.validator,
                     context: d.context_words.iter().map(|w| w.to_ascii_lowercase()).collect(),
                     action: d.action.unwrap_or(cfg.default_action),
@@ -143,6 +146,9 @@ impl Engine {
             if let Ok(s) = std::str::from_utf8(text) {
                 let mut extra = Vec::new();
                 for (ci, c) in self.custom.iter().enumerate() {
+                    if c.literal.as_deref().is_some_and(|l| crate::detect::find(text, l).is_none()) {
+                        continue; // regex-lite is slow in V8: skip it when its literal head is absent
+                    }
                     for m in c.re.find_iter(s) {
                         if m.start() == m.end() || !self.custom_ok(c, text, m.start(), m.end()) {
                             continue;
@@ -219,6 +225,45 @@ impl Engine {
         out.push_str(text.get(last..).unwrap_or(""));
         Some(out)
     }
+}
+
+/// The literal a pattern's every match starts with (`EMP-[0-9]{6}` -> `EMP-`), if the pattern starts with
+/// at least two plain characters and has no top-level alternation or inline flags; `None` otherwise.
+pub fn required_prefix(pattern: &str) -> Option<Vec<u8>> {
+    let b = pattern.as_bytes();
+    if b.first() == Some(&b'^') || pattern.starts_with("(?") {
+        return None;
+    }
+    // Any `|` outside a class or group could make the head optional: be conservative.
+    let mut depth = 0i32;
+    let mut in_class = false;
+    let mut esc = false;
+    for &c in b {
+        match c {
+            _ if esc => esc = false,
+            b'\\' => esc = true,
+            b'[' if !in_class => in_class = true,
+            b']' if in_class => in_class = false,
+            b'(' if !in_class => depth += 1,
+            b')' if !in_class => depth -= 1,
+            b'|' if !in_class && depth == 0 => return None,
+            _ => {}
+        }
+    }
+    let mut lit = Vec::new();
+    for (k, &c) in b.iter().enumerate() {
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'@' | b':' | b'/' | b'=' | b'#' | b'<' | b'>' | b' ')
+        {
+            // A quantifier after this character makes it optional or repeated: stop before it.
+            if matches!(b.get(k + 1), Some(b'?' | b'*' | b'{')) {
+                break;
+            }
+            lit.push(c);
+        } else {
+            break;
+        }
+    }
+    (lit.len() >= 2).then_some(lit)
 }
 
 /// `****-****-****-1111`: letters and digits but the last `keep` become `*`, separators stay.
@@ -514,6 +559,17 @@ mod tests {
         assert!(st.mask(&e, b"acct 1234567812345678").is_none(), "fails luhn");
         let out = String::from_utf8(st.mask(&e, b"acct 4111111111111111x").unwrap()).unwrap();
         assert!(out.contains("<ACCOUNT_1>"), "{out}");
+    }
+
+    #[test]
+    fn literal_heads_of_custom_patterns() {
+        assert_eq!(required_prefix("EMP-[0-9]{6}"), Some(b"EMP-".to_vec()));
+        assert_eq!(required_prefix("ACME_ab?c"), Some(b"ACME_a".to_vec()));
+        assert_eq!(required_prefix("EMP-1|X"), None);
+        assert_eq!(required_prefix("(?i)emp"), None);
+        assert_eq!(required_prefix("[0-9]{16}"), None);
+        assert_eq!(required_prefix("a+b"), None);
+        assert_eq!(required_prefix("ab+c"), Some(b"ab".to_vec()));
     }
 
     #[test]

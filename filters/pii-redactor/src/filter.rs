@@ -62,6 +62,7 @@ impl RootContext for Root {
             mode: Mode::None,
             sse: SseRestore::new(),
             raw: RawStream::default(),
+            response_us: 0,
         }))
     }
 
@@ -92,6 +93,16 @@ struct Request {
     mode: Mode,
     sse: SseRestore,
     raw: RawStream,
+    /// Time spent restoring the answer, over all its chunks.
+    response_us: u64,
+}
+
+/// Microseconds since the Unix epoch from the host clock (for the processing-time histograms).
+fn now_us() -> u64 {
+    proxy_wasm::hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 impl Request {
@@ -209,6 +220,7 @@ impl HttpContext for Request {
         if !eos {
             return Action::Pause;
         }
+        let started = now_us();
         let body = self.get_http_request_body(0, size).unwrap_or_default();
         let result = process_request(&self.engine, &self.path, &body, self.config.raw_fallback);
         self.api = result.api;
@@ -249,6 +261,7 @@ impl HttpContext for Request {
         if !restorer.is_noop() {
             self.restorer = Some(restorer);
         }
+        self.metrics.borrow_mut().histogram(&format!("{P}.request_processing_us"), now_us().saturating_sub(started));
         Action::Continue
     }
 
@@ -268,7 +281,10 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
-        self.mode = if ct.starts_with("text/event-stream") {
+        // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
+        // so a mislabelled error body is never swallowed by the event parser.
+        let ok = self.get_http_response_header(":status").is_some_and(|st| st.starts_with('2'));
+        self.mode = if ct.starts_with("text/event-stream") && ok {
             Mode::Sse
         } else if ct.contains("json") {
             Mode::Json
@@ -283,13 +299,18 @@ impl HttpContext for Request {
         let Some(mut restorer) = self.restorer.take() else {
             return Action::Continue;
         };
+        let started = now_us();
         let action = self.response_body(&mut restorer, size, eos);
         self.restorer = Some(restorer);
+        self.response_us += now_us().saturating_sub(started);
         action
     }
 
     fn on_log(&mut self) {
         if let Some(r) = &self.restorer {
+            if self.mode != Mode::None {
+                self.metrics.borrow_mut().histogram(&format!("{P}.response_processing_us"), self.response_us);
+            }
             if r.restored > 0 {
                 self.count("restored", r.restored);
             }

@@ -14,5 +14,9 @@ pub mod engine;
 pub mod request;
 pub mod restore;
 
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+mod quality_tests;
+
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod filter;

@@ -105,6 +105,10 @@ impl Restorer {
     /// A whole JSON response body: every string value rewritten (message content, tool arguments, ...),
     /// escapes resolved by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        // Fast path: without a `<` (or its escape `\u003c`) there is no placeholder to restore.
+        if self.scan.is_none() && !body.contains(&b'<') && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c")) {
+            return None;
+        }
         match serde_json::from_slice::<Value>(body) {
             Ok(mut v) => {
                 if rewrite_strings(&mut v, self) {
@@ -298,6 +302,30 @@ mod tests {
         let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(Rc::new(engine)));
         let out = r.rewrite_str("yours <EMAIL_1>, leaked bob@leak.com").unwrap();
         assert_eq!(out, "yours me@x.io, leaked [REDACTED]");
+        assert_eq!(r.response_counts.summary(), "email=1");
+    }
+
+    #[test]
+    fn streamed_response_scanning_sees_values_cut_across_deltas() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let pieces = ["Write to bob@le", "ak.example.org or <EMA", "IL_1> now", "."];
+        let mut wire = String::new();
+        for p in pieces {
+            wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{"content":p}}]})));
+        }
+        wire.push_str("data: [DONE]\n\n");
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine));
+        let mut s = SseRestore::new();
+        let out = s.feed(&mut r, wire.as_bytes(), true);
+        let mut text = String::new();
+        for e in SseParser::default().feed(&out) {
+            if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                for t in meshwarden_shared::llm::extract_stream_delta_texts(&v) {
+                    text.push_str(&t.text);
+                }
+            }
+        }
+        assert_eq!(text, "Write to [REDACTED] or me@x.io now.");
         assert_eq!(r.response_counts.summary(), "email=1");
     }
 }
