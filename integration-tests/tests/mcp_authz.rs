@@ -533,7 +533,20 @@ async fn strict_settings_and_invalid_config() {
     let mut cfg = config(false);
     cfg["policy"]["builtin_allow"] = json!(["initialize", "notifications/*", "tools/list"]);
     cfg["other_paths"] = json!("deny");
+    cfg["max_response_bytes"] = json!(1024);
     let s = setup(cfg).await;
+    // a list answer too large to filter is withheld (fail closed), never passed through unfiltered
+    let admin = Session::open(s.envoy.url("/json/mcp"), &[("x-test-user", "root"), ("x-test-groups", "admin")]).await;
+    let (st, _, m) = admin.post(&json!({"jsonrpc": "2.0", "id": "big", "method": "tools/list"})).await;
+    assert_eq!(st, 200);
+    assert_eq!((m[0]["id"].clone(), m[0]["error"]["code"].clone()), (json!("big"), json!(-32603)), "{m:?}");
+    assert!(m[0]["error"]["message"].as_str().unwrap().contains("could not filter"), "{m:?}");
+    assert!(m[0].get("result").is_none());
+    let (_, _, m) = admin.call(json!(1), "get_weather", json!({"city": "Rome"})).await;
+    assert_eq!(
+        m["result"]["content"][0]["text"], "sunny in Rome",
+        "other answers are not filtered, whatever their size"
+    );
     let resp = client()
         .get(s.envoy.url("/mcp"))
         .header("accept", "text/event-stream")
