@@ -435,6 +435,17 @@ async fn modern_requests_and_batches() {
     let (st, _, m) = post(batch, vec![old.clone()]).await;
     assert_eq!(st, 400);
     assert!(m[0]["error"]["message"].as_str().unwrap().contains("Validation error"), "the server's answer: {m:?}");
+    // an MCP request on a path missing from `mcp_paths` is recognised by its headers and still authorized
+    let resp = client()
+        .post(s.envoy.url("/unlisted/mcp"))
+        .header("x-test-user", "bob")
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "ledger_read", "arguments": {}}}))
+        .send()
+        .await
+        .unwrap();
+    let (st, _, m) = messages(resp).await;
+    assert_eq!((st, m[0]["error"]["message"].clone()), (200, json!("Unknown tool: ledger_read")));
     let st = s.envoy.stats("mcp_authz").await.unwrap();
     assert_eq!(st["meshwarden.mcp_authz.header_mismatch"], 2);
 }

@@ -126,6 +126,15 @@ impl Engine {
         }
     }
 
+    /// [`endpoint`](Self::endpoint), then (with `detect_by_headers`) MCP / A2A headers on other paths.
+    pub fn endpoint_with_headers(&self, path: &str, has_mcp_headers: bool, has_a2a_header: bool) -> Endpoint {
+        match self.endpoint(path) {
+            Endpoint::Other if self.config.detect_by_headers && has_mcp_headers => Endpoint::Mcp,
+            Endpoint::Other if self.config.detect_by_headers && has_a2a_header => Endpoint::A2a,
+            e => e,
+        }
+    }
+
     fn call_for<'a>(
         &self,
         protocol: Protocol,
@@ -800,6 +809,11 @@ mod tests {
         assert_eq!(e.endpoint("/a2a"), Endpoint::A2a);
         assert_eq!(e.endpoint("/.well-known/agent-card.json"), Endpoint::Card);
         assert_eq!(e.endpoint("/v1/chat/completions"), Endpoint::Other);
+        assert_eq!(e.endpoint_with_headers("/v2/tools", true, false), Endpoint::Mcp);
+        assert_eq!(e.endpoint_with_headers("/agent", false, true), Endpoint::A2a);
+        assert_eq!(e.endpoint_with_headers("/mcp", false, true), Endpoint::Mcp);
+        let off = engine(json!({"detect_by_headers": false}));
+        assert_eq!(off.endpoint_with_headers("/v2/tools", true, true), Endpoint::Other);
     }
 
     #[test]

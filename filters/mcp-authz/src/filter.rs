@@ -291,7 +291,11 @@ impl HttpContext for Request {
         self.shared.borrow_mut().count("requests");
         let path = self.get_http_request_header(":path").unwrap_or_default();
         let method = self.get_http_request_header(":method").unwrap_or_default();
-        self.endpoint = self.engine.endpoint(&path);
+        let has_mcp_headers = [mcp::HEADER_METHOD, mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_SESSION_ID]
+            .iter()
+            .any(|h| self.get_http_request_header(h).is_some());
+        let has_a2a_header = self.get_http_request_header("a2a-version").is_some();
+        self.endpoint = self.engine.endpoint_with_headers(&path, has_mcp_headers, has_a2a_header);
         if self.endpoint == Endpoint::Other {
             if self.engine.config.other_paths == OtherPaths::Deny {
                 return self.error_reply(
