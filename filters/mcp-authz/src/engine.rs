@@ -1023,4 +1023,49 @@ mod tests {
         let strict = engine(json!({"policy": {"builtin_allow": ["initialize"]}}));
         assert_eq!(strict.decide_session(&anon(), "GET").reply.unwrap().status, 403);
     }
+    /// Native cost of the pure core (no Envoy): `cargo test --release -p meshwarden-mcp-authz core_cost
+    /// -- --ignored --nocapture`. Prints timings, asserts only correctness (no timed assertions).
+    #[test]
+    #[ignore]
+    fn core_cost() {
+        let mut rules: Vec<Value> = (0..46)
+            .map(|i| json!({"name": format!("team-{i}"), "effect": "allow", "methods": ["tools/call"], "targets": [format!("team{i}_*")],
+                            "identity": [{"claim": "groups", "contains": format!("team-{i}")}]}))
+            .collect();
+        rules.push(json!({"name": "no-prod", "effect": "deny", "targets": ["*"], "arguments": [{"path": "env", "equals": "prod"}]}));
+        rules.push(json!({"name": "max-limit", "effect": "deny", "targets": ["search*"], "arguments": [{"path": "options.limit", "min": 1001}]}));
+        rules.push(json!({"name": "no-etc", "effect": "deny", "targets": ["read_*"], "arguments": [{"path": "path", "regex": "^/etc/"}]}));
+        rules.push(
+            json!({"name": "readers", "effect": "allow", "methods": ["tools/call"], "targets": ["search*", "tool_0*"],
+                          "identity": [{"claim": "scope", "contains": "tools:read"}]}),
+        );
+        let e = engine(json!({"policy": {"rules": rules}}));
+        let id = Identity::from_claims(json!({"sub": "bench", "scope": "tools:read"}).as_object().unwrap().clone());
+        let mut call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "search_docs", "arguments": {"query": "", "options": {"limit": 20}, "env": "dev"}}});
+        let pad = 1024 - call.to_string().len();
+        call["params"]["arguments"]["query"] = json!("q".repeat(pad));
+        let body = call.to_string();
+        assert_eq!(body.len(), 1024);
+        let n = 20_000u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert!(e.decide_body(&id, Protocol::Mcp, &h(), body.as_bytes()).reply.is_none());
+        }
+        println!("tools/call 1 KB, 50 rules: {:?} per decision", t.elapsed() / n);
+        let tools: Vec<Value> = (0..200)
+            .map(|i| json!({"name": format!("tool_{i:03}"), "description": format!("Generated tool {i} with a description long enough to look like a real one."),
+                            "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}))
+            .collect();
+        let answer = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}).to_string();
+        let mut plan = HashMap::new();
+        plan.insert("1".to_string(), FilterKind::List(ListKind::Tools));
+        let n = 2_000u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let (_, removed) = e.filter_json_answer(&id, &plan, answer.as_bytes()).unwrap().unwrap();
+            assert_eq!(removed, 100);
+        }
+        println!("tools/list 200 tools ({} bytes), 50 rules: {:?} per answer", answer.len(), t.elapsed() / n);
+    }
 }

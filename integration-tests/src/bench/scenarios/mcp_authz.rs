@@ -75,7 +75,17 @@ pub fn scenarios() -> Vec<Scenario> {
     .header("accept", "application/json, text/event-stream")
     .header("x-user", "bench")
     .header("x-scope", "tools:read");
-    vec![call, list]
+    // The same call on a path the filter does not handle: the fixed cost of having the filter at all.
+    let mut passthrough_cfg = fifty_rule_policy();
+    passthrough_cfg["mcp_paths"] = json!(["/elsewhere"]);
+    passthrough_cfg["detect_by_headers"] = json!(false);
+    let pass =
+        Scenario::post_json("mcp-authz-tools-passthrough-1kb", "mcp-authz-bench.yaml", "/mcp", &tools_call_body(1024))
+            .plain("mcp-authz-bench-plain.yaml")
+            .var("BENCH_ANSWER", &json_string(&call_answer.to_string()))
+            .config("mcp-authz", passthrough_cfg)
+            .header("accept", "application/json, text/event-stream");
+    vec![call, list, pass]
 }
 
 #[cfg(test)]
