@@ -327,6 +327,11 @@ async fn raw_json_rpc_decisions_lists_and_bad_input() {
             .await;
         assert_eq!(m[0]["error"]["message"], "Unknown prompt: admin_prompt");
 
+        // unknown methods: the policy decides (default deny, hidden as "Method not found")
+        let (st, _, m) =
+            bob.post(&json!({"jsonrpc": "2.0", "id": 30, "method": "vendor/secretOp", "params": {}})).await;
+        assert_eq!((st, m[0]["error"]["code"].clone(), m[0]["id"].clone()), (200, json!(-32601), json!(30)));
+
         // client responses to server requests pass through (the server answers 202)
         let (st, _, _) = bob.post(&json!({"jsonrpc": "2.0", "id": "srv-1", "result": {}})).await;
         assert_eq!(st, 202);
