@@ -327,6 +327,11 @@ async fn raw_json_rpc_decisions_lists_and_bad_input() {
             .await;
         assert_eq!(m[0]["error"]["message"], "Unknown prompt: admin_prompt");
 
+        // unknown methods: the policy decides (default deny, hidden as "Method not found")
+        let (st, _, m) =
+            bob.post(&json!({"jsonrpc": "2.0", "id": 30, "method": "vendor/secretOp", "params": {}})).await;
+        assert_eq!((st, m[0]["error"]["code"].clone(), m[0]["id"].clone()), (200, json!(-32601), json!(30)));
+
         // client responses to server requests pass through (the server answers 202)
         let (st, _, _) = bob.post(&json!({"jsonrpc": "2.0", "id": "srv-1", "result": {}})).await;
         assert_eq!(st, 202);
@@ -435,6 +440,17 @@ async fn modern_requests_and_batches() {
     let (st, _, m) = post(batch, vec![old.clone()]).await;
     assert_eq!(st, 400);
     assert!(m[0]["error"]["message"].as_str().unwrap().contains("Validation error"), "the server's answer: {m:?}");
+    // an MCP request on a path missing from `mcp_paths` is recognised by its headers and still authorized
+    let resp = client()
+        .post(s.envoy.url("/unlisted/mcp"))
+        .header("x-test-user", "bob")
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(&json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "ledger_read", "arguments": {}}}))
+        .send()
+        .await
+        .unwrap();
+    let (st, _, m) = messages(resp).await;
+    assert_eq!((st, m[0]["error"]["message"].clone()), (200, json!("Unknown tool: ledger_read")));
     let st = s.envoy.stats("mcp_authz").await.unwrap();
     assert_eq!(st["meshwarden.mcp_authz.header_mismatch"], 2);
 }
@@ -533,7 +549,20 @@ async fn strict_settings_and_invalid_config() {
     let mut cfg = config(false);
     cfg["policy"]["builtin_allow"] = json!(["initialize", "notifications/*", "tools/list"]);
     cfg["other_paths"] = json!("deny");
+    cfg["max_response_bytes"] = json!(1024);
     let s = setup(cfg).await;
+    // a list answer too large to filter is withheld (fail closed), never passed through unfiltered
+    let admin = Session::open(s.envoy.url("/json/mcp"), &[("x-test-user", "root"), ("x-test-groups", "admin")]).await;
+    let (st, _, m) = admin.post(&json!({"jsonrpc": "2.0", "id": "big", "method": "tools/list"})).await;
+    assert_eq!(st, 200);
+    assert_eq!((m[0]["id"].clone(), m[0]["error"]["code"].clone()), (json!("big"), json!(-32603)), "{m:?}");
+    assert!(m[0]["error"]["message"].as_str().unwrap().contains("could not filter"), "{m:?}");
+    assert!(m[0].get("result").is_none());
+    let (_, _, m) = admin.call(json!(1), "get_weather", json!({"city": "Rome"})).await;
+    assert_eq!(
+        m["result"]["content"][0]["text"], "sunny in Rome",
+        "other answers are not filtered, whatever their size"
+    );
     let resp = client()
         .get(s.envoy.url("/mcp"))
         .header("accept", "text/event-stream")

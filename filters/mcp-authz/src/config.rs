@@ -20,6 +20,10 @@ pub struct Config {
     pub agent_card_paths: Vec<String>,
     /// What to do with requests to any other path: `pass` (not MCP traffic; untouched) or `deny` (403).
     pub other_paths: OtherPaths,
+    /// Handle a request to any other path as MCP when it carries `Mcp-Method`, `MCP-Protocol-Version` or
+    /// `Mcp-Session-Id`, and as A2A when it carries `A2A-Version`: an endpoint missing from the path lists
+    /// is still authorized instead of passing unchecked.
+    pub detect_by_headers: bool,
     pub identity: IdentityConfig,
     pub policy: PolicyConfig,
     /// One structured log line per decision.
@@ -35,6 +39,7 @@ impl Default for Config {
             a2a_paths: Vec::new(),
             agent_card_paths: meshwarden_shared::a2a::AGENT_CARD_PATHS.iter().map(|s| s.to_string()).collect(),
             other_paths: OtherPaths::Pass,
+            detect_by_headers: true,
             identity: IdentityConfig::default(),
             policy: PolicyConfig::default(),
             audit_log: true,

@@ -14,13 +14,15 @@
 
 use crate::config::{Config, DenyAnswer, Protocol};
 use crate::identity::Identity;
-use crate::policy::{Call, Decision, Policy};
+use crate::policy::{Call, Decision, Policy, View};
 use meshwarden_shared::a2a;
 use meshwarden_shared::config::glob_match;
 use meshwarden_shared::jsonrpc::{self, Message, ParseError, Payload};
 use meshwarden_shared::mcp::{self, ListKind, RequestHeaders};
 use meshwarden_shared::sse::{encode_event, SseParser};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// JSON-RPC code of the `forbid` answer (implementation-defined server error range, outside the
@@ -121,6 +123,15 @@ impl Engine {
             Endpoint::Card
         } else {
             Endpoint::Other
+        }
+    }
+
+    /// [`endpoint`](Self::endpoint), then (with `detect_by_headers`) MCP / A2A headers on other paths.
+    pub fn endpoint_with_headers(&self, path: &str, has_mcp_headers: bool, has_a2a_header: bool) -> Endpoint {
+        match self.endpoint(path) {
+            Endpoint::Other if self.config.detect_by_headers && has_mcp_headers => Endpoint::Mcp,
+            Endpoint::Other if self.config.detect_by_headers && has_a2a_header => Endpoint::A2a,
+            e => e,
         }
     }
 
@@ -450,7 +461,16 @@ impl Engine {
     /// Filter an agent card's skills (evaluated as A2A pseudo method `agent/skill` with the skill id as
     /// target); returns how many were removed.
     pub fn filter_card(&self, identity: &Identity, card: &mut Value) -> usize {
-        a2a::filter_card_skills(card, |id| self.item_visible(identity, Protocol::A2a, "agent/skill", id))
+        let view = self.policy.view(identity);
+        a2a::filter_card_skills(card, |id| {
+            view.allows(&Call {
+                protocol: Protocol::A2a,
+                method: "agent/skill",
+                method_alias: None,
+                target: Some(id),
+                arguments: None,
+            })
+        })
     }
 
     /// Filter one JSON-RPC message of an answer in place; returns the number of items removed.
@@ -467,11 +487,18 @@ impl Engine {
                 let Some(items) = result.get_mut(k.result_key()).and_then(Value::as_array_mut) else {
                     return 0;
                 };
+                let view = self.policy.view(identity);
                 let before = items.len();
                 items.retain(|item| {
-                    item.get(k.item_name_key())
-                        .and_then(Value::as_str)
-                        .is_some_and(|n| self.item_visible(identity, Protocol::Mcp, k.use_method(), n))
+                    item.get(k.item_name_key()).and_then(Value::as_str).is_some_and(|n| {
+                        view.allows(&Call {
+                            protocol: Protocol::Mcp,
+                            method: k.use_method(),
+                            method_alias: None,
+                            target: Some(n),
+                            arguments: None,
+                        })
+                    })
                 });
                 before - items.len()
             }
@@ -479,22 +506,116 @@ impl Engine {
     }
 
     /// Filter a whole JSON answer (one message or a batch answer). `Ok(None)` = unchanged; `Err` = not
-    /// JSON (the adapter fails closed).
+    /// JSON (the adapter fails closed). Only the envelope and the filtered list are parsed; every other
+    /// value is copied through as raw JSON text (no tree is built for a 200-tool answer).
     pub fn filter_json_answer(
         &self,
         identity: &Identity,
         plan: &HashMap<String, FilterKind>,
         body: &[u8],
     ) -> Result<Filtered, Unreadable> {
-        let mut v: Value = serde_json::from_slice(body).map_err(|_| Unreadable)?;
-        let removed = match &mut v {
-            Value::Array(items) => items.iter_mut().map(|m| self.filter_message(identity, plan, m)).sum(),
-            m => self.filter_message(identity, plan, m),
+        let text = std::str::from_utf8(body).map_err(|_| Unreadable)?;
+        Ok(self.filter_answer_text(identity, plan, text)?.map(|(s, n)| (s.into_bytes(), n)))
+    }
+
+    /// [`filter_json_answer`](Self::filter_json_answer) on text (also used for SSE event data).
+    pub fn filter_answer_text(
+        &self,
+        identity: &Identity,
+        plan: &HashMap<String, FilterKind>,
+        text: &str,
+    ) -> Result<Option<(String, usize)>, Unreadable> {
+        let mut view = None;
+        if text.trim_start().starts_with('[') {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|_| Unreadable)?;
+            let mut removed = 0;
+            let mut parts = Vec::with_capacity(items.len());
+            for item in items {
+                match self.filter_raw_message(identity, &mut view, plan, item)? {
+                    Some((s, n)) => {
+                        removed += n;
+                        parts.push(std::borrow::Cow::Owned(s));
+                    }
+                    None => parts.push(std::borrow::Cow::Borrowed(item.get())),
+                }
+            }
+            if removed == 0 {
+                return Ok(None);
+            }
+            return Ok(Some((format!("[{}]", parts.join(",")), removed)));
+        }
+        let raw: &RawValue = serde_json::from_str(text).map_err(|_| Unreadable)?;
+        self.filter_raw_message(identity, &mut view, plan, raw)
+    }
+
+    fn filter_raw_message<'p>(
+        &'p self,
+        identity: &Identity,
+        view: &mut Option<View<'p>>,
+        plan: &HashMap<String, FilterKind>,
+        raw: &RawValue,
+    ) -> Result<Option<(String, usize)>, Unreadable> {
+        if !raw.get().trim_start().starts_with('{') {
+            return Ok(None);
+        }
+        let fields: Vec<(Cow<'_, str>, &RawValue)> = object_fields(raw.get())?;
+        let Some(id_raw) = fields.iter().rev().find(|(k, _)| k == "id").map(|(_, v)| *v) else {
+            return Ok(None);
+        };
+        let id: Value = serde_json::from_str(id_raw.get()).map_err(|_| Unreadable)?;
+        let Some(kind) = plan.get(&id_key(&id)).copied() else {
+            return Ok(None);
+        };
+        let Some(result_raw) = fields.iter().rev().find(|(k, _)| k == "result").map(|(_, v)| *v) else {
+            return Ok(None);
+        };
+        let (new_result, removed) = match kind {
+            FilterKind::Card => {
+                let mut card: Value = serde_json::from_str(result_raw.get()).map_err(|_| Unreadable)?;
+                let n = self.filter_card(identity, &mut card);
+                (card.to_string(), n)
+            }
+            FilterKind::List(k) => {
+                if !result_raw.get().trim_start().starts_with('{') {
+                    return Ok(None);
+                }
+                let result_fields = object_fields(result_raw.get())?;
+                let Some(list_raw) = result_fields.iter().rev().find(|(f, _)| f == k.result_key()).map(|(_, v)| *v)
+                else {
+                    return Ok(None);
+                };
+                let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(list_raw.get()) else {
+                    return Ok(None);
+                };
+                let v = view.get_or_insert_with(|| self.policy.view(identity));
+                let before = items.len();
+                let kept: Vec<&str> = items
+                    .into_iter()
+                    .filter(|item| {
+                        item_name(item, k).is_some_and(|n| {
+                            v.allows(&Call {
+                                protocol: Protocol::Mcp,
+                                method: k.use_method(),
+                                method_alias: None,
+                                target: Some(&n),
+                                arguments: None,
+                            })
+                        })
+                    })
+                    .map(|i| i.get())
+                    .collect();
+                let removed = before - kept.len();
+                if removed == 0 {
+                    return Ok(None);
+                }
+                let list = format!("[{}]", kept.join(","));
+                (rebuild_object(&result_fields, k.result_key(), &list), removed)
+            }
         };
         if removed == 0 {
             return Ok(None);
         }
-        Ok(Some((v.to_string().into_bytes(), removed)))
+        Ok(Some((rebuild_object(&fields, "result", &new_result), removed)))
     }
 
     /// Filter an agent card document.
@@ -529,6 +650,79 @@ impl Engine {
     }
 }
 
+/// The fields of a JSON object as raw values, in order (duplicates kept; the last one wins on rebuild).
+fn object_fields(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, Unreadable> {
+    struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+    impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+                type Value = Fields<'a>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<Fields<'a>, M::Error> {
+                    let mut out = Vec::new();
+                    while let Some((k, v)) = m.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                        out.push((k, v));
+                    }
+                    Ok(Fields(out))
+                }
+            }
+            d.deserialize_map(V(std::marker::PhantomData))
+        }
+    }
+    serde_json::from_str::<Fields>(text).map(|f| f.0).map_err(|_| Unreadable)
+}
+
+/// Rebuild an object from raw fields, replacing `key`'s value (duplicates of `key` collapse into one).
+fn rebuild_object(fields: &[(Cow<'_, str>, &RawValue)], key: &str, value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 64);
+    out.push('{');
+    let mut first = true;
+    let mut wrote_key = false;
+    for (k, v) in fields {
+        let is_key = k == key;
+        if is_key && wrote_key {
+            continue;
+        }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&Value::String(k.to_string()).to_string());
+        out.push(':');
+        if is_key {
+            out.push_str(value);
+            wrote_key = true;
+        } else {
+            out.push_str(v.get());
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// The name of a listed item (`name`, `uri` or `uriTemplate`); `None` when missing or not a string.
+fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Item<'a> {
+        #[serde(borrow, default)]
+        name: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        uri: Option<Cow<'a, str>>,
+        #[serde(borrow, default, rename = "uriTemplate")]
+        uri_template: Option<Cow<'a, str>>,
+    }
+    let it: Item = serde_json::from_str(item.get()).ok()?;
+    match kind.item_name_key() {
+        "name" => it.name,
+        "uri" => it.uri,
+        _ => it.uri_template,
+    }
+    .map(Cow::into_owned)
+}
+
 /// Filters an SSE answer as it streams: complete events are parsed, JSON-RPC answers in the plan are
 /// filtered, every event is re-encoded; an incomplete tail is held back. Comments and `retry:` fields
 /// are dropped (only list / card answers are streamed through this).
@@ -560,15 +754,10 @@ impl SseFilter {
             events.extend(self.parser.finish());
         }
         for mut e in events {
-            if let Ok(mut v) = serde_json::from_str::<Value>(&e.data) {
-                let n = match &mut v {
-                    Value::Array(items) => items.iter_mut().map(|m| engine.filter_message(identity, plan, m)).sum(),
-                    m => engine.filter_message(identity, plan, m),
-                };
-                if n > 0 {
-                    self.removed += n;
-                    e.data = v.to_string();
-                }
+            // Events that are not JSON-RPC (or not for a filtered id) pass unchanged.
+            if let Ok(Some((data, n))) = engine.filter_answer_text(identity, plan, &e.data) {
+                self.removed += n;
+                e.data = data;
             }
             out.extend_from_slice(encode_event(&e).as_bytes());
         }
@@ -620,6 +809,11 @@ mod tests {
         assert_eq!(e.endpoint("/a2a"), Endpoint::A2a);
         assert_eq!(e.endpoint("/.well-known/agent-card.json"), Endpoint::Card);
         assert_eq!(e.endpoint("/v1/chat/completions"), Endpoint::Other);
+        assert_eq!(e.endpoint_with_headers("/v2/tools", true, false), Endpoint::Mcp);
+        assert_eq!(e.endpoint_with_headers("/agent", false, true), Endpoint::A2a);
+        assert_eq!(e.endpoint_with_headers("/mcp", false, true), Endpoint::Mcp);
+        let off = engine(json!({"detect_by_headers": false}));
+        assert_eq!(off.endpoint_with_headers("/v2/tools", true, true), Endpoint::Other);
     }
 
     #[test]
@@ -828,5 +1022,50 @@ mod tests {
         assert_eq!(e.decide_session(&anon(), "PUT").reply.unwrap().status, 405);
         let strict = engine(json!({"policy": {"builtin_allow": ["initialize"]}}));
         assert_eq!(strict.decide_session(&anon(), "GET").reply.unwrap().status, 403);
+    }
+    /// Native cost of the pure core (no Envoy): `cargo test --release -p meshwarden-mcp-authz core_cost
+    /// -- --ignored --nocapture`. Prints timings, asserts only correctness (no timed assertions).
+    #[test]
+    #[ignore]
+    fn core_cost() {
+        let mut rules: Vec<Value> = (0..46)
+            .map(|i| json!({"name": format!("team-{i}"), "effect": "allow", "methods": ["tools/call"], "targets": [format!("team{i}_*")],
+                            "identity": [{"claim": "groups", "contains": format!("team-{i}")}]}))
+            .collect();
+        rules.push(json!({"name": "no-prod", "effect": "deny", "targets": ["*"], "arguments": [{"path": "env", "equals": "prod"}]}));
+        rules.push(json!({"name": "max-limit", "effect": "deny", "targets": ["search*"], "arguments": [{"path": "options.limit", "min": 1001}]}));
+        rules.push(json!({"name": "no-etc", "effect": "deny", "targets": ["read_*"], "arguments": [{"path": "path", "regex": "^/etc/"}]}));
+        rules.push(
+            json!({"name": "readers", "effect": "allow", "methods": ["tools/call"], "targets": ["search*", "tool_0*"],
+                          "identity": [{"claim": "scope", "contains": "tools:read"}]}),
+        );
+        let e = engine(json!({"policy": {"rules": rules}}));
+        let id = Identity::from_claims(json!({"sub": "bench", "scope": "tools:read"}).as_object().unwrap().clone());
+        let mut call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "search_docs", "arguments": {"query": "", "options": {"limit": 20}, "env": "dev"}}});
+        let pad = 1024 - call.to_string().len();
+        call["params"]["arguments"]["query"] = json!("q".repeat(pad));
+        let body = call.to_string();
+        assert_eq!(body.len(), 1024);
+        let n = 20_000u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert!(e.decide_body(&id, Protocol::Mcp, &h(), body.as_bytes()).reply.is_none());
+        }
+        println!("tools/call 1 KB, 50 rules: {:?} per decision", t.elapsed() / n);
+        let tools: Vec<Value> = (0..200)
+            .map(|i| json!({"name": format!("tool_{i:03}"), "description": format!("Generated tool {i} with a description long enough to look like a real one."),
+                            "inputSchema": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}))
+            .collect();
+        let answer = json!({"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}).to_string();
+        let mut plan = HashMap::new();
+        plan.insert("1".to_string(), FilterKind::List(ListKind::Tools));
+        let n = 2_000u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let (_, removed) = e.filter_json_answer(&id, &plan, answer.as_bytes()).unwrap().unwrap();
+            assert_eq!(removed, 100);
+        }
+        println!("tools/list 200 tools ({} bytes), 50 rules: {:?} per answer", answer.len(), t.elapsed() / n);
     }
 }

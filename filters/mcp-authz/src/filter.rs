@@ -89,6 +89,9 @@ impl RootContext for Root {
             answer: Answer::Untouched,
             unreadable: false,
             replied: false,
+            decided: false,
+            body_size: 0,
+            response_size: 0,
         }))
     }
 
@@ -99,6 +102,8 @@ impl RootContext for Root {
 
 enum Answer {
     Untouched,
+    /// An answer that could not be filtered was replaced by an error: drop what is left of it.
+    Discard,
     Json,
     Sse(SseFilter),
 }
@@ -116,6 +121,12 @@ struct Request {
     /// The answer to filter is compressed or of an unknown type: it is withheld (fail closed).
     unreadable: bool,
     replied: bool,
+    /// The request body was decided (forwarded or answered).
+    decided: bool,
+    /// Request body bytes buffered so far.
+    body_size: usize,
+    /// Answer bytes buffered so far (JSON answers being filtered).
+    response_size: usize,
 }
 
 impl Context for Request {}
@@ -225,6 +236,39 @@ impl Request {
         Action::Continue
     }
 
+    fn decide_request_body(&mut self, body_size: usize) -> Action {
+        self.decided = true;
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
+        let out = self.engine.decide_body(&self.identity, protocol, &self.headers, &body);
+        self.apply(out)
+    }
+
+    /// Filter (or withhold) a buffered JSON answer.
+    fn finish_json_answer(&mut self, body_size: usize) {
+        self.answer = Answer::Untouched;
+        if self.unreadable {
+            self.fail_closed_answer(body_size, "answer is compressed or not JSON");
+            return;
+        }
+        let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let result = if self.card {
+            self.engine.filter_card_document(&self.identity, &body)
+        } else {
+            self.engine.filter_json_answer(&self.identity, &self.plan, &body)
+        };
+        match result {
+            Ok(None) => {}
+            Ok(Some((new_body, removed))) => {
+                self.shared
+                    .borrow_mut()
+                    .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
+                self.set_http_response_body(0, body_size, &new_body);
+            }
+            Err(_) => self.fail_closed_answer(body_size, "answer is not JSON"),
+        }
+    }
+
     fn fail_closed_answer(&mut self, size: usize, why: &str) {
         self.shared.borrow_mut().count("answer_filter_failed");
         log(LogLevel::Warn, &format!("meshwarden mcp_authz: answer withheld: {why}"));
@@ -247,7 +291,11 @@ impl HttpContext for Request {
         self.shared.borrow_mut().count("requests");
         let path = self.get_http_request_header(":path").unwrap_or_default();
         let method = self.get_http_request_header(":method").unwrap_or_default();
-        self.endpoint = self.engine.endpoint(&path);
+        let has_mcp_headers = [mcp::HEADER_METHOD, mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_SESSION_ID]
+            .iter()
+            .any(|h| self.get_http_request_header(h).is_some());
+        let has_a2a_header = self.get_http_request_header("a2a-version").is_some();
+        self.endpoint = self.engine.endpoint_with_headers(&path, has_mcp_headers, has_a2a_header);
         if self.endpoint == Endpoint::Other {
             if self.engine.config.other_paths == OtherPaths::Deny {
                 return self.error_reply(
@@ -309,6 +357,7 @@ impl HttpContext for Request {
         // Answers may have to be filtered: ask for them uncompressed.
         self.set_http_request_header("accept-encoding", None);
         if end_of_stream {
+            self.decided = true;
             let out = self.engine.decide_body(&self.identity, protocol, &self.headers, b"");
             return self.apply(out);
         }
@@ -323,12 +372,27 @@ impl HttpContext for Request {
             return self.error_reply(413, jsonrpc::INVALID_REQUEST, "Request body too large", "body_too_large");
         }
         if !end_of_stream {
+            self.body_size = body_size;
             return Action::Pause;
         }
-        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
-        let out = self.engine.decide_body(&self.identity, protocol, &self.headers, &body);
-        self.apply(out)
+        self.decide_request_body(body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        // A body followed by trailers never reaches `end_of_stream` in the body callback: decide here,
+        // never let it through undecided.
+        if self.replied || self.decided || !matches!(self.endpoint, Endpoint::Mcp | Endpoint::A2a) {
+            return Action::Continue;
+        }
+        self.decide_request_body(self.body_size)
+    }
+
+    fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        // Trailers end the answer without `end_of_stream` in the body callback: finish filtering here.
+        if !self.replied && matches!(self.answer, Answer::Json) {
+            self.finish_json_answer(self.response_size);
+        }
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
@@ -368,6 +432,11 @@ impl HttpContext for Request {
         }
         match std::mem::replace(&mut self.answer, Answer::Untouched) {
             Answer::Untouched => Action::Continue,
+            Answer::Discard => {
+                self.answer = Answer::Discard;
+                self.set_http_response_body(0, body_size, b"");
+                Action::Continue
+            }
             Answer::Sse(mut f) => {
                 let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
                 let out = f.feed(&self.engine, &self.identity, &self.plan, &chunk, end_of_stream);
@@ -389,32 +458,15 @@ impl HttpContext for Request {
                 self.answer = Answer::Json;
                 if body_size as u64 > self.engine.config.max_response_bytes {
                     self.fail_closed_answer(body_size, "answer too large");
-                    self.answer = Answer::Untouched;
+                    // Drop the rest of it too: nothing unfiltered may follow the error.
+                    self.answer = Answer::Discard;
                     return Action::Continue;
                 }
                 if !end_of_stream {
+                    self.response_size = body_size;
                     return Action::Pause;
                 }
-                if self.unreadable {
-                    self.fail_closed_answer(body_size, "answer is compressed or not JSON");
-                    return Action::Continue;
-                }
-                let body = self.get_http_response_body(0, body_size).unwrap_or_default();
-                let result = if self.card {
-                    self.engine.filter_card_document(&self.identity, &body)
-                } else {
-                    self.engine.filter_json_answer(&self.identity, &self.plan, &body)
-                };
-                match result {
-                    Ok(None) => {}
-                    Ok(Some((new_body, removed))) => {
-                        self.shared
-                            .borrow_mut()
-                            .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
-                        self.set_http_response_body(0, body_size, &new_body);
-                    }
-                    Err(_) => self.fail_closed_answer(body_size, "answer is not JSON"),
-                }
+                self.finish_json_answer(body_size);
                 Action::Continue
             }
         }

@@ -38,12 +38,53 @@ pub struct Decision {
     pub answer: DenyAnswer,
 }
 
+/// A glob compiled once: the common shapes (`*`, exact, `prefix*`, `*suffix`, `*part*`) avoid the general
+/// matcher, which matters when a list answer evaluates every item against every rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Glob {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    General(String),
+}
+
+impl Glob {
+    pub fn new(p: &str) -> Glob {
+        if p.contains('?') {
+            return Glob::General(p.to_string());
+        }
+        let stars = p.matches('*').count();
+        let inner = |s: &str| s.to_string();
+        match stars {
+            0 => Glob::Exact(inner(p)),
+            _ if p.chars().all(|c| c == '*') => Glob::Any,
+            1 if p.ends_with('*') => Glob::Prefix(inner(p.trim_end_matches('*'))),
+            1 if p.starts_with('*') => Glob::Suffix(inner(p.trim_start_matches('*'))),
+            2 if p.len() > 2 && p.starts_with('*') && p.ends_with('*') => Glob::Contains(inner(p.trim_matches('*'))),
+            _ => Glob::General(p.to_string()),
+        }
+    }
+
+    pub fn matches(&self, t: &str) -> bool {
+        match self {
+            Glob::Any => true,
+            Glob::Exact(e) => t == e,
+            Glob::Prefix(p) => t.starts_with(p.as_str()),
+            Glob::Suffix(s) => t.ends_with(s.as_str()),
+            Glob::Contains(c) => t.contains(c.as_str()),
+            Glob::General(g) => glob_match(g, t),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum ClaimOp {
     Equals(Value),
     OneOf(Vec<Value>),
     Contains(String),
-    Glob(String),
+    Glob(Glob),
     Present(bool),
 }
 
@@ -79,8 +120,8 @@ struct Rule {
     name: String,
     answer: Option<DenyAnswer>,
     protocol: Option<Protocol>,
-    methods: Vec<String>,
-    targets: Vec<String>,
+    methods: Vec<Glob>,
+    targets: Vec<Glob>,
     identity: Vec<ClaimMatcher>,
     arguments: Vec<ArgMatcher>,
 }
@@ -89,7 +130,7 @@ struct Rule {
 pub struct Policy {
     deny: Vec<Rule>,
     allow: Vec<Rule>,
-    builtin: Vec<String>,
+    builtin: Vec<Glob>,
     default: Effect,
     deny_answer: DenyAnswer,
 }
@@ -190,7 +231,7 @@ fn compile_claim(path: &str, c: &ClaimMatcherConfig) -> Result<ClaimMatcher, Con
             c.equals.clone().map(ClaimOp::Equals),
             c.one_of.clone().map(ClaimOp::OneOf),
             c.contains.clone().map(ClaimOp::Contains),
-            c.glob.clone().map(ClaimOp::Glob),
+            c.glob.as_deref().map(|g| ClaimOp::Glob(Glob::new(g))),
             c.present.map(ClaimOp::Present),
         ],
         "equals, one_of, contains, glob, present",
@@ -265,8 +306,8 @@ impl Policy {
                 name: r.name.clone(),
                 answer: r.answer,
                 protocol: r.protocol,
-                methods: r.methods.clone(),
-                targets: r.targets.clone(),
+                methods: r.methods.iter().map(|g| Glob::new(g)).collect(),
+                targets: r.targets.iter().map(|g| Glob::new(g)).collect(),
                 identity,
                 arguments,
             };
@@ -278,7 +319,7 @@ impl Policy {
         Ok(Policy {
             deny,
             allow,
-            builtin: cfg.builtin_allow.clone(),
+            builtin: cfg.builtin_allow.iter().map(|g| Glob::new(g)).collect(),
             default: cfg.default,
             deny_answer: cfg.deny_answer,
         })
@@ -292,34 +333,70 @@ impl Policy {
         self.deny.len() + self.allow.len()
     }
 
+    /// The rules whose identity matchers hold for `id` (computed once per request or list answer).
+    pub fn view<'p>(&'p self, id: &Identity) -> View<'p> {
+        View {
+            policy: self,
+            deny: self.deny.iter().filter(|r| r.identity.iter().all(|m| m.matches(id))).collect(),
+            allow: self.allow.iter().filter(|r| r.identity.iter().all(|m| m.matches(id))).collect(),
+        }
+    }
+
     pub fn evaluate(&self, id: &Identity, call: &Call) -> Decision {
+        self.view(id).evaluate(call)
+    }
+}
+
+/// A policy seen by one identity.
+#[derive(Debug)]
+pub struct View<'p> {
+    policy: &'p Policy,
+    deny: Vec<&'p Rule>,
+    allow: Vec<&'p Rule>,
+}
+
+impl View<'_> {
+    pub fn evaluate(&self, call: &Call) -> Decision {
+        let p = self.policy;
         let listing = call.arguments.is_none();
         for r in &self.deny {
             if listing && !r.arguments.is_empty() {
                 continue;
             }
-            if r.matches(id, call) {
-                return Decision { allowed: false, rule: r.name.clone(), answer: r.answer.unwrap_or(self.deny_answer) };
+            if r.matches_call(call) {
+                return Decision { allowed: false, rule: r.name.clone(), answer: r.answer.unwrap_or(p.deny_answer) };
             }
         }
         for r in &self.allow {
-            if r.matches(id, call) {
-                return Decision { allowed: true, rule: r.name.clone(), answer: self.deny_answer };
+            if r.matches_call(call) {
+                return Decision { allowed: true, rule: r.name.clone(), answer: p.deny_answer };
             }
         }
-        if self.builtin.iter().any(|g| method_matches(g, call)) {
-            return Decision { allowed: true, rule: "builtin".into(), answer: self.deny_answer };
+        if p.builtin.iter().any(|g| method_matches(g, call)) {
+            return Decision { allowed: true, rule: "builtin".into(), answer: p.deny_answer };
         }
-        Decision { allowed: self.default == Effect::Allow, rule: "default".into(), answer: self.deny_answer }
+        Decision { allowed: p.default == Effect::Allow, rule: "default".into(), answer: p.deny_answer }
+    }
+
+    /// Only whether the call is allowed (no rule name allocated): the list-filtering hot path.
+    pub fn allows(&self, call: &Call) -> bool {
+        let listing = call.arguments.is_none();
+        if self.deny.iter().any(|r| (!listing || r.arguments.is_empty()) && r.matches_call(call)) {
+            return false;
+        }
+        self.allow.iter().any(|r| r.matches_call(call))
+            || self.policy.builtin.iter().any(|g| method_matches(g, call))
+            || self.policy.default == Effect::Allow
     }
 }
 
-fn method_matches(glob: &str, call: &Call) -> bool {
-    glob_match(glob, call.method) || call.method_alias.is_some_and(|a| glob_match(glob, a))
+fn method_matches(glob: &Glob, call: &Call) -> bool {
+    glob.matches(call.method) || call.method_alias.is_some_and(|a| glob.matches(a))
 }
 
 impl Rule {
-    fn matches(&self, id: &Identity, call: &Call) -> bool {
+    /// Everything but the identity matchers (see [`Policy::view`]).
+    fn matches_call(&self, call: &Call) -> bool {
         if self.protocol.is_some_and(|p| p != call.protocol) {
             return false;
         }
@@ -328,12 +405,9 @@ impl Rule {
         }
         if !self.targets.is_empty() {
             match call.target {
-                Some(t) if self.targets.iter().any(|g| glob_match(g, t)) => {}
+                Some(t) if self.targets.iter().any(|g| g.matches(t)) => {}
                 _ => return false,
             }
-        }
-        if !self.identity.iter().all(|m| m.matches(id)) {
-            return false;
         }
         match call.arguments {
             // Listing: argument matchers are satisfiable by some call.
@@ -367,8 +441,8 @@ impl ClaimMatcher {
                 _ => false,
             },
             ClaimOp::Glob(g) => match v {
-                Some(Value::Array(items)) => items.iter().any(|i| scalar_string(i).is_some_and(|s| glob_match(g, &s))),
-                Some(other) => scalar_string(other).is_some_and(|s| glob_match(g, &s)),
+                Some(Value::Array(items)) => items.iter().any(|i| scalar_string(i).is_some_and(|s| g.matches(&s))),
+                Some(other) => scalar_string(other).is_some_and(|s| g.matches(&s)),
                 None => false,
             },
         }
@@ -515,6 +589,18 @@ mod tests {
         assert_eq!(p.evaluate(&anon, &as_mcp).rule, "default");
         let open = policy(json!({"default": "allow", "builtin_allow": []}));
         assert!(open.evaluate(&anon, &tool("x", &Value::Null)).allowed);
+    }
+
+    #[test]
+    fn compiled_globs_agree_with_the_general_matcher() {
+        let pats = ["*", "**", "", "abc", "abc*", "*abc", "*b*", "a*c", "a?c", "*a*b*", "tools/*", "é*"];
+        let texts = ["", "abc", "abcd", "xabc", "xbx", "aXc", "ab", "tools/call", "éa", "a*b"];
+        for p in pats {
+            let g = Glob::new(p);
+            for t in texts {
+                assert_eq!(g.matches(t), glob_match(p, t), "{p:?} vs {t:?} ({g:?})");
+            }
+        }
     }
 
     #[test]

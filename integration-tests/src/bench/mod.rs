@@ -23,6 +23,12 @@ pub struct Scenario {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// Template for the plain (baseline) Envoy; `plain.yaml` when `None`. A scenario whose filtered
+    /// template has its own upstream (e.g. an Envoy internal listener answering a canned body) gives a
+    /// baseline with the same upstream and no filter.
+    pub plain_template: Option<String>,
+    /// Extra template placeholders for both Envoys (`EnvoyBuilder::var`).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Scenario {
@@ -35,7 +41,20 @@ impl Scenario {
             path: path.to_string(),
             headers: vec![("content-type".to_string(), "application/json".to_string())],
             body: body.to_string(),
+            plain_template: None,
+            vars: Vec::new(),
         }
+    }
+
+    /// The baseline template (see [`Scenario::plain_template`]).
+    pub fn plain(mut self, template: &str) -> Scenario {
+        self.plain_template = Some(template.to_string());
+        self
+    }
+
+    pub fn var(mut self, name: &str, value: &str) -> Scenario {
+        self.vars.push((name.to_string(), value.to_string()));
+        self
     }
 
     pub fn config(mut self, filter: &str, config: Value) -> Scenario {

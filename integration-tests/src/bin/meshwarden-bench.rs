@@ -24,9 +24,12 @@ fn wrk(url: &str, script: &std::path::Path, connections: u32, seconds: u64) -> R
     Ok(parse_wrk(&String::from_utf8_lossy(&out.stdout)))
 }
 
-async fn start(template: &str, s: Option<&Scenario>, upstream: u16) -> Result<Envoy> {
+async fn start(template: &str, s: &Scenario, filtered: bool, upstream: u16) -> Result<Envoy> {
     let mut b = EnvoyBuilder::new(template).upstream_port(upstream).concurrency(1).log_level("warn");
-    if let Some(s) = s {
+    for (k, v) in &s.vars {
+        b = b.var(k, v.clone());
+    }
+    if filtered {
         for (f, c) in &s.configs {
             b = b.filter_config(f, c);
         }
@@ -74,8 +77,8 @@ async fn main() -> Result<()> {
         eprintln!("==> {} ({}s per run)", s.name, seconds);
         let script = dir.path().join(format!("{}.lua", s.name));
         std::fs::write(&script, wrk_script(&s))?;
-        let plain = start("plain.yaml", None, mock.port()).await?;
-        let filtered = start(&s.template, Some(&s), mock.port()).await?;
+        let plain = start(s.plain_template.as_deref().unwrap_or("plain.yaml"), &s, false, mock.port()).await?;
+        let filtered = start(&s.template, &s, true, mock.port()).await?;
         let (pu, fu) = (plain.url(""), filtered.url(""));
         // Warm up both (V8 compiles lazily; connection pools fill).
         wrk(&pu, &script, 1, 1)?;
