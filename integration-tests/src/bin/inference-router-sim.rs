@@ -1,3 +1,6 @@
+// Benchmark tooling, not shipped code: indices are bounded by construction (modulo lengths, fixed arrays).
+#![allow(clippy::indexing_slicing)]
+
 //! The inference-router simulation benchmark: 8 simulated vLLM-like servers (heterogeneous speeds)
 //! behind real Envoy, the same open-loop request sequence sent through Envoy `ROUND_ROBIN`, Envoy
 //! `LEAST_REQUEST` and inference-router (with the real sidecar), side by side in one run.
