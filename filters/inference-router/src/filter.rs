@@ -288,8 +288,13 @@ impl Request {
     fn decide(&mut self, body: &[u8]) -> Action {
         self.decided = true;
         let cfg = &self.shared.config;
+        let t0 = hostcalls::get_current_time().ok();
         let req = features(cfg, &self.path, body, self.priority);
         let decision = self.shared.picker.borrow_mut().pick(&req, now_ms());
+        if let (Some(t0), Ok(t1)) = (t0, hostcalls::get_current_time()) {
+            let us = t1.duration_since(t0).map_or(0, |d| d.as_micros() as u64);
+            self.shared.metrics.borrow_mut().histogram(&format!("{P}.decision_us"), us);
+        }
         if let Some(m) = req.model.as_deref() {
             self.set_http_request_header(&cfg.model_header, Some(m));
         }

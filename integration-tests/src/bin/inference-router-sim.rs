@@ -355,6 +355,7 @@ struct Args {
     load: f64,
     workloads: String,
     scrape_bench: bool,
+    decision_bench: bool,
     endpoints: usize,
     policies: String,
     router_config: Value,
@@ -367,6 +368,7 @@ fn parse_args() -> Result<Args> {
         load: 0.7,
         workloads: "abc".into(),
         scrape_bench: false,
+        decision_bench: false,
         endpoints: 64,
         policies: "rli".into(),
         router_config: json!({}),
@@ -379,6 +381,7 @@ fn parse_args() -> Result<Args> {
             "--load" => a.load = it.next().context("--load F")?.parse()?,
             "--workloads" => a.workloads = it.next().context("--workloads abc")?,
             "--scrape-bench" => a.scrape_bench = true,
+            "--decision-bench" => a.decision_bench = true,
             "--endpoints" => a.endpoints = it.next().context("--endpoints N")?.parse()?,
             "--policies" => a.policies = it.next().context("--policies rli")?,
             "--router-config" => a.router_config = serde_json::from_str(&it.next().context("--router-config JSON")?)?,
@@ -438,6 +441,58 @@ async fn scrape_bench(n: usize) -> Result<()> {
     println!("| RSS | {:.1} MB | <= 30 MB |", rss as f64 / 1024.0);
     println!("| /metrics page size per endpoint | {} bytes | |", page.len());
     println!("| snapshot body size | {} bytes | |", snap.len());
+    Ok(())
+}
+
+/// The routing decision measured inside the filter (wasm under V8): 16 endpoints, 16 KB prompts.
+async fn decision_bench() -> Result<()> {
+    let mut sims = Vec::new();
+    for id in 0..16 {
+        let fast =
+            SimConfig { prefill_us_per_token: 0.0, decode_step_us: 200.0, decode_us_per_seq: 0.0, ..sim_config(id) };
+        sims.push(SimServer::start(fast).await?);
+    }
+    let addrs: Vec<_> = sims.iter().map(|s| s.addr).collect();
+    let eps: Vec<String> = sims.iter().map(|s| s.endpoint()).collect();
+    let pools = pools_config_file("bench", &eps, json!({}))?;
+    let sc = Sidecar::start(&["--pools-config", &pools.path().display().to_string()])?;
+    let envoy = EnvoyBuilder::new("inference-router-pool.yaml")
+        .filter_config("inference-router", &json!({"pool": "bench"}))
+        .var("POOL_LB_ENDPOINTS", lb_endpoints_yaml(&addrs))
+        .var("SIDECAR_PORT", sc.port().to_string())
+        .start()
+        .await?;
+    wait_router_ready(&sc, &envoy, sims.len()).await?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let tenants: Vec<String> = (0..64).map(|t| text(&mut Rng(1000 + t), 12 * 1024)).collect();
+    let mut rng = Rng(7);
+    let n = 2000;
+    for i in 0..n {
+        let body = json!({"model": format!("lora-{}", i % 32), "max_tokens": 1, "messages": [
+            {"role":"system","content": tenants[i % 64]}, {"role":"user","content": text(&mut rng, 4 * 1024)}]});
+        let r = http.post(envoy.url("/v1/chat/completions")).json(&body).send().await?;
+        anyhow::ensure!(r.status() == 200, "status {}", r.status());
+        let _ = r.bytes().await?;
+    }
+    let text = http.get(envoy.admin_url("/stats?filter=decision_us")).send().await?.text().await?;
+    let scored = envoy.stat("meshwarden.inference_router.routed.scored").await?;
+    println!(
+        "## Routing decision inside Envoy (wasm, V8): 16 endpoints, 16 KB bodies, {n} requests ({scored} scored)
+"
+    );
+    for line in text.lines().filter(|l| l.contains("decision_us") && l.contains("P50")) {
+        // Envoy prints `P50(interval,cumulative)`; the cumulative values are the whole run.
+        let cumulative: Vec<String> = line
+            .split_whitespace()
+            .filter(|t| ["P25(", "P50(", "P90(", "P99(", "P100("].iter().any(|p| t.starts_with(p)))
+            .map(|t| {
+                let name = t.split('(').next().unwrap_or("");
+                let val = t.trim_end_matches(')').split(',').nth(1).unwrap_or("?");
+                format!("{name} {val} µs")
+            })
+            .collect();
+        println!("decision_us: {}", cumulative.join(", "));
+    }
     Ok(())
 }
 
@@ -509,6 +564,9 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     if args.scrape_bench {
         return scrape_bench(args.endpoints).await;
+    }
+    if args.decision_bench {
+        return decision_bench().await;
     }
     println!(
         "# inference-router simulation benchmark\n\n8 simulated servers, speeds {SPEEDS:?}; warm-up {} s (excluded), measured {} s per run; load {:.0}% of cache-less capacity",
