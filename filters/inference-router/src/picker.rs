@@ -100,6 +100,8 @@ pub struct Picker {
     locals: HashMap<String, Local>,
     /// Clock of the decision in progress.
     now_ms: u64,
+    /// Requests in flight per endpoint across all workers of this proxy (from the adapter).
+    global_inflight: HashMap<String, u32>,
 }
 
 /// Per-candidate scorer values, for tests and debugging.
@@ -114,7 +116,14 @@ pub struct Scores {
 
 impl Picker {
     pub fn new(cfg: PickerConfig) -> Self {
-        Self { cfg, snapshot: None, confirmed_ms: 0, locals: HashMap::new(), now_ms: 0 }
+        Self {
+            cfg,
+            snapshot: None,
+            confirmed_ms: 0,
+            locals: HashMap::new(),
+            now_ms: 0,
+            global_inflight: HashMap::new(),
+        }
     }
 
     pub fn snapshot_version(&self) -> Option<u64> {
@@ -149,11 +158,17 @@ impl Picker {
         self.locals.get(endpoint).map_or(0, |l| l.picks.iter().rev().take_while(|t| **t >= since).count() as u32)
     }
 
+    /// Requests in flight per endpoint across every worker of this proxy, when the adapter shares them.
+    pub fn set_global_inflight(&mut self, counts: HashMap<String, u32>) {
+        self.global_inflight = counts;
+    }
+
     /// Outstanding requests on an endpoint: what the server reported plus own picks it may not show
-    /// yet, and never less than this proxy's own requests in flight there.
+    /// yet, and never less than this proxy's own requests in flight there (all workers when known).
     fn load(&self, e: &EndpointState) -> f64 {
         let reported = f64::from(e.waiting) + f64::from(e.running) + f64::from(self.pending(&e.address));
-        reported.max(f64::from(self.inflight(&e.address)))
+        let own = self.inflight(&e.address).max(self.global_inflight.get(&e.address).copied().unwrap_or(0));
+        reported.max(f64::from(own))
     }
 
     /// The request to `endpoint` finished (any outcome).
@@ -373,6 +388,16 @@ mod tests {
         let first = route(&p.pick(&RequestFeatures::default(), 1010)).0.to_string();
         let second = route(&p.pick(&RequestFeatures::default(), 1010)).0.to_string();
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn other_workers_in_flight_counts_floor_the_load() {
+        // The metrics say both are idle, but the other workers have 3 requests in flight on a.
+        let mut p = picker(vec![ep("a:1", 0, 0, 0.1), ep("b:1", 0, 0, 0.1)]);
+        p.set_global_inflight([("a:1".to_string(), 3)].into_iter().collect());
+        for _ in 0..2 {
+            assert_eq!(route(&p.pick(&RequestFeatures::default(), 1010)).0, "b:1");
+        }
     }
 
     #[test]
