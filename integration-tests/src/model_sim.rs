@@ -255,8 +255,13 @@ pub struct SimServer {
 }
 
 impl SimServer {
+    /// Start on a free loopback port.
     pub async fn start(cfg: SimConfig) -> anyhow::Result<SimServer> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse()?, cfg).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, cfg: SimConfig) -> anyhow::Result<SimServer> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let engine = Engine {
             cfg: cfg.clone(),

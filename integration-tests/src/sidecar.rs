@@ -95,6 +95,11 @@ impl Sidecar {
         self.addr.port()
     }
 
+    /// Process id (for CPU / RSS measurements).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }

@@ -32,6 +32,9 @@ pub struct Config {
     /// Model names that are base models (never LoRA adapters), in addition to the `model_name`s the
     /// servers report.
     pub base_models: Vec<String>,
+    /// Own picks younger than this are added to an endpoint's reported load (the metrics lag behind
+    /// by up to scrape interval + refresh interval).
+    pub pending_window_ms: u64,
     /// Largest request body inspected for `model` and the prompt; larger bodies are routed on load only.
     pub max_body_bytes: u64,
 }
@@ -52,6 +55,7 @@ impl Default for Config {
             default_priority: 0,
             fallback: Fallback::LeastInFlight,
             base_models: Vec::new(),
+            pending_window_ms: 150,
             max_body_bytes: 1 << 20,
         }
     }
@@ -83,7 +87,7 @@ impl SidecarConfig {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Weights {
-    /// Outstanding requests (waiting + running + own picks since the last snapshot), min-max normalised.
+    /// Outstanding requests (waiting + running + own recent picks, at least own in-flight), min-max normalised.
     pub queue: f64,
     /// 1 - KV-cache utilisation.
     pub kv: f64,
@@ -182,6 +186,7 @@ impl Validate for Config {
         check_range("prefix.block_chars", self.prefix.block_chars, 8, 4096)?;
         check_range("prefix.max_blocks", self.prefix.max_blocks, 0, 4096)?;
         check_range("prefix.lru_blocks_per_endpoint", self.prefix.lru_blocks_per_endpoint, 0, 1 << 20)?;
+        check_range("pending_window_ms", self.pending_window_ms, 0, 60_000)?;
         check_header("destination_header", &self.destination_header)?;
         check_header("model_header", &self.model_header)?;
         check_header("priority_header", &self.priority_header)?;

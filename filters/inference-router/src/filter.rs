@@ -75,6 +75,53 @@ struct Root {
     fail_log: Option<LogThrottle>,
 }
 
+fn inflight_key(pool: &str) -> String {
+    format!("meshwarden.inference_router.inflight.{pool}")
+}
+
+/// Shared in-flight counts: `addr count` lines.
+fn parse_inflight(data: &[u8]) -> HashMap<String, u32> {
+    let text = std::str::from_utf8(data).unwrap_or("");
+    text.lines()
+        .filter_map(|l| {
+            let (a, n) = l.rsplit_once(' ')?;
+            Some((a.to_string(), n.parse().ok()?))
+        })
+        .collect()
+}
+
+fn read_inflight(pool: &str) -> HashMap<String, u32> {
+    match hostcalls::get_shared_data(&inflight_key(pool)) {
+        Ok((Some(d), _)) => parse_inflight(&d),
+        _ => HashMap::new(),
+    }
+}
+
+/// Add `delta` to `addr`'s shared in-flight count (compare-and-swap, a few retries; a lost update only
+/// skews one count until the request completes).
+fn adjust_inflight(pool: &str, addr: &str, delta: i64) {
+    let key = inflight_key(pool);
+    for _ in 0..8 {
+        let (data, cas) = match hostcalls::get_shared_data(&key) {
+            Ok((d, c)) => (d.unwrap_or_default(), c),
+            Err(_) => return,
+        };
+        let mut m = parse_inflight(&data);
+        let n = i64::from(m.get(addr).copied().unwrap_or(0)) + delta;
+        if n > 0 {
+            m.insert(addr.to_string(), u32::try_from(n).unwrap_or(u32::MAX));
+        } else {
+            m.remove(addr);
+        }
+        let text: String = m.iter().map(|(a, n)| format!("{a} {n}\n")).collect();
+        match hostcalls::set_shared_data(&key, Some(text.as_bytes()), cas) {
+            Ok(()) => return,
+            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
 fn key(pool: &str) -> String {
     format!("meshwarden.inference_router.snapshot.{pool}")
 }
@@ -288,8 +335,17 @@ impl Request {
     fn decide(&mut self, body: &[u8]) -> Action {
         self.decided = true;
         let cfg = &self.shared.config;
+        let t0 = hostcalls::get_current_time().ok();
         let req = features(cfg, &self.path, body, self.priority);
-        let decision = self.shared.picker.borrow_mut().pick(&req, now_ms());
+        let decision = {
+            let mut picker = self.shared.picker.borrow_mut();
+            picker.set_global_inflight(read_inflight(&cfg.pool));
+            picker.pick(&req, now_ms())
+        };
+        if let (Some(t0), Ok(t1)) = (t0, hostcalls::get_current_time()) {
+            let us = t1.duration_since(t0).map_or(0, |d| d.as_micros() as u64);
+            self.shared.metrics.borrow_mut().histogram(&format!("{P}.decision_us"), us);
+        }
         if let Some(m) = req.model.as_deref() {
             self.set_http_request_header(&cfg.model_header, Some(m));
         }
@@ -297,6 +353,7 @@ impl Request {
         match decision {
             Decision::Route { endpoint, reason, prefix_hit_blocks } => {
                 self.set_http_request_header(&cfg.destination_header, Some(&endpoint));
+                adjust_inflight(&cfg.pool, &endpoint, 1);
                 self.shared.count(&format!("routed.{}", reason.as_str()), 1);
                 self.shared.count("prefix_hit_blocks", prefix_hit_blocks as u64);
                 self.endpoint = Some(endpoint);
@@ -388,6 +445,7 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         self.shared.held.borrow_mut().remove(&self.id);
         if let Some(e) = self.endpoint.take() {
+            adjust_inflight(&self.shared.config.pool, &e, -1);
             self.shared.picker.borrow_mut().done(&e);
         }
     }

@@ -9,7 +9,7 @@
 use crate::config::{Config, Fallback, Saturation, Weights};
 use crate::prefix::{hash_bytes, BlockLru};
 use meshwarden_shared::endpoints::{EndpointState, PoolSnapshot};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// What the picker needs from a request.
 #[derive(Debug, Clone, Default)]
@@ -59,8 +59,9 @@ pub enum Decision {
 #[derive(Debug, Default, Clone)]
 struct Local {
     lru: BlockLru,
-    /// Picks since the last snapshot confirmation (not yet visible in the server's metrics).
-    pending: u32,
+    /// Times of recent picks: those within `pending_window_ms` may not be visible in the server's
+    /// metrics yet (scrape + publish + refresh lag) and are added to its load.
+    picks: VecDeque<u64>,
     /// Requests this proxy has in flight to the endpoint.
     inflight: u32,
 }
@@ -73,6 +74,7 @@ pub struct PickerConfig {
     pub max_snapshot_age_ms: u64,
     pub fallback: Fallback,
     pub base_models: Vec<String>,
+    pub pending_window_ms: u64,
 }
 
 impl From<&Config> for PickerConfig {
@@ -84,6 +86,7 @@ impl From<&Config> for PickerConfig {
             max_snapshot_age_ms: c.max_snapshot_age_ms,
             fallback: c.fallback,
             base_models: c.base_models.clone(),
+            pending_window_ms: c.pending_window_ms,
         }
     }
 }
@@ -95,6 +98,10 @@ pub struct Picker {
     /// When the sidecar last confirmed the snapshot (200 or 304), host clock in ms.
     confirmed_ms: u64,
     locals: HashMap<String, Local>,
+    /// Clock of the decision in progress.
+    now_ms: u64,
+    /// Requests in flight per endpoint across all workers of this proxy (from the adapter).
+    global_inflight: HashMap<String, u32>,
 }
 
 /// Per-candidate scorer values, for tests and debugging.
@@ -109,7 +116,14 @@ pub struct Scores {
 
 impl Picker {
     pub fn new(cfg: PickerConfig) -> Self {
-        Self { cfg, snapshot: None, confirmed_ms: 0, locals: HashMap::new() }
+        Self {
+            cfg,
+            snapshot: None,
+            confirmed_ms: 0,
+            locals: HashMap::new(),
+            now_ms: 0,
+            global_inflight: HashMap::new(),
+        }
     }
 
     pub fn snapshot_version(&self) -> Option<u64> {
@@ -120,8 +134,7 @@ impl Picker {
         self.snapshot.as_ref().map(|_| now_ms.saturating_sub(self.confirmed_ms))
     }
 
-    /// A new snapshot (or the same one confirmed again, `304`) as of `confirmed_ms`. Own picks since
-    /// the previous confirmation are now visible in the server metrics, so they are forgotten.
+    /// A new snapshot (or the same one confirmed again, `304`) as of `confirmed_ms`.
     pub fn update(&mut self, snapshot: Option<PoolSnapshot>, confirmed_ms: u64) {
         if confirmed_ms < self.confirmed_ms {
             return; // an older answer arriving late
@@ -137,9 +150,25 @@ impl Picker {
             self.snapshot = Some(s);
         }
         self.confirmed_ms = confirmed_ms;
-        for l in self.locals.values_mut() {
-            l.pending = 0;
-        }
+    }
+
+    /// Own picks of `endpoint` that the server's metrics may not show yet.
+    fn pending(&self, endpoint: &str) -> u32 {
+        let since = self.now_ms.saturating_sub(self.cfg.pending_window_ms);
+        self.locals.get(endpoint).map_or(0, |l| l.picks.iter().rev().take_while(|t| **t >= since).count() as u32)
+    }
+
+    /// Requests in flight per endpoint across every worker of this proxy, when the adapter shares them.
+    pub fn set_global_inflight(&mut self, counts: HashMap<String, u32>) {
+        self.global_inflight = counts;
+    }
+
+    /// Outstanding requests on an endpoint: what the server reported plus own picks it may not show
+    /// yet, and never less than this proxy's own requests in flight there (all workers when known).
+    fn load(&self, e: &EndpointState) -> f64 {
+        let reported = f64::from(e.waiting) + f64::from(e.running) + f64::from(self.pending(&e.address));
+        let own = self.inflight(&e.address).max(self.global_inflight.get(&e.address).copied().unwrap_or(0));
+        reported.max(f64::from(own))
     }
 
     /// The request to `endpoint` finished (any outcome).
@@ -163,7 +192,7 @@ impl Picker {
     }
 
     fn saturated(&self, e: &EndpointState) -> bool {
-        let pending = self.locals.get(&e.address).map_or(0, |l| l.pending);
+        let pending = self.pending(&e.address);
         e.fresh
             && (e.waiting.saturating_add(pending) > self.cfg.saturation.queue
                 || f64::from(e.kv) > self.cfg.saturation.kv)
@@ -171,6 +200,7 @@ impl Picker {
 
     /// Pick an endpoint and record the pick (prefix index, pending and in-flight counts).
     pub fn pick(&mut self, req: &RequestFeatures, now_ms: u64) -> Decision {
+        self.now_ms = now_ms;
         let key = tiebreak_key(req);
         let decision = self.decide(req, key, now_ms);
         if let Decision::Route { endpoint, .. } = &decision {
@@ -180,7 +210,11 @@ impl Picker {
                 .entry(endpoint.clone())
                 .or_insert_with(|| Local { lru: BlockLru::new(cap), ..Default::default() });
             l.lru.insert_all(&req.blocks);
-            l.pending = l.pending.saturating_add(1);
+            l.picks.push_back(now_ms);
+            let since = now_ms.saturating_sub(self.cfg.pending_window_ms);
+            while l.picks.front().is_some_and(|t| *t < since) || l.picks.len() > 4096 {
+                l.picks.pop_front();
+            }
             l.inflight = l.inflight.saturating_add(1);
         }
         decision
@@ -257,13 +291,7 @@ impl Picker {
     pub fn score(&self, cands: &[&EndpointState], req: &RequestFeatures, adapter: bool, key: u64) -> Vec<Scores> {
         let w = self.cfg.weights;
         let wsum = (w.queue + w.kv + w.lora + w.prefix).max(f64::MIN_POSITIVE);
-        let loads: Vec<f64> = cands
-            .iter()
-            .map(|e| {
-                let pending = self.locals.get(&e.address).map_or(0, |l| l.pending);
-                f64::from(e.waiting) + f64::from(e.running) + f64::from(pending)
-            })
-            .collect();
+        let loads: Vec<f64> = cands.iter().map(|e| self.load(e)).collect();
         let min = loads.iter().copied().fold(f64::INFINITY, f64::min);
         let max = loads.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let model = req.model.as_deref().unwrap_or("");
@@ -360,6 +388,16 @@ mod tests {
         let first = route(&p.pick(&RequestFeatures::default(), 1010)).0.to_string();
         let second = route(&p.pick(&RequestFeatures::default(), 1010)).0.to_string();
         assert_ne!(first, second);
+    }
+
+    #[test]
+    fn other_workers_in_flight_counts_floor_the_load() {
+        // The metrics say both are idle, but the other workers have 3 requests in flight on a.
+        let mut p = picker(vec![ep("a:1", 0, 0, 0.1), ep("b:1", 0, 0, 0.1)]);
+        p.set_global_inflight([("a:1".to_string(), 3)].into_iter().collect());
+        for _ in 0..2 {
+            assert_eq!(route(&p.pick(&RequestFeatures::default(), 1010)).0, "b:1");
+        }
     }
 
     #[test]

@@ -71,18 +71,39 @@ pub fn block_hashes(text: &[u8], block: usize, max_blocks: usize) -> Vec<u64> {
     out
 }
 
+/// Block hashes are already well mixed 64-bit values: hashing them again (SipHash) would be the
+/// dominant cost of scoring. This hasher passes a `u64` key through.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThroughHasher(u64);
+
+impl std::hash::Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(K);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type BlockMap = HashMap<u64, u64, std::hash::BuildHasherDefault<PassThroughHasher>>;
+
 /// Recently served block hashes of one endpoint, least recently used evicted. Eviction is amortised:
 /// when the map grows 25% over capacity, the oldest entries are dropped in one pass.
 #[derive(Debug, Default, Clone)]
 pub struct BlockLru {
-    stamps: HashMap<u64, u64>,
+    stamps: BlockMap,
     clock: u64,
     capacity: usize,
 }
 
 impl BlockLru {
     pub fn new(capacity: usize) -> Self {
-        Self { stamps: HashMap::new(), clock: 0, capacity }
+        Self { stamps: BlockMap::default(), clock: 0, capacity }
     }
 
     pub fn len(&self) -> usize {

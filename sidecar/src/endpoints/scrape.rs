@@ -104,7 +104,8 @@ async fn run_pool(state: Arc<AppState>, pool: PoolConfig, metrics: ScrapeMetrics
     let mut resolved: HashMap<String, BTreeSet<String>> = HashMap::new();
     let mut next_resolve = Instant::now();
     let stale_after = Duration::from_millis(pool.stale_after_ms);
-    let mut tick = tokio::time::interval(Duration::from_millis(pool.scrape_interval_ms));
+    // Publish at twice the scrape rate so a scrape waits at most half an interval to be served.
+    let mut tick = tokio::time::interval(Duration::from_millis((pool.scrape_interval_ms / 2).max(5)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
