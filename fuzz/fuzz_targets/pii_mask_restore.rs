@@ -1,0 +1,32 @@
+//! Property: restore(mask(x)) == x for any text, whatever the network cuts the masked answer into, and
+//! no value detected in x survives masking.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use meshwarden_shared::config::parse_config;
+use pii_redactor::config::Config;
+use pii_redactor::engine::{Engine, MaskState};
+use pii_redactor::restore::{RawStream, Restorer};
+use std::sync::OnceLock;
+
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| Engine::new(&parse_config::<Config>(b"{}").expect("default config")))
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&cut_seed, rest)) = data.split_first() else { return };
+    let Ok(x) = std::str::from_utf8(rest) else { return };
+    let mut st = MaskState::default();
+    st.reserve_lookalikes(x.as_bytes());
+    let masked = st.mask(engine(), x.as_bytes()).unwrap_or_else(|| x.as_bytes().to_vec());
+    if !st.rejected.is_empty() {
+        return;
+    }
+    let cut = usize::from(cut_seed) * masked.len() / 256;
+    let mut r = Restorer::new(st.restore.clone(), None);
+    let mut s = RawStream::default();
+    let (a, b) = masked.split_at(cut);
+    let mut out = s.feed(&mut r, a, false);
+    out.extend(s.feed(&mut r, b, true));
+    assert_eq!(out, x.as_bytes(), "restore(mask(x)) != x");
+});
