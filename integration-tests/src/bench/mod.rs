@@ -23,6 +23,9 @@ pub struct Scenario {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// Start a `meshwarden-sidecar` with these flags for the filtered Envoy (its port fills
+    /// `{{SIDECAR_PORT}}`); `None` = no sidecar.
+    pub sidecar_args: Option<Vec<String>>,
 }
 
 impl Scenario {
@@ -35,7 +38,14 @@ impl Scenario {
             path: path.to_string(),
             headers: vec![("content-type".to_string(), "application/json".to_string())],
             body: body.to_string(),
+            sidecar_args: None,
         }
+    }
+
+    /// Run a sidecar beside the filtered Envoy (flags such as `--redis-url`).
+    pub fn with_sidecar(mut self, args: &[&str]) -> Scenario {
+        self.sidecar_args = Some(args.iter().map(|a| a.to_string()).collect());
+        self
     }
 
     pub fn config(mut self, filter: &str, config: Value) -> Scenario {
