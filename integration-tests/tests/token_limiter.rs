@@ -395,3 +395,122 @@ async fn invalid_config_is_rejected_naming_the_field() {
         .unwrap();
     assert!(log.contains("$.rules[0].key"), "{log}");
 }
+
+/// An upstream that answers every request with `body` as SSE, one byte per HTTP chunk (flushed), so
+/// Envoy hands the filter chunks cut at every byte: inside `\r\n`, UTF-8 characters and JSON escapes.
+async fn byte_by_byte_upstream(body: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                sock.set_nodelay(true).unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read the request head and its (chunked) body.
+                loop {
+                    let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return,
+                    };
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let head = text[..head_end].to_ascii_lowercase();
+                        let body = &text[head_end + 4..];
+                        let done = if let Some(cl) = head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+                            body.len() >= cl.trim().parse::<usize>().unwrap()
+                        } else {
+                            body.ends_with("0\r\n\r\n")
+                        };
+                        if done {
+                            break;
+                        }
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for b in body.as_bytes() {
+                    let mut chunk = b"1\r\n".to_vec();
+                    chunk.push(*b);
+                    chunk.extend_from_slice(b"\r\n");
+                    if sock.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    let _ = sock.flush().await;
+                    tokio::task::yield_now().await;
+                }
+                let _ = sock.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_split_at_every_byte_through_envoy() {
+    const STREAM: &str = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":30,\"output_tokens\":1}}}\r\n\r\n\
+event: content_block_delta\r\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Gr\\u00fc\\u00dfe, \u{65e5}\u{672c} \\\"q\\\"\"}}\r\n\r\n\
+: a comment line\r\n\r\n\
+event: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\r\n\r\n\
+event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
+    let port = byte_by_byte_upstream(STREAM).await;
+    let e = EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(port)
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_hour":100000}}]}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let body =
+        json!({"model":"claude-sonnet-4","max_tokens":100,"stream":true,"messages":[{"role":"user","content":"hi"}]});
+    for _ in 0..2 {
+        let r = post(&e, "/v1/messages", &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), STREAM, "the stream passes unchanged");
+    }
+    assert_eq!(e.stat("meshwarden.token_limiter.model.claude-sonnet-4.input_tokens").await.unwrap(), 60);
+    assert_eq!(e.stat("meshwarden.token_limiter.model.claude-sonnet-4.output_tokens").await.unwrap(), 18);
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_jwt_claim_keys_budgets_per_subject() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"trust_unverified_jwt": true, "rules":[{"name":"user","key":{"unverified_jwt_claim":{"claim":"sub"}},
+               "on_missing_key":"reject","limits":{"tokens_per_hour":400}}]}),
+    )
+    .await;
+    // {"alg":"none"}.{"sub":"alice"} / {"sub":"bob"}, with arbitrary signatures
+    let alice = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.c2ln";
+    let alice2 = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.b3RoZXI";
+    let bob = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJib2IifQ.c2ln";
+    let body = chat("gpt-4o-mini", "hello", Some(150), false);
+    let auth = |t: &str| format!("Bearer {t}");
+    let mut statuses = Vec::new();
+    for t in [alice, alice2, alice] {
+        statuses.push(
+            post(
+                &e,
+                "/v1/chat/completions",
+                &body,
+                &[("authorization", &auth(t)), ("x-mock-completion-tokens", "150")],
+            )
+            .await
+            .status()
+            .as_u16(),
+        );
+    }
+    assert_eq!(statuses, vec![200, 200, 429], "same subject, same budget, whatever the signature");
+    assert_eq!(post(&e, "/v1/chat/completions", &body, &[("authorization", &auth(bob))]).await.status(), 200);
+    let r = post(&e, "/v1/chat/completions", &body, &[]).await;
+    assert_eq!(r.status(), 429, "on_missing_key: reject");
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.user.missing_key").await.unwrap(), 1);
+}
