@@ -514,3 +514,36 @@ async fn unverified_jwt_claim_keys_budgets_per_subject() {
     assert_eq!(r.status(), 429, "on_missing_key: reject");
     assert_eq!(e.stat("meshwarden.token_limiter.rule.user.missing_key").await.unwrap(), 1);
 }
+
+/// The official `openai` Python SDK (scripts/tools/pip-token-limiter.txt): our 429 raises
+/// `RateLimitError` with `code`/`type` set, and the SDK's retry honours `retry-after-ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_raises_rate_limit_error_and_honours_retry_after() {
+    let mock = MockLlm::start().await.unwrap();
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":600}}]}))
+            .await;
+    let script = meshwarden_integration_tests::paths::repo_root().join("integration-tests/python/openai_ratelimit.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(e.url("/v1"))
+        .env("NO_PROXY", "*")
+        .output()
+        .await
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed (is the `openai` package installed? scripts/install-tools.sh installs it):\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["limited"]["status"], 429);
+    assert_eq!(v["limited"]["code"], "rate_limit_exceeded");
+    assert_eq!(v["limited"]["type"], "rate_limit_error");
+    assert!(v["admitted"].as_u64().unwrap() >= 1);
+    let retry_ms = v["limited"]["retry_after_ms"].as_f64().unwrap();
+    let elapsed = v["elapsed_ms"].as_f64().unwrap();
+    assert!(elapsed + 50.0 >= retry_ms, "the SDK waited {elapsed} ms, retry-after-ms was {retry_ms}");
+    assert_eq!(v["model"], "gpt-4o-mini");
+}
