@@ -117,7 +117,7 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
     let mock = MockLlm::start().await.unwrap();
     let e = envoy(
         &mock,
-        json!({"default_output_reservation": 10, "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_hour":100000}}]}),
+        json!({"default_output_reservation": 10, "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]}),
     )
     .await;
     let body = chat("gpt-4o-mini", "How many tokens do I have left?", None, false);
@@ -137,7 +137,7 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
     // First: limit - reservation (est + 10). Later ones: the previous request settled at est + 50.
     assert_eq!(seen[0], 100000 - (est + 10));
     let step = seen[1] as i64 - seen[2] as i64;
-    assert!((est as i64 + 50 - step).abs() <= 1, "each request costs est+50 once settled: {seen:?}");
+    assert!((est as i64 + 50 - step).abs() <= 2, "each request costs est+50 once settled: {seen:?}");
     assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o-mini.output_tokens").await.unwrap(), 200);
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 4);
 }
@@ -145,7 +145,7 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
 async fn stream_case(path: &str, body: Value, api: Api) {
     let mock = MockLlm::start().await.unwrap();
     let e =
-        envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_hour":100000}}]})).await;
+        envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_day":100000}}]})).await;
     let est = estimate(api, &body);
     for _ in 0..2 {
         let r = post(&e, path, &body, &[("x-mock-completion-tokens", "37"), ("x-mock-prompt-tokens", "123")]).await;
@@ -166,7 +166,8 @@ async fn stream_case(path: &str, body: Value, api: Api) {
     let r = post(&e, path, &body, &[("x-mock-completion-tokens", "1")]).await;
     let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
     let reserved = est + body["max_tokens"].as_u64().or(body["max_output_tokens"].as_u64()).unwrap_or(256);
-    assert!((100000 - 320 - reserved).abs_diff(rem) <= 1, "remaining {rem}");
+    // (per day: refill adds about one token per second)
+    assert!(rem <= 100000 - 320 - reserved + 3 && rem + 1 >= 100000 - 320 - reserved, "remaining {rem}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

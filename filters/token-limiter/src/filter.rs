@@ -218,9 +218,15 @@ fn ensure_key(key: &str) -> Result<(), Status> {
 
 /// CAS-update a u64 entry: `f(old)` returns the new value or `None` to leave it. Returns `f`'s answer.
 fn cas_update<T>(key: &str, mut f: impl FnMut(u64) -> (Option<u64>, T)) -> Result<T, Status> {
-    ensure_key(key)?;
     for _ in 0..CAS_ATTEMPTS {
-        let (v, cas) = hostcalls::get_shared_data(key)?;
+        let (v, cas) = match hostcalls::get_shared_data(key)? {
+            (None, _) => {
+                // First use of this key anywhere in this Envoy: create it under the lock, then CAS.
+                ensure_key(key)?;
+                hostcalls::get_shared_data(key)?
+            }
+            found => found,
+        };
         let old = read_u64(v.as_deref());
         let (new, out) = f(old);
         let Some(new) = new else {
