@@ -548,3 +548,75 @@ async fn openai_python_sdk_raises_rate_limit_error_and_honours_retry_after() {
     assert!(elapsed + 50.0 >= retry_ms, "the SDK waited {elapsed} ms, retry-after-ms was {retry_ms}");
     assert_eq!(v["model"], "gpt-4o-mini");
 }
+
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// An HS256 JWT signed with `openssl dgst -mac HMAC` (no crypto crate in the test harness).
+fn hs256_jwt(key_hex: &str, payload: &Value) -> String {
+    let signing_input =
+        format!("{}.{}", b64url(br#"{"alg":"HS256","typ":"JWT"}"#), b64url(payload.to_string().as_bytes()));
+    let mut child = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-mac", "HMAC", "-macopt", &format!("hexkey:{key_hex}"), "-binary"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+    let sig = child.wait_with_output().unwrap().stdout;
+    assert_eq!(sig.len(), 32);
+    format!("{signing_input}.{}", b64url(&sig))
+}
+
+/// Verified claims: Envoy's jwt_authn checks the signature and puts the payload in dynamic metadata; the
+/// filter charges the `team` claim from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_authn_metadata_claim_keys_budgets_per_team() {
+    let mock = MockLlm::start().await.unwrap();
+    let key_hex = "6d65736877617264656e2d746573742d7365637265742d6b65792d3332627974";
+    let key_bytes: Vec<u8> =
+        (0..key_hex.len()).step_by(2).map(|i| u8::from_str_radix(&key_hex[i..i + 2], 16).unwrap()).collect();
+    let jwks = json!({"keys":[{"kty":"oct","alg":"HS256","kid":"k1","k": b64url(&key_bytes)}]}).to_string();
+    let e = EnvoyBuilder::new("token-limiter-jwt.yaml")
+        .upstream_port(mock.port())
+        .var("JWKS", jwks)
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[{"name":"team","key":{"jwt_claim":{"claim":"team","metadata_key":"jwt_payload"}},
+                    "on_missing_key":"reject","limits":{"tokens_per_hour":400}}]}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let tok = |sub: &str, team: &str| {
+        format!("Bearer {}", hs256_jwt(key_hex, &json!({"iss":"meshwarden-test","sub":sub,"team":team})))
+    };
+    let body = chat("gpt-4o-mini", "hello", Some(150), false);
+    let mut statuses = Vec::new();
+    for sub in ["alice", "bob", "carol"] {
+        let r = post(
+            &e,
+            "/v1/chat/completions",
+            &body,
+            &[("authorization", &tok(sub, "ml")), ("x-mock-completion-tokens", "150")],
+        )
+        .await;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 429], "one budget for team ml across users");
+    assert_eq!(post(&e, "/v1/chat/completions", &body, &[("authorization", &tok("dave", "web"))]).await.status(), 200);
+    // A token signed with another key never reaches the filter (jwt_authn answers 401).
+    let forged = format!("Bearer {}", hs256_jwt("00112233", &json!({"iss":"meshwarden-test","sub":"x","team":"web"})));
+    assert_eq!(post(&e, "/v1/chat/completions", &body, &[("authorization", &forged)]).await.status(), 401);
+}

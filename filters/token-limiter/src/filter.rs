@@ -635,6 +635,12 @@ impl Request {
         self.shared.count("input_tokens", input);
         self.shared.count("output_tokens", output);
         let deltas = settle_deltas(&cfg, plan, input, output);
+        for ((g, d), ri) in plan.request.groups.iter().zip(&deltas).zip(&plan.rules) {
+            if let (false, Some(rule)) = (g.windows.is_empty(), cfg.rules.get(*ri)) {
+                let charged = i64::try_from(g.cost).unwrap_or(i64::MAX).saturating_add(*d).max(0);
+                self.shared.count(&format!("rule.{}.charged_tokens", rule.name), charged.unsigned_abs());
+            }
+        }
         let items: Vec<SettleItem> = plan
             .request
             .groups
