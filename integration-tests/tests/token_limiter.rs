@@ -620,3 +620,69 @@ async fn jwt_authn_metadata_claim_keys_budgets_per_team() {
     let forged = format!("Bearer {}", hs256_jwt("00112233", &json!({"iss":"meshwarden-test","sub":"x","team":"web"})));
     assert_eq!(post(&e, "/v1/chat/completions", &body, &[("authorization", &forged)]).await.status(), 401);
 }
+
+/// A CA, a server certificate for 127.0.0.1 and client certificates whose SAN URI is a SPIFFE ID, made
+/// with the `openssl` CLI.
+fn make_spiffe_pki(dir: &std::path::Path, clients: &[(&str, &str)]) {
+    let mut script = String::from(
+        "set -e\n\
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=test-ca 2>/dev/null\n\
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost 2>/dev/null\n\
+         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > srv.ext\n\
+         openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 1 -extfile srv.ext 2>/dev/null\n",
+    );
+    for (name, spiffe) in clients {
+        script.push_str(&format!(
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null\n\
+             printf 'subjectAltName=URI:{spiffe}' > {name}.ext\n\
+             openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt -days 1 -extfile {name}.ext 2>/dev/null\n"
+        ));
+    }
+    let st = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).status().unwrap();
+    assert!(st.success(), "openssl failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_namespace_keys_budgets_under_mtls() {
+    let mock = MockLlm::start().await.unwrap();
+    let tls = tempfile::tempdir().unwrap();
+    make_spiffe_pki(
+        tls.path(),
+        &[
+            ("a1", "spiffe://cluster.local/ns/team-a/sa/bot"),
+            ("a2", "spiffe://cluster.local/ns/team-a/sa/other"),
+            ("b1", "spiffe://cluster.local/ns/team-b/sa/bot"),
+        ],
+    );
+    let e = EnvoyBuilder::new("token-limiter-mtls.yaml")
+        .upstream_port(mock.port())
+        .var("TLS_DIR", tls.path().display().to_string())
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[{"name":"ns","key":{"spiffe":"namespace"},"on_missing_key":"reject","limits":{"tokens_per_hour":400}}]}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let body = chat("gpt-4o-mini", "hello", Some(150), false).to_string();
+    let curl = |client: &str| {
+        let d = tls.path();
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*"])
+            .arg("--cacert")
+            .arg(d.join("ca.crt"))
+            .arg("--cert")
+            .arg(d.join(format!("{client}.crt")))
+            .arg("--key")
+            .arg(d.join(format!("{client}.key")))
+            .args(["-H", "content-type: application/json", "-H", "x-mock-completion-tokens: 150", "-d", &body])
+            .arg(format!("https://127.0.0.1:{}/v1/chat/completions", e.port))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // Two service accounts of namespace team-a share its budget (400 = 2 requests of ~155).
+    let statuses: Vec<String> = ["a1", "a2", "a1"].iter().map(|c| curl(c)).collect();
+    assert_eq!(statuses, vec!["200", "200", "429"]);
+    assert_eq!(curl("b1"), "200", "team-b has its own budget");
+}
