@@ -686,3 +686,45 @@ async fn spiffe_namespace_keys_budgets_under_mtls() {
     assert_eq!(statuses, vec!["200", "200", "429"]);
     assert_eq!(curl("b1"), "200", "team-b has its own budget");
 }
+
+/// "429 before any byte reaches the model": an upstream that counts every byte it receives sees nothing
+/// of a rejected request, streaming or not (the filter holds the headers until admission).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_requests_send_no_byte_upstream() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let b2 = bytes.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let b3 = b2.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    b3.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let e = EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(port)
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[{"name":"tiny","key":{"constant":"x"},"limits":{"tokens_per_hour":10}}]}),
+        )
+        .start()
+        .await
+        .unwrap();
+    for stream in [false, true] {
+        let r = post(&e, "/v1/chat/completions", &chat("gpt-4o-mini", "hello there", Some(100), stream), &[]).await;
+        assert_eq!(r.status(), 429);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(bytes.load(Ordering::SeqCst), 0, "the upstream received bytes of rejected requests");
+}
