@@ -15,6 +15,10 @@ fn rules() -> serde_json::Value {
 pub fn scenarios() -> Vec<Scenario> {
     let body = chat_body_of_size(1024);
     vec![
+        // Reference: the same Envoy config (filter + buffer filter) with no rules, to separate the cost of
+        // the decision from the cost of the Wasm hop and request buffering.
+        Scenario::post_json("token-limiter-norules-1kb-chat", "token-limiter.yaml", "/v1/chat/completions", &body)
+            .config("token-limiter", json!({"rules": []})),
         Scenario::post_json("token-limiter-1kb-chat", "token-limiter.yaml", "/v1/chat/completions", &body)
             .config("token-limiter", json!({"rules": rules()}))
             .header("x-team", "bench"),
