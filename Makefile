@@ -44,5 +44,9 @@ run: build ## Envoy + all five filters + the mock LLM on localhost (Ctrl-C stops
 bench: tools build ## added latency and throughput vs plain Envoy, same run (BENCH=substring selects)
 	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
 
+bench-sidecar: ## sidecar rate-limit decisions/s and latency (memory and Redis backends; needs redis-server)
+	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bins
+	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar target/release/meshwarden-sidecar-bench --seconds $${BENCH_SECONDS:-5} --clients $${BENCH_CLIENTS:-32}
+
 clean: ## remove build output
 	cargo clean
