@@ -738,6 +738,18 @@ impl HttpContext for Request {
         self.start_admission(&body, false)
     }
 
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        // A body ended by trailers never reports end_of_stream to the body callback: decide here.
+        match self.phase {
+            Phase::Start => {
+                let body = self.get_http_request_body(0, self.body_size).unwrap_or_default();
+                self.start_admission(&body, false)
+            }
+            Phase::Waiting => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         if self.phase != Phase::Admitted {
             return Action::Continue;
