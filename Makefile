@@ -59,6 +59,9 @@ oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in t
 push: oci ## push the images without Docker: make push REGISTRY=host/ns VERSION=x (prints digests)
 	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host/namespace [VERSION=x]"; exit 2; }
 	VERSION=$(VERSION) scripts/oci.sh push "$(REGISTRY)" $(VERSION)
+bench-sidecar: ## sidecar rate-limit decisions/s and latency (memory and Redis backends; needs redis-server)
+	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bins
+	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar target/release/meshwarden-sidecar-bench --seconds $${BENCH_SECONDS:-5} --clients $${BENCH_CLIENTS:-32}
 
 clean: ## remove build output
 	cargo clean

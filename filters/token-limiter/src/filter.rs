@@ -216,17 +216,22 @@ fn ensure_key(key: &str) -> Result<(), Status> {
     r
 }
 
-/// CAS-update a u64 entry: `f(old)` returns the new value or `None` to leave it. Returns `f`'s answer.
-fn cas_update<T>(key: &str, mut f: impl FnMut(u64) -> (Option<u64>, T)) -> Result<T, Status> {
-    ensure_key(key)?;
+/// CAS-update an entry: `f(old bytes)` returns the new bytes or `None` to leave it, and a result.
+fn cas_update_bytes<T>(key: &str, mut f: impl FnMut(&[u8]) -> (Option<Vec<u8>>, T)) -> Result<T, Status> {
     for _ in 0..CAS_ATTEMPTS {
-        let (v, cas) = hostcalls::get_shared_data(key)?;
-        let old = read_u64(v.as_deref());
-        let (new, out) = f(old);
+        let (v, cas) = match hostcalls::get_shared_data(key)? {
+            (None, _) => {
+                // First use of this key anywhere in this Envoy: create it under the lock, then CAS.
+                ensure_key(key)?;
+                hostcalls::get_shared_data(key)?
+            }
+            found => found,
+        };
+        let (new, out) = f(v.as_deref().unwrap_or(&[]));
         let Some(new) = new else {
             return Ok(out);
         };
-        match hostcalls::set_shared_data(key, Some(&new.to_le_bytes()), cas) {
+        match hostcalls::set_shared_data(key, Some(&new), cas) {
             Ok(()) => return Ok(out),
             Err(Status::CasMismatch) => continue,
             Err(e) => return Err(e),
@@ -235,8 +240,16 @@ fn cas_update<T>(key: &str, mut f: impl FnMut(u64) -> (Option<u64>, T)) -> Resul
     Err(Status::CasMismatch)
 }
 
-fn window_key(group_key: &str, w: &meshwarden_shared::ratelimit::WindowSpec) -> String {
-    format!("meshwarden.tl.b.{group_key}.{}", w.id())
+/// CAS-update a u64 entry (concurrency counters).
+fn cas_update<T>(key: &str, mut f: impl FnMut(u64) -> (Option<u64>, T)) -> Result<T, Status> {
+    cas_update_bytes(key, |b| {
+        let (n, out) = f(read_u64(Some(b)));
+        (n.map(|n| n.to_le_bytes().to_vec()), out)
+    })
+}
+
+fn group_key(key: &str) -> String {
+    format!("meshwarden.tl.g.{key}")
 }
 
 fn conc_key(group_key: &str) -> String {
@@ -257,43 +270,34 @@ impl GroupStore for LocalStore {
             }
         }
         let now = now_us();
-        let mut states = Vec::with_capacity(g.windows.len());
-        let mut done: Vec<usize> = Vec::new();
-        let mut denied: Option<(bool, WindowState)> = None;
-        for (i, w) in g.windows.iter().enumerate() {
-            let r = cas_update(&window_key(&g.key, w), |tat| {
-                let r = reserve(w, tat, now, g.cost);
-                (r.allowed.then_some(r.new_tat_us), r)
-            })?;
-            states.push(r.state);
-            if r.allowed {
-                done.push(i);
-            } else {
-                denied = Some((r.never, r.state));
-                break;
-            }
-        }
-        if let Some((never, _)) = denied {
-            // Undo this group's windows reserved so far and its slot: the group is all-or-nothing.
-            let delta = -i64::try_from(g.cost).unwrap_or(i64::MAX);
-            for i in done {
-                if let Some(w) = g.windows.get(i) {
-                    let _ = cas_update(&window_key(&g.key, w), |tat| (Some(settle(w, tat, now_us(), delta)), ()));
-                }
-            }
+        let (allowed, rs) = cas_update_bytes(&group_key(&g.key), |old| {
+            let tats = crate::state::decode(old, &g.windows);
+            let rs: Vec<_> = g.windows.iter().zip(&tats).map(|(w, t)| reserve(w, *t, now, g.cost)).collect();
+            let allowed = rs.iter().all(|r| r.allowed);
+            let new_tats: Vec<u64> = rs.iter().map(|r| r.new_tat_us).collect();
+            (allowed.then(|| crate::state::encode(&g.windows, &new_tats)), (allowed, rs))
+        })?;
+        let states: Vec<WindowState> = rs.iter().map(|r| r.state).collect();
+        if !allowed {
+            // The group is all-or-nothing: give its slot back.
             if g.concurrency.is_some() {
                 let _ = cas_update(&conc_key(&g.key), |n| (Some(n.saturating_sub(1)), ()));
             }
+            let never = rs.iter().any(|r| r.never);
             return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Tokens), windows: states, never });
         }
         Ok(GroupResult { allowed: true, reason: None, windows: states, never: false })
     }
 
     fn settle_item(&mut self, item: &SettleItem) -> Result<(), Status> {
-        if item.delta != 0 {
-            for w in &item.windows {
-                cas_update(&window_key(&item.key, w), |tat| (Some(settle(w, tat, now_us(), item.delta)), ()))?;
-            }
+        if item.delta != 0 && !item.windows.is_empty() {
+            let now = now_us();
+            cas_update_bytes(&group_key(&item.key), |old| {
+                let tats = crate::state::decode(old, &item.windows);
+                let new: Vec<u64> =
+                    item.windows.iter().zip(&tats).map(|(w, t)| settle(w, *t, now, item.delta)).collect();
+                (Some(crate::state::encode(&item.windows, &new)), ())
+            })?;
         }
         if item.release_lease.is_some() {
             cas_update(&conc_key(&item.key), |n| (Some(n.saturating_sub(1)), ()))?;
@@ -629,6 +633,12 @@ impl Request {
         self.shared.count("input_tokens", input);
         self.shared.count("output_tokens", output);
         let deltas = settle_deltas(&cfg, plan, input, output);
+        for ((g, d), ri) in plan.request.groups.iter().zip(&deltas).zip(&plan.rules) {
+            if let (false, Some(rule)) = (g.windows.is_empty(), cfg.rules.get(*ri)) {
+                let charged = i64::try_from(g.cost).unwrap_or(i64::MAX).saturating_add(*d).max(0);
+                self.shared.count(&format!("rule.{}.charged_tokens", rule.name), charged.unsigned_abs());
+            }
+        }
         let items: Vec<SettleItem> = plan
             .request
             .groups
@@ -724,6 +734,18 @@ impl HttpContext for Request {
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
         self.start_admission(&body, false)
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        // A body ended by trailers never reports end_of_stream to the body callback: decide here.
+        match self.phase {
+            Phase::Start => {
+                let body = self.get_http_request_body(0, self.body_size).unwrap_or_default();
+                self.start_admission(&body, false)
+            }
+            Phase::Waiting => Action::Pause,
+            _ => Action::Continue,
+        }
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {

@@ -2,7 +2,8 @@
 //! OpenAI/Anthropic-shaped 429s.
 //!
 //! Pure core (no proxy-wasm types, unit-tested natively): `config`, `keys` (who is charged), `request`
-//! (what the body says), `limiter` (admission state machine), `meter` (what the response cost).
+//! (what the body says), `limiter` (admission state machine), `meter` (what the response cost),
+//! `state` (the `local` shared-data value format).
 //! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy); the GCRA itself
 //! and the sidecar wire format are in `meshwarden_shared::ratelimit`.
 
@@ -11,6 +12,7 @@ pub mod keys;
 pub mod limiter;
 pub mod meter;
 pub mod request;
+pub mod state;
 
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod filter;

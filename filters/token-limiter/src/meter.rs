@@ -4,6 +4,30 @@
 use meshwarden_shared::llm::{extract_response_texts, usage_from_json, StreamUsage, TokenEstimator};
 use meshwarden_shared::sse::SseParser;
 
+/// The top-level fields of a response body where providers put usage (see `usage_from_json`).
+#[derive(serde::Deserialize)]
+#[allow(non_snake_case)]
+struct UsageCarriers {
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
+    #[serde(default)]
+    usageMetadata: Option<serde_json::Value>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+impl UsageCarriers {
+    fn into_value(self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in [("usage", self.usage), ("usageMetadata", self.usageMetadata), ("metadata", self.metadata)] {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
 #[derive(Debug)]
 enum Kind {
     /// A JSON body, collected up to a bound.
@@ -104,6 +128,12 @@ impl Meter {
             Kind::Json { buf, overflow } => {
                 if *overflow {
                     return (input_estimate, 0, Source::Estimated);
+                }
+                // Fast path: only the fields that carry usage are materialised.
+                if let Ok(light) = serde_json::from_slice::<UsageCarriers>(buf) {
+                    if let Some(u) = usage_from_json(&light.into_value()) {
+                        return (u.input_tokens, u.output_tokens, Source::Reported);
+                    }
                 }
                 match serde_json::from_slice::<serde_json::Value>(buf) {
                     Ok(v) => match usage_from_json(&v) {

@@ -29,6 +29,9 @@ pub struct Scenario {
     pub plain_template: Option<String>,
     /// Extra template placeholders for both Envoys (`EnvoyBuilder::var`).
     pub vars: Vec<(String, String)>,
+    /// Start a `meshwarden-sidecar` with these flags for the filtered Envoy (its port fills
+    /// `{{SIDECAR_PORT}}`); `None` = no sidecar.
+    pub sidecar_args: Option<Vec<String>>,
 }
 
 impl Scenario {
@@ -43,6 +46,7 @@ impl Scenario {
             body: body.to_string(),
             plain_template: None,
             vars: Vec::new(),
+            sidecar_args: None,
         }
     }
 
@@ -54,6 +58,12 @@ impl Scenario {
 
     pub fn var(mut self, name: &str, value: &str) -> Scenario {
         self.vars.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Run a sidecar beside the filtered Envoy (flags such as `--redis-url`).
+    pub fn with_sidecar(mut self, args: &[&str]) -> Scenario {
+        self.sidecar_args = Some(args.iter().map(|a| a.to_string()).collect());
         self
     }
 

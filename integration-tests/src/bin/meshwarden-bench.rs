@@ -24,10 +24,13 @@ fn wrk(url: &str, script: &std::path::Path, connections: u32, seconds: u64) -> R
     Ok(parse_wrk(&String::from_utf8_lossy(&out.stdout)))
 }
 
-async fn start(template: &str, s: &Scenario, filtered: bool, upstream: u16) -> Result<Envoy> {
+async fn start(template: &str, s: &Scenario, filtered: bool, upstream: u16, sidecar: Option<u16>) -> Result<Envoy> {
     let mut b = EnvoyBuilder::new(template).upstream_port(upstream).concurrency(1).log_level("warn");
     for (k, v) in &s.vars {
         b = b.var(k, v.clone());
+    }
+    if let Some(port) = sidecar {
+        b = b.var("SIDECAR_PORT", port.to_string());
     }
     if filtered {
         for (f, c) in &s.configs {
@@ -77,8 +80,15 @@ async fn main() -> Result<()> {
         eprintln!("==> {} ({}s per run)", s.name, seconds);
         let script = dir.path().join(format!("{}.lua", s.name));
         std::fs::write(&script, wrk_script(&s))?;
-        let plain = start(s.plain_template.as_deref().unwrap_or("plain.yaml"), &s, false, mock.port()).await?;
-        let filtered = start(&s.template, &s, true, mock.port()).await?;
+        let sidecar = match &s.sidecar_args {
+            Some(args) => {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                Some(meshwarden_integration_tests::sidecar::Sidecar::start(&a)?)
+            }
+            None => None,
+        };
+        let plain = start(s.plain_template.as_deref().unwrap_or("plain.yaml"), &s, false, mock.port(), None).await?;
+        let filtered = start(&s.template, &s, true, mock.port(), sidecar.as_ref().map(|x| x.port())).await?;
         let (pu, fu) = (plain.url(""), filtered.url(""));
         // Warm up both (V8 compiles lazily; connection pools fill).
         wrk(&pu, &script, 1, 1)?;

@@ -4,7 +4,7 @@
 use super::now_us;
 use meshwarden_shared::ratelimit::{
     reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveRequest, ReserveResponse,
-    SettleItem, WindowSpec,
+    SettleItem,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -134,7 +134,60 @@ impl MemoryBackend {
     }
 }
 
-#[allow(dead_code)]
-fn _assert_window_is_copy(w: WindowSpec) -> WindowSpec {
-    w
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use meshwarden_shared::ratelimit::{ConcurrencySpec, WindowSpec};
+
+    fn group(key: &str, cost: u64, lease: Option<(&str, u64)>) -> ReserveRequest {
+        ReserveRequest {
+            groups: vec![Group {
+                key: key.into(),
+                windows: vec![WindowSpec { limit: 100, window_ms: 86_400_000 }],
+                cost,
+                concurrency: lease.map(|(id, ms)| ConcurrencySpec { max: 1, lease_id: id.into(), lease_ms: ms }),
+            }],
+        }
+    }
+
+    #[test]
+    fn budget_settle_and_leases() {
+        let m = MemoryBackend::default();
+        assert!(m.reserve(&group("k", 60, None)).allowed);
+        let d = m.reserve(&group("k", 60, None));
+        assert!(!d.allowed);
+        assert_eq!(d.groups[0].windows[0].remaining, 40);
+        m.settle(&[SettleItem {
+            key: "k".into(),
+            windows: group("k", 0, None).groups[0].windows.clone(),
+            delta: -50,
+            release_lease: None,
+        }]);
+        assert!(m.reserve(&group("k", 60, None)).allowed, "refund made room");
+        assert!(m.reserve(&group("c", 1, Some(("a", 600_000)))).allowed);
+        let busy = m.reserve(&group("c", 1, Some(("b", 600_000))));
+        assert_eq!(busy.groups[0].reason, Some(DenyReason::Concurrency));
+        m.settle(&[SettleItem { key: "c".into(), windows: vec![], delta: 0, release_lease: Some("a".into()) }]);
+        assert!(m.reserve(&group("c", 1, Some(("b", 600_000)))).allowed);
+    }
+
+    #[test]
+    fn leases_expire_and_prune_bounds_memory() {
+        let m = MemoryBackend::default();
+        assert!(m.reserve(&group("e", 1, Some(("a", 1)))).allowed);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(m.reserve(&group("e", 1, Some(("b", 600_000)))).allowed, "expired lease no longer counts");
+        let short = ReserveRequest {
+            groups: vec![Group {
+                key: "p".into(),
+                windows: vec![WindowSpec { limit: 1000, window_ms: 1 }],
+                cost: 1,
+                concurrency: None,
+            }],
+        };
+        assert!(m.reserve(&short).allowed);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(m.prune() >= 1);
+    }
 }
