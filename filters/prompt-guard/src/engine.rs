@@ -3,7 +3,7 @@
 //! one regex per rule that runs only when the set says that rule matched (to find the spans).
 
 use crate::config::{Action, Config, PackConfig, RuleConfig};
-use crate::normalize::normalize;
+use crate::normalize::{normalize, normalize_with};
 use crate::packs::literal;
 use meshwarden_shared::llm::Role;
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
@@ -189,11 +189,12 @@ impl Policy {
         let Some(set) = &ds.set else {
             return Vec::new();
         };
-        let norm = normalize(text);
-        let matched = set.matches(&norm.text);
+        let quick = normalize_with(text, false);
+        let matched = set.matches(&quick.text);
         if !matched.matched_any() {
             return Vec::new();
         }
+        let norm = normalize(text);
         let mut hits = Vec::new();
         for set_idx in matched.iter() {
             let Some(&rule_idx) = ds.rules.get(set_idx) else { continue };

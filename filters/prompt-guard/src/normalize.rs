@@ -36,14 +36,21 @@ impl Normalized {
     }
 }
 
-/// Normalise `text` for matching.
+/// Normalise `text` for matching, with the offset map (for masking).
 pub fn normalize(text: &str) -> Normalized {
-    let mut out = Normalized { text: Vec::with_capacity(text.len()), map: Vec::with_capacity(text.len()) };
+    normalize_with(text, true)
+}
+
+/// Normalise `text`; without the map when `want_map` is false (the fast path used to decide whether
+/// anything matches at all; the map is built only for texts that need spans).
+pub fn normalize_with(text: &str, want_map: bool) -> Normalized {
+    let cap = if want_map { text.len() } else { 0 };
+    let mut out = Normalized { text: Vec::with_capacity(text.len()), map: Vec::with_capacity(cap) };
     if text.is_ascii() {
-        structure(text.as_bytes(), None, &mut out);
+        structure(text.as_bytes(), None, want_map, &mut out);
     } else {
         let (folded, map) = fold_chars(text);
-        structure(&folded, Some(&map), &mut out);
+        structure(&folded, Some(&map), want_map, &mut out);
     }
     out
 }
@@ -294,11 +301,6 @@ fn fold_chars(text: &str) -> (Vec<u8>, Vec<u32>) {
 }
 
 #[inline]
-fn is_word(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'@' || b == b'$' || b >= 0x80
-}
-
-#[inline]
 fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
@@ -331,34 +333,56 @@ fn leet(b: u8) -> u8 {
 struct Emit<'a> {
     src: &'a [u8],
     src_map: Option<&'a [u32]>,
+    want_map: bool,
     out: &'a mut Normalized,
 }
 
 impl Emit<'_> {
     #[inline]
     fn push(&mut self, b: u8, src_idx: usize) {
-        let orig = match self.src_map {
-            Some(m) => m.get(src_idx).copied().unwrap_or(0),
-            None => src_idx as u32,
-        };
         self.out.text.push(b);
-        self.out.map.push(orig);
+        if self.want_map {
+            let orig = match self.src_map {
+                Some(m) => m.get(src_idx).copied().unwrap_or(0),
+                None => src_idx as u32,
+            };
+            self.out.map.push(orig);
+        }
     }
 
+    #[inline]
     fn last_is_space(&self) -> bool {
         matches!(self.out.text.last(), None | Some(b' '))
     }
 
-    fn token(&mut self, (s, e): (usize, usize), leet_fold: bool) {
-        for i in s..e {
-            let b = self.src.get(i).copied().unwrap_or(b' ').to_ascii_lowercase();
-            self.push(if leet_fold { leet(b) } else { b }, i);
+    fn token(&mut self, t: &Tok, leet_fold: bool) {
+        let (s, e) = (t.s as usize, t.e as usize);
+        let Some(bytes) = self.src.get(s..e) else { return };
+        if !(t.upper || (leet_fold && t.leet)) {
+            self.out.text.extend_from_slice(bytes);
+            if self.want_map {
+                match self.src_map {
+                    Some(m) => self.out.map.extend_from_slice(m.get(s..e).unwrap_or(&[])),
+                    None => self.out.map.extend(t.s..t.e),
+                }
+            }
+            return;
+        }
+        for (k, &b) in bytes.iter().enumerate() {
+            let b = b.to_ascii_lowercase();
+            self.push(if leet_fold { leet(b) } else { b }, s + k);
         }
     }
 
     /// A gap between tokens (or before the first / after the last).
     fn gap(&mut self, s: usize, e: usize, between_tokens: bool) {
         let bytes = self.src.get(s..e).unwrap_or(&[]);
+        if bytes == b" " {
+            if !self.last_is_space() {
+                self.push(b' ', s);
+            }
+            return;
+        }
         if between_tokens && bytes.len() <= 2 && bytes.iter().all(|&b| is_intra(b) || is_emphasis(b)) {
             return; // ig.nore, i-g-n, don't, snake_case, **x**y
         }
@@ -377,17 +401,29 @@ impl Emit<'_> {
     }
 }
 
-fn has_letter(src: &[u8], (s, e): (usize, usize)) -> bool {
-    src.get(s..e).is_some_and(|t| t.iter().any(|b| b.is_ascii_alphabetic() || *b >= 0x80))
+/// A token: a maximal run of word bytes, with what the emitter needs to know about it.
+#[derive(Clone, Copy)]
+struct Tok {
+    s: u32,
+    e: u32,
+    /// Contains a letter (ASCII or not).
+    letter: bool,
+    /// Contains an ASCII capital.
+    upper: bool,
+    /// Contains a leetspeak digit or symbol.
+    leet: bool,
+    /// Two or more bytes, all leetspeak digits or symbols (`537` = "set", `45` = "as"); numbers with
+    /// other digits (`2024`) are left alone.
+    all_leet: bool,
 }
 
-/// A token made only of leetspeak digits and symbols (`537` = "set", `45` = "as"). Numbers with other
-/// digits (`2024`) are left alone.
-fn all_leet(src: &[u8], (s, e): (usize, usize)) -> bool {
-    e >= s + 2
-        && src
-            .get(s..e)
-            .is_some_and(|t| t.iter().all(|b| matches!(b, b'0' | b'1' | b'3' | b'4' | b'5' | b'7' | b'@' | b'$')))
+impl Tok {
+    fn single(&self, src: &[u8]) -> bool {
+        self.e == self.s + 1 && src.get(self.s as usize).is_some_and(u8::is_ascii)
+    }
+    fn fold(&self) -> bool {
+        self.letter || self.all_leet
+    }
 }
 
 fn splittable_gap(src: &[u8], s: usize, e: usize) -> bool {
@@ -395,53 +431,114 @@ fn splittable_gap(src: &[u8], s: usize, e: usize) -> bool {
     !g.is_empty() && g.len() <= 3 && g.iter().all(|&b| is_space(b) || is_intra(b) || is_emphasis(b))
 }
 
-/// Stage 2: structure (split letters, separators, emphasis, whitespace, leetspeak).
-fn structure(src: &[u8], src_map: Option<&[u32]>, out: &mut Normalized) {
-    let mut tokens: Vec<(usize, usize)> = Vec::with_capacity(src.len() / 4 + 1);
+const C_WORD: u8 = 1;
+const C_LETTER: u8 = 2;
+const C_UPPER: u8 = 4;
+const C_LEET: u8 = 8;
+
+/// Byte classes for the tokenizer (one table lookup per byte).
+#[allow(clippy::indexing_slicing)] // i < 256 = the array length
+static CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
     let mut i = 0;
-    while i < src.len() {
-        if src.get(i).is_some_and(|&b| is_word(b)) {
-            let s = i;
-            while src.get(i).is_some_and(|&b| is_word(b)) {
-                i += 1;
+    while i < 256 {
+        let b = i as u8;
+        let mut c = 0;
+        if b.is_ascii_alphanumeric() || b == b'@' || b == b'$' || b >= 0x80 {
+            c |= C_WORD;
+        }
+        if b.is_ascii_alphabetic() || b >= 0x80 {
+            c |= C_LETTER;
+        }
+        if b.is_ascii_uppercase() {
+            c |= C_UPPER;
+        }
+        if matches!(b, b'0' | b'1' | b'3' | b'4' | b'5' | b'7' | b'@' | b'$') {
+            c |= C_LEET;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+fn tokenize(src: &[u8]) -> Vec<Tok> {
+    let mut tokens = Vec::with_capacity(src.len() / 5 + 1);
+    let mut start = 0usize;
+    let (mut any, mut all_leet) = (0u8, true);
+    let mut in_tok = false;
+    for (i, &b) in src.iter().enumerate() {
+        let c = CLASSES.get(usize::from(b)).copied().unwrap_or(0);
+        if c & C_WORD != 0 {
+            if !in_tok {
+                in_tok = true;
+                start = i;
+                any = 0;
+                all_leet = true;
             }
-            tokens.push((s, i));
-        } else {
-            i += 1;
+            any |= c;
+            all_leet &= c & C_LEET != 0;
+        } else if in_tok {
+            in_tok = false;
+            tokens.push(make_tok(start, i, any, all_leet));
         }
     }
-    let mut em = Emit { src, src_map, out };
-    let Some(&(first_start, _)) = tokens.first() else {
+    if in_tok {
+        tokens.push(make_tok(start, src.len(), any, all_leet));
+    }
+    tokens
+}
+
+#[inline]
+fn make_tok(s: usize, e: usize, any: u8, all_leet: bool) -> Tok {
+    Tok {
+        s: s as u32,
+        e: e as u32,
+        letter: any & C_LETTER != 0,
+        upper: any & C_UPPER != 0,
+        leet: any & C_LEET != 0,
+        all_leet: all_leet && e >= s + 2,
+    }
+}
+
+/// Stage 2: structure (split letters, separators, emphasis, whitespace, leetspeak).
+fn structure(src: &[u8], src_map: Option<&[u32]>, want_map: bool, out: &mut Normalized) {
+    let tokens = tokenize(src);
+    let mut em = Emit { src, src_map, want_map, out };
+    let Some(first) = tokens.first() else {
         em.gap(0, src.len(), false);
         return;
     };
-    em.gap(0, first_start, false);
-    let tok = |k: usize| tokens.get(k).copied().unwrap_or((src.len(), src.len()));
-    let single = |k: usize| {
-        let (s, e) = tok(k);
-        e == s + 1 && src.get(s).is_some_and(|b| b.is_ascii())
-    };
+    em.gap(0, first.s as usize, false);
+    let end =
+        Tok { s: src.len() as u32, e: src.len() as u32, letter: false, upper: false, leet: false, all_leet: false };
+    let tok = |k: usize| tokens.get(k).copied().unwrap_or(end);
     let n = tokens.len();
     let mut k = 0;
     while k < n {
         let mut j = k;
-        if single(k) {
-            while j + 1 < n && single(j + 1) && splittable_gap(src, tok(j).1, tok(j + 1).0) {
+        if tok(k).single(src) {
+            while j + 1 < n && tok(j + 1).single(src) && splittable_gap(src, tok(j).e as usize, tok(j + 1).s as usize) {
                 j += 1;
             }
         }
         if j >= k + 2 {
-            // split letters: join, keeping a space where the gap is wider than the narrowest one
-            // Word breaks: if some gaps contain whitespace and others do not (`i-g-n o-r-e`), the
-            // whitespace gaps are the word breaks; otherwise the gaps wider than the narrowest are.
-            let has_ws = |m: usize| src.get(tok(m).1..tok(m + 1).0).is_some_and(|g| g.iter().any(|&b| is_space(b)));
+            // Split letters. Word breaks: if some gaps contain whitespace and others do not
+            // (`i-g-n o-r-e`), the whitespace gaps are the word breaks; otherwise the gaps wider than
+            // the narrowest are.
+            let gap_of = |m: usize| (tok(m).e as usize, tok(m + 1).s as usize);
+            let has_ws = |m: usize| {
+                let (a, b) = gap_of(m);
+                src.get(a..b).is_some_and(|g| g.iter().any(|&b| is_space(b)))
+            };
             let mixed = (k..j).any(has_ws) && !(k..j).all(has_ws);
-            let min_gap = (k..j).map(|m| tok(m + 1).0 - tok(m).1).min().unwrap_or(1);
-            let letters = (k..=j).any(|m| has_letter(src, tok(m)));
+            let min_gap = (k..j).map(|m| gap_of(m).1 - gap_of(m).0).min().unwrap_or(1);
+            let letters = (k..=j).any(|m| tok(m).letter);
             for m in k..=j {
-                em.token(tok(m), letters || all_leet(src, tok(m)));
+                let t = tok(m);
+                em.token(&t, letters || t.all_leet);
                 if m < j {
-                    let (gs, ge) = (tok(m).1, tok(m + 1).0);
+                    let (gs, ge) = gap_of(m);
                     let brk = if mixed { has_ws(m) } else { ge - gs > min_gap };
                     if brk && !em.last_is_space() {
                         em.push(b' ', gs);
@@ -449,13 +546,14 @@ fn structure(src: &[u8], src_map: Option<&[u32]>, out: &mut Normalized) {
                 }
             }
         } else {
-            em.token(tok(k), has_letter(src, tok(k)) || all_leet(src, tok(k)));
+            let t = tok(k);
+            em.token(&t, t.fold());
             j = k;
         }
-        let next_start = if j + 1 < n { tok(j + 1).0 } else { src.len() };
+        let next_start = if j + 1 < n { tok(j + 1).s as usize } else { src.len() };
         // separators are dropped only between two tokens that both contain letters (`ig.nore`, not `3.5`)
-        let joinable = j + 1 < n && has_letter(src, tok(j)) && has_letter(src, tok(j + 1));
-        em.gap(tok(j).1, next_start, joinable);
+        let joinable = j + 1 < n && tok(j).letter && tok(j + 1).letter;
+        em.gap(tok(j).e as usize, next_start, joinable);
         k = j + 1;
     }
 }
