@@ -37,9 +37,10 @@ async fn post(envoy: &Envoy, path: &str, body: &Value, headers: &[(&str, &str)])
     req.send().await.unwrap()
 }
 
-/// Poll until Envoy's access log line for the last request shows up.
+/// Poll until Envoy's access log line for the last request shows up (Envoy flushes access log files
+/// every 10 s by default, so this may take that long).
 async fn wait_log(envoy: &Envoy, needle: &str) -> String {
-    for _ in 0..50 {
+    for _ in 0..150 {
         let log = envoy.log();
         if log.contains(needle) {
             return log;

@@ -1,11 +1,20 @@
 //! prompt-guard benchmark scenarios: a 1 KB and a 128 KB chat prompt scanned by every built-in pack
-//! (the default configuration), plus a 1 KB prompt with an extra user phrase list and response scanning.
+//! (the default configuration), plus a 1 KB prompt with an extra user phrase list and response scanning,
+//! and a baseline with no rules (the filter loaded, no body inspected).
 
 use crate::bench::{chat_body_of_size, Scenario};
 use serde_json::json;
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
+        // baseline: the filter loaded with no packs or rules (no body inspection) = the cost of the Wasm hop
+        Scenario::post_json(
+            "prompt-guard-1kb-chat-no-rules",
+            "prompt-guard.yaml",
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .config("prompt-guard", json!({"packs": []})),
         Scenario::post_json(
             "prompt-guard-1kb-chat",
             "prompt-guard.yaml",
