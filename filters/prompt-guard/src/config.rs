@@ -192,6 +192,10 @@ pub struct Config {
     pub profiles: BTreeMap<String, ProfileConfig>,
     /// Request header whose value names a profile (set it from a trusted filter, e.g. after authn).
     pub profile_header: String,
+    /// Envoy attribute path whose string value names a profile, checked before the header, e.g.
+    /// `["metadata", "filter_metadata", "meshwarden", "tier"]` (dynamic metadata set by jwt_authn, Lua,
+    /// header_to_metadata, ...).
+    pub profile_property: Option<Vec<String>>,
     pub reject: RejectConfig,
     pub mask_text: String,
     /// Streamed answers: text held back so a match split across events can still be masked or stopped.
@@ -220,6 +224,7 @@ impl Default for Config {
             rules: Vec::new(),
             profiles: BTreeMap::new(),
             profile_header: "x-prompt-guard-profile".to_string(),
+            profile_property: None,
             reject: RejectConfig::default(),
             mask_text: "[REDACTED]".to_string(),
             stream_holdback_bytes: 256,
@@ -285,6 +290,9 @@ impl Validate for Config {
             return Err(ConfigError::at("mask_text", "at most 256 bytes"));
         }
         validate_rules("", &self.packs, &self.rules)?;
+        if self.profile_property.as_ref().is_some_and(|p| p.is_empty() || p.iter().any(String::is_empty)) {
+            return Err(ConfigError::at("profile_property", "must be a non-empty list of non-empty path segments"));
+        }
         for (name, p) in &self.profiles {
             let base = format!("profiles.{name}.");
             if name.is_empty() || name.len() > 64 {

@@ -293,7 +293,11 @@ impl HttpContext for Request {
         self.count("requests");
         self.path = self.get_http_request_header(":path").unwrap_or_default();
         self.flavor = ErrorFlavor::for_api(Api::from_path(&self.path));
-        let profile = self.get_http_request_header(&self.cfg().profile_header.clone());
+        let from_property = self.cfg().profile_property.clone().and_then(|path| {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            self.get_property(segs).and_then(|v| String::from_utf8(v).ok()).filter(|v| !v.is_empty())
+        });
+        let profile = from_property.or_else(|| self.get_http_request_header(&self.cfg().profile_header.clone()));
         self.policy = self.shared.engine.policy(profile.as_deref());
         if self.policy.has_response_rules() {
             // answers must come back uncompressed to be scanned
