@@ -410,7 +410,10 @@ impl HttpContext for Request {
         if !self.policy.monitor && !self.fired.is_empty() {
             let names: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
             let header = self.cfg().reject.rule_header.clone();
-            self.set_http_response_header(&header, Some(&names.join(",")));
+            // a local reject already names its rule; keep that one
+            if self.get_http_response_header(&header).is_none() {
+                self.set_http_response_header(&header, Some(&names.join(",")));
+            }
         }
         if !self.policy.has_response_rules() {
             return WasmAction::Continue;
