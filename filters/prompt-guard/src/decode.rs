@@ -8,14 +8,31 @@ pub const MAX_BLOBS: usize = 16;
 const MIN_RUN: usize = 16;
 const MAX_RUN: usize = 64 * 1024;
 
+/// Base64 value of each byte (standard and URL-safe alphabets), 0xFF for other bytes.
+#[allow(clippy::indexing_slicing)] // i < 256 = the array length
+static SEXTETS: [u8; 256] = {
+    let mut t = [0xFFu8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => 0xFF,
+        };
+        i += 1;
+    }
+    t
+};
+
+#[inline]
 fn sextet(b: u8) -> Option<u8> {
-    match b {
-        b'A'..=b'Z' => Some(b - b'A'),
-        b'a'..=b'z' => Some(b - b'a' + 26),
-        b'0'..=b'9' => Some(b - b'0' + 52),
-        b'+' | b'-' => Some(62),
-        b'/' | b'_' => Some(63),
-        _ => None,
+    match SEXTETS.get(usize::from(b)).copied() {
+        Some(0xFF) | None => None,
+        v => v,
     }
 }
 
