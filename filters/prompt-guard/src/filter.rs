@@ -1,38 +1,86 @@
-use crate::config::Config;
-use meshwarden_shared::host::{load_config, Metrics};
+//! The thin proxy-wasm adapter: moves bytes between Envoy and the pure core ([`crate::inspect`]),
+//! applies verdicts, counts stats, records the rule for access logs and runs the moderation callout.
+
+use crate::config::{Action, Config, Fallback};
+use crate::engine::{Engine, Policy};
+use crate::inspect::{
+    blocked_response, inspect_request, inspect_response, reject_body, render_message, BodyError, RequestOptions,
+    StreamGuard,
+};
+use crate::moderation::{parse_verdict, request_body, Verdict};
+use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
+use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
+use meshwarden_shared::host::{callout_response, dispatch, load_config, log, now_ms, send_error, send_json, Metrics};
+use meshwarden_shared::llm::Api;
+use meshwarden_shared::stats::sanitize;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action as WasmAction, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
 
 const FILTER: &str = "prompt_guard";
+/// Filter state key (Envoy prefixes it with `wasm.`): `%FILTER_STATE(wasm.meshwarden.prompt_guard.rule:PLAIN)%`.
+const STATE_RULE: &str = "meshwarden.prompt_guard.rule";
+const STATE_ACTION: &str = "meshwarden.prompt_guard.action";
+const MAX_SSE_EVENT_BYTES: usize = 256 * 1024;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
 }}
 
+struct Shared {
+    config: Config,
+    engine: Engine,
+    metrics: RefCell<Metrics>,
+    moderation_log: RefCell<LogThrottle>,
+}
+
 #[derive(Default)]
 struct Root {
-    config: Rc<Config>,
-    metrics: Rc<RefCell<Metrics>>,
+    shared: Option<Rc<Shared>>,
 }
 
 impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        match load_config::<Config>(FILTER, self.get_plugin_configuration()) {
-            Some(c) => {
-                self.config = Rc::new(c);
+        let Some(config) = load_config::<Config>(FILTER, self.get_plugin_configuration()) else {
+            return false;
+        };
+        match Engine::compile(&config) {
+            Ok(engine) => {
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    engine,
+                    metrics: RefCell::new(Metrics::default()),
+                    moderation_log: RefCell::new(LogThrottle::new(60_000)),
+                }));
                 true
             }
-            None => false,
+            Err(e) => {
+                log(LogLevel::Critical, &format!("meshwarden {FILTER}: invalid configuration at $: {e}"));
+                false
+            }
         }
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { metrics: self.metrics.clone() }))
+        let shared = self.shared.clone()?;
+        let policy = shared.engine.default.clone();
+        Some(Box::new(Request {
+            shared,
+            policy,
+            flavor: ErrorFlavor::OpenAi,
+            path: String::new(),
+            content_type: None,
+            skip_request: false,
+            fired: Vec::new(),
+            response: ResponseMode::Pass,
+            moderation_token: None,
+            rewritten: None,
+            request_size: 0,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -40,15 +88,425 @@ impl RootContext for Root {
     }
 }
 
-struct Request {
-    metrics: Rc<RefCell<Metrics>>,
+enum ResponseMode {
+    Pass,
+    Json,
+    Stream(Box<StreamGuard>),
 }
 
-impl Context for Request {}
+struct Request {
+    shared: Rc<Shared>,
+    policy: Rc<Policy>,
+    flavor: ErrorFlavor,
+    path: String,
+    content_type: Option<String>,
+    skip_request: bool,
+    /// (rule name, what happened) for the response header and filter state.
+    fired: Vec<(String, &'static str)>,
+    response: ResponseMode,
+    moderation_token: Option<u32>,
+    rewritten: Option<Vec<u8>>,
+    request_size: usize,
+}
+
+impl Request {
+    fn cfg(&self) -> &Config {
+        &self.shared.config
+    }
+
+    fn count(&self, name: &str) {
+        self.shared.metrics.borrow_mut().counter(&format!("meshwarden.{FILTER}.{name}"), 1);
+    }
+
+    /// Count, log and remember one rule that fired. `acted` is false in monitor mode.
+    fn record(&mut self, rule: usize, dir: &str, acted: bool) {
+        let Some(r) = self.policy.rules.get(rule) else { return };
+        let outcome = match (acted, r.action) {
+            (false, _) => "monitored",
+            (true, Action::Reject) => "rejected",
+            (true, Action::Mask) => "masked",
+            (true, Action::Log) => "logged",
+        };
+        let name = r.name.clone();
+        self.count(&format!("rule.{}.{dir}.{outcome}", sanitize(&name)));
+        let verb = if acted { r.action.as_str() } else { "monitor" };
+        log(
+            LogLevel::Info,
+            &format!("meshwarden {FILTER}: rule={name} action={verb} direction={dir} path={}", self.path),
+        );
+        if !self.fired.iter().any(|(n, _)| *n == name) {
+            self.fired.push((name, outcome));
+        }
+        self.save_state();
+    }
+
+    fn save_state(&self) {
+        let rules: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
+        let actions: Vec<&str> = self.fired.iter().map(|(_, a)| *a).collect();
+        self.set_property(vec![STATE_RULE], Some(rules.join(",").as_bytes()));
+        self.set_property(vec![STATE_ACTION], Some(actions.join(",").as_bytes()));
+    }
+
+    fn reject_message(&self, rule: usize) -> (u32, String, String) {
+        let r = self.policy.rules.get(rule);
+        let name = r.map_or_else(|| "unknown".to_string(), |r| r.name.clone());
+        let status = r.and_then(|r| r.status).unwrap_or(self.cfg().reject.status);
+        let template = r.and_then(|r| r.message.clone()).unwrap_or_else(|| self.cfg().reject.message.clone());
+        (u32::from(status), render_message(&template, &name), name)
+    }
+
+    fn reject_request(&mut self, rule: usize) {
+        let (status, message, name) = self.reject_message(rule);
+        self.count("rejected");
+        let header = self.cfg().reject.rule_header.clone();
+        send_json(status, &reject_body(self.flavor, &message), &[(header.as_str(), name.as_str())]);
+    }
+
+    fn local_error(&self, status: u32, kind: ErrorKind, code: &str, message: &str) {
+        send_error(status, self.flavor, kind, Some(code), message, &[]);
+    }
+
+    /// Too large / malformed / encoded: reject with `status` or pass (counted either way).
+    fn fallback(&mut self, what: &str, fb: Fallback, status: u32, kind: ErrorKind, message: &str) -> WasmAction {
+        match fb {
+            Fallback::Reject => {
+                self.count(&format!("{what}.rejected"));
+                self.local_error(status, kind, what, message);
+                WasmAction::Pause
+            }
+            Fallback::Pass => {
+                self.count(&format!("{what}.passed"));
+                self.skip_request = true;
+                WasmAction::Continue
+            }
+        }
+    }
+
+    fn start_moderation(&mut self, input: &str) -> bool {
+        let Some(m) = self.cfg().moderation.clone() else { return false };
+        let body = request_body(m.model.as_deref(), input);
+        let auth: Vec<(&str, &str)> =
+            m.authorization.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
+        match dispatch(&m.service, "POST", &m.path, &auth, Some(&body)) {
+            Ok(token) => {
+                self.count("moderation.calls");
+                self.moderation_token = Some(token);
+                true
+            }
+            Err(f) => {
+                self.moderation_failed(f);
+                false
+            }
+        }
+    }
+
+    /// Apply the failure mode; returns true if the request was rejected.
+    fn moderation_failed(&mut self, f: CalloutFailure) -> bool {
+        self.count(&format!("moderation.failure.{}", f.as_str()));
+        if let Some(suppressed) = self.shared.moderation_log.borrow_mut().should_log(now_ms()) {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "meshwarden {FILTER}: moderation callout failed ({}); {suppressed} similar failures suppressed",
+                    f.as_str()
+                ),
+            );
+        }
+        let mode = self.cfg().moderation.as_ref().map_or(FailureMode::Deny, |m| m.service.failure_mode);
+        match mode {
+            FailureMode::Allow => {
+                self.count("moderation.fail_open");
+                false
+            }
+            FailureMode::Deny => {
+                self.count("moderation.fail_closed");
+                self.fired.push(("moderation_unavailable".to_string(), "rejected"));
+                self.save_state();
+                let header = self.cfg().reject.rule_header.clone();
+                send_error(
+                    503,
+                    self.flavor,
+                    ErrorKind::Unavailable,
+                    Some("moderation_unavailable"),
+                    "The content moderation service is unavailable; the request was not forwarded.",
+                    &[(header.as_str(), "moderation_unavailable")],
+                );
+                true
+            }
+        }
+    }
+
+    fn apply_rewrite(&mut self) {
+        if let Some(body) = self.rewritten.take() {
+            self.set_http_request_body(0, self.request_size, &body);
+        }
+    }
+}
+
+impl Context for Request {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.moderation_token != Some(token) {
+            return;
+        }
+        self.moderation_token = None;
+        let threshold = self.cfg().moderation.as_ref().map_or(0.5, |m| m.threshold);
+        let verdict =
+            callout_response(body_size).and_then(|b| parse_verdict(&b, threshold).map_err(|_| CalloutFailure::BadBody));
+        match verdict {
+            Ok(Verdict::Clean) => {
+                self.count("moderation.clean");
+                self.apply_rewrite();
+                self.resume_http_request();
+            }
+            Ok(Verdict::Flagged { category, score }) => {
+                self.count("moderation.flagged");
+                log(
+                    LogLevel::Info,
+                    &format!("meshwarden {FILTER}: moderation flagged category={category} score={score:.3}"),
+                );
+                let monitor = self.policy.monitor;
+                self.fired.push(("moderation".to_string(), if monitor { "monitored" } else { "rejected" }));
+                self.save_state();
+                if monitor {
+                    self.apply_rewrite();
+                    self.resume_http_request();
+                    return;
+                }
+                self.count("rejected");
+                let status = u32::from(self.cfg().reject.status);
+                let message = render_message(&self.cfg().reject.message, "moderation");
+                let header = self.cfg().reject.rule_header.clone();
+                send_json(status, &reject_body(self.flavor, &message), &[(header.as_str(), "moderation")]);
+            }
+            Err(f) => {
+                if !self.moderation_failed(f) {
+                    self.apply_rewrite();
+                    self.resume_http_request();
+                }
+            }
+        }
+    }
+}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.metrics.borrow_mut().counter("meshwarden.prompt_guard.requests", 1);
-        Action::Continue
+    fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> WasmAction {
+        self.count("requests");
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.flavor = ErrorFlavor::for_api(Api::from_path(&self.path));
+        let from_property = self.cfg().profile_property.clone().and_then(|path| {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            self.get_property(segs).and_then(|v| String::from_utf8(v).ok()).filter(|v| !v.is_empty())
+        });
+        let profile = from_property.or_else(|| self.get_http_request_header(&self.cfg().profile_header.clone()));
+        self.policy = self.shared.engine.policy(profile.as_deref());
+        if self.policy.has_response_rules() {
+            // answers must come back uncompressed to be scanned
+            self.set_http_request_header("accept-encoding", None);
+        }
+        if eos || (!self.policy.has_request_rules() && !self.policy.moderation) {
+            self.skip_request = true;
+            return WasmAction::Continue;
+        }
+        self.content_type = self.get_http_request_header("content-type");
+        let encoding = self.get_http_request_header("content-encoding").unwrap_or_default();
+        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+            let fb = self.cfg().on_encoded_body;
+            return self.fallback(
+                "encoded_body",
+                fb,
+                415,
+                ErrorKind::InvalidRequest,
+                "Compressed request bodies cannot be inspected by the prompt guard; send them uncompressed.",
+            );
+        }
+        let declared = self.get_http_request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.cfg().max_body_bytes) {
+            let fb = self.cfg().on_too_large;
+            return self.fallback(
+                "too_large",
+                fb,
+                413,
+                ErrorKind::RequestTooLarge,
+                "The request body is too large to be inspected.",
+            );
+        }
+        if self.policy.has_mask_rules(crate::engine::Dir::Request) || self.policy.monitor {
+            self.set_http_request_header("content-length", None);
+        }
+        WasmAction::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, eos: bool) -> WasmAction {
+        if self.skip_request {
+            return WasmAction::Continue;
+        }
+        if size as u64 > self.cfg().max_body_bytes {
+            let fb = self.cfg().on_too_large;
+            return self.fallback(
+                "too_large",
+                fb,
+                413,
+                ErrorKind::RequestTooLarge,
+                "The request body is too large to be inspected.",
+            );
+        }
+        if !eos {
+            return WasmAction::Pause;
+        }
+        self.skip_request = true; // one inspection per request
+        let body = self.get_http_request_body(0, size).unwrap_or_default();
+        self.request_size = size;
+        let moderation_roles = if self.policy.moderation {
+            self.cfg().moderation.as_ref().map(|m| m.roles.clone()).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let opts = RequestOptions {
+            scan_non_json: self.cfg().scan_non_json,
+            mask_text: &self.shared.config.mask_text,
+            moderation_roles: &moderation_roles,
+            moderation_max_bytes: self.cfg().moderation.as_ref().map_or(0, |m| m.max_input_bytes),
+        };
+        let inspection = match inspect_request(&self.policy, &self.path, self.content_type.as_deref(), &body, &opts) {
+            Ok(i) => i,
+            Err(BodyError::MalformedJson(e)) => {
+                let fb = self.cfg().on_malformed;
+                let msg = format!("The request body is not valid JSON: {e}");
+                return self.fallback("malformed_body", fb, 400, ErrorKind::InvalidRequest, &msg);
+            }
+        };
+        let monitor = self.policy.monitor;
+        for &rule in &inspection.fired {
+            self.record(rule, "request", !monitor);
+        }
+        if monitor {
+            if !inspection.fired.is_empty() {
+                self.count("monitored");
+            }
+        } else {
+            if let Some(rule) = inspection.reject {
+                self.reject_request(rule);
+                return WasmAction::Pause;
+            }
+            if inspection.rewritten.is_some() {
+                self.count("masked");
+            }
+            self.rewritten = inspection.rewritten;
+        }
+        if self.policy.moderation && !inspection.moderation_input.trim().is_empty() {
+            if self.start_moderation(&inspection.moderation_input) {
+                return WasmAction::Pause;
+            }
+            // dispatch failed: moderation_failed already applied the failure mode
+            if self.fired.iter().any(|(n, _)| n == "moderation_unavailable") {
+                return WasmAction::Pause;
+            }
+        }
+        self.apply_rewrite();
+        WasmAction::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> WasmAction {
+        if !self.policy.monitor && !self.fired.is_empty() {
+            let names: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
+            let header = self.cfg().reject.rule_header.clone();
+            // a local reject already names its rule; keep that one
+            if self.get_http_response_header(&header).is_none() {
+                self.set_http_response_header(&header, Some(&names.join(",")));
+            }
+        }
+        if !self.policy.has_response_rules() {
+            return WasmAction::Continue;
+        }
+        let encoding = self.get_http_response_header("content-encoding").unwrap_or_default();
+        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+            self.count("response_unscannable");
+            return WasmAction::Continue;
+        }
+        let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        if ct.contains("text/event-stream") {
+            let act = !self.policy.monitor;
+            self.response = ResponseMode::Stream(Box::new(StreamGuard::new(
+                self.cfg().stream_holdback_bytes,
+                MAX_SSE_EVENT_BYTES,
+                act,
+            )));
+            self.set_http_response_header("content-length", None);
+            WasmAction::Continue
+        } else if ct.contains("json") {
+            self.response = ResponseMode::Json;
+            self.set_http_response_header("content-length", None);
+            // Pausing here would stop the body callbacks too (Envoy holds the data until headers resume),
+            // so the headers go out now and a reject rewrites the body (see `blocked_response`).
+            WasmAction::Continue
+        } else {
+            WasmAction::Continue
+        }
+    }
+
+    fn on_http_response_body(&mut self, size: usize, eos: bool) -> WasmAction {
+        match std::mem::replace(&mut self.response, ResponseMode::Pass) {
+            ResponseMode::Pass => WasmAction::Continue,
+            ResponseMode::Json => {
+                if size as u64 > self.cfg().max_body_bytes {
+                    self.count("response_too_large");
+                    return WasmAction::Continue;
+                }
+                if !eos {
+                    self.response = ResponseMode::Json;
+                    return WasmAction::Pause;
+                }
+                let body = self.get_http_response_body(0, size).unwrap_or_default();
+                let ins = inspect_response(&self.policy, &body, &self.shared.config.mask_text);
+                let monitor = self.policy.monitor;
+                for &rule in &ins.fired {
+                    self.record(rule, "response", !monitor);
+                }
+                if monitor {
+                    return WasmAction::Continue;
+                }
+                if let Some(rule) = ins.reject {
+                    let (_, message, _) = self.reject_message(rule);
+                    self.count("rejected");
+                    if let Some(new) = blocked_response(&body, &message) {
+                        self.set_http_response_body(0, size, &new);
+                    }
+                    return WasmAction::Continue;
+                }
+                if let Some(new) = ins.rewritten {
+                    self.count("masked");
+                    self.set_http_response_body(0, size, &new);
+                }
+                WasmAction::Continue
+            }
+            ResponseMode::Stream(mut guard) => {
+                let chunk = self.get_http_response_body(0, size).unwrap_or_default();
+                let policy = self.policy.clone();
+                let mask = self.shared.config.mask_text.clone();
+                let (status_msg, flavor) = (self.cfg().reject.message.clone(), self.flavor);
+                let rules_for_msg = policy.clone();
+                let step = guard.feed(&policy, &chunk, eos, &mask, flavor, &|rule| {
+                    let r = rules_for_msg.rules.get(rule);
+                    let name = r.map_or("unknown", |r| r.name.as_str());
+                    render_message(r.and_then(|r| r.message.as_deref()).unwrap_or(&status_msg), name)
+                });
+                let monitor = self.policy.monitor;
+                for &rule in &step.fired {
+                    let acted = !monitor;
+                    // mask/log/reject in streams are counted when first seen
+                    self.record(rule, "response", acted);
+                }
+                if step.rejected.is_some() {
+                    self.count("rejected");
+                }
+                let oversized = guard.oversized_events();
+                self.response = ResponseMode::Stream(guard);
+                if oversized > 0 && eos {
+                    self.count("stream_oversized_events");
+                }
+                self.set_http_response_body(0, size, &step.output);
+                WasmAction::Continue
+            }
+        }
     }
 }

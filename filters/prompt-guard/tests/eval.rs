@@ -1,0 +1,273 @@
+//! Detection and false-positive rates of the default configuration on the evaluation set in `eval/`.
+//!
+//! Every injection and every benign prompt is scanned as written and after each of the evasion transforms
+//! below (the classes listed in detection.md). Detection = share of (injection, transform) pairs that
+//! the default packs reject; false positives = share of (benign, transform) pairs that any pack rejects.
+//! Targets from the issue: detection >= 95 %, false positives <= 1 %. Run with `--nocapture` to see the
+//! per-pack and per-evasion table.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use meshwarden_shared::config::parse_config;
+use meshwarden_shared::llm::Role;
+use prompt_guard::config::Config;
+use prompt_guard::engine::{Dir, Engine};
+use std::collections::BTreeMap;
+
+fn words_map(text: &str, f: impl Fn(&str) -> String, sep: &str) -> String {
+    text.split(' ').map(f).collect::<Vec<_>>().join(sep)
+}
+
+fn chars_map(text: &str, f: impl Fn(char) -> String) -> String {
+    text.chars().map(f).collect()
+}
+
+fn interleave(word: &str, sep: &str) -> String {
+    word.chars().map(|c| c.to_string()).collect::<Vec<_>>().join(sep)
+}
+
+fn cyrillic(c: char) -> String {
+    match c {
+        'a' => 'а',
+        'e' => 'е',
+        'o' => 'о',
+        'p' => 'р',
+        'c' => 'с',
+        'x' => 'х',
+        'i' => 'і',
+        'y' => 'у',
+        'A' => 'А',
+        'E' => 'Е',
+        'O' => 'О',
+        'P' => 'Р',
+        'C' => 'С',
+        'T' => 'Т',
+        'H' => 'Н',
+        'M' => 'М',
+        'K' => 'К',
+        c => c,
+    }
+    .to_string()
+}
+
+fn greek(c: char) -> String {
+    match c {
+        'o' => 'ο',
+        'i' => 'ι',
+        'v' => 'ν',
+        'a' => 'α',
+        't' => 'τ',
+        'k' => 'κ',
+        'n' => 'η',
+        'p' => 'ρ',
+        'u' => 'υ',
+        'O' => 'Ο',
+        'I' => 'Ι',
+        'A' => 'Α',
+        'E' => 'Ε',
+        'N' => 'Ν',
+        c => c,
+    }
+    .to_string()
+}
+
+fn leet(c: char) -> String {
+    match c.to_ascii_lowercase() {
+        'o' => '0',
+        'i' => '1',
+        'e' => '3',
+        'a' => '4',
+        's' => '5',
+        't' => '7',
+        _ => c,
+    }
+    .to_string()
+}
+
+/// The evasion transforms, by class name.
+type Transform = Box<dyn Fn(&str) -> String>;
+
+fn transforms() -> Vec<(&'static str, Transform)> {
+    vec![
+        ("plain", Box::new(|t: &str| t.to_string())),
+        ("zero_width", Box::new(|t: &str| words_map(t, |w| interleave(w, "\u{200B}"), " "))),
+        (
+            "bidi_controls",
+            Box::new(|t: &str| words_map(t, |w| format!("\u{2066}{}\u{2069}", interleave(w, "\u{200F}")), " ")),
+        ),
+        ("soft_hyphen", Box::new(|t: &str| words_map(t, |w| interleave(w, "\u{00AD}"), " "))),
+        (
+            "tag_smuggling",
+            Box::new(|t: &str| {
+                let hidden: String =
+                    t.chars().filter(char::is_ascii).map(|c| char::from_u32(0xE0000 + c as u32).unwrap()).collect();
+                format!("Hi! {hidden}")
+            }),
+        ),
+        (
+            "fullwidth",
+            Box::new(|t: &str| {
+                chars_map(t, |c| {
+                    if ('!'..='~').contains(&c) {
+                        char::from_u32(c as u32 + 0xFEE0).unwrap().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+            }),
+        ),
+        (
+            "math_alphanumerics",
+            Box::new(|t: &str| {
+                chars_map(t, |c| match c {
+                    'a'..='z' => char::from_u32(0x1D41A + (c as u32 - 'a' as u32)).unwrap().to_string(),
+                    'A'..='Z' => char::from_u32(0x1D400 + (c as u32 - 'A' as u32)).unwrap().to_string(),
+                    '0'..='9' => char::from_u32(0x1D7CE + (c as u32 - '0' as u32)).unwrap().to_string(),
+                    c => c.to_string(),
+                })
+            }),
+        ),
+        (
+            "combining_marks",
+            Box::new(|t: &str| {
+                chars_map(t, |c| if "aeiouAEIOU".contains(c) { format!("{c}\u{0301}") } else { c.to_string() })
+            }),
+        ),
+        ("cyrillic_homoglyphs", Box::new(|t: &str| chars_map(t, cyrillic))),
+        ("greek_homoglyphs", Box::new(|t: &str| chars_map(t, greek))),
+        ("leetspeak", Box::new(|t: &str| chars_map(t, leet))),
+        ("split_letters", Box::new(|t: &str| words_map(t, |w| interleave(w, " "), "   "))),
+        ("dash_split", Box::new(|t: &str| words_map(t, |w| interleave(w, "-"), " "))),
+        (
+            "dotted_words",
+            Box::new(|t: &str| {
+                words_map(
+                    t,
+                    |w| {
+                        let cs: Vec<char> = w.chars().collect();
+                        if cs.len() < 4 {
+                            return w.to_string();
+                        }
+                        let mid = cs.len() / 2;
+                        format!("{}.{}", cs[..mid].iter().collect::<String>(), cs[mid..].iter().collect::<String>())
+                    },
+                    " ",
+                )
+            }),
+        ),
+        ("line_breaks", Box::new(|t: &str| words_map(t, str::to_string, "\n"))),
+        ("markdown_emphasis", Box::new(|t: &str| words_map(t, |w| format!("**{w}**"), " "))),
+        (
+            "case_games",
+            Box::new(|t: &str| {
+                t.chars()
+                    .enumerate()
+                    .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+                    .collect()
+            }),
+        ),
+        (
+            "mixed",
+            Box::new(|t: &str| {
+                words_map(&chars_map(t, cyrillic), |w| interleave(&chars_map(w, leet), "\u{200B}"), "  ")
+            }),
+        ),
+    ]
+}
+
+fn load(name: &str) -> Vec<(String, String)> {
+    let path = format!("{}/eval/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| match l.split_once('\t') {
+            Some((tag, text)) => (tag.to_string(), text.replace("\\n", "\n")),
+            None => (String::new(), l.replace("\\n", "\n")),
+        })
+        .collect()
+}
+
+#[test]
+fn detection_and_false_positive_rates_meet_the_targets() {
+    let cfg: Config = parse_config(b"{}").unwrap();
+    let engine = Engine::compile(&cfg).unwrap();
+    let policy = engine.default.clone();
+    let fires = |text: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            policy.scan(text, Dir::Request, Role::User).iter().map(|h| policy.rules[h.rule].name.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let injections = load("injections.tsv");
+    let benign = load("benign.tsv");
+    let ts = transforms();
+
+    let mut by_pack: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut by_evasion: BTreeMap<&str, (usize, usize, usize, usize)> = BTreeMap::new();
+    let mut missed = Vec::new();
+    let mut false_pos = Vec::new();
+    let (mut det, mut tot, mut fp, mut btot) = (0usize, 0usize, 0usize, 0usize);
+    for (pack, text) in &injections {
+        for (name, t) in &ts {
+            let variant = t(text);
+            let hit = !fires(&variant).is_empty();
+            tot += 1;
+            let e = by_evasion.entry(name).or_default();
+            e.1 += 1;
+            let p = by_pack.entry(pack.clone()).or_default();
+            p.1 += 1;
+            if hit {
+                det += 1;
+                e.0 += 1;
+                p.0 += 1;
+            } else {
+                missed.push(format!("[{name}] {text}"));
+            }
+        }
+    }
+    for (_, text) in &benign {
+        for (name, t) in &ts {
+            let variant = t(text);
+            let f = fires(&variant);
+            btot += 1;
+            let e = by_evasion.entry(name).or_default();
+            e.3 += 1;
+            if !f.is_empty() {
+                fp += 1;
+                e.2 += 1;
+                false_pos.push(format!("[{name}] {text} -> {f:?}"));
+            }
+        }
+    }
+    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+    println!("| evasion | detected | false positives |\n|---|---|---|");
+    for (name, (d, t, f, b)) in &by_evasion {
+        println!("| {name} | {d}/{t} ({:.1}%) | {f}/{b} ({:.2}%) |", pct(*d, *t), pct(*f, *b));
+    }
+    println!("\n| pack | detected |\n|---|---|");
+    for (pack, (d, t)) in &by_pack {
+        println!("| {pack} | {d}/{t} ({:.1}%) |", pct(*d, *t));
+    }
+    println!(
+        "\nTOTAL: {} injections x {} transforms: detection {det}/{tot} = {:.2}%; {} benign x {} transforms: false positives {fp}/{btot} = {:.2}%",
+        injections.len(),
+        ts.len(),
+        pct(det, tot),
+        benign.len(),
+        ts.len(),
+        pct(fp, btot)
+    );
+    println!("\nmissed ({}):", missed.len());
+    for m in &missed {
+        println!("  {m}");
+    }
+    println!("\nfalse positives ({}):", false_pos.len());
+    for m in &false_pos {
+        println!("  {m}");
+    }
+    assert!(injections.len() >= 80 && benign.len() >= 250, "the evaluation set must stay this large");
+    assert!(pct(det, tot) >= 95.0, "detection {:.2}% < 95%", pct(det, tot));
+    assert!(pct(fp, btot) <= 1.0, "false positives {:.2}% > 1%", pct(fp, btot));
+}
