@@ -120,15 +120,16 @@ pub fn dispatch(
         .map_err(|_| CalloutFailure::Dispatch)
 }
 
-/// Read a callout's answer in `on_http_call_response`: the body on 2xx, or why it failed. Envoy reports
-/// a timeout or connection failure as a response without `:status`.
+/// Read a callout's answer in `on_http_call_response`: the body on 2xx, or why it failed. Envoy answers
+/// a callout that timed out with its own 504 (and a failed connection with 503), so 504 counts as a
+/// timeout; a response without `:status` (the call was reset) counts as one too.
 pub fn callout_response(body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
     let status = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status")
         .ok()
         .flatten()
         .and_then(|s| s.parse::<u16>().ok());
     match status {
-        None => Err(CalloutFailure::Timeout),
+        None | Some(504) => Err(CalloutFailure::Timeout),
         Some(s) if !(200..300).contains(&s) => Err(CalloutFailure::Status(s)),
         Some(_) => Ok(hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, 0, body_size)
             .ok()
