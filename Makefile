@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: soak fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+.PHONY: demo soak fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -33,7 +33,7 @@ test-wasm: ## the shared crate's tests compiled to wasm32 and run under wasm-bin
 	scripts/test-wasm.sh
 
 test-integration: build ## real Envoy loading the real .wasm files, real HTTP upstreams
-	cargo test -p meshwarden-integration-tests --tests
+	cargo test -p meshwarden-integration-tests --tests --no-fail-fast
 
 test: tools lint test-unit test-wasm test-integration fuzz-smoke ## everything CI runs: installs tools, builds, all tests
 	@echo "make test: all passed"
@@ -47,8 +47,11 @@ fuzz: ## run every fuzz target (cargo fuzz) for FUZZ_SECONDS each (default 300);
 fuzz-smoke: ## a short fuzz run of every target (part of make test)
 	scripts/fuzz.sh $${FUZZ_SECONDS:-10}
 
-run: build ## Envoy + all five filters + the mock LLM on localhost (Ctrl-C stops)
+run: build ## the local gateway: Envoy + five filters + sidecar + mock model pool + mock MCP server (Ctrl-C stops)
 	cargo run -q -p meshwarden-integration-tests --bin meshwarden-run
+
+demo: build ## a scripted tour of the local gateway: each filter acts once, explained (fails if one does not)
+	cargo run -q -p meshwarden-integration-tests --bin meshwarden-run -- --demo
 
 bench: tools build ## added latency and throughput vs plain Envoy, same run (BENCH=substring selects)
 	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}

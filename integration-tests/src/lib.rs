@@ -12,8 +12,10 @@
 
 pub mod bench;
 pub mod envoy;
+pub mod gateway;
 pub mod k8s_schema;
 pub mod mock_llm;
+pub mod mock_mcp;
 pub mod model_sim;
 pub mod paths;
 pub mod python;

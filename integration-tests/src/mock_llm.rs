@@ -17,6 +17,9 @@
 //! | `x-mock-no-usage: 1` | leave `usage` out (JSON and streams) |
 //! | `x-mock-abort-after-chunks: N` | stream N chunks, then reset the connection |
 //!
+//! Every answer carries `x-mock-served-by: ip:port`, and `GET /metrics` serves the requests in flight in
+//! vLLM's metric names, so several mocks can form a pool behind inference-router (`make run`).
+//!
 //! Every request received (method, path, headers, body) is recorded: `GET /mock/requests` returns them
 //! as JSON, `DELETE /mock/requests` clears them, and tests read them directly with [`MockLlm::requests`].
 
@@ -67,6 +70,38 @@ pub struct MockOptions {
 struct AppState {
     recorded: Arc<Mutex<Vec<Recorded>>>,
     options: MockOptions,
+    /// Requests being answered now (streams until their last chunk): served on `/metrics` in vLLM's
+    /// names, so the mock can stand in for a model server behind inference-router.
+    in_flight: Arc<std::sync::atomic::AtomicU64>,
+    /// `ip:port` this mock listens on, sent back as `x-mock-served-by`.
+    served_by: String,
+}
+
+/// Decrements the in-flight count when the answer is complete.
+struct InFlight(Arc<std::sync::atomic::AtomicU64>);
+
+impl InFlight {
+    fn start(counter: &Arc<std::sync::atomic::AtomicU64>) -> InFlight {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    let running = state.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    let text = format!(
+        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{model_name=\"mock-model\"}} {running}\n\
+         # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"mock-model\"}} 0\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{model_name=\"mock-model\"}} {}\n",
+        (running as f64 / 64.0).min(1.0)
+    );
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// A running mock; stops when dropped.
@@ -86,8 +121,17 @@ impl MockLlm {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let recorded = Arc::new(Mutex::new(Vec::new()));
-        let state = AppState { recorded: recorded.clone(), options };
-        let app = Router::new().route("/mock/requests", any(recorded_handler)).fallback(any(handle)).with_state(state);
+        let state = AppState {
+            recorded: recorded.clone(),
+            options,
+            in_flight: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            served_by: addr.to_string(),
+        };
+        let app = Router::new()
+            .route("/mock/requests", any(recorded_handler))
+            .route("/metrics", axum::routing::get(metrics_handler))
+            .fallback(any(handle))
+            .with_state(state);
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -195,6 +239,23 @@ fn split_pieces(text: &str) -> Vec<String> {
 }
 
 async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let guard = InFlight::start(&state.in_flight);
+    let served_by = state.served_by.clone();
+    let mut resp = answer(state, method, uri, headers, body, guard).await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&served_by) {
+        resp.headers_mut().insert("x-mock-served-by", v);
+    }
+    resp
+}
+
+async fn answer(
+    state: AppState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    guard: InFlight,
+) -> Response {
     let body_text = String::from_utf8_lossy(&body).to_string();
     if let Ok(mut rec) = state.recorded.lock() {
         let max = if state.options.max_recorded == 0 { 10_000 } else { state.options.max_recorded };
@@ -277,7 +338,7 @@ async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers
         abort_after: header_u64(&headers, "x-mock-abort-after-chunks"),
     };
     if plan.stream && api != Api::OpenAiEmbeddings {
-        stream_response(plan)
+        stream_response(plan, guard)
     } else {
         json_response(&plan)
     }
@@ -407,12 +468,13 @@ fn stream_events(plan: &Plan) -> Vec<String> {
     ev
 }
 
-fn stream_response(plan: Plan) -> Response {
+fn stream_response(plan: Plan, guard: InFlight) -> Response {
     let events = stream_events(&plan);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let delay = plan.chunk_delay;
     let abort_after = plan.abort_after;
     tokio::spawn(async move {
+        let _in_flight = guard; // until the last chunk
         for (i, e) in events.into_iter().enumerate() {
             if abort_after.is_some_and(|n| i as u64 >= n) {
                 let _ = tx

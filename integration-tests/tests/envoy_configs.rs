@@ -20,17 +20,39 @@ fn placeholders(template: &str) -> Vec<String> {
     out
 }
 
+/// A self-signed certificate as CA, server certificate and key, for templates with TLS listeners.
+fn tls_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let ok = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=meshwarden-test"])
+            .arg("-keyout")
+            .arg(d.path().join("srv.key"))
+            .arg("-out")
+            .arg(d.path().join("srv.crt"))
+            .output()
+            .expect("openssl (make test installs it)");
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        std::fs::copy(d.path().join("srv.crt"), d.path().join("ca.crt")).unwrap();
+        d
+    })
+    .path()
+}
+
+const JWKS: &str = r#"{"keys":[{"kty":"oct","alg":"HS256","kid":"k1","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}]}"#;
+
 fn value_for(name: &str) -> String {
     match name {
+        "TLS_DIR" => tls_dir().display().to_string(),
+        "BENCH_ANSWER" => json_string(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
         "WASM_DIR" => wasm_dir().display().to_string(),
         "LB_POLICY" => "LEAST_REQUEST".to_string(),
         "POOL_LB_ENDPOINTS" => {
             "[{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 18000}}}}]".to_string()
         }
         // An HS256 key, as the mcp-authz jwt_authn template expects a JWKS document in a string.
-        "JWKS" => json_string(
-            r#"{"keys":[{"kty":"oct","alg":"HS256","kid":"k1","k":"c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"}]}"#,
-        ),
+        "JWKS" => json_string(JWKS),
         n if n.ends_with("_CONFIG") => json_string("{}"),
         n if n.ends_with("_PORT") => "18001".to_string(),
         other => panic!("envoy-configs use a placeholder this test does not know: {other}; teach value_for()"),
@@ -48,8 +70,12 @@ fn every_envoy_config_validates() {
             continue;
         }
         let template = std::fs::read_to_string(&path).unwrap();
-        let vars: BTreeMap<String, String> =
+        let mut vars: BTreeMap<String, String> =
             placeholders(&template).into_iter().map(|n| (n.clone(), value_for(&n))).collect();
+        if template.contains("'{{JWKS}}'") {
+            // This template quotes the JWKS itself: it wants the raw JSON document.
+            vars.insert("JWKS".to_string(), JWKS.to_string());
+        }
         let rendered = render(&template, &vars).unwrap();
         let out_path = tmp.path().join(path.file_name().unwrap());
         std::fs::write(&out_path, rendered).unwrap();
