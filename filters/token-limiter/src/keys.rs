@@ -38,30 +38,6 @@ pub fn spiffe_part(uri: &str, part: SpiffePart) -> Option<String> {
     }
 }
 
-fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            b'=' => break,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(((acc >> bits) & 0xff) as u8);
-        }
-    }
-    Some(out)
-}
-
 /// A claim of an unverified JWT in an `Authorization: Bearer <jwt>` (or bare token) header value.
 /// String claims are used as is; numbers and booleans as their JSON text.
 pub fn unverified_jwt_claim(header_value: &str, claim: &str) -> Option<String> {
@@ -71,7 +47,7 @@ pub fn unverified_jwt_claim(header_value: &str, claim: &str) -> Option<String> {
     if payload.len() > 16 * 1024 {
         return None;
     }
-    let bytes = b64url_decode(payload)?;
+    let bytes = meshwarden_shared::encoding::base64_decode(payload).ok()?;
     let json: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     claim_value(&json, claim)
 }
