@@ -60,6 +60,20 @@ pub struct Audit {
     pub id: Option<Value>,
 }
 
+impl Audit {
+    fn of(protocol: Protocol, method: &str, target: &Option<String>, d: &Decision, id: Option<Value>) -> Audit {
+        Audit {
+            protocol,
+            method: method.to_string(),
+            target: target.clone(),
+            allowed: d.allowed,
+            rule: d.rule.clone(),
+            answer: (!d.allowed).then_some(d.answer),
+            id,
+        }
+    }
+}
+
 /// How to filter the answer to a forwarded request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterKind {
@@ -309,15 +323,7 @@ impl Engine {
             }
         }
         let (d, target) = self.decide_call(identity, protocol, &method, params.as_ref());
-        out.audits.push(Audit {
-            protocol,
-            method: method.clone(),
-            target: target.clone(),
-            allowed: d.allowed,
-            rule: d.rule.clone(),
-            answer: (!d.allowed).then_some(d.answer),
-            id: id.clone(),
-        });
+        out.audits.push(Audit::of(protocol, &method, &target, &d, id.clone()));
         if d.allowed {
             if let Some(id) = &id {
                 if let Some(k) = self.filter_kind(protocol, &method) {
@@ -384,15 +390,7 @@ impl Engine {
                 Ok(Message::Response { .. }) => out.events.push("client_response"),
                 Ok(Message::Request { id, method, params }) => {
                     let (d, target) = self.decide_call(identity, protocol, &method, params.as_ref());
-                    out.audits.push(Audit {
-                        protocol,
-                        method: method.clone(),
-                        target: target.clone(),
-                        allowed: d.allowed,
-                        rule: d.rule.clone(),
-                        answer: (!d.allowed).then_some(d.answer),
-                        id: Some(id.clone()),
-                    });
+                    out.audits.push(Audit::of(protocol, &method, &target, &d, Some(id.clone())));
                     if d.allowed {
                         if let Some(k) = self.filter_kind(protocol, &method) {
                             out.filters.insert(id_key(&id), k);

@@ -167,6 +167,18 @@ impl Request {
     }
 
     /// Too large / malformed / encoded: reject with `status` or pass (counted either way).
+    /// A request body over `max_body_bytes` (declared or received): `on_too_large` decides (413 or pass).
+    fn too_large(&mut self) -> WasmAction {
+        let fb = self.cfg().on_too_large;
+        self.fallback(
+            "too_large",
+            fb,
+            413,
+            ErrorKind::RequestTooLarge,
+            "The request body is too large to be inspected.",
+        )
+    }
+
     fn fallback(&mut self, what: &str, fb: Fallback, status: u32, kind: ErrorKind, message: &str) -> WasmAction {
         match fb {
             Fallback::Reject => {
@@ -321,14 +333,7 @@ impl HttpContext for Request {
         }
         let declared = self.get_http_request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.cfg().max_body_bytes) {
-            let fb = self.cfg().on_too_large;
-            return self.fallback(
-                "too_large",
-                fb,
-                413,
-                ErrorKind::RequestTooLarge,
-                "The request body is too large to be inspected.",
-            );
+            return self.too_large();
         }
         if self.policy.has_mask_rules(crate::engine::Dir::Request) || self.policy.monitor {
             self.set_http_request_header("content-length", None);
@@ -341,14 +346,7 @@ impl HttpContext for Request {
             return WasmAction::Continue;
         }
         if size as u64 > self.cfg().max_body_bytes {
-            let fb = self.cfg().on_too_large;
-            return self.fallback(
-                "too_large",
-                fb,
-                413,
-                ErrorKind::RequestTooLarge,
-                "The request body is too large to be inspected.",
-            );
+            return self.too_large();
         }
         if !eos {
             return WasmAction::Pause;
