@@ -41,6 +41,9 @@ pub fn now_ms() -> u64 {
 #[derive(Debug, Default)]
 pub struct Metrics {
     ids: HashMap<String, u32>,
+    /// Counter ids by the name *after* the filter's prefix: the per-request path looks a stat up
+    /// without formatting its full name (a `format!` costs more than the host call inside V8).
+    by_suffix: HashMap<String, u32>,
 }
 
 impl Metrics {
@@ -57,6 +60,22 @@ impl Metrics {
         if let Some(id) = self.id(MetricType::Counter, name) {
             let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
         }
+    }
+
+    /// `counter(&format!("{prefix}.{name}"), delta)` without building the full name after its first use.
+    /// One `Metrics` serves one filter, so the prefix is the same on every call.
+    pub fn counter_in(&mut self, prefix: &str, name: &str, delta: u64) {
+        let id = match self.by_suffix.get(name) {
+            Some(id) => *id,
+            None => {
+                let Some(id) = self.id(MetricType::Counter, &format!("{prefix}.{name}")) else {
+                    return;
+                };
+                self.by_suffix.insert(name.to_string(), id);
+                id
+            }
+        };
+        let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
     }
 
     pub fn gauge_set(&mut self, name: &str, value: u64) {
@@ -135,5 +154,34 @@ pub fn callout_response(body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
             .ok()
             .flatten()
             .unwrap_or_default()),
+    }
+}
+
+/// A header map read with one host call. Each single-header read is a host call plus a call back into
+/// the VM to allocate the answer; a filter that looks at many headers (mcp-authz reads up to ten per
+/// request) is cheaper reading them all at once.
+#[derive(Debug, Default)]
+pub struct HeaderSnapshot {
+    pairs: Vec<(String, String)>,
+}
+
+impl HeaderSnapshot {
+    /// The request headers (call from a request-headers callback or later).
+    pub fn request() -> Self {
+        Self { pairs: hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders).unwrap_or_default() }
+    }
+
+    /// From pairs (tests, or headers already read).
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        Self { pairs }
+    }
+
+    /// The first value of `name` (case-insensitive), as a single-header read answers it.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
     }
 }

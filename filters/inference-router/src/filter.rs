@@ -59,7 +59,7 @@ const HELD_LIMIT_MS: u64 = 500;
 
 impl Shared {
     fn count(&self, name: &str, n: u64) {
-        self.metrics.borrow_mut().counter(&format!("{P}.{name}"), n);
+        self.metrics.borrow_mut().counter_in(P, name, n);
     }
 }
 

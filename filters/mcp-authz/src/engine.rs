@@ -524,6 +524,31 @@ impl Engine {
         text: &str,
     ) -> Result<Option<(String, usize)>, Unreadable> {
         let mut view = None;
+        // The common case, one request whose answer is a list: read it in one pass.
+        if let (1, Some((want_id, FilterKind::List(k)))) = (plan.len(), plan.iter().next()) {
+            if !text.trim_start().starts_with('[') {
+                let v = view.get_or_insert_with(|| self.policy.view(identity));
+                let mut keep = |name: &str| {
+                    v.allows(&Call {
+                        protocol: Protocol::Mcp,
+                        method: k.use_method(),
+                        method_alias: None,
+                        target: Some(name),
+                        arguments: None,
+                    })
+                };
+                let answer = crate::onepass::filter_list(text, k.result_key(), k.item_name_key(), &mut keep)
+                    .map_err(|_| Unreadable)?;
+                let id_matches = answer
+                    .id
+                    .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+                    .is_some_and(|id| id_key(&id) == *want_id);
+                return Ok(match answer.rewritten {
+                    Some(body) if id_matches => Some((body, answer.removed)),
+                    _ => None,
+                });
+            }
+        }
         if text.trim_start().starts_with('[') {
             let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|_| Unreadable)?;
             let mut removed = 0;
@@ -926,6 +951,53 @@ mod tests {
             .reply
             .unwrap();
         assert_eq!((r.status, r.body.as_str()), (202, ""));
+    }
+
+    /// The one-pass list filter (plan of one list) must answer exactly as the general path (forced by a
+    /// second plan entry that matches nothing), on ordinary and hostile answers.
+    #[test]
+    fn one_pass_list_filter_agrees_with_general_path() {
+        let e = std_engine("hide");
+        let mut one = HashMap::new();
+        one.insert("7".to_string(), FilterKind::List(ListKind::Tools));
+        let mut general = one.clone();
+        general.insert("\"unused\"".to_string(), FilterKind::List(ListKind::Prompts));
+        let answers = [
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"search"},{"name":"delete_all"},{"name":"get_weather"}]}}"#,
+            r#" { "jsonrpc" : "2.0" , "id" : 7 , "result" : { "tools" : [ { "name" : "search" , "x" : [1, 2.50, {"a": null}] } , { "name" : "rm" } ] , "nextCursor" : "c" } } "#,
+            // id after result, duplicate keys (last wins), escaped keys and names
+            r#"{"result":{"tools":[{"name":"rm"}]},"jsonrpc":"2.0","result":{"tools":[{"na\u006de":"search"},{"name":"d\u0065lete"}]},"id":7}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"rm"}],"tools":[{"name":"search"},{"name":"x"}]}}"#,
+            // a repeated name field, a non-string name, a null name, a non-object item
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"search","name":"rm"},{"name":"rm","name":"search"},{"name":5},{"name":null},"search",[1],{"name":"get_x"}]}}"#,
+            // nothing removed; wrong id; no result; result not an object; list not an array; error answer
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"search"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"rm"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":"7","result":{"tools":[{"name":"rm"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":7}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":[{"name":"rm"}]}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":{"name":"rm"}}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"x"}}"#,
+            r#""just a string""#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"rm"}]}} trailing"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"rm"}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"r\m\u00"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"\ud83d\ude00 \"q\"","k\"ey":1},{"name":"search","de\"sc":"a\nb"}]}}"#,
+        ];
+        for a in answers {
+            let fast = e.filter_answer_text(&anon(), &one, a);
+            let slow = e.filter_answer_text(&anon(), &general, a);
+            match (fast, slow) {
+                (Ok(None), Ok(None)) | (Err(_), Err(_)) => {}
+                (Ok(Some((f, nf))), Ok(Some((s, ns)))) => {
+                    assert_eq!(nf, ns, "removed count for {a}");
+                    let (fv, sv): (Value, Value) =
+                        (serde_json::from_str(&f).unwrap(), serde_json::from_str(&s).unwrap());
+                    assert_eq!(fv, sv, "rewritten answer for {a}");
+                }
+                (f, s) => panic!("one-pass {f:?} vs general {s:?} for {a}"),
+            }
+        }
     }
 
     #[test]

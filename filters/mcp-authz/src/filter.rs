@@ -5,7 +5,7 @@
 use crate::config::{Config, OtherPaths, Protocol};
 use crate::engine::{Audit, Endpoint, Engine, FilterKind, Outcome, Reply, SseFilter};
 use crate::identity::{self, Identity, Sources};
-use meshwarden_shared::host::{load_config, log, Metrics};
+use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics};
 use meshwarden_shared::jsonrpc;
 use meshwarden_shared::mcp::{self, RequestHeaders};
 use meshwarden_shared::pbstruct::decode_metadata_namespace;
@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 const FILTER: &str = "mcp_authz";
+const P: &str = "meshwarden.mcp_authz";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -30,10 +31,10 @@ struct Shared {
 
 impl Shared {
     fn count(&mut self, name: &str) {
-        self.metrics.counter(&stat_name(FILTER, &[], name), 1);
+        self.metrics.counter_in(P, name, 1);
     }
     fn add(&mut self, name: &str, n: u64) {
-        self.metrics.counter(&stat_name(FILTER, &[], name), n);
+        self.metrics.counter_in(P, name, n);
     }
 }
 
@@ -146,7 +147,7 @@ impl Request {
         self.reply(&Reply { status, headers: vec![("content-type".into(), "application/json".into())], body })
     }
 
-    fn resolve_identity(&self) -> Identity {
+    fn resolve_identity(&self, headers: &HeaderSnapshot) -> Identity {
         let cfg = &self.engine.config.identity;
         let jwt_metadata = cfg.jwt_authn.as_ref().and_then(|j| {
             // The whole `metadata` property is the Metadata message (typed protobuf); a deeper path would
@@ -163,22 +164,15 @@ impl Request {
                 }
             }
         });
-        let authorization =
-            if cfg.unverified_bearer_dev_only { self.get_http_request_header("authorization") } else { None };
+        let authorization = if cfg.unverified_bearer_dev_only { headers.get("authorization") } else { None };
         let peer = if cfg.spiffe {
             self.get_property(vec!["connection", "uri_san_peer_certificate"]).and_then(|b| String::from_utf8(b).ok())
         } else {
             None
         };
-        let headers = cfg
-            .trusted_headers
-            .iter()
-            .filter_map(|h| self.get_http_request_header(&h.header).map(|v| (h, v)))
-            .collect();
-        identity::resolve(
-            cfg,
-            Sources { jwt_metadata, authorization: authorization.as_deref(), peer_uri_san: peer.as_deref(), headers },
-        )
+        let trusted =
+            cfg.trusted_headers.iter().filter_map(|h| headers.get(&h.header).map(|v| (h, v.to_string()))).collect();
+        identity::resolve(cfg, Sources { jwt_metadata, authorization, peer_uri_san: peer.as_deref(), headers: trusted })
     }
 
     fn record(&mut self, audits: &[Audit]) {
@@ -289,12 +283,13 @@ impl Request {
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         self.shared.borrow_mut().count("requests");
-        let path = self.get_http_request_header(":path").unwrap_or_default();
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let has_mcp_headers = [mcp::HEADER_METHOD, mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_SESSION_ID]
-            .iter()
-            .any(|h| self.get_http_request_header(h).is_some());
-        let has_a2a_header = self.get_http_request_header("a2a-version").is_some();
+        // One host call for all headers: this callback reads up to ten of them.
+        let headers = HeaderSnapshot::request();
+        let path = headers.get(":path").unwrap_or_default().to_string();
+        let method = headers.get(":method").unwrap_or_default().to_string();
+        let has_mcp_headers =
+            [mcp::HEADER_METHOD, mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_SESSION_ID].iter().any(|h| headers.has(h));
+        let has_a2a_header = headers.has("a2a-version");
         self.endpoint = self.engine.endpoint_with_headers(&path, has_mcp_headers, has_a2a_header);
         if self.endpoint == Endpoint::Other {
             if self.engine.config.other_paths == OtherPaths::Deny {
@@ -308,7 +303,7 @@ impl HttpContext for Request {
             self.shared.borrow_mut().count("passthrough");
             return Action::Continue;
         }
-        self.identity = self.resolve_identity();
+        self.identity = self.resolve_identity(&headers);
         if self.endpoint == Endpoint::Card {
             if method == "GET" {
                 self.card = true;
@@ -333,7 +328,7 @@ impl HttpContext for Request {
                 );
             }
         }
-        let encoding = self.get_http_request_header("content-encoding").unwrap_or_default();
+        let encoding = headers.get("content-encoding").unwrap_or_default();
         if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
             return self.error_reply(
                 415,
@@ -342,17 +337,17 @@ impl HttpContext for Request {
                 "invalid_json",
             );
         }
-        let too_long = self
-            .get_http_request_header("content-length")
+        let too_long = headers
+            .get("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .is_some_and(|n| n > self.engine.config.max_body_bytes);
         if too_long {
             return self.error_reply(413, jsonrpc::INVALID_REQUEST, "Request body too large", "body_too_large");
         }
         self.headers = RequestHeaders {
-            method: self.get_http_request_header(mcp::HEADER_METHOD),
-            name: self.get_http_request_header(mcp::HEADER_NAME),
-            protocol_version: self.get_http_request_header(mcp::HEADER_PROTOCOL_VERSION),
+            method: headers.get(mcp::HEADER_METHOD).map(str::to_string),
+            name: headers.get(mcp::HEADER_NAME).map(str::to_string),
+            protocol_version: headers.get(mcp::HEADER_PROTOCOL_VERSION).map(str::to_string),
         };
         // Answers may have to be filtered: ask for them uncompressed.
         self.set_http_request_header("accept-encoding", None);

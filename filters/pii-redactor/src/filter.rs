@@ -107,7 +107,7 @@ fn now_us() -> u64 {
 
 impl Request {
     fn count(&self, name: &str, n: u64) {
-        self.metrics.borrow_mut().counter(&format!("{P}.{name}"), n);
+        self.metrics.borrow_mut().counter_in(P, name, n);
     }
 
     fn flavor(&self) -> ErrorFlavor {
