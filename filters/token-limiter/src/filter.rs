@@ -46,7 +46,7 @@ struct Shared {
 
 impl Shared {
     fn count(&self, name: &str, n: u64) {
-        self.metrics.borrow_mut().counter(&format!("{P}.{name}"), n);
+        self.metrics.borrow_mut().counter_in(P, name, n);
     }
 
     fn callout_failed(&self, what: &str, f: CalloutFailure) {
@@ -456,7 +456,7 @@ impl Request {
                             return Action::Continue;
                         }
                     };
-                    match self.apply(&plan, &resp) {
+                    match self.apply(plan, &resp) {
                         Some(a) => return a,
                         None => continue, // fallback: plan again
                     }
@@ -484,12 +484,12 @@ impl Request {
     }
 
     /// Apply a reservation answer. `None` = fell back, plan again.
-    fn apply(&mut self, plan: &Plan, resp: &ReserveResponse) -> Option<Action> {
+    fn apply(&mut self, plan: Plan, resp: &ReserveResponse) -> Option<Action> {
         let cfg = self.cfg();
         let adm = self.admission.as_mut()?;
-        match adm.decide(&cfg, plan, resp) {
+        match adm.decide(&cfg, &plan, resp) {
             Outcome::Admit { window } => {
-                self.plan = Some(plan.clone());
+                self.plan = Some(plan);
                 Some(self.admit(window))
             }
             Outcome::Fallback { .. } => {
@@ -511,7 +511,7 @@ impl Request {
         self.window = window;
         self.shared.count("admitted", 1);
         let new_model = self.admission.as_ref().filter(|a| a.fell_back()).and_then(|a| a.model.clone());
-        if let Some(p) = self.parsed.as_ref() {
+        if let Some(p) = self.parsed.as_mut() {
             if let Some(bytes) = rewrite_body(p, new_model.as_deref()) {
                 self.set_http_request_body(0, self.body_size.max(1), &bytes);
             }
@@ -583,7 +583,7 @@ impl Request {
                 self.shared.count("failure_allowed", 1);
                 self.phase = Phase::Pass;
                 // Still add include_usage / keep the body as is: nothing was reserved.
-                if let Some(p) = self.parsed.as_ref() {
+                if let Some(p) = self.parsed.as_mut() {
                     if let Some(bytes) = rewrite_body(p, None) {
                         self.set_http_request_body(0, self.body_size.max(1), &bytes);
                     }
@@ -679,11 +679,11 @@ impl Context for Request {
                 return;
             }
         };
-        let Some(plan) = self.plan.clone() else {
+        let Some(plan) = self.plan.take() else {
             self.resume_http_request();
             return;
         };
-        match self.apply(&plan, &resp) {
+        match self.apply(plan, &resp) {
             Some(Action::Continue) => {
                 self.resume_http_request();
             }

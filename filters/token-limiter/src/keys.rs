@@ -8,7 +8,9 @@ pub fn hash_key(raw: &str) -> String {
     let d = Sha256::digest(raw.as_bytes());
     let mut s = String::with_capacity(32);
     for b in d.iter().take(16) {
-        s.push_str(&format!("{b:02x}"));
+        for nibble in [b >> 4, b & 0xf] {
+            s.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+        }
     }
     s
 }
@@ -67,6 +69,12 @@ pub fn claim_value(payload: &serde_json::Value, claim: &str) -> Option<String> {
 
 /// The state key of a rule for a resolved raw identity. `None` identity = the key is missing.
 pub fn budget_key(rule: &str, source: &KeySource, identity: Option<&str>) -> String {
+    budget_key_hashed(rule, source, identity.map(hash_key).as_deref())
+}
+
+/// [`budget_key`] for an identity already passed through [`hash_key`] (so that several rules keyed on
+/// the same value hash it once).
+pub fn budget_key_hashed(rule: &str, source: &KeySource, hashed_identity: Option<&str>) -> String {
     let kind = match source {
         KeySource::Header(_) => "h",
         KeySource::JwtClaim { .. } => "j",
@@ -74,8 +82,8 @@ pub fn budget_key(rule: &str, source: &KeySource, identity: Option<&str>) -> Str
         KeySource::Spiffe(_) => "s",
         KeySource::Constant(_) => "c",
     };
-    match identity {
-        Some(id) => format!("{rule}:{kind}:{}", hash_key(id)),
+    match hashed_identity {
+        Some(h) => format!("{rule}:{kind}:{h}"),
         None => format!("{rule}:{kind}:missing"),
     }
 }

@@ -3,7 +3,7 @@
 //! synchronous `local` store and the asynchronous sidecar callout.
 
 use crate::config::{Config, OnMissingKey};
-use crate::keys::budget_key;
+use crate::keys::{budget_key_hashed, hash_key};
 use meshwarden_shared::ratelimit::{
     retry_after_ms, tightest, ConcurrencySpec, DenyReason, Group, ReserveRequest, ReserveResponse, WindowState,
 };
@@ -18,6 +18,17 @@ pub struct Facts {
     pub output_reservation: u64,
     /// Per rule (same order as `Config::rules`): the raw identity, `None` when missing.
     pub identities: Vec<Option<String>>,
+}
+
+fn memo_hash<'a, 'r>(memo: &'a mut Vec<(&'r str, String)>, raw: &'r str) -> &'a str {
+    let pos = match memo.iter().position(|(r, _)| *r == raw) {
+        Some(p) => p,
+        None => {
+            memo.push((raw, hash_key(raw)));
+            memo.len() - 1
+        }
+    };
+    memo.get(pos).map_or("", |(_, h)| h.as_str())
 }
 
 /// At most this many fallbacks per request (a chain a -> b -> c is allowed, loops are cut).
@@ -77,11 +88,13 @@ impl Admission {
     pub fn plan(&self, cfg: &Config, lease_id: &str) -> Result<Plan, Denial> {
         let mut groups = Vec::new();
         let mut rules = Vec::new();
+        // Rules keyed on the same value (team total + per-model limits) hash it once.
+        let mut hashed: Vec<(&str, String)> = Vec::new();
         for (i, rule) in cfg.rules.iter().enumerate() {
             if !rule.matches_model(self.model.as_deref()) {
                 continue;
             }
-            let identity = self.facts.identities.get(i).cloned().flatten();
+            let identity = self.facts.identities.get(i).and_then(Option::as_deref);
             if identity.is_none() {
                 match rule.on_missing_key {
                     OnMissingKey::Skip => continue,
@@ -105,7 +118,7 @@ impl Admission {
                 rule.counts.cost(self.facts.input_estimate, self.facts.output_reservation)
             };
             groups.push(Group {
-                key: budget_key(&rule.name, &rule.key, identity.as_deref()),
+                key: budget_key_hashed(&rule.name, &rule.key, identity.map(|raw| memo_hash(&mut hashed, raw))),
                 windows,
                 cost,
                 concurrency: rule.max_concurrent_requests.map(|max| ConcurrencySpec {

@@ -80,9 +80,10 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
 }
 
 /// The body to send upstream, if it must change: `include_usage` added to OpenAI streams, and `model`
-/// replaced after a fallback.
-pub fn rewrite_body(parsed: &Parsed, new_model: Option<&str>) -> Option<Vec<u8>> {
-    let mut json = parsed.json.clone()?;
+/// replaced after a fallback. Takes the parsed JSON out of `parsed` (the body is rewritten at most once,
+/// when the request is let through), so the common case copies nothing.
+pub fn rewrite_body(parsed: &mut Parsed, new_model: Option<&str>) -> Option<Vec<u8>> {
+    let mut json = parsed.json.take()?;
     let mut changed = ensure_stream_usage(parsed.api, &mut json);
     if let (Some(m), Some(obj)) = (new_model, json.as_object_mut()) {
         if parsed.model.as_deref() != Some(m) {
@@ -106,15 +107,15 @@ mod tests {
         let cfg = Config::default();
         let body =
             br#"{"model":"gpt-4o","stream":true,"max_tokens":50000,"messages":[{"role":"user","content":"12345678"}]}"#;
-        let p = parse_request(&cfg, "/v1/chat/completions", body, false);
+        let mut p = parse_request(&cfg, "/v1/chat/completions", body, false);
         assert_eq!(p.model.as_deref(), Some("gpt-4o"));
         assert_eq!((p.input_estimate, p.output_reservation), (6, 4096));
-        let out: Value = serde_json::from_slice(&rewrite_body(&p, Some("mini")).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&rewrite_body(&mut p, Some("mini")).unwrap()).unwrap();
         assert_eq!(out["model"], "mini");
         assert_eq!(out["stream_options"]["include_usage"], true);
-        let plain = parse_request(&cfg, "/v1/chat/completions", br#"{"model":"m","messages":[]}"#, false);
+        let mut plain = parse_request(&cfg, "/v1/chat/completions", br#"{"model":"m","messages":[]}"#, false);
         assert_eq!(plain.output_reservation, 256);
-        assert!(rewrite_body(&plain, Some("m")).is_none());
+        assert!(rewrite_body(&mut plain, Some("m")).is_none());
         assert_eq!(parse_request(&cfg, "/x", b"hello world!", false).bad, Some(BadBody::NotJson));
         assert_eq!(parse_request(&cfg, "/x", b"hello world!", false).input_estimate, 3);
         assert_eq!(parse_request(&cfg, "/x", b"{}", true).bad, Some(BadBody::Encoded));
