@@ -1,5 +1,6 @@
 //! `make bench`: each scenario through plain Envoy and through Envoy + meshwarden, in the same run.
-//! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING]` (env `BENCH` works like `--filter`).
+//! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING]` (env `BENCH` works like `--filter`;
+//! `BENCH_STATS=SUBSTRING` prints the filtered Envoy's matching stats after each scenario).
 //! Prints a Markdown table and writes it to `target/bench/latest.md`.
 #![allow(clippy::indexing_slicing)]
 
@@ -101,6 +102,13 @@ async fn main() -> Result<()> {
         let f2 = wrk(&fu, &script, 1, half)?;
         let plain_tp = wrk(&pu, &script, 32, half)?;
         let filtered_tp = wrk(&fu, &script, 32, half)?;
+        // BENCH_STATS=<substring>: print the filtered Envoy's matching stats (e.g. a filter's own
+        // counters or timing histograms) after the scenario, to see where the added time goes.
+        if let Ok(pattern) = std::env::var("BENCH_STATS") {
+            for (k, v) in filtered.stats(&pattern).await? {
+                eprintln!("    {k} = {v}");
+            }
+        }
         rows.push(Row { name: s.name.clone(), plain: avg(p1, p2), filtered: avg(f1, f2), plain_tp, filtered_tp });
     }
     let mut md = String::new();
