@@ -1,5 +1,6 @@
 //! The sidecar binary: flags/env -> logging -> serve until SIGTERM/Ctrl-C, then drain.
 
+use axum::serve::ListenerExt;
 use clap::Parser;
 use meshwarden_sidecar::config::{Config, LogFormat};
 use meshwarden_sidecar::server::{build_router, AppState};
@@ -27,6 +28,10 @@ async fn main() -> anyhow::Result<()> {
     state.ready.store(true, Ordering::Relaxed);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let shutdown_state = state.clone();
+    // Every answer is one small write that a filter waits for on its request path: no Nagle delay.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
         shutdown_state.ready.store(false, Ordering::Relaxed);
