@@ -171,6 +171,11 @@ impl HeaderSnapshot {
         Self { pairs: hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders).unwrap_or_default() }
     }
 
+    /// The response headers (call from a response-headers callback or later).
+    pub fn response() -> Self {
+        Self { pairs: hostcalls::get_map(proxy_wasm::types::MapType::HttpResponseHeaders).unwrap_or_default() }
+    }
+
     /// From pairs (tests, or headers already read).
     pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
         Self { pairs }

@@ -9,7 +9,7 @@ use crate::meter::Meter;
 use crate::request::{parse_request, rewrite_body, size_estimate, BadBody, Parsed};
 use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
 use meshwarden_shared::errors::{openai_reset_duration, retry_after_seconds, ErrorFlavor, ErrorKind};
-use meshwarden_shared::host::{callout_response, dispatch, load_config, log, send_error, Metrics};
+use meshwarden_shared::host::{callout_response, dispatch, load_config, log, send_error, HeaderSnapshot, Metrics};
 use meshwarden_shared::llm::Api;
 use meshwarden_shared::ratelimit::{
     reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveResponse, SettleItem,
@@ -367,11 +367,11 @@ impl Request {
         ErrorFlavor::for_api(self.parsed.as_ref().map_or(Api::from_path(&self.path), |p| p.api))
     }
 
-    fn identity(&self, source: &KeySource) -> Option<String> {
+    fn identity(&self, headers: &HeaderSnapshot, source: &KeySource) -> Option<String> {
         match source {
-            KeySource::Header(h) => self.get_http_request_header(h).filter(|v| !v.is_empty()),
+            KeySource::Header(h) => headers.get(h).filter(|v| !v.is_empty()).map(str::to_string),
             KeySource::UnverifiedJwtClaim { claim, header } => {
-                self.get_http_request_header(header).and_then(|v| unverified_jwt_claim(&v, claim))
+                headers.get(header).and_then(|v| unverified_jwt_claim(v, claim))
             }
             KeySource::JwtClaim { claim, metadata_key } => {
                 let mut path =
@@ -707,12 +707,14 @@ impl HttpContext for Request {
             self.shared.count("skipped_no_body", 1);
             return Action::Continue;
         }
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
-        self.encoded = self
-            .get_http_request_header("content-encoding")
+        // One host call for the path, the encoding and every rule's key header.
+        let headers = HeaderSnapshot::request();
+        self.path = headers.get(":path").unwrap_or_default().to_string();
+        self.encoded = headers
+            .get("content-encoding")
             .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
         let cfg = self.cfg();
-        self.identities = cfg.rules.iter().map(|r| self.identity(&r.key)).collect();
+        self.identities = cfg.rules.iter().map(|r| self.identity(&headers, &r.key)).collect();
         // The body may be rewritten (include_usage, fallback model).
         self.set_http_request_header("content-length", None);
         Action::Continue
@@ -752,11 +754,10 @@ impl HttpContext for Request {
         if self.phase != Phase::Admitted {
             return Action::Continue;
         }
-        let status = self.get_http_response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-        let ct = self.get_http_response_header("content-type");
-        let ce = self.get_http_response_header("content-encoding");
+        let headers = HeaderSnapshot::response();
+        let status = headers.get(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
-        self.meter = Some(Meter::new(status, ct.as_deref(), ce.as_deref(), max));
+        self.meter = Some(Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max));
         if let Some(w) = self.window {
             for (k, v) in self.ratelimit_headers(&w) {
                 self.set_http_response_header(&k, Some(&v));
