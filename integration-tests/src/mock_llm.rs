@@ -20,6 +20,7 @@
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
+//! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
 //!
 //! Every answer carries `x-mock-served-by: ip:port`, and `GET /metrics` serves the requests in flight in
 //! vLLM's metric names, so several mocks can form a pool behind inference-router (`make run`).
@@ -249,9 +250,21 @@ fn split_pieces(text: &str) -> Vec<String> {
 async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let guard = InFlight::start(&state.in_flight);
     let served_by = state.served_by.clone();
+    let extra: Vec<(String, String)> = headers
+        .get_all("x-mock-response-header")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
     let mut resp = answer(state, method, uri, headers, body, guard).await;
     if let Ok(v) = axum::http::HeaderValue::from_str(&served_by) {
         resp.headers_mut().insert("x-mock-served-by", v);
+    }
+    for (k, v) in extra {
+        if let (Ok(k), Ok(v)) =
+            (axum::http::HeaderName::from_bytes(k.as_bytes()), axum::http::HeaderValue::from_str(&v))
+        {
+            resp.headers_mut().append(k, v);
+        }
     }
     resp
 }
