@@ -798,8 +798,26 @@ fn charge_of(before: &Stats, after: &Stats) -> Charge {
     }
 }
 
+/// Requests the client abandoned, as Envoy counted them: streams reset by the client (HTTP/2) and
+/// connections closed with a request in flight (HTTP/1.1).
+async fn client_aborts(e: &Envoy) -> u64 {
+    let s = e.stats("http.ingress.downstream_").await.unwrap();
+    s.get("http.ingress.downstream_rq_rx_reset").copied().unwrap_or(0)
+        + s.get("http.ingress.downstream_cx_destroy_remote_active_rq").copied().unwrap_or(0)
+}
+
+/// Wasm VMs: how many are active, and how many were reloaded (a failed VM is replaced and counted).
+async fn wasm_vms(e: &Envoy) -> (u64, u64) {
+    let s = e.stats("wasm.").await.unwrap();
+    let active = s.get("wasm.envoy.wasm.runtime.v8.active").copied().unwrap_or(0);
+    let reloads = s.iter().filter(|(k, _)| k.ends_with(".vm_reload")).map(|(_, v)| v).sum();
+    (active, reloads)
+}
+
 async fn run_setup(setup: Setup) {
     let r = start(setup).await;
+    let vms_at_start = wasm_vms(&r.envoy).await;
+    assert!(vms_at_start.0 > 0 && vms_at_start.1 == 0, "{setup:?}: {vms_at_start:?}");
     let cases = catalogue();
     for http in [Http::H1, Http::H2] {
         for case in &cases {
@@ -807,7 +825,16 @@ async fn run_setup(setup: Setup) {
             let tag = format!("{setup:?}-{http:?}-{}", case.name);
             let before = if setup.has_token_limiter() { Some(settled_stats(&r, &what).await) } else { None };
             let started = Instant::now();
+            let aborts = client_aborts(&r.envoy).await;
             run_case(&r, http, case, &tag).await;
+            if case.act != Act::Complete {
+                // Envoy saw the client leave (so the case really exercised an abort).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while client_aborts(&r.envoy).await == aborts {
+                    assert!(Instant::now() < deadline, "{what}: Envoy never saw the client leave");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             if let Some(before) = before {
                 let after = settled_stats(&r, &what).await;
                 if setup == Setup::TokenLimiter {
@@ -823,8 +850,10 @@ async fn run_setup(setup: Setup) {
             eprintln!("{what}: ok ({} ms)", started.elapsed().as_millis());
         }
     }
-    // Nothing above may have crashed a worker: Envoy still runs the same process and its listener.
+    // Nothing above may have crashed a worker or a Wasm VM: Envoy still runs the same process and
+    // listener, with the same VMs and none reloaded.
     assert_eq!(r.envoy.listener_port("ingress").await.unwrap(), r.envoy.port);
+    assert_eq!(wasm_vms(&r.envoy).await, vms_at_start, "{setup:?}: Wasm VMs (active, reloads) changed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
