@@ -9,6 +9,7 @@
 //! | inference-router `x-gateway-destination-endpoint`, model header | client | removed before anything else | `inference_router.rs` `client_cannot_choose_the_endpoint` |
 //! | prompt-guard `profile_header` | client | ignored when `profile_property` is set, or `profile_header: ""` | `prompt_guard_profile_header_cannot_override_metadata` |
 //! | token-limiter `x-meshwarden-fallback-model`, pii-redactor `x-meshwarden-pii`, prompt-guard `x-prompt-guard-rule` (answers) | upstream | set from the filter's own decision, any other copy removed | `upstream_cannot_forge_the_filters_answer_headers` |
+//! | token-limiter `x-ratelimit-*` (answers) | upstream | replaced by the filter's when a rule with a window matched | `token_limiter_header_key_is_whatever_the_client_sends` |
 //! | token-limiter `{"header": ...}` key | client | none by design: the value is the budget key | `token_limiter_header_key_is_whatever_the_client_sends` |
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
@@ -179,7 +180,18 @@ async fn token_limiter_header_key_is_whatever_the_client_sends() {
         .unwrap();
     let body = chat("gpt-4o-mini", "hello");
     let spent = [("x-api-key", "secret-key-1"), ("x-mock-completion-tokens", "100")];
-    assert_eq!(post(&e, "/v1/chat/completions", &body, &spent).await.status(), 200);
+    // the upstream's own rate-limit headers are replaced by the filter's (a rule with a window matched)
+    let forged = [
+        ("x-api-key", "secret-key-1"),
+        ("x-mock-completion-tokens", "100"),
+        ("x-mock-response-header", "x-ratelimit-limit-tokens: 999999"),
+        ("x-mock-response-header", "x-ratelimit-remaining-tokens: 999999"),
+    ];
+    let r = post(&e, "/v1/chat/completions", &body, &forged).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get_all("x-ratelimit-limit-tokens").iter().collect::<Vec<_>>(), ["150"]);
+    let remaining: Vec<_> = r.headers().get_all("x-ratelimit-remaining-tokens").iter().collect();
+    assert!(remaining.len() == 1 && remaining[0].to_str().unwrap().parse::<u64>().unwrap() < 150, "{remaining:?}");
     assert_eq!(post(&e, "/v1/chat/completions", &body, &spent).await.status(), 429);
     // another value: a fresh budget
     assert_eq!(post(&e, "/v1/chat/completions", &body, &[("x-api-key", "secret-key-2")]).await.status(), 200);
