@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ test: tools lint test-unit test-wasm test-integration fuzz-smoke ## everything C
 
 soak: tools build ## the whole chain under sustained load for SOAK_MINUTES (default 3), Envoy RSS sampled
 	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-soak -- --minutes $${SOAK_MINUTES:-3}
+
+soak-sidecar: tools build ## the same with the real sidecar (token-limiter sidecar mode, inference-router); Envoy and sidecar memory sampled
+	cargo build -q --release -p meshwarden-sidecar
+	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-soak -- --minutes $${SOAK_MINUTES:-3} --sidecar
 
 fuzz: ## run every fuzz target (cargo fuzz) for FUZZ_SECONDS each (default 300); figures in target/fuzz/summary.md
 	scripts/fuzz.sh $${FUZZ_SECONDS:-300}

@@ -16,6 +16,11 @@
 //! | `x-mock-status: N` | answer with this HTTP status and a provider-shaped error body |
 //! | `x-mock-no-usage: 1` | leave `usage` out (JSON and streams) |
 //! | `x-mock-abort-after-chunks: N` | stream N chunks, then reset the connection |
+//! | `x-mock-abort-after-bytes: N` | JSON answers: announce the whole `content-length`, send N bytes, then reset |
+//! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
+//! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
+//! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
+//! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
 //!
 //! Every answer carries `x-mock-served-by: ip:port`, and `GET /metrics` serves the requests in flight in
 //! vLLM's metric names, so several mocks can form a pool behind inference-router (`make run`).
@@ -203,6 +208,10 @@ struct Plan {
     usage: bool,
     chunk_delay: Duration,
     abort_after: Option<u64>,
+    /// JSON answers: send this many bytes of the body, then reset.
+    abort_after_bytes: Option<u64>,
+    sse_garbage: bool,
+    sse_no_done: bool,
 }
 
 impl Plan {
@@ -241,9 +250,21 @@ fn split_pieces(text: &str) -> Vec<String> {
 async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let guard = InFlight::start(&state.in_flight);
     let served_by = state.served_by.clone();
+    let extra: Vec<(String, String)> = headers
+        .get_all("x-mock-response-header")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect();
     let mut resp = answer(state, method, uri, headers, body, guard).await;
     if let Ok(v) = axum::http::HeaderValue::from_str(&served_by) {
         resp.headers_mut().insert("x-mock-served-by", v);
+    }
+    for (k, v) in extra {
+        if let (Ok(k), Ok(v)) =
+            (axum::http::HeaderName::from_bytes(k.as_bytes()), axum::http::HeaderValue::from_str(&v))
+        {
+            resp.headers_mut().append(k, v);
+        }
     }
     resp
 }
@@ -336,8 +357,11 @@ async fn answer(
         usage: !header_flag(&headers, "x-mock-no-usage"),
         chunk_delay: Duration::from_millis(header_u64(&headers, "x-mock-chunk-delay-ms").unwrap_or(0)),
         abort_after: header_u64(&headers, "x-mock-abort-after-chunks"),
+        abort_after_bytes: header_u64(&headers, "x-mock-abort-after-bytes"),
+        sse_garbage: header_flag(&headers, "x-mock-sse-garbage"),
+        sse_no_done: header_flag(&headers, "x-mock-sse-no-done"),
     };
-    if plan.stream && api != Api::OpenAiEmbeddings {
+    if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {
         stream_response(plan, guard)
     } else {
         json_response(&plan)
@@ -391,8 +415,37 @@ fn json_response(plan: &Plan) -> Response {
             o.remove("usage");
         }
     }
-    (StatusCode::OK, [("content-type", "application/json")], body.to_string()).into_response()
+    let text = body.to_string();
+    if let Some(n) = plan.abort_after_bytes {
+        return truncated_response(text.into_bytes(), usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    (StatusCode::OK, [("content-type", "application/json")], text).into_response()
 }
+
+/// Announce the whole body in `content-length`, send `n` bytes of it (flushed, so the headers are on
+/// the wire), then fail the stream: the connection is reset mid-body.
+fn truncated_response(body: Vec<u8>, n: usize) -> Response {
+    let len = body.len();
+    let head = Bytes::from(body).slice(..n.min(len));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::spawn(async move {
+        if tx.send(Ok(head)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ =
+                tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock: abort requested"))).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .header("content-length", len.to_string())
+        .body(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// What `x-mock-sse-garbage` inserts after the first event.
+const SSE_GARBAGE: &[u8] =
+    b"a line without a colon\n\ndata: {not json\n\n: a comment\n\nunknown-field: x\ndata: {\"partial\":\n\ndata: \xff\xfe\xfd\n\n\n\n";
 
 fn sse(event: Option<&str>, data: &Value) -> String {
     match event {
@@ -469,7 +522,17 @@ fn stream_events(plan: &Plan) -> Vec<String> {
 }
 
 fn stream_response(plan: Plan, guard: InFlight) -> Response {
-    let events = stream_events(&plan);
+    let mut events: Vec<Bytes> = stream_events(&plan).into_iter().map(Bytes::from).collect();
+    if plan.sse_no_done {
+        if let Some(last) = events.last() {
+            if last.starts_with(b"data: [DONE]") || last.starts_with(b"event: message_stop") {
+                events.pop();
+            }
+        }
+    }
+    if plan.sse_garbage && !events.is_empty() {
+        events.insert(1, Bytes::from_static(SSE_GARBAGE));
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let delay = plan.chunk_delay;
     let abort_after = plan.abort_after;
@@ -485,7 +548,7 @@ fn stream_response(plan: Plan, guard: InFlight) -> Response {
             if i > 0 && !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if tx.send(Ok(Bytes::from(e))).await.is_err() {
+            if tx.send(Ok(e)).await.is_err() {
                 return; // client went away
             }
         }

@@ -394,7 +394,11 @@ impl Scanner {
             return None;
         }
         // Trailing punctuation is not part of the address.
-        while j > i && matches!(at(t, j - 1), b'.' | b':') && !(at(t, j - 1) == b':' && at(t, j - 2) == b':') {
+        // (`j >= i + 2`: a candidate of one `:` has no `::` to keep; `j - 2` must not underflow.)
+        while j > i
+            && matches!(at(t, j - 1), b'.' | b':')
+            && !(j >= i + 2 && at(t, j - 1) == b':' && at(t, j - 2) == b':')
+        {
             j -= 1;
         }
         if is_word(at(t, j)) {
@@ -1275,6 +1279,17 @@ mod tests {
         let k = kinds(s);
         assert!(k.len() <= 1, "{s}: {k:?}");
         k.into_iter().next()
+    }
+
+    /// Fuzz find (`pii_mask_restore`, hardening issue): a text starting with `:` then `.`/`:` made the IPv6
+    /// trailing-punctuation loop compute `j - 2` with `j == 1` (an overflow panic in debug builds, a wrapped
+    /// index in release).
+    #[test]
+    fn ipv6_candidate_at_the_start_of_the_text_does_not_underflow() {
+        assert!(kinds(":.:.:......\u{2}\u{0}").is_empty());
+        assert!(kinds(":").is_empty() && kinds("::").is_empty() && kinds(":.").is_empty());
+        assert_eq!(one("host ::1 up").map(|(k, _)| k), None, "`::1` has one hex digit: too weak");
+        assert_eq!(one("at fe80::1 now"), Some((Builtin::Ipv6, "fe80::1".to_string())));
     }
 
     #[test]

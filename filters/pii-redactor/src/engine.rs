@@ -313,6 +313,13 @@ impl Counts {
         }
         per.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
     }
+
+    /// The counts header on the answer: the summary when this request had findings, else `None`, which
+    /// means the header is **removed**, so an upstream (or anything but this filter) cannot put counts
+    /// into the answer and the access log.
+    pub fn header_value(&self) -> Option<String> {
+        (!self.is_empty()).then(|| self.summary())
+    }
 }
 
 /// What masking a request decided.
@@ -485,6 +492,16 @@ fn salt_keys(salt: &[u8]) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counts_header_is_ours_or_removed() {
+        let mut c = Counts::default();
+        assert_eq!(c.header_value(), None, "no findings: any copy of the header is removed");
+        c.add("email", Action::Mask);
+        c.add("email", Action::Mask);
+        c.add("phone", Action::Redact);
+        assert_eq!(c.header_value().as_deref(), Some("email=2,phone=1"));
+    }
+
     use super::*;
     use meshwarden_shared::config::parse_config;
 

@@ -267,8 +267,11 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, eos: bool) -> Action {
-        for (k, v) in self.counts_header() {
-            self.set_http_response_header(k, Some(&v));
+        if !self.config.counts_header.is_empty() {
+            // Ours alone: set from this request's findings, any other copy (an upstream's) removed.
+            let value = self.counts.header_value();
+            let name = self.config.counts_header.clone();
+            self.set_http_response_header(&name, value.as_deref());
         }
         if self.restorer.is_none() || eos {
             return Action::Continue;

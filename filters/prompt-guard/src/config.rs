@@ -324,10 +324,47 @@ impl Validate for Config {
     }
 }
 
+impl Config {
+    /// The request header that may name the profile: none when `profile_property` is set (the profile
+    /// then comes from that attribute alone, e.g. dynamic metadata written after authentication, and a
+    /// client cannot pick a laxer one by sending the header) or when `profile_header` is `""`.
+    pub fn profile_header_in_use(&self) -> Option<&str> {
+        (self.profile_property.is_none() && !self.profile_header.is_empty()).then_some(self.profile_header.as_str())
+    }
+}
+
+/// The rule header on an answer: `None` = leave it (a local reply of this filter already names its
+/// rule), `Some(Some(v))` = set it to the rules that fired here, `Some(None)` = remove it (nothing fired,
+/// or monitor mode): the upstream cannot put rule names into the answer.
+pub fn rule_header_value(replied_locally: bool, monitor: bool, fired: &[&str]) -> Option<Option<String>> {
+    if replied_locally {
+        return None;
+    }
+    Some((!monitor && !fired.is_empty()).then(|| fired.join(",")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use meshwarden_shared::config::parse_config;
+
+    #[test]
+    fn profile_header_is_ignored_when_the_profile_comes_from_a_property() {
+        let c: Config = parse_config(b"{}").unwrap();
+        assert_eq!(c.profile_header_in_use(), Some("x-prompt-guard-profile"));
+        let c: Config = parse_config(br#"{"profile_header": ""}"#).unwrap();
+        assert_eq!(c.profile_header_in_use(), None);
+        let c: Config = parse_config(br#"{"profile_property": ["metadata", "filter_metadata", "m", "tier"]}"#).unwrap();
+        assert_eq!(c.profile_header_in_use(), None);
+    }
+
+    #[test]
+    fn rule_header_is_ours_or_removed() {
+        assert_eq!(rule_header_value(true, false, &["a"]), None, "a local reply keeps the rule it names");
+        assert_eq!(rule_header_value(false, false, &["a", "b"]), Some(Some("a,b".to_string())));
+        assert_eq!(rule_header_value(false, false, &[]), Some(None), "nothing fired: an upstream copy is removed");
+        assert_eq!(rule_header_value(false, true, &["a"]), Some(None), "monitor mode adds no header");
+    }
 
     #[test]
     fn defaults_enable_every_pack() {

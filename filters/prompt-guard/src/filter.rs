@@ -1,7 +1,7 @@
 //! The thin proxy-wasm adapter: moves bytes between Envoy and the pure core ([`crate::inspect`]),
 //! applies verdicts, counts stats, records the rule for access logs and runs the moderation callout.
 
-use crate::config::{Action, Config, Fallback};
+use crate::config::{rule_header_value, Action, Config, Fallback};
 use crate::engine::{Engine, Policy};
 use crate::inspect::{
     blocked_response, inspect_request, inspect_response, reject_body, render_message, BodyError, RequestOptions,
@@ -76,6 +76,7 @@ impl RootContext for Root {
             content_type: None,
             skip_request: false,
             fired: Vec::new(),
+            replied: false,
             response: ResponseMode::Pass,
             moderation_token: None,
             rewritten: None,
@@ -107,6 +108,8 @@ struct Request {
     moderation_token: Option<u32>,
     rewritten: Option<Vec<u8>>,
     request_size: usize,
+    /// This filter answered the request itself (its reply names its rule in the rule header).
+    replied: bool,
 }
 
 impl Request {
@@ -157,12 +160,14 @@ impl Request {
 
     fn reject_request(&mut self, rule: usize) {
         let (status, message, name) = self.reject_message(rule);
+        self.replied = true;
         self.count("rejected");
         let header = self.cfg().reject.rule_header.clone();
         send_json(status, &reject_body(self.flavor, &message), &[(header.as_str(), name.as_str())]);
     }
 
-    fn local_error(&self, status: u32, kind: ErrorKind, code: &str, message: &str) {
+    fn local_error(&mut self, status: u32, kind: ErrorKind, code: &str, message: &str) {
+        self.replied = true;
         send_error(status, self.flavor, kind, Some(code), message, &[]);
     }
 
@@ -235,6 +240,7 @@ impl Request {
                 self.fired.push(("moderation_unavailable".to_string(), "rejected"));
                 self.save_state();
                 let header = self.cfg().reject.rule_header.clone();
+                self.replied = true;
                 send_error(
                     503,
                     self.flavor,
@@ -288,6 +294,7 @@ impl Context for Request {
                 let status = u32::from(self.cfg().reject.status);
                 let message = render_message(&self.cfg().reject.message, "moderation");
                 let header = self.cfg().reject.rule_header.clone();
+                self.replied = true;
                 send_json(status, &reject_body(self.flavor, &message), &[(header.as_str(), "moderation")]);
             }
             Err(f) => {
@@ -309,7 +316,9 @@ impl HttpContext for Request {
             let segs: Vec<&str> = path.iter().map(String::as_str).collect();
             self.get_property(segs).and_then(|v| String::from_utf8(v).ok()).filter(|v| !v.is_empty())
         });
-        let profile = from_property.or_else(|| self.get_http_request_header(&self.cfg().profile_header.clone()));
+        // With `profile_property` set, the profile comes from it alone: a client header cannot pick one.
+        let header = self.cfg().profile_header_in_use().map(str::to_string);
+        let profile = from_property.or_else(|| header.and_then(|h| self.get_http_request_header(&h)));
         self.policy = self.shared.engine.policy(profile.as_deref());
         if self.policy.has_response_rules() {
             // answers must come back uncompressed to be scanned
@@ -405,13 +414,12 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> WasmAction {
-        if !self.policy.monitor && !self.fired.is_empty() {
-            let names: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
+        // The rule header is ours: a local reply already names its rule; on an upstream answer it is set
+        // from what fired here, and any copy the upstream sent is removed.
+        if let Some(value) = rule_header_value(self.replied, self.policy.monitor, &names) {
             let header = self.cfg().reject.rule_header.clone();
-            // a local reject already names its rule; keep that one
-            if self.get_http_response_header(&header).is_none() {
-                self.set_http_response_header(&header, Some(&names.join(",")));
-            }
+            self.set_http_response_header(&header, value.as_deref());
         }
         if !self.policy.has_response_rules() {
             return WasmAction::Continue;

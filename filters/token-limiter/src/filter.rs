@@ -751,6 +751,11 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        // The fallback header is ours: set it after a fallback, remove any other copy (an upstream's).
+        let header = self.cfg().fallback_header.clone();
+        let admitted = self.admission.as_ref().filter(|_| self.phase == Phase::Admitted);
+        let value = Admission::fallback_header_value(admitted).map(str::to_string);
+        self.set_http_response_header(&header, value.as_deref());
         if self.phase != Phase::Admitted {
             return Action::Continue;
         }
@@ -761,12 +766,6 @@ impl HttpContext for Request {
         if let Some(w) = self.window {
             for (k, v) in self.ratelimit_headers(&w) {
                 self.set_http_response_header(&k, Some(&v));
-            }
-        }
-        if let Some(adm) = self.admission.as_ref().filter(|a| a.fell_back()) {
-            if let Some(m) = adm.model.clone() {
-                let header = self.cfg().fallback_header.clone();
-                self.set_http_response_header(&header, Some(&m));
             }
         }
         Action::Continue

@@ -84,6 +84,13 @@ impl Admission {
         self.tried.len() > 1
     }
 
+    /// The value of `fallback_header` on the answer: the model used after a fallback, else `None`, which
+    /// means the header is **removed**: only this filter may say that a fallback happened, never the
+    /// upstream (nor anything else in front of it).
+    pub fn fallback_header_value(admission: Option<&Admission>) -> Option<&str> {
+        admission.filter(|a| a.fell_back()).and_then(|a| a.model.as_deref())
+    }
+
     /// The groups to reserve for the current model, or a denial when a `reject` rule's key is missing.
     pub fn plan(&self, cfg: &Config, lease_id: &str) -> Result<Plan, Denial> {
         let mut groups = Vec::new();
@@ -185,6 +192,17 @@ pub fn settle_deltas(cfg: &Config, plan: &Plan, input: u64, output: u64) -> Vec<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fallback_header_is_ours_or_removed() {
+        let facts = |m: &str| Facts { model: Some(m.to_string()), ..Facts::default() };
+        assert_eq!(Admission::fallback_header_value(None), None, "not admitted: an upstream copy is removed");
+        let mut a = Admission::new(facts("gpt-4o"));
+        assert_eq!(Admission::fallback_header_value(Some(&a)), None, "no fallback: removed");
+        a.tried.push("gpt-4o-mini".to_string());
+        a.model = Some("gpt-4o-mini".to_string());
+        assert_eq!(Admission::fallback_header_value(Some(&a)), Some("gpt-4o-mini"));
+    }
+
     use super::*;
     use meshwarden_shared::config::parse_config;
     use meshwarden_shared::ratelimit::{GroupResult, WindowState};
