@@ -325,7 +325,42 @@ async fn sidecar_concurrency_leases_released_on_client_abort() {
             }
         }
         assert!(ok, "round {round}: leases not released");
-        // Sidecar mode releases leases with the batched settlement (every settle_interval_ms).
+        // The lease goes back with a settle call sent from on_log: let it land before the next round.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A finished request's concurrency slot is free for the very next request, not at the next settlement
+/// tick: with `settle_interval_ms` at 10 s (the maximum), `max_concurrent_requests: 1` still admits back-to-back
+/// requests, and token settlements still wait for the tick (the sidecar's budget shows only reservations).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_concurrency_slot_free_right_after_the_request() {
+    let sidecar = Sidecar::start(&[]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let cfg = json!({"state":"sidecar",
+        "sidecar":{"cluster":"meshwarden_sidecar","timeout_ms":500,"failure_mode":"deny"},
+        "settle_interval_ms": 10_000,
+        "rules":[{"name":"one-at-a-time","key":{"header":"x-team"},"max_concurrent_requests":1}]});
+    let e = envoy(&mock, sidecar.port(), &cfg).await;
+    for i in 0..20 {
+        let r = send(&e, "serial").await;
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "request {i} after {i} finished ones: {text}");
+        // The release is its own call dispatched in on_log, right after the answer: give it that hop.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the slot is really held while a request runs.
+    let slow = json!({"model":"m","stream":true,"messages":[{"role":"user","content":"slow"}]});
+    let held = client()
+        .post(e.url("/v1/chat/completions"))
+        .header("x-team", "serial")
+        .header("x-mock-chunk-delay-ms", "300")
+        .json(&slow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    assert_eq!(send(&e, "serial").await.status(), 429);
+    drop(held);
 }

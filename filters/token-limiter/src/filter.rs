@@ -42,6 +42,8 @@ struct Shared {
     failure_log: RefCell<LogThrottle>,
     lease_seq: Cell<u64>,
     seed: u64,
+    /// The worker's root context (settlements are dispatched on its behalf).
+    root_context_id: Cell<u32>,
 }
 
 impl Shared {
@@ -65,6 +67,35 @@ impl Shared {
                 ),
             );
         }
+    }
+}
+
+impl Shared {
+    /// Send the queued settlements to the sidecar (in bounded batches); returns the calls dispatched.
+    /// Callable from a request's `on_log` too: the calls are made on behalf of the root context, so
+    /// their answers reach `Root::on_http_call_response` after the request context is gone.
+    fn flush_settlements(&self) -> usize {
+        let items: Vec<SettleItem> = std::mem::take(&mut *self.settle_queue.borrow_mut());
+        let Some(cfg) = self.config.sidecar.as_ref().filter(|_| !items.is_empty()) else {
+            return 0;
+        };
+        let current = self.root_context_id.get();
+        let _ = hostcalls::set_effective_context(current);
+        let mut dispatched = 0;
+        for chunk in items.chunks(256) {
+            let body = match serde_json::to_vec(&SettleRequest { items: chunk.to_vec() }) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            match dispatch(cfg, "POST", "/v1/ratelimit/settle", &[], Some(&body)) {
+                Ok(_) => dispatched += 1,
+                Err(f) => {
+                    self.count("settle_failures", 1);
+                    self.callout_failed("settle", f);
+                }
+            }
+        }
+        dispatched
     }
 }
 
@@ -98,6 +129,7 @@ impl Root {
                 failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
                 lease_seq: Cell::new(0),
                 seed,
+                root_context_id: Cell::new(id),
             }),
             settle_in_flight: 0,
         }
@@ -141,33 +173,14 @@ impl RootContext for Root {
             failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
             lease_seq: Cell::new(0),
             seed: self.shared.seed,
+            root_context_id: Cell::new(self.id),
         });
         let _ = self.id;
         true
     }
 
     fn on_tick(&mut self) {
-        let items: Vec<SettleItem> = std::mem::take(&mut *self.shared.settle_queue.borrow_mut());
-        if items.is_empty() {
-            return;
-        }
-        let Some(cfg) = self.shared.config.sidecar.as_ref() else {
-            return;
-        };
-        // Bounded batches keep each call small.
-        for chunk in items.chunks(256) {
-            let body = match serde_json::to_vec(&SettleRequest { items: chunk.to_vec() }) {
-                Ok(b) => b,
-                Err(_) => continue,
-            };
-            match dispatch(cfg, "POST", "/v1/ratelimit/settle", &[], Some(&body)) {
-                Ok(_) => self.settle_in_flight += 1,
-                Err(f) => {
-                    self.shared.count("settle_failures", 1);
-                    self.shared.callout_failed("settle", f);
-                }
-            }
-        }
+        self.settle_in_flight += self.shared.flush_settlements();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -660,8 +673,21 @@ impl Request {
                     }
                 }
             }
-            StateMode::Sidecar => self.shared.settle_queue.borrow_mut().extend(items),
+            StateMode::Sidecar => {
+                let releases = items.iter().any(|i| i.release_lease.is_some());
+                self.shared.settle_queue.borrow_mut().extend(items);
+                if releases {
+                    self.release_leases_now();
+                }
+            }
         }
+    }
+
+    /// A concurrency slot must be free as soon as its request is over, not at the next settlement tick
+    /// (with batching, a key's count would also hold the requests of the last interval): flush now.
+    fn release_leases_now(&self) {
+        self.shared.flush_settlements();
+        let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
@@ -803,7 +829,10 @@ impl HttpContext for Request {
                             })
                         })
                         .collect();
-                    self.shared.settle_queue.borrow_mut().extend(items);
+                    if !items.is_empty() {
+                        self.shared.settle_queue.borrow_mut().extend(items);
+                        self.release_leases_now();
+                    }
                 }
             }
             _ => {}
