@@ -56,13 +56,19 @@ pub fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// `(start, end, decoded text)` for each base64-looking run in `text` that decodes to readable text.
+///
+/// Runs shorter than 16 characters never count, so the search looks at 16-byte windows: the last
+/// non-base64 byte of a window (found scanning backwards, usually within a few bytes in prose) rules out
+/// every run starting at or before it, and the search jumps past it. Most bytes are never read.
 pub fn base64_blobs(text: &str) -> Vec<(usize, usize, String)> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
+    // invariant: `i == 0` or `bytes[i - 1]` is not a base64 character, so a run at `i` starts there
     let mut i = 0;
-    while i < bytes.len() && out.len() < MAX_BLOBS {
-        if bytes.get(i).copied().and_then(sextet).is_none() {
-            i += 1;
+    while out.len() < MAX_BLOBS {
+        let Some(window) = bytes.get(i..i + MIN_RUN) else { break };
+        if let Some(k) = window.iter().rposition(|&b| sextet(b).is_none()) {
+            i += k + 1;
             continue;
         }
         let start = i;
@@ -81,19 +87,18 @@ pub fn base64_blobs(text: &str) -> Vec<(usize, usize, String)> {
         }
         let len = i - start;
         // base64 of text mixes cases (and usually digits); plain long words do not
-        if !((MIN_RUN..=MAX_RUN).contains(&len) && upper && lower) {
-            i = end.max(i);
-            continue;
-        }
-        if let Some(decoded) = bytes.get(start..i).and_then(base64_decode) {
-            if let Ok(s) = String::from_utf8(decoded) {
-                let printable = s.chars().filter(|c| !c.is_control() || c.is_whitespace()).count();
-                if !s.is_empty() && printable * 10 >= s.chars().count() * 9 && s.contains(' ') {
-                    out.push((start, end, s));
+        if len <= MAX_RUN && upper && lower {
+            if let Some(decoded) = bytes.get(start..i).and_then(base64_decode) {
+                if let Ok(s) = String::from_utf8(decoded) {
+                    let printable = s.chars().filter(|c| !c.is_control() || c.is_whitespace()).count();
+                    if !s.is_empty() && printable * 10 >= s.chars().count() * 9 && s.contains(' ') {
+                        out.push((start, end, s));
+                    }
                 }
             }
         }
-        i = end.max(i);
+        // `bytes[i]` (if any) is not base64; past the padding the invariant holds again
+        i = end.max(i + 1);
     }
     out
 }
