@@ -59,8 +59,29 @@ fn main() {
         .unwrap();
     let opts = RequestOptions { scan_non_json: true, mask_text: "x", moderation_roles: &[], moderation_max_bytes: 0 };
     let path = "/v1/chat/completions";
-    for size in [1024usize, 128 * 1024] {
-        let body = chat_body_of_size(size).to_string().into_bytes();
+    // a second 128 KB prompt of varied prose: the benign evaluation prompts (digits, quotes, markdown,
+    // newlines, code) one per line, repeated
+    let benign = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/eval/benign.tsv")).unwrap();
+    let lines: Vec<&str> =
+        benign.lines().filter(|l| !l.starts_with('#')).map(|l| l.split_once('\t').map_or(l, |x| x.1)).collect();
+    let mut prose = String::new();
+    for l in lines.iter().cycle() {
+        if prose.len() >= 128 * 1024 {
+            break;
+        }
+        prose.push_str(l);
+        prose.push('\n');
+    }
+    let prose_body =
+        serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prose}]}).to_string();
+    let bodies = [
+        ("bench chat body", chat_body_of_size(1024).to_string()),
+        ("bench chat body", chat_body_of_size(128 * 1024).to_string()),
+        ("benign eval prose", prose_body),
+    ];
+    for (label, body) in bodies {
+        let size = body.len();
+        let body = body.into_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap();
         let text = extract_request_texts(Api::detect(path, &v), &v).remove(0).text;
         let quick = normalize_with(&text, false);
@@ -92,7 +113,7 @@ fn main() {
                 }),
             ),
         ];
-        println!("{} B body ({} B text):", body.len(), text.len());
+        println!("{label}, {} B body ({} B text):", body.len(), text.len());
         println!("  {:<44} {:>9} {:>9}", "stage", "min µs", "median µs");
         for (name, (min, med)) in rows {
             println!("  {name:<44} {min:>9.1} {med:>9.1}");
