@@ -21,7 +21,7 @@
 //! one streaming pass over the tokens (no token list) that copies unchanged stretches in one go, and
 //! stretches of plain prose (letters, single spaces and newlines, `. , ? ! : ;` before a space, no
 //! single-letter runs) are recognised 8 bytes at a time without a branch per byte, since there it can
-//! only lowercase (see [`plain_stretch`]).
+//! only lowercase (see `plain_stretch`).
 
 /// A normalised text and, for every byte of it, the original byte offset of the character it came from.
 #[derive(Debug, Clone, Default)]
