@@ -97,6 +97,12 @@ fn main() {
             ),
             ("normalise, no map", time(iters, || drop(black_box(normalize_with(black_box(&text), false))))),
             ("normalise, with map", time(iters, || drop(black_box(normalize(black_box(&text)))))),
+            (
+                "automaton (RegexSet is_match)",
+                time(iters, || {
+                    black_box(set.is_match(black_box(&quick.text)));
+                }),
+            ),
             ("automaton (RegexSet matches)", time(iters, || drop(black_box(set.matches(black_box(&quick.text)))))),
             (
                 "base64 blobs (decode.rs)",
