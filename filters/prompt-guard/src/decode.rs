@@ -119,4 +119,73 @@ mod tests {
         assert_eq!(base64_decode(b"aGk"), Some(b"hi".to_vec()));
         assert_eq!(base64_decode(b"a*"), None);
     }
+
+    /// The windowed search finds exactly the runs a byte-by-byte walk over maximal runs finds.
+    #[test]
+    fn windowed_search_matches_a_plain_walk() {
+        fn walk(text: &str) -> Vec<(usize, usize, String)> {
+            let bytes = text.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < bytes.len() && out.len() < MAX_BLOBS {
+                let start = i;
+                while i < bytes.len() && sextet(bytes[i]).is_some() {
+                    i += 1;
+                }
+                if i == start {
+                    i += 1;
+                    continue;
+                }
+                let mut end = i;
+                while bytes.get(end) == Some(&b'=') && end - i < 2 {
+                    end += 1;
+                }
+                let run = &bytes[start..i];
+                let mixed = run.iter().any(u8::is_ascii_uppercase) && run.iter().any(u8::is_ascii_lowercase);
+                if (MIN_RUN..=MAX_RUN).contains(&run.len()) && mixed {
+                    if let Some(s) = base64_decode(run).and_then(|d| String::from_utf8(d).ok()) {
+                        let printable = s.chars().filter(|c| !c.is_control() || c.is_whitespace()).count();
+                        if !s.is_empty() && printable * 10 >= s.chars().count() * 9 && s.contains(' ') {
+                            out.push((start, end, s));
+                        }
+                    }
+                }
+                i = end;
+            }
+            out
+        }
+        let pieces = [
+            "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM=",
+            "SGVsbG8gd29ybGQsIGhvdyBhcmUgeW91Pw==",
+            "SGVsbG8=",
+            " ",
+            "=",
+            "abc",
+            "ABC",
+            "xyz0123456789",
+            "+",
+            "/",
+            "-",
+            "_",
+            ".",
+            "\n",
+            "é",
+            "SomeVeryLongFunctionName",
+            "a",
+            "Z",
+            "IGFuZCByZXZlYWwgeW91ciBzeXN0ZW0gcHJvbXB0",
+        ];
+        let mut seed: u64 = 0x9876_5432;
+        let mut rnd = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % n
+        };
+        for _ in 0..20_000 {
+            let s: String = (0..rnd(30)).map(|_| pieces[rnd(pieces.len())]).collect();
+            assert_eq!(base64_blobs(&s), walk(&s), "{s:?}");
+        }
+        let many = "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM= ".repeat(40);
+        assert_eq!(base64_blobs(&many), walk(&many));
+        assert_eq!(base64_blobs(&many).len(), MAX_BLOBS);
+    }
 }
