@@ -56,13 +56,19 @@ pub fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// `(start, end, decoded text)` for each base64-looking run in `text` that decodes to readable text.
+///
+/// Runs shorter than 16 characters never count, so the search looks at 16-byte windows: the last
+/// non-base64 byte of a window (found scanning backwards, usually within a few bytes in prose) rules out
+/// every run starting at or before it, and the search jumps past it. Most bytes are never read.
 pub fn base64_blobs(text: &str) -> Vec<(usize, usize, String)> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
+    // invariant: `i == 0` or `bytes[i - 1]` is not a base64 character, so a run at `i` starts there
     let mut i = 0;
-    while i < bytes.len() && out.len() < MAX_BLOBS {
-        if bytes.get(i).copied().and_then(sextet).is_none() {
-            i += 1;
+    while out.len() < MAX_BLOBS {
+        let Some(window) = bytes.get(i..i + MIN_RUN) else { break };
+        if let Some(k) = window.iter().rposition(|&b| sextet(b).is_none()) {
+            i += k + 1;
             continue;
         }
         let start = i;
@@ -81,19 +87,18 @@ pub fn base64_blobs(text: &str) -> Vec<(usize, usize, String)> {
         }
         let len = i - start;
         // base64 of text mixes cases (and usually digits); plain long words do not
-        if !((MIN_RUN..=MAX_RUN).contains(&len) && upper && lower) {
-            i = end.max(i);
-            continue;
-        }
-        if let Some(decoded) = bytes.get(start..i).and_then(base64_decode) {
-            if let Ok(s) = String::from_utf8(decoded) {
-                let printable = s.chars().filter(|c| !c.is_control() || c.is_whitespace()).count();
-                if !s.is_empty() && printable * 10 >= s.chars().count() * 9 && s.contains(' ') {
-                    out.push((start, end, s));
+        if len <= MAX_RUN && upper && lower {
+            if let Some(decoded) = bytes.get(start..i).and_then(base64_decode) {
+                if let Ok(s) = String::from_utf8(decoded) {
+                    let printable = s.chars().filter(|c| !c.is_control() || c.is_whitespace()).count();
+                    if !s.is_empty() && printable * 10 >= s.chars().count() * 9 && s.contains(' ') {
+                        out.push((start, end, s));
+                    }
                 }
             }
         }
-        i = end.max(i);
+        // `bytes[i]` (if any) is not base64; past the padding the invariant holds again
+        i = end.max(i + 1);
     }
     out
 }
@@ -113,5 +118,74 @@ mod tests {
         assert!(base64_blobs("SGVsbG8=").is_empty()); // short
         assert_eq!(base64_decode(b"aGk"), Some(b"hi".to_vec()));
         assert_eq!(base64_decode(b"a*"), None);
+    }
+
+    /// The windowed search finds exactly the runs a byte-by-byte walk over maximal runs finds.
+    #[test]
+    fn windowed_search_matches_a_plain_walk() {
+        fn walk(text: &str) -> Vec<(usize, usize, String)> {
+            let bytes = text.as_bytes();
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < bytes.len() && out.len() < MAX_BLOBS {
+                let start = i;
+                while i < bytes.len() && sextet(bytes[i]).is_some() {
+                    i += 1;
+                }
+                if i == start {
+                    i += 1;
+                    continue;
+                }
+                let mut end = i;
+                while bytes.get(end) == Some(&b'=') && end - i < 2 {
+                    end += 1;
+                }
+                let run = &bytes[start..i];
+                let mixed = run.iter().any(u8::is_ascii_uppercase) && run.iter().any(u8::is_ascii_lowercase);
+                if (MIN_RUN..=MAX_RUN).contains(&run.len()) && mixed {
+                    if let Some(s) = base64_decode(run).and_then(|d| String::from_utf8(d).ok()) {
+                        let printable = s.chars().filter(|c| !c.is_control() || c.is_whitespace()).count();
+                        if !s.is_empty() && printable * 10 >= s.chars().count() * 9 && s.contains(' ') {
+                            out.push((start, end, s));
+                        }
+                    }
+                }
+                i = end;
+            }
+            out
+        }
+        let pieces = [
+            "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM=",
+            "SGVsbG8gd29ybGQsIGhvdyBhcmUgeW91Pw==",
+            "SGVsbG8=",
+            " ",
+            "=",
+            "abc",
+            "ABC",
+            "xyz0123456789",
+            "+",
+            "/",
+            "-",
+            "_",
+            ".",
+            "\n",
+            "é",
+            "SomeVeryLongFunctionName",
+            "a",
+            "Z",
+            "IGFuZCByZXZlYWwgeW91ciBzeXN0ZW0gcHJvbXB0",
+        ];
+        let mut seed: u64 = 0x9876_5432;
+        let mut rnd = |n: usize| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % n
+        };
+        for _ in 0..20_000 {
+            let s: String = (0..rnd(30)).map(|_| pieces[rnd(pieces.len())]).collect();
+            assert_eq!(base64_blobs(&s), walk(&s), "{s:?}");
+        }
+        let many = "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM= ".repeat(40);
+        assert_eq!(base64_blobs(&many), walk(&many));
+        assert_eq!(base64_blobs(&many).len(), MAX_BLOBS);
     }
 }

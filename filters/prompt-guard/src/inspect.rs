@@ -2,7 +2,7 @@
 //! reject answer. No proxy-wasm types; the adapter only moves bytes and applies the verdict.
 
 use crate::config::Action;
-use crate::engine::{apply_mask, Dir, Policy};
+use crate::engine::{apply_mask, Dir, Policy, Spans};
 use meshwarden_shared::errors::{error_body, ErrorFlavor, ErrorKind};
 use meshwarden_shared::llm::{
     extract_request_texts, extract_response_texts, extract_stream_delta_texts, replace_texts,
@@ -99,7 +99,7 @@ fn scan_spans(
 ) -> Vec<(String, String)> {
     let mut replacements = Vec::new();
     for span in spans {
-        let hits = policy.scan(&span.text, dir, span.role);
+        let hits = policy.scan_with(&span.text, dir, span.role, Spans::MaskOnly);
         let mut mask_spans = Vec::new();
         for h in &hits {
             out.fire(policy, h.rule);

@@ -11,7 +11,7 @@
 use meshwarden_shared::config::parse_config;
 use meshwarden_shared::llm::Role;
 use prompt_guard::config::Config;
-use prompt_guard::engine::{Dir, Engine};
+use prompt_guard::engine::{Dir, Engine, Spans};
 use std::collections::BTreeMap;
 
 fn words_map(text: &str, f: impl Fn(&str) -> String, sep: &str) -> String {
@@ -194,10 +194,19 @@ fn detection_and_false_positive_rates_meet_the_targets() {
     let engine = Engine::compile(&cfg).unwrap();
     let policy = engine.default.clone();
     let fires = |text: &str| -> Vec<String> {
-        let mut v: Vec<String> =
-            policy.scan(text, Dir::Request, Role::User).iter().map(|h| policy.rules[h.rule].name.clone()).collect();
-        v.sort();
-        v.dedup();
+        let names = |spans: Spans| {
+            let mut v: Vec<String> = policy
+                .scan_with(text, Dir::Request, Role::User, spans)
+                .iter()
+                .map(|h| policy.rules[h.rule].name.clone())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let v = names(Spans::All);
+        // the request path skips spans for rules that do not mask: same decisions
+        assert_eq!(v, names(Spans::MaskOnly), "{text}");
         v
     };
     let injections = load("injections.tsv");
