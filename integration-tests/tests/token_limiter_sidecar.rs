@@ -364,3 +364,46 @@ async fn sidecar_concurrency_slot_free_right_after_the_request() {
     assert_eq!(send(&e, "serial").await.status(), 429);
     drop(held);
 }
+
+/// The sidecar slowed to a standstill (SIGSTOP: connections are accepted by the kernel, nothing answers):
+/// every request gets its `failure_mode` answer within `timeout_ms` (not later), and limiting
+/// resumes without restarting Envoy once the sidecar runs again (SIGCONT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_slowed_failure_mode_within_timeout_then_recovers() {
+    let mock = MockLlm::start().await.unwrap();
+    let sidecar = Sidecar::start(&[]).unwrap();
+    let allow = envoy(&mock, sidecar.port(), &config("allow", 100_000)).await;
+    let deny = envoy(&mock, sidecar.port(), &config("deny", 100_000)).await;
+    assert_eq!(send(&allow, "s").await.status(), 200);
+    assert_eq!(send(&deny, "s").await.status(), 200);
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill").args([sig, &sidecar.pid().to_string()]).status().unwrap();
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    for _ in 0..3 {
+        for (e, want) in [(&allow, 200), (&deny, 503)] {
+            let t = std::time::Instant::now();
+            let r = send(e, "s").await;
+            let took = t.elapsed();
+            assert_eq!(r.status(), want);
+            // timeout_ms is 200: never much longer than that (Envoy may also fail the call sooner, e.g.
+            // when its connections to the frozen sidecar are exhausted; that is still within the timeout).
+            assert!(took < Duration::from_millis(1500), "failure_mode applied late: {took:?}");
+        }
+    }
+    assert!(allow.stat("meshwarden.token_limiter.failure_allowed").await.unwrap() >= 3);
+    assert!(allow.stat("meshwarden.token_limiter.callout_failures.timeout").await.unwrap() >= 1);
+    assert!(deny.stat("meshwarden.token_limiter.failure_denied").await.unwrap() >= 3);
+    signal("-CONT");
+    let mut ok = false;
+    for _ in 0..40 {
+        let r = send(&deny, "s").await;
+        if r.status() == 200 && hdr(&r, "x-ratelimit-remaining-tokens").is_some() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "limiting resumes once the sidecar answers again");
+}
