@@ -190,3 +190,21 @@ impl HeaderSnapshot {
         self.get(name).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn header_snapshot_answers_like_a_single_header_read() {
+        let h = HeaderSnapshot::from_pairs(vec![
+            (":path".into(), "/mcp".into()),
+            ("x-user".into(), "alice".into()),
+            ("x-user".into(), "mallory".into()),
+        ]);
+        assert_eq!(h.get("X-User"), Some("alice"), "case-insensitive, first value");
+        assert_eq!(h.get(":path"), Some("/mcp"));
+        assert!(h.has("x-user") && !h.has("x-groups"));
+    }
+}

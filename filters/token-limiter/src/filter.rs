@@ -79,8 +79,7 @@ impl Shared {
         let Some(cfg) = self.config.sidecar.as_ref().filter(|_| !items.is_empty()) else {
             return 0;
         };
-        let current = self.root_context_id.get();
-        let _ = hostcalls::set_effective_context(current);
+        let _ = hostcalls::set_effective_context(self.root_context_id.get());
         let mut dispatched = 0;
         for chunk in items.chunks(256) {
             let body = match serde_json::to_vec(&SettleRequest { items: chunk.to_vec() }) {
