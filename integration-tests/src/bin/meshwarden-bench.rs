@@ -71,7 +71,8 @@ async fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    for f in paths::FILTERS {
+    // wasm-floor: the do-nothing reference filter (`make bench` builds it beside the filters).
+    for f in paths::FILTERS.iter().chain(&["wasm-floor"]) {
         paths::wasm_path(f)?;
     }
     let mock = MockLlm::start().await?;
