@@ -112,6 +112,8 @@ pub fn wrk_script(s: &Scenario) -> String {
 /// Figures parsed from `wrk --latency` output.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WrkResult {
+    /// Requests completed in the run.
+    pub requests: u64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub requests_per_sec: f64,
@@ -133,6 +135,17 @@ fn parse_duration_us(s: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|v| v * mult)
 }
 
+/// CPU time a process has used so far, all threads, in nanoseconds (`/proc/<pid>/task/*/schedstat`,
+/// first field: time on CPU). Read before and after a run, it gives the process's CPU per request,
+/// a figure that scheduling noise and wake-up latency do not blur the way they blur latency.
+pub fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 pub fn parse_wrk(output: &str) -> WrkResult {
     let mut r = WrkResult::default();
     for line in output.lines() {
@@ -141,6 +154,8 @@ pub fn parse_wrk(output: &str) -> WrkResult {
             r.p50_us = parse_duration_us(rest).unwrap_or(0.0);
         } else if let Some(rest) = t.strip_prefix("99%") {
             r.p99_us = parse_duration_us(rest).unwrap_or(0.0);
+        } else if t.contains(" requests in ") {
+            r.requests = t.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
         } else if let Some(rest) = t.strip_prefix("Requests/sec:") {
             r.requests_per_sec = rest.trim().parse().unwrap_or(0.0);
         } else if let Some(rest) = t.strip_prefix("Non-2xx or 3xx responses:") {
@@ -164,6 +179,7 @@ mod tests {
         assert_eq!(r.p99_us, 2500.0);
         assert_eq!(r.requests_per_sec, 2000.5);
         assert_eq!(r.non_2xx, 7);
+        assert_eq!(r.requests, 10000);
         assert_eq!(r.errors, 3);
     }
 

@@ -5,7 +5,7 @@
 #![allow(clippy::indexing_slicing)]
 
 use anyhow::{bail, Context, Result};
-use meshwarden_integration_tests::bench::{parse_wrk, scenarios, wrk_script, Scenario, WrkResult};
+use meshwarden_integration_tests::bench::{parse_wrk, process_cpu_ns, scenarios, wrk_script, Scenario, WrkResult};
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
 use meshwarden_integration_tests::mock_llm::MockLlm;
 use meshwarden_integration_tests::paths;
@@ -41,8 +41,19 @@ async fn start(template: &str, s: &Scenario, filtered: bool, upstream: u16, side
     b.start().await
 }
 
+/// A sequential (one-connection) wrk run and Envoy's CPU time per request during it.
+fn wrk_with_cpu(url: &str, script: &std::path::Path, seconds: u64, pid: u32) -> Result<(WrkResult, f64)> {
+    let before = process_cpu_ns(pid);
+    let r = wrk(url, script, 1, seconds)?;
+    let cpu_ns = process_cpu_ns(pid).saturating_sub(before);
+    Ok((r, if r.requests > 0 { cpu_ns as f64 / 1000.0 / r.requests as f64 } else { 0.0 }))
+}
+
 struct Row {
     name: String,
+    /// Envoy CPU µs per request in the sequential runs (all its threads).
+    plain_cpu_us: f64,
+    filtered_cpu_us: f64,
     plain: WrkResult,
     filtered: WrkResult,
     plain_tp: WrkResult,
@@ -53,6 +64,7 @@ fn avg(a: WrkResult, b: WrkResult) -> WrkResult {
     WrkResult {
         p50_us: (a.p50_us + b.p50_us) / 2.0,
         p99_us: (a.p99_us + b.p99_us) / 2.0,
+        requests: a.requests + b.requests,
         requests_per_sec: (a.requests_per_sec + b.requests_per_sec) / 2.0,
         non_2xx: a.non_2xx + b.non_2xx,
         errors: a.errors + b.errors,
@@ -97,10 +109,10 @@ async fn main() -> Result<()> {
         wrk(&fu, &script, 1, 1)?;
         // Latency: one connection, sequential requests; two interleaved rounds against drift.
         let half = (seconds / 2).max(1);
-        let p1 = wrk(&pu, &script, 1, half)?;
-        let f1 = wrk(&fu, &script, 1, half)?;
-        let p2 = wrk(&pu, &script, 1, half)?;
-        let f2 = wrk(&fu, &script, 1, half)?;
+        let (p1, pc1) = wrk_with_cpu(&pu, &script, half, plain.pid())?;
+        let (f1, fc1) = wrk_with_cpu(&fu, &script, half, filtered.pid())?;
+        let (p2, pc2) = wrk_with_cpu(&pu, &script, half, plain.pid())?;
+        let (f2, fc2) = wrk_with_cpu(&fu, &script, half, filtered.pid())?;
         let plain_tp = wrk(&pu, &script, 32, half)?;
         let filtered_tp = wrk(&fu, &script, 32, half)?;
         // BENCH_STATS=<substring>: print the filtered Envoy's matching stats (e.g. a filter's own
@@ -110,15 +122,23 @@ async fn main() -> Result<()> {
                 eprintln!("    {k} = {v}");
             }
         }
-        rows.push(Row { name: s.name.clone(), plain: avg(p1, p2), filtered: avg(f1, f2), plain_tp, filtered_tp });
+        rows.push(Row {
+            name: s.name.clone(),
+            plain_cpu_us: (pc1 + pc2) / 2.0,
+            filtered_cpu_us: (fc1 + fc2) / 2.0,
+            plain: avg(p1, p2),
+            filtered: avg(f1, f2),
+            plain_tp,
+            filtered_tp,
+        });
     }
     let mut md = String::new();
-    writeln!(md, "| scenario | p50 plain | p50 meshwarden | added p50 | p99 plain | p99 meshwarden | added p99 | req/s plain (32 conns) | req/s meshwarden | ratio | non-2xx / errors |")?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "| scenario | p50 plain | p50 meshwarden | added p50 | p99 plain | p99 meshwarden | added p99 | Envoy CPU/req plain | meshwarden | added CPU/req | req/s plain (32 conns) | req/s meshwarden | ratio | non-2xx / errors |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for r in &rows {
         writeln!(
             md,
-            "| {} | {:.0} µs | {:.0} µs | **{:+.0} µs** | {:.0} µs | {:.0} µs | {:+.0} µs | {:.0} | {:.0} | {:.2} | {} / {} |",
+            "| {} | {:.0} µs | {:.0} µs | **{:+.0} µs** | {:.0} µs | {:.0} µs | {:+.0} µs | {:.1} µs | {:.1} µs | **{:+.1} µs** | {:.0} | {:.0} | {:.2} | {} / {} |",
             r.name,
             r.plain.p50_us,
             r.filtered.p50_us,
@@ -126,6 +146,9 @@ async fn main() -> Result<()> {
             r.plain.p99_us,
             r.filtered.p99_us,
             r.filtered.p99_us - r.plain.p99_us,
+            r.plain_cpu_us,
+            r.filtered_cpu_us,
+            r.filtered_cpu_us - r.plain_cpu_us,
             r.plain_tp.requests_per_sec,
             r.filtered_tp.requests_per_sec,
             if r.plain_tp.requests_per_sec > 0.0 { r.filtered_tp.requests_per_sec / r.plain_tp.requests_per_sec } else { 0.0 },

@@ -110,7 +110,10 @@ async fn main() -> Result<()> {
     writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for s in scenarios::all().into_iter().filter(|s| s.name.contains(&filter)) {
-        eprintln!("==> {} ({instances} + {instances} Envoys, {iterations} iterations of {block}-request blocks)", s.name);
+        eprintln!(
+            "==> {} ({instances} + {instances} Envoys, {iterations} iterations of {block}-request blocks)",
+            s.name
+        );
         let sidecar = match &s.sidecar_args {
             Some(a) => Some(Sidecar::start(&a.iter().map(String::as_str).collect::<Vec<_>>())?),
             None => None,
@@ -120,7 +123,8 @@ async fn main() -> Result<()> {
         let mut targets = Vec::new();
         for _ in 0..instances {
             for filtered in [false, true] {
-                let template = if filtered { s.template.as_str() } else { s.plain_template.as_deref().unwrap_or("plain.yaml") };
+                let template =
+                    if filtered { s.template.as_str() } else { s.plain_template.as_deref().unwrap_or("plain.yaml") };
                 let e = start(template, &s, filtered, mock.port(), sidecar.as_ref().map(Sidecar::port)).await?;
                 let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1).build()?;
                 targets.push(Target { url: e.url(&s.path), client });
@@ -148,7 +152,11 @@ async fn main() -> Result<()> {
                         v.push(once(&t.client, &t.url, &s).await?);
                     }
                     let counted = &mut v[1..];
-                    if side == 0 { plain_all.extend_from_slice(counted) } else { filtered_all.extend_from_slice(counted) }
+                    if side == 0 {
+                        plain_all.extend_from_slice(counted)
+                    } else {
+                        filtered_all.extend_from_slice(counted)
+                    }
                     medians[side] = median(counted);
                 }
                 diffs[j].push(medians[1] - medians[0]);
