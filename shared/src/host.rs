@@ -44,6 +44,8 @@ pub struct Metrics {
     /// Counter ids by the name *after* the filter's prefix: the per-request path looks a stat up
     /// without formatting its full name (a `format!` costs more than the host call inside V8).
     by_suffix: HashMap<String, u32>,
+    /// The same for histograms.
+    histograms_by_suffix: HashMap<String, u32>,
 }
 
 impl Metrics {
@@ -88,6 +90,21 @@ impl Metrics {
         if let Some(id) = self.id(MetricType::Gauge, name) {
             let _ = hostcalls::increment_metric(id, delta);
         }
+    }
+
+    /// `histogram(&format!("{prefix}.{name}"), value)` without building the full name after its first use.
+    pub fn histogram_in(&mut self, prefix: &str, name: &str, value: u64) {
+        let id = match self.histograms_by_suffix.get(name) {
+            Some(id) => *id,
+            None => {
+                let Some(id) = self.id(MetricType::Histogram, &format!("{prefix}.{name}")) else {
+                    return;
+                };
+                self.histograms_by_suffix.insert(name.to_string(), id);
+                id
+            }
+        };
+        let _ = hostcalls::record_metric(id, value);
     }
 
     pub fn histogram(&mut self, name: &str, value: u64) {

@@ -344,7 +344,7 @@ impl Request {
         };
         if let (Some(t0), Ok(t1)) = (t0, hostcalls::get_current_time()) {
             let us = t1.duration_since(t0).map_or(0, |d| d.as_micros() as u64);
-            self.shared.metrics.borrow_mut().histogram(&format!("{P}.decision_us"), us);
+            self.shared.metrics.borrow_mut().histogram_in(P, "decision_us", us);
         }
         if let Some(m) = req.model.as_deref() {
             self.set_http_request_header(&cfg.model_header, Some(m));

@@ -262,7 +262,7 @@ impl HttpContext for Request {
         if !restorer.is_noop() {
             self.restorer = Some(restorer);
         }
-        self.metrics.borrow_mut().histogram(&format!("{P}.request_processing_us"), now_us().saturating_sub(started));
+        self.metrics.borrow_mut().histogram_in(P, "request_processing_us", now_us().saturating_sub(started));
         Action::Continue
     }
 
@@ -314,7 +314,7 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         if let Some(r) = &self.restorer {
             if self.mode != Mode::None {
-                self.metrics.borrow_mut().histogram(&format!("{P}.response_processing_us"), self.response_us);
+                self.metrics.borrow_mut().histogram_in(P, "response_processing_us", self.response_us);
             }
             if r.restored > 0 {
                 self.count("restored", r.restored);

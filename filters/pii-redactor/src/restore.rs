@@ -105,9 +105,12 @@ impl Restorer {
     /// A whole JSON response body: every string value rewritten (message content, tool arguments, ...),
     /// escapes resolved by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
-        // Fast path: without a `<` (or its escape `\u003c`) there is no placeholder to restore.
-        if self.scan.is_none() && !body.contains(&b'<') && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c")) {
-            return None;
+        if self.scan.is_none() && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c") || w.eq_ignore_ascii_case(b"u003e")) {
+            // Restore only, and no placeholder written with escaped angle brackets: placeholders are
+            // ASCII that JSON never needs to escape, so restoring them in the raw text (values
+            // JSON-escaped) gives the same JSON as parsing, restoring each string and re-serialising,
+            // in one scan, keeping the upstream's bytes everywhere else.
+            return self.restore_bytes(body, true);
         }
         match serde_json::from_slice::<Value>(body) {
             Ok(mut v) => {
@@ -215,6 +218,30 @@ mod tests {
         // Broken JSON: raw restore with JSON escaping keeps it JSON-string-safe.
         let out = r.rewrite_json_body(br#"{"a":"<EMAIL_1>""#).unwrap();
         assert_eq!(out, br#"{"a":"a\"b@x.io""#.to_vec());
+    }
+
+    /// The raw fast path of `rewrite_json_body` gives the same JSON as parsing, restoring every string
+    /// and re-serialising (the path it replaces), values needing escapes included.
+    #[test]
+    fn raw_json_restore_agrees_with_parse_restore_serialise() {
+        let pairs = [("<EMAIL_1>", "a\"b@x.io"), ("<PHONE_1>", "+44 20 7946 0958"), ("<CARD_1>", "back\\slash\nline")];
+        let bodies = [
+            r#"{"choices":[{"message":{"role":"assistant","content":"Hi <EMAIL_1>, call <PHONE_1>."}}],"usage":{"total_tokens":3}}"#,
+            r#"{"content":[{"type":"text","text":"<CARD_1><EMAIL_1><EMAIL_1> <EMAIL_2> <div> a < b > c"}],"id":"<EMAIL_1>"}"#,
+            r#"{"tool_calls":[{"function":{"arguments":"{\"to\":\"<EMAIL_1>\",\"n\":1}"}}]}"#,
+            r#"[1, 2.5e3, true, null, "<PHONE_1>", {"k": ["<CARD_1>", "x<PHONE_1"]}]"#,
+            r#"{"nothing":"to restore <EMAIL_9>"}"#,
+        ];
+        for body in bodies {
+            let mut raw = Restorer::new(map(&pairs), None);
+            let via_raw = raw.rewrite_json_body(body.as_bytes()).unwrap_or_else(|| body.as_bytes().to_vec());
+            let mut parsed = Restorer::new(map(&pairs), None);
+            let mut v: Value = serde_json::from_str(body).unwrap();
+            rewrite_strings(&mut v, &mut parsed);
+            let via_raw: Value = serde_json::from_slice(&via_raw).unwrap();
+            assert_eq!(via_raw, v, "{body}");
+            assert_eq!(raw.restored, parsed.restored, "{body}");
+        }
     }
 
     #[test]
