@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-paired tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -67,10 +67,6 @@ oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in t
 push: oci ## push the images without Docker: make push REGISTRY=host/ns VERSION=x (prints digests)
 	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host/namespace [VERSION=x]"; exit 2; }
 	VERSION=$(VERSION) scripts/oci.sh push "$(REGISTRY)" $(VERSION)
-bench-paired: tools build ## added p50 by paired requests over several Envoys per side (BENCH=, INSTANCES=, ITERATIONS=)
-	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
-	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-paired -- --instances $${INSTANCES:-3} --iterations $${ITERATIONS:-1500}
-
 bench-sidecar: ## sidecar rate-limit decisions/s and latency (memory and Redis backends; needs redis-server)
 	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bins
 	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar target/release/meshwarden-sidecar-bench --seconds $${BENCH_SECONDS:-5} --clients $${BENCH_CLIENTS:-32}

@@ -105,7 +105,9 @@ impl Restorer {
     /// A whole JSON response body: every string value rewritten (message content, tool arguments, ...),
     /// escapes resolved by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
-        if self.scan.is_none() && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c") || w.eq_ignore_ascii_case(b"u003e")) {
+        if self.scan.is_none()
+            && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c") || w.eq_ignore_ascii_case(b"u003e"))
+        {
             // Restore only, and no placeholder written with escaped angle brackets: placeholders are
             // ASCII that JSON never needs to escape, so restoring them in the raw text (values
             // JSON-escaped) gives the same JSON as parsing, restoring each string and re-serialising,

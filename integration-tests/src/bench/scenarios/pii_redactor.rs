@@ -1,5 +1,6 @@
 //! pii-redactor benchmark scenarios: a 1 KB prompt with two PII values (masked on the way out, the
-//! mapping kept for the answer), the same without PII, and a 128 KB prompt with two PII values.
+//! mapping kept for the answer), the same with an answer that repeats them (restored), the same without
+//! PII, and a 128 KB prompt with two PII values.
 
 use crate::bench::{chat_body_of_size, Scenario};
 use serde_json::Value;
@@ -21,6 +22,14 @@ fn with_two_pii(bytes: usize) -> Value {
 pub fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::post_json("pii-redactor-1kb-2pii", "pii-redactor.yaml", "/v1/chat/completions", &with_two_pii(1024)),
+        // The model repeats the prompt (mock echo mode): both placeholders come back and are restored.
+        Scenario::post_json(
+            "pii-redactor-1kb-2pii-echoed",
+            "pii-redactor.yaml",
+            "/v1/chat/completions",
+            &with_two_pii(1024),
+        )
+        .header("x-mock-echo", "1"),
         Scenario::post_json(
             "pii-redactor-1kb-clean",
             "pii-redactor.yaml",
