@@ -59,7 +59,9 @@ demo: build ## a scripted tour of the local gateway: each filter acts once, expl
 
 bench: tools build ## added latency and throughput vs plain Envoy, same run (BENCH=substring selects)
 	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
-	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
+	@# The sidecar scenario measures the release sidecar, never whichever build is newest.
+	cargo build -q --release -p meshwarden-sidecar
+	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
 
 oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in target/oci/
 	scripts/oci.sh build
