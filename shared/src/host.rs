@@ -67,17 +67,23 @@ impl Metrics {
     /// `counter(&format!("{prefix}.{name}"), delta)` without building the full name after its first use.
     /// One `Metrics` serves one filter, so the prefix is the same on every call.
     pub fn counter_in(&mut self, prefix: &str, name: &str, delta: u64) {
-        let id = match self.by_suffix.get(name) {
-            Some(id) => *id,
-            None => {
-                let Some(id) = self.id(MetricType::Counter, &format!("{prefix}.{name}")) else {
-                    return;
-                };
-                self.by_suffix.insert(name.to_string(), id);
-                id
-            }
-        };
-        let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+        if let Some(id) = self.id_in(MetricType::Counter, prefix, name) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The id of `{prefix}.{name}` (a counter or a histogram), looked up by `name` once defined.
+    fn id_in(&mut self, kind: MetricType, prefix: &str, name: &str) -> Option<u32> {
+        let by_suffix =
+            if matches!(kind, MetricType::Histogram) { &self.histograms_by_suffix } else { &self.by_suffix };
+        if let Some(id) = by_suffix.get(name) {
+            return Some(*id);
+        }
+        let id = self.id(kind, &format!("{prefix}.{name}"))?;
+        let by_suffix =
+            if matches!(kind, MetricType::Histogram) { &mut self.histograms_by_suffix } else { &mut self.by_suffix };
+        by_suffix.insert(name.to_string(), id);
+        Some(id)
     }
 
     pub fn gauge_set(&mut self, name: &str, value: u64) {
@@ -94,17 +100,9 @@ impl Metrics {
 
     /// `histogram(&format!("{prefix}.{name}"), value)` without building the full name after its first use.
     pub fn histogram_in(&mut self, prefix: &str, name: &str, value: u64) {
-        let id = match self.histograms_by_suffix.get(name) {
-            Some(id) => *id,
-            None => {
-                let Some(id) = self.id(MetricType::Histogram, &format!("{prefix}.{name}")) else {
-                    return;
-                };
-                self.histograms_by_suffix.insert(name.to_string(), id);
-                id
-            }
-        };
-        let _ = hostcalls::record_metric(id, value);
+        if let Some(id) = self.id_in(MetricType::Histogram, prefix, name) {
+            let _ = hostcalls::record_metric(id, value);
+        }
     }
 
     pub fn histogram(&mut self, name: &str, value: u64) {
