@@ -102,8 +102,9 @@ impl Restorer {
         }
     }
 
-    /// A whole JSON response body: every string value rewritten (message content, tool arguments, ...),
-    /// escapes resolved by parsing. Not JSON: restored as raw text with JSON-escaped values.
+    /// A whole JSON response body: placeholders in every string value restored (message content, tool
+    /// arguments, ...), in the raw text unless an angle bracket is escaped or responses are scanned;
+    /// then by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
         if self.scan.is_none()
             && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c") || w.eq_ignore_ascii_case(b"u003e"))
