@@ -4,10 +4,18 @@
 //! Wasm machinery alone costs per request on the machine at hand (context creation, the calls into
 //! V8, buffering); a meshwarden filter's own work is what it adds on top. Never deployed.
 //!
-//! Its plugin configuration is a number N (0: nothing more); N > 0: each request touches N random 64-byte lines of a
-//! 1 MiB buffer (one read-modify-write each) at the end of its body. That is the cache footprint
-//! experiment of docs/benchmarks.md: N = 3000 costs ~6 µs inside the VM but adds ~20 µs to Envoy's
-//! latency, because what the filter evicts from the core's caches Envoy has to fetch back.
+//! Its plugin configuration is up to three numbers `N [H [C]]` (empty: all 0):
+//! - N > 0: each request touches N random 64-byte lines of a 1 MiB buffer (one read-modify-write each)
+//!   at the end of its body. That is the cache footprint experiment of docs/benchmarks.md: N = 3000
+//!   costs ~6 µs inside the VM but adds ~20 µs to Envoy's latency, because what the filter evicts from
+//!   the core's caches Envoy has to fetch back.
+//! - H > 0: each request reads its `:path` header H times (a host call that calls back into the module
+//!   to allocate the answer, as every header, body, property or shared-data read does);
+//! - C > 0: each request reads the clock C times (a host call that returns a number, as stat updates
+//!   and header removals do).
+//!
+//! H and C price one host call of either kind, so a filter's count of host calls per request can be
+//! turned into latency.
 // `#[no_mangle]` and the host imports count as unsafe code for the lint: the ABI needs them.
 #![allow(unsafe_code)]
 
@@ -16,7 +24,18 @@ use std::cell::{Cell, RefCell};
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_get_buffer_bytes(kind: u32, start: usize, max: usize, ptr: *mut *mut u8, len: *mut usize) -> u32;
+    fn proxy_get_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_len: usize,
+        value: *mut *mut u8,
+        value_len: *mut usize,
+    ) -> u32;
+    fn proxy_get_current_time_nanoseconds(time: *mut u64) -> u32;
 }
+
+/// Proxy-Wasm map type of the request headers.
+const REQUEST_HEADERS: u32 = 0;
 
 /// Proxy-Wasm buffer type of the plugin configuration.
 const PLUGIN_CONFIGURATION: u32 = 7;
@@ -25,6 +44,8 @@ const BUFFER_BYTES: usize = 1 << 20;
 
 thread_local! {
     static TOUCH_LINES: Cell<usize> = const { Cell::new(0) };
+    static HEADER_READS: Cell<usize> = const { Cell::new(0) };
+    static CLOCK_READS: Cell<usize> = const { Cell::new(0) };
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static STATE: Cell<u64> = const { Cell::new(0x9e37_79b9_7f4a_7c15) };
 }
@@ -66,6 +87,35 @@ fn touch() {
     });
 }
 
+/// `HEADER_READS` reads of `:path` and `CLOCK_READS` reads of the clock; returns something derived from
+/// the answers so that nothing can be optimised away.
+fn host_calls() -> u64 {
+    let mut acc = 0u64;
+    for _ in 0..HEADER_READS.with(Cell::get) {
+        let key = b":path";
+        let mut ptr: *mut u8 = std::ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: as in `plugin_configuration`: the host hands over a block it allocated through
+        // `proxy_on_memory_allocate`, which is rebuilt into a Vec of exactly that length and freed.
+        unsafe {
+            if proxy_get_header_map_value(REQUEST_HEADERS, key.as_ptr(), key.len(), &mut ptr, &mut len) == 0
+                && !ptr.is_null()
+            {
+                acc = acc.wrapping_add(Vec::from_raw_parts(ptr, len, len).len() as u64);
+            }
+        }
+    }
+    for _ in 0..CLOCK_READS.with(Cell::get) {
+        let mut t = 0u64;
+        // SAFETY: the host writes one u64 through a pointer to a live local.
+        unsafe {
+            proxy_get_current_time_nanoseconds(&mut t);
+        }
+        acc = acc.wrapping_add(t);
+    }
+    acc
+}
+
 /// The ABI marker Envoy looks for.
 #[no_mangle]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
@@ -88,7 +138,21 @@ pub extern "C" fn proxy_on_vm_start(_context_id: u32, _configuration_size: usize
     1
 }
 
-/// An empty configuration or a number of lines to touch per request; anything else is rejected.
+/// `N [H [C]]` -> `[N, H, C]` (missing numbers are 0); `None` for anything else.
+fn parse_floor_config(text: &str) -> Option<[usize; 3]> {
+    let mut numbers = [0usize; 3];
+    let mut words = text.split_whitespace();
+    for slot in &mut numbers {
+        match words.next() {
+            Some(word) => *slot = word.parse().ok()?,
+            None => break,
+        }
+    }
+    words.next().is_none().then_some(numbers)
+}
+
+/// An empty configuration or up to three numbers (lines to touch, header reads, clock reads per request);
+/// anything else is rejected.
 #[no_mangle]
 pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize) -> u32 {
     let text = if configuration_size == 0 {
@@ -96,14 +160,12 @@ pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize
     } else {
         plugin_configuration(configuration_size).unwrap_or_default()
     };
-    let lines = match text.trim() {
-        "" => 0,
-        n => match n.parse::<usize>() {
-            Ok(n) => n,
-            Err(_) => return 0,
-        },
+    let Some([lines, header_reads, clock_reads]) = parse_floor_config(&text) else {
+        return 0;
     };
     TOUCH_LINES.with(|t| t.set(lines));
+    HEADER_READS.with(|h| h.set(header_reads));
+    CLOCK_READS.with(|c| c.set(clock_reads));
     if lines > 0 {
         BUFFER.with(|b| *b.borrow_mut() = vec![0u8; BUFFER_BYTES]);
     }
@@ -113,6 +175,7 @@ pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize
 /// 0 = Continue, for every stream callback.
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(_context_id: u32, _headers: usize, _end_of_stream: u32) -> u32 {
+    std::hint::black_box(host_calls());
     0
 }
 
@@ -145,3 +208,19 @@ pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(_context_id: u32) {}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_floor_config;
+
+    #[test]
+    fn floor_config_is_up_to_three_numbers() {
+        assert_eq!(parse_floor_config(""), Some([0, 0, 0]));
+        assert_eq!(parse_floor_config(" 3000 "), Some([3000, 0, 0]));
+        assert_eq!(parse_floor_config("0 20"), Some([0, 20, 0]));
+        assert_eq!(parse_floor_config("0 0 20"), Some([0, 0, 20]));
+        assert_eq!(parse_floor_config("1 2 3 4"), None);
+        assert_eq!(parse_floor_config("many"), None);
+        assert_eq!(parse_floor_config("1 -2"), None);
+    }
+}

@@ -15,7 +15,7 @@ pub fn all() -> Vec<Scenario> {
     let floor = floor.display().to_string();
     let mut v = vec![
         Scenario::post_json("wasm-floor-1kb-chat", &floor, "/v1/chat/completions", &chat_body_of_size(1024))
-            .var("TOUCH_LINES", "0"),
+            .var("FLOOR_CONFIG", "0"),
         // The same, touching 3000 random cache lines of a 1 MiB buffer per request (~6 µs in the VM):
         // how much a filter's memory footprint costs Envoy beyond the filter's own time.
         Scenario::post_json(
@@ -24,7 +24,25 @@ pub fn all() -> Vec<Scenario> {
             "/v1/chat/completions",
             &chat_body_of_size(1024),
         )
-        .var("TOUCH_LINES", "3000"),
+        .var("FLOOR_CONFIG", "3000"),
+        // The same, with 20 host calls per request of either kind: what one host call costs.
+        // A read that hands data to the module (header, body, property, shared data) calls back into
+        // the module to allocate the answer:
+        Scenario::post_json(
+            "wasm-floor-20-header-reads-1kb-chat",
+            &floor,
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .var("FLOOR_CONFIG", "0 20 0"),
+        // a call that returns a number (clock; stat updates, header removals are of this kind):
+        Scenario::post_json(
+            "wasm-floor-20-clock-reads-1kb-chat",
+            &floor,
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .var("FLOOR_CONFIG", "0 0 20"),
         Scenario::post_json("chain-1kb-chat", "chain.yaml", "/v1/chat/completions", &chat_body_of_size(1024)),
     ];
     v.extend(token_limiter::scenarios());
