@@ -1,7 +1,8 @@
 //! `make bench`: each scenario through plain Envoy and through Envoy + meshwarden, in the same run.
 //! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING]` (env `BENCH` works like `--filter`;
 //! `BENCH_STATS=SUBSTRING` prints the filtered Envoy's matching stats after each scenario).
-//! Prints a Markdown table and writes it to `target/bench/latest.md`.
+//! Prints a Markdown table and writes it to `target/bench/latest.md` (a full run) or
+//! `target/bench/latest-<filter>.md` (a selection), so a partial run never replaces the full table.
 #![allow(clippy::indexing_slicing)]
 
 use anyhow::{bail, Context, Result};
@@ -159,7 +160,14 @@ async fn main() -> Result<()> {
     println!("{md}");
     let out = paths::repo_root().join("target").join("bench");
     std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("latest.md"), &md)?;
-    eprintln!("written to {}", out.join("latest.md").display());
+    let file = if filter.is_empty() {
+        "latest.md".to_string()
+    } else {
+        let safe: String =
+            filter.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
+        format!("latest-{safe}.md")
+    };
+    std::fs::write(out.join(&file), &md)?;
+    eprintln!("written to {}", out.join(&file).display());
     Ok(())
 }
