@@ -7,8 +7,8 @@
 //! Its plugin configuration is up to three numbers `N [H [C]]` (empty: all 0):
 //! - N > 0: each request touches N random 64-byte lines of a 1 MiB buffer (one read-modify-write each)
 //!   at the end of its body. That is the cache footprint experiment of docs/benchmarks.md: N = 3000
-//!   costs ~6 µs inside the VM but adds ~20 µs to Envoy's latency, because what the filter evicts from
-//!   the core's caches Envoy has to fetch back.
+//!   costs ~6 µs inside the VM but adds 20-75 µs to Envoy's latency (it varies from run to run),
+//!   because what the filter evicts from the core's caches Envoy has to fetch back.
 //! - H > 0: each request reads its `:path` header H times (a host call that calls back into the module
 //!   to allocate the answer, as every header, body, property or shared-data read does);
 //! - C > 0: each request reads the clock C times (a host call that returns a number, as stat updates
