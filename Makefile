@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-sidecar tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -22,6 +22,8 @@ tools: ## install what the tests and benchmarks need (Envoy, wrk, Node) when mis
 lint: ## clippy with the no-panic policy (unwrap/expect/panic denied outside tests) and rustfmt
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	@# the instrumented build of `make bench-breakdown` must keep compiling too
+	cargo clippy -p meshwarden-token-limiter -p meshwarden-pii-redactor -p meshwarden-mcp-authz --features meshwarden-shared/bench-timers -- -D warnings
 
 fmt: ## format the code
 	cargo fmt --all
@@ -69,6 +71,12 @@ oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in t
 push: oci ## push the images without Docker: make push REGISTRY=host/ns VERSION=x (prints digests)
 	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host/namespace [VERSION=x]"; exit 2; }
 	VERSION=$(VERSION) scripts/oci.sh push "$(REGISTRY)" $(VERSION)
+bench-breakdown: tools build ## where each filter's time goes inside Envoy's VM (instrumented build; µs per request by callback; BENCH= selects)
+	FEATURES=meshwarden-shared/bench-timers MESHWARDEN_WASM_DIR=target/meshwarden-timers scripts/build-wasm.sh >/dev/null
+	FILTERS=wasm-floor MESHWARDEN_WASM_DIR=target/meshwarden-timers scripts/build-wasm.sh >/dev/null
+	cargo build -q --release -p meshwarden-sidecar
+	MESHWARDEN_WASM_DIR=target/meshwarden-timers MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
+
 bench-sidecar: ## sidecar rate-limit decisions/s and latency (memory and Redis backends; needs redis-server)
 	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bins
 	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar target/release/meshwarden-sidecar-bench --seconds $${BENCH_SECONDS:-5} --clients $${BENCH_CLIENTS:-32}

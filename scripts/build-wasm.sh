@@ -17,6 +17,8 @@ DEBIAN_PACKAGES=(rustc-web cargo-web rust-web-src lld-22 wasi-libc)
 
 pkgs=()
 for f in "${FILTERS[@]}"; do pkgs+=(-p "meshwarden-$f"); done
+# FEATURES="meshwarden-shared/bench-timers" builds the instrumented filters of `make bench-breakdown`.
+if [ -n "${FEATURES:-}" ]; then pkgs+=(--features "$FEATURES"); fi
 
 route="${MESHWARDEN_WASM_ROUTE:-}"
 if [ -z "$route" ]; then

@@ -9,7 +9,9 @@ use crate::meter::Meter;
 use crate::request::{parse_request, rewrite_body, size_estimate, BadBody, Parsed};
 use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
 use meshwarden_shared::errors::{openai_reset_duration, retry_after_seconds, ErrorFlavor, ErrorKind};
-use meshwarden_shared::host::{callout_response, dispatch, load_config, log, send_error, HeaderSnapshot, Metrics};
+use meshwarden_shared::host::{
+    callout_response, dispatch, load_config, log, send_error, HeaderSnapshot, Metrics, Stopwatch,
+};
 use meshwarden_shared::llm::Api;
 use meshwarden_shared::ratelimit::{
     reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveResponse, SettleItem,
@@ -692,6 +694,65 @@ impl Request {
 
 impl Context for Request {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let sw = Stopwatch::start();
+        self.reserve_answer(body_size);
+        self.timed(sw, "vm_us.reserve_answer");
+    }
+}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
+        let sw = Stopwatch::start();
+        let action = self.request_headers(n, end_of_stream);
+        self.timed(sw, "vm_us.request_headers");
+        action
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let sw = Stopwatch::start();
+        let action = self.request_body(body_size, end_of_stream);
+        self.timed(sw, "vm_us.request_body");
+        action
+    }
+
+    fn on_http_request_trailers(&mut self, n: usize) -> Action {
+        let sw = Stopwatch::start();
+        let action = self.request_trailers(n);
+        self.timed(sw, "vm_us.request_trailers");
+        action
+    }
+
+    fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
+        let sw = Stopwatch::start();
+        let action = self.response_headers(n, end_of_stream);
+        self.timed(sw, "vm_us.response_headers");
+        action
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let sw = Stopwatch::start();
+        let action = self.response_body(body_size, end_of_stream);
+        self.timed(sw, "vm_us.response_body");
+        action
+    }
+
+    fn on_log(&mut self) {
+        let sw = Stopwatch::start();
+        self.request_done();
+        self.timed(sw, "vm_us.log");
+    }
+}
+
+// The callbacks' work (the trait methods above only time it for `make bench-breakdown`).
+impl Request {
+    /// With `bench-timers`: add a callback's time in the VM to its `vm_us.*` counter; otherwise nothing.
+    fn timed(&self, sw: Stopwatch, section: &str) {
+        if let Some(us) = sw.elapsed_us() {
+            self.shared.count(section, us);
+        }
+    }
+
+    fn reserve_answer(&mut self, body_size: usize) {
         if self.phase != Phase::Waiting {
             return;
         }
@@ -721,10 +782,8 @@ impl Context for Request {
             }
         }
     }
-}
 
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
+    fn request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         self.shared.count("requests", 1);
         if end_of_stream {
             // No body: nothing to charge (GET /v1/models and the like).
@@ -745,7 +804,7 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+    fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.phase {
             Phase::Start => {}
             Phase::Waiting => return Action::Pause,
@@ -763,7 +822,7 @@ impl HttpContext for Request {
         self.start_admission(&body, false)
     }
 
-    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+    fn request_trailers(&mut self, _n: usize) -> Action {
         // A body ended by trailers never reports end_of_stream to the body callback: decide here.
         match self.phase {
             Phase::Start => {
@@ -775,7 +834,7 @@ impl HttpContext for Request {
         }
     }
 
-    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+    fn response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         // The fallback header is ours: set it after a fallback, remove any other copy (an upstream's).
         let header = self.cfg().fallback_header.clone();
         let admitted = self.admission.as_ref().filter(|_| self.phase == Phase::Admitted);
@@ -796,7 +855,7 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
         if self.phase != Phase::Admitted || body_size == 0 {
             return Action::Continue;
         }
@@ -808,7 +867,7 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_log(&mut self) {
+    fn request_done(&mut self) {
         match self.phase {
             Phase::Admitted => self.settle_once(),
             Phase::Waiting => {

@@ -167,9 +167,66 @@ pub fn parse_wrk(output: &str) -> WrkResult {
     r
 }
 
+/// One filter's mean time inside the VM per request, by callback (`make bench-breakdown`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmBreakdown {
+    /// The stat prefix, e.g. `meshwarden.token_limiter`.
+    pub filter: String,
+    /// (callback, mean µs per request), in stat-name order.
+    pub callbacks: Vec<(String, f64)>,
+}
+
+impl VmBreakdown {
+    pub fn total_us(&self) -> f64 {
+        self.callbacks.iter().map(|(_, us)| us).sum()
+    }
+}
+
+/// From a filtered Envoy's stats: each filter's `<prefix>.vm_us.<callback>` sums (written only by a
+/// `bench-timers` build) divided by its `<prefix>.requests`. Empty for a normal build.
+pub fn vm_breakdown(stats: &std::collections::BTreeMap<String, u64>) -> Vec<VmBreakdown> {
+    let mut out: Vec<VmBreakdown> = Vec::new();
+    for (name, sum) in stats {
+        let Some((prefix, callback)) = name.split_once(".vm_us.") else {
+            continue;
+        };
+        let requests = stats.get(&format!("{prefix}.requests")).copied().unwrap_or(0);
+        if requests == 0 {
+            continue;
+        }
+        let mean = *sum as f64 / requests as f64;
+        match out.iter_mut().find(|b| b.filter == prefix) {
+            Some(b) => b.callbacks.push((callback.to_string(), mean)),
+            None => out.push(VmBreakdown { filter: prefix.to_string(), callbacks: vec![(callback.to_string(), mean)] }),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_breakdown_is_sums_over_requests_per_filter() {
+        let stats: std::collections::BTreeMap<String, u64> = [
+            ("meshwarden.token_limiter.requests", 1000),
+            ("meshwarden.token_limiter.vm_us.log", 9800),
+            ("meshwarden.token_limiter.vm_us.request_body", 11800),
+            ("meshwarden.token_limiter.admitted", 1000),
+            ("meshwarden.pii_redactor.requests", 0),
+            ("meshwarden.pii_redactor.vm_us.request_body", 5),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let b = vm_breakdown(&stats);
+        assert_eq!(b.len(), 1, "a filter that served no request has no mean: {b:?}");
+        assert_eq!(b[0].filter, "meshwarden.token_limiter");
+        assert_eq!(b[0].callbacks, vec![("log".to_string(), 9.8), ("request_body".to_string(), 11.8)]);
+        assert!((b[0].total_us() - 21.6).abs() < 1e-9);
+        assert!(vm_breakdown(&std::collections::BTreeMap::new()).is_empty());
+    }
 
     #[test]
     fn parses_wrk_output() {

@@ -2,11 +2,14 @@
 //! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING]` (env `BENCH` works like `--filter`;
 //! `BENCH_STATS=SUBSTRING` prints the filtered Envoy's matching stats after each scenario).
 //! Prints a Markdown table and writes it to `target/bench/latest.md` (a full run) or
-//! `target/bench/latest-<filter>.md` (a selection), so a partial run never replaces the full table.
+//! `target/bench/latest-<filter>.md` (a selection), so a partial run never replaces the full table;
+//! an instrumented run (`make bench-breakdown`) writes `breakdown.md` / `breakdown-<filter>.md`.
 #![allow(clippy::indexing_slicing)]
 
 use anyhow::{bail, Context, Result};
-use meshwarden_integration_tests::bench::{parse_wrk, process_cpu_ns, scenarios, wrk_script, Scenario, WrkResult};
+use meshwarden_integration_tests::bench::{
+    parse_wrk, process_cpu_ns, scenarios, vm_breakdown, wrk_script, Scenario, VmBreakdown, WrkResult,
+};
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
 use meshwarden_integration_tests::mock_llm::MockLlm;
 use meshwarden_integration_tests::paths;
@@ -52,6 +55,8 @@ fn wrk_with_cpu(url: &str, script: &std::path::Path, seconds: u64, pid: u32) -> 
 
 struct Row {
     name: String,
+    /// In-VM time per callback (only from a `bench-timers` build).
+    breakdown: Vec<VmBreakdown>,
     /// Envoy CPU µs per request in the sequential runs (all its threads).
     plain_cpu_us: f64,
     filtered_cpu_us: f64,
@@ -123,7 +128,14 @@ async fn main() -> Result<()> {
                 eprintln!("    {k} = {v}");
             }
         }
+        // A `bench-timers` build (`make bench-breakdown`) also reports where its time goes in the VM.
+        let breakdown = vm_breakdown(&filtered.stats("meshwarden.").await?);
+        for b in &breakdown {
+            let parts: Vec<String> = b.callbacks.iter().map(|(c, us)| format!("{c} {us:.1}")).collect();
+            eprintln!("    {} in the VM, µs per request: {} (total {:.1})", b.filter, parts.join(", "), b.total_us());
+        }
         rows.push(Row {
+            breakdown,
             name: s.name.clone(),
             plain_cpu_us: (pc1 + pc2) / 2.0,
             filtered_cpu_us: (fc1 + fc2) / 2.0,
@@ -157,15 +169,28 @@ async fn main() -> Result<()> {
             r.filtered.errors + r.filtered_tp.errors,
         )?;
     }
+    if rows.iter().any(|r| !r.breakdown.is_empty()) {
+        writeln!(md, "\nTime inside the VM per request (`bench-timers` build: host-clock timers around each callback, so each figure includes ~0.3 µs of timer):\n")?;
+        writeln!(md, "| scenario | filter | callbacks (µs per request) | total in the VM |")?;
+        writeln!(md, "|---|---|---|---:|")?;
+        for r in &rows {
+            for b in &r.breakdown {
+                let parts: Vec<String> = b.callbacks.iter().map(|(c, us)| format!("{c} {us:.1}")).collect();
+                writeln!(md, "| {} | {} | {} | {:.1} µs |", r.name, b.filter, parts.join(", "), b.total_us())?;
+            }
+        }
+    }
     println!("{md}");
     let out = paths::repo_root().join("target").join("bench");
     std::fs::create_dir_all(&out)?;
+    // An instrumented run's latencies include its timers: never let it replace the plain figures.
+    let base = if rows.iter().any(|r| !r.breakdown.is_empty()) { "breakdown" } else { "latest" };
     let file = if filter.is_empty() {
-        "latest.md".to_string()
+        format!("{base}.md")
     } else {
         let safe: String =
             filter.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-        format!("latest-{safe}.md")
+        format!("{base}-{safe}.md")
     };
     std::fs::write(out.join(&file), &md)?;
     eprintln!("written to {}", out.join(&file).display());
