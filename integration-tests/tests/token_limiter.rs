@@ -162,6 +162,12 @@ async fn stream_case(path: &str, body: Value, api: Api) {
     assert_eq!(e.stat(&format!("meshwarden.token_limiter.model.{m}.input_tokens")).await.unwrap(), 246);
     assert_eq!(e.stat(&format!("meshwarden.token_limiter.model.{m}.output_tokens")).await.unwrap(), 74);
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 2);
+    // The totals and the rule's charge (it counts input + output) agree with the per-model stats.
+    assert_eq!(e.stat("meshwarden.token_limiter.input_tokens").await.unwrap(), 246);
+    assert_eq!(e.stat("meshwarden.token_limiter.output_tokens").await.unwrap(), 74);
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.t.charged_tokens").await.unwrap(), 320);
+    assert_eq!(e.stat("meshwarden.token_limiter.requests").await.unwrap(), 2);
+    assert_eq!(e.stat("meshwarden.token_limiter.admitted").await.unwrap(), 2);
     // Budget: the 3rd request sees limit - 2*(123+37) - its own reservation.
     let r = post(&e, path, &body, &[("x-mock-completion-tokens", "1")]).await;
     let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();

@@ -35,10 +35,48 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> { Box::new(Root::new(id)) });
 }}
 
+/// Metric ids of the stats every admitted request updates whose names are built from a rule, a model or
+/// the usage source: looked up once per name, so the request path neither formats nor hashes a name.
+#[derive(Default)]
+struct HotStats {
+    /// By rule index: `rule.<name>.charged_tokens`.
+    charged: Vec<Option<u32>>,
+    /// By model as requested (at most `MAX_HOT_MODELS`; others take the slow path):
+    /// `model.<label>.input_tokens`, `model.<label>.output_tokens`.
+    models: Vec<(String, Option<u32>, Option<u32>)>,
+    /// `usage.reported`, `usage.partial`, `usage.estimated`.
+    usage: [Option<u32>; 3],
+    /// By [`Hot`]: the fixed names every request updates.
+    fixed: [Option<u32>; 4],
+}
+
+/// The stats with fixed names that every request updates, by their slot in [`HotStats::fixed`].
+#[derive(Clone, Copy)]
+enum Hot {
+    Requests,
+    Admitted,
+    InputTokens,
+    OutputTokens,
+}
+
+impl Hot {
+    fn name(self) -> &'static str {
+        match self {
+            Hot::Requests => "requests",
+            Hot::Admitted => "admitted",
+            Hot::InputTokens => "input_tokens",
+            Hot::OutputTokens => "output_tokens",
+        }
+    }
+}
+
+const MAX_HOT_MODELS: usize = 64;
+
 /// State shared by a worker's root context and its requests.
 struct Shared {
     config: Rc<Config>,
     metrics: RefCell<Metrics>,
+    hot: RefCell<HotStats>,
     models: RefCell<BoundedLabels>,
     settle_queue: RefCell<Vec<SettleItem>>,
     failure_log: RefCell<LogThrottle>,
@@ -51,6 +89,90 @@ struct Shared {
 impl Shared {
     fn count(&self, name: &str, n: u64) {
         self.metrics.borrow_mut().counter_in(P, name, n);
+    }
+
+    /// One of the fixed-name stats every request updates (see [`HotStats`]).
+    fn count_hot(&self, stat: Hot, n: u64) {
+        let mut hot = self.hot.borrow_mut();
+        let slot = stat as usize;
+        let id = match hot.fixed.get(slot).copied().flatten() {
+            Some(id) => Some(id),
+            None => {
+                let id = self.metrics.borrow_mut().counter_id_in(P, stat.name());
+                if let Some(s) = hot.fixed.get_mut(slot) {
+                    *s = id;
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            Metrics::add(id, n);
+        }
+    }
+
+    /// The stats of one settled request (see [`HotStats`]).
+    fn count_usage(&self, source: crate::meter::Source, model: &str, input: u64, output: u64) {
+        let mut hot = self.hot.borrow_mut();
+        let slot = match source {
+            crate::meter::Source::Reported => 0,
+            crate::meter::Source::Partial => 1,
+            crate::meter::Source::Estimated => 2,
+        };
+        let usage_id = match hot.usage.get(slot).copied().flatten() {
+            Some(id) => Some(id),
+            None => {
+                let id = self.metrics.borrow_mut().counter_id_in(P, &format!("usage.{}", source.as_str()));
+                if let Some(s) = hot.usage.get_mut(slot) {
+                    *s = id;
+                }
+                id
+            }
+        };
+        if let Some(id) = usage_id {
+            Metrics::add(id, 1);
+        }
+        let ids = match hot.models.iter().find(|(m, _, _)| m == model) {
+            Some((_, i, o)) => Some((*i, *o)),
+            None => {
+                let label = self.models.borrow_mut().label(model);
+                let mut metrics = self.metrics.borrow_mut();
+                let i = metrics.counter_id_in(P, &format!("model.{label}.input_tokens"));
+                let o = metrics.counter_id_in(P, &format!("model.{label}.output_tokens"));
+                if hot.models.len() < MAX_HOT_MODELS {
+                    hot.models.push((model.to_string(), i, o));
+                }
+                Some((i, o))
+            }
+        };
+        if let Some((i, o)) = ids {
+            if let Some(i) = i {
+                Metrics::add(i, input);
+            }
+            if let Some(o) = o {
+                Metrics::add(o, output);
+            }
+        }
+    }
+
+    /// `rule.<name>.charged_tokens` by rule index (see [`HotStats`]).
+    fn count_charged(&self, rule_index: usize, rule_name: &str, n: u64) {
+        let mut hot = self.hot.borrow_mut();
+        if hot.charged.len() <= rule_index {
+            hot.charged.resize(rule_index + 1, None);
+        }
+        let id = match hot.charged.get(rule_index).copied().flatten() {
+            Some(id) => Some(id),
+            None => {
+                let id = self.metrics.borrow_mut().counter_id_in(P, &format!("rule.{rule_name}.charged_tokens"));
+                if let Some(slot) = hot.charged.get_mut(rule_index) {
+                    *slot = id;
+                }
+                id
+            }
+        };
+        if let Some(id) = id {
+            Metrics::add(id, n);
+        }
     }
 
     fn callout_failed(&self, what: &str, f: CalloutFailure) {
@@ -125,6 +247,7 @@ impl Root {
             shared: Rc::new(Shared {
                 config: Rc::new(Config::default()),
                 metrics: RefCell::new(Metrics::default()),
+                hot: RefCell::new(HotStats::default()),
                 models: RefCell::new(BoundedLabels::new(32)),
                 settle_queue: RefCell::new(Vec::new()),
                 failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
@@ -169,6 +292,7 @@ impl RootContext for Root {
         self.shared = Rc::new(Shared {
             config: Rc::new(config),
             metrics: RefCell::new(Metrics::default()),
+            hot: RefCell::new(HotStats::default()),
             models: RefCell::new(models),
             settle_queue: RefCell::new(Vec::new()),
             failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
@@ -270,7 +394,11 @@ fn conc_key(group_key: &str) -> String {
     format!("meshwarden.tl.c.{group_key}")
 }
 
-struct LocalStore;
+/// `local` state for one request's reservation or settlement; `now_us` is read once for all its groups
+/// (one clock host call, and every group of the request sees the same instant).
+struct LocalStore {
+    now_us: u64,
+}
 
 impl GroupStore for LocalStore {
     type Error = Status;
@@ -283,7 +411,7 @@ impl GroupStore for LocalStore {
                 return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() });
             }
         }
-        let now = now_us();
+        let now = self.now_us;
         let (allowed, rs) = cas_update_bytes(&group_key(&g.key), |old| {
             let tats = crate::state::decode(old, &g.windows);
             let rs: Vec<_> = g.windows.iter().zip(&tats).map(|(w, t)| reserve(w, *t, now, g.cost)).collect();
@@ -305,7 +433,7 @@ impl GroupStore for LocalStore {
 
     fn settle_item(&mut self, item: &SettleItem) -> Result<(), Status> {
         if item.delta != 0 && !item.windows.is_empty() {
-            let now = now_us();
+            let now = self.now_us;
             cas_update_bytes(&group_key(&item.key), |old| {
                 let tats = crate::state::decode(old, &item.windows);
                 let new: Vec<u64> =
@@ -437,7 +565,10 @@ impl Request {
         self.admission = Some(Admission::new(facts));
         let seq = self.shared.lease_seq.get().wrapping_add(1);
         self.shared.lease_seq.set(seq);
-        self.lease_id = format!("{:x}-{:x}-{:x}", self.shared.seed, self.context_id, seq);
+        // A lease names this request's concurrency slots; without a concurrency limit there are none.
+        if cfg.rules.iter().any(|r| r.max_concurrent_requests.is_some()) {
+            self.lease_id = format!("{:x}-{:x}-{:x}", self.shared.seed, self.context_id, seq);
+        }
         self.step()
     }
 
@@ -461,7 +592,7 @@ impl Request {
             }
             match cfg.state {
                 StateMode::Local => {
-                    let resp = match reserve_all(&mut LocalStore, &plan.request) {
+                    let resp = match reserve_all(&mut LocalStore { now_us: now_us() }, &plan.request) {
                         Ok(r) => r,
                         Err(_) => {
                             // Shared data failing is an Envoy-internal problem; count it and fail open.
@@ -523,7 +654,7 @@ impl Request {
     fn admit(&mut self, window: Option<WindowState>) -> Action {
         self.phase = Phase::Admitted;
         self.window = window;
-        self.shared.count("admitted", 1);
+        self.shared.count_hot(Hot::Admitted, 1);
         let new_model = self.admission.as_ref().filter(|a| a.fell_back()).and_then(|a| a.model.clone());
         if let Some(p) = self.parsed.as_mut() {
             if let Some(bytes) = rewrite_body(p, new_model.as_deref()) {
@@ -570,21 +701,21 @@ impl Request {
         let mut headers: Vec<(String, String)> =
             vec![("retry-after".into(), retry_after), ("retry-after-ms".into(), retry_after_ms)];
         if let Some(w) = d.window {
-            headers.extend(self.ratelimit_headers(&w));
+            headers.extend(self.ratelimit_headers(&w).into_iter().map(|(k, v)| (k.to_string(), v)));
         }
         let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         send_error(429, self.flavor(), ErrorKind::RateLimit, Some("rate_limit_exceeded"), &message, &refs);
     }
 
-    fn ratelimit_headers(&self, w: &WindowState) -> Vec<(String, String)> {
+    fn ratelimit_headers(&self, w: &WindowState) -> Vec<(&'static str, String)> {
         let mut h = vec![
-            ("x-ratelimit-limit-tokens".to_string(), w.limit.to_string()),
-            ("x-ratelimit-remaining-tokens".to_string(), w.remaining.to_string()),
-            ("x-ratelimit-reset-tokens".to_string(), openai_reset_duration(w.reset_ms)),
+            ("x-ratelimit-limit-tokens", w.limit.to_string()),
+            ("x-ratelimit-remaining-tokens", w.remaining.to_string()),
+            ("x-ratelimit-reset-tokens", openai_reset_duration(w.reset_ms)),
         ];
         if self.flavor() == ErrorFlavor::Anthropic {
-            h.push(("anthropic-ratelimit-tokens-limit".to_string(), w.limit.to_string()));
-            h.push(("anthropic-ratelimit-tokens-remaining".to_string(), w.remaining.to_string()));
+            h.push(("anthropic-ratelimit-tokens-limit", w.limit.to_string()));
+            h.push(("anthropic-ratelimit-tokens-remaining", w.remaining.to_string()));
         }
         h
     }
@@ -639,18 +770,14 @@ impl Request {
             // No response at all (client went away, upstream never answered): the prompt was sent.
             None => (est, 0, crate::meter::Source::Estimated),
         };
-        self.shared.count(&format!("usage.{}", source.as_str()), 1);
-        let model = adm.model.clone().unwrap_or_else(|| "none".to_string());
-        let label = self.shared.models.borrow_mut().label(&model);
-        self.shared.count(&format!("model.{label}.input_tokens"), input);
-        self.shared.count(&format!("model.{label}.output_tokens"), output);
-        self.shared.count("input_tokens", input);
-        self.shared.count("output_tokens", output);
+        self.shared.count_usage(source, adm.model.as_deref().unwrap_or("none"), input, output);
+        self.shared.count_hot(Hot::InputTokens, input);
+        self.shared.count_hot(Hot::OutputTokens, output);
         let deltas = settle_deltas(&cfg, plan, input, output);
         for ((g, d), ri) in plan.request.groups.iter().zip(&deltas).zip(&plan.rules) {
             if let (false, Some(rule)) = (g.windows.is_empty(), cfg.rules.get(*ri)) {
                 let charged = i64::try_from(g.cost).unwrap_or(i64::MAX).saturating_add(*d).max(0);
-                self.shared.count(&format!("rule.{}.charged_tokens", rule.name), charged.unsigned_abs());
+                self.shared.count_charged(*ri, &rule.name, charged.unsigned_abs());
             }
         }
         let items: Vec<SettleItem> = plan
@@ -668,8 +795,9 @@ impl Request {
             .collect();
         match cfg.state {
             StateMode::Local => {
+                let mut store = LocalStore { now_us: now_us() };
                 for it in &items {
-                    if LocalStore.settle_item(it).is_err() {
+                    if store.settle_item(it).is_err() {
                         self.shared.count("local_state_errors", 1);
                     }
                 }
@@ -784,7 +912,7 @@ impl Request {
     }
 
     fn request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        self.shared.count("requests", 1);
+        self.shared.count_hot(Hot::Requests, 1);
         if end_of_stream {
             // No body: nothing to charge (GET /v1/models and the like).
             self.phase = Phase::Pass;
@@ -836,20 +964,19 @@ impl Request {
 
     fn response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         // The fallback header is ours: set it after a fallback, remove any other copy (an upstream's).
-        let header = self.cfg().fallback_header.clone();
+        let cfg = self.cfg();
         let admitted = self.admission.as_ref().filter(|_| self.phase == Phase::Admitted);
-        let value = Admission::fallback_header_value(admitted).map(str::to_string);
-        self.set_http_response_header(&header, value.as_deref());
+        self.set_http_response_header(&cfg.fallback_header, Admission::fallback_header_value(admitted));
         if self.phase != Phase::Admitted {
             return Action::Continue;
         }
         let headers = HeaderSnapshot::response();
         let status = headers.get(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
-        let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
+        let max = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
         self.meter = Some(Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max));
         if let Some(w) = self.window {
             for (k, v) in self.ratelimit_headers(&w) {
-                self.set_http_response_header(&k, Some(&v));
+                self.set_http_response_header(k, Some(&v));
             }
         }
         Action::Continue
