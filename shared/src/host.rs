@@ -72,6 +72,24 @@ impl Stopwatch {
     }
 }
 
+/// A request context that can count its own time in the VM (see [`Stopwatch`]).
+pub trait VmTimed {
+    /// Add `us` to the counter `<filter prefix>.<section>`.
+    fn add_vm_us(&self, section: &str, us: u64);
+}
+
+/// Run one callback's work `f`; with `bench-timers`, add its duration to `section` (`vm_us.<callback>`).
+/// Each filter's `HttpContext` methods are one call of this around the method doing the work.
+#[inline(always)]
+pub fn timed<C: VmTimed, R>(ctx: &mut C, section: &str, f: impl FnOnce(&mut C) -> R) -> R {
+    let sw = Stopwatch::start();
+    let out = f(ctx);
+    if let Some(us) = sw.elapsed_us() {
+        ctx.add_vm_us(section, us);
+    }
+    out
+}
+
 #[cfg(feature = "bench-timers")]
 fn now_us() -> u64 {
     hostcalls::get_current_time()

@@ -5,7 +5,7 @@
 use crate::config::{Config, OtherPaths, Protocol};
 use crate::engine::{Audit, Endpoint, Engine, FilterKind, Outcome, Reply, SseFilter};
 use crate::identity::{self, Identity, Sources};
-use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics, Stopwatch};
+use meshwarden_shared::host::{load_config, log, timed, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::jsonrpc;
 use meshwarden_shared::mcp::{self, RequestHeaders};
 use meshwarden_shared::pbstruct::decode_metadata_namespace;
@@ -282,57 +282,38 @@ impl Request {
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_headers(n, end_of_stream);
-        self.timed(sw, "vm_us.request_headers");
-        action
+        timed(self, "vm_us.request_headers", |r| r.request_headers(n, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_body(body_size, end_of_stream);
-        self.timed(sw, "vm_us.request_body");
-        action
+        timed(self, "vm_us.request_body", |r| r.request_body(body_size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, n: usize) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_trailers(n);
-        self.timed(sw, "vm_us.request_trailers");
-        action
+        timed(self, "vm_us.request_trailers", |r| r.request_trailers(n))
     }
 
     fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.response_headers(n, end_of_stream);
-        self.timed(sw, "vm_us.response_headers");
-        action
+        timed(self, "vm_us.response_headers", |r| r.response_headers(n, end_of_stream))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.response_body(body_size, end_of_stream);
-        self.timed(sw, "vm_us.response_body");
-        action
+        timed(self, "vm_us.response_body", |r| r.response_body(body_size, end_of_stream))
     }
 
     fn on_http_response_trailers(&mut self, n: usize) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.response_trailers(n);
-        self.timed(sw, "vm_us.response_trailers");
-        action
+        timed(self, "vm_us.response_trailers", |r| r.response_trailers(n))
+    }
+}
+
+impl VmTimed for Request {
+    fn add_vm_us(&self, section: &str, us: u64) {
+        self.shared.borrow_mut().add(section, us);
     }
 }
 
 // The callbacks' work (the trait methods above only time it for `make bench-breakdown`).
 impl Request {
-    /// With `bench-timers`: add a callback's time in the VM to its `vm_us.*` counter; otherwise nothing.
-    fn timed(&self, sw: Stopwatch, section: &str) {
-        if let Some(us) = sw.elapsed_us() {
-            self.shared.borrow_mut().add(section, us);
-        }
-    }
-
     fn request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         self.shared.borrow_mut().count("requests");
         // One host call for all headers: this callback reads up to ten of them.

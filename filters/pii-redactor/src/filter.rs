@@ -7,7 +7,7 @@ use crate::engine::{Counts, Engine};
 use crate::request::{process_request, Scanned};
 use crate::restore::{RawStream, Restorer, SseRestore};
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
-use meshwarden_shared::host::{load_config, log, send_error, HeaderSnapshot, Metrics, Stopwatch};
+use meshwarden_shared::host::{load_config, log, send_error, timed, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::llm::Api;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -180,49 +180,34 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, n: usize, eos: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_headers(n, eos);
-        self.timed(sw, "vm_us.request_headers");
-        action
+        timed(self, "vm_us.request_headers", |r| r.request_headers(n, eos))
     }
 
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_body(size, eos);
-        self.timed(sw, "vm_us.request_body");
-        action
+        timed(self, "vm_us.request_body", |r| r.request_body(size, eos))
     }
 
     fn on_http_response_headers(&mut self, n: usize, eos: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.response_headers(n, eos);
-        self.timed(sw, "vm_us.response_headers");
-        action
+        timed(self, "vm_us.response_headers", |r| r.response_headers(n, eos))
     }
 
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.restore_response_body(size, eos);
-        self.timed(sw, "vm_us.response_body");
-        action
+        timed(self, "vm_us.response_body", |r| r.restore_response_body(size, eos))
     }
 
     fn on_log(&mut self) {
-        let sw = Stopwatch::start();
-        self.request_done();
-        self.timed(sw, "vm_us.log");
+        timed(self, "vm_us.log", |r| r.request_done());
+    }
+}
+
+impl VmTimed for Request {
+    fn add_vm_us(&self, section: &str, us: u64) {
+        self.count(section, us);
     }
 }
 
 // The callbacks' work (the trait methods above only time it for `make bench-breakdown`).
 impl Request {
-    /// With `bench-timers`: add a callback's time in the VM to its `vm_us.*` counter; otherwise nothing.
-    fn timed(&self, sw: Stopwatch, section: &str) {
-        if let Some(us) = sw.elapsed_us() {
-            self.count(section, us);
-        }
-    }
-
     fn request_headers(&mut self, _n: usize, eos: bool) -> Action {
         self.count("requests", 1);
         let headers = HeaderSnapshot::request();

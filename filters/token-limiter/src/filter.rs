@@ -10,7 +10,7 @@ use crate::request::{parse_request, rewrite_body, size_estimate, BadBody, Parsed
 use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
 use meshwarden_shared::errors::{openai_reset_duration, retry_after_seconds, ErrorFlavor, ErrorKind};
 use meshwarden_shared::host::{
-    callout_response, dispatch, load_config, log, send_error, HeaderSnapshot, Metrics, Stopwatch,
+    callout_response, dispatch, load_config, log, send_error, timed, HeaderSnapshot, Metrics, VmTimed,
 };
 use meshwarden_shared::llm::Api;
 use meshwarden_shared::ratelimit::{
@@ -822,64 +822,44 @@ impl Request {
 
 impl Context for Request {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        let sw = Stopwatch::start();
-        self.reserve_answer(body_size);
-        self.timed(sw, "vm_us.reserve_answer");
+        timed(self, "vm_us.reserve_answer", |r| r.reserve_answer(body_size));
     }
 }
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_headers(n, end_of_stream);
-        self.timed(sw, "vm_us.request_headers");
-        action
+        timed(self, "vm_us.request_headers", |r| r.request_headers(n, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_body(body_size, end_of_stream);
-        self.timed(sw, "vm_us.request_body");
-        action
+        timed(self, "vm_us.request_body", |r| r.request_body(body_size, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, n: usize) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.request_trailers(n);
-        self.timed(sw, "vm_us.request_trailers");
-        action
+        timed(self, "vm_us.request_trailers", |r| r.request_trailers(n))
     }
 
     fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.response_headers(n, end_of_stream);
-        self.timed(sw, "vm_us.response_headers");
-        action
+        timed(self, "vm_us.response_headers", |r| r.response_headers(n, end_of_stream))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let sw = Stopwatch::start();
-        let action = self.response_body(body_size, end_of_stream);
-        self.timed(sw, "vm_us.response_body");
-        action
+        timed(self, "vm_us.response_body", |r| r.response_body(body_size, end_of_stream))
     }
 
     fn on_log(&mut self) {
-        let sw = Stopwatch::start();
-        self.request_done();
-        self.timed(sw, "vm_us.log");
+        timed(self, "vm_us.log", |r| r.request_done());
+    }
+}
+
+impl VmTimed for Request {
+    fn add_vm_us(&self, section: &str, us: u64) {
+        self.shared.count(section, us);
     }
 }
 
 // The callbacks' work (the trait methods above only time it for `make bench-breakdown`).
 impl Request {
-    /// With `bench-timers`: add a callback's time in the VM to its `vm_us.*` counter; otherwise nothing.
-    fn timed(&self, sw: Stopwatch, section: &str) {
-        if let Some(us) = sw.elapsed_us() {
-            self.shared.count(section, us);
-        }
-    }
-
     fn reserve_answer(&mut self, body_size: usize) {
         if self.phase != Phase::Waiting {
             return;
