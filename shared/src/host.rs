@@ -90,6 +90,58 @@ pub fn timed<C: VmTimed, R>(ctx: &mut C, section: &str, f: impl FnOnce(&mut C) -
     out
 }
 
+/// The `HttpContext` methods of a request context whose work lives in inherent methods named after the
+/// callbacks (`request_headers`, `request_body`, `request_trailers`, `response_headers`, `response_body`,
+/// `response_trailers`, and `request_done` for `on_log`), each one call of [`timed`] with the section
+/// `vm_us.<name>`. Name the ones the filter implements:
+/// `impl HttpContext for Request { meshwarden_shared::timed_http_callbacks!(request_headers, request_body); }`
+#[macro_export]
+macro_rules! timed_http_callbacks {
+    () => {};
+    (request_headers $(, $rest:ident)*) => {
+        fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> ::proxy_wasm::types::Action {
+            $crate::host::timed(self, "vm_us.request_headers", |r| r.request_headers(n, end_of_stream))
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+    (request_body $(, $rest:ident)*) => {
+        fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> ::proxy_wasm::types::Action {
+            $crate::host::timed(self, "vm_us.request_body", |r| r.request_body(body_size, end_of_stream))
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+    (request_trailers $(, $rest:ident)*) => {
+        fn on_http_request_trailers(&mut self, n: usize) -> ::proxy_wasm::types::Action {
+            $crate::host::timed(self, "vm_us.request_trailers", |r| r.request_trailers(n))
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+    (response_headers $(, $rest:ident)*) => {
+        fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> ::proxy_wasm::types::Action {
+            $crate::host::timed(self, "vm_us.response_headers", |r| r.response_headers(n, end_of_stream))
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+    (response_body $(, $rest:ident)*) => {
+        fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> ::proxy_wasm::types::Action {
+            $crate::host::timed(self, "vm_us.response_body", |r| r.response_body(body_size, end_of_stream))
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+    (response_trailers $(, $rest:ident)*) => {
+        fn on_http_response_trailers(&mut self, n: usize) -> ::proxy_wasm::types::Action {
+            $crate::host::timed(self, "vm_us.response_trailers", |r| r.response_trailers(n))
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+    (request_done $(, $rest:ident)*) => {
+        fn on_log(&mut self) {
+            $crate::host::timed(self, "vm_us.request_done", |r| r.request_done())
+        }
+        $crate::timed_http_callbacks!($($rest),*);
+    };
+}
+
 #[cfg(feature = "bench-timers")]
 fn now_us() -> u64 {
     hostcalls::get_current_time()

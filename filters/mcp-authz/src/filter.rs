@@ -5,7 +5,7 @@
 use crate::config::{Config, OtherPaths, Protocol};
 use crate::engine::{Audit, Endpoint, Engine, FilterKind, Outcome, Reply, SseFilter};
 use crate::identity::{self, Identity, Sources};
-use meshwarden_shared::host::{load_config, log, timed, HeaderSnapshot, Metrics, VmTimed};
+use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::jsonrpc;
 use meshwarden_shared::mcp::{self, RequestHeaders};
 use meshwarden_shared::pbstruct::decode_metadata_namespace;
@@ -281,29 +281,14 @@ impl Request {
 }
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.request_headers", |r| r.request_headers(n, end_of_stream))
-    }
-
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.request_body", |r| r.request_body(body_size, end_of_stream))
-    }
-
-    fn on_http_request_trailers(&mut self, n: usize) -> Action {
-        timed(self, "vm_us.request_trailers", |r| r.request_trailers(n))
-    }
-
-    fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.response_headers", |r| r.response_headers(n, end_of_stream))
-    }
-
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.response_body", |r| r.response_body(body_size, end_of_stream))
-    }
-
-    fn on_http_response_trailers(&mut self, n: usize) -> Action {
-        timed(self, "vm_us.response_trailers", |r| r.response_trailers(n))
-    }
+    meshwarden_shared::timed_http_callbacks!(
+        request_headers,
+        request_body,
+        request_trailers,
+        response_headers,
+        response_body,
+        response_trailers
+    );
 }
 
 impl VmTimed for Request {

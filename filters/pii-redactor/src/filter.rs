@@ -7,7 +7,7 @@ use crate::engine::{Counts, Engine};
 use crate::request::{process_request, Scanned};
 use crate::restore::{RawStream, Restorer, SseRestore};
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
-use meshwarden_shared::host::{load_config, log, send_error, timed, HeaderSnapshot, Metrics, VmTimed};
+use meshwarden_shared::host::{load_config, log, send_error, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::llm::Api;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -138,7 +138,7 @@ impl Request {
 }
 
 impl Request {
-    fn response_body(&mut self, restorer: &mut Restorer, size: usize, eos: bool) -> Action {
+    fn restore_chunk(&mut self, restorer: &mut Restorer, size: usize, eos: bool) -> Action {
         match self.mode {
             Mode::None => Action::Continue,
             Mode::Json => {
@@ -179,25 +179,13 @@ impl Request {
 impl Context for Request {}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, n: usize, eos: bool) -> Action {
-        timed(self, "vm_us.request_headers", |r| r.request_headers(n, eos))
-    }
-
-    fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
-        timed(self, "vm_us.request_body", |r| r.request_body(size, eos))
-    }
-
-    fn on_http_response_headers(&mut self, n: usize, eos: bool) -> Action {
-        timed(self, "vm_us.response_headers", |r| r.response_headers(n, eos))
-    }
-
-    fn on_http_response_body(&mut self, size: usize, eos: bool) -> Action {
-        timed(self, "vm_us.response_body", |r| r.restore_response_body(size, eos))
-    }
-
-    fn on_log(&mut self) {
-        timed(self, "vm_us.log", |r| r.request_done());
-    }
+    meshwarden_shared::timed_http_callbacks!(
+        request_headers,
+        request_body,
+        response_headers,
+        response_body,
+        request_done
+    );
 }
 
 impl VmTimed for Request {
@@ -329,12 +317,12 @@ impl Request {
         Action::Continue
     }
 
-    fn restore_response_body(&mut self, size: usize, eos: bool) -> Action {
+    fn response_body(&mut self, size: usize, eos: bool) -> Action {
         let Some(mut restorer) = self.restorer.take() else {
             return Action::Continue;
         };
         let started = now_us();
-        let action = self.response_body(&mut restorer, size, eos);
+        let action = self.restore_chunk(&mut restorer, size, eos);
         self.restorer = Some(restorer);
         self.response_us += now_us().saturating_sub(started);
         action

@@ -827,29 +827,14 @@ impl Context for Request {
 }
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.request_headers", |r| r.request_headers(n, end_of_stream))
-    }
-
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.request_body", |r| r.request_body(body_size, end_of_stream))
-    }
-
-    fn on_http_request_trailers(&mut self, n: usize) -> Action {
-        timed(self, "vm_us.request_trailers", |r| r.request_trailers(n))
-    }
-
-    fn on_http_response_headers(&mut self, n: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.response_headers", |r| r.response_headers(n, end_of_stream))
-    }
-
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        timed(self, "vm_us.response_body", |r| r.response_body(body_size, end_of_stream))
-    }
-
-    fn on_log(&mut self) {
-        timed(self, "vm_us.log", |r| r.request_done());
-    }
+    meshwarden_shared::timed_http_callbacks!(
+        request_headers,
+        request_body,
+        request_trailers,
+        response_headers,
+        response_body,
+        request_done
+    );
 }
 
 impl VmTimed for Request {
