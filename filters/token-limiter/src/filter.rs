@@ -72,6 +72,14 @@ impl Hot {
 
 const MAX_HOT_MODELS: usize = 64;
 
+/// The counter id in `slot`, defined as `<prefix>.<name()>` and remembered on first use.
+fn cached_id(metrics: &RefCell<Metrics>, slot: &mut Option<u32>, name: impl FnOnce() -> String) -> Option<u32> {
+    if slot.is_none() {
+        *slot = metrics.borrow_mut().counter_id_in(P, &name());
+    }
+    *slot
+}
+
 /// State shared by a worker's root context and its requests.
 struct Shared {
     config: Rc<Config>,
@@ -93,20 +101,10 @@ impl Shared {
 
     /// One of the fixed-name stats every request updates (see [`HotStats`]).
     fn count_hot(&self, stat: Hot, n: u64) {
-        let mut hot = self.hot.borrow_mut();
-        let slot = stat as usize;
-        let id = match hot.fixed.get(slot).copied().flatten() {
-            Some(id) => Some(id),
-            None => {
-                let id = self.metrics.borrow_mut().counter_id_in(P, stat.name());
-                if let Some(s) = hot.fixed.get_mut(slot) {
-                    *s = id;
-                }
-                id
+        if let Some(slot) = self.hot.borrow_mut().fixed.get_mut(stat as usize) {
+            if let Some(id) = cached_id(&self.metrics, slot, || stat.name().to_string()) {
+                Metrics::add(id, n);
             }
-        };
-        if let Some(id) = id {
-            Metrics::add(id, n);
         }
     }
 
@@ -118,21 +116,13 @@ impl Shared {
             crate::meter::Source::Partial => 1,
             crate::meter::Source::Estimated => 2,
         };
-        let usage_id = match hot.usage.get(slot).copied().flatten() {
-            Some(id) => Some(id),
-            None => {
-                let id = self.metrics.borrow_mut().counter_id_in(P, &format!("usage.{}", source.as_str()));
-                if let Some(s) = hot.usage.get_mut(slot) {
-                    *s = id;
-                }
-                id
+        if let Some(slot) = hot.usage.get_mut(slot) {
+            if let Some(id) = cached_id(&self.metrics, slot, || format!("usage.{}", source.as_str())) {
+                Metrics::add(id, 1);
             }
-        };
-        if let Some(id) = usage_id {
-            Metrics::add(id, 1);
         }
-        let ids = match hot.models.iter().find(|(m, _, _)| m == model) {
-            Some((_, i, o)) => Some((*i, *o)),
+        let (input_id, output_id) = match hot.models.iter().find(|(m, _, _)| m == model) {
+            Some((_, i, o)) => (*i, *o),
             None => {
                 let label = self.models.borrow_mut().label(model);
                 let mut metrics = self.metrics.borrow_mut();
@@ -141,15 +131,12 @@ impl Shared {
                 if hot.models.len() < MAX_HOT_MODELS {
                     hot.models.push((model.to_string(), i, o));
                 }
-                Some((i, o))
+                (i, o)
             }
         };
-        if let Some((i, o)) = ids {
-            if let Some(i) = i {
-                Metrics::add(i, input);
-            }
-            if let Some(o) = o {
-                Metrics::add(o, output);
+        for (id, n) in [(input_id, input), (output_id, output)] {
+            if let Some(id) = id {
+                Metrics::add(id, n);
             }
         }
     }
@@ -160,18 +147,10 @@ impl Shared {
         if hot.charged.len() <= rule_index {
             hot.charged.resize(rule_index + 1, None);
         }
-        let id = match hot.charged.get(rule_index).copied().flatten() {
-            Some(id) => Some(id),
-            None => {
-                let id = self.metrics.borrow_mut().counter_id_in(P, &format!("rule.{rule_name}.charged_tokens"));
-                if let Some(slot) = hot.charged.get_mut(rule_index) {
-                    *slot = id;
-                }
-                id
+        if let Some(slot) = hot.charged.get_mut(rule_index) {
+            if let Some(id) = cached_id(&self.metrics, slot, || format!("rule.{rule_name}.charged_tokens")) {
+                Metrics::add(id, n);
             }
-        };
-        if let Some(id) = id {
-            Metrics::add(id, n);
         }
     }
 
