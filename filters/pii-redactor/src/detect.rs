@@ -192,13 +192,58 @@ impl Default for Scanner {
 fn is_digit(b: u8) -> bool {
     b.is_ascii_digit()
 }
+/// Byte classes for the scanner's hot loops: one table load per byte instead of several comparisons
+/// (most of a prompt is prose the scanner only skips, so this loop is most of its time).
+const ALNUM: u8 = 1;
+const WORD: u8 = 2;
+/// A byte a detector can start at: `[A-Za-z0-9+(\-:]`.
+const START: u8 = 4;
+
+#[allow(clippy::indexing_slicing)] // `b < 256`, the table's length (a const fn cannot use `get_mut`)
+const fn byte_classes() -> [u8; 256] {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        let mut k = 0;
+        if c.is_ascii_alphanumeric() {
+            k |= ALNUM | WORD | START;
+        }
+        if c == b'_' {
+            k |= WORD;
+        }
+        if matches!(c, b'+' | b'(' | b'-' | b':') {
+            k |= START;
+        }
+        t[b] = k;
+        b += 1;
+    }
+    t
+}
+
+static BYTE_CLASSES: [u8; 256] = byte_classes();
+
+#[inline]
+fn class(b: u8) -> u8 {
+    // A u8 indexes a 256-entry table: never out of range.
+    BYTE_CLASSES.get(usize::from(b)).copied().unwrap_or(0)
+}
+
+/// The length of the run of bytes from `from` on that have (`want_set`) or lack (`!want_set`) the
+/// class bits `mask`.
+#[inline]
+fn run_len(t: &[u8], from: usize, mask: u8, want_set: bool) -> usize {
+    let rest = t.get(from..).unwrap_or(&[]);
+    rest.iter().position(|&b| (class(b) & mask != 0) != want_set).unwrap_or(rest.len())
+}
+
 #[inline]
 fn is_alnum(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
+    class(b) & ALNUM != 0
 }
 #[inline]
 fn is_word(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_'
+    class(b) & WORD != 0
 }
 #[inline]
 fn is_local(b: u8) -> bool {
@@ -258,12 +303,12 @@ impl Scanner {
         let n = t.len();
         let mut i = 0;
         while i < n {
-            let b = at(t, i);
-            let starts = is_alnum(b) || matches!(b, b'+' | b'(' | b'-' | b':');
-            if !starts {
-                i += 1;
-                continue;
+            // Skip the bytes no detector starts at (spaces, punctuation) in one tight loop.
+            i += run_len(t, i, START, false);
+            if i >= n {
+                break;
             }
+            let b = at(t, i);
             // Token start: the previous byte must not continue a word.
             if i > 0 && is_word(at(t, i - 1)) {
                 i += 1;
@@ -272,10 +317,7 @@ impl Scanner {
             // Literal prefilter: a plain word (letters/digits followed by a space or punctuation that
             // continues no shape) is skipped without trying any detector.
             if b.is_ascii_alphabetic() {
-                let mut j = i + 1;
-                while j < n && is_alnum(at(t, j)) {
-                    j += 1;
-                }
+                let j = i + 1 + run_len(t, i + 1, ALNUM, true);
                 let next = at(t, j);
                 let continues = matches!(next, b'@' | b'.' | b'_' | b'%' | b'+' | b'-' | b':' | b'/');
                 let long = j - i >= 16; // AWS / Google keys are one alphanumeric word of 20+ characters
@@ -309,11 +351,7 @@ impl Scanner {
                 i += 1;
                 continue;
             }
-            let mut j = i + 1;
-            while j < n && is_word(at(t, j)) {
-                j += 1;
-            }
-            i = j;
+            i += 1 + run_len(t, i + 1, WORD, true);
         }
     }
 
@@ -1266,6 +1304,20 @@ pub fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_class_table_matches_the_predicates() {
+        for b in 0..=255u8 {
+            let starts = b.is_ascii_alphanumeric() || matches!(b, b'+' | b'(' | b'-' | b':');
+            assert_eq!(class(b) & START != 0, starts, "START {b}");
+            assert_eq!(is_alnum(b), b.is_ascii_alphanumeric(), "ALNUM {b}");
+            assert_eq!(is_word(b), b.is_ascii_alphanumeric() || b == b'_', "WORD {b}");
+        }
+        assert_eq!(run_len(b"  ,;x", 0, START, false), 4);
+        assert_eq!(run_len(b"abc_d e", 0, WORD, true), 5);
+        assert_eq!(run_len(b"abc", 1, ALNUM, true), 2);
+        assert_eq!(run_len(b"abc", 9, ALNUM, true), 0, "past the end: an empty run");
+    }
 
     fn kinds(s: &str) -> Vec<(Builtin, String)> {
         Scanner::default()
