@@ -294,7 +294,13 @@ pub struct Counts(pub BTreeMap<(String, Action), u64>);
 
 impl Counts {
     pub fn add(&mut self, name: &str, action: Action) {
-        *self.0.entry((name.to_string(), action)).or_insert(0) += 1;
+        // A few distinct (type, action) pairs per request: find before allocating a key.
+        match self.0.iter_mut().find(|((k, a), _)| k == name && *a == action) {
+            Some((_, n)) => *n += 1,
+            None => {
+                self.0.insert((name.to_string(), action), 1);
+            }
+        }
     }
 
     pub fn total(&self) -> u64 {
@@ -322,13 +328,20 @@ impl Counts {
     }
 }
 
+#[derive(Debug, Default)]
+struct LabelState {
+    next: u32,
+    by_value: HashMap<Vec<u8>, String>,
+}
+
 /// What masking a request decided.
 #[derive(Debug, Default)]
 pub struct MaskState {
     /// placeholder -> original value (restore map).
     pub restore: HashMap<String, String>,
-    by_value: HashMap<(String, Vec<u8>), String>,
-    next: HashMap<String, u32>,
+    /// Per placeholder label: the last number handed out and value -> placeholder (so a repeated value
+    /// gets the same placeholder). Keyed by label, then value, so a lookup allocates nothing.
+    labels: HashMap<String, LabelState>,
     /// Placeholder-shaped literals the client sent: never handed out.
     taken: HashSet<String>,
     pub counts: Counts,
@@ -354,19 +367,21 @@ impl MaskState {
     }
 
     fn placeholder_for(&mut self, label: &str, value: &[u8]) -> String {
-        let key = (label.to_string(), value.to_vec());
-        if let Some(p) = self.by_value.get(&key) {
+        if let Some(p) = self.labels.get(label).and_then(|l| l.by_value.get(value)) {
             return p.clone();
         }
-        let n = self.next.entry(label.to_string()).or_insert(0);
+        let state = match self.labels.get_mut(label) {
+            Some(s) => s,
+            None => self.labels.entry(label.to_string()).or_default(),
+        };
         let ph = loop {
-            *n += 1;
-            let candidate = format!("<{label}_{n}>");
-            if !self.taken.contains(&candidate) {
+            state.next += 1;
+            let candidate = format!("<{label}_{}>", state.next);
+            if self.taken.is_empty() || !self.taken.contains(&candidate) {
                 break candidate;
             }
         };
-        self.by_value.insert(key, ph.clone());
+        state.by_value.insert(value.to_vec(), ph.clone());
         self.restore.insert(ph.clone(), String::from_utf8_lossy(value).into_owned());
         ph
     }
@@ -382,19 +397,16 @@ impl MaskState {
         for h in hits {
             let value = text.get(h.start..h.end).unwrap_or(&[]);
             let action = engine.action(h.det);
-            let name = engine.name(h.det).to_string();
-            self.counts.add(&name, action);
+            let name = engine.name(h.det);
+            self.counts.add(name, action);
             let replacement = match action {
                 Action::Reject => {
-                    if !self.rejected.contains(&name) {
-                        self.rejected.push(name);
+                    if !self.rejected.iter().any(|r| r == name) {
+                        self.rejected.push(name.to_string());
                     }
                     continue;
                 }
-                Action::Mask => {
-                    let label = engine.label(h.det).to_string();
-                    self.placeholder_for(&label, value)
-                }
+                Action::Mask => self.placeholder_for(engine.label(h.det), value),
                 a => engine.irreversible(h.det, a, value),
             };
             out.extend_from_slice(text.get(last..h.start).unwrap_or(&[]));
