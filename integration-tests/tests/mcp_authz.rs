@@ -273,7 +273,17 @@ async fn official_mcp_client_sees_filtered_tools_and_clean_denials() {
     }
     let st = s.envoy.stats("mcp_authz").await.unwrap();
     assert!(st["meshwarden.mcp_authz.method.tools_call.deny"] >= 8, "{st:?}");
+    assert!(st["meshwarden.mcp_authz.method.tools_call.allow"] >= 8, "{st:?}");
     assert!(st["meshwarden.mcp_authz.list_items_hidden"] >= 8, "{st:?}");
+    // The totals are the per-method decisions summed.
+    for decision in ["allow", "deny"] {
+        let per_method: u64 = st
+            .iter()
+            .filter(|(k, _)| k.starts_with("meshwarden.mcp_authz.method.") && k.ends_with(&format!(".{decision}")))
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(st[&format!("meshwarden.mcp_authz.decision.{decision}")], per_method, "{st:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics, VmTimed
 use meshwarden_shared::jsonrpc;
 use meshwarden_shared::mcp::{self, RequestHeaders};
 use meshwarden_shared::pbstruct::decode_metadata_namespace;
-use meshwarden_shared::stats::{stat_name, BoundedLabels};
+use meshwarden_shared::stats::BoundedLabels;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
@@ -27,9 +27,43 @@ proxy_wasm::main! {{
 struct Shared {
     metrics: Metrics,
     methods: BoundedLabels,
+    /// Counter ids of `method.<label>.{allow,deny}` and `decision.{allow,deny}` by method label (at most
+    /// the bounded labels' count): one lookup per decision instead of two names built and hashed.
+    decision_ids: HashMap<String, [Option<u32>; 2]>,
+    totals: [Option<u32>; 2],
 }
 
 impl Shared {
+    /// Count one decision of `method` (index 0 allow, 1 deny).
+    fn count_decision(&mut self, method: &str, allowed: bool) {
+        let (i, decision) = if allowed { (0, "allow") } else { (1, "deny") };
+        let label = self.methods.label(method);
+        let id = match self.decision_ids.get(&label).and_then(|ids| ids.get(i).copied().flatten()) {
+            Some(id) => Some(id),
+            None => {
+                // `stat_name(FILTER, &[("method", label)], decision)` after the filter's prefix.
+                let id = self.metrics.counter_id_in(P, &format!("method.{label}.{decision}"));
+                if let Some(slot) = self.decision_ids.entry(label).or_default().get_mut(i) {
+                    *slot = id;
+                }
+                id
+            }
+        };
+        let total = match self.totals.get(i).copied().flatten() {
+            Some(id) => Some(id),
+            None => {
+                let id = self.metrics.counter_id_in(P, &format!("decision.{decision}"));
+                if let Some(slot) = self.totals.get_mut(i) {
+                    *slot = id;
+                }
+                id
+            }
+        };
+        for id in [id, total].into_iter().flatten() {
+            Metrics::add(id, 1);
+        }
+    }
+
     fn count(&mut self, name: &str) {
         self.metrics.counter_in(P, name, 1);
     }
@@ -51,7 +85,8 @@ impl Default for Root {
         methods.preload(["session/stream", "session/delete"]);
         let engine = Engine::new(Config::default())
             .unwrap_or_else(|_| Engine { config: Config::default(), policy: Default::default() });
-        Root { engine: Rc::new(engine), shared: Rc::new(RefCell::new(Shared { metrics: Metrics::default(), methods })) }
+        let shared = Shared { metrics: Metrics::default(), methods, decision_ids: HashMap::new(), totals: [None; 2] };
+        Root { engine: Rc::new(engine), shared: Rc::new(RefCell::new(shared)) }
     }
 }
 
@@ -178,11 +213,7 @@ impl Request {
     fn record(&mut self, audits: &[Audit]) {
         let mut sh = self.shared.borrow_mut();
         for a in audits {
-            let label = sh.methods.label(&a.method);
-            let decision = if a.allowed { "allow" } else { "deny" };
-            let name = stat_name(FILTER, &[("method", &label)], decision);
-            sh.metrics.counter(&name, 1);
-            sh.count(&format!("decision.{decision}"));
+            sh.count_decision(&a.method, a.allowed);
             if self.engine.config.audit_log {
                 log(LogLevel::Info, &self.engine.audit_line(&self.identity, a));
             }

@@ -342,8 +342,26 @@ impl Policy {
         }
     }
 
+    /// One call's decision: the same as `self.view(id).evaluate(call)`, with each rule's call matchers
+    /// (usually a glob that fails on the first byte) tried before its identity matchers and no view built.
     pub fn evaluate(&self, id: &Identity, call: &Call) -> Decision {
-        self.view(id).evaluate(call)
+        let applies = |r: &&Rule| r.matches_call(call) && r.identity.iter().all(|m| m.matches(id));
+        let listing = call.arguments.is_none();
+        if let Some(r) = self.deny.iter().filter(|r| !listing || r.arguments.is_empty()).find(applies) {
+            return Decision { allowed: false, rule: r.name.clone(), answer: r.answer.unwrap_or(self.deny_answer) };
+        }
+        if let Some(r) = self.allow.iter().find(applies) {
+            return Decision { allowed: true, rule: r.name.clone(), answer: self.deny_answer };
+        }
+        self.no_rule_applies(call)
+    }
+
+    /// The decision when no rule applies: the built-in methods, then the default.
+    fn no_rule_applies(&self, call: &Call) -> Decision {
+        if self.builtin.iter().any(|g| method_matches(g, call)) {
+            return Decision { allowed: true, rule: "builtin".into(), answer: self.deny_answer };
+        }
+        Decision { allowed: self.default == Effect::Allow, rule: "default".into(), answer: self.deny_answer }
     }
 }
 
@@ -372,10 +390,7 @@ impl View<'_> {
                 return Decision { allowed: true, rule: r.name.clone(), answer: p.deny_answer };
             }
         }
-        if p.builtin.iter().any(|g| method_matches(g, call)) {
-            return Decision { allowed: true, rule: "builtin".into(), answer: p.deny_answer };
-        }
-        Decision { allowed: p.default == Effect::Allow, rule: "default".into(), answer: p.deny_answer }
+        p.no_rule_applies(call)
     }
 
     /// Only whether the call is allowed (no rule name allocated): the list-filtering hot path.
@@ -522,6 +537,34 @@ mod tests {
         assert_eq!((d.allowed, d.rule.as_str(), d.answer), (false, "no-prod-delete", DenyAnswer::Forbid));
         let intern = who(json!({"sub": "i", "role": "intern-2026", "scope": "tools:write"}));
         assert_eq!(p.evaluate(&intern, &tool("search", &none)).rule, "no-interns");
+    }
+
+    #[test]
+    fn one_call_evaluation_equals_the_view() {
+        // `evaluate` tries call matchers before identity matchers; the decision must be the view's.
+        let p = example();
+        let people = [
+            who(json!({})),
+            who(json!({"sub": "alice", "groups": ["finance"]})),
+            who(json!({"sub": "bob", "scope": "tools:read tools:write"})),
+            who(json!({"sub": "i", "role": "intern-2026", "scope": "tools:write"})),
+        ];
+        let args = [json!({}), json!({"env": "prod"}), json!({"options": {"limit": 500}}), json!({"env": "dev"})];
+        let mut seen = std::collections::BTreeSet::new();
+        for id in &people {
+            for name in ["ledger_read", "delete_row", "search", "get_x", "other"] {
+                for a in &args {
+                    let call = tool(name, a);
+                    let listing = Call { arguments: None, ..tool(name, a) };
+                    for c in [&call, &listing] {
+                        let d = p.evaluate(id, c);
+                        assert_eq!(d, p.view(id).evaluate(c), "{name} {a} {id:?}");
+                        seen.insert(d.rule);
+                    }
+                }
+            }
+        }
+        assert_eq!(seen.len(), 7, "every rule and the default reached: {seen:?}");
     }
 
     #[test]
