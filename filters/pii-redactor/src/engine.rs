@@ -353,7 +353,7 @@ impl MaskState {
     /// Remember the client's own placeholder look-alikes in `text` (call for every text before masking).
     pub fn reserve_lookalikes(&mut self, text: &[u8]) {
         let mut i = 0;
-        while let Some(p) = text.get(i..).and_then(|r| r.iter().position(|c| *c == b'<')) {
+        while let Some(p) = text.get(i..).and_then(|r| memchr::memchr(b'<', r)) {
             let s = i + p;
             if let Some(len) = placeholder_len(text.get(s..).unwrap_or(&[])) {
                 if let Some(ph) = text.get(s..s + len).and_then(|b| std::str::from_utf8(b).ok()) {

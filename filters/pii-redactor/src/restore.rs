@@ -58,7 +58,7 @@ impl Restorer {
         let mut last = 0;
         let mut i = 0;
         let mut any = false;
-        while let Some(p) = text.get(i..).and_then(|r| r.iter().position(|c| *c == b'<')) {
+        while let Some(p) = text.get(i..).and_then(|r| memchr::memchr(b'<', r)) {
             let s = i + p;
             let end = text.get(s..).and_then(|r| r.iter().take(MAX_PLACEHOLDER + 1).position(|c| *c == b'>'));
             if let Some(e) = end {
