@@ -192,8 +192,8 @@ impl Default for Scanner {
 fn is_digit(b: u8) -> bool {
     b.is_ascii_digit()
 }
-/// Byte classes for the scanner's hot loops: one table load per byte instead of several comparisons
-/// (most of a prompt is prose the scanner only skips, so this loop is most of its time).
+// Byte classes for the scanner's hot loops: one table load per byte instead of several comparisons
+// (most of a prompt is prose the scanner only skips, so these loops are most of its time).
 const ALNUM: u8 = 1;
 const WORD: u8 = 2;
 /// A byte a detector can start at: `[A-Za-z0-9+(\-:]`.
@@ -1353,12 +1353,44 @@ mod tests {
         // Texts mixing plain prose, words of 15-17 letters, shapes and every kind of separator, from a
         // fixed pseudo-random sequence, plus the evaluation corpora: the same findings with and without it.
         let pieces = [
-            "the", "Quick", "brown", "abcdefghijklmno", "abcdefghijklmnop", "ABCDEFGHIJKLMNOPQ", "jane.doe@example.com",
-            "+44 20 7946 0958", "4111 1111 1111 1111", "536-22-8963", "GB82 WEST 1234 5698 7654 32", "DE89370400440532013000",
-            "AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNNQEXAMPLE", "10.0.0.1", "fe80::1", "dead:beef::1", "sk-proj-abc", "ghp_x", "eyJhbGciOi.eyJzdWIi.sig",
-            "-----BEGIN", "a_b", "x@", "@y", "(555) 010-9999", "IBAN", "AB12", "ab:", "é", "ü", "SSN", "call", "mail",
+            "the",
+            "Quick",
+            "brown",
+            "abcdefghijklmno",
+            "abcdefghijklmnop",
+            "ABCDEFGHIJKLMNOPQ",
+            "jane.doe@example.com",
+            "+44 20 7946 0958",
+            "4111 1111 1111 1111",
+            "536-22-8963",
+            "GB82 WEST 1234 5698 7654 32",
+            "DE89370400440532013000",
+            "AKIAIOSFODNN7EXAMPLE",
+            "AKIAIOSFODNNQEXAMPLE",
+            "10.0.0.1",
+            "fe80::1",
+            "dead:beef::1",
+            "sk-proj-abc",
+            "ghp_x",
+            "eyJhbGciOi.eyJzdWIi.sig",
+            "-----BEGIN",
+            "a_b",
+            "x@",
+            "@y",
+            "(555) 010-9999",
+            "IBAN",
+            "AB12",
+            "ab:",
+            "é",
+            "ü",
+            "SSN",
+            "call",
+            "mail",
         ];
-        let seps = [" ", "  ", ", ", ". ", "\n", ";", "!", "?", "\"", "'", ")", "(", ":", "-", "/", "_", "@", ".", "%", "+", "\t", "*"];
+        let seps = [
+            " ", "  ", ", ", ". ", "\n", ";", "!", "?", "\"", "'", ")", "(", ":", "-", "/", "_", "@", ".", "%", "+",
+            "\t", "*",
+        ];
         let mut texts: Vec<String> = Vec::new();
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut next = |m: usize| {
