@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-sidecar tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-sidecar tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ bench: tools build ## added latency and throughput vs plain Envoy, same run (BEN
 	@# The sidecar scenario measures the release sidecar, never whichever build is newest.
 	cargo build -q --release -p meshwarden-sidecar
 	MESHWARDEN_SIDECAR_BIN=target/release/meshwarden-sidecar cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --seconds $${BENCH_SECONDS:-6}
+
+bench-control: tools build ## the bench as an A/A run: both Envoys plain, so "added" shows the method's bias and noise (BENCH= selects)
+	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
+	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --control --seconds $${BENCH_SECONDS:-6}
 
 oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in target/oci/
 	scripts/oci.sh build

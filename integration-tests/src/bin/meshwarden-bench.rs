@@ -1,6 +1,8 @@
 //! `make bench`: each scenario through plain Envoy and through Envoy + meshwarden, in the same run.
-//! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING]` (env `BENCH` works like `--filter`;
-//! `BENCH_STATS=SUBSTRING` prints the filtered Envoy's matching stats after each scenario).
+//! Usage: `meshwarden-bench [--seconds N] [--filter SUBSTRING] [--control]` (env `BENCH` works like
+//! `--filter`; `BENCH_STATS=SUBSTRING` prints the filtered Envoy's matching stats after each scenario;
+//! `--control` is an A/A run, both Envoys from the plain template, so "added" is the method's own bias
+//! and noise, written to `target/bench/control*.md`).
 //! Prints a Markdown table and writes it to `target/bench/latest.md` (a full run) or
 //! `target/bench/latest-<filter>.md` (a selection), so a partial run never replaces the full table;
 //! an instrumented run (`make bench-breakdown`) writes `breakdown.md` / `breakdown-<filter>.md`.
@@ -81,11 +83,14 @@ fn avg(a: WrkResult, b: WrkResult) -> WrkResult {
 async fn main() -> Result<()> {
     let mut seconds = 5u64;
     let mut filter = std::env::var("BENCH").unwrap_or_default();
+    // An A/A run: both Envoys from the plain template, so "added" is the method's own bias.
+    let mut control = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seconds" => seconds = args.next().context("--seconds N")?.parse()?,
             "--filter" => filter = args.next().context("--filter SUBSTRING")?,
+            "--control" => control = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -107,8 +112,13 @@ async fn main() -> Result<()> {
             }
             None => None,
         };
-        let plain = start(s.plain_template.as_deref().unwrap_or("plain.yaml"), &s, false, mock.port(), None).await?;
-        let filtered = start(&s.template, &s, true, mock.port(), sidecar.as_ref().map(|x| x.port())).await?;
+        let plain_template = s.plain_template.as_deref().unwrap_or("plain.yaml");
+        let plain = start(plain_template, &s, false, mock.port(), None).await?;
+        let filtered = if control {
+            start(plain_template, &s, false, mock.port(), None).await?
+        } else {
+            start(&s.template, &s, true, mock.port(), sidecar.as_ref().map(|x| x.port())).await?
+        };
         let (pu, fu) = (plain.url(""), filtered.url(""));
         // Warm up both (V8 compiles lazily; connection pools fill).
         wrk(&pu, &script, 1, 1)?;
@@ -184,7 +194,13 @@ async fn main() -> Result<()> {
     let out = paths::repo_root().join("target").join("bench");
     std::fs::create_dir_all(&out)?;
     // An instrumented run's latencies include its timers: never let it replace the plain figures.
-    let base = if rows.iter().any(|r| !r.breakdown.is_empty()) { "breakdown" } else { "latest" };
+    let base = if control {
+        "control"
+    } else if rows.iter().any(|r| !r.breakdown.is_empty()) {
+        "breakdown"
+    } else {
+        "latest"
+    };
     let file = if filter.is_empty() {
         format!("{base}.md")
     } else {
