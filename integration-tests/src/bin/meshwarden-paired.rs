@@ -4,8 +4,9 @@
 //! hit both sides of a pair alike. Complements `meshwarden-bench` (wrk: percentiles and throughput).
 //! Usage: `meshwarden-paired [--iterations N] [--filter SUBSTRING] [--control]`. `--control` starts both
 //! sides from the plain template (an A/A run): the method's own bias. On the 2-vCPU benchmark VM that
-//! bias is large (2026-12-04: the second Envoy started measured +53 to +77 µs slower, whichever it was),
-//! so this tool's figures are not used for targets; `meshwarden-bench --control` shows no such bias.
+//! bias is large and unstable (2026-12-04: +53 and +73 µs; -68 and -77 µs with the start order swapped;
+//! +31 and +94 µs averaging both orders), so this tool's figures are not used for targets;
+//! `meshwarden-bench --control` shows no such bias.
 #![allow(clippy::indexing_slicing)]
 
 use anyhow::{bail, Context, Result};
