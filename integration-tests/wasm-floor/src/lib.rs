@@ -4,7 +4,7 @@
 //! Wasm machinery alone costs per request on the machine at hand (context creation, the calls into
 //! V8, buffering); a meshwarden filter's own work is what it adds on top. Never deployed.
 //!
-//! Its plugin configuration is up to three numbers `N [H [C]]` (empty: all 0):
+//! Its plugin configuration is up to four numbers `N [H [C [B]]]` (empty: all 0):
 //! - N > 0: each request touches N random 64-byte lines of a 1 MiB buffer (one read-modify-write each)
 //!   at the end of its body. That is the cache footprint experiment of docs/benchmarks.md: N = 3000
 //!   costs ~6 µs inside the VM but adds 20-75 µs to Envoy's latency (it varies from run to run),
@@ -13,6 +13,9 @@
 //!   to allocate the answer, as every header, body, property or shared-data read does);
 //! - C > 0: each request reads the clock C times (a host call that returns a number, as stat updates
 //!   and header removals do).
+//!
+//! - B = 1: the request body is held (`Pause`, Envoy buffers it) until its end, as a filter that must
+//!   see a whole body does; B = 2: the response body too. What Envoy's buffering itself costs.
 //!
 //! H and C price one host call of either kind, so a filter's count of host calls per request can be
 //! turned into latency.
@@ -46,6 +49,7 @@ thread_local! {
     static TOUCH_LINES: Cell<usize> = const { Cell::new(0) };
     static HEADER_READS: Cell<usize> = const { Cell::new(0) };
     static CLOCK_READS: Cell<usize> = const { Cell::new(0) };
+    static BUFFER_BODIES: Cell<usize> = const { Cell::new(0) };
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static STATE: Cell<u64> = const { Cell::new(0x9e37_79b9_7f4a_7c15) };
 }
@@ -138,9 +142,9 @@ pub extern "C" fn proxy_on_vm_start(_context_id: u32, _configuration_size: usize
     1
 }
 
-/// `N [H [C]]` -> `[N, H, C]` (missing numbers are 0); `None` for anything else.
-fn parse_floor_config(text: &str) -> Option<[usize; 3]> {
-    let mut numbers = [0usize; 3];
+/// `N [H [C [B]]]` -> `[N, H, C, B]` (missing numbers are 0); `None` for anything else.
+fn parse_floor_config(text: &str) -> Option<[usize; 4]> {
+    let mut numbers = [0usize; 4];
     let mut words = text.split_whitespace();
     for slot in &mut numbers {
         match words.next() {
@@ -151,8 +155,8 @@ fn parse_floor_config(text: &str) -> Option<[usize; 3]> {
     words.next().is_none().then_some(numbers)
 }
 
-/// An empty configuration or up to three numbers (lines to touch, header reads, clock reads per request);
-/// anything else is rejected.
+/// An empty configuration or up to four numbers (lines to touch, header reads, clock reads per request,
+/// bodies buffered); anything else is rejected.
 #[no_mangle]
 pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize) -> u32 {
     let text = if configuration_size == 0 {
@@ -160,19 +164,20 @@ pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize
     } else {
         plugin_configuration(configuration_size).unwrap_or_default()
     };
-    let Some([lines, header_reads, clock_reads]) = parse_floor_config(&text) else {
+    let Some([lines, header_reads, clock_reads, buffer_bodies]) = parse_floor_config(&text) else {
         return 0;
     };
     TOUCH_LINES.with(|t| t.set(lines));
     HEADER_READS.with(|h| h.set(header_reads));
     CLOCK_READS.with(|c| c.set(clock_reads));
+    BUFFER_BODIES.with(|b| b.set(buffer_bodies));
     if lines > 0 {
         BUFFER.with(|b| *b.borrow_mut() = vec![0u8; BUFFER_BYTES]);
     }
     1
 }
 
-/// 0 = Continue, for every stream callback.
+/// 0 = Continue, 1 = Pause (for a body: Envoy buffers it), for every stream callback.
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(_context_id: u32, _headers: usize, _end_of_stream: u32) -> u32 {
     std::hint::black_box(host_calls());
@@ -183,8 +188,13 @@ pub extern "C" fn proxy_on_request_headers(_context_id: u32, _headers: usize, _e
 pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, end_of_stream: u32) -> u32 {
     if end_of_stream != 0 {
         touch();
+        return 0;
     }
-    0
+    if BUFFER_BODIES.with(Cell::get) >= 1 {
+        1
+    } else {
+        0
+    }
 }
 
 #[no_mangle]
@@ -193,8 +203,12 @@ pub extern "C" fn proxy_on_response_headers(_context_id: u32, _headers: usize, _
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_response_body(_context_id: u32, _body_size: usize, _end_of_stream: u32) -> u32 {
-    0
+pub extern "C" fn proxy_on_response_body(_context_id: u32, _body_size: usize, end_of_stream: u32) -> u32 {
+    if end_of_stream == 0 && BUFFER_BODIES.with(Cell::get) >= 2 {
+        1
+    } else {
+        0
+    }
 }
 
 #[no_mangle]
@@ -215,11 +229,12 @@ mod tests {
 
     #[test]
     fn floor_config_is_up_to_three_numbers() {
-        assert_eq!(parse_floor_config(""), Some([0, 0, 0]));
-        assert_eq!(parse_floor_config(" 3000 "), Some([3000, 0, 0]));
-        assert_eq!(parse_floor_config("0 20"), Some([0, 20, 0]));
-        assert_eq!(parse_floor_config("0 0 20"), Some([0, 0, 20]));
-        assert_eq!(parse_floor_config("1 2 3 4"), None);
+        assert_eq!(parse_floor_config(""), Some([0, 0, 0, 0]));
+        assert_eq!(parse_floor_config(" 3000 "), Some([3000, 0, 0, 0]));
+        assert_eq!(parse_floor_config("0 20"), Some([0, 20, 0, 0]));
+        assert_eq!(parse_floor_config("0 0 20"), Some([0, 0, 20, 0]));
+        assert_eq!(parse_floor_config("0 0 0 2"), Some([0, 0, 0, 2]));
+        assert_eq!(parse_floor_config("1 2 3 4 5"), None);
         assert_eq!(parse_floor_config("many"), None);
         assert_eq!(parse_floor_config("1 -2"), None);
     }

@@ -43,6 +43,22 @@ pub fn all() -> Vec<Scenario> {
             &chat_body_of_size(1024),
         )
         .var("FLOOR_CONFIG", "0 0 20"),
+        // The floor buffering the request body (Pause until its end), then both bodies: what Envoy's
+        // buffering costs a filter that must see a whole body before letting it go.
+        Scenario::post_json(
+            "wasm-floor-buffer-request-1kb-chat",
+            &floor,
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .var("FLOOR_CONFIG", "0 0 0 1"),
+        Scenario::post_json(
+            "wasm-floor-buffer-both-1kb-chat",
+            &floor,
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .var("FLOOR_CONFIG", "0 0 0 2"),
         Scenario::post_json("chain-1kb-chat", "chain.yaml", "/v1/chat/completions", &chat_body_of_size(1024)),
     ];
     v.extend(token_limiter::scenarios());
