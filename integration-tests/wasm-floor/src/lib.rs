@@ -228,7 +228,7 @@ mod tests {
     use super::parse_floor_config;
 
     #[test]
-    fn floor_config_is_up_to_three_numbers() {
+    fn floor_config_is_up_to_four_numbers() {
         assert_eq!(parse_floor_config(""), Some([0, 0, 0, 0]));
         assert_eq!(parse_floor_config(" 3000 "), Some([3000, 0, 0, 0]));
         assert_eq!(parse_floor_config("0 20"), Some([0, 20, 0, 0]));
