@@ -27,6 +27,7 @@ pub mod config;
 pub mod encoding;
 pub mod endpoints;
 pub mod errors;
+pub mod json;
 pub mod jsonrpc;
 pub mod llm;
 pub mod mcp;

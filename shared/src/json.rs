@@ -1,0 +1,250 @@
+//! Request bodies as JSON, strictly: serde_json's `Value`, except that an object holding the same key
+//! twice is an error.
+//!
+//! Why: RFC 8259 leaves duplicate keys to the parser, and parsers disagree. serde_json (like Python,
+//! Go and JavaScript) keeps the last value; simdjson's on-demand API, several C and C++ parsers and
+//! hand-written scanners take the first. A filter that decides on one copy and forwards the body
+//! unchanged lets a client hide a second copy from it: `{"model":"cheap","model":"expensive"}` past a
+//! per-model budget, `"content"` twice past the PII scanner or the injection guard,
+//! `{"name":"search","name":"delete_all"}` past a tool policy. No SDK produces duplicate keys, so every
+//! filter that reads a request body answers them with a 400 naming the key instead of guessing which
+//! copy the upstream will read (docs/reliability.md).
+//!
+//! The parse is serde_json's own (same recursion limit, same numbers, same errors for broken JSON) with
+//! a visitor that builds the same `Value` and checks each key once as it inserts it: no second pass.
+
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
+use serde_json::{Map, Number, Value};
+use std::fmt;
+
+/// Why a body is not acceptable JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JsonBodyError {
+    /// Not JSON at all (or truncated, or trailing bytes): serde_json's message.
+    Syntax(String),
+    /// Valid JSON with an object key given twice: `duplicate key "model" at line 1 column 33`.
+    DuplicateKey(String),
+}
+
+impl JsonBodyError {
+    /// The error code filters answer with (`invalid_json`, `duplicate_json_key`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            JsonBodyError::Syntax(_) => "invalid_json",
+            JsonBodyError::DuplicateKey(_) => "duplicate_json_key",
+        }
+    }
+}
+
+impl fmt::Display for JsonBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JsonBodyError::Syntax(m) => write!(f, "the body is not valid JSON: {m}"),
+            JsonBodyError::DuplicateKey(m) => write!(f, "the body's JSON is ambiguous: {m}"),
+        }
+    }
+}
+
+/// `body` as a `Value`, refusing duplicate object keys at any depth.
+pub fn parse_strict(body: &[u8]) -> Result<Value, JsonBodyError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = StrictValue.deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(classify)?;
+    Ok(value)
+}
+
+/// The visitor raises data errors only for duplicate keys; everything else serde_json reports is syntax.
+fn classify(e: serde_json::Error) -> JsonBodyError {
+    if e.is_data() {
+        JsonBodyError::DuplicateKey(e.to_string())
+    } else {
+        JsonBodyError::Syntax(e.to_string())
+    }
+}
+
+/// Builds a `Value` exactly as serde_json's own visitor does, with the duplicate-key check.
+#[derive(Clone, Copy)]
+struct StrictValue;
+
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::Number(n.into()))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::Number(n.into()))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(n).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        while let Some(v) = seq.next_element_seed(StrictValue)? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            // The value first, so that broken JSON after a repeated key is reported as broken JSON.
+            let value = map.next_value_seed(StrictValue)?;
+            match obj.entry(key) {
+                Entry::Occupied(e) => return Err(A::Error::custom(format_args!("duplicate key {:?}", e.key()))),
+                Entry::Vacant(e) => {
+                    e.insert(value);
+                }
+            }
+        }
+        Ok(Value::Object(obj))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn same_value_as_serde_json_for_valid_json() {
+        let docs: Vec<&[u8]> = vec![
+            br#"{"model":"m","messages":[{"role":"user","content":"hi \u00e9 \"q\" \\ \ud83d\ude00"}],"stream":true}"#,
+            br#"[1, -2, 3.5, -0, 18446744073709551615, -9223372036854775808, 1.0e-7, null, true, false]"#,
+            br#"  {"a":{"b":{"c":[[],{},""]}}, "":0, "A":1, "a ":2}  "#,
+            b"\"just a string\"",
+            b"12",
+            br#"{"x":[{"k":1},{"k":2}]}"#,
+        ];
+        for d in docs {
+            assert_eq!(
+                parse_strict(d).unwrap(),
+                serde_json::from_slice::<Value>(d).unwrap(),
+                "{}",
+                String::from_utf8_lossy(d)
+            );
+        }
+    }
+
+    #[test]
+    fn generated_documents_parse_like_serde_json() {
+        // Deterministic pseudo-random trees (objects, arrays, escapes, numbers of every kind).
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        fn gen(depth: u32, next: &mut dyn FnMut() -> u64) -> Value {
+            let r = next();
+            match if depth == 0 { r % 5 } else { r % 7 } {
+                0 => Value::Null,
+                1 => Value::Bool(r & 8 == 0),
+                2 => json!((r >> 8) as i64 - (1 << 40)),
+                3 => json!(((r >> 11) as f64) / 7.0),
+                4 => Value::String(
+                    ["", "a\"b", "\\", "\u{1F600}", "tab\t", "ü", "<EMAIL_1>"][(r >> 5) as usize % 7]
+                        .repeat((r >> 9) as usize % 3),
+                ),
+                5 => Value::Array((0..(r >> 4) % 4).map(|_| gen(depth - 1, next)).collect()),
+                _ => {
+                    let mut m = Map::new();
+                    for i in 0..(r >> 4) % 5 {
+                        m.insert(format!("k{i}{}", ["", "é", "\"", "/"][(r >> 12) as usize % 4]), gen(depth - 1, next));
+                    }
+                    Value::Object(m)
+                }
+            }
+        }
+        for _ in 0..2000 {
+            let v = gen(4, &mut next);
+            let compact = serde_json::to_vec(&v).unwrap();
+            let pretty = serde_json::to_vec_pretty(&v).unwrap();
+            // Against serde_json's parse, not `v`: float text does not round-trip bit for bit.
+            assert_eq!(parse_strict(&compact).unwrap(), serde_json::from_slice::<Value>(&compact).unwrap());
+            assert_eq!(parse_strict(&pretty).unwrap(), serde_json::from_slice::<Value>(&pretty).unwrap());
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_refused_at_any_depth_and_named() {
+        for (body, key) in [
+            (&br#"{"model":"cheap","model":"expensive"}"#[..], "model"),
+            (br#"{"messages":[{"role":"user","content":"4111 1111 1111 1111","content":"hi"}]}"#, "content"),
+            (
+                br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","name":"delete_all"}}"#,
+                "name",
+            ),
+            (br#"[{"a":1},{"b":{"c":{"d":1,"d":1}}}]"#, "d"),
+            // The same key spelled with an escape is the same key.
+            (br#"{"model":"a","mod\u0065l":"b"}"#, "model"),
+        ] {
+            match parse_strict(body) {
+                Err(JsonBodyError::DuplicateKey(m)) => {
+                    assert!(m.contains(&format!("duplicate key {key:?}")), "{m}");
+                    assert!(m.contains("line 1"), "{m}");
+                }
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(body)),
+            }
+            assert_eq!(parse_strict(body).unwrap_err().code(), "duplicate_json_key");
+        }
+        // Same key in different objects, or differing only in case, is fine.
+        assert!(parse_strict(br#"{"a":{"k":1},"b":{"k":2},"K":3,"k":4}"#).is_ok());
+    }
+
+    #[test]
+    fn broken_json_is_a_syntax_error() {
+        for body in [&b""[..], b"{", b"{\"a\":}", b"{} {}", b"[1,]", b"\xff", b"{\"a\":1,\"a\"", b"nul", b"1e400"] {
+            let e = parse_strict(body).unwrap_err();
+            assert!(matches!(e, JsonBodyError::Syntax(_)), "{}: {e:?}", String::from_utf8_lossy(body));
+            assert_eq!(e.code(), "invalid_json");
+            assert!(serde_json::from_slice::<Value>(body).is_err());
+        }
+        // Nesting deeper than serde_json's limit is refused the same way, without overflowing the stack.
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(matches!(parse_strict(deep.as_bytes()), Err(JsonBodyError::Syntax(_))));
+    }
+}
