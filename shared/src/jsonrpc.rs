@@ -76,10 +76,17 @@ pub enum ParseError {
     NotJson,
     /// JSON but not an object or array, or an empty batch: answer -32600.
     InvalidRequest,
+    /// JSON with an object key given twice (the parser's message names it): answer -32600. A policy
+    /// decided on one copy while the server's parser reads the other would be no policy
+    /// (`{"name":"search","name":"delete_all"}`; see `crate::json`).
+    DuplicateKey(String),
 }
 
 pub fn parse(body: &[u8]) -> Result<Payload, ParseError> {
-    let value: Value = serde_json::from_slice(body).map_err(|_| ParseError::NotJson)?;
+    let value = crate::json::parse_strict(body).map_err(|e| match e {
+        crate::json::JsonBodyError::Syntax(_) => ParseError::NotJson,
+        crate::json::JsonBodyError::DuplicateKey(m) => ParseError::DuplicateKey(m),
+    })?;
     parse_value(value)
 }
 
@@ -165,6 +172,8 @@ mod tests {
         assert_eq!(parse(b"{not json"), Err(ParseError::NotJson));
         assert_eq!(parse(b"[]"), Err(ParseError::InvalidRequest));
         assert_eq!(parse(b"42"), Err(ParseError::InvalidRequest));
+        let twice = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_all","name":"search"}}"#;
+        assert!(matches!(parse(twice), Err(ParseError::DuplicateKey(m)) if m.contains("duplicate key \"name\"")));
         let p = parse(br#"[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"1.0","id":2,"method":"b"},{"id":{},"jsonrpc":"2.0","method":"c"}]"#).unwrap();
         let Payload::Batch(items) = p else { panic!() };
         assert!(items[0].is_ok());

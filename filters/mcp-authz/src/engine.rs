@@ -262,6 +262,18 @@ impl Engine {
                     ..Outcome::default()
                 };
             }
+            Err(ParseError::DuplicateKey(m)) => {
+                let b = jsonrpc::error_response(
+                    None,
+                    jsonrpc::INVALID_REQUEST,
+                    &format!("Invalid Request: ambiguous JSON ({m}); send each key once"),
+                );
+                return Outcome {
+                    reply: Some(json_reply(400, &b, vec![])),
+                    events: vec!["duplicate_json_key"],
+                    ..Outcome::default()
+                };
+            }
             Err(ParseError::InvalidRequest) => {
                 let b = jsonrpc::error_response(
                     None,
@@ -889,6 +901,12 @@ mod tests {
             (b"[]", -32600, "invalid_request"),
             (b"\"x\"", -32600, "invalid_request"),
             (br#"{"jsonrpc":"1.0","id":9,"method":"tools/call"}"#, -32600, "invalid_request"),
+            // Allowed by the last copy, run by a first-wins server as the first: refused.
+            (
+                br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"drop_db","name":"search"}}"#,
+                -32600,
+                "duplicate_json_key",
+            ),
         ] {
             let o = e.decide_body(&admin(), Protocol::Mcp, &h(), input);
             let r = o.reply.unwrap();

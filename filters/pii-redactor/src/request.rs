@@ -3,12 +3,13 @@
 //! JSON bodies of a known API are scanned through the shared extraction (`llm::extract_request_texts`)
 //! and rewritten with `llm::replace_texts`, so only the prompt strings change and the body stays valid
 //! JSON. JSON of an unknown shape has every string value scanned. Anything else (or JSON that does not
-//! parse) is scanned as raw bytes when `raw_fallback` is on.
+//! parse) is scanned as raw bytes when `raw_fallback` is on. JSON with a key given twice is not scanned
+//! at all (`Scanned::DuplicateKey`): which copy the upstream reads is up to its parser.
 
 use crate::engine::{Engine, MaskState};
+use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{extract_request_texts, replace_texts, Api};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
-use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scanned {
@@ -20,6 +21,9 @@ pub enum Scanned {
     Raw,
     /// Not scanned (raw fallback off, not JSON).
     Skipped,
+    /// Not scanned: JSON with an object key given twice (`RequestResult::problem` names it). A scan
+    /// would see one copy and the upstream's parser might read the other, so the filter refuses it.
+    DuplicateKey,
 }
 
 #[derive(Debug)]
@@ -29,6 +33,8 @@ pub struct RequestResult {
     /// The new body, if anything was replaced (and nothing is rejected).
     pub body: Option<Vec<u8>>,
     pub state: MaskState,
+    /// Why the body was not scanned (`DuplicateKey`: the parser's message, naming the key).
+    pub problem: Option<String>,
 }
 
 struct MaskAll<'a> {
@@ -60,7 +66,14 @@ impl TextRewrite for Reserve<'_> {
 
 pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: bool) -> RequestResult {
     let mut state = MaskState::default();
-    match serde_json::from_slice::<Value>(body) {
+    match parse_strict(body) {
+        Err(JsonBodyError::DuplicateKey(m)) => RequestResult {
+            api: Api::from_path(path),
+            scanned: Scanned::DuplicateKey,
+            body: None,
+            state,
+            problem: Some(m),
+        },
         Ok(mut v) => {
             let api = Api::detect(path, &v);
             let spans = extract_request_texts(api, &v);
@@ -69,7 +82,7 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                 rewrite_strings(&mut copy, &mut Reserve(&mut state));
                 let changed = rewrite_strings(&mut v, &mut MaskAll { engine, state: &mut state });
                 let body = if changed { serde_json::to_vec(&v).ok() } else { None };
-                return RequestResult { api, scanned: Scanned::JsonAllStrings, body, state };
+                return RequestResult { api, scanned: Scanned::JsonAllStrings, body, state, problem: None };
             }
             for s in &spans {
                 state.reserve_lookalikes(s.text.as_bytes());
@@ -88,16 +101,16 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                 replace_texts(&mut v, &replacements);
                 serde_json::to_vec(&v).ok()
             };
-            RequestResult { api, scanned: Scanned::Json, body, state }
+            RequestResult { api, scanned: Scanned::Json, body, state, problem: None }
         }
-        Err(_) => {
+        Err(JsonBodyError::Syntax(_)) => {
             let api = Api::from_path(path);
             if !raw_fallback {
-                return RequestResult { api, scanned: Scanned::Skipped, body: None, state };
+                return RequestResult { api, scanned: Scanned::Skipped, body: None, state, problem: None };
             }
             state.reserve_lookalikes(body);
             let body = state.mask(engine, body);
-            RequestResult { api, scanned: Scanned::Raw, body, state }
+            RequestResult { api, scanned: Scanned::Raw, body, state, problem: None }
         }
     }
 }
@@ -107,7 +120,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use meshwarden_shared::config::parse_config;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn engine() -> Engine {
         Engine::new(&parse_config::<Config>(b"{}").unwrap())
@@ -146,5 +159,16 @@ mod tests {
         let r =
             process_request(&e, "/v1/chat/completions", br#"{"messages":[{"role":"user","content":"hello"}]}"#, true);
         assert!(r.body.is_none());
+    }
+
+    #[test]
+    fn duplicate_keys_are_not_scanned_or_rewritten() {
+        let e = engine();
+        // The scan would see "hi" (serde_json keeps the last copy); a first-wins upstream would read the card.
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"4111 1111 1111 1111","content":"hi"}]}"#;
+        let r = process_request(&e, "/v1/chat/completions", body, true);
+        assert_eq!((r.scanned, r.body), (Scanned::DuplicateKey, None));
+        assert!(r.problem.unwrap().contains("duplicate key \"content\""));
+        assert!(r.state.counts.is_empty());
     }
 }

@@ -381,6 +381,11 @@ impl HttpContext for Request {
                 let msg = format!("The request body is not valid JSON: {e}");
                 return self.fallback("malformed_body", fb, 400, ErrorKind::InvalidRequest, &msg);
             }
+            Err(BodyError::DuplicateKey(e)) => {
+                let fb = self.cfg().on_malformed;
+                let msg = format!("The request body's JSON is ambiguous ({e}); send each key once.");
+                return self.fallback("duplicate_json_key", fb, 400, ErrorKind::InvalidRequest, &msg);
+            }
         };
         let monitor = self.policy.monitor;
         for &rule in &inspection.fired {

@@ -527,12 +527,22 @@ impl Request {
                 input_estimate: size_estimate(self.body_size),
                 output_reservation: cfg.default_output_reservation,
                 bad: Some(BadBody::TooLarge),
+                problem: None,
             }
         } else {
             parse_request(&cfg, &self.path, body, self.encoded)
         };
         if let Some(bad) = parsed.bad {
             self.shared.count(&format!("bad_body.{}", bad.as_str()), 1);
+            if bad == BadBody::DuplicateKey {
+                // Refused before anything is reserved: nothing to settle, no slot taken.
+                self.phase = Phase::Rejected;
+                let why = parsed.problem.as_deref().unwrap_or("duplicate key");
+                let flavor = ErrorFlavor::for_api(parsed.api);
+                let message = format!("The request body's JSON is ambiguous ({why}); send each key once.");
+                send_error(400, flavor, ErrorKind::InvalidRequest, Some("duplicate_json_key"), &message, &[]);
+                return Action::Pause;
+            }
         }
         let facts = Facts {
             model: parsed.model.clone(),

@@ -2,16 +2,20 @@
 //! rewrites the limiter makes (`stream_options.include_usage`, `model` after a fallback).
 
 use crate::config::Config;
+use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{ensure_stream_usage, estimate_request_tokens, extract_request_texts, request_info, Api};
 use serde_json::Value;
 
-/// Why a body could not be read; the request is then limited on a size-based estimate.
+/// Why a body could not be read; the request is then limited on a size-based estimate, except for
+/// `DuplicateKey`, which is refused (400): a key given twice (`"model"` twice) may be read one way here
+/// and the other way by the upstream, so no estimate or model match could be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadBody {
     NotJson,
     Encoded,
     TooLarge,
     NoModel,
+    DuplicateKey,
 }
 
 impl BadBody {
@@ -21,6 +25,7 @@ impl BadBody {
             BadBody::Encoded => "encoded",
             BadBody::TooLarge => "too_large",
             BadBody::NoModel => "no_model",
+            BadBody::DuplicateKey => "duplicate_key",
         }
     }
 }
@@ -34,6 +39,8 @@ pub struct Parsed {
     pub input_estimate: u64,
     pub output_reservation: u64,
     pub bad: Option<BadBody>,
+    /// The parser's words for `DuplicateKey` (names the key), for the 400.
+    pub problem: Option<String>,
 }
 
 /// Size-based estimate for bodies that cannot be read: a token per 4 bytes.
@@ -50,6 +57,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         input_estimate: size_estimate(body.len()),
         output_reservation: cfg.default_output_reservation,
         bad: Some(bad),
+        problem: None,
     };
     if encoded {
         return fallback(BadBody::Encoded);
@@ -57,8 +65,12 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     if body.len() as u64 > cfg.max_body_bytes {
         return fallback(BadBody::TooLarge);
     }
-    let Ok(json) = serde_json::from_slice::<Value>(body) else {
-        return fallback(BadBody::NotJson);
+    let json = match parse_strict(body) {
+        Ok(json) => json,
+        Err(JsonBodyError::Syntax(_)) => return fallback(BadBody::NotJson),
+        Err(JsonBodyError::DuplicateKey(m)) => {
+            return Parsed { problem: Some(m), ..fallback(BadBody::DuplicateKey) };
+        }
     };
     if !json.is_object() {
         return fallback(BadBody::NotJson);
@@ -76,6 +88,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         input_estimate: estimate_request_tokens(&spans),
         output_reservation,
         json: Some(json),
+        problem: None,
     }
 }
 
@@ -121,5 +134,9 @@ mod tests {
         assert_eq!(parse_request(&cfg, "/x", b"{}", true).bad, Some(BadBody::Encoded));
         assert_eq!(parse_request(&cfg, "/x", br#"{"messages":[]}"#, false).bad, Some(BadBody::NoModel));
         assert_eq!(parse_request(&cfg, "/x", b"[1]", false).bad, Some(BadBody::NotJson));
+        let twice =
+            parse_request(&cfg, "/v1/chat/completions", br#"{"model":"mini","model":"gpt-4o","messages":[]}"#, false);
+        assert_eq!((twice.bad, twice.model, twice.json), (Some(BadBody::DuplicateKey), None, None));
+        assert!(twice.problem.unwrap().contains("duplicate key \"model\""));
     }
 }
