@@ -1,7 +1,10 @@
 //! Text extraction and rewrite on arbitrary JSON bodies: never panics; every extracted pointer can be
 //! rewritten, and re-extracting gives the new texts at the same pointers (the body stays valid JSON).
+//! The strict request-body parser agrees with serde_json: the same `Value` where serde_json parses,
+//! an error where it does not, and a duplicate-key error only where serde_json (last copy wins) parses.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     ensure_stream_usage, estimate_request_tokens, extract_request_texts, extract_response_texts,
     extract_stream_delta_texts, replace_texts, request_info, usage_from_json, Api,
@@ -17,7 +20,19 @@ const APIS: [Api; 6] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let strict = parse_strict(data);
+    let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(data) else {
+        assert!(strict.is_err(), "strict parse accepted what serde_json refuses");
+        return;
+    };
+    // serde_json's own visitor gives one magic key a meaning (feature raw_value): skip such inputs.
+    if !data.windows(13).any(|w| w == b"$serde_json::") {
+        match &strict {
+            Ok(v) => assert_eq!(v, &body, "strict parse built another value"),
+            Err(JsonBodyError::DuplicateKey(_)) => {}
+            Err(JsonBodyError::Syntax(m)) => panic!("strict parse refused valid JSON: {m}"),
+        }
+    }
     let _ = (request_info(&body), usage_from_json(&body), extract_response_texts(&body), extract_stream_delta_texts(&body));
     for api in APIS {
         let spans = extract_request_texts(api, &body);
