@@ -313,11 +313,22 @@ impl Counts {
 
     /// `email=2,phone=1` (per type, actions summed), for the access log.
     pub fn summary(&self) -> String {
-        let mut per: BTreeMap<&str, u64> = BTreeMap::new();
-        for ((name, _), n) in &self.0 {
-            *per.entry(name.as_str()).or_insert(0) += n;
+        // Keys are ordered by name first, so one name's actions are adjacent: sum them in one pass.
+        let mut out = String::new();
+        let mut entries = self.0.iter().peekable();
+        while let Some(((name, _), n)) = entries.next() {
+            let mut total = *n;
+            while let Some(((_, _), more)) = entries.next_if(|((next, _), _)| next == name) {
+                total += *more;
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(name);
+            out.push('=');
+            out.push_str(&total.to_string());
         }
-        per.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+        out
     }
 
     /// The counts header on the answer: the summary when this request had findings, else `None`, which
@@ -512,6 +523,11 @@ mod tests {
         c.add("email", Action::Mask);
         c.add("phone", Action::Redact);
         assert_eq!(c.header_value().as_deref(), Some("email=2,phone=1"));
+        // One type under several actions is one entry; types in name order.
+        c.add("email", Action::Redact);
+        c.add("credit_card", Action::Hash);
+        c.add("phone", Action::Mask);
+        assert_eq!(c.summary(), "credit_card=1,email=3,phone=2");
     }
 
     use super::*;

@@ -7,7 +7,7 @@ use crate::engine::{Counts, Engine};
 use crate::request::{process_request, Scanned};
 use crate::restore::{RawStream, Restorer, SseRestore};
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
-use meshwarden_shared::host::{load_config, log, send_error, HeaderSnapshot, Metrics, VmTimed};
+use meshwarden_shared::host::{load_config, log, send_error, Metrics, VmTimed};
 use meshwarden_shared::llm::Api;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -198,13 +198,13 @@ impl VmTimed for Request {
 impl Request {
     fn request_headers(&mut self, _n: usize, eos: bool) -> Action {
         self.count("requests", 1);
-        let headers = HeaderSnapshot::request();
-        self.path = headers.get(":path").unwrap_or_default().to_string();
+        // Two headers are read: two single reads cost less than copying every header into the VM.
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
         self.api = Api::from_path(&self.path);
         if eos {
             return Action::Continue;
         }
-        let enc = headers.get("content-encoding").unwrap_or_default();
+        let enc = self.get_http_request_header("content-encoding").unwrap_or_default();
         self.encoded = !enc.is_empty() && !enc.eq_ignore_ascii_case("identity");
         // The body may be rewritten: its length is not known yet.
         self.set_http_request_header("content-length", None);
@@ -256,7 +256,8 @@ impl Request {
             Scanned::Skipped => self.count("not_scanned", 1),
             _ => {}
         }
-        self.counts = result.state.counts.clone();
+        let mut result = result;
+        self.counts = std::mem::take(&mut result.state.counts);
         for ((name, action), n) in &self.counts.0 {
             self.count(&format!("findings.{name}.{}", action.name()), *n);
         }
@@ -302,8 +303,7 @@ impl Request {
         if self.restorer.is_none() || eos {
             return Action::Continue;
         }
-        let headers = HeaderSnapshot::response();
-        let enc = headers.get("content-encoding").unwrap_or_default();
+        let enc = self.get_http_response_header("content-encoding").unwrap_or_default();
         if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
             // Placeholders reach the client unrestored (never the reverse: nothing leaks).
             self.count("response_not_restored_encoded", 1);
@@ -311,10 +311,10 @@ impl Request {
             self.restorer = None;
             return Action::Continue;
         }
-        let ct = headers.get("content-type").unwrap_or_default().to_ascii_lowercase();
+        let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
         // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
         // so a mislabelled error body is never swallowed by the event parser.
-        let ok = headers.get(":status").is_some_and(|st| st.starts_with('2'));
+        let ok = self.get_http_response_header(":status").is_some_and(|st| st.starts_with('2'));
         self.mode = if ct.starts_with("text/event-stream") && ok {
             Mode::Sse
         } else if ct.contains("json") {
