@@ -63,6 +63,8 @@ impl RootContext for Root {
             sse: SseRestore::new(),
             raw: RawStream::default(),
             response_us: 0,
+            body_size: 0,
+            body_done: false,
         }))
     }
 
@@ -95,6 +97,10 @@ struct Request {
     raw: RawStream,
     /// Time spent restoring the answer, over all its chunks.
     response_us: u64,
+    /// Request body bytes buffered so far.
+    body_size: usize,
+    /// The request body was scanned (at `eos` or at the trailers).
+    body_done: bool,
 }
 
 /// Microseconds since the Unix epoch from the host clock (for the processing-time histograms).
@@ -182,6 +188,7 @@ impl HttpContext for Request {
     meshwarden_shared::timed_http_callbacks!(
         request_headers,
         request_body,
+        request_trailers,
         response_headers,
         response_body,
         request_done
@@ -216,7 +223,7 @@ impl Request {
     }
 
     fn request_body(&mut self, size: usize, eos: bool) -> Action {
-        if self.passthrough {
+        if self.passthrough || self.body_done {
             return Action::Continue;
         }
         if self.encoded {
@@ -235,9 +242,26 @@ impl Request {
                 &format!("request body over {} bytes cannot be scanned", self.config.max_body_bytes),
             );
         }
+        self.body_size = size;
         if !eos {
             return Action::Pause;
         }
+        self.scan_request_body()
+    }
+
+    fn request_trailers(&mut self, _n: usize) -> Action {
+        // A body followed by trailers never reaches `eos` in the body callback: it ends here, and is
+        // scanned here (else the buffered body would go upstream unscanned).
+        if self.passthrough || self.body_done {
+            return Action::Continue;
+        }
+        self.scan_request_body()
+    }
+
+    /// Scan and rewrite the whole buffered request body (at its end: `eos`, or the trailers), once.
+    fn scan_request_body(&mut self) -> Action {
+        self.body_done = true;
+        let size = self.body_size;
         let started = now_us();
         let body = self.get_http_request_body(0, size).unwrap_or_default();
         let result = process_request(&self.engine, &self.path, &body, self.config.raw_fallback);

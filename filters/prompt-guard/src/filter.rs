@@ -307,62 +307,12 @@ impl Context for Request {
     }
 }
 
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> WasmAction {
-        self.count("requests");
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
-        self.flavor = ErrorFlavor::for_api(Api::from_path(&self.path));
-        let from_property = self.cfg().profile_property.clone().and_then(|path| {
-            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
-            self.get_property(segs).and_then(|v| String::from_utf8(v).ok()).filter(|v| !v.is_empty())
-        });
-        // With `profile_property` set, the profile comes from it alone: a client header cannot pick one.
-        let header = self.cfg().profile_header_in_use().map(str::to_string);
-        let profile = from_property.or_else(|| header.and_then(|h| self.get_http_request_header(&h)));
-        self.policy = self.shared.engine.policy(profile.as_deref());
-        if self.policy.has_response_rules() {
-            // answers must come back uncompressed to be scanned
-            self.set_http_request_header("accept-encoding", None);
-        }
-        if eos || (!self.policy.has_request_rules() && !self.policy.moderation) {
-            self.skip_request = true;
-            return WasmAction::Continue;
-        }
-        self.content_type = self.get_http_request_header("content-type");
-        let encoding = self.get_http_request_header("content-encoding").unwrap_or_default();
-        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
-            let fb = self.cfg().on_encoded_body;
-            return self.fallback(
-                "encoded_body",
-                fb,
-                415,
-                ErrorKind::InvalidRequest,
-                "Compressed request bodies cannot be inspected by the prompt guard; send them uncompressed.",
-            );
-        }
-        let declared = self.get_http_request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.cfg().max_body_bytes) {
-            return self.too_large();
-        }
-        if self.policy.has_mask_rules(crate::engine::Dir::Request) || self.policy.monitor {
-            self.set_http_request_header("content-length", None);
-        }
-        WasmAction::Continue
-    }
-
-    fn on_http_request_body(&mut self, size: usize, eos: bool) -> WasmAction {
-        if self.skip_request {
-            return WasmAction::Continue;
-        }
-        if size as u64 > self.cfg().max_body_bytes {
-            return self.too_large();
-        }
-        if !eos {
-            return WasmAction::Pause;
-        }
+impl Request {
+    /// Inspect the whole buffered request body (at its end: `eos`, or the trailers), once.
+    fn inspect_request_body(&mut self) -> WasmAction {
         self.skip_request = true; // one inspection per request
+        let size = self.request_size;
         let body = self.get_http_request_body(0, size).unwrap_or_default();
-        self.request_size = size;
         let moderation_roles = if self.policy.moderation {
             self.cfg().moderation.as_ref().map(|m| m.roles.clone()).unwrap_or_default()
         } else {
@@ -417,7 +367,73 @@ impl HttpContext for Request {
         self.apply_rewrite();
         WasmAction::Continue
     }
+}
 
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> WasmAction {
+        self.count("requests");
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.flavor = ErrorFlavor::for_api(Api::from_path(&self.path));
+        let from_property = self.cfg().profile_property.clone().and_then(|path| {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            self.get_property(segs).and_then(|v| String::from_utf8(v).ok()).filter(|v| !v.is_empty())
+        });
+        // With `profile_property` set, the profile comes from it alone: a client header cannot pick one.
+        let header = self.cfg().profile_header_in_use().map(str::to_string);
+        let profile = from_property.or_else(|| header.and_then(|h| self.get_http_request_header(&h)));
+        self.policy = self.shared.engine.policy(profile.as_deref());
+        if self.policy.has_response_rules() {
+            // answers must come back uncompressed to be scanned
+            self.set_http_request_header("accept-encoding", None);
+        }
+        if eos || (!self.policy.has_request_rules() && !self.policy.moderation) {
+            self.skip_request = true;
+            return WasmAction::Continue;
+        }
+        self.content_type = self.get_http_request_header("content-type");
+        let encoding = self.get_http_request_header("content-encoding").unwrap_or_default();
+        if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+            let fb = self.cfg().on_encoded_body;
+            return self.fallback(
+                "encoded_body",
+                fb,
+                415,
+                ErrorKind::InvalidRequest,
+                "Compressed request bodies cannot be inspected by the prompt guard; send them uncompressed.",
+            );
+        }
+        let declared = self.get_http_request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.cfg().max_body_bytes) {
+            return self.too_large();
+        }
+        if self.policy.has_mask_rules(crate::engine::Dir::Request) || self.policy.monitor {
+            self.set_http_request_header("content-length", None);
+        }
+        WasmAction::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, eos: bool) -> WasmAction {
+        if self.skip_request {
+            return WasmAction::Continue;
+        }
+        if size as u64 > self.cfg().max_body_bytes {
+            return self.too_large();
+        }
+        self.request_size = size;
+        if !eos {
+            return WasmAction::Pause;
+        }
+        self.inspect_request_body()
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> WasmAction {
+        // A body followed by trailers never reaches `eos` in the body callback: it ends here, and is
+        // inspected here (else the buffered body would go upstream uninspected).
+        if self.skip_request {
+            return WasmAction::Continue;
+        }
+        self.inspect_request_body()
+    }
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> WasmAction {
         let names: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
         // The rule header is ours: a local reply already names its rule; on an upstream answer it is set
