@@ -64,6 +64,7 @@ impl RootContext for Root {
             raw: RawStream::default(),
             response_us: 0,
             body_size: 0,
+            response_size: 0,
             body_done: false,
         }))
     }
@@ -99,6 +100,8 @@ struct Request {
     response_us: u64,
     /// Request body bytes buffered so far.
     body_size: usize,
+    /// JSON answer bytes buffered so far.
+    response_size: usize,
     /// The request body was scanned (at `eos` or at the trailers).
     body_done: bool,
 }
@@ -158,6 +161,7 @@ impl Request {
                         self.set_http_response_body(0, size, &out);
                         return Action::Continue;
                     }
+                    self.response_size = size;
                     return Action::Pause;
                 }
                 let body = self.get_http_response_body(0, size).unwrap_or_default();
@@ -191,6 +195,7 @@ impl HttpContext for Request {
         request_trailers,
         response_headers,
         response_body,
+        response_trailers,
         request_done
     );
 }
@@ -356,6 +361,23 @@ impl Request {
         };
         let started = now_us();
         let action = self.restore_chunk(&mut restorer, size, eos);
+        self.restorer = Some(restorer);
+        self.response_us += now_us().saturating_sub(started);
+        action
+    }
+
+    fn response_trailers(&mut self, _n: usize) -> Action {
+        // A JSON answer followed by trailers never reaches `eos` in the body callback: restore (and scan)
+        // it here, else the buffered answer would reach the client unrestored (and unscanned). Streams
+        // have been passed on chunk by chunk already.
+        if self.mode != Mode::Json {
+            return Action::Continue;
+        }
+        let Some(mut restorer) = self.restorer.take() else {
+            return Action::Continue;
+        };
+        let started = now_us();
+        let action = self.restore_chunk(&mut restorer, self.response_size, true);
         self.restorer = Some(restorer);
         self.response_us += now_us().saturating_sub(started);
         action

@@ -81,6 +81,7 @@ impl RootContext for Root {
             moderation_token: None,
             rewritten: None,
             request_size: 0,
+            response_size: 0,
         }))
     }
 
@@ -108,6 +109,8 @@ struct Request {
     moderation_token: Option<u32>,
     rewritten: Option<Vec<u8>>,
     request_size: usize,
+    /// JSON answer bytes buffered so far.
+    response_size: usize,
     /// This filter answered the request itself (its reply names its rule in the rule header).
     replied: bool,
 }
@@ -308,6 +311,32 @@ impl Context for Request {
 }
 
 impl Request {
+    /// Inspect a whole buffered JSON answer (at its end: `eos`, or the trailers).
+    fn inspect_json_response(&mut self, size: usize) -> WasmAction {
+        let body = self.get_http_response_body(0, size).unwrap_or_default();
+        let ins = inspect_response(&self.policy, &body, &self.shared.config.mask_text);
+        let monitor = self.policy.monitor;
+        for &rule in &ins.fired {
+            self.record(rule, "response", !monitor);
+        }
+        if monitor {
+            return WasmAction::Continue;
+        }
+        if let Some(rule) = ins.reject {
+            let (_, message, _) = self.reject_message(rule);
+            self.count("rejected");
+            if let Some(new) = blocked_response(&body, &message) {
+                self.set_http_response_body(0, size, &new);
+            }
+            return WasmAction::Continue;
+        }
+        if let Some(new) = ins.rewritten {
+            self.count("masked");
+            self.set_http_response_body(0, size, &new);
+        }
+        WasmAction::Continue
+    }
+
     /// Inspect the whole buffered request body (at its end: `eos`, or the trailers), once.
     fn inspect_request_body(&mut self) -> WasmAction {
         self.skip_request = true; // one inspection per request
@@ -471,6 +500,19 @@ impl HttpContext for Request {
         }
     }
 
+    fn on_http_response_trailers(&mut self, _n: usize) -> WasmAction {
+        // A JSON answer followed by trailers never reaches `eos` in the body callback: inspect it here
+        // (else the buffered answer would go to the client uninspected). A stream has been passed on
+        // chunk by chunk already; only a held-back incomplete last event cannot be flushed here.
+        match std::mem::replace(&mut self.response, ResponseMode::Pass) {
+            ResponseMode::Json => self.inspect_json_response(self.response_size),
+            other => {
+                self.response = other;
+                WasmAction::Continue
+            }
+        }
+    }
+
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> WasmAction {
         match std::mem::replace(&mut self.response, ResponseMode::Pass) {
             ResponseMode::Pass => WasmAction::Continue,
@@ -481,30 +523,10 @@ impl HttpContext for Request {
                 }
                 if !eos {
                     self.response = ResponseMode::Json;
+                    self.response_size = size;
                     return WasmAction::Pause;
                 }
-                let body = self.get_http_response_body(0, size).unwrap_or_default();
-                let ins = inspect_response(&self.policy, &body, &self.shared.config.mask_text);
-                let monitor = self.policy.monitor;
-                for &rule in &ins.fired {
-                    self.record(rule, "response", !monitor);
-                }
-                if monitor {
-                    return WasmAction::Continue;
-                }
-                if let Some(rule) = ins.reject {
-                    let (_, message, _) = self.reject_message(rule);
-                    self.count("rejected");
-                    if let Some(new) = blocked_response(&body, &message) {
-                        self.set_http_response_body(0, size, &new);
-                    }
-                    return WasmAction::Continue;
-                }
-                if let Some(new) = ins.rewritten {
-                    self.count("masked");
-                    self.set_http_response_body(0, size, &new);
-                }
-                WasmAction::Continue
+                self.inspect_json_response(size)
             }
             ResponseMode::Stream(mut guard) => {
                 let chunk = self.get_http_response_body(0, size).unwrap_or_default();
