@@ -100,6 +100,8 @@ enum Body {
     /// An object key given twice: chat `content` (a card number and an injection first, the prompt
     /// last); MCP `params.name` (`delete_all` first, the allowed `search` last).
     DuplicateKey,
+    /// The valid request encoded as UTF-16LE (Python's `json.loads` reads it; RFC 8259 says UTF-8).
+    Utf16,
     /// A 900 KB string value inside a valid request (under the 1 MiB limits).
     Huge,
     /// A 1.5 MB valid request (over every filter's `max_body_bytes` and Envoy's 1 MiB buffer limit).
@@ -273,6 +275,23 @@ fn catalogue() -> Vec<Case> {
                 JsonRpc(400, -32600),
                 // inference-router only routes on the body; the mock (last copy wins) answers the prompt.
                 Upstream(200),
+            ],
+            Charge::NotAdmitted,
+        ),
+        case(
+            "JSON in UTF-16 (read by Python servers)",
+            Body::Utf16,
+            JSON,
+            &[],
+            c,
+            [
+                OpenAi(400, "json_not_utf8"),
+                OpenAi(400, "json_not_utf8"),
+                OpenAi(400, "json_not_utf8"),
+                OpenAi(400, "json_not_utf8"),
+                JsonRpc(400, -32700),
+                // inference-router routes without the body's model; the mock (serde_json) cannot read it.
+                Upstream(400),
             ],
             Charge::NotAdmitted,
         ),
@@ -501,6 +520,7 @@ fn case_body(case: &Case, proto: Proto) -> Vec<u8> {
             Proto::Mcp => b"[]".to_vec(),
         },
         Body::DeepNesting => vec![b'['; 100_000],
+        Body::Utf16 => String::from_utf8(normal.clone()).unwrap().encode_utf16().flat_map(u16::to_le_bytes).collect(),
         // Written by hand: a `Value` cannot hold a key twice.
         Body::DuplicateKey => match proto {
             Proto::Llm => format!(

@@ -10,6 +10,13 @@
 //! filter that reads a request body answers them with a 400 naming the key instead of guessing which
 //! copy the upstream will read (docs/reliability.md).
 //!
+//! The same holds for the text encoding. RFC 8259 requires UTF-8, but Python's `json.loads` (FastAPI,
+//! vLLM and most Python model servers) also reads UTF-16 and UTF-32 bodies, with or without a byte order
+//! mark: a filter that reads only UTF-8 would see no JSON (no model, no prompt, no tool name) where the
+//! upstream sees a request, and a byte scanner sees no `jane@example.com` in `j\0a\0n\0e\0@\0...`. Such
+//! bodies are refused as well (`NotUtf8`, found by the same first-bytes test Python uses). A UTF-8 byte
+//! order mark is skipped, as RFC 8259 allows and Python does.
+//!
 //! The parse is serde_json's own (same recursion limit, same numbers, same errors for broken JSON) with
 //! a visitor that builds the same `Value` and checks each key once as it inserts it: no second pass.
 
@@ -25,6 +32,8 @@ pub enum JsonBodyError {
     Syntax(String),
     /// Valid JSON with an object key given twice: `duplicate key "model" at line 1 column 33`.
     DuplicateKey(String),
+    /// Text in UTF-16 or UTF-32 (the encoding's name), which Python's `json.loads` would read.
+    NotUtf8(&'static str),
 }
 
 impl JsonBodyError {
@@ -33,6 +42,7 @@ impl JsonBodyError {
         match self {
             JsonBodyError::Syntax(_) => "invalid_json",
             JsonBodyError::DuplicateKey(_) => "duplicate_json_key",
+            JsonBodyError::NotUtf8(_) => "json_not_utf8",
         }
     }
 }
@@ -42,16 +52,50 @@ impl fmt::Display for JsonBodyError {
         match self {
             JsonBodyError::Syntax(m) => write!(f, "the body is not valid JSON: {m}"),
             JsonBodyError::DuplicateKey(m) => write!(f, "the body's JSON is ambiguous: {m}"),
+            JsonBodyError::NotUtf8(enc) => write!(f, "the body is {enc} text; JSON must be UTF-8 (RFC 8259)"),
         }
     }
 }
 
-/// `body` as a `Value`, refusing duplicate object keys at any depth.
+/// `body` as a `Value`, refusing duplicate object keys at any depth and UTF-16/32 text.
 pub fn parse_strict(body: &[u8]) -> Result<Value, JsonBodyError> {
+    let body = match text_encoding(body) {
+        Encoding::Utf8 => body,
+        Encoding::Utf8Bom => body.get(3..).unwrap_or_default(),
+        Encoding::Other(name) => return Err(JsonBodyError::NotUtf8(name)),
+    };
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = StrictValue.deserialize(&mut de).map_err(classify)?;
     de.end().map_err(classify)?;
     Ok(value)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Utf8,
+    Utf8Bom,
+    Other(&'static str),
+}
+
+/// The encoding Python's `json.detect_encoding` would pick: byte order marks, else the NUL pattern of
+/// the first bytes (JSON text starts with ASCII, so UTF-16/32 put NULs beside it; RFC 4627 section 3).
+fn text_encoding(b: &[u8]) -> Encoding {
+    if b.starts_with(&[0, 0, 0xfe, 0xff]) || b.starts_with(&[0xff, 0xfe, 0, 0]) {
+        return Encoding::Other("UTF-32");
+    }
+    if b.starts_with(&[0xfe, 0xff]) || b.starts_with(&[0xff, 0xfe]) {
+        return Encoding::Other("UTF-16");
+    }
+    if b.starts_with(&[0xef, 0xbb, 0xbf]) {
+        return Encoding::Utf8Bom;
+    }
+    match *b {
+        [0, b1, _, _, ..] => Encoding::Other(if b1 != 0 { "UTF-16BE" } else { "UTF-32BE" }),
+        [_, 0, b2, b3, ..] => Encoding::Other(if b2 != 0 || b3 != 0 { "UTF-16LE" } else { "UTF-32LE" }),
+        [0, _] => Encoding::Other("UTF-16BE"),
+        [_, 0] => Encoding::Other("UTF-16LE"),
+        _ => Encoding::Utf8,
+    }
 }
 
 /// The visitor raises data errors only for duplicate keys; everything else serde_json reports is syntax.
@@ -234,6 +278,37 @@ mod tests {
         }
         // Same key in different objects, or differing only in case, is fine.
         assert!(parse_strict(br#"{"a":{"k":1},"b":{"k":2},"K":3,"k":4}"#).is_ok());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn utf16_and_utf32_refused_utf8_bom_skipped() {
+        let text = r#"{"model":"m","messages":[{"role":"user","content":"mail jane@example.com"}]}"#;
+        let utf16le: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let utf16be: Vec<u8> = text.encode_utf16().flat_map(u16::to_be_bytes).collect();
+        let utf32le: Vec<u8> = text.chars().flat_map(|c| u32::from(c).to_le_bytes()).collect();
+        let utf32be: Vec<u8> = text.chars().flat_map(|c| u32::from(c).to_be_bytes()).collect();
+        let with_bom = |bom: &[u8], body: &[u8]| [bom, body].concat();
+        for (body, name) in [
+            (utf16le.clone(), "UTF-16LE"),
+            (utf16be.clone(), "UTF-16BE"),
+            (utf32le.clone(), "UTF-32LE"),
+            (utf32be.clone(), "UTF-32BE"),
+            (with_bom(&[0xff, 0xfe], &utf16le), "UTF-16"),
+            (with_bom(&[0xfe, 0xff], &utf16be), "UTF-16"),
+            (with_bom(&[0xff, 0xfe, 0, 0], &utf32le), "UTF-32"),
+            (with_bom(&[0, 0, 0xfe, 0xff], &utf32be), "UTF-32"),
+            // leading whitespace keeps the pattern; two-byte bodies too
+            (" {}".encode_utf16().flat_map(u16::to_le_bytes).collect(), "UTF-16LE"),
+            (vec![0, b'1'], "UTF-16BE"),
+        ] {
+            assert_eq!(parse_strict(&body), Err(JsonBodyError::NotUtf8(name)), "{body:?}");
+        }
+        assert_eq!(JsonBodyError::NotUtf8("UTF-16LE").code(), "json_not_utf8");
+        let bom = with_bom(&[0xef, 0xbb, 0xbf], text.as_bytes());
+        assert_eq!(parse_strict(&bom).unwrap(), serde_json::from_str::<Value>(text).unwrap());
+        // UTF-8 with non-ASCII text is UTF-8.
+        assert!(parse_strict("{\"k\":\"ü€😀\"}".as_bytes()).is_ok());
+        assert!(parse_strict(b"1").is_ok());
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -84,7 +84,8 @@ pub enum ParseError {
 
 pub fn parse(body: &[u8]) -> Result<Payload, ParseError> {
     let value = crate::json::parse_strict(body).map_err(|e| match e {
-        crate::json::JsonBodyError::Syntax(_) => ParseError::NotJson,
+        // UTF-16/32 text is not JSON here (-32700), whatever another parser would make of it.
+        crate::json::JsonBodyError::Syntax(_) | crate::json::JsonBodyError::NotUtf8(_) => ParseError::NotJson,
         crate::json::JsonBodyError::DuplicateKey(m) => ParseError::DuplicateKey(m),
     })?;
     parse_value(value)

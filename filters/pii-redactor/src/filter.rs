@@ -271,14 +271,9 @@ impl Request {
         let body = self.get_http_request_body(0, size).unwrap_or_default();
         let result = process_request(&self.engine, &self.path, &body, self.config.raw_fallback);
         self.api = result.api;
-        if result.scanned == Scanned::DuplicateKey {
-            let why = result.problem.as_deref().unwrap_or("duplicate key");
-            return self.unscannable(
-                400,
-                ErrorKind::InvalidRequest,
-                "duplicate_json_key",
-                &format!("the body's JSON is ambiguous ({why}); send each key once"),
-            );
+        if let (Scanned::Refused, Some(problem)) = (result.scanned, &result.problem) {
+            let why = format!("the request body cannot be scanned reliably: {problem}");
+            return self.unscannable(400, ErrorKind::InvalidRequest, problem.code(), &why);
         }
         match result.scanned {
             Scanned::Raw => self.count("scanned_raw", 1),

@@ -3,8 +3,9 @@
 //! JSON bodies of a known API are scanned through the shared extraction (`llm::extract_request_texts`)
 //! and rewritten with `llm::replace_texts`, so only the prompt strings change and the body stays valid
 //! JSON. JSON of an unknown shape has every string value scanned. Anything else (or JSON that does not
-//! parse) is scanned as raw bytes when `raw_fallback` is on. JSON with a key given twice is not scanned
-//! at all (`Scanned::DuplicateKey`): which copy the upstream reads is up to its parser.
+//! parse) is scanned as raw bytes when `raw_fallback` is on. JSON with a key given twice, and UTF-16/32
+//! text, are not scanned at all (`Scanned::Refused`): which copy the upstream reads is up to its parser,
+//! and a byte scanner cannot read UTF-16/32 (which Python servers parse as JSON).
 
 use crate::engine::{Engine, MaskState};
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
@@ -21,9 +22,10 @@ pub enum Scanned {
     Raw,
     /// Not scanned (raw fallback off, not JSON).
     Skipped,
-    /// Not scanned: JSON with an object key given twice (`RequestResult::problem` names it). A scan
-    /// would see one copy and the upstream's parser might read the other, so the filter refuses it.
-    DuplicateKey,
+    /// Not scanned, refused: JSON with an object key given twice, or UTF-16/32 text
+    /// (`RequestResult::problem` says which). A scan would see one copy (or nothing) where the upstream's
+    /// parser might read another.
+    Refused,
 }
 
 #[derive(Debug)]
@@ -33,8 +35,8 @@ pub struct RequestResult {
     /// The new body, if anything was replaced (and nothing is rejected).
     pub body: Option<Vec<u8>>,
     pub state: MaskState,
-    /// Why the body was not scanned (`DuplicateKey`: the parser's message, naming the key).
-    pub problem: Option<String>,
+    /// Why the body was refused (`Refused`: names the key or the encoding).
+    pub problem: Option<JsonBodyError>,
 }
 
 struct MaskAll<'a> {
@@ -67,13 +69,9 @@ impl TextRewrite for Reserve<'_> {
 pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: bool) -> RequestResult {
     let mut state = MaskState::default();
     match parse_strict(body) {
-        Err(JsonBodyError::DuplicateKey(m)) => RequestResult {
-            api: Api::from_path(path),
-            scanned: Scanned::DuplicateKey,
-            body: None,
-            state,
-            problem: Some(m),
-        },
+        Err(e @ (JsonBodyError::DuplicateKey(_) | JsonBodyError::NotUtf8(_))) => {
+            RequestResult { api: Api::from_path(path), scanned: Scanned::Refused, body: None, state, problem: Some(e) }
+        }
         Ok(mut v) => {
             let api = Api::detect(path, &v);
             let spans = extract_request_texts(api, &v);
@@ -152,8 +150,9 @@ mod tests {
         assert_eq!(r.body.unwrap(), br#"{"doc":{"note":"call <PHONE_1>"}}"#.to_vec());
         let r = process_request(&e, "/v1/chat/completions", b"{broken a@b.io", true);
         assert_eq!((r.scanned, r.body.unwrap()), (Scanned::Raw, b"{broken <EMAIL_1>".to_vec()));
-        let r = process_request(&e, "/x", b"\xff\xfe mail a@b.io \xff", true);
-        assert_eq!(r.body.unwrap(), b"\xff\xfe mail <EMAIL_1> \xff".to_vec());
+        // (Not at the start: a body starting with FF FE is UTF-16 by its byte order mark, and refused.)
+        let r = process_request(&e, "/x", b"mail \xff\xfe a@b.io \xff", true);
+        assert_eq!(r.body.unwrap(), b"mail \xff\xfe <EMAIL_1> \xff".to_vec());
         let r = process_request(&e, "/x", b"text a@b.io", false);
         assert_eq!((r.scanned, r.body), (Scanned::Skipped, None));
         let r =
@@ -167,8 +166,17 @@ mod tests {
         // The scan would see "hi" (serde_json keeps the last copy); a first-wins upstream would read the card.
         let body = br#"{"model":"m","messages":[{"role":"user","content":"4111 1111 1111 1111","content":"hi"}]}"#;
         let r = process_request(&e, "/v1/chat/completions", body, true);
-        assert_eq!((r.scanned, r.body), (Scanned::DuplicateKey, None));
-        assert!(r.problem.unwrap().contains("duplicate key \"content\""));
+        assert_eq!((r.scanned, r.body), (Scanned::Refused, None));
+        assert!(r.problem.unwrap().to_string().contains("duplicate key \"content\""));
         assert!(r.state.counts.is_empty());
+        // UTF-16 JSON: a byte scan finds nothing in `j\0a\0n\0e\0@...`; a Python server reads it.
+        let utf16: Vec<u8> = r#"{"model":"m","messages":[{"role":"user","content":"mail jane.doe@example.com"}]}"#
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        for raw_fallback in [true, false] {
+            let r = process_request(&e, "/v1/chat/completions", &utf16, raw_fallback);
+            assert_eq!((r.scanned, r.problem), (Scanned::Refused, Some(JsonBodyError::NotUtf8("UTF-16BE"))));
+        }
     }
 }

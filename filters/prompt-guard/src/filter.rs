@@ -360,10 +360,10 @@ impl Request {
                 let msg = format!("The request body is not valid JSON: {e}");
                 return self.fallback("malformed_body", fb, 400, ErrorKind::InvalidRequest, &msg);
             }
-            Err(BodyError::DuplicateKey(e)) => {
+            Err(BodyError::Ambiguous(e)) => {
                 let fb = self.cfg().on_malformed;
-                let msg = format!("The request body's JSON is ambiguous ({e}); send each key once.");
-                return self.fallback("duplicate_json_key", fb, 400, ErrorKind::InvalidRequest, &msg);
+                let msg = format!("The request body cannot be inspected reliably: {e}.");
+                return self.fallback(e.code(), fb, 400, ErrorKind::InvalidRequest, &msg);
             }
         };
         let monitor = self.policy.monitor;

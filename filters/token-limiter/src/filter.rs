@@ -534,13 +534,12 @@ impl Request {
         };
         if let Some(bad) = parsed.bad {
             self.shared.count(&format!("bad_body.{}", bad.as_str()), 1);
-            if bad == BadBody::DuplicateKey {
+            if let (true, Some(problem)) = (bad.refused(), &parsed.problem) {
                 // Refused before anything is reserved: nothing to settle, no slot taken.
                 self.phase = Phase::Rejected;
-                let why = parsed.problem.as_deref().unwrap_or("duplicate key");
                 let flavor = ErrorFlavor::for_api(parsed.api);
-                let message = format!("The request body's JSON is ambiguous ({why}); send each key once.");
-                send_error(400, flavor, ErrorKind::InvalidRequest, Some("duplicate_json_key"), &message, &[]);
+                let message = format!("The request body cannot be read reliably: {problem}.");
+                send_error(400, flavor, ErrorKind::InvalidRequest, Some(problem.code()), &message, &[]);
                 return Action::Pause;
             }
         }

@@ -7,8 +7,9 @@ use meshwarden_shared::llm::{ensure_stream_usage, estimate_request_tokens, extra
 use serde_json::Value;
 
 /// Why a body could not be read; the request is then limited on a size-based estimate, except for
-/// `DuplicateKey`, which is refused (400): a key given twice (`"model"` twice) may be read one way here
-/// and the other way by the upstream, so no estimate or model match could be trusted.
+/// `DuplicateKey` and `NotUtf8`, which are refused (400, [`BadBody::refused`]): a key given twice
+/// (`"model"` twice) may be read one way here and the other way by the upstream, and UTF-16/32 JSON is
+/// read by Python servers but not here, so no estimate or model match could be trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BadBody {
     NotJson,
@@ -16,6 +17,7 @@ pub enum BadBody {
     TooLarge,
     NoModel,
     DuplicateKey,
+    NotUtf8,
 }
 
 impl BadBody {
@@ -26,7 +28,13 @@ impl BadBody {
             BadBody::TooLarge => "too_large",
             BadBody::NoModel => "no_model",
             BadBody::DuplicateKey => "duplicate_key",
+            BadBody::NotUtf8 => "not_utf8",
         }
+    }
+
+    /// Answered 400 instead of being limited on an estimate.
+    pub fn refused(self) -> bool {
+        matches!(self, BadBody::DuplicateKey | BadBody::NotUtf8)
     }
 }
 
@@ -39,8 +47,8 @@ pub struct Parsed {
     pub input_estimate: u64,
     pub output_reservation: u64,
     pub bad: Option<BadBody>,
-    /// The parser's words for `DuplicateKey` (names the key), for the 400.
-    pub problem: Option<String>,
+    /// Why a refused body is refused (names the key or the encoding), for the 400.
+    pub problem: Option<JsonBodyError>,
 }
 
 /// Size-based estimate for bodies that cannot be read: a token per 4 bytes.
@@ -68,9 +76,10 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     let json = match parse_strict(body) {
         Ok(json) => json,
         Err(JsonBodyError::Syntax(_)) => return fallback(BadBody::NotJson),
-        Err(JsonBodyError::DuplicateKey(m)) => {
-            return Parsed { problem: Some(m), ..fallback(BadBody::DuplicateKey) };
+        Err(e @ JsonBodyError::DuplicateKey(_)) => {
+            return Parsed { problem: Some(e), ..fallback(BadBody::DuplicateKey) }
         }
+        Err(e @ JsonBodyError::NotUtf8(_)) => return Parsed { problem: Some(e), ..fallback(BadBody::NotUtf8) },
     };
     if !json.is_object() {
         return fallback(BadBody::NotJson);
@@ -137,6 +146,10 @@ mod tests {
         let twice =
             parse_request(&cfg, "/v1/chat/completions", br#"{"model":"mini","model":"gpt-4o","messages":[]}"#, false);
         assert_eq!((twice.bad, twice.model, twice.json), (Some(BadBody::DuplicateKey), None, None));
-        assert!(twice.problem.unwrap().contains("duplicate key \"model\""));
+        assert!(twice.problem.unwrap().to_string().contains("duplicate key \"model\""));
+        let utf16: Vec<u8> = r#"{"model":"gpt-4o","messages":[]}"#.encode_utf16().flat_map(u16::to_le_bytes).collect();
+        let p = parse_request(&cfg, "/v1/chat/completions", &utf16, false);
+        assert_eq!((p.bad, p.problem), (Some(BadBody::NotUtf8), Some(JsonBodyError::NotUtf8("UTF-16LE"))));
+        assert!(BadBody::NotUtf8.refused() && BadBody::DuplicateKey.refused() && !BadBody::NotJson.refused());
     }
 }
