@@ -605,3 +605,35 @@ async fn strict_settings_and_invalid_config() {
         .unwrap();
     assert!(log.contains("$.policy.rules[0].arguments[0].regex"), "{log}");
 }
+
+/// A path spelled so that Envoy's route (prefix `/`) and the filter see something else than `/mcp`, but a
+/// normalizing server (uvicorn decodes `%6D`; `..`, `//` and case are normalized by many stacks) routes
+/// to its MCP endpoint: authorized as MCP, never passed as "other path". No MCP headers are sent, so
+/// header detection cannot be what catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_spellings_of_the_mcp_endpoint_are_authorized() {
+    let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
+    let policy = json!({"policy": {"rules": [
+        {"name": "search", "effect": "allow", "methods": ["tools/call"], "targets": ["search"]}]}});
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &policy)
+        .start()
+        .await
+        .unwrap();
+    let call = |tool: &str| json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": tool, "arguments": {}}});
+    for path in ["/%6Dcp", "/%6dcp", "//mcp", "/x/../mcp", "/MCP", "/m%63p?session=1"] {
+        let resp = client().post(envoy.url(path)).json(&call("delete_all")).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!((status, v["error"]["code"].as_i64()), (200, Some(-32602)), "{path}: {v}");
+        assert!(mock.requests().is_empty(), "{path}: a denied call reached the upstream");
+    }
+    // The allowed call still goes through under such a spelling, and ordinary other paths still pass.
+    let resp = client().post(envoy.url("/%6Dcp")).json(&call("search")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mock.requests().len(), 1);
+    let resp = client().post(envoy.url("/v1/chat/completions")).json(&call("delete_all")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mock.requests().len(), 2, "a non-MCP path is not MCP");
+}

@@ -111,6 +111,70 @@ fn strip_query(path: &str) -> &str {
     path.split(['?', '#']).next().unwrap_or(path)
 }
 
+/// Whether a server could route `p` (query already cut) differently from its spelling: a percent
+/// escape, a backslash, an ASCII capital, `//`, or a `.` / `..` segment. Most paths have none, and skip
+/// the normalized second match.
+fn needs_normalizing(p: &str) -> bool {
+    let b = p.as_bytes();
+    b.iter().any(|c| matches!(c, b'%' | b'\\' | b'A'..=b'Z'))
+        || p.contains("//")
+        || p.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// `p` (query already cut) as a normalizing server would route it: percent escapes decoded (all of
+/// them, as uvicorn does, and again while any remain, up to three rounds: a stack may decode twice),
+/// backslashes read as slashes, empty and `.` segments dropped, `..` resolved, ASCII lowercase.
+pub fn normalized_path(p: &str) -> String {
+    let mut bytes = p.as_bytes().to_vec();
+    for _ in 0..3 {
+        let decoded = percent_decode(&bytes);
+        if decoded == bytes {
+            break;
+        }
+        bytes = decoded;
+    }
+    let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in text.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || (text.ends_with('/') && !segments.is_empty()) {
+        out.push('/');
+    }
+    out.to_ascii_lowercase()
+}
+
+fn percent_decode(b: &[u8]) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let escaped = (c == b'%').then(|| Some(hex(*b.get(i + 1)?)? * 16 + hex(*b.get(i + 2)?)?)).flatten();
+        match escaped {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 pub fn id_key(id: &Value) -> String {
     id.to_string()
 }
@@ -127,13 +191,28 @@ impl Engine {
         Ok(Engine { config, policy })
     }
 
+    /// Which endpoint `path` is. A path that does not match as sent is matched again as a server that
+    /// normalizes paths would route it ([`normalized_path`]): `/%6Dcp`, `//mcp`, `/x/../mcp` or `/MCP`
+    /// reach the MCP endpoint of such a server (uvicorn decodes escapes, Envoy's `normalize_path` resolves
+    /// dot segments, some frameworks ignore case), so they are authorized as MCP, not passed as other.
     pub fn endpoint(&self, path: &str) -> Endpoint {
         let p = strip_query(path);
-        if self.config.mcp_paths.iter().any(|g| glob_match(g, p)) {
+        let e = self.endpoint_as_sent(p, false);
+        if e != Endpoint::Other || !needs_normalizing(p) {
+            return e;
+        }
+        self.endpoint_as_sent(&normalized_path(p), true)
+    }
+
+    /// `folded`: `p` is normalized (lowercase), so the configured paths are compared lowercased.
+    fn endpoint_as_sent(&self, p: &str, folded: bool) -> Endpoint {
+        let fold = |g: &str| if folded { g.to_ascii_lowercase() } else { g.to_string() };
+        let glob = |g: &String| if folded { glob_match(&fold(g), p) } else { glob_match(g, p) };
+        if self.config.mcp_paths.iter().any(glob) {
             Endpoint::Mcp
-        } else if self.config.a2a_paths.iter().any(|g| glob_match(g, p)) {
+        } else if self.config.a2a_paths.iter().any(glob) {
             Endpoint::A2a
-        } else if self.config.agent_card_paths.iter().any(|c| c == p) {
+        } else if self.config.agent_card_paths.iter().any(|c| if folded { fold(c) == p } else { c == p }) {
             Endpoint::Card
         } else {
             Endpoint::Other
@@ -847,6 +926,28 @@ mod tests {
         assert_eq!(e.endpoint("/a2a"), Endpoint::A2a);
         assert_eq!(e.endpoint("/.well-known/agent-card.json"), Endpoint::Card);
         assert_eq!(e.endpoint("/v1/chat/completions"), Endpoint::Other);
+        // Spellings a normalizing server routes to the same endpoint are the same endpoint.
+        for p in [
+            "/%6Dcp",
+            "/%6dcp",
+            "//mcp",
+            "/x/../mcp",
+            "/./mcp",
+            "/MCP",
+            "/Mcp/tenant-a",
+            "\\mcp",
+            "/%252Fmcp",
+            "/m%63p?x=1",
+        ] {
+            assert_eq!(e.endpoint(p), Endpoint::Mcp, "{p}");
+        }
+        assert_eq!(e.endpoint("/%61%32a"), Endpoint::A2a);
+        assert_eq!(e.endpoint("/.well-known/Agent-Card.json"), Endpoint::Card);
+        for p in ["/mcpx", "/m", "/%zzmcp", "/v1/%63hat", "/x/../v1/chat", "/"] {
+            assert_eq!(e.endpoint(p), Endpoint::Other, "{p}");
+        }
+        assert_eq!(normalized_path("/a//b/./c/../D%2Fe/"), "/a/b/d/e/");
+        assert_eq!(normalized_path("/../.."), "/");
         assert_eq!(e.endpoint_with_headers("/v2/tools", true, false), Endpoint::Mcp);
         assert_eq!(e.endpoint_with_headers("/agent", false, true), Endpoint::A2a);
         assert_eq!(e.endpoint_with_headers("/mcp", false, true), Endpoint::Mcp);
