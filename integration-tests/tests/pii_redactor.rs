@@ -391,12 +391,12 @@ async fn bad_inputs_answered_never_a_crash() {
     assert_eq!(resp.status(), 400, "the mock refuses non-JSON; what matters is what it saw");
     assert_eq!(mock.last_request().unwrap().body, "{\"messages\": [ <EMAIL_1>");
 
-    // non-UTF-8 text body
-    let mut raw = b"\xff\xfe mail a@b.io \xc3".to_vec();
+    // non-UTF-8 text body (bytes FF FE not first: there they are a UTF-16 byte order mark, refused)
+    let mut raw = b"mail \xff\xfe a@b.io \xc3".to_vec();
     raw.extend_from_slice(b" end");
     let _ = post("/upload").header("content-type", "application/octet-stream").body(raw).send().await.unwrap();
     let got = mock.last_request().unwrap();
-    assert!(got.body.contains("mail <EMAIL_1>") && !got.body.contains("a@b.io"), "{}", got.body);
+    assert!(got.body.contains(" <EMAIL_1> ") && !got.body.contains("a@b.io"), "{}", got.body);
 
     // gzip: cannot be scanned -> 415, nothing forwarded
     let before = mock.requests().len();
@@ -508,4 +508,40 @@ async fn filter_processing_time() {
             .unwrap();
         println!("{} ({} bytes):\n{text}", s.name, s.body.len());
     }
+}
+
+/// Text the model reads outside `content`: earlier tool calls' arguments (OpenAI), `tool_use` inputs and
+/// plain-text documents (Anthropic), tool definitions. All of it is masked before it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_tool_inputs_and_documents_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let openai = json!({"model": "gpt-4o-mini",
+        "tools": [{"type": "function", "function": {"name": "send", "description": "Sends mail (owner: ops@corp.example)",
+                   "parameters": {"type": "object"}}}],
+        "messages": [
+            {"role": "user", "content": "mail my colleague"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "send", "arguments": "{\"to\":\"jane.doe@example.com\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sent"}]});
+    let resp = client().post(envoy.url("/v1/chat/completions")).json(&openai).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = mock.last_request().unwrap().body;
+    assert!(!sent.contains("jane.doe@example.com") && !sent.contains("ops@corp.example"), "{sent}");
+    let sent: Value = serde_json::from_str(&sent).expect("valid JSON left the gateway");
+    assert_eq!(sent["messages"][1]["tool_calls"][0]["function"]["arguments"], "{\"to\":\"<EMAIL_1>\"}");
+
+    let anthropic = json!({"model": "claude-x", "max_tokens": 50, "messages": [
+        {"role": "user", "content": [{"type": "document", "title": "HR memo",
+            "source": {"type": "text", "media_type": "text/plain", "data": "Employee SSN 536-22-8963."}}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "lookup",
+            "input": {"email": "jane.doe@example.com"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "found"}]}]});
+    let resp = client().post(envoy.url("/v1/messages")).json(&anthropic).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = mock.last_request().unwrap().body;
+    assert!(!sent.contains("536-22-8963") && !sent.contains("jane.doe@example.com"), "{sent}");
+    let sent: Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(sent["messages"][0]["content"][0]["source"]["data"], "Employee SSN <US_SSN_1>.");
+    assert_eq!(sent["messages"][1]["content"][0]["input"]["email"], "<EMAIL_1>");
 }
