@@ -405,6 +405,19 @@ pub fn extract_response_texts(body: &Value) -> Vec<TextSpan> {
             if let Some(m) = c.get("message").and_then(|m| m.get("content")) {
                 push_content(&mut out, Role::Assistant, &format!("/choices/{i}/message/content"), m);
             }
+            // Tool calls the model wrote: their arguments can carry what it must not leak.
+            if let Some(calls) = c.pointer("/message/tool_calls").and_then(Value::as_array) {
+                for (k, call) in calls.iter().enumerate() {
+                    if let Some(a) = call.pointer("/function/arguments") {
+                        push_text(
+                            &mut out,
+                            Role::Assistant,
+                            format!("/choices/{i}/message/tool_calls/{k}/function/arguments"),
+                            a,
+                        );
+                    }
+                }
+            }
             if let Some(t) = c.get("text") {
                 push_text(&mut out, Role::Assistant, format!("/choices/{i}/text"), t);
             }
@@ -421,6 +434,13 @@ pub fn extract_response_texts(body: &Value) -> Vec<TextSpan> {
         for (i, item) in items.iter().enumerate() {
             if let Some(c) = item.get("content") {
                 push_content(&mut out, Role::Assistant, &format!("/output/{i}/content"), c);
+            }
+            if matches!(item.get("type").and_then(Value::as_str), Some("function_call" | "custom_tool_call")) {
+                for key in ["arguments", "input"] {
+                    if let Some(a) = item.get(key) {
+                        push_text(&mut out, Role::Assistant, format!("/output/{i}/{key}"), a);
+                    }
+                }
             }
         }
     }
@@ -761,6 +781,15 @@ mod tests {
             .map(|s| (s.pointer.clone(), "X".to_string()))
             .collect();
         assert_eq!(replace_texts(&mut copy, &repl), 0);
+        // Answers: tool calls the model wrote are its text too.
+        let answer = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "send", "arguments": "{\"ssn\":\"536-22-8963\"}"}}]}}]});
+        assert_eq!(extract_response_texts(&answer)[0].pointer, "/choices/0/message/tool_calls/0/function/arguments");
+        let answer = json!({"output": [{"type": "function_call", "name": "f", "arguments": "{}"}]});
+        assert_eq!(extract_response_texts(&answer)[0].pointer, "/output/0/arguments");
+        let answer =
+            json!({"type": "message", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"to": "x"}}]});
+        assert_eq!(extract_response_texts(&answer)[0].pointer, "/content/0/input/to");
         // Unknown shapes keep their whole-body fallback: tools alone are not "found texts".
         assert!(extract_request_texts(Api::Unknown, &json!({"tools": [{"description": "d"}]})).is_empty());
     }
