@@ -175,7 +175,21 @@ fn percent_decode(b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The key an answer is matched to its request by. A number with no fraction is keyed as the integer:
+/// JavaScript servers (the TypeScript MCP SDK) parse `1.0` and `1e2` as the numbers 1 and 100 and echo
+/// `1` / `100`, and an answer that matched no request would pass unfiltered. Strings stay distinct from
+/// numbers (`"1"` is not `1`), as JSON-RPC servers keep them.
 pub fn id_key(id: &Value) -> String {
+    if let Value::Number(n) = id {
+        if n.as_i64().is_none() && n.as_u64().is_none() {
+            if let Some(f) = n.as_f64() {
+                // Exactly integral and within i64: the integer's digits (u64 ids parse as u64 above).
+                if f.fract() == 0.0 && f.abs() < 9.0e18 {
+                    return format!("{}", f as i64);
+                }
+            }
+        }
+    }
     id.to_string()
 }
 
@@ -990,6 +1004,26 @@ mod tests {
             .reply
             .unwrap();
         assert_eq!(body(&r)["error"]["code"], RESOURCE_NOT_FOUND);
+    }
+
+    #[test]
+    fn ids_match_as_servers_echo_them() {
+        for (sent, echoed) in [("1.0", "1"), ("1e2", "100"), ("-3.0", "-3"), ("7", "7"), ("\"a\"", "\"a\"")] {
+            let (a, b): (Value, Value) = (serde_json::from_str(sent).unwrap(), serde_json::from_str(echoed).unwrap());
+            assert_eq!(id_key(&a), id_key(&b), "{sent} vs {echoed}");
+        }
+        for (x, y) in [("\"1\"", "1"), ("1.5", "1"), ("2", "1")] {
+            let (a, b): (Value, Value) = (serde_json::from_str(x).unwrap(), serde_json::from_str(y).unwrap());
+            assert_ne!(id_key(&a), id_key(&b), "{x} vs {y}");
+        }
+        // A tools/list sent with id 1.0 and answered with id 1 is still filtered.
+        let e = std_engine("hide");
+        let plan =
+            e.decide_body(&anon(), Protocol::Mcp, &h(), br#"{"jsonrpc":"2.0","id":1.0,"method":"tools/list"}"#).filters;
+        let answer = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_file"}]}}"#;
+        let (out, removed) =
+            e.filter_answer_text(&anon(), &plan, std::str::from_utf8(answer).unwrap()).unwrap().unwrap();
+        assert_eq!(removed, 1, "{out}");
     }
 
     #[test]
