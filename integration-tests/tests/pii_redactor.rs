@@ -545,3 +545,186 @@ async fn tool_calls_tool_inputs_and_documents_are_masked() {
     assert_eq!(sent["messages"][0]["content"][0]["source"]["data"], "Employee SSN <US_SSN_1>.");
     assert_eq!(sent["messages"][1]["content"][0]["input"]["email"], "<EMAIL_1>");
 }
+
+/// JSON that serde_json refuses but Python's `json.loads` reads (`NaN`, a lone surrogate, nesting deeper
+/// than 128) goes to the raw scan: its `\uXXXX` escapes are decoded before scanning, so
+/// `jane.doe\u0040example.com` never leaves the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_fallback_decodes_json_escapes() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let body = r#"{"model":"m","temperature":NaN,"messages":[{"role":"user","content":"mail jane.doe\u0040example.com, call \u002B44 20 7946 0958, card 4111\u00a01111\u00a01111\u00a01111 \ud800"}]}"#;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let _ = resp.text().await;
+    let sent = mock.last_request().unwrap().body;
+    assert_eq!(
+        sent,
+        r#"{"model":"m","temperature":NaN,"messages":[{"role":"user","content":"mail <EMAIL_1>, call <PHONE_1>, card <CREDIT_CARD_1> \ud800"}]}"#
+    );
+    let deep = format!("{}\"mail jane.doe\\u0040example.com\"{}", "[".repeat(300), "]".repeat(300));
+    let resp = client().post(envoy.url("/v1/embeddings")).body(deep).send().await.unwrap();
+    let _ = resp.text().await;
+    let sent = mock.last_request().unwrap().body;
+    assert!(sent.contains("\"mail <EMAIL_1>\"") && !sent.contains("example.com"), "{sent}");
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.scanned_raw").await.unwrap(), 2);
+}
+
+/// Fields the model reads that the extraction used to skip: each body carries an email only there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extraction_gaps_are_masked_upstream() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "/model/anthropic.claude-3-haiku/converse",
+            json!({
+            "system": [{"text": "be brief"}, {"guardContent": {"text": {"text": "guard g1@corp.example"}}}],
+            "messages": [
+                {"role": "user", "content": [{"text": "plain t1@corp.example"}]},
+                {"role": "assistant", "content": [{"toolUse": {"toolUseId": "tu1", "name": "send", "input": {"to": "u1@corp.example"}}}]},
+                {"role": "user", "content": [{"toolResult": {"toolUseId": "tu1", "content": [{"text": "sent to r1@corp.example"}, {"json": {"cc": "j1@corp.example"}}]}}]}],
+            "inferenceConfig": {"maxTokens": 20}}),
+            "/messages/0/content/0/text",
+        ),
+        ("/v1/completions", json!({"model": "m", "prompt": "def f():", "suffix": "# by s2@corp.example"}), "/suffix"),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "edit"}],
+            "prediction": {"type": "content", "content": "owner p3@corp.example"},
+            "functions": [{"name": "f", "description": "mails f3@corp.example", "parameters": {"type": "object"}}]}),
+            "/prediction/content",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "prompt": {"id": "pmpt_1", "variables": {"customer": "v4@corp.example"}},
+            "input": [
+                {"type": "mcp_call", "id": "mcp_1", "server_label": "crm", "name": "lookup", "arguments": "{\"email\":\"m4@corp.example\"}", "output": "owner o4@corp.example"},
+                {"type": "local_shell_call_output", "id": "ls_1", "output": "l4@corp.example"}]}),
+            "/prompt/variables/customer",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude", "max_tokens": 20, "messages": [
+            {"role": "assistant", "content": [
+                {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "lookup", "server_name": "crm", "input": {"email": "a5@corp.example"}},
+                {"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_1", "content": {"type": "web_fetch_result", "url": "https://x.example",
+                    "content": {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "page w5@corp.example"}}}}]},
+            {"role": "user", "content": [{"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "content": [{"type": "text", "text": "r5@corp.example"}]}]}]}),
+            "/messages/0/content/0/input/email",
+        ),
+        ("/api/generate", json!({"model": "llama3", "prompt": "hi", "system": "user is y6@corp.example"}), "/system"),
+        ("/api/embed", json!({"model": "nomic", "input": ["doc e6@corp.example", "other"]}), "/input/0"),
+    ];
+    for (path, body, pointer) in cases {
+        let resp = client().post(envoy.url(path)).json(&body).send().await.unwrap();
+        let _ = resp.text().await;
+        let sent = mock.last_request().unwrap();
+        assert!(!sent.body.contains("@corp.example"), "{path}: PII left the gateway: {}", sent.body);
+        let v = sent.json().expect("valid JSON left the gateway");
+        let masked = v.pointer(pointer).and_then(Value::as_str).unwrap_or_default().to_string();
+        assert!(masked.contains("<EMAIL_"), "{path} {pointer}: {masked}");
+    }
+    // Echo: what upstream received comes back restored.
+    let resp = client()
+        .post(envoy.url("/v1/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model": "m", "prompt": "def f():", "suffix": "# by s2@corp.example"}))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("s2@corp.example"), "restored: {text}");
+    assert!(mock.last_request().unwrap().body.contains("# by <EMAIL_1>"));
+}
+
+/// n=2 streams: one choice per chunk at position 0, `index` alternating; a placeholder cut across two
+/// events of one choice is restored, never joined with the other choice's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_choices_of_n_2_are_restored_separately() {
+    let ev = |i: u32, t: &str| format!("data: {}\n\n", json!({"choices":[{"index":i,"delta":{"content":t}}]}));
+    let fin = |i: u32| format!("data: {}\n\n", json!({"choices":[{"index":i,"delta":{},"finish_reason":"stop"}]}));
+    let stream = format!(
+        "{}{}{}{}{}{}data: [DONE]\n\n",
+        ev(0, "Mail <EMA"),
+        ev(1, "Call <PHO"),
+        ev(0, "IL_1> now"),
+        ev(1, "NE_1> now"),
+        fin(0),
+        fin(1)
+    );
+    let (port, seen) = chunky_upstream(vec![stream.into_bytes()]).await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"n":2,"messages":[{"role":"user","content":"I am bob@corp.io, tel 415-555-2671"}]}))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    let mut per = [String::new(), String::new()];
+    for e in SseParser::default().feed(text.as_bytes()) {
+        if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+            let i = v.pointer("/choices/0/index").and_then(Value::as_u64).unwrap() as usize;
+            per[i].push_str(v.pointer("/choices/0/delta/content").and_then(Value::as_str).unwrap_or(""));
+        }
+    }
+    assert_eq!(per, ["Mail bob@corp.io now".to_string(), "Call 415-555-2671 now".to_string()], "{text}");
+    assert!(seen.lock().unwrap().join("").contains("I am <EMAIL_1>, tel <PHONE_1>"));
+}
+
+/// Bedrock's binary event stream (length prefixes, CRCs) is passed byte for byte: a restore would change
+/// lengths and corrupt every frame after it. Placeholders stay placeholders there (documented).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_event_stream_is_passed_unchanged() {
+    // A frame-like binary body: total length, headers length, prelude CRC, payload with a placeholder.
+    let payload = br#"{"contentBlockIndex":0,"delta":{"text":"Mail <EMAIL_1> now"}}"#;
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&((16 + payload.len()) as u32).to_be_bytes());
+    frame.extend_from_slice(&0u32.to_be_bytes());
+    frame.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    frame.extend_from_slice(payload);
+    frame.extend_from_slice(&[0x01, 0x02, 0x03, 0x04]);
+    let (port, seen) =
+        chunky_upstream_with(vec![frame.clone()], "200 OK\r\ncontent-type: application/vnd.amazon.eventstream").await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/model/anthropic.claude-3-haiku/converse-stream"))
+        .json(&json!({"messages":[{"role":"user","content":[{"text":"I am bob@corp.io"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), frame, "byte for byte");
+    assert!(seen.lock().unwrap().join("").contains("I am <EMAIL_1>"));
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_not_restored_eventstream").await.unwrap(), 1);
+}
+
+/// Numbers written with no-break spaces, en dashes or tabs, and zero-width characters inside an email,
+/// are masked whole (separators included) and restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicode_separators_and_zero_width_characters_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let prompt = "card 4111\u{a0}1111\u{a0}1111\u{a0}1111, ssn 536\u{2013}22\u{2013}8963, \
+                  mail jane\u{200b}.doe@example.com, card 5500\t0000\t0000\t0004, call +44\u{202f}20\u{202f}7946\u{202f}0958";
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt, "restored exactly");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "card <CREDIT_CARD_1>, ssn <US_SSN_1>, mail <EMAIL_1>, card <CREDIT_CARD_2>, call <PHONE_1>"
+    );
+}

@@ -186,66 +186,107 @@ fn push_text(out: &mut Vec<TextSpan>, role: Role, pointer: String, v: &Value) {
 /// "output_text", "text": "..."}`. Anthropic `tool_result` blocks nest their own content and are tagged
 /// [`Role::Tool`]; `tool_use` inputs (every string), `thinking`, plain-text `document` sources (`data`,
 /// or nested `content`, with `title` and `context`) and `search_result` contents are text the model
-/// reads too.
+/// reads too. See [`push_block`] for every block kind.
 fn push_content(out: &mut Vec<TextSpan>, role: Role, base: &str, content: &Value) {
     match content {
         Value::String(_) => push_text(out, role, base.to_string(), content),
         Value::Array(parts) => {
             for (j, part) in parts.iter().enumerate() {
-                let here = format!("{base}/{j}");
-                match part.get("type").and_then(Value::as_str) {
-                    Some("tool_result") => {
-                        if let Some(inner) = part.get("content") {
-                            push_content(out, Role::Tool, &format!("{here}/content"), inner);
-                        }
-                    }
-                    Some("tool_use") | Some("server_tool_use") => {
-                        if let Some(input) = part.get("input") {
-                            push_string_leaves(out, role, &mut format!("{here}/input"), input);
-                        }
-                    }
-                    Some("thinking") => {
-                        if let Some(t) = part.get("thinking") {
-                            push_text(out, role, format!("{here}/thinking"), t);
-                        }
-                    }
-                    Some("document") | Some("search_result") => {
-                        for key in ["title", "context"] {
-                            if let Some(t) = part.get(key) {
-                                push_text(out, role, format!("{here}/{key}"), t);
-                            }
-                        }
-                        if let Some(inner) = part.get("content") {
-                            push_content(out, role, &format!("{here}/content"), inner);
-                        }
-                        if let Some(source) = part.get("source") {
-                            match source.get("type").and_then(Value::as_str) {
-                                Some("text") => {
-                                    if let Some(d) = source.get("data") {
-                                        push_text(out, role, format!("{here}/source/data"), d);
-                                    }
-                                }
-                                Some("content") => {
-                                    if let Some(inner) = source.get("content") {
-                                        push_content(out, role, &format!("{here}/source/content"), inner);
-                                    }
-                                }
-                                _ => {} // base64 PDFs, URLs, files: not text a filter can scan
-                            }
-                        }
-                    }
-                    Some("text") | Some("input_text") | Some("output_text") | None => {
-                        if let Some(t) = part.get("text") {
-                            push_text(out, role, format!("{here}/text"), t);
-                        } else if part.is_string() {
-                            push_text(out, role, here, part);
-                        }
-                    }
-                    _ => {} // images, audio, files: not text a filter can scan
-                }
+                push_block(out, role, &format!("{base}/{j}"), part);
             }
         }
         _ => {}
+    }
+}
+
+/// One content block at `here`: Anthropic / OpenAI typed blocks, and Bedrock Converse blocks (no `type`;
+/// the key says the kind: `{"text"}`, `{"toolUse":{"input"}}`, `{"toolResult":{"content":[..]}}`,
+/// `{"guardContent":{"text":{"text"}}}`, `{"reasoningContent":{"reasoningText":{"text"}}}`).
+fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
+    match part.get("type").and_then(Value::as_str) {
+        Some("tool_result") | Some("mcp_tool_result") => {
+            if let Some(inner) = part.get("content") {
+                push_content(out, Role::Tool, &format!("{here}/content"), inner);
+            }
+        }
+        Some("tool_use") | Some("server_tool_use") | Some("mcp_tool_use") => {
+            if let Some(input) = part.get("input") {
+                push_string_leaves(out, role, &mut format!("{here}/input"), input);
+            }
+        }
+        // Anthropic web fetch: `content` is one `web_fetch_result` whose `content` is a `document` block.
+        Some("web_fetch_tool_result") => {
+            if let Some(inner) = part.get("content") {
+                push_block(out, Role::Tool, &format!("{here}/content"), inner);
+            }
+        }
+        Some("web_fetch_result") => {
+            if let Some(inner) = part.get("content") {
+                push_block(out, Role::Tool, &format!("{here}/content"), inner);
+            }
+        }
+        Some("thinking") => {
+            if let Some(t) = part.get("thinking") {
+                push_text(out, role, format!("{here}/thinking"), t);
+            }
+        }
+        Some("document") | Some("search_result") => {
+            for key in ["title", "context"] {
+                if let Some(t) = part.get(key) {
+                    push_text(out, role, format!("{here}/{key}"), t);
+                }
+            }
+            if let Some(inner) = part.get("content") {
+                push_content(out, role, &format!("{here}/content"), inner);
+            }
+            if let Some(source) = part.get("source") {
+                match source.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        if let Some(d) = source.get("data") {
+                            push_text(out, role, format!("{here}/source/data"), d);
+                        }
+                    }
+                    Some("content") => {
+                        if let Some(inner) = source.get("content") {
+                            push_content(out, role, &format!("{here}/source/content"), inner);
+                        }
+                    }
+                    _ => {} // base64 PDFs, URLs, files: not text a filter can scan
+                }
+            }
+        }
+        Some("text") | Some("input_text") | Some("output_text") => {
+            if let Some(t) = part.get("text") {
+                push_text(out, role, format!("{here}/text"), t);
+            }
+        }
+        None => {
+            if let Some(t) = part.get("text") {
+                push_text(out, role, format!("{here}/text"), t);
+            } else if part.is_string() {
+                push_text(out, role, here.to_string(), part);
+            }
+            // Bedrock Converse blocks.
+            if let Some(tu) = part.get("toolUse") {
+                if let Some(input) = tu.get("input") {
+                    push_string_leaves(out, role, &mut format!("{here}/toolUse/input"), input);
+                }
+            }
+            if let Some(inner) = part.pointer("/toolResult/content") {
+                push_content(out, Role::Tool, &format!("{here}/toolResult/content"), inner);
+            }
+            // A Bedrock tool result's `{"json": {...}}` block: every string in it.
+            if let Some(j) = part.get("json") {
+                push_string_leaves(out, role, &mut format!("{here}/json"), j);
+            }
+            if let Some(t) = part.pointer("/guardContent/text/text") {
+                push_text(out, role, format!("{here}/guardContent/text/text"), t);
+            }
+            if let Some(t) = part.pointer("/reasoningContent/reasoningText/text") {
+                push_text(out, role, format!("{here}/reasoningContent/reasoningText/text"), t);
+            }
+        }
+        _ => {} // images, audio, files: not text a filter can scan
     }
 }
 
@@ -281,6 +322,10 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                     }
                 }
             }
+            // OpenAI predicted outputs: the model reads the prediction to reuse it.
+            if let Some(p) = body.pointer("/prediction/content") {
+                push_content(&mut out, Role::User, "/prediction/content", p);
+            }
             // (A body of unknown shape with nothing else found is read whole by the callers' fallbacks.)
             if api != Api::Unknown {
                 push_tool_definitions(&mut out, body);
@@ -297,6 +342,13 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
             if let Some(prompt) = body.get("prompt") {
                 push_prompt_like(&mut out, "/prompt", prompt);
             }
+            // `suffix` (OpenAI, vLLM: text after the insertion point); `system` (Ollama `/api/generate`).
+            if let Some(v) = body.get("suffix") {
+                push_text(&mut out, Role::User, "/suffix".into(), v);
+            }
+            if let Some(v) = body.get("system") {
+                push_text(&mut out, Role::System, "/system".into(), v);
+            }
         }
         Api::OpenAiEmbeddings => {
             if let Some(input) = body.get("input") {
@@ -307,6 +359,18 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
             if let Some(instructions) = body.get("instructions") {
                 push_text(&mut out, Role::System, "/instructions".into(), instructions);
             }
+            // Reusable prompts: `prompt.variables` values are substituted into the prompt template
+            // (a string, or an `input_text` part).
+            if let Some(vars) = body.pointer("/prompt/variables").and_then(Value::as_object) {
+                for (k, v) in vars {
+                    let base = format!("/prompt/variables/{}", ptr_escape(k));
+                    if v.is_string() {
+                        push_text(&mut out, Role::User, base, v);
+                    } else if let Some(t) = v.get("text") {
+                        push_text(&mut out, Role::User, format!("{base}/text"), t);
+                    }
+                }
+            }
             match body.get("input") {
                 Some(Value::String(_)) => {
                     if let Some(v) = body.get("input") {
@@ -316,7 +380,32 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
                         let base = format!("/input/{i}");
+                        if item.is_string() {
+                            // A list of strings (Ollama `/api/embed` `input`, detected by shape as Responses).
+                            push_text(&mut out, Role::User, base, item);
+                            continue;
+                        }
                         match item.get("type").and_then(Value::as_str) {
+                            Some("mcp_call") => {
+                                if let Some(a) = item.get("arguments") {
+                                    push_text(&mut out, Role::Assistant, format!("{base}/arguments"), a);
+                                }
+                                for key in ["output", "error"] {
+                                    if let Some(o) = item.get(key) {
+                                        push_text(&mut out, Role::Tool, format!("{base}/{key}"), o);
+                                    }
+                                }
+                            }
+                            Some("mcp_approval_request") => {
+                                if let Some(a) = item.get("arguments") {
+                                    push_text(&mut out, Role::Assistant, format!("{base}/arguments"), a);
+                                }
+                            }
+                            Some("local_shell_call_output") | Some("shell_call_output") => {
+                                if let Some(o) = item.get("output") {
+                                    push_string_leaves(&mut out, Role::Tool, &mut format!("{base}/output"), o);
+                                }
+                            }
                             Some("function_call_output") | Some("custom_tool_call_output") => {
                                 if let Some(o) = item.get("output") {
                                     push_content(&mut out, Role::Tool, &format!("{base}/output"), o);
@@ -354,6 +443,18 @@ fn push_tool_definitions(out: &mut Vec<TextSpan>, body: &Value) {
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
         for (t, tool) in tools.iter().enumerate() {
             push_string_leaves(out, Role::Tool, &mut format!("/tools/{t}"), tool);
+        }
+    }
+    // OpenAI's legacy `functions[]` (name, description, parameters) and Bedrock Converse
+    // `toolConfig.tools[].toolSpec`.
+    if let Some(fns) = body.get("functions").and_then(Value::as_array) {
+        for (t, f) in fns.iter().enumerate() {
+            push_string_leaves(out, Role::Tool, &mut format!("/functions/{t}"), f);
+        }
+    }
+    if let Some(tools) = body.pointer("/toolConfig/tools").and_then(Value::as_array) {
+        for (t, tool) in tools.iter().enumerate() {
+            push_string_leaves(out, Role::Tool, &mut format!("/toolConfig/tools/{t}"), tool);
         }
     }
 }
@@ -713,6 +814,112 @@ mod tests {
     use super::*;
     use serde_json::json;
     use wasm_bindgen_test::wasm_bindgen_test;
+
+    fn pointers(api: Api, body: &Value) -> Vec<(String, String)> {
+        extract_request_texts(api, body).into_iter().map(|s| (s.pointer, s.text)).collect()
+    }
+
+    fn has(spans: &[(String, String)], pointer: &str, text: &str) -> bool {
+        spans.iter().any(|(p, t)| p == pointer && t == text)
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn bedrock_converse_blocks_are_read() {
+        let body = json!({
+            "system": [{"text": "sys a@b.io"}, {"guardContent": {"text": {"text": "guard g@b.io"}}}],
+            "messages": [
+                {"role": "user", "content": [{"text": "plain t@b.io"}, {"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo"}}}]},
+                {"role": "assistant", "content": [
+                    {"toolUse": {"toolUseId": "tooluse_1", "name": "send", "input": {"to": "u@b.io", "n": 1}}},
+                    {"reasoningContent": {"reasoningText": {"text": "think r@b.io", "signature": "sig"}}}]},
+                {"role": "user", "content": [{"toolResult": {"toolUseId": "tooluse_1", "content": [
+                    {"text": "result x@b.io"}, {"json": {"owner": "j@b.io"}}], "status": "success"}}]}],
+            "toolConfig": {"tools": [{"toolSpec": {"name": "send", "description": "desc d@b.io",
+                "inputSchema": {"json": {"type": "object"}}}}]},
+            "inferenceConfig": {"maxTokens": 10}
+        });
+        assert_eq!(Api::detect("/model/anthropic.claude/converse", &body), Api::OpenAiChat);
+        let spans = extract_request_texts(Api::OpenAiChat, &body);
+        let p: Vec<(String, String)> = spans.iter().map(|s| (s.pointer.clone(), s.text.clone())).collect();
+        assert!(has(&p, "/system/0/text", "sys a@b.io"));
+        assert!(has(&p, "/system/1/guardContent/text/text", "guard g@b.io"));
+        assert!(has(&p, "/messages/0/content/0/text", "plain t@b.io"));
+        assert!(has(&p, "/messages/1/content/0/toolUse/input/to", "u@b.io"));
+        assert!(has(&p, "/messages/1/content/1/reasoningContent/reasoningText/text", "think r@b.io"));
+        assert!(has(&p, "/messages/2/content/0/toolResult/content/0/text", "result x@b.io"));
+        assert!(has(&p, "/messages/2/content/0/toolResult/content/1/json/owner", "j@b.io"));
+        assert!(has(&p, "/toolConfig/tools/0/toolSpec/description", "desc d@b.io"));
+        assert!(!p.iter().any(|(_, t)| t == "iVBORw0KGgo" || t == "tooluse_1" || t == "sig"), "{p:?}");
+        let tool = spans.iter().find(|s| s.pointer.ends_with("toolResult/content/0/text")).unwrap();
+        assert_eq!(tool.role, Role::Tool);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn openai_suffix_prediction_functions_and_ollama_fields_are_read() {
+        let p = pointers(Api::OpenAiCompletions, &json!({"prompt": "def f():", "suffix": "# s@b.io"}));
+        assert!(has(&p, "/suffix", "# s@b.io"));
+        // Ollama /api/generate (detected by its `prompt`): `system` too; images (base64) not.
+        let g = json!({"model": "llama3", "prompt": "hi", "system": "sys o@b.io", "images": ["iVBORw0KGgo"]});
+        assert_eq!(Api::detect("/api/generate", &g), Api::OpenAiCompletions);
+        let p = pointers(Api::OpenAiCompletions, &g);
+        assert!(has(&p, "/system", "sys o@b.io") && !p.iter().any(|(_, t)| t == "iVBORw0KGgo"));
+        let chat = json!({"messages": [{"role": "user", "content": "x"}],
+            "prediction": {"type": "content", "content": "pred p@b.io"},
+            "functions": [{"name": "f", "description": "fn f@b.io", "parameters": {"type": "object"}}]});
+        let p = pointers(Api::OpenAiChat, &chat);
+        assert!(has(&p, "/prediction/content", "pred p@b.io"));
+        assert!(has(&p, "/functions/0/description", "fn f@b.io"));
+        let chat = json!({"messages": [], "prediction": {"type": "content", "content": [{"type": "text", "text": "pp@b.io"}]}});
+        assert!(has(&pointers(Api::OpenAiChat, &chat), "/prediction/content/0/text", "pp@b.io"));
+        // Ollama /api/embed: `input` is a list of strings; by shape it is taken for Responses.
+        let e = json!({"model": "nomic", "input": ["first e@b.io", "second"]});
+        assert_eq!(Api::detect("/api/embed", &e), Api::OpenAiResponses);
+        let p = pointers(Api::OpenAiResponses, &e);
+        assert!(has(&p, "/input/0", "first e@b.io") && has(&p, "/input/1", "second"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn responses_prompt_variables_mcp_and_shell_items_are_read() {
+        let r = json!({"prompt": {"id": "pmpt_123", "version": "2", "variables": {
+                "customer": "v@b.io", "note": {"type": "input_text", "text": "vt@b.io"},
+                "img": {"type": "input_image", "image_url": "https://x/y.png"}}},
+            "input": [
+                {"type": "mcp_call", "id": "mcp_1", "server_label": "crm", "name": "lookup",
+                 "arguments": "{\"email\":\"m@b.io\"}", "output": "found mo@b.io"},
+                {"type": "mcp_approval_request", "id": "mcpr_1", "arguments": "{\"to\":\"ma@b.io\"}"},
+                {"type": "local_shell_call_output", "id": "ls_1", "output": "cat: l@b.io"}]});
+        let p = pointers(Api::OpenAiResponses, &r);
+        assert!(has(&p, "/prompt/variables/customer", "v@b.io"));
+        assert!(has(&p, "/prompt/variables/note/text", "vt@b.io"));
+        assert!(has(&p, "/input/0/arguments", "{\"email\":\"m@b.io\"}"));
+        assert!(has(&p, "/input/0/output", "found mo@b.io"));
+        assert!(has(&p, "/input/1/arguments", "{\"to\":\"ma@b.io\"}"));
+        assert!(has(&p, "/input/2/output", "cat: l@b.io"));
+        assert!(!p.iter().any(|(_, t)| t == "pmpt_123" || t == "mcp_1" || t.starts_with("https://")), "{p:?}");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn anthropic_mcp_and_web_fetch_blocks_are_read() {
+        let body = json!({"model": "claude", "max_tokens": 5, "messages": [
+            {"role": "assistant", "content": [
+                {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "lookup", "server_name": "crm", "input": {"email": "a@b.io"}},
+                {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_fetch", "input": {"url": "https://x"}},
+                {"type": "web_fetch_tool_result", "tool_use_id": "srvtoolu_1", "content": {"type": "web_fetch_result",
+                    "url": "https://x", "content": {"type": "document", "title": "page t@b.io",
+                    "source": {"type": "text", "media_type": "text/plain", "data": "page w@b.io"}}}}]},
+            {"role": "user", "content": [
+                {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "is_error": false,
+                 "content": [{"type": "text", "text": "owner r@b.io"}]}]}]});
+        let spans = extract_request_texts(Api::AnthropicMessages, &body);
+        let p: Vec<(String, String)> = spans.iter().map(|s| (s.pointer.clone(), s.text.clone())).collect();
+        assert!(has(&p, "/messages/0/content/0/input/email", "a@b.io"));
+        assert!(has(&p, "/messages/0/content/2/content/content/source/data", "page w@b.io"));
+        assert!(has(&p, "/messages/0/content/2/content/content/title", "page t@b.io"));
+        assert!(has(&p, "/messages/1/content/0/content/0/text", "owner r@b.io"));
+        let r = spans.iter().find(|s| s.text == "owner r@b.io").unwrap();
+        assert_eq!(r.role, Role::Tool);
+        assert!(!p.iter().any(|(_, t)| t == "mcptoolu_1" || t == "srvtoolu_1"));
+    }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn tool_calls_tool_definitions_and_documents_are_read() {

@@ -81,8 +81,35 @@ pub struct SseTextRewriter {
     pub non_json_events: u64,
 }
 
+/// The pointer with each array position replaced by the element's own `index` field when it has one
+/// (`/choices/0/delta/content` of `{"choices":[{"index":1,..}]}` is `/choices/#1/delta/content`). With
+/// `n > 1` OpenAI and vLLM send one choice per chunk, always at position 0, and `index` says which
+/// (Gemini `candidates[].index` alike; tool-call deltas `tool_calls[].index` too): the position alone
+/// would mix the choices' texts.
+fn logical_pointer(event: &Value, pointer: &str) -> String {
+    let mut key = String::with_capacity(pointer.len() + 4);
+    let mut cur = Some(event);
+    for seg in pointer.split('/').skip(1) {
+        key.push('/');
+        let next = match cur {
+            Some(Value::Array(items)) => seg.parse::<usize>().ok().and_then(|n| items.get(n)),
+            Some(Value::Object(m)) => m.get(seg),
+            _ => None,
+        };
+        match (cur, next.and_then(|x| x.get("index")).filter(|i| i.is_number())) {
+            (Some(Value::Array(_)), Some(idx)) => {
+                key.push('#');
+                key.push_str(&idx.to_string());
+            }
+            _ => key.push_str(seg),
+        }
+        cur = next;
+    }
+    key
+}
+
 fn channel_key(event: &Value, pointer: &str) -> String {
-    let mut key = pointer.to_string();
+    let mut key = logical_pointer(event, pointer);
     for f in ["index", "output_index", "content_index"] {
         if let Some(v) = event.get(f) {
             key.push('#');
@@ -90,6 +117,24 @@ fn channel_key(event: &Value, pointer: &str) -> String {
         }
     }
     key
+}
+
+/// A chunk without deltas whose `choices` / `candidates` are all present (a `finish_reason` chunk of
+/// one choice): the channel prefixes of those choices. `None` for anything else (flush everything).
+fn finishing_choices(event: &Value) -> Option<Vec<String>> {
+    for arr in ["choices", "candidates"] {
+        if let Some(items) = event.get(arr).and_then(Value::as_array) {
+            if items.is_empty() {
+                return None;
+            }
+            let mut out = Vec::with_capacity(items.len());
+            for n in 0..items.len() {
+                out.push(format!("{}/", logical_pointer(event, &format!("/{arr}/{n}"))));
+            }
+            return Some(out);
+        }
+    }
+    None
 }
 
 impl SseTextRewriter {
@@ -128,7 +173,14 @@ impl SseTextRewriter {
     }
 
     fn flush_all(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<u8>) {
-        let mut chans: Vec<Channel> = std::mem::take(&mut self.channels).into_values().collect();
+        self.flush_where(rw, out, |_| true);
+    }
+
+    fn flush_where(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<u8>, which: impl Fn(&str) -> bool) {
+        let (flush, keep): (BTreeMap<String, Channel>, BTreeMap<String, Channel>) =
+            std::mem::take(&mut self.channels).into_iter().partition(|(k, _)| which(k));
+        self.channels = keep;
+        let mut chans: Vec<Channel> = flush.into_values().collect();
         chans.sort_by_key(|c| c.order);
         for mut c in chans {
             if c.held.is_empty() {
@@ -160,7 +212,11 @@ impl SseTextRewriter {
         };
         let pointers = stream_delta_pointers(&v);
         if pointers.is_empty() && !is_keepalive(&v) {
-            self.flush_all(rw, out);
+            match finishing_choices(&v) {
+                // One choice's finish chunk (n > 1): flush that choice's text only; the others go on.
+                Some(prefixes) => self.flush_where(rw, out, |key| prefixes.iter().any(|p| key.starts_with(p))),
+                None => self.flush_all(rw, out),
+            }
         }
         // Take the deltas out, rewrite the remaining strings whole, then put the deltas back.
         let mut deltas: Vec<(String, String)> = Vec::with_capacity(pointers.len());
@@ -294,6 +350,56 @@ mod tests {
             let text = String::from_utf8(out).unwrap();
             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn choices_of_n_gt_1_are_separate_channels() {
+        // OpenAI / vLLM with n=2: one choice per chunk at position 0, `index` alternating; choice 0's
+        // "A" + "B" must join, never choice 1's. Choice 1 finishes first: only its held text is flushed.
+        let c = |i: u32, t: &str| {
+            format!("data: {}\n\n", serde_json::json!({"choices":[{"index":i,"delta":{"content":t}}]}))
+        };
+        let fin = |i: u32| {
+            format!("data: {}\n\n", serde_json::json!({"choices":[{"index":i,"delta":{},"finish_reason":"stop"}]}))
+        };
+        let stream = format!(
+            "{}{}{}{}{}{}{}data: [DONE]\n\n",
+            c(0, "zero A"),
+            c(1, "one A"),
+            c(0, "B zero"),
+            c(1, "C one A"),
+            fin(1),
+            c(0, " A"),
+            c(0, "B")
+        );
+        let mut rw = SseTextRewriter::default();
+        let mut out = rw.feed(stream.as_bytes(), &mut Ab);
+        out.extend(rw.finish(&mut Ab));
+        let mut per = [String::new(), String::new()];
+        for e in SseParser::default().feed(&out) {
+            if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                let i = v.pointer("/choices/0/index").and_then(Value::as_u64).unwrap() as usize;
+                per[i].push_str(v.pointer("/choices/0/delta/content").and_then(Value::as_str).unwrap_or(""));
+            }
+        }
+        assert_eq!(
+            per,
+            ["zero xy zero xy".to_string(), "one AC one A".to_string()],
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        // Gemini candidates and tool calls streamed one after the other, each at position 0.
+        let mut rw = SseTextRewriter::default();
+        let s = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"x A\"}}]}}]}\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"function\":{\"arguments\":\"B\"}}]}}]}\n\n";
+        let out = String::from_utf8(rw.feed(s.as_bytes(), &mut Ab)).unwrap();
+        assert!(!out.contains("xy"), "a tool call's tail is not joined to the next call: {out}");
+        assert_eq!(
+            logical_pointer(
+                &serde_json::json!({"candidates":[{"index":3,"content":{"parts":[{"text":"t"}]}}]}),
+                "/candidates/0/content/parts/0/text"
+            ),
+            "/candidates/#3/content/parts/0/text"
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -331,9 +331,23 @@ impl Scanner {
         out
     }
 
-    /// The single pass.
+    /// The single pass (over the text with Unicode separators normalised, see [`normalize_separators`];
+    /// findings are in `t`'s offsets).
     pub fn scan_with(&self, t: &[u8], emit: impl FnMut(Finding)) {
-        self.scan_pass(t, true, emit);
+        self.scan_normalized(t, true, emit);
+    }
+
+    fn scan_normalized(&self, t: &[u8], prose_fast_path: bool, mut emit: impl FnMut(Finding)) {
+        match normalize_separators(t) {
+            None => self.scan_pass(t, prose_fast_path, emit),
+            Some((norm, map)) => self.scan_pass(&norm, prose_fast_path, |f| {
+                // Back to the original offsets: the span covers every original byte between the first and
+                // the last normalised byte (separators and zero-width characters inside included).
+                let start = map.get(f.start).map_or(t.len(), |m| m.0);
+                let end = f.end.checked_sub(1).and_then(|e| map.get(e)).map_or(start, |m| m.1);
+                emit(Finding { start, end, ..f })
+            }),
+        }
     }
 
     /// [`Scanner::scan`] without the prose fast path: the reference that the unit test and the
@@ -341,7 +355,7 @@ impl Scanner {
     #[doc(hidden)]
     pub fn scan_without_prose_fast_path(&self, t: &[u8]) -> Vec<Finding> {
         let mut out = Vec::new();
-        self.scan_pass(t, false, |f| out.push(f));
+        self.scan_normalized(t, false, |f| out.push(f));
         out
     }
 
@@ -786,6 +800,70 @@ impl Scanner {
             _ => None,
         }
     }
+}
+
+/// What a separator-like character at `t[i..]` becomes for the scanner: `(its length, Some(b' '))` for
+/// tabs and Unicode spaces (no-break U+00A0, U+1680, U+2000..U+200A incl. thin U+2009, narrow no-break
+/// U+202F, U+205F, ideographic U+3000), `Some(b'-')` for Unicode hyphens and dashes (U+2010..U+2015 incl.
+/// non-breaking hyphen U+2011 and en dash U+2013, minus U+2212, U+FE63, U+FF0D), `None` for invisible
+/// characters that are dropped (zero-width U+200B..U+200D, word joiner U+2060, U+FEFF, soft hyphen
+/// U+00AD). `None` when `t[i..]` starts with none of them.
+#[allow(clippy::type_complexity)]
+fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
+    let (b0, b1, b2) = (at(t, i), at(t, i + 1), at(t, i + 2));
+    let space = Some(b' ');
+    let dash = Some(b'-');
+    match (b0, b1, b2) {
+        (0x09, _, _) => Some((1, space)),
+        (0xC2, 0xA0, _) => Some((2, space)),
+        (0xC2, 0xAD, _) => Some((2, None)),
+        (0xE1, 0x9A, 0x80) => Some((3, space)),
+        (0xE2, 0x80, 0x80..=0x8A) | (0xE2, 0x80, 0xAF) | (0xE2, 0x81, 0x9F) => Some((3, space)),
+        (0xE2, 0x80, 0x8B..=0x8D) | (0xE2, 0x81, 0xA0) => Some((3, None)),
+        (0xE2, 0x80, 0x90..=0x95) | (0xE2, 0x88, 0x92) => Some((3, dash)),
+        (0xE3, 0x80, 0x80) => Some((3, space)),
+        (0xEF, 0xBB, 0xBF) => Some((3, None)),
+        (0xEF, 0xBC, 0x8D) | (0xEF, 0xB9, 0xA3) => Some((3, dash)),
+        _ => None,
+    }
+}
+
+/// The text as the detectors read it when it contains tabs, Unicode spaces or dashes, or zero-width
+/// characters ([`separator_at`]): each becomes an ASCII space / `-` or is dropped, so `4111\u{a0}1111…`,
+/// `536\u{2013}22\u{2013}8963` and `jane\u{200b}@example.com` are found. Returns the normalised bytes
+/// and, per normalised byte, the original `(start, end)` of what it came from; `None` (no copy, the
+/// common case) when there is nothing to normalise.
+#[allow(clippy::type_complexity)]
+pub fn normalize_separators(t: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+    // Cheap test first: the lead bytes of every character concerned.
+    let a = memchr::memchr3_iter(0x09, 0xC2, 0xE2, t).find(|&p| separator_at(t, p).is_some());
+    let b = memchr::memchr3_iter(0xE1, 0xE3, 0xEF, t).find(|&p| separator_at(t, p).is_some());
+    let first = match (a, b) {
+        (Some(x), Some(y)) => x.min(y),
+        (x, y) => x.or(y)?,
+    };
+    let mut out = Vec::with_capacity(t.len());
+    let mut map = Vec::with_capacity(t.len());
+    out.extend_from_slice(t.get(..first).unwrap_or(&[]));
+    map.extend((0..first).map(|k| (k, k + 1)));
+    let mut i = first;
+    while i < t.len() {
+        match separator_at(t, i) {
+            Some((len, rep)) => {
+                if let Some(c) = rep {
+                    out.push(c);
+                    map.push((i, i + len));
+                }
+                i += len;
+            }
+            None => {
+                out.push(at(t, i));
+                map.push((i, i + 1));
+                i += 1;
+            }
+        }
+    }
+    Some((out, map))
 }
 
 struct NumericRun {
@@ -1357,6 +1435,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn unicode_separators_and_zero_width_characters() {
+        let scanner = Scanner::default();
+        let kinds = |t: &str| -> Vec<(Builtin, String)> {
+            scanner.scan(t.as_bytes()).iter().map(|f| (f.kind, t.get(f.start..f.end).unwrap().to_string())).collect()
+        };
+        // No-break space, thin spaces, tabs, en dash, non-breaking hyphen, minus sign: one separator each.
+        for card in [
+            "4111\u{a0}1111\u{a0}1111\u{a0}1111",
+            "4111\u{2009}1111\u{2009}1111\u{2009}1111",
+            "4111\u{202f}1111\u{202f}1111\u{202f}1111",
+            "4111\t1111\t1111\t1111",
+            "4111\u{2013}1111\u{2013}1111\u{2013}1111",
+            "4111\u{200b}1111 1111 1111",
+            "4111\u{2060}1111\u{feff}1111\u{ad}1111",
+        ] {
+            let t = format!("my card {card}, thanks");
+            assert_eq!(kinds(&t), vec![(Builtin::CreditCard, card.to_string())], "{t:?}");
+        }
+        for ssn in ["536\u{2013}22\u{2013}8963", "536\u{2011}22\u{2011}8963", "536\u{2212}22\u{2212}8963"] {
+            let t = format!("ssn {ssn}.");
+            assert_eq!(kinds(&t), vec![(Builtin::UsSsn, ssn.to_string())], "{t:?}");
+        }
+        // Zero-width characters inside an email or a phone are skipped and masked with the value.
+        for (t, want) in [
+            ("mail jane\u{200b}.doe@example.com now", "jane\u{200b}.doe@example.com"),
+            ("mail jane.doe@exa\u{200d}mple.com now", "jane.doe@exa\u{200d}mple.com"),
+            ("mail jane.doe\u{200c}@example.com now", "jane.doe\u{200c}@example.com"),
+        ] {
+            assert_eq!(kinds(t), vec![(Builtin::Email, want.to_string())], "{t:?}");
+        }
+        assert_eq!(
+            kinds("call +44\u{a0}20\u{a0}7946\u{a0}0958"),
+            vec![(Builtin::Phone, "+44\u{a0}20\u{a0}7946\u{a0}0958".to_string())]
+        );
+        // A zero-width character before the value is not part of the span; text without any is not copied.
+        assert_eq!(kinds("\u{200b}jane@example.com"), vec![(Builtin::Email, "jane@example.com".to_string())]);
+        assert!(normalize_separators("plain “quoted” text — é".as_bytes()).is_some(), "the em dash");
+        assert!(normalize_separators("plain “quoted” text é".as_bytes()).is_none());
+        // Truncated multi-byte characters at the end are kept as bytes.
+        assert!(kinds_bytes(&scanner, b"4111 1111 1111 1111\xe2\x80").len() == 1);
+    }
+
+    fn kinds_bytes(s: &Scanner, t: &[u8]) -> Vec<Finding> {
+        s.scan(t)
+    }
+
+    #[test]
     fn prose_fast_path_changes_no_finding() {
         // Texts mixing plain prose, words of 15-17 letters, shapes and every kind of separator, from a
         // fixed pseudo-random sequence, plus the evaluation corpora: the same findings with and without it.
@@ -1397,7 +1522,7 @@ mod tests {
         ];
         let seps = [
             " ", "  ", ", ", ". ", "\n", ";", "!", "?", "\"", "'", ")", "(", ":", "-", "/", "_", "@", ".", "%", "+",
-            "\t", "*",
+            "\t", "*", "\u{a0}", "\u{2013}", "\u{200b}", "\u{202f}", "\u{2011}",
         ];
         let mut texts: Vec<String> = Vec::new();
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;

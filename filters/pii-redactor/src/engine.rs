@@ -399,14 +399,41 @@ impl MaskState {
 
     /// Mask one text; `None` if nothing was found. Reject findings are recorded and left in place.
     pub fn mask(&mut self, engine: &Engine, text: &[u8]) -> Option<Vec<u8>> {
-        let hits = engine.find(text);
+        self.mask_mapped(engine, text, text, None)
+    }
+
+    /// Mask `orig` by scanning `scan`, a decoded view of it: `map[k]` is the `(start, end)` in `orig` of
+    /// what `scan[k]` was decoded from (`None`: `scan` is `orig`). A finding replaces the whole original
+    /// span (escapes included); the value remembered for restoring is the decoded one.
+    pub fn mask_mapped(
+        &mut self,
+        engine: &Engine,
+        scan: &[u8],
+        orig: &[u8],
+        map: Option<&[(usize, usize)]>,
+    ) -> Option<Vec<u8>> {
+        let hits = engine.find(scan);
         if hits.is_empty() {
             return None;
         }
+        let to_orig = |h: &Hit| match map {
+            None => (h.start, h.end),
+            Some(m) => {
+                let start = m.get(h.start).map_or(orig.len(), |x| x.0);
+                let end = h.end.checked_sub(1).and_then(|e| m.get(e)).map_or(start, |x| x.1);
+                (start, end.max(start))
+            }
+        };
+        let text = orig;
         let mut out = Vec::with_capacity(text.len() + 16);
         let mut last = 0;
         for h in hits {
-            let value = text.get(h.start..h.end).unwrap_or(&[]);
+            let value = scan.get(h.start..h.end).unwrap_or(&[]);
+            let (start, end) = to_orig(&h);
+            if start < last {
+                continue; // two findings in one escape: the first one covers it
+            }
+            let h = Hit { start, end, ..h };
             let action = engine.action(h.det);
             let name = engine.name(h.det);
             self.counts.add(name, action);

@@ -336,6 +336,13 @@ impl Request {
             return Action::Continue;
         }
         let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        if ct.starts_with("application/vnd.amazon.eventstream") {
+            // Bedrock streams: binary frames with length prefixes and CRCs. A restore changes lengths and
+            // would corrupt every frame after it: passed unchanged (placeholders, never others' values).
+            self.count("response_not_restored_eventstream", 1);
+            self.restorer = None;
+            return Action::Continue;
+        }
         // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
         // so a mislabelled error body is never swallowed by the event parser.
         let ok = self.get_http_response_header(":status").is_some_and(|st| st.starts_with('2'));

@@ -107,10 +107,93 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                 return RequestResult { api, scanned: Scanned::Skipped, body: None, state, problem: None };
             }
             state.reserve_lookalikes(body);
-            let body = state.mask(engine, body);
+            // JSON that serde_json refuses but a lenient upstream parser reads (`NaN`, lone surrogates,
+            // nesting deeper than 128, ...) still has its strings' escapes decoded by that parser:
+            // `jane.doe\u0040example.com` is an email to the model. Scan the decoded text, mask the
+            // original spans (escapes included).
+            let body = match decode_json_escapes(body) {
+                Some((decoded, map)) => {
+                    state.reserve_lookalikes(&decoded);
+                    state.mask_mapped(engine, &decoded, body, Some(&map))
+                }
+                None => state.mask(engine, body),
+            };
             RequestResult { api, scanned: Scanned::Raw, body, state, problem: None }
         }
     }
+}
+
+fn hex4(b: &[u8], i: usize) -> Option<u32> {
+    let h = std::str::from_utf8(b.get(i..i + 4)?).ok()?;
+    if !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(h, 16).ok()
+}
+
+/// The raw body with JSON string escapes decoded (`\uXXXX` incl. surrogate pairs, a lone surrogate as
+/// U+FFFD, `\n`, `\t`, `\/`, ...), wherever they occur, and per decoded byte the `(start, end)` of the
+/// bytes it came from. `None` when the body has no backslash (nothing to decode). Decoding outside
+/// strings, or in a body that is not JSON at all, can only find more, never less.
+#[allow(clippy::type_complexity)]
+pub fn decode_json_escapes(body: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> {
+    let first = memchr::memchr(b'\\', body)?;
+    let mut out = Vec::with_capacity(body.len());
+    let mut map = Vec::with_capacity(body.len());
+    out.extend_from_slice(body.get(..first).unwrap_or(&[]));
+    map.extend((0..first).map(|k| (k, k + 1)));
+    let mut i = first;
+    while let Some(&b) = body.get(i) {
+        if b != b'\\' {
+            out.push(b);
+            map.push((i, i + 1));
+            i += 1;
+            continue;
+        }
+        let simple = match body.get(i + 1) {
+            Some(b'"') => Some(b'"'),
+            Some(b'\\') => Some(b'\\'),
+            Some(b'/') => Some(b'/'),
+            Some(b'b') => Some(0x08),
+            Some(b'f') => Some(0x0c),
+            Some(b'n') => Some(b'\n'),
+            Some(b'r') => Some(b'\r'),
+            Some(b't') => Some(b'\t'),
+            _ => None,
+        };
+        if let Some(c) = simple {
+            out.push(c);
+            map.push((i, i + 2));
+            i += 2;
+            continue;
+        }
+        let unit = if body.get(i + 1) == Some(&b'u') { hex4(body, i + 2) } else { None };
+        let Some(u) = unit else {
+            // Not an escape JSON knows: the backslash as it is.
+            out.push(b);
+            map.push((i, i + 1));
+            i += 1;
+            continue;
+        };
+        let (ch, len) = if (0xD800..0xDC00).contains(&u) {
+            let low = if body.get(i + 6..i + 8) == Some(b"\\u") { hex4(body, i + 8) } else { None };
+            match low {
+                Some(l) if (0xDC00..0xE000).contains(&l) => {
+                    (char::from_u32(0x10000 + ((u - 0xD800) << 10) + (l - 0xDC00)).unwrap_or('\u{fffd}'), 12)
+                }
+                _ => ('\u{fffd}', 6),
+            }
+        } else {
+            (char::from_u32(u).unwrap_or('\u{fffd}'), 6)
+        };
+        let mut buf = [0u8; 4];
+        for c in ch.encode_utf8(&mut buf).bytes() {
+            out.push(c);
+            map.push((i, i + len));
+        }
+        i += len;
+    }
+    Some((out, map))
 }
 
 #[cfg(test)]
@@ -158,6 +241,39 @@ mod tests {
         let r =
             process_request(&e, "/v1/chat/completions", br#"{"messages":[{"role":"user","content":"hello"}]}"#, true);
         assert!(r.body.is_none());
+    }
+
+    #[test]
+    fn raw_fallback_decodes_json_escapes() {
+        let e = engine();
+        // serde_json refuses NaN and lone surrogates; Python's json.loads reads them and decodes the escapes.
+        let body = br#"{"model":"m","temperature":NaN,"messages":[{"role":"user","content":"mail jane.doe\u0040example.com or call \u002B44 20 7946 0958, card 4111\u00201111\u00a01111\t1111 \ud800"}]}"#;
+        assert!(serde_json::from_slice::<Value>(body).is_err());
+        let r = process_request(&e, "/v1/chat/completions", body, true);
+        assert_eq!(r.scanned, Scanned::Raw);
+        let out = String::from_utf8(r.body.unwrap()).unwrap();
+        assert_eq!(
+            out,
+            r#"{"model":"m","temperature":NaN,"messages":[{"role":"user","content":"mail <EMAIL_1> or call <PHONE_1>, card <CREDIT_CARD_1> \ud800"}]}"#
+        );
+        assert_eq!(r.state.restore["<EMAIL_1>"], "jane.doe@example.com");
+        assert_eq!(r.state.restore["<PHONE_1>"], "+44 20 7946 0958");
+        // Every escape spelled in full, a surrogate pair, an escaped placeholder look-alike (reserved).
+        let body = br#"{"x":NaN,"prompt":"\u006a\u0061ne\u0040ex\u0061mple.com \ud83d\ude00 \u003cEMAIL_1\u003e"}"#;
+        let r = process_request(&e, "/v1/completions", body, true);
+        let out = String::from_utf8(r.body.unwrap()).unwrap();
+        assert_eq!(out, r#"{"x":NaN,"prompt":"<EMAIL_2> \ud83d\ude00 \u003cEMAIL_1\u003e"}"#);
+        // Nesting deeper than serde_json's limit.
+        let deep = format!("{}\"a\\u0040b.io\"{}", "[".repeat(200), "]".repeat(200));
+        let r = process_request(&e, "/x", deep.as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::Raw);
+        assert!(String::from_utf8(r.body.unwrap()).unwrap().contains("\"<EMAIL_1>\""));
+        // Plain text without backslashes: unchanged behaviour; a stray backslash is kept.
+        let r = process_request(&e, "/x", b"path C:\\dir\\ a@b.io \\", true);
+        assert_eq!(r.body.unwrap(), b"path C:\\dir\\ <EMAIL_1> \\".to_vec());
+        let (d, m) = decode_json_escapes(br"a\u00e9\n\q").unwrap();
+        assert_eq!(d, "a\u{e9}\n\\q".as_bytes());
+        assert_eq!(m, vec![(0, 1), (1, 7), (1, 7), (7, 9), (9, 10), (10, 11)]);
     }
 
     #[test]
