@@ -1,8 +1,20 @@
 //! A small MCP server (Streamable HTTP, JSON answers) for `make run` and `make demo`: three tools
 //! (`search`, `get_weather`, `delete_file`), one prompt, one resource. Tests of mcp-authz use the official
-//! Python SDK's server instead; this one only needs to be a correct peer for the local gateway.
+//! Python SDK's server for ordinary traffic; this one also plays the server behaviours those tests need
+//! to script, chosen per request by the `x-mock-sse` header on a POST (absent: plain JSON answers):
+//!
+//! | `x-mock-sse` | answer |
+//! |---|---|
+//! | `events` | SSE, each message an event with an `id:`; the events are stored (an event store) |
+//! | `poll` | 2025-11-25 polling: SSE with only a priming event (`id:`, empty data) and `retry:`, then the stream ends; the answer is stored as the next event, for a GET with `Last-Event-ID` |
+//! | `replay` | SSE: every stored event first (an earlier request's answer), then this request's answer |
+//! | `surrogate` | SSE whose message carries an extra key `"\udc80"` (a lone surrogate escape: Python's `json` reads it, serde_json does not) |
+//!
+//! `GET /mcp` with `Last-Event-ID: X` replays the stored events after `X` (as the MCP Python SDK's
+//! `_replay_events` does) and ends the stream; a GET without it is answered 405.
 
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -10,8 +22,12 @@ use axum::Router;
 use meshwarden_shared::jsonrpc::{error_response, parse, result_response, Message, Payload, METHOD_NOT_FOUND};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+
+/// Stored SSE events: (event id, data).
+type EventStore = Arc<Mutex<Vec<(String, String)>>>;
 
 pub struct MockMcp {
     pub addr: SocketAddr,
@@ -22,7 +38,8 @@ impl MockMcp {
     pub async fn start() -> anyhow::Result<MockMcp> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let app = Router::new().route("/mcp", post(handle));
+        let store: EventStore = Arc::default();
+        let app = Router::new().route("/mcp", post(handle).get(replay)).with_state(store);
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -76,11 +93,80 @@ fn answer(id: &Value, method: &str, params: Option<&Value>) -> Value {
         "resources/list" => {
             result_response(id, json!({"resources": [{"uri": "file:///public/readme.md", "name": "readme"}]}))
         }
+        "resources/read" => {
+            let uri = params.and_then(|p| p.get("uri")).and_then(Value::as_str).unwrap_or("?");
+            result_response(
+                id,
+                json!({"contents": [{"uri": uri, "mimeType": "text/plain", "text": format!("contents of {uri}")}]}),
+            )
+        }
         _ => error_response(Some(id), METHOD_NOT_FOUND, "Method not found"),
     }
 }
 
-async fn handle(_headers: HeaderMap, body: Bytes) -> Response {
+fn sse_reply(body: String) -> Response {
+    (StatusCode::OK, [("content-type", "text/event-stream"), ("cache-control", "no-cache")], body).into_response()
+}
+
+fn sse_event(id: &str, data: &str) -> String {
+    format!("id: {id}\nevent: message\ndata: {data}\n\n")
+}
+
+/// A POST answered as SSE (`x-mock-sse`, see the module documentation).
+fn sse_answer(mode: &str, store: &EventStore, answer: Value) -> Response {
+    let Ok(mut events) = store.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let next = |events: &Vec<(String, String)>| format!("ev-{}", events.len());
+    match mode {
+        "poll" => {
+            let priming = next(&events);
+            events.push((priming.clone(), String::new()));
+            let id = next(&events);
+            events.push((id, answer.to_string()));
+            sse_reply(format!("id: {priming}\nretry: 100\ndata: \n\n"))
+        }
+        "replay" => {
+            let mut body: String = events.iter().filter(|(_, d)| !d.is_empty()).map(|(i, d)| sse_event(i, d)).collect();
+            body.push_str(&sse_event("now", &answer.to_string()));
+            sse_reply(body)
+        }
+        "surrogate" => {
+            let text = answer.to_string();
+            let data = match text.strip_suffix('}') {
+                Some(open) => format!("{open},\"\\udc80\":1}}"),
+                None => text,
+            };
+            sse_reply(sse_event("s-0", &data))
+        }
+        _ => {
+            let id = next(&events);
+            events.push((id.clone(), answer.to_string()));
+            sse_reply(sse_event(&id, &answer.to_string()))
+        }
+    }
+}
+
+/// `GET /mcp` with `Last-Event-ID`: the stored events after it, then the stream ends.
+async fn replay(State(store): State<EventStore>, headers: HeaderMap) -> Response {
+    let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string) else {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    };
+    let Ok(events) = store.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let body: String = events
+        .iter()
+        .skip_while(|(id, _)| *id != last)
+        .skip(1)
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(id, d)| sse_event(id, d))
+        .collect();
+    sse_reply(body)
+}
+
+async fn handle(State(store): State<EventStore>, headers: HeaderMap, body: Bytes) -> Response {
+    let sse = headers.get("x-mock-sse").and_then(|v| v.to_str().ok()).map(str::to_string);
     let json_reply = |v: Value, session: bool| {
         let mut r = (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response();
         if session {
@@ -89,9 +175,10 @@ async fn handle(_headers: HeaderMap, body: Bytes) -> Response {
         r
     };
     match parse(&body) {
-        Ok(Payload::Single(Ok(Message::Request { id, method, params }))) => {
-            json_reply(answer(&id, &method, params.as_ref()), method == "initialize")
-        }
+        Ok(Payload::Single(Ok(Message::Request { id, method, params }))) => match sse.as_deref() {
+            Some(mode) => sse_answer(mode, &store, answer(&id, &method, params.as_ref())),
+            None => json_reply(answer(&id, &method, params.as_ref()), method == "initialize"),
+        },
         Ok(Payload::Single(Ok(_))) => StatusCode::ACCEPTED.into_response(), // notifications, responses
         Ok(Payload::Batch(items)) => {
             let answers: Vec<Value> = items

@@ -637,3 +637,199 @@ async fn path_spellings_of_the_mcp_endpoint_are_authorized() {
     assert_eq!(resp.status(), 200);
     assert_eq!(mock.requests().len(), 2, "a non-MCP path is not MCP");
 }
+
+/// The policy of the scripted-server tests: anonymous callers may use `search` and `get_weather` (so
+/// `delete_file` must never show in a list they get), every prompt, and public resources.
+fn scripted_policy() -> Value {
+    json!({"policy": {"rules": [
+        {"name": "reads", "effect": "allow", "methods": ["tools/call"], "targets": ["search", "get_weather"]},
+        {"name": "prompts", "effect": "allow", "methods": ["prompts/get"]},
+        {"name": "public", "effect": "allow", "methods": ["resources/read", "resources/subscribe"],
+         "targets": ["file:///public/*"]}
+    ]}})
+}
+
+/// Envoy + mcp-authz in front of the scripted Rust MCP server (`mock_mcp`: SSE answers with event ids,
+/// an event store, GET replay after `Last-Event-ID`, chosen per request by `x-mock-sse`).
+async fn scripted() -> (Envoy, meshwarden_integration_tests::mock_mcp::MockMcp) {
+    let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &scripted_policy())
+        .start()
+        .await
+        .unwrap();
+    (envoy, mock)
+}
+
+/// POST `body` to `path`; (status, content-type, raw answer text).
+async fn post_text(envoy: &Envoy, path: &str, body: String, hdrs: &[(&str, &str)]) -> (u16, String, String) {
+    let mut req = client()
+        .post(envoy.url(path))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "s-1")
+        .body(body);
+    for (k, v) in hdrs {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    (status, ct, resp.text().await.unwrap())
+}
+
+/// The JSON-RPC messages of an SSE answer's `data:` lines (empty data skipped).
+fn sse_messages(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("unreadable event {d:?}: {e}")))
+        .collect()
+}
+
+fn tool_names(m: &Value) -> Vec<String> {
+    m["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()
+}
+
+/// A `tools/list` answer stored by the server's event store comes back on the GET stream after
+/// `Last-Event-ID` (2025-11-25 polling: the POST stream ended after its priming event), or in another
+/// POST's stream: it is filtered for the caller there too. Before the fix the GET stream had an empty
+/// plan and passed `delete_file` through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_list_answers_are_filtered_on_get_streams_and_other_posts() {
+    let (envoy, _mock) = scripted().await;
+    let list = |id: &str| json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"}).to_string();
+    // An SSE answer with event ids, filtered as planned.
+    let (st, ct, text) = post_text(&envoy, "/mcp", list("t1"), &[("x-mock-sse", "events")]).await;
+    assert_eq!((st, ct.as_str()), (200, "text/event-stream"), "{text}");
+    assert!(text.contains("id: ev-0"), "{text}");
+    assert_eq!(tool_names(&sse_messages(&text)[0]), names(&["search", "get_weather"]));
+    // Polling: the POST stream carries only the priming event (its id survives the filter).
+    let (st, _, text) = post_text(&envoy, "/mcp", list("t2"), &[("x-mock-sse", "poll")]).await;
+    assert_eq!(st, 200);
+    assert!(text.contains("id: ev-1") && sse_messages(&text).is_empty(), "{text}");
+    // The client resumes with GET + Last-Event-ID: the stored answer is replayed there, filtered.
+    for last in ["ev-1", "ev-0"] {
+        let resp = client()
+            .get(envoy.url("/mcp"))
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", "s-1")
+            .header("mcp-protocol-version", "2025-11-25")
+            .header("last-event-id", last)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("delete_file"), "Last-Event-ID {last}: replay passed unfiltered: {text}");
+        let msgs = sse_messages(&text);
+        assert!(!msgs.is_empty(), "{text}");
+        for m in &msgs {
+            assert_eq!(tool_names(m), names(&["search", "get_weather"]), "{text}");
+        }
+        assert!(text.contains("id: ev-2"), "event ids are kept for further resumption: {text}");
+    }
+    // Another POST's stream carrying the stored answers (ids this POST did not plan): filtered by shape.
+    let prompts = json!({"jsonrpc": "2.0", "id": "p1", "method": "prompts/list"}).to_string();
+    let (st, _, text) = post_text(&envoy, "/mcp", prompts, &[("x-mock-sse", "replay")]).await;
+    assert_eq!(st, 200);
+    assert!(!text.contains("delete_file"), "{text}");
+    let msgs = sse_messages(&text);
+    assert_eq!(msgs.len(), 3, "{text}");
+    assert_eq!(msgs[2]["result"]["prompts"][0]["name"], "greet");
+    let st = envoy.stats("mcp_authz").await.unwrap();
+    assert!(st["meshwarden.mcp_authz.list_items_hidden"] >= 5, "{st:?}");
+}
+
+/// Two requests of one batch with the same id (also `1` and `1.0`, which servers echo alike) would share
+/// one plan entry: the `tools/list` answer was filtered as the `prompts/list` one, i.e. not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_requests_sharing_an_id_are_refused() {
+    let (envoy, _mock) = scripted().await;
+    for second_id in ["1", "1.0"] {
+        let batch = format!(
+            r#"[{{"jsonrpc":"2.0","id":1,"method":"tools/list"}},{{"jsonrpc":"2.0","id":{second_id},"method":"prompts/list"}}]"#
+        );
+        let (st, _, text) = post_text(&envoy, "/mcp", batch, &[]).await;
+        assert!(!text.contains("delete_file"), "{second_id}: {text}");
+        assert_eq!(st, 400, "{second_id}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v[1]["error"]["code"], -32600, "{text}");
+        assert!(v[1]["error"]["message"].as_str().unwrap().contains("id already used"), "{text}");
+    }
+    // Distinct ids: forwarded, each answer filtered as its own list.
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":2,"method":"prompts/list"}]"#;
+    let (st, _, text) = post_text(&envoy, "/mcp", batch.into(), &[]).await;
+    assert_eq!(st, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(tool_names(&v[0]), names(&["search", "get_weather"]));
+    assert_eq!(v[1]["result"]["prompts"][0]["name"], "greet");
+}
+
+/// `;` path parameters (`/mcp;x=1`, `/x/..;/mcp`) are ignored by Tomcat / Spring routing: such a path
+/// is the MCP endpoint and is authorized, not passed as another path (`other_paths: pass`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_parameters_do_not_hide_the_mcp_endpoint() {
+    let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &scripted_policy())
+        .start()
+        .await
+        .unwrap();
+    let call =
+        json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "delete_file", "arguments": {}}});
+    for path in ["/mcp;x=1", "/mcp;jsessionid=0123", "/x/..;/mcp", "/MCP;a=b"] {
+        let resp = client().post(envoy.url(path)).json(&call).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!((status, v["error"]["code"].as_i64()), (200, Some(-32602)), "{path}: {v}");
+        assert!(mock.requests().is_empty(), "{path}: a denied call reached the upstream");
+    }
+}
+
+/// A URI glob matches text: `file:///public/*` matches `file:///public/../private/keys` (and its
+/// `%2e%2e` / `%252e%252e` spellings) while the server reads /private/keys. Refused, whoever asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_uris_with_dot_segments_are_refused() {
+    let (envoy, _mock) = scripted().await;
+    let read = |method: &str, uri: &str| {
+        json!({"jsonrpc": "2.0", "id": 4, "method": method, "params": {"uri": uri}}).to_string()
+    };
+    let (st, _, text) = post_text(&envoy, "/mcp", read("resources/read", "file:///public/readme.md"), &[]).await;
+    assert_eq!(st, 200);
+    assert!(text.contains("contents of file:///public/readme.md"), "{text}");
+    for uri in [
+        "file:///public/../private/keys",
+        "file:///public/%2e%2e/private/keys",
+        "file:///public/%2E%2E/private/keys",
+        "file:///public/%252e%252e/private/keys",
+    ] {
+        for method in ["resources/read", "resources/subscribe"] {
+            let (st, _, text) = post_text(&envoy, "/mcp", read(method, uri), &[]).await;
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!((st, v["error"]["code"].as_i64()), (200, Some(-32002)), "{method} {uri}: {text}");
+            assert_eq!(v["error"]["message"], format!("Resource not found: {uri}"));
+        }
+    }
+    wait_for_log(&envoy, r#""rule":"uri-dot-segments""#).await;
+}
+
+/// An SSE event carrying the planned answer whose JSON serde_json cannot read (a lone surrogate escape in
+/// a key, which Python's `json` accepts) is replaced by -32603 for the planned id, as a JSON answer is;
+/// before the fix it passed unfiltered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_sse_events_are_withheld() {
+    let (envoy, _mock) = scripted().await;
+    let list = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}).to_string();
+    let (st, _, text) = post_text(&envoy, "/mcp", list, &[("x-mock-sse", "surrogate")]).await;
+    assert_eq!(st, 200);
+    assert!(!text.contains("delete_file"), "{text}");
+    let msgs = sse_messages(&text);
+    assert_eq!(msgs.len(), 1, "{text}");
+    assert_eq!((msgs[0]["id"].clone(), msgs[0]["error"]["code"].clone()), (json!(5), json!(-32603)), "{text}");
+    let st = envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(st["meshwarden.mcp_authz.answer_filter_failed"], 1, "{st:?}");
+}

@@ -102,10 +102,78 @@ pub fn target(method: &str, params: Option<&Value>) -> Option<String> {
     let s = match method {
         "tools/call" | "prompts/get" => p.get("name"),
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => p.get("uri"),
-        "completion/complete" => p.get("ref").and_then(|r| r.get("name").or_else(|| r.get("uri"))),
+        // A `ref/resource` reference is the resource its `uri` names, whatever else it carries (a `name`
+        // next to the `uri` must not stand in for it); other references by `name`, else `uri`.
+        "completion/complete" => p.get("ref").and_then(|r| {
+            if r.get("type").and_then(Value::as_str) == Some("ref/resource") {
+                r.get("uri")
+            } else {
+                r.get("name").or_else(|| r.get("uri"))
+            }
+        }),
         _ => None,
     }?;
     s.as_str().map(str::to_string)
+}
+
+/// The resource URIs a request names: `params.uri` for `resources/read|subscribe|unsubscribe`,
+/// `params.ref.uri` for `completion/complete`.
+pub fn request_uri<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a str> {
+    let p = params?;
+    match method {
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => p.get("uri"),
+        "completion/complete" => p.get("ref").and_then(|r| r.get("uri")),
+        _ => None,
+    }?
+    .as_str()
+}
+
+/// Whether a resource URI holds a `.` or `..` segment, as sent or once percent escapes are decoded (up
+/// to three rounds: `%2e`, `%2E`, double-encoded `%252e`), with `\` read as `/` and `;` segment
+/// parameters ignored (`..;x`). A glob such as `file:///public/*` matches `file:///public/../private/keys`
+/// as text while a server resolving the path reads `/private/keys`: such URIs are refused, not resolved.
+pub fn uri_has_dot_segments(uri: &str) -> bool {
+    let mut bytes = uri.as_bytes().to_vec();
+    for round in 0..4 {
+        let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+        let dotted = text.split('/').any(|seg| {
+            let seg = seg.split(';').next().unwrap_or(seg);
+            seg == "." || seg == ".."
+        });
+        if dotted {
+            return true;
+        }
+        if round == 3 {
+            break;
+        }
+        let decoded = percent_decode(&bytes);
+        if decoded == bytes {
+            break;
+        }
+        bytes = decoded;
+    }
+    false
+}
+
+/// Decode `%XX` escapes (invalid ones are kept as they are).
+pub fn percent_decode(b: &[u8]) -> Vec<u8> {
+    let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let escaped = (c == b'%').then(|| Some(hex(*b.get(i + 1)?)? * 16 + hex(*b.get(i + 2)?)?)).flatten();
+        match escaped {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Whether `Mcp-Name` is required for this method in 2026-07-28.
@@ -212,6 +280,38 @@ mod tests {
             ListKind::from_method("resources/templates/list").map(ListKind::result_key),
             Some("resourceTemplates")
         );
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn resource_refs_and_dot_segments() {
+        // A ref/resource is its uri, even with a name next to it.
+        let r = json!({"ref": {"type": "ref/resource", "name": "x", "uri": "file:///private/k"}});
+        assert_eq!(target("completion/complete", Some(&r)).as_deref(), Some("file:///private/k"));
+        assert_eq!(request_uri("completion/complete", Some(&r)), Some("file:///private/k"));
+        assert_eq!(request_uri("resources/subscribe", Some(&json!({"uri": "a://b"}))), Some("a://b"));
+        assert_eq!(request_uri("tools/call", Some(&json!({"uri": "a://b"}))), None);
+        for bad in [
+            "file:///public/../private/keys",
+            "file:///public/./x",
+            "file:///public/..",
+            "file:///public/%2e%2e/private/keys",
+            "file:///public/%2E%2E/private/keys",
+            "file:///public/.%2e/private/keys",
+            "file:///public/%252e%252e/private/keys",
+            "file:///public/%25252e%25252e/private/keys",
+            "file:///public/%2e%2e%2fprivate",
+            "file:///public\\..\\private",
+            "file:///public/..;x/private",
+            "..",
+        ] {
+            assert!(uri_has_dot_segments(bad), "{bad}");
+        }
+        for ok in
+            ["file:///public/readme", "file:///public/a..b", "file:///public/.hidden", "https://h/x.y/..z", "db://t"]
+        {
+            assert!(!uri_has_dot_segments(ok), "{ok}");
+        }
+        assert_eq!(percent_decode(b"%41%zz%4"), b"A%zz%4");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -10,6 +10,9 @@
 //! | a denied request | `hide`: 200 with -32602 "Unknown tool: x" (-32602 "Unknown prompt", -32002 "Resource not found", -32601 otherwise); `forbid`: 403, -32000, `WWW-Authenticate: Bearer error="insufficient_scope"` |
 //! | a denied notification | `hide`: 202 with no body (as if delivered); `forbid`: 403 |
 //! | a batch with a denied or invalid element | nothing is forwarded; one error per request element |
+//! | a batch with two requests sharing an id (under [`id_key`]) | 400, one error per request element (-32600 for the repeats) |
+//! | a resource URI with `.` / `..` segments (also `%2e`, `%252e`) | denied (rule `uri-dot-segments`), never resolved |
+//! | an answer (or SSE event) that cannot be read | replaced by -32603 (fail closed); GET streams are read by list shape |
 //! | client responses (answers to server requests) | forwarded, no decision needed |
 
 use crate::config::{Config, DenyAnswer, Protocol};
@@ -30,6 +33,9 @@ use std::collections::HashMap;
 pub const FORBIDDEN_CODE: i64 = -32000;
 /// MCP "Resource not found".
 pub const RESOURCE_NOT_FOUND: i64 = -32002;
+/// The rule reported (audit log, access log) when a resource URI holding `.` / `..` segments is refused
+/// before the policy is consulted (a reserved rule name).
+pub const DOT_SEGMENTS_RULE: &str = "uri-dot-segments";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -102,6 +108,46 @@ pub struct Unreadable;
 /// A filtered body and how many items it lost.
 pub type Filtered = Option<(Vec<u8>, usize)>;
 
+/// Which answers to filter, and how.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Plan {
+    /// By JSON-RPC id ([`id_key`]): the answers to this POST's list / card requests.
+    pub ids: HashMap<String, FilterKind>,
+    /// MCP: every other response whose `result` has the shape of a list answer (a `tools`, `prompts`,
+    /// `resources` or `resourceTemplates` member) is filtered as that list, and one whose shape cannot be
+    /// read is replaced by a -32603 error for its id. On for GET streams (a server with an event store
+    /// replays a stored `tools/list` answer there after `Last-Event-ID`) and for POST answers the filter
+    /// reads (a server may deliver an earlier request's answer in them).
+    pub by_shape: bool,
+}
+
+impl Plan {
+    /// Filter by id only.
+    pub fn by_id(ids: HashMap<String, FilterKind>) -> Plan {
+        Plan { ids, by_shape: false }
+    }
+
+    /// Nothing to filter: the answer is not read.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty() && !self.by_shape
+    }
+
+    /// The id to echo in an error replacing an answer that could not be read: the planned one when
+    /// there is exactly one, else `null`.
+    pub fn single_id(&self) -> Option<Value> {
+        match (self.ids.len(), self.ids.keys().next()) {
+            (1, Some(k)) => serde_json::from_str(k).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The error that replaces an answer (or one message, or one SSE event) the filter could not read.
+pub fn withheld_answer(id: Option<&Value>, why: &str) -> String {
+    jsonrpc::error_response(id, jsonrpc::INTERNAL_ERROR, &format!("Gateway could not filter the answer: {why}"))
+        .to_string()
+}
+
 pub struct Engine {
     pub config: Config,
     pub policy: Policy,
@@ -112,22 +158,24 @@ fn strip_query(path: &str) -> &str {
 }
 
 /// Whether a server could route `p` (query already cut) differently from its spelling: a percent
-/// escape, a backslash, an ASCII capital, `//`, or a `.` / `..` segment. Most paths have none, and skip
-/// the normalized second match.
+/// escape, a backslash, an ASCII capital, a `;` path parameter, `//`, or a `.` / `..` segment. Most
+/// paths have none, and skip the normalized second match.
 fn needs_normalizing(p: &str) -> bool {
     let b = p.as_bytes();
-    b.iter().any(|c| matches!(c, b'%' | b'\\' | b'A'..=b'Z'))
+    b.iter().any(|c| matches!(c, b'%' | b'\\' | b';' | b'A'..=b'Z'))
         || p.contains("//")
         || p.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 /// `p` (query already cut) as a normalizing server would route it: percent escapes decoded (all of
 /// them, as uvicorn does, and again while any remain, up to three rounds: a stack may decode twice),
-/// backslashes read as slashes, empty and `.` segments dropped, `..` resolved, ASCII lowercase.
+/// backslashes read as slashes, `;` path parameters cut from every segment (`/mcp;x=1` is `/mcp`,
+/// `/x/..;/mcp` is `/mcp`, as Tomcat and Spring route them), empty and `.` segments dropped, `..`
+/// resolved, ASCII lowercase.
 pub fn normalized_path(p: &str) -> String {
     let mut bytes = p.as_bytes().to_vec();
     for _ in 0..3 {
-        let decoded = percent_decode(&bytes);
+        let decoded = mcp::percent_decode(&bytes);
         if decoded == bytes {
             break;
         }
@@ -136,6 +184,7 @@ pub fn normalized_path(p: &str) -> String {
     let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
     let mut segments: Vec<&str> = Vec::new();
     for seg in text.split('/') {
+        let seg = seg.split(';').next().unwrap_or(seg);
         match seg {
             "" | "." => {}
             ".." => {
@@ -153,26 +202,6 @@ pub fn normalized_path(p: &str) -> String {
         out.push('/');
     }
     out.to_ascii_lowercase()
-}
-
-fn percent_decode(b: &[u8]) -> Vec<u8> {
-    let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let escaped = (c == b'%').then(|| Some(hex(*b.get(i + 1)?)? * 16 + hex(*b.get(i + 2)?)?)).flatten();
-        match escaped {
-            Some(v) => {
-                out.push(v);
-                i += 3;
-            }
-            None => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// The key an answer is matched to its request by. A number with no fraction is keyed as the integer:
@@ -275,6 +304,12 @@ impl Engine {
         params: Option<&Value>,
     ) -> (Decision, Option<String>) {
         let target = Self::target(protocol, method, params);
+        // A URI glob matches text, a server resolves paths: `file:///public/../private/keys` (or
+        // `%2e%2e`, `%252e%252e`) matches `file:///public/*` but reads /private/keys. Refused whoever asks.
+        if protocol == Protocol::Mcp && mcp::request_uri(method, params).is_some_and(mcp::uri_has_dot_segments) {
+            let d = Decision { allowed: false, rule: DOT_SEGMENTS_RULE.into(), answer: self.config.policy.deny_answer };
+            return (d, target);
+        }
         let call = self.call_for(protocol, method, params, target.as_deref());
         (self.policy.evaluate(identity, &call), target)
     }
@@ -485,8 +520,17 @@ impl Engine {
         let mut any_invalid = false;
         let mut any_denied = false;
         let mut forbid = false;
+        // Answers are matched to requests by id: two requests with one id (`1` and `1.0` too, see
+        // [`id_key`]) would share one plan entry, and the second's answer would be filtered as the first's
+        // (a `tools/list` answer passed as a `prompts/list` one).
+        let mut ids = std::collections::HashSet::new();
         for item in items {
             match item {
+                Ok(Message::Request { id, .. }) if !ids.insert(id_key(&id)) => {
+                    any_invalid = true;
+                    let why = "Invalid Request: id already used by another request in the batch".to_string();
+                    refused.push((Some(id), Some((jsonrpc::INVALID_REQUEST, why))));
+                }
                 Err(inv) => {
                     any_invalid = true;
                     refused
@@ -593,15 +637,9 @@ impl Engine {
                 let view = self.policy.view(identity);
                 let before = items.len();
                 items.retain(|item| {
-                    item.get(k.item_name_key()).and_then(Value::as_str).is_some_and(|n| {
-                        view.allows(&Call {
-                            protocol: Protocol::Mcp,
-                            method: k.use_method(),
-                            method_alias: None,
-                            target: Some(n),
-                            arguments: None,
-                        })
-                    })
+                    item.get(k.item_name_key())
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| self.listed_item_allowed(&view, k, n))
                 });
                 before - items.len()
             }
@@ -617,15 +655,38 @@ impl Engine {
         plan: &HashMap<String, FilterKind>,
         body: &[u8],
     ) -> Result<Filtered, Unreadable> {
-        let text = std::str::from_utf8(body).map_err(|_| Unreadable)?;
-        Ok(self.filter_answer_text(identity, plan, text)?.map(|(s, n)| (s.into_bytes(), n)))
+        self.filter_json_plan(identity, plan, false, body)
     }
 
-    /// [`filter_json_answer`](Self::filter_json_answer) on text (also used for SSE event data).
+    /// [`filter_json_answer`](Self::filter_json_answer) with a [`Plan`] (`by_shape` included).
+    pub fn filter_json_plan(
+        &self,
+        identity: &Identity,
+        plan: &HashMap<String, FilterKind>,
+        by_shape: bool,
+        body: &[u8],
+    ) -> Result<Filtered, Unreadable> {
+        let text = std::str::from_utf8(body).map_err(|_| Unreadable)?;
+        Ok(self.filter_plan_text(identity, plan, by_shape, text)?.map(|(s, n)| (s.into_bytes(), n)))
+    }
+
+    /// [`filter_json_answer`](Self::filter_json_answer) on text (also used for SSE event data), by id only.
     pub fn filter_answer_text(
         &self,
         identity: &Identity,
         plan: &HashMap<String, FilterKind>,
+        text: &str,
+    ) -> Result<Option<(String, usize)>, Unreadable> {
+        self.filter_plan_text(identity, plan, false, text)
+    }
+
+    /// Filter answer text by id (`plan`) and, with `by_shape`, every other response shaped like a list
+    /// answer ([`Plan::by_shape`]). `Ok(Some((text, 0)))` = a message was replaced by an error.
+    pub fn filter_plan_text(
+        &self,
+        identity: &Identity,
+        plan: &HashMap<String, FilterKind>,
+        by_shape: bool,
         text: &str,
     ) -> Result<Option<(String, usize)>, Unreadable> {
         let mut view = None;
@@ -633,15 +694,8 @@ impl Engine {
         if let (1, Some((want_id, FilterKind::List(k)))) = (plan.len(), plan.iter().next()) {
             if !text.trim_start().starts_with('[') {
                 let v = view.get_or_insert_with(|| self.policy.view(identity));
-                let mut keep = |name: &str| {
-                    v.allows(&Call {
-                        protocol: Protocol::Mcp,
-                        method: k.use_method(),
-                        method_alias: None,
-                        target: Some(name),
-                        arguments: None,
-                    })
-                };
+                let k = *k;
+                let mut keep = |name: &str| self.listed_item_allowed(v, k, name);
                 // On an error (invalid JSON, a number serde cannot hold where the one-pass reader
                 // looks at a value's type, an unreadable id) the general path below decides, so both agree.
                 let read = crate::onepass::filter_list(text, k.result_key(), k.item_name_key(), &mut keep);
@@ -649,10 +703,13 @@ impl Engine {
                     let id = answer.id.map(|raw| serde_json::from_str::<Value>(raw.get()));
                     if !matches!(id, Some(Err(_))) {
                         let id_matches = matches!(id, Some(Ok(ref id)) if id_key(id) == *want_id);
-                        return Ok(match answer.rewritten {
-                            Some(body) if id_matches => Some((body, answer.removed)),
-                            _ => None,
-                        });
+                        // Another id (or none) is read by shape on the general path below.
+                        if id_matches || !by_shape {
+                            return Ok(match answer.rewritten {
+                                Some(body) if id_matches => Some((body, answer.removed)),
+                                _ => None,
+                            });
+                        }
                     }
                 }
             }
@@ -660,23 +717,89 @@ impl Engine {
         if text.trim_start().starts_with('[') {
             let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|_| Unreadable)?;
             let mut removed = 0;
+            let mut changed = false;
             let mut parts = Vec::with_capacity(items.len());
             for item in items {
-                match self.filter_raw_message(identity, &mut view, plan, item)? {
+                match self.filter_raw_message(identity, &mut view, plan, by_shape, item)? {
                     Some((s, n)) => {
                         removed += n;
+                        changed = true;
                         parts.push(std::borrow::Cow::Owned(s));
                     }
                     None => parts.push(std::borrow::Cow::Borrowed(item.get())),
                 }
             }
-            if removed == 0 {
+            if !changed {
                 return Ok(None);
             }
             return Ok(Some((format!("[{}]", parts.join(",")), removed)));
         }
         let raw: &RawValue = serde_json::from_str(text).map_err(|_| Unreadable)?;
-        self.filter_raw_message(identity, &mut view, plan, raw)
+        self.filter_raw_message(identity, &mut view, plan, by_shape, raw)
+    }
+
+    /// An MCP response not in the plan, read by the shape of its `result`: each list member present
+    /// (`tools`, `prompts`, `resources`, `resourceTemplates`) is filtered as that list. A `result` whose
+    /// members cannot be read, or a list member that is not an array, replaces the message with a
+    /// -32603 error for its id (fail closed: a client may read what the filter cannot).
+    fn filter_by_shape<'p>(
+        &'p self,
+        identity: &Identity,
+        view: &mut Option<View<'p>>,
+        fields: &[(Cow<'_, str>, &RawValue)],
+        id: &Value,
+        result_raw: &RawValue,
+    ) -> Result<Option<(String, usize)>, Unreadable> {
+        if !result_raw.get().trim_start().starts_with('{') {
+            return Ok(None);
+        }
+        let withheld = |why: &str| Ok(Some((withheld_answer(Some(id), why), 0)));
+        let Ok(result_fields) = object_fields(result_raw.get()) else {
+            return withheld("the result is not readable JSON");
+        };
+        const KINDS: [ListKind; 4] =
+            [ListKind::Tools, ListKind::Prompts, ListKind::Resources, ListKind::ResourceTemplates];
+        let mut replaced: Vec<(&'static str, String)> = Vec::new();
+        let mut removed = 0;
+        for k in KINDS {
+            let Some(list_raw) = result_fields.iter().rev().find(|(f, _)| f == k.result_key()).map(|(_, v)| *v) else {
+                continue;
+            };
+            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(list_raw.get()) else {
+                return withheld(&format!("result.{} is not a list", k.result_key()));
+            };
+            let v = view.get_or_insert_with(|| self.policy.view(identity));
+            let before = items.len();
+            let kept: Vec<&str> = items
+                .into_iter()
+                .filter(|item| item_name(item, k).is_some_and(|n| self.listed_item_allowed(v, k, &n)))
+                .map(|i| i.get())
+                .collect();
+            if kept.len() < before {
+                removed += before - kept.len();
+                replaced.push((k.result_key(), format!("[{}]", kept.join(","))));
+            }
+        }
+        if removed == 0 {
+            return Ok(None);
+        }
+        let result = rebuild_object(&result_fields, &replaced);
+        Ok(Some((rebuild_object(fields, &[("result", result)]), removed)))
+    }
+
+    /// Whether a listed item may be shown: some call to it can be allowed, and (resources) its URI holds
+    /// no `.` / `..` segment, which a read would be refused for anyway.
+    fn listed_item_allowed(&self, view: &View<'_>, k: ListKind, name: &str) -> bool {
+        if matches!(k, ListKind::Resources | ListKind::ResourceTemplates) && mcp::uri_has_dot_segments(name) {
+            return false;
+        }
+        view.allows(&Call {
+            protocol: Protocol::Mcp,
+            method: k.use_method(),
+            method_alias: None,
+            target: Some(name),
+            arguments: None,
+        })
     }
 
     fn filter_raw_message<'p>(
@@ -684,6 +807,7 @@ impl Engine {
         identity: &Identity,
         view: &mut Option<View<'p>>,
         plan: &HashMap<String, FilterKind>,
+        by_shape: bool,
         raw: &RawValue,
     ) -> Result<Option<(String, usize)>, Unreadable> {
         if !raw.get().trim_start().starts_with('{') {
@@ -694,11 +818,14 @@ impl Engine {
             return Ok(None);
         };
         let id: Value = serde_json::from_str(id_raw.get()).map_err(|_| Unreadable)?;
-        let Some(kind) = plan.get(&id_key(&id)).copied() else {
-            return Ok(None);
-        };
+        let kind = plan.get(&id_key(&id)).copied();
         let Some(result_raw) = fields.iter().rev().find(|(k, _)| k == "result").map(|(_, v)| *v) else {
             return Ok(None);
+        };
+        let kind = match kind {
+            Some(k) => k,
+            None if by_shape => return self.filter_by_shape(identity, view, &fields, &id, result_raw),
+            None => return Ok(None),
         };
         let (new_result, removed) = match kind {
             FilterKind::Card => {
@@ -722,17 +849,7 @@ impl Engine {
                 let before = items.len();
                 let kept: Vec<&str> = items
                     .into_iter()
-                    .filter(|item| {
-                        item_name(item, k).is_some_and(|n| {
-                            v.allows(&Call {
-                                protocol: Protocol::Mcp,
-                                method: k.use_method(),
-                                method_alias: None,
-                                target: Some(&n),
-                                arguments: None,
-                            })
-                        })
-                    })
+                    .filter(|item| item_name(item, k).is_some_and(|n| self.listed_item_allowed(v, k, &n)))
                     .map(|i| i.get())
                     .collect();
                 let removed = before - kept.len();
@@ -740,13 +857,13 @@ impl Engine {
                     return Ok(None);
                 }
                 let list = format!("[{}]", kept.join(","));
-                (rebuild_object(&result_fields, k.result_key(), &list), removed)
+                (rebuild_object(&result_fields, &[(k.result_key(), list)]), removed)
             }
         };
         if removed == 0 {
             return Ok(None);
         }
-        Ok(Some((rebuild_object(&fields, "result", &new_result), removed)))
+        Ok(Some((rebuild_object(&fields, &[("result", new_result)]), removed)))
     }
 
     /// Filter an agent card document.
@@ -806,16 +923,20 @@ fn object_fields(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, Unreadabl
     serde_json::from_str::<Fields>(text).map(|f| f.0).map_err(|_| Unreadable)
 }
 
-/// Rebuild an object from raw fields, replacing `key`'s value (duplicates of `key` collapse into one).
-fn rebuild_object(fields: &[(Cow<'_, str>, &RawValue)], key: &str, value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 64);
+/// Rebuild an object from raw fields, replacing the values of the `replace` keys (duplicates of a
+/// replaced key collapse into one).
+fn rebuild_object(fields: &[(Cow<'_, str>, &RawValue)], replace: &[(&str, String)]) -> String {
+    let mut out = String::with_capacity(replace.iter().map(|(_, v)| v.len()).sum::<usize>() + 64);
     out.push('{');
     let mut first = true;
-    let mut wrote_key = false;
+    let mut written: Vec<&str> = Vec::new();
     for (k, v) in fields {
-        let is_key = k == key;
-        if is_key && wrote_key {
-            continue;
+        let new = replace.iter().find(|(r, _)| k == r);
+        if let Some((r, _)) = new {
+            if written.contains(r) {
+                continue;
+            }
+            written.push(r);
         }
         if !first {
             out.push(',');
@@ -823,11 +944,9 @@ fn rebuild_object(fields: &[(Cow<'_, str>, &RawValue)], key: &str, value: &str) 
         first = false;
         out.push_str(&Value::String(k.to_string()).to_string());
         out.push(':');
-        if is_key {
-            out.push_str(value);
-            wrote_key = true;
-        } else {
-            out.push_str(v.get());
+        match new {
+            Some((_, value)) => out.push_str(value),
+            None => out.push_str(v.get()),
         }
     }
     out.push('}');
@@ -860,35 +979,42 @@ fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
 pub struct SseFilter {
     parser: SseParser,
     pub removed: usize,
+    /// Events replaced by a -32603 error because they could not be read (fail closed).
+    pub withheld: u64,
 }
 
 impl SseFilter {
     pub fn new(max_event_bytes: usize) -> Self {
-        SseFilter { parser: SseParser::new(max_event_bytes), removed: 0 }
+        SseFilter { parser: SseParser::new(max_event_bytes), removed: 0, withheld: 0 }
     }
 
     pub fn dropped_events(&self) -> u64 {
         self.parser.oversized_events()
     }
 
-    pub fn feed(
-        &mut self,
-        engine: &Engine,
-        identity: &Identity,
-        plan: &HashMap<String, FilterKind>,
-        chunk: &[u8],
-        end: bool,
-    ) -> Vec<u8> {
+    pub fn feed(&mut self, engine: &Engine, identity: &Identity, plan: &Plan, chunk: &[u8], end: bool) -> Vec<u8> {
         let mut out = Vec::new();
         let mut events = self.parser.feed(chunk);
         if end {
             events.extend(self.parser.finish());
         }
         for mut e in events {
-            // Events that are not JSON-RPC (or not for a filtered id) pass unchanged.
-            if let Ok(Some((data, n))) = engine.filter_answer_text(identity, plan, &e.data) {
-                self.removed += n;
-                e.data = data;
+            // Messages that are not for a filtered id (nor, by shape, a list answer) pass unchanged. An
+            // event with data the filter cannot read (not JSON, or JSON serde_json refuses such as a lone
+            // surrogate escape `"\udc80"` that Python's `json` accepts) may be the answer to filter:
+            // replaced by a -32603 error, as a JSON answer would be. Empty data (a priming event that only
+            // carries an `id:` for resumption) passes.
+            match engine.filter_plan_text(identity, &plan.ids, plan.by_shape, &e.data) {
+                Ok(Some((data, n))) => {
+                    self.removed += n;
+                    e.data = data;
+                }
+                Ok(None) => {}
+                Err(Unreadable) if e.data.trim().is_empty() => {}
+                Err(Unreadable) => {
+                    self.withheld += 1;
+                    e.data = withheld_answer(plan.single_id().as_ref(), "the event is not readable JSON");
+                }
             }
             out.extend_from_slice(encode_event(&e).as_bytes());
         }
@@ -960,6 +1086,13 @@ mod tests {
         for p in ["/mcpx", "/m", "/%zzmcp", "/v1/%63hat", "/x/../v1/chat", "/"] {
             assert_eq!(e.endpoint(p), Endpoint::Other, "{p}");
         }
+        // `;` path parameters, ignored by Tomcat / Spring routing.
+        for p in ["/mcp;x=1", "/mcp;jsessionid=abc?q=1", "/x/..;/mcp", "/MCP;a=b/tenant-a", "/mcp%3Bx"] {
+            assert_eq!(e.endpoint(p), Endpoint::Mcp, "{p}");
+        }
+        assert_eq!(e.endpoint("/a2a;v=1"), Endpoint::A2a);
+        assert_eq!(e.endpoint("/mcpx;y=1"), Endpoint::Other);
+        assert_eq!(normalized_path("/a;x/b;y=1;z/c"), "/a/b/c");
         assert_eq!(normalized_path("/a//b/./c/../D%2Fe/"), "/a/b/d/e/");
         assert_eq!(normalized_path("/../.."), "/");
         assert_eq!(e.endpoint_with_headers("/v2/tools", true, false), Endpoint::Mcp);
@@ -1216,7 +1349,8 @@ mod tests {
         );
         let bytes = stream.as_bytes();
         let mut whole = SseFilter::new(1 << 20);
-        let expect = whole.feed(&e, &anon(), &plan, bytes, true);
+        let sse_plan = Plan::by_id(plan.clone());
+        let expect = whole.feed(&e, &anon(), &sse_plan, bytes, true);
         assert_eq!(whole.removed, 2);
         let text = String::from_utf8(expect.clone()).unwrap();
         assert!(
@@ -1225,10 +1359,203 @@ mod tests {
         );
         for cut in 0..bytes.len() {
             let mut f = SseFilter::new(1 << 20);
-            let mut got = f.feed(&e, &anon(), &plan, &bytes[..cut], false);
-            got.extend(f.feed(&e, &anon(), &plan, &bytes[cut..], true));
+            let mut got = f.feed(&e, &anon(), &sse_plan, &bytes[..cut], false);
+            got.extend(f.feed(&e, &anon(), &sse_plan, &bytes[cut..], true));
             assert_eq!(got, expect, "cut at {cut}");
         }
+    }
+
+    /// GET streams (and unplanned ids of POST answers) are read by shape: a replayed `tools/list` answer
+    /// is filtered like the POST's, whatever its id; an unreadable one is replaced by -32603 for its id.
+    #[test]
+    fn list_answers_are_filtered_by_shape_when_not_planned() {
+        let e = std_engine("hide");
+        let none = HashMap::new();
+        let shaped = |text: &str| e.filter_plan_text(&anon(), &none, true, text);
+        let tools = r#"{"jsonrpc":"2.0","id":"old-1","result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
+        assert_eq!(e.filter_answer_text(&anon(), &none, tools).unwrap(), None, "by id only: nothing planned");
+        let (out, n) = shaped(tools).unwrap().unwrap();
+        assert_eq!(n, 1);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((v["id"].clone(), v["result"]["tools"].clone()), (json!("old-1"), json!([{"name": "search"}])));
+        for (answer, key, kept) in [
+            (
+                r#"{"jsonrpc":"2.0","id":2,"result":{"prompts":[{"name":"greet"},{"name":"secret"}]}}"#,
+                "prompts",
+                json!([{"name": "greet"}]),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":3,"result":{"resources":[{"uri":"file:///public/a"},{"uri":"file:///etc/shadow"}]}}"#,
+                "resources",
+                json!([{"uri": "file:///public/a"}]),
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":4,"result":{"resourceTemplates":[{"uriTemplate":"db://{t}"},{"uriTemplate":"file:///public/{n}"}]}}"#,
+                "resourceTemplates",
+                json!([{"uriTemplate": "file:///public/{n}"}]),
+            ),
+        ] {
+            let (out, n) = shaped(answer).unwrap().unwrap();
+            assert_eq!(n, 1, "{answer}");
+            assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["result"][key], kept, "{answer}");
+        }
+        // Two list members in one result: both filtered.
+        let both = r#"{"jsonrpc":"2.0","id":5,"result":{"tools":[{"name":"rm"}],"prompts":[{"name":"secret"},{"name":"greet"}]}}"#;
+        let (out, n) = shaped(both).unwrap().unwrap();
+        assert_eq!(n, 2);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (v["result"]["tools"].clone(), v["result"]["prompts"].clone()),
+            (json!([]), json!([{"name": "greet"}]))
+        );
+        // Not list answers: untouched.
+        for other in [
+            r#"{"jsonrpc":"2.0","id":6,"result":{"content":[{"type":"text","text":"hi"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":6,"result":{"capabilities":{"tools":{}}}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#,
+            r#"{"jsonrpc":"2.0","id":6,"error":{"code":-1,"message":"x"}}"#,
+            r#"{"jsonrpc":"2.0","id":6,"result":[1]}"#,
+        ] {
+            assert_eq!(shaped(other).unwrap(), None, "{other}");
+        }
+        // Shapes that cannot be read: withheld, -32603 for that id.
+        for bad in [
+            r#"{"jsonrpc":"2.0","id":8,"result":{"tools":{"name":"delete_all"}}}"#,
+            r#"{"jsonrpc":"2.0","id":8,"result":{"tools":[{"name":"delete_all"}],"\udc80":1}}"#,
+        ] {
+            let (out, n) = shaped(bad).unwrap().unwrap();
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!((n, v["id"].clone(), v["error"]["code"].clone()), (0, json!(8), json!(-32603)), "{bad}");
+            assert!(v.get("result").is_none());
+        }
+        // A batch answer: the replaced element only.
+        let batch = format!(
+            r#"[{tools},{{"jsonrpc":"2.0","id":9,"result":{{"tools":7}}}},{{"jsonrpc":"2.0","id":10,"result":{{}}}}]"#
+        );
+        let (out, n) = shaped(&batch).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(v[0]["result"]["tools"], json!([{"name": "search"}]));
+        assert_eq!(v[1]["error"]["code"], -32603);
+        assert_eq!(v[2], json!({"jsonrpc": "2.0", "id": 10, "result": {}}));
+        // A POST answer: the planned id as planned, another id by shape (one-pass path and general path).
+        let mut plan = HashMap::new();
+        plan.insert("1".to_string(), FilterKind::List(ListKind::Prompts));
+        let (_, n) = e.filter_plan_text(&anon(), &plan, true, tools).unwrap().unwrap();
+        assert_eq!(n, 1, "an earlier request's tools/list answer in this POST's stream");
+        assert_eq!(e.filter_plan_text(&anon(), &plan, false, tools).unwrap(), None);
+        // SSE on a GET stream: a replayed answer filtered, the priming event (id only) and notifications kept.
+        let stream = format!(
+            "id: ev-0\ndata: \n\nid: ev-1\nevent: message\ndata: {tools}\n\ndata: {}\n\n",
+            r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"x"}}"#
+        );
+        let get = Plan { ids: HashMap::new(), by_shape: true };
+        let mut f = SseFilter::new(1 << 20);
+        let out = String::from_utf8(f.feed(&e, &anon(), &get, stream.as_bytes(), true)).unwrap();
+        assert_eq!(f.removed, 1);
+        assert!(out.contains("id: ev-0\n") && out.contains("id: ev-1\n"), "{out}");
+        assert!(
+            !out.contains("delete_all") && out.contains("search") && out.contains("notifications/message"),
+            "{out}"
+        );
+    }
+
+    /// An SSE event whose JSON cannot be read (a lone surrogate escape in a key: serde_json refuses it,
+    /// Python's `json` reads it) is withheld as a JSON answer would be, not passed unfiltered.
+    #[test]
+    fn unreadable_sse_events_fail_closed() {
+        let e = std_engine("hide");
+        let mut ids = HashMap::new();
+        ids.insert("7".to_string(), FilterKind::List(ListKind::Tools));
+        let bad = r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]},"\udc80":1}"#;
+        assert!(e.filter_answer_text(&anon(), &ids, bad).is_err());
+        for plan in [Plan::by_id(ids.clone()), Plan { ids: ids.clone(), by_shape: true }] {
+            let stream = format!("event: message\ndata: {bad}\n\ndata: not json\n\n");
+            let mut f = SseFilter::new(1 << 20);
+            let out = String::from_utf8(f.feed(&e, &anon(), &plan, stream.as_bytes(), true)).unwrap();
+            assert_eq!(f.withheld, 2, "{out}");
+            assert!(!out.contains("delete_all"), "{out}");
+            let first: Value =
+                serde_json::from_str(out.lines().nth(1).unwrap().strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!((first["id"].clone(), first["error"]["code"].clone()), (json!(7), json!(-32603)));
+        }
+        // With no single planned id (a GET stream) the error's id is null.
+        let mut f = SseFilter::new(1 << 20);
+        let get = Plan { ids: HashMap::new(), by_shape: true };
+        let out = String::from_utf8(f.feed(&e, &anon(), &get, format!("data: {bad}\n\n").as_bytes(), true)).unwrap();
+        assert!(out.contains(r#""id":null"#) && out.contains("-32603") && !out.contains("delete_all"), "{out}");
+    }
+
+    #[test]
+    fn batches_with_colliding_ids_are_refused() {
+        let e = std_engine("hide");
+        for batch in [
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":1,"method":"prompts/list"}]"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":1.0,"method":"prompts/list"}]"#,
+            r#"[{"jsonrpc":"2.0","id":"a","method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"},{"jsonrpc":"2.0","id":"a","method":"tools/list"}]"#,
+        ] {
+            let o = e.decide_body(&admin(), Protocol::Mcp, &h(), batch.as_bytes());
+            let r = o.reply.unwrap_or_else(|| panic!("forwarded: {batch}"));
+            assert_eq!(r.status, 400, "{batch}");
+            assert!(o.filters.is_empty());
+            assert_eq!(o.events, vec!["invalid_request"]);
+            let b = body(&r);
+            let codes: Vec<i64> = b.as_array().unwrap().iter().map(|m| m["error"]["code"].as_i64().unwrap()).collect();
+            assert!(codes.contains(&-32600), "{b}");
+            assert!(b.to_string().contains("id already used by another request in the batch"), "{b}");
+        }
+        // Distinct ids (a string "1" is not the number 1), and a client response sharing a request's id: fine.
+        let ok = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","id":"1","method":"prompts/list"},{"jsonrpc":"2.0","id":1,"result":{}}]"#;
+        let o = e.decide_body(&admin(), Protocol::Mcp, &h(), ok.as_bytes());
+        assert!(o.reply.is_none());
+        assert_eq!(o.filters.len(), 2);
+    }
+
+    #[test]
+    fn resource_uris_with_dot_segments_are_refused() {
+        let e = std_engine("hide");
+        let read = |method: &str, params: Value| {
+            let b = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+            e.decide_body(&admin(), Protocol::Mcp, &h(), b.as_bytes())
+        };
+        assert!(read("resources/read", json!({"uri": "file:///public/readme"})).reply.is_none());
+        for uri in [
+            "file:///public/../private/keys",
+            "file:///public/%2e%2e/private/keys",
+            "file:///public/%2E%2E/private/keys",
+            "file:///public/%252e%252e/private/keys",
+            "file:///public/./readme",
+        ] {
+            // Even an admin (allowed everything by rule) is refused: the URI cannot be authorized as sent.
+            for method in ["resources/read", "resources/subscribe"] {
+                let o = read(method, json!({"uri": uri}));
+                let r = o.reply.unwrap_or_else(|| panic!("{method} {uri} forwarded"));
+                assert_eq!((r.status, body(&r)["error"]["code"].clone()), (200, json!(-32002)), "{uri}");
+                assert_eq!(body(&r)["error"]["message"], format!("Resource not found: {uri}"));
+                assert_eq!(o.audits[0].rule, DOT_SEGMENTS_RULE);
+            }
+            let o = read(
+                "completion/complete",
+                json!({"ref": {"type": "ref/resource", "uri": uri}, "argument": {"name": "a", "value": "b"}}),
+            );
+            assert_eq!(o.reply.unwrap().status, 200, "{uri}");
+            assert_eq!(o.audits[0].rule, DOT_SEGMENTS_RULE);
+        }
+        let forbid = std_engine("forbid");
+        let b =
+            json!({"jsonrpc": "2.0", "id": 2, "method": "resources/read", "params": {"uri": "file:///public/../x"}});
+        let r = forbid.decide_body(&anon(), Protocol::Mcp, &h(), b.to_string().as_bytes()).reply.unwrap();
+        assert_eq!((r.status, body(&r)["error"]["code"].clone()), (403, json!(FORBIDDEN_CODE)));
+        // A listed resource with dot segments is hidden too (reading it would be refused).
+        let mut plan = HashMap::new();
+        plan.insert("3".to_string(), FilterKind::List(ListKind::Resources));
+        let list = r#"{"jsonrpc":"2.0","id":3,"result":{"resources":[{"uri":"file:///public/a"},{"uri":"file:///public/../private/keys"}]}}"#;
+        let (out, n) = e.filter_answer_text(&anon(), &plan, list).unwrap().unwrap();
+        assert_eq!(n, 1, "{out}");
+        // The reserved rule name cannot be configured.
+        let cfg = json!({"policy": {"rules": [{"name": DOT_SEGMENTS_RULE, "effect": "allow"}]}});
+        let refused = parse_config::<Config>(cfg.to_string().as_bytes()).map(|_| ()).map_err(|e| e.to_string());
+        assert!(refused.as_ref().is_err_and(|e| e.contains("uri-dot-segments")), "{refused:?}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! filter state for access logs).
 
 use crate::config::{Config, OtherPaths, Protocol};
-use crate::engine::{Audit, Endpoint, Engine, FilterKind, Outcome, Reply, SseFilter};
+use crate::engine::{withheld_answer, Audit, Endpoint, Engine, Outcome, Plan, Reply, SseFilter};
 use crate::identity::{self, Identity, Sources};
 use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::jsonrpc;
@@ -120,7 +120,7 @@ impl RootContext for Root {
             endpoint: Endpoint::Other,
             identity: Identity::default(),
             headers: RequestHeaders::default(),
-            plan: HashMap::new(),
+            plan: Plan::default(),
             card: false,
             answer: Answer::Untouched,
             unreadable: false,
@@ -150,7 +150,7 @@ struct Request {
     endpoint: Endpoint,
     identity: Identity,
     headers: RequestHeaders,
-    plan: HashMap<String, FilterKind>,
+    plan: Plan,
     /// A GET of an agent card: filter its skills.
     card: bool,
     answer: Answer,
@@ -257,7 +257,10 @@ impl Request {
         if let Some(r) = &out.reply {
             return self.reply(r);
         }
-        self.plan = out.filters;
+        // MCP answers the filter reads are also read by shape: a response for an id this POST did not
+        // plan (an earlier request's answer) that looks like a list answer is filtered too.
+        let by_shape = self.endpoint == Endpoint::Mcp && !out.filters.is_empty();
+        self.plan = Plan { ids: out.filters, by_shape };
         Action::Continue
     }
 
@@ -280,7 +283,7 @@ impl Request {
         let result = if self.card {
             self.engine.filter_card_document(&self.identity, &body)
         } else {
-            self.engine.filter_json_answer(&self.identity, &self.plan, &body)
+            self.engine.filter_json_plan(&self.identity, &self.plan.ids, self.plan.by_shape, &body)
         };
         match result {
             Ok(None) => {}
@@ -297,17 +300,8 @@ impl Request {
     fn fail_closed_answer(&mut self, size: usize, why: &str) {
         self.shared.borrow_mut().count("answer_filter_failed");
         log(LogLevel::Warn, &format!("meshwarden mcp_authz: answer withheld: {why}"));
-        let id = if self.plan.len() == 1 {
-            self.plan.keys().next().and_then(|k| serde_json::from_str::<serde_json::Value>(k).ok())
-        } else {
-            None
-        };
-        let body = jsonrpc::error_response(
-            id.as_ref(),
-            jsonrpc::INTERNAL_ERROR,
-            &format!("Gateway could not filter the answer: {why}"),
-        );
-        self.set_http_response_body(0, size, body.to_string().as_bytes());
+        let body = withheld_answer(self.plan.single_id().as_ref(), why);
+        self.set_http_response_body(0, size, body.as_bytes());
     }
 }
 
@@ -366,7 +360,14 @@ impl Request {
             "OPTIONS" => return Action::Continue,
             m if protocol == Protocol::Mcp => {
                 let out = self.engine.decide_session(&self.identity, m);
-                return self.apply(out);
+                let action = self.apply(out);
+                if m == "GET" && !self.replied {
+                    // The server-to-client stream: the server may replay stored answers there
+                    // (`Last-Event-ID`), a `tools/list` answer among them. Read every list answer by shape.
+                    self.plan.by_shape = true;
+                    self.set_http_request_header("accept-encoding", None);
+                }
+                return action;
             }
             _ => {
                 return self.error_reply(
@@ -485,12 +486,17 @@ impl Request {
                 let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
                 let out = f.feed(&self.engine, &self.identity, &self.plan, &chunk, end_of_stream);
                 let removed = std::mem::take(&mut f.removed);
+                let withheld = std::mem::take(&mut f.withheld);
                 let dropped = f.dropped_events();
                 self.answer = Answer::Sse(f);
                 if removed > 0 {
                     self.shared
                         .borrow_mut()
                         .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
+                }
+                if withheld > 0 {
+                    self.shared.borrow_mut().add("answer_filter_failed", withheld);
+                    log(LogLevel::Warn, "meshwarden mcp_authz: SSE event withheld: not readable JSON");
                 }
                 if end_of_stream && dropped > 0 {
                     self.shared.borrow_mut().add("sse_events_dropped", dropped);

@@ -278,10 +278,10 @@ impl Policy {
         let mut names = std::collections::HashSet::new();
         for (i, r) in cfg.rules.iter().enumerate() {
             let base = format!("policy.rules[{i}]");
-            if r.name.is_empty() || r.name == "builtin" || r.name == "default" {
+            if r.name.is_empty() || r.name == "builtin" || r.name == "default" || r.name == "uri-dot-segments" {
                 return Err(ConfigError::at(
                     &format!("{base}.name"),
-                    "must be non-empty and not `builtin` or `default`",
+                    "must be non-empty and not `builtin`, `default` or `uri-dot-segments`",
                 ));
             }
             if !names.insert(r.name.clone()) {
