@@ -14,6 +14,7 @@
 //! | [`encoding`] | Base64 (standard and URL-safe) |
 //! | [`pbstruct`] | decoding a binary `google.protobuf.Struct` (Envoy metadata properties) into JSON |
 //! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
+//! | [`usage_scan`] | usage from a JSON answer read chunk by chunk (any size, top-level fields only) |
 //! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
 //! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |
@@ -36,6 +37,7 @@ pub mod ratelimit;
 pub mod sse;
 pub mod stats;
 pub mod stream_rewrite;
+pub mod usage_scan;
 
 #[cfg(feature = "host")]
 pub mod host;

@@ -391,19 +391,30 @@ impl GroupStore for LocalStore {
             }
         }
         let now = self.now_us;
-        let (allowed, rs) = cas_update_bytes(&group_key(&g.key), |old| {
+        let tokens = cas_update_bytes(&group_key(&g.key), |old| {
             let tats = crate::state::decode(old, &g.windows);
             let rs: Vec<_> = g.windows.iter().zip(&tats).map(|(w, t)| reserve(w, *t, now, g.cost)).collect();
             let allowed = rs.iter().all(|r| r.allowed);
             let new_tats: Vec<u64> = rs.iter().map(|r| r.new_tat_us).collect();
             (allowed.then(|| crate::state::encode(&g.windows, &new_tats)), (allowed, rs))
-        })?;
-        let states: Vec<WindowState> = rs.iter().map(|r| r.state).collect();
-        if !allowed {
-            // The group is all-or-nothing: give its slot back.
+        });
+        // The group is all-or-nothing: a denial or a storage error gives its slot back (local state
+        // has no lease expiry, so a slot kept here would be lost until Envoy restarts).
+        let give_slot_back = || {
             if g.concurrency.is_some() {
                 let _ = cas_update(&conc_key(&g.key), |n| (Some(n.saturating_sub(1)), ()));
             }
+        };
+        let (allowed, rs) = match tokens {
+            Ok(r) => r,
+            Err(e) => {
+                give_slot_back();
+                return Err(e);
+            }
+        };
+        let states: Vec<WindowState> = rs.iter().map(|r| r.state).collect();
+        if !allowed {
+            give_slot_back();
             let never = rs.iter().any(|r| r.never);
             return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Tokens), windows: states, never });
         }
@@ -411,6 +422,11 @@ impl GroupStore for LocalStore {
     }
 
     fn settle_item(&mut self, item: &SettleItem) -> Result<(), Status> {
+        // The slot first and independently of the tokens: a failed token update must not keep it.
+        let released = match item.release_lease {
+            Some(_) => cas_update(&conc_key(&item.key), |n| (Some(n.saturating_sub(1)), ())),
+            None => Ok(()),
+        };
         if item.delta != 0 && !item.windows.is_empty() {
             let now = self.now_us;
             cas_update_bytes(&group_key(&item.key), |old| {
@@ -420,10 +436,7 @@ impl GroupStore for LocalStore {
                 (Some(crate::state::encode(&item.windows, &new)), ())
             })?;
         }
-        if item.release_lease.is_some() {
-            cas_update(&conc_key(&item.key), |n| (Some(n.saturating_sub(1)), ()))?;
-        }
-        Ok(())
+        released
     }
 }
 
@@ -754,7 +767,7 @@ impl Request {
         };
         let est = adm.facts.input_estimate;
         let (input, output, source) = match self.meter.as_mut() {
-            Some(m) => m.finish(est),
+            Some(m) => m.finish(est, adm.facts.output_reservation),
             // No response at all (client went away, upstream never answered): the prompt was sent.
             None => (est, 0, crate::meter::Source::Estimated),
         };
@@ -882,6 +895,9 @@ impl Request {
         self.identities = cfg.rules.iter().map(|r| self.identity(&headers, &r.key)).collect();
         // The body may be rewritten (include_usage, fallback model).
         self.set_http_request_header("content-length", None);
+        // Usage is read from the answer: it must come back uncompressed (the meter charges the
+        // output reservation for an answer it cannot read, but the real figure is better).
+        self.set_http_request_header("accept-encoding", None);
         Action::Continue
     }
 

@@ -3,35 +3,14 @@
 
 use meshwarden_shared::llm::{extract_response_texts, usage_from_json, StreamUsage, TokenEstimator};
 use meshwarden_shared::sse::SseParser;
-
-/// The top-level fields of a response body where providers put usage (see `usage_from_json`).
-#[derive(serde::Deserialize)]
-#[allow(non_snake_case)]
-struct UsageCarriers {
-    #[serde(default)]
-    usage: Option<serde_json::Value>,
-    #[serde(default)]
-    usageMetadata: Option<serde_json::Value>,
-    #[serde(default)]
-    metadata: Option<serde_json::Value>,
-}
-
-impl UsageCarriers {
-    fn into_value(self) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
-        for (k, v) in [("usage", self.usage), ("usageMetadata", self.usageMetadata), ("metadata", self.metadata)] {
-            if let Some(v) = v {
-                m.insert(k.to_string(), v);
-            }
-        }
-        serde_json::Value::Object(m)
-    }
-}
+use meshwarden_shared::usage_scan::UsageScanner;
 
 #[derive(Debug)]
 enum Kind {
-    /// A JSON body, collected up to a bound.
+    /// A JSON body: usage is read from every chunk by the scanner, whatever the size; the body
+    /// itself is kept up to a bound, only to estimate an answer that reports no usage.
     Json {
+        scan: UsageScanner,
         buf: Vec<u8>,
         overflow: bool,
     },
@@ -40,7 +19,7 @@ enum Kind {
         usage: StreamUsage,
         done: bool,
     },
-    /// Compressed or unknown content: usage cannot be read.
+    /// Compressed content or Bedrock's binary event stream: usage cannot be read.
     Opaque,
 }
 
@@ -78,12 +57,13 @@ impl Meter {
         let encoded =
             content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity") && !e.trim().is_empty());
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let kind = if encoded {
+        let kind = if encoded || ct.starts_with("application/vnd.amazon.eventstream") {
+            // Bedrock's binary event-stream framing is not read (its usage is in a frame payload).
             Kind::Opaque
         } else if ct.starts_with("text/event-stream") {
             Kind::Sse { parser: SseParser::default(), usage: StreamUsage::default(), done: false }
         } else {
-            Kind::Json { buf: Vec::new(), overflow: false }
+            Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
         Self { kind, max_bytes, status }
     }
@@ -95,7 +75,8 @@ impl Meter {
     /// One body chunk, in order.
     pub fn on_chunk(&mut self, chunk: &[u8]) {
         match &mut self.kind {
-            Kind::Json { buf, overflow } => {
+            Kind::Json { scan, buf, overflow } => {
+                scan.feed(chunk);
                 if !*overflow {
                     if buf.len() + chunk.len() > self.max_bytes {
                         *overflow = true;
@@ -120,35 +101,44 @@ impl Meter {
         }
     }
 
-    /// The tokens to charge, `(input, output, source)`, given the admission's prompt estimate.
-    /// `complete` is false when the stream was cut (client went away or upstream reset).
-    pub fn finish(&mut self, input_estimate: u64) -> (u64, u64, Source) {
+    /// The tokens to charge, `(input, output, source)`, given the admission's prompt estimate and
+    /// output reservation. An answer whose usage cannot be read and whose text cannot be estimated
+    /// (compressed, or a JSON answer over `max_body_bytes` without usage) is charged the reservation:
+    /// the output the admission allowed, never nothing.
+    pub fn finish(&mut self, input_estimate: u64, output_reservation: u64) -> (u64, u64, Source) {
         let error = self.status >= 400;
+        let unreadable_output = if error { 0 } else { output_reservation };
         match &mut self.kind {
-            Kind::Json { buf, overflow } => {
-                if *overflow {
-                    return (input_estimate, 0, Source::Estimated);
+            Kind::Json { scan, buf, overflow } => {
+                if let Some(u) = scan.finish() {
+                    return (u.input_tokens, u.output_tokens, Source::Reported);
                 }
-                // Fast path: only the fields that carry usage are materialised.
-                if let Ok(light) = serde_json::from_slice::<UsageCarriers>(buf) {
-                    if let Some(u) = usage_from_json(&light.into_value()) {
-                        return (u.input_tokens, u.output_tokens, Source::Reported);
-                    }
+                if *overflow {
+                    return (input_estimate, unreadable_output, Source::Estimated);
                 }
                 match serde_json::from_slice::<serde_json::Value>(buf) {
-                    Ok(v) => match usage_from_json(&v) {
-                        Some(u) => (u.input_tokens, u.output_tokens, Source::Reported),
-                        None => {
-                            let mut est = TokenEstimator::default();
-                            if !error {
-                                for s in extract_response_texts(&v) {
-                                    est.add(&s.text);
-                                }
-                            }
-                            (input_estimate, est.tokens(), Source::Estimated)
+                    // Usage wrapped one level deeper (`message.usage`, `response.usage`, as some
+                    // gateways re-wrap streamed events) is read from the parsed body.
+                    Ok(v) => {
+                        if let Some(u) = usage_from_json(&v) {
+                            return (u.input_tokens, u.output_tokens, Source::Reported);
                         }
-                    },
-                    Err(_) => (input_estimate, 0, Source::Estimated),
+                        let mut est = TokenEstimator::default();
+                        if !error {
+                            for s in extract_response_texts(&v) {
+                                est.add(&s.text);
+                            }
+                        }
+                        (input_estimate, est.tokens(), Source::Estimated)
+                    }
+                    // Not JSON (a plain-text answer): its text is the output; an error page is not.
+                    Err(_) => {
+                        let mut est = TokenEstimator::default();
+                        if !error {
+                            est.add(&String::from_utf8_lossy(buf));
+                        }
+                        (input_estimate, est.tokens(), Source::Estimated)
+                    }
                 }
             }
             Kind::Sse { parser, usage, done } => {
@@ -167,7 +157,7 @@ impl Meter {
                     None => (input_estimate, streamed, Source::Estimated),
                 }
             }
-            Kind::Opaque => (input_estimate, 0, Source::Estimated),
+            Kind::Opaque => (input_estimate, unreadable_output, Source::Estimated),
         }
     }
 }
@@ -190,7 +180,7 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         for c in body.as_bytes().chunks(split_every) {
             m.on_chunk(c);
         }
-        m.finish(99)
+        m.finish(99, 300)
     }
 
     #[test]
@@ -216,18 +206,57 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
         m.on_chunk(br#"{"usageMetadata":{"promptTokenCount":3,"#);
         m.on_chunk(br#""candidatesTokenCount":4}}"#);
-        assert_eq!(m.finish(50), (3, 4, Source::Reported));
+        assert_eq!(m.finish(50, 300), (3, 4, Source::Reported));
         let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
         m.on_chunk(br#"{"choices":[{"message":{"content":"12345678"}}]}"#);
-        assert_eq!(m.finish(50), (50, 2, Source::Estimated));
+        assert_eq!(m.finish(50, 300), (50, 2, Source::Estimated));
         let mut m = Meter::new(500, Some("application/json"), None, 1 << 20);
         m.on_chunk(b"not json");
-        assert_eq!(m.finish(50), (50, 0, Source::Estimated));
+        assert_eq!(m.finish(50, 300), (50, 0, Source::Estimated));
+        // An error answer without usage costs the prompt only, whatever its encoding.
+        let mut m = Meter::new(503, Some("application/json"), Some("gzip"), 1 << 20);
+        m.on_chunk(&[0x1f, 0x8b, 0, 1]);
+        assert_eq!(m.finish(50, 300), (50, 0, Source::Estimated));
+    }
+
+    #[test]
+    fn unreadable_answers_are_charged_the_output_reservation_not_nothing() {
+        // Compressed (an upstream that compresses although the filter removed accept-encoding).
         let mut m = Meter::new(200, Some("application/json"), Some("gzip"), 1 << 20);
         m.on_chunk(&[0x1f, 0x8b, 0, 1]);
-        assert_eq!(m.finish(50), (50, 0, Source::Estimated));
+        assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
+        // Bedrock's binary event stream.
+        let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+        m.on_chunk(&[0, 0, 0, 90, 0, 0, 0, 50]);
+        assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
+        // Over the buffer bound and no usage anywhere.
         let mut m = Meter::new(200, Some("application/json"), None, 8);
-        m.on_chunk(br#"{"usage":{"prompt_tokens":1}}"#);
-        assert_eq!(m.finish(50), (50, 0, Source::Estimated));
+        m.on_chunk(br#"{"choices":[{"message":{"content":"a long answer"}}]}"#);
+        assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
+    }
+
+    #[test]
+    fn wrapped_usage_and_plain_text_answers_are_charged() {
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.on_chunk(br#"{"type":"message_start","message":{"usage":{"input_tokens":11,"output_tokens":13}}}"#);
+        assert_eq!(m.finish(50, 300), (11, 13, Source::Reported));
+        let mut m = Meter::new(200, Some("text/plain"), None, 1 << 20);
+        m.on_chunk(b"a plain text answer of forty characters!");
+        assert_eq!(m.finish(50, 300), (50, 10, Source::Estimated));
+        let mut m = Meter::new(502, Some("text/html"), None, 1 << 20);
+        m.on_chunk(b"<html>bad gateway</html>");
+        assert_eq!(m.finish(50, 300), (50, 0, Source::Estimated));
+    }
+
+    #[test]
+    fn usage_after_the_buffer_bound_is_still_read() {
+        // OpenAI puts usage last; an answer with logprobs passes any buffer bound long before it.
+        let mut m = Meter::new(200, Some("application/json"), None, 64);
+        m.on_chunk(br#"{"choices":[{"logprobs":{"content":[{"token":"a","logprob":-0.1}"#);
+        for _ in 0..1000 {
+            m.on_chunk(br#",{"token":""usage":{","logprob":-0.2}"#);
+        }
+        m.on_chunk(br#"]}}],"usage":{"prompt_tokens":7,"completion_tokens":1001}}"#);
+        assert_eq!(m.finish(50, 300), (7, 1001, Source::Reported));
     }
 }
