@@ -94,10 +94,30 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         bad: if info.model.is_none() { Some(BadBody::NoModel) } else { None },
         model: info.model,
         stream: info.stream,
-        input_estimate: estimate_request_tokens(&spans),
+        input_estimate: prompt_estimate(&json, &spans, body.len()),
         output_reservation,
         json: Some(json),
         problem: None,
+    }
+}
+
+/// The prompt estimate: the text the model reads, plus prompts given as token ids (`"prompt": [1, 2]`,
+/// `"input": [[1, 2], [3]]`, counted one token per id). A body whose prompt this filter does not know how
+/// to read (Gemini's `contents`, a custom shape) is estimated by its size, never as free.
+fn prompt_estimate(json: &Value, spans: &[meshwarden_shared::llm::TextSpan], body_len: usize) -> u64 {
+    let ids: u64 = ["prompt", "input"].iter().filter_map(|k| json.get(k)).map(token_ids).sum();
+    if spans.is_empty() && ids == 0 {
+        return size_estimate(body_len);
+    }
+    estimate_request_tokens(spans) + ids
+}
+
+/// Token ids in a prompt: an array of integers, or an array of such arrays (a batch).
+fn token_ids(v: &Value) -> u64 {
+    match v {
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => items.len() as u64,
+        Value::Array(items) => items.iter().filter(|i| i.is_array()).map(token_ids).sum(),
+        _ => 0,
     }
 }
 
@@ -123,6 +143,21 @@ pub fn rewrite_body(parsed: &mut Parsed, new_model: Option<&str>) -> Option<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_the_filter_cannot_read_are_not_free() {
+        let cfg = Config::default();
+        let ids = parse_request(&cfg, "/v1/completions", br#"{"model":"m","prompt":[1,2,3,4,5,6,7,8,9,10]}"#, false);
+        assert_eq!(ids.input_estimate, 10);
+        let batch = parse_request(&cfg, "/v1/embeddings", br#"{"model":"m","input":[[1,2,3],[4,5]]}"#, false);
+        assert_eq!(batch.input_estimate, 5);
+        let gemini =
+            br#"{"contents":[{"role":"user","parts":[{"text":"a long prompt in Gemini's own request shape"}]}]}"#;
+        let g = parse_request(&cfg, "/v1beta/models/gemini-2.0-flash:generateContent", gemini, false);
+        assert_eq!(g.input_estimate, size_estimate(gemini.len()));
+        let text = parse_request(&cfg, "/v1/completions", br#"{"model":"m","prompt":"12345678"}"#, false);
+        assert_eq!(text.input_estimate, 6);
+    }
 
     #[test]
     fn parse_and_rewrite() {
