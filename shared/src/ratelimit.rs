@@ -246,20 +246,37 @@ pub trait GroupStore {
 
 /// Reserve every group in order; on the first denial, roll back the groups already reserved (refund
 /// their cost, release their lease). Atomic per group, all-or-nothing overall from the caller's view.
+/// A storage error on a later group also rolls back the earlier ones before it is returned: the caller
+/// then holds nothing (no budget drawn, no concurrency slot kept until a restart).
 pub fn reserve_all<S: GroupStore>(store: &mut S, req: &ReserveRequest) -> Result<ReserveResponse, S::Error> {
     let mut results = Vec::with_capacity(req.groups.len());
     for (i, g) in req.groups.iter().enumerate() {
-        let r = store.reserve_group(g)?;
+        let r = match store.reserve_group(g) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = roll_back(store, req.groups.iter().take(i));
+                return Err(e);
+            }
+        };
         let allowed = r.allowed;
         results.push(r);
         if !allowed {
-            for done in req.groups.iter().take(i) {
-                store.settle_item(&rollback_item(done))?;
-            }
+            roll_back(store, req.groups.iter().take(i))?;
             return Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results });
         }
     }
     Ok(ReserveResponse { allowed: true, denied_group: None, groups: results })
+}
+
+/// Undo the reservations of `groups`, every one of them even when one fails; the first error is returned.
+fn roll_back<'a, S: GroupStore>(store: &mut S, groups: impl Iterator<Item = &'a Group>) -> Result<(), S::Error> {
+    let mut first_err = None;
+    for g in groups {
+        if let Err(e) = store.settle_item(&rollback_item(g)) {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// The settlement that undoes a reservation of `g`.
@@ -371,6 +388,39 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    /// A store whose reservations of one key fail (a storage error, e.g. CAS contention).
+    struct FailingOn(Mem, &'static str);
+    impl GroupStore for FailingOn {
+        type Error = ();
+        fn reserve_group(&mut self, g: &Group) -> Result<GroupResult, ()> {
+            if g.key == self.1 {
+                return Err(());
+            }
+            self.0.reserve_group(g)
+        }
+        fn settle_item(&mut self, it: &SettleItem) -> Result<(), ()> {
+            self.0.settle_item(it)
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_storage_error_on_a_later_group_rolls_back_the_earlier_ones() {
+        let mut m = FailingOn(Mem(Default::default(), 1_000_000_000, Default::default()), "model");
+        let team = Group {
+            key: "team".into(),
+            windows: vec![MIN],
+            cost: 100,
+            concurrency: Some(ConcurrencySpec { max: 1, lease_id: "l1".into(), lease_ms: 1000 }),
+        };
+        let model = Group { key: "model".into(), windows: vec![MIN], cost: 100, concurrency: None };
+        assert!(reserve_all(&mut m, &ReserveRequest { groups: vec![team.clone(), model] }).is_err());
+        // Nothing is held: the slot (max 1) is free and the tokens refunded.
+        assert!(m.0 .2.get("team").is_none_or(Vec::is_empty));
+        let again = reserve_all(&mut m, &ReserveRequest { groups: vec![team] }).unwrap();
+        assert!(again.allowed);
+        assert_eq!(again.groups[0].windows[0].remaining, 500);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
