@@ -20,6 +20,7 @@
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
+//! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
 //!
 //! Every answer carries `x-mock-served-by: ip:port`, and `GET /metrics` serves the requests in flight in
@@ -212,6 +213,8 @@ struct Plan {
     abort_after_bytes: Option<u64>,
     sse_garbage: bool,
     sse_no_done: bool,
+    /// JSON answers: gzip the body.
+    gzip: bool,
 }
 
 impl Plan {
@@ -360,6 +363,13 @@ async fn answer(
         abort_after_bytes: header_u64(&headers, "x-mock-abort-after-bytes"),
         sse_garbage: header_flag(&headers, "x-mock-sse-garbage"),
         sse_no_done: header_flag(&headers, "x-mock-sse-no-done"),
+        gzip: match headers.get("x-mock-gzip").and_then(|v| v.to_str().ok()).map(str::trim) {
+            Some("always") => true,
+            Some("1") => headers.get_all("accept-encoding").iter().filter_map(|v| v.to_str().ok()).any(|v| {
+                v.split(',').any(|e| e.split(';').next().is_some_and(|e| e.trim().eq_ignore_ascii_case("gzip")))
+            }),
+            _ => false,
+        },
     };
     if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {
         stream_response(plan, guard)
@@ -418,6 +428,16 @@ fn json_response(plan: &Plan) -> Response {
     let text = body.to_string();
     if let Some(n) = plan.abort_after_bytes {
         return truncated_response(text.into_bytes(), usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if plan.gzip {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        if enc.write_all(text.as_bytes()).is_ok() {
+            if let Ok(gz) = enc.finish() {
+                return (StatusCode::OK, [("content-type", "application/json"), ("content-encoding", "gzip")], gz)
+                    .into_response();
+            }
+        }
     }
     (StatusCode::OK, [("content-type", "application/json")], text).into_response()
 }

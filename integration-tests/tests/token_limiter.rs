@@ -388,6 +388,73 @@ async fn bad_inputs_have_documented_behaviour() {
     assert_eq!(e.stat("meshwarden.token_limiter.skipped_no_body").await.unwrap(), 1);
 }
 
+/// Output must be charged whatever the answer's encoding or size: a client that sent
+/// `accept-encoding: gzip` (every browser and most HTTP clients do), or asked for an answer larger than
+/// `max_body_bytes` (`logprobs`, large `n`), got its output for free before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_charged_output_whatever_their_encoding_or_size() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_body_bytes": 4096, "default_output_reservation": 10,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":10000000}}]}),
+    )
+    .await;
+    let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
+    // 1. The client accepts gzip and the upstream compresses when allowed (as OpenAI's API does): the
+    //    filter removes accept-encoding, the answer comes back readable and its usage is charged.
+    let r = post(
+        &e,
+        "/v1/chat/completions",
+        &chat("model-gzip", "Compress this if you can.", None, false),
+        &[("x-team", "a"), ("accept-encoding", "gzip, br"), ("x-mock-gzip", "1"), ("x-mock-completion-tokens", "50")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-encoding").is_none(), "the upstream was not asked for gzip");
+    let _ = r.text().await.unwrap();
+    assert!(mock.last_request().unwrap().header("accept-encoding").is_none());
+    assert_eq!(e.stat(&stat("model.model-gzip.output_tokens")).await.unwrap(), 50);
+    assert_eq!(e.stat(&stat("usage.reported")).await.unwrap(), 1);
+    // 2. An upstream that compresses regardless: usage unreadable, so the output reservation
+    //    (`max_tokens` here) is charged, not nothing.
+    let r = post(
+        &e,
+        "/v1/chat/completions",
+        &chat("model-always", "Compressed anyway.", Some(77), false),
+        &[("x-team", "a"), ("x-mock-gzip", "always"), ("x-mock-completion-tokens", "50")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h(&r, "content-encoding"), "gzip");
+    let _ = r.bytes().await.unwrap();
+    assert_eq!(e.stat(&stat("model.model-always.output_tokens")).await.unwrap(), 77);
+    assert_eq!(e.stat(&stat("usage.estimated")).await.unwrap(), 1);
+    // 3. A JSON answer far larger than max_body_bytes (usage last, as OpenAI sends it): still read.
+    let r = post(
+        &e,
+        "/v1/chat/completions",
+        &chat("model-big", "Write a long answer.", None, false),
+        &[("x-team", "a"), ("x-mock-completion-tokens", "3000")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.len() > 4 * 4096, "the answer is {} bytes", text.len());
+    assert_eq!(e.stat(&stat("model.model-big.output_tokens")).await.unwrap(), 3000);
+    assert_eq!(e.stat(&stat("usage.reported")).await.unwrap(), 2);
+    // The same over-size answer without usage: the output reservation (default 10 here).
+    let r = post(
+        &e,
+        "/v1/chat/completions",
+        &chat("model-big-nousage", "Write a long answer.", None, false),
+        &[("x-team", "a"), ("x-mock-completion-tokens", "3000"), ("x-mock-no-usage", "1")],
+    )
+    .await;
+    let _ = r.text().await.unwrap();
+    assert_eq!(e.stat(&stat("model.model-big-nousage.output_tokens")).await.unwrap(), 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_config_is_rejected_naming_the_field() {
     let mock = MockLlm::start().await.unwrap();
