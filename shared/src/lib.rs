@@ -12,6 +12,7 @@
 //! | [`mcp`] | MCP methods, targets, list answers, 2026-07-28 `Mcp-*` header checks |
 //! | [`a2a`] | A2A v0.3/v1.0 method names, agent card paths and skill filtering |
 //! | [`encoding`] | Base64 (standard and URL-safe) |
+//! | [`eventstream`] | the AWS event-stream framing of Bedrock streamed answers, decoded chunk by chunk (CRC-checked, bounded) |
 //! | [`pbstruct`] | decoding a binary `google.protobuf.Struct` (Envoy metadata properties) into JSON |
 //! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
 //! | [`usage_scan`] | usage from a JSON answer read chunk by chunk (any size, top-level fields only) |
@@ -28,6 +29,7 @@ pub mod config;
 pub mod encoding;
 pub mod endpoints;
 pub mod errors;
+pub mod eventstream;
 pub mod json;
 pub mod jsonrpc;
 pub mod llm;

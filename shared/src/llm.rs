@@ -585,6 +585,14 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
                 push_text(&mut out, Role::Assistant, "/delta".into(), t);
             }
         }
+        // Bedrock ConverseStream `contentBlockDelta` (no `type`; text or reasoning text).
+        None if event.get("contentBlockIndex").is_some() => {
+            for p in ["/delta/text", "/delta/reasoningContent/text"] {
+                if let Some(t) = event.pointer(p) {
+                    push_text(&mut out, Role::Assistant, p.into(), t);
+                }
+            }
+        }
         _ => {}
     }
     if event.get("candidates").is_some() {
@@ -694,6 +702,19 @@ fn usage_object(obj: &Value) -> Option<Usage> {
             .finish(),
         );
     }
+    // Bedrock `InvokeModelWithResponseStream`: `amazon-bedrock-invocationMetrics` in the last chunk.
+    if u(obj, "inputTokenCount").is_some() || u(obj, "outputTokenCount").is_some() {
+        return Some(
+            Usage {
+                input_tokens: u(obj, "inputTokenCount").unwrap_or(0) + u(obj, "cacheReadInputTokenCount").unwrap_or(0),
+                output_tokens: u(obj, "outputTokenCount").unwrap_or(0),
+                total_tokens: 0,
+                cached_input_tokens: u(obj, "cacheReadInputTokenCount").unwrap_or(0),
+                reasoning_tokens: 0,
+            }
+            .finish(),
+        );
+    }
     // Gemini usageMetadata
     if u(obj, "promptTokenCount").is_some() || u(obj, "candidatesTokenCount").is_some() {
         let thoughts = u(obj, "thoughtsTokenCount").unwrap_or(0);
@@ -714,13 +735,21 @@ fn usage_object(obj: &Value) -> Option<Usage> {
 /// Usage from a JSON response body, or from one parsed stream event, of any provider.
 /// Looks at `usage` (OpenAI, Anthropic `message_delta`, Bedrock), `message.usage` (Anthropic
 /// `message_start`), `response.usage` (Responses `response.completed`), `usageMetadata` (Gemini) and
-/// `metadata.usage` (Bedrock ConverseStream).
+/// `metadata.usage` (Bedrock ConverseStream), `amazon-bedrock-invocationMetrics` (Bedrock
+/// `InvokeModelWithResponseStream` chunks).
 pub fn usage_from_json(body: &Value) -> Option<Usage> {
-    ["/usage", "/message/usage", "/response/usage", "/usageMetadata", "/metadata/usage"]
-        .iter()
-        .filter_map(|p| body.pointer(p))
-        .filter(|v| v.is_object())
-        .find_map(usage_object)
+    [
+        "/usage",
+        "/message/usage",
+        "/response/usage",
+        "/usageMetadata",
+        "/metadata/usage",
+        "/amazon-bedrock-invocationMetrics",
+    ]
+    .iter()
+    .filter_map(|p| body.pointer(p))
+    .filter(|v| v.is_object())
+    .find_map(usage_object)
 }
 
 /// Accumulates usage and streamed text over a whole SSE answer, event by event.
