@@ -20,6 +20,7 @@
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
+//! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
 //!
@@ -371,6 +372,9 @@ async fn answer(
             _ => false,
         },
     };
+    if uri.path().ends_with("/converse-stream") {
+        return bedrock_stream_response(&plan, guard);
+    }
     if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {
         stream_response(plan, guard)
     } else {
@@ -553,6 +557,36 @@ fn stream_response(plan: Plan, guard: InFlight) -> Response {
     if plan.sse_garbage && !events.is_empty() {
         events.insert(1, Bytes::from_static(SSE_GARBAGE));
     }
+    send_events(events, "text/event-stream", &plan, guard)
+}
+
+/// Bedrock `ConverseStream` (`POST /model/<id>/converse-stream`): the AWS binary event stream, one
+/// `contentBlockDelta` per output token, then `messageStop` and `metadata` with the usage.
+fn bedrock_stream_response(plan: &Plan, guard: InFlight) -> Response {
+    let event = |kind: &str, payload: Value| {
+        Bytes::from(meshwarden_shared::eventstream::encode(
+            &[(":event-type", kind), (":content-type", "application/json"), (":message-type", "event")],
+            payload.to_string().as_bytes(),
+        ))
+    };
+    let mut events = vec![event("messageStart", json!({"role": "assistant"}))];
+    for piece in &plan.pieces {
+        events.push(event("contentBlockDelta", json!({"contentBlockIndex": 0, "delta": {"text": piece}})));
+    }
+    events.push(event("contentBlockStop", json!({"contentBlockIndex": 0})));
+    events.push(event("messageStop", json!({"stopReason": "end_turn"})));
+    if plan.usage {
+        let (i, o) = (plan.prompt_tokens, plan.completion_tokens());
+        events.push(event(
+            "metadata",
+            json!({"usage": {"inputTokens": i, "outputTokens": o, "totalTokens": i + o}, "metrics": {"latencyMs": 1}}),
+        ));
+    }
+    send_events(events, "application/vnd.amazon.eventstream", plan, guard)
+}
+
+/// Stream `events` one write each, honouring the plan's chunk delay and abort.
+fn send_events(events: Vec<Bytes>, content_type: &'static str, plan: &Plan, guard: InFlight) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let delay = plan.chunk_delay;
     let abort_after = plan.abort_after;
@@ -576,7 +610,7 @@ fn stream_response(plan: Plan, guard: InFlight) -> Response {
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Response::builder()
         .status(StatusCode::OK)
-        .header("content-type", "text/event-stream")
+        .header("content-type", content_type)
         .header("cache-control", "no-cache")
         .body(body)
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())

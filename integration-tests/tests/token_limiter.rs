@@ -455,6 +455,61 @@ async fn answers_are_charged_output_whatever_their_encoding_or_size() {
     assert_eq!(e.stat(&stat("model.model-big-nousage.output_tokens")).await.unwrap(), 10);
 }
 
+/// Bedrock's ConverseStream answers in the AWS binary event stream, not SSE: the usage in its last
+/// (`metadata`) event is charged, and the stream reaches the client byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_event_stream_usage_is_charged() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":10000000}}]}),
+    )
+    .await;
+    let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
+    let body = json!({"messages":[{"role":"user","content":[{"text":"Stream me an answer."}]}],
+                      "inferenceConfig":{"maxTokens":200}});
+    let path = "/model/anthropic.claude-3-haiku-20240307-v1:0/converse-stream";
+    let r =
+        post(&e, path, &body, &[("x-team", "a"), ("x-mock-completion-tokens", "40"), ("x-mock-prompt-tokens", "25")])
+            .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h(&r, "content-type"), "application/vnd.amazon.eventstream");
+    let bytes = r.bytes().await.unwrap();
+    let mut decoder = meshwarden_shared::eventstream::Decoder::default();
+    let messages = decoder.feed(&bytes);
+    assert_eq!((decoder.broken(), decoder.pending()), (None, 0), "the client gets the frames intact");
+    assert_eq!(messages.len(), 1 + 40 + 3, "messageStart, 40 deltas, contentBlockStop, messageStop, metadata");
+    assert_eq!(e.stat(&stat("output_tokens")).await.unwrap(), 40);
+    assert_eq!(e.stat(&stat("input_tokens")).await.unwrap(), 25);
+    assert_eq!(e.stat(&stat("usage.reported")).await.unwrap(), 1);
+    // Cut by the upstream after 6 events, before the usage: the text streamed so far is charged.
+    let r = post(
+        &e,
+        path,
+        &body,
+        &[
+            ("x-team", "a"),
+            ("x-mock-completion-tokens", "40"),
+            ("x-mock-abort-after-chunks", "6"),
+            // Each event its own write, so the events before the reset reach Envoy.
+            ("x-mock-chunk-delay-ms", "10"),
+        ],
+    )
+    .await;
+    let _ = r.bytes().await;
+    // Settled in on_log, when Envoy finishes the reset stream.
+    for _ in 0..50 {
+        if e.stat(&stat("usage.estimated")).await.unwrap() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(e.stat(&stat("usage.estimated")).await.unwrap(), 1);
+    let estimated = e.stat(&stat("output_tokens")).await.unwrap() - 40;
+    assert!((1..40).contains(&estimated), "charged {estimated} output tokens for 5 streamed words");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_config_is_rejected_naming_the_field() {
     let mock = MockLlm::start().await.unwrap();

@@ -1,6 +1,7 @@
 //! Response accounting: what a response actually cost, from JSON usage, SSE usage (every provider
 //! shape, chunks cut at any byte), or an estimate when the provider said nothing.
 
+use meshwarden_shared::eventstream::Decoder as EventStreamDecoder;
 use meshwarden_shared::llm::{extract_response_texts, usage_from_json, StreamUsage, TokenEstimator};
 use meshwarden_shared::sse::SseParser;
 use meshwarden_shared::usage_scan::UsageScanner;
@@ -19,7 +20,15 @@ enum Kind {
         usage: StreamUsage,
         done: bool,
     },
-    /// Compressed content or Bedrock's binary event stream: usage cannot be read.
+    /// Bedrock's binary event stream (`application/vnd.amazon.eventstream`): usage in the
+    /// `metadata` event (ConverseStream) or in the model's own events (InvokeModelWithResponseStream).
+    EventStream {
+        decoder: EventStreamDecoder,
+        usage: StreamUsage,
+        /// The last event arrived (`messageStop` is followed by `metadata`, which carries the usage).
+        done: bool,
+    },
+    /// Compressed content: usage cannot be read.
     Opaque,
 }
 
@@ -57,9 +66,10 @@ impl Meter {
         let encoded =
             content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity") && !e.trim().is_empty());
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let kind = if encoded || ct.starts_with("application/vnd.amazon.eventstream") {
-            // Bedrock's binary event-stream framing is not read (its usage is in a frame payload).
+        let kind = if encoded {
             Kind::Opaque
+        } else if ct.starts_with("application/vnd.amazon.eventstream") {
+            Kind::EventStream { decoder: EventStreamDecoder::default(), usage: StreamUsage::default(), done: false }
         } else if ct.starts_with("text/event-stream") {
             Kind::Sse { parser: SseParser::default(), usage: StreamUsage::default(), done: false }
         } else {
@@ -69,7 +79,7 @@ impl Meter {
     }
 
     pub fn is_stream(&self) -> bool {
-        matches!(self.kind, Kind::Sse { .. })
+        matches!(self.kind, Kind::Sse { .. } | Kind::EventStream { .. })
     }
 
     /// One body chunk, in order.
@@ -97,6 +107,24 @@ impl Meter {
                     usage.on_event_data(&ev.data);
                 }
             }),
+            Kind::EventStream { decoder, usage, done } => {
+                for m in decoder.feed(chunk) {
+                    // Exceptions (`throttlingException`, ...) carry no usage.
+                    if m.message_type.as_deref().is_some_and(|t| t != "event") {
+                        continue;
+                    }
+                    if let Some(v) = m.event_json() {
+                        usage.on_event_json(&v);
+                        // ConverseStream ends with `metadata` (after `messageStop`); the invoke API's
+                        // last chunk carries the invocation metrics.
+                        if m.event_type.as_deref() == Some("metadata")
+                            || v.get("amazon-bedrock-invocationMetrics").is_some()
+                        {
+                            *done = true;
+                        }
+                    }
+                }
+            }
             Kind::Opaque => {}
         }
     }
@@ -153,6 +181,21 @@ impl Meter {
                     Some(u) => {
                         let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
                         (input, u.output_tokens.max(streamed), Source::Partial)
+                    }
+                    None => (input_estimate, streamed, Source::Estimated),
+                }
+            }
+            Kind::EventStream { decoder, usage, done } => {
+                let streamed = usage.estimated_output_tokens();
+                match usage.reported() {
+                    Some(u) if *done => (u.input_tokens, u.output_tokens, Source::Reported),
+                    Some(u) => {
+                        let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
+                        (input, u.output_tokens.max(streamed), Source::Partial)
+                    }
+                    // Framing that could not be read: what was streamed, at least the reservation.
+                    None if decoder.broken().is_some() => {
+                        (input_estimate, streamed.max(unreadable_output), Source::Estimated)
                     }
                     None => (input_estimate, streamed, Source::Estimated),
                 }
@@ -225,9 +268,9 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         let mut m = Meter::new(200, Some("application/json"), Some("gzip"), 1 << 20);
         m.on_chunk(&[0x1f, 0x8b, 0, 1]);
         assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
-        // Bedrock's binary event stream.
+        // Bytes that are not the event-stream framing the content type announced.
         let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
-        m.on_chunk(&[0, 0, 0, 90, 0, 0, 0, 50]);
+        m.on_chunk(&[0, 0, 0, 90, 0, 0, 0, 50, 1, 2, 3, 4]);
         assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
         // Over the buffer bound and no usage anywhere.
         let mut m = Meter::new(200, Some("application/json"), None, 8);
@@ -246,6 +289,68 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         let mut m = Meter::new(502, Some("text/html"), None, 1 << 20);
         m.on_chunk(b"<html>bad gateway</html>");
         assert_eq!(m.finish(50, 300), (50, 0, Source::Estimated));
+    }
+
+    fn bedrock_event(kind: &str, payload: &str) -> Vec<u8> {
+        meshwarden_shared::eventstream::encode(
+            &[(":event-type", kind), (":content-type", "application/json"), (":message-type", "event")],
+            payload.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn bedrock_event_streams_are_read_at_any_split() {
+        let mut converse = bedrock_event("messageStart", r#"{"role":"assistant"}"#);
+        converse
+            .extend(bedrock_event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"Hello there"}}"#));
+        converse.extend(bedrock_event("messageStop", r#"{"stopReason":"end_turn"}"#));
+        converse
+            .extend(bedrock_event("metadata", r#"{"usage":{"inputTokens":21,"outputTokens":43,"totalTokens":64}}"#));
+        for split in [1, 3, 7, 64, converse.len()] {
+            let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+            for c in converse.chunks(split) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(50, 300), (21, 43, Source::Reported), "split {split}");
+        }
+        // InvokeModelWithResponseStream: base64 Anthropic events, the last with invocation metrics.
+        let b64 = |s: &str| {
+            const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut out = String::new();
+            for c in s.as_bytes().chunks(3) {
+                let n = (u32::from(c[0]) << 16)
+                    | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+                    | u32::from(*c.get(2).unwrap_or(&0));
+                for i in 0..4 {
+                    out.push(if i <= c.len() { A[(n >> (18 - 6 * i)) as usize & 63] as char } else { '=' });
+                }
+            }
+            out
+        };
+        let chunk = |inner: &str| bedrock_event("chunk", &format!(r#"{{"bytes":"{}"}}"#, b64(inner)));
+        let mut invoke = chunk(r#"{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}"#);
+        invoke.extend(chunk(r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi"}}"#));
+        invoke.extend(chunk(
+            r#"{"type":"message_stop","amazon-bedrock-invocationMetrics":{"inputTokenCount":9,"outputTokenCount":17}}"#,
+        ));
+        let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+        m.on_chunk(&invoke);
+        assert_eq!(m.finish(50, 300), (9, 17, Source::Reported));
+    }
+
+    #[test]
+    fn bedrock_streams_cut_or_broken_are_charged_what_is_known() {
+        let mut start = bedrock_event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"12345678"}}"#);
+        // Cut before the metadata event: the streamed text.
+        let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+        m.on_chunk(&start);
+        assert_eq!(m.finish(50, 300), (50, 2, Source::Estimated));
+        // Broken framing (CRC) before any usage: the reservation, not nothing.
+        let n = start.len();
+        start[n - 1] ^= 0xff;
+        let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+        m.on_chunk(&start);
+        assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
     }
 
     #[test]
