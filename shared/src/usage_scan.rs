@@ -126,7 +126,7 @@ impl UsageScanner {
                 } else if self.capture.is_none() {
                     // Skip ahead to the next byte that can end or escape the string.
                     let rest = chunk.get(i + 1..).unwrap_or_default();
-                    match rest.iter().position(|&c| c == b'"' || c == b'\\') {
+                    match memchr::memchr2(b'"', b'\\', rest) {
                         Some(p) => {
                             i += p + 1;
                             continue;
