@@ -142,6 +142,33 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 4);
 }
 
+/// The output reservation covers every answer asked for (`n`) and reads the output cap of each API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_cover_every_answer_and_every_api_output_cap() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]}),
+    )
+    .await;
+    let mut body = chat("gpt-4o-mini", "Three answers, please.", Some(100), false);
+    body["n"] = json!(3);
+    let est = estimate(Api::OpenAiChat, &body);
+    let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "n3")]).await;
+    assert_eq!(r.status(), 200);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 100000 - (est + 300), "3 answers of up to 100 tokens");
+    // Bedrock Converse: the cap is `inferenceConfig.maxTokens`.
+    let converse = json!({"messages":[{"role":"user","content":[{"text":"One answer."}]}],
+                          "inferenceConfig":{"maxTokens":77}});
+    let est = estimate(Api::OpenAiChat, &converse);
+    let r =
+        post(&e, "/model/anthropic.claude-3-haiku-20240307-v1:0/converse", &converse, &[("x-team", "bedrock")]).await;
+    assert_eq!(r.status(), 200);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 100000 - (est + 77));
+}
+
 async fn stream_case(path: &str, body: Value, api: Api) {
     let mock = MockLlm::start().await.unwrap();
     let e =

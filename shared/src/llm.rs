@@ -130,19 +130,42 @@ pub struct RequestInfo {
     pub stream: bool,
     /// OpenAI streams report usage only with `stream_options.include_usage: true`.
     pub include_usage: bool,
-    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`, whichever is present.
+    /// The output cap per answer: `max_completion_tokens`, `max_output_tokens`, `max_tokens` (OpenAI,
+    /// Anthropic), `inferenceConfig.maxTokens` (Bedrock Converse), `generationConfig.maxOutputTokens`
+    /// (Gemini), `options.num_predict` (Ollama), whichever is present first.
     pub max_output_tokens: Option<u64>,
+    /// How many answers the model generates, each up to `max_output_tokens`: OpenAI `n` and
+    /// completions `best_of` (the larger), Gemini `generationConfig.candidateCount`; 1 when absent,
+    /// at most [`MAX_CHOICES`].
+    pub choices: u64,
 }
 
+/// Upper bound on `choices` (OpenAI's own limit for `n` is 128).
+pub const MAX_CHOICES: u64 = 128;
+
 pub fn request_info(body: &Value) -> RequestInfo {
-    let max_output_tokens = ["max_completion_tokens", "max_output_tokens", "max_tokens"]
+    let max_output_tokens = [
+        "/max_completion_tokens",
+        "/max_output_tokens",
+        "/max_tokens",
+        "/inferenceConfig/maxTokens",
+        "/generationConfig/maxOutputTokens",
+        "/options/num_predict",
+    ]
+    .iter()
+    .find_map(|p| body.pointer(p).and_then(Value::as_u64));
+    let choices = ["/n", "/best_of", "/generationConfig/candidateCount"]
         .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64));
+        .filter_map(|p| body.pointer(p).and_then(Value::as_u64))
+        .max()
+        .unwrap_or(1)
+        .clamp(1, MAX_CHOICES);
     RequestInfo {
         model: body.get("model").and_then(Value::as_str).map(str::to_string),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
         include_usage: body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         max_output_tokens,
+        choices,
     }
 }
 
@@ -1109,6 +1132,17 @@ mod tests {
         assert_eq!(info.model.as_deref(), Some("gpt"));
         assert!(info.stream && !info.include_usage);
         assert_eq!(info.max_output_tokens, Some(50));
+        assert_eq!(info.choices, 1);
+        let several = request_info(&json!({"n": 4, "max_tokens": 10}));
+        assert_eq!((several.max_output_tokens, several.choices), (Some(10), 4));
+        assert_eq!(request_info(&json!({"prompt": "p", "n": 2, "best_of": 5})).choices, 5);
+        assert_eq!(request_info(&json!({"n": 100000})).choices, MAX_CHOICES);
+        assert_eq!(request_info(&json!({"n": 0})).choices, 1);
+        let bedrock = request_info(&json!({"messages": [], "inferenceConfig": {"maxTokens": 77}}));
+        assert_eq!(bedrock.max_output_tokens, Some(77));
+        let gemini = json!({"generationConfig": {"maxOutputTokens": 33, "candidateCount": 2}});
+        assert_eq!((request_info(&gemini).max_output_tokens, request_info(&gemini).choices), (Some(33), 2));
+        assert_eq!(request_info(&json!({"options": {"num_predict": 12}})).max_output_tokens, Some(12));
         assert!(ensure_stream_usage(Api::OpenAiChat, &mut body));
         assert!(request_info(&body).include_usage);
         assert!(!ensure_stream_usage(Api::OpenAiChat, &mut body), "idempotent");

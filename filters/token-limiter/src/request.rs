@@ -87,8 +87,11 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     let api = Api::detect(path, &json);
     let info = request_info(&json);
     let spans = extract_request_texts(api, &json);
-    let output_reservation =
-        info.max_output_tokens.map_or(cfg.default_output_reservation, |m| m.min(cfg.max_output_reservation));
+    // Per answer, times the answers asked for (`n`, `best_of`): each may use the whole cap.
+    let output_reservation = info
+        .max_output_tokens
+        .map_or(cfg.default_output_reservation, |m| m.min(cfg.max_output_reservation))
+        .saturating_mul(info.choices);
     Parsed {
         api,
         bad: if info.model.is_none() { Some(BadBody::NoModel) } else { None },
@@ -170,6 +173,13 @@ mod tests {
         let out: Value = serde_json::from_slice(&rewrite_body(&mut p, Some("mini")).unwrap()).unwrap();
         assert_eq!(out["model"], "mini");
         assert_eq!(out["stream_options"]["include_usage"], true);
+        let several = parse_request(
+            &cfg,
+            "/v1/chat/completions",
+            br#"{"model":"m","n":3,"max_tokens":100,"messages":[]}"#,
+            false,
+        );
+        assert_eq!(several.output_reservation, 300, "n answers may each use max_tokens");
         let mut plain = parse_request(&cfg, "/v1/chat/completions", br#"{"model":"m","messages":[]}"#, false);
         assert_eq!(plain.output_reservation, 256);
         assert!(rewrite_body(&mut plain, Some("m")).is_none());
