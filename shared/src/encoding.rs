@@ -1,5 +1,23 @@
 //! Small decoders every protocol module needs: Base64 (standard and URL-safe alphabets, padding
-//! optional), used for JWT segments and MCP 2026-07-28 `=?base64?...?=` header values.
+//! optional), used for JWT segments and MCP 2026-07-28 `=?base64?...?=` header values; and the
+//! standard Base64 encoder (Bedrock `InvokeModelWithResponseStream` chunks carry `{"bytes":"<base64>"}`).
+
+const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Encode in the standard alphabet (`+/`) with `=` padding (RFC 4648 section 4).
+pub fn base64_encode(input: &[u8]) -> String {
+    let sym = |v: u32| char::from(STANDARD.get((v & 63) as usize).copied().unwrap_or(b'A'));
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for group in input.chunks(3) {
+        let b = |i: usize| u32::from(group.get(i).copied().unwrap_or(0));
+        let n = (b(0) << 16) | (b(1) << 8) | b(2);
+        out.push(sym(n >> 18));
+        out.push(sym(n >> 12));
+        out.push(if group.len() > 1 { sym(n >> 6) } else { '=' });
+        out.push(if group.len() > 2 { sym(n) } else { '=' });
+    }
+    out
+}
 
 /// Decode Base64 in either the standard (`+/`) or the URL-safe (`-_`) alphabet; `=` padding is optional
 /// (JWTs omit it). Whitespace and any other byte are an error, as are impossible lengths.
@@ -46,6 +64,37 @@ mod tests {
         assert_eq!(base64_decode("-_8").unwrap(), vec![0xfb, 0xff]);
         assert_eq!(base64_decode("+/8=").unwrap(), vec![0xfb, 0xff]);
         assert_eq!(String::from_utf8(base64_decode("w6lsw6h2ZQ==").unwrap()).unwrap(), "\u{e9}l\u{e8}ve");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn encodes_the_rfc_4648_vectors() {
+        let vectors =
+            [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE=")];
+        for (plain, b64) in vectors.into_iter().chain([("foobar", "Zm9vYmFy")]) {
+            assert_eq!(base64_encode(plain.as_bytes()), b64, "{plain}");
+        }
+        assert_eq!(base64_encode(&[0xfb, 0xff]), "+/8=");
+        assert_eq!(base64_encode("\u{e9}l\u{e8}ve".as_bytes()), "w6lsw6h2ZQ==");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn encode_then_decode_round_trips_every_length_and_byte() {
+        let all: Vec<u8> = (0..=255u8).collect();
+        assert_eq!(base64_decode(&base64_encode(&all)).unwrap(), all);
+        let mut x = 0x9e37_79b9u32;
+        for len in 0..200 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let b64 = base64_encode(&bytes);
+            assert_eq!(b64.len() % 4, 0);
+            assert_eq!(base64_decode(&b64).unwrap(), bytes, "len {len}");
+        }
     }
 
     #[wasm_bindgen_test(unsupported = test)]

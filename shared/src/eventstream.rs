@@ -11,7 +11,11 @@
 //!
 //! Both CRCs are checked: a stream whose framing is broken cannot be re-synchronised (a length could
 //! be anywhere), so the decoder stops at the first bad message and says so ([`Decoder::broken`]); the
-//! caller then charges what it cannot read as unreadable. Memory is bounded by [`MAX_MESSAGE`].
+//! caller then charges what it cannot read as unreadable (or, rewriting the stream, passes the
+//! bytes it could not decode on unchanged: [`Decoder::take_unread`]). Memory is bounded by [`MAX_MESSAGE`].
+//!
+//! Rewriting a message ([`encode_raw`]) keeps its headers byte for byte ([`Message::headers_raw`]) and
+//! writes a new prelude and both CRCs; a message re-encoded with its own payload is the original bytes.
 
 use crate::encoding::base64_decode;
 use serde_json::Value;
@@ -28,6 +32,8 @@ pub struct Message {
     pub message_type: Option<String>,
     /// `:event-type` (for events) or `:exception-type`.
     pub event_type: Option<String>,
+    /// The header section exactly as received (every header, in order), for [`encode_raw`].
+    pub headers_raw: Vec<u8>,
     pub payload: Vec<u8>,
 }
 
@@ -65,6 +71,8 @@ pub enum Broken {
 pub struct Decoder {
     buf: Vec<u8>,
     broken: Option<Broken>,
+    /// After a break: the bytes from the broken message on, as fed (see [`Decoder::take_unread`]).
+    unread: Vec<u8>,
 }
 
 impl Decoder {
@@ -90,6 +98,7 @@ impl Decoder {
             }
         }
         if self.broken.is_some() {
+            self.unread = self.buf.split_off(start.min(self.buf.len()));
             self.buf = Vec::new();
         } else {
             self.buf.drain(..start.min(self.buf.len()));
@@ -105,6 +114,18 @@ impl Decoder {
     /// Bytes of an unfinished message held (a stream cut mid-message ends with some).
     pub fn pending(&self) -> usize {
         self.buf.len()
+    }
+
+    /// The bytes fed but not decoded, for a caller that passes them on as they are: after a break, the
+    /// broken message and everything fed with it (chunks fed later are not kept: [`Decoder::feed`]
+    /// returns nothing for them and the caller still has them); otherwise the unfinished message held
+    /// (call it at the end of a stream cut mid-message). Taking them empties the decoder's buffer.
+    pub fn take_unread(&mut self) -> Vec<u8> {
+        if self.broken.is_some() {
+            std::mem::take(&mut self.unread)
+        } else {
+            std::mem::take(&mut self.buf)
+        }
     }
 }
 
@@ -139,7 +160,8 @@ fn be32_at(b: &[u8], at: usize) -> Option<u32> {
 }
 
 fn parse_message(mut headers: &[u8], payload: &[u8]) -> Result<Message, Broken> {
-    let mut m = Message { message_type: None, event_type: None, payload: payload.to_vec() };
+    let mut m =
+        Message { message_type: None, event_type: None, headers_raw: headers.to_vec(), payload: payload.to_vec() };
     while let Some((&name_len, rest)) = headers.split_first() {
         let name_len = usize::from(name_len);
         let name = rest.get(..name_len).ok_or(Broken::Header)?;
@@ -215,13 +237,20 @@ pub fn encode(headers: &[(&str, &str)], payload: &[u8]) -> Vec<u8> {
         h.extend_from_slice(&(v.len() as u16).to_be_bytes());
         h.extend_from_slice(v);
     }
-    let total = (OVERHEAD + h.len() + payload.len()) as u32;
+    encode_raw(&h, payload)
+}
+
+/// Encode one message from a header section as received ([`Message::headers_raw`], kept byte for byte)
+/// and a payload: a new prelude (lengths, prelude CRC) and message CRC. A decoded message re-encoded
+/// with its own payload gives back the bytes it was decoded from.
+pub fn encode_raw(headers_raw: &[u8], payload: &[u8]) -> Vec<u8> {
+    let total = (OVERHEAD + headers_raw.len() + payload.len()) as u32;
     let mut m = Vec::with_capacity(total as usize);
     m.extend_from_slice(&total.to_be_bytes());
-    m.extend_from_slice(&(h.len() as u32).to_be_bytes());
+    m.extend_from_slice(&(headers_raw.len() as u32).to_be_bytes());
     let prelude_crc = crc32(&m);
     m.extend_from_slice(&prelude_crc.to_be_bytes());
-    m.extend_from_slice(&h);
+    m.extend_from_slice(headers_raw);
     m.extend_from_slice(payload);
     let crc = crc32(&m);
     m.extend_from_slice(&crc.to_be_bytes());
@@ -282,6 +311,67 @@ mod tests {
         assert_eq!(d.broken(), Some(Broken::MessageCrc));
     }
 
+    /// decode -> `encode_raw(headers_raw, payload)` gives the published vectors back byte for byte (every
+    /// header value type, and an event decoded from three pieces), and a changed payload gets a new
+    /// prelude and CRCs that decode again with the same headers.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn published_test_vectors_round_trip_through_encode_raw() {
+        let all_types: &[u8] = b"\x00\x00\x00\x62\x00\x00\x00\x52\x03\xb5\xcb\x9c\
+            \x010\x00\x011\x01\x012\x02\x02\x013\x03\x00\x03\
+            \x014\x04\x00\x00\x00\x04\x015\x05\x00\x00\x00\x00\x00\x00\x00\x05\
+            \x016\x06\x00\x05bytes\x017\x07\x00\x04utf8\
+            \x018\x08\x00\x00\x00\x00\x00\x00\x00\x08\x019\x090123456789abcdef\
+            \x63\x35\x36\x71";
+        let event: &[u8] = b"\x00\x00\x00~\x00\x00\x00O\xc5\xa3\xdd\xc6\r:message-type\x07\x00\
+            \x05event\x0b:event-type\x07\x00\x10initial-response\r:content-type\
+            \x07\x00\ttext/json{\"InitialResponse\": \"sometext\"}\xf6\x98$\x83";
+        for vector in [all_types, event] {
+            let mut d = Decoder::default();
+            let m = d.feed(vector);
+            assert_eq!((m.len(), d.broken()), (1, None));
+            assert_eq!(m[0].headers_raw.len() + m[0].payload.len() + 16, vector.len());
+            assert_eq!(encode_raw(&m[0].headers_raw, &m[0].payload), vector);
+        }
+        let mut d = Decoder::default();
+        let m = d.feed(event).remove(0);
+        let changed = encode_raw(&m.headers_raw, br#"{"InitialResponse": "other, longer text"}"#);
+        assert_eq!(changed.len(), event.len() + 10);
+        let again = Decoder::default().feed(&changed).remove(0);
+        assert_eq!(again.headers_raw, m.headers_raw);
+        assert_eq!((&again.message_type, &again.event_type), (&m.message_type, &m.event_type));
+        assert_eq!(again.event_json().unwrap()["InitialResponse"], "other, longer text");
+        // `encode` is `encode_raw` over string headers.
+        let e = encode(&[(":event-type", "chunk")], b"{}");
+        let m = Decoder::default().feed(&e).remove(0);
+        assert_eq!(encode_raw(&m.headers_raw, &m.payload), e);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn unread_bytes_after_a_break_or_a_cut() {
+        let good = event("messageStart", r#"{"role":"assistant"}"#);
+        let mut bad = event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"x"}}"#);
+        let n = bad.len();
+        bad[n - 6] ^= 1;
+        let mut stream = good.clone();
+        stream.extend_from_slice(&bad);
+        stream.extend_from_slice(&good);
+        // Fed in two pieces cut inside the broken message: the first decodes `good` and holds the
+        // start of `bad`; the second breaks, and the unread bytes are `bad` and what followed it.
+        let (a, b) = stream.split_at(good.len() + 5);
+        let mut d = Decoder::default();
+        assert_eq!(d.feed(a).len(), 1);
+        assert!(d.feed(b).is_empty());
+        assert_eq!(d.broken(), Some(Broken::MessageCrc));
+        assert_eq!(d.take_unread(), stream[good.len()..].to_vec());
+        assert!(d.take_unread().is_empty());
+        assert!(d.feed(&good).is_empty() && d.take_unread().is_empty(), "later chunks are not kept");
+        // A stream cut mid-message: the unfinished message is unread.
+        let mut d = Decoder::default();
+        assert!(d.feed(&good[..10]).is_empty());
+        assert_eq!(d.take_unread(), good[..10].to_vec());
+        assert_eq!(d.pending(), 0);
+    }
+
     #[wasm_bindgen_test(unsupported = test)]
     fn messages_split_at_every_byte_decode_the_same() {
         let mut stream = event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"Hel"}}"#);
@@ -297,6 +387,8 @@ mod tests {
             assert_eq!(got[1].message_type.as_deref(), Some("event"));
             assert_eq!(got[1].event_json().unwrap()["usage"]["outputTokens"], 34);
             assert_eq!(d.pending(), 0);
+            let again: Vec<u8> = got.iter().flat_map(|m| encode_raw(&m.headers_raw, &m.payload)).collect();
+            assert_eq!(again, stream, "split {split}: re-encoded byte for byte");
         }
     }
 
