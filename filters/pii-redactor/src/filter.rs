@@ -1,9 +1,11 @@
 //! The thin proxy-wasm adapter: buffers the request body, runs the pure core, rewrites the body, then
-//! restores (and optionally scans) the answer: JSON buffered, SSE and other bodies streamed chunk by
-//! chunk with only a possible placeholder prefix held back.
+//! restores (and optionally scans) the answer: JSON buffered, SSE, Bedrock event streams and other
+//! bodies streamed chunk by chunk with only a possible placeholder prefix (and an unfinished frame) held
+//! back.
 
 use crate::config::{Config, Unscannable};
 use crate::engine::{Counts, Engine};
+use crate::eventstream::EventStreamRestore;
 use crate::request::{process_request, Scanned};
 use crate::restore::{RawStream, Restorer, SseRestore};
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
@@ -62,6 +64,7 @@ impl RootContext for Root {
             mode: Mode::None,
             sse: SseRestore::new(),
             raw: RawStream::default(),
+            es: EventStreamRestore::default(),
             response_us: 0,
             body_size: 0,
             response_size: 0,
@@ -80,6 +83,8 @@ enum Mode {
     Json,
     Sse,
     Raw,
+    /// Bedrock `application/vnd.amazon.eventstream`.
+    EventStream,
 }
 
 struct Request {
@@ -96,6 +101,7 @@ struct Request {
     mode: Mode,
     sse: SseRestore,
     raw: RawStream,
+    es: EventStreamRestore,
     /// Time spent restoring the answer, over all its chunks.
     response_us: u64,
     /// Request body bytes buffered so far.
@@ -170,12 +176,12 @@ impl Request {
                 }
                 Action::Continue
             }
-            Mode::Sse | Mode::Raw => {
+            Mode::Sse | Mode::Raw | Mode::EventStream => {
                 let chunk = self.get_http_response_body(0, size).unwrap_or_default();
-                let out = if self.mode == Mode::Sse {
-                    self.sse.feed(restorer, &chunk, eos)
-                } else {
-                    self.raw.feed(restorer, &chunk, eos)
+                let out = match self.mode {
+                    Mode::Sse => self.sse.feed(restorer, &chunk, eos),
+                    Mode::EventStream => self.es.feed(restorer, &chunk, eos),
+                    _ => self.raw.feed(restorer, &chunk, eos),
                 };
                 if out != chunk {
                     self.set_http_response_body(0, size, &out);
@@ -336,17 +342,14 @@ impl Request {
             return Action::Continue;
         }
         let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
-        if ct.starts_with("application/vnd.amazon.eventstream") {
-            // Bedrock streams: binary frames with length prefixes and CRCs. A restore changes lengths and
-            // would corrupt every frame after it: passed unchanged (placeholders, never others' values).
-            self.count("response_not_restored_eventstream", 1);
-            self.restorer = None;
-            return Action::Continue;
-        }
         // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
         // so a mislabelled error body is never swallowed by the event parser.
         let ok = self.get_http_response_header(":status").is_some_and(|st| st.starts_with('2'));
-        self.mode = if ct.starts_with("text/event-stream") && ok {
+        self.mode = if ct.starts_with("application/vnd.amazon.eventstream") {
+            // Bedrock streams: binary frames with length prefixes and CRCs, decoded, restored and
+            // re-encoded frame by frame (any status: bytes that are not valid frames pass unchanged).
+            Mode::EventStream
+        } else if ct.starts_with("text/event-stream") && ok {
             Mode::Sse
         } else if ct.contains("json") {
             Mode::Json
@@ -395,6 +398,9 @@ impl Request {
             }
             for ((name, action), n) in &r.response_counts.0 {
                 self.count(&format!("response_findings.{name}.{}", action.name()), *n);
+            }
+            if self.es.broken.is_some() {
+                self.count("response_eventstream_broken", 1);
             }
             if self.sse.rw.oversized_events() > 0 {
                 self.count("response_oversized_events", self.sse.rw.oversized_events());

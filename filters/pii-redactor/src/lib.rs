@@ -4,13 +4,15 @@
 //! - [`detect`]: the built-in detectors in one pass over the text, with validators;
 //! - [`engine`]: built-ins + user regex detectors, actions, the per-request placeholder map;
 //! - [`request`]: scanning the texts the model reads and rewriting the body;
-//! - [`restore`]: putting values back into JSON, SSE and raw answers, split-safe.
+//! - [`restore`]: putting values back into JSON, SSE and raw answers, split-safe;
+//! - [`eventstream`]: the same in Bedrock binary event streams (frames decoded, rewritten, re-encoded).
 //!
 //! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy).
 
 pub mod config;
 pub mod detect;
 pub mod engine;
+pub mod eventstream;
 pub mod request;
 pub mod restore;
 
