@@ -261,7 +261,10 @@ pub fn reserve_all<S: GroupStore>(store: &mut S, req: &ReserveRequest) -> Result
         let allowed = r.allowed;
         results.push(r);
         if !allowed {
-            roll_back(store, req.groups.iter().take(i))?;
+            // The denial stands even if a rollback fails: an error here would let the caller fail open
+            // and admit a request that is over its budget. A failed rollback leaves that group charged
+            // (more than used, never less).
+            let _ = roll_back(store, req.groups.iter().take(i));
             return Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results });
         }
     }
@@ -403,6 +406,27 @@ mod tests {
         fn settle_item(&mut self, it: &SettleItem) -> Result<(), ()> {
             self.0.settle_item(it)
         }
+    }
+
+    /// A store whose settlements (hence rollbacks) always fail.
+    struct SettleFails(Mem);
+    impl GroupStore for SettleFails {
+        type Error = ();
+        fn reserve_group(&mut self, g: &Group) -> Result<GroupResult, ()> {
+            self.0.reserve_group(g)
+        }
+        fn settle_item(&mut self, _: &SettleItem) -> Result<(), ()> {
+            Err(())
+        }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_denial_stays_a_denial_when_the_rollback_fails() {
+        let mut m = SettleFails(Mem(Default::default(), 1_000_000_000, Default::default()));
+        let open = Group { key: "a".into(), windows: vec![MIN], cost: 10, concurrency: None };
+        let full = Group { key: "b".into(), windows: vec![MIN], cost: 10_000, concurrency: None };
+        let r = reserve_all(&mut m, &ReserveRequest { groups: vec![open, full] });
+        assert!(matches!(r, Ok(ReserveResponse { allowed: false, denied_group: Some(1), .. })), "{r:?}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]
