@@ -21,6 +21,7 @@
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
+//! | (paths `/api/chat`, `/api/generate`) | Ollama's native API: NDJSON stream unless `"stream": false`, counts in the last line |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
 //!
@@ -375,6 +376,11 @@ async fn answer(
     if uri.path().ends_with("/converse-stream") {
         return bedrock_stream_response(&plan, guard);
     }
+    if uri.path().ends_with("/api/chat") || uri.path().ends_with("/api/generate") {
+        // Ollama streams unless the body says `"stream": false`.
+        let stream = parsed.get("stream").and_then(Value::as_bool).unwrap_or(true);
+        return ollama_response(&plan, uri.path().ends_with("/api/chat"), stream, guard);
+    }
     if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {
         stream_response(plan, guard)
     } else {
@@ -583,6 +589,30 @@ fn bedrock_stream_response(plan: &Plan, guard: InFlight) -> Response {
         ));
     }
     send_events(events, "application/vnd.amazon.eventstream", plan, guard)
+}
+
+/// Ollama's native API (`/api/chat`, `/api/generate`): newline-delimited JSON when streaming, one
+/// line per output token, the counts (`prompt_eval_count`, `eval_count`) in the last (`"done": true`).
+fn ollama_response(plan: &Plan, chat: bool, stream: bool, guard: InFlight) -> Response {
+    let line = |text: &str, done: bool| {
+        let mut v = if chat {
+            json!({"model": plan.model, "created_at": "2026-12-05T08:00:00Z", "message": {"role": "assistant", "content": text}, "done": done})
+        } else {
+            json!({"model": plan.model, "created_at": "2026-12-05T08:00:00Z", "response": text, "done": done})
+        };
+        if done && plan.usage {
+            v["prompt_eval_count"] = json!(plan.prompt_tokens);
+            v["eval_count"] = json!(plan.completion_tokens());
+        }
+        v
+    };
+    if !stream {
+        return (StatusCode::OK, [("content-type", "application/json")], line(&plan.answer(), true).to_string())
+            .into_response();
+    }
+    let mut lines: Vec<Bytes> = plan.pieces.iter().map(|p| Bytes::from(format!("{}\n", line(p, false)))).collect();
+    lines.push(Bytes::from(format!("{}\n", line("", true))));
+    send_events(lines, "application/x-ndjson", plan, guard)
 }
 
 /// Stream `events` one write each, honouring the plan's chunk delay and abort.

@@ -621,6 +621,14 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
     if event.get("candidates").is_some() {
         out.extend(extract_response_texts(event));
     }
+    // Ollama stream lines (`"done": false` until the last): chat `message.content`, generate `response`.
+    if event.get("done").is_some_and(Value::is_boolean) {
+        for p in ["/message/content", "/response"] {
+            if let Some(t) = event.pointer(p) {
+                push_text(&mut out, Role::Assistant, p.into(), t);
+            }
+        }
+    }
     out
 }
 
@@ -773,6 +781,21 @@ pub fn usage_from_json(body: &Value) -> Option<Usage> {
     .filter_map(|p| body.pointer(p))
     .filter(|v| v.is_object())
     .find_map(usage_object)
+    .or_else(|| top_level_usage(body))
+}
+
+/// Counts some servers put at the top level of the answer: Ollama (`prompt_eval_count`,
+/// `eval_count`, in its last stream line too) and Bedrock `InvokeModel` Llama (`prompt_token_count`,
+/// `generation_token_count`).
+fn top_level_usage(body: &Value) -> Option<Usage> {
+    [("prompt_eval_count", "eval_count"), ("prompt_token_count", "generation_token_count")].iter().find_map(
+        |(input, output)| {
+            let (i, o) = (u(body, input), u(body, output));
+            (i.is_some() || o.is_some()).then(|| {
+                Usage { input_tokens: i.unwrap_or(0), output_tokens: o.unwrap_or(0), ..Usage::default() }.finish()
+            })
+        },
+    )
 }
 
 /// Accumulates usage and streamed text over a whole SSE answer, event by event.

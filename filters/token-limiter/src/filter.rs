@@ -942,7 +942,10 @@ impl Request {
         let headers = HeaderSnapshot::response();
         let status = headers.get(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let max = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
-        self.meter = Some(Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max));
+        let mut meter = Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max);
+        let count = |name: &str| headers.get(name).and_then(|v| v.trim().parse::<u64>().ok());
+        meter.set_header_usage(count("x-amzn-bedrock-input-token-count"), count("x-amzn-bedrock-output-token-count"));
+        self.meter = Some(meter);
         if let Some(w) = self.window {
             for (k, v) in self.ratelimit_headers(&w) {
                 self.set_http_response_header(k, Some(&v));

@@ -28,6 +28,15 @@ enum Kind {
         /// The last event arrived (`messageStop` is followed by `metadata`, which carries the usage).
         done: bool,
     },
+    /// Newline-delimited JSON (`application/x-ndjson`, Ollama's streams): one event per line, the
+    /// counts in the last (`"done": true`).
+    Ndjson {
+        line: Vec<u8>,
+        /// The current line passed the bound and is skipped to its end.
+        skipping: bool,
+        usage: StreamUsage,
+        done: bool,
+    },
     /// Compressed content: usage cannot be read.
     Opaque,
 }
@@ -58,6 +67,8 @@ pub struct Meter {
     kind: Kind,
     max_bytes: usize,
     status: u32,
+    /// Usage from response headers (Bedrock `InvokeModel`), if any.
+    header_usage: Option<(u64, u64)>,
 }
 
 impl Meter {
@@ -70,12 +81,14 @@ impl Meter {
             Kind::Opaque
         } else if ct.starts_with("application/vnd.amazon.eventstream") {
             Kind::EventStream { decoder: EventStreamDecoder::default(), usage: StreamUsage::default(), done: false }
+        } else if ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl") {
+            Kind::Ndjson { line: Vec::new(), skipping: false, usage: StreamUsage::default(), done: false }
         } else if ct.starts_with("text/event-stream") {
             Kind::Sse { parser: SseParser::default(), usage: StreamUsage::default(), done: false }
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
-        Self { kind, max_bytes, status }
+        Self { kind, max_bytes, status, header_usage: None }
     }
 
     pub fn is_stream(&self) -> bool {
@@ -125,47 +138,88 @@ impl Meter {
                     }
                 }
             }
+            Kind::Ndjson { line, skipping, usage, done } => {
+                let mut rest = chunk;
+                while !rest.is_empty() {
+                    let (piece, ended) = match rest.iter().position(|&b| b == b'\n') {
+                        Some(p) => (rest.get(..p).unwrap_or_default(), true),
+                        None => (rest, false),
+                    };
+                    rest = if ended { rest.get(piece.len() + 1..).unwrap_or_default() } else { &[] };
+                    if !*skipping {
+                        if line.len() + piece.len() > self.max_bytes {
+                            *skipping = true;
+                            line.clear();
+                        } else {
+                            line.extend_from_slice(piece);
+                        }
+                    }
+                    if ended {
+                        ndjson_line(line, usage, done);
+                        line.clear();
+                        *skipping = false;
+                    }
+                }
+            }
             Kind::Opaque => {}
         }
     }
 
+    /// Usage the upstream reported in response headers (Bedrock `InvokeModel`:
+    /// `x-amzn-bedrock-input-token-count`, `x-amzn-bedrock-output-token-count`); used when the body
+    /// reports none.
+    pub fn set_header_usage(&mut self, input: Option<u64>, output: Option<u64>) {
+        if input.is_some() || output.is_some() {
+            self.header_usage = Some((input.unwrap_or(0), output.unwrap_or(0)));
+        }
+    }
+
     /// The tokens to charge, `(input, output, source)`, given the admission's prompt estimate and
-    /// output reservation. An answer whose usage cannot be read and whose text cannot be estimated
-    /// (compressed, or a JSON answer over `max_body_bytes` without usage) is charged the reservation:
-    /// the output the admission allowed, never nothing.
+    /// output reservation. Usage the answer reports wins; otherwise its text is estimated; an answer
+    /// whose usage cannot be read and whose text cannot be estimated (compressed, broken framing) is
+    /// charged at least the reservation: the output the admission allowed, never nothing. Error
+    /// answers (status >= 400) without usage cost only the prompt.
     pub fn finish(&mut self, input_estimate: u64, output_reservation: u64) -> (u64, u64, Source) {
         let error = self.status >= 400;
         let unreadable_output = if error { 0 } else { output_reservation };
-        match &mut self.kind {
+        let header_usage = self.header_usage;
+        let body_only = match &mut self.kind {
             Kind::Json { scan, buf, overflow } => {
                 if let Some(u) = scan.finish() {
                     return (u.input_tokens, u.output_tokens, Source::Reported);
                 }
+                // The text of string values, for shapes and sizes the estimate below cannot read.
+                let strings = if error { 0 } else { scan.string_bytes().div_ceil(4) };
                 if *overflow {
-                    return (input_estimate, unreadable_output, Source::Estimated);
-                }
-                match serde_json::from_slice::<serde_json::Value>(buf) {
-                    // Usage wrapped one level deeper (`message.usage`, `response.usage`, as some
-                    // gateways re-wrap streamed events) is read from the parsed body.
-                    Ok(v) => {
-                        if let Some(u) = usage_from_json(&v) {
-                            return (u.input_tokens, u.output_tokens, Source::Reported);
-                        }
-                        let mut est = TokenEstimator::default();
-                        if !error {
-                            for s in extract_response_texts(&v) {
-                                est.add(&s.text);
+                    // Over the buffer bound and no usage (e.g. the client left before OpenAI's
+                    // trailing usage): the text that passed, at least the reservation.
+                    (input_estimate, strings.max(unreadable_output), Source::Estimated)
+                } else {
+                    match serde_json::from_slice::<serde_json::Value>(buf) {
+                        // Usage wrapped one level deeper (`message.usage`, `response.usage`) or at the
+                        // top level (Ollama, Bedrock Llama) is read from the parsed body.
+                        Ok(v) => {
+                            if let Some(u) = usage_from_json(&v) {
+                                return (u.input_tokens, u.output_tokens, Source::Reported);
                             }
+                            let mut est = TokenEstimator::default();
+                            if !error {
+                                for s in extract_response_texts(&v) {
+                                    est.add(&s.text);
+                                }
+                            }
+                            // A shape whose text fields are unknown here: its string values.
+                            let out = if est.tokens() > 0 { est.tokens() } else { strings };
+                            (input_estimate, out, Source::Estimated)
                         }
-                        (input_estimate, est.tokens(), Source::Estimated)
-                    }
-                    // Not JSON (a plain-text answer): its text is the output; an error page is not.
-                    Err(_) => {
-                        let mut est = TokenEstimator::default();
-                        if !error {
-                            est.add(&String::from_utf8_lossy(buf));
+                        // Not JSON: plain text is the output; a cut JSON body its string values.
+                        Err(_) => {
+                            let mut est = TokenEstimator::default();
+                            if !error && strings == 0 {
+                                est.add(&String::from_utf8_lossy(buf));
+                            }
+                            (input_estimate, est.tokens().max(strings), Source::Estimated)
                         }
-                        (input_estimate, est.tokens(), Source::Estimated)
                     }
                 }
             }
@@ -187,21 +241,51 @@ impl Meter {
             }
             Kind::EventStream { decoder, usage, done } => {
                 let streamed = usage.estimated_output_tokens();
+                let broken = decoder.broken().is_some();
                 match usage.reported() {
-                    Some(u) if *done => (u.input_tokens, u.output_tokens, Source::Reported),
+                    Some(u) if *done && !broken && (u.output_tokens > 0 || streamed == 0) => {
+                        (u.input_tokens, u.output_tokens, Source::Reported)
+                    }
+                    // Cut, or framing that stopped decoding after some usage (Anthropic-on-Bedrock
+                    // reports input first): what was streamed, at least the reservation if broken.
+                    Some(u) => {
+                        let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
+                        let out = u.output_tokens.max(streamed);
+                        (input, if broken { out.max(unreadable_output) } else { out }, Source::Partial)
+                    }
+                    None if broken => (input_estimate, streamed.max(unreadable_output), Source::Estimated),
+                    None => (input_estimate, streamed, Source::Estimated),
+                }
+            }
+            Kind::Ndjson { line, usage, done, .. } => {
+                ndjson_line(line, usage, done);
+                let streamed = usage.estimated_output_tokens();
+                match usage.reported() {
+                    Some(u) if *done && (u.output_tokens > 0 || streamed == 0) => {
+                        (u.input_tokens, u.output_tokens, Source::Reported)
+                    }
                     Some(u) => {
                         let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
                         (input, u.output_tokens.max(streamed), Source::Partial)
-                    }
-                    // Framing that could not be read: what was streamed, at least the reservation.
-                    None if decoder.broken().is_some() => {
-                        (input_estimate, streamed.max(unreadable_output), Source::Estimated)
                     }
                     None => (input_estimate, streamed, Source::Estimated),
                 }
             }
             Kind::Opaque => (input_estimate, unreadable_output, Source::Estimated),
+        };
+        match (body_only, header_usage) {
+            ((_, _, Source::Estimated), Some((input, output))) => (input, output, Source::Reported),
+            (charged, _) => charged,
         }
+    }
+}
+
+/// One complete NDJSON line (blank and non-JSON lines are skipped).
+fn ndjson_line(line: &[u8], usage: &mut StreamUsage, done: &mut bool) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { return };
+    usage.on_event_json(&v);
+    if v.get("done").and_then(serde_json::Value::as_bool) == Some(true) {
+        *done = true;
     }
 }
 
@@ -351,6 +435,76 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
         m.on_chunk(&start);
         assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
+    }
+
+    #[test]
+    fn answers_without_usage_are_charged_their_text_whatever_the_size_or_shape() {
+        // Over the bound and cut before OpenAI's trailing usage: the content that passed.
+        let mut m = Meter::new(200, Some("application/json"), None, 1024);
+        m.on_chunk(br#"{"choices":[{"message":{"content":""#);
+        for _ in 0..1000 {
+            m.on_chunk(&[b'a'; 1000]);
+        }
+        assert_eq!(m.finish(50, 300), (50, 250_000, Source::Estimated));
+        // Shapes without known text fields (Bedrock Mistral, Titan): their string values.
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.on_chunk(br#"{"outputs":[{"text":"0123456789012345678901234567890123456789","stop_reason":"stop"}]}"#);
+        assert_eq!(m.finish(50, 300), (50, 11, Source::Estimated), "44 bytes of string values");
+        // Ollama and Bedrock Llama report their counts at the top level.
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.on_chunk(
+            br#"{"model":"llama3","message":{"content":"hi"},"done":true,"prompt_eval_count":26,"eval_count":300}"#,
+        );
+        assert_eq!(m.finish(50, 300), (26, 300, Source::Reported));
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.on_chunk(br#"{"generation":"hi","prompt_token_count":10,"generation_token_count":3000}"#);
+        assert_eq!(m.finish(50, 300), (10, 3000, Source::Reported));
+        // Bedrock InvokeModel's usage headers, when the body reports none (here compressed).
+        let mut m = Meter::new(200, Some("application/json"), Some("gzip"), 1 << 20);
+        m.set_header_usage(Some(11), Some(222));
+        m.on_chunk(&[0x1f, 0x8b, 0, 1]);
+        assert_eq!(m.finish(50, 300), (11, 222, Source::Reported));
+    }
+
+    #[test]
+    fn bedrock_streams_broken_after_early_usage_are_charged_the_reservation() {
+        let b64 = "eyJ0eXBlIjoibWVzc2FnZV9zdGFydCIsIm1lc3NhZ2UiOnsidXNhZ2UiOnsiaW5wdXRfdG9rZW5zIjo5LCJvdXRwdXRfdG9rZW5zIjoxfX19";
+        let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+        m.on_chunk(&bedrock_event("chunk", &format!(r#"{{"bytes":"{b64}"}}"#)));
+        let mut bad = bedrock_event("chunk", r#"{"bytes":"e30="}"#);
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        m.on_chunk(&bad);
+        assert_eq!(m.finish(50, 300), (9, 300, Source::Partial));
+        // A final usage of 0 output after streamed text is not taken at its word.
+        let mut s = bedrock_event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"12345678"}}"#);
+        s.extend(bedrock_event("metadata", r#"{"usage":{"inputTokens":5,"outputTokens":0}}"#));
+        let mut m = Meter::new(200, Some("application/vnd.amazon.eventstream"), None, 1 << 20);
+        m.on_chunk(&s);
+        assert_eq!(m.finish(50, 300), (5, 2, Source::Partial));
+    }
+
+    #[test]
+    fn ollama_ndjson_streams_are_read_at_any_split() {
+        let body = concat!(
+            r#"{"model":"llama3","created_at":"2026-12-05T08:00:00Z","message":{"role":"assistant","content":"Hello"},"done":false}"#,
+            "\n",
+            r#"{"model":"llama3","created_at":"2026-12-05T08:00:00Z","message":{"role":"assistant","content":" world"},"done":false}"#,
+            "\n",
+            r#"{"model":"llama3","done":true,"prompt_eval_count":26,"eval_count":2}"#,
+            "\n"
+        );
+        for split in [1, 5, 64, body.len()] {
+            let mut m = Meter::new(200, Some("application/x-ndjson"), None, 1 << 20);
+            for c in body.as_bytes().chunks(split) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(50, 300), (26, 2, Source::Reported), "split {split}");
+        }
+        // Cut before the last line: the streamed text (generate API: `response`).
+        let mut m = Meter::new(200, Some("application/x-ndjson"), None, 1 << 20);
+        m.on_chunk(br#"{"model":"llama3","response":"0123456789abcdef","done":false}"#);
+        assert_eq!(m.finish(50, 300), (50, 4, Source::Estimated));
     }
 
     #[test]
