@@ -724,7 +724,10 @@ fn usage_object(obj: &Value) -> Option<Usage> {
     if u(obj, "inputTokens").is_some() || u(obj, "outputTokens").is_some() {
         return Some(
             Usage {
-                input_tokens: u(obj, "inputTokens").unwrap_or(0),
+                // As Anthropic's: `inputTokens` leaves out the cache reads and writes.
+                input_tokens: u(obj, "inputTokens").unwrap_or(0)
+                    + u(obj, "cacheReadInputTokens").unwrap_or(0)
+                    + u(obj, "cacheWriteInputTokens").unwrap_or(0),
                 output_tokens: u(obj, "outputTokens").unwrap_or(0),
                 total_tokens: u(obj, "totalTokens").unwrap_or(0),
                 cached_input_tokens: u(obj, "cacheReadInputTokens").unwrap_or(0),
@@ -737,7 +740,9 @@ fn usage_object(obj: &Value) -> Option<Usage> {
     if u(obj, "inputTokenCount").is_some() || u(obj, "outputTokenCount").is_some() {
         return Some(
             Usage {
-                input_tokens: u(obj, "inputTokenCount").unwrap_or(0) + u(obj, "cacheReadInputTokenCount").unwrap_or(0),
+                input_tokens: u(obj, "inputTokenCount").unwrap_or(0)
+                    + u(obj, "cacheReadInputTokenCount").unwrap_or(0)
+                    + u(obj, "cacheWriteInputTokenCount").unwrap_or(0),
                 output_tokens: u(obj, "outputTokenCount").unwrap_or(0),
                 total_tokens: 0,
                 cached_input_tokens: u(obj, "cacheReadInputTokenCount").unwrap_or(0),
@@ -1146,6 +1151,20 @@ mod tests {
         );
         assert_eq!(missed, 1);
         assert_eq!(body, json!({"messages":[{"role":"user","content":"secret <EMAIL_1>"}],"model":"m"}));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn bedrock_cache_tokens_count_as_input() {
+        let converse = json!({"usage": {"inputTokens": 10, "outputTokens": 5, "cacheReadInputTokens": 100,
+                                        "cacheWriteInputTokens": 20, "totalTokens": 135}});
+        let u = usage_from_json(&converse).unwrap();
+        assert_eq!((u.input_tokens, u.cached_input_tokens, u.output_tokens, u.total_tokens), (130, 100, 5, 135));
+        let invoke = json!({"amazon-bedrock-invocationMetrics": {"inputTokenCount": 3, "outputTokenCount": 4,
+                            "cacheReadInputTokenCount": 7, "cacheWriteInputTokenCount": 9}});
+        let u = usage_from_json(&invoke).unwrap();
+        assert_eq!((u.input_tokens, u.cached_input_tokens, u.output_tokens), (19, 7, 4));
+        let ollama = json!({"done": true, "prompt_eval_count": 26, "eval_count": 3});
+        assert_eq!(usage_from_json(&ollama).map(|u| (u.input_tokens, u.output_tokens)), Some((26, 3)));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
