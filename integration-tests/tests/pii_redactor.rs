@@ -1,11 +1,14 @@
 //! pii-redactor through a real Envoy loading the real `.wasm`: what left the gateway (the mock's record)
 //! is masked; what the client got back is restored, for JSON and streamed answers, OpenAI and Anthropic
-//! shapes, including placeholders split across SSE events and network chunks; bad input is answered.
+//! shapes, including placeholders split across SSE events and network chunks, and Bedrock binary event
+//! streams (valid frames, placeholders split across events); bad input is answered.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
 use meshwarden_integration_tests::mock_llm::MockLlm;
+use meshwarden_shared::encoding::base64_encode;
+use meshwarden_shared::eventstream::{encode, Decoder};
 use meshwarden_shared::llm::extract_stream_delta_texts;
 use meshwarden_shared::sse::SseParser;
 use serde_json::{json, Value};
@@ -678,11 +681,132 @@ async fn sse_choices_of_n_2_are_restored_separately() {
     assert!(seen.lock().unwrap().join("").contains("I am <EMAIL_1>, tel <PHONE_1>"));
 }
 
-/// Bedrock's binary event stream (length prefixes, CRCs) is passed byte for byte: a restore would change
-/// lengths and corrupt every frame after it. Placeholders stay placeholders there (documented).
+/// Streamed text of a Bedrock event stream answer (ConverseStream deltas, or the model events inside
+/// InvokeModelWithResponseStream chunks), after checking that every frame is valid (both CRCs, nothing
+/// left over).
+fn eventstream_text(body: &[u8]) -> String {
+    let mut d = Decoder::default();
+    let msgs = d.feed(body);
+    assert_eq!(d.broken(), None, "the client got valid frames (prelude and message CRCs)");
+    assert_eq!(d.pending(), 0, "no partial frame at the end");
+    let mut out = String::new();
+    for m in &msgs {
+        if let Some(v) = m.event_json() {
+            for t in extract_stream_delta_texts(&v) {
+                out.push_str(&t.text);
+            }
+        }
+    }
+    out
+}
+
+fn bedrock_event(kind: &str, payload: &Value) -> Vec<u8> {
+    encode(
+        &[(":event-type", kind), (":content-type", "application/json"), (":message-type", "event")],
+        payload.to_string().as_bytes(),
+    )
+}
+
+/// `bytes` cut at the given offsets into network chunks.
+fn cut_at(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    let mut last = 0;
+    for &c in cuts {
+        if c > last && c < bytes.len() {
+            chunks.push(bytes[last..c].to_vec());
+            last = c;
+        }
+    }
+    chunks.push(bytes[last..].to_vec());
+    chunks
+}
+
+/// Bedrock ConverseStream (the mock's AWS binary event stream, one `contentBlockDelta` per word, echoing
+/// the masked prompt): the client gets valid frames whose text is the original prompt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bedrock_event_stream_is_passed_unchanged() {
-    // A frame-like binary body: total length, headers length, prelude CRC, payload with a placeholder.
+async fn bedrock_converse_stream_restored_in_valid_frames() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let resp = client()
+        .post(envoy.url("/model/anthropic.claude-3-haiku/converse-stream"))
+        .header("x-mock-echo", "1")
+        .header("x-mock-chunk-delay-ms", "2")
+        .json(&json!({"messages":[{"role":"user","content":[{"text":PROMPT}]}],"inferenceConfig":{"maxTokens":200}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/vnd.amazon.eventstream");
+    let body = resp.bytes().await.unwrap();
+    let text = eventstream_text(&body);
+    assert_eq!(text, PROMPT, "original values, no placeholder");
+    for p in ["<EMAIL_2>", "<PHONE_1>", "<CREDIT_CARD_1>", "<AWS_KEY_1>"] {
+        assert!(!text.contains(p), "{p} reached the client: {text}");
+    }
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_masked(sent["messages"][0]["content"][0]["text"].as_str().unwrap());
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.restored").await.unwrap(), 5);
+}
+
+/// Placeholders cut across two events, frames cut across network chunks: ConverseStream
+/// `contentBlockDelta`s and InvokeModelWithResponseStream `chunk`s (base64 Anthropic events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_placeholder_split_across_events_and_network_chunks() {
+    let prompt = "I am bob@corp.io, tel 415-555-2671";
+    let want = "Mail bob@corp.io or call 415-555-2671; again bob@corp.io.";
+    let pieces = ["Mail <EMA", "IL_1> or call <PHO", "NE_1>; again <", "EMAIL_1>."];
+    let metadata = bedrock_event("metadata", &json!({"usage":{"inputTokens":9,"outputTokens":12,"totalTokens":21}}));
+    let mut converse = bedrock_event("messageStart", &json!({"role":"assistant"}));
+    for p in pieces {
+        converse.extend(bedrock_event("contentBlockDelta", &json!({"contentBlockIndex":0,"delta":{"text":p}})));
+    }
+    converse.extend(bedrock_event("contentBlockStop", &json!({"contentBlockIndex":0})));
+    converse.extend(bedrock_event("messageStop", &json!({"stopReason":"end_turn"})));
+    converse.extend(&metadata);
+    let chunk = |inner: Value| bedrock_event("chunk", &json!({"bytes": base64_encode(inner.to_string().as_bytes())}));
+    let mut invoke = chunk(json!({"type":"message_start","message":{"role":"assistant","usage":{"input_tokens":9}}}));
+    for p in pieces {
+        invoke.extend(chunk(json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":p}})));
+    }
+    invoke.extend(chunk(json!({"type":"content_block_stop","index":0})));
+    invoke.extend(chunk(json!({"type":"message_stop","amazon-bedrock-invocationMetrics":{"outputTokenCount":12}})));
+    for (path, wire, body) in [
+        (
+            "/model/anthropic.claude-3-haiku/converse-stream",
+            converse,
+            json!({"messages":[{"role":"user","content":[{"text":prompt}]}]}),
+        ),
+        (
+            "/model/anthropic.claude-3-haiku/invoke-with-response-stream",
+            invoke,
+            json!({"anthropic_version":"bedrock-2023-05-31","max_tokens":50,"messages":[{"role":"user","content":prompt}]}),
+        ),
+    ] {
+        // Cut inside the prelude, inside the headers and inside the payloads (and their placeholders).
+        let chunks = cut_at(&wire, &[5, 70, 120, 121, 200, 333, 420]);
+        assert!(chunks.len() > 5);
+        let (port, seen) =
+            chunky_upstream_with(chunks, "200 OK\r\ncontent-type: application/vnd.amazon.eventstream").await;
+        let envoy = envoy(port, json!({})).await;
+        let resp = client().post(envoy.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let out = resp.bytes().await.unwrap();
+        assert_eq!(eventstream_text(&out), want, "{path}");
+        if path.ends_with("converse-stream") {
+            assert!(out.ends_with(&metadata), "events without text pass byte for byte, last");
+        }
+        let sent = seen.lock().unwrap().join("");
+        assert!(sent.contains("I am <EMAIL_1>, tel <PHONE_1>") && !sent.contains("bob@corp.io"), "{sent}");
+        assert_eq!(envoy.stat("meshwarden.pii_redactor.restored").await.unwrap(), 3, "{path}");
+    }
+}
+
+/// Broken framing (here a bad prelude CRC after a valid frame): the valid frame is restored, the rest of
+/// the stream is passed byte for byte and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_event_stream_with_broken_framing_passes_the_rest_unchanged() {
+    let good = bedrock_event("contentBlockDelta", &json!({"contentBlockIndex":0,"delta":{"text":"Hi <EMAIL_1>"}}));
+    // A frame-like binary body: total length, headers length, a wrong prelude CRC, payload with a placeholder.
     let payload = br#"{"contentBlockIndex":0,"delta":{"text":"Mail <EMAIL_1> now"}}"#;
     let mut frame = Vec::new();
     frame.extend_from_slice(&((16 + payload.len()) as u32).to_be_bytes());
@@ -690,8 +814,11 @@ async fn bedrock_event_stream_is_passed_unchanged() {
     frame.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
     frame.extend_from_slice(payload);
     frame.extend_from_slice(&[0x01, 0x02, 0x03, 0x04]);
-    let (port, seen) =
-        chunky_upstream_with(vec![frame.clone()], "200 OK\r\ncontent-type: application/vnd.amazon.eventstream").await;
+    let (port, seen) = chunky_upstream_with(
+        vec![good.clone(), frame.clone()],
+        "200 OK\r\ncontent-type: application/vnd.amazon.eventstream",
+    )
+    .await;
     let envoy = envoy(port, json!({})).await;
     let resp = client()
         .post(envoy.url("/model/anthropic.claude-3-haiku/converse-stream"))
@@ -700,9 +827,12 @@ async fn bedrock_event_stream_is_passed_unchanged() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.bytes().await.unwrap().to_vec(), frame, "byte for byte");
+    let out = resp.bytes().await.unwrap().to_vec();
+    let restored =
+        bedrock_event("contentBlockDelta", &json!({"contentBlockIndex":0,"delta":{"text":"Hi bob@corp.io"}}));
+    assert_eq!(out, [restored, frame].concat(), "valid frame restored, the rest byte for byte");
     assert!(seen.lock().unwrap().join("").contains("I am <EMAIL_1>"));
-    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_not_restored_eventstream").await.unwrap(), 1);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_eventstream_broken").await.unwrap(), 1);
 }
 
 /// Numbers written with no-break spaces, en dashes or tabs, and zero-width characters inside an email,
