@@ -227,49 +227,16 @@ impl Meter {
                 if let Some(ev) = parser.finish() {
                     usage.on_event_data(&ev.data);
                 }
-                let streamed = usage.estimated_output_tokens();
-                match usage.reported() {
-                    Some(u) if *done && (u.output_tokens > 0 || streamed == 0) => {
-                        (u.input_tokens, u.output_tokens, Source::Reported)
-                    }
-                    Some(u) => {
-                        let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
-                        (input, u.output_tokens.max(streamed), Source::Partial)
-                    }
-                    None => (input_estimate, streamed, Source::Estimated),
-                }
+                stream_charge(usage, *done, None, input_estimate)
             }
             Kind::EventStream { decoder, usage, done } => {
-                let streamed = usage.estimated_output_tokens();
-                let broken = decoder.broken().is_some();
-                match usage.reported() {
-                    Some(u) if *done && !broken && (u.output_tokens > 0 || streamed == 0) => {
-                        (u.input_tokens, u.output_tokens, Source::Reported)
-                    }
-                    // Cut, or framing that stopped decoding after some usage (Anthropic-on-Bedrock
-                    // reports input first): what was streamed, at least the reservation if broken.
-                    Some(u) => {
-                        let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
-                        let out = u.output_tokens.max(streamed);
-                        (input, if broken { out.max(unreadable_output) } else { out }, Source::Partial)
-                    }
-                    None if broken => (input_estimate, streamed.max(unreadable_output), Source::Estimated),
-                    None => (input_estimate, streamed, Source::Estimated),
-                }
+                // Framing that stopped decoding (after some usage or none): at least the reservation.
+                let broken = decoder.broken().map(|_| unreadable_output);
+                stream_charge(usage, *done, broken, input_estimate)
             }
             Kind::Ndjson { line, usage, done, .. } => {
                 ndjson_line(line, usage, done);
-                let streamed = usage.estimated_output_tokens();
-                match usage.reported() {
-                    Some(u) if *done && (u.output_tokens > 0 || streamed == 0) => {
-                        (u.input_tokens, u.output_tokens, Source::Reported)
-                    }
-                    Some(u) => {
-                        let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
-                        (input, u.output_tokens.max(streamed), Source::Partial)
-                    }
-                    None => (input_estimate, streamed, Source::Estimated),
-                }
+                stream_charge(usage, *done, None, input_estimate)
             }
             Kind::Opaque => (input_estimate, unreadable_output, Source::Estimated),
         };
@@ -277,6 +244,30 @@ impl Meter {
             ((_, _, Source::Estimated), Some((input, output))) => (input, output, Source::Reported),
             (charged, _) => charged,
         }
+    }
+}
+
+/// What a streamed answer (SSE, event stream, NDJSON) costs. Reported usage counts when the stream
+/// finished and its output is plausible (a final 0 after streamed text is not); a cut stream with some
+/// usage is charged its reported input and the larger of reported and streamed output; without usage,
+/// the streamed text. `broken_floor`: the framing stopped decoding, so output is at least this.
+fn stream_charge(
+    usage: &StreamUsage,
+    done: bool,
+    broken_floor: Option<u64>,
+    input_estimate: u64,
+) -> (u64, u64, Source) {
+    let streamed = usage.estimated_output_tokens();
+    let floor = broken_floor.unwrap_or(0);
+    match usage.reported() {
+        Some(u) if done && broken_floor.is_none() && (u.output_tokens > 0 || streamed == 0) => {
+            (u.input_tokens, u.output_tokens, Source::Reported)
+        }
+        Some(u) => {
+            let input = if u.input_tokens > 0 { u.input_tokens } else { input_estimate };
+            (input, u.output_tokens.max(streamed).max(floor), Source::Partial)
+        }
+        None => (input_estimate, streamed.max(floor), Source::Estimated),
     }
 }
 
