@@ -83,14 +83,7 @@ mod tests {
         assert_eq!(base64_decode(&base64_encode(&all)).unwrap(), all);
         let mut x = 0x9e37_79b9u32;
         for len in 0..200 {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect();
+            let bytes = crate::testing::pseudo_random_bytes(&mut x, len);
             let b64 = base64_encode(&bytes);
             assert_eq!(b64.len() % 4, 0);
             assert_eq!(base64_decode(&b64).unwrap(), bytes, "len {len}");

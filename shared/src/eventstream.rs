@@ -444,14 +444,7 @@ mod tests {
         // Random bytes at every length never panic.
         let mut x = 0x1234_5678u32;
         for len in 0..200 {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect();
+            let bytes = crate::testing::pseudo_random_bytes(&mut x, len);
             let _ = Decoder::default().feed(&bytes);
         }
     }

@@ -39,6 +39,8 @@ pub mod ratelimit;
 pub mod sse;
 pub mod stats;
 pub mod stream_rewrite;
+#[doc(hidden)]
+pub mod testing;
 pub mod usage_scan;
 
 #[cfg(feature = "host")]

@@ -481,14 +481,7 @@ mod tests {
         // Random bytes at every length and cut never panic.
         let mut x = 0x2545_f491u32;
         for len in 0..120 {
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    x as u8
-                })
-                .collect();
+            let bytes = meshwarden_shared::testing::pseudo_random_bytes(&mut x, len);
             let mut r = Restorer::new(m.clone(), None);
             let (out, _) = run(&mut r, &bytes, len / 2);
             assert_eq!(out, bytes);
