@@ -10,6 +10,11 @@
 //!   event that ends the deltas (OpenAI `finish_reason` chunk, Anthropic `content_block_stop`,
 //!   Responses `*.done` / `response.completed`, `[DONE]`, end of stream), held text is flushed in a
 //!   synthetic delta event cloned from the channel's last delta, so nothing is lost or reordered.
+//!   That logic is [`DeltaChannels`], shared with other transports (Bedrock event streams). At most
+//!   [`MAX_HELD_CHANNELS`] channels hold text (the oldest is flushed past it), and an event over
+//!   [`MAX_TEMPLATE_BYTES`] holds nothing back (no large template is kept).
+//! - tool-call arguments are JSON text: they go through [`TextRewrite::rewrite_json`] /
+//!   [`TextRewrite::ready_len_json`], so a replacement can keep them JSON.
 //!
 //! Non-delta strings (ids, full texts in `response.completed`, ...) are rewritten whole. Text is
 //! handled decoded (JSON escapes resolved), so `\u003cEMAIL_1\u003e` is seen as `<EMAIL_1>`.
@@ -26,11 +31,22 @@ pub trait TextRewrite {
     fn ready_len(&self, pending: &str) -> usize;
     /// Rewrite final text; `None` when unchanged.
     fn rewrite(&mut self, text: &str) -> Option<String>;
+    /// [`Self::ready_len`] for streamed JSON text (tool-call arguments), where what is replaced may
+    /// also be written with JSON escapes.
+    fn ready_len_json(&self, pending: &str) -> usize {
+        self.ready_len(pending)
+    }
+    /// [`Self::rewrite`] for streamed JSON text: a replacement must keep it JSON.
+    fn rewrite_json(&mut self, text: &str) -> Option<String> {
+        self.rewrite(text)
+    }
 }
 
 /// JSON pointers of the streamed text deltas in one event: the content deltas of
-/// [`extract_stream_delta_texts`] plus tool-call argument deltas (OpenAI `tool_calls[].function.arguments`,
-/// Anthropic `input_json_delta.partial_json`, Responses `response.function_call_arguments.delta`).
+/// [`extract_stream_delta_texts`] plus Anthropic `thinking_delta.thinking`, Amazon Nova
+/// `contentBlockDelta.delta.text`, and tool-call argument deltas (OpenAI `tool_calls[].function.arguments`,
+/// Anthropic `input_json_delta.partial_json`, Responses `response.function_call_arguments.delta`, Bedrock
+/// ConverseStream `delta.toolUse.input`).
 pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     let mut out: Vec<String> = extract_stream_delta_texts(event).into_iter().map(|s| s.pointer).collect();
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
@@ -45,13 +61,27 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
         }
     }
     match event.get("type").and_then(Value::as_str) {
-        Some("content_block_delta") if event.pointer("/delta/partial_json").is_some_and(Value::is_string) => {
-            out.push("/delta/partial_json".to_string())
+        Some("content_block_delta") => {
+            for p in ["/delta/partial_json", "/delta/thinking"] {
+                if event.pointer(p).is_some_and(Value::is_string) {
+                    out.push(p.to_string());
+                }
+            }
         }
         Some("response.function_call_arguments.delta") if event.get("delta").is_some_and(Value::is_string) => {
             out.push("/delta".to_string())
         }
+        // Bedrock ConverseStream tool input (a string of JSON).
+        None if event.get("contentBlockIndex").is_some()
+            && event.pointer("/delta/toolUse/input").is_some_and(Value::is_string) =>
+        {
+            out.push("/delta/toolUse/input".to_string())
+        }
         _ => {}
+    }
+    // Amazon Nova through InvokeModelWithResponseStream: `{"contentBlockDelta":{"delta":{"text":..}}}`.
+    if event.pointer("/contentBlockDelta/delta/text").is_some_and(Value::is_string) {
+        out.push("/contentBlockDelta/delta/text".to_string());
     }
     out
 }
@@ -61,22 +91,181 @@ fn is_keepalive(event: &Value) -> bool {
     matches!(event.get("type").and_then(Value::as_str), Some("ping"))
 }
 
+/// Whether the text at `pointer` is JSON text being streamed (tool-call arguments / input): restored
+/// values are JSON-escaped there and `\u003c…\u003e` placeholders matched too.
+pub fn is_json_text_pointer(event: &Value, pointer: &str) -> bool {
+    pointer.ends_with("/function/arguments")
+        || pointer.ends_with("/partial_json")
+        || pointer.ends_with("/toolUse/input")
+        || (pointer == "/delta"
+            && event.get("type").and_then(Value::as_str) == Some("response.function_call_arguments.delta"))
+}
+
+/// At most this many channels hold text back; past it the oldest is flushed.
+pub const MAX_HELD_CHANNELS: usize = 64;
+/// An event bigger than this (serialised) never holds text back: its text is emitted whole, so no large
+/// template is kept for a flush.
+pub const MAX_TEMPLATE_BYTES: usize = 16 * 1024;
+
 /// One delta stream: the text held back and the last event to clone for a flush.
 #[derive(Debug)]
-struct Channel {
+struct Channel<M> {
     held: String,
     template: Value,
     pointer: String,
-    event_name: Option<String>,
+    meta: M,
     order: u64,
+}
+
+/// The transport-independent part of rewriting streamed deltas: the channels and their held text.
+/// `M` is what the transport needs to send a flush (SSE event name, event-stream headers, ...).
+#[derive(Debug)]
+pub struct DeltaChannels<M> {
+    channels: BTreeMap<String, Channel<M>>,
+    seq: u64,
+}
+
+impl<M> Default for DeltaChannels<M> {
+    fn default() -> Self {
+        Self { channels: BTreeMap::new(), seq: 0 }
+    }
+}
+
+impl<M: Clone> DeltaChannels<M> {
+    /// Bytes of held text.
+    pub fn held_bytes(&self) -> usize {
+        self.channels.values().map(|c| c.held.len()).sum()
+    }
+
+    /// Channels holding text.
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+
+    /// Flush every held text: synthetic events (cloned from each channel's last delta) appended to `out`.
+    pub fn flush_all(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>) {
+        self.flush_where(rw, out, |_| true);
+    }
+
+    fn flush_where(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>, which: impl Fn(&str) -> bool) {
+        let (flush, keep): (BTreeMap<String, Channel<M>>, BTreeMap<String, Channel<M>>) =
+            std::mem::take(&mut self.channels).into_iter().partition(|(k, _)| which(k));
+        self.channels = keep;
+        let mut chans: Vec<Channel<M>> = flush.into_values().collect();
+        chans.sort_by_key(|c| c.order);
+        for c in chans {
+            Self::emit(c, rw, out);
+        }
+    }
+
+    fn emit(mut c: Channel<M>, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>) {
+        if c.held.is_empty() {
+            return;
+        }
+        let text =
+            if is_json_text_pointer(&c.template, &c.pointer) { rw.rewrite_json(&c.held) } else { rw.rewrite(&c.held) };
+        let text = text.unwrap_or_else(|| std::mem::take(&mut c.held));
+        if let Some(slot) = c.template.pointer_mut(&c.pointer) {
+            *slot = Value::String(text);
+        }
+        out.push((c.meta, c.template));
+    }
+
+    /// Rewrite one JSON event in place (`size`: its serialised size, `meta`: how to send it). Flushes to
+    /// send before it are appended to `before`. True if `v` changed.
+    pub fn on_event(
+        &mut self,
+        v: &mut Value,
+        meta: &M,
+        size: usize,
+        rw: &mut dyn TextRewrite,
+        before: &mut Vec<(M, Value)>,
+    ) -> bool {
+        let pointers = stream_delta_pointers(v);
+        if pointers.is_empty() && !is_keepalive(v) {
+            match finishing_choices(v) {
+                // One choice's finish chunk (n > 1): flush that choice's text only; the others go on.
+                Some(prefixes) => self.flush_where(rw, before, |key| prefixes.iter().any(|p| key.starts_with(p))),
+                None => self.flush_all(rw, before),
+            }
+        }
+        // Take the deltas out, rewrite the remaining strings whole, then put the deltas back.
+        let mut deltas: Vec<(String, String, bool)> = Vec::with_capacity(pointers.len());
+        for p in &pointers {
+            let json = is_json_text_pointer(v, p);
+            if let Some(Value::String(s)) = v.pointer_mut(p) {
+                deltas.push((p.clone(), std::mem::take(s), json));
+            }
+        }
+        let mut changed = rewrite_strings(v, rw);
+        let may_hold = size <= MAX_TEMPLATE_BYTES;
+        let mut blank_template: Option<Value> = None;
+        for (p, text, json) in deltas {
+            let key = channel_key(v, &p);
+            let held = self.channels.remove(&key).map(|c| c.held).unwrap_or_default();
+            let had_held = !held.is_empty();
+            let pending = if had_held { held + &text } else { text };
+            let ready = if json { rw.ready_len_json(&pending) } else { rw.ready_len(&pending) };
+            let mut cut = if may_hold { ready.min(pending.len()) } else { pending.len() };
+            while !pending.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let (now, later) = pending.split_at(cut);
+            let emitted = if json { rw.rewrite_json(now) } else { rw.rewrite(now) };
+            let emitted = emitted.unwrap_or_else(|| now.to_string());
+            if had_held || !later.is_empty() || emitted != pending {
+                changed = true;
+            }
+            if !later.is_empty() {
+                // Remember a template of this event (all deltas blank) to flush the held text later.
+                let template = blank_template
+                    .get_or_insert_with(|| {
+                        let mut t = v.clone();
+                        for q in &pointers {
+                            if let Some(slot) = t.pointer_mut(q) {
+                                *slot = Value::String(String::new());
+                            }
+                        }
+                        t
+                    })
+                    .clone();
+                if self.channels.len() >= MAX_HELD_CHANNELS {
+                    self.flush_oldest(rw, before);
+                }
+                self.seq += 1;
+                let c = Channel {
+                    held: later.to_string(),
+                    template,
+                    pointer: p.clone(),
+                    meta: meta.clone(),
+                    order: self.seq,
+                };
+                self.channels.insert(key, c);
+            }
+            if let Some(slot) = v.pointer_mut(&p) {
+                *slot = Value::String(emitted);
+            }
+        }
+        changed
+    }
+
+    fn flush_oldest(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>) {
+        let oldest = self.channels.iter().min_by_key(|(_, c)| c.order).map(|(k, _)| k.clone());
+        if let Some(c) = oldest.and_then(|k| self.channels.remove(&k)) {
+            Self::emit(c, rw, out);
+        }
+    }
 }
 
 /// Incremental SSE rewriter; feed network chunks, get bytes to send.
 #[derive(Debug, Default)]
 pub struct SseTextRewriter {
     parser: SseParser,
-    channels: BTreeMap<String, Channel>,
-    seq: u64,
+    channels: DeltaChannels<Option<String>>,
     /// Events whose data was not JSON (passed through, rewritten whole).
     pub non_json_events: u64,
 }
@@ -86,7 +275,7 @@ pub struct SseTextRewriter {
 /// `n > 1` OpenAI and vLLM send one choice per chunk, always at position 0, and `index` says which
 /// (Gemini `candidates[].index` alike; tool-call deltas `tool_calls[].index` too): the position alone
 /// would mix the choices' texts.
-fn logical_pointer(event: &Value, pointer: &str) -> String {
+pub fn logical_pointer(event: &Value, pointer: &str) -> String {
     let mut key = String::with_capacity(pointer.len() + 4);
     let mut cur = Some(event);
     for seg in pointer.split('/').skip(1) {
@@ -108,13 +297,20 @@ fn logical_pointer(event: &Value, pointer: &str) -> String {
     key
 }
 
-fn channel_key(event: &Value, pointer: &str) -> String {
+/// The channel of the delta at `pointer`: its logical pointer plus the event's block indexes
+/// (Anthropic `index`, Responses `output_index` / `content_index`, Bedrock `contentBlockIndex`, also
+/// nested in Nova's `contentBlockDelta`).
+pub fn channel_key(event: &Value, pointer: &str) -> String {
     let mut key = logical_pointer(event, pointer);
-    for f in ["index", "output_index", "content_index"] {
+    for f in ["index", "output_index", "content_index", "contentBlockIndex"] {
         if let Some(v) = event.get(f) {
             key.push('#');
             key.push_str(&v.to_string());
         }
+    }
+    if let Some(v) = event.pointer("/contentBlockDelta/contentBlockIndex") {
+        key.push('#');
+        key.push_str(&v.to_string());
     }
     key
 }
@@ -144,7 +340,7 @@ impl SseTextRewriter {
 
     /// Bytes held back (incomplete lines/events and held delta text).
     pub fn buffered_bytes(&self) -> usize {
-        self.parser.buffered_bytes() + self.channels.values().map(|c| c.held.len()).sum::<usize>()
+        self.parser.buffered_bytes() + self.channels.held_bytes()
     }
 
     pub fn oversized_events(&self) -> u64 {
@@ -173,26 +369,9 @@ impl SseTextRewriter {
     }
 
     fn flush_all(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<u8>) {
-        self.flush_where(rw, out, |_| true);
-    }
-
-    fn flush_where(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<u8>, which: impl Fn(&str) -> bool) {
-        let (flush, keep): (BTreeMap<String, Channel>, BTreeMap<String, Channel>) =
-            std::mem::take(&mut self.channels).into_iter().partition(|(k, _)| which(k));
-        self.channels = keep;
-        let mut chans: Vec<Channel> = flush.into_values().collect();
-        chans.sort_by_key(|c| c.order);
-        for mut c in chans {
-            if c.held.is_empty() {
-                continue;
-            }
-            let text = rw.rewrite(&c.held).unwrap_or_else(|| std::mem::take(&mut c.held));
-            if let Some(slot) = c.template.pointer_mut(&c.pointer) {
-                *slot = Value::String(text);
-            }
-            let data = c.template.to_string();
-            out.extend_from_slice(encode_event(&SseEvent { event: c.event_name, data, id: None }).as_bytes());
-        }
+        let mut flushes = Vec::new();
+        self.channels.flush_all(rw, &mut flushes);
+        write_flushes(flushes, out);
     }
 
     fn on_event(&mut self, e: SseEvent, rw: &mut dyn TextRewrite, out: &mut Vec<u8>) {
@@ -210,72 +389,21 @@ impl SseTextRewriter {
                 return;
             }
         };
-        let pointers = stream_delta_pointers(&v);
-        if pointers.is_empty() && !is_keepalive(&v) {
-            match finishing_choices(&v) {
-                // One choice's finish chunk (n > 1): flush that choice's text only; the others go on.
-                Some(prefixes) => self.flush_where(rw, out, |key| prefixes.iter().any(|p| key.starts_with(p))),
-                None => self.flush_all(rw, out),
-            }
-        }
-        // Take the deltas out, rewrite the remaining strings whole, then put the deltas back.
-        let mut deltas: Vec<(String, String)> = Vec::with_capacity(pointers.len());
-        for p in &pointers {
-            if let Some(Value::String(s)) = v.pointer_mut(p) {
-                deltas.push((p.clone(), std::mem::take(s)));
-            }
-        }
-        let mut changed = rewrite_strings(&mut v, rw);
-        let mut blank_template: Option<Value> = None;
-        for (p, text) in deltas {
-            let key = channel_key(&v, &p);
-            let held = self.channels.get_mut(&key).map(|c| std::mem::take(&mut c.held)).unwrap_or_default();
-            let had_held = !held.is_empty();
-            let pending = if had_held { held + &text } else { text };
-            let mut cut = rw.ready_len(&pending).min(pending.len());
-            while !pending.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let (now, later) = pending.split_at(cut);
-            let emitted = rw.rewrite(now).unwrap_or_else(|| now.to_string());
-            if had_held || !later.is_empty() || emitted != pending {
-                changed = true;
-            }
-            if !later.is_empty() {
-                // Remember a template of this event (all deltas blank) to flush the held text later.
-                let template = blank_template.get_or_insert_with(|| {
-                    let mut t = v.clone();
-                    for q in &pointers {
-                        if let Some(slot) = t.pointer_mut(q) {
-                            *slot = Value::String(String::new());
-                        }
-                    }
-                    t
-                });
-                self.seq += 1;
-                let order = self.seq;
-                let c = self.channels.entry(key).or_insert_with(|| Channel {
-                    held: String::new(),
-                    template: Value::Null,
-                    pointer: p.clone(),
-                    event_name: e.event.clone(),
-                    order,
-                });
-                c.held = later.to_string();
-                c.template = template.clone();
-                c.pointer = p.clone();
-                c.event_name = e.event.clone();
-            }
-            if let Some(slot) = v.pointer_mut(&p) {
-                *slot = Value::String(emitted);
-            }
-        }
+        let mut flushes = Vec::new();
+        let changed = self.channels.on_event(&mut v, &e.event, e.data.len(), rw, &mut flushes);
+        write_flushes(flushes, out);
         if changed {
             let data = v.to_string();
             out.extend_from_slice(encode_event(&SseEvent { event: e.event, data, id: e.id }).as_bytes());
         } else {
             out.extend_from_slice(encode_event(&e).as_bytes());
         }
+    }
+}
+
+fn write_flushes(flushes: Vec<(Option<String>, Value)>, out: &mut Vec<u8>) {
+    for (event, v) in flushes {
+        out.extend_from_slice(encode_event(&SseEvent { event, data: v.to_string(), id: None }).as_bytes());
     }
 }
 

@@ -26,7 +26,7 @@
 use crate::restore::Restorer;
 use meshwarden_shared::encoding::{base64_decode, base64_encode};
 use meshwarden_shared::eventstream::{encode_raw, Broken, Decoder, Message};
-use meshwarden_shared::stream_rewrite::{rewrite_strings, stream_delta_pointers, TextRewrite};
+use meshwarden_shared::stream_rewrite::DeltaChannels;
 use serde_json::Value;
 
 /// The JSON of one message.
@@ -52,6 +52,7 @@ impl Body {
         Some(Body::Plain(v))
     }
 
+    #[cfg(test)]
     fn event(&self) -> &Value {
         match self {
             Body::Plain(v) | Body::Chunk { inner: v, .. } => v,
@@ -78,48 +79,20 @@ impl Body {
     }
 }
 
-/// Pointers of the streamed texts of one event: the shared SSE ones (which include `ConverseStream`
-/// text and reasoning text, Anthropic text and `partial_json`) plus `ConverseStream` tool input.
-fn delta_pointers(event: &Value) -> Vec<String> {
-    let mut out = stream_delta_pointers(event);
-    if event.get("type").is_none()
-        && event.get("contentBlockIndex").is_some()
-        && event.pointer("/delta/toolUse/input").is_some_and(Value::is_string)
-    {
-        out.push("/delta/toolUse/input".to_string());
-    }
-    out
-}
-
-fn channel_key(event: &Value, pointer: &str) -> String {
-    let index = event.get("contentBlockIndex").or_else(|| event.get("index"));
-    match index {
-        Some(i) => format!("{pointer}#{i}"),
-        None => pointer.to_string(),
-    }
-}
-
-/// Anthropic keep-alives carry no text and do not end one: they do not flush held text.
-fn is_keepalive(event: &Value) -> bool {
-    matches!(event.get("type").and_then(Value::as_str), Some("ping"))
-}
-
-/// One delta stream: the text held back and what to build a flush message from.
-#[derive(Debug)]
-struct Channel {
-    key: String,
-    held: String,
+/// How to send a flush: the headers of the channel's last delta message, and for an
+/// `InvokeModelWithResponseStream` chunk its wrapper (`bytes` blank; re-encoded on flush).
+#[derive(Debug, Clone)]
+struct Meta {
     headers_raw: Vec<u8>,
-    /// The channel's last delta event with every delta text blank.
-    template: Body,
-    pointer: String,
+    wrapper: Option<Value>,
 }
 
 /// Restores one Bedrock event stream, chunk by chunk.
 #[derive(Debug, Default)]
 pub struct EventStreamRestore {
     decoder: Decoder,
-    channels: Vec<Channel>,
+    /// The held texts, per channel: the logic of SSE streams ([`DeltaChannels`]).
+    channels: DeltaChannels<Meta>,
     /// Why the framing broke, if it did: from there on the stream is passed as it is.
     pub broken: Option<Broken>,
     /// Messages re-encoded with a changed payload (restored text, or a flush).
@@ -149,16 +122,18 @@ impl EventStreamRestore {
     }
 
     fn flush_all(&mut self, r: &mut Restorer, out: &mut Vec<u8>) {
-        for c in std::mem::take(&mut self.channels) {
-            if c.held.is_empty() {
-                continue;
-            }
-            let Channel { held, headers_raw, mut template, pointer, .. } = c;
-            let text = r.rewrite(&held).unwrap_or(held);
-            if let Some(slot) = template.event_mut().pointer_mut(&pointer) {
-                *slot = Value::String(text);
-            }
-            out.extend(encode_raw(&headers_raw, &template.into_payload()));
+        let mut flushes = Vec::new();
+        self.channels.flush_all(r, &mut flushes);
+        self.write_flushes(flushes, out);
+    }
+
+    fn write_flushes(&mut self, flushes: Vec<(Meta, Value)>, out: &mut Vec<u8>) {
+        for (meta, event) in flushes {
+            let body = match meta.wrapper {
+                Some(wrapper) => Body::Chunk { wrapper, inner: event },
+                None => Body::Plain(event),
+            };
+            out.extend(encode_raw(&meta.headers_raw, &body.into_payload()));
             self.rewritten += 1;
         }
     }
@@ -170,71 +145,20 @@ impl EventStreamRestore {
             out.extend(encode_raw(&m.headers_raw, &m.payload));
             return;
         };
-        let pointers = delta_pointers(body.event());
-        if pointers.is_empty() && !is_keepalive(body.event()) {
-            self.flush_all(r, out);
-        }
-        // Take the deltas out, rewrite the remaining strings whole, then put the deltas back.
-        let mut deltas: Vec<(String, String)> = Vec::with_capacity(pointers.len());
-        for p in &pointers {
-            if let Some(Value::String(s)) = body.event_mut().pointer_mut(p) {
-                deltas.push((p.clone(), std::mem::take(s)));
-            }
-        }
-        let mut changed = rewrite_strings(body.event_mut(), r);
-        let mut blank: Option<Body> = None;
-        for (p, text) in deltas {
-            let key = channel_key(body.event(), &p);
-            let held = self
-                .channels
-                .iter_mut()
-                .find(|c| c.key == key)
-                .map(|c| std::mem::take(&mut c.held))
-                .unwrap_or_default();
-            let had_held = !held.is_empty();
-            let pending = if had_held { held + &text } else { text };
-            let mut cut = r.ready_len(&pending).min(pending.len());
-            while !pending.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let (now, later) = pending.split_at(cut);
-            let emitted = r.rewrite(now).unwrap_or_else(|| now.to_string());
-            if had_held || !later.is_empty() || emitted != pending {
-                changed = true;
-            }
-            if !later.is_empty() {
-                let template = blank
-                    .get_or_insert_with(|| {
-                        let mut t = body.clone();
-                        for q in &pointers {
-                            if let Some(slot) = t.event_mut().pointer_mut(q) {
-                                *slot = Value::String(String::new());
-                            }
-                        }
-                        t
-                    })
-                    .clone();
-                let held = later.to_string();
-                match self.channels.iter_mut().find(|c| c.key == key) {
-                    Some(c) => {
-                        c.held = held;
-                        c.template = template;
-                        c.pointer = p.clone();
-                        c.headers_raw.clone_from(&m.headers_raw);
-                    }
-                    None => self.channels.push(Channel {
-                        key,
-                        held,
-                        headers_raw: m.headers_raw.clone(),
-                        template,
-                        pointer: p.clone(),
-                    }),
+        let wrapper = match &body {
+            Body::Plain(_) => None,
+            Body::Chunk { wrapper, .. } => {
+                let mut w = wrapper.clone();
+                if let Some(slot) = w.get_mut("bytes") {
+                    *slot = Value::String(String::new());
                 }
+                Some(w)
             }
-            if let Some(slot) = body.event_mut().pointer_mut(&p) {
-                *slot = Value::String(emitted);
-            }
-        }
+        };
+        let meta = Meta { headers_raw: m.headers_raw.clone(), wrapper };
+        let mut flushes = Vec::new();
+        let changed = self.channels.on_event(body.event_mut(), &meta, m.payload.len(), r, &mut flushes);
+        self.write_flushes(flushes, out);
         if changed {
             self.rewritten += 1;
             out.extend(encode_raw(&m.headers_raw, &body.into_payload()));
@@ -252,6 +176,7 @@ mod tests {
     use crate::engine::{Engine, MaskState};
     use meshwarden_shared::config::parse_config;
     use meshwarden_shared::eventstream::encode;
+    use meshwarden_shared::stream_rewrite::{channel_key, stream_delta_pointers as delta_pointers};
     use serde_json::json;
     use std::collections::HashMap;
     use std::rc::Rc;
@@ -500,5 +425,146 @@ mod tests {
         let (out, _) = run(&mut r, &wire, wire.len());
         assert_eq!(texts(&decode_all(&out))["/delta/text#0"], "Write to [REDACTED] or me@x.io now.");
         assert_eq!(r.response_counts.summary(), "email=1");
+    }
+
+    fn rjj() -> Restorer {
+        Restorer::new(map(&[("<EMAIL_1>", "bob@corp.io"), ("<NAME_1>", "Jane \"JJ\" Doe")]), None)
+    }
+
+    fn inner_events(out: &[u8]) -> Vec<Value> {
+        decode_all(out).iter().filter_map(|m| m.event_json()).collect()
+    }
+
+    /// OpenAI-shaped chunks in InvokeModelWithResponseStream, n=2: one choice per chunk at position 0;
+    /// choice 0's placeholder split across its deltas is restored and no text moves to choice 1. A
+    /// `finish_reason` chunk of choice 1 flushes only choice 1.
+    #[test]
+    fn openai_choices_are_separate_channels() {
+        let c = |i: u64, t: &str| chunk(&json!({"choices":[{"index":i,"delta":{"content":t}}]}));
+        let fin = |i: u64| chunk(&json!({"choices":[{"index":i,"delta":{},"finish_reason":"stop"}]}));
+        let mut wire = c(0, "a <EMA");
+        wire.extend(c(1, "hello <EMA"));
+        wire.extend(fin(1));
+        wire.extend(c(0, "IL_1>"));
+        wire.extend(fin(0));
+        for cut in 0..=wire.len() {
+            let mut r = rjj();
+            let (out, _) = run(&mut r, &wire, cut);
+            let mut per: HashMap<u64, String> = HashMap::new();
+            for e in inner_events(&out) {
+                let i = e.pointer("/choices/0/index").and_then(Value::as_u64).unwrap();
+                let t = e.pointer("/choices/0/delta/content").and_then(Value::as_str).unwrap_or("");
+                per.entry(i).or_default().push_str(t);
+            }
+            assert_eq!(per[&0], "a bob@corp.io", "cut {cut}");
+            assert_eq!(per[&1], "hello <EMA", "cut {cut}");
+            assert_eq!(r.restored, 1);
+        }
+    }
+
+    #[test]
+    fn openai_parallel_tool_calls_are_separate_channels() {
+        let c = |i: u64, t: &str| {
+            chunk(&json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":i,"function":{"arguments":t}}]}}]}))
+        };
+        let mut wire = c(0, "{\"to\":\"<EMA");
+        wire.extend(c(1, "{\"q\":\"x\"}"));
+        wire.extend(c(0, "IL_1>\"}"));
+        let mut r = rjj();
+        let (out, _) = run(&mut r, &wire, wire.len());
+        let mut per: HashMap<u64, String> = HashMap::new();
+        for e in inner_events(&out) {
+            let i = e.pointer("/choices/0/delta/tool_calls/0/index").and_then(Value::as_u64).unwrap();
+            let t = e.pointer("/choices/0/delta/tool_calls/0/function/arguments").and_then(Value::as_str).unwrap();
+            per.entry(i).or_default().push_str(t);
+        }
+        assert_eq!(per[&1], "{\"q\":\"x\"}");
+        assert_eq!(per[&0], "{\"to\":\"bob@corp.io\"}");
+    }
+
+    /// Anthropic thinking deltas and Amazon Nova text deltas through InvokeModelWithResponseStream.
+    #[test]
+    fn thinking_and_nova_deltas_restored_across_events() {
+        let t = |x: &str| {
+            chunk(&json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":x}}))
+        };
+        let mut wire = t("user is <EMA");
+        wire.extend(t("IL_1>."));
+        let mut r = rjj();
+        let (out, _) = run(&mut r, &wire, 0);
+        let txt: String =
+            inner_events(&out).iter().map(|e| e.pointer("/delta/thinking").and_then(Value::as_str).unwrap()).collect();
+        assert_eq!(txt, "user is bob@corp.io.");
+        let n = |x: &str| chunk(&json!({"contentBlockDelta":{"delta":{"text":x},"contentBlockIndex":0}}));
+        let mut wire = n("hi <EMAIL");
+        wire.extend(n("_1>!"));
+        wire.extend(chunk(&json!({"contentBlockStop":{"contentBlockIndex":0}})));
+        let mut r = rjj();
+        let (out, _) = run(&mut r, &wire, 0);
+        let txt: String = inner_events(&out)
+            .iter()
+            .filter_map(|e| e.pointer("/contentBlockDelta/delta/text").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        assert_eq!(txt, "hi bob@corp.io!");
+    }
+
+    fn tool_input(out: &[u8]) -> String {
+        inner_events(out)
+            .iter()
+            .filter_map(|e| e.pointer("/delta/toolUse/input").and_then(Value::as_str).map(str::to_string))
+            .collect()
+    }
+
+    /// Tool input is JSON text: values JSON-escaped, `\u003c…\u003e` placeholders restored, also when
+    /// split across deltas at every point.
+    #[test]
+    fn tool_input_restored_as_json() {
+        let d = |x: &str| event("contentBlockDelta", &json!({"contentBlockIndex":0,"delta":{"toolUse":{"input":x}}}));
+        let stop = event("contentBlockStop", &json!({"contentBlockIndex":0}));
+        let input = "{\"name\":\"<NAME_1>\",\"to\":\"\\u003cEMAIL_1\\u003e\",\"cc\":\"\\u003Cemail_1\\u003E\"}";
+        let chars: Vec<char> = input.chars().collect();
+        for at in 0..=chars.len() {
+            let (a, b) = chars.split_at(at);
+            let mut wire = d(&a.iter().collect::<String>());
+            wire.extend(d(&b.iter().collect::<String>()));
+            wire.extend(&stop);
+            let mut r = rjj();
+            let (out, _) = run(&mut r, &wire, wire.len());
+            let got = tool_input(&out);
+            let v: Value = serde_json::from_str(&got).unwrap_or_else(|e| panic!("split {at}: {e}: {got}"));
+            assert_eq!(v, json!({"name":"Jane \"JJ\" Doe","to":"bob@corp.io","cc":"<email_1>"}), "split {at}");
+            assert_eq!(r.restored, 2, "split {at}");
+        }
+    }
+
+    /// Many channels: linear time, at most `MAX_HELD_CHANNELS` holding text (the oldest flushed, in
+    /// order), and a big event never kept as a template (its text is emitted whole).
+    #[test]
+    fn channels_bounded_in_number_time_and_memory() {
+        use meshwarden_shared::stream_rewrite::MAX_HELD_CHANNELS;
+        let n = 40_000u64;
+        let mut wire = Vec::new();
+        for i in 0..n {
+            wire.extend(event("contentBlockDelta", &json!({"contentBlockIndex":i,"delta":{"text":"<"}})));
+        }
+        let mut s = EventStreamRestore::default();
+        let mut r = rjj();
+        let t = std::time::Instant::now();
+        let mut out = s.feed(&mut r, &wire, false);
+        assert!(s.channels.len() <= MAX_HELD_CHANNELS, "{}", s.channels.len());
+        out.extend(s.feed(&mut r, &[], true));
+        assert!(t.elapsed() < std::time::Duration::from_secs(8), "{:?}", t.elapsed());
+        let msgs = decode_all(&out);
+        assert_eq!(msgs.len() as u64, 2 * n, "every delta and one flush each");
+        assert_eq!(texts(&msgs).values().map(String::len).sum::<usize>() as u64, n, "no text lost");
+        let filler = "x".repeat(512 * 1024);
+        let mut s = EventStreamRestore::default();
+        let mut r = rjj();
+        for i in 0..20u64 {
+            let w = event("contentBlockDelta", &json!({"contentBlockIndex":i,"delta":{"text":"a <"},"f":filler}));
+            let out = s.feed(&mut r, &w, false);
+            assert_eq!(texts(&decode_all(&out))[&format!("/delta/text#{i}")], "a <");
+            assert_eq!(s.channels.len(), 0);
+        }
     }
 }

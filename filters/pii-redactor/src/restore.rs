@@ -87,6 +87,78 @@ impl Restorer {
         Some(out)
     }
 
+    /// [`Self::ready_bytes`] for raw JSON text, where a placeholder may also be written
+    /// `\u003cEMAIL_1\u003e`: a tail that may start either spelling is not ready.
+    pub fn ready_bytes_json(&self, pending: &[u8]) -> usize {
+        let mut n = self.ready_bytes(pending);
+        if self.map.is_empty() {
+            return n;
+        }
+        let from = pending.len().saturating_sub(MAX_PLACEHOLDER + 10);
+        let tail = pending.get(from..).unwrap_or(&[]);
+        for (k, c) in tail.iter().enumerate() {
+            if *c != b'\\' {
+                continue;
+            }
+            let suffix = tail.get(k..).unwrap_or(&[]);
+            let starts = |p: &String| {
+                let esc = escaped_spelling(p);
+                esc.len() > suffix.len() && esc.get(..suffix.len()).is_some_and(|e| e.eq_ignore_ascii_case(suffix))
+            };
+            if self.map.keys().any(starts) {
+                n = n.min(from + k);
+                break;
+            }
+        }
+        n
+    }
+
+    /// Restore placeholders in raw JSON text (streamed tool arguments): values JSON-escaped, and the
+    /// `\u003c…\u003e` spelling matched too (as [`Self::rewrite_json_body`] does by parsing).
+    pub fn restore_json_text(&mut self, text: &[u8]) -> Option<Vec<u8>> {
+        if self.map.is_empty() {
+            return None;
+        }
+        let mut out: Vec<u8> = Vec::with_capacity(text.len() + 32);
+        let mut last = 0;
+        let mut i = 0;
+        let mut any = false;
+        while i < text.len() {
+            let rest = text.get(i..).unwrap_or(&[]);
+            // `<NAME>`, or `\u003cNAME\u003e` whose backslash is not itself escaped.
+            let found = if rest.first() == Some(&b'<') {
+                let end = rest.iter().take(MAX_PLACEHOLDER + 1).position(|c| *c == b'>');
+                end.and_then(|e| rest.get(..=e)).map(|c| (String::from_utf8_lossy(c).into_owned(), c.len()))
+            } else if rest.get(..6).is_some_and(|h| h.eq_ignore_ascii_case(b"\\u003c"))
+                && text.get(..i).unwrap_or(&[]).iter().rev().take_while(|c| **c == b'\\').count() % 2 == 0
+            {
+                let body = rest.get(6..).unwrap_or(&[]);
+                let end = body.windows(6).take(MAX_PLACEHOLDER).position(|w| w.eq_ignore_ascii_case(b"\\u003e"));
+                end.and_then(|e| body.get(..e))
+                    .map(|mid| (format!("<{}>", String::from_utf8_lossy(mid)), mid.len() + 12))
+            } else {
+                None
+            };
+            if let Some(value) = found.as_ref().and_then(|(c, _)| self.map.get(c)) {
+                let len = found.as_ref().map_or(1, |(_, n)| *n);
+                out.extend_from_slice(text.get(last..i).unwrap_or(&[]));
+                let q = serde_json::to_string(value).unwrap_or_default();
+                out.extend_from_slice(q.get(1..q.len().saturating_sub(1)).unwrap_or("").as_bytes());
+                self.restored += 1;
+                any = true;
+                i += len;
+                last = i;
+                continue;
+            }
+            i += 1;
+        }
+        if !any {
+            return None;
+        }
+        out.extend_from_slice(text.get(last..).unwrap_or(&[]));
+        Some(out)
+    }
+
     /// Scan (if enabled) then restore one piece of model-written text.
     pub fn rewrite_str(&mut self, text: &str) -> Option<String> {
         let scanned = match &self.scan {
@@ -147,6 +219,32 @@ impl TextRewrite for Restorer {
     fn rewrite(&mut self, text: &str) -> Option<String> {
         self.rewrite_str(text)
     }
+
+    fn ready_len_json(&self, pending: &str) -> usize {
+        self.ready_len(pending).min(self.ready_bytes_json(pending.as_bytes()))
+    }
+
+    /// Streamed JSON text (tool arguments): scanned (if enabled) as text, then restored with
+    /// JSON-escaped values, `\u003c…\u003e` placeholders included, so it stays the JSON it was.
+    fn rewrite_json(&mut self, text: &str) -> Option<String> {
+        let scanned = match &self.scan {
+            Some(engine) => engine.scan_response_text(text, &mut self.response_counts),
+            None => None,
+        };
+        let base = scanned.as_deref().unwrap_or(text);
+        match self.restore_json_text(base.as_bytes()) {
+            Some(b) => {
+                Some(String::from_utf8(b).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+            }
+            None => scanned,
+        }
+    }
+}
+
+/// `<EMAIL_1>` written with JSON escapes: `\u003cEMAIL_1\u003e`.
+fn escaped_spelling(placeholder: &str) -> Vec<u8> {
+    let inner = placeholder.strip_prefix('<').and_then(|p| p.strip_suffix('>')).unwrap_or(placeholder);
+    format!("\\u003c{inner}\\u003e").into_bytes()
 }
 
 /// A streamed body that is not SSE: raw restore with hold-back.
@@ -357,5 +455,55 @@ mod tests {
         }
         assert_eq!(text, "Write to [REDACTED] or me@x.io now.");
         assert_eq!(r.response_counts.summary(), "email=1");
+    }
+
+    /// SSE tool-call arguments (OpenAI `function.arguments`, Anthropic `partial_json`) are JSON text:
+    /// restored values JSON-escaped and `\u003c…\u003e` placeholders matched, split at every point.
+    /// Anthropic thinking deltas are restored across events too.
+    #[test]
+    fn sse_tool_arguments_restored_as_json_and_thinking_across_events() {
+        let m = map(&[("<EMAIL_1>", "bob@corp.io"), ("<NAME_1>", "Jane \"JJ\" Doe")]);
+        let input = "{\"name\":\"<NAME_1>\",\"to\":\"\\u003cEMAIL_1\\u003e\"}";
+        let chars: Vec<char> = input.chars().collect();
+        let openai = |t: &str| {
+            let e = serde_json::json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":t}}]}}]});
+            format!("data: {e}\n\n")
+        };
+        let anthropic = |t: &str| {
+            let e = serde_json::json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":t}});
+            format!("event: content_block_delta\ndata: {e}\n\n")
+        };
+        type Make<'a> = &'a dyn Fn(&str) -> String;
+        let shapes: [(Make, &str); 2] =
+            [(&openai, "/choices/0/delta/tool_calls/0/function/arguments"), (&anthropic, "/delta/partial_json")];
+        for (make, pointer) in shapes {
+            for at in 0..=chars.len() {
+                let (a, b) = chars.split_at(at);
+                let stream = format!("{}{}", make(&a.iter().collect::<String>()), make(&b.iter().collect::<String>()));
+                let mut r = Restorer::new(m.clone(), None);
+                let mut s = SseRestore::new();
+                let out = s.feed(&mut r, stream.as_bytes(), true);
+                let mut got = String::new();
+                for e in SseParser::default().feed(&out) {
+                    let v: Value = serde_json::from_str(&e.data).unwrap();
+                    got.push_str(v.pointer(pointer).and_then(Value::as_str).unwrap());
+                }
+                let v: Value = serde_json::from_str(&got).unwrap_or_else(|e| panic!("{pointer} {at}: {e}: {got}"));
+                assert_eq!(v, serde_json::json!({"name":"Jane \"JJ\" Doe","to":"bob@corp.io"}), "{pointer} {at}");
+            }
+        }
+        let t = |x: &str| {
+            let e = serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":x}});
+            format!("event: content_block_delta\ndata: {e}\n\n")
+        };
+        let stream = format!("{}{}", t("user is <EMA"), t("IL_1>."));
+        let mut r = Restorer::new(m, None);
+        let out = SseRestore::new().feed(&mut r, stream.as_bytes(), true);
+        let mut got = String::new();
+        for e in SseParser::default().feed(&out) {
+            let v: Value = serde_json::from_str(&e.data).unwrap();
+            got.push_str(v.pointer("/delta/thinking").and_then(Value::as_str).unwrap());
+        }
+        assert_eq!(got, "user is bob@corp.io.");
     }
 }
