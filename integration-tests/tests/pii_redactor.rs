@@ -801,6 +801,64 @@ async fn bedrock_placeholder_split_across_events_and_network_chunks() {
     }
 }
 
+/// Bedrock, placeholders split across events: OpenAI-shaped chunks with n=2 in
+/// InvokeModelWithResponseStream (one choice per chunk at position 0, `index` says which) are restored
+/// per choice, never mixed; ConverseStream tool input (JSON text) with an escaped `\u003c…\u003e`
+/// placeholder split across deltas is restored and stays JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bedrock_choices_and_tool_input_restored_across_events() {
+    let prompt = "I am bob@corp.io, tel 415-555-2671";
+    let chunk = |inner: Value| bedrock_event("chunk", &json!({"bytes": base64_encode(inner.to_string().as_bytes())}));
+    let c = |i: u64, t: &str| chunk(json!({"choices":[{"index":i,"delta":{"content":t}}]}));
+    let fin = |i: u64| chunk(json!({"choices":[{"index":i,"delta":{},"finish_reason":"stop"}]}));
+    let mut invoke = c(0, "Mail <EMA");
+    invoke.extend(c(1, "Call <PHO"));
+    invoke.extend(c(0, "IL_1> now"));
+    invoke.extend(c(1, "NE_1> now"));
+    invoke.extend(fin(0));
+    invoke.extend(fin(1));
+    let tool =
+        |t: &str| bedrock_event("contentBlockDelta", &json!({"contentBlockIndex":1,"delta":{"toolUse":{"input":t}}}));
+    let mut converse = bedrock_event("messageStart", &json!({"role":"assistant"}));
+    converse.extend(tool("{\"to\":\"\\u003cEMA"));
+    converse.extend(tool("IL_1\\u003e\",\"tel\":\"<PHONE_1>\"}"));
+    converse.extend(bedrock_event("contentBlockStop", &json!({"contentBlockIndex":1})));
+    converse.extend(bedrock_event("messageStop", &json!({"stopReason":"tool_use"})));
+    for (path, wire) in [
+        ("/model/openai.gpt-oss-20b-1:0/invoke-with-response-stream", invoke),
+        ("/model/anthropic.claude-3-haiku/converse-stream", converse),
+    ] {
+        let chunks = cut_at(&wire, &[5, 70, 120, 121, 200, 333, 420]);
+        let (port, seen) =
+            chunky_upstream_with(chunks, "200 OK\r\ncontent-type: application/vnd.amazon.eventstream").await;
+        let envoy = envoy(port, json!({})).await;
+        let body = json!({"messages":[{"role":"user","content":[{"text":prompt}]}]});
+        let resp = client().post(envoy.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let out = resp.bytes().await.unwrap();
+        let mut d = Decoder::default();
+        let msgs = d.feed(&out);
+        assert_eq!((d.broken(), d.pending()), (None, 0), "valid frames");
+        let events: Vec<Value> = msgs.iter().filter_map(|m| m.event_json()).collect();
+        if path.ends_with("invoke-with-response-stream") {
+            let mut per = [String::new(), String::new()];
+            for e in &events {
+                let i = e.pointer("/choices/0/index").and_then(Value::as_u64).unwrap() as usize;
+                per[i].push_str(e.pointer("/choices/0/delta/content").and_then(Value::as_str).unwrap_or(""));
+            }
+            assert_eq!(per, ["Mail bob@corp.io now".to_string(), "Call 415-555-2671 now".to_string()]);
+        } else {
+            let input: String =
+                events.iter().filter_map(|e| e.pointer("/delta/toolUse/input").and_then(Value::as_str)).collect();
+            let v: Value = serde_json::from_str(&input).unwrap_or_else(|e| panic!("{e}: {input}"));
+            assert_eq!(v, json!({"to":"bob@corp.io","tel":"415-555-2671"}), "{input}");
+        }
+        let sent = seen.lock().unwrap().join("");
+        assert!(sent.contains("I am <EMAIL_1>, tel <PHONE_1>"), "{sent}");
+        assert_eq!(envoy.stat("meshwarden.pii_redactor.restored").await.unwrap(), 2, "{path}");
+    }
+}
+
 /// Broken framing (here a bad prelude CRC after a valid frame): the valid frame is restored, the rest of
 /// the stream is passed byte for byte and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
