@@ -558,4 +558,33 @@ mod tests {
         }
         assert_eq!(args, "{\"to\":\"xy\"}");
     }
+
+    /// Bounds: at most `MAX_HELD_CHANNELS` (64) channels hold text (the oldest flushed first, nothing
+    /// lost), and an event over `MAX_TEMPLATE_BYTES` (16 KiB) holds nothing back.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn held_channels_and_big_events_are_bounded() {
+        let mut rw = SseTextRewriter::default();
+        let mut out = Vec::new();
+        for i in 0..1000 {
+            let e =
+                serde_json::json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":"x A"}});
+            out.extend(rw.feed(format!("data: {e}\n\n").as_bytes(), &mut Ab));
+            assert!(rw.buffered_bytes() <= 64, "{} bytes held at {i}", rw.buffered_bytes());
+        }
+        out.extend(rw.finish(&mut Ab));
+        // Every block's text whole: "x " now, its "A" in a flush (no AB to replace).
+        let mut per = BTreeMap::new();
+        for e in SseParser::default().feed(&out) {
+            let v: Value = serde_json::from_str(&e.data).unwrap();
+            let t = v.pointer("/delta/text").and_then(Value::as_str).unwrap().to_string();
+            *per.entry(v["index"].as_u64().unwrap()).or_insert_with(String::new) += &t;
+        }
+        assert_eq!(per.len(), 1000);
+        assert!(per.values().all(|t| t == "x A"), "{per:?}");
+        let filler = "f".repeat(20 * 1024);
+        let mut rw = SseTextRewriter::default();
+        let e = serde_json::json!({"choices":[{"index":0,"delta":{"content":"big A"}}],"f":filler});
+        let out = rw.feed(format!("data: {e}\n\n").as_bytes(), &mut Ab);
+        assert_eq!((deltas(&out).as_str(), rw.buffered_bytes()), ("big A", 0));
+    }
 }
