@@ -418,7 +418,21 @@ pub fn rewrite_strings(v: &mut Value, rw: &mut dyn TextRewrite) -> bool {
             None => false,
         },
         Value::Array(a) => a.iter_mut().fold(false, |acc, x| rewrite_strings(x, rw) | acc),
-        Value::Object(o) => o.values_mut().fold(false, |acc, x| rewrite_strings(x, rw) | acc),
+        Value::Object(o) => o.iter_mut().fold(false, |acc, (k, x)| {
+            // Tool-call `arguments` (OpenAI chat, legacy `function_call`, Responses) are JSON text:
+            // rewritten as such, so a value with a quote or backslash leaves them valid JSON.
+            let changed = match x {
+                Value::String(s) if k == "arguments" => match rw.rewrite_json(s) {
+                    Some(n) => {
+                        *s = n;
+                        true
+                    }
+                    None => false,
+                },
+                _ => rewrite_strings(x, rw),
+            };
+            changed | acc
+        }),
         _ => false,
     }
 }

@@ -178,8 +178,13 @@ impl Restorer {
     /// arguments, ...), in the raw text unless an angle bracket is escaped or responses are scanned;
     /// then by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        // A value JSON must escape (a quote, a backslash, a control character) inside tool-call
+        // `arguments` (JSON text in a JSON string) needs escaping twice: only the parsed path knows
+        // where it lands.
+        let needs_escape = || self.map.values().any(|v| v.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20));
         if self.scan.is_none()
             && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c") || w.eq_ignore_ascii_case(b"u003e"))
+            && !(needs_escape() && body.windows(11).any(|w| w == b"\"arguments\""))
         {
             // Restore only, and no placeholder written with escaped angle brackets: placeholders are
             // ASCII that JSON never needs to escape, so restoring them in the raw text (values
@@ -319,6 +324,23 @@ mod tests {
         // Broken JSON: raw restore with JSON escaping keeps it JSON-string-safe.
         let out = r.rewrite_json_body(br#"{"a":"<EMAIL_1>""#).unwrap();
         assert_eq!(out, br#"{"a":"a\"b@x.io""#.to_vec());
+    }
+
+    #[test]
+    fn tool_arguments_in_json_answers_stay_json_whatever_the_value() {
+        let mut r = Restorer::new(map(&[("<NAME_1>", "Jane \"JJ\" Doe"), ("<EMAIL_1>", "j@d.io")]), None);
+        for body in [
+            // Raw placeholder, and the escaped spelling inside the arguments text.
+            &br#"{"choices":[{"message":{"tool_calls":[{"function":{"arguments":"{\"n\":\"<NAME_1>\",\"m\":\"\\u003cEMAIL_1\\u003e\"}"}}]}}]}"#[..],
+            // Responses API `function_call` item.
+            &br#"{"output":[{"type":"function_call","arguments":"{\"n\":\"<NAME_1>\",\"m\":\"<EMAIL_1>\"}"}]}"#[..],
+        ] {
+            let out = r.rewrite_json_body(body).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            let args = v.pointer("/choices/0/message/tool_calls/0/function/arguments").or(v.pointer("/output/0/arguments"));
+            let args: Value = serde_json::from_str(args.unwrap().as_str().unwrap()).unwrap();
+            assert_eq!(args, serde_json::json!({"n": "Jane \"JJ\" Doe", "m": "j@d.io"}));
+        }
     }
 
     /// The raw fast path of `rewrite_json_body` gives the same JSON as parsing, restoring every string
