@@ -15,6 +15,12 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
+/// One rule `t`: a daily token budget per `x-team`, 10 output tokens reserved when a request sets no cap.
+fn team_budget(tokens_per_day: u64) -> Value {
+    json!({"default_output_reservation": 10,
+           "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":tokens_per_day}}]})
+}
+
 async fn envoy(mock: &MockLlm, config: Value) -> Envoy {
     EnvoyBuilder::new("token-limiter.yaml")
         .upstream_port(mock.port())
@@ -115,11 +121,7 @@ async fn anthropic_route_gets_anthropic_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remaining_headers_go_down_as_tokens_are_spent() {
     let mock = MockLlm::start().await.unwrap();
-    let e = envoy(
-        &mock,
-        json!({"default_output_reservation": 10, "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]}),
-    )
-    .await;
+    let e = envoy(&mock, team_budget(100000)).await;
     let body = chat("gpt-4o-mini", "How many tokens do I have left?", None, false);
     let est = estimate(Api::OpenAiChat, &body);
     let mut last = u64::MAX;
@@ -146,11 +148,7 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_cover_every_answer_and_every_api_output_cap() {
     let mock = MockLlm::start().await.unwrap();
-    let e = envoy(
-        &mock,
-        json!({"default_output_reservation": 10, "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]}),
-    )
-    .await;
+    let e = envoy(&mock, team_budget(100000)).await;
     let mut body = chat("gpt-4o-mini", "Three answers, please.", Some(100), false);
     body["n"] = json!(3);
     let est = estimate(Api::OpenAiChat, &body);
@@ -489,12 +487,7 @@ async fn answers_are_charged_output_whatever_their_encoding_or_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bedrock_event_stream_usage_is_charged() {
     let mock = MockLlm::start().await.unwrap();
-    let e = envoy(
-        &mock,
-        json!({"default_output_reservation": 10,
-               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":10000000}}]}),
-    )
-    .await;
+    let e = envoy(&mock, team_budget(10000000)).await;
     let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
     let body = json!({"messages":[{"role":"user","content":[{"text":"Stream me an answer."}]}],
                       "inferenceConfig":{"maxTokens":200}});
@@ -544,12 +537,7 @@ async fn bedrock_event_stream_usage_is_charged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_and_bedrock_invoke_usage_is_charged() {
     let mock = MockLlm::start().await.unwrap();
-    let e = envoy(
-        &mock,
-        json!({"default_output_reservation": 10,
-               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":10000000}}]}),
-    )
-    .await;
+    let e = envoy(&mock, team_budget(10000000)).await;
     let out = |m: &str| format!("meshwarden.token_limiter.model.{m}.output_tokens");
     let inp = |m: &str| format!("meshwarden.token_limiter.model.{m}.input_tokens");
     // Ollama chat, streamed (its default): NDJSON, one line per token.

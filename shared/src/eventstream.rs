@@ -269,6 +269,21 @@ mod tests {
         )
     }
 
+    /// Interoperability vectors of the AWS SDKs' event-stream decoders: every header value type (bool,
+    /// byte, short, int, long, bytes, string, timestamp, uuid), no payload ...
+    const ALL_HEADER_TYPES: &[u8] = b"\x00\x00\x00\x62\x00\x00\x00\x52\x03\xb5\xcb\x9c\
+        \x010\x00\x011\x01\x012\x02\x02\x013\x03\x00\x03\
+        \x014\x04\x00\x00\x00\x04\x015\x05\x00\x00\x00\x00\x00\x00\x00\x05\
+        \x016\x06\x00\x05bytes\x017\x07\x00\x04utf8\
+        \x018\x08\x00\x00\x00\x00\x00\x00\x00\x08\x019\x090123456789abcdef\
+        \x63\x35\x36\x71";
+    /// ... and an event with string headers and a JSON payload, as sent in three pieces.
+    const INITIAL_RESPONSE: [&[u8]; 3] = [
+        b"\x00\x00\x00~\x00\x00\x00O\xc5\xa3\xdd\xc6\r:message-type\x07\x00",
+        b"\x05event\x0b:event-type\x07\x00\x10initial-response\r:content-type",
+        b"\x07\x00\ttext/json{\"InitialResponse\": \"sometext\"}\xf6\x98$\x83",
+    ];
+
     #[wasm_bindgen_test(unsupported = test)]
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
@@ -277,24 +292,12 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn published_test_vectors_decode() {
-        // Interoperability vectors of the AWS SDKs' event-stream decoders: every header value type
-        // (bool, byte, short, int, long, bytes, string, timestamp, uuid), then an event with string
-        // headers and a JSON payload sent in three pieces.
-        let all_types: &[u8] = b"\x00\x00\x00\x62\x00\x00\x00\x52\x03\xb5\xcb\x9c\
-            \x010\x00\x011\x01\x012\x02\x02\x013\x03\x00\x03\
-            \x014\x04\x00\x00\x00\x04\x015\x05\x00\x00\x00\x00\x00\x00\x00\x05\
-            \x016\x06\x00\x05bytes\x017\x07\x00\x04utf8\
-            \x018\x08\x00\x00\x00\x00\x00\x00\x00\x08\x019\x090123456789abcdef\
-            \x63\x35\x36\x71";
+        let all_types = ALL_HEADER_TYPES;
         let mut d = Decoder::default();
         let m = d.feed(all_types);
         assert_eq!((m.len(), d.broken()), (1, None));
         assert!(m[0].payload.is_empty());
-        let pieces: [&[u8]; 3] = [
-            b"\x00\x00\x00~\x00\x00\x00O\xc5\xa3\xdd\xc6\r:message-type\x07\x00",
-            b"\x05event\x0b:event-type\x07\x00\x10initial-response\r:content-type",
-            b"\x07\x00\ttext/json{\"InitialResponse\": \"sometext\"}\xf6\x98$\x83",
-        ];
+        let pieces = INITIAL_RESPONSE;
         let mut d = Decoder::default();
         let m: Vec<Message> = pieces.iter().flat_map(|p| d.feed(p)).collect();
         assert_eq!(d.broken(), None);
@@ -316,15 +319,8 @@ mod tests {
     /// prelude and CRCs that decode again with the same headers.
     #[wasm_bindgen_test(unsupported = test)]
     fn published_test_vectors_round_trip_through_encode_raw() {
-        let all_types: &[u8] = b"\x00\x00\x00\x62\x00\x00\x00\x52\x03\xb5\xcb\x9c\
-            \x010\x00\x011\x01\x012\x02\x02\x013\x03\x00\x03\
-            \x014\x04\x00\x00\x00\x04\x015\x05\x00\x00\x00\x00\x00\x00\x00\x05\
-            \x016\x06\x00\x05bytes\x017\x07\x00\x04utf8\
-            \x018\x08\x00\x00\x00\x00\x00\x00\x00\x08\x019\x090123456789abcdef\
-            \x63\x35\x36\x71";
-        let event: &[u8] = b"\x00\x00\x00~\x00\x00\x00O\xc5\xa3\xdd\xc6\r:message-type\x07\x00\
-            \x05event\x0b:event-type\x07\x00\x10initial-response\r:content-type\
-            \x07\x00\ttext/json{\"InitialResponse\": \"sometext\"}\xf6\x98$\x83";
+        let all_types = ALL_HEADER_TYPES;
+        let event: &[u8] = &INITIAL_RESPONSE.concat();
         for vector in [all_types, event] {
             let mut d = Decoder::default();
             let m = d.feed(vector);
