@@ -220,7 +220,7 @@ struct Root {
 
 impl Root {
     fn new(id: u32) -> Self {
-        let seed = now_us() ^ (u64::from(id) << 48);
+        let seed = crate::limiter::lease_seed(now_us(), id);
         Root {
             id,
             shared: Rc::new(Shared {

@@ -190,8 +190,27 @@ pub fn settle_deltas(cfg: &Config, plan: &Plan, input: u64, output: u64) -> Vec<
         .collect()
 }
 
+/// The per-VM part of every lease id. Lease ids must be unique across every VM that shares the
+/// sidecar's state: one VM per Envoy worker, and many Envoys on one Redis. The clock alone is not enough:
+/// Envoy configures its workers' VMs in parallel, and in 2 of 12 starts with `--concurrency 2` both VMs
+/// read the same microsecond, so both handed out equal lease ids and two requests held one concurrency
+/// slot (a third was admitted over `max_concurrent_requests`). The seed comes from the host's random
+/// source (WASI `random_get`, which Envoy serves from BoringSSL) keyed over the time and the context id.
+pub fn lease_seed(now_us: u64, root_context_id: u32) -> u64 {
+    std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), (now_us, root_context_id))
+}
+
 #[cfg(test)]
 mod tests {
+    /// Two VMs that start in the same microsecond with the same root context id (what Envoy's parallel
+    /// worker start produced) still get different lease seeds; the clock-only seed gave equal ones.
+    #[test]
+    fn lease_seeds_differ_for_vms_started_in_the_same_microsecond() {
+        let seeds: std::collections::HashSet<u64> =
+            (0..64).map(|_| super::lease_seed(1_796_470_292_281_510, 1)).collect();
+        assert_eq!(seeds.len(), 64);
+    }
+
     #[test]
     fn fallback_header_is_ours_or_removed() {
         let facts = |m: &str| Facts { model: Some(m.to_string()), ..Facts::default() };
