@@ -186,12 +186,94 @@ impl<'de> Visitor<'de> for StrictValue {
     }
 }
 
+/// `Value::pointer` (RFC 6901) without its allocations: serde_json un-escapes every token into a new
+/// `String` (two per token), which made the dozen constant paths a request is read by (`/max_tokens`,
+/// `/generationConfig/maxOutputTokens`, ...) cost ~2 µs of allocator work per request inside the VM.
+/// Same answers as `Value::pointer` for every input; a pointer with an escape (`~0`, `~1`) goes to it.
+pub fn pointer<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> {
+    if pointer.contains('~') {
+        return value.pointer(pointer);
+    }
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    pointer.strip_prefix('/')?.split('/').try_fold(value, |target, token| match target {
+        Value::Object(map) => map.get(token),
+        Value::Array(list) => array_index(token).and_then(|i| list.get(i)),
+        _ => None,
+    })
+}
+
+/// `Value::pointer_mut` without its allocations; see [`pointer`].
+pub fn pointer_mut<'a>(value: &'a mut Value, pointer: &str) -> Option<&'a mut Value> {
+    if pointer.contains('~') {
+        return value.pointer_mut(pointer);
+    }
+    if pointer.is_empty() {
+        return Some(value);
+    }
+    pointer.strip_prefix('/')?.split('/').try_fold(value, |target, token| match target {
+        Value::Object(map) => map.get_mut(token),
+        Value::Array(list) => array_index(token).and_then(move |i| list.get_mut(i)),
+        _ => None,
+    })
+}
+
+/// An RFC 6901 array index, as serde_json reads it: decimal digits, no sign, no leading zero.
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.starts_with('0') && token.len() != 1) {
+        return None;
+    }
+    token.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
     use super::*;
     use serde_json::json;
     use wasm_bindgen_test::wasm_bindgen_test;
+
+    /// Same answers as serde_json's `Value::pointer`, escapes, indices and misses included.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn pointer_answers_like_serde_json() {
+        let v = json!({"a": {"b": [10, {"c": true}], "x/y": 1, "m~n": 2, "": {"": 3}, "01": 4, "1": 5},
+                       "s": "t", "n": null});
+        for p in [
+            "",
+            "/",
+            "//",
+            "/a",
+            "/a/b",
+            "/a/b/0",
+            "/a/b/1/c",
+            "/a/b/2",
+            "/a/b/01",
+            "/a/b/+1",
+            "/a/b/-",
+            "/a/b/00",
+            "/a/b/1/c/d",
+            "/a/x~1y",
+            "/a/m~0n",
+            "/a/x/y",
+            "/a/",
+            "/a//",
+            "/a/01",
+            "/a/1",
+            "a",
+            "/s/0",
+            "/n",
+            "/n/x",
+            "/missing",
+            "/a/b/18446744073709551616",
+            "/a/b/ 1",
+            "/a/b/1 ",
+        ] {
+            assert_eq!(pointer(&v, p), v.pointer(p), "{p:?}");
+            let (mut a, mut b) = (v.clone(), v.clone());
+            assert_eq!(pointer_mut(&mut a, p), b.pointer_mut(p), "{p:?}");
+        }
+    }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn same_value_as_serde_json_for_valid_json() {

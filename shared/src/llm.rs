@@ -7,6 +7,7 @@
 //! that filters scan what the model sees (not raw JSON) and can rewrite exactly those strings
 //! ([`replace_texts`]) while leaving the rest of the body untouched.
 
+use crate::json;
 use serde_json::Value;
 
 /// Which API a request speaks. Decided from the path first ([`Api::from_path`]) and, for unknown paths,
@@ -153,17 +154,17 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/options/num_predict",
     ]
     .iter()
-    .find_map(|p| body.pointer(p).and_then(Value::as_u64));
+    .find_map(|p| json::pointer(body, p).and_then(Value::as_u64));
     let choices = ["/n", "/best_of", "/generationConfig/candidateCount"]
         .iter()
-        .filter_map(|p| body.pointer(p).and_then(Value::as_u64))
+        .filter_map(|p| json::pointer(body, p).and_then(Value::as_u64))
         .max()
         .unwrap_or(1)
         .clamp(1, MAX_CHOICES);
     RequestInfo {
         model: body.get("model").and_then(Value::as_str).map(str::to_string),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
-        include_usage: body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: json::pointer(body, "/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         max_output_tokens,
         choices,
     }
@@ -295,17 +296,17 @@ fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
                     push_string_leaves(out, role, &mut format!("{here}/toolUse/input"), input);
                 }
             }
-            if let Some(inner) = part.pointer("/toolResult/content") {
+            if let Some(inner) = json::pointer(part, "/toolResult/content") {
                 push_content(out, Role::Tool, &format!("{here}/toolResult/content"), inner);
             }
             // A Bedrock tool result's `{"json": {...}}` block: every string in it.
             if let Some(j) = part.get("json") {
                 push_string_leaves(out, role, &mut format!("{here}/json"), j);
             }
-            if let Some(t) = part.pointer("/guardContent/text/text") {
+            if let Some(t) = json::pointer(part, "/guardContent/text/text") {
                 push_text(out, role, format!("{here}/guardContent/text/text"), t);
             }
-            if let Some(t) = part.pointer("/reasoningContent/reasoningText/text") {
+            if let Some(t) = json::pointer(part, "/reasoningContent/reasoningText/text") {
                 push_text(out, role, format!("{here}/reasoningContent/reasoningText/text"), t);
             }
         }
@@ -330,7 +331,7 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                     // Earlier tool calls (OpenAI): their arguments go back to the model with the history.
                     if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
                         for (k, c) in calls.iter().enumerate() {
-                            if let Some(a) = c.pointer("/function/arguments") {
+                            if let Some(a) = json::pointer(c, "/function/arguments") {
                                 push_text(
                                     &mut out,
                                     role,
@@ -340,13 +341,13 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                             }
                         }
                     }
-                    if let Some(a) = m.pointer("/function_call/arguments") {
+                    if let Some(a) = json::pointer(m, "/function_call/arguments") {
                         push_text(&mut out, role, format!("/messages/{i}/function_call/arguments"), a);
                     }
                 }
             }
             // OpenAI predicted outputs: the model reads the prediction to reuse it.
-            if let Some(p) = body.pointer("/prediction/content") {
+            if let Some(p) = json::pointer(body, "/prediction/content") {
                 push_content(&mut out, Role::User, "/prediction/content", p);
             }
             // (A body of unknown shape with nothing else found is read whole by the callers' fallbacks.)
@@ -384,7 +385,7 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
             }
             // Reusable prompts: `prompt.variables` values are substituted into the prompt template
             // (a string, or an `input_text` part).
-            if let Some(vars) = body.pointer("/prompt/variables").and_then(Value::as_object) {
+            if let Some(vars) = json::pointer(body, "/prompt/variables").and_then(Value::as_object) {
                 for (k, v) in vars {
                     let base = format!("/prompt/variables/{}", ptr_escape(k));
                     if v.is_string() {
@@ -475,7 +476,7 @@ fn push_tool_definitions(out: &mut Vec<TextSpan>, body: &Value) {
             push_string_leaves(out, Role::Tool, &mut format!("/functions/{t}"), f);
         }
     }
-    if let Some(tools) = body.pointer("/toolConfig/tools").and_then(Value::as_array) {
+    if let Some(tools) = json::pointer(body, "/toolConfig/tools").and_then(Value::as_array) {
         for (t, tool) in tools.iter().enumerate() {
             push_string_leaves(out, Role::Tool, &mut format!("/toolConfig/tools/{t}"), tool);
         }
@@ -530,9 +531,9 @@ pub fn extract_response_texts(body: &Value) -> Vec<TextSpan> {
                 push_content(&mut out, Role::Assistant, &format!("/choices/{i}/message/content"), m);
             }
             // Tool calls the model wrote: their arguments can carry what it must not leak.
-            if let Some(calls) = c.pointer("/message/tool_calls").and_then(Value::as_array) {
+            if let Some(calls) = json::pointer(c, "/message/tool_calls").and_then(Value::as_array) {
                 for (k, call) in calls.iter().enumerate() {
-                    if let Some(a) = call.pointer("/function/arguments") {
+                    if let Some(a) = json::pointer(call, "/function/arguments") {
                         push_text(
                             &mut out,
                             Role::Assistant,
@@ -571,7 +572,7 @@ pub fn extract_response_texts(body: &Value) -> Vec<TextSpan> {
     // Gemini
     if let Some(cands) = body.get("candidates").and_then(Value::as_array) {
         for (i, c) in cands.iter().enumerate() {
-            if let Some(parts) = c.pointer("/content/parts").and_then(Value::as_array) {
+            if let Some(parts) = json::pointer(c, "/content/parts").and_then(Value::as_array) {
                 for (j, p) in parts.iter().enumerate() {
                     if let Some(t) = p.get("text") {
                         push_text(&mut out, Role::Assistant, format!("/candidates/{i}/content/parts/{j}/text"), t);
@@ -589,7 +590,7 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
     let mut out = Vec::new();
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
         for (i, c) in choices.iter().enumerate() {
-            if let Some(t) = c.pointer("/delta/content") {
+            if let Some(t) = json::pointer(c, "/delta/content") {
                 push_text(&mut out, Role::Assistant, format!("/choices/{i}/delta/content"), t);
             }
             if let Some(t) = c.get("text") {
@@ -599,7 +600,7 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
     }
     match event.get("type").and_then(Value::as_str) {
         Some("content_block_delta") => {
-            if let Some(t) = event.pointer("/delta/text") {
+            if let Some(t) = json::pointer(event, "/delta/text") {
                 push_text(&mut out, Role::Assistant, "/delta/text".into(), t);
             }
         }
@@ -611,7 +612,7 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
         // Bedrock ConverseStream `contentBlockDelta` (no `type`; text or reasoning text).
         None if event.get("contentBlockIndex").is_some() => {
             for p in ["/delta/text", "/delta/reasoningContent/text"] {
-                if let Some(t) = event.pointer(p) {
+                if let Some(t) = json::pointer(event, p) {
                     push_text(&mut out, Role::Assistant, p.into(), t);
                 }
             }
@@ -624,7 +625,7 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
     // Ollama stream lines (`"done": false` until the last): chat `message.content`, generate `response`.
     if event.get("done").is_some_and(Value::is_boolean) {
         for p in ["/message/content", "/response"] {
-            if let Some(t) = event.pointer(p) {
+            if let Some(t) = json::pointer(event, p) {
                 push_text(&mut out, Role::Assistant, p.into(), t);
             }
         }
@@ -637,7 +638,7 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
 pub fn replace_texts(body: &mut Value, replacements: &[(String, String)]) -> usize {
     let mut missed = 0;
     for (pointer, text) in replacements {
-        match body.pointer_mut(pointer) {
+        match json::pointer_mut(body, pointer) {
             Some(v @ Value::String(_)) => *v = Value::String(text.clone()),
             _ => missed += 1,
         }
@@ -689,12 +690,10 @@ fn usage_object(obj: &Value) -> Option<Usage> {
                 input_tokens: prompt,
                 output_tokens: u(obj, "completion_tokens").unwrap_or(0),
                 total_tokens: u(obj, "total_tokens").unwrap_or(0),
-                cached_input_tokens: obj
-                    .pointer("/prompt_tokens_details/cached_tokens")
+                cached_input_tokens: json::pointer(obj, "/prompt_tokens_details/cached_tokens")
                     .and_then(Value::as_u64)
                     .unwrap_or(0),
-                reasoning_tokens: obj
-                    .pointer("/completion_tokens_details/reasoning_tokens")
+                reasoning_tokens: json::pointer(obj, "/completion_tokens_details/reasoning_tokens")
                     .and_then(Value::as_u64)
                     .unwrap_or(0),
             }
@@ -705,15 +704,15 @@ fn usage_object(obj: &Value) -> Option<Usage> {
     if u(obj, "input_tokens").is_some() || u(obj, "output_tokens").is_some() {
         let cache_read = u(obj, "cache_read_input_tokens").unwrap_or(0);
         let cache_create = u(obj, "cache_creation_input_tokens").unwrap_or(0);
-        let responses_cached = obj.pointer("/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
+        let responses_cached =
+            json::pointer(obj, "/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
         return Some(
             Usage {
                 input_tokens: u(obj, "input_tokens").unwrap_or(0) + cache_read + cache_create,
                 output_tokens: u(obj, "output_tokens").unwrap_or(0),
                 total_tokens: u(obj, "total_tokens").unwrap_or(0),
                 cached_input_tokens: cache_read + responses_cached,
-                reasoning_tokens: obj
-                    .pointer("/output_tokens_details/reasoning_tokens")
+                reasoning_tokens: json::pointer(obj, "/output_tokens_details/reasoning_tokens")
                     .and_then(Value::as_u64)
                     .unwrap_or(0),
             }
@@ -783,7 +782,7 @@ pub fn usage_from_json(body: &Value) -> Option<Usage> {
         "/amazon-bedrock-invocationMetrics",
     ]
     .iter()
-    .filter_map(|p| body.pointer(p))
+    .filter_map(|p| json::pointer(body, p))
     .filter(|v| v.is_object())
     .find_map(usage_object)
     .or_else(|| top_level_usage(body))

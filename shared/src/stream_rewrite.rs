@@ -19,6 +19,7 @@
 //! Non-delta strings (ids, full texts in `response.completed`, ...) are rewritten whole. Text is
 //! handled decoded (JSON escapes resolved), so `\u003cEMAIL_1\u003e` is seen as `<EMAIL_1>`.
 
+use crate::json;
 use crate::llm::extract_stream_delta_texts;
 use crate::sse::{encode_event, SseEvent, SseParser};
 use serde_json::Value;
@@ -51,9 +52,9 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     let mut out: Vec<String> = extract_stream_delta_texts(event).into_iter().map(|s| s.pointer).collect();
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
         for (i, c) in choices.iter().enumerate() {
-            if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
+            if let Some(calls) = json::pointer(c, "/delta/tool_calls").and_then(Value::as_array) {
                 for (j, call) in calls.iter().enumerate() {
-                    if call.pointer("/function/arguments").is_some_and(Value::is_string) {
+                    if json::pointer(call, "/function/arguments").is_some_and(Value::is_string) {
                         out.push(format!("/choices/{i}/delta/tool_calls/{j}/function/arguments"));
                     }
                 }
@@ -63,7 +64,7 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     match event.get("type").and_then(Value::as_str) {
         Some("content_block_delta") => {
             for p in ["/delta/partial_json", "/delta/thinking"] {
-                if event.pointer(p).is_some_and(Value::is_string) {
+                if json::pointer(event, p).is_some_and(Value::is_string) {
                     out.push(p.to_string());
                 }
             }
@@ -73,14 +74,14 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
         }
         // Bedrock ConverseStream tool input (a string of JSON).
         None if event.get("contentBlockIndex").is_some()
-            && event.pointer("/delta/toolUse/input").is_some_and(Value::is_string) =>
+            && json::pointer(event, "/delta/toolUse/input").is_some_and(Value::is_string) =>
         {
             out.push("/delta/toolUse/input".to_string())
         }
         _ => {}
     }
     // Amazon Nova through InvokeModelWithResponseStream: `{"contentBlockDelta":{"delta":{"text":..}}}`.
-    if event.pointer("/contentBlockDelta/delta/text").is_some_and(Value::is_string) {
+    if json::pointer(event, "/contentBlockDelta/delta/text").is_some_and(Value::is_string) {
         out.push("/contentBlockDelta/delta/text".to_string());
     }
     out
@@ -169,7 +170,7 @@ impl<M: Clone> DeltaChannels<M> {
         let text =
             if is_json_text_pointer(&c.template, &c.pointer) { rw.rewrite_json(&c.held) } else { rw.rewrite(&c.held) };
         let text = text.unwrap_or_else(|| std::mem::take(&mut c.held));
-        if let Some(slot) = c.template.pointer_mut(&c.pointer) {
+        if let Some(slot) = json::pointer_mut(&mut c.template, &c.pointer) {
             *slot = Value::String(text);
         }
         out.push((c.meta, c.template));
@@ -197,7 +198,7 @@ impl<M: Clone> DeltaChannels<M> {
         let mut deltas: Vec<(String, String, bool)> = Vec::with_capacity(pointers.len());
         for p in &pointers {
             let json = is_json_text_pointer(v, p);
-            if let Some(Value::String(s)) = v.pointer_mut(p) {
+            if let Some(Value::String(s)) = json::pointer_mut(v, p) {
                 deltas.push((p.clone(), std::mem::take(s), json));
             }
         }
@@ -226,7 +227,7 @@ impl<M: Clone> DeltaChannels<M> {
                     .get_or_insert_with(|| {
                         let mut t = v.clone();
                         for q in &pointers {
-                            if let Some(slot) = t.pointer_mut(q) {
+                            if let Some(slot) = json::pointer_mut(&mut t, q) {
                                 *slot = Value::String(String::new());
                             }
                         }
@@ -246,7 +247,7 @@ impl<M: Clone> DeltaChannels<M> {
                 };
                 self.channels.insert(key, c);
             }
-            if let Some(slot) = v.pointer_mut(&p) {
+            if let Some(slot) = json::pointer_mut(v, &p) {
                 *slot = Value::String(emitted);
             }
         }
@@ -308,7 +309,7 @@ pub fn channel_key(event: &Value, pointer: &str) -> String {
             key.push_str(&v.to_string());
         }
     }
-    if let Some(v) = event.pointer("/contentBlockDelta/contentBlockIndex") {
+    if let Some(v) = json::pointer(event, "/contentBlockDelta/contentBlockIndex") {
         key.push('#');
         key.push_str(&v.to_string());
     }
