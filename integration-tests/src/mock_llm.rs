@@ -24,6 +24,7 @@
 //! | (paths `/api/chat`, `/api/generate`) | Ollama's native API: NDJSON stream unless `"stream": false`, counts in the last line |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
+//! | `x-mock-response-header-latin1: name` | add this header to the answer with a value that is not UTF-8 ([`LATIN1_CAFE`], `café` in Latin-1) |
 //!
 //! Every answer carries `x-mock-served-by: ip:port`, and `GET /metrics` serves the requests in flight in
 //! vLLM's metric names, so several mocks can form a pool behind inference-router (`make run`).
@@ -252,6 +253,10 @@ fn split_pieces(text: &str) -> Vec<String> {
     out
 }
 
+/// `café` in Latin-1: a header value that is not UTF-8 (RFC 9110 obs-text), as old clients and
+/// upstreams send.
+pub const LATIN1_CAFE: &[u8] = b"caf\xe9";
+
 async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     let guard = InFlight::start(&state.in_flight);
     let served_by = state.served_by.clone();
@@ -260,7 +265,20 @@ async fn handle(State(state): State<AppState>, method: Method, uri: Uri, headers
         .iter()
         .filter_map(|v| v.to_str().ok()?.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
         .collect();
+    // A response header whose value is not UTF-8 (obs-text, e.g. Latin-1), as old upstreams send.
+    let latin1: Vec<String> = headers
+        .get_all("x-mock-response-header-latin1")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(|s| s.trim().to_string()))
+        .collect();
     let mut resp = answer(state, method, uri, headers, body, guard).await;
+    for name in latin1 {
+        if let (Ok(k), Ok(v)) =
+            (axum::http::HeaderName::from_bytes(name.as_bytes()), axum::http::HeaderValue::from_bytes(LATIN1_CAFE))
+        {
+            resp.headers_mut().append(k, v);
+        }
+    }
     if let Ok(v) = axum::http::HeaderValue::from_str(&served_by) {
         resp.headers_mut().insert("x-mock-served-by", v);
     }

@@ -163,7 +163,8 @@ struct Case {
     body: Body,
     /// `content-type` of the request; `None`: no header.
     content_type: Option<&'static str>,
-    /// Mock LLM behaviour (`x-mock-*`) and other request headers.
+    /// Mock LLM behaviour (`x-mock-*`) and other request headers. A name written `latin1:<name>` sends
+    /// header `<name>` with the value encoded in Latin-1 (not UTF-8: obs-text).
     headers: &'static [(&'static str, &'static str)],
     act: Act,
     /// chain, token-limiter, prompt-guard, pii-redactor, mcp-authz, inference-router
@@ -337,6 +338,23 @@ fn catalogue() -> Vec<Case> {
                 Upstream(400),
             ],
             Charge::Estimated,
+        ),
+        case(
+            // The SDK's header getters unwrap UTF-8: one such header used to panic the filter's VM, and
+            // every later request on that worker failed (docs/reliability.md).
+            "header values that are not UTF-8 (Latin-1 `café`), in the request and in the answer",
+            Body::Normal,
+            JSON,
+            &[
+                ("latin1:x-team", "caf\u{e9}"),
+                ("latin1:x-user", "caf\u{e9}"),
+                ("latin1:x-gateway-inference-priority", "caf\u{e9}"),
+                ("latin1:x-prompt-guard-profile", "caf\u{e9}"),
+                ("x-mock-response-header-latin1", "x-upstream-note"),
+            ],
+            c,
+            [Upstream(200), Upstream(200), Upstream(200), Upstream(200), Upstream(200), Upstream(200)],
+            Charge::Reported,
         ),
         case(
             "wrong content-type (text/plain, JSON body)",
@@ -625,7 +643,13 @@ fn request(r: &Running, http: Http, case: &Case, tag: &str, body: impl Into<reqw
         }
     }
     for (k, v) in case.headers {
-        req = req.header(*k, *v);
+        req = match k.strip_prefix("latin1:") {
+            Some(name) => {
+                let bytes: Vec<u8> = v.chars().map(|c| u8::try_from(u32::from(c)).unwrap()).collect();
+                req.header(name, reqwest::header::HeaderValue::from_bytes(&bytes).unwrap())
+            }
+            None => req.header(*k, *v),
+        };
     }
     req
 }

@@ -283,10 +283,7 @@ pub fn dispatch(
 /// a callout that timed out with its own 504 (and a failed connection with 503), so 504 counts as a
 /// timeout; a response without `:status` (the call was reset) counts as one too.
 pub fn callout_response(body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
-    let status = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse::<u16>().ok());
+    let status = call_response_header(":status").and_then(|s| s.parse::<u16>().ok());
     match status {
         None | Some(504) => Err(CalloutFailure::Timeout),
         Some(s) if !(200..300).contains(&s) => Err(CalloutFailure::Status(s)),
@@ -295,6 +292,38 @@ pub fn callout_response(body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
             .flatten()
             .unwrap_or_default()),
     }
+}
+
+/// A header value as text. Envoy passes values that are not UTF-8 (RFC 9110 obs-text, e.g. a Latin-1
+/// `café` from an old client or upstream), and the SDK's string getters (`get_http_request_header`,
+/// `get_map`, ...) unwrap `String::from_utf8` on them: one such header panicked the filter, and a
+/// panic kills the VM, so every later request on that worker failed with a 503 (or passed unfiltered
+/// under `fail_open`). Filters read headers only through this module: bytes from the host, each invalid
+/// sequence replaced by U+FFFD, so such a value never equals a configured (UTF-8) value or key.
+pub fn header_text(bytes: Vec<u8>) -> String {
+    match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    }
+}
+
+fn map_value(map: proxy_wasm::types::MapType, name: &str) -> Option<String> {
+    hostcalls::get_map_value_bytes(map, name).ok().flatten().map(header_text)
+}
+
+/// One request header (see [`header_text`]); `None` when absent.
+pub fn request_header(name: &str) -> Option<String> {
+    map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name)
+}
+
+/// One response header (see [`header_text`]); `None` when absent.
+pub fn response_header(name: &str) -> Option<String> {
+    map_value(proxy_wasm::types::MapType::HttpResponseHeaders, name)
+}
+
+/// One header of a callout's answer (see [`header_text`]), in `on_http_call_response`.
+pub fn call_response_header(name: &str) -> Option<String> {
+    map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, name)
 }
 
 /// A header map read with one host call. Each single-header read is a host call plus a call back into
@@ -308,12 +337,19 @@ pub struct HeaderSnapshot {
 impl HeaderSnapshot {
     /// The request headers (call from a request-headers callback or later).
     pub fn request() -> Self {
-        Self { pairs: hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders).unwrap_or_default() }
+        Self::read(proxy_wasm::types::MapType::HttpRequestHeaders)
     }
 
     /// The response headers (call from a response-headers callback or later).
     pub fn response() -> Self {
-        Self { pairs: hostcalls::get_map(proxy_wasm::types::MapType::HttpResponseHeaders).unwrap_or_default() }
+        Self::read(proxy_wasm::types::MapType::HttpResponseHeaders)
+    }
+
+    /// Values through [`header_text`]. Names are Envoy-validated tokens (its HTTP/1 and HTTP/2 codecs
+    /// refuse other bytes in a name), so the SDK's UTF-8 check on them cannot fail.
+    fn read(map: proxy_wasm::types::MapType) -> Self {
+        let pairs = hostcalls::get_map_bytes(map).unwrap_or_default();
+        Self { pairs: pairs.into_iter().map(|(k, v)| (k, header_text(v))).collect() }
     }
 
     /// From pairs (tests, or headers already read).
@@ -335,6 +371,15 @@ impl HeaderSnapshot {
 mod tests {
     use super::*;
     use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn header_values_that_are_not_utf8_are_read_not_panicked_on() {
+        assert_eq!(header_text(b"alice".to_vec()), "alice");
+        assert_eq!(header_text("café".as_bytes().to_vec()), "café");
+        assert_eq!(header_text(b"caf\xe9".to_vec()), "caf\u{fffd}");
+        assert_eq!(header_text(b"\xff\xfe".to_vec()), "\u{fffd}\u{fffd}");
+        assert_ne!(header_text(b"caf\xe9".to_vec()), "café", "never equal to the UTF-8 spelling");
+    }
 
     #[wasm_bindgen_test(unsupported = test)]
     fn header_snapshot_answers_like_a_single_header_read() {

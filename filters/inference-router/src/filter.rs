@@ -224,7 +224,7 @@ impl Context for Root {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         self.call_started_ms = None;
         let now = now_ms();
-        let status = self.get_http_call_response_header(":status").and_then(|s| s.parse::<u16>().ok());
+        let status = meshwarden_shared::host::call_response_header(":status").and_then(|s| s.parse::<u16>().ok());
         match status {
             Some(200) => {
                 let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
@@ -390,16 +390,15 @@ impl HttpContext for Request {
         // A client must never choose the endpoint or the model header routes match on.
         self.set_http_request_header(&cfg.destination_header, None);
         self.set_http_request_header(&cfg.model_header, None);
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
-        self.priority = match self.get_http_request_header(&cfg.priority_header) {
+        self.path = meshwarden_shared::host::request_header(":path").unwrap_or_default();
+        self.priority = match meshwarden_shared::host::request_header(&cfg.priority_header) {
             None => cfg.default_priority,
             Some(v) => parse_priority(&v).unwrap_or_else(|| {
                 self.shared.count("bad_priority", 1);
                 cfg.default_priority
             }),
         };
-        let too_large = self
-            .get_http_request_header("content-length")
+        let too_large = meshwarden_shared::host::request_header("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .is_some_and(|n| n > cfg.max_body_bytes);
         if end_of_stream || too_large || self.shared.no_stop_iteration.get() {

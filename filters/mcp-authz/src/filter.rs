@@ -444,12 +444,13 @@ impl Request {
         if self.replied || (self.plan.is_empty() && !self.card) {
             return Action::Continue;
         }
-        let status = self.get_http_response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+        let status =
+            meshwarden_shared::host::response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         if !(200..300).contains(&status) || status == 202 || status == 204 {
             return Action::Continue;
         }
-        let ctype = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
-        let encoding = self.get_http_response_header("content-encoding").unwrap_or_default();
+        let ctype = meshwarden_shared::host::response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        let encoding = meshwarden_shared::host::response_header("content-encoding").unwrap_or_default();
         let encoded = !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity");
         self.answer = if ctype.starts_with("text/event-stream") && !self.card {
             Answer::Sse(SseFilter::new(self.engine.config.max_response_bytes as usize))

@@ -217,12 +217,12 @@ impl Request {
     fn request_headers(&mut self, _n: usize, eos: bool) -> Action {
         self.count("requests", 1);
         // Two headers are read: two single reads cost less than copying every header into the VM.
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.path = meshwarden_shared::host::request_header(":path").unwrap_or_default();
         self.api = Api::from_path(&self.path);
         if eos {
             return Action::Continue;
         }
-        let enc = self.get_http_request_header("content-encoding").unwrap_or_default();
+        let enc = meshwarden_shared::host::request_header("content-encoding").unwrap_or_default();
         self.encoded = !enc.is_empty() && !enc.eq_ignore_ascii_case("identity");
         // The body may be rewritten: its length is not known yet.
         self.set_http_request_header("content-length", None);
@@ -333,7 +333,7 @@ impl Request {
         if self.restorer.is_none() || eos {
             return Action::Continue;
         }
-        let enc = self.get_http_response_header("content-encoding").unwrap_or_default();
+        let enc = meshwarden_shared::host::response_header("content-encoding").unwrap_or_default();
         if !enc.is_empty() && !enc.eq_ignore_ascii_case("identity") {
             // Placeholders reach the client unrestored (never the reverse: nothing leaks).
             self.count("response_not_restored_encoded", 1);
@@ -341,10 +341,10 @@ impl Request {
             self.restorer = None;
             return Action::Continue;
         }
-        let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        let ct = meshwarden_shared::host::response_header("content-type").unwrap_or_default().to_ascii_lowercase();
         // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
         // so a mislabelled error body is never swallowed by the event parser.
-        let ok = self.get_http_response_header(":status").is_some_and(|st| st.starts_with('2'));
+        let ok = meshwarden_shared::host::response_header(":status").is_some_and(|st| st.starts_with('2'));
         self.mode = if ct.starts_with("application/vnd.amazon.eventstream") {
             // Bedrock streams: binary frames with length prefixes and CRCs, decoded, restored and
             // re-encoded frame by frame (any status: bytes that are not valid frames pass unchanged).

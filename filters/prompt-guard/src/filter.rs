@@ -401,7 +401,7 @@ impl Request {
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _n: usize, eos: bool) -> WasmAction {
         self.count("requests");
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.path = meshwarden_shared::host::request_header(":path").unwrap_or_default();
         self.flavor = ErrorFlavor::for_api(Api::from_path(&self.path));
         let from_property = self.cfg().profile_property.clone().and_then(|path| {
             let segs: Vec<&str> = path.iter().map(String::as_str).collect();
@@ -409,7 +409,7 @@ impl HttpContext for Request {
         });
         // With `profile_property` set, the profile comes from it alone: a client header cannot pick one.
         let header = self.cfg().profile_header_in_use().map(str::to_string);
-        let profile = from_property.or_else(|| header.and_then(|h| self.get_http_request_header(&h)));
+        let profile = from_property.or_else(|| header.and_then(|h| meshwarden_shared::host::request_header(&h)));
         self.policy = self.shared.engine.policy(profile.as_deref());
         if self.policy.has_response_rules() {
             // answers must come back uncompressed to be scanned
@@ -419,8 +419,8 @@ impl HttpContext for Request {
             self.skip_request = true;
             return WasmAction::Continue;
         }
-        self.content_type = self.get_http_request_header("content-type");
-        let encoding = self.get_http_request_header("content-encoding").unwrap_or_default();
+        self.content_type = meshwarden_shared::host::request_header("content-type");
+        let encoding = meshwarden_shared::host::request_header("content-encoding").unwrap_or_default();
         if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
             let fb = self.cfg().on_encoded_body;
             return self.fallback(
@@ -431,7 +431,8 @@ impl HttpContext for Request {
                 "Compressed request bodies cannot be inspected by the prompt guard; send them uncompressed.",
             );
         }
-        let declared = self.get_http_request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        let declared =
+            meshwarden_shared::host::request_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.cfg().max_body_bytes) {
             return self.too_large();
         }
@@ -474,12 +475,12 @@ impl HttpContext for Request {
         if !self.policy.has_response_rules() {
             return WasmAction::Continue;
         }
-        let encoding = self.get_http_response_header("content-encoding").unwrap_or_default();
+        let encoding = meshwarden_shared::host::response_header("content-encoding").unwrap_or_default();
         if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
             self.count("response_unscannable");
             return WasmAction::Continue;
         }
-        let ct = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        let ct = meshwarden_shared::host::response_header("content-type").unwrap_or_default().to_ascii_lowercase();
         if ct.contains("text/event-stream") {
             let act = !self.policy.monitor;
             self.response = ResponseMode::Stream(Box::new(StreamGuard::new(
