@@ -228,6 +228,20 @@ async fn client_cannot_choose_the_endpoint() {
     assert_eq!(r.status(), 200);
 }
 
+/// A `model` that cannot be a header value (CR/LF, other control bytes) is routed without the model
+/// header; copying it made Envoy answer its own 503 "invalid header value for: x-gateway-model-name".
+#[tokio::test]
+async fn a_model_that_is_not_a_header_value_is_routed_without_the_model_header() {
+    let s = setup(2, fast(), json!({}), true).await;
+    let (st, sim, body) = s.send("base\r\nx-injected: yes", "hi", &[]).await;
+    assert_eq!(st, 200, "{body}");
+    assert!(sim.is_some(), "served by a model server: {body}");
+    assert_eq!(s.stat("model_not_a_header_value").await, 1);
+    let (st, sim, body) = s.send("base", "hi", &[]).await;
+    assert_eq!((st, sim.is_some()), (200, true), "{body}");
+    assert_eq!(s.stat("model_not_a_header_value").await, 1);
+}
+
 #[tokio::test]
 async fn sidecar_down_falls_back_to_least_in_flight_and_recovers() {
     let mut s = setup(3, fast(), json!({}), true).await;

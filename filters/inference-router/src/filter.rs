@@ -346,8 +346,10 @@ impl Request {
             let us = t1.duration_since(t0).map_or(0, |d| d.as_micros() as u64);
             self.shared.metrics.borrow_mut().histogram_in(P, "decision_us", us);
         }
-        if let Some(m) = req.model.as_deref() {
-            self.set_http_request_header(&cfg.model_header, Some(m));
+        match req.model.as_deref() {
+            Some(m) if crate::request::is_header_value(m) => self.set_http_request_header(&cfg.model_header, Some(m)),
+            Some(_) => self.shared.count("model_not_a_header_value", 1),
+            None => {}
         }
         self.shared.count("blocks", req.blocks.len() as u64);
         match decision {

@@ -19,10 +19,27 @@ pub fn features(cfg: &Config, path: &str, body: &[u8], priority: i32) -> Request
     RequestFeatures { model, blocks, priority }
 }
 
+/// Whether `v` may be sent as an HTTP header value (RFC 9110 field-value, as Envoy checks it before
+/// sending: tab, visible ASCII, obs-text; no other control byte, no DEL). A `model` with a CR/LF
+/// (`"m\r\nx-injected: 1"`) put into the model header made Envoy answer its own 503 ("invalid header
+/// value") instead of routing; such a model is not copied into the header.
+pub fn is_header_value(v: &str) -> bool {
+    v.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn header_values_refuse_control_bytes() {
+        assert!(is_header_value("llama-3.1-8b-instruct:lora/a b"));
+        assert!(is_header_value("caf\u{e9}\tx"));
+        for bad in ["m\r\nx-injected: 1", "m\n", "m\0", "m\u{7f}", "\u{1b}[31m"] {
+            assert!(!is_header_value(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn reads_model_and_prefix() {
