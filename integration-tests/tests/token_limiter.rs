@@ -592,6 +592,18 @@ async fn invalid_config_is_rejected_naming_the_field() {
         .await
         .unwrap();
     assert!(log.contains("$.rules[0].key"), "{log}");
+    // A fallback model Envoy could not send back in the fallback header is refused at load time too.
+    let log = EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(mock.port())
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_second":1},
+                              "fallback_model":"gpt\r\nx-injected: 1"}]}),
+        )
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("$.rules[0].fallback_model"), "{log}");
 }
 
 /// An upstream that answers every request with `body` as SSE, one byte per HTTP chunk (flushed), so

@@ -215,8 +215,17 @@ impl Validate for Config {
         check_range("max_output_reservation", self.max_output_reservation, 0, 10_000_000)?;
         check_range("settle_interval_ms", self.settle_interval_ms, 1, 10_000)?;
         check_range("lease_ms", self.lease_ms, 1_000, 86_400_000)?;
-        if self.fallback_header.trim().is_empty() || self.fallback_header.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(ConfigError::at("fallback_header", "must be a non-empty lower-case header name"));
+        // A name or value Envoy refuses in a header would break every fallback answer at run time.
+        if self.fallback_header.is_empty()
+            || !self
+                .fallback_header
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::at(
+                "fallback_header",
+                "must be a non-empty lower-case header name (a-z, 0-9, '-', '_')",
+            ));
         }
         match (&self.state, &self.sidecar) {
             (StateMode::Sidecar, None) => {
@@ -278,6 +287,10 @@ impl Validate for Config {
                 if f.is_empty() {
                     return Err(ConfigError::at(&format!("{p}.fallback_model"), "must not be empty"));
                 }
+                // It is sent back in `fallback_header`: no control bytes (Envoy refuses them in a header).
+                if f.bytes().any(|b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                    return Err(ConfigError::at(&format!("{p}.fallback_model"), "must not contain control characters"));
+                }
                 if windows.is_empty() {
                     return Err(ConfigError::at(&format!("{p}.fallback_model"), "needs a token limit"));
                 }
@@ -330,5 +343,16 @@ mod tests {
             ),
             "$.rules[0].counts.input"
         );
+        for bad in ["", "X-Fallback", "x fallback", "x-fallback:", ":status", "x-fallback\\n"] {
+            let cfg = format!(r#"{{"fallback_header":"{bad}"}}"#);
+            assert_eq!(e(&cfg), "$.fallback_header", "{bad:?}");
+        }
+        let fallback = |m: &str| {
+            format!(
+                r#"{{"rules":[{{"name":"a","key":{{"constant":"x"}},"limits":{{"tokens_per_second":1}},"fallback_model":"{m}"}}]}}"#
+            )
+        };
+        assert_eq!(e(&fallback("gpt\\r\\nx-injected: 1")), "$.rules[0].fallback_model");
+        assert!(parse_config::<Config>(fallback("gpt-4o-mini").as_bytes()).is_ok());
     }
 }
