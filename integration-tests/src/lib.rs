@@ -9,9 +9,11 @@
 //!   latency and errors, and a record of every request it received (what left the gateway).
 //! - [`python`]: real Python servers / SDK clients from `integration-tests/python/`, on free ports.
 //! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
+//! - [`faulty`]: servers that misbehave on purpose (answers cut mid-body).
 
 pub mod bench;
 pub mod envoy;
+pub mod faulty;
 pub mod gateway;
 pub mod k8s_schema;
 pub mod mock_llm;

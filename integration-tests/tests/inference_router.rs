@@ -268,6 +268,35 @@ async fn sidecar_down_falls_back_to_least_in_flight_and_recovers() {
     assert_eq!(s.stat("routed.scored").await, before + 1);
 }
 
+/// A snapshot answer cut after its headers is a failed refresh (`snapshot.failures.timeout`); it used to
+/// panic the VM in its tick (the SDK's header read fails for a call Envoy reports without headers).
+#[tokio::test]
+async fn a_snapshot_answer_cut_mid_body_is_a_failed_refresh_not_a_dead_vm() {
+    let (port, task) = meshwarden_integration_tests::faulty::server_that_cuts_its_answers().await;
+    let sim = SimServer::start(SimConfig { id: 0, ..fast() }).await.unwrap();
+    let envoy = EnvoyBuilder::new("inference-router-pool.yaml")
+        .filter_config("inference-router", &filter_config(json!({})))
+        .var("POOL_LB_ENDPOINTS", lb_endpoints_yaml(&[sim.addr]))
+        .var("SIDECAR_PORT", port.to_string())
+        .start()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while envoy.stat("meshwarden.inference_router.snapshot.failures.timeout").await.unwrap_or(0) < 3 {
+        assert!(Instant::now() < deadline, "no failed refreshes counted:\n{}", envoy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for i in 0..3 {
+        let body = json!({"model": "base", "messages": [{"role":"user","content": "hi"}], "max_tokens": 2});
+        let r = http.post(envoy.url("/v1/chat/completions")).json(&body).timeout(Duration::from_secs(5)).send().await;
+        let r = r.unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    assert!(!envoy.log().contains("panicked"), "{}", envoy.log());
+    task.abort();
+}
+
 #[tokio::test]
 async fn no_sidecar_ever_passthrough_to_envoy_load_balancer() {
     let s = setup(2, fast(), json!({}), false).await;

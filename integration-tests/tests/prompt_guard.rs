@@ -522,6 +522,33 @@ async fn moderation_envoy(mock: &MockLlm, port: u16, failure_mode: &str) -> Envo
         .unwrap()
 }
 
+/// A moderation answer cut after its headers is a failed call, handled by `failure_mode`; it used to
+/// panic the filter (the SDK's header read fails for a call Envoy reports without headers), which hung
+/// the request and killed the VM for every later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moderation_answer_cut_mid_body_is_a_failed_call_not_a_dead_vm() {
+    let mock = MockLlm::start().await.unwrap();
+    let (port, task) = meshwarden_integration_tests::faulty::server_that_cuts_its_answers().await;
+    for (mode, want) in [("deny", 503), ("allow", 200)] {
+        let e = moderation_envoy(&mock, port, mode).await;
+        for i in 0..3 {
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                post(&e, "/v1/chat/completions", &chat("write a poem about spring"), &[]),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{mode}: request {i} hangs"));
+            assert_eq!(r.status(), want, "{mode}: request {i}");
+            if mode == "deny" {
+                assert_eq!(r.headers()[RULE_HEADER], "moderation_unavailable");
+            }
+        }
+        assert_eq!(e.stat("meshwarden.prompt_guard.moderation.failure.timeout").await.unwrap(), 3, "{mode}");
+        assert!(!e.log().contains("panicked"), "{mode}: {}", e.log());
+    }
+    task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moderation_callout_with_fail_open_and_fail_closed() {
     let mock = MockLlm::start().await.unwrap();

@@ -407,3 +407,34 @@ async fn sidecar_slowed_failure_mode_within_timeout_then_recovers() {
     }
     assert!(ok, "limiting resumes once the sidecar answers again");
 }
+
+/// A sidecar answer cut after its headers is a failed call, handled by `failure_mode` like a timeout.
+/// It used to kill the filter's VM: reading `:status` of a call Envoy reports without headers fails in
+/// the host, the SDK panicked, the request hung and every later one on that worker was Envoy's 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_answer_cut_mid_body_is_a_failed_call_not_a_dead_vm() {
+    let (port, task) = meshwarden_integration_tests::faulty::server_that_cuts_its_answers().await;
+    let mock = MockLlm::start().await.unwrap();
+    for (mode, want) in [("allow", 200), ("deny", 503)] {
+        let e = envoy(&mock, port, &config(mode, 1_000_000)).await;
+        for i in 0..3 {
+            let r = tokio::time::timeout(Duration::from_secs(5), send(&e, "a"))
+                .await
+                .unwrap_or_else(|_| panic!("{mode}: request {i} hangs"));
+            let status = r.status().as_u16();
+            let from_mock = r.headers().contains_key("x-mock-served-by");
+            let text = r.text().await.unwrap();
+            assert_eq!(status, want, "{mode}: request {i}: {text}");
+            if mode == "allow" {
+                assert!(from_mock, "allow: request {i} reaches the upstream");
+            } else {
+                let v: Value =
+                    serde_json::from_str(&text).unwrap_or_else(|_| panic!("deny: the filter's JSON: {text}"));
+                assert!(v["error"]["message"].is_string(), "{text}");
+            }
+        }
+        assert!(e.stat("meshwarden.token_limiter.callout_failures.timeout").await.unwrap() >= 3, "{mode}");
+        assert!(!e.log().contains("panicked"), "{mode}: {}", e.log());
+    }
+    task.abort();
+}

@@ -55,7 +55,8 @@ impl CalloutConfig {
 pub enum CalloutFailure {
     /// `dispatch_http_call` refused (unknown cluster, bad headers).
     Dispatch,
-    /// No answer in time, or the connection failed (Envoy reports both as a missing response).
+    /// No answer in time, the connection failed, or the answer was cut after its headers (Envoy reports
+    /// all of these as a missing response).
     Timeout,
     /// The service answered with a non-2xx status.
     Status(u16),

@@ -279,11 +279,12 @@ pub fn dispatch(
         .map_err(|_| CalloutFailure::Dispatch)
 }
 
-/// Read a callout's answer in `on_http_call_response`: the body on 2xx, or why it failed. Envoy answers
-/// a callout that timed out with its own 504 (and a failed connection with 503), so 504 counts as a
-/// timeout; a response without `:status` (the call was reset) counts as one too.
-pub fn callout_response(body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
-    let status = call_response_header(":status").and_then(|s| s.parse::<u16>().ok());
+/// Read a callout's answer in `on_http_call_response` (its `num_headers` and `body_size`): the body on
+/// 2xx, or why it failed. Envoy answers a callout that timed out with its own 504 (and a failed
+/// connection with 503), so 504 counts as a timeout; an answer without `:status` (the call was reset,
+/// see [`callout_status`]) counts as one too.
+pub fn callout_response(num_headers: usize, body_size: usize) -> Result<Vec<u8>, CalloutFailure> {
+    let status = callout_status(num_headers);
     match status {
         None | Some(504) => Err(CalloutFailure::Timeout),
         Some(s) if !(200..300).contains(&s) => Err(CalloutFailure::Status(s)),
@@ -321,9 +322,16 @@ pub fn response_header(name: &str) -> Option<String> {
     map_value(proxy_wasm::types::MapType::HttpResponseHeaders, name)
 }
 
-/// One header of a callout's answer (see [`header_text`]), in `on_http_call_response`.
-pub fn call_response_header(name: &str) -> Option<String> {
-    map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, name)
+/// The `:status` of a callout's answer, in `on_http_call_response` (pass its `num_headers`); `None`
+/// when there is none. Envoy reports a call that was reset mid-answer (the service closed the connection
+/// after its headers, or the answer outgrew the buffer) with no headers, and reading a header then fails
+/// in the host with a status the SDK panics on: one such answer killed the VM, and every later request
+/// on that worker was a 503.
+pub fn callout_status(num_headers: usize) -> Option<u16> {
+    if num_headers == 0 {
+        return None;
+    }
+    map_value(proxy_wasm::types::MapType::HttpCallResponseHeaders, ":status").and_then(|s| s.parse::<u16>().ok())
 }
 
 /// A header map read with one host call. Each single-header read is a host call plus a call back into

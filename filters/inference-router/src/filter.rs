@@ -221,10 +221,10 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         self.call_started_ms = None;
         let now = now_ms();
-        let status = meshwarden_shared::host::call_response_header(":status").and_then(|s| s.parse::<u16>().ok());
+        let status = meshwarden_shared::host::callout_status(num_headers);
         match status {
             Some(200) => {
                 let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();

@@ -265,14 +265,14 @@ impl Request {
 }
 
 impl Context for Request {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if self.moderation_token != Some(token) {
             return;
         }
         self.moderation_token = None;
         let threshold = self.cfg().moderation.as_ref().map_or(0.5, |m| m.threshold);
-        let verdict =
-            callout_response(body_size).and_then(|b| parse_verdict(&b, threshold).map_err(|_| CalloutFailure::BadBody));
+        let verdict = callout_response(num_headers, body_size)
+            .and_then(|b| parse_verdict(&b, threshold).map_err(|_| CalloutFailure::BadBody));
         match verdict {
             Ok(Verdict::Clean) => {
                 self.count("moderation.clean");

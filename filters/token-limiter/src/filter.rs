@@ -240,9 +240,9 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         self.settle_in_flight = self.settle_in_flight.saturating_sub(1);
-        if let Err(f) = callout_response(body_size) {
+        if let Err(f) = callout_response(num_headers, body_size) {
             self.shared.count("settle_failures", 1);
             self.shared.callout_failed("settle", f);
         }
@@ -822,8 +822,8 @@ impl Request {
 }
 
 impl Context for Request {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        timed(self, "vm_us.reserve_answer", |r| r.reserve_answer(body_size));
+    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        timed(self, "vm_us.reserve_answer", |r| r.reserve_answer(num_headers, body_size));
     }
 }
 
@@ -846,11 +846,11 @@ impl VmTimed for Request {
 
 // The callbacks' work (the trait methods above only time it for `make bench-breakdown`).
 impl Request {
-    fn reserve_answer(&mut self, body_size: usize) {
+    fn reserve_answer(&mut self, num_headers: usize, body_size: usize) {
         if self.phase != Phase::Waiting {
             return;
         }
-        let resp = callout_response(body_size)
+        let resp = callout_response(num_headers, body_size)
             .and_then(|b| serde_json::from_slice::<ReserveResponse>(&b).map_err(|_| CalloutFailure::BadBody));
         let resp = match resp {
             Ok(r) => r,
