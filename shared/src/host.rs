@@ -337,8 +337,9 @@ pub fn callout_status(num_headers: usize) -> Option<u16> {
 /// A header map read with one host call. Each single-header read is a host call plus a call back into
 /// the VM to allocate the answer; a filter that looks at many headers (mcp-authz reads up to ten per
 /// request) is cheaper reading them all at once.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HeaderSnapshot {
+    map: proxy_wasm::types::MapType,
     pairs: Vec<(String, String)>,
 }
 
@@ -357,12 +358,23 @@ impl HeaderSnapshot {
     /// refuse other bytes in a name), so the SDK's UTF-8 check on them cannot fail.
     fn read(map: proxy_wasm::types::MapType) -> Self {
         let pairs = hostcalls::get_map_bytes(map).unwrap_or_default();
-        Self { pairs: pairs.into_iter().map(|(k, v)| (k, header_text(v))).collect() }
+        Self { map, pairs: pairs.into_iter().map(|(k, v)| (k, header_text(v))).collect() }
     }
 
-    /// From pairs (tests, or headers already read).
+    /// Request headers from pairs (tests, or headers already read).
     pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
-        Self { pairs }
+        Self { map: proxy_wasm::types::MapType::HttpRequestHeaders, pairs }
+    }
+
+    /// Remove every `name` header from the stream (and from the snapshot), with no host call when the
+    /// snapshot shows none: a removal is a host call whether or not the header is there (about 0.7 µs
+    /// in the VM), and most requests carry none of the headers a filter strips.
+    pub fn remove(&mut self, name: &str) {
+        if !self.has(name) {
+            return;
+        }
+        self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        let _ = hostcalls::set_map_value(self.map, name, None);
     }
 
     /// The first value of `name` (case-insensitive), as a single-header read answers it.
@@ -399,5 +411,17 @@ mod tests {
         assert_eq!(h.get("X-User"), Some("alice"), "case-insensitive, first value");
         assert_eq!(h.get(":path"), Some("/mcp"));
         assert!(h.has("x-user") && !h.has("x-groups"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_removed_header_is_gone_from_the_snapshot_and_others_stay() {
+        let mut h = HeaderSnapshot::from_pairs(vec![
+            (":path".into(), "/mcp".into()),
+            ("Accept-Encoding".into(), "gzip".into()),
+        ]);
+        // Absent: no host call is made (none is available in a unit test, and none is needed).
+        h.remove("content-length");
+        assert_eq!(h.get(":path"), Some("/mcp"));
+        assert_eq!(h.get("accept-encoding"), Some("gzip"));
     }
 }

@@ -327,7 +327,7 @@ impl Request {
     fn request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         self.shared.borrow_mut().count("requests");
         // One host call for all headers: this callback reads up to ten of them.
-        let headers = HeaderSnapshot::request();
+        let mut headers = HeaderSnapshot::request();
         let path = headers.get(":path").unwrap_or_default().to_string();
         let method = headers.get(":method").unwrap_or_default().to_string();
         let has_mcp_headers =
@@ -350,7 +350,7 @@ impl Request {
         if self.endpoint == Endpoint::Card {
             if method == "GET" {
                 self.card = true;
-                self.set_http_request_header("accept-encoding", None);
+                headers.remove("accept-encoding");
             }
             return Action::Continue;
         }
@@ -365,7 +365,7 @@ impl Request {
                     // The server-to-client stream: the server may replay stored answers there
                     // (`Last-Event-ID`), a `tools/list` answer among them. Read every list answer by shape.
                     self.plan.by_shape = true;
-                    self.set_http_request_header("accept-encoding", None);
+                    headers.remove("accept-encoding");
                 }
                 return action;
             }
@@ -400,7 +400,7 @@ impl Request {
             protocol_version: headers.get(mcp::HEADER_PROTOCOL_VERSION).map(str::to_string),
         };
         // Answers may have to be filtered: ask for them uncompressed.
-        self.set_http_request_header("accept-encoding", None);
+        headers.remove("accept-encoding");
         if end_of_stream {
             self.decided = true;
             let out = self.engine.decide_body(&self.identity, protocol, &self.headers, b"");

@@ -886,7 +886,7 @@ impl Request {
             return Action::Continue;
         }
         // One host call for the path, the encoding and every rule's key header.
-        let headers = HeaderSnapshot::request();
+        let mut headers = HeaderSnapshot::request();
         self.path = headers.get(":path").unwrap_or_default().to_string();
         self.encoded = headers
             .get("content-encoding")
@@ -894,10 +894,10 @@ impl Request {
         let cfg = self.cfg();
         self.identities = cfg.rules.iter().map(|r| self.identity(&headers, &r.key)).collect();
         // The body may be rewritten (include_usage, fallback model).
-        self.set_http_request_header("content-length", None);
+        headers.remove("content-length");
         // Usage is read from the answer: it must come back uncompressed (the meter charges the
         // output reservation for an answer it cannot read, but the real figure is better).
-        self.set_http_request_header("accept-encoding", None);
+        headers.remove("accept-encoding");
         Action::Continue
     }
 
@@ -934,12 +934,16 @@ impl Request {
     fn response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         // The fallback header is ours: set it after a fallback, remove any other copy (an upstream's).
         let cfg = self.cfg();
-        let admitted = self.admission.as_ref().filter(|_| self.phase == Phase::Admitted);
-        self.set_http_response_header(&cfg.fallback_header, Admission::fallback_header_value(admitted));
         if self.phase != Phase::Admitted {
+            self.set_http_response_header(&cfg.fallback_header, None);
             return Action::Continue;
         }
-        let headers = HeaderSnapshot::response();
+        let mut headers = HeaderSnapshot::response();
+        match Admission::fallback_header_value(self.admission.as_ref()) {
+            Some(model) => self.set_http_response_header(&cfg.fallback_header, Some(model)),
+            // Only a copy the snapshot shows costs a host call to remove.
+            None => headers.remove(&cfg.fallback_header),
+        }
         let status = headers.get(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
         let max = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
         let mut meter = Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max);
