@@ -10,6 +10,9 @@
 //! | `replay` | SSE: every stored event first (an earlier request's answer), then this request's answer |
 //! | `surrogate` | SSE whose message carries an extra key `"\udc80"` (a lone surrogate escape: Python's `json` reads it, serde_json does not) |
 //!
+//! With `x-mock-gzip: 1` a JSON answer is gzipped when the request's `accept-encoding` allows gzip (as a
+//! compression middleware in front of a server does).
+//!
 //! `GET /mcp` with `Last-Event-ID: X` replays the stored events after `X` (as the MCP Python SDK's
 //! `_replay_events` does) and ends the stream; a GET without it is answered 405.
 
@@ -167,8 +170,17 @@ async fn replay(State(store): State<EventStore>, headers: HeaderMap) -> Response
 
 async fn handle(State(store): State<EventStore>, headers: HeaderMap, body: Bytes) -> Response {
     let sse = headers.get("x-mock-sse").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let gzip = text("x-mock-gzip") == "1" && text("accept-encoding").contains("gzip");
     let json_reply = |v: Value, session: bool| {
-        let mut r = (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response();
+        let mut r = if gzip {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let _ = std::io::Write::write_all(&mut enc, v.to_string().as_bytes());
+            let body = enc.finish().unwrap_or_default();
+            (StatusCode::OK, [("content-type", "application/json"), ("content-encoding", "gzip")], body).into_response()
+        } else {
+            (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
+        };
         if session {
             r.headers_mut().insert("mcp-session-id", axum::http::HeaderValue::from_static("mock-session-1"));
         }

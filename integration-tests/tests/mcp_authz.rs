@@ -743,6 +743,31 @@ async fn replayed_list_answers_are_filtered_on_get_streams_and_other_posts() {
     assert!(st["meshwarden.mcp_authz.list_items_hidden"] >= 5, "{st:?}");
 }
 
+/// A client that accepts gzip (most HTTP clients say so) in front of a server that compresses when
+/// allowed: the filter strips `accept-encoding`, so the list comes back readable and filtered. Were the
+/// header forwarded, the answer would be gzip, unreadable to the filter, and withheld (fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_filtered_for_clients_that_accept_gzip() {
+    let (envoy, mock) = scripted().await;
+    let list = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}).to_string();
+    let gzip = [("accept-encoding", "gzip, deflate"), ("x-mock-gzip", "1")];
+    let (st, ct, text) = post_text(&envoy, "/mcp", list.clone(), &gzip).await;
+    assert_eq!((st, ct.as_str()), (200, "application/json"), "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not plain JSON ({e}): {text:?}"));
+    assert_eq!(tool_names(&answer), names(&["search", "get_weather"]));
+    // The mock does compress when asked directly: the case above is the filter's doing.
+    let direct = client()
+        .post(format!("http://127.0.0.1:{}/mcp", mock.port()))
+        .header("content-type", "application/json")
+        .header("accept-encoding", "gzip")
+        .header("x-mock-gzip", "1")
+        .body(list)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.headers().get("content-encoding").map(|v| v.to_str().unwrap()), Some("gzip"));
+}
+
 /// Two requests of one batch with the same id (also `1` and `1.0`, which servers echo alike) would share
 /// one plan entry: the `tools/list` answer was filtered as the `prompts/list` one, i.e. not at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
