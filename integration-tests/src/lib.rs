@@ -10,6 +10,7 @@
 //! - [`python`]: real Python servers / SDK clients from `integration-tests/python/`, on free ports.
 //! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
 //! - [`faulty`]: servers that misbehave on purpose (answers cut mid-body).
+//! - [`pki`]: throw-away CA, server and SPIFFE client certificates for mTLS tests.
 
 pub mod bench;
 pub mod envoy;
@@ -20,6 +21,7 @@ pub mod mock_llm;
 pub mod mock_mcp;
 pub mod model_sim;
 pub mod paths;
+pub mod pki;
 pub mod python;
 pub mod redis_server;
 pub mod sidecar;

@@ -858,3 +858,81 @@ async fn unreadable_sse_events_are_withheld() {
     let st = envoy.stats("mcp_authz").await.unwrap();
     assert_eq!(st["meshwarden.mcp_authz.answer_filter_failed"], 1, "{st:?}");
 }
+
+/// The mTLS peer's SPIFFE ID as claims (`spiffe.namespace`, `spiffe.id`), through Envoy's TLS listener
+/// with client certificates as Istio issues them: a rule on the namespace decides, with or without a
+/// `sub` from a trusted header; and without a `sub` the audit subject is the SPIFFE ID, also when no rule
+/// reads the `spiffe` claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spiffe_identity_under_mtls() {
+    let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
+    let tls = tempfile::tempdir().unwrap();
+    meshwarden_integration_tests::pki::spiffe_pki(
+        tls.path(),
+        &[("a1", "spiffe://cluster.local/ns/team-a/sa/bot"), ("b1", "spiffe://cluster.local/ns/team-b/sa/bot")],
+    )
+    .unwrap();
+    let start = |policy: Value| {
+        EnvoyBuilder::new("mcp-authz-mtls.yaml")
+            .upstream_port(mock.port())
+            .var("TLS_DIR", tls.path().display().to_string())
+            .filter_config(
+                "mcp-authz",
+                &json!({"identity": {"trusted_headers": [{"header": "x-user", "claim": "sub"}]}, "policy": policy}),
+            )
+            .start()
+    };
+    // (HTTP status, JSON-RPC answer) of a `tools/call search` sent with client certificate `client`.
+    let call = |port: u16, client: &str, user: Option<&str>| {
+        let d = tls.path();
+        let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+                          "params": {"name": "search", "arguments": {"q": "x"}}})
+        .to_string();
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "-w", "\n%{http_code}", "--noproxy", "*", "--cacert"])
+            .arg(d.join("ca.crt"))
+            .arg("--cert")
+            .arg(d.join(format!("{client}.crt")))
+            .arg("--key")
+            .arg(d.join(format!("{client}.key")))
+            .args(["-H", "content-type: application/json", "-H", "accept: application/json, text/event-stream"])
+            .args(["-d", &body]);
+        if let Some(u) = user {
+            cmd.args(["-H", &format!("x-user: {u}")]);
+        }
+        let out = cmd.arg(format!("https://127.0.0.1:{port}/mcp")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (answer, status) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text:?}"));
+        let v: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+        (status.to_string(), v)
+    };
+    let allowed = |v: &Value| v.get("result").is_some() && v.get("error").is_none();
+
+    let by_namespace = start(json!({"rules": [{"name": "team-a", "effect": "allow", "methods": ["tools/call"],
+        "targets": ["search"], "identity": [{"claim": "spiffe.namespace", "equals": "team-a"}]}]}))
+    .await
+    .unwrap();
+    let port = by_namespace.port;
+    let (st, v) = call(port, "a1", None);
+    assert!(st == "200" && allowed(&v), "team-a may search: {st} {v}");
+    let (st, v) = call(port, "b1", None);
+    assert_eq!((st.as_str(), v["error"]["code"].clone()), ("200", json!(-32602)), "team-b is denied (hide): {v}");
+    // A `sub` from a trusted header changes the subject, not what the namespace rule decides.
+    let (st, v) = call(port, "a1", Some("alice"));
+    assert!(st == "200" && allowed(&v), "{st} {v}");
+    let (_, v) = call(port, "b1", Some("alice"));
+    assert_eq!(v["error"]["code"], json!(-32602), "{v}");
+    wait_for_log(&by_namespace, r#""rule":"team-a","subject":"spiffe://cluster.local/ns/team-a/sa/bot""#).await;
+    wait_for_log(&by_namespace, r#""rule":"team-a","subject":"alice""#).await;
+    drop(by_namespace);
+
+    // No rule reads `spiffe`: the audit subject still falls back to the SPIFFE ID when there is no `sub`.
+    let anyone =
+        start(json!({"rules": [{"name": "anyone", "effect": "allow", "methods": ["tools/call"]}]})).await.unwrap();
+    let (st, v) = call(anyone.port, "b1", None);
+    assert!(st == "200" && allowed(&v), "{st} {v}");
+    let (st, v) = call(anyone.port, "a1", Some("alice"));
+    assert!(st == "200" && allowed(&v), "{st} {v}");
+    wait_for_log(&anyone, r#""rule":"anyone","subject":"spiffe://cluster.local/ns/team-b/sa/bot""#).await;
+    wait_for_log(&anyone, r#""rule":"anyone","subject":"alice""#).await;
+}

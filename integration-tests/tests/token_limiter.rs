@@ -830,39 +830,19 @@ async fn jwt_authn_metadata_claim_keys_budgets_per_team() {
     assert_eq!(post(&e, "/v1/chat/completions", &body, &[("authorization", &forged)]).await.status(), 401);
 }
 
-/// A CA, a server certificate for 127.0.0.1 and client certificates whose SAN URI is a SPIFFE ID, made
-/// with the `openssl` CLI.
-fn make_spiffe_pki(dir: &std::path::Path, clients: &[(&str, &str)]) {
-    let mut script = String::from(
-        "set -e\n\
-         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=test-ca 2>/dev/null\n\
-         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost 2>/dev/null\n\
-         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > srv.ext\n\
-         openssl x509 -req -in srv.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out srv.crt -days 1 -extfile srv.ext 2>/dev/null\n",
-    );
-    for (name, spiffe) in clients {
-        script.push_str(&format!(
-            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null\n\
-             printf 'subjectAltName=URI:{spiffe}' > {name}.ext\n\
-             openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt -days 1 -extfile {name}.ext 2>/dev/null\n"
-        ));
-    }
-    let st = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).status().unwrap();
-    assert!(st.success(), "openssl failed");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spiffe_namespace_keys_budgets_under_mtls() {
     let mock = MockLlm::start().await.unwrap();
     let tls = tempfile::tempdir().unwrap();
-    make_spiffe_pki(
+    meshwarden_integration_tests::pki::spiffe_pki(
         tls.path(),
         &[
             ("a1", "spiffe://cluster.local/ns/team-a/sa/bot"),
             ("a2", "spiffe://cluster.local/ns/team-a/sa/other"),
             ("b1", "spiffe://cluster.local/ns/team-b/sa/bot"),
         ],
-    );
+    )
+    .unwrap();
     let e = EnvoyBuilder::new("token-limiter-mtls.yaml")
         .upstream_port(mock.port())
         .var("TLS_DIR", tls.path().display().to_string())
