@@ -370,11 +370,20 @@ impl HeaderSnapshot {
     /// snapshot shows none: a removal is a host call whether or not the header is there (about 0.7 µs
     /// in the VM), and most requests carry none of the headers a filter strips.
     pub fn remove(&mut self, name: &str) {
+        if self.forget(name) {
+            let _ = hostcalls::set_map_value(self.map, name, None);
+        }
+    }
+
+    /// Drop every `name` header from the snapshot only; true when there was one, i.e. when the stream
+    /// needs the host call too. Kept apart from [`Self::remove`] so that native unit tests, which have
+    /// no host to link against, can check it.
+    fn forget(&mut self, name: &str) -> bool {
         if !self.has(name) {
-            return;
+            return false;
         }
         self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-        let _ = hostcalls::set_map_value(self.map, name, None);
+        true
     }
 
     /// The first value of `name` (case-insensitive), as a single-header read answers it.
@@ -419,9 +428,12 @@ mod tests {
             (":path".into(), "/mcp".into()),
             ("Accept-Encoding".into(), "gzip".into()),
         ]);
-        // Absent: no host call is made (none is available in a unit test, and none is needed).
-        h.remove("content-length");
+        assert!(!h.forget("content-length"), "absent: no host call is needed");
         assert_eq!(h.get(":path"), Some("/mcp"));
         assert_eq!(h.get("accept-encoding"), Some("gzip"));
+        assert!(h.forget("accept-encoding"), "present, in another case: the host call is needed");
+        assert!(!h.has("Accept-Encoding"), "gone from the snapshot");
+        assert_eq!(h.get(":path"), Some("/mcp"), "the others stay");
+        assert!(!h.forget("accept-encoding"), "a second removal needs no host call");
     }
 }
