@@ -200,14 +200,15 @@ impl Request {
             }
         });
         let authorization = if cfg.unverified_bearer_dev_only { headers.get("authorization") } else { None };
-        let peer = if cfg.spiffe {
-            self.get_property(vec!["connection", "uri_san_peer_certificate"]).and_then(|b| String::from_utf8(b).ok())
-        } else {
-            None
-        };
         let trusted =
             cfg.trusted_headers.iter().filter_map(|h| headers.get(&h.header).map(|v| (h, v.to_string()))).collect();
-        identity::resolve(cfg, Sources { jwt_metadata, authorization, peer_uri_san: peer.as_deref(), headers: trusted })
+        let peer = |without_spiffe: &Identity| {
+            if !identity::spiffe_matters(self.engine.policy.reads_spiffe(), &cfg.subject_claims, without_spiffe) {
+                return None;
+            }
+            self.get_property(vec!["connection", "uri_san_peer_certificate"]).and_then(|b| String::from_utf8(b).ok())
+        };
+        identity::resolve(cfg, Sources { jwt_metadata, authorization, headers: trusted }, peer)
     }
 
     fn record(&mut self, audits: &[Audit]) {

@@ -47,18 +47,45 @@ impl Identity {
     }
 }
 
-/// The raw inputs the adapter reads from the host.
+/// The raw inputs the adapter reads from the host. The peer certificate is not among them: reading it
+/// is a host call (~1 µs in the VM) that most policies do not need, so [`resolve`] asks for it only when
+/// the `spiffe` claim can change an answer ([`spiffe_matters`]).
 #[derive(Debug, Default)]
 pub struct Sources<'a> {
     /// The decoded `jwt_authn` metadata namespace (a JSON object), if any.
     pub jwt_metadata: Option<Map<String, Value>>,
     pub authorization: Option<&'a str>,
-    pub peer_uri_san: Option<&'a str>,
     /// (header name, value) for the configured trusted headers.
     pub headers: Vec<(&'a TrustedHeader, String)>,
 }
 
-pub fn resolve(cfg: &IdentityConfig, src: Sources) -> Identity {
+/// Whether a claim name reads the `spiffe` claim: `spiffe` itself or a dotted path inside it.
+pub fn is_spiffe_claim(name: &str) -> bool {
+    name.split('.').next() == Some("spiffe")
+}
+
+/// Whether adding the `spiffe` claim to `without_spiffe` can change a decision or the audit subject:
+/// the policy reads it, or the subject claims reach a `spiffe` path before one that is already a string.
+pub fn spiffe_matters(policy_reads_spiffe: bool, subject_claims: &[String], without_spiffe: &Identity) -> bool {
+    if policy_reads_spiffe {
+        return true;
+    }
+    for c in subject_claims {
+        if is_spiffe_claim(c) {
+            return true;
+        }
+        if without_spiffe.claim(c).is_some_and(Value::is_string) {
+            return false;
+        }
+    }
+    false
+}
+
+/// The caller's identity. `peer_uri_san` is called at most once, with the identity so far (every other
+/// source applied), and only when `cfg.spiffe` is on and no trusted header set the `spiffe` claim; it
+/// answers the mTLS peer's URI SAN if the caller wants it read. The result is the same as applying the
+/// sources in the documented order (token claims, `spiffe`, trusted headers).
+pub fn resolve(cfg: &IdentityConfig, src: Sources, peer_uri_san: impl FnOnce(&Identity) -> Option<String>) -> Identity {
     let mut id = Identity { claims: Map::new(), source: "none" };
     if let (Some(jc), Some(ns)) = (&cfg.jwt_authn, src.jwt_metadata) {
         let payload = match &jc.payload_key {
@@ -76,11 +103,9 @@ pub fn resolve(cfg: &IdentityConfig, src: Sources) -> Identity {
             id.source = "unverified_bearer";
         }
     }
-    if cfg.spiffe {
-        if let Some(s) = src.peer_uri_san.and_then(parse_spiffe) {
-            id.claims.insert("spiffe".into(), s);
-        }
-    }
+    // Trusted headers come after `spiffe` in the documented order, so one that sets the `spiffe` claim
+    // overrides the peer's: then the certificate is not read at all.
+    let header_sets_spiffe = src.headers.iter().any(|(h, _)| h.claim == "spiffe");
     for (h, value) in src.headers {
         let v = if h.list {
             Value::Array(
@@ -94,6 +119,11 @@ pub fn resolve(cfg: &IdentityConfig, src: Sources) -> Identity {
             Value::String(value)
         };
         id.claims.insert(h.claim.clone(), v);
+    }
+    if cfg.spiffe && !header_sets_spiffe {
+        if let Some(s) = peer_uri_san(&id).as_deref().and_then(parse_spiffe) {
+            id.claims.insert("spiffe".into(), s);
+        }
     }
     id
 }
@@ -167,19 +197,87 @@ mod tests {
             Sources {
                 jwt_metadata: Some(jwt),
                 authorization: Some(&token),
-                peer_uri_san: Some("spiffe://cluster.local/ns/agents/sa/planner"),
                 headers: vec![(&th, "finance, ops".into())],
             },
+            |_| Some("spiffe://cluster.local/ns/agents/sa/planner".into()),
         );
         assert_eq!(id.source, "jwt_authn", "verified claims win over the unverified token");
         assert_eq!(id.claim("sub"), Some(&json!("alice")));
         assert_eq!(id.claim("groups"), Some(&json!(["finance", "ops"])));
         assert_eq!(id.claim("spiffe.namespace"), Some(&json!("agents")));
         assert_eq!(id.subject(&["sub".into()]), "alice");
-        let dev = resolve(&cfg, Sources { authorization: Some(&token), ..Sources::default() });
+        let dev = resolve(&cfg, Sources { authorization: Some(&token), ..Sources::default() }, |_| None);
         assert_eq!((dev.source, dev.subject(&["sub".into()])), ("unverified_bearer", "mallory".to_string()));
-        let off = resolve(&IdentityConfig::default(), Sources { authorization: Some(&token), ..Sources::default() });
+        let off =
+            resolve(&IdentityConfig::default(), Sources { authorization: Some(&token), ..Sources::default() }, |_| {
+                None
+            });
         assert_eq!(off.subject(&["sub".into()]), "anonymous", "no dev switch, no claims");
+    }
+
+    /// The peer certificate is read only when it can change something, and skipping it never changes
+    /// a decision input or the audit subject: every case is resolved lazily and eagerly and compared.
+    #[test]
+    fn the_peer_certificate_is_read_only_when_it_matters_and_skipping_it_changes_nothing() {
+        use crate::policy::Policy;
+        let peer = "spiffe://cluster.local/ns/agents/sa/planner";
+        let spiffe_th = TrustedHeader { header: "x-spiffe".into(), claim: "spiffe".into(), list: false };
+        let sub_th = TrustedHeader { header: "x-user".into(), claim: "sub".into(), list: false };
+        let policy = |claim: Option<&str>| {
+            let rules = match claim {
+                Some(c) => json!([{"name": "r", "effect": "allow", "identity": [{"claim": c, "present": true}]}]),
+                None => json!([{"name": "r", "effect": "allow", "targets": ["x"]}]),
+            };
+            let cfg: crate::config::PolicyConfig = serde_json::from_value(json!({"rules": rules})).unwrap();
+            Policy::compile(&cfg).unwrap()
+        };
+        let std_subject: Vec<String> = vec!["sub".into(), "spiffe.id".into()];
+        let sub_only: Vec<String> = vec!["sub".into()];
+        let spiffe_first: Vec<String> = vec!["spiffe.namespace".into(), "sub".into()];
+        let mut read_somewhere = false;
+        let mut skipped_somewhere = false;
+        for policy_claim in [None, Some("groups"), Some("spiffe.namespace"), Some("spiffe")] {
+            let pol = policy(policy_claim);
+            assert_eq!(pol.reads_spiffe(), policy_claim.is_some_and(is_spiffe_claim));
+            for subject_claims in [&std_subject, &sub_only, &spiffe_first] {
+                for jwt_sub in [None, Some("alice")] {
+                    for header in [None, Some((&sub_th, "bob")), Some((&spiffe_th, "from-header"))] {
+                        let cfg = IdentityConfig::default();
+                        assert!(cfg.spiffe && cfg.jwt_authn.is_some(), "the defaults read both");
+                        let src = || Sources {
+                            jwt_metadata: jwt_sub.map(|s| json!({"p": {"sub": s}}).as_object().unwrap().clone()),
+                            headers: header.map(|(h, v)| vec![(h, v.to_string())]).unwrap_or_default(),
+                            ..Sources::default()
+                        };
+                        let eager = resolve(&cfg, src(), |_| Some(peer.into()));
+                        let mut asked = false;
+                        let lazy = resolve(&cfg, src(), |without| {
+                            asked = true;
+                            spiffe_matters(pol.reads_spiffe(), subject_claims, without).then(|| peer.to_string())
+                        });
+                        let header_sets_spiffe = header.is_some_and(|(h, _)| h.claim == "spiffe");
+                        assert_eq!(asked, !header_sets_spiffe, "asked once unless a header set the claim");
+                        let case = format!("{policy_claim:?} {subject_claims:?} {jwt_sub:?} {header:?}");
+                        assert_eq!(lazy.subject(subject_claims), eager.subject(subject_claims), "{case}");
+                        let call = crate::policy::Call {
+                            protocol: crate::config::Protocol::Mcp,
+                            method: "tools/call",
+                            method_alias: None,
+                            target: Some("x"),
+                            arguments: None,
+                        };
+                        assert_eq!(pol.evaluate(&lazy, &call).allowed, pol.evaluate(&eager, &call).allowed, "{case}");
+                        if lazy.claim("spiffe") == eager.claim("spiffe") {
+                            read_somewhere |= eager.claim("spiffe.id") == Some(&json!(peer));
+                        } else {
+                            skipped_somewhere = true;
+                            assert!(!spiffe_matters(pol.reads_spiffe(), subject_claims, &lazy), "{case}");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(read_somewhere && skipped_somewhere, "both paths are exercised");
     }
 
     #[test]

@@ -133,6 +133,9 @@ pub struct Policy {
     builtin: Vec<Glob>,
     default: Effect,
     deny_answer: DenyAnswer,
+    /// Whether a rule's identity matcher reads the `spiffe` claim (worked out once: the adapter reads the
+    /// peer certificate only when something uses it).
+    reads_spiffe: bool,
 }
 
 impl Default for Policy {
@@ -144,6 +147,7 @@ impl Default for Policy {
             builtin: Vec::new(),
             default: Effect::Deny,
             deny_answer: DenyAnswer::Hide,
+            reads_spiffe: false,
         })
     }
 }
@@ -316,7 +320,13 @@ impl Policy {
                 Effect::Allow => allow.push(rule),
             }
         }
+        let reads_spiffe = deny
+            .iter()
+            .chain(allow.iter())
+            .flat_map(|r| r.identity.iter())
+            .any(|m| crate::identity::is_spiffe_claim(&m.claim));
         Ok(Policy {
+            reads_spiffe,
             deny,
             allow,
             builtin: cfg.builtin_allow.iter().map(|g| Glob::new(g)).collect(),
@@ -327,6 +337,11 @@ impl Policy {
 
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
         self.deny.iter().chain(self.allow.iter()).map(|r| r.name.as_str())
+    }
+
+    /// Whether any rule's identity matcher reads the `spiffe` claim or a path inside it.
+    pub fn reads_spiffe(&self) -> bool {
+        self.reads_spiffe
     }
 
     pub fn rule_count(&self) -> usize {
