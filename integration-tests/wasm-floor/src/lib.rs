@@ -4,7 +4,7 @@
 //! Wasm machinery alone costs per request on the machine at hand (context creation, the calls into
 //! V8, buffering); a meshwarden filter's own work is what it adds on top. Never deployed.
 //!
-//! Its plugin configuration is up to four numbers `N [H [C [B]]]` (empty: all 0):
+//! Its plugin configuration is up to six numbers `N [H [C [B [L [R]]]]]` (empty: all 0):
 //! - N > 0: each request touches N random 64-byte lines of a 1 MiB buffer (one read-modify-write each)
 //!   at the end of its body. That is the cache footprint experiment of docs/benchmarks.md: N = 3000
 //!   costs ~6 µs inside the VM but adds 20-75 µs to Envoy's latency (it varies from run to run),
@@ -16,6 +16,10 @@
 //!
 //! - B = 1: the request body is held (`Pause`, Envoy buffers it) until its end, as a filter that must
 //!   see a whole body does; B = 2: the response body too. What Envoy's buffering itself costs.
+//!
+//! - L > 0: `on_log` busy-waits L µs (host clock); R > 0: the end of the request body does. Whether
+//!   work a filter does once the answer is complete (settlements, stats in `on_log`) is on the
+//!   client's latency path, priced against the same work on the request path.
 //!
 //! H and C price one host call of either kind, so a filter's count of host calls per request can be
 //! turned into latency.
@@ -50,6 +54,8 @@ thread_local! {
     static HEADER_READS: Cell<usize> = const { Cell::new(0) };
     static CLOCK_READS: Cell<usize> = const { Cell::new(0) };
     static BUFFER_BODIES: Cell<usize> = const { Cell::new(0) };
+    static SPIN_ON_LOG_US: Cell<usize> = const { Cell::new(0) };
+    static SPIN_ON_REQUEST_US: Cell<usize> = const { Cell::new(0) };
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static STATE: Cell<u64> = const { Cell::new(0x9e37_79b9_7f4a_7c15) };
 }
@@ -120,6 +126,26 @@ fn host_calls() -> u64 {
     acc
 }
 
+fn now_ns() -> u64 {
+    let mut t = 0u64;
+    // SAFETY: the host writes one u64 through a pointer to a live local.
+    unsafe {
+        proxy_get_current_time_nanoseconds(&mut t);
+    }
+    t
+}
+
+/// Busy-wait `micros` µs of host (wall-clock) time.
+fn spin(micros: usize) {
+    if micros == 0 {
+        return;
+    }
+    let until = now_ns().saturating_add(micros as u64 * 1000);
+    while now_ns() < until {
+        std::hint::spin_loop();
+    }
+}
+
 /// The ABI marker Envoy looks for.
 #[no_mangle]
 pub extern "C" fn proxy_abi_version_0_2_1() {}
@@ -142,9 +168,9 @@ pub extern "C" fn proxy_on_vm_start(_context_id: u32, _configuration_size: usize
     1
 }
 
-/// `N [H [C [B]]]` -> `[N, H, C, B]` (missing numbers are 0); `None` for anything else.
-fn parse_floor_config(text: &str) -> Option<[usize; 4]> {
-    let mut numbers = [0usize; 4];
+/// `N [H [C [B [L [R]]]]]` -> `[N, H, C, B, L, R]` (missing numbers are 0); `None` for anything else.
+fn parse_floor_config(text: &str) -> Option<[usize; 6]> {
+    let mut numbers = [0usize; 6];
     let mut words = text.split_whitespace();
     for slot in &mut numbers {
         match words.next() {
@@ -155,8 +181,9 @@ fn parse_floor_config(text: &str) -> Option<[usize; 4]> {
     words.next().is_none().then_some(numbers)
 }
 
-/// An empty configuration or up to four numbers (lines to touch, header reads, clock reads per request,
-/// bodies buffered); anything else is rejected.
+/// An empty configuration or up to six numbers (lines to touch, header reads, clock reads per request,
+/// bodies buffered, µs spun in `on_log`, µs spun at the end of the request body); anything else is
+/// rejected.
 #[no_mangle]
 pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize) -> u32 {
     let text = if configuration_size == 0 {
@@ -164,13 +191,17 @@ pub extern "C" fn proxy_on_configure(_context_id: u32, configuration_size: usize
     } else {
         plugin_configuration(configuration_size).unwrap_or_default()
     };
-    let Some([lines, header_reads, clock_reads, buffer_bodies]) = parse_floor_config(&text) else {
+    let Some([lines, header_reads, clock_reads, buffer_bodies, spin_on_log, spin_on_request]) =
+        parse_floor_config(&text)
+    else {
         return 0;
     };
     TOUCH_LINES.with(|t| t.set(lines));
     HEADER_READS.with(|h| h.set(header_reads));
     CLOCK_READS.with(|c| c.set(clock_reads));
     BUFFER_BODIES.with(|b| b.set(buffer_bodies));
+    SPIN_ON_LOG_US.with(|s| s.set(spin_on_log));
+    SPIN_ON_REQUEST_US.with(|s| s.set(spin_on_request));
     if lines > 0 {
         BUFFER.with(|b| *b.borrow_mut() = vec![0u8; BUFFER_BYTES]);
     }
@@ -188,6 +219,7 @@ pub extern "C" fn proxy_on_request_headers(_context_id: u32, _headers: usize, _e
 pub extern "C" fn proxy_on_request_body(_context_id: u32, _body_size: usize, end_of_stream: u32) -> u32 {
     if end_of_stream != 0 {
         touch();
+        spin(SPIN_ON_REQUEST_US.with(Cell::get));
         return 0;
     }
     if BUFFER_BODIES.with(Cell::get) >= 1 {
@@ -212,7 +244,9 @@ pub extern "C" fn proxy_on_response_body(_context_id: u32, _body_size: usize, en
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_log(_context_id: u32) {}
+pub extern "C" fn proxy_on_log(_context_id: u32) {
+    spin(SPIN_ON_LOG_US.with(Cell::get));
+}
 
 /// 1 = done now (nothing pending).
 #[no_mangle]
@@ -228,13 +262,15 @@ mod tests {
     use super::parse_floor_config;
 
     #[test]
-    fn floor_config_is_up_to_four_numbers() {
-        assert_eq!(parse_floor_config(""), Some([0, 0, 0, 0]));
-        assert_eq!(parse_floor_config(" 3000 "), Some([3000, 0, 0, 0]));
-        assert_eq!(parse_floor_config("0 20"), Some([0, 20, 0, 0]));
-        assert_eq!(parse_floor_config("0 0 20"), Some([0, 0, 20, 0]));
-        assert_eq!(parse_floor_config("0 0 0 2"), Some([0, 0, 0, 2]));
-        assert_eq!(parse_floor_config("1 2 3 4 5"), None);
+    fn floor_config_is_up_to_six_numbers() {
+        assert_eq!(parse_floor_config(""), Some([0, 0, 0, 0, 0, 0]));
+        assert_eq!(parse_floor_config(" 3000 "), Some([3000, 0, 0, 0, 0, 0]));
+        assert_eq!(parse_floor_config("0 20"), Some([0, 20, 0, 0, 0, 0]));
+        assert_eq!(parse_floor_config("0 0 20"), Some([0, 0, 20, 0, 0, 0]));
+        assert_eq!(parse_floor_config("0 0 0 2"), Some([0, 0, 0, 2, 0, 0]));
+        assert_eq!(parse_floor_config("0 0 0 1 20"), Some([0, 0, 0, 1, 20, 0]));
+        assert_eq!(parse_floor_config("0 0 0 1 0 20"), Some([0, 0, 0, 1, 0, 20]));
+        assert_eq!(parse_floor_config("1 2 3 4 5 6 7"), None);
         assert_eq!(parse_floor_config("many"), None);
         assert_eq!(parse_floor_config("1 -2"), None);
     }

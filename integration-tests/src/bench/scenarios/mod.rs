@@ -59,6 +59,23 @@ pub fn all() -> Vec<Scenario> {
             &chat_body_of_size(1024),
         )
         .var("FLOOR_CONFIG", "0 0 0 2"),
+        // The floor (request body buffered) busy-waiting 20 µs in `on_log`, then the same 20 µs at the
+        // end of the request body: is work done once the answer is complete on the client's latency
+        // path (for a sequential client: does it delay the answer's bytes)?
+        Scenario::post_json(
+            "wasm-floor-spin-20us-on-log-1kb-chat",
+            &floor,
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .var("FLOOR_CONFIG", "0 0 0 1 20 0"),
+        Scenario::post_json(
+            "wasm-floor-spin-20us-request-1kb-chat",
+            &floor,
+            "/v1/chat/completions",
+            &chat_body_of_size(1024),
+        )
+        .var("FLOOR_CONFIG", "0 0 0 1 0 20"),
         Scenario::post_json("chain-1kb-chat", "chain.yaml", "/v1/chat/completions", &chat_body_of_size(1024)),
     ];
     v.extend(token_limiter::scenarios());
