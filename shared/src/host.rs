@@ -197,6 +197,13 @@ impl Metrics {
         let _ = hostcalls::increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
     }
 
+    /// Hand every increment held in `batch` to Envoy (one host call per counter) and empty it.
+    pub fn flush(batch: &mut crate::stats::CounterBatch) {
+        for (id, delta) in batch.drain() {
+            Self::add(id, delta);
+        }
+    }
+
     /// The id of `{prefix}.{name}` (a counter or a histogram), looked up by `name` once defined.
     fn id_in(&mut self, kind: MetricType, prefix: &str, name: &str) -> Option<u32> {
         let by_suffix =
@@ -337,10 +344,101 @@ pub fn callout_status(num_headers: usize) -> Option<u16> {
 /// A header map read with one host call. Each single-header read is a host call plus a call back into
 /// the VM to allocate the answer; a filter that looks at many headers (mcp-authz reads up to ten per
 /// request) is cheaper reading them all at once.
+///
+/// The host's answer is kept as the one block it arrives in and indexed, not copied out into a pair
+/// of strings per header: the SDK's `get_map_bytes` makes two allocations per header (and frees them
+/// with the snapshot), which inside the VM cost more than the host call. It also panics on a map it
+/// cannot decode or a status it does not expect; this reader keeps what it could read.
 #[derive(Debug)]
 pub struct HeaderSnapshot {
     map: proxy_wasm::types::MapType,
-    pairs: Vec<(String, String)>,
+    /// The map in Proxy-Wasm's serialised layout (see [`index_map`]), plus the lossy UTF-8 spelling of
+    /// any name or value that was not valid UTF-8, appended at the end.
+    raw: Vec<u8>,
+    /// The headers still in the snapshot, in the host's order: ranges of `raw`, all valid UTF-8.
+    entries: Vec<MapEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct MapEntry {
+    name: std::ops::Range<usize>,
+    value: std::ops::Range<usize>,
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The SDK declares this import with its own `Status` enum as the result; a host answering a status
+    // the enum lacks would be undefined behaviour there, so the raw number is read here.
+    #[allow(clashing_extern_declarations)]
+    fn proxy_get_header_map_pairs(
+        map_type: proxy_wasm::types::MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+}
+
+/// The whole header map `map` in Proxy-Wasm's serialised layout; empty when the host has none (or
+/// answers anything but success, e.g. response headers asked for before they exist).
+#[allow(unsafe_code)]
+fn serialized_map(map: proxy_wasm::types::MapType) -> Vec<u8> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a pointer to a block it allocated through the module's
+    // `proxy_on_memory_allocate` (the SDK's allocator: a `Vec<u8>` of exactly `size` bytes whose
+    // ownership passes to us) and its size; the Vec is rebuilt from exactly those, once, only on
+    // success and for a non-null pointer, as the SDK's own `get_map_bytes` does.
+    unsafe {
+        if proxy_get_header_map_pairs(map, &mut data, &mut size) != 0 || data.is_null() {
+            return Vec::new();
+        }
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+/// Index a serialised header map: a little-endian u32 count, then a (name length, value length) u32
+/// pair per header, then each name and value followed by a NUL. Reads what is well-formed and stops
+/// at the first header that runs past the end (a host never sends that; nothing here can panic).
+/// A name or value that is not UTF-8 is replaced by its lossy spelling (U+FFFD for each bad byte,
+/// as [`header_text`] does), appended to `raw`, so every entry can be read as `&str`.
+fn index_map(raw: &mut Vec<u8>) -> Vec<MapEntry> {
+    let u32_at = |raw: &[u8], at: usize| -> Option<usize> {
+        let b: [u8; 4] = raw.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let Some(count) = u32_at(raw, 0) else {
+        return Vec::new();
+    };
+    let Some(mut p) = count.checked_mul(8).and_then(|n| n.checked_add(4)) else {
+        return Vec::new();
+    };
+    let mut entries = Vec::with_capacity(count.min(raw.len() / 10));
+    for n in 0..count {
+        let s = 4 + n * 8; // < p, so no overflow
+        let (Some(name_len), Some(value_len)) = (u32_at(raw, s), u32_at(raw, s + 4)) else {
+            break;
+        };
+        let Some(name_end) = p.checked_add(name_len) else { break };
+        let name = p..name_end;
+        let Some(value_start) = name_end.checked_add(1) else { break };
+        let Some(value_end) = value_start.checked_add(value_len) else { break };
+        if value_end > raw.len() {
+            break;
+        }
+        entries.push(MapEntry { name, value: value_start..value_end });
+        p = value_end + 1;
+    }
+    for e in &mut entries {
+        for range in [&mut e.name, &mut e.value] {
+            let lossy = match raw.get(range.clone()).map(std::str::from_utf8) {
+                Some(Err(_)) => String::from_utf8_lossy(raw.get(range.clone()).unwrap_or_default()).into_owned(),
+                _ => continue,
+            };
+            let start = raw.len();
+            raw.extend_from_slice(lossy.as_bytes());
+            *range = start..raw.len();
+        }
+    }
+    entries
 }
 
 impl HeaderSnapshot {
@@ -354,16 +452,30 @@ impl HeaderSnapshot {
         Self::read(proxy_wasm::types::MapType::HttpResponseHeaders)
     }
 
-    /// Values through [`header_text`]. Names are Envoy-validated tokens (its HTTP/1 and HTTP/2 codecs
-    /// refuse other bytes in a name), so the SDK's UTF-8 check on them cannot fail.
     fn read(map: proxy_wasm::types::MapType) -> Self {
-        let pairs = hostcalls::get_map_bytes(map).unwrap_or_default();
-        Self { map, pairs: pairs.into_iter().map(|(k, v)| (k, header_text(v))).collect() }
+        Self::from_serialized(map, serialized_map(map))
+    }
+
+    fn from_serialized(map: proxy_wasm::types::MapType, mut raw: Vec<u8>) -> Self {
+        let entries = index_map(&mut raw);
+        Self { map, raw, entries }
     }
 
     /// Request headers from pairs (tests, or headers already read).
     pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
-        Self { map: proxy_wasm::types::MapType::HttpRequestHeaders, pairs }
+        let mut raw = Vec::new();
+        raw.extend_from_slice(&u32::try_from(pairs.len()).unwrap_or(u32::MAX).to_le_bytes());
+        for (k, v) in &pairs {
+            raw.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_le_bytes());
+            raw.extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_le_bytes());
+        }
+        for (k, v) in &pairs {
+            raw.extend_from_slice(k.as_bytes());
+            raw.push(0);
+            raw.extend_from_slice(v.as_bytes());
+            raw.push(0);
+        }
+        Self::from_serialized(proxy_wasm::types::MapType::HttpRequestHeaders, raw)
     }
 
     /// Remove every `name` header from the stream (and from the snapshot), with no host call when the
@@ -382,13 +494,27 @@ impl HeaderSnapshot {
         if !self.has(name) {
             return false;
         }
-        self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        let raw = &self.raw;
+        self.entries.retain(|e| !raw.get(e.name.clone()).is_some_and(|k| k.eq_ignore_ascii_case(name.as_bytes())));
         true
+    }
+
+    /// Every header still in the snapshot, in the host's order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.entries.iter().filter_map(|e| Some((self.text(&e.name)?, self.text(&e.value)?)))
+    }
+
+    fn text(&self, range: &std::ops::Range<usize>) -> Option<&str> {
+        std::str::from_utf8(self.raw.get(range.clone())?).ok()
     }
 
     /// The first value of `name` (case-insensitive), as a single-header read answers it.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        let e = self
+            .entries
+            .iter()
+            .find(|e| self.raw.get(e.name.clone()).is_some_and(|k| k.eq_ignore_ascii_case(name.as_bytes())))?;
+        self.text(&e.value)
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -420,6 +546,73 @@ mod tests {
         assert_eq!(h.get("X-User"), Some("alice"), "case-insensitive, first value");
         assert_eq!(h.get(":path"), Some("/mcp"));
         assert!(h.has("x-user") && !h.has("x-groups"));
+    }
+
+    /// Serialise `(name, value)` byte pairs in Proxy-Wasm's map layout, as the host does.
+    fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut raw = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            raw.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            raw.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            raw.extend_from_slice(k);
+            raw.push(0);
+            raw.extend_from_slice(v);
+            raw.push(0);
+        }
+        raw
+    }
+
+    fn snapshot(raw: Vec<u8>) -> HeaderSnapshot {
+        HeaderSnapshot::from_serialized(proxy_wasm::types::MapType::HttpRequestHeaders, raw)
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_serialized_map_is_read_in_order_without_copies_of_each_header() {
+        let h = snapshot(serialize(&[
+            (b":authority", b"api.example"),
+            (b"x-empty", b""),
+            (b"x-team", b"blue"),
+            (b"X-Team", b"red"),
+        ]));
+        let all: Vec<(&str, &str)> = h.iter().collect();
+        assert_eq!(all, vec![(":authority", "api.example"), ("x-empty", ""), ("x-team", "blue"), ("X-Team", "red")]);
+        assert_eq!(h.get("x-team"), Some("blue"), "first value wins");
+        assert_eq!(h.get("x-empty"), Some(""), "an empty value is present");
+        assert_eq!(h.get("x-none"), None);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn names_and_values_that_are_not_utf8_read_as_their_lossy_spelling() {
+        let h = snapshot(serialize(&[(b"x-user", b"caf\xe9"), (b"x-\xff", b"v"), (b"x-ok", b"fine")]));
+        assert_eq!(h.get("x-user"), Some("caf\u{fffd}"), "as header_text reads it");
+        assert_eq!(h.get("x-\u{fffd}"), Some("v"));
+        assert_eq!(h.get("x-ok"), Some("fine"), "headers after a bad one are still read");
+        assert_eq!(h.iter().count(), 3);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_malformed_map_yields_what_was_well_formed_and_never_panics() {
+        let good = serialize(&[(b"a", b"1"), (b"b", b"2")]);
+        // Truncated anywhere: every complete header before the cut is kept.
+        for cut in 0..good.len() {
+            let h = snapshot(good[..cut].to_vec());
+            let n = h.iter().count();
+            assert!(n <= 2, "cut at {cut}");
+            if n >= 1 {
+                assert_eq!(h.get("a"), Some("1"), "cut at {cut}");
+            }
+        }
+        assert_eq!(snapshot(good.clone()).iter().count(), 2);
+        // A count far beyond the data, lengths that overflow, an empty answer.
+        let mut huge = good.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(snapshot(huge).iter().count(), 0);
+        let mut long = good;
+        long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(snapshot(long).iter().count(), 0);
+        assert_eq!(snapshot(Vec::new()).iter().count(), 0);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
