@@ -239,7 +239,29 @@ impl Envoy {
 
     /// All counters and gauges whose name contains `filter`, as `name -> value`. Wasm-defined stats
     /// appear under Envoy's `wasmcustom.` prefix; it is stripped here.
+    ///
+    /// token-limiter sums its counters in each worker's VM and hands them to Envoy on a timer
+    /// (`stats_flush_interval_ms`, 20 ms by default): its stats are read once they have settled, i.e.
+    /// when two reads [`STATS_SETTLE`] apart agree (after at least one such wait), for at most 5 s.
     pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>> {
+        if !BATCHED_STATS.iter().any(|f| filter.contains(f)) {
+            return self.stats_now(filter).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        tokio::time::sleep(STATS_SETTLE).await;
+        let mut last = self.stats_now(filter).await?;
+        loop {
+            tokio::time::sleep(STATS_SETTLE).await;
+            let now = self.stats_now(filter).await?;
+            if now == last || Instant::now() > deadline {
+                return Ok(now);
+            }
+            last = now;
+        }
+    }
+
+    /// [`Envoy::stats`] without waiting for batched counters.
+    pub async fn stats_now(&self, filter: &str) -> Result<BTreeMap<String, u64>> {
         let text = self.http.get(self.admin_url(&format!("/stats?filter={filter}"))).send().await?.text().await?;
         let mut out = BTreeMap::new();
         for line in text.lines() {
@@ -256,6 +278,12 @@ impl Envoy {
         Ok(self.stats(name).await?.get(name).copied().unwrap_or(0))
     }
 }
+
+/// Stat name parts of the filters that batch their counters in the VM (see [`Envoy::stats`]).
+const BATCHED_STATS: &[&str] = &["token_limiter"];
+
+/// Three of the default flush intervals: what a read of batched stats waits before it trusts a value.
+const STATS_SETTLE: Duration = Duration::from_millis(60);
 
 impl Drop for Envoy {
     fn drop(&mut self) {

@@ -25,6 +25,8 @@ pub struct Config {
     pub fallback_header: String,
     /// How often (ms) queued settlements are sent to the sidecar.
     pub settle_interval_ms: u64,
+    /// How often (ms) a worker hands its counters to Envoy (they are summed in the VM in between).
+    pub stats_flush_interval_ms: u64,
     /// Concurrency leases in the sidecar expire after this long (a crashed Envoy cannot hold slots).
     pub lease_ms: u64,
     pub rules: Vec<Rule>,
@@ -41,6 +43,7 @@ impl Default for Config {
             max_output_reservation: 4096,
             fallback_header: "x-meshwarden-fallback-model".to_string(),
             settle_interval_ms: 20,
+            stats_flush_interval_ms: 20,
             lease_ms: 600_000,
             rules: Vec::new(),
         }
@@ -214,6 +217,7 @@ impl Validate for Config {
         check_range("default_output_reservation", self.default_output_reservation, 0, 10_000_000)?;
         check_range("max_output_reservation", self.max_output_reservation, 0, 10_000_000)?;
         check_range("settle_interval_ms", self.settle_interval_ms, 1, 10_000)?;
+        check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         check_range("lease_ms", self.lease_ms, 1_000, 86_400_000)?;
         // A name or value Envoy refuses in a header would break every fallback answer at run time.
         if self.fallback_header.is_empty()
@@ -336,6 +340,10 @@ mod tests {
             "$.rules[0].key"
         );
         assert_eq!(e(r#"{"state":"sidecar"}"#), "$.sidecar");
+        for bad in [0, 10_001] {
+            assert_eq!(e(&format!(r#"{{"stats_flush_interval_ms":{bad}}}"#)), "$.stats_flush_interval_ms", "{bad}");
+        }
+        assert!(parse_config::<Config>(br#"{"stats_flush_interval_ms":1000}"#).is_ok());
         assert_eq!(e(r#"{"rules":[{"name":"a","key":{"constant":"x"},"limitz":{}}]}"#), "$.rules[0].limitz");
         assert_eq!(
             e(

@@ -17,7 +17,7 @@ use meshwarden_shared::ratelimit::{
     reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveResponse, SettleItem,
     SettleRequest, WindowState,
 };
-use meshwarden_shared::stats::BoundedLabels;
+use meshwarden_shared::stats::{BoundedLabels, CounterBatch};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, Status};
@@ -84,6 +84,9 @@ fn cached_id(metrics: &RefCell<Metrics>, slot: &mut Option<u32>, name: impl FnOn
 struct Shared {
     config: Rc<Config>,
     metrics: RefCell<Metrics>,
+    /// Every counter update, summed here and handed to Envoy on the root's tick
+    /// (`stats_flush_interval_ms`): a request makes no stat host call.
+    counters: RefCell<CounterBatch>,
     hot: RefCell<HotStats>,
     models: RefCell<BoundedLabels>,
     settle_queue: RefCell<Vec<SettleItem>>,
@@ -96,14 +99,17 @@ struct Shared {
 
 impl Shared {
     fn count(&self, name: &str, n: u64) {
-        self.metrics.borrow_mut().counter_in(P, name, n);
+        let id = self.metrics.borrow_mut().counter_id_in(P, name);
+        if let Some(id) = id {
+            self.counters.borrow_mut().add(id, n);
+        }
     }
 
     /// One of the fixed-name stats every request updates (see [`HotStats`]).
     fn count_hot(&self, stat: Hot, n: u64) {
         if let Some(slot) = self.hot.borrow_mut().fixed.get_mut(stat as usize) {
             if let Some(id) = cached_id(&self.metrics, slot, || stat.name().to_string()) {
-                Metrics::add(id, n);
+                self.counters.borrow_mut().add(id, n);
             }
         }
     }
@@ -118,7 +124,7 @@ impl Shared {
         };
         if let Some(slot) = hot.usage.get_mut(slot) {
             if let Some(id) = cached_id(&self.metrics, slot, || format!("usage.{}", source.as_str())) {
-                Metrics::add(id, 1);
+                self.counters.borrow_mut().add(id, 1);
             }
         }
         let (input_id, output_id) = match hot.models.iter().find(|(m, _, _)| m == model) {
@@ -134,9 +140,10 @@ impl Shared {
                 (i, o)
             }
         };
+        let mut counters = self.counters.borrow_mut();
         for (id, n) in [(input_id, input), (output_id, output)] {
             if let Some(id) = id {
-                Metrics::add(id, n);
+                counters.add(id, n);
             }
         }
     }
@@ -149,7 +156,7 @@ impl Shared {
         }
         if let Some(slot) = hot.charged.get_mut(rule_index) {
             if let Some(id) = cached_id(&self.metrics, slot, || format!("rule.{rule_name}.charged_tokens")) {
-                Metrics::add(id, n);
+                self.counters.borrow_mut().add(id, n);
             }
         }
     }
@@ -174,6 +181,11 @@ impl Shared {
 }
 
 impl Shared {
+    /// Hand the summed counter updates to Envoy.
+    fn flush_counters(&self) {
+        Metrics::flush(&mut self.counters.borrow_mut());
+    }
+
     /// Send the queued settlements to the sidecar (in bounded batches); returns the calls dispatched.
     /// Callable from a request's `on_log` too: the calls are made on behalf of the root context, so
     /// their answers reach `Root::on_http_call_response` after the request context is gone.
@@ -216,6 +228,10 @@ struct Root {
     id: u32,
     shared: Rc<Shared>,
     settle_in_flight: usize,
+    /// Sidecar mode: settlements are sent every this many ticks (the tick is the shorter of the two
+    /// intervals, so counters and settlements each keep their own period).
+    settle_every_ticks: u64,
+    ticks: u64,
 }
 
 impl Root {
@@ -226,6 +242,7 @@ impl Root {
             shared: Rc::new(Shared {
                 config: Rc::new(Config::default()),
                 metrics: RefCell::new(Metrics::default()),
+                counters: RefCell::new(CounterBatch::default()),
                 hot: RefCell::new(HotStats::default()),
                 models: RefCell::new(BoundedLabels::new(32)),
                 settle_queue: RefCell::new(Vec::new()),
@@ -235,6 +252,8 @@ impl Root {
                 root_context_id: Cell::new(id),
             }),
             settle_in_flight: 0,
+            settle_every_ticks: 1,
+            ticks: 0,
         }
     }
 }
@@ -246,6 +265,12 @@ impl Context for Root {
             self.shared.count("settle_failures", 1);
             self.shared.callout_failed("settle", f);
         }
+    }
+    /// The plugin is going away (configuration change, shutdown): hand over what was counted since
+    /// the last tick.
+    fn on_done(&mut self) -> bool {
+        self.shared.flush_counters();
+        true
     }
 }
 
@@ -265,12 +290,19 @@ impl RootContext for Root {
         let mut models = BoundedLabels::new(32);
         models.preload(config.rules.iter().filter_map(|r| r.model.as_deref()).filter(|m| !m.contains(['*', '?'])));
         models.preload(config.rules.iter().filter_map(|r| r.fallback_model.as_deref()));
-        if config.state == StateMode::Sidecar {
-            self.set_tick_period(Duration::from_millis(config.settle_interval_ms));
+        let tick_ms = match config.state {
+            StateMode::Sidecar => config.settle_interval_ms.min(config.stats_flush_interval_ms),
+            StateMode::Local => config.stats_flush_interval_ms,
         }
+        .max(1);
+        self.settle_every_ticks = config.settle_interval_ms.div_ceil(tick_ms).max(1);
+        self.set_tick_period(Duration::from_millis(tick_ms));
+        // What the previous configuration's requests counted is not lost with it.
+        self.shared.flush_counters();
         self.shared = Rc::new(Shared {
             config: Rc::new(config),
             metrics: RefCell::new(Metrics::default()),
+            counters: RefCell::new(CounterBatch::default()),
             hot: RefCell::new(HotStats::default()),
             models: RefCell::new(models),
             settle_queue: RefCell::new(Vec::new()),
@@ -284,7 +316,11 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        self.settle_in_flight += self.shared.flush_settlements();
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % self.settle_every_ticks == 0 {
+            self.settle_in_flight += self.shared.flush_settlements();
+        }
+        self.shared.flush_counters();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
