@@ -144,6 +144,51 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 4);
 }
 
+/// The usual two layers, a team total and a per-model limit keyed on the same team, live in one
+/// shared-data entry: a request the model limit denies charges the team nothing, and an admitted one
+/// charges both, exactly (answers use exactly their reservation, so nothing is settled afterwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn team_total_and_model_limit_on_one_identity_charge_together_or_not_at_all() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "rules":[
+            {"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_day":10000}},
+            {"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":300}}]}),
+    )
+    .await;
+    let exact = [("x-team", "blue"), ("x-mock-completion-tokens", "10")];
+    let remaining = |r: &reqwest::Response| h(r, "x-ratelimit-remaining-tokens").parse::<u64>().unwrap();
+    let mini = chat("gpt-4o-mini", "Only the team total applies to me.", None, false);
+    let mini_cost = estimate(Api::OpenAiChat, &mini) + 10;
+
+    let r1 = post(&e, "/v1/chat/completions", &mini, &exact).await;
+    assert_eq!(r1.status(), 200);
+    assert_eq!(remaining(&r1), 10000 - mini_cost, "team only");
+    let _ = r1.text().await.unwrap();
+
+    let big = chat("gpt-4o", "Over the model limit, well within the team's.", Some(400), false);
+    let r2 = post(&e, "/v1/chat/completions", &big, &exact).await;
+    assert_eq!(r2.status(), 429, "the model limit denies");
+    let _ = r2.text().await.unwrap();
+
+    let r3 = post(&e, "/v1/chat/completions", &mini, &exact).await;
+    assert_eq!(remaining(&r3), 10000 - 2 * mini_cost, "the denied request charged the team nothing");
+    let _ = r3.text().await.unwrap();
+
+    let small = chat("gpt-4o", "Within both.", None, false);
+    let small_cost = estimate(Api::OpenAiChat, &small) + 10;
+    let r4 = post(&e, "/v1/chat/completions", &small, &exact).await;
+    assert_eq!(r4.status(), 200);
+    assert_eq!(remaining(&r4), 300 - small_cost, "the tighter of the two rules is reported");
+    let _ = r4.text().await.unwrap();
+
+    let r5 = post(&e, "/v1/chat/completions", &mini, &exact).await;
+    assert_eq!(remaining(&r5), 10000 - 3 * mini_cost - small_cost, "the admitted request charged the team too");
+    let _ = r5.text().await.unwrap();
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.gpt4o.limited").await.unwrap(), 1);
+}
+
 /// The output reservation covers every answer asked for (`n`) and reads the output cap of each API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_cover_every_answer_and_every_api_output_cap() {

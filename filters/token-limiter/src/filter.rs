@@ -14,8 +14,8 @@ use meshwarden_shared::host::{
 };
 use meshwarden_shared::llm::Api;
 use meshwarden_shared::ratelimit::{
-    reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveResponse, SettleItem,
-    SettleRequest, WindowState,
+    reserve, reserve_all, rollback_item, settle, DenyReason, Group, GroupResult, GroupStore, ReserveRequest,
+    ReserveResponse, SettleItem, SettleRequest, WindowSpec, WindowState,
 };
 use meshwarden_shared::stats::{BoundedLabels, CounterBatch};
 use proxy_wasm::hostcalls;
@@ -90,6 +90,8 @@ struct Shared {
     hot: RefCell<HotStats>,
     models: RefCell<BoundedLabels>,
     settle_queue: RefCell<Vec<SettleItem>>,
+    /// Every rule's state tag and windows (`local` state keeps only these windows of its rules).
+    rule_windows: Vec<(u64, Vec<WindowSpec>)>,
     failure_log: RefCell<LogThrottle>,
     lease_seq: Cell<u64>,
     seed: u64,
@@ -246,6 +248,7 @@ impl Root {
                 hot: RefCell::new(HotStats::default()),
                 models: RefCell::new(BoundedLabels::new(32)),
                 settle_queue: RefCell::new(Vec::new()),
+                rule_windows: Vec::new(),
                 failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
                 lease_seq: Cell::new(0),
                 seed,
@@ -299,6 +302,7 @@ impl RootContext for Root {
         self.set_tick_period(Duration::from_millis(tick_ms));
         // What the previous configuration's requests counted is not lost with it.
         self.shared.flush_counters();
+        let rule_windows = config.rules.iter().map(|r| (crate::state::rule_tag(&r.name), r.limits.windows())).collect();
         self.shared = Rc::new(Shared {
             config: Rc::new(config),
             metrics: RefCell::new(Metrics::default()),
@@ -306,6 +310,7 @@ impl RootContext for Root {
             hot: RefCell::new(HotStats::default()),
             models: RefCell::new(models),
             settle_queue: RefCell::new(Vec::new()),
+            rule_windows,
             failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
             lease_seq: Cell::new(0),
             seed: self.shared.seed,
@@ -401,8 +406,18 @@ fn cas_update<T>(key: &str, mut f: impl FnMut(u64) -> (Option<u64>, T)) -> Resul
     })
 }
 
-fn group_key(key: &str) -> String {
-    format!("meshwarden.tl.g.{key}")
+/// A group key is `<rule>:<kind>:<hashed value>` (`keys::budget_key_hashed`; rule names cannot hold a
+/// `:`): the rule's tag and its budget identity, whose one shared-data entry holds every rule's windows
+/// (see `state.rs`).
+fn split_group_key(key: &str) -> (u64, &str) {
+    match key.split_once(':') {
+        Some((rule, identity)) => (crate::state::rule_tag(rule), identity),
+        None => (crate::state::rule_tag(key), ""),
+    }
+}
+
+fn entry_key(identity: &str) -> String {
+    format!("meshwarden.tl.e.{identity}")
 }
 
 fn conc_key(group_key: &str) -> String {
@@ -410,12 +425,149 @@ fn conc_key(group_key: &str) -> String {
 }
 
 /// `local` state for one request's reservation or settlement; `now_us` is read once for all its groups
-/// (one clock host call, and every group of the request sees the same instant).
-struct LocalStore {
+/// (one clock host call, and every group of the request sees the same instant). `configured` is every
+/// configured rule's tag and windows (what a write keeps, see `state::update`).
+struct LocalStore<'a> {
     now_us: u64,
+    configured: &'a [(u64, Vec<WindowSpec>)],
 }
 
-impl GroupStore for LocalStore {
+/// The groups of a request by shared-data entry, in order of first appearance: `(identity, group
+/// indexes)`.
+fn by_entry<'k>(keys: impl Iterator<Item = &'k str>) -> Vec<(&'k str, Vec<usize>)> {
+    let mut entries: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, key) in keys.enumerate() {
+        let (_, identity) = split_group_key(key);
+        match entries.iter_mut().find(|(e, _)| *e == identity) {
+            Some((_, groups)) => groups.push(i),
+            None => entries.push((identity, vec![i])),
+        }
+    }
+    entries
+}
+
+impl LocalStore<'_> {
+    /// Reserve every group of `req`, or none: `reserve_all`'s answer, with one compare-and-swap per
+    /// budget identity instead of one per rule. Requests with a concurrency limit take the per-group path
+    /// (each slot is its own entry, taken before that group's tokens, in order).
+    fn reserve_request(&mut self, req: &ReserveRequest) -> Result<ReserveResponse, Status> {
+        if req.groups.iter().any(|g| g.concurrency.is_some()) {
+            return reserve_all(self, req);
+        }
+        let groups = &req.groups;
+        let now = self.now_us;
+        let configured = self.configured;
+        let mut results: Vec<GroupResult> = vec![GroupResult::default(); groups.len()];
+        let mut denied: Option<usize> = None;
+        let mut written: Vec<Vec<usize>> = Vec::new();
+        for (identity, members) in by_entry(groups.iter().map(|g| g.key.as_str())) {
+            let attempt = cas_update_bytes(&entry_key(identity), |old| {
+                let mut rs = Vec::with_capacity(members.len());
+                let mut tats = Vec::with_capacity(members.len());
+                for g in members.iter().filter_map(|i| groups.get(*i)) {
+                    let (tag, _) = split_group_key(&g.key);
+                    let old_tats = crate::state::decode(old, tag, &g.windows);
+                    let r: Vec<_> = g.windows.iter().zip(&old_tats).map(|(w, t)| reserve(w, *t, now, g.cost)).collect();
+                    tats.push((tag, r.iter().map(|x| x.new_tat_us).collect::<Vec<u64>>()));
+                    rs.push(r);
+                }
+                let all = denied.is_none() && rs.iter().flatten().all(|r| r.allowed);
+                let new = all.then(|| {
+                    let changes: Vec<crate::state::RuleTats<'_>> = members
+                        .iter()
+                        .filter_map(|i| groups.get(*i))
+                        .zip(&tats)
+                        .map(|(g, (tag, t))| crate::state::RuleTats { tag: *tag, windows: &g.windows, tats: t })
+                        .collect();
+                    crate::state::update(old, &changes, configured)
+                });
+                (new, (all, rs))
+            });
+            let (wrote, rs) = match attempt {
+                Ok(x) => x,
+                Err(e) => {
+                    self.roll_back(groups, &written);
+                    return Err(e);
+                }
+            };
+            for (i, r) in members.iter().zip(rs) {
+                let allowed = r.iter().all(|x| x.allowed);
+                if let Some(slot) = results.get_mut(*i) {
+                    *slot = GroupResult {
+                        allowed,
+                        reason: (!allowed).then_some(DenyReason::Tokens),
+                        windows: r.iter().map(|x| x.state).collect(),
+                        never: !allowed && r.iter().any(|x| x.never),
+                    };
+                }
+                if !allowed {
+                    denied = Some(denied.map_or(*i, |d| d.min(*i)));
+                }
+            }
+            if wrote {
+                written.push(members);
+            }
+        }
+        match denied {
+            None => Ok(ReserveResponse { allowed: true, denied_group: None, groups: results }),
+            Some(i) => {
+                // As `reserve_all`: the denial stands even if giving back what was taken fails.
+                self.roll_back(groups, &written);
+                results.truncate(i + 1);
+                Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results })
+            }
+        }
+    }
+
+    fn roll_back(&mut self, groups: &[Group], written: &[Vec<usize>]) {
+        let items: Vec<SettleItem> =
+            written.iter().flatten().filter_map(|i| groups.get(*i)).map(rollback_item).collect();
+        let _ = self.settle_items(&items);
+    }
+
+    /// Settle `items` (a request's groups): slots released per group, tokens with one compare-and-swap
+    /// per budget identity. Every item is attempted; the first error is returned.
+    fn settle_items(&mut self, items: &[SettleItem]) -> Result<(), Status> {
+        let mut first_err = None;
+        for it in items.iter().filter(|it| it.release_lease.is_some()) {
+            if let Err(e) = cas_update(&conc_key(&it.key), |n| (Some(n.saturating_sub(1)), ())) {
+                first_err.get_or_insert(e);
+            }
+        }
+        let now = self.now_us;
+        let configured = self.configured;
+        let charged = |it: &&SettleItem| it.delta != 0 && !it.windows.is_empty();
+        let with_tokens: Vec<&SettleItem> = items.iter().filter(charged).collect();
+        for (identity, members) in by_entry(with_tokens.iter().map(|it| it.key.as_str())) {
+            let r = cas_update_bytes(&entry_key(identity), |old| {
+                let tats: Vec<(u64, Vec<u64>)> = members
+                    .iter()
+                    .filter_map(|i| with_tokens.get(*i))
+                    .map(|it| {
+                        let (tag, _) = split_group_key(&it.key);
+                        let old_tats = crate::state::decode(old, tag, &it.windows);
+                        (tag, it.windows.iter().zip(&old_tats).map(|(w, t)| settle(w, *t, now, it.delta)).collect())
+                    })
+                    .collect();
+                let changes: Vec<crate::state::RuleTats<'_>> = members
+                    .iter()
+                    .filter_map(|i| with_tokens.get(*i))
+                    .zip(&tats)
+                    .map(|(it, (tag, t))| crate::state::RuleTats { tag: *tag, windows: &it.windows, tats: t })
+                    .collect();
+                (Some(crate::state::update(old, &changes, configured)), ())
+            });
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// The per-group path (`reserve_all`), for requests with a concurrency limit: each group's slot, then its
+/// tokens in its identity's entry.
+impl GroupStore for LocalStore<'_> {
     type Error = Status;
 
     fn reserve_group(&mut self, g: &Group) -> Result<GroupResult, Status> {
@@ -427,12 +579,15 @@ impl GroupStore for LocalStore {
             }
         }
         let now = self.now_us;
-        let tokens = cas_update_bytes(&group_key(&g.key), |old| {
-            let tats = crate::state::decode(old, &g.windows);
+        let configured = self.configured;
+        let (tag, identity) = split_group_key(&g.key);
+        let tokens = cas_update_bytes(&entry_key(identity), |old| {
+            let tats = crate::state::decode(old, tag, &g.windows);
             let rs: Vec<_> = g.windows.iter().zip(&tats).map(|(w, t)| reserve(w, *t, now, g.cost)).collect();
             let allowed = rs.iter().all(|r| r.allowed);
             let new_tats: Vec<u64> = rs.iter().map(|r| r.new_tat_us).collect();
-            (allowed.then(|| crate::state::encode(&g.windows, &new_tats)), (allowed, rs))
+            let change = [crate::state::RuleTats { tag, windows: &g.windows, tats: &new_tats }];
+            (allowed.then(|| crate::state::update(old, &change, configured)), (allowed, rs))
         });
         // The group is all-or-nothing: a denial or a storage error gives its slot back (local state
         // has no lease expiry, so a slot kept here would be lost until Envoy restarts).
@@ -458,21 +613,7 @@ impl GroupStore for LocalStore {
     }
 
     fn settle_item(&mut self, item: &SettleItem) -> Result<(), Status> {
-        // The slot first and independently of the tokens: a failed token update must not keep it.
-        let released = match item.release_lease {
-            Some(_) => cas_update(&conc_key(&item.key), |n| (Some(n.saturating_sub(1)), ())),
-            None => Ok(()),
-        };
-        if item.delta != 0 && !item.windows.is_empty() {
-            let now = self.now_us;
-            cas_update_bytes(&group_key(&item.key), |old| {
-                let tats = crate::state::decode(old, &item.windows);
-                let new: Vec<u64> =
-                    item.windows.iter().zip(&tats).map(|(w, t)| settle(w, *t, now, item.delta)).collect();
-                (Some(crate::state::encode(&item.windows, &new)), ())
-            })?;
-        }
-        released
+        self.settle_items(std::slice::from_ref(item))
     }
 }
 
@@ -629,7 +770,8 @@ impl Request {
             }
             match cfg.state {
                 StateMode::Local => {
-                    let resp = match reserve_all(&mut LocalStore { now_us: now_us() }, &plan.request) {
+                    let mut store = LocalStore { now_us: now_us(), configured: &self.shared.rule_windows };
+                    let resp = match store.reserve_request(&plan.request) {
                         Ok(r) => r,
                         Err(_) => {
                             // Shared data failing is an Envoy-internal problem; count it and fail open.
@@ -832,11 +974,9 @@ impl Request {
             .collect();
         match cfg.state {
             StateMode::Local => {
-                let mut store = LocalStore { now_us: now_us() };
-                for it in &items {
-                    if store.settle_item(it).is_err() {
-                        self.shared.count("local_state_errors", 1);
-                    }
+                let mut store = LocalStore { now_us: now_us(), configured: &self.shared.rule_windows };
+                if store.settle_items(&items).is_err() {
+                    self.shared.count("local_state_errors", 1);
                 }
             }
             StateMode::Sidecar => {
