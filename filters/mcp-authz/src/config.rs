@@ -28,6 +28,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// One structured log line per decision.
     pub audit_log: bool,
+    /// How often (ms) a worker hands its counters to Envoy (they are summed in the VM in between).
+    pub stats_flush_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             policy: PolicyConfig::default(),
             audit_log: true,
+            stats_flush_interval_ms: 20,
         }
     }
 }
@@ -245,6 +248,7 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
         check_range("max_response_bytes", self.max_response_bytes, 1024, 64 << 20)?;
+        check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         for (field, list) in [("mcp_paths", &self.mcp_paths), ("a2a_paths", &self.a2a_paths)] {
             for (i, p) in list.iter().enumerate() {
                 if !p.starts_with('/') {

@@ -9,12 +9,13 @@ use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics, VmTimed
 use meshwarden_shared::jsonrpc;
 use meshwarden_shared::mcp::{self, RequestHeaders};
 use meshwarden_shared::pbstruct::decode_metadata_namespace;
-use meshwarden_shared::stats::BoundedLabels;
+use meshwarden_shared::stats::{BoundedLabels, CounterBatch};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 const FILTER: &str = "mcp_authz";
 const P: &str = "meshwarden.mcp_authz";
@@ -26,6 +27,9 @@ proxy_wasm::main! {{
 
 struct Shared {
     metrics: Metrics,
+    /// Every counter update, summed here and handed to Envoy on the root's tick
+    /// (`stats_flush_interval_ms`): a request makes no stat host call.
+    counters: CounterBatch,
     methods: BoundedLabels,
     /// Counter ids of `method.<label>.{allow,deny}` and `decision.{allow,deny}` by method label (at most
     /// the bounded labels' count): one lookup per decision instead of two names built and hashed.
@@ -60,15 +64,21 @@ impl Shared {
             }
         };
         for id in [id, total].into_iter().flatten() {
-            Metrics::add(id, 1);
+            self.counters.add(id, 1);
         }
     }
 
     fn count(&mut self, name: &str) {
-        self.metrics.counter_in(P, name, 1);
+        self.add(name, 1);
     }
     fn add(&mut self, name: &str, n: u64) {
-        self.metrics.counter_in(P, name, n);
+        if let Some(id) = self.metrics.counter_id_in(P, name) {
+            self.counters.add(id, n);
+        }
+    }
+
+    fn flush_counters(&mut self) {
+        Metrics::flush(&mut self.counters);
     }
 }
 
@@ -85,12 +95,24 @@ impl Default for Root {
         methods.preload(["session/stream", "session/delete"]);
         let engine = Engine::new(Config::default())
             .unwrap_or_else(|_| Engine { config: Config::default(), policy: Default::default() });
-        let shared = Shared { metrics: Metrics::default(), methods, decision_ids: HashMap::new(), totals: [None; 2] };
+        let shared = Shared {
+            metrics: Metrics::default(),
+            counters: CounterBatch::default(),
+            methods,
+            decision_ids: HashMap::new(),
+            totals: [None; 2],
+        };
         Root { engine: Rc::new(engine), shared: Rc::new(RefCell::new(shared)) }
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The plugin is going away: hand over what was counted since the last tick.
+    fn on_done(&mut self) -> bool {
+        self.shared.borrow_mut().flush_counters();
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -100,6 +122,7 @@ impl RootContext for Root {
         if cfg.identity.unverified_bearer_dev_only {
             log(LogLevel::Warn, "meshwarden mcp_authz: identity.unverified_bearer_dev_only is ON: bearer token payloads are trusted WITHOUT signature verification; never use this in production");
         }
+        self.set_tick_period(Duration::from_millis(cfg.stats_flush_interval_ms.max(1)));
         match Engine::new(cfg) {
             Ok(e) => {
                 log(LogLevel::Info, &format!("meshwarden mcp_authz: loaded {} rules", e.policy.rule_count()));
@@ -111,6 +134,10 @@ impl RootContext for Root {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        self.shared.borrow_mut().flush_counters();
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {

@@ -699,5 +699,10 @@ mod tests {
         assert_eq!(err.path, "$.policy.rules[0].arguments[0].path");
         let err = parse_config::<Config>(br#"{"polcy":{}}"#).unwrap_err();
         assert_eq!(err.path, "$.polcy");
+        for bad in ["0", "10001"] {
+            let cfg = format!(r#"{{"stats_flush_interval_ms":{bad}}}"#);
+            assert_eq!(parse_config::<Config>(cfg.as_bytes()).unwrap_err().path, "$.stats_flush_interval_ms");
+        }
+        assert!(parse_config::<Config>(br#"{"stats_flush_interval_ms":1000}"#).is_ok());
     }
 }
