@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-sidecar tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-campaign bench-sidecar tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -68,6 +68,11 @@ bench: tools build ## added latency and throughput vs plain Envoy, same run (BEN
 bench-control: tools build ## the bench as an A/A run: both Envoys plain, so "added" shows the method's bias and noise (BENCH= selects)
 	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
 	cargo run -q --release -p meshwarden-integration-tests --bin meshwarden-bench -- --control --seconds $${BENCH_SECONDS:-6}
+
+bench-campaign: tools build ## the 1 KB targets run ROUNDS times (default 8), each run followed by an A/A control, for medians against the noise
+	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
+	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bin meshwarden-bench --bin meshwarden-sidecar
+	scripts/bench-campaign.sh
 
 oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in target/oci/
 	scripts/oci.sh build

@@ -416,6 +416,15 @@ fn split_group_key(key: &str) -> (u64, &str) {
     }
 }
 
+/// The `state::update` changes of rules whose windows are `windows` and whose tags and new tats are `tats`
+/// (in the same order).
+fn rule_changes<'a>(
+    windows: impl Iterator<Item = &'a [WindowSpec]>,
+    tats: &'a [(u64, Vec<u64>)],
+) -> Vec<crate::state::RuleTats<'a>> {
+    windows.zip(tats).map(|(w, (tag, t))| crate::state::RuleTats { tag: *tag, windows: w, tats: t }).collect()
+}
+
 fn entry_key(identity: &str) -> String {
     format!("meshwarden.tl.e.{identity}")
 }
@@ -473,13 +482,8 @@ impl LocalStore<'_> {
                 }
                 let all = denied.is_none() && rs.iter().flatten().all(|r| r.allowed);
                 let new = all.then(|| {
-                    let changes: Vec<crate::state::RuleTats<'_>> = members
-                        .iter()
-                        .filter_map(|i| groups.get(*i))
-                        .zip(&tats)
-                        .map(|(g, (tag, t))| crate::state::RuleTats { tag: *tag, windows: &g.windows, tats: t })
-                        .collect();
-                    crate::state::update(old, &changes, configured)
+                    let windows = members.iter().filter_map(|i| groups.get(*i)).map(|g| g.windows.as_slice());
+                    crate::state::update(old, &rule_changes(windows, &tats), configured)
                 });
                 (new, (all, rs))
             });
@@ -549,13 +553,8 @@ impl LocalStore<'_> {
                         (tag, it.windows.iter().zip(&old_tats).map(|(w, t)| settle(w, *t, now, it.delta)).collect())
                     })
                     .collect();
-                let changes: Vec<crate::state::RuleTats<'_>> = members
-                    .iter()
-                    .filter_map(|i| with_tokens.get(*i))
-                    .zip(&tats)
-                    .map(|(it, (tag, t))| crate::state::RuleTats { tag: *tag, windows: &it.windows, tats: t })
-                    .collect();
-                (Some(crate::state::update(old, &changes, configured)), ())
+                let windows = members.iter().filter_map(|i| with_tokens.get(*i)).map(|it| it.windows.as_slice());
+                (Some(crate::state::update(old, &rule_changes(windows, &tats), configured)), ())
             });
             if let Err(e) = r {
                 first_err.get_or_insert(e);
