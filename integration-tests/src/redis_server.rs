@@ -31,11 +31,34 @@ fn ping(port: u16) -> bool {
 }
 
 impl RedisServer {
+    /// A free port is picked, then handed to redis-server: another process of the test run can take it
+    /// in between (every server here picks its port the same way). redis-server then exits at once, and
+    /// a fresh port is tried, up to five times.
     pub fn start() -> Result<RedisServer> {
+        Self::start_with(free_port)
+    }
+
+    /// [`RedisServer::start`] with the ports `pick` gives.
+    fn start_with(mut pick: impl FnMut() -> Result<u16>) -> Result<RedisServer> {
         let dir = tempfile::Builder::new().prefix("meshwarden-redis-").tempdir()?;
-        let mut r = RedisServer { child: None, port: free_port()?, dir };
-        r.spawn()?;
-        Ok(r)
+        let mut r = RedisServer { child: None, port: pick()?, dir };
+        let mut attempts = 0;
+        loop {
+            match r.spawn() {
+                Ok(()) => return Ok(r),
+                Err(e) if attempts < 4 && r.exited() => {
+                    attempts += 1;
+                    eprintln!("redis-server exited on port {} ({e:#}); trying another port", r.port);
+                    r.port = pick()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The last redis-server started has exited (it could not bind its port, for one).
+    fn exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -52,6 +75,9 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ping(self.port) {
+            if self.exited() {
+                bail!("redis-server exited before answering PING on port {}", self.port);
+            }
             if Instant::now() > deadline {
                 bail!("redis-server did not answer PING on port {}", self.port);
             }
@@ -81,5 +107,28 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+    use super::*;
+
+    /// A port taken between picking it and redis-server binding it (here: held by a listener) makes
+    /// redis-server exit; the next port is tried and the server answers there.
+    #[test]
+    fn a_port_taken_meanwhile_is_replaced_by_another() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken_port = taken.local_addr().unwrap().port();
+        let mut ports = vec![taken_port];
+        let r = RedisServer::start_with(|| match ports.pop() {
+            Some(p) => Ok(p),
+            None => free_port(),
+        })
+        .unwrap();
+        assert_ne!(r.port, taken_port);
+        assert!(ping(r.port));
+        drop(taken);
     }
 }
