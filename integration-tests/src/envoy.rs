@@ -240,8 +240,8 @@ impl Envoy {
     /// All counters and gauges whose name contains `filter`, as `name -> value`. Wasm-defined stats
     /// appear under Envoy's `wasmcustom.` prefix; it is stripped here.
     ///
-    /// token-limiter and mcp-authz sum their counters in each worker's VM and hand them to Envoy on a
-    /// timer (`stats_flush_interval_ms`, 20 ms by default): their stats are read once they have settled, i.e.
+    /// token-limiter, mcp-authz and pii-redactor sum their counters in each worker's VM and hand them to
+    /// Envoy on a timer (`stats_flush_interval_ms`, 20 ms by default): their stats are read once they have settled, i.e.
     /// when two reads [`STATS_SETTLE`] apart agree (after at least one such wait), for at most 5 s.
     pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>> {
         if !BATCHED_STATS.iter().any(|f| filter.contains(f)) {
@@ -280,7 +280,7 @@ impl Envoy {
 }
 
 /// Stat name parts of the filters that batch their counters in the VM (see [`Envoy::stats`]).
-const BATCHED_STATS: &[&str] = &["token_limiter", "mcp_authz"];
+const BATCHED_STATS: &[&str] = &["token_limiter", "mcp_authz", "pii_redactor"];
 
 /// Three of the default flush intervals: what a read of batched stats waits before it trusts a value.
 const STATS_SETTLE: Duration = Duration::from_millis(60);

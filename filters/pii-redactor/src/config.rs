@@ -120,6 +120,8 @@ pub struct Config {
     /// Response header carrying counts per type (`email=2,phone=1`) for the access log (`%RESP(...)%`);
     /// never values. Empty disables it.
     pub counts_header: String,
+    /// How often (ms) a worker hands its counters to Envoy (they are summed in the VM in between).
+    pub stats_flush_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -140,6 +142,7 @@ impl Default for Config {
             on_unscannable: Unscannable::Reject,
             raw_fallback: true,
             counts_header: "x-meshwarden-pii".to_string(),
+            stats_flush_interval_ms: 20,
         }
     }
 }
@@ -165,6 +168,7 @@ impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
         check_range("context_window", self.context_window, 0, 1024)?;
+        check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         check_range("partial_keep_last", self.partial_keep_last, 0, 64)?;
         for (name, d) in &self.detectors {
             if !Builtin::ALL.iter().any(|b| b.name() == name) {
@@ -251,5 +255,13 @@ mod tests {
         assert_eq!(e.path, "$.response_action");
         let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"a*"}]}"#).unwrap_err();
         assert!(e.message.contains("empty"), "{e}");
+        for bad in ["0", "10001"] {
+            let cfg = format!(r#"{{"stats_flush_interval_ms":{bad}}}"#);
+            assert_eq!(parse_config::<Config>(cfg.as_bytes()).unwrap_err().path, "$.stats_flush_interval_ms");
+        }
+        assert_eq!(
+            parse_config::<Config>(br#"{"stats_flush_interval_ms":1000}"#).unwrap().stats_flush_interval_ms,
+            1000
+        );
     }
 }

@@ -11,11 +11,13 @@ use crate::restore::{RawStream, Restorer, SseRestore};
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
 use meshwarden_shared::host::{load_config, log, send_error, Metrics, VmTimed};
 use meshwarden_shared::llm::Api;
+use meshwarden_shared::stats::CounterBatch;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 const FILTER: &str = "pii_redactor";
 const P: &str = "meshwarden.pii_redactor";
@@ -30,20 +32,35 @@ struct Root {
     config: Rc<Config>,
     engine: Option<Rc<Engine>>,
     metrics: Rc<RefCell<Metrics>>,
+    /// Every counter update of this worker's requests, summed here and handed to Envoy on the tick
+    /// (`stats_flush_interval_ms`): a request makes no counter host call (histograms are recorded
+    /// at once: each value counts).
+    counters: Rc<RefCell<CounterBatch>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// The plugin is going away: hand over what was counted since the last tick.
+    fn on_done(&mut self) -> bool {
+        Metrics::flush(&mut self.counters.borrow_mut());
+        true
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         match load_config::<Config>(FILTER, self.get_plugin_configuration()) {
             Some(c) => {
+                self.set_tick_period(Duration::from_millis(c.stats_flush_interval_ms.max(1)));
                 self.engine = Some(Rc::new(Engine::new(&c)));
                 self.config = Rc::new(c);
                 true
             }
             None => false,
         }
+    }
+
+    fn on_tick(&mut self) {
+        Metrics::flush(&mut self.counters.borrow_mut());
     }
 
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
@@ -55,6 +72,7 @@ impl RootContext for Root {
             config: self.config.clone(),
             engine,
             metrics: self.metrics.clone(),
+            counters: self.counters.clone(),
             path: String::new(),
             api: Api::Unknown,
             encoded: false,
@@ -91,6 +109,7 @@ struct Request {
     config: Rc<Config>,
     engine: Rc<Engine>,
     metrics: Rc<RefCell<Metrics>>,
+    counters: Rc<RefCell<CounterBatch>>,
     path: String,
     api: Api,
     encoded: bool,
@@ -122,7 +141,10 @@ fn now_us() -> u64 {
 
 impl Request {
     fn count(&self, name: &str, n: u64) {
-        self.metrics.borrow_mut().counter_in(P, name, n);
+        let id = self.metrics.borrow_mut().counter_id_in(P, name);
+        if let Some(id) = id {
+            self.counters.borrow_mut().add(id, n);
+        }
     }
 
     fn flavor(&self) -> ErrorFlavor {
