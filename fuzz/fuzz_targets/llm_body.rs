@@ -1,5 +1,6 @@
 //! Text extraction and rewrite on arbitrary JSON bodies: never panics; every extracted pointer can be
 //! rewritten, and re-extracting gives the new texts at the same pointers (the body stays valid JSON).
+//! Splicing the new texts into the client's bytes gives the same document as that rewrite.
 //! The strict request-body parser agrees with serde_json: the same `Value` where serde_json parses,
 //! an error where it does not (but for a skipped UTF-8 byte order mark), and a duplicate-key error only
 //! where serde_json (last copy wins) parses.
@@ -31,7 +32,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // serde_json's own visitor gives one magic key a meaning (feature raw_value): skip such inputs.
-    if !data.windows(13).any(|w| w == b"$serde_json::") {
+    let magic = data.windows(13).any(|w| w == b"$serde_json::");
+    if !magic {
         match &strict {
             Ok(v) => assert_eq!(v, &body, "strict parse built another value"),
             Err(JsonBodyError::DuplicateKey(_)) => {}
@@ -54,6 +56,15 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(&a.text, t);
         }
         assert!(serde_json::to_vec(&copy).is_ok());
+        // The splice of the client's bytes gives the same document as the `Value` rewrite, and finds
+        // every extracted string of a body the strict parser accepts.
+        match meshwarden_shared::splice::splice_strings(data, &replacements) {
+            Some(out) => {
+                let spliced: serde_json::Value = serde_json::from_slice(&out).expect("the splice broke the JSON");
+                assert_eq!(spliced, copy, "the splice and the Value rewrite disagree");
+            }
+            None => assert!(strict.is_err() || magic, "the splice missed an extracted string"),
+        }
     }
     let _ = ensure_stream_usage(Api::OpenAiChat, &mut body);
 });

@@ -98,6 +98,27 @@ async fn openai_json_masked_upstream_and_restored_for_the_client() {
     assert!(!log.contains("jane.doe@example.com"), "values never logged");
 }
 
+/// Only the masked strings change: key order, number notation (an integer beyond 64 bits that a
+/// re-serialised `Value` would turn into a float) and whitespace reach the model as the client sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_leaves_as_sent_but_for_the_masked_strings() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let body = "{ \"seed\": 123456789012345678901234567890, \"temperature\": 1.0e0,\n  \"model\": \"gpt-4o-mini\",\n  \
+                \"messages\": [ {\"role\": \"user\", \"content\": \"mail jane.doe@example.com \\\"now\\\"\"} ] }";
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = mock.last_request().unwrap().body;
+    assert_eq!(sent, body.replace("jane.doe@example.com", "<EMAIL_1>"));
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.requests_rewritten").await.unwrap(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anthropic_json_and_both_streams_restored() {
     let mock = MockLlm::start().await.unwrap();

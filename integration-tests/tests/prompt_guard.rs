@@ -227,6 +227,18 @@ async fn user_rules_mask_and_log_and_raw_bodies() {
     assert_eq!(envoy.stat("meshwarden.prompt_guard.rule.ticket.request.logged").await.unwrap(), 1);
     wait_log(&envoy, "prompt_guard_rule=codename,ticket prompt_guard_action=masked,logged").await;
 
+    // Only the masked string changes: key order, an integer beyond 64 bits and whitespace as sent.
+    let raw = "{\"seed\": 123456789012345678901234567890,\n \"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"on blue-sky\"}]}";
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(mock.last_request().unwrap().body, raw.replace("blue-sky", "[REMOVED]"));
+
     // a text/plain body is scanned as one user text and masked in place
     let resp = client()
         .post(envoy.url("/v1/raw"))

@@ -646,6 +646,17 @@ pub fn replace_texts(body: &mut Value, replacements: &[(String, String)]) -> usi
     missed
 }
 
+/// The body to send after replacing texts found in `body` (parsed as `value`): the client's bytes with
+/// only those strings changed ([`crate::splice`]), or, where they cannot be located that way, `value`
+/// with [`replace_texts`] applied and serialised. `None` only if serialising fails.
+pub fn rewrite_body_texts(body: &[u8], value: &mut Value, replacements: &[(String, String)]) -> Option<Vec<u8>> {
+    if let Some(out) = crate::splice::splice_strings(body, replacements) {
+        return Some(out);
+    }
+    replace_texts(value, replacements);
+    serde_json::to_vec(value).ok()
+}
+
 /// Token usage normalised across providers.
 ///
 /// `input_tokens` counts every prompt token the model processed, cached or not: OpenAI's

@@ -1,15 +1,15 @@
 //! The request side: scan the texts the model reads and rewrite the body.
 //!
 //! JSON bodies of a known API are scanned through the shared extraction (`llm::extract_request_texts`)
-//! and rewritten with `llm::replace_texts`, so only the prompt strings change and the body stays valid
-//! JSON. JSON of an unknown shape has every string value scanned. Anything else (or JSON that does not
+//! and rewritten with `llm::rewrite_body_texts`: the client's bytes with only the masked strings
+//! replaced (key order, numbers and whitespace as sent), so the body stays valid JSON. JSON of an unknown shape has every string value scanned. Anything else (or JSON that does not
 //! parse) is scanned as raw bytes when `raw_fallback` is on. JSON with a key given twice, and UTF-16/32
 //! text, are not scanned at all (`Scanned::Refused`): which copy the upstream reads is up to its parser,
 //! and a byte scanner cannot read UTF-16/32 (which Python servers parse as JSON).
 
 use crate::engine::{Engine, MaskState};
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
-use meshwarden_shared::llm::{extract_request_texts, replace_texts, Api};
+use meshwarden_shared::llm::{extract_request_texts, rewrite_body_texts, Api};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +93,7 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                     }
                 }
             }
-            let body = if replacements.is_empty() {
-                None
-            } else {
-                replace_texts(&mut v, &replacements);
-                serde_json::to_vec(&v).ok()
-            };
+            let body = if replacements.is_empty() { None } else { rewrite_body_texts(body, &mut v, &replacements) };
             RequestResult { api, scanned: Scanned::Json, body, state, problem: None }
         }
         Err(JsonBodyError::Syntax(_)) => {

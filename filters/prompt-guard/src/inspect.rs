@@ -6,7 +6,7 @@ use crate::engine::{apply_mask, Dir, Policy, Spans};
 use meshwarden_shared::errors::{error_body, ErrorFlavor, ErrorKind};
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
-    extract_request_texts, extract_response_texts, extract_stream_delta_texts, replace_texts,
+    extract_request_texts, extract_response_texts, extract_stream_delta_texts, replace_texts, rewrite_body_texts,
 };
 use meshwarden_shared::llm::{Api, Role, TextSpan};
 use meshwarden_shared::sse::{encode_event, SseEvent, SseParser};
@@ -172,8 +172,7 @@ pub fn inspect_request(
             collect_moderation(&spans, opts, &mut out);
             let replacements = scan_spans(policy, &spans, Dir::Request, opts.mask_text, &mut out);
             if !replacements.is_empty() {
-                replace_texts(&mut v, &replacements);
-                out.rewritten = serde_json::to_vec(&v).ok();
+                out.rewritten = rewrite_body_texts(body, &mut v, &replacements);
             }
         }
         None if opts.scan_non_json => {
@@ -213,8 +212,7 @@ pub fn inspect_response(policy: &Policy, body: &[u8], mask_text: &str) -> Inspec
     let spans = extract_response_texts(&v);
     let replacements = scan_spans(policy, &spans, Dir::Response, mask_text, &mut out);
     if !replacements.is_empty() {
-        replace_texts(&mut v, &replacements);
-        out.rewritten = serde_json::to_vec(&v).ok();
+        out.rewritten = rewrite_body_texts(body, &mut v, &replacements);
     }
     out
 }
