@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     ensure_stream_usage, estimate_request_tokens, extract_request_texts, extract_response_texts,
-    extract_stream_delta_texts, replace_texts, request_info, usage_from_json, Api,
+    extract_stream_delta_texts, replace_texts, request_info, stream_usage_change, usage_from_json, Api,
 };
 
 const APIS: [Api; 6] = [
@@ -66,5 +66,15 @@ fuzz_target!(|data: &[u8]| {
             None => assert!(strict.is_err() || magic, "the splice missed an extracted string"),
         }
     }
-    let _ = ensure_stream_usage(Api::OpenAiChat, &mut body);
+    let change = stream_usage_change(Api::OpenAiChat, &body);
+    assert_eq!(ensure_stream_usage(Api::OpenAiChat, &mut body), change.is_some());
+    if let Some(c) = change {
+        match meshwarden_shared::splice::splice(data, &[c.edit()]) {
+            Some(out) => {
+                let spliced: serde_json::Value = serde_json::from_slice(&out).expect("the splice broke the JSON");
+                assert_eq!(spliced, body, "the include_usage splice and the Value rewrite disagree");
+            }
+            None => assert!(strict.is_err() || magic, "the include_usage splice failed"),
+        }
+    }
 });

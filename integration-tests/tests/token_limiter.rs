@@ -251,6 +251,33 @@ async fn streaming_usage_openai_chat() {
     stream_case("/v1/chat/completions", chat("gpt-4o-mini", "Stream me a haiku.", None, true), Api::OpenAiChat).await;
 }
 
+/// The body changes (include_usage, the fallback model) are spliced into the client's bytes: key order,
+/// an integer beyond 64 bits and whitespace reach the model as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewritten_bodies_keep_the_clients_bytes() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"rules":[{"name":"big","key":{"constant":"x"},"model":"gpt-4o","limits":{"tokens_per_hour":1},
+                         "fallback_model":"gpt-4o-mini"}]}),
+    )
+    .await;
+    let raw = "{\"stream\": true, \"seed\": 123456789012345678901234567890,\n \"model\": \"gpt-4o\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}";
+    let r = client()
+        .post(e.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(h(&r, "x-meshwarden-fallback-model"), "gpt-4o-mini");
+    let _ = r.text().await.unwrap();
+    let expected =
+        raw.replacen('{', "{\"stream_options\":{\"include_usage\":true},", 1).replace("\"gpt-4o\"", "\"gpt-4o-mini\"");
+    assert_eq!(mock.last_request().unwrap().body, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_usage_anthropic_messages() {
     let body = json!({"model":"claude-sonnet-4","max_tokens":300,"stream":true,"system":"Be brief.",

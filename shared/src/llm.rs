@@ -174,25 +174,69 @@ pub fn request_info(body: &Value) -> RequestInfo {
 /// final chunk carries usage. Returns true if the body was changed. Other APIs report usage in streams
 /// anyway, and non-streaming requests must not get `stream_options` (OpenAI rejects it).
 pub fn ensure_stream_usage(api: Api, body: &mut Value) -> bool {
-    if !matches!(api, Api::OpenAiChat | Api::OpenAiCompletions) {
+    let Some(change) = stream_usage_change(api, body) else {
         return false;
-    }
-    if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        return false;
-    }
+    };
     let Some(obj) = body.as_object_mut() else {
         return false;
     };
     let options = obj.entry("stream_options").or_insert_with(|| Value::Object(serde_json::Map::new()));
-    if !options.is_object() {
+    if change == StreamUsageChange::ReplaceOptions || !options.is_object() {
         *options = Value::Object(serde_json::Map::new());
     }
-    match options.as_object_mut() {
-        Some(map) if map.get("include_usage").and_then(Value::as_bool) != Some(true) => {
-            map.insert("include_usage".to_string(), Value::Bool(true));
-            true
+    if let Some(map) = options.as_object_mut() {
+        map.insert("include_usage".to_string(), Value::Bool(true));
+    }
+    true
+}
+
+/// What [`ensure_stream_usage`] would change in a body, decided once for both ways of applying it
+/// (the parsed `Value`, or a splice of the client's bytes: [`StreamUsageChange::edit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamUsageChange {
+    /// No `stream_options`: add `"stream_options":{"include_usage":true}`.
+    AddOptions,
+    /// `stream_options` is not an object: it becomes `{"include_usage":true}`.
+    ReplaceOptions,
+    /// `stream_options` lacks `include_usage`: add it.
+    AddIncludeUsage,
+    /// `include_usage` is there but not `true`: set it.
+    SetIncludeUsage,
+}
+
+impl StreamUsageChange {
+    /// The change as a [`crate::splice`] edit (pointer, edit).
+    pub fn edit(self) -> (&'static str, crate::splice::Edit<'static>) {
+        use crate::splice::Edit;
+        const OPTIONS: &str = r#"{"include_usage":true}"#;
+        match self {
+            StreamUsageChange::AddOptions => ("", Edit::Insert { key: "stream_options", value: OPTIONS }),
+            StreamUsageChange::ReplaceOptions => ("/stream_options", Edit::Value(OPTIONS)),
+            StreamUsageChange::AddIncludeUsage => {
+                ("/stream_options", Edit::Insert { key: "include_usage", value: "true" })
+            }
+            StreamUsageChange::SetIncludeUsage => ("/stream_options/include_usage", Edit::Value("true")),
         }
-        _ => false,
+    }
+}
+
+/// See [`ensure_stream_usage`]: `None` when the body needs no change.
+pub fn stream_usage_change(api: Api, body: &Value) -> Option<StreamUsageChange> {
+    if !matches!(api, Api::OpenAiChat | Api::OpenAiCompletions) {
+        return None;
+    }
+    if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        return None;
+    }
+    let obj = body.as_object()?;
+    match obj.get("stream_options") {
+        None => Some(StreamUsageChange::AddOptions),
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None => Some(StreamUsageChange::AddIncludeUsage),
+            Some(Value::Bool(true)) => None,
+            Some(_) => Some(StreamUsageChange::SetIncludeUsage),
+        },
+        Some(_) => Some(StreamUsageChange::ReplaceOptions),
     }
 }
 

@@ -21,9 +21,29 @@ const MAX_DEPTH: usize = 128;
 /// escapes it). For a pointer given twice the last text wins, as with `llm::replace_texts`. `None` when
 /// the strings cannot all be located (see the module documentation).
 pub fn splice_strings(body: &[u8], replacements: &[(String, String)]) -> Option<Vec<u8>> {
-    // Unique pointers, sorted (the walker finds a path's targets by prefix), each with its last text.
-    let mut targets: Vec<(&str, &str)> = replacements.iter().map(|(p, t)| (p.as_str(), t.as_str())).collect();
-    targets.reverse();
+    let edits: Vec<(&str, Edit<'_>)> = replacements.iter().map(|(p, t)| (p.as_str(), Edit::String(t))).collect();
+    splice(body, &edits)
+}
+
+/// One change to a JSON document, at a pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit<'a> {
+    /// The string at the pointer becomes this text (escaped here).
+    String(&'a str),
+    /// The value at the pointer, of any type, becomes this JSON text (given valid by the caller).
+    Value(&'a str),
+    /// The object at the pointer gets the member `"key": value` (value as JSON text), first; the caller
+    /// knows the key is not there yet.
+    Insert { key: &'a str, value: &'a str },
+}
+
+/// `body` with `edits` applied to its bytes, everything else kept as sent. For a pointer given twice
+/// the last edit wins. `None` when an edit's target cannot be located, is not of the edit's kind (a
+/// `String` edit on a number, an `Insert` into an array), or two edits overlap (a value replaced and
+/// also edited inside): the caller then rewrites a parsed `Value`.
+pub fn splice(body: &[u8], edits: &[(&str, Edit<'_>)]) -> Option<Vec<u8>> {
+    // Unique pointers, sorted (the walker finds a path's targets by prefix), each with its last edit.
+    let mut targets: Vec<(&str, Edit<'_>)> = edits.iter().rev().copied().collect();
     targets.sort_by(|a, b| a.0.cmp(b.0)); // stable: for equal pointers the last given comes first
     targets.dedup_by(|later, first| later.0 == first.0);
     let mut walker =
@@ -37,18 +57,42 @@ pub fn splice_strings(body: &[u8], replacements: &[(String, String)]) -> Option<
     if walker.i != body.len() {
         return None;
     }
-    let mut ranges: Vec<(usize, usize, &str)> = Vec::with_capacity(targets.len());
-    for (found, (_, text)) in walker.found.iter().zip(&targets) {
+    // Each edit as (start, end, what replaces body[start..end]).
+    let mut changes: Vec<(usize, usize, Vec<u8>)> = Vec::with_capacity(targets.len());
+    for (found, (_, edit)) in walker.found.iter().zip(&targets) {
         let (start, end) = (*found)?;
-        ranges.push((start, end, text));
+        let first = *body.get(start)?;
+        match *edit {
+            Edit::String(text) if first == b'"' => {
+                let mut out = Vec::with_capacity(text.len() + 2);
+                write_json_string(&mut out, text);
+                changes.push((start, end, out));
+            }
+            Edit::Value(json) => changes.push((start, end, json.as_bytes().to_vec())),
+            Edit::Insert { key, value } if first == b'{' => {
+                let mut out = Vec::with_capacity(key.len() + value.len() + 4);
+                write_json_string(&mut out, key);
+                out.push(b':');
+                out.extend_from_slice(value.as_bytes());
+                let inner = body.get(start + 1..end.saturating_sub(1))?;
+                if inner.iter().any(|c| !matches!(c, b' ' | b'\t' | b'\n' | b'\r')) {
+                    out.push(b',');
+                }
+                changes.push((start + 1, start + 1, out));
+            }
+            _ => return None,
+        }
     }
-    ranges.sort_unstable_by_key(|r| r.0);
-    let added: usize = ranges.iter().map(|r| r.2.len() + 2).sum();
+    changes.sort_unstable_by_key(|c| (c.0, c.1));
+    let added: usize = changes.iter().map(|c| c.2.len()).sum();
     let mut out = Vec::with_capacity(body.len() + added);
     let mut at = 0;
-    for (start, end, text) in ranges {
+    for (start, end, bytes) in changes {
+        if start < at {
+            return None; // overlapping edits
+        }
         out.extend_from_slice(body.get(at..start)?);
-        write_json_string(&mut out, text);
+        out.extend_from_slice(&bytes);
         at = end;
     }
     out.extend_from_slice(body.get(at..)?);
@@ -58,11 +102,11 @@ pub fn splice_strings(body: &[u8], replacements: &[(String, String)]) -> Option<
 struct Walker<'a> {
     b: &'a [u8],
     i: usize,
-    /// Sorted unique pointers and their texts.
-    targets: &'a [(&'a str, &'a str)],
+    /// Sorted unique pointers and their edits.
+    targets: &'a [(&'a str, Edit<'a>)],
     /// The escaped JSON pointer of the value at `i`.
     path: String,
-    /// Per target, the byte range of its string literal (quotes included).
+    /// Per target, the byte range of its value (quotes and brackets included).
     found: Vec<Option<(usize, usize)>>,
     depth: usize,
 }
@@ -97,23 +141,24 @@ impl<'a> Walker<'a> {
 
     fn value(&mut self) -> Option<()> {
         let start = self.i;
+        let exact = self.exact();
         match self.peek()? {
             b'"' => {
-                let end = self.skip_string()?;
-                if let Some(k) = self.exact() {
-                    let slot = self.found.get_mut(k)?;
-                    if slot.is_some() {
-                        return None; // the same pointer twice: a repeated key somewhere on its path
-                    }
-                    *slot = Some((start, end));
-                }
-                Some(())
+                self.skip_string()?;
             }
-            b'{' if self.leads_to_target() => self.object(),
-            b'[' if self.leads_to_target() => self.array(),
-            b'{' | b'[' => self.skip_container(),
-            _ => self.skip_scalar(),
+            b'{' if self.leads_to_target() => self.object()?,
+            b'[' if self.leads_to_target() => self.array()?,
+            b'{' | b'[' => self.skip_container()?,
+            _ => self.skip_scalar()?,
         }
+        if let Some(k) = exact {
+            let slot = self.found.get_mut(k)?;
+            if slot.is_some() {
+                return None; // the same pointer twice: a repeated key somewhere on its path
+            }
+            *slot = Some((start, self.i));
+        }
+        Some(())
     }
 
     fn enter(&mut self) -> Option<()> {
@@ -401,6 +446,46 @@ mod tests {
             write_json_string(&mut out, &s);
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap(), "{s:?}");
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn values_replaced_and_members_inserted() {
+        let body = br#"{"a": [1, 2], "o": { }, "p": {"x": 1}, "s": "t"}"#;
+        let edits = [
+            ("/a", Edit::Value("null")),
+            ("/o", Edit::Insert { key: "k", value: "true" }),
+            ("/p", Edit::Insert { key: "q\"", value: r#"{"n":[]}"# }),
+            ("", Edit::Insert { key: "first", value: "0" }),
+            ("/s", Edit::String("u")),
+        ];
+        let out = String::from_utf8(splice(body, &edits).unwrap()).unwrap();
+        assert_eq!(out, r#"{"first":0,"a": null, "o": {"k":true }, "p": {"q\"":{"n":[]},"x": 1}, "s": "u"}"#);
+        // Kinds must match, and edits must not overlap.
+        assert!(splice(body, &[("/a", Edit::Insert { key: "k", value: "1" })]).is_none());
+        assert!(splice(body, &[("/a", Edit::String("x"))]).is_none());
+        assert!(splice(body, &[("/p", Edit::Value("1")), ("/p/x", Edit::Value("2"))]).is_none());
+        assert_eq!(splice(b"{}", &[("", Edit::Insert { key: "k", value: "1" })]).unwrap(), br#"{"k":1}"#);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn stream_usage_edits_agree_with_the_value_rewrite() {
+        use crate::llm::{ensure_stream_usage, stream_usage_change, Api};
+        for body in [
+            r#"{"model":"m","stream":true,"messages":[]}"#,
+            r#" { "stream" : true , "stream_options" : "x" } "#,
+            r#"{"stream":true,"stream_options":{}}"#,
+            r#"{"stream":true,"stream_options":{ "other": 1 }}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":false,"o":2}}"#,
+            r#"{"stream":true,"stream_options":{"include_usage":"yes"}}"#,
+        ] {
+            let mut v: Value = serde_json::from_str(body).unwrap();
+            let change = stream_usage_change(Api::OpenAiChat, &v).unwrap();
+            assert!(ensure_stream_usage(Api::OpenAiChat, &mut v));
+            let out = splice(body.as_bytes(), &[change.edit()]).unwrap();
+            assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), v, "{body}");
+        }
+        let done: Value = serde_json::from_str(r#"{"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(stream_usage_change(Api::OpenAiChat, &done), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

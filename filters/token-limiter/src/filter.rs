@@ -640,6 +640,8 @@ struct Request {
     encoded: bool,
     identities: Vec<Option<String>>,
     body_size: usize,
+    /// The request body as read, until the request is let through (see `start_admission`).
+    body: Vec<u8>,
     parsed: Option<Parsed>,
     admission: Option<Admission>,
     plan: Option<Plan>,
@@ -659,6 +661,7 @@ impl Request {
             encoded: false,
             identities: Vec::new(),
             body_size: 0,
+            body: Vec::new(),
             parsed: None,
             admission: None,
             plan: None,
@@ -705,7 +708,9 @@ impl Request {
     }
 
     /// Decide with what we know; called at end of body (or when the body is over `max_body_bytes`).
-    fn start_admission(&mut self, body: &[u8], oversize: bool) -> Action {
+    fn start_admission(&mut self, body: Vec<u8>, oversize: bool) -> Action {
+        // Kept until the request is let through: a rewrite splices its changes into these bytes.
+        self.body = body;
         let cfg = self.cfg();
         let parsed = if oversize {
             Parsed {
@@ -719,7 +724,7 @@ impl Request {
                 problem: None,
             }
         } else {
-            parse_request(&cfg, &self.path, body, self.encoded)
+            parse_request(&cfg, &self.path, &self.body, self.encoded)
         };
         if let Some(bad) = parsed.bad {
             self.shared.count(&format!("bad_body.{}", bad.as_str()), 1);
@@ -835,10 +840,11 @@ impl Request {
         self.shared.count_hot(Hot::Admitted, 1);
         let new_model = self.admission.as_ref().filter(|a| a.fell_back()).and_then(|a| a.model.clone());
         if let Some(p) = self.parsed.as_mut() {
-            if let Some(bytes) = rewrite_body(p, new_model.as_deref()) {
+            if let Some(bytes) = rewrite_body(p, &self.body, new_model.as_deref()) {
                 self.set_http_request_body(0, self.body_size.max(1), &bytes);
             }
         }
+        self.body = Vec::new();
         Action::Continue
     }
 
@@ -907,10 +913,11 @@ impl Request {
                 self.phase = Phase::Pass;
                 // Still add include_usage / keep the body as is: nothing was reserved.
                 if let Some(p) = self.parsed.as_mut() {
-                    if let Some(bytes) = rewrite_body(p, None) {
+                    if let Some(bytes) = rewrite_body(p, &self.body, None) {
                         self.set_http_request_body(0, self.body_size.max(1), &bytes);
                     }
                 }
+                self.body = Vec::new();
                 if resume {
                     self.resume_http_request();
                 }
@@ -1085,13 +1092,13 @@ impl Request {
         self.body_size = body_size;
         let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
         if body_size > max {
-            return self.start_admission(&[], true);
+            return self.start_admission(Vec::new(), true);
         }
         if !end_of_stream {
             return Action::Pause;
         }
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
-        self.start_admission(&body, false)
+        self.start_admission(body, false)
     }
 
     fn request_trailers(&mut self, _n: usize) -> Action {
@@ -1099,7 +1106,7 @@ impl Request {
         match self.phase {
             Phase::Start => {
                 let body = self.get_http_request_body(0, self.body_size).unwrap_or_default();
-                self.start_admission(&body, false)
+                self.start_admission(body, false)
             }
             Phase::Waiting => Action::Pause,
             _ => Action::Continue,

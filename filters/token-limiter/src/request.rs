@@ -3,7 +3,10 @@
 
 use crate::config::Config;
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
-use meshwarden_shared::llm::{ensure_stream_usage, estimate_request_tokens, extract_request_texts, request_info, Api};
+use meshwarden_shared::llm::{
+    ensure_stream_usage, estimate_request_tokens, extract_request_texts, request_info, stream_usage_change, Api,
+};
+use meshwarden_shared::splice::{splice, Edit};
 use serde_json::Value;
 
 /// Why a body could not be read; the request is then limited on a size-based estimate, except for
@@ -125,22 +128,29 @@ fn token_ids(v: &Value) -> u64 {
 }
 
 /// The body to send upstream, if it must change: `include_usage` added to OpenAI streams, and `model`
-/// replaced after a fallback. Takes the parsed JSON out of `parsed` (the body is rewritten at most once,
-/// when the request is let through), so the common case copies nothing.
-pub fn rewrite_body(parsed: &mut Parsed, new_model: Option<&str>) -> Option<Vec<u8>> {
+/// replaced after a fallback. `body` is the client's body (the one `parsed` was read from): the changes are
+/// spliced into its bytes, so everything else (key order, numbers, whitespace) reaches the model as sent;
+/// where they cannot be (a `model` that is not a top-level string), the parsed JSON is changed and
+/// serialised. Takes the parsed JSON out of `parsed` (the body is rewritten at most once, when the request
+/// is let through).
+pub fn rewrite_body(parsed: &mut Parsed, body: &[u8], new_model: Option<&str>) -> Option<Vec<u8>> {
     let mut json = parsed.json.take()?;
-    let mut changed = ensure_stream_usage(parsed.api, &mut json);
-    if let (Some(m), Some(obj)) = (new_model, json.as_object_mut()) {
-        if parsed.model.as_deref() != Some(m) {
-            obj.insert("model".to_string(), Value::String(m.to_string()));
-            changed = true;
-        }
+    let usage = stream_usage_change(parsed.api, &json);
+    let model = new_model.filter(|m| parsed.model.as_deref() != Some(*m));
+    if usage.is_none() && model.is_none() {
+        return None;
     }
-    if changed {
-        serde_json::to_vec(&json).ok()
-    } else {
-        None
+    let mut edits = Vec::with_capacity(2);
+    edits.extend(usage.map(|c| c.edit()));
+    edits.extend(model.map(|m| ("/model", Edit::String(m))));
+    if let Some(out) = splice(body, &edits) {
+        return Some(out);
     }
+    ensure_stream_usage(parsed.api, &mut json);
+    if let (Some(m), Some(obj)) = (model, json.as_object_mut()) {
+        obj.insert("model".to_string(), Value::String(m.to_string()));
+    }
+    serde_json::to_vec(&json).ok()
 }
 
 #[cfg(test)]
@@ -170,9 +180,20 @@ mod tests {
         let mut p = parse_request(&cfg, "/v1/chat/completions", body, false);
         assert_eq!(p.model.as_deref(), Some("gpt-4o"));
         assert_eq!((p.input_estimate, p.output_reservation), (6, 4096));
-        let out: Value = serde_json::from_slice(&rewrite_body(&mut p, Some("mini")).unwrap()).unwrap();
-        assert_eq!(out["model"], "mini");
-        assert_eq!(out["stream_options"]["include_usage"], true);
+        let out = rewrite_body(&mut p, body, Some("mini")).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"mini","stream":true,"max_tokens":50000,"messages":[{"role":"user","content":"12345678"}]}"#,
+            "the client's bytes but for the two changes"
+        );
+        // Changes that cannot be located in the bytes given: the parsed JSON is changed instead.
+        let odd = br#"{"model":"gpt-4o","stream":true,"messages":[],"model_note":1}"#;
+        let mut p = parse_request(&cfg, "/v1/chat/completions", odd, false);
+        let out: Value = serde_json::from_slice(&rewrite_body(&mut p, b"{}", Some("mini")).unwrap()).unwrap();
+        assert_eq!(
+            (out["model"].as_str(), out["stream_options"]["include_usage"].as_bool()),
+            (Some("mini"), Some(true))
+        );
         let several = parse_request(
             &cfg,
             "/v1/chat/completions",
@@ -182,7 +203,7 @@ mod tests {
         assert_eq!(several.output_reservation, 300, "n answers may each use max_tokens");
         let mut plain = parse_request(&cfg, "/v1/chat/completions", br#"{"model":"m","messages":[]}"#, false);
         assert_eq!(plain.output_reservation, 256);
-        assert!(rewrite_body(&mut plain, Some("m")).is_none());
+        assert!(rewrite_body(&mut plain, br#"{"model":"m","messages":[]}"#, Some("m")).is_none());
         assert_eq!(parse_request(&cfg, "/x", b"hello world!", false).bad, Some(BadBody::NotJson));
         assert_eq!(parse_request(&cfg, "/x", b"hello world!", false).input_estimate, 3);
         assert_eq!(parse_request(&cfg, "/x", b"{}", true).bad, Some(BadBody::Encoded));
