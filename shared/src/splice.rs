@@ -1,15 +1,16 @@
-//! Rewrite a few strings of a JSON body in place of re-serialising the whole document.
+//! Change a few values of a JSON body in the client's own bytes instead of re-serialising the document.
 //!
-//! Why: a filter that masks two values in a 128 KB prompt used to parse the body, replace the strings in
-//! the `Value` and serialise it again. Serialising re-escapes every byte of every string (~72 µs natively
-//! for 128 KB, two to three times that in Envoy's V8) and changes what the client sent beyond the masked
-//! values: keys come out sorted (serde_json's map), numbers in serde_json's notation (`1.0e3` as `1000.0`,
-//! integers beyond 64 bits as floats), whitespace dropped. Splicing copies the client's bytes and
-//! replaces only the string literals at the given JSON pointers: one pass that skips strings with
-//! `memchr`, and the body is what the client sent but for the replaced texts.
+//! Why: a filter that masked a prompt or added `stream_options.include_usage` used to change a parsed
+//! `Value` and serialise it again, which changes more than it should: keys come out sorted (serde_json's
+//! map), integers beyond 64 bits as floats (`123456789012345678901234567890` as `1.2345678901234568e+29`,
+//! a different request), whitespace dropped. Splicing copies the client's bytes and replaces only the
+//! edited values: one pass that skips strings with `memchr`. Speed: for a 128 KB prompt with two masked
+//! values, natively 40 µs instead of 72-105 µs for the serialisation (whole pii-redactor request 340 ->
+//! 275 µs); inside Envoy's V8 both take ~60 µs (walk ~31, escape and copy ~29 µs), so there it is about
+//! fidelity, not time.
 //!
 //! The body must be one the caller has parsed (so it is valid JSON); anything the walker does not expect,
-//! a pointer it cannot find or that does not name a string, a pointer found twice, or a repeated key in an
+//! a pointer it cannot find or whose value is not of the edit's kind, a pointer found twice, overlapping edits, or a repeated key in an
 //! object on the way to a pointer, gives `None` and the caller falls back to the `Value` rewrite.
 
 use std::borrow::Cow;
