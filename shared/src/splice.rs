@@ -10,8 +10,9 @@
 //! fidelity, not time.
 //!
 //! The body must be one the caller has parsed (so it is valid JSON); anything the walker does not expect,
-//! a pointer it cannot find or whose value is not of the edit's kind, a pointer found twice, overlapping edits, or a repeated key in an
-//! object on the way to a pointer, gives `None` and the caller falls back to the `Value` rewrite.
+//! a pointer it cannot find or whose value is not of the edit's kind, a pointer found twice, overlapping
+//! edits, or a repeated key in an object on the way to a pointer, gives `None` and the caller falls back
+//! to the `Value` rewrite.
 
 use std::borrow::Cow;
 
