@@ -206,20 +206,26 @@ impl<'a> Walker<'a> {
             keys.push(key);
             self.value()?;
             self.path.truncate(len);
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b'}' => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Some(());
-                }
-                _ => return None,
+            if self.member_end(b'}')? {
+                return Some(());
             }
         }
+    }
+
+    /// After a member or element: past a `,` (false) or the container's `close` (true, depth restored).
+    fn member_end(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        let c = self.peek()?;
+        self.i += 1;
+        if c == close {
+            self.depth -= 1;
+            return Some(true);
+        }
+        if c != b',' {
+            return None;
+        }
+        self.ws();
+        Some(false)
     }
 
     fn array(&mut self) -> Option<()> {
@@ -239,18 +245,8 @@ impl<'a> Walker<'a> {
             self.value()?;
             self.path.truncate(len);
             index += 1;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b']' => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Some(());
-                }
-                _ => return None,
+            if self.member_end(b']')? {
+                return Some(());
             }
         }
     }
