@@ -16,7 +16,7 @@
 //! | [`pbstruct`] | decoding a binary `google.protobuf.Struct` (Envoy metadata properties) into JSON |
 //! | [`errors`] | OpenAI- and Anthropic-shaped error bodies SDKs understand |
 //! | [`usage_scan`] | usage from a JSON answer read chunk by chunk (any size, top-level fields only) |
-//! | [`splice`] | a few strings of a JSON body replaced in the client's bytes, without re-serialising the document |
+//! | [`splice`] | a few values of a JSON body changed in the client's bytes, without re-serialising the document |
 //! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
 //! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |

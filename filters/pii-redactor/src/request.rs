@@ -2,8 +2,9 @@
 //!
 //! JSON bodies of a known API are scanned through the shared extraction (`llm::extract_request_texts`)
 //! and rewritten with `llm::rewrite_body_texts`: the client's bytes with only the masked strings
-//! replaced (key order, numbers and whitespace as sent), so the body stays valid JSON. JSON of an unknown shape has every string value scanned. Anything else (or JSON that does not
-//! parse) is scanned as raw bytes when `raw_fallback` is on. JSON with a key given twice, and UTF-16/32
+//! replaced (key order, numbers and whitespace as sent), so the body stays valid JSON. JSON of an unknown
+//! shape has every string value scanned. Anything else (or JSON that does not parse) is scanned as raw
+//! bytes when `raw_fallback` is on. JSON with a key given twice, and UTF-16/32
 //! text, are not scanned at all (`Scanned::Refused`): which copy the upstream reads is up to its parser,
 //! and a byte scanner cannot read UTF-16/32 (which Python servers parse as JSON).
 
