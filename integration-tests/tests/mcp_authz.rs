@@ -66,7 +66,9 @@ fn policy() -> Value {
             {"name": "a2a-skills", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
              "targets": ["sql", "web-search"], "identity": [{"claim": "sub", "present": true}]},
             {"name": "a2a-payments", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
-             "targets": ["payments"], "identity": [{"claim": "groups", "contains": "finance"}]}
+             "targets": ["payments"], "identity": [{"claim": "groups", "contains": "finance"}]},
+            {"name": "a2a-push-admin", "effect": "allow", "protocol": "a2a",
+             "methods": ["tasks/pushNotificationConfig/*"], "identity": [{"claim": "groups", "contains": "ops"}]}
         ]
     })
 }
@@ -258,6 +260,10 @@ async fn official_mcp_client_sees_filtered_tools_and_clean_denials() {
                     ("transfer", json!({"amount": 10})),
                     ("transfer", json!({"amount": 5000})),
                     ("delete_file", json!({"path": "/x", "env": "dev"})),
+                    // The server reads numeric strings as numbers (Pydantic lax mode), so must the policy.
+                    ("transfer", json!({"amount": "20"})),
+                    ("transfer", json!({"amount": "5000"})),
+                    ("transfer", json!({"amount": " 5_000 "})),
                 ],
             )
             .await;
@@ -269,6 +275,9 @@ async fn official_mcp_client_sees_filtered_tools_and_clean_denials() {
             assert_eq!(alice["calls"][0]["text"], "transferred 10.0 EUR", "{alice}");
             assert_eq!(alice["calls"][1]["code"], -32602, "argument rule hides the call: {alice}");
             assert_eq!(alice["calls"][2]["text"], "deleted /x in dev", "{alice}");
+            assert_eq!(alice["calls"][3]["text"], "transferred 20.0 EUR", "the server coerces strings: {alice}");
+            assert_eq!(alice["calls"][4]["code"], -32602, "a numeric string is still over the limit: {alice}");
+            assert_eq!(alice["calls"][5]["code"], -32602, "{alice}");
         }
     }
     let st = s.envoy.stats("mcp_authz").await.unwrap();
@@ -322,6 +331,12 @@ async fn raw_json_rpc_decisions_lists_and_bad_input() {
         assert_eq!(st, 403, "{m}");
         assert_eq!(h["www-authenticate"], "Bearer error=\"insufficient_scope\"");
         assert_eq!((m["id"].clone(), m["error"]["code"].clone()), (json!(13), json!(-32000)));
+        for limit in [json!("500"), json!("5e2"), json!("many")] {
+            let (st, _, m) = bob.call(json!(13), "search", json!({"query": "q", "limit": limit})).await;
+            assert_eq!(st, 403, "limit {limit} must not slip past the deny rule: {m}");
+        }
+        let (st, _, m) = bob.call(json!(13), "search", json!({"query": "q", "limit": "7"})).await;
+        assert_eq!((st, m["result"]["content"][0]["text"].clone()), (200, json!("results for q (limit 7)")));
         let (st, _, m) = admin.call(json!(14), "delete_file", json!({"path": "/a", "env": "prod"})).await;
         assert_eq!(st, 403, "deny beats the admin allow: {m}");
         let (st, _, m) = admin.call(json!(15), "delete_file", json!({"path": "/a", "env": "dev"})).await;
@@ -435,6 +450,39 @@ async fn modern_requests_and_batches() {
     )
     .await;
     assert_eq!((st, m[0]["error"]["message"].clone()), (200, json!("Unknown tool: ledger_read")));
+    // A repeated mirrored header is refused: a router or the server may read the other copy.
+    let (st, _, m) = post(
+        call("search", 41),
+        vec![
+            v.clone(),
+            ("mcp-method", "tools/call".into()),
+            ("mcp-method", "tools/list".into()),
+            ("mcp-name", "search".into()),
+        ],
+    )
+    .await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32020)), "{m:?}");
+    let (st, _, m) = post(
+        call("search", 42),
+        vec![
+            v.clone(),
+            ("mcp-method", "tools/call".into()),
+            ("mcp-name", "search".into()),
+            ("mcp-name", "ledger_read".into()),
+        ],
+    )
+    .await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32020)), "{m:?}");
+    // resources/read: Mcp-Name must be the URI the server reads, not a `name` riding along.
+    let read = |n: &str| {
+        let body = json!({"jsonrpc": "2.0", "id": 43, "method": "resources/read",
+            "params": {"uri": "file:///public/readme", "name": "readme", "_meta": meta.clone()}});
+        post(body, vec![v.clone(), ("mcp-method", "resources/read".into()), ("mcp-name", n.to_string())])
+    };
+    let (st, _, m) = read("readme").await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32020)), "{m:?}");
+    let (st, _, m) = read("file:///public/readme").await;
+    assert_eq!((st, m[0]["result"]["contents"][0]["text"].clone()), (200, json!("public readme")), "{m:?}");
 
     // 2025-03-26 batches: every element is authorized; one denied element refuses the whole batch
     let old = ("mcp-protocol-version", "2025-03-26".to_string());
@@ -462,7 +510,7 @@ async fn modern_requests_and_batches() {
     let (st, _, m) = messages(resp).await;
     assert_eq!((st, m[0]["error"]["message"].clone()), (200, json!("Unknown tool: ledger_read")));
     let st = s.envoy.stats("mcp_authz").await.unwrap();
-    assert_eq!(st["meshwarden.mcp_authz.header_mismatch"], 2);
+    assert_eq!(st["meshwarden.mcp_authz.header_mismatch"], 5, "2 disagreeing, 2 repeated, 1 resources/read name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,6 +595,17 @@ async fn a2a_methods_and_agent_card_per_caller() {
     let (_, _, m) =
         rpc(Some("bob"), json!({"jsonrpc": "2.0", "id": 3, "method": "tasks/cancel", "params": {"id": "t1"}})).await;
     assert_eq!(m[0]["error"]["message"], "Method not found: tasks/cancel");
+    // The a2a-sdk's v1.0 spelling (plural) and an older v1.0 one both fall under the v0.3 glob.
+    for method in ["ListTaskPushNotificationConfigs", "ListTaskPushNotificationConfig"] {
+        let body = json!({"jsonrpc": "2.0", "id": 4, "method": method, "params": {"taskId": "t1"}});
+        let (_, _, m) = rpc(Some("bob"), body.clone()).await;
+        assert_eq!(m[0]["error"]["message"], format!("Method not found: {method}"), "{m:?}");
+        let mut req = client().post(s.envoy.url("/a2a")).header("a2a-version", "1.0").json(&body);
+        req = req.header("x-test-user", "carol").header("x-test-groups", "ops");
+        let (_, _, m) = messages(req.send().await.unwrap()).await;
+        assert_ne!(m[0]["error"]["message"], format!("Method not found: {method}"), "reaches the agent: {m:?}");
+        wait_for_log(&s.envoy, &format!(r#""method":"{method}","protocol":"a2a","rule":"a2a-push-admin""#)).await;
+    }
     let resp = client().get(s.envoy.url("/a2a")).send().await.unwrap();
     assert_eq!(resp.status(), 405);
     let log = s.envoy.log();

@@ -6,36 +6,32 @@ use serde_json::Value;
 /// Well-known agent card paths (current first, then the pre-0.3 name).
 pub const AGENT_CARD_PATHS: &[&str] = &["/.well-known/agent-card.json", "/.well-known/agent.json"];
 
-/// (v0.3 name, v1.0 name) for every JSON-RPC method.
-pub const METHODS: &[(&str, &str)] = &[
-    ("message/send", "SendMessage"),
-    ("message/stream", "SendStreamingMessage"),
-    ("tasks/get", "GetTask"),
-    ("tasks/list", "ListTasks"),
-    ("tasks/cancel", "CancelTask"),
-    ("tasks/resubscribe", "SubscribeToTask"),
-    ("tasks/pushNotificationConfig/set", "CreateTaskPushNotificationConfig"),
-    ("tasks/pushNotificationConfig/get", "GetTaskPushNotificationConfig"),
-    ("tasks/pushNotificationConfig/list", "ListTaskPushNotificationConfig"),
-    ("tasks/pushNotificationConfig/delete", "DeleteTaskPushNotificationConfig"),
-    ("agent/getAuthenticatedExtendedCard", "GetExtendedAgentCard"),
+/// Every name of each JSON-RPC operation: the v0.3 name first (none for `ListTasks`, new in v1.0), then
+/// the v1.0 names. Where v1.0 drafts and SDKs spelled a method two ways, both are listed: the a2a-sdk
+/// (Python, 1.x) sends `ListTaskPushNotificationConfigs` and `CreateTaskPushNotificationConfig`, earlier
+/// v1.0 implementations (a2a-java) `ListTaskPushNotificationConfig` and `SetTaskPushNotificationConfig`.
+pub const METHODS: &[&[&str]] = &[
+    &["message/send", "SendMessage"],
+    &["message/stream", "SendStreamingMessage"],
+    &["tasks/get", "GetTask"],
+    &["ListTasks"],
+    &["tasks/cancel", "CancelTask"],
+    &["tasks/resubscribe", "SubscribeToTask"],
+    &["tasks/pushNotificationConfig/set", "CreateTaskPushNotificationConfig", "SetTaskPushNotificationConfig"],
+    &["tasks/pushNotificationConfig/get", "GetTaskPushNotificationConfig"],
+    &["tasks/pushNotificationConfig/list", "ListTaskPushNotificationConfigs", "ListTaskPushNotificationConfig"],
+    &["tasks/pushNotificationConfig/delete", "DeleteTaskPushNotificationConfig"],
+    &["agent/getAuthenticatedExtendedCard", "GetExtendedAgentCard"],
 ];
 
-/// The other version's name for a method, if it is an A2A method.
-pub fn alias(method: &str) -> Option<&'static str> {
-    METHODS.iter().find_map(|(old, new)| {
-        if *old == method {
-            Some(*new)
-        } else if *new == method {
-            Some(*old)
-        } else {
-            None
-        }
-    })
+/// All names of the operation `method` names (itself included), or an empty slice for a method that is
+/// not A2A. Policy rules match a call under any of its names.
+pub fn names(method: &str) -> &'static [&'static str] {
+    METHODS.iter().copied().find(|names| names.contains(&method)).unwrap_or(&[])
 }
 
 pub fn is_method(method: &str) -> bool {
-    alias(method).is_some()
+    !names(method).is_empty()
 }
 
 /// Whether the answer to `method` is an agent card (the extended card).
@@ -62,9 +58,11 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn aliases_both_ways() {
-        assert_eq!(alias("message/send"), Some("SendMessage"));
-        assert_eq!(alias("SendMessage"), Some("message/send"));
-        assert_eq!(alias("tools/call"), None);
+        assert_eq!(names("message/send"), ["message/send", "SendMessage"]);
+        assert_eq!(names("SendMessage"), ["message/send", "SendMessage"]);
+        assert!(names("ListTaskPushNotificationConfig").contains(&"ListTaskPushNotificationConfigs"));
+        assert!(names("tools/call").is_empty() && !is_method("tasks/list"), "tasks/list is MCP's, not A2A v0.3");
+        assert!(is_method("ListTasks"));
         assert!(returns_card("GetExtendedAgentCard"));
     }
 

@@ -520,6 +520,15 @@ impl HeaderSnapshot {
     pub fn has(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
+
+    /// How many `name` headers the request carries (case-insensitive): a header a filter must read
+    /// unambiguously is refused when repeated, since the upstream may read a different copy.
+    pub fn count(&self, name: &str) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| self.raw.get(e.name.clone()).is_some_and(|k| k.eq_ignore_ascii_case(name.as_bytes())))
+            .count()
+    }
 }
 
 #[cfg(test)]
@@ -546,6 +555,7 @@ mod tests {
         assert_eq!(h.get("X-User"), Some("alice"), "case-insensitive, first value");
         assert_eq!(h.get(":path"), Some("/mcp"));
         assert!(h.has("x-user") && !h.has("x-groups"));
+        assert_eq!((h.count("X-USER"), h.count(":path"), h.count("x-groups")), (2, 1, 0));
     }
 
     /// Serialise `(name, value)` byte pairs in Proxy-Wasm's map layout, as the host does.

@@ -181,10 +181,17 @@ pub fn method_requires_name_header(method: &str) -> bool {
     matches!(method, "tools/call" | "resources/read" | "prompts/get")
 }
 
-/// The value `Mcp-Name` must carry: `params.name`, else `params.uri`.
-pub fn name_header_value(params: Option<&Value>) -> Option<&str> {
+/// The value `Mcp-Name` must carry: `params.uri` for `resources/read` (what the server reads, even if a
+/// `name` rides along), `params.name` for `tools/call` and `prompts/get`; for any other method `name`,
+/// else `uri`.
+pub fn name_header_value<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a str> {
     let p = params?;
-    p.get("name").and_then(Value::as_str).or_else(|| p.get("uri").and_then(Value::as_str))
+    let field = |k: &str| p.get(k).and_then(Value::as_str);
+    match method {
+        "resources/read" => field("uri"),
+        "tools/call" | "prompts/get" => field("name"),
+        _ => field("name").or_else(|| field("uri")),
+    }
 }
 
 /// The `_meta` protocol version of a 2026-07-28 request, if present.
@@ -239,7 +246,7 @@ pub fn check_headers(method: &str, params: Option<&Value>, headers: &RequestHead
         None if modern => return Err("Mcp-Method header is required".to_string()),
         None => {}
     }
-    let body_name = name_header_value(params);
+    let body_name = name_header_value(method, params);
     match headers.name.as_deref() {
         Some(raw) => {
             let h = decode_header_value(raw.trim()).map_err(|e| format!("Mcp-Name header: {e}"))?;
@@ -349,5 +356,10 @@ mod tests {
             .is_err(),
             "version header vs _meta"
         );
+        // resources/read: the header names the URI the server reads, not a `name` riding along.
+        let read = json!({"uri": "file:///private/keys", "name": "readme"});
+        let modern = |n: &str| hdr(Some("resources/read"), Some(n), Some(REV_2026_07_28));
+        assert!(check_headers("resources/read", Some(&read), &modern("file:///private/keys")).is_ok());
+        assert!(check_headers("resources/read", Some(&read), &modern("readme")).is_err());
     }
 }

@@ -244,31 +244,45 @@ pub trait GroupStore {
     fn settle_item(&mut self, item: &SettleItem) -> Result<(), Self::Error>;
 }
 
-/// Reserve every group in order; on the first denial, roll back the groups already reserved (refund
-/// their cost, release their lease). Atomic per group, all-or-nothing overall from the caller's view.
-/// A storage error on a later group also rolls back the earlier ones before it is returned: the caller
-/// then holds nothing (no budget drawn, no concurrency slot kept until a restart).
+/// Reserve every group in order, all-or-nothing from the caller's view. On a denial the remaining groups
+/// are still tried, so that the answer holds every denying group (a client told to retry when the first
+/// budget refills must not be refused again by a second one that refills later), then every group that
+/// was reserved is rolled back (cost refunded, lease released). `denied_group` is the first denial.
+/// A storage error rolls back what was reserved before it is returned: the caller then holds nothing (no
+/// budget drawn, no concurrency slot kept until a restart).
 pub fn reserve_all<S: GroupStore>(store: &mut S, req: &ReserveRequest) -> Result<ReserveResponse, S::Error> {
-    let mut results = Vec::with_capacity(req.groups.len());
+    let mut results: Vec<GroupResult> = Vec::with_capacity(req.groups.len());
+    let mut denied_group = None;
     for (i, g) in req.groups.iter().enumerate() {
         let r = match store.reserve_group(g) {
             Ok(r) => r,
             Err(e) => {
-                let _ = roll_back(store, req.groups.iter().take(i));
+                let _ = roll_back(store, reserved(req, &results));
                 return Err(e);
             }
         };
-        let allowed = r.allowed;
-        results.push(r);
-        if !allowed {
-            // The denial stands even if a rollback fails: an error here would let the caller fail open
-            // and admit a request that is over its budget. A failed rollback leaves that group charged
-            // (more than used, never less).
-            let _ = roll_back(store, req.groups.iter().take(i));
-            return Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results });
+        if !r.allowed {
+            denied_group.get_or_insert(i);
         }
+        results.push(r);
     }
-    Ok(ReserveResponse { allowed: true, denied_group: None, groups: results })
+    if denied_group.is_some() {
+        // The denial stands even if a rollback fails: an error here would let the caller fail open
+        // and admit a request that is over its budget. A failed rollback leaves that group charged
+        // (more than used, never less).
+        let _ = roll_back(store, reserved(req, &results));
+    }
+    Ok(ReserveResponse { allowed: denied_group.is_none(), denied_group, groups: results })
+}
+
+/// The groups of `req` that `results` (a prefix of the answers) shows reserved.
+pub fn reserved<'a>(req: &'a ReserveRequest, results: &'a [GroupResult]) -> impl Iterator<Item = &'a Group> + 'a {
+    req.groups.iter().zip(results).filter(|(_, r)| r.allowed).map(|(g, _)| g)
+}
+
+/// The results of every group that denied, for the answer's `retry-after` (the longest wait of all).
+pub fn denying(resp: &ReserveResponse) -> impl Iterator<Item = &GroupResult> + '_ {
+    resp.groups.iter().filter(|g| !g.allowed)
 }
 
 /// Undo the reservations of `groups`, every one of them even when one fails; the first error is returned.
@@ -445,6 +459,28 @@ mod tests {
         let again = reserve_all(&mut m, &ReserveRequest { groups: vec![team] }).unwrap();
         assert!(again.allowed);
         assert_eq!(again.groups[0].windows[0].remaining, 500);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn a_denial_reports_every_denying_group_and_refunds_the_rest() {
+        let mut m = Mem(Default::default(), 1_000_000_000, Default::default());
+        let g = |key: &str, limit: u64, window_ms: u64, cost: u64| Group {
+            key: key.into(),
+            windows: vec![WindowSpec { limit, window_ms }],
+            cost,
+            concurrency: None,
+        };
+        // Fill the per-second budget `a` and the per-minute budget `c`.
+        assert!(reserve_all(&mut m, &ReserveRequest { groups: vec![g("a", 10, 1000, 10)] }).unwrap().allowed);
+        assert!(reserve_all(&mut m, &ReserveRequest { groups: vec![g("c", 60, 60_000, 60)] }).unwrap().allowed);
+        let req = ReserveRequest { groups: vec![g("a", 10, 1000, 5), g("b", 100, 60_000, 5), g("c", 60, 60_000, 5)] };
+        let r = reserve_all(&mut m, &req).unwrap();
+        assert_eq!((r.allowed, r.denied_group, r.groups.len()), (false, Some(0), 3));
+        let waits: Vec<u64> = denying(&r).map(|g| retry_after_ms(std::slice::from_ref(g))).collect();
+        assert_eq!(waits, [500, 5_000], "a refills 5 tokens in 0.5 s, c in 5 s");
+        // `b` was reserved while probing and refunded.
+        let b = reserve_all(&mut m, &ReserveRequest { groups: vec![g("b", 100, 60_000, 5)] }).unwrap();
+        assert_eq!(b.groups[0].windows[0].remaining, 95);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -284,8 +284,8 @@ impl Engine {
             }
             _ => Some(params.unwrap_or(&Value::Null)),
         };
-        let method_alias = if protocol == Protocol::A2a { a2a::alias(method) } else { None };
-        Call { protocol, method, method_alias, target, arguments }
+        let method_names = if protocol == Protocol::A2a { a2a::names(method) } else { &[] };
+        Call { protocol, method, method_names, target, arguments }
     }
 
     fn target(protocol: Protocol, method: &str, params: Option<&Value>) -> Option<String> {
@@ -601,7 +601,7 @@ impl Engine {
 
     /// Whether a listed item is visible to `identity`.
     pub fn item_visible(&self, identity: &Identity, protocol: Protocol, method: &str, name: &str) -> bool {
-        let call = Call { protocol, method, method_alias: None, target: Some(name), arguments: None };
+        let call = Call { protocol, method, method_names: &[], target: Some(name), arguments: None };
         self.policy.evaluate(identity, &call).allowed
     }
 
@@ -613,7 +613,7 @@ impl Engine {
             view.allows(&Call {
                 protocol: Protocol::A2a,
                 method: "agent/skill",
-                method_alias: None,
+                method_names: &[],
                 target: Some(id),
                 arguments: None,
             })
@@ -796,7 +796,7 @@ impl Engine {
         view.allows(&Call {
             protocol: Protocol::Mcp,
             method: k.use_method(),
-            method_alias: None,
+            method_names: &[],
             target: Some(name),
             arguments: None,
         })

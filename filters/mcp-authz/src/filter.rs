@@ -91,7 +91,7 @@ impl Default for Root {
     fn default() -> Self {
         let mut methods = BoundedLabels::new(64);
         methods.preload(mcp::CLIENT_METHODS.iter().copied());
-        methods.preload(meshwarden_shared::a2a::METHODS.iter().flat_map(|(a, b)| [*a, *b]));
+        methods.preload(meshwarden_shared::a2a::METHODS.iter().flat_map(|names| names.iter().copied()));
         methods.preload(["session/stream", "session/delete"]);
         let engine = Engine::new(Config::default())
             .unwrap_or_else(|_| Engine { config: Config::default(), policy: Default::default() });
@@ -421,6 +421,17 @@ impl Request {
             .is_some_and(|n| n > self.engine.config.max_body_bytes);
         if too_long {
             return self.error_reply(413, jsonrpc::INVALID_REQUEST, "Request body too large", "body_too_large");
+        }
+        // Two copies of a mirrored header: we would check the first, a server or router might read the other.
+        for h in [mcp::HEADER_METHOD, mcp::HEADER_NAME, mcp::HEADER_PROTOCOL_VERSION] {
+            if headers.count(h) > 1 {
+                return self.error_reply(
+                    400,
+                    jsonrpc::MCP_HEADER_MISMATCH,
+                    &format!("Header mismatch: {h} is repeated"),
+                    "header_mismatch",
+                );
+            }
         }
         self.headers = RequestHeaders {
             method: headers.get(mcp::HEADER_METHOD).map(str::to_string),

@@ -262,7 +262,7 @@ mod tests {
                         let call = crate::policy::Call {
                             protocol: crate::config::Protocol::Mcp,
                             method: "tools/call",
-                            method_alias: None,
+                            method_names: &[],
                             target: Some("x"),
                             arguments: None,
                         };

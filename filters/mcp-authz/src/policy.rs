@@ -23,8 +23,8 @@ use serde_json::Value;
 pub struct Call<'a> {
     pub protocol: Protocol,
     pub method: &'a str,
-    /// The other A2A version's name for the method (rules match either).
-    pub method_alias: Option<&'a str>,
+    /// Every name of an A2A method across protocol versions (rules match any); empty otherwise.
+    pub method_names: &'a [&'a str],
     pub target: Option<&'a str>,
     /// Root of argument paths; `None` when evaluating a list item (arguments unknown).
     pub arguments: Option<&'a Value>,
@@ -124,6 +124,8 @@ struct Rule {
     targets: Vec<Glob>,
     identity: Vec<ClaimMatcher>,
     arguments: Vec<ArgMatcher>,
+    /// Deny rules fail closed on an argument a matcher cannot read as its type (see [`ArgMatcher::matches`]).
+    deny: bool,
 }
 
 #[derive(Debug)]
@@ -196,17 +198,6 @@ pub fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
         }
     }
     Ok(out)
-}
-
-pub fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Option<&'a Value> {
-    let mut cur = root;
-    for s in path {
-        cur = match s {
-            Segment::Key(k) => cur.get(k.as_str())?,
-            Segment::Index(i) => cur.get(*i)?,
-        };
-    }
-    Some(cur)
 }
 
 /// JSON equality where numbers compare by value (1 == 1.0).
@@ -314,6 +305,7 @@ impl Policy {
                 targets: r.targets.iter().map(|g| Glob::new(g)).collect(),
                 identity,
                 arguments,
+                deny: r.effect == Effect::Deny,
             };
             match r.effect {
                 Effect::Deny => deny.push(rule),
@@ -421,7 +413,7 @@ impl View<'_> {
 }
 
 fn method_matches(glob: &Glob, call: &Call) -> bool {
-    glob.matches(call.method) || call.method_alias.is_some_and(|a| glob.matches(a))
+    glob.matches(call.method) || call.method_names.iter().any(|a| glob.matches(a))
 }
 
 impl Rule {
@@ -442,7 +434,7 @@ impl Rule {
         match call.arguments {
             // Listing: argument matchers are satisfiable by some call.
             None => true,
-            Some(args) => self.arguments.iter().all(|m| m.matches(args)),
+            Some(args) => self.arguments.iter().all(|m| m.matches(args, self.deny)),
         }
     }
 }
@@ -480,17 +472,125 @@ impl ClaimMatcher {
 }
 
 impl ArgMatcher {
-    fn matches(&self, args: &Value) -> bool {
+    /// Whether the call's arguments satisfy this matcher, reading them the way a lax-validating tool
+    /// server does (Pydantic/FastMCP, zod `coerce`): `"5000"` is the number 5000 to the tool, `"true"` the
+    /// boolean, and a string holding a JSON object is that object (FastMCP's `pre_parse_json`). Comparing
+    /// raw JSON types instead would let `{"limit": "5000"}` past a deny rule on `limit >= 101`.
+    ///
+    /// A value that is present but cannot be read as the matcher's type (`min` on `"abc"`, `regex` on an
+    /// object) counts as a match in a deny rule and as no match in an allow rule: both fail closed.
+    fn matches(&self, args: &Value, deny: bool) -> bool {
         let v = lookup(args, &self.path);
+        let Some(v) = v.as_deref() else {
+            return matches!(self.op, ArgOp::Present(false));
+        };
         match &self.op {
-            ArgOp::Present(p) => v.is_some_and(|v| !v.is_null()) == *p,
-            ArgOp::Equals(want) => v.is_some_and(|v| json_eq(v, want)),
-            ArgOp::OneOf(set) => v.is_some_and(|v| set.iter().any(|w| json_eq(v, w))),
-            ArgOp::Regex(re) => v.and_then(Value::as_str).is_some_and(|s| re.is_match(s)),
-            ArgOp::Range(lo, hi) => {
-                v.and_then(Value::as_f64).is_some_and(|n| lo.is_none_or(|lo| n >= lo) && hi.is_none_or(|hi| n <= hi))
+            ArgOp::Present(p) => v.is_null() != *p,
+            ArgOp::Equals(want) => lax_eq(v, want),
+            ArgOp::OneOf(set) => set.iter().any(|w| lax_eq(v, w)),
+            ArgOp::Regex(re) => match v {
+                Value::String(s) => re.is_match(s),
+                Value::Number(_) | Value::Bool(_) => scalar_string(v).is_some_and(|s| re.is_match(&s)),
+                Value::Null => false,
+                _ => deny,
+            },
+            ArgOp::Range(lo, hi) => match lax_number(v) {
+                Some(n) => lo.is_none_or(|lo| n >= lo) && hi.is_none_or(|hi| n <= hi),
+                None => deny && !v.is_null(),
+            },
+        }
+    }
+}
+
+/// The value at `path`, stepping into a string that holds a JSON object or array as into that value.
+fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Option<std::borrow::Cow<'a, Value>> {
+    use std::borrow::Cow;
+    let mut cur: Cow<'a, Value> = Cow::Borrowed(root);
+    for seg in path {
+        if let Value::String(s) = cur.as_ref() {
+            match serde_json::from_str::<Value>(s) {
+                Ok(parsed @ (Value::Object(_) | Value::Array(_))) => cur = Cow::Owned(parsed),
+                _ => return None,
             }
         }
+        cur = match cur {
+            Cow::Borrowed(v) => Cow::Borrowed(match seg {
+                Segment::Key(k) => v.get(k.as_str())?,
+                Segment::Index(i) => v.get(*i)?,
+            }),
+            Cow::Owned(v) => Cow::Owned(match seg {
+                Segment::Key(k) => v.get(k.as_str())?.clone(),
+                Segment::Index(i) => v.get(*i)?.clone(),
+            }),
+        };
+    }
+    Some(cur)
+}
+
+/// A number as a lax validator reads it: a JSON number, a boolean (1/0), or a string holding a finite
+/// decimal number (surrounding blanks, `_` digit separators, `0x`/`0o`/`0b` integers allowed).
+fn lax_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::Bool(b) => Some(if *b { 1.0 } else { 0.0 }),
+        Value::String(s) => number_in_string(s),
+        _ => None,
+    }
+}
+
+fn number_in_string(s: &str) -> Option<f64> {
+    let t = s.trim();
+    let (neg, body) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let lower = body.to_ascii_lowercase();
+    let radix = [("0x", 16), ("0o", 8), ("0b", 2)].into_iter().find_map(|(p, r)| Some((lower.strip_prefix(p)?, r)));
+    let n = match radix {
+        Some((digits, r)) => i128::from_str_radix(&digits.replace('_', ""), r).ok()? as f64,
+        None => {
+            // `_` only between digits, as Python's int()/float() accept it.
+            let separators_ok = !body.starts_with('_')
+                && !body.ends_with('_')
+                && body.as_bytes().windows(3).all(|w| match w {
+                    [a, b'_', c] => a.is_ascii_digit() && c.is_ascii_digit(),
+                    _ => true,
+                });
+            if !separators_ok || !body.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+                return None;
+            }
+            body.replace('_', "").parse::<f64>().ok()?
+        }
+    };
+    n.is_finite().then_some(if neg { -n } else { n })
+}
+
+/// A boolean in a string, as Pydantic's lax mode reads it.
+fn bool_in_string(s: &str) -> Option<bool> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "on" | "1" => Some(true),
+        "false" | "f" | "no" | "n" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Equality after the coercions a lax-validating server applies (see [`ArgMatcher::matches`]).
+fn lax_eq(v: &Value, want: &Value) -> bool {
+    if json_eq(v, want) {
+        return true;
+    }
+    match (v, want) {
+        (Value::String(s), Value::Number(w)) | (Value::Number(w), Value::String(s)) => {
+            number_in_string(s).is_some_and(|n| Some(n) == w.as_f64())
+        }
+        (Value::Bool(b), Value::Number(n)) | (Value::Number(n), Value::Bool(b)) => {
+            n.as_f64() == Some(if *b { 1.0 } else { 0.0 })
+        }
+        (Value::String(s), Value::Bool(b)) | (Value::Bool(b), Value::String(s)) => bool_in_string(s) == Some(*b),
+        (Value::String(s), Value::Object(_) | Value::Array(_)) => {
+            serde_json::from_str::<Value>(s).is_ok_and(|parsed| !parsed.is_string() && lax_eq(&parsed, want))
+        }
+        _ => false,
     }
 }
 
@@ -514,7 +614,7 @@ mod tests {
         Call {
             protocol: Protocol::Mcp,
             method: "tools/call",
-            method_alias: None,
+            method_names: &[],
             target: Some(name),
             arguments: Some(args),
         }
@@ -588,10 +688,16 @@ mod tests {
         let anyone = who(json!({}));
         assert!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": 100}}))).allowed);
         assert_eq!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": 101.5}}))).rule, "small-pages");
-        assert!(
-            p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": "999"}}))).allowed,
-            "a string is not a number"
-        );
+        // Lax servers read "999" as 999: the deny rule must too, whatever the argument's JSON type.
+        for limit in [json!("999"), json!(" 1_000 "), json!("0x3e8"), json!("abc"), json!({"n": 1}), json!("1e3")] {
+            let d = p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": limit}})));
+            assert_eq!(d.rule, "small-pages", "{limit}");
+        }
+        let d = p.evaluate(&anyone, &tool("search", &json!({"options": "{\"limit\": 5000}"})));
+        assert_eq!(d.rule, "small-pages", "options sent as a JSON string");
+        assert!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": "100"}}))).allowed);
+        assert!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": null}}))).allowed);
+        assert_eq!(p.evaluate(&anyone, &tool("delete_row", &json!({"env": "prod"}))).rule, "no-prod-delete");
         let p2 = policy(json!({"rules": [
             {"name": "paths", "effect": "allow", "targets": ["read_file"],
              "arguments": [{"path": "path", "regex": "^/public/[a-z]+$"}, {"path": "mode", "one_of": ["r", "ro"]}]},
@@ -601,6 +707,21 @@ mod tests {
         assert!(!p2.evaluate(&anyone, &tool("read_file", &json!({"path": "/etc/passwd", "mode": "r"}))).allowed);
         assert!(!p2.evaluate(&anyone, &tool("read_file", &json!({"path": "/public/a"}))).allowed, "missing argument");
         assert!(p2.evaluate(&anyone, &tool("batch", &json!({"items": [{"id": 7.0}]}))).allowed);
+        assert!(p2.evaluate(&anyone, &tool("batch", &json!({"items": [{"id": "7"}]}))).allowed, "lax equality");
+        assert!(p2.evaluate(&anyone, &tool("batch", &json!({"items": "[{\"id\": 7}]"}))).allowed);
+        assert!(!p2.evaluate(&anyone, &tool("batch", &json!({"items": [{"id": "8"}]}))).allowed);
+        // An allow rule fails closed on what it cannot read; a deny rule's regex on a non-string denies.
+        assert!(!p2.evaluate(&anyone, &tool("read_file", &json!({"path": ["/public/a"], "mode": "r"}))).allowed);
+        let p3 = policy(json!({"default": "allow", "rules": [
+            {"name": "no-etc", "effect": "deny", "arguments": [{"path": "path", "regex": "^/etc"}]},
+            {"name": "no-force", "effect": "deny", "arguments": [{"path": "force", "equals": true}]}
+        ]}));
+        assert_eq!(p3.evaluate(&anyone, &tool("read", &json!({"path": {"p": "/etc"}}))).rule, "no-etc");
+        assert!(p3.evaluate(&anyone, &tool("read", &json!({"path": "/home"}))).allowed);
+        for force in [json!("true"), json!(" Yes"), json!(1), json!("on")] {
+            assert_eq!(p3.evaluate(&anyone, &tool("rm", &json!({"force": force}))).rule, "no-force", "{force}");
+        }
+        assert!(p3.evaluate(&anyone, &tool("rm", &json!({"force": "false"}))).allowed);
         assert!(!p2.evaluate(&anyone, &tool("batch", &json!({"items": []}))).allowed);
     }
 
@@ -611,7 +732,7 @@ mod tests {
         let item = Call {
             protocol: Protocol::Mcp,
             method: "tools/call",
-            method_alias: None,
+            method_names: &[],
             target: Some("delete_row"),
             arguments: None,
         };
@@ -629,7 +750,7 @@ mod tests {
         let list = Call {
             protocol: Protocol::Mcp,
             method: "tools/list",
-            method_alias: None,
+            method_names: &[],
             target: None,
             arguments: Some(&Value::Null),
         };
@@ -638,7 +759,7 @@ mod tests {
         let send = Call {
             protocol: Protocol::A2a,
             method: "message/send",
-            method_alias: Some("SendMessage"),
+            method_names: &["message/send", "SendMessage"],
             target: None,
             arguments: Some(&Value::Null),
         };

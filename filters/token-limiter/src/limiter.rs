@@ -157,19 +157,23 @@ impl Admission {
                 }
             }
         }
-        let denying = std::slice::from_ref(&result);
+        // Every denying group counts for the wait: at `retry-after` all of them must fit, not only the
+        // first (the sidecar and the local store try every group; an older sidecar answered only one).
+        let denying: Vec<meshwarden_shared::ratelimit::GroupResult> =
+            meshwarden_shared::ratelimit::denying(resp).cloned().collect();
+        let denying = if denying.is_empty() { vec![result.clone()] } else { denying };
         Outcome::Deny(Denial {
             rule: rule_idx,
             reason,
-            retry_after_ms: retry_after_ms(denying),
-            window: result
-                .windows
+            retry_after_ms: retry_after_ms(&denying),
+            window: denying
                 .iter()
+                .flat_map(|g| g.windows.iter())
                 .copied()
                 .filter(|w| w.retry_after_ms > 0)
                 .max_by_key(|w| w.retry_after_ms)
-                .or_else(|| tightest(denying)),
-            never: result.never,
+                .or_else(|| tightest(&denying)),
+            never: denying.iter().any(|g| g.never),
             missing_key: false,
         })
     }

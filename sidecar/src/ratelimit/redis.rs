@@ -13,7 +13,7 @@
 //! Arithmetic is in Lua doubles: exact for timestamps and costs below 2^53 µs (285 years).
 
 use meshwarden_shared::ratelimit::{
-    rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
+    reserved, rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
 };
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -205,28 +205,54 @@ impl RedisBackend {
         Ok(())
     }
 
+    /// `meshwarden_shared::ratelimit::reserve_all` over Redis (the trait is synchronous, Redis is not):
+    /// every group is tried, a denial rolls back what was reserved and still stands if the rollback
+    /// fails (an error would let `failure_mode: allow` admit an over-budget request), and an error rolls
+    /// back what was reserved before it is returned, so the caller holds no slot and no budget.
     pub async fn reserve(&self, req: &ReserveRequest) -> redis::RedisResult<ReserveResponse> {
         let mut c = self.conn().await?;
         let mut results = Vec::with_capacity(req.groups.len());
+        let mut denied_group = None;
         for (i, g) in req.groups.iter().enumerate() {
-            let r = self.reserve_group(&mut c, g).await?;
-            let allowed = r.allowed;
-            results.push(r);
-            if !allowed {
-                for done in req.groups.iter().take(i) {
-                    self.settle_one(&mut c, &rollback_item(done)).await?;
+            match self.reserve_group(&mut c, g).await {
+                Ok(r) => {
+                    if !r.allowed {
+                        denied_group.get_or_insert(i);
+                    }
+                    results.push(r);
                 }
-                return Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results });
+                Err(e) => {
+                    self.roll_back(&mut c, req, &results).await;
+                    return Err(e);
+                }
             }
         }
-        Ok(ReserveResponse { allowed: true, denied_group: None, groups: results })
+        if denied_group.is_some() {
+            self.roll_back(&mut c, req, &results).await;
+        }
+        Ok(ReserveResponse { allowed: denied_group.is_none(), denied_group, groups: results })
     }
 
+    /// Refund every reserved group of `results`, each even when another fails (a failed one stays
+    /// charged: more than used, never less; its lease expires after `lease_ms`).
+    async fn roll_back(&self, c: &mut ConnectionManager, req: &ReserveRequest, results: &[GroupResult]) {
+        for g in reserved(req, results) {
+            if let Err(e) = self.settle_one(c, &rollback_item(g)).await {
+                tracing::warn!(key = %g.key, error = %e, "redis rollback failed");
+            }
+        }
+    }
+
+    /// Apply every item, each even when another fails (one failed key must not leave the others'
+    /// leases held); the first error is returned.
     pub async fn settle(&self, items: &[SettleItem]) -> redis::RedisResult<()> {
         let mut c = self.conn().await?;
+        let mut first_err = None;
         for it in items {
-            self.settle_one(&mut c, it).await?;
+            if let Err(e) = self.settle_one(&mut c, it).await {
+                first_err.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 }
