@@ -189,6 +189,45 @@ async fn team_total_and_model_limit_on_one_identity_charge_together_or_not_at_al
     assert_eq!(e.stat("meshwarden.token_limiter.rule.gpt4o.limited").await.unwrap(), 1);
 }
 
+/// Two budgets spent by the same requests: `retry-after` is the longer wait (the hourly one), since
+/// retrying when the per-minute budget refills would only be refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_the_longest_wait_of_every_denying_rule() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"rules":[
+            {"name":"minute","key":{"header":"x-team"},"limits":{"tokens_per_minute":600}},
+            {"name":"hour","key":{"header":"x-team"},"limits":{"tokens_per_hour":600}}]}),
+    )
+    .await;
+    let body = chat("gpt-4o-mini", "Spend two budgets at once.", Some(100), false);
+    let cost = estimate(Api::OpenAiChat, &body) + 100;
+    let hdrs = [("x-team", "alpha"), ("x-mock-completion-tokens", "100")];
+    let mut admitted = 0;
+    let denied = loop {
+        let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+        admitted += 1;
+        assert!(admitted < 20, "never limited");
+    };
+    assert_eq!(admitted, 600 / cost);
+    let retry_ms: u64 = h(&denied, "retry-after-ms").parse().unwrap();
+    let missing = cost - (600 - admitted * cost);
+    // 600 tokens per hour is one token per 6 s; the per-minute budget alone would say `missing` * 100 ms.
+    let hourly = missing * 6_000;
+    assert!(retry_ms <= hourly && retry_ms + 6_000 >= hourly, "retry {retry_ms} ms vs the hourly {hourly} ms");
+    assert_eq!(h(&denied, "retry-after").parse::<u64>().unwrap(), retry_ms.div_ceil(1000));
+    assert_eq!(h(&denied, "x-ratelimit-limit-tokens"), "600");
+    let err: Value = denied.json().await.unwrap();
+    assert!(err["error"]["message"].as_str().unwrap().contains("minute"), "the first denying rule is named: {err}");
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.minute.limited").await.unwrap(), 1);
+}
+
 /// The output reservation covers every answer asked for (`n`) and reads the output cap of each API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_cover_every_answer_and_every_api_output_cap() {

@@ -160,6 +160,16 @@ async fn memory_and_redis_backends_answer_the_same() {
             json!({"groups":[{"key":"u","windows":[{"limit":100,"window_ms":86400000}],"cost":10,"concurrency":{"max":1,"lease_id":"d"}}]}),
         ),
         ("reserve", json!({"groups":[{"key":"v","windows":[{"limit":10,"window_ms":86400000}],"cost":11}]})),
+        // A denial tries every group: w1 and w3 (both spent) deny, w2 is reserved and refunded.
+        ("reserve", json!({"groups":[{"key":"w1","windows":[{"limit":100,"window_ms":86400000}],"cost":100}]})),
+        ("reserve", json!({"groups":[{"key":"w3","windows":[{"limit":50,"window_ms":86400000}],"cost":50}]})),
+        (
+            "reserve",
+            json!({"groups":[{"key":"w1","windows":[{"limit":100,"window_ms":86400000}],"cost":10},
+                             {"key":"w2","windows":[{"limit":100,"window_ms":86400000}],"cost":10},
+                             {"key":"w3","windows":[{"limit":50,"window_ms":86400000}],"cost":20}]}),
+        ),
+        ("reserve", json!({"groups":[{"key":"w2","windows":[{"limit":100,"window_ms":86400000}],"cost":10}]})),
     ];
     let mut answers = [Vec::new(), Vec::new()];
     for (i, s) in [&mem, &red].iter().enumerate() {
@@ -196,12 +206,29 @@ async fn memory_and_redis_backends_answer_the_same() {
             json!(false),
             Value::Null,
             json!(true),
-            json!(false)
+            json!(false),
+            json!(true),
+            json!(true),
+            json!(false),
+            json!(true)
         ],
         "{:#?}",
         answers[0]
     );
     assert_eq!(answers[0][10]["groups"][0]["never"], true);
+    let probe = &answers[0][13];
+    assert_eq!(probe["denied_group"], 0, "{probe}");
+    let allowed: Vec<Value> = probe["groups"].as_array().unwrap().iter().map(|g| g["allowed"].clone()).collect();
+    assert_eq!(allowed, [json!(false), json!(true), json!(false)], "{probe}");
+    // w3 (20 tokens at 50/day) waits 4x longer than w1 (10 at 100/day); minutes, rounded up.
+    assert_eq!(
+        (
+            probe["groups"][0]["windows"][0]["retry_after_ms"].clone(),
+            probe["groups"][2]["windows"][0]["retry_after_ms"].clone()
+        ),
+        (json!(144), json!(576))
+    );
+    assert_eq!(answers[0][14]["groups"][0]["windows"][0]["remaining"], 90, "w2 refunded after the probe");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,4 +464,81 @@ async fn a_sidecar_answer_cut_mid_body_is_a_failed_call_not_a_dead_vm() {
         assert!(!e.log().contains("panicked"), "{mode}: {}", e.log());
     }
     task.abort();
+}
+
+/// A slow but live sidecar: the reserve call times out in the filter (failure_mode deny: 503) and is
+/// still handled by the sidecar later, taking the request's concurrency lease. Nothing would release it
+/// before `lease_ms` (10 min by default), so the filter releases it once the reserve must have been
+/// handled: the key's single slot is free again within a second, not after ten minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_by_a_timed_out_reserve_is_released() {
+    use meshwarden_integration_tests::faulty::{sidecar_fault_proxy, SidecarFaults};
+    use std::sync::atomic::Ordering;
+    let sidecar = Sidecar::start(&[]).unwrap();
+    let faults = std::sync::Arc::new(SidecarFaults::default());
+    let (proxy_port, proxy) = sidecar_fault_proxy(sidecar.port(), faults.clone()).await;
+    let mock = MockLlm::start().await.unwrap();
+    let cfg = json!({"state":"sidecar",
+        "sidecar":{"cluster":"meshwarden_sidecar","timeout_ms":200,"failure_mode":"deny"},
+        "settle_interval_ms": 10,
+        "rules":[{"name":"one-at-a-time","key":{"header":"x-team"},"max_concurrent_requests":1}]});
+    let e = envoy(&mock, proxy_port, &cfg).await;
+    assert_eq!(send(&e, "t").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    faults.reserve_delay_ms.store(400, Ordering::SeqCst);
+    let r = send(&e, "t").await;
+    assert_eq!(r.status(), 503, "the reserve timed out: failure_mode deny");
+    faults.reserve_delay_ms.store(0, Ordering::SeqCst);
+    // The held reserve reaches the sidecar ~200 ms after the 503 and takes the slot; the filter's
+    // release follows it (timeout + 100 ms after the failure).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let r = send(&e, "t").await;
+        statuses.push(r.status().as_u16());
+        let _ = r.text().await;
+        if statuses.last() == Some(&200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(statuses.last(), Some(&200), "the slot stays taken: {statuses:?}");
+    proxy.abort();
+}
+
+/// A settle call that fails (the sidecar answers 503) is not the end of the lease it carries: the release
+/// is sent again, so the key's single slot is free for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_settle_call_does_not_keep_the_slot() {
+    use meshwarden_integration_tests::faulty::{sidecar_fault_proxy, SidecarFaults};
+    use std::sync::atomic::Ordering;
+    let sidecar = Sidecar::start(&[]).unwrap();
+    let faults = std::sync::Arc::new(SidecarFaults::default());
+    let (proxy_port, proxy) = sidecar_fault_proxy(sidecar.port(), faults.clone()).await;
+    let mock = MockLlm::start().await.unwrap();
+    let cfg = json!({"state":"sidecar",
+        "sidecar":{"cluster":"meshwarden_sidecar","timeout_ms":500,"failure_mode":"deny"},
+        "settle_interval_ms": 100,
+        "rules":[{"name":"one-at-a-time","key":{"header":"x-team"},"max_concurrent_requests":1}]});
+    let e = envoy(&mock, proxy_port, &cfg).await;
+    faults.failed_settles.store(2, Ordering::SeqCst);
+    let r = send(&e, "t").await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let r = send(&e, "t").await;
+        statuses.push(r.status().as_u16());
+        let _ = r.text().await;
+        if statuses.last() == Some(&200) {
+            break;
+        }
+    }
+    assert_eq!(faults.settles_refused.load(Ordering::SeqCst), 2, "both refused calls were made: {statuses:?}");
+    assert_eq!(statuses.last(), Some(&200), "the release was lost: {statuses:?}");
+    // The first call was made from the finished request (its answer is never seen, its release is sent
+    // again from the root); the resend's failure is seen and counted.
+    assert!(e.stat("meshwarden.token_limiter.settle_failures").await.unwrap() >= 1);
+    proxy.abort();
 }

@@ -29,6 +29,28 @@ const FILTER: &str = "token_limiter";
 const P: &str = "meshwarden.token_limiter";
 const LOCK_KEY: &str = "meshwarden.tl.lock";
 const FAILURE_LOG_INTERVAL_MS: u64 = 60_000;
+/// How many times a concurrency lease release is sent before the sidecar's lease expiry (`lease_ms`)
+/// is left to free the slot.
+const RELEASE_ATTEMPTS: u8 = 4;
+/// Bound on releases waiting to be (re)sent per VM: past it a slot is left to expire (`lease_ms`).
+const MAX_LATE_RELEASES: usize = 10_000;
+
+/// A settle call in flight.
+struct SettleCall {
+    releases: Vec<LateRelease>,
+    /// Made from a request's callback: the SDK hands its answer to that request context, which is
+    /// usually gone by then, so the answer is never seen. Past `unseen_after_ms` its releases are sent
+    /// once more from the root (releasing a lease twice is harmless; leaving one held blocks the slot
+    /// for `lease_ms`).
+    unseen_after_ms: Option<u64>,
+}
+
+/// A lease release sent at a tick no earlier than `due_ms`, the `attempts`th time.
+struct LateRelease {
+    due_ms: u64,
+    attempts: u8,
+    item: SettleItem,
+}
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -90,6 +112,14 @@ struct Shared {
     hot: RefCell<HotStats>,
     models: RefCell<BoundedLabels>,
     settle_queue: RefCell<Vec<SettleItem>>,
+    /// Lease releases sent later: one that could overtake its own reserve call (the reserve's answer
+    /// never came), or one whose settle call failed (retried: a lost release holds a slot for `lease_ms`).
+    late_releases: RefCell<Vec<LateRelease>>,
+    /// Settle calls in flight by token, with the lease releases they carry (resent if the call fails).
+    settle_calls: RefCell<std::collections::HashMap<u32, SettleCall>>,
+    /// The root replaced this state (reconfigured): requests still holding it send their settlements
+    /// at once, since no tick flushes it any more.
+    retired: Cell<bool>,
     /// Every rule's state tag and windows (`local` state keeps only these windows of its rules).
     rule_windows: Vec<(u64, Vec<WindowSpec>)>,
     failure_log: RefCell<LogThrottle>,
@@ -188,31 +218,100 @@ impl Shared {
         Metrics::flush(&mut self.counters.borrow_mut());
     }
 
-    /// Send the queued settlements to the sidecar (in bounded batches); returns the calls dispatched.
-    /// Callable from a request's `on_log` too: the calls are made on behalf of the root context, so
-    /// their answers reach `Root::on_http_call_response` after the request context is gone.
-    fn flush_settlements(&self) -> usize {
-        let items: Vec<SettleItem> = std::mem::take(&mut *self.settle_queue.borrow_mut());
+    /// Send the queued settlements, and the lease releases that are due (all of them when `all_late`),
+    /// to the sidecar in bounded batches; returns the calls dispatched. Callable from a request's
+    /// `on_log` too: the calls are made on behalf of the root context, so their answers reach
+    /// `Root::on_http_call_response` after the request context is gone.
+    fn flush_settlements(&self, all_late: bool, from_request: bool) -> usize {
+        let mut items: Vec<(SettleItem, u8)> =
+            std::mem::take(&mut *self.settle_queue.borrow_mut()).into_iter().map(|it| (it, 0)).collect();
+        {
+            let now = now_ms();
+            let mut late = self.late_releases.borrow_mut();
+            let (due, waiting): (Vec<LateRelease>, Vec<LateRelease>) =
+                std::mem::take(&mut *late).into_iter().partition(|l| all_late || l.due_ms <= now);
+            *late = waiting;
+            items.extend(due.into_iter().map(|l| (l.item, l.attempts)));
+        }
         let Some(cfg) = self.config.sidecar.as_ref().filter(|_| !items.is_empty()) else {
             return 0;
         };
         let _ = hostcalls::set_effective_context(self.root_context_id.get());
         let mut dispatched = 0;
         for chunk in items.chunks(256) {
-            let body = match serde_json::to_vec(&SettleRequest { items: chunk.to_vec() }) {
-                Ok(b) => b,
-                Err(_) => continue,
-            };
-            match dispatch(cfg, "POST", "/v1/ratelimit/settle", &[], Some(&body)) {
-                Ok(_) => dispatched += 1,
+            let releases: Vec<LateRelease> = chunk
+                .iter()
+                .filter(|(it, _)| it.release_lease.is_some())
+                .map(|(it, attempts)| LateRelease { due_ms: 0, attempts: attempts + 1, item: release_only(it) })
+                .collect();
+            let req = SettleRequest { items: chunk.iter().map(|(it, _)| it.clone()).collect() };
+            let sent = serde_json::to_vec(&req)
+                .map_err(|_| CalloutFailure::BadBody)
+                .and_then(|body| dispatch(cfg, "POST", "/v1/ratelimit/settle", &[], Some(&body)));
+            match sent {
+                Ok(token) => {
+                    let unseen_after_ms =
+                        from_request.then(|| now_ms().saturating_add(cfg.timeout_ms).saturating_add(100));
+                    self.settle_calls.borrow_mut().insert(token, SettleCall { releases, unseen_after_ms });
+                    dispatched += 1;
+                }
                 Err(f) => {
                     self.count("settle_failures", 1);
                     self.callout_failed("settle", f);
+                    self.release_later(releases, self.config.settle_interval_ms);
                 }
             }
         }
         dispatched
     }
+
+    /// Queue lease releases to be sent `delay_ms` from now, unless they were tried enough.
+    fn release_later(&self, releases: Vec<LateRelease>, delay_ms: u64) {
+        let due_ms = now_ms().saturating_add(delay_ms);
+        let mut late = self.late_releases.borrow_mut();
+        for mut r in releases {
+            if r.attempts >= RELEASE_ATTEMPTS || late.len() >= MAX_LATE_RELEASES {
+                self.count("lease_releases_abandoned", 1);
+                continue;
+            }
+            r.due_ms = due_ms;
+            late.push(r);
+        }
+    }
+
+    /// A settle call answered: resend its lease releases if it failed. False if `token` is not a
+    /// settle call.
+    fn settle_answered(&self, token: u32, result: Result<(), CalloutFailure>) -> bool {
+        let Some(call) = self.settle_calls.borrow_mut().remove(&token) else {
+            return false;
+        };
+        if let Err(f) = result {
+            self.count("settle_failures", 1);
+            self.callout_failed("settle", f);
+            self.release_later(call.releases, self.config.settle_interval_ms);
+        }
+        true
+    }
+
+    /// Settle calls made from requests whose answer was not seen in time (or at all: `all`): their
+    /// lease releases are queued to be sent again from the root.
+    fn resend_unseen_releases(&self, all: bool) {
+        let now = now_ms();
+        let mut calls = self.settle_calls.borrow_mut();
+        let unseen: Vec<u32> =
+            calls.iter().filter(|(_, c)| c.unseen_after_ms.is_some_and(|t| all || t <= now)).map(|(t, _)| *t).collect();
+        let releases: Vec<LateRelease> =
+            unseen.iter().filter_map(|t| calls.remove(t)).flat_map(|c| c.releases).collect();
+        drop(calls);
+        if !releases.is_empty() {
+            self.release_later(releases, 0);
+        }
+    }
+}
+
+/// The lease release part of a settlement (idempotent, so it may be resent; the token delta is not).
+fn release_only(it: &SettleItem) -> SettleItem {
+    SettleItem { key: it.key.clone(), windows: Vec::new(), delta: 0, release_lease: it.release_lease.clone() }
 }
 
 fn now_us() -> u64 {
@@ -229,7 +328,8 @@ fn now_ms() -> u64 {
 struct Root {
     id: u32,
     shared: Rc<Shared>,
-    settle_in_flight: usize,
+    /// `on_done` was called and waits for settle calls in flight before the host may drop this root.
+    closing: bool,
     /// Sidecar mode: settlements are sent every this many ticks (the tick is the shorter of the two
     /// intervals, so counters and settlements each keep their own period).
     settle_every_ticks: u64,
@@ -248,13 +348,16 @@ impl Root {
                 hot: RefCell::new(HotStats::default()),
                 models: RefCell::new(BoundedLabels::new(32)),
                 settle_queue: RefCell::new(Vec::new()),
+                late_releases: RefCell::new(Vec::new()),
+                settle_calls: RefCell::new(Default::default()),
+                retired: Cell::new(false),
                 rule_windows: Vec::new(),
                 failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
                 lease_seq: Cell::new(0),
                 seed,
                 root_context_id: Cell::new(id),
             }),
-            settle_in_flight: 0,
+            closing: false,
             settle_every_ticks: 1,
             ticks: 0,
         }
@@ -262,18 +365,25 @@ impl Root {
 }
 
 impl Context for Root {
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
-        self.settle_in_flight = self.settle_in_flight.saturating_sub(1);
-        if let Err(f) = callout_response(num_headers, body_size) {
-            self.shared.count("settle_failures", 1);
-            self.shared.callout_failed("settle", f);
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        let _ = self.shared.settle_answered(token, callout_response(num_headers, body_size).map(|_| ()));
+        if self.closing && self.shared.settle_calls.borrow().is_empty() {
+            self.shared.flush_counters();
+            let _ = hostcalls::done();
         }
     }
     /// The plugin is going away (configuration change, shutdown): hand over what was counted since
-    /// the last tick.
+    /// the last tick, send every queued settlement and lease release, and stay until their calls
+    /// answer (a settlement lost here would leave budgets charged and slots held for `lease_ms`).
     fn on_done(&mut self) -> bool {
+        self.shared.resend_unseen_releases(true);
+        self.shared.flush_settlements(true, false);
         self.shared.flush_counters();
-        true
+        if self.shared.settle_calls.borrow().is_empty() {
+            return true;
+        }
+        self.closing = true;
+        false
     }
 }
 
@@ -300,8 +410,13 @@ impl RootContext for Root {
         .max(1);
         self.settle_every_ticks = config.settle_interval_ms.div_ceil(tick_ms).max(1);
         self.set_tick_period(Duration::from_millis(tick_ms));
-        // What the previous configuration's requests counted is not lost with it.
+        // What the previous configuration's requests counted and settled is not lost with it; its
+        // requests still in flight settle at once (see `Shared::retired`).
+        self.shared.resend_unseen_releases(true);
+        self.shared.flush_settlements(true, false);
         self.shared.flush_counters();
+        self.shared.retired.set(true);
+        let in_flight = std::mem::take(&mut *self.shared.settle_calls.borrow_mut());
         let rule_windows = config.rules.iter().map(|r| (crate::state::rule_tag(&r.name), r.limits.windows())).collect();
         self.shared = Rc::new(Shared {
             config: Rc::new(config),
@@ -310,6 +425,9 @@ impl RootContext for Root {
             hot: RefCell::new(HotStats::default()),
             models: RefCell::new(models),
             settle_queue: RefCell::new(Vec::new()),
+            late_releases: RefCell::new(Vec::new()),
+            settle_calls: RefCell::new(in_flight),
+            retired: Cell::new(false),
             rule_windows,
             failure_log: RefCell::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
             lease_seq: Cell::new(0),
@@ -323,7 +441,8 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks % self.settle_every_ticks == 0 {
-            self.settle_in_flight += self.shared.flush_settlements();
+            self.shared.resend_unseen_releases(false);
+            self.shared.flush_settlements(false, false);
         }
         self.shared.flush_counters();
     }
@@ -515,9 +634,9 @@ impl LocalStore<'_> {
         match denied {
             None => Ok(ReserveResponse { allowed: true, denied_group: None, groups: results }),
             Some(i) => {
-                // As `reserve_all`: the denial stands even if giving back what was taken fails.
+                // As `reserve_all`: the denial stands even if giving back what was taken fails, and the
+                // answer holds every group (each was computed), so `retry-after` covers all denials.
                 self.roll_back(groups, &written);
-                results.truncate(i + 1);
                 Ok(ReserveResponse { allowed: false, denied_group: Some(i), groups: results })
             }
         }
@@ -906,6 +1025,10 @@ impl Request {
 
     fn sidecar_failed(&mut self, f: CalloutFailure, resume: bool) -> Action {
         self.shared.callout_failed("reserve", f);
+        if f != CalloutFailure::Dispatch {
+            // The reserve was sent: it may have taken a lease that nothing would release.
+            self.release_after_reserve();
+        }
         let mode = self.cfg().sidecar.as_ref().map_or(FailureMode::Deny, |s| s.failure_mode);
         match mode {
             FailureMode::Allow => {
@@ -988,23 +1111,59 @@ impl Request {
             StateMode::Sidecar => {
                 let releases = items.iter().any(|i| i.release_lease.is_some());
                 self.shared.settle_queue.borrow_mut().extend(items);
-                if releases {
+                if releases || self.shared.retired.get() {
                     self.release_leases_now();
                 }
             }
         }
     }
 
+    /// The reserve call's answer will not be read (the client left, or the call failed after it was
+    /// sent), so whether it took a concurrency lease is unknown: release the plan's leases after the
+    /// callout timeout, when the sidecar has handled the reserve or Envoy gave up on it. Sent at once,
+    /// the release could reach the sidecar before the reserve and the slot would stay taken for `lease_ms`.
+    fn release_after_reserve(&self) {
+        let Some(plan) = self.plan.as_ref() else {
+            return;
+        };
+        let releases: Vec<LateRelease> = plan
+            .request
+            .groups
+            .iter()
+            .filter_map(|g| {
+                g.concurrency.as_ref().map(|c| LateRelease {
+                    due_ms: 0,
+                    attempts: 0,
+                    item: SettleItem {
+                        key: g.key.clone(),
+                        windows: Vec::new(),
+                        delta: 0,
+                        release_lease: Some(c.lease_id.clone()),
+                    },
+                })
+            })
+            .collect();
+        if !releases.is_empty() {
+            let timeout = self.cfg().sidecar.as_ref().map_or(0, |s| s.timeout_ms);
+            self.shared.release_later(releases, timeout.saturating_add(100));
+        }
+    }
+
     /// A concurrency slot must be free as soon as its request is over, not at the next settlement tick
     /// (with batching, a key's count would also hold the requests of the last interval): flush now.
     fn release_leases_now(&self) {
-        self.shared.flush_settlements();
+        self.shared.flush_settlements(false, true);
         let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
 impl Context for Request {
-    fn on_http_call_response(&mut self, _token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        // A settle call this request made (the SDK answers it here while the request lives).
+        if self.shared.settle_calls.borrow().contains_key(&token) {
+            let _ = self.shared.settle_answered(token, callout_response(num_headers, body_size).map(|_| ()));
+            return;
+        }
         timed(self, "vm_us.reserve_answer", |r| r.reserve_answer(num_headers, body_size));
     }
 }
@@ -1157,26 +1316,9 @@ impl Request {
             Phase::Admitted => self.settle_once(),
             Phase::Waiting => {
                 // The client left while the reserve call was in flight: whatever the sidecar decides
-                // stays charged (the prompt estimate), but the concurrency lease is released now.
-                if let Some(plan) = self.plan.as_ref() {
-                    let items: Vec<SettleItem> = plan
-                        .request
-                        .groups
-                        .iter()
-                        .filter_map(|g| {
-                            g.concurrency.as_ref().map(|c| SettleItem {
-                                key: g.key.clone(),
-                                windows: Vec::new(),
-                                delta: 0,
-                                release_lease: Some(c.lease_id.clone()),
-                            })
-                        })
-                        .collect();
-                    if !items.is_empty() {
-                        self.shared.settle_queue.borrow_mut().extend(items);
-                        self.release_leases_now();
-                    }
-                }
+                // stays charged (the prompt estimate), and the concurrency lease is released once the
+                // reserve must have been handled (see `release_after_reserve`).
+                self.release_after_reserve();
             }
             _ => {}
         }
