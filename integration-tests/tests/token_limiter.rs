@@ -228,6 +228,48 @@ async fn retry_after_is_the_longest_wait_of_every_denying_rule() {
     assert_eq!(e.stat("meshwarden.token_limiter.rule.minute.limited").await.unwrap(), 1);
 }
 
+/// Per-model budgets cannot be escaped by hiding the model: a compressed body (model unreadable) meets
+/// every rule that has a `model` by default, a Bedrock path names its model, `skip_model_rules` keeps the
+/// old behaviour and `reject` answers 400 before anything is reserved or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hidden_model_still_meets_the_model_rules() {
+    let mock = MockLlm::start().await.unwrap();
+    let rules = json!([
+        {"name":"gpt4o","key":{"constant":"g"},"model":"gpt-4o","limits":{"tokens_per_hour":100000}},
+        {"name":"claude","key":{"constant":"g"},"model":"anthropic.claude-*","limits":{"tokens_per_hour":100000}}]);
+    let gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 1, 2, 3];
+    async fn charged(e: &Envoy, rule: &str) -> u64 {
+        e.stat(&format!("meshwarden.token_limiter.rule.{rule}.charged_tokens")).await.unwrap_or(0)
+    }
+    let send_gz = |e: &Envoy| {
+        client().post(e.url("/v1/chat/completions")).header("content-encoding", "gzip").body(gz.clone()).send()
+    };
+    let e = envoy(&mock, json!({"rules": rules})).await;
+    let _ = send_gz(&e).await.unwrap().text().await;
+    assert!(charged(&e, "gpt4o").await > 0 && charged(&e, "claude").await > 0, "both model rules charged");
+    let (gpt_before, claude_before) = (charged(&e, "gpt4o").await, charged(&e, "claude").await);
+    let converse = json!({"messages":[{"role":"user","content":[{"text":"Which model am I?"}]}],"inferenceConfig":{"maxTokens":20}});
+    let r = post(&e, "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse", &converse, &[]).await;
+    assert!(r.headers().contains_key("x-ratelimit-remaining-tokens"), "a model rule applied");
+    let _ = r.text().await;
+    assert!(charged(&e, "claude").await > claude_before, "the path's model is charged");
+    assert_eq!(charged(&e, "gpt4o").await, gpt_before, "and only its rules");
+
+    let skip = envoy(&mock, json!({"unknown_model": "skip_model_rules", "rules": rules})).await;
+    let _ = send_gz(&skip).await.unwrap().text().await;
+    assert_eq!(skip.stat("meshwarden.token_limiter.bad_body.encoded").await.unwrap(), 1, "stats flushed");
+    assert_eq!((charged(&skip, "gpt4o").await, charged(&skip, "claude").await), (0, 0));
+
+    let reject = envoy(&mock, json!({"unknown_model": "reject", "rules": rules})).await;
+    let upstream_before = mock.requests().len();
+    let r = send_gz(&reject).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_unreadable", "{v}");
+    assert_eq!(mock.requests().len(), upstream_before, "nothing sent upstream");
+    assert_eq!(reject.stat("meshwarden.token_limiter.unknown_model_rejected").await.unwrap(), 1);
+}
+
 /// The output reservation covers every answer asked for (`n`) and reads the output cap of each API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reservations_cover_every_answer_and_every_api_output_cap() {
@@ -494,7 +536,7 @@ async fn bad_inputs_have_documented_behaviour() {
     assert_eq!(r.status(), 400);
     assert_eq!(mock.last_request().unwrap().body, "this is {not json");
     assert_eq!(e.stat("meshwarden.token_limiter.bad_body.not_json").await.unwrap(), 1);
-    // missing model: only model-less rules apply.
+    // missing model: every rule applies, model rules too (`unknown_model`, see a_hidden_model_...).
     let r = post(&e, "/v1/chat/completions", &json!({"messages":[{"role":"user","content":"hi"}]}), &[]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(e.stat("meshwarden.token_limiter.bad_body.no_model").await.unwrap(), 1);

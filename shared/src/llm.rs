@@ -124,6 +124,54 @@ pub struct TextSpan {
     pub text: String,
 }
 
+/// The model a request path names, for APIs that put it there rather than in the body: Bedrock
+/// (`/model/{modelId}/converse`, `converse-stream`, `invoke`, `invoke-with-response-stream`; the id
+/// percent-decoded, `anthropic.claude-3-5-sonnet-20240620-v1%3A0`), Gemini
+/// (`/v1beta/models/{model}:generateContent`, `:streamGenerateContent`, `:countTokens`, `:embedContent`)
+/// and Azure OpenAI (`/openai/deployments/{deployment}/…`: the deployment name).
+pub fn model_from_path(path: &str) -> Option<String> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let segments: Vec<&str> = path.split('/').collect();
+    let after = |name: &str| segments.iter().position(|s| *s == name).and_then(|i| segments.get(i + 1)).copied();
+    let decoded = |s: &str| percent_decode(s).filter(|m| !m.is_empty() && !m.contains(['/', '\0']));
+    if let Some(id) = after("model") {
+        let action = segments.iter().position(|s| *s == "model").and_then(|i| segments.get(i + 2));
+        if matches!(action, Some(&("converse" | "converse-stream" | "invoke" | "invoke-with-response-stream"))) {
+            return decoded(id);
+        }
+    }
+    if let Some(last) = segments.last() {
+        if let Some((model, action)) = last.rsplit_once(':') {
+            let gemini = matches!(action, "generateContent" | "streamGenerateContent" | "countTokens" | "embedContent");
+            if gemini && segments.len() >= 2 && segments.get(segments.len() - 2) == Some(&"models") {
+                return decoded(model);
+            }
+        }
+    }
+    if segments.windows(2).any(|w| w == ["openai", "deployments"]) {
+        return after("deployments").and_then(decoded);
+    }
+    None
+}
+
+/// `%XX` escapes decoded; `None` for a malformed escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// The request fields filters route, limit and account on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RequestInfo {
@@ -1219,6 +1267,28 @@ mod tests {
         assert_eq!((u.input_tokens, u.cached_input_tokens, u.output_tokens), (19, 7, 4));
         let ollama = json!({"done": true, "prompt_eval_count": 26, "eval_count": 3});
         assert_eq!(usage_from_json(&ollama).map(|u| (u.input_tokens, u.output_tokens)), Some((26, 3)));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn models_named_by_the_path() {
+        let m = |p: &str| model_from_path(p);
+        assert_eq!(
+            m("/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse").as_deref(),
+            Some("anthropic.claude-3-5-sonnet-20240620-v1:0")
+        );
+        assert_eq!(m("/model/meta.llama3-8b/invoke-with-response-stream?x=1").as_deref(), Some("meta.llama3-8b"));
+        assert_eq!(
+            m("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse").as_deref(),
+            Some("gemini-2.0-flash")
+        );
+        assert_eq!(
+            m("/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21").as_deref(),
+            Some("gpt4o-prod")
+        );
+        assert_eq!(m("/v1/chat/completions"), None);
+        assert_eq!(m("/model/x/unknown-action"), None);
+        assert_eq!(m("/model/%zz/converse"), None, "a malformed escape names no model");
+        assert_eq!(m("/model/a%2Fb/converse"), None, "no decoded slash");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -29,7 +29,24 @@ pub struct Config {
     pub stats_flush_interval_ms: u64,
     /// Concurrency leases in the sidecar expire after this long (a crashed Envoy cannot hold slots).
     pub lease_ms: u64,
+    /// What rules with a `model` do with a request whose model cannot be read (compressed, over
+    /// `max_body_bytes`, not JSON, no `model` in the body or the path).
+    pub unknown_model: UnknownModel,
     pub rules: Vec<Rule>,
+}
+
+/// See [`Config::unknown_model`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownModel {
+    /// Every rule with a `model` applies (charged on the estimate; no fallback, the body cannot be
+    /// rewritten): per-model budgets cannot be escaped by hiding the model.
+    #[default]
+    ApplyModelRules,
+    /// Rules with a `model` do not apply: only model-independent rules limit such requests.
+    SkipModelRules,
+    /// 400 `invalid_request_error` / `model_unreadable` when a rule has a `model`.
+    Reject,
 }
 
 impl Default for Config {
@@ -45,6 +62,7 @@ impl Default for Config {
             settle_interval_ms: 20,
             stats_flush_interval_ms: 20,
             lease_ms: 600_000,
+            unknown_model: UnknownModel::default(),
             rules: Vec::new(),
         }
     }
@@ -202,10 +220,11 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn matches_model(&self, model: Option<&str>) -> bool {
+    /// Whether the rule applies to a request for `model` (`None`: unreadable, see `unknown_model`).
+    pub fn matches_model(&self, model: Option<&str>, unknown: UnknownModel) -> bool {
         match (&self.model, model) {
             (None, _) => true,
-            (Some(_), None) => false,
+            (Some(_), None) => unknown == UnknownModel::ApplyModelRules,
             (Some(p), Some(m)) => meshwarden_shared::config::glob_match(p, m),
         }
     }
@@ -325,8 +344,9 @@ mod tests {
         assert_eq!(c.rules[0].limits.windows().len(), 2);
         assert_eq!(c.rules[1].counts.cost(10, 10), 50);
         assert_eq!(c.rules[2].counts.cost(10, 3), 3);
-        assert!(c.rules[1].matches_model(Some("gpt-4o")));
-        assert!(!c.rules[1].matches_model(None));
+        assert!(c.rules[1].matches_model(Some("gpt-4o"), UnknownModel::SkipModelRules));
+        assert!(!c.rules[1].matches_model(None, UnknownModel::SkipModelRules));
+        assert!(c.rules[1].matches_model(None, UnknownModel::ApplyModelRules), "the default: fail closed");
     }
 
     #[test]

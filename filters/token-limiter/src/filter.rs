@@ -2,7 +2,7 @@
 //! (compare-and-swap across worker threads) or calls the sidecar, answers 429s, meters responses and
 //! settles every admitted request exactly once in `on_log`.
 
-use crate::config::{Config, KeySource, StateMode};
+use crate::config::{Config, KeySource, StateMode, UnknownModel};
 use crate::keys::{claim_value, spiffe_part, unverified_jwt_claim};
 use crate::limiter::{settle_deltas, Admission, Denial, Facts, Outcome, Plan};
 use crate::meter::Meter;
@@ -835,7 +835,8 @@ impl Request {
             Parsed {
                 api: Api::from_path(&self.path),
                 json: None,
-                model: None,
+                model: meshwarden_shared::llm::model_from_path(&self.path),
+                model_from_path: true,
                 stream: false,
                 input_estimate: size_estimate(self.body_size),
                 output_reservation: cfg.default_output_reservation,
@@ -856,8 +857,28 @@ impl Request {
                 return Action::Pause;
             }
         }
+        let model_rules = cfg.rules.iter().any(|r| r.model.is_some());
+        if parsed.model.is_none() && model_rules && cfg.unknown_model == UnknownModel::Reject {
+            self.shared.count("unknown_model_rejected", 1);
+            self.phase = Phase::Rejected;
+            let why = parsed.bad.map_or("unreadable", BadBody::as_str);
+            let message = format!(
+                "The request's model cannot be read ({why}); this gateway limits tokens per model, so it needs a \
+                 readable `model` (uncompressed JSON body, or a model in the path)."
+            );
+            send_error(
+                400,
+                ErrorFlavor::for_api(parsed.api),
+                ErrorKind::InvalidRequest,
+                Some("model_unreadable"),
+                &message,
+                &[],
+            );
+            return Action::Pause;
+        }
         let facts = Facts {
             model: parsed.model.clone(),
+            model_from_path: parsed.model_from_path,
             input_estimate: parsed.input_estimate,
             output_reservation: parsed.output_reservation,
             identities: std::mem::take(&mut self.identities),

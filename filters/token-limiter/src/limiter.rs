@@ -12,6 +12,9 @@ use meshwarden_shared::ratelimit::{
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
     pub model: Option<String>,
+    /// The model came from the request path (Bedrock, Gemini, Azure): the body has no `model` to
+    /// rewrite, so no fallback.
+    pub model_from_path: bool,
     /// Estimated prompt tokens.
     pub input_estimate: u64,
     /// Output tokens reserved (max_tokens capped, or the default reservation).
@@ -98,7 +101,7 @@ impl Admission {
         // Rules keyed on the same value (team total + per-model limits) hash it once.
         let mut hashed: Vec<(&str, String)> = Vec::new();
         for (i, rule) in cfg.rules.iter().enumerate() {
-            if !rule.matches_model(self.model.as_deref()) {
+            if !rule.matches_model(self.model.as_deref(), cfg.unknown_model) {
                 continue;
             }
             let identity = self.facts.identities.get(i).and_then(Option::as_deref);
@@ -148,7 +151,9 @@ impl Admission {
         let rule_idx = plan.rules.get(g).copied().unwrap_or(0);
         let result = resp.groups.get(g).cloned().unwrap_or_default();
         let reason = result.reason.unwrap_or(DenyReason::Tokens);
-        if reason == DenyReason::Tokens {
+        // A fallback rewrites `model` in the body: not possible when the body has none to rewrite.
+        let rewritable = self.facts.model.is_some() && !self.facts.model_from_path;
+        if reason == DenyReason::Tokens && rewritable {
             if let Some(fb) = cfg.rules.get(rule_idx).and_then(|r| r.fallback_model.as_ref()) {
                 if !self.tried.iter().any(|m| m == fb) && self.tried.len() <= MAX_FALLBACKS {
                     self.tried.push(fb.clone());
@@ -244,10 +249,38 @@ mod tests {
     fn facts() -> Facts {
         Facts {
             model: Some("gpt-4o".into()),
+            model_from_path: false,
             input_estimate: 10,
             output_reservation: 20,
             identities: vec![Some("a".into()), Some("a".into()), None, Some("all".into())],
         }
+    }
+
+    #[test]
+    fn an_unreadable_or_path_model_meets_model_rules_but_never_falls_back() {
+        let c = cfg();
+        let unknown = Facts { model: None, ..facts() };
+        let p = Admission::new(unknown.clone()).plan(&c, "l").unwrap();
+        assert_eq!(p.rules, vec![0, 1, 3], "by default every model rule applies to an unknown model");
+        let mut skip = cfg();
+        skip.unknown_model = crate::config::UnknownModel::SkipModelRules;
+        assert_eq!(Admission::new(unknown.clone()).plan(&skip, "l").unwrap().rules, vec![0]);
+        let denied = |g: usize, n: usize| ReserveResponse {
+            allowed: false,
+            denied_group: Some(g),
+            groups: (0..n)
+                .map(|i| GroupResult {
+                    allowed: i != g,
+                    reason: (i == g).then_some(DenyReason::Tokens),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let mut a = Admission::new(unknown);
+        assert!(matches!(a.decide(&c, &p, &denied(1, 3)), Outcome::Deny(_)), "no body model to rewrite");
+        let mut from_path = Admission::new(Facts { model_from_path: true, ..facts() });
+        let p = from_path.plan(&c, "l").unwrap();
+        assert!(matches!(from_path.decide(&c, &p, &denied(1, 2)), Outcome::Deny(_)), "the path names the model");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use crate::config::Config;
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
-    ensure_stream_usage, estimate_request_tokens, extract_request_texts, request_info, stream_usage_change, Api,
+    ensure_stream_usage, estimate_request_tokens, extract_request_texts, model_from_path, request_info,
+    stream_usage_change, Api,
 };
 use meshwarden_shared::splice::{splice, Edit};
 use serde_json::Value;
@@ -45,7 +46,10 @@ impl BadBody {
 pub struct Parsed {
     pub api: Api,
     pub json: Option<Value>,
+    /// The body's `model`, else the one the path names (see `model_from_path`).
     pub model: Option<String>,
+    /// `model` came from the path (the body has none to rewrite).
+    pub model_from_path: bool,
     pub stream: bool,
     pub input_estimate: u64,
     pub output_reservation: u64,
@@ -63,7 +67,8 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     let fallback = |bad| Parsed {
         api: Api::from_path(path),
         json: None,
-        model: None,
+        model: model_from_path(path),
+        model_from_path: true,
         stream: false,
         input_estimate: size_estimate(body.len()),
         output_reservation: cfg.default_output_reservation,
@@ -89,6 +94,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     }
     let api = Api::detect(path, &json);
     let info = request_info(&json);
+    let path_model = model_from_path(path);
     let spans = extract_request_texts(api, &json);
     // Per answer, times the answers asked for (`n`, `best_of`): each may use the whole cap.
     let output_reservation = info
@@ -97,8 +103,9 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         .saturating_mul(info.choices);
     Parsed {
         api,
-        bad: if info.model.is_none() { Some(BadBody::NoModel) } else { None },
-        model: info.model,
+        model_from_path: info.model.is_none() && path_model.is_some(),
+        bad: if info.model.is_none() && path_model.is_none() { Some(BadBody::NoModel) } else { None },
+        model: info.model.or(path_model),
         stream: info.stream,
         input_estimate: prompt_estimate(&json, &spans, body.len()),
         output_reservation,
