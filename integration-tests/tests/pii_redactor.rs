@@ -482,6 +482,35 @@ async fn custom_detectors_and_config_errors() {
     let sent = mock.last_request().unwrap().json().unwrap();
     assert_eq!(sent["messages"][0]["content"], "employee <EMPLOYEE_ID_1>, tel 415-555-2671");
 
+    // A custom detector that overlaps a built-in hit and runs past it: the union is masked, nothing of
+    // it reaches the model; a chat path with a body of another shape is scanned whole.
+    let overlap = envoy_with(&mock, json!({"custom_detectors":[{"name":"ticket","pattern":"io/T-[0-9]{8}"}]})).await;
+    let resp = client()
+        .post(overlap.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"see alice@corp.io/T-12345678 now"}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "see alice@corp.io/T-12345678 now", "restored whole");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["messages"][0]["content"], "see <EMAIL_1> now");
+    let r = client()
+        .post(overlap.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","query":"mail bob@corp.io"}))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.text().await;
+    assert_eq!(mock.last_request().unwrap().json().unwrap()["query"], "mail <EMAIL_1>");
+    let log = EnvoyBuilder::new("pii-redactor.yaml")
+        .upstream_port(9)
+        .filter_config(FILTER, &json!({"custom_detectors":[{"name":"1st","pattern":"a"}]}))
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("invalid configuration at $.custom_detectors[0].name"), "{log}");
     let log = EnvoyBuilder::new("pii-redactor.yaml")
         .upstream_port(9)
         .filter_config(FILTER, &json!({"custom_detectors":[{"name":"x","pattern":"(unclosed"}]}))

@@ -206,11 +206,13 @@ impl Validate for Config {
         let mut seen = std::collections::BTreeSet::new();
         for (i, d) in self.custom_detectors.iter().enumerate() {
             let at = |f: &str| format!("custom_detectors[{i}].{f}");
-            if d.name.is_empty()
-                || d.name.len() > 32
+            // A letter first: placeholders are `<[A-Z][A-Z0-9_]*_n>`, and a client's look-alike of one is
+            // only recognised (and never reused) in that shape.
+            if d.name.len() > 32
+                || !d.name.starts_with(|c: char| c.is_ascii_lowercase())
                 || !d.name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
             {
-                return Err(ConfigError::at(&at("name"), "1-32 characters of [a-z0-9_]"));
+                return Err(ConfigError::at(&at("name"), "1-32 characters of [a-z0-9_], starting with a letter"));
             }
             if Builtin::ALL.iter().any(|b| b.name() == d.name) || !seen.insert(d.name.clone()) {
                 return Err(ConfigError::at(&at("name"), format!("duplicate detector name `{}`", d.name)));
@@ -251,6 +253,11 @@ mod tests {
         assert_eq!(e.path, "$.custom_detectors[0].pattern");
         let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"email","pattern":"a"}]}"#).unwrap_err();
         assert_eq!(e.path, "$.custom_detectors[0].name");
+        for name in ["1st_id", "_id", "", "Id"] {
+            let cfg = format!(r#"{{"custom_detectors":[{{"name":"{name}","pattern":"a"}}]}}"#);
+            let e = parse_config::<Config>(cfg.as_bytes()).unwrap_err();
+            assert_eq!(e.path, "$.custom_detectors[0].name", "{name:?}: {e}");
+        }
         let e = parse_config::<Config>(br#"{"response_action":"mask"}"#).unwrap_err();
         assert_eq!(e.path, "$.response_action");
         let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"a*"}]}"#).unwrap_err();

@@ -1218,7 +1218,7 @@ fn iban_span(t: &[u8], i: usize) -> Option<(usize, bool)> {
     Some((j, mod97(&chars)))
 }
 
-/// IBAN lengths by country (ISO 13616 registry).
+/// IBAN lengths by country (ISO 13616 / SWIFT IBAN registry, release 99 of 2025: every country in it).
 pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
     Some(match &cc {
         b"AD" => 24,
@@ -1230,6 +1230,7 @@ pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
         b"BE" => 16,
         b"BG" => 22,
         b"BH" => 22,
+        b"BI" => 27,
         b"BR" => 29,
         b"BY" => 28,
         b"CH" => 21,
@@ -1237,12 +1238,14 @@ pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
         b"CY" => 28,
         b"CZ" => 24,
         b"DE" => 22,
+        b"DJ" => 27,
         b"DK" => 18,
         b"DO" => 28,
         b"EE" => 20,
         b"EG" => 29,
         b"ES" => 24,
         b"FI" => 18,
+        b"FK" => 18,
         b"FO" => 18,
         b"FR" => 27,
         b"GB" => 22,
@@ -1251,6 +1254,7 @@ pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
         b"GL" => 18,
         b"GR" => 27,
         b"GT" => 28,
+        b"HN" => 28,
         b"HR" => 21,
         b"HU" => 28,
         b"IE" => 22,
@@ -1267,15 +1271,19 @@ pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
         b"LT" => 20,
         b"LU" => 20,
         b"LV" => 21,
+        b"LY" => 25,
         b"MC" => 27,
         b"MD" => 24,
         b"ME" => 22,
         b"MK" => 19,
+        b"MN" => 20,
         b"MR" => 27,
         b"MT" => 31,
         b"MU" => 30,
+        b"NI" => 28,
         b"NL" => 18,
         b"NO" => 15,
+        b"OM" => 23,
         b"PK" => 24,
         b"PL" => 28,
         b"PS" => 29,
@@ -1283,12 +1291,15 @@ pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
         b"QA" => 29,
         b"RO" => 24,
         b"RS" => 22,
+        b"RU" => 33,
         b"SA" => 24,
         b"SC" => 31,
+        b"SD" => 18,
         b"SE" => 24,
         b"SI" => 19,
         b"SK" => 24,
         b"SM" => 27,
+        b"SO" => 23,
         b"ST" => 25,
         b"SV" => 28,
         b"TL" => 23,
@@ -1298,6 +1309,7 @@ pub fn iban_length(cc: [u8; 2]) -> Option<usize> {
         b"VA" => 22,
         b"VG" => 24,
         b"XK" => 20,
+        b"YE" => 30,
         _ => return None,
     })
 }
@@ -1600,6 +1612,28 @@ mod tests {
         assert!(mod97(b"DE89370400440532013000"));
         assert!(!mod97(b"DE89370400440532013001"));
         assert!(mod97(b"GB82WEST12345698765432"));
+        // The registry's newer countries: each example has its country's length and a valid checksum.
+        for iban in [
+            "BI4210000100010000332045181",
+            "DJ2100010000000154000100186",
+            "FK88SC123456789012",
+            "HN88CABF00000000000250005469",
+            "LY83002048000020100120361",
+            "MN121234123456789123",
+            "NI45BAPR00000013000003558124",
+            "OM810180000001299123456",
+            "RU0204452560040702810412345678901",
+            "SD2129010501234001",
+            "SO211000001001000100141",
+            "YE02CBYE0001018612345678912182",
+        ] {
+            let cc = [iban.as_bytes()[0], iban.as_bytes()[1]];
+            assert_eq!(iban_length(cc), Some(iban.len()), "{iban}");
+            assert!(mod97(iban.as_bytes()), "{iban}");
+            let text = format!("pay to {iban} today");
+            let found = crate::detect::Scanner::default().scan(text.as_bytes());
+            assert!(found.iter().any(|f| f.kind == Builtin::Iban), "{iban}: {found:?}");
+        }
         assert!(nhs_valid(b"9434765919"));
         assert!(!nhs_valid(b"9434765918"));
         assert!(ssn_valid(b"536228963"));

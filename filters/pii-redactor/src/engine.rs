@@ -136,33 +136,43 @@ impl Engine {
         }
     }
 
-    /// All hits in `text`, ordered and non-overlapping (built-ins win ties; a longer custom hit that
-    /// overlaps a built-in one is dropped).
+    /// All hits in `text`, ordered and non-overlapping: overlapping hits are merged into one over their
+    /// union (built-ins win ties for the label).
     pub fn find(&self, text: &[u8]) -> Vec<Hit> {
         let mut hits: Vec<Hit> = Vec::new();
         self.scanner.scan_with(text, |f| hits.push(Hit { start: f.start, end: f.end, det: DetId::Builtin(f.kind) }));
         if !self.custom.is_empty() {
-            // regex-lite works on str: custom detectors see valid UTF-8 text only.
-            if let Ok(s) = std::str::from_utf8(text) {
+            // regex-lite works on str: custom detectors scan each run of valid UTF-8 (an invalid byte
+            // elsewhere in the text must not switch them off for all of it).
+            {
                 let mut extra = Vec::new();
                 for (ci, c) in self.custom.iter().enumerate() {
                     if c.literal.as_deref().is_some_and(|l| crate::detect::find(text, l).is_none()) {
                         continue; // regex-lite is slow in V8: skip it when its literal head is absent
                     }
-                    for m in c.re.find_iter(s) {
-                        if m.start() == m.end() || !self.custom_ok(c, text, m.start(), m.end()) {
-                            continue;
+                    let mut offset = 0;
+                    for chunk in text.utf8_chunks() {
+                        let s = chunk.valid();
+                        for m in c.re.find_iter(s) {
+                            let (start, end) = (offset + m.start(), offset + m.end());
+                            if start == end || !self.custom_ok(c, text, start, end) {
+                                continue;
+                            }
+                            extra.push(Hit { start, end, det: DetId::Custom(ci) });
                         }
-                        extra.push(Hit { start: m.start(), end: m.end(), det: DetId::Custom(ci) });
+                        offset += s.len() + chunk.invalid().len();
                     }
                 }
                 if !extra.is_empty() {
                     hits.extend(extra);
                     hits.sort_by_key(|h| (h.start, std::cmp::Reverse(h.end)));
+                    // Overlapping hits become one hit over their union (labelled by the one that starts
+                    // first, the longer on a tie): dropping the later one would leave the part of it
+                    // that sticks out unmasked.
                     let mut merged: Vec<Hit> = Vec::with_capacity(hits.len());
                     for h in hits {
-                        match merged.last() {
-                            Some(last) if h.start < last.end => {}
+                        match merged.last_mut() {
+                            Some(last) if h.start < last.end => last.end = last.end.max(h.end),
                             _ => merged.push(h),
                         }
                     }
@@ -631,6 +641,25 @@ mod tests {
         assert!(st.mask(&e, b"acct 1234567812345678").is_none(), "fails luhn");
         let out = String::from_utf8(st.mask(&e, b"acct 4111111111111111x").unwrap()).unwrap();
         assert!(out.contains("<ACCOUNT_1>"), "{out}");
+    }
+
+    #[test]
+    fn a_custom_hit_overlapping_a_builtin_one_is_masked_whole() {
+        // `ticket` starts inside the e-mail address and runs past it: the union is masked, nothing of
+        // either sticks out.
+        let e = engine(r#"{"custom_detectors":[{"name":"ticket","pattern":"io/T-[0-9]{8}"}]}"#);
+        let mut st = MaskState::default();
+        let out = String::from_utf8(st.mask(&e, b"see alice@corp.io/T-12345678 now").unwrap()).unwrap();
+        assert_eq!(out, "see <EMAIL_1> now", "{out}");
+        assert_eq!(st.restore.get("<EMAIL_1>").map(String::as_str), Some("alice@corp.io/T-12345678"));
+    }
+
+    #[test]
+    fn custom_detectors_scan_around_invalid_utf8() {
+        let e = engine(r#"{"custom_detectors":[{"name":"employee_id","pattern":"EMP-[0-9]{6}"}]}"#);
+        let mut st = MaskState::default();
+        let out = st.mask(&e, b"bad \xff byte, then EMP-123456 and \xfe EMP-654321").unwrap();
+        assert_eq!(out, b"bad \xff byte, then <EMPLOYEE_ID_1> and \xfe <EMPLOYEE_ID_2>");
     }
 
     #[test]

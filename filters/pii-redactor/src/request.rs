@@ -76,7 +76,9 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
         Ok(mut v) => {
             let api = Api::detect(path, &v);
             let spans = extract_request_texts(api, &v);
-            if spans.is_empty() && api == Api::Unknown {
+            // Nothing the API's shape names as model-read text (an unknown API, or a known path with a
+            // body of another shape): scan every string rather than none.
+            if spans.is_empty() {
                 let mut copy = v.clone();
                 rewrite_strings(&mut copy, &mut Reserve(&mut state));
                 let changed = rewrite_strings(&mut v, &mut MaskAll { engine, state: &mut state });
@@ -237,6 +239,11 @@ mod tests {
         let r =
             process_request(&e, "/v1/chat/completions", br#"{"messages":[{"role":"user","content":"hello"}]}"#, true);
         assert!(r.body.is_none());
+        // A known path with a body of another shape (nothing it names as model text): every string is
+        // scanned, not none.
+        let r = process_request(&e, "/v1/chat/completions", br#"{"model":"m","query":"mail a@b.io"}"#, true);
+        assert_eq!(r.scanned, Scanned::JsonAllStrings);
+        assert_eq!(r.body.unwrap(), br#"{"model":"m","query":"mail <EMAIL_1>"}"#.to_vec());
     }
 
     #[test]
