@@ -292,9 +292,17 @@ async fn redis_restarted() {
     let mock = MockLlm::start().await.unwrap();
     let e = envoy(&mock, sidecar.port(), &config("deny", 100_000)).await;
     assert_eq!(send(&e, "a").await.status(), 200);
+    let backend = || async { client().get(sidecar.url("/readyz/backend")).send().await.unwrap() };
+    let r = backend().await;
+    assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, "redis ok".to_string()));
     redis.kill();
     let r = send(&e, "a").await;
     assert_eq!(r.status(), 503, "Redis down: the sidecar answers 503, the filter fails closed");
+    let r = backend().await;
+    assert_eq!(r.status(), 503, "the backend probe sees Redis down");
+    assert!(r.text().await.unwrap().starts_with("redis: "));
+    let r = client().get(sidecar.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the process itself stays ready (failure_mode decides)");
     redis.restart().unwrap();
     let mut ok = false;
     for _ in 0..60 {
@@ -307,6 +315,7 @@ async fn redis_restarted() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "the sidecar reconnects to the restarted Redis");
+    assert_eq!(backend().await.status(), 200);
     let metrics = client().get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("meshwarden_sidecar_ratelimit_backend_errors_total{op=\"reserve\"}"), "{metrics}");
 }

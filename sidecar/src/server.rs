@@ -38,6 +38,7 @@ pub fn build_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/readyz/backend", get(readyz_backend))
         .route("/metrics", get(metrics))
         .merge(crate::ratelimit::routes())
         .merge(crate::endpoints::api::router())
@@ -50,6 +51,20 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+/// Whether the rate-limit backend answers (Redis `PING`; the memory backend always does). Kept apart
+/// from `/readyz` on purpose: run as a container of every gateway pod, a readiness probe on Redis would
+/// take every gateway pod out of service during a Redis blip, where `failure_mode` is the intended
+/// answer. Point a separate alert or a dedicated sidecar Deployment's probe here.
+async fn readyz_backend(State(state): State<Arc<AppState>>) -> Response {
+    let Some(rl) = state.ratelimit.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "rate limiter not configured").into_response();
+    };
+    match rl.backend.ping().await {
+        Ok(()) => (StatusCode::OK, format!("{} ok", rl.backend.name())).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{}: {e}", rl.backend.name())).into_response(),
     }
 }
 

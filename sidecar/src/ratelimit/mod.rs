@@ -74,6 +74,13 @@ impl AnyBackend {
             AnyBackend::Redis(b) => Backend::reserve(b, req).await,
         }
     }
+    /// Whether the storage answers (a Redis `PING` within the backend's timeout).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        match self {
+            AnyBackend::Memory(_) => Ok(()),
+            AnyBackend::Redis(b) => Ok(b.ping().await?),
+        }
+    }
     pub async fn settle(&self, items: Vec<SettleItem>) -> anyhow::Result<()> {
         match self {
             AnyBackend::Memory(b) => Backend::settle(b, items).await,
