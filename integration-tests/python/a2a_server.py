@@ -1,8 +1,9 @@
 """A real A2A agent (official `a2a-sdk`, JSON-RPC binding, v1.0 with v0.3 compatibility) for meshwarden tests.
 
 Binds 127.0.0.1 on a free port, prints `PORT <n>`, serves until killed. JSON-RPC at /a2a, agent card at
-/.well-known/agent-card.json with three skills (sql, web-search, payments). The agent echoes the text it
-receives.
+/.well-known/agent-card.json (and the pre-0.3 /.well-known/agent.json) with three skills (sql, web-search,
+payments); the extended card (GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text
+it receives.
 """
 
 import socket
@@ -38,7 +39,7 @@ def main() -> None:
         description="echo agent",
         version="1.0.0",
         supported_interfaces=[AgentInterface(url=f"http://127.0.0.1:{port}/a2a", protocol_binding="JSONRPC", protocol_version="1.0")],
-        capabilities=AgentCapabilities(streaming=True),
+        capabilities=AgentCapabilities(streaming=True, extended_agent_card=True),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
         skills=[
@@ -47,8 +48,17 @@ def main() -> None:
             AgentSkill(id="payments", name="Payments", description="move money", tags=["finance"]),
         ],
     )
-    handler = DefaultRequestHandler(agent_executor=Echo(), task_store=InMemoryTaskStore(), agent_card=card)
-    routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/a2a", enable_v0_3_compat=True)
+    extended = AgentCard()
+    extended.CopyFrom(card)
+    extended.skills.append(AgentSkill(id="ops-console", name="Ops console", description="run ops", tags=["ops"]))
+    handler = DefaultRequestHandler(
+        agent_executor=Echo(), task_store=InMemoryTaskStore(), agent_card=card, extended_agent_card=extended
+    )
+    routes = (
+        create_agent_card_routes(card)
+        + create_agent_card_routes(card, card_url="/.well-known/agent.json")
+        + create_jsonrpc_routes(handler, "/a2a", enable_v0_3_compat=True)
+    )
     app = Starlette(routes=routes)
     print(f"PORT {port}", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

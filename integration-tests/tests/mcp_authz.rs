@@ -62,7 +62,7 @@ fn policy() -> Value {
             {"name": "public-resources", "effect": "allow", "methods": ["resources/read"], "targets": ["file:///public/*"]},
             {"name": "admins", "effect": "allow", "identity": [{"claim": "groups", "contains": "admin"}]},
             {"name": "a2a-users", "effect": "allow", "protocol": "a2a",
-             "methods": ["SendMessage", "SendStreamingMessage", "GetTask"], "identity": [{"claim": "sub", "present": true}]},
+             "methods": ["SendMessage", "SendStreamingMessage", "GetTask", "GetExtendedAgentCard"], "identity": [{"claim": "sub", "present": true}]},
             {"name": "a2a-skills", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
              "targets": ["sql", "web-search"], "identity": [{"claim": "sub", "present": true}]},
             {"name": "a2a-payments", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
@@ -196,8 +196,12 @@ impl Session {
     }
 
     async fn list(&self, method: &str, key: &str, name: &str) -> Vec<String> {
-        let (s, _, m) = self.post(&json!({"jsonrpc": "2.0", "id": "list", "method": method})).await;
+        let (s, h, m) = self.post(&json!({"jsonrpc": "2.0", "id": "list", "method": method})).await;
         assert_eq!(s, 200);
+        // The SSE server's lists are filtered as SSE, the JSON server's as JSON (not just any shape).
+        let ct = h.get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let want = if self.url.ends_with("/json/mcp") { "application/json" } else { "text/event-stream" };
+        assert!(ct.starts_with(want), "{method} on {}: content-type {ct:?}", self.url);
         let answer = m.into_iter().find(|m| m["id"] == "list").unwrap();
         answer["result"][key].as_array().unwrap().iter().map(|t| t[name].as_str().unwrap().to_string()).collect()
     }
@@ -493,6 +497,19 @@ async fn modern_requests_and_batches() {
     assert_eq!(m.len(), 2, "{m:?}");
     assert_eq!((m[0]["id"].clone(), m[0]["error"]["code"].clone()), (json!(5), json!(-32000)));
     assert_eq!(m[1]["error"]["message"], "Unknown tool: ledger_read");
+    // a `forbid` denial in a batch: 403 with WWW-Authenticate, every request answered, none executed
+    let over = json!({"jsonrpc": "2.0", "id": 31, "method": "tools/call", "params": {"name": "search", "arguments": {"query": "q", "limit": "500"}}});
+    let (st, h, m) = post(json!([over, call("get_weather", 32)]), vec![old.clone()]).await;
+    assert_eq!(st, 403, "{m:?}");
+    assert_eq!(h["www-authenticate"], "Bearer error=\"insufficient_scope\"");
+    let ids: Vec<Value> = m.iter().map(|x| x["id"].clone()).collect();
+    assert_eq!(ids, [json!(31), json!(32)], "{m:?}");
+    assert!(m.iter().all(|x| x["error"]["code"] == -32000), "{m:?}");
+    // a client's response to a server request rides in a batch untouched by the policy
+    let response = json!({"jsonrpc": "2.0", "id": "srv-1", "result": {"roots": []}});
+    let (st, _, m) = post(json!([response, call("search", 33)]), vec![old.clone()]).await;
+    assert_eq!(st, 400, "forwarded: the server's own batch refusal, not ours: {m:?}");
+    assert!(m[0]["error"]["message"].as_str().unwrap().contains("Validation error"), "{m:?}");
     // an allowed batch is forwarded (this SDK server itself rejects batches with its own validation error)
     let batch = json!([call("search", 7), call("get_weather", 8)]);
     let (st, _, m) = post(batch, vec![old.clone()]).await;
@@ -565,6 +582,12 @@ async fn a2a_methods_and_agent_card_per_caller() {
     assert_eq!(card(None).await, Vec::<String>::new());
     assert_eq!(card(Some(("bob", ""))).await, names(&["sql", "web-search"]));
     assert_eq!(card(Some(("alice", "finance"))).await, names(&["sql", "web-search", "payments"]));
+    // The pre-0.3 card path is filtered the same way.
+    let legacy =
+        client().get(s.envoy.url("/.well-known/agent.json")).header("x-test-user", "bob").send().await.unwrap();
+    let v: Value = legacy.json().await.unwrap();
+    let ids: Vec<&str> = v["skills"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["sql", "web-search"], "{v}");
 
     let rpc = |user: Option<&'static str>, body: Value| {
         // v1.0 requests say so in `A2A-Version`; v0.3 requests carry no version header
@@ -605,6 +628,19 @@ async fn a2a_methods_and_agent_card_per_caller() {
         let (_, _, m) = messages(req.send().await.unwrap()).await;
         assert_ne!(m[0]["error"]["message"], format!("Method not found: {method}"), "reaches the agent: {m:?}");
         wait_for_log(&s.envoy, &format!(r#""method":"{method}","protocol":"a2a","rule":"a2a-push-admin""#)).await;
+    }
+    // The extended card (a JSON-RPC answer) is filtered per caller too: its extra skill has no allow rule.
+    let ext = json!({"jsonrpc": "2.0", "id": 5, "method": "GetExtendedAgentCard", "params": {}});
+    for (user, groups, want) in
+        [("bob", "", vec!["sql", "web-search"]), ("alice", "finance", vec!["sql", "web-search", "payments"])]
+    {
+        let req = client().post(s.envoy.url("/a2a")).header("a2a-version", "1.0").json(&ext);
+        let (st, _, m) =
+            messages(req.header("x-test-user", user).header("x-test-groups", groups).send().await.unwrap()).await;
+        assert_eq!(st, 200, "{m:?}");
+        let skills = m[0]["result"]["skills"].as_array().unwrap_or_else(|| panic!("{m:?}"));
+        let ids: Vec<&str> = skills.iter().map(|s| s["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, want, "{user}: {m:?}");
     }
     let resp = client().get(s.envoy.url("/a2a")).send().await.unwrap();
     assert_eq!(resp.status(), 405);

@@ -292,6 +292,38 @@ async fn restore_off_leaks_nothing_and_look_alikes_are_never_restored() {
         .unwrap();
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "<EMAIL_1> <EMAIL_2> a@b.io");
+
+    // Placeholders belong to one request: another request (another caller) whose answer names the
+    // first request's placeholder gets the placeholder, never the first caller's value.
+    let first = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-answer", "done")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":"mine: secret.person@corp.io"}]}))
+        .send()
+        .await
+        .unwrap();
+    let _ = first.text().await;
+    assert!(mock.last_request().unwrap().body.contains("<EMAIL_1>"));
+    for stream in [false, true] {
+        let resp = client()
+            .post(envoy.url("/v1/chat/completions"))
+            .header("x-mock-answer", "the first caller was <EMAIL_1>")
+            .json(&json!({"model":"m","stream":stream,"messages":[{"role":"user","content":"who was first?"}]}))
+            .send()
+            .await
+            .unwrap();
+        let text = resp.text().await.unwrap();
+        let answer = if stream {
+            sse_text(&text)
+        } else {
+            serde_json::from_str::<Value>(&text).unwrap()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(answer, "the first caller was <EMAIL_1>", "stream {stream}: {text}");
+        assert!(!text.contains("secret.person"), "{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,8 +426,20 @@ async fn actions_reject_redact_partial_hash_and_response_scanning() {
         .unwrap();
     let again = mock.last_request().unwrap().json().unwrap()["messages"][0]["content"].as_str().unwrap().to_string();
     assert!(text.contains(&again), "{text} / {again}");
+    // Streamed, one word per delta: a card and a phone number written in groups are cut between groups,
+    // and still redacted whole.
+    let resp = client()
+        .post(envoy.url("/v1/chat/completions"))
+        .header("x-mock-answer", "Card 4111 1111 1111 1111 or call +44 20 7946 0958 today.")
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"hello"}]}))
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_text(&text), "Card [REDACTED] or call [REDACTED] today.", "{text}");
     assert_eq!(envoy.stat("meshwarden.pii_redactor.rejected").await.unwrap(), 2);
     assert_eq!(envoy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
+    assert_eq!(envoy.stat("meshwarden.pii_redactor.response_findings.credit_card.redact").await.unwrap(), 1);
     assert_eq!(envoy.stat("meshwarden.pii_redactor.findings.email.hash").await.unwrap(), 2);
 }
 

@@ -205,6 +205,31 @@ impl Restorer {
     }
 }
 
+/// Longest value written in groups that a scanner must see whole (an IBAN of 34 characters in groups of
+/// four with separators, an international phone number), with slack.
+const MAX_GROUPED_VALUE: usize = 64;
+
+/// Start of the trailing run of `text` made of digits, capital letters and the separators grouped values
+/// use (` -+().`), if it holds a digit; `text.len()` when there is none. Prose ends in lower-case words,
+/// so this holds back little unless the text ends in something number-like.
+fn grouped_value_start(text: &[u8]) -> usize {
+    let floor = text.len().saturating_sub(MAX_GROUPED_VALUE);
+    let mut start = text.len();
+    while start > floor {
+        match text.get(start - 1) {
+            Some(c) if c.is_ascii_digit() || c.is_ascii_uppercase() || b" -+().\t".contains(c) => start -= 1,
+            _ => break,
+        }
+    }
+    let run = text.get(start..).unwrap_or(&[]);
+    if run.iter().any(u8::is_ascii_digit) {
+        // Do not hold back the separators before the run's first character that belongs to a value.
+        start + run.iter().position(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'(').unwrap_or(0)
+    } else {
+        text.len()
+    }
+}
+
 impl TextRewrite for Restorer {
     fn ready_len(&self, pending: &str) -> usize {
         let mut n = self.ready_bytes(pending.as_bytes());
@@ -217,6 +242,9 @@ impl TextRewrite for Restorer {
             } else if b.len() - tail_start < 256 {
                 n = n.min(tail_start);
             }
+            // And a trailing run that may be the start of a value written in groups (a card, phone
+            // number or IBAN: `4111 1111 …`, `+44 20 …`, `DE89 3704 …`), which spans several words.
+            n = n.min(grouped_value_start(b));
         }
         n
     }
@@ -477,6 +505,33 @@ mod tests {
         }
         assert_eq!(text, "Write to [REDACTED] or me@x.io now.");
         assert_eq!(r.response_counts.summary(), "email=1");
+    }
+
+    #[test]
+    fn streamed_response_scanning_sees_grouped_values_cut_across_deltas() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        // A card in groups of four, a phone number and an IBAN, each cut between two of their groups.
+        let pieces =
+            ["Card 4111 1111", " 1111 1111, call +44 20", " 7946 0958 or pay DE89 3704 0044", " 0532 0130 00 now."];
+        let mut wire = String::new();
+        for p in pieces {
+            wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{"content":p}}]})));
+        }
+        wire.push_str("data: [DONE]\n\n");
+        let mut r = Restorer::new(map(&[]), Some(engine));
+        let mut s = SseRestore::new();
+        let out = s.feed(&mut r, wire.as_bytes(), true);
+        let mut text = String::new();
+        for e in SseParser::default().feed(&out) {
+            if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                for t in meshwarden_shared::llm::extract_stream_delta_texts(&v) {
+                    text.push_str(&t.text);
+                }
+            }
+        }
+        assert_eq!(text, "Card [REDACTED], call [REDACTED] or pay [REDACTED] now.");
+        assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
+        assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
     }
 
     /// SSE tool-call arguments (OpenAI `function.arguments`, Anthropic `partial_json`) are JSON text:

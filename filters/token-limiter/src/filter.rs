@@ -29,6 +29,8 @@ const FILTER: &str = "token_limiter";
 const P: &str = "meshwarden.token_limiter";
 const LOCK_KEY: &str = "meshwarden.tl.lock";
 const FAILURE_LOG_INTERVAL_MS: u64 = 60_000;
+/// Where Envoy's `jwt_authn` filter writes verified payloads (`payload_in_metadata`).
+const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
 /// How many times a concurrency lease release is sent before the sidecar's lease expiry (`lease_ms`)
 /// is left to free the slot.
 const RELEASE_ATTEMPTS: u8 = 4;
@@ -806,17 +808,12 @@ impl Request {
                 headers.get(header).and_then(|v| unverified_jwt_claim(v, claim))
             }
             KeySource::JwtClaim { claim, metadata_key } => {
-                let mut path =
-                    vec!["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", metadata_key.as_str()];
-                path.extend(claim.split('.'));
-                let raw = self.get_property(path)?;
-                let text = String::from_utf8(raw).ok()?;
-                // Strings come back raw; anything else as JSON.
-                match serde_json::from_str::<serde_json::Value>(&text) {
-                    Ok(v @ serde_json::Value::Object(_)) => claim_value(&v, claim),
-                    _ if text.is_empty() => None,
-                    _ => Some(text),
-                }
+                // The whole `metadata` property is the typed Metadata message. A path into it comes back
+                // as an untyped CEL value: a number as its 8 raw bytes (often not UTF-8, so a numeric
+                // `team_id` read as a missing key), a list or map as protobuf.
+                let raw = self.get_property(vec!["metadata"])?;
+                let jwt = meshwarden_shared::pbstruct::decode_metadata_namespace(&raw, JWT_AUTHN_NAMESPACE).ok()??;
+                claim_value(jwt.get(metadata_key.as_str())?, claim)
             }
             KeySource::Spiffe(part) => {
                 let raw = self.get_property(vec!["connection", "uri_san_peer_certificate"])?;
@@ -955,6 +952,7 @@ impl Request {
     fn apply(&mut self, plan: Plan, resp: &ReserveResponse) -> Option<Action> {
         let cfg = self.cfg();
         let adm = self.admission.as_mut()?;
+        let model_before = adm.model.clone();
         match adm.decide(&cfg, &plan, resp) {
             Outcome::Admit { window } => {
                 self.plan = Some(plan);
@@ -965,6 +963,7 @@ impl Request {
                     self.shared.count(&format!("rule.{}.fallbacks", r.name), 1);
                 }
                 self.shared.count("fallbacks", 1);
+                self.count_per_model(model_before.as_deref(), "fallbacks");
                 None
             }
             Outcome::Deny(d) => {
@@ -972,6 +971,12 @@ impl Request {
                 Some(Action::Pause)
             }
         }
+    }
+
+    /// `model.<model>.<what>` (the model label bounded like the token counters; `none` when unknown).
+    fn count_per_model(&self, model: Option<&str>, what: &str) {
+        let label = self.shared.models.borrow_mut().label(model.unwrap_or("none"));
+        self.shared.count(&format!("model.{label}.{what}"), 1);
     }
 
     fn admit(&mut self, window: Option<WindowState>) -> Action {
@@ -999,6 +1004,8 @@ impl Request {
             (false, DenyReason::Tokens) => "limited",
         };
         self.shared.count(&format!("rule.{rule}.{what}"), 1);
+        let model = self.admission.as_ref().and_then(|a| a.model.clone());
+        self.count_per_model(model.as_deref(), "limited");
         let retry_ms = match d.reason {
             DenyReason::Tokens if !d.never => d.retry_after_ms,
             DenyReason::Tokens => d.window.map_or(1000, |w| w.window_ms),

@@ -114,7 +114,11 @@ impl Meter {
                 if ev.is_done_marker() {
                     *done = true;
                 } else {
-                    if matches!(ev.event.as_deref(), Some("message_stop") | Some("response.completed")) {
+                    // Gemini's SSE (`streamGenerateContent?alt=sse`) has no end marker: its last event is the
+                    // one whose candidate carries a `finishReason`, with the final `usageMetadata`.
+                    if matches!(ev.event.as_deref(), Some("message_stop") | Some("response.completed"))
+                        || (ev.data.contains("\"finishReason\"") && ev.data.contains("\"usageMetadata\""))
+                    {
                         *done = true;
                     }
                     usage.on_event_data(&ev.data);
@@ -292,6 +296,18 @@ data: [DONE]\n\n";
 event: content_block_delta\r\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi \\u00e9t\\u00e9\"}}\r\n\r\n\
 event: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\r\n\r\n\
 event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
+
+    #[test]
+    fn gemini_sse_ends_with_its_finish_reason() {
+        let gemini = "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hello\"}]}}],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1}}\r\n\r\n\
+data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":3,\"totalTokenCount\":11}}\r\n\r\n";
+        for split in [1, 7, 4096] {
+            assert_eq!(sse(gemini, split), (8, 3, Source::Reported), "split {split}");
+        }
+        // Cut before the final event: what was reported so far, as partial.
+        let cut = gemini.split_inclusive("\r\n\r\n").next().unwrap();
+        assert_eq!(sse(cut, 4096).2, Source::Partial);
+    }
 
     fn sse(body: &str, split_every: usize) -> (u64, u64, Source) {
         let mut m = Meter::new(200, Some("text/event-stream; charset=utf-8"), None, 1 << 20);
