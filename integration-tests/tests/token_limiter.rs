@@ -117,6 +117,29 @@ async fn anthropic_route_gets_anthropic_429() {
     assert_eq!(v["error"]["type"], "rate_limit_error");
     assert!(v["error"]["message"].as_str().unwrap().contains("too large"), "{v}");
     assert!(mock.requests().is_empty());
+
+    // A spent budget: Anthropic's error shape, retry-after, and Anthropic's rate-limit headers.
+    let e = envoy(&mock, json!({"rules":[{"name":"team","key":{"constant":"g"},"limits":{"tokens_per_minute":600}}]}))
+        .await;
+    let body = json!({"model":"claude-sonnet-4","max_tokens":100,"messages":[{"role":"user","content":"hello there"}]});
+    let denied = loop {
+        let r = post(&e, "/v1/messages", &body, &[("x-mock-completion-tokens", "100")]).await;
+        if r.status() == 429 {
+            break r;
+        }
+        assert_eq!(r.status(), 200);
+        assert_eq!(h(&r, "anthropic-ratelimit-tokens-limit"), "600");
+        let _ = r.text().await;
+        assert!(mock.requests().len() < 10, "never limited");
+    };
+    let retry_ms: u64 = h(&denied, "retry-after-ms").parse().unwrap();
+    assert!(retry_ms > 0 && retry_ms <= 60_000, "{retry_ms}");
+    assert_eq!(h(&denied, "retry-after").parse::<u64>().unwrap(), retry_ms.div_ceil(1000));
+    assert_eq!(h(&denied, "anthropic-ratelimit-tokens-limit"), "600");
+    let remaining: u64 = h(&denied, "anthropic-ratelimit-tokens-remaining").parse().unwrap();
+    assert!(remaining < 600);
+    let v: Value = denied.json().await.unwrap();
+    assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some("rate_limit_error")), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,6 +292,68 @@ async fn a_hidden_model_still_meets_the_model_rules() {
     assert_eq!(v["error"]["code"], "model_unreadable", "{v}");
     assert_eq!(mock.requests().len(), upstream_before, "nothing sent upstream");
     assert_eq!(reject.stat("meshwarden.token_limiter.unknown_model_rejected").await.unwrap(), 1);
+}
+
+/// A weighted rule (`input + 4*output`) with two windows charges both windows the weighted actual
+/// usage; `on_missing_key: skip` leaves requests without the key to the other rules and `shared` puts
+/// them in one common budget; `/v1/completions` streams are settled from their usage too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_multi_window_rules_and_missing_keys() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"rules":[
+            {"name":"weighted","key":{"header":"x-team"},"model":"gpt-4o-mini","counts":{"input":1,"output":4},
+             "limits":{"tokens_per_minute":100000,"tokens_per_day":2000}},
+            {"name":"per-user","key":{"header":"x-user"},"on_missing_key":"skip","limits":{"tokens_per_hour":100}},
+            {"name":"per-app","key":{"header":"x-app"},"on_missing_key":"shared","limits":{"tokens_per_hour":3000}}]}),
+    )
+    .await;
+    let body = chat("gpt-4o-mini", "weigh my tokens", Some(10), false);
+    let usage = [("x-team", "t"), ("x-app", "a"), ("x-mock-prompt-tokens", "20"), ("x-mock-completion-tokens", "10")];
+    let r = post(&e, "/v1/chat/completions", &body, &usage).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let charged = e.stat("meshwarden.token_limiter.rule.weighted.charged_tokens").await.unwrap();
+    assert_eq!(charged, 20 + 4 * 10, "input + 4 * output, as reported");
+    // Both windows were charged the weighted cost: the day window (the tighter) shows 2000 - 60 - the
+    // next request's weighted reservation.
+    let r = post(&e, "/v1/chat/completions", &body, &usage).await;
+    let reserved = estimate(Api::OpenAiChat, &body) + 4 * 10;
+    assert_eq!(h(&r, "x-ratelimit-limit-tokens"), "2000");
+    assert_eq!(h(&r, "x-ratelimit-remaining-tokens").parse::<u64>().unwrap(), 2000 - 60 - reserved);
+    let _ = r.text().await;
+    // No x-user: `per-user` (100/h) is skipped, so a request reserving more than 100 passes.
+    let big = chat("gpt-4o-mini", "no user header", Some(150), false);
+    let r = post(&e, "/v1/chat/completions", &big, &[("x-team", "t2"), ("x-app", "b")]).await;
+    assert_eq!(r.status(), 200, "skip: the rule does not apply");
+    let _ = r.text().await;
+    let r = post(&e, "/v1/chat/completions", &big, &[("x-team", "t2"), ("x-user", "u"), ("x-app", "b")]).await;
+    assert_eq!(r.status(), 429, "with the key the 100/h rule applies");
+    let _ = r.text().await;
+    // No x-app: every such request shares one `per-app` budget of 3000/h.
+    let mid = chat("gpt-4o", "no app header", Some(1000), false);
+    let mut statuses = Vec::new();
+    for team in ["t3", "t4", "t5", "t6"] {
+        let r = post(&e, "/v1/chat/completions", &mid, &[("x-team", team), ("x-mock-completion-tokens", "1000")]).await;
+        statuses.push(r.status().as_u16());
+        let _ = r.text().await;
+    }
+    assert_eq!(statuses, [200, 200, 429, 429], "one shared budget for requests without the key");
+    // A legacy completions stream is charged its reported usage.
+    let before = e.stat("meshwarden.token_limiter.usage.reported").await.unwrap_or(0);
+    let completion = json!({"model":"gpt-3.5-turbo-instruct","prompt":"Say hi","max_tokens":5,"stream":true});
+    let r = post(
+        &e,
+        "/v1/completions",
+        &completion,
+        &[("x-team", "t7"), ("x-app", "c"), ("x-mock-completion-tokens", "5")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("data: [DONE]"), "{text}");
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), before + 1);
 }
 
 /// The output reservation covers every answer asked for (`n`) and reads the output cap of each API.
