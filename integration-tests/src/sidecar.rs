@@ -104,6 +104,18 @@ impl Sidecar {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
+    /// Wait up to `timeout` for the process to exit by itself (after a SIGTERM); its exit status.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Kill the process (SIGKILL): a crash, as far as clients can tell.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -18,3 +18,39 @@ async fn health_readiness_and_metrics() {
     assert!(m.contains("meshwarden_sidecar_http_requests_total{route=\"/readyz\",status=\"2xx\"} 1"), "{m}");
     assert!(m.contains("meshwarden_sidecar_http_request_duration_seconds_bucket"), "{m}");
 }
+
+/// SIGTERM drains: a reserve call in flight (Redis frozen, so the call waits on it) is answered, not
+/// cut, once Redis answers; new connections are refused while draining; the process then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_calls_in_flight() {
+    let redis = meshwarden_integration_tests::redis_server::RedisServer::start().unwrap();
+    let mut sidecar =
+        Sidecar::start(&["--redis-url", &redis.url(), "--redis-timeout-ms", "5000", "--shutdown-grace-secs", "10"])
+            .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let req = serde_json::json!({"groups":[{"key":"drain","windows":[{"limit":1000,"window_ms":60000}],"cost":10}]});
+    let warm = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.unwrap();
+    assert_eq!(warm.status(), 200, "connected to Redis");
+    let signal = |sig: &str, pid: u32| {
+        assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+    };
+    let redis_pid = redis.pid().unwrap();
+    signal("-STOP", redis_pid);
+    let in_flight = tokio::spawn({
+        let (http, url, req) = (http.clone(), sidecar.url("/v1/ratelimit/reserve"), req.clone());
+        async move { http.post(url).json(&req).send().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    signal("-TERM", sidecar.pid());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let fresh = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert!(fresh.get(sidecar.url("/healthz")).send().await.is_err(), "no new connections while draining");
+    assert!(!in_flight.is_finished(), "the call waits for Redis");
+    signal("-CONT", redis_pid);
+    let answer = in_flight.await.unwrap().expect("answered, not cut");
+    assert_eq!(answer.status(), 200);
+    let v: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(v["allowed"], true, "{v}");
+    let status = sidecar.wait_exit(std::time::Duration::from_secs(5)).expect("exits after draining");
+    assert!(status.success(), "{status:?}");
+}
