@@ -551,3 +551,64 @@ async fn a_failed_settle_call_does_not_keep_the_slot() {
     assert!(e.stat("meshwarden.token_limiter.settle_failures").await.unwrap() >= 1);
     proxy.abort();
 }
+
+/// Forty clients at once, spread over two Envoys with their own sidecars on one Redis: the shared budget
+/// holds under concurrency (what was charged never exceeds the limit plus the refill during the run),
+/// and it is not wasted (the admitted reservations fill it to within one request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_on_two_gateways_stay_within_one_budget() {
+    let redis = RedisServer::start().unwrap();
+    let s1 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let s2 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let limit = 3000u64;
+    let e1 = envoy(&mock, s1.port(), &config("deny", limit)).await;
+    let e2 = envoy(&mock, s2.port(), &config("deny", limit)).await;
+    let urls = [e1.url("/v1/chat/completions"), e2.url("/v1/chat/completions")];
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..40usize {
+        let url = urls[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut limited) = (0u64, 0u64);
+            for _ in 0..4 {
+                let r = client()
+                    .post(&url)
+                    .header("x-team", "crowd")
+                    .header("x-mock-completion-tokens", if i % 3 == 0 { "30" } else { "50" })
+                    .json(&body())
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    200 => ok += 1,
+                    429 => limited += 1,
+                    s => panic!("status {s}: {}", r.text().await.unwrap_or_default()),
+                }
+                let _ = r.bytes().await;
+            }
+            (ok, limited)
+        }));
+    }
+    let (mut ok, mut limited) = (0u64, 0u64);
+    for t in tasks {
+        let (o, l) = t.await.unwrap();
+        ok += o;
+        limited += l;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(ok + limited, 160);
+    assert!(limited > 0, "the budget ran out");
+    let mut charged = 0;
+    for e in [&e1, &e2] {
+        charged += e.stat("meshwarden.token_limiter.input_tokens").await.unwrap()
+            + e.stat("meshwarden.token_limiter.output_tokens").await.unwrap();
+    }
+    let refill = (limit as f64 * secs / 3600.0).ceil() as u64;
+    assert!(charged <= limit + refill, "charged {charged} > {limit} + {refill}");
+    assert!(ok * cost() + cost() >= limit, "only {ok} admitted of cost {}", cost());
+    assert_eq!(mock.requests().len() as u64, ok, "every admitted request and no other reached the model");
+    for e in [&e1, &e2] {
+        assert_eq!(e.stat("meshwarden.token_limiter.callout_failures").await.unwrap(), 0);
+    }
+}
