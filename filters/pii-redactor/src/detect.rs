@@ -912,6 +912,20 @@ fn numeric_run(t: &[u8], i: usize) -> NumericRun {
                     (b')', 1)
                 }
             }
+            // +33 (0)5 67 79 03 77, +49 (0) 9892 768719: the same with a space before the parenthesis.
+            b' ' if at(t, i) == b'+'
+                && run.groups.len() == 1
+                && at(t, j + 1) == b'('
+                && at(t, j + 2) == b'0'
+                && at(t, j + 3) == b')' =>
+            {
+                run.trunk_paren = true;
+                if at(t, j + 4) == b' ' || at(t, j + 4) == b'-' {
+                    (b'(', 5)
+                } else {
+                    (b'(', 4)
+                }
+            }
             b' ' | b'-' | b'.' => (c, 1),
             // +44(0)20 7946 0958: the trunk zero is not part of the number.
             b'(' if at(t, i) == b'+' && run.groups.len() == 1 && at(t, j + 1) == b'0' && at(t, j + 2) == b')' => {
@@ -1655,6 +1669,9 @@ mod tests {
             ("call 415-555-2671.", Builtin::Phone, "415-555-2671"),
             ("ring +44 20 7946 0958 please", Builtin::Phone, "+44 20 7946 0958"),
             ("ring +14155552671", Builtin::Phone, "+14155552671"),
+            ("tel +33 (0)5 67 79 03 77.", Builtin::Phone, "+33 (0)5 67 79 03 77"),
+            ("Tel. +49 (0) 9892 768719", Builtin::Phone, "+49 (0) 9892 768719"),
+            ("ring +44(0)20 7946 0958", Builtin::Phone, "+44(0)20 7946 0958"),
             ("tel 020 7946 0958", Builtin::Phone, "020 7946 0958"),
             ("card 4111 1111 1111 1111 exp", Builtin::CreditCard, "4111 1111 1111 1111"),
             ("card 378282246310005", Builtin::CreditCard, "378282246310005"),
