@@ -1031,3 +1031,59 @@ async fn spiffe_identity_under_mtls() {
     wait_for_log(&anyone, r#""rule":"anyone","subject":"spiffe://cluster.local/ns/team-b/sa/bot""#).await;
     wait_for_log(&anyone, r#""rule":"anyone","subject":"alice""#).await;
 }
+
+/// The matchers of the reference, through Envoy against the real MCP server: `one_of`, `regex` and `max`
+/// on arguments, a method glob, an identity `glob` on a list claim, `present`, and `forbid_scope` in the
+/// 403's `WWW-Authenticate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argument_and_identity_matchers_through_envoy() {
+    let mut cfg = config(false);
+    cfg["policy"] = json!({
+        "forbid_scope": "tools:admin",
+        "rules": [
+            {"name": "weather-cities", "effect": "allow", "methods": ["tools/*"], "targets": ["get_weather"],
+             "arguments": [{"path": "city", "one_of": ["Oslo", "Paris"]}]},
+            {"name": "search-safe", "effect": "allow", "targets": ["search"],
+             "arguments": [{"path": "query", "regex": "^[a-z ]+$"}, {"path": "limit", "max": 20}]},
+            {"name": "finance-transfers", "effect": "allow", "targets": ["transfer"],
+             "identity": [{"claim": "groups", "glob": "fin*"}], "arguments": [{"path": "currency", "present": true}]},
+            {"name": "no-delete", "effect": "deny", "answer": "forbid", "targets": ["delete_*"]}
+        ]
+    });
+    let s = setup(cfg).await;
+    let bob = Session::open(s.envoy.url("/json/mcp"), &[("x-test-user", "bob")]).await;
+    let carol =
+        Session::open(s.envoy.url("/json/mcp"), &[("x-test-user", "carol"), ("x-test-groups", "finance-eu")]).await;
+    let text = |m: &Value| m["result"]["content"][0]["text"].as_str().map(str::to_string);
+    let hidden = |m: &Value, tool: &str| m["error"]["message"] == format!("Unknown tool: {tool}");
+
+    let (_, _, m) = bob.call(json!(1), "get_weather", json!({"city": "Oslo"})).await;
+    assert_eq!(text(&m).as_deref(), Some("sunny in Oslo"), "{m}");
+    let (_, _, m) = bob.call(json!(2), "get_weather", json!({"city": "Berlin"})).await;
+    assert!(hidden(&m, "get_weather"), "one_of: {m}");
+
+    let (_, _, m) = bob.call(json!(3), "search", json!({"query": "red shoes", "limit": 5})).await;
+    assert_eq!(text(&m).as_deref(), Some("results for red shoes (limit 5)"), "{m}");
+    let (_, _, m) = bob.call(json!(4), "search", json!({"query": "x'; DROP TABLE", "limit": 5})).await;
+    assert!(hidden(&m, "search"), "regex: {m}");
+    let (_, _, m) = bob.call(json!(5), "search", json!({"query": "red shoes", "limit": "50"})).await;
+    assert!(hidden(&m, "search"), "max, numeric string: {m}");
+    let (_, _, m) = bob.call(json!(6), "search", json!({"query": "red shoes"})).await;
+    assert!(hidden(&m, "search"), "a missing argument never satisfies max: {m}");
+
+    let (_, _, m) = carol.call(json!(7), "transfer", json!({"amount": 10, "currency": "EUR"})).await;
+    assert_eq!(text(&m).as_deref(), Some("transferred 10.0 EUR"), "{m}");
+    let (_, _, m) = carol.call(json!(8), "transfer", json!({"amount": 10})).await;
+    assert!(hidden(&m, "transfer"), "present: {m}");
+    let (_, _, m) = bob.call(json!(9), "transfer", json!({"amount": 10, "currency": "EUR"})).await;
+    assert!(hidden(&m, "transfer"), "identity glob: {m}");
+
+    let (st, h, m) = carol.call(json!(10), "delete_file", json!({"path": "/a", "env": "dev"})).await;
+    assert_eq!(st, 403, "{m}");
+    assert_eq!(h["www-authenticate"], "Bearer error=\"insufficient_scope\", scope=\"tools:admin\"");
+    assert_eq!(
+        bob.list("tools/list", "tools", "name").await,
+        names(&["search", "get_weather"]),
+        "listed if some call may pass"
+    );
+}
