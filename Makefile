@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-campaign bench-sidecar tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-campaign bench-ab bench-sidecar tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -73,6 +73,11 @@ bench-campaign: tools build ## the 1 KB targets run ROUNDS times (default 8), ea
 	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
 	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bin meshwarden-bench --bin meshwarden-sidecar
 	scripts/bench-campaign.sh
+
+bench-ab: tools build ## the 1 KB targets, the filters built at BASE=<commit> against this tree's, alternately in the same minutes
+	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
+	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bin meshwarden-bench --bin meshwarden-sidecar
+	scripts/bench-ab.sh
 
 oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in target/oci/
 	scripts/oci.sh build
