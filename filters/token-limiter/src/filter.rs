@@ -222,8 +222,9 @@ impl Shared {
 
     /// Send the queued settlements, and the lease releases that are due (all of them when `all_late`),
     /// to the sidecar in bounded batches; returns the calls dispatched. Callable from a request's
-    /// `on_log` too: the calls are made on behalf of the root context, so their answers reach
-    /// `Root::on_http_call_response` after the request context is gone.
+    /// `on_log` too (`from_request`): the calls are made on behalf of the root context, so Envoy keeps
+    /// them after the request context is gone, but the SDK hands their answers to that (gone) request
+    /// context: see [`SettleCall::unseen_after_ms`].
     fn flush_settlements(&self, all_late: bool, from_request: bool) -> usize {
         let mut items: Vec<(SettleItem, u8)> =
             std::mem::take(&mut *self.settle_queue.borrow_mut()).into_iter().map(|it| (it, 0)).collect();
