@@ -57,6 +57,19 @@ fn h(resp: &reqwest::Response, name: &str) -> String {
     resp.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_else(|| panic!("no header {name}"))
 }
 
+/// Send `body` to the chat endpoint until the first 429: (requests admitted before it, the 429).
+async fn until_limited(e: &Envoy, body: &Value, hdrs: &[(&str, &str)]) -> (u64, reqwest::Response) {
+    for admitted in 0..20 {
+        let r = post(e, "/v1/chat/completions", body, hdrs).await;
+        if r.status() == 429 {
+            return (admitted, r);
+        }
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+    }
+    panic!("never limited");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_budget_gets_openai_429_with_exact_retry_after() {
     let mock = MockLlm::start().await.unwrap();
@@ -67,16 +80,7 @@ async fn over_budget_gets_openai_429_with_exact_retry_after() {
     let body = chat("gpt-4o-mini", "Tell me a story about budgets and gateways.", Some(100), false);
     let cost = estimate(Api::OpenAiChat, &body) + 100;
     let hdrs = [("x-team", "alpha"), ("x-mock-completion-tokens", "100")];
-    let mut admitted = 0;
-    let denied = loop {
-        let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
-        if r.status() == 429 {
-            break r;
-        }
-        assert_eq!(r.status(), 200);
-        admitted += 1;
-        assert!(admitted < 20, "never limited");
-    };
+    let (admitted, denied) = until_limited(&e, &body, &hdrs).await;
     assert_eq!(admitted, 600 / cost, "admitted exactly as many as the budget holds");
     let retry_ms: u64 = h(&denied, "retry-after-ms").parse().unwrap();
     let retry_s: u64 = h(&denied, "retry-after").parse().unwrap();
@@ -228,17 +232,7 @@ async fn retry_after_is_the_longest_wait_of_every_denying_rule() {
     let body = chat("gpt-4o-mini", "Spend two budgets at once.", Some(100), false);
     let cost = estimate(Api::OpenAiChat, &body) + 100;
     let hdrs = [("x-team", "alpha"), ("x-mock-completion-tokens", "100")];
-    let mut admitted = 0;
-    let denied = loop {
-        let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
-        if r.status() == 429 {
-            break r;
-        }
-        assert_eq!(r.status(), 200);
-        let _ = r.text().await;
-        admitted += 1;
-        assert!(admitted < 20, "never limited");
-    };
+    let (admitted, denied) = until_limited(&e, &body, &hdrs).await;
     assert_eq!(admitted, 600 / cost);
     let retry_ms: u64 = h(&denied, "retry-after-ms").parse().unwrap();
     let missing = cost - (600 - admitted * cost);

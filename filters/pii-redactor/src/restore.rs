@@ -483,18 +483,14 @@ mod tests {
         assert_eq!(r.response_counts.summary(), "email=1");
     }
 
-    #[test]
-    fn streamed_response_scanning_sees_values_cut_across_deltas() {
-        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
-        let pieces = ["Write to bob@le", "ak.example.org or <EMA", "IL_1> now", "."];
+    /// `pieces` as the content deltas of an OpenAI chat stream, through `r`: the text the client reads.
+    fn restored_chat_stream(r: &mut Restorer, pieces: &[&str]) -> String {
         let mut wire = String::new();
         for p in pieces {
             wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{"content":p}}]})));
         }
         wire.push_str("data: [DONE]\n\n");
-        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine));
-        let mut s = SseRestore::new();
-        let out = s.feed(&mut r, wire.as_bytes(), true);
+        let out = SseRestore::new().feed(r, wire.as_bytes(), true);
         let mut text = String::new();
         for e in SseParser::default().feed(&out) {
             if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
@@ -503,6 +499,15 @@ mod tests {
                 }
             }
         }
+        text
+    }
+
+    #[test]
+    fn streamed_response_scanning_sees_values_cut_across_deltas() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let pieces = ["Write to bob@le", "ak.example.org or <EMA", "IL_1> now", "."];
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine));
+        let text = restored_chat_stream(&mut r, &pieces);
         assert_eq!(text, "Write to [REDACTED] or me@x.io now.");
         assert_eq!(r.response_counts.summary(), "email=1");
     }
@@ -513,22 +518,8 @@ mod tests {
         // A card in groups of four, a phone number and an IBAN, each cut between two of their groups.
         let pieces =
             ["Card 4111 1111", " 1111 1111, call +44 20", " 7946 0958 or pay DE89 3704 0044", " 0532 0130 00 now."];
-        let mut wire = String::new();
-        for p in pieces {
-            wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{"content":p}}]})));
-        }
-        wire.push_str("data: [DONE]\n\n");
         let mut r = Restorer::new(map(&[]), Some(engine));
-        let mut s = SseRestore::new();
-        let out = s.feed(&mut r, wire.as_bytes(), true);
-        let mut text = String::new();
-        for e in SseParser::default().feed(&out) {
-            if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-                for t in meshwarden_shared::llm::extract_stream_delta_texts(&v) {
-                    text.push_str(&t.text);
-                }
-            }
-        }
+        let text = restored_chat_stream(&mut r, &pieces);
         assert_eq!(text, "Card [REDACTED], call [REDACTED] or pay [REDACTED] now.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
