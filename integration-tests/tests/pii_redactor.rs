@@ -95,6 +95,7 @@ async fn openai_json_masked_upstream_and_restored_for_the_client() {
     let log = envoy.log();
     let line = log.lines().find(|l| l.contains("POST /v1/chat/completions")).unwrap_or_default().to_string();
     assert!(line.contains("pii=aws_access_key=1,credit_card=1,email=2,phone=1"), "{log}");
+    assert!(line.contains("findings=aws_access_key=1,credit_card=1,email=2,phone=1"), "filter state: {log}");
     assert!(!log.contains("jane.doe@example.com"), "values never logged");
 }
 
@@ -440,6 +441,19 @@ async fn actions_reject_redact_partial_hash_and_response_scanning() {
     assert_eq!(envoy.stat("meshwarden.pii_redactor.rejected").await.unwrap(), 2);
     assert_eq!(envoy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
     assert_eq!(envoy.stat("meshwarden.pii_redactor.response_findings.credit_card.redact").await.unwrap(), 1);
+    // The answers' findings reach the access log (the counts header left before the answers were scanned).
+    // (Envoy flushes its stdout access log every few seconds.)
+    let mut log = envoy.log();
+    for _ in 0..150 {
+        if log.contains("response_findings=credit_card=1,phone=1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = envoy.log();
+    }
+    assert!(log.contains("response_findings=email=1"), "{log}");
+    assert!(log.contains("response_findings=credit_card=1,phone=1"), "{log}");
+    assert!(!log.contains("leak@evil") && !log.contains("4111 1111"), "values never logged");
     assert_eq!(envoy.stat("meshwarden.pii_redactor.findings.email.hash").await.unwrap(), 2);
 }
 

@@ -21,6 +21,10 @@ use std::time::Duration;
 
 const FILTER: &str = "pii_redactor";
 const P: &str = "meshwarden.pii_redactor";
+/// Filter state keys (Envoy prefixes them with `wasm.`) for access logs: the request's findings and the
+/// answer's (`scan_responses`), as `type=count` lists.
+const STATE_FINDINGS: &str = "meshwarden.pii_redactor.findings";
+const STATE_RESPONSE_FINDINGS: &str = "meshwarden.pii_redactor.response_findings";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -315,6 +319,7 @@ impl Request {
         }
         if !self.counts.is_empty() {
             self.count("requests_with_findings", 1);
+            self.set_property(vec![STATE_FINDINGS], Some(self.counts.summary().as_bytes()));
         }
         if !result.state.rejected.is_empty() {
             self.count("rejected", 1);
@@ -388,9 +393,22 @@ impl Request {
         };
         let started = now_us();
         let action = self.restore_chunk(&mut restorer, size, eos);
+        if eos {
+            self.export_response_findings(&restorer);
+        }
         self.restorer = Some(restorer);
         self.response_us += now_us().saturating_sub(started);
         action
+    }
+
+    /// The answer's findings (`scan_responses`) as filter state for the access log, set before the
+    /// stream ends: `%FILTER_STATE(wasm.meshwarden.pii_redactor.response_findings:PLAIN)%`. The counts
+    /// header cannot carry them: it leaves with the response headers, before the body is scanned.
+    fn export_response_findings(&self, restorer: &Restorer) {
+        if !restorer.response_counts.is_empty() {
+            let summary = restorer.response_counts.summary();
+            self.set_property(vec![STATE_RESPONSE_FINDINGS], Some(summary.as_bytes()));
+        }
     }
 
     fn response_trailers(&mut self, _n: usize) -> Action {
@@ -405,6 +423,7 @@ impl Request {
         };
         let started = now_us();
         let action = self.restore_chunk(&mut restorer, self.response_size, true);
+        self.export_response_findings(&restorer);
         self.restorer = Some(restorer);
         self.response_us += now_us().saturating_sub(started);
         action
