@@ -325,6 +325,24 @@ impl Validate for Config {
 
 #[cfg(test)]
 mod tests {
+    /// Every full configuration in `docs/token-limiter.md` (a ```json block with `rules`) is valid.
+    #[test]
+    fn documented_configurations_load() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/token-limiter.md")).unwrap();
+        let mut checked = 0;
+        for block in doc.split("```json").skip(1) {
+            let text = block.split("```").next().unwrap_or_default();
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else { continue };
+            if v.get("rules").is_none() {
+                continue;
+            }
+            let r = meshwarden_shared::config::parse_config::<Config>(text.as_bytes());
+            assert!(r.is_ok(), "{:?} in\n{text}", r.err());
+            checked += 1;
+        }
+        assert!(checked >= 2, "only {checked} configurations found");
+    }
+
     use super::*;
     use meshwarden_shared::config::parse_config;
 
