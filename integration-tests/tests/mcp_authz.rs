@@ -1047,7 +1047,9 @@ async fn argument_and_identity_matchers_through_envoy() {
              "arguments": [{"path": "query", "regex": "^[a-z ]+$"}, {"path": "limit", "max": 20}]},
             {"name": "finance-transfers", "effect": "allow", "targets": ["transfer"],
              "identity": [{"claim": "groups", "glob": "fin*"}], "arguments": [{"path": "currency", "present": true}]},
-            {"name": "no-delete", "effect": "deny", "answer": "forbid", "targets": ["delete_*"]}
+            {"name": "no-delete", "effect": "deny", "answer": "forbid", "targets": ["delete_*"]},
+            {"name": "quiet-bob", "effect": "deny", "methods": ["notifications/cancelled"],
+             "identity": [{"claim": "sub", "equals": "bob"}]}
         ]
     });
     let s = setup(cfg).await;
@@ -1086,4 +1088,12 @@ async fn argument_and_identity_matchers_through_envoy() {
         names(&["search", "get_weather"]),
         "listed if some call may pass"
     );
+
+    // A denied notification (hide) is answered 202 with no body, as if delivered, and audited.
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}});
+    let (st, _, m) = bob.post(&note).await;
+    assert_eq!((st, m.len()), (202, 0));
+    wait_for_log(&s.envoy, r#""rule":"quiet-bob""#).await;
+    let (st, _, _) = carol.post(&note).await;
+    assert_eq!(st, 202, "carol's reaches the server");
 }
