@@ -10,9 +10,11 @@
 //! - [`python`]: real Python servers / SDK clients from `integration-tests/python/`, on free ports.
 //! - [`paths`]: where the built `.wasm` files and the `envoy` binary are.
 //! - [`faulty`]: servers that misbehave on purpose (answers cut mid-body).
+//! - [`crowd`]: many concurrent clients against a rate limit.
 //! - [`pki`]: throw-away CA, server and SPIFFE client certificates for mTLS tests.
 
 pub mod bench;
+pub mod crowd;
 pub mod envoy;
 pub mod faulty;
 pub mod gateway;

@@ -561,38 +561,11 @@ async fn fifty_concurrent_clients_stay_within_the_bound() {
     let est = estimate(Api::OpenAiChat, &body);
     let cost = est + 40;
     let start = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let url = e.url("/v1/chat/completions");
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0u64;
-            let mut limited = 0u64;
-            for _ in 0..4 {
-                let r = client()
-                    .post(&url)
-                    .header("x-mock-completion-tokens", if i % 2 == 0 { "40" } else { "25" })
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                match r.status().as_u16() {
-                    200 => ok += 1,
-                    429 => limited += 1,
-                    s => panic!("status {s}"),
-                }
-                let _ = r.bytes().await;
-            }
-            (ok, limited)
-        }));
-    }
-    let mut ok = 0;
-    let mut limited = 0;
-    for t in tasks {
-        let (o, l) = t.await.unwrap();
-        ok += o;
-        limited += l;
-    }
+    let url = e.url("/v1/chat/completions");
+    let (ok, limited) = meshwarden_integration_tests::crowd::admitted_and_limited(50, 4, move |i| {
+        client().post(&url).header("x-mock-completion-tokens", if i % 2 == 0 { "40" } else { "25" }).json(&body)
+    })
+    .await;
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(ok + limited, 200);
     assert!(limited > 0);

@@ -566,36 +566,14 @@ async fn concurrent_clients_on_two_gateways_stay_within_one_budget() {
     let e2 = envoy(&mock, s2.port(), &config("deny", limit)).await;
     let urls = [e1.url("/v1/chat/completions"), e2.url("/v1/chat/completions")];
     let start = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..40usize {
-        let url = urls[i % 2].clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut ok, mut limited) = (0u64, 0u64);
-            for _ in 0..4 {
-                let r = client()
-                    .post(&url)
-                    .header("x-team", "crowd")
-                    .header("x-mock-completion-tokens", if i % 3 == 0 { "30" } else { "50" })
-                    .json(&body())
-                    .send()
-                    .await
-                    .unwrap();
-                match r.status().as_u16() {
-                    200 => ok += 1,
-                    429 => limited += 1,
-                    s => panic!("status {s}: {}", r.text().await.unwrap_or_default()),
-                }
-                let _ = r.bytes().await;
-            }
-            (ok, limited)
-        }));
-    }
-    let (mut ok, mut limited) = (0u64, 0u64);
-    for t in tasks {
-        let (o, l) = t.await.unwrap();
-        ok += o;
-        limited += l;
-    }
+    let (ok, limited) = meshwarden_integration_tests::crowd::admitted_and_limited(40, 4, move |i| {
+        client()
+            .post(&urls[i % 2])
+            .header("x-team", "crowd")
+            .header("x-mock-completion-tokens", if i % 3 == 0 { "30" } else { "50" })
+            .json(&body())
+    })
+    .await;
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(ok + limited, 160);
     assert!(limited > 0, "the budget ran out");
