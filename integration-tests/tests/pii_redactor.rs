@@ -524,21 +524,30 @@ async fn custom_detectors_and_config_errors() {
     let mock = MockLlm::start().await.unwrap();
     let envoy = envoy(
         mock.port(),
-        json!({"custom_detectors":[{"name":"employee_id","pattern":"EMP-[0-9]{6}","context_words":["employee"]}],
+        // employee_id needs its context word (a bare match is `low`); order_ref is reported bare (its
+        // threshold is lowered to `low`); badge is configured but switched off.
+        json!({"custom_detectors":[{"name":"employee_id","pattern":"EMP-[0-9]{6}","context_words":["employee"]},
+                                   {"name":"badge","pattern":"BDG-[0-9]{4}","enabled":false},
+                                   {"name":"order_ref","pattern":"ORD-[0-9]{4}","context_words":["order"],"min_confidence":"low"}],
                "detectors":{"phone":{"enabled":false}}}),
     )
     .await;
+    let prompt = "employee EMP-123456, tel 415-555-2671, badge BDG-1234 ref ORD-9876; ...................................... and EMP-654321";
     let resp = client()
         .post(envoy.url("/v1/chat/completions"))
         .header("x-mock-echo", "1")
-        .json(&json!({"model":"m","messages":[{"role":"user","content":"employee EMP-123456, tel 415-555-2671"}]}))
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
         .send()
         .await
         .unwrap();
+    assert_eq!(resp.headers()["x-meshwarden-pii"], "employee_id=1,order_ref=1");
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], "employee EMP-123456, tel 415-555-2671");
+    assert_eq!(body["choices"][0]["message"]["content"], prompt);
     let sent = mock.last_request().unwrap().json().unwrap();
-    assert_eq!(sent["messages"][0]["content"], "employee <EMPLOYEE_ID_1>, tel 415-555-2671");
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "employee <EMPLOYEE_ID_1>, tel 415-555-2671, badge BDG-1234 ref <ORDER_REF_1>; ...................................... and EMP-654321"
+    );
 
     // A custom detector that overlaps a built-in hit and runs past it: the union is masked, nothing of
     // it reaches the model; a chat path with a body of another shape is scanned whole.
@@ -576,6 +585,13 @@ async fn custom_detectors_and_config_errors() {
         .await
         .unwrap();
     assert!(log.contains("invalid configuration at $.custom_detectors[0].pattern: invalid regex"), "{log}");
+    let log = EnvoyBuilder::new("pii-redactor.yaml")
+        .upstream_port(9)
+        .filter_config(FILTER, &json!({"custom_detectors":[{"name":"x","pattern":"a","confidence":"low"}]}))
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("invalid configuration at $.custom_detectors[0].confidence: matches are low"), "{log}");
     let log = EnvoyBuilder::new("pii-redactor.yaml")
         .upstream_port(9)
         .filter_config(FILTER, &json!({"detectors":{"emial":{}}}))

@@ -64,6 +64,17 @@ pub struct DetectorConfig {
     pub context_words: Option<Vec<String>>,
 }
 
+fn enabled_by_default() -> bool {
+    true
+}
+
+impl CustomDetector {
+    /// The confidence of a match with no context word near it.
+    pub fn base_confidence(&self) -> Confidence {
+        self.confidence.unwrap_or(if self.context_words.is_empty() { Confidence::Medium } else { Confidence::Low })
+    }
+}
+
 impl Default for DetectorConfig {
     fn default() -> Self {
         Self { enabled: true, action: None, min_confidence: None, keep_last: None, context_words: None }
@@ -78,11 +89,23 @@ pub struct CustomDetector {
     pub name: String,
     /// Regular expression (Rust `regex-lite` syntax: no look-around, no Unicode classes).
     pub pattern: String,
+    /// A disabled detector is still validated (its pattern must compile) but never run, so a shared
+    /// base configuration can carry it and an overlay switch it on.
+    #[serde(default = "enabled_by_default")]
+    pub enabled: bool,
     #[serde(default)]
     pub validator: Validator,
-    /// If non-empty, one of these must appear within `context_window` bytes of the match.
+    /// Words that raise a match's confidence one level when one appears within `context_window` bytes
+    /// before or after it.
     #[serde(default)]
     pub context_words: Vec<String>,
+    /// Confidence of a match with no context word near it. Default `low` when `context_words` are given
+    /// (so, at the default `min_confidence` of `medium`, a context word is required), `medium` otherwise.
+    #[serde(default)]
+    pub confidence: Option<Confidence>,
+    /// Reported at or above this; default the top-level `min_confidence`.
+    #[serde(default)]
+    pub min_confidence: Option<Confidence>,
     #[serde(default)]
     pub action: Option<Action>,
     #[serde(default)]
@@ -228,6 +251,27 @@ impl Validate for Config {
             if let Some(k) = d.keep_last {
                 check_range(&at("keep_last"), k, 0, 64)?;
             }
+            // A detector whose matches can never reach its threshold is a configuration mistake, not a
+            // silent no-op.
+            let min = d.min_confidence.unwrap_or(self.min_confidence);
+            let best = if d.context_words.is_empty() { d.base_confidence() } else { d.base_confidence().raised() };
+            if best < min {
+                let field = if d.confidence.is_some() { "confidence" } else { "min_confidence" };
+                let why = if d.context_words.is_empty() {
+                    "and no context_words to raise it"
+                } else {
+                    "even with a context word"
+                };
+                return Err(ConfigError::at(
+                    &at(field),
+                    format!(
+                        "matches are {:?} {why}, below min_confidence {:?}: the detector could never report",
+                        d.base_confidence(),
+                        min
+                    )
+                    .to_lowercase(),
+                ));
+            }
         }
         Ok(())
     }
@@ -237,6 +281,24 @@ impl Validate for Config {
 mod tests {
     use super::*;
     use meshwarden_shared::config::parse_config;
+
+    /// Every configuration in `docs/pii-redactor.md` (a ```json block) and the one in the filter's README
+    /// is valid.
+    #[test]
+    fn documented_configurations_load() {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let doc = std::fs::read_to_string(format!("{dir}/../../docs/pii-redactor.md")).unwrap();
+        let mut configs: Vec<String> =
+            doc.split("```json").skip(1).map(|b| b.split("```").next().unwrap_or_default().to_string()).collect();
+        let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
+        let inline = readme.split("value: |").nth(1).and_then(|b| b.split("- name:").next()).unwrap_or_default();
+        configs.push(inline.to_string());
+        for text in &configs {
+            let r = parse_config::<Config>(text.as_bytes());
+            assert!(r.is_ok(), "{:?} in\n{text}", r.err());
+        }
+        assert!(configs.len() >= 2 && configs.iter().all(|c| c.contains("custom_detectors")), "{configs:?}");
+    }
 
     #[test]
     fn defaults_and_errors_with_paths() {
@@ -260,6 +322,18 @@ mod tests {
         }
         let e = parse_config::<Config>(br#"{"response_action":"mask"}"#).unwrap_err();
         assert_eq!(e.path, "$.response_action");
+        // thresholds a detector can never reach are refused, naming the field to change
+        let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"a","confidence":"low"}]}"#)
+            .unwrap_err();
+        assert_eq!(e.path, "$.custom_detectors[0].confidence", "{e}");
+        let e = parse_config::<Config>(
+            br#"{"min_confidence":"high","custom_detectors":[{"name":"x","pattern":"a","context_words":["w"]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "$.custom_detectors[0].min_confidence", "{e}");
+        assert!(e.to_string().contains("even with a context word"), "{e}");
+        let ok = br#"{"custom_detectors":[{"name":"x","pattern":"a","confidence":"low","min_confidence":"low","enabled":false}]}"#;
+        assert!(parse_config::<Config>(ok).is_ok());
         let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"a*"}]}"#).unwrap_err();
         assert!(e.message.contains("empty"), "{e}");
         for bad in ["0", "10001"] {

@@ -147,7 +147,7 @@ pub enum Confidence {
 }
 
 impl Confidence {
-    fn raised(self) -> Confidence {
+    pub(crate) fn raised(self) -> Confidence {
         match self {
             Confidence::Low => Confidence::Medium,
             _ => Confidence::High,

@@ -9,7 +9,7 @@
 //! look-alike sent by the client is never turned into someone's data; it passes through as text.
 
 use crate::config::{Action, Config, Validator};
-use crate::detect::{contains_ci, luhn, mod97, Builtin, Scanner};
+use crate::detect::{contains_ci, luhn, mod97, Builtin, Confidence, Scanner};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// Which detector produced a hit.
@@ -34,6 +34,9 @@ struct Custom {
     literal: Option<Vec<u8>>,
     validator: Validator,
     context: Vec<String>,
+    /// A match's confidence with no context word near it (raised one level by one).
+    confidence: Confidence,
+    min_confidence: Confidence,
     action: Action,
     keep_last: usize,
 }
@@ -75,6 +78,7 @@ impl Engine {
         let custom = cfg
             .custom_detectors
             .iter()
+            .filter(|d| d.enabled)
             .filter_map(|d| {
                 Some(Custom {
                     name: d.name.clone(),
@@ -83,6 +87,8 @@ impl Engine {
                     literal: required_prefix(&d.pattern),
                     validator: d.validator,
                     context: d.context_words.iter().map(|w| w.to_ascii_lowercase()).collect(),
+                    confidence: d.base_confidence(),
+                    min_confidence: d.min_confidence.unwrap_or(cfg.min_confidence),
                     action: d.action.unwrap_or(cfg.default_action),
                     keep_last: d.keep_last.unwrap_or(cfg.partial_keep_last),
                 })
@@ -196,12 +202,13 @@ impl Engine {
         if !valid {
             return false;
         }
-        if c.context.is_empty() {
-            return true;
+        if c.confidence >= c.min_confidence {
+            return true; // no context word can change the answer: skip the search
         }
         let before = text.get(start.saturating_sub(self.context_window)..start).unwrap_or(&[]);
         let after = text.get(end..(end + self.context_window).min(text.len())).unwrap_or(&[]);
-        c.context.iter().any(|w| contains_ci(before, w.as_bytes()) || contains_ci(after, w.as_bytes()))
+        let near = c.context.iter().any(|w| contains_ci(before, w.as_bytes()) || contains_ci(after, w.as_bytes()));
+        near && c.confidence.raised() >= c.min_confidence
     }
 
     /// The irreversible replacement for `value` under `action` (`redact`, `partial`, `hash`).
@@ -641,6 +648,31 @@ mod tests {
         assert!(st.mask(&e, b"acct 1234567812345678").is_none(), "fails luhn");
         let out = String::from_utf8(st.mask(&e, b"acct 4111111111111111x").unwrap()).unwrap();
         assert!(out.contains("<ACCOUNT_1>"), "{out}");
+    }
+
+    #[test]
+    fn custom_detectors_enabled_confidence_and_threshold() {
+        let text = b"project PRJ-1234 ... PRJ-5678 ........................................................ PRJ-9999";
+        let found = |cfg: &str| {
+            let e = engine(cfg);
+            e.find(text).iter().map(|h| String::from_utf8_lossy(&text[h.start..h.end]).into_owned()).collect::<Vec<_>>()
+        };
+        // default with context words: low bare, medium with a word near: only the two near "project"
+        let with_ctx = r#"{"custom_detectors":[{"name":"p","pattern":"PRJ-[0-9]{4}","context_words":["project"]}]}"#;
+        assert_eq!(found(with_ctx), ["PRJ-1234", "PRJ-5678"]);
+        // threshold lowered: every match; raised to high: a bare `medium` match needs a word
+        let all = r#"{"custom_detectors":[{"name":"p","pattern":"PRJ-[0-9]{4}","context_words":["project"],"min_confidence":"low"}]}"#;
+        assert_eq!(found(all), ["PRJ-1234", "PRJ-5678", "PRJ-9999"]);
+        let strict = r#"{"custom_detectors":[{"name":"p","pattern":"PRJ-[0-9]{4}","confidence":"medium","context_words":["project"],"min_confidence":"high"}]}"#;
+        assert_eq!(found(strict), ["PRJ-1234", "PRJ-5678"]);
+        // no context words: medium, reported at the top-level default, dropped when that is high
+        assert_eq!(found(r#"{"custom_detectors":[{"name":"p","pattern":"PRJ-[0-9]{4}"}]}"#).len(), 3);
+        let top_high = r#"{"min_confidence":"high","custom_detectors":[{"name":"p","pattern":"PRJ-[0-9]{4}","confidence":"high"}]}"#;
+        assert_eq!(found(top_high).len(), 3);
+        // switched off: never run, and its name is not among the detectors (stats)
+        let off = r#"{"custom_detectors":[{"name":"p","pattern":"PRJ-[0-9]{4}","enabled":false},{"name":"q","pattern":"9999"}]}"#;
+        assert_eq!(found(off), ["9999"]);
+        assert!(!engine(off).detector_names().contains(&"p".to_string()));
     }
 
     #[test]
