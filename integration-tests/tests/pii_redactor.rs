@@ -1040,3 +1040,55 @@ async fn unicode_separators_and_zero_width_characters_are_masked() {
         "card <CREDIT_CARD_1>, ssn <US_SSN_1>, mail <EMAIL_1>, card <CREDIT_CARD_2>, call <PHONE_1>"
     );
 }
+
+/// Ollama's native API through real Envoy: its streams are NDJSON (`application/x-ndjson`, one token per
+/// line), so a placeholder is cut across lines and must still be restored, lines kept JSON. (A body with
+/// a key that Go's `encoding/json`, Ollama's parser, reads as a model-read one but the scan would not,
+/// `"Content"`, is refused like a duplicate key: next test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_ndjson_stream_restored_across_lines() {
+    let line = |t: &str, done: bool| {
+        format!("{}\n", json!({"model":"llama3","message":{"role":"assistant","content":t},"done":done}))
+    };
+    let lines: Vec<String> =
+        ["Write to <", "EMAIL", "_1", "> now."].iter().map(|t| line(t, false)).chain([line("", true)]).collect();
+    // Network chunks cut inside lines too.
+    let all = lines.concat();
+    let chunks = vec![all.as_bytes()[..50].to_vec(), all.as_bytes()[50..200].to_vec(), all.as_bytes()[200..].to_vec()];
+    let (port, seen) = chunky_upstream_with(chunks, "200 OK\r\ncontent-type: application/x-ndjson").await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/api/chat"))
+        .json(&json!({"model":"llama3","messages":[{"role":"user","content":"mail jane.doe@example.com"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let mut content = String::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        content.push_str(v.pointer("/message/content").and_then(Value::as_str).unwrap());
+    }
+    assert_eq!(content, "Write to jane.doe@example.com now.", "{text}");
+    let sent = seen.lock().unwrap().join("");
+    assert!(sent.contains("mail <EMAIL_1>") && !sent.contains("jane.doe"), "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn case_variant_model_keys_are_refused_before_the_upstream() {
+    let (port, seen) = chunky_upstream_with(vec![b"{}".to_vec()], "200 OK\r\ncontent-type: application/json").await;
+    let envoy = envoy(port, json!({})).await;
+    let before = seen.lock().unwrap().len();
+    let resp = client()
+        .post(envoy.url("/api/chat"))
+        .json(&json!({"model":"llama3","messages":[{"role":"system","content":"be brief"},
+            {"role":"user","Content":"card 4111 1111 1111 1111"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "duplicate_json_key", "{body}");
+    assert_eq!(seen.lock().unwrap().len(), before, "nothing reached the upstream");
+}

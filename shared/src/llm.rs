@@ -330,6 +330,13 @@ fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
                 push_string_leaves(out, role, &mut format!("{here}/input"), input);
             }
         }
+        // Anthropic server-side code execution results sent back with the history (`code_execution`,
+        // `bash_code_execution`, `text_editor_code_execution`): stdout, stderr, file contents.
+        Some(kind) if kind.ends_with("code_execution_tool_result") => {
+            if let Some(result) = part.get("content") {
+                push_string_leaves(out, Role::Tool, &mut format!("{here}/content"), result);
+            }
+        }
         // Anthropic web fetch: `content` is one `web_fetch_result` whose `content` is a `document` block.
         Some("web_fetch_tool_result") => {
             if let Some(inner) = part.get("content") {
@@ -421,21 +428,32 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                         push_content(&mut out, role, &format!("/messages/{i}/content"), content);
                     }
                     // Earlier tool calls (OpenAI): their arguments go back to the model with the history.
+                    // Ollama `/api/chat` sends `arguments` as a JSON object, not JSON text: every string
+                    // in it. OpenAI custom tool calls carry free-form `custom.input`.
                     if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
                         for (k, c) in calls.iter().enumerate() {
                             if let Some(a) = json::pointer(c, "/function/arguments") {
-                                push_text(
-                                    &mut out,
-                                    role,
-                                    format!("/messages/{i}/tool_calls/{k}/function/arguments"),
-                                    a,
-                                );
+                                let mut at = format!("/messages/{i}/tool_calls/{k}/function/arguments");
+                                push_string_leaves(&mut out, role, &mut at, a);
+                            }
+                            if let Some(input) = json::pointer(c, "/custom/input") {
+                                let mut at = format!("/messages/{i}/tool_calls/{k}/custom/input");
+                                push_string_leaves(&mut out, role, &mut at, input);
                             }
                         }
                     }
                     if let Some(a) = json::pointer(m, "/function_call/arguments") {
                         push_text(&mut out, role, format!("/messages/{i}/function_call/arguments"), a);
                     }
+                }
+            }
+            // Retrieval `documents` beside `messages` (Cohere v2 `/v2/chat`, vLLM chat templates): strings
+            // or objects, every string (an `id` included: ids rarely look like anything). Only beside texts
+            // found above: a body whose messages hold no text the shape names is read whole by the
+            // callers' fallbacks, these documents included.
+            if !out.is_empty() && body.get("messages").is_some_and(Value::is_array) {
+                if let Some(docs) = body.get("documents").filter(|d| d.is_array()) {
+                    push_string_leaves(&mut out, Role::Tool, &mut "/documents".to_string(), docs);
                 }
             }
             // OpenAI predicted outputs: the model reads the prediction to reuse it.
@@ -1003,6 +1021,37 @@ mod tests {
 
     fn has(spans: &[(String, String)], pointer: &str, text: &str) -> bool {
         spans.iter().any(|(p, t)| p == pointer && t == text)
+    }
+
+    /// Texts the model reads in chat histories beyond message content: Ollama tool-call arguments as an
+    /// object, OpenAI custom tool input, Anthropic code execution results, retrieval `documents`.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn history_tool_io_and_documents_are_read() {
+        let body = json!({
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "tool_calls": [
+                    {"function": {"name": "mail", "arguments": {"to": "o@b.io", "n": 2}}},
+                    {"type": "custom", "custom": {"name": "sql", "input": "select c@b.io"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "bash_code_execution_tool_result", "tool_use_id": "s1",
+                     "content": {"type": "bash_code_execution_result", "stdout": "b@b.io", "stderr": "", "return_code": 0}}]}],
+            "documents": ["d@b.io", {"id": "7", "data": {"text": "e@b.io"}}]
+        });
+        let spans = pointers(Api::OpenAiChat, &body);
+        assert!(has(&spans, "/messages/1/tool_calls/0/function/arguments/to", "o@b.io"), "{spans:?}");
+        assert!(has(&spans, "/messages/1/tool_calls/1/custom/input", "select c@b.io"), "{spans:?}");
+        assert!(has(&spans, "/messages/2/content/0/content/stdout", "b@b.io"), "{spans:?}");
+        assert!(has(&spans, "/documents/0", "d@b.io") && has(&spans, "/documents/1/data/text", "e@b.io"), "{spans:?}");
+        // Arguments as JSON text stay one text.
+        let text =
+            json!({"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": "{\"to\":\"x\"}"}}]}]});
+        assert_eq!(
+            pointers(Api::OpenAiChat, &text),
+            [("/messages/0/tool_calls/0/function/arguments".to_string(), "{\"to\":\"x\"}".to_string())]
+        );
+        // Documents beside messages with no text found: nothing, so callers read the body whole.
+        assert!(pointers(Api::OpenAiChat, &json!({"messages": [{"role": "user"}], "documents": ["d@b.io"]})).is_empty());
     }
 
     #[wasm_bindgen_test(unsupported = test)]

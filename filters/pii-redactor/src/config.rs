@@ -254,10 +254,14 @@ impl Validate for Config {
             // A detector whose matches can never reach its threshold is a configuration mistake, not a
             // silent no-op.
             let min = d.min_confidence.unwrap_or(self.min_confidence);
-            let best = if d.context_words.is_empty() { d.base_confidence() } else { d.base_confidence().raised() };
+            // Only a word that can be found raises a match: not an empty one, not in a 0-byte window.
+            let findable = self.context_window > 0 && d.context_words.iter().any(|w| !w.is_empty());
+            let best = if findable { d.base_confidence().raised() } else { d.base_confidence() };
             if best < min {
                 let field = if d.confidence.is_some() { "confidence" } else { "min_confidence" };
-                let why = if d.context_words.is_empty() {
+                let why = if !findable && !d.context_words.is_empty() {
+                    "and no context word can be found (empty words, or context_window 0) to raise it"
+                } else if d.context_words.is_empty() {
                     "and no context_words to raise it"
                 } else {
                     "even with a context word"
@@ -334,6 +338,15 @@ mod tests {
         assert!(e.to_string().contains("even with a context word"), "{e}");
         let ok = br#"{"custom_detectors":[{"name":"x","pattern":"a","confidence":"low","min_confidence":"low","enabled":false}]}"#;
         assert!(parse_config::<Config>(ok).is_ok());
+        // Context words that can never be found (only empty ones, or a context window of 0 bytes) cannot
+        // raise a match either: the detector could never report, and is refused like the cases above.
+        for cfg in [
+            r#"{"custom_detectors":[{"name":"x","pattern":"EMP-[0-9]{6}","context_words":[""]}]}"#,
+            r#"{"context_window":0,"custom_detectors":[{"name":"x","pattern":"EMP-[0-9]{6}","context_words":["employee"]}]}"#,
+        ] {
+            let e = parse_config::<Config>(cfg.as_bytes()).unwrap_err();
+            assert_eq!(e.path, "$.custom_detectors[0].min_confidence", "{cfg}: {e}");
+        }
         let e = parse_config::<Config>(br#"{"custom_detectors":[{"name":"x","pattern":"a*"}]}"#).unwrap_err();
         assert!(e.message.contains("empty"), "{e}");
         for bad in ["0", "10001"] {

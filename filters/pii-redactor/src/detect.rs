@@ -1129,16 +1129,14 @@ fn private_key(t: &[u8], i: usize) -> Option<Finding> {
     let header = rest.get(..line_end)?;
     let hdr_end = find(header, b"PRIVATE KEY-----")?;
     let after_header = hdr_end + 16;
-    // The END line, or (a truncated key is still a secret) the end of the text.
-    match find(rest.get(after_header..)?, b"-----END ") {
-        Some(p) => {
-            let from = after_header + p;
-            let tail = rest.get(from..)?;
-            let e = find(tail.get(..tail.len().min(80))?, b"PRIVATE KEY-----")? + 16;
-            Some(Finding { start: i, end: i + from + e, kind: Builtin::PrivateKey, confidence: Confidence::High })
-        }
-        None => Some(Finding { start: i, end: t.len(), kind: Builtin::PrivateKey, confidence: Confidence::High }),
-    }
+    // The END line, or (a truncated key is still a secret) the end of the text. The first END line must
+    // be this key's: one cut short (`-----END RSA PRIVATE K`) or another block's means the key has none.
+    let end = find(rest.get(after_header..)?, b"-----END ").and_then(|p| {
+        let from = after_header + p;
+        let tail = rest.get(from..)?;
+        Some(i + from + find(tail.get(..tail.len().min(80))?, b"PRIVATE KEY-----")? + 16)
+    });
+    Some(Finding { start: i, end: end.unwrap_or(t.len()), kind: Builtin::PrivateKey, confidence: Confidence::High })
 }
 
 fn jwt(t: &[u8], i: usize) -> Option<Finding> {
@@ -1719,6 +1717,23 @@ mod tests {
         assert_eq!(one(&format!("x {pk} y")), Some((Builtin::PrivateKey, pk.to_string())));
         let gh = format!("github_pat_{}", "A".repeat(82));
         assert_eq!(one(&gh), Some((Builtin::GithubToken, gh.clone())));
+    }
+
+    /// A key whose END line is cut (`-----END RSA PRIVATE K`, the copy stopped short) or that is followed
+    /// by another block's END line has no END line of its own: masked to the end of the text like a key
+    /// without any, not skipped whole.
+    #[test]
+    fn private_key_whose_end_line_is_not_its_own_is_masked_to_the_end() {
+        let body =
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n";
+        for end in
+            ["-----END RSA PRIVATE K", "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----"]
+        {
+            let text = format!("my key: {body}{end}");
+            let found: Vec<(Builtin, usize, usize)> =
+                Scanner::default().scan(text.as_bytes()).iter().map(|f| (f.kind, f.start, f.end)).collect();
+            assert_eq!(found, vec![(Builtin::PrivateKey, 8, text.len())], "{text}");
+        }
     }
 
     #[test]

@@ -174,11 +174,17 @@ impl Engine {
                     hits.sort_by_key(|h| (h.start, std::cmp::Reverse(h.end)));
                     // Overlapping hits become one hit over their union (labelled by the one that starts
                     // first, the longer on a tie): dropping the later one would leave the part of it
-                    // that sticks out unmasked.
+                    // that sticks out unmasked. A hit whose action is `reject` labels the union whatever
+                    // starts first: the request must still be refused.
                     let mut merged: Vec<Hit> = Vec::with_capacity(hits.len());
                     for h in hits {
                         match merged.last_mut() {
-                            Some(last) if h.start < last.end => last.end = last.end.max(h.end),
+                            Some(last) if h.start < last.end => {
+                                last.end = last.end.max(h.end);
+                                if self.action(h.det) == Action::Reject && self.action(last.det) != Action::Reject {
+                                    last.det = h.det;
+                                }
+                            }
                             _ => merged.push(h),
                         }
                     }
@@ -684,6 +690,25 @@ mod tests {
         let out = String::from_utf8(st.mask(&e, b"see alice@corp.io/T-12345678 now").unwrap()).unwrap();
         assert_eq!(out, "see <EMAIL_1> now", "{out}");
         assert_eq!(st.restore.get("<EMAIL_1>").map(String::as_str), Some("alice@corp.io/T-12345678"));
+    }
+
+    /// A custom detector whose action is `reject` must refuse the request also when a built-in detector
+    /// finds the same value (or part of it): the merged hit must not fall back to the built-in's `mask`.
+    #[test]
+    fn a_custom_reject_survives_a_merge_with_a_builtin_hit() {
+        let e = engine(
+            r#"{"custom_detectors":[{"name":"staff_email","pattern":"[a-z.]+@acme\\.example","action":"reject"}]}"#,
+        );
+        let mut st = MaskState::default();
+        let _ = st.mask(&e, b"forward it to jane.doe@acme.example please");
+        assert_eq!(st.rejected, vec!["staff_email".to_string()]);
+        // And the other way round: a built-in reject inside a custom `mask` hit that starts first.
+        let e = engine(
+            r#"{"detectors":{"us_ssn":{"action":"reject"}},"custom_detectors":[{"name":"case_ref","pattern":"CASE-[0-9-]{11}"}]}"#,
+        );
+        let mut st = MaskState::default();
+        let _ = st.mask(&e, b"see CASE-536-22-8963 now");
+        assert_eq!(st.rejected, vec!["us_ssn".to_string()]);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use crate::engine::{Engine, MaskState};
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{extract_request_texts, rewrite_body_texts, Api};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
+use serde_json::Value;
+use std::collections::HashSet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scanned {
@@ -76,6 +78,23 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
         Ok(mut v) => {
             let api = Api::detect(path, &v);
             let spans = extract_request_texts(api, &v);
+            // Only the extracted strings are scanned, and Go's `encoding/json` (Ollama, LocalAI) reads keys
+            // ignoring letter case: two keys differing only in case (`content`, then `Content`: the last
+            // wins) or a model-read key in another case (`Content` alone) hide text from the scan. Refused
+            // like duplicate keys. (A body scanned whole has every copy scanned.)
+            let ambiguous = if spans.is_empty() {
+                None
+            } else if let Some(key) = case_folded_duplicate(&v) {
+                Some(format!("duplicate key {key:?} (another key differs from it only in letter case; Go's encoding/json reads both as one)"))
+            } else {
+                misspelled_model_key(&v).map(|(key, known)| {
+                    format!("key {key:?} differs from {known:?} only in letter case (Go's encoding/json reads it as {known:?})")
+                })
+            };
+            if let Some(why) = ambiguous {
+                let problem = JsonBodyError::DuplicateKey(why);
+                return RequestResult { api, scanned: Scanned::Refused, body: None, state, problem: Some(problem) };
+            }
             // Nothing the API's shape names as model-read text (an unknown API, or a known path with a
             // body of another shape): scan every string rather than none.
             if spans.is_empty() {
@@ -119,6 +138,123 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             RequestResult { api, scanned: Scanned::Raw, body, state, problem: None }
         }
     }
+}
+
+/// A key of some object that another key of the same object equals under Go's case folding (ASCII
+/// letters and Unicode simple folding: `Content` is `content`, `ſystem` is `system`). Go's
+/// `encoding/json` (Ollama, LocalAI, Go gateways) matches keys to fields that way and keeps the last
+/// copy, so such a body is as ambiguous as a key given twice.
+fn case_folded_duplicate(v: &Value) -> Option<String> {
+    match v {
+        Value::Array(items) => items.iter().find_map(case_folded_duplicate),
+        Value::Object(map) => {
+            // Keys without capitals or non-ASCII bytes fold to distinct keys: the common case costs a scan.
+            let foldable = |k: &String| k.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii());
+            if map.len() > 1 && map.keys().any(foldable) {
+                let mut seen = HashSet::with_capacity(map.len());
+                for k in map.keys() {
+                    if !seen.insert(go_fold(k)) {
+                        return Some(k.clone());
+                    }
+                }
+            }
+            map.values().find_map(case_folded_duplicate)
+        }
+        _ => None,
+    }
+}
+
+/// Keys the extraction reads texts by (top level, messages / input items, content blocks).
+const MODEL_READ_KEYS: &[&str] = &[
+    "system",
+    "messages",
+    "prompt",
+    "input",
+    "instructions",
+    "suffix",
+    "tools",
+    "functions",
+    "prediction",
+    "toolConfig",
+    "documents",
+    "variables",
+    "role",
+    "content",
+    "tool_calls",
+    "function_call",
+    "function",
+    "arguments",
+    "custom",
+    "type",
+    "text",
+    "output",
+    "error",
+    "source",
+    "data",
+    "thinking",
+    "title",
+    "context",
+    "toolUse",
+    "toolResult",
+    "json",
+    "guardContent",
+    "reasoningContent",
+    "reasoningText",
+];
+
+/// A key, at the top level, in a `messages` / `input` / `system` item or in one of their content blocks,
+/// that is not one of [`MODEL_READ_KEYS`] but equals one under Go's case folding (`"Content"`), with the
+/// key it stands for. Names inside tool schemas and tool inputs are not looked at: every string there is
+/// scanned whatever its key.
+fn misspelled_model_key(v: &Value) -> Option<(String, &'static str)> {
+    let check = |o: &Value| -> Option<(String, &'static str)> {
+        o.as_object()?.keys().find_map(|k| {
+            if !k.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()) || MODEL_READ_KEYS.contains(&k.as_str()) {
+                return None;
+            }
+            let folded = go_fold(k);
+            MODEL_READ_KEYS.iter().find(|m| go_fold(m) == folded).map(|m| (k.clone(), *m))
+        })
+    };
+    if let Some(found) = check(v) {
+        return Some(found);
+    }
+    let obj = v.as_object()?;
+    for list in ["messages", "input", "system"].iter().filter_map(|k| obj.get(*k)).filter_map(Value::as_array) {
+        for item in list {
+            if let Some(found) = check(item) {
+                return Some(found);
+            }
+            for block in item.get("content").and_then(Value::as_array).into_iter().flatten() {
+                if let Some(found) = check(block) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `key` folded as Go's `encoding/json` compares keys: ASCII letters upper-cased, other characters
+/// through their lower case to their upper case when that is one character (`ſ` -> `S`, `K` -> `K`).
+fn go_fold(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii() {
+                return c.to_ascii_uppercase();
+            }
+            let mut lower = c.to_lowercase();
+            let l = match (lower.next(), lower.next()) {
+                (Some(l), None) => l,
+                _ => c,
+            };
+            let mut upper = l.to_uppercase();
+            match (upper.next(), upper.next()) {
+                (Some(u), None) => u,
+                _ => l,
+            }
+        })
+        .collect()
 }
 
 fn hex4(b: &[u8], i: usize) -> Option<u32> {
@@ -297,5 +433,141 @@ mod tests {
             let r = process_request(&e, "/v1/chat/completions", &utf16, raw_fallback);
             assert_eq!((r.scanned, r.problem), (Scanned::Refused, Some(JsonBodyError::NotUtf8("UTF-16BE"))));
         }
+    }
+
+    /// Go's `encoding/json` (Ollama, LocalAI, Go gateways) matches object keys to fields ignoring letter
+    /// case (Unicode simple folding: `ſ` is `s`, `K` is `k`) and keeps the last copy: `"Content"` after
+    /// `"content"` is what a Go upstream reads, while the extraction scanned `"content"` only.
+    #[test]
+    fn keys_equal_but_for_letter_case_are_refused_like_duplicates() {
+        let e = engine();
+        for (path, body) in [
+            (
+                "/api/chat",
+                r#"{"model":"llama3","messages":[{"role":"user","content":"hi","Content":"card 4111 1111 1111 1111"}]}"#,
+            ),
+            (
+                "/api/generate",
+                r#"{"model":"llama3","prompt":"hi","system":"be brief","ſystem":"user is jane.doe@example.com"}"#,
+            ),
+        ] {
+            let r = process_request(&e, path, body.as_bytes(), true);
+            assert_eq!((r.scanned, &r.body), (Scanned::Refused, &None), "{body}");
+            let problem = r.problem.unwrap();
+            assert_eq!(problem.code(), "duplicate_json_key", "{problem}");
+        }
+        // Different keys, camelCase beside snake_case, and the same key in different objects are fine.
+        let ok = r#"{"model":"m","messages":[{"role":"user","content":"mail a@b.io"}],"toolConfig":{"a":1},"tool_config":{"A":1}}"#;
+        let r = process_request(&e, "/v1/chat/completions", ok.as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::Json);
+        assert!(String::from_utf8(r.body.unwrap()).unwrap().contains("mail <EMAIL_1>"));
+    }
+
+    /// A key spelled in another letter case than a key the extraction reads, with no copy in the right
+    /// case: Python upstreams ignore it, Go's `encoding/json` reads it as that key (Ollama: the user
+    /// message's content is the card), and the extraction skipped it.
+    #[test]
+    fn a_model_read_key_in_another_letter_case_is_refused() {
+        let e = engine();
+        for body in [
+            r#"{"model":"llama3","messages":[{"role":"system","content":"be brief"},{"role":"user","Content":"card 4111 1111 1111 1111"}]}"#,
+            r#"{"model":"llama3","messages":[{"role":"user","content":[{"type":"text","text":"hi"},{"type":"text","TEXT":"mail jane.doe@example.com"}]}]}"#,
+            r#"{"model":"llama3","messages":[{"role":"user","content":"hi"}],"Tools":[{"description":"mail jane.doe@example.com"}]}"#,
+        ] {
+            let r = process_request(&e, "/api/chat", body.as_bytes(), true);
+            assert_eq!((r.scanned, &r.body), (Scanned::Refused, &None), "{body}");
+            assert_eq!(r.problem.unwrap().code(), "duplicate_json_key");
+        }
+        // Names in tool schemas and tool inputs are the user's own (every string there is scanned anyway).
+        let ok = json!({"model":"m","messages":[{"role":"user","content":"mail a@b.io"},
+            {"role":"assistant","content":[{"type":"tool_use","id":"t","name":"f","input":{"Text":"c@d.io","Content":"x"}}]}],
+            "max_tokens":5,"system":"s",
+            "tools":[{"name":"f","input_schema":{"type":"object","properties":{"Text":{"type":"string"},"Content":{"type":"string"}}}}]});
+        let r = process_request(&e, "/v1/messages", ok.to_string().as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::Json, "{:?}", r.problem);
+        let out = String::from_utf8(r.body.unwrap()).unwrap();
+        assert!(out.contains("mail <EMAIL_1>") && out.contains(r#""Text":"<EMAIL_2>""#), "{out}");
+    }
+
+    /// A chat-shaped body whose messages hold no text the extraction knows is still scanned whole: the
+    /// texts read beside the extraction (documents here) do not turn that into a partial scan.
+    #[test]
+    fn a_body_with_only_texts_beside_the_extraction_is_still_scanned_whole() {
+        let e = engine();
+        let body = json!({"messages":[{"role":"user","message":"mail jane.doe@example.com"}],"documents":["from bob@corp.example"]});
+        let r = process_request(&e, "/v1/chat", body.to_string().as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::JsonAllStrings);
+        let out = String::from_utf8(r.body.unwrap()).unwrap();
+        assert!(!out.contains("example.com") && !out.contains("corp.example"), "{out}");
+    }
+
+    /// Anthropic server-side code execution results sent back with the history (`code_execution`,
+    /// `bash_code_execution`, `text_editor_code_execution`): the model reads their stdout, stderr and
+    /// file contents.
+    #[test]
+    fn anthropic_code_execution_results_are_masked() {
+        let e = engine();
+        let body = json!({"model":"claude","max_tokens":50,"messages":[
+            {"role":"user","content":"list the customers"},
+            {"role":"assistant","content":[
+                {"type":"server_tool_use","id":"srvtoolu_1","name":"bash_code_execution","input":{"command":"cat c.csv"}},
+                {"type":"bash_code_execution_tool_result","tool_use_id":"srvtoolu_1","content":{
+                    "type":"bash_code_execution_result","stdout":"jane.doe@example.com,415-555-2671\n","stderr":"","return_code":0,"content":[]}},
+                {"type":"code_execution_tool_result","tool_use_id":"srvtoolu_2","content":{
+                    "type":"code_execution_result","stdout":"","stderr":"KeyError: bob@corp.example","return_code":1,"content":[]}},
+                {"type":"text_editor_code_execution_tool_result","tool_use_id":"srvtoolu_3","content":{
+                    "type":"text_editor_code_execution_view_result","file_type":"text","content":"owner: eve@corp.example","num_lines":1}}]},
+            {"role":"user","content":"thanks"}]});
+        let r = process_request(&e, "/v1/messages", body.to_string().as_bytes(), true);
+        let out = String::from_utf8(r.body.expect("masked")).unwrap();
+        assert!(!out.contains("example.com") && !out.contains("corp.example") && !out.contains("555-2671"), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["messages"][1]["content"][1]["content"]["stdout"], "<EMAIL_1>,<PHONE_1>\n");
+        assert_eq!(v["messages"][1]["content"][1]["tool_use_id"], "srvtoolu_1", "ids untouched");
+    }
+
+    /// Chat bodies with retrieval documents beside `messages` (Cohere v2 `/v2/chat`, vLLM's
+    /// `/v1/chat/completions` for RAG chat templates): the model reads the documents, strings or objects.
+    /// The body has `messages`, so it is read as an OpenAI chat and not scanned whole.
+    #[test]
+    fn chat_documents_are_masked() {
+        let e = engine();
+        let body = json!({"model":"command-r-plus","messages":[{"role":"user","content":"Who wrote the memo?"}],
+            "documents":[{"id":"doc_1","data":{"title":"Memo","snippet":"Written by jane.doe@example.com"}},
+                "plain doc from bob@corp.example"]});
+        for path in ["/v2/chat", "/v1/chat/completions"] {
+            let r = process_request(&e, path, body.to_string().as_bytes(), true);
+            let out = String::from_utf8(r.body.expect("masked")).unwrap();
+            assert!(!out.contains("example.com") && !out.contains("corp.example"), "{path}: {out}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["documents"][0]["data"]["snippet"], "Written by <EMAIL_1>");
+            assert_eq!(v["documents"][1], "plain doc from <EMAIL_2>");
+            assert_eq!(v["documents"][0]["id"], "doc_1");
+        }
+    }
+
+    /// Earlier tool calls go back to the model with the history, whatever the shape of their arguments:
+    /// an object in Ollama's `/api/chat`, `custom.input` for OpenAI custom tools.
+    #[test]
+    fn tool_call_history_with_object_arguments_or_custom_input_is_masked() {
+        let e = engine();
+        let body = json!({"model":"llama3.1","messages":[
+            {"role":"user","content":"mail my landlord"},
+            {"role":"assistant","content":"","tool_calls":[{"function":{"name":"send_mail",
+                "arguments":{"to":"jane.doe@example.com","cc":["bob@corp.example"],"n":1}}}]},
+            {"role":"tool","content":"sent"}]});
+        let r = process_request(&e, "/api/chat", body.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        let args = &out["messages"][1]["tool_calls"][0]["function"]["arguments"];
+        assert_eq!(args, &json!({"to":"<EMAIL_2>","cc":["<EMAIL_1>"],"n":1}));
+        assert_eq!(r.state.restore["<EMAIL_2>"], "jane.doe@example.com");
+        let body = json!({"model":"gpt-5","messages":[
+            {"role":"user","content":"note it"},
+            {"role":"assistant","tool_calls":[{"id":"call_1","type":"custom","custom":{"name":"notes","input":"call jane.doe@example.com"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"ok"}]});
+        let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        assert_eq!(out["messages"][1]["tool_calls"][0]["custom"]["input"], "call <EMAIL_1>");
+        assert_eq!(out["messages"][1]["tool_calls"][0]["id"], "call_1", "ids untouched");
     }
 }

@@ -6,7 +6,7 @@
 //! (at most [`MAX_PLACEHOLDER`] bytes), so `<div` or `a < b` streams through untouched.
 
 use crate::engine::{Counts, Engine, MAX_PLACEHOLDER};
-use meshwarden_shared::stream_rewrite::{rewrite_strings, SseTextRewriter, TextRewrite};
+use meshwarden_shared::stream_rewrite::{rewrite_strings, DeltaChannels, SseTextRewriter, TextRewrite};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -178,6 +178,11 @@ impl Restorer {
     /// arguments, ...), in the raw text unless an angle bracket is escaped or responses are scanned;
     /// then by parsing. Not JSON: restored as raw text with JSON-escaped values.
     pub fn rewrite_json_body(&mut self, body: &[u8]) -> Option<Vec<u8>> {
+        // Ollama's streams (`application/x-ndjson`): one JSON object per line, one token per line, so a
+        // placeholder (or a value to scan) is cut across lines: lines are rewritten as SSE events are.
+        if let Some(lines) = ndjson_lines(body) {
+            return self.rewrite_ndjson(lines);
+        }
         // A value JSON must escape (a quote, a backslash, a control character) inside tool-call
         // `arguments` (JSON text in a JSON string) needs escaping twice: only the parsed path knows
         // where it lands.
@@ -203,6 +208,72 @@ impl Restorer {
             Err(_) => self.restore_bytes(body, true),
         }
     }
+}
+
+impl Restorer {
+    /// NDJSON lines rewritten as SSE events are ([`DeltaChannels`]: per delta stream, only a tail that may
+    /// start a placeholder, or a value the scanner must see whole, held back and prepended to the next
+    /// line's delta; held text flushed in a line cloned from the last delta before a `"done": true` line
+    /// and at the end). Changed lines are re-serialised; the others keep their bytes.
+    fn rewrite_ndjson(&mut self, lines: Vec<(&str, Option<Value>)>) -> Option<Vec<u8>> {
+        let mut channels: DeltaChannels<()> = DeltaChannels::default();
+        let mut out = Vec::new();
+        let mut changed = false;
+        let mut flushes = Vec::new();
+        let write = |out: &mut Vec<u8>, flushes: &mut Vec<((), Value)>| {
+            for (_, v) in flushes.drain(..) {
+                out.extend_from_slice(v.to_string().as_bytes());
+                out.push(b'\n');
+            }
+        };
+        for (line, v) in lines {
+            let Some(mut v) = v else {
+                out.extend_from_slice(line.as_bytes());
+                continue;
+            };
+            if v.get("done") == Some(&Value::Bool(true)) {
+                channels.flush_all(self, &mut flushes);
+            }
+            let line_changed = channels.on_event(&mut v, &(), line.len(), self, &mut flushes);
+            changed |= line_changed || !flushes.is_empty();
+            write(&mut out, &mut flushes);
+            if line_changed {
+                out.extend_from_slice(v.to_string().as_bytes());
+                out.extend_from_slice(line.get(line.trim_end().len()..).unwrap_or("").as_bytes());
+            } else {
+                out.extend_from_slice(line.as_bytes());
+            }
+        }
+        channels.flush_all(self, &mut flushes);
+        changed |= !flushes.is_empty();
+        write(&mut out, &mut flushes);
+        changed.then_some(out)
+    }
+}
+
+/// `body` as NDJSON lines (each with its line ending; blank lines `None`), when it is several JSON
+/// objects one per line (a `}` and a `{` separated by a line break only, which one JSON document never
+/// has) and every line parses. `None` for anything else.
+fn ndjson_lines(body: &[u8]) -> Option<Vec<(&str, Option<Value>)>> {
+    let ws = |c: &u8| matches!(c, b' ' | b'\t' | b'\r' | b'\n');
+    let split = memchr::memchr_iter(b'\n', body).any(|i| {
+        let before = body.get(..i).and_then(|b| b.iter().rev().find(|c| !ws(c)));
+        let after = body.get(i..).and_then(|b| b.iter().find(|c| !ws(c)));
+        before == Some(&b'}') && after == Some(&b'{')
+    });
+    if !split {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.split_inclusive('\n')
+        .map(|line| {
+            let json = line.trim();
+            if json.is_empty() {
+                return Some((line, None));
+            }
+            serde_json::from_str::<Value>(json).ok().map(|v| (line, Some(v)))
+        })
+        .collect()
 }
 
 /// Longest value written in groups that a scanner must see whole (an IBAN of 34 characters in groups of
@@ -523,6 +594,51 @@ mod tests {
         assert_eq!(text, "Card [REDACTED], call [REDACTED] or pay [REDACTED] now.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
+    }
+
+    /// Ollama streams (`/api/chat`, `/api/generate`; `application/x-ndjson`, buffered as JSON) send one
+    /// JSON object per line and one token per line: a placeholder is cut across lines, and so is a value
+    /// the response scanner must see whole. Restored and scanned as the SSE deltas are, lines kept JSON.
+    #[test]
+    fn ollama_ndjson_stream_restored_and_scanned_across_lines() {
+        let line = |t: &str, done: bool| {
+            format!(
+                "{}\n",
+                serde_json::json!({"model":"llama3","message":{"role":"assistant","content":t},"done":done})
+            )
+        };
+        let generate =
+            |t: &str, done: bool| format!("{}\n", serde_json::json!({"model":"llama3","response":t,"done":done}));
+        type Make<'a> = &'a dyn Fn(&str, bool) -> String;
+        let shapes: [(Make, &str); 2] = [(&line, "/message/content"), (&generate, "/response")];
+        for (make, pointer) in shapes {
+            let body: String = ["Write to <", "EMAIL", "_1", "> or bob@le", "ak.example.org", " now."]
+                .iter()
+                .map(|t| make(t, false))
+                .chain([make("", true)])
+                .collect();
+            let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+            for scan in [None, Some(engine)] {
+                let scanned = scan.is_some();
+                let mut r = Restorer::new(map(&[("<EMAIL_1>", "me \"x\"@x.io")]), scan);
+                let out = r.rewrite_json_body(body.as_bytes()).unwrap_or_else(|| body.as_bytes().to_vec());
+                let out = String::from_utf8(out).unwrap();
+                let mut text = String::new();
+                let mut last_done = false;
+                for l in out.lines() {
+                    let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+                    text.push_str(v.pointer(pointer).and_then(Value::as_str).unwrap());
+                    last_done = v["done"] == true;
+                }
+                let expected = if scanned {
+                    "Write to me \"x\"@x.io or [REDACTED] now."
+                } else {
+                    "Write to me \"x\"@x.io or bob@leak.example.org now."
+                };
+                assert_eq!(text, expected, "{pointer}: {out}");
+                assert!(last_done, "the done line stays last: {out}");
+            }
+        }
     }
 
     /// SSE tool-call arguments (OpenAI `function.arguments`, Anthropic `partial_json`) are JSON text:
