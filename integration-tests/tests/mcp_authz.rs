@@ -910,6 +910,37 @@ async fn path_parameters_do_not_hide_the_mcp_endpoint() {
     }
 }
 
+/// A trailing slash is the endpoint (Express, by default, routes `/a2a/` as `/a2a`: the A2A JS SDK): the
+/// call is decided, not passed as another path. A path that is one endpoint as sent and another once
+/// normalized (`/mcp/..;/.well-known/agent-card.json`: Tomcat / Spring serve the card for it, which
+/// passed unfiltered as an MCP GET) is refused, nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailing_slashes_and_paths_naming_two_endpoints() {
+    let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
+    let mut cfg = scripted_policy();
+    cfg["a2a_paths"] = json!(["/a2a"]);
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &cfg)
+        .start()
+        .await
+        .unwrap();
+    let send = json!({"jsonrpc": "2.0", "id": 1, "method": "message/send",
+                      "params": {"message": {"role": "user", "parts": []}}});
+    let resp = client().post(envoy.url("/a2a/")).json(&send).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!((status, v["error"]["code"].as_i64()), (200, Some(-32601)), "{v}");
+    assert!(mock.requests().is_empty(), "an A2A call to /a2a/ reached the upstream undecided");
+    for path in ["/mcp/..;/.well-known/agent-card.json", "/mcp/..;/a2a"] {
+        let resp = client().get(envoy.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!((status, v["error"]["code"].as_i64()), (400, Some(-32600)), "{path}: {v}");
+        assert!(mock.requests().is_empty(), "{path}: reached the upstream");
+    }
+}
+
 /// A URI glob matches text: `file:///public/*` matches `file:///public/../private/keys` (and its
 /// `%2e%2e` / `%252e%252e` spellings) while the server reads /private/keys. Refused, whoever asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

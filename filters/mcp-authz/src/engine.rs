@@ -11,13 +11,15 @@
 //! | a denied notification | `hide`: 202 with no body (as if delivered); `forbid`: 403 |
 //! | a batch with a denied or invalid element | nothing is forwarded; one error per request element |
 //! | a batch with two requests sharing an id (under [`id_key`]) | 400, one error per request element (-32600 for the repeats) |
+//! | keys that are one key to a case-insensitive parser (`method` and `Method`), a member misspelled so (`ID`) | 400, -32600 (`parse_body`) |
+//! | a path that is one endpoint as sent and another normalized (`/mcp/../a2a`) | 400 ([`Endpoint::Ambiguous`]) |
 //! | a resource URI with `.` / `..` segments (also `%2e`, `%252e`) | denied (rule `uri-dot-segments`), never resolved |
 //! | an answer (or SSE event) that cannot be read | replaced by -32603 (fail closed); GET streams are read by list shape |
 //! | client responses (answers to server requests) | forwarded, no decision needed |
 
-use crate::config::{Config, DenyAnswer, Protocol};
+use crate::config::{Config, DenyAnswer, OtherPaths, Protocol};
 use crate::identity::Identity;
-use crate::policy::{Call, Decision, Policy, View};
+use crate::policy::{fold_eq, fold_key, Call, Decision, Policy, View};
 use meshwarden_shared::a2a;
 use meshwarden_shared::config::glob_match;
 use meshwarden_shared::jsonrpc::{self, Message, ParseError, Payload};
@@ -43,6 +45,9 @@ pub enum Endpoint {
     A2a,
     Card,
     Other,
+    /// One endpoint as sent, another once normalized (`/mcp/../a2a`): refused (400), since servers
+    /// disagree on where it goes.
+    Ambiguous,
 }
 
 /// A local answer.
@@ -158,13 +163,14 @@ fn strip_query(path: &str) -> &str {
 }
 
 /// Whether a server could route `p` (query already cut) differently from its spelling: a percent
-/// escape, a backslash, an ASCII capital, a `;` path parameter, `//`, or a `.` / `..` segment. Most
-/// paths have none, and skip the normalized second match.
+/// escape, a backslash, an ASCII capital, a `;` path parameter, `//`, a `.` / `..` segment, or a
+/// trailing `/`. Most paths have none, and skip the normalized second match.
 fn needs_normalizing(p: &str) -> bool {
     let b = p.as_bytes();
     b.iter().any(|c| matches!(c, b'%' | b'\\' | b';' | b'A'..=b'Z'))
         || p.contains("//")
         || p.split('/').any(|seg| seg == "." || seg == "..")
+        || (p.len() > 1 && p.ends_with('/'))
 }
 
 /// `p` (query already cut) as a normalizing server would route it: percent escapes decoded (all of
@@ -206,20 +212,100 @@ pub fn normalized_path(p: &str) -> String {
 
 /// The key an answer is matched to its request by. A number with no fraction is keyed as the integer:
 /// JavaScript servers (the TypeScript MCP SDK) parse `1.0` and `1e2` as the numbers 1 and 100 and echo
-/// `1` / `100`, and an answer that matched no request would pass unfiltered. Strings stay distinct from
-/// numbers (`"1"` is not `1`), as JSON-RPC servers keep them.
+/// `1` / `100`, and an answer that matched no request would pass unfiltered. An integer beyond 2^53 is
+/// keyed by the double it rounds to: a JavaScript server (the A2A JS SDK, the TypeScript MCP SDK) echoes
+/// `9007199254740993` as `9007199254740992` and `1e19` as `10000000000000000000`, and a Python server
+/// (Pydantic reading `1e19` as an int) the latter too, so every spelling of one double is one id (two
+/// such requests in a batch share an id and are refused). Strings stay distinct from numbers (`"1"` is
+/// not `1`), as JSON-RPC servers keep them.
 pub fn id_key(id: &Value) -> String {
     if let Value::Number(n) = id {
-        if n.as_i64().is_none() && n.as_u64().is_none() {
-            if let Some(f) = n.as_f64() {
-                // Exactly integral and within i64: the integer's digits (u64 ids parse as u64 above).
-                if f.fract() == 0.0 && f.abs() < 9.0e18 {
+        if let Some(f) = n.as_f64() {
+            if f.is_finite() && f.fract() == 0.0 {
+                // Up to 2^53 the double holds the integer exactly: its digits, as before any rounding.
+                if f.abs() <= 9_007_199_254_740_992.0 {
                     return format!("{}", f as i64);
                 }
+                // Beyond: the double's integer digits (`Display` never uses an exponent).
+                return format!("{f}");
             }
         }
     }
     id.to_string()
+}
+
+/// A POST body as JSON-RPC, refusing JSON that servers' parsers read differently: a key given twice
+/// (the shared strict parse), and keys that are one key to a case-insensitive parser ([`fold_eq`]).
+/// Go's `encoding/json` matches object keys to struct fields ignoring case, so a Go MCP / A2A server
+/// built on it reads `{"method":"ping","Method":"tools/call"}` as a `tools/call` (the last of the two),
+/// `{"name":"search","Name":"delete_all"}` as `delete_all`, `{"ID":1,"method":"tools/list"}` as a request
+/// (here a notification, whose answer would not be filtered), and `"Params"` as the params. Refused as
+/// duplicate keys are: two keys of one object that fold alike (any depth), and a JSON-RPC or MCP member
+/// spelled otherwise than exactly.
+fn parse_body(body: &[u8], protocol: Protocol) -> Result<Payload, ParseError> {
+    let value = meshwarden_shared::json::parse_strict(body).map_err(|e| match e {
+        meshwarden_shared::json::JsonBodyError::DuplicateKey(m) => ParseError::DuplicateKey(m),
+        _ => ParseError::NotJson,
+    })?;
+    if let Some(why) = folded_duplicate(&value).or_else(|| misspelled_member(&value, protocol)) {
+        return Err(ParseError::DuplicateKey(why));
+    }
+    jsonrpc::parse_value(value)
+}
+
+/// Two keys of one object (at any depth) that are one key to a case-insensitive parser.
+fn folded_duplicate(v: &Value) -> Option<String> {
+    match v {
+        Value::Object(m) => {
+            let twice =
+                |a: &String, b: &String| format!("keys {a:?} and {b:?} are one key to case-insensitive parsers");
+            if m.len() <= 16 {
+                let keys: Vec<&String> = m.keys().collect();
+                for (i, a) in keys.iter().enumerate() {
+                    if let Some(b) = keys.iter().skip(i + 1).find(|b| fold_eq(a, b)) {
+                        return Some(twice(a, b));
+                    }
+                }
+            } else {
+                // Linear for large objects (a hostile body may hold 100,000 keys).
+                let mut seen: HashMap<String, &String> = HashMap::with_capacity(m.len());
+                for k in m.keys() {
+                    if let Some(earlier) = seen.insert(fold_key(k), k) {
+                        return Some(twice(earlier, k));
+                    }
+                }
+            }
+            m.values().find_map(folded_duplicate)
+        }
+        Value::Array(items) => items.iter().find_map(folded_duplicate),
+        _ => None,
+    }
+}
+
+/// A JSON-RPC member (`method`, `id`, `params`...), or a `params` member the policy reads (`name`, `uri`,
+/// `arguments`, `ref`; A2A `tenant`), spelled otherwise than exactly (`Method`, `ID`, `paramſ`).
+fn misspelled_member(v: &Value, protocol: Protocol) -> Option<String> {
+    const MESSAGE: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+    const MCP_PARAMS: &[&str] = &["name", "uri", "arguments", "ref", "_meta"];
+    const A2A_PARAMS: &[&str] = &["tenant"];
+    const REF: &[&str] = &["type", "name", "uri"];
+    let check = |obj: &serde_json::Map<String, Value>, members: &[&str]| {
+        obj.keys().find_map(|k| {
+            let m = members.iter().find(|m| fold_eq(k, m))?;
+            (k != m).then(|| format!("key {k:?} is {m:?} to case-insensitive parsers"))
+        })
+    };
+    let messages = match v {
+        Value::Array(items) => items.as_slice(),
+        other => std::slice::from_ref(other),
+    };
+    messages.iter().filter_map(Value::as_object).find_map(|msg| {
+        check(msg, MESSAGE).or_else(|| {
+            let params = msg.get("params")?.as_object()?;
+            let members = if protocol == Protocol::Mcp { MCP_PARAMS } else { A2A_PARAMS };
+            check(params, members).or_else(|| check(params.get("ref")?.as_object()?, REF))
+        })
+    })
 }
 
 fn json_reply(status: u32, body: &Value, extra: Vec<(String, String)>) -> Reply {
@@ -238,13 +324,41 @@ impl Engine {
     /// normalizes paths would route it ([`normalized_path`]): `/%6Dcp`, `//mcp`, `/x/../mcp` or `/MCP`
     /// reach the MCP endpoint of such a server (uvicorn decodes escapes, Envoy's `normalize_path` resolves
     /// dot segments, some frameworks ignore case), so they are authorized as MCP, not passed as other.
+    ///
+    /// A path that matches as sent is matched normalized too: a server that routes as sent and one that
+    /// normalizes may disagree. `/mcp/../.well-known/agent-card.json` matches `/mcp/*` as sent, and a
+    /// normalizing server serves the card for it: authorized as an MCP GET, the card would pass
+    /// unfiltered. Two different endpoints are [`Endpoint::Ambiguous`] (refused); an endpoint as sent that
+    /// is no endpoint normalized (`/mcp/../admin`) stays that endpoint, unless other paths are denied.
     pub fn endpoint(&self, path: &str) -> Endpoint {
         let p = strip_query(path);
-        let e = self.endpoint_as_sent(p, false);
-        if e != Endpoint::Other || !needs_normalizing(p) {
+        let as_sent = self.endpoint_as_sent(p, false);
+        if !needs_normalizing(p) {
+            return as_sent;
+        }
+        match (as_sent, self.endpoint_normalized(p)) {
+            (a, n) if a == n => a,
+            (Endpoint::Other, n) => n,
+            // A server routing as sent reaches the endpoint, a normalizing one another path.
+            (_, Endpoint::Other) if self.config.other_paths == OtherPaths::Deny => Endpoint::Other,
+            (a, Endpoint::Other) => a,
+            _ => Endpoint::Ambiguous,
+        }
+    }
+
+    /// The endpoint of `p` normalized ([`normalized_path`]), then (if none) without a trailing slash:
+    /// Express (non-strict routing, its default; the A2A JS SDK and most TypeScript MCP servers), ASP.NET
+    /// Core and Spring MVC 5 route `/a2a/` as `/a2a`.
+    fn endpoint_normalized(&self, p: &str) -> Endpoint {
+        let normalized = normalized_path(p);
+        let e = self.endpoint_as_sent(&normalized, true);
+        if e != Endpoint::Other {
             return e;
         }
-        self.endpoint_as_sent(&normalized_path(p), true)
+        match normalized.strip_suffix('/') {
+            Some(t) if !t.is_empty() => self.endpoint_as_sent(t, true),
+            _ => e,
+        }
     }
 
     /// `folded`: `p` is normalized (lowercase), so the configured paths are compared lowercased.
@@ -262,11 +376,14 @@ impl Engine {
         }
     }
 
-    /// [`endpoint`](Self::endpoint), then (with `detect_by_headers`) MCP / A2A headers on other paths.
+    /// [`endpoint`](Self::endpoint), then (with `detect_by_headers`) MCP / A2A headers on other paths that
+    /// would pass: with `other_paths: deny` an other path is refused whatever it carries (authorized as
+    /// MCP, a GET to any path with an `Mcp-Session-Id` would pass as the built-in `session/stream`).
     pub fn endpoint_with_headers(&self, path: &str, has_mcp_headers: bool, has_a2a_header: bool) -> Endpoint {
+        let detect = self.config.detect_by_headers && self.config.other_paths == OtherPaths::Pass;
         match self.endpoint(path) {
-            Endpoint::Other if self.config.detect_by_headers && has_mcp_headers => Endpoint::Mcp,
-            Endpoint::Other if self.config.detect_by_headers && has_a2a_header => Endpoint::A2a,
+            Endpoint::Other if detect && has_mcp_headers => Endpoint::Mcp,
+            Endpoint::Other if detect && has_a2a_header => Endpoint::A2a,
             e => e,
         }
     }
@@ -380,7 +497,7 @@ impl Engine {
         headers: &RequestHeaders,
         body: &[u8],
     ) -> Outcome {
-        let payload = match jsonrpc::parse(body) {
+        let payload = match parse_body(body, protocol) {
             Ok(p) => p,
             Err(ParseError::NotJson) => {
                 let b = jsonrpc::error_response(None, jsonrpc::PARSE_ERROR, "Parse error: the body is not JSON");
@@ -1057,6 +1174,11 @@ mod tests {
     fn body(r: &Reply) -> Value {
         serde_json::from_str(&r.body).unwrap()
     }
+    fn body_code(r: &Reply) -> i64 {
+        let v = body(r);
+        let e = if v.is_array() { &v[0]["error"] } else { &v["error"] };
+        e["code"].as_i64().unwrap()
+    }
 
     #[test]
     fn endpoints() {
@@ -1157,6 +1279,186 @@ mod tests {
         let (out, removed) =
             e.filter_answer_text(&anon(), &plan, std::str::from_utf8(answer).unwrap()).unwrap().unwrap();
         assert_eq!(removed, 1, "{out}");
+    }
+
+    /// Ids beyond 2^53 come back as the double a JavaScript server (or Pydantic, for `1e19`) reads them
+    /// as: the agent card answer to `GetExtendedAgentCard` is still filtered (A2A answers are not read by
+    /// shape), and two requests a server reads as one id are refused in a batch.
+    #[test]
+    fn large_ids_match_as_servers_echo_them() {
+        let e = engine(json!({"a2a_paths": ["/a2a"], "policy": {"rules": [
+            {"name": "callers", "effect": "allow", "protocol": "a2a", "methods": ["GetExtendedAgentCard"],
+             "identity": [{"claim": "sub", "present": true}]},
+            {"name": "common-skills", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"],
+             "targets": ["sql"], "identity": [{"claim": "sub", "present": true}]}
+        ]}}));
+        let bob = Identity::from_claims(json!({"sub": "bob"}).as_object().unwrap().clone());
+        for (sent, echoed) in [
+            ("9007199254740993", "9007199254740992"),
+            ("1e19", "10000000000000000000"),
+            ("18446744073709551615", "18446744073709552000"),
+            ("-9007199254740995", "-9007199254740996"),
+        ] {
+            let req = format!(r#"{{"jsonrpc":"2.0","id":{sent},"method":"GetExtendedAgentCard"}}"#);
+            let out = e.decide_body(&bob, Protocol::A2a, &h(), req.as_bytes());
+            assert!(out.reply.is_none(), "{sent}");
+            let answer = format!(
+                r#"{{"jsonrpc":"2.0","id":{echoed},"result":{{"name":"agent","skills":[{{"id":"sql"}},{{"id":"payments"}}]}}}}"#
+            );
+            let filtered = e.filter_json_plan(&bob, &out.filters, false, answer.as_bytes()).unwrap();
+            let (body, removed) = filtered.unwrap_or_else(|| panic!("{sent} answered as {echoed}: card not filtered"));
+            assert_eq!(removed, 1, "{sent}");
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["result"]["skills"], json!([{"id": "sql"}]), "{sent}");
+        }
+        // A tools/list and a prompts/list whose ids a JavaScript server reads as one: refused, nothing
+        // forwarded (else the tools answer, echoed with the prompts request's id, passed as a prompts one).
+        let batch = br#"[{"jsonrpc":"2.0","id":9007199254740993,"method":"tools/list"},{"jsonrpc":"2.0","id":9007199254740992,"method":"prompts/list"}]"#;
+        let out = e.decide_body(&bob, Protocol::Mcp, &h(), batch);
+        assert_eq!(out.reply.map(|r| r.status), Some(400));
+        assert!(out.filters.is_empty());
+        // Ids a server keeps apart stay apart.
+        for (x, y) in [("9007199254740992", "9007199254740994"), ("1e19", "1.0000000000000002e19")] {
+            let (a, b): (Value, Value) = (serde_json::from_str(x).unwrap(), serde_json::from_str(y).unwrap());
+            assert_ne!(id_key(&a), id_key(&b), "{x} vs {y}");
+        }
+    }
+
+    /// A trailing slash: Express (non-strict routing, its default: the A2A JS SDK, most TypeScript MCP
+    /// servers) routes `/a2a/` to its `/a2a` handler and `/.well-known/agent-card.json/` to the card.
+    #[test]
+    fn trailing_slash_spellings_are_the_endpoint() {
+        let e = engine(json!({"mcp_paths": ["/v1/mcp"], "a2a_paths": ["/a2a"]}));
+        for (p, want) in [
+            ("/a2a/", Endpoint::A2a),
+            ("/a2a/?x=1", Endpoint::A2a),
+            ("/A2A/", Endpoint::A2a),
+            ("/v1/mcp/", Endpoint::Mcp),
+            ("/.well-known/agent-card.json/", Endpoint::Card),
+            ("/.well-known/agent.json/", Endpoint::Card),
+            ("/", Endpoint::Other),
+            ("/a2ax/", Endpoint::Other),
+            ("/v1/", Endpoint::Other),
+        ] {
+            assert_eq!(e.endpoint(p), want, "{p}");
+        }
+        // A glob that needs the slash still matches it.
+        let g = engine(json!({"mcp_paths": ["/api/*"]}));
+        assert_eq!(g.endpoint("/API/"), Endpoint::Mcp);
+    }
+
+    /// A path that is one endpoint as sent and another once normalized is refused: a normalizing server
+    /// (Tomcat, Spring, Vert.x, or any behind Envoy without `normalize_path`) serves the card for
+    /// `/mcp/../.well-known/agent-card.json`, which as an MCP GET (`session/stream`) passed unfiltered.
+    #[test]
+    fn paths_naming_two_endpoints_are_refused() {
+        let e = engine(json!({"a2a_paths": ["/a2a", "/agents/*"]}));
+        for p in [
+            "/mcp/../.well-known/agent-card.json",
+            "/mcp/..;/.well-known/agent-card.json",
+            "/mcp/%2e%2e/.well-known/agent.json?x=1",
+            "/mcp/../a2a",
+            "/mcp/x/../../agents/y",
+            "/agents/../mcp",
+        ] {
+            assert_eq!(e.endpoint(p), Endpoint::Ambiguous, "{p}");
+        }
+        // One endpoint either way, or an endpoint as sent and none normalized (other paths pass).
+        for (p, want) in [
+            ("/mcp/a/../b", Endpoint::Mcp),
+            ("/mcp/..", Endpoint::Mcp),
+            ("/mcp/../v1/chat", Endpoint::Mcp),
+            ("/MCP/x", Endpoint::Mcp),
+            ("/x/../a2a", Endpoint::A2a),
+            ("/v1/../../x", Endpoint::Other),
+        ] {
+            assert_eq!(e.endpoint(p), want, "{p}");
+        }
+        // With other paths denied, such a path is another path (403), and MCP / A2A headers do not turn
+        // another path into an authorized one (a GET with `Mcp-Session-Id` passed as `session/stream`).
+        let deny = engine(json!({"other_paths": "deny"}));
+        assert_eq!(deny.endpoint("/mcp/../admin"), Endpoint::Other);
+        assert_eq!(deny.endpoint_with_headers("/admin", true, false), Endpoint::Other);
+        assert_eq!(deny.endpoint_with_headers("/admin", false, true), Endpoint::Other);
+        assert_eq!(deny.endpoint_with_headers("/mcp", true, false), Endpoint::Mcp);
+        assert_eq!(deny.endpoint_with_headers("/mcp/..", false, false), Endpoint::Other);
+        let session = deny.decide_session(&anon(), "GET");
+        assert!(session.reply.is_none(), "what such a GET got as MCP: the built-in session/stream");
+    }
+
+    /// Keys that are one key to a case-insensitive parser (Go's `encoding/json`: mark3labs/mcp-go, the
+    /// go-sdk before its CVE-2026-27896 fix) are refused like duplicate keys: the filter read one
+    /// spelling, a Go server the last (or the only, misspelled, one).
+    #[test]
+    fn case_variant_keys_are_refused() {
+        let e = engine(json!({"policy": {"rules": [
+            {"name": "no-delete", "effect": "deny", "targets": ["delete_*"]},
+            {"name": "cap", "effect": "deny", "targets": ["transfer"], "arguments": [{"path": "amount", "min": 1000}]},
+            {"name": "calls", "effect": "allow", "methods": ["tools/call"]}
+        ]}}));
+        for body in [
+            // ping for the filter, tools/call for Go
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"delete_all"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","Name":"delete_all"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","naMe":"delete_all"}}"#,
+            // no name for the filter (no target: the deny rule on delete_* does not apply)
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"delete_all"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","Params":{"name":"delete_all"}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","param\u017f":{"name":"delete_all"}}"#,
+            // a notification for the filter (its answer not filtered), a request for Go
+            r#"{"jsonrpc":"2.0","ID":7,"method":"tools/list"}"#,
+            r#"{"jsonrpc":"2.0","\u0131d":7,"method":"tools/list"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5,"Amount":5000}}}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping","METHOD":"tools/call"}]"#,
+        ] {
+            let o = e.decide_body(&anon(), Protocol::Mcp, &h(), body.as_bytes());
+            let r = o.reply.unwrap_or_else(|| panic!("forwarded: {body}"));
+            assert_eq!((r.status, body_code(&r)), (400, -32600), "{body}");
+            assert_eq!(o.events, vec!["duplicate_json_key"], "{body}");
+            assert!(o.filters.is_empty());
+        }
+        // Only `Amount` (Go reads it as `amount`): the argument deny rule applies (fail closed).
+        let o = e.decide_body(
+            &anon(),
+            Protocol::Mcp,
+            &h(),
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"Amount":5000}}}"#,
+        );
+        assert_eq!(o.audits[0].rule, "cap");
+        assert!(o.reply.is_some());
+        // A2A: `Tenant` is the target Go reads.
+        let a2a = br#"{"jsonrpc":"2.0","id":1,"method":"SendMessage","params":{"Tenant":"acme","message":{}}}"#;
+        assert_eq!(e.decide_body(&anon(), Protocol::A2a, &h(), a2a).reply.map(|r| r.status), Some(400));
+        // Large objects take the linear path.
+        let mut args = serde_json::Map::new();
+        for i in 0..40 {
+            args.insert(format!("k{i}"), json!(i));
+        }
+        args.insert("K7".into(), json!(0));
+        let big =
+            json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": args}});
+        assert_eq!(
+            e.decide_body(&anon(), Protocol::Mcp, &h(), big.to_string().as_bytes()).reply.map(|r| r.status),
+            Some(400)
+        );
+        // What clients send still passes: case variants elsewhere, in one spelling each.
+        for ok in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search","arguments":{"Name":"x","rows":[{"ID":1,"id2":2}]}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"p"},"argument":{"name":"a","value":"b"}}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"transfer","arguments":{"amount":5}}}"#,
+        ] {
+            let o = e.decide_body(&anon(), Protocol::Mcp, &h(), ok.as_bytes());
+            assert!(o.events.is_empty(), "{ok}: {:?}", o.events);
+        }
+        // Go's folding (`unicode.ToUpper(unicode.ToLower(r))`).
+        for (a, b) in [("paramſ", "params"), ("\u{212a}ey", "key"), ("İd", "id"), ("ıd", "ID"), ("METHOD", "method")]
+        {
+            assert!(fold_eq(a, b), "{a} {b}");
+            assert_eq!(crate::policy::fold_key(a), crate::policy::fold_key(b), "{a} {b}");
+        }
+        for (a, b) in [("ß", "ss"), ("name", "names"), ("argument", "arguments"), ("i", "j")] {
+            assert!(!fold_eq(a, b), "{a} {b}");
+        }
     }
 
     #[test]

@@ -362,6 +362,14 @@ impl Request {
             [mcp::HEADER_METHOD, mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_SESSION_ID].iter().any(|h| headers.has(h));
         let has_a2a_header = headers.has("a2a-version");
         self.endpoint = self.engine.endpoint_with_headers(&path, has_mcp_headers, has_a2a_header);
+        if self.endpoint == Endpoint::Ambiguous {
+            return self.error_reply(
+                400,
+                jsonrpc::INVALID_REQUEST,
+                "Invalid Request: the path names another endpoint once normalized",
+                "invalid_request",
+            );
+        }
         if self.endpoint == Endpoint::Other {
             if self.engine.config.other_paths == OtherPaths::Deny {
                 return self.error_reply(

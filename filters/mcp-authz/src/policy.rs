@@ -480,10 +480,13 @@ impl ArgMatcher {
     /// A value that is present but cannot be read as the matcher's type (`min` on `"abc"`, `regex` on an
     /// object) counts as a match in a deny rule and as no match in an allow rule: both fail closed.
     fn matches(&self, args: &Value, deny: bool) -> bool {
-        let v = lookup(args, &self.path);
-        let Some(v) = v.as_deref() else {
-            return matches!(self.op, ArgOp::Present(false));
+        let v = match lookup(args, &self.path) {
+            Lookup::Found(v) => v,
+            Lookup::Missing => return matches!(self.op, ArgOp::Present(false)),
+            // `{"Amount": 5000}` for `amount`: a Go server (case-insensitive keys) reads 5000 there.
+            Lookup::Unclear => return deny,
         };
+        let v = v.as_ref();
         match &self.op {
             ArgOp::Present(p) => v.is_null() != *p,
             ArgOp::Equals(want) => lax_eq(v, want),
@@ -502,29 +505,80 @@ impl ArgMatcher {
     }
 }
 
+/// What an argument path finds.
+enum Lookup<'a> {
+    Found(std::borrow::Cow<'a, Value>),
+    Missing,
+    /// Missing as spelled, but an object on the way has a key that is the path's key to a
+    /// case-insensitive parser ([`fold_eq`]): Go servers read `Amount` as `amount`.
+    Unclear,
+}
+
 /// The value at `path`, stepping into a string that holds a JSON object or array as into that value.
-fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Option<std::borrow::Cow<'a, Value>> {
+fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Lookup<'a> {
     use std::borrow::Cow;
     let mut cur: Cow<'a, Value> = Cow::Borrowed(root);
     for seg in path {
         if let Value::String(s) = cur.as_ref() {
             match serde_json::from_str::<Value>(s) {
                 Ok(parsed @ (Value::Object(_) | Value::Array(_))) => cur = Cow::Owned(parsed),
-                _ => return None,
+                _ => return Lookup::Missing,
             }
         }
-        cur = match cur {
-            Cow::Borrowed(v) => Cow::Borrowed(match seg {
-                Segment::Key(k) => v.get(k.as_str())?,
-                Segment::Index(i) => v.get(*i)?,
-            }),
-            Cow::Owned(v) => Cow::Owned(match seg {
-                Segment::Key(k) => v.get(k.as_str())?.clone(),
-                Segment::Index(i) => v.get(*i)?.clone(),
-            }),
+        if let (Segment::Key(k), Value::Object(m)) = (seg, cur.as_ref()) {
+            if !m.contains_key(k.as_str()) {
+                let unclear = m.keys().any(|key| fold_eq(key, k));
+                return if unclear { Lookup::Unclear } else { Lookup::Missing };
+            }
+        }
+        let next = match cur {
+            Cow::Borrowed(v) => match seg {
+                Segment::Key(k) => v.get(k.as_str()).map(Cow::Borrowed),
+                Segment::Index(i) => v.get(*i).map(Cow::Borrowed),
+            },
+            Cow::Owned(v) => match seg {
+                Segment::Key(k) => v.get(k.as_str()).cloned().map(Cow::Owned),
+                Segment::Index(i) => v.get(*i).cloned().map(Cow::Owned),
+            },
         };
+        match next {
+            Some(n) => cur = n,
+            None => return Lookup::Missing,
+        }
     }
-    Some(cur)
+    Lookup::Found(cur)
+}
+
+/// One character as Go's `encoding/json` folds object keys before matching them to struct fields
+/// (`unicode.ToUpper(unicode.ToLower(r))`, simple mappings): ASCII letters to upper case, `ſ` (U+017F) to
+/// `S`, the Kelvin sign to `K`, `ı` and `İ` to `I`. Where Rust's full mapping has several characters
+/// (`ß` → `SS`) Go's simple one keeps the character; `İ` lowers to `i` then a combining dot, of which
+/// Go's simple mapping keeps the `i`.
+fn fold_char(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_uppercase();
+    }
+    let lower = c.to_lowercase().next().unwrap_or(c);
+    let mut upper = lower.to_uppercase();
+    match (upper.next(), upper.next()) {
+        (Some(u), None) => u,
+        _ => lower,
+    }
+}
+
+/// Whether two object keys are one key to Go's `encoding/json` (case-insensitive matching): Go MCP / A2A
+/// servers built on it (mark3labs/mcp-go; the official go-sdk before its CVE-2026-27896 fix) read
+/// `{"name":"search","Name":"delete_all"}` as `delete_all`, the last of the two.
+pub fn fold_eq(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    a.chars().map(fold_char).eq(b.chars().map(fold_char))
+}
+
+/// A key as [`fold_eq`] compares it: two keys are one key to Go exactly when their folds are equal.
+pub fn fold_key(k: &str) -> String {
+    k.chars().map(fold_char).collect()
 }
 
 /// A number as a lax validator reads it: a JSON number, a boolean (1/0), or a string holding a finite
