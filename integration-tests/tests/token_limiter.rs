@@ -288,6 +288,30 @@ async fn a_hidden_model_still_meets_the_model_rules() {
     assert_eq!(reject.stat("meshwarden.token_limiter.unknown_model_rejected").await.unwrap(), 1);
 }
 
+/// Azure OpenAI serves the deployment its path names and ignores the body's `model`: naming a cheaper
+/// model in the body must not take the request out of the deployment's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_azure_deployment_budget_cannot_be_escaped_through_the_body_model() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "rules":[
+            {"name":"prod","key":{"header":"x-team"},"model":"gpt4o-prod","limits":{"tokens_per_day":100}}]}),
+    )
+    .await;
+    let path = "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21";
+    let body = chat("gpt-4o-mini", "Which deployment serves me?", None, false);
+    let hdrs = [("x-team", "a"), ("x-mock-completion-tokens", "30")];
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = post(&e, path, &body, &hdrs).await;
+        statuses.push(r.status().as_u16());
+        let _ = r.text().await;
+    }
+    assert_eq!(statuses.last(), Some(&429), "the deployment's budget is spent: {statuses:?}");
+    assert!(e.stat("meshwarden.token_limiter.rule.prod.charged_tokens").await.unwrap_or(0) > 0);
+}
+
 /// A weighted rule (`input + 4*output`) with two windows charges both windows the weighted actual
 /// usage; `on_missing_key: skip` leaves requests without the key to the other rules and `shared` puts
 /// them in one common budget; `/v1/completions` streams are settled from their usage too.
@@ -452,6 +476,24 @@ async fn streaming_usage_responses_api() {
     stream_case("/v1/responses", body, Api::OpenAiResponses).await;
 }
 
+/// The Responses stream ends with `response.completed`, which holds the whole output (and echoes the
+/// request's `instructions` and `tools`): an answer of 300 KB makes it, and its one text delta, larger than
+/// the SSE parser's default 256 KiB event bound. Its usage must still settle the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_final_stream_event_is_settled_with_its_usage() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(10_000_000)).await;
+    let body = json!({"model": "gpt-4o", "stream": true, "input": "a".repeat(300 * 1024)});
+    let hdrs =
+        [("x-team", "a"), ("x-mock-echo", "1"), ("x-mock-completion-tokens", "5"), ("x-mock-prompt-tokens", "77000")];
+    let r = post(&e, "/v1/responses", &body, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("response.completed"));
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o.output_tokens").await.unwrap_or(0), 5);
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o.input_tokens").await.unwrap_or(0), 77_000);
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap_or(0), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_model_when_budget_is_spent() {
     let mock = MockLlm::start().await.unwrap();
@@ -547,6 +589,36 @@ async fn concurrency_limit_with_client_aborts_leaks_no_slot() {
     }
     assert!(both, "a slot stays taken after an upstream abort");
     assert!(e.stat("meshwarden.token_limiter.rule.c.limited_concurrency").await.unwrap() >= 3);
+}
+
+/// A request refused for a concurrency slot and for tokens at once: `retry-after` is the token budget's
+/// wait (a retry after 1 s would only be refused by the token rule), and the headers describe that budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_denial_announces_the_longer_token_wait() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"rules":[
+            {"name":"slots","key":{"header":"x-team"},"max_concurrent_requests":1},
+            {"name":"tokens","key":{"header":"x-team"},"limits":{"tokens_per_minute":600}}]}),
+    )
+    .await;
+    // Holds the only slot and reserves most of the minute's 600 tokens.
+    let held = post(
+        &e,
+        "/v1/chat/completions",
+        &chat("m", "slow stream", Some(550), true),
+        &[("x-team", "a"), ("x-mock-chunk-delay-ms", "300")],
+    )
+    .await;
+    assert_eq!(held.status(), 200);
+    let r = post(&e, "/v1/chat/completions", &chat("m", "next", Some(100), false), &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429);
+    let retry_ms: u64 = h(&r, "retry-after-ms").parse().unwrap();
+    assert!(retry_ms > 5_000, "the token rule needs ~6 s more (100 ms per token), not 1 s: {retry_ms} ms");
+    assert_eq!(h(&r, "retry-after").parse::<u64>().unwrap(), retry_ms.div_ceil(1000));
+    assert_eq!(h(&r, "x-ratelimit-limit-tokens"), "600");
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -789,8 +861,10 @@ async fn ollama_and_bedrock_invoke_usage_is_charged() {
     )
     .await;
     let _ = r.text().await.unwrap();
-    assert_eq!(e.stat(&out("titan")).await.unwrap(), 321);
-    assert_eq!(e.stat(&inp("titan")).await.unwrap(), 7);
+    // Counted under the model the path names (the one Bedrock serves), not the body's `model`.
+    let titan = "amazon_titan-text-express-v1";
+    assert_eq!(e.stat(&out(titan)).await.unwrap(), 321);
+    assert_eq!(e.stat(&inp(titan)).await.unwrap(), 7);
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 3);
 }
 

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 
 pub const OVERFLOW_LABEL: &str = "other";
 
+/// Longest raw value [`BoundedLabels::label`] remembers; longer ones are labelled `other`.
+pub const MAX_REMEMBERED_BYTES: usize = 256;
+
 /// A bounded set of label values for one dimension.
 #[derive(Debug, Clone)]
 pub struct BoundedLabels {
@@ -28,7 +31,9 @@ impl BoundedLabels {
         if let Some(l) = self.known.get(raw) {
             return l.clone();
         }
-        if self.known.len() >= self.max_values {
+        // A value no configuration names (a client's 1 MiB "model") is not remembered: 32 of them would
+        // pin 32 MiB per worker.
+        if self.known.len() >= self.max_values || raw.len() > MAX_REMEMBERED_BYTES {
             return OVERFLOW_LABEL.to_string();
         }
         let l = sanitize(raw);
@@ -129,6 +134,12 @@ mod tests {
         assert_eq!(l.label("third"), OVERFLOW_LABEL);
         assert_eq!(l.label("gpt-4o"), "gpt-4o");
         assert_eq!(l.len(), 2);
+        // A huge value is labelled `other` and not remembered, even with room left.
+        let mut l = BoundedLabels::new(4);
+        assert_eq!(l.label(&"m".repeat(MAX_REMEMBERED_BYTES + 1)), OVERFLOW_LABEL);
+        assert_eq!(l.len(), 0);
+        assert_eq!(l.label(&"m".repeat(MAX_REMEMBERED_BYTES)), "m".repeat(64));
+        assert_eq!(l.len(), 1);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -168,7 +168,8 @@ impl Shared {
                 let mut metrics = self.metrics.borrow_mut();
                 let i = metrics.counter_id_in(P, &format!("model.{label}.input_tokens"));
                 let o = metrics.counter_id_in(P, &format!("model.{label}.output_tokens"));
-                if hot.models.len() < MAX_HOT_MODELS {
+                // (Only names a model could have: a client's huge `model` is not kept for the worker's life.)
+                if hot.models.len() < MAX_HOT_MODELS && model.len() <= meshwarden_shared::stats::MAX_REMEMBERED_BYTES {
                     hot.models.push((model.to_string(), i, o));
                 }
                 (i, o)
@@ -835,6 +836,7 @@ impl Request {
                 json: None,
                 model: meshwarden_shared::llm::model_from_path(&self.path),
                 model_from_path: true,
+                other_model: None,
                 stream: false,
                 input_estimate: size_estimate(self.body_size),
                 output_reservation: cfg.default_output_reservation,
@@ -877,6 +879,7 @@ impl Request {
         let facts = Facts {
             model: parsed.model.clone(),
             model_from_path: parsed.model_from_path,
+            other_model: parsed.other_model.clone(),
             input_estimate: parsed.input_estimate,
             output_reservation: parsed.output_reservation,
             identities: std::mem::take(&mut self.identities),
@@ -1007,11 +1010,7 @@ impl Request {
         self.shared.count(&format!("rule.{rule}.{what}"), 1);
         let model = self.admission.as_ref().and_then(|a| a.model.clone());
         self.count_per_model(model.as_deref(), "limited");
-        let retry_ms = match d.reason {
-            DenyReason::Tokens if !d.never => d.retry_after_ms,
-            DenyReason::Tokens => d.window.map_or(1000, |w| w.window_ms),
-            DenyReason::Concurrency => 1000,
-        };
+        let retry_ms = d.retry_ms();
         let message = if d.missing_key {
             format!("Request rejected by rule '{rule}': the request does not carry the key this budget is charged to.")
         } else if d.reason == DenyReason::Concurrency {

@@ -12,9 +12,12 @@ use meshwarden_shared::ratelimit::{
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
     pub model: Option<String>,
-    /// The model came from the request path (Bedrock, Gemini, Azure): the body has no `model` to
-    /// rewrite, so no fallback.
+    /// The model came from the request path (Bedrock, Gemini, Azure): the path decides what is served,
+    /// and a path cannot be rewritten, so no fallback.
     pub model_from_path: bool,
+    /// Another model the request names (the body's, when the path names the served one): rules with a
+    /// `model` that match it apply as well.
+    pub other_model: Option<String>,
     /// Estimated prompt tokens.
     pub input_estimate: u64,
     /// Output tokens reserved (max_tokens capped, or the default reservation).
@@ -67,6 +70,19 @@ pub struct Denial {
     pub missing_key: bool,
 }
 
+impl Denial {
+    /// The wait the 429 announces (`retry-after-ms`): the exact wait of a token denial; the window
+    /// length for a request that can never fit; for a concurrency denial 1 s (when a slot frees is
+    /// unknown), or longer when a token budget denied the request too (`retry_after_ms`).
+    pub fn retry_ms(&self) -> u64 {
+        match self.reason {
+            DenyReason::Tokens if !self.never => self.retry_after_ms,
+            DenyReason::Tokens => self.window.map_or(1000, |w| w.window_ms),
+            DenyReason::Concurrency => self.retry_after_ms.max(1000),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Admission {
     pub facts: Facts,
@@ -101,7 +117,10 @@ impl Admission {
         // Rules keyed on the same value (team total + per-model limits) hash it once.
         let mut hashed: Vec<(&str, String)> = Vec::new();
         for (i, rule) in cfg.rules.iter().enumerate() {
-            if !rule.matches_model(self.model.as_deref(), cfg.unknown_model) {
+            let other = self.facts.other_model.as_deref();
+            if !rule.matches_model(self.model.as_deref(), cfg.unknown_model)
+                && !other.is_some_and(|m| rule.matches_model(Some(m), cfg.unknown_model))
+            {
                 continue;
             }
             let identity = self.facts.identities.get(i).and_then(Option::as_deref);
@@ -142,6 +161,16 @@ impl Admission {
         Ok(Plan { request: ReserveRequest { groups }, rules })
     }
 
+    /// The model a token denial by rule `rule_idx` falls back to, if it may: the body names the model
+    /// (a fallback rewrites it), the rule has a fallback not tried yet, and the chain is not too long.
+    fn fallback<'c>(&self, cfg: &'c Config, rule_idx: usize) -> Option<&'c String> {
+        let rewritable = self.facts.model.is_some() && !self.facts.model_from_path;
+        cfg.rules
+            .get(rule_idx)
+            .and_then(|r| r.fallback_model.as_ref())
+            .filter(|fb| rewritable && !self.tried.iter().any(|m| m == *fb) && self.tried.len() <= MAX_FALLBACKS)
+    }
+
     /// Interpret the store's answer to `plan`.
     pub fn decide(&mut self, cfg: &Config, plan: &Plan, resp: &ReserveResponse) -> Outcome {
         if resp.allowed {
@@ -152,20 +181,26 @@ impl Admission {
         let result = resp.groups.get(g).cloned().unwrap_or_default();
         let reason = result.reason.unwrap_or(DenyReason::Tokens);
         // A fallback rewrites `model` in the body: not possible when the body has none to rewrite.
-        let rewritable = self.facts.model.is_some() && !self.facts.model_from_path;
-        if reason == DenyReason::Tokens && rewritable {
-            if let Some(fb) = cfg.rules.get(rule_idx).and_then(|r| r.fallback_model.as_ref()) {
-                if !self.tried.iter().any(|m| m == fb) && self.tried.len() <= MAX_FALLBACKS {
-                    self.tried.push(fb.clone());
-                    self.model = Some(fb.clone());
-                    return Outcome::Fallback { model: fb.clone() };
-                }
+        if reason == DenyReason::Tokens {
+            if let Some(fb) = self.fallback(cfg, rule_idx).cloned() {
+                self.tried.push(fb.clone());
+                self.model = Some(fb.clone());
+                return Outcome::Fallback { model: fb };
             }
         }
         // Every denying group counts for the wait: at `retry-after` all of them must fit, not only the
         // first (the sidecar and the local store try every group; an older sidecar answered only one).
-        let denying: Vec<meshwarden_shared::ratelimit::GroupResult> =
-            meshwarden_shared::ratelimit::denying(resp).cloned().collect();
+        // A spent token budget with a fallback does not: the retry falls back instead of waiting for it.
+        let denying: Vec<meshwarden_shared::ratelimit::GroupResult> = resp
+            .groups
+            .iter()
+            .zip(&plan.rules)
+            .filter(|(g, _)| !g.allowed)
+            .filter(|(g, ri)| {
+                g.reason.unwrap_or(DenyReason::Tokens) != DenyReason::Tokens || self.fallback(cfg, **ri).is_none()
+            })
+            .map(|(g, _)| g.clone())
+            .collect();
         let denying = if denying.is_empty() { vec![result.clone()] } else { denying };
         Outcome::Deny(Denial {
             rule: rule_idx,
@@ -250,6 +285,7 @@ mod tests {
         Facts {
             model: Some("gpt-4o".into()),
             model_from_path: false,
+            other_model: None,
             input_estimate: 10,
             output_reservation: 20,
             identities: vec![Some("a".into()), Some("a".into()), None, Some("all".into())],
@@ -323,6 +359,96 @@ mod tests {
         }
         assert!(a.fell_back());
         assert_eq!(settle_deltas(&c, &p2, 15, 5), vec![-10, 0]);
+    }
+
+    /// A request refused both for a concurrency slot and for tokens: a slot may free at any moment, but
+    /// the token budget needs its exact wait, so `retry-after` is that wait (the longest of every denying
+    /// rule's), not the 1 s of a concurrency denial (a client retrying after 1 s is refused again).
+    #[test]
+    fn a_concurrency_denial_does_not_hide_a_longer_token_wait() {
+        let c: Config = parse_config(
+            br#"{"rules":[
+            {"name":"slots","key":{"constant":"all"},"max_concurrent_requests":1},
+            {"name":"tokens","key":{"header":"x-team"},"limits":{"tokens_per_minute":100}}]}"#,
+        )
+        .unwrap();
+        let mut a = Admission::new(Facts {
+            model: Some("m".into()),
+            input_estimate: 10,
+            output_reservation: 20,
+            identities: vec![Some("all".into()), Some("a".into())],
+            ..Facts::default()
+        });
+        let p = a.plan(&c, "l").unwrap();
+        assert_eq!(p.rules, vec![0, 1]);
+        let w = WindowState { limit: 100, window_ms: 60_000, remaining: 0, reset_ms: 60_000, retry_after_ms: 30_000 };
+        let both = ReserveResponse {
+            allowed: false,
+            denied_group: Some(0),
+            groups: vec![
+                GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() },
+                GroupResult { allowed: false, reason: Some(DenyReason::Tokens), windows: vec![w], never: false },
+            ],
+        };
+        let Outcome::Deny(d) = a.decide(&c, &p, &both) else { panic!("denied") };
+        assert_eq!((d.rule, d.reason), (0, DenyReason::Concurrency), "the first denying rule is named");
+        assert_eq!(d.retry_ms(), 30_000, "the token budget's wait, not a concurrency retry after 1 s");
+        assert_eq!(d.window, Some(w), "x-ratelimit-* describe the token window that denied");
+        // A concurrency denial alone: 1 s.
+        let slots_only = ReserveResponse {
+            allowed: false,
+            denied_group: Some(0),
+            groups: vec![
+                GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() },
+                GroupResult {
+                    allowed: true,
+                    windows: vec![WindowState { retry_after_ms: 0, ..w }],
+                    ..Default::default()
+                },
+            ],
+        };
+        let Outcome::Deny(d) = a.decide(&c, &p, &slots_only) else { panic!("denied") };
+        assert_eq!(d.retry_ms(), 1000);
+        // The spent token rule has a fallback: once a slot is free the request falls back instead of
+        // waiting for that budget, so the retry stays the concurrency one.
+        let with_fallback: Config = parse_config(
+            br#"{"rules":[
+            {"name":"slots","key":{"constant":"all"},"max_concurrent_requests":1},
+            {"name":"tokens","key":{"header":"x-team"},"limits":{"tokens_per_minute":100},"fallback_model":"mini"}]}"#,
+        )
+        .unwrap();
+        let Outcome::Deny(d) = a.decide(&with_fallback, &p, &both) else { panic!("denied") };
+        assert_eq!(d.retry_ms(), 1000);
+    }
+
+    /// A request whose path names the served model (Azure, Bedrock, Gemini) and whose body names another:
+    /// the rules of both apply, and no fallback is tried (the body's `model` does not decide).
+    #[test]
+    fn the_models_of_the_path_and_of_the_body_both_meet_their_rules() {
+        let c = cfg();
+        let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let p = crate::request::parse_request(&c, "/openai/deployments/gpt-4o/chat/completions", body, false);
+        let mut a = Admission::new(Facts {
+            model: p.model.clone(),
+            model_from_path: p.model_from_path,
+            other_model: p.other_model.clone(),
+            identities: facts().identities,
+            ..Facts::default()
+        });
+        let plan = a.plan(&c, "l").unwrap();
+        assert_eq!(plan.rules, vec![0, 1, 3], "team, the gpt-4o rule (path) and the gpt-4o-mini rule (body)");
+        let spent = ReserveResponse {
+            allowed: false,
+            denied_group: Some(1),
+            groups: (0..3)
+                .map(|i| GroupResult {
+                    allowed: i != 1,
+                    reason: (i == 1).then_some(DenyReason::Tokens),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        assert!(matches!(a.decide(&c, &plan, &spent), Outcome::Deny(_)), "no fallback: Azure serves the path's model");
     }
 
     #[test]

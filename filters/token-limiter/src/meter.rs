@@ -3,7 +3,7 @@
 
 use meshwarden_shared::eventstream::Decoder as EventStreamDecoder;
 use meshwarden_shared::llm::{extract_response_texts, usage_from_json, StreamUsage, TokenEstimator};
-use meshwarden_shared::sse::SseParser;
+use meshwarden_shared::sse::{SseParser, DEFAULT_MAX_EVENT_BYTES};
 use meshwarden_shared::usage_scan::UsageScanner;
 
 #[derive(Debug)]
@@ -84,7 +84,10 @@ impl Meter {
         } else if ct.starts_with("application/x-ndjson") || ct.starts_with("application/jsonl") {
             Kind::Ndjson { line: Vec::new(), skipping: false, usage: StreamUsage::default(), done: false }
         } else if ct.starts_with("text/event-stream") {
-            Kind::Sse { parser: SseParser::default(), usage: StreamUsage::default(), done: false }
+            // An event can echo the whole request before its usage (OpenAI's `response.completed` carries
+            // `instructions` and `tools`): room for any body this filter reads, plus the usual event bound.
+            let parser = SseParser::new(max_bytes.saturating_add(DEFAULT_MAX_EVENT_BYTES));
+            Kind::Sse { parser, usage: StreamUsage::default(), done: false }
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
@@ -231,7 +234,10 @@ impl Meter {
                 if let Some(ev) = parser.finish() {
                     usage.on_event_data(&ev.data);
                 }
-                stream_charge(usage, *done, None, input_estimate)
+                // An event dropped for its size, and no final event read: the usage may have been in it,
+                // so at least the reservation (as for broken event-stream framing).
+                let dropped = (!*done && parser.oversized_events() > 0).then_some(unreadable_output);
+                stream_charge(usage, *done, dropped, input_estimate)
             }
             Kind::EventStream { decoder, usage, done } => {
                 // Framing that stopped decoding (after some usage or none): at least the reservation.
@@ -512,6 +518,37 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         let mut m = Meter::new(200, Some("application/x-ndjson"), None, 1 << 20);
         m.on_chunk(br#"{"model":"llama3","response":"0123456789abcdef","done":false}"#);
         assert_eq!(m.finish(50, 300), (50, 4, Source::Estimated));
+    }
+
+    /// OpenAI's Responses stream ends with `response.completed`, which carries the whole response: the
+    /// client's `instructions` and `tools` echoed, the output, and the usage (reasoning tokens included,
+    /// which are never streamed as text). A client that sends long instructions makes that event larger
+    /// than the SSE parser's default event bound; the usage must still be charged, not the visible text.
+    #[test]
+    fn a_large_final_stream_event_still_charges_its_usage() {
+        let completed = |instructions: &str| {
+            format!(
+                "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"usage\":null}}}}\n\n\
+event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"12345678\"}}\n\n\
+event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"instructions\":\"{instructions}\",\
+\"usage\":{{\"input_tokens\":75000,\"output_tokens\":5000,\"output_tokens_details\":{{\"reasoning_tokens\":4998}}}}}}}}\n\n"
+            )
+        };
+        // 300 KB of instructions (a 75,000-token prompt, well inside the default 1 MiB body bound).
+        let body = completed(&"a".repeat(300 * 1024));
+        for split in [4096, body.len()] {
+            let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+            for c in body.as_bytes().chunks(split) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(76_900, 300), (75_000, 5000, Source::Reported), "split {split}");
+        }
+        // Larger than any bound the meter keeps: at least the output reservation, as for broken framing.
+        let body = completed(&"a".repeat(2 << 20));
+        let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+        m.on_chunk(body.as_bytes());
+        let (input, output, _) = m.finish(600_000, 300);
+        assert_eq!((input, output), (600_000, 300));
     }
 
     #[test]

@@ -46,10 +46,14 @@ impl BadBody {
 pub struct Parsed {
     pub api: Api,
     pub json: Option<Value>,
-    /// The body's `model`, else the one the path names (see `model_from_path`).
+    /// The model the upstream serves: the one the path names (see `model_from_path`: Azure deployments,
+    /// Bedrock, Gemini, which serve that model whatever the body says), else the body's `model`.
     pub model: Option<String>,
-    /// `model` came from the path (the body has none to rewrite).
+    /// `model` came from the path: rewriting the body's `model` would not change what is served.
     pub model_from_path: bool,
+    /// The body's `model` when the path names another one: rules for it apply too, so neither name
+    /// can take the request out of a model budget (an upstream that routes on the body still sees it).
+    pub other_model: Option<String>,
     pub stream: bool,
     pub input_estimate: u64,
     pub output_reservation: u64,
@@ -69,6 +73,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         json: None,
         model: model_from_path(path),
         model_from_path: true,
+        other_model: None,
         stream: false,
         input_estimate: size_estimate(body.len()),
         output_reservation: cfg.default_output_reservation,
@@ -101,11 +106,16 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         .max_output_tokens
         .map_or(cfg.default_output_reservation, |m| m.min(cfg.max_output_reservation))
         .saturating_mul(info.choices);
+    let other_model = match (&path_model, &info.model) {
+        (Some(p), Some(b)) if p != b => Some(b.clone()),
+        _ => None,
+    };
     Parsed {
         api,
-        model_from_path: info.model.is_none() && path_model.is_some(),
+        model_from_path: path_model.is_some(),
         bad: if info.model.is_none() && path_model.is_none() { Some(BadBody::NoModel) } else { None },
-        model: info.model.or(path_model),
+        model: path_model.or(info.model),
+        other_model,
         stream: info.stream,
         input_estimate: prompt_estimate(&json, &spans, body.len()),
         output_reservation,
@@ -177,6 +187,23 @@ mod tests {
         assert_eq!(g.input_estimate, size_estimate(gemini.len()));
         let text = parse_request(&cfg, "/v1/completions", br#"{"model":"m","prompt":"12345678"}"#, false);
         assert_eq!(text.input_estimate, 6);
+    }
+
+    /// Azure OpenAI serves the deployment the path names and ignores the body's `model` (Bedrock and
+    /// Gemini also take the model from the path): a body naming a cheaper model must not move the request
+    /// out of the served model's budget.
+    #[test]
+    fn a_model_the_path_names_is_the_one_served() {
+        let cfg = Config::default();
+        let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let azure = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21";
+        let p = parse_request(&cfg, azure, body, false);
+        assert_eq!(p.model.as_deref(), Some("gpt-4o"), "the deployment is what Azure serves");
+        assert!(p.model_from_path, "no fallback: rewriting the body's model would not change what is served");
+        let bedrock = parse_request(&cfg, "/model/anthropic.claude-3-opus/invoke", br#"{"model":"cheap"}"#, false);
+        assert_eq!(bedrock.model.as_deref(), Some("anthropic.claude-3-opus"));
+        let plain = parse_request(&cfg, "/v1/chat/completions", body, false);
+        assert_eq!((plain.model.as_deref(), plain.model_from_path), (Some("gpt-4o-mini"), false));
     }
 
     #[test]
