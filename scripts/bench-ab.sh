@@ -29,8 +29,14 @@ row() {
 echo "# $(date -u +%FT%TZ) A/B base $(git rev-parse --short "$BASE") vs working tree at $(git rev-parse --short HEAD)"
 for round in $(seq 1 "$ROUNDS"); do
   for s in "${SCENARIOS[@]}"; do
-    b=$(MESHWARDEN_WASM_DIR="$base_wasm" row "$s")
-    c=$(row "$s")
+    # Alternate which build runs first, so that a machine slowing down over a round favours neither.
+    if (( round % 2 )); then
+      b=$(MESHWARDEN_WASM_DIR="$base_wasm" row "$s")
+      c=$(row "$s")
+    else
+      c=$(row "$s")
+      b=$(MESHWARDEN_WASM_DIR="$base_wasm" row "$s")
+    fi
     echo "$(date -u +%T) $round $s | base $b | head $c"
   done
 done
