@@ -227,12 +227,64 @@ fn array_index(token: &str) -> Option<usize> {
     token.parse().ok()
 }
 
+/// One character as Go's `encoding/json` folds object keys before matching them to struct fields
+/// (`unicode.ToUpper(unicode.ToLower(r))`, simple mappings): ASCII letters to upper case, `ſ` (U+017F) to
+/// `S`, the Kelvin sign to `K`, `ı` and `İ` to `I`. Where Rust's full mapping has several characters
+/// (`ß` → `SS`) Go's simple one keeps the character; `İ` lowers to `i` then a combining dot, of which
+/// Go's simple mapping keeps the `i`.
+pub fn go_fold_char(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_uppercase();
+    }
+    let lower = c.to_lowercase().next().unwrap_or(c);
+    let mut upper = lower.to_uppercase();
+    match (upper.next(), upper.next()) {
+        (Some(u), None) => u,
+        _ => lower,
+    }
+}
+
+/// Whether two object keys are one key to Go's `encoding/json`, which matches keys to struct fields
+/// ignoring case and keeps the last match: Go servers (MCP and A2A servers built on it, Ollama, LocalAI,
+/// Go gateways) read `{"name":"search","Name":"delete_all"}` as `delete_all`, so a filter that reads one
+/// spelling must refuse such bodies as it refuses a key given twice.
+pub fn go_fold_eq(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    a.chars().map(go_fold_char).eq(b.chars().map(go_fold_char))
+}
+
+/// A key as [`go_fold_eq`] compares it: two keys are one key to Go exactly when their folds are equal.
+pub fn go_fold_key(k: &str) -> String {
+    k.chars().map(go_fold_char).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
     use super::*;
     use serde_json::json;
     use wasm_bindgen_test::wasm_bindgen_test;
+
+    /// Go's `encoding/json` key folding (simple case mappings): the pairs it reads as one key.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn keys_fold_as_go_reads_them() {
+        for (a, b) in [
+            ("name", "NAME"),
+            ("params", "param\u{17f}"),
+            ("id", "\u{131}d"),
+            ("kind", "\u{212a}ind"),
+            ("ID", "\u{130}D"),
+        ] {
+            assert!(go_fold_eq(a, b), "{a} {b}");
+            assert_eq!(go_fold_key(a), go_fold_key(b), "{a} {b}");
+        }
+        for (a, b) in [("name", "names"), ("stra\u{df}e", "STRASSE"), ("id", "i_d")] {
+            assert!(!go_fold_eq(a, b), "{a} {b}");
+            assert_ne!(go_fold_key(a), go_fold_key(b), "{a} {b}");
+        }
+    }
 
     /// Same answers as serde_json's `Value::pointer`, escapes, indices and misses included.
     #[wasm_bindgen_test(unsupported = test)]

@@ -549,37 +549,8 @@ fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Lookup<'a> {
     Lookup::Found(cur)
 }
 
-/// One character as Go's `encoding/json` folds object keys before matching them to struct fields
-/// (`unicode.ToUpper(unicode.ToLower(r))`, simple mappings): ASCII letters to upper case, `ſ` (U+017F) to
-/// `S`, the Kelvin sign to `K`, `ı` and `İ` to `I`. Where Rust's full mapping has several characters
-/// (`ß` → `SS`) Go's simple one keeps the character; `İ` lowers to `i` then a combining dot, of which
-/// Go's simple mapping keeps the `i`.
-fn fold_char(c: char) -> char {
-    if c.is_ascii() {
-        return c.to_ascii_uppercase();
-    }
-    let lower = c.to_lowercase().next().unwrap_or(c);
-    let mut upper = lower.to_uppercase();
-    match (upper.next(), upper.next()) {
-        (Some(u), None) => u,
-        _ => lower,
-    }
-}
-
-/// Whether two object keys are one key to Go's `encoding/json` (case-insensitive matching): Go MCP / A2A
-/// servers built on it (mark3labs/mcp-go; the official go-sdk before its CVE-2026-27896 fix) read
-/// `{"name":"search","Name":"delete_all"}` as `delete_all`, the last of the two.
-pub fn fold_eq(a: &str, b: &str) -> bool {
-    if a.is_ascii() && b.is_ascii() {
-        return a.eq_ignore_ascii_case(b);
-    }
-    a.chars().map(fold_char).eq(b.chars().map(fold_char))
-}
-
-/// A key as [`fold_eq`] compares it: two keys are one key to Go exactly when their folds are equal.
-pub fn fold_key(k: &str) -> String {
-    k.chars().map(fold_char).collect()
-}
+/// Keys as Go's `encoding/json` matches them (shared: pii-redactor refuses the same bodies).
+pub use meshwarden_shared::json::{go_fold_eq as fold_eq, go_fold_key as fold_key};
 
 /// A number as a lax validator reads it: a JSON number, a boolean (1/0), or a string holding a finite
 /// decimal number (surrounding blanks, `_` digit separators, `0x`/`0o`/`0b` integers allowed).

@@ -9,7 +9,7 @@
 //! and a byte scanner cannot read UTF-16/32 (which Python servers parse as JSON).
 
 use crate::engine::{Engine, MaskState};
-use meshwarden_shared::json::{parse_strict, JsonBodyError};
+use meshwarden_shared::json::{go_fold_key, parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{extract_request_texts, rewrite_body_texts, Api};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
 use serde_json::Value;
@@ -153,7 +153,7 @@ fn case_folded_duplicate(v: &Value) -> Option<String> {
             if map.len() > 1 && map.keys().any(foldable) {
                 let mut seen = HashSet::with_capacity(map.len());
                 for k in map.keys() {
-                    if !seen.insert(go_fold(k)) {
+                    if !seen.insert(go_fold_key(k)) {
                         return Some(k.clone());
                     }
                 }
@@ -212,8 +212,8 @@ fn misspelled_model_key(v: &Value) -> Option<(String, &'static str)> {
             if !k.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()) || MODEL_READ_KEYS.contains(&k.as_str()) {
                 return None;
             }
-            let folded = go_fold(k);
-            MODEL_READ_KEYS.iter().find(|m| go_fold(m) == folded).map(|m| (k.clone(), *m))
+            let folded = go_fold_key(k);
+            MODEL_READ_KEYS.iter().find(|m| go_fold_key(m) == folded).map(|m| (k.clone(), *m))
         })
     };
     if let Some(found) = check(v) {
@@ -233,28 +233,6 @@ fn misspelled_model_key(v: &Value) -> Option<(String, &'static str)> {
         }
     }
     None
-}
-
-/// `key` folded as Go's `encoding/json` compares keys: ASCII letters upper-cased, other characters
-/// through their lower case to their upper case when that is one character (`ſ` -> `S`, `K` -> `K`).
-fn go_fold(key: &str) -> String {
-    key.chars()
-        .map(|c| {
-            if c.is_ascii() {
-                return c.to_ascii_uppercase();
-            }
-            let mut lower = c.to_lowercase();
-            let l = match (lower.next(), lower.next()) {
-                (Some(l), None) => l,
-                _ => c,
-            };
-            let mut upper = l.to_uppercase();
-            match (upper.next(), upper.next()) {
-                (Some(u), None) => u,
-                _ => l,
-            }
-        })
-        .collect()
 }
 
 fn hex4(b: &[u8], i: usize) -> Option<u32> {
