@@ -351,6 +351,71 @@ async fn compressed_answer_is_passed_unrestored_and_accept_encoding_is_dropped()
     assert_eq!(envoy.stat("meshwarden.pii_redactor.response_not_restored_encoded").await.unwrap(), 1);
 }
 
+/// `scan_responses` covers answers that are not parsed too: a plain-text answer, an error body labelled
+/// as an event stream, and a JSON answer over `max_body_bytes` (streamed on as JSON text). Each arrives in
+/// network chunks cut inside our placeholder and inside the model's own values; the client gets our
+/// value restored and the model's redacted, and the JSON stays valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_scanning_covers_plain_text_error_and_oversized_json_answers() {
+    let config = json!({"scan_responses": true, "max_body_bytes": 1024});
+    let prompt = json!({"model":"m","messages":[{"role":"user","content":"I am bob@corp.io"}]});
+    let chunks = |s: &str, cuts: &[usize]| {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &c in cuts {
+            out.push(b[last..c].to_vec());
+            last = c;
+        }
+        out.push(b[last..].to_vec());
+        out
+    };
+
+    // Plain text, cut inside `<EMAIL_1>`, between the card's groups and inside the leaked email.
+    let plain = "Hello <EMAIL_1>, card 4111 1111 1111 1111 and mail leak@evil.example.org.";
+    let (port, seen) = chunky_upstream_with(chunks(plain, &[10, 31, 56]), "200 OK\r\ncontent-type: text/plain").await;
+    let proxy = envoy(port, config.clone()).await;
+    let resp = client().post(proxy.url("/v1/chat/completions")).json(&prompt).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "Hello bob@corp.io, card [REDACTED] and mail [REDACTED].");
+    assert!(seen.lock().unwrap().join("").contains("I am <EMAIL_1>"));
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.credit_card.redact").await.unwrap(), 1);
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
+
+    // An error answer labelled as an event stream: passed as text, scanned all the same.
+    let error = r#"{"error":{"message":"leak@evil.example.org may not mail <EMAIL_1>"}}"#;
+    let (port, _) =
+        chunky_upstream_with(chunks(error, &[25, 60]), "500 Internal Server Error\r\ncontent-type: text/event-stream")
+            .await;
+    let proxy = envoy(port, config.clone()).await;
+    let resp = client().post(proxy.url("/v1/chat/completions")).json(&prompt).send().await.unwrap();
+    assert_eq!(resp.status(), 500);
+    assert_eq!(resp.text().await.unwrap(), r#"{"error":{"message":"[REDACTED] may not mail bob@corp.io"}}"#);
+
+    // JSON over `max_body_bytes`: too large to buffer and parse, streamed as JSON text. The model's email
+    // is written with an escaped `@`, our placeholder with escaped angle brackets; cuts inside both.
+    let pad = "lorem ipsum ".repeat(150);
+    let json_answer = format!(
+        r#"{{"choices":[{{"message":{{"role":"assistant","content":"{pad}Ask leak\u0040evil.example.org about \u003cEMAIL_1\u003e."}}}}]}}"#
+    );
+    let at = json_answer.find("leak").unwrap();
+    let ph = json_answer.find("u003cEMAIL").unwrap();
+    let (port, _) = chunky_upstream_with(
+        chunks(&json_answer, &[700, at + 8, ph + 3, ph + 12]),
+        "200 OK\r\ncontent-type: application/json",
+    )
+    .await;
+    let proxy = envoy(port, config).await;
+    let resp = client().post(proxy.url("/v1/chat/completions")).json(&prompt).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = serde_json::from_str(&resp.text().await.unwrap()).expect("still JSON");
+    assert_eq!(
+        body["choices"][0]["message"]["content"].as_str().unwrap(),
+        format!("{pad}Ask [REDACTED] about bob@corp.io.")
+    );
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_body_labelled_event_stream_is_restored_as_text_not_swallowed() {
     let body = br#"{"error":{"message":"bad address <EMAIL_1>"}}"#.to_vec();

@@ -250,6 +250,72 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Findings of the response scanner in a raw answer (plain text, an error body, JSON text too large
+    /// to parse), `response_action` applied. JSON string escapes are decoded for the scan
+    /// (`jane\u0040corp.example` is an email to whoever reads the answer) and each finding replaced over
+    /// the original bytes it came from, escapes included. `json_strings`: the text is JSON and these are
+    /// the ranges inside its strings; only findings inside one are replaced, JSON-escaped.
+    pub fn scan_response_bytes(
+        &self,
+        text: &[u8],
+        json_strings: Option<&[(usize, usize)]>,
+        counts: &mut Counts,
+    ) -> Option<Vec<u8>> {
+        let decoded = crate::request::decode_json_escapes(text);
+        let (scan, map) = match &decoded {
+            Some((d, m)) => (d.as_slice(), Some(m.as_slice())),
+            None => (text, None),
+        };
+        let hits = self.find(scan);
+        if hits.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(text.len() + 16);
+        let mut last = 0;
+        for h in hits {
+            let (start, end) = orig_span(map, text.len(), &h);
+            if start < last {
+                continue; // two findings in one escape: the first one covers it
+            }
+            if json_strings.is_some_and(|r| !r.iter().any(|&(a, b)| a <= start && end <= b)) {
+                continue; // not inside one JSON string: a number, a key's quote, structure
+            }
+            let value = scan.get(h.start..h.end).unwrap_or(&[]);
+            let replacement = self.irreversible(h.det, self.response_action, value);
+            out.extend_from_slice(text.get(last..start).unwrap_or(&[]));
+            if json_strings.is_some() {
+                out.extend_from_slice(json_escaped(&replacement).as_bytes());
+            } else {
+                out.extend_from_slice(replacement.as_bytes());
+            }
+            counts.add(self.name(h.det), self.response_action);
+            last = end;
+        }
+        out.extend_from_slice(text.get(last..).unwrap_or(&[]));
+        Some(out)
+    }
+}
+
+/// `s` escaped for the inside of a JSON string (no quotes around it).
+fn json_escaped(s: &str) -> String {
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or("").to_string()
+}
+
+/// The span of the original bytes a hit in the decoded text came from (`map`: per decoded byte, the
+/// original bytes it was decoded from; `None`: the text was not decoded).
+fn orig_span(map: Option<&[(usize, usize)]>, orig_len: usize, h: &Hit) -> (usize, usize) {
+    match map {
+        None => (h.start, h.end),
+        Some(m) => {
+            let start = m.get(h.start).map_or(orig_len, |x| x.0);
+            let end = h.end.checked_sub(1).and_then(|e| m.get(e)).map_or(start, |x| x.1);
+            (start, end.max(start))
+        }
+    }
+}
+
 /// The literal a pattern's every match starts with (`EMP-[0-9]{6}` -> `EMP-`), if the pattern starts with
 /// at least two plain characters and has no top-level alternation or inline flags; `None` otherwise.
 pub fn required_prefix(pattern: &str) -> Option<Vec<u8>> {
@@ -439,14 +505,7 @@ impl MaskState {
         if hits.is_empty() {
             return None;
         }
-        let to_orig = |h: &Hit| match map {
-            None => (h.start, h.end),
-            Some(m) => {
-                let start = m.get(h.start).map_or(orig.len(), |x| x.0);
-                let end = h.end.checked_sub(1).and_then(|e| m.get(e)).map_or(start, |x| x.1);
-                (start, end.max(start))
-            }
-        };
+        let to_orig = |h: &Hit| orig_span(map, orig.len(), h);
         let text = orig;
         let mut out = Vec::with_capacity(text.len() + 16);
         let mut last = 0;

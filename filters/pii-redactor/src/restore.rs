@@ -205,7 +205,8 @@ impl Restorer {
                     None
                 }
             }
-            Err(_) => self.restore_bytes(body, true),
+            // Labelled JSON but not JSON: restored, and scanned, as raw JSON text.
+            Err(_) => self.rewrite_raw(body, Some(&mut JsonText::default())),
         }
     }
 }
@@ -303,21 +304,12 @@ fn grouped_value_start(text: &[u8]) -> usize {
 
 impl TextRewrite for Restorer {
     fn ready_len(&self, pending: &str) -> usize {
-        let mut n = self.ready_bytes(pending.as_bytes());
+        let n = self.ready_bytes(pending.as_bytes());
         if self.scan.is_some() {
-            // A value the scanner must see whole: hold back the last word (bounded).
-            let b = pending.as_bytes();
-            let tail_start = b.len().saturating_sub(256);
-            if let Some(ws) = b.get(tail_start..n).and_then(|t| t.iter().rposition(|c| c.is_ascii_whitespace())) {
-                n = n.min(tail_start + ws + 1);
-            } else if b.len() - tail_start < 256 {
-                n = n.min(tail_start);
-            }
-            // And a trailing run that may be the start of a value written in groups (a card, phone
-            // number or IBAN: `4111 1111 …`, `+44 20 …`, `DE89 3704 …`), which spans several words.
-            n = n.min(grouped_value_start(b));
+            scan_ready_len(pending.as_bytes(), n)
+        } else {
+            n
         }
-        n
     }
 
     fn rewrite(&mut self, text: &str) -> Option<String> {
@@ -357,17 +349,129 @@ pub struct RawStream {
     held: Vec<u8>,
     /// The body is JSON text (restored values are JSON-escaped).
     pub escape_json: bool,
+    /// Where the JSON text passed on so far ended (inside a string or not).
+    json: JsonText,
 }
 
 impl RawStream {
+    /// A stream of JSON text (an answer too large to buffer and parse).
+    pub fn json_text() -> Self {
+        Self { escape_json: true, ..Self::default() }
+    }
+
     pub fn feed(&mut self, r: &mut Restorer, chunk: &[u8], end: bool) -> Vec<u8> {
         let mut pending = std::mem::take(&mut self.held);
         pending.extend_from_slice(chunk);
-        let cut = if end { pending.len() } else { r.ready_bytes(&pending) };
+        let cut = if end { pending.len() } else { r.ready_raw(&pending, self.escape_json) };
         let later = pending.split_off(cut);
         self.held = later;
-        r.restore_bytes(&pending, self.escape_json).unwrap_or(pending)
+        let json = self.escape_json.then_some(&mut self.json);
+        r.rewrite_raw(&pending, json).unwrap_or(pending)
     }
+}
+
+/// A position in JSON text read piece by piece: inside a string or not (pieces never end inside an
+/// escape, see [`escape_start`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JsonText {
+    in_string: bool,
+}
+
+impl JsonText {
+    /// The byte ranges of `piece` inside JSON strings (between the quotes), the position moved past it.
+    pub fn string_ranges(&mut self, piece: &[u8]) -> Vec<(usize, usize)> {
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        let mut escaped = false;
+        for (i, &c) in piece.iter().enumerate() {
+            if !self.in_string {
+                if c == b'"' {
+                    self.in_string = true;
+                    start = i + 1;
+                }
+            } else if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                ranges.push((start, i));
+                self.in_string = false;
+            }
+        }
+        if self.in_string {
+            ranges.push((start, piece.len()));
+        }
+        ranges
+    }
+}
+
+impl Restorer {
+    /// How much of a raw answer (not parsed: plain text, an error body, JSON too large to buffer) can be
+    /// passed on now: not a tail that may start a placeholder (in JSON text, either spelling), and with
+    /// response scanning not a tail that may be part of a value the scanner must see whole, nor the
+    /// middle of a JSON escape (`\u00` | `40`), which the scanner decodes.
+    pub fn ready_raw(&self, pending: &[u8], json: bool) -> usize {
+        let n = if json { self.ready_bytes_json(pending) } else { self.ready_bytes(pending) };
+        if self.scan.is_none() {
+            return n;
+        }
+        escape_start(pending, scan_ready_len(pending, n))
+    }
+
+    /// One ready piece of a raw answer: scanned (if enabled; JSON escapes decoded for the scan, the
+    /// findings replaced in the original bytes), then restored; `json` writes replacements and values
+    /// JSON-escaped and restores the `\u003c…\u003e` spelling too.
+    pub fn rewrite_raw(&mut self, bytes: &[u8], json: Option<&mut JsonText>) -> Option<Vec<u8>> {
+        let is_json = json.is_some();
+        let scanned = match &self.scan {
+            Some(engine) => {
+                // In JSON text only findings inside strings are replaced: a 16-digit id outside one that
+                // passes Luhn stays a number, so the answer stays JSON.
+                let strings = json.map(|j| j.string_ranges(bytes));
+                engine.scan_response_bytes(bytes, strings.as_deref(), &mut self.response_counts)
+            }
+            None => None,
+        };
+        let base = scanned.as_deref().unwrap_or(bytes);
+        let restored = if is_json { self.restore_json_text(base) } else { self.restore_bytes(base, false) };
+        restored.or(scanned)
+    }
+}
+
+/// `n` lowered so that the scanner sees whole values: the last word is held back (bounded: with no
+/// whitespace in the last 256 bytes, those 256 bytes), and so is a run before the cut that may be part
+/// of a value written in groups (`4111 1111 …`, `+44 20 …`, `DE89 3704 …`), which spans several words:
+/// cutting `Card 4111 1111 1111 1111,` after its last space would hand the scanner twelve digits.
+fn scan_ready_len(b: &[u8], mut n: usize) -> usize {
+    let tail_start = b.len().saturating_sub(256);
+    if let Some(ws) = b.get(tail_start..n).and_then(|t| t.iter().rposition(|c| c.is_ascii_whitespace())) {
+        n = n.min(tail_start + ws + 1);
+    } else if b.len() - tail_start < 256 {
+        n = n.min(tail_start);
+    }
+    grouped_value_start(b.get(..n).unwrap_or(b))
+}
+
+/// `cut` moved back to the start of a JSON escape (`\n`, `\u0040`) it would split, so that a piece
+/// never ends inside one (the scanner decodes escapes piece by piece).
+fn escape_start(b: &[u8], cut: usize) -> usize {
+    // An escape is at most six bytes: only a backslash in the five bytes before the cut can start one
+    // that the cut splits.
+    for start in cut.saturating_sub(5)..cut {
+        if b.get(start) != Some(&b'\\') {
+            continue;
+        }
+        // A backslash preceded by an odd run of backslashes is itself escaped (`\\`), not a start.
+        let run = b.get(..start).map_or(0, |p| p.iter().rev().take_while(|c| **c == b'\\').count());
+        if run % 2 == 1 {
+            continue;
+        }
+        let len = if b.get(start + 1) == Some(&b'u') { 6 } else { 2 };
+        if start + len > cut {
+            return start;
+        }
+    }
+    cut
 }
 
 /// SSE answers: the shared rewriter driven by the restorer.
@@ -545,6 +649,58 @@ mod tests {
         }
     }
 
+    /// Raw answers (plain text; an error body; JSON too large to buffer, streamed as text) are scanned
+    /// too: split at every byte, and at every pair of bytes, into network chunks, the client gets exactly
+    /// the one-piece answer: our placeholder restored, the model's own card, phone number and email
+    /// (one written with a JSON escape) redacted, the JSON still valid.
+    #[test]
+    fn raw_answers_scanned_and_restored_at_every_cut() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let cases: [(&[u8], bool, &str); 4] = [
+            // In JSON text a number outside a string stays, though it passes Luhn: the answer stays JSON.
+            (br#"{"id":4111111111111111,"card":"4111 1111 1111 1111","to":"<EMAIL_1>"}"#, true,
+             r#"{"id":4111111111111111,"card":"[REDACTED]","to":"me@x.io"}"#),
+            (b"Hi <EMAIL_1>. Card 4111 1111 1111 1111, call +44 20 7946 0958.", false,
+             "Hi me@x.io. Card [REDACTED], call [REDACTED]."),
+            (br#"{"answer":"Hi \u003cEMAIL_1\u003e, write to leak\u0040evil.example.org\nor card 4111-1111-1111-1111"}"#, true,
+             r#"{"answer":"Hi me@x.io, write to [REDACTED]\nor card [REDACTED]"}"#),
+            (b"data: {\"error\":\"bob@leak.com is <EMAIL_1>\"}\n\n", false,
+             "data: {\"error\":\"[REDACTED] is me@x.io\"}\n\n"),
+        ];
+        for (body, json, want) in cases {
+            let fresh = || Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+            let mut r = fresh();
+            let whole = RawStream { escape_json: json, ..RawStream::default() }.feed(&mut r, body, true);
+            assert_eq!(String::from_utf8_lossy(&whole), want);
+            assert!(r.response_counts.total() >= 1);
+            if json {
+                let _: Value = serde_json::from_slice(&whole).unwrap();
+            }
+            for a in 0..=body.len() {
+                for b in (a..=body.len()).step_by(if a % 7 == 0 { 1 } else { 13 }) {
+                    let mut r = fresh();
+                    let mut s = RawStream { escape_json: json, ..RawStream::default() };
+                    let mut out = s.feed(&mut r, &body[..a], false);
+                    out.extend(s.feed(&mut r, &body[a..b], false));
+                    out.extend(s.feed(&mut r, &body[b..], true));
+                    assert_eq!(String::from_utf8_lossy(&out), want, "cuts {a} {b}");
+                }
+            }
+        }
+        // Without scanning nothing is held back for it, and nothing is redacted.
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), None);
+        assert_eq!(r.ready_raw(b"card 4111 1111", false), 14);
+        assert_eq!(
+            r.rewrite_raw(b"card 4111 1111 1111 1111 <EMAIL_1>", None).unwrap(),
+            b"card 4111 1111 1111 1111 me@x.io"
+        );
+        // A cut never splits an escape; an escaped backslash is not one.
+        assert_eq!(escape_start(br#"ab\u00"#, 6), 2);
+        assert_eq!(escape_start(br#"ab\\u00"#, 7), 7);
+        assert_eq!(escape_start(br#"ab\"#, 3), 2);
+        assert_eq!(escape_start(br#"ab\n"#, 4), 4);
+    }
+
     #[test]
     fn response_scanning_redacts_new_pii_but_restores_ours() {
         let engine = Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap());
@@ -589,9 +745,13 @@ mod tests {
         // A card in groups of four, a phone number and an IBAN, each cut between two of their groups.
         let pieces =
             ["Card 4111 1111", " 1111 1111, call +44 20", " 7946 0958 or pay DE89 3704 0044", " 0532 0130 00 now."];
-        let mut r = Restorer::new(map(&[]), Some(engine));
+        let mut r = Restorer::new(map(&[]), Some(engine.clone()));
         let text = restored_chat_stream(&mut r, &pieces);
         assert_eq!(text, "Card [REDACTED], call [REDACTED] or pay [REDACTED] now.");
+        // A delta that ends right after the value: the cut before its last word must not split the value.
+        let pieces = ["Card 4111 1111 1111 1111,", " ok then."];
+        let mut r = Restorer::new(map(&[]), Some(engine));
+        assert_eq!(restored_chat_stream(&mut r, &pieces), "Card [REDACTED], ok then.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
     }
