@@ -416,6 +416,26 @@ async fn response_scanning_covers_plain_text_error_and_oversized_json_answers() 
     assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
 }
 
+/// Emails with non-ASCII local parts and IDN domains leave masked whole and come back restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_emails_are_masked_whole_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "Schreib an jörg.müller@bücher.de und иван@пример.рф bitte.";
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt);
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let text = sent["messages"][0]["content"].as_str().unwrap();
+    assert_eq!(text, "Schreib an <EMAIL_1> und <EMAIL_2> bitte.");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_body_labelled_event_stream_is_restored_as_text_not_swallowed() {
     let body = br#"{"error":{"message":"bad address <EMAIL_1>"}}"#.to_vec();

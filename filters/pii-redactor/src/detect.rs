@@ -196,7 +196,7 @@ fn is_digit(b: u8) -> bool {
 // (most of a prompt is prose the scanner only skips, so these loops are most of its time).
 const ALNUM: u8 = 1;
 const WORD: u8 = 2;
-/// A byte a detector can start at: `[A-Za-z0-9+(\-:]`.
+/// A byte a detector can start at: `[A-Za-z0-9+(\-:@]`.
 const START: u8 = 4;
 const LETTER: u8 = 8;
 /// A byte that ends a word without making it interesting: not a letter, digit or `_`, and none of the
@@ -222,7 +222,8 @@ const fn byte_classes() -> [u8; 256] {
         if !c.is_ascii_alphanumeric() && !matches!(c, b'_' | b'(' | b'+' | b'-' | b':' | b'@' | b'.' | b'%' | b'/') {
             k |= PLAIN_SEPARATOR;
         }
-        if matches!(c, b'+' | b'(' | b'-' | b':') {
+        // `@`: an email whose local part is all non-ASCII (`иван@`) has no ASCII token start before it.
+        if matches!(c, b'+' | b'(' | b'-' | b':' | b'@') {
             k |= START;
         }
         t[b] = k;
@@ -362,6 +363,9 @@ impl Scanner {
     fn scan_pass(&self, t: &[u8], prose_fast_path: bool, mut emit: impl FnMut(Finding)) {
         let n = t.len();
         let mut i = 0;
+        // End of the last finding: a finding extended back (an email's non-ASCII local part) never
+        // reaches into the one before.
+        let mut last_end = 0;
         while i < n {
             // Skip the bytes no detector starts at (spaces, punctuation) in one tight loop.
             i += run_len(t, i, START, false);
@@ -398,8 +402,9 @@ impl Scanner {
                 if f.end > i {
                     let f = self.with_context(t, f);
                     if f.confidence >= self.min_confidence.get(f.kind.index()).copied().unwrap_or(Confidence::High) {
-                        emit(f);
+                        emit(Finding { start: f.start.max(last_end), ..f });
                         i = f.end;
+                        last_end = f.end;
                         continue;
                     }
                 }
@@ -460,6 +465,7 @@ impl Scanner {
                 self.numeric(t, i)
             }
             b':' => self.ipv6(t, i),
+            b'@' if i > 0 && at(t, i - 1) >= 0x80 && self.on(Builtin::Email) => email(t, i),
             b'a'..=b'z' | b'A'..=b'Z' => {
                 if let Some(f) = self.secret(t, i) {
                     return Some(f);
@@ -1070,26 +1076,89 @@ fn nanp_plausible(d: &[u8]) -> bool {
         && !(d.get(1) == Some(&b'1') && d.get(2) == Some(&b'1'))
 }
 
-fn email(t: &[u8], i: usize) -> Option<Finding> {
-    let mut j = i;
-    while j < t.len() && is_local(at(t, j)) && j - i <= 64 {
-        j += 1;
+/// The length in bytes of the character at `t[k]` if it is a non-ASCII letter or digit (`ö`, `ß`, `ü`,
+/// `日`); 0 for anything else (ASCII, punctuation such as `“` or a zero-width space, broken UTF-8).
+fn non_ascii_alnum_len(t: &[u8], k: usize) -> usize {
+    let lead = at(t, k);
+    let width = match lead {
+        0xC2..=0xDF => 2,
+        0xE0..=0xEF => 3,
+        0xF0..=0xF4 => 4,
+        _ => return 0,
+    };
+    let c = t.get(k..k + width).and_then(|b| std::str::from_utf8(b).ok()).and_then(|s| s.chars().next());
+    if c.is_some_and(char::is_alphanumeric) {
+        width
+    } else {
+        0
     }
-    if at(t, j) != b'@' || j == i {
+}
+
+/// The start of the non-ASCII letter or digit that ends just before `k`, if one does.
+fn non_ascii_alnum_before(t: &[u8], k: usize) -> Option<usize> {
+    (1..=4).filter_map(|w| k.checked_sub(w)).find(|&s| at(t, s) >= 0xC2 && non_ascii_alnum_len(t, s) == k - s)
+}
+
+fn email(t: &[u8], i: usize) -> Option<Finding> {
+    // Local part: ASCII local characters and non-ASCII letters and digits (`jörg.müller`, RFC 6531).
+    let mut j = i;
+    while j < t.len() && j - i <= 64 {
+        if is_local(at(t, j)) {
+            j += 1;
+        } else {
+            match non_ascii_alnum_len(t, j) {
+                0 => break,
+                w => j += w,
+            }
+        }
+    }
+    if at(t, j) != b'@' {
         return None;
+    }
+    // The scanner starts at ASCII token starts (or at an `@` after a non-ASCII byte) and skips bytes of
+    // non-ASCII words: a local part that began with or contained such letters (`Ömer@`, `jörg.müller@`
+    // found from `rg.`, `иван@` found at its `@`) is extended back to its real start, so no part of it
+    // is left unmasked.
+    // The start chosen is the one a scan from the run's first possible start would find (a non-ASCII
+    // letter, or an ASCII byte a detector can start at), whichever token start the scanner came from;
+    // all-ASCII local parts are not extended (as before).
+    let mut i = i;
+    let (mut k, mut earliest, mut non_ascii) = (i, i, false);
+    while k > 0 {
+        if let Some(s) = non_ascii_alnum_before(t, k) {
+            (k, earliest, non_ascii) = (s, s, true);
+        } else if is_local(at(t, k - 1)) {
+            k -= 1;
+            if class(at(t, k)) & START != 0 {
+                earliest = k;
+            }
+        } else {
+            break;
+        }
+    }
+    if non_ascii {
+        i = earliest;
     }
     let local = t.get(i..j)?;
-    if local.first() == Some(&b'.') || local.last() == Some(&b'.') || contains(local, b"..") {
+    if local.is_empty() || local.first() == Some(&b'.') || local.last() == Some(&b'.') || contains(local, b"..") {
         return None;
     }
-    // Domain: labels of [A-Za-z0-9-], at least two, TLD letters >= 2.
+    // Domain: labels of [A-Za-z0-9-] and non-ASCII letters and digits (IDN: `bücher.de`), at least two,
+    // TLD letters >= 2.
     let mut k = j + 1;
     let mut labels = 0;
     let mut last_label = (k, k);
     loop {
         let ls = k;
-        while k < t.len() && (is_alnum(at(t, k)) || at(t, k) == b'-') && k - ls < 63 {
-            k += 1;
+        while k < t.len() && k - ls < 63 {
+            if is_alnum(at(t, k)) || at(t, k) == b'-' {
+                k += 1;
+            } else {
+                match non_ascii_alnum_len(t, k) {
+                    0 => break,
+                    w => k += w,
+                }
+            }
         }
         if k == ls || at(t, ls) == b'-' || at(t, k - 1) == b'-' {
             if labels > 0 {
@@ -1101,7 +1170,7 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
         }
         labels += 1;
         last_label = (ls, k);
-        if at(t, k) == b'.' && is_alnum(at(t, k + 1)) {
+        if at(t, k) == b'.' && (is_alnum(at(t, k + 1)) || non_ascii_alnum_len(t, k + 1) > 0) {
             k += 1;
             continue;
         }
@@ -1111,7 +1180,13 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
         return None;
     }
     let tld = t.get(last_label.0..last_label.1)?;
-    if tld.len() < 2 || !tld.iter().all(u8::is_ascii_alphabetic) {
+    let tld_ok = if tld.is_ascii() {
+        tld.len() >= 2 && tld.iter().all(u8::is_ascii_alphabetic)
+    } else {
+        // An IDN top-level domain (`.рф`, `.中国`): letters only.
+        std::str::from_utf8(tld).is_ok_and(|s| s.chars().all(char::is_alphabetic) && s.chars().count() >= 2)
+    };
+    if !tld_ok {
         return None;
     }
     if is_word(at(t, k)) || at(t, k) == b'@' {
@@ -1493,6 +1568,35 @@ mod tests {
             kinds("call +44\u{a0}20\u{a0}7946\u{a0}0958"),
             vec![(Builtin::Phone, "+44\u{a0}20\u{a0}7946\u{a0}0958".to_string())]
         );
+        // Non-ASCII local parts and IDN domains (RFC 6531) are found whole: before, `jörg.müller@…` was
+        // found from `ller@`, leaving `jörg.mü` unmasked.
+        for (t, want) in [
+            ("email: jörg.müller@beispiel.de now", "jörg.müller@beispiel.de"),
+            ("Ömer@example.com", "Ömer@example.com"),
+            ("write to (Ömer.Şahin@example.com)", "Ömer.Şahin@example.com"),
+            ("mail müller@bücher.de.", "müller@bücher.de"),
+            ("почта иван@пример.рф сейчас", "иван@пример.рф"),
+            ("“jane@example.com”", "jane@example.com"),
+            ("邮件 用户@例子.中国 谢谢", "用户@例子.中国"),
+        ] {
+            assert_eq!(kinds(t), vec![(Builtin::Email, want.to_string())], "{t:?}");
+        }
+        assert!(kinds("café@ and x@y and résumé@home").is_empty());
+        // An email's local part is masked whole, and a finding before it is never overlapped.
+        assert_eq!(
+            kinds("id 4111111111111111.jörg@example.com"),
+            vec![(Builtin::Email, "4111111111111111.jörg@example.com".to_string())]
+        );
+        assert_eq!(kinds("ö.x@example.com"), vec![(Builtin::Email, "ö.x@example.com".to_string())]);
+        let t = "call +44 20 7946 0958.jörg@example.com";
+        assert_eq!(
+            kinds(t),
+            vec![(Builtin::Phone, "+44 20 7946 0958".to_string()), (Builtin::Email, ".jörg@example.com".to_string())]
+        );
+        let scanner = Scanner::default();
+        for t in [t, "x jörg.müller@beispiel.de", "Ömer.Şahin@example.com", "a.ö-b@x.de", "é+1@x.de"] {
+            assert_eq!(scanner.scan(t.as_bytes()), scanner.scan_without_prose_fast_path(t.as_bytes()), "{t}");
+        }
         // A zero-width character before the value is not part of the span; text without any is not copied.
         assert_eq!(kinds("\u{200b}jane@example.com"), vec![(Builtin::Email, "jane@example.com".to_string())]);
         assert!(normalize_separators("plain “quoted” text — é".as_bytes()).is_some(), "the em dash");
@@ -1581,7 +1685,7 @@ mod tests {
     #[test]
     fn byte_class_table_matches_the_predicates() {
         for b in 0..=255u8 {
-            let starts = b.is_ascii_alphanumeric() || matches!(b, b'+' | b'(' | b'-' | b':');
+            let starts = b.is_ascii_alphanumeric() || matches!(b, b'+' | b'(' | b'-' | b':' | b'@');
             assert_eq!(class(b) & START != 0, starts, "START {b}");
             assert_eq!(is_alnum(b), b.is_ascii_alphanumeric(), "ALNUM {b}");
             assert_eq!(is_word(b), b.is_ascii_alphanumeric() || b == b'_', "WORD {b}");

@@ -851,3 +851,67 @@ mod tests {
         assert_eq!(got, "user is bob@corp.io.");
     }
 }
+#[cfg(test)]
+mod scratch_tmp {
+    use crate::config::Config;
+    use crate::engine::Engine;
+    use meshwarden_shared::config::parse_config;
+    #[test]
+    fn scratch() {
+        let engine = Engine::new(&parse_config::<Config>(br#"{}"#).unwrap());
+        let samples = [
+            "call (415) 555-2671 now",
+            "call 415.555.2671 now",
+            "call +1-415-555-2671 now",
+            "ruf +49 30 12345678 an",
+            "ruf 030 12345678 an",
+            "appelle +33 1 23 45 67 89",
+            "ring 07700 900123 today",
+            "tel: +44 (0)20 7946 0958",
+            "+91 98765 43210",
+            "+81 3-1234-5678",
+            "(02) 9876 5432",
+            "+61 2 9876 5432",
+            "+55 11 91234-5678",
+            "call me at 4155552671",
+            "phone: 555-2671",
+            "Order #12345678 shipped",
+            "version 1.2.3.4 released",
+            "on 2024-01-15 at 10:30",
+            "costs $1,234.56",
+            "ISBN 978-3-16-148410-0",
+            "tracking 1Z999AA10123456784",
+            "uuid 123e4567-e89b-12d3-a456-426614174000",
+            "build 20240115.1",
+            "ticket JIRA-12345",
+            "port 8080 and 127.0.0.1",
+            "ip 10.0.0.256",
+            "ipv6 ::1 and fe80::1",
+            "call 1-800-555-0199",
+            "the year 1998 to 2004",
+            "PO 4500012345",
+            "ref 2024/123456",
+            "email: jörg.müller@beispiel.de",
+            "mail to user+tag@sub.example.co.uk",
+            "x@y",
+            "a@b.c",
+            "key AKIAIOSFODNN7EXAMPLE",
+            "token ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+            "sk-proj-abcdefghijklmnopqrstuvwxyz123456",
+            "IBAN DE89370400440532013000",
+            "iban: GB82 WEST 1234 5698 7654 32",
+            "NHS 943 476 5919",
+            "SSN 078-05-1120",
+            "ssn 123-45-6789",
+            "card 4111111111111111",
+            "card 5500 0000 0000 0004",
+            "amex 3782 822463 10005",
+        ];
+        for t in samples {
+            let hits = engine.find(t.as_bytes());
+            let found: Vec<String> =
+                hits.iter().map(|h| format!("{}={}", engine.name(h.det), &t[h.start..h.end])).collect();
+            println!("{t:45} -> {found:?}");
+        }
+    }
+}
