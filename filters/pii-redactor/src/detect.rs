@@ -932,6 +932,22 @@ fn numeric_run(t: &[u8], i: usize) -> NumericRun {
                     (b'(', 4)
                 }
             }
+            // +1 (415) 555-2671, +49 (30) 1234567, +1(415)555-2671: an area code in parentheses after the
+            // country code (found from the `(` before, leaving `+1 ` unmasked).
+            b' ' | b'(' if at(t, i) == b'+' && run.groups.len() == 1 && area_code_in_parens(t, j) => {
+                if c == b' ' {
+                    (b'(', 2)
+                } else {
+                    (b'(', 1)
+                }
+            }
+            b')' if at(t, i) == b'+' && run.groups.len() == 2 && run.seps.first() == Some(&b'(') => {
+                if at(t, j + 1) == b' ' || at(t, j + 1) == b'-' {
+                    (b')', 2)
+                } else {
+                    (b')', 1)
+                }
+            }
             b' ' | b'-' | b'.' => (c, 1),
             // +44(0)20 7946 0958: the trunk zero is not part of the number.
             b'(' if at(t, i) == b'+' && run.groups.len() == 1 && at(t, j + 1) == b'0' && at(t, j + 2) == b')' => {
@@ -977,6 +993,20 @@ fn numeric_run(t: &[u8], i: usize) -> NumericRun {
         run.groups.clear();
     }
     run
+}
+
+/// At `j` (just after a country code): ` (` or `(`, then 1-5 digits and `)`, then a digit, a space or
+/// a dash: an area code in parentheses. `(0)` is the trunk-zero form, handled on its own.
+fn area_code_in_parens(t: &[u8], j: usize) -> bool {
+    let open = if at(t, j) == b' ' { j + 1 } else { j };
+    if at(t, open) != b'(' || (at(t, open + 1) == b'0' && at(t, open + 2) == b')') {
+        return false;
+    }
+    let digits = t.get(open + 1..).map_or(0, |r| r.iter().take_while(|c| c.is_ascii_digit()).count());
+    let close = open + 1 + digits;
+    (1..=5).contains(&digits)
+        && at(t, close) == b')'
+        && (is_digit(at(t, close + 1)) || matches!(at(t, close + 1), b' ' | b'-'))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1772,6 +1802,11 @@ mod tests {
             ("ring +44 20 7946 0958 please", Builtin::Phone, "+44 20 7946 0958"),
             ("ring +14155552671", Builtin::Phone, "+14155552671"),
             ("tel +33 (0)5 67 79 03 77.", Builtin::Phone, "+33 (0)5 67 79 03 77"),
+            // The country code before an area code in parentheses is part of the number.
+            ("call +1 (415) 555-2671 now", Builtin::Phone, "+1 (415) 555-2671"),
+            ("tel:+1(415)555-2671", Builtin::Phone, "+1(415)555-2671"),
+            ("Tel. +49 (30) 1234567.", Builtin::Phone, "+49 (30) 1234567"),
+            ("+7 (495) 123-45-67", Builtin::Phone, "+7 (495) 123-45-67"),
             ("Tel. +49 (0) 9892 768719", Builtin::Phone, "+49 (0) 9892 768719"),
             ("ring +44(0)20 7946 0958", Builtin::Phone, "+44(0)20 7946 0958"),
             ("tel 020 7946 0958", Builtin::Phone, "020 7946 0958"),
@@ -1855,6 +1890,8 @@ mod tests {
             "ratio 3.14159 and 10.5",
             "area 999-99-9999",
             "user@localhost and a@b",
+            "rated +5 (approx) and +1 (800) x and +2 (3)", // a plus and a parenthesis are not a phone
+            "café@ home and résumé@ work",
             "sk-not-a-key and AKIA123",
             "1111 1111 1111 1111 all same",
         ] {
