@@ -968,6 +968,28 @@ async fn resource_uris_with_dot_segments_are_refused() {
     wait_for_log(&envoy, r#""rule":"uri-dot-segments""#).await;
 }
 
+/// A WHATWG URL parser (JavaScript's `URL`, which the TypeScript MCP SDK reads `resources/read` URIs
+/// with) removes tabs and newlines anywhere and trims C0 controls and spaces at the ends:
+/// `file:///public/\t../private/keys` matches `file:///public/*` as text and is `file:///private/keys`
+/// to such a server. Before the fix these reached the server (here the scripted one answered them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_uris_that_url_parsers_read_with_dot_segments_are_refused() {
+    let (envoy, _mock) = scripted().await;
+    for uri in [
+        "file:///public/\t../private/keys",
+        "file:///public/.\n./private/keys",
+        "file:///public/\r\n..\t/private/keys",
+        "file:///public/x/.. ",
+    ] {
+        let body = json!({"jsonrpc": "2.0", "id": 9, "method": "resources/read", "params": {"uri": uri}});
+        let (st, _, text) = post_text(&envoy, "/mcp", body.to_string(), &[]).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{uri:?}: {e}: {text}"));
+        assert_eq!((st, v["error"]["code"].as_i64()), (200, Some(-32002)), "{uri:?}: {text}");
+        assert!(!text.contains("contents of"), "{uri:?} reached the server: {text}");
+    }
+    wait_for_log(&envoy, r#""rule":"uri-dot-segments""#).await;
+}
+
 /// An SSE event carrying the planned answer whose JSON serde_json cannot read (a lone surrogate escape in
 /// a key, which Python's `json` accepts) is replaced by -32603 for the planned id, as a JSON answer is;
 /// before the fix it passed unfiltered.

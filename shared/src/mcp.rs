@@ -129,13 +129,21 @@ pub fn request_uri<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a st
 }
 
 /// Whether a resource URI holds a `.` or `..` segment, as sent or once percent escapes are decoded (up
-/// to three rounds: `%2e`, `%2E`, double-encoded `%252e`), with `\` read as `/` and `;` segment
-/// parameters ignored (`..;x`). A glob such as `file:///public/*` matches `file:///public/../private/keys`
-/// as text while a server resolving the path reads `/private/keys`: such URIs are refused, not resolved.
+/// to three rounds: `%2e`, `%2E`, double-encoded `%252e`), with `\` read as `/`, `;` segment
+/// parameters ignored (`..;x`), ASCII tabs and newlines removed and C0 controls and spaces trimmed from
+/// both ends (a WHATWG URL parser, such as JavaScript's `URL` that the TypeScript MCP SDK reads resource
+/// URIs with, does both: `file:///public/\t../private` is `file:///private` to it). A glob such as
+/// `file:///public/*` matches `file:///public/../private/keys` as text while a server resolving the path
+/// reads `/private/keys`: such URIs are refused, not resolved.
 pub fn uri_has_dot_segments(uri: &str) -> bool {
     let mut bytes = uri.as_bytes().to_vec();
     for round in 0..4 {
-        let text = String::from_utf8_lossy(&bytes).replace('\\', "/");
+        let text: String = String::from_utf8_lossy(&bytes)
+            .chars()
+            .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+            .map(|c| if c == '\\' { '/' } else { c })
+            .collect();
+        let text = text.trim_matches(|c: char| c <= ' ');
         let dotted = text.split('/').any(|seg| {
             let seg = seg.split(';').next().unwrap_or(seg);
             seg == "." || seg == ".."
@@ -310,6 +318,14 @@ mod tests {
             "file:///public\\..\\private",
             "file:///public/..;x/private",
             "..",
+            // What a WHATWG URL parser (JavaScript's `URL`) reads as `..`: tabs and newlines removed
+            // anywhere, C0 controls and spaces trimmed at the ends.
+            "file:///public/\t../private/keys",
+            "file:///public/.\n./private/keys",
+            "file:///public/.\r\n.\t/private/keys",
+            "file:///public/x/.. ",
+            "file:///public/x/..\u{0}",
+            "file:///public/%09../private/keys",
         ] {
             assert!(uri_has_dot_segments(bad), "{bad}");
         }
