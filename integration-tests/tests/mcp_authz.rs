@@ -990,6 +990,54 @@ async fn resource_uris_that_url_parsers_read_with_dot_segments_are_refused() {
     wait_for_log(&envoy, r#""rule":"uri-dot-segments""#).await;
 }
 
+/// 2026-07-28 replaced `resources/subscribe` by `subscriptions/listen`, whose
+/// `notifications.resourceSubscriptions` lists the URIs to hear about. A rule allowing the method used to
+/// let any URI through (updates about `file:///private/keys` for a caller allowed only public ones); each
+/// URI is now authorized as its `resources/subscribe` would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_subscriptions_are_authorized_per_resource() {
+    let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
+    let mut cfg = scripted_policy();
+    cfg["policy"]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "listen", "effect": "allow", "methods": ["subscriptions/listen"]}));
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &cfg)
+        .start()
+        .await
+        .unwrap();
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {}});
+    let listen = |id: u64, notifications: Value| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "subscriptions/listen",
+               "params": {"notifications": notifications, "_meta": meta}})
+        .to_string()
+    };
+    let modern = [("mcp-protocol-version", "2026-07-28"), ("mcp-method", "subscriptions/listen")];
+    for (id, uris) in [
+        (1, json!({"resourceSubscriptions": ["file:///public/readme.md", "file:///private/keys"]})),
+        (2, json!({"resource_subscriptions": ["file:///private/keys"]})),
+        (3, json!({"resourceSubscriptions": ["file:///public/../private/keys"]})),
+    ] {
+        let (st, _, text) = post_text(&envoy, "/mcp", listen(id, uris.clone()), &modern).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{uris}: {e}: {text}"));
+        // The filter's hide answer names the method; the scripted server's own -32601 does not.
+        assert_eq!(
+            (st, v["error"]["message"].as_str()),
+            (200, Some("Method not found: subscriptions/listen")),
+            "{uris}: {text}"
+        );
+    }
+    wait_for_log(&envoy, r#""method":"subscriptions/listen","protocol":"mcp","rule":"default""#).await;
+    // Public resources only: the listen reaches the server (which does not implement it).
+    let body = listen(4, json!({"resourceSubscriptions": ["file:///public/readme.md"], "toolsListChanged": true}));
+    let (st, _, text) = post_text(&envoy, "/mcp", body, &modern).await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((st, v["error"]["message"].as_str()), (200, Some("Method not found")), "forwarded: {text}");
+}
+
 /// An SSE event carrying the planned answer whose JSON serde_json cannot read (a lone surrogate escape in
 /// a key, which Python's `json` accepts) is replaced by -32603 for the planned id, as a JSON answer is;
 /// before the fix it passed unfiltered.

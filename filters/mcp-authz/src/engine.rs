@@ -286,7 +286,7 @@ fn folded_duplicate(v: &Value) -> Option<String> {
 /// `arguments`, `ref`; A2A `tenant`), spelled otherwise than exactly (`Method`, `ID`, `paramſ`).
 fn misspelled_member(v: &Value, protocol: Protocol) -> Option<String> {
     const MESSAGE: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
-    const MCP_PARAMS: &[&str] = &["name", "uri", "arguments", "ref", "_meta"];
+    const MCP_PARAMS: &[&str] = &["name", "uri", "arguments", "ref", "_meta", "notifications"];
     const A2A_PARAMS: &[&str] = &["tenant"];
     const REF: &[&str] = &["type", "name", "uri"];
     let check = |obj: &serde_json::Map<String, Value>, members: &[&str]| {
@@ -428,7 +428,46 @@ impl Engine {
             return (d, target);
         }
         let call = self.call_for(protocol, method, params, target.as_deref());
-        (self.policy.evaluate(identity, &call), target)
+        let d = self.policy.evaluate(identity, &call);
+        if d.allowed && protocol == Protocol::Mcp && method == "subscriptions/listen" {
+            if let Some((denied, uri)) = self.refused_subscription(identity, params) {
+                return (denied, uri.or(target));
+            }
+        }
+        (d, target)
+    }
+
+    /// The first resource a 2026-07-28 `subscriptions/listen` subscribes to that the caller may not
+    /// `resources/subscribe` to (its decision and URI). `subscriptions/listen` replaced
+    /// `resources/subscribe` in 2026-07-28: its `params.notifications.resourceSubscriptions` lists URIs,
+    /// each authorized here as the `resources/subscribe` of that URI would be (dot segments refused), so
+    /// a rule allowing the method does not open updates about every resource. Every key of
+    /// `notifications` that is this member to some server counts: the Python SDK also reads
+    /// `resource_subscriptions`, a Go server any case of either. A value that is not a list of strings is
+    /// authorized as a subscribe without a target.
+    fn refused_subscription(&self, identity: &Identity, params: Option<&Value>) -> Option<(Decision, Option<String>)> {
+        let notifications = params?.get("notifications")?.as_object()?;
+        let member = fold_key("resourceSubscriptions");
+        let lists = notifications.iter().filter(|(k, _)| fold_key(k).replace('_', "") == member).map(|(_, v)| v);
+        let mut uris: Vec<Option<&str>> = Vec::new();
+        for list in lists {
+            match list {
+                Value::Null => {}
+                Value::Array(items) => uris.extend(items.iter().map(Value::as_str)),
+                _ => uris.push(None),
+            }
+        }
+        uris.into_iter().find_map(|uri| {
+            if uri.is_some_and(mcp::uri_has_dot_segments) {
+                let d =
+                    Decision { allowed: false, rule: DOT_SEGMENTS_RULE.into(), answer: self.config.policy.deny_answer };
+                return Some((d, uri.map(str::to_string)));
+            }
+            let args = uri.map_or(Value::Null, |u| json!({ "uri": u }));
+            let call = self.call_for(Protocol::Mcp, "resources/subscribe", Some(&args), uri);
+            let d = self.policy.evaluate(identity, &call);
+            (!d.allowed).then(|| (d, uri.map(str::to_string)))
+        })
     }
 
     /// Denied request's error (JSON-RPC error object, HTTP status).
@@ -1858,6 +1897,58 @@ mod tests {
         let cfg = json!({"policy": {"rules": [{"name": DOT_SEGMENTS_RULE, "effect": "allow"}]}});
         let refused = parse_config::<Config>(cfg.to_string().as_bytes()).map(|_| ()).map_err(|e| e.to_string());
         assert!(refused.as_ref().is_err_and(|e| e.contains("uri-dot-segments")), "{refused:?}");
+    }
+
+    /// 2026-07-28 `subscriptions/listen` replaced `resources/subscribe`: a rule allowing the method must
+    /// not open updates about every resource. Each URI in `notifications.resourceSubscriptions` (any
+    /// spelling a server reads) is authorized as its `resources/subscribe` would be.
+    #[test]
+    fn listen_subscriptions_are_authorized_per_resource() {
+        let e = engine(json!({"policy": {"rules": [
+            {"name": "listen", "effect": "allow", "methods": ["subscriptions/listen"]},
+            {"name": "public", "effect": "allow", "methods": ["resources/subscribe"], "targets": ["file:///public/*"]}
+        ]}}));
+        let listen = |notifications: Value| {
+            let b = json!({"jsonrpc": "2.0", "id": 7, "method": "subscriptions/listen",
+                           "params": {"notifications": notifications}});
+            e.decide_body(&anon(), Protocol::Mcp, &h(), b.to_string().as_bytes())
+        };
+        for ok in [
+            json!({"toolsListChanged": true}),
+            json!({"resourceSubscriptions": ["file:///public/a", "file:///public/b"]}),
+            json!({"resource_subscriptions": ["file:///public/a"], "resourceSubscriptions": null}),
+            json!({"resourceSubscriptions": []}),
+        ] {
+            let o = listen(ok.clone());
+            assert!(o.reply.is_none(), "{ok}: {:?}", o.reply);
+            assert_eq!(o.audits[0].rule, "listen");
+        }
+        for (bad, rule, target) in [
+            (
+                json!({"resourceSubscriptions": ["file:///public/a", "file:///private/keys"]}),
+                "default",
+                Some("file:///private/keys"),
+            ),
+            (json!({"resource_subscriptions": ["file:///private/keys"]}), "default", Some("file:///private/keys")),
+            (json!({"ResourceSubscriptions": ["file:///private/keys"]}), "default", Some("file:///private/keys")),
+            (
+                json!({"resourceSubscriptions": ["file:///public/../private/keys"]}),
+                DOT_SEGMENTS_RULE,
+                Some("file:///public/../private/keys"),
+            ),
+            (json!({"resourceSubscriptions": "file:///public/a"}), "default", None),
+            (json!({"resourceSubscriptions": [{"uri": "file:///public/a"}]}), "default", None),
+        ] {
+            let o = listen(bad.clone());
+            let r = o.reply.unwrap_or_else(|| panic!("{bad}: forwarded"));
+            assert_eq!((r.status, body(&r)["error"]["code"].clone()), (200, json!(-32601)), "{bad}");
+            assert_eq!((o.audits[0].rule.as_str(), o.audits[0].target.as_deref()), (rule, target), "{bad}");
+        }
+        // `notifications` spelled otherwise is read by case-insensitive (Go) servers: refused as ambiguous.
+        let b = json!({"jsonrpc": "2.0", "id": 8, "method": "subscriptions/listen",
+                       "params": {"Notifications": {"resourceSubscriptions": ["file:///private/keys"]}}});
+        let o = e.decide_body(&anon(), Protocol::Mcp, &h(), b.to_string().as_bytes());
+        assert_eq!(o.reply.map(|r| r.status), Some(400));
     }
 
     #[test]
