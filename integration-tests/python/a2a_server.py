@@ -1,23 +1,30 @@
 """A real A2A agent (official `a2a-sdk`, JSON-RPC binding, v1.0 with v0.3 compatibility) for meshwarden tests.
 
 Binds 127.0.0.1 on a free port, prints `PORT <n>`, serves until killed. JSON-RPC at /a2a, agent card at
-/.well-known/agent-card.json (and the pre-0.3 /.well-known/agent.json) with three skills (sql, web-search,
-payments); the extended card (GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text
-it receives.
+/.well-known/agent-card.json (and the pre-0.3 /.well-known/agent.json, served with the
+`Cache-Control: public, max-age=3600` the a2a-sdk suggests) with three skills (sql, web-search, payments);
+both send the SDK's `ETag` and answer a matching `If-None-Match` with 304; /static/agent-card.json serves
+the same card as a file, honouring `Range`. The extended card
+(GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text it receives.
 """
 
+import json
 import socket
 import sys
+import tempfile
 
 import uvicorn
 from a2a.helpers.proto_helpers import get_message_text, new_text_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from starlette.applications import Starlette
+from starlette.responses import FileResponse
+from starlette.routing import Route
 
 
 class Echo(AgentExecutor):
@@ -54,9 +61,18 @@ def main() -> None:
     handler = DefaultRequestHandler(
         agent_executor=Echo(), task_store=InMemoryTaskStore(), agent_card=card, extended_agent_card=extended
     )
+    # The card as a static file too (as a web server would serve it: honouring `Range`).
+    static_card = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+    json.dump(agent_card_to_dict(card), static_card)
+    static_card.close()
+
+    async def static(_request):
+        return FileResponse(static_card.name, media_type="application/json")
+
     routes = (
-        create_agent_card_routes(card)
-        + create_agent_card_routes(card, card_url="/.well-known/agent.json")
+        [Route("/static/agent-card.json", static)]
+        + create_agent_card_routes(card)
+        + create_agent_card_routes(card, card_url="/.well-known/agent.json", cache_control="public, max-age=3600")
         + create_jsonrpc_routes(handler, "/a2a", enable_v0_3_compat=True)
     )
     app = Starlette(routes=routes)

@@ -648,6 +648,53 @@ async fn a2a_methods_and_agent_card_per_caller() {
     assert!(log.contains(r#""method":"message/send","protocol":"a2a","rule":"a2a-users","subject":"bob""#), "{log}");
 }
 
+/// An agent card is filtered per caller, while the a2a-sdk's `ETag` and `Cache-Control` describe the
+/// whole card. Before the fix a cache revalidating the card it stored for a finance caller got a 304 when
+/// another caller asked (the copy with `payments` served to them), and the filtered view went out marked
+/// `public, max-age=3600` for any shared cache to store and serve to others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_cards_are_not_cacheable_across_callers() {
+    let s = setup(config(false)).await;
+    for path in ["/.well-known/agent-card.json", "/.well-known/agent.json"] {
+        let get = |user: &'static str, groups: &'static str| {
+            client().get(s.envoy.url(path)).header("x-test-user", user).header("x-test-groups", groups)
+        };
+        let alice = get("alice", "finance").send().await.unwrap();
+        assert_eq!(alice.status(), 200);
+        let headers = alice.headers().clone();
+        assert_eq!(headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("private, no-store"), "{path}");
+        assert!(headers.get("etag").is_none(), "{path}: the whole card's ETag on one caller's view: {headers:?}");
+        // A cache holding alice's copy revalidates it for bob (any validator matches `*`).
+        let bob = get("bob", "").header("if-none-match", "*").send().await.unwrap();
+        assert_eq!(bob.status(), 200, "{path}: a 304 would vouch for alice's copy");
+        let v: Value = bob.json().await.unwrap();
+        let ids: Vec<&str> = v["skills"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["sql", "web-search"], "{path}: {v}");
+    }
+}
+
+/// A card served as a file honours `Range`: a range holding one skill's object is valid JSON without a
+/// `skills` list, and passed unfiltered (bob read the `payments` skill). The card is now asked for whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_card_byte_ranges_are_not_served() {
+    let mut cfg = config(false);
+    cfg["agent_card_paths"] = json!(["/.well-known/agent-card.json", "/static/agent-card.json"]);
+    let s = setup(cfg).await;
+    let full = client().get(s.envoy.url("/static/agent-card.json")).header("x-test-user", "alice");
+    let full = full.header("x-test-groups", "finance").send().await.unwrap().text().await.unwrap();
+    let start = full.find(r#"{"id": "payments""#).or_else(|| full.find(r#"{"id":"payments""#)).expect(&full);
+    let end = start + full[start..].find('}').unwrap();
+    let range = format!("bytes={start}-{end}");
+    let resp = client().get(s.envoy.url("/static/agent-card.json")).header("x-test-user", "bob");
+    let resp = resp.header("range", &range).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("payments"), "{range}: {status} {text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<&str> = v["skills"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!((status, ids), (200, vec!["sql", "web-search"]), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_settings_and_invalid_config() {
     // GET/DELETE session requests go through the policy: without the builtin allowance they are refused

@@ -387,6 +387,15 @@ impl Request {
             if method == "GET" {
                 self.card = true;
                 headers.remove("accept-encoding");
+                // The answer is filtered per caller, its validators are the whole card's: a cache (or
+                // client) revalidating a copy filtered for another caller would get a 304 vouching for
+                // it. Ask for the whole card every time; the filter decides what this caller sees.
+                headers.remove("if-none-match");
+                headers.remove("if-modified-since");
+                // A byte range of the card is no card: a server serving it as a file (honouring `Range`)
+                // answers a part of it, e.g. one skill's object, which has no `skills` to filter.
+                headers.remove("range");
+                headers.remove("if-range");
             }
             return Action::Continue;
         }
@@ -505,6 +514,14 @@ impl Request {
             Answer::Json
         };
         self.set_http_response_header("content-length", None);
+        if self.card {
+            // One caller's view of the card: no shared cache may store it for another caller (an origin
+            // `Cache-Control: public` would let it), and the origin's `ETag` / `Last-Modified` describe
+            // the whole card, not this view.
+            self.set_http_response_header("cache-control", Some("private, no-store"));
+            self.set_http_response_header("etag", None);
+            self.set_http_response_header("last-modified", None);
+        }
         if encoded
             || !(ctype.starts_with("application/json")
                 || ctype.starts_with("text/event-stream")
