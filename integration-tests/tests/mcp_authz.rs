@@ -1037,6 +1037,33 @@ async fn resource_uris_that_url_parsers_read_with_dot_segments_are_refused() {
     wait_for_log(&envoy, r#""rule":"uri-dot-segments""#).await;
 }
 
+/// The TypeScript SDK looks resources up by `new URL(uri)`: `FILE:///private/keys`,
+/// `file://localhost/private/keys` or ` file:///private/keys` is `file:///private/keys` to it. A deny rule
+/// on `file:///private/*` compared text only and let them through (here the scripted server answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_deny_rules_bind_every_spelling_a_url_parser_reads() {
+    let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
+    let cfg = json!({"policy": {"default": "allow", "rules": [
+        {"name": "no-private", "effect": "deny", "methods": ["resources/read"], "targets": ["file:///private/*"]}
+    ]}});
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &cfg)
+        .start()
+        .await
+        .unwrap();
+    let read = |uri: &str| json!({"jsonrpc": "2.0", "id": 5, "method": "resources/read", "params": {"uri": uri}});
+    let (_, _, text) = post_text(&envoy, "/mcp", read("file:///public/readme.md").to_string(), &[]).await;
+    assert!(text.contains("contents of file:///public/readme.md"), "{text}");
+    for uri in ["FILE:///private/keys", "file://localhost/private/keys", " file:///private/keys", "file:/private/keys"]
+    {
+        let (st, _, text) = post_text(&envoy, "/mcp", read(uri).to_string(), &[]).await;
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{uri:?}: {e}: {text}"));
+        assert_eq!((st, v["error"]["code"].as_i64()), (200, Some(-32002)), "{uri:?}: {text}");
+    }
+    wait_for_log(&envoy, r#""rule":"no-private""#).await;
+}
+
 /// 2026-07-28 replaced `resources/subscribe` by `subscriptions/listen`, whose
 /// `notifications.resourceSubscriptions` lists the URIs to hear about. A rule allowing the method used to
 /// let any URI through (updates about `file:///private/keys` for a caller allowed only public ones); each

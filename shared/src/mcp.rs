@@ -163,6 +163,76 @@ pub fn uri_has_dot_segments(uri: &str) -> bool {
     false
 }
 
+/// A resource URI as a WHATWG URL parser serializes it (JavaScript's `URL`, with which the TypeScript
+/// MCP SDK looks resources up), for the parts that change which text a glob sees: ASCII tabs and
+/// newlines removed, C0 controls and spaces trimmed at the ends, the scheme in lowercase; for the
+/// special schemes (`http`, `https`, `ws`, `wss`, `ftp`, `file`) `\` read as `/` before the query,
+/// the slashes before the host normalized, the host in lowercase, a default port dropped, an empty path
+/// as `/`; for `file:` a `localhost` host dropped and a missing `//` added (`file:/x` is `file:///x`).
+/// `FILE:///private/keys`, `file://localhost/private/keys` and ` file:///private/keys` are all
+/// `file:///private/keys` to such a server. Not applied: percent-encoding, IDNA, dot segments (refused
+/// on their own, [`uri_has_dot_segments`]). Text without a valid scheme is only cleaned and trimmed.
+pub fn uri_as_url_parsers_read(uri: &str) -> String {
+    let cleaned: String = uri.chars().filter(|c| !matches!(c, '\t' | '\n' | '\r')).collect();
+    let text = cleaned.trim_matches(|c: char| c <= ' ');
+    let Some((scheme, rest)) = text.split_once(':') else {
+        return text.to_string();
+    };
+    let valid_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !valid_scheme {
+        return text.to_string();
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" | "ws" => "80",
+        "https" | "wss" => "443",
+        "ftp" => "21",
+        "file" => "",
+        _ => return format!("{scheme}:{rest}"),
+    };
+    let (before_query, query) =
+        rest.split_at_checked(rest.find(['?', '#']).unwrap_or(rest.len())).unwrap_or((rest, ""));
+    let before_query = before_query.replace('\\', "/");
+    let (authority, path) = if scheme == "file" {
+        match before_query.strip_prefix("//") {
+            Some(r) => r.split_at_checked(r.find('/').unwrap_or(r.len())).unwrap_or((r, "")),
+            None => ("", before_query.as_str()),
+        }
+    } else {
+        let r = before_query.trim_start_matches('/');
+        r.split_at_checked(r.find('/').unwrap_or(r.len())).unwrap_or((r, ""))
+    };
+    let (userinfo, host_port) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (host_port, None),
+    };
+    let mut host = host.to_ascii_lowercase();
+    if scheme == "file" && host == "localhost" {
+        host.clear();
+    }
+    let mut out = format!("{scheme}://");
+    if let Some(u) = userinfo {
+        out.push_str(u);
+        out.push('@');
+    }
+    out.push_str(&host);
+    if let Some(p) = port.filter(|p| !p.is_empty() && *p != default_port) {
+        out.push(':');
+        out.push_str(p);
+    }
+    if !path.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(path);
+    out.push_str(query);
+    out
+}
+
 /// Decode `%XX` escapes (invalid ones are kept as they are).
 pub fn percent_decode(b: &[u8]) -> Vec<u8> {
     let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
@@ -335,6 +405,32 @@ mod tests {
             assert!(!uri_has_dot_segments(ok), "{ok}");
         }
         assert_eq!(percent_decode(b"%41%zz%4"), b"A%zz%4");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn uris_as_url_parsers_read_them() {
+        // Expected values: `new URL(u).toString()` in Node 22 (less percent-encoding, see the doc).
+        for (sent, parsed) in [
+            ("file:///private/keys", "file:///private/keys"),
+            ("FILE:///private/keys", "file:///private/keys"),
+            ("FILE://LOCALHOST/private/keys", "file:///private/keys"),
+            (" file:///private/keys\n", "file:///private/keys"),
+            ("file:///pri\tvate/keys", "file:///private/keys"),
+            ("file:/private/keys", "file:///private/keys"),
+            ("file:x/y", "file:///x/y"),
+            ("file://Host/x", "file://host/x"),
+            ("file:\\\\\\private\\keys", "file:///private/keys"),
+            ("HTTPS://EXAMPLE.com:443/a", "https://example.com/a"),
+            ("http:\\\\example.com\\a", "http://example.com/a"),
+            ("http:example.com/a", "http://example.com/a"),
+            ("https://u:p@EXAMPLE.com", "https://u:p@example.com/"),
+            ("http://h:8080/a?X=\\", "http://h:8080/a?X=\\"),
+            ("db://Table/X", "db://Table/X"),
+            ("DB:x", "db:x"),
+            ("no scheme", "no scheme"),
+        ] {
+            assert_eq!(uri_as_url_parsers_read(sent), parsed, "{sent:?}");
+        }
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -428,13 +428,36 @@ impl Engine {
             return (d, target);
         }
         let call = self.call_for(protocol, method, params, target.as_deref());
-        let d = self.policy.evaluate(identity, &call);
+        let uri =
+            mcp::request_uri(method, params).filter(|u| protocol == Protocol::Mcp && Some(*u) == target.as_deref());
+        let d = self.evaluate_naming(identity, &call, uri);
         if d.allowed && protocol == Protocol::Mcp && method == "subscriptions/listen" {
             if let Some((denied, uri)) = self.refused_subscription(identity, params) {
                 return (denied, uri.or(target));
             }
         }
         (d, target)
+    }
+
+    /// The decision for `call`, whose target is the resource `uri` when it names one: a URI a URL parser
+    /// reads otherwise (`FILE:///private/keys`, `file://localhost/private/keys`, ` file:///x`, see
+    /// [`mcp::uri_as_url_parsers_read`]) must be allowed in that spelling too. The TypeScript SDK looks
+    /// resources up by `new URL(uri)`: a deny rule on `file:///private/*` would not bind it otherwise.
+    fn evaluate_naming(&self, identity: &Identity, call: &Call, uri: Option<&str>) -> Decision {
+        let d = self.policy.evaluate(identity, call);
+        let Some(uri) = uri.filter(|_| d.allowed) else {
+            return d;
+        };
+        let parsed = mcp::uri_as_url_parsers_read(uri);
+        if parsed == uri {
+            return d;
+        }
+        let as_parsed = self.policy.evaluate(identity, &Call { target: Some(&parsed), ..call.clone() });
+        if as_parsed.allowed {
+            d
+        } else {
+            as_parsed
+        }
     }
 
     /// The first resource a 2026-07-28 `subscriptions/listen` subscribes to that the caller may not
@@ -465,7 +488,7 @@ impl Engine {
             }
             let args = uri.map_or(Value::Null, |u| json!({ "uri": u }));
             let call = self.call_for(Protocol::Mcp, "resources/subscribe", Some(&args), uri);
-            let d = self.policy.evaluate(identity, &call);
+            let d = self.evaluate_naming(identity, &call, uri);
             (!d.allowed).then(|| (d, uri.map(str::to_string)))
         })
     }
@@ -1897,6 +1920,41 @@ mod tests {
         let cfg = json!({"policy": {"rules": [{"name": DOT_SEGMENTS_RULE, "effect": "allow"}]}});
         let refused = parse_config::<Config>(cfg.to_string().as_bytes()).map(|_| ()).map_err(|e| e.to_string());
         assert!(refused.as_ref().is_err_and(|e| e.contains("uri-dot-segments")), "{refused:?}");
+    }
+
+    /// A deny rule on resource URIs binds every spelling a URL parser (the TypeScript SDK's `new URL`)
+    /// reads as a denied URI.
+    #[test]
+    fn resource_uris_are_decided_as_url_parsers_read_them_too() {
+        let e = engine(json!({"policy": {"default": "allow", "rules": [
+            {"name": "no-private", "effect": "deny", "methods": ["resources/*", "completion/complete", "subscriptions/listen"],
+             "targets": ["file:///private/*"]}
+        ]}}));
+        let decide = |method: &str, params: Value| {
+            let b = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+            e.decide_body(&anon(), Protocol::Mcp, &h(), b.as_bytes())
+        };
+        assert!(decide("resources/read", json!({"uri": "file:///public/x"})).reply.is_none());
+        assert!(decide("resources/read", json!({"uri": "FILE:///public/x"})).reply.is_none());
+        for uri in [
+            "file:///private/keys",
+            "FILE:///private/keys",
+            "file://localhost/private/keys",
+            " file:///private/keys",
+            "file:///pri\tvate/keys",
+            "file:/private/keys",
+            "file:\\\\\\private\\keys",
+        ] {
+            for method in ["resources/read", "resources/subscribe", "resources/unsubscribe"] {
+                let o = decide(method, json!({"uri": uri}));
+                assert!(o.reply.is_some(), "{method} {uri:?} forwarded");
+                assert_eq!(o.audits[0].rule, "no-private", "{method} {uri:?}");
+            }
+            let o = decide("completion/complete", json!({"ref": {"type": "ref/resource", "uri": uri}}));
+            assert_eq!(o.audits[0].rule, "no-private", "completion {uri:?}");
+            let o = decide("subscriptions/listen", json!({"notifications": {"resourceSubscriptions": [uri]}}));
+            assert_eq!(o.audits[0].rule, "no-private", "listen {uri:?}");
+        }
     }
 
     /// 2026-07-28 `subscriptions/listen` replaced `resources/subscribe`: a rule allowing the method must
