@@ -695,6 +695,40 @@ async fn agent_card_byte_ranges_are_not_served() {
     assert_eq!((status, ids), (200, vec!["sql", "web-search"]), "{text}");
 }
 
+/// The a2a-sdk reads params with protobuf's `ParseDict`, which takes `context_id` as `contextId` (and of
+/// both, the last). A deny rule on `message.contextId` let `context_id` through to the agent, and a body
+/// with both was decided on the one the agent does not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_argument_rules_bind_the_other_protobuf_spelling() {
+    let mut cfg = config(false);
+    cfg["policy"]["rules"].as_array_mut().unwrap().insert(
+        0,
+        json!({"name": "no-audit-context", "effect": "deny", "protocol": "a2a",
+               "arguments": [{"path": "message.contextId", "equals": "audit"}]}),
+    );
+    let s = setup(cfg).await;
+    let send = |message: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": message}});
+        let req = client().post(s.envoy.url("/a2a")).header("a2a-version", "1.0").header("x-test-user", "bob");
+        async move { messages(req.json(&body).send().await.unwrap()).await }
+    };
+    let msg = |ctx: (&str, &str)| {
+        let mut m = json!({"messageId": "m1", "role": "ROLE_USER", "parts": [{"text": "hi"}]});
+        m[ctx.0] = json!(ctx.1);
+        m
+    };
+    let (st, _, m) = send(msg(("contextId", "c1"))).await;
+    assert_eq!((st, m[0]["result"]["message"]["parts"][0]["text"].clone()), (200, json!("echo: hi")), "{m:?}");
+    for spelling in ["contextId", "context_id"] {
+        let (st, _, m) = send(msg((spelling, "audit"))).await;
+        assert_eq!((st, m[0]["error"]["code"].clone()), (200, json!(-32601)), "{spelling}: {m:?}");
+    }
+    let mut both = msg(("contextId", "c1"));
+    both["context_id"] = json!("audit");
+    let (st, _, m) = send(both).await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32600)), "{m:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_settings_and_invalid_config() {
     // GET/DELETE session requests go through the policy: without the builtin allowance they are refused

@@ -247,22 +247,23 @@ fn parse_body(body: &[u8], protocol: Protocol) -> Result<Payload, ParseError> {
         meshwarden_shared::json::JsonBodyError::DuplicateKey(m) => ParseError::DuplicateKey(m),
         _ => ParseError::NotJson,
     })?;
-    if let Some(why) = folded_duplicate(&value).or_else(|| misspelled_member(&value, protocol)) {
+    if let Some(why) = folded_duplicate(&value, protocol).or_else(|| misspelled_member(&value, protocol)) {
         return Err(ParseError::DuplicateKey(why));
     }
     jsonrpc::parse_value(value)
 }
 
-/// Two keys of one object (at any depth) that are one key to a case-insensitive parser.
-fn folded_duplicate(v: &Value) -> Option<String> {
+/// Two keys of one object (at any depth) that are one key to a case-insensitive parser, or, in A2A
+/// bodies, to a protobuf JSON parser: the a2a-sdk reads params with protobuf's `ParseDict`, which takes
+/// a field under its JSON name or its proto name (`contextId` or `context_id`, the last one winning).
+fn folded_duplicate(v: &Value, protocol: Protocol) -> Option<String> {
     match v {
         Value::Object(m) => {
-            let twice =
-                |a: &String, b: &String| format!("keys {a:?} and {b:?} are one key to case-insensitive parsers");
+            let twice = |a: &String, b: &String| format!("keys {a:?} and {b:?} are one key to some parsers");
             if m.len() <= 16 {
                 let keys: Vec<&String> = m.keys().collect();
                 for (i, a) in keys.iter().enumerate() {
-                    if let Some(b) = keys.iter().skip(i + 1).find(|b| fold_eq(a, b)) {
+                    if let Some(b) = keys.iter().skip(i + 1).find(|b| same_key(a, b, protocol)) {
                         return Some(twice(a, b));
                     }
                 }
@@ -270,15 +271,30 @@ fn folded_duplicate(v: &Value) -> Option<String> {
                 // Linear for large objects (a hostile body may hold 100,000 keys).
                 let mut seen: HashMap<String, &String> = HashMap::with_capacity(m.len());
                 for k in m.keys() {
-                    if let Some(earlier) = seen.insert(fold_key(k), k) {
+                    if let Some(earlier) = seen.insert(key_fold(k, protocol), k) {
                         return Some(twice(earlier, k));
                     }
                 }
             }
-            m.values().find_map(folded_duplicate)
+            m.values().find_map(|v| folded_duplicate(v, protocol))
         }
-        Value::Array(items) => items.iter().find_map(folded_duplicate),
+        Value::Array(items) => items.iter().find_map(|v| folded_duplicate(v, protocol)),
         _ => None,
+    }
+}
+
+/// Whether two keys of one object are one key to some server's parser (see [`folded_duplicate`]).
+fn same_key(a: &str, b: &str, protocol: Protocol) -> bool {
+    fold_eq(a, b) || (protocol == Protocol::A2a && key_fold(a, protocol) == key_fold(b, protocol))
+}
+
+/// A key as [`same_key`] compares it: Go's case folding, and in A2A without `_` (proto names).
+fn key_fold(k: &str, protocol: Protocol) -> String {
+    let folded = fold_key(k);
+    if protocol == Protocol::A2a {
+        folded.replace('_', "")
+    } else {
+        folded
     }
 }
 
@@ -1920,6 +1936,37 @@ mod tests {
         let cfg = json!({"policy": {"rules": [{"name": DOT_SEGMENTS_RULE, "effect": "allow"}]}});
         let refused = parse_config::<Config>(cfg.to_string().as_bytes()).map(|_| ()).map_err(|e| e.to_string());
         assert!(refused.as_ref().is_err_and(|e| e.contains("uri-dot-segments")), "{refused:?}");
+    }
+
+    /// The a2a-sdk reads params with protobuf's `ParseDict`: `context_id` is `contextId` to it, and of
+    /// both the last one wins. Argument rules on one spelling must bind the other.
+    #[test]
+    fn a2a_arguments_under_their_other_protobuf_spelling() {
+        let e = engine(json!({"a2a_paths": ["/a2a"], "policy": {"rules": [
+            {"name": "project-a", "effect": "allow", "protocol": "a2a", "methods": ["SendMessage"],
+             "arguments": [{"path": "message.contextId", "equals": "project-a"}]},
+            {"name": "short-history", "effect": "deny", "protocol": "a2a",
+             "arguments": [{"path": "configuration.historyLength", "min": 11}]}
+        ]}}));
+        let send = |params: Value| {
+            let b = json!({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": params}).to_string();
+            e.decide_body(&anon(), Protocol::A2a, &h(), b.as_bytes())
+        };
+        let o = send(json!({"message": {"contextId": "project-a"}}));
+        assert!(o.reply.is_none(), "{:?}", o.reply);
+        // Both spellings in one object: refused whole, as a key given twice is.
+        let o = send(json!({"message": {"contextId": "project-a", "context_id": "project-secret"}}));
+        assert_eq!(o.reply.map(|r| r.status), Some(400));
+        // Only the other spelling: an allow rule does not read it as its value, a deny rule denies.
+        let o = send(json!({"message": {"context_id": "project-secret"}}));
+        assert_eq!(o.audits[0].rule, "default");
+        let o = send(json!({"message": {"contextId": "project-a"}, "configuration": {"history_length": 500}}));
+        assert_eq!(o.audits[0].rule, "short-history");
+        // MCP tool arguments are read as spelled (no protobuf names): two such keys are two arguments.
+        let b = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                       "params": {"name": "x", "arguments": {"user_id": 1, "userId": 2}}});
+        let o = e.decide_body(&anon(), Protocol::Mcp, &h(), b.to_string().as_bytes());
+        assert_ne!(o.reply.map(|r| r.status), Some(400));
     }
 
     /// A deny rule on resource URIs binds every spelling a URL parser (the TypeScript SDK's `new URL`)

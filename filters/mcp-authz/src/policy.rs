@@ -434,7 +434,10 @@ impl Rule {
         match call.arguments {
             // Listing: argument matchers are satisfiable by some call.
             None => true,
-            Some(args) => self.arguments.iter().all(|m| m.matches(args, self.deny)),
+            Some(args) => {
+                let proto_names = call.protocol == Protocol::A2a;
+                self.arguments.iter().all(|m| m.matches(args, self.deny, proto_names))
+            }
         }
     }
 }
@@ -479,8 +482,11 @@ impl ArgMatcher {
     ///
     /// A value that is present but cannot be read as the matcher's type (`min` on `"abc"`, `regex` on an
     /// object) counts as a match in a deny rule and as no match in an allow rule: both fail closed.
-    fn matches(&self, args: &Value, deny: bool) -> bool {
-        let v = match lookup(args, &self.path) {
+    ///
+    /// `proto_names` (A2A): a key found only under its other protobuf JSON spelling (`context_id` for
+    /// `contextId`, which the a2a-sdk's `ParseDict` reads alike) is unclear in the same way.
+    fn matches(&self, args: &Value, deny: bool, proto_names: bool) -> bool {
+        let v = match lookup(args, &self.path, proto_names) {
             Lookup::Found(v) => v,
             Lookup::Missing => return matches!(self.op, ArgOp::Present(false)),
             // `{"Amount": 5000}` for `amount`: a Go server (case-insensitive keys) reads 5000 there.
@@ -515,7 +521,7 @@ enum Lookup<'a> {
 }
 
 /// The value at `path`, stepping into a string that holds a JSON object or array as into that value.
-fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Lookup<'a> {
+fn lookup<'a>(root: &'a Value, path: &[Segment], proto_names: bool) -> Lookup<'a> {
     use std::borrow::Cow;
     let mut cur: Cow<'a, Value> = Cow::Borrowed(root);
     for seg in path {
@@ -527,7 +533,8 @@ fn lookup<'a>(root: &'a Value, path: &[Segment]) -> Lookup<'a> {
         }
         if let (Segment::Key(k), Value::Object(m)) = (seg, cur.as_ref()) {
             if !m.contains_key(k.as_str()) {
-                let unclear = m.keys().any(|key| fold_eq(key, k));
+                let proto_fold = |s: &str| fold_key(s).replace('_', "");
+                let unclear = m.keys().any(|key| fold_eq(key, k) || (proto_names && proto_fold(key) == proto_fold(k)));
                 return if unclear { Lookup::Unclear } else { Lookup::Missing };
             }
         }
