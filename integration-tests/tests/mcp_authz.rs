@@ -563,6 +563,24 @@ async fn identities_from_jwt_authn_and_the_dev_bearer_switch() {
     assert_eq!(sess.list("tools/list", "tools", "name").await.len(), 4);
 }
 
+/// With `payload_key: null` (the default) the claims are the first object `jwt_authn` wrote. Its
+/// `header_in_metadata: jwt_header` sorts before `jwt_payload`: the token's header (`alg`, `typ`) was taken
+/// for the claims, so identity-keyed rules saw no `groups` (deny rules on them never applied). The header
+/// is now skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_claims_without_payload_key_are_the_payload_not_the_header() {
+    let mut cfg = config(false);
+    cfg["identity"]["jwt_authn"] = json!({"payload_key": null});
+    let s = setup(cfg).await;
+    let finance = signed_token(json!({"sub": "carol", "groups": ["finance"]})).await;
+    let sess = Session::open(s.envoy.url("/json/mcp"), &[("authorization", &format!("Bearer {finance}"))]).await;
+    assert_eq!(
+        sess.list("tools/list", "tools", "name").await,
+        names(&["search", "get_weather", "ledger_read", "transfer"])
+    );
+    wait_for_log(&s.envoy, r#""subject":"carol""#).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a2a_methods_and_agent_card_per_caller() {
     let s = setup(config(false)).await;

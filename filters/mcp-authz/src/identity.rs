@@ -90,7 +90,7 @@ pub fn resolve(cfg: &IdentityConfig, src: Sources, peer_uri_san: impl FnOnce(&Id
     if let (Some(jc), Some(ns)) = (&cfg.jwt_authn, src.jwt_metadata) {
         let payload = match &jc.payload_key {
             Some(k) => ns.get(k).and_then(Value::as_object).cloned(),
-            None => ns.values().find_map(|v| v.as_object().cloned()),
+            None => ns.values().filter_map(Value::as_object).find(|o| !is_jose_header(o)).cloned(),
         };
         if let Some(p) = payload {
             id.claims = p;
@@ -126,6 +126,14 @@ pub fn resolve(cfg: &IdentityConfig, src: Sources, peer_uri_san: impl FnOnce(&Id
         }
     }
     id
+}
+
+/// Whether a `jwt_authn` metadata object is a token's JOSE header, which `jwt_authn` writes next to the
+/// payload when `header_in_metadata` is set (`{"alg": "RS256", "kid": …}`): every JWS header has a
+/// string `alg`, a payload practically never. Without a `payload_key` the claims are the first object
+/// that is no header: keys sort, and `jwt_header` comes before `jwt_payload`.
+fn is_jose_header(o: &Map<String, Value>) -> bool {
+    o.get("alg").is_some_and(Value::is_string)
 }
 
 /// The payload of `Authorization: Bearer <header>.<payload>.<signature>`, NOT verified.
@@ -278,6 +286,21 @@ mod tests {
             }
         }
         assert!(read_somewhere && skipped_somewhere, "both paths are exercised");
+    }
+
+    #[test]
+    fn the_payload_is_found_next_to_the_jwt_header() {
+        // `header_in_metadata: jwt_header` sorts before `payload_in_metadata: jwt_payload`.
+        let ns = json!({"jwt_header": {"alg": "RS256", "typ": "JWT", "kid": "k1"},
+                        "jwt_payload": {"sub": "alice", "groups": ["finance"]}});
+        let cfg = IdentityConfig::default();
+        assert!(cfg.jwt_authn.as_ref().is_some_and(|j| j.payload_key.is_none()));
+        let src = || Sources { jwt_metadata: Some(ns.as_object().unwrap().clone()), ..Sources::default() };
+        let id = resolve(&cfg, src(), |_| None);
+        assert_eq!((id.source, id.claim("sub")), ("jwt_authn", Some(&json!("alice"))));
+        let only_header = json!({"jwt_header": {"alg": "RS256"}});
+        let src = Sources { jwt_metadata: Some(only_header.as_object().unwrap().clone()), ..Sources::default() };
+        assert_eq!(resolve(&cfg, src, |_| None).source, "none");
     }
 
     #[test]
