@@ -13,7 +13,9 @@
 //! | a batch with two requests sharing an id (under [`id_key`]) | 400, one error per request element (-32600 for the repeats) |
 //! | keys that are one key to a case-insensitive parser (`method` and `Method`), a member misspelled so (`ID`) | 400, -32600 (`parse_body`) |
 //! | a path that is one endpoint as sent and another normalized (`/mcp/../a2a`) | 400 ([`Endpoint::Ambiguous`]) |
-//! | a resource URI with `.` / `..` segments (also `%2e`, `%252e`) | denied (rule `uri-dot-segments`), never resolved |
+//! | a resource URI with `.` / `..` segments (also `%2e`, `%252e`, `\t..`) | denied (rule `uri-dot-segments`), never resolved |
+//! | a resource URI a URL parser reads otherwise (`FILE:`, `file://localhost/`) | must be allowed in both spellings |
+//! | A2A keys that are one protobuf field (`contextId`, `context_id`) | 400, -32600, as duplicate keys |
 //! | an answer (or SSE event) that cannot be read | replaced by -32603 (fail closed); GET streams are read by list shape |
 //! | client responses (answers to server requests) | forwarded, no decision needed |
 
@@ -299,7 +301,8 @@ fn key_fold(k: &str, protocol: Protocol) -> String {
 }
 
 /// A JSON-RPC member (`method`, `id`, `params`...), or a `params` member the policy reads (`name`, `uri`,
-/// `arguments`, `ref`; A2A `tenant`), spelled otherwise than exactly (`Method`, `ID`, `paramſ`).
+/// `arguments`, `ref`, `notifications`; A2A `tenant`), spelled otherwise than exactly (`Method`, `ID`,
+/// `paramſ`).
 fn misspelled_member(v: &Value, protocol: Protocol) -> Option<String> {
     const MESSAGE: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
     const MCP_PARAMS: &[&str] = &["name", "uri", "arguments", "ref", "_meta", "notifications"];
