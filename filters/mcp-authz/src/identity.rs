@@ -121,6 +121,10 @@ pub fn resolve(cfg: &IdentityConfig, src: Sources, peer_uri_san: impl FnOnce(&Id
         id.claims.insert(h.claim.clone(), v);
     }
     if cfg.spiffe && !header_sets_spiffe {
+        // Workload identity comes from the mTLS peer alone: a token claim named `spiffe` (which an
+        // identity provider should never issue, and which anyone can put in an unverified token) must
+        // not stand in for the certificate when the connection has none.
+        id.claims.remove("spiffe");
         if let Some(s) = peer_uri_san(&id).as_deref().and_then(parse_spiffe) {
             id.claims.insert("spiffe".into(), s);
         }
@@ -221,6 +225,15 @@ mod tests {
                 None
             });
         assert_eq!(off.subject(&["sub".into()]), "anonymous", "no dev switch, no claims");
+        // A `spiffe` claim in a token never stands in for the peer certificate (none here).
+        let forged = json!({"jwt_payload": {"sub": "eve", "spiffe": {"namespace": "payments"}}});
+        let src = || Sources { jwt_metadata: forged.as_object().cloned(), ..Sources::default() };
+        assert_eq!(resolve(&IdentityConfig::default(), src(), |_| None).claim("spiffe.namespace"), None);
+        let peer = resolve(&IdentityConfig::default(), src(), |_| Some("spiffe://td/ns/agents/sa/x".into()));
+        assert_eq!(peer.claim("spiffe.namespace"), Some(&json!("agents")));
+        // With `spiffe: false` the filter reads no workload identity: the token's claims are all there is.
+        let off = IdentityConfig { spiffe: false, ..IdentityConfig::default() };
+        assert_eq!(resolve(&off, src(), |_| None).claim("spiffe.namespace"), Some(&json!("payments")));
     }
 
     /// The peer certificate is read only when it can change something, and skipping it never changes
