@@ -978,6 +978,99 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 2);
 }
 
+/// An upstream that answers every request with `body` as SSE in one chunk and then drops the connection
+/// without ending the response: a stream cut by the upstream before its usage.
+async fn cut_stream_upstream(body: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => n,
+                        _ => return,
+                    };
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let head = text[..head_end].to_ascii_lowercase();
+                        let cl = head.lines().find_map(|l| l.strip_prefix("content-length:"));
+                        let done = match cl {
+                            Some(cl) => text.len() - head_end - 4 >= cl.trim().parse::<usize>().unwrap(),
+                            None => text.ends_with("0\r\n\r\n"),
+                        };
+                        if done {
+                            break;
+                        }
+                    }
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                let chunk = format!("{head}{:x}\r\n{body}\r\n", body.len());
+                let _ = sock.write_all(chunk.as_bytes()).await;
+                let _ = sock.flush().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Dropped here: no last chunk, the response is cut.
+            });
+        }
+    });
+    port
+}
+
+/// A stream cut before its usage is charged what it streamed, and tool-call arguments and reasoning are
+/// streamed output: before, an Anthropic stream of thinking and tool input cut by the upstream was charged
+/// 1 output token (`message_start`'s), and an OpenAI tool call cut before the usage chunk nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_charges_the_tool_calls_and_reasoning_it_streamed() {
+    let text = |n: usize| "a".repeat(4 * n); // n tokens by the documented estimate
+    let anthropic = [
+        json!({"type":"message_start","message":{"usage":{"input_tokens":30,"output_tokens":1}}}),
+        json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":text(100)}}),
+        json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":text(50)}}),
+    ]
+    .iter()
+    .map(|ev| format!("event: {}\ndata: {ev}\n\n", ev["type"].as_str().unwrap()))
+    .collect::<String>();
+    let openai = [
+        json!({"choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[{"index":0,"id":"c","type":"function",
+            "function":{"name":"search","arguments":""}}]}}]}),
+        json!({"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":text(80)}}]}}]}),
+    ]
+    .iter()
+    .map(|ev| format!("data: {ev}\n\n"))
+    .collect::<String>();
+    let config = json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_hour":1000000}}]});
+    for (path, model, stream, want_output) in
+        [("/v1/messages", "claude-sonnet-4", anthropic, 150), ("/v1/chat/completions", "gpt-4o", openai, 80)]
+    {
+        let port = cut_stream_upstream(stream).await;
+        let e = EnvoyBuilder::new("token-limiter.yaml")
+            .upstream_port(port)
+            .filter_config("token-limiter", &config)
+            .start()
+            .await
+            .unwrap();
+        let body = json!({"model":model,"max_tokens":1000,"stream":true,"messages":[{"role":"user","content":"hi"}]});
+        let r = post(&e, path, &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.is_err(), "{path}: the stream is cut");
+        let stat = format!("meshwarden.token_limiter.model.{model}.output_tokens");
+        let mut charged = 0;
+        for _ in 0..50 {
+            charged = e.stat(&stat).await.unwrap();
+            if charged > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(charged, want_output, "{path}: output charged for the cut stream");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unverified_jwt_claim_keys_budgets_per_subject() {
     let mock = MockLlm::start().await.unwrap();

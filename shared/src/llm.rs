@@ -876,7 +876,9 @@ fn usage_object(obj: &Value) -> Option<Usage> {
         let thoughts = u(obj, "thoughtsTokenCount").unwrap_or(0);
         return Some(
             Usage {
-                input_tokens: u(obj, "promptTokenCount").unwrap_or(0),
+                // Tool-use prompts (what a grounding search or code execution fed back to the model)
+                // are input the model read, counted outside `promptTokenCount` and billed as input.
+                input_tokens: u(obj, "promptTokenCount").unwrap_or(0) + u(obj, "toolUsePromptTokenCount").unwrap_or(0),
                 output_tokens: u(obj, "candidatesTokenCount").unwrap_or(0) + thoughts,
                 total_tokens: u(obj, "totalTokenCount").unwrap_or(0),
                 cached_input_tokens: u(obj, "cachedContentTokenCount").unwrap_or(0),
@@ -949,6 +951,7 @@ impl StreamUsage {
         for span in extract_stream_delta_texts(v) {
             self.streamed_text.add(&span.text);
         }
+        add_streamed_output_besides_text(v, &mut self.streamed_text);
     }
 
     /// The provider's usage, if the stream reported any.
@@ -959,6 +962,55 @@ impl StreamUsage {
     /// Estimated output tokens from the text streamed so far (for cut streams without usage).
     pub fn estimated_output_tokens(&self) -> u64 {
         self.streamed_text.tokens()
+    }
+}
+
+/// Output a stream event carries besides the text deltas of [`extract_stream_delta_texts`]: tool-call
+/// arguments and the reasoning the model streamed, billed as output like its text. Counted for the
+/// estimate of a stream cut before its usage (an agent's long tool call or a thinking model's reasoning
+/// would otherwise cost nothing); kept out of `extract_stream_delta_texts`, whose callers rewrite text.
+fn add_streamed_output_besides_text(event: &Value, est: &mut TokenEstimator) {
+    let mut add = |v: Option<&Value>| {
+        if let Some(s) = v.and_then(Value::as_str) {
+            est.add(s);
+        }
+    };
+    // OpenAI chat chunks and compatible servers: tool calls (and the legacy `function_call`), refusals,
+    // and reasoning text (`reasoning_content`: DeepSeek, vLLM; `reasoning`: OpenRouter, newer vLLM).
+    if let Some(choices) = event.get("choices").and_then(Value::as_array) {
+        for delta in choices.iter().filter_map(|c| c.get("delta")) {
+            for key in ["refusal", "reasoning_content", "reasoning"] {
+                add(delta.get(key));
+            }
+            add(json::pointer(delta, "/function_call/arguments"));
+            for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                add(json::pointer(call, "/function/arguments"));
+            }
+        }
+    }
+    match event.get("type").and_then(Value::as_str) {
+        // Anthropic: extended thinking and tool input (`input_json_delta`).
+        Some("content_block_delta") => {
+            add(json::pointer(event, "/delta/thinking"));
+            add(json::pointer(event, "/delta/partial_json"));
+        }
+        // Responses API: function and custom tool call arguments, reasoning and its summary, refusals,
+        // audio transcripts... every `*.delta` except the output text (read above) and audio (base64).
+        Some(t)
+            if t.starts_with("response.")
+                && t.ends_with(".delta")
+                && !matches!(t, "response.output_text.delta" | "response.audio.delta") =>
+        {
+            add(event.get("delta"));
+        }
+        // Bedrock ConverseStream `contentBlockDelta`: tool input.
+        None if event.get("contentBlockIndex").is_some() => add(json::pointer(event, "/delta/toolUse/input")),
+        _ => {}
+    }
+    // Ollama stream lines: the thinking of reasoning models.
+    if event.get("done").is_some_and(Value::is_boolean) {
+        add(json::pointer(event, "/message/thinking"));
+        add(event.get("thinking"));
     }
 }
 
@@ -1414,6 +1466,57 @@ mod tests {
         s.on_event_data(r#"{"choices":[{"delta":{"content":"ij"}}]}"#);
         assert_eq!(s.reported(), None);
         assert_eq!(s.estimated_output_tokens(), 3);
+    }
+
+    /// A stream cut before its usage is charged what it streamed: tool-call arguments and reasoning are
+    /// output too (they were left out, so an agent's tool call or a model's thinking cost nothing).
+    #[wasm_bindgen_test(unsupported = test)]
+    fn streamed_tool_calls_and_reasoning_count_as_output() {
+        let a40 = "a".repeat(40); // 10 tokens
+        let streamed = |events: &[String]| {
+            let mut s = StreamUsage::default();
+            for e in events {
+                s.on_event_data(e);
+            }
+            s.estimated_output_tokens()
+        };
+        let chat = [
+            json!({"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":a40}}]}}]}),
+            json!({"choices":[{"delta":{"reasoning_content":a40}}]}),
+            json!({"choices":[{"delta":{"reasoning":a40}}]}),
+            json!({"choices":[{"delta":{"refusal":a40}}]}),
+            json!({"choices":[{"delta":{"function_call":{"arguments":a40}}}]}),
+        ]
+        .map(|v| v.to_string());
+        assert_eq!(streamed(&chat), 50);
+        let anthropic = [
+            json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":a40}}),
+            json!({"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":a40}}),
+            json!({"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":a40}}),
+        ]
+        .map(|v| v.to_string());
+        assert_eq!(streamed(&anthropic), 20, "thinking and tool input count, the signature does not");
+        let responses = [
+            json!({"type":"response.function_call_arguments.delta","delta":a40}),
+            json!({"type":"response.reasoning_summary_text.delta","delta":a40}),
+            json!({"type":"response.output_text.delta","delta":a40}),
+            json!({"type":"response.audio.delta","delta":a40}),
+        ]
+        .map(|v| v.to_string());
+        assert_eq!(streamed(&responses), 30, "output text once, audio bytes not");
+        let bedrock = [json!({"contentBlockIndex":1,"delta":{"toolUse":{"input":a40}}})].map(|v| v.to_string());
+        assert_eq!(streamed(&bedrock), 10);
+        let ollama =
+            [json!({"done":false,"message":{"role":"assistant","content":"","thinking":a40}})].map(|v| v.to_string());
+        assert_eq!(streamed(&ollama), 10);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn gemini_tool_use_prompt_tokens_are_input() {
+        let gemini = json!({"usageMetadata":{"promptTokenCount":8,"toolUsePromptTokenCount":120,
+            "candidatesTokenCount":3,"thoughtsTokenCount":4,"totalTokenCount":135}});
+        let u = usage_from_json(&gemini).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (128, 7, 135));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
