@@ -172,6 +172,37 @@ async fn remaining_headers_go_down_as_tokens_are_spent() {
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 4);
 }
 
+/// Token-counting calls run no model and are not billed: they pass without drawing on the budget. Before,
+/// each was charged its prompt, so a client that counts before it sends (agents managing their context)
+/// paid twice, and a team that only counted was refused with 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_counting_calls_are_not_charged() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(400)).await;
+    let prompt = "Count the tokens of this prompt before sending it, as agents do with long contexts. ".repeat(4);
+    let anthropic = json!({"model":"claude-sonnet-4","messages":[{"role":"user","content":prompt}]});
+    let responses = json!({"model":"gpt-4o","input":prompt});
+    let gemini = json!({"contents":[{"role":"user","parts":[{"text":prompt}]}]});
+    for round in 0..6 {
+        for (path, body) in [
+            ("/v1/messages/count_tokens", &anthropic),
+            ("/v1/responses/input_tokens", &responses),
+            ("/v1beta/models/gemini-2.0-flash:countTokens", &gemini),
+        ] {
+            let r = post(&e, path, body, &[("x-team", "a")]).await;
+            assert_eq!(r.status(), 200, "round {round}: {path}");
+            let _ = r.text().await;
+        }
+    }
+    assert_eq!(e.stat("meshwarden.token_limiter.skipped_count_tokens").await.unwrap(), 18);
+    // The whole budget is still there for the request that generates.
+    let body = chat("gpt-4o-mini", "Now the real request.", None, false);
+    let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 400 - (estimate(Api::OpenAiChat, &body) + 10));
+}
+
 /// The usual two layers, a team total and a per-model limit keyed on the same team, live in one
 /// shared-data entry: a request the model limit denies charges the team nothing, and an admitted one
 /// charges both, exactly (answers use exactly their reservation, so nothing is settled afterwards).

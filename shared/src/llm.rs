@@ -154,6 +154,25 @@ pub fn model_from_path(path: &str) -> Option<String> {
     None
 }
 
+/// Whether a request path is a token-counting call, which providers answer with a count and do not bill:
+/// Anthropic `/v1/messages/count_tokens` (on Vertex AI `.../models/count-tokens:rawPredict`), OpenAI
+/// `/v1/responses/input_tokens`, Gemini `.../models/{model}:countTokens`, Bedrock
+/// `/model/{modelId}/count-tokens`. The query string is ignored; the last segment must match exactly
+/// (`/count_tokens/..` is not one), so only a path the upstream serves as a count qualifies.
+pub fn is_token_count_path(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').collect();
+    let last = segments.last().copied().unwrap_or("");
+    let before = |n: usize| segments.len().checked_sub(n + 1).and_then(|i| segments.get(i)).copied();
+    match last {
+        "count_tokens" => before(1) == Some("messages"),
+        "input_tokens" => before(1) == Some("responses"),
+        "count-tokens" => before(2) == Some("model"),
+        "count-tokens:rawPredict" => before(1) == Some("models"),
+        _ => last.ends_with(":countTokens") && before(1) == Some("models"),
+    }
+}
+
 /// `%XX` escapes decoded; `None` for a malformed escape or a result that is not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
@@ -1390,6 +1409,37 @@ mod tests {
         assert_eq!(m("/model/x/unknown-action"), None);
         assert_eq!(m("/model/%zz/converse"), None, "a malformed escape names no model");
         assert_eq!(m("/model/a%2Fb/converse"), None, "no decoded slash");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn token_count_paths() {
+        for p in [
+            "/v1/messages/count_tokens",
+            "/v1/messages/count_tokens?beta=true",
+            "/api/anthropic/v1/messages/count_tokens/",
+            "/v1/responses/input_tokens",
+            "/v1beta/models/gemini-2.0-flash:countTokens",
+            "/v1/projects/p/locations/us-east5/publishers/google/models/gemini-2.0-flash:countTokens",
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
+            "/model/anthropic.claude-3-5-sonnet-20241022-v2%3A0/count-tokens",
+        ] {
+            assert!(is_token_count_path(p), "{p}");
+        }
+        for p in [
+            "/v1/messages",
+            "/v1/chat/completions",
+            "/v1/responses",
+            "/v1/count_tokens",
+            "/v1/messages?x=/count_tokens",
+            "/v1/messages#/count_tokens",
+            "/v1/messages/count_tokens/..",
+            "/v1/responses/resp_123/input_items",
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            "/model/m/converse",
+            "/count-tokens",
+        ] {
+            assert!(!is_token_count_path(p), "{p}");
+        }
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -1257,6 +1257,13 @@ impl Request {
         // One host call for the path, the encoding and every rule's key header.
         let mut headers = HeaderSnapshot::request();
         self.path = headers.get(":path").unwrap_or_default().to_string();
+        if meshwarden_shared::llm::is_token_count_path(&self.path) {
+            // Counting a prompt's tokens runs no model and is not billed: charging it the prompt would
+            // make a client that counts before it sends (agents managing their context) pay twice.
+            self.phase = Phase::Pass;
+            self.shared.count("skipped_count_tokens", 1);
+            return Action::Continue;
+        }
         self.encoded = headers
             .get("content-encoding")
             .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
