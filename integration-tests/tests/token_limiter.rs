@@ -321,6 +321,32 @@ async fn a_hidden_model_still_meets_the_model_rules() {
 
 /// Azure OpenAI serves the deployment its path names and ignores the body's `model`: naming a cheaper
 /// model in the body must not take the request out of the deployment's budget.
+/// Claude on Vertex AI names its model only in the path (`.../models/{model}:streamRawPredict`, no `model`
+/// in the body): its rules apply, and only its rules. Before, the model was unknown, so every model rule
+/// (here the gpt-4o budget) was charged, and with `skip_model_rules` none was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vertex_claude_request_meets_its_models_rules() {
+    let mock = MockLlm::start().await.unwrap();
+    async fn charged(e: &Envoy, rule: &str) -> u64 {
+        e.stat(&format!("meshwarden.token_limiter.rule.{rule}.charged_tokens")).await.unwrap()
+    }
+    let rules = json!([
+        {"name":"gpt4o","key":{"constant":"g"},"model":"gpt-4o","limits":{"tokens_per_hour":100000}},
+        {"name":"claude","key":{"constant":"g"},"model":"claude-*","limits":{"tokens_per_hour":100000}}]);
+    let body = json!({"anthropic_version":"vertex-2023-10-16","max_tokens":50,
+                      "messages":[{"role":"user","content":"Which model am I?"}]});
+    let path = "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict";
+    for unknown_model in ["apply_model_rules", "skip_model_rules"] {
+        let e = envoy(&mock, json!({"unknown_model": unknown_model, "rules": rules})).await;
+        let r = post(&e, path, &body, &[]).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+        assert!(charged(&e, "claude").await > 0, "{unknown_model}: the path's model rule is charged");
+        assert_eq!(charged(&e, "gpt4o").await, 0, "{unknown_model}: another model's rule is not");
+        assert_eq!(e.stat("meshwarden.token_limiter.bad_body.no_model").await.unwrap(), 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_azure_deployment_budget_cannot_be_escaped_through_the_body_model() {
     let mock = MockLlm::start().await.unwrap();

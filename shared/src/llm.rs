@@ -127,7 +127,8 @@ pub struct TextSpan {
 /// The model a request path names, for APIs that put it there rather than in the body: Bedrock
 /// (`/model/{modelId}/converse`, `converse-stream`, `invoke`, `invoke-with-response-stream`; the id
 /// percent-decoded, `anthropic.claude-3-5-sonnet-20240620-v1%3A0`), Gemini
-/// (`/v1beta/models/{model}:generateContent`, `:streamGenerateContent`, `:countTokens`, `:embedContent`)
+/// (`/v1beta/models/{model}:generateContent`, `:streamGenerateContent`, `:countTokens`, `:embedContent`),
+/// Vertex AI partner models (`.../publishers/anthropic/models/{model}:rawPredict`, `:streamRawPredict`)
 /// and Azure OpenAI (`/openai/deployments/{deployment}/…`: the deployment name).
 pub fn model_from_path(path: &str) -> Option<String> {
     let path = path.split(['?', '#']).next().unwrap_or("");
@@ -142,8 +143,19 @@ pub fn model_from_path(path: &str) -> Option<String> {
     }
     if let Some(last) = segments.last() {
         if let Some((model, action)) = last.rsplit_once(':') {
-            let gemini = matches!(action, "generateContent" | "streamGenerateContent" | "countTokens" | "embedContent");
-            if gemini && segments.len() >= 2 && segments.get(segments.len() - 2) == Some(&"models") {
+            // Vertex AI serves its partner models (Anthropic's Claude, Mistral, Llama) at
+            // `.../publishers/{publisher}/models/{model}:rawPredict` and `:streamRawPredict`, with no
+            // `model` in the body.
+            let by_path = matches!(
+                action,
+                "generateContent"
+                    | "streamGenerateContent"
+                    | "countTokens"
+                    | "embedContent"
+                    | "rawPredict"
+                    | "streamRawPredict"
+            );
+            if by_path && segments.len() >= 2 && segments.get(segments.len() - 2) == Some(&"models") {
                 return decoded(model);
             }
         }
@@ -1404,6 +1416,15 @@ mod tests {
         assert_eq!(
             m("/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21").as_deref(),
             Some("gpt4o-prod")
+        );
+        assert_eq!(
+            m("/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:streamRawPredict")
+                .as_deref(),
+            Some("claude-sonnet-4@20250514")
+        );
+        assert_eq!(
+            m("/v1/projects/p/locations/us-east5/publishers/mistralai/models/mistral-large:rawPredict").as_deref(),
+            Some("mistral-large")
         );
         assert_eq!(m("/v1/chat/completions"), None);
         assert_eq!(m("/model/x/unknown-action"), None);
