@@ -590,3 +590,43 @@ async fn concurrent_clients_on_two_gateways_stay_within_one_budget() {
         assert_eq!(e.stat("meshwarden.token_limiter.callout_failures").await.unwrap(), 0);
     }
 }
+
+/// With `--api-token`, only callers that carry it may use the rate-limit API. Before, whoever reached the
+/// sidecar's port (any pod of the mesh, with the shipped Service) could refund its own budget with a
+/// settle call (its key is the rule name, which a 429 names, and a hash of its own key value), spend
+/// another team's, or release concurrency slots. The filter sends the token (`sidecar_token`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_api_needs_the_sidecar_token() {
+    let sidecar = Sidecar::start(&["--api-token", "s3cret"]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let mut cfg = config("deny", 1000);
+    cfg["sidecar_token"] = json!("s3cret");
+    let e = envoy(&mock, sidecar.port(), &cfg).await;
+    let (admitted, r) = drain(&[&e], "a").await;
+    assert!(admitted > 0, "the filter's calls carry the token");
+    assert!(hdr(&r, "retry-after").is_some());
+
+    let refund = json!({"items":[{"key":"team:h:0123","windows":[{"limit":1000,"window_ms":3600000}],"delta":-1000}]});
+    let reserve = json!({"groups":[{"key":"team:h:0123","windows":[{"limit":1000,"window_ms":3600000}],"cost":1}]});
+    for (path, body) in [("/v1/ratelimit/settle", &refund), ("/v1/ratelimit/reserve", &reserve)] {
+        for auth in [None, Some("Bearer wrong"), Some("s3cret")] {
+            let mut req = client().post(sidecar.url(path)).json(body);
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            assert_eq!(req.send().await.unwrap().status(), 401, "{path} with {auth:?}");
+        }
+        let ok = client().post(sidecar.url(path)).header("authorization", "Bearer s3cret").json(body).send().await;
+        assert!(ok.unwrap().status().is_success(), "{path} with the token");
+    }
+    // Health and metrics stay open (probes, scrapers).
+    assert_eq!(client().get(sidecar.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(client().get(sidecar.url("/metrics")).send().await.unwrap().status(), 200);
+
+    // A gateway without the token is refused by the sidecar, so `failure_mode` applies (deny: 503).
+    let mut no_token = config("deny", 1000);
+    no_token["sidecar"]["timeout_ms"] = json!(500);
+    let e2 = envoy(&mock, sidecar.port(), &no_token).await;
+    assert_eq!(send(&e2, "b").await.status(), 503);
+    assert!(e2.stat("meshwarden.token_limiter.callout_failures.status").await.unwrap() >= 1);
+}

@@ -47,6 +47,12 @@ pub struct Config {
     /// Timeout of one Redis operation, in milliseconds.
     #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_TIMEOUT_MS", default_value_t = 40)]
     pub redis_timeout_ms: u64,
+
+    /// Token the rate-limit API (`/v1/ratelimit/*`) requires as `authorization: Bearer <token>`
+    /// (token-limiter's `sidecar_token`). Without it, whoever reaches the port can refund or spend any
+    /// budget and release any concurrency slot.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// Model-server pools to scrape for inference-router (JSON file; see docs/sidecar-api.md).
     #[arg(long, env = "MESHWARDEN_SIDECAR_POOLS_CONFIG")]
     pub pools_config: Option<std::path::PathBuf>,

@@ -15,6 +15,8 @@ pub struct Config {
     pub state: StateMode,
     /// The sidecar callout (cluster, timeout_ms, failure_mode); required with `state: sidecar`.
     pub sidecar: Option<CalloutConfig>,
+    /// Sent as `authorization: Bearer <token>` on every sidecar call: the sidecar's `--api-token`.
+    pub sidecar_token: Option<String>,
     /// Allow `unverified_jwt_claim` keys (decoding a bearer token without checking its signature).
     pub trust_unverified_jwt: bool,
     /// Output tokens reserved at admission when a request has no `max_tokens`.
@@ -55,6 +57,7 @@ impl Default for Config {
             max_body_bytes: 1 << 20,
             state: StateMode::Local,
             sidecar: None,
+            sidecar_token: None,
             trust_unverified_jwt: false,
             default_output_reservation: 256,
             max_output_reservation: 4096,
@@ -250,6 +253,12 @@ impl Validate for Config {
                 "must be a non-empty lower-case header name (a-z, 0-9, '-', '_')",
             ));
         }
+        if let Some(t) = &self.sidecar_token {
+            // Sent in a header: visible ASCII only, and no space (the sidecar compares it exactly).
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::at("sidecar_token", "must be non-empty printable ASCII without spaces"));
+            }
+        }
         match (&self.state, &self.sidecar) {
             (StateMode::Sidecar, None) => {
                 return Err(ConfigError::at("sidecar", "required when state is \"sidecar\""));
@@ -399,6 +408,10 @@ mod tests {
             )
         };
         assert_eq!(e(&fallback("gpt\\r\\nx-injected: 1")), "$.rules[0].fallback_model");
+        for bad in ["", "two words", "x\\r\\ny: z"] {
+            assert_eq!(e(&format!(r#"{{"sidecar_token":"{bad}"}}"#)), "$.sidecar_token", "{bad:?}");
+        }
+        assert!(parse_config::<Config>(br#"{"sidecar_token":"s3cret-Token_1"}"#).is_ok());
         assert!(parse_config::<Config>(fallback("gpt-4o-mini").as_bytes()).is_ok());
     }
 }

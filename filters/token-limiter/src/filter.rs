@@ -129,6 +129,8 @@ struct Shared {
     seed: u64,
     /// The worker's root context (settlements are dispatched on its behalf).
     root_context_id: Cell<u32>,
+    /// `Bearer <sidecar_token>`, sent on every sidecar call.
+    sidecar_authorization: Option<String>,
 }
 
 impl Shared {
@@ -249,9 +251,10 @@ impl Shared {
                 .map(|(it, attempts)| LateRelease { due_ms: 0, attempts: attempts + 1, item: release_only(it) })
                 .collect();
             let req = SettleRequest { items: chunk.iter().map(|(it, _)| it.clone()).collect() };
-            let sent = serde_json::to_vec(&req)
-                .map_err(|_| CalloutFailure::BadBody)
-                .and_then(|body| dispatch(cfg, "POST", "/v1/ratelimit/settle", &[], Some(&body)));
+            let auth = self.sidecar_authorization.as_deref().map(|a| [("authorization", a)]);
+            let sent = serde_json::to_vec(&req).map_err(|_| CalloutFailure::BadBody).and_then(|body| {
+                dispatch(cfg, "POST", "/v1/ratelimit/settle", auth.as_ref().map_or(&[][..], |a| &a[..]), Some(&body))
+            });
             match sent {
                 Ok(token) => {
                     let unseen_after_ms =
@@ -360,6 +363,7 @@ impl Root {
                 lease_seq: Cell::new(0),
                 seed,
                 root_context_id: Cell::new(id),
+                sidecar_authorization: None,
             }),
             closing: false,
             settle_every_ticks: 1,
@@ -422,6 +426,7 @@ impl RootContext for Root {
         self.shared.retired.set(true);
         let in_flight = std::mem::take(&mut *self.shared.settle_calls.borrow_mut());
         let rule_windows = config.rules.iter().map(|r| (crate::state::rule_tag(&r.name), r.limits.windows())).collect();
+        let sidecar_authorization = config.sidecar_token.as_ref().map(|t| format!("Bearer {t}"));
         self.shared = Rc::new(Shared {
             config: Rc::new(config),
             metrics: RefCell::new(Metrics::default()),
@@ -437,6 +442,7 @@ impl RootContext for Root {
             lease_seq: Cell::new(0),
             seed: self.shared.seed,
             root_context_id: Cell::new(self.id),
+            sidecar_authorization,
         });
         let _ = self.id;
         true
@@ -939,7 +945,9 @@ impl Request {
                         Err(_) => return Action::Continue,
                     };
                     self.plan = Some(plan);
-                    match dispatch(sc, "POST", "/v1/ratelimit/reserve", &[], Some(&body)) {
+                    let auth = self.shared.sidecar_authorization.as_deref().map(|a| [("authorization", a)]);
+                    let headers = auth.as_ref().map_or(&[][..], |a| &a[..]);
+                    match dispatch(sc, "POST", "/v1/ratelimit/reserve", headers, Some(&body)) {
                         Ok(_) => {
                             self.phase = Phase::Waiting;
                             return Action::Pause;

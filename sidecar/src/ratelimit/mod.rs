@@ -8,7 +8,7 @@ pub mod redis;
 use crate::server::AppState;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -119,6 +119,20 @@ impl RateLimitMetrics {
 pub struct RateLimiter {
     pub backend: AnyBackend,
     pub metrics: RateLimitMetrics,
+    /// The `authorization` value every rate-limit call must carry (`Bearer <--api-token>`), if set.
+    pub required_authorization: Option<String>,
+}
+
+/// Whether a call may use the rate-limit API: without a configured token, every call; with one, only
+/// calls whose `authorization` is `Bearer <token>` (compared in constant time: the answer's timing must
+/// not tell how much of a guess was right).
+fn authorized(required: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(required) = required else {
+        return true;
+    };
+    let given = headers.get(axum::http::header::AUTHORIZATION).map_or(&b""[..], |v| v.as_bytes());
+    let (a, b) = (required.as_bytes(), given);
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Build the backend from the flags and attach it to the app state (called once by the binary).
@@ -130,7 +144,24 @@ pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Resu
         _ => AnyBackend::Memory(memory::MemoryBackend::default()),
     };
     tracing::info!(backend = backend.name(), "rate-limit backend");
-    let rl = Arc::new(RateLimiter { backend, metrics: RateLimitMetrics::new(&state.metrics.registry)? });
+    let required_authorization = match config.api_token.as_deref().map(str::trim) {
+        Some("") => anyhow::bail!("--api-token must not be empty"),
+        Some(t) => Some(format!("Bearer {t}")),
+        None => {
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "no --api-token: anyone who reaches this port can refund or spend any token budget"
+                );
+            }
+            None
+        }
+    };
+    let rl = Arc::new(RateLimiter {
+        backend,
+        metrics: RateLimitMetrics::new(&state.metrics.registry)?,
+        required_authorization,
+    });
     if let AnyBackend::Memory(_) = rl.backend {
         let weak = Arc::downgrade(&rl);
         tokio::spawn(async move {
@@ -155,10 +186,13 @@ fn error(status: StatusCode, msg: &str) -> Response {
     (status, [("content-type", "application/json")], serde_json::json!({"error": msg}).to_string()).into_response()
 }
 
-async fn reserve(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn reserve(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let Some(rl) = state.ratelimit.get() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "rate limiter not configured");
     };
+    if !authorized(rl.required_authorization.as_deref(), &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (--api-token)");
+    }
     let req: ReserveRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid reserve request: {e}")),
@@ -187,10 +221,13 @@ async fn reserve(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-async fn settle(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn settle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let Some(rl) = state.ratelimit.get() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "rate limiter not configured");
     };
+    if !authorized(rl.required_authorization.as_deref(), &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token (--api-token)");
+    }
     let req: SettleRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid settle request: {e}")),
@@ -205,5 +242,28 @@ async fn settle(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
             tracing::warn!(error = %e, "settle failed");
             error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::authorized;
+    use axum::http::HeaderMap;
+
+    #[test]
+    fn the_rate_limit_api_needs_the_token_when_one_is_set() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", v.parse().unwrap());
+            h
+        };
+        assert!(authorized(None, &HeaderMap::new()), "no token configured: open, as before");
+        let required = Some("Bearer s3cret");
+        assert!(authorized(required, &with("Bearer s3cret")));
+        for wrong in ["Bearer s3cre", "Bearer s3cret2", "bearer s3cret", "s3cret", ""] {
+            assert!(!authorized(required, &with(wrong)), "{wrong:?}");
+        }
+        assert!(!authorized(required, &HeaderMap::new()));
     }
 }
