@@ -203,6 +203,53 @@ async fn token_counting_calls_are_not_charged() {
     assert_eq!(rem, 400 - (estimate(Api::OpenAiChat, &body) + 10));
 }
 
+/// A `multipart/form-data` upload (audio transcription, image edit, file upload) is estimated by its text
+/// fields, not by the bytes of its file: before, a 200 KB audio clip was estimated at 50,000 tokens (a token
+/// per 4 bytes), refused as larger than the budget ("request too large", retry useless), and a smaller one
+/// drained the budget (a transcription reports no tokens to settle with). Its `model` field meets the model
+/// rules, also when the form is over `max_body_bytes` (read from the part Envoy buffered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_is_estimated_by_its_text_not_its_file() {
+    let mock = MockLlm::start().await.unwrap();
+    let mut form = Vec::new();
+    for (name, value) in [("model", "whisper-1"), ("prompt", "Spell the speakers' names: Aoife, Siobhan.")] {
+        form.extend_from_slice(
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+        );
+    }
+    form.extend_from_slice(
+        b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"clip.mp3\"\r\nContent-Type: audio/mpeg\r\n\r\n",
+    );
+    form.extend((0..200_000u32).map(|i| (i % 251) as u8));
+    form.extend_from_slice(b"\r\n--XyZ--\r\n");
+    let rules = json!([
+        {"name":"t","key":{"constant":"all"},"limits":{"tokens_per_hour":20000}},
+        {"name":"whisper","key":{"constant":"all"},"model":"whisper-1","limits":{"tokens_per_hour":20000}},
+        {"name":"gpt4o","key":{"constant":"all"},"model":"gpt-4o","limits":{"tokens_per_hour":20000}}]);
+    for max_body_bytes in [1_048_576, 65_536] {
+        let e =
+            envoy(&mock, json!({"max_body_bytes": max_body_bytes, "default_output_reservation": 10, "rules": rules}))
+                .await;
+        for i in 0..3 {
+            let r = client()
+                .post(e.url("/v1/audio/transcriptions"))
+                .header("content-type", "multipart/form-data; boundary=XyZ")
+                .body(form.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_ne!(r.status(), 429, "max_body_bytes {max_body_bytes}, upload {i}: {:?}", r.text().await);
+            let _ = r.text().await;
+        }
+        let charged = |rule: &str| format!("meshwarden.token_limiter.rule.{rule}.charged_tokens");
+        let t = e.stat(&charged("t")).await.unwrap();
+        assert!(t > 0 && t < 3 * 40, "max_body_bytes {max_body_bytes}: the prompts charged, not the files: {t}");
+        assert_eq!(e.stat(&charged("whisper")).await.unwrap(), t, "the form's model meets its rule");
+        assert_eq!(e.stat(&charged("gpt4o")).await.unwrap(), 0, "and only its rule");
+        assert_eq!(e.stat("meshwarden.token_limiter.bad_body.not_json").await.unwrap(), 0);
+    }
+}
+
 /// The usual two layers, a team total and a per-model limit keyed on the same team, live in one
 /// shared-data entry: a request the model limit denies charges the team nothing, and an admitted one
 /// charges both, exactly (answers use exactly their reservation, so nothing is settled afterwards).

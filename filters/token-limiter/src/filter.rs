@@ -6,7 +6,9 @@ use crate::config::{Config, KeySource, StateMode, UnknownModel};
 use crate::keys::{claim_value, spiffe_part, unverified_jwt_claim};
 use crate::limiter::{settle_deltas, Admission, Denial, Facts, Outcome, Plan};
 use crate::meter::Meter;
-use crate::request::{parse_request, rewrite_body, size_estimate, BadBody, Parsed};
+use crate::request::{
+    multipart_boundary, parse_request, parsed_multipart, read_multipart, rewrite_body, size_estimate, BadBody, Parsed,
+};
 use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
 use meshwarden_shared::errors::{openai_reset_duration, retry_after_seconds, ErrorFlavor, ErrorKind};
 use meshwarden_shared::host::{
@@ -767,6 +769,8 @@ struct Request {
     phase: Phase,
     path: String,
     encoded: bool,
+    /// The boundary of a `multipart/form-data` body (audio, image edits, file uploads).
+    multipart: Option<String>,
     identities: Vec<Option<String>>,
     body_size: usize,
     /// The request body as read, until the request is let through (see `start_admission`).
@@ -788,6 +792,7 @@ impl Request {
             phase: Phase::Start,
             path: String::new(),
             encoded: false,
+            multipart: None,
             identities: Vec::new(),
             body_size: 0,
             body: Vec::new(),
@@ -836,7 +841,19 @@ impl Request {
         // Kept until the request is let through: a rewrite splices its changes into these bytes.
         self.body = body;
         let cfg = self.cfg();
-        let parsed = if oversize {
+        // A form's files are not text: its parts are read instead of estimating its bytes (see
+        // `read_multipart`); over `max_body_bytes`, from the part of it Envoy has buffered.
+        let form = self.multipart.clone().filter(|_| !self.encoded);
+        let max = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
+        let parsed = if let (true, Some(boundary)) = (oversize, form.as_deref()) {
+            let prefix = self.get_http_request_body(0, self.body_size.min(max)).unwrap_or_default();
+            read_multipart(&prefix, boundary).map(|(model, est)| parsed_multipart(&cfg, &self.path, model, est, true))
+        } else {
+            None
+        };
+        let parsed = if let Some(p) = parsed {
+            p
+        } else if oversize {
             Parsed {
                 api: Api::from_path(&self.path),
                 json: None,
@@ -850,7 +867,12 @@ impl Request {
                 problem: None,
             }
         } else {
-            parse_request(&cfg, &self.path, &self.body, self.encoded)
+            let p = parse_request(&cfg, &self.path, &self.body, self.encoded);
+            match (p.bad, form.as_deref()) {
+                (Some(BadBody::NotJson), Some(boundary)) => read_multipart(&self.body, boundary)
+                    .map_or(p, |(model, est)| parsed_multipart(&cfg, &self.path, model, est, false)),
+                _ => p,
+            }
         };
         if let Some(bad) = parsed.bad {
             self.shared.count(&format!("bad_body.{}", bad.as_str()), 1);
@@ -1275,6 +1297,7 @@ impl Request {
         self.encoded = headers
             .get("content-encoding")
             .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
+        self.multipart = headers.get("content-type").and_then(multipart_boundary);
         let cfg = self.cfg();
         self.identities = cfg.rules.iter().map(|r| self.identity(&headers, &r.key)).collect();
         // The body may be rewritten (include_usage, fallback model).

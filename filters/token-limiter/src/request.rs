@@ -67,6 +67,97 @@ pub fn size_estimate(bytes: usize) -> u64 {
     (bytes as u64).div_ceil(4)
 }
 
+/// The boundary of a `multipart/form-data` content type (`multipart/form-data; boundary=X`, quoted or
+/// not); `None` for any other type.
+pub fn multipart_boundary(content_type: &str) -> Option<String> {
+    let mut params = content_type.split(';');
+    if !params.next()?.trim().eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
+        .map(|(_, v)| v.trim().trim_matches('"').to_string())
+        .filter(|b| !b.is_empty() && b.len() <= 70)
+}
+
+/// What a `multipart/form-data` body says (OpenAI's audio transcriptions and translations, image edits,
+/// file uploads): its `model` field and the estimate of its `prompt` field. File parts are audio, images
+/// or documents, not text: estimated by their bytes they would cost a token per 4 bytes of an mp3 (a
+/// 30-second clip of 500 KB, 125,000 tokens, was refused as larger than a budget or drained it, since a
+/// transcription answer reports no tokens to settle with); they are charged what the answer reports
+/// (`gpt-4o-transcribe`, `gpt-image-1` report tokens) or the estimate of its text. `body` may be a prefix
+/// of the form (over `max_body_bytes`): the parts complete in it are read. `None` when `body` does not
+/// start as a form with this boundary.
+pub fn read_multipart(body: &[u8], boundary: &str) -> Option<(Option<String>, u64)> {
+    let delimiter = format!("--{boundary}");
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    let mut rest = body.strip_prefix(delimiter.as_bytes())?;
+    let next_delimiter = format!("\r\n{delimiter}");
+    let (mut model, mut prompt) = (None, TokenEstimatorLite::default());
+    // After a delimiter: CRLF starts a part (`--` ends the form).
+    while let Some(part_start) = rest.strip_prefix(b"\r\n") {
+        let Some(end) = find(part_start, next_delimiter.as_bytes()) else { break };
+        let part = part_start.get(..end).unwrap_or_default();
+        rest = part_start.get(end + next_delimiter.len()..).unwrap_or_default();
+        let Some(head_end) = find(part, b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(part.get(..head_end).unwrap_or_default()).to_ascii_lowercase();
+        let content = part.get(head_end + 4..).unwrap_or_default();
+        let Some(disposition) = head.lines().find(|l| l.starts_with("content-disposition:")) else { continue };
+        if disposition.contains("filename=") || disposition.contains("filename*=") {
+            continue;
+        }
+        let name = disposition.split(';').filter_map(|p| p.trim().strip_prefix("name=")).next();
+        match name.map(|n| n.trim_matches('"')) {
+            Some("model") => model = std::str::from_utf8(content).ok().map(|m| m.trim().to_string()),
+            Some("prompt") => prompt.add(&String::from_utf8_lossy(content)),
+            _ => {}
+        }
+    }
+    Some((model.filter(|m| !m.is_empty()), prompt.tokens()))
+}
+
+/// [`meshwarden_shared::llm::TokenEstimator`] plus the framing tokens of each text, as for a JSON prompt.
+#[derive(Default)]
+struct TokenEstimatorLite {
+    est: meshwarden_shared::llm::TokenEstimator,
+    texts: u64,
+}
+
+impl TokenEstimatorLite {
+    fn add(&mut self, text: &str) {
+        self.est.add(text);
+        self.texts += 1;
+    }
+    fn tokens(&self) -> u64 {
+        self.est.tokens() + 4 * self.texts
+    }
+}
+
+/// [`Parsed`] for a `multipart/form-data` body read by [`read_multipart`]: the form's model (not
+/// rewritable, so no fallback: `model_from_path`), its prompt estimate, the default output reservation.
+pub fn parsed_multipart(cfg: &Config, path: &str, model: Option<String>, estimate: u64, too_large: bool) -> Parsed {
+    let path_model = model_from_path(path);
+    Parsed {
+        api: Api::from_path(path),
+        json: None,
+        bad: if too_large {
+            Some(BadBody::TooLarge)
+        } else if model.is_none() && path_model.is_none() {
+            Some(BadBody::NoModel)
+        } else {
+            None
+        },
+        model: path_model.or(model),
+        model_from_path: true,
+        other_model: None,
+        stream: false,
+        input_estimate: estimate,
+        output_reservation: cfg.default_output_reservation,
+        problem: None,
+    }
+}
+
 pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Parsed {
     let fallback = |bad| Parsed {
         api: Api::from_path(path),
@@ -173,6 +264,38 @@ pub fn rewrite_body(parsed: &mut Parsed, body: &[u8], new_model: Option<&str>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multipart_forms_are_estimated_by_their_text_not_their_files() {
+        assert_eq!(multipart_boundary("multipart/form-data; boundary=\"----abc123\"").as_deref(), Some("----abc123"));
+        assert_eq!(multipart_boundary("Multipart/Form-Data;boundary=x").as_deref(), Some("x"));
+        assert_eq!(multipart_boundary("application/json"), None);
+        assert_eq!(multipart_boundary("multipart/form-data"), None);
+        let audio = vec![0xffu8; 40_000];
+        let mut form = Vec::new();
+        form.extend_from_slice(b"--b1\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n");
+        form.extend_from_slice(b"--b1\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n12345678\r\n");
+        form.extend_from_slice(
+            b"--b1\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\nContent-Type: audio/mpeg\r\n\r\n",
+        );
+        form.extend_from_slice(&audio);
+        form.extend_from_slice(b"\r\n--b1--\r\n");
+        assert_eq!(read_multipart(&form, "b1"), Some((Some("whisper-1".to_string()), 2 + 4)));
+        // A prefix (the body over max_body_bytes): the complete parts are read.
+        assert_eq!(read_multipart(&form[..form.len() / 2], "b1"), Some((Some("whisper-1".to_string()), 6)));
+        // File first, cut inside it: nothing to read, nothing estimated.
+        let mut file_first =
+            b"--b1\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.mp3\"\r\n\r\n".to_vec();
+        file_first.extend_from_slice(&audio[..1000]);
+        assert_eq!(read_multipart(&file_first, "b1"), Some((None, 0)));
+        assert_eq!(read_multipart(b"not a form at all", "b1"), None);
+        assert_eq!(read_multipart(&form, "other"), None);
+        let p = parsed_multipart(&Config::default(), "/v1/audio/transcriptions", Some("whisper-1".into()), 6, false);
+        assert_eq!(
+            (p.model.as_deref(), p.model_from_path, p.bad, p.input_estimate),
+            (Some("whisper-1"), true, None, 6)
+        );
+    }
 
     #[test]
     fn prompts_the_filter_cannot_read_are_not_free() {
