@@ -1010,9 +1010,9 @@ fn add_streamed_output_besides_text(event: &Value, est: &mut TokenEstimator) {
     // and reasoning text (`reasoning_content`: DeepSeek, vLLM; `reasoning`: OpenRouter, newer vLLM).
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
         for delta in choices.iter().filter_map(|c| c.get("delta")) {
-            for key in ["refusal", "reasoning_content", "reasoning"] {
-                add(delta.get(key));
-            }
+            add(delta.get("refusal"));
+            // Servers that send both names send the same text twice: count it once.
+            add(delta.get("reasoning_content").or_else(|| delta.get("reasoning")));
             add(json::pointer(delta, "/function_call/arguments"));
             for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
                 add(json::pointer(call, "/function/arguments"));
@@ -1555,11 +1555,12 @@ mod tests {
             json!({"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":a40}}]}}]}),
             json!({"choices":[{"delta":{"reasoning_content":a40}}]}),
             json!({"choices":[{"delta":{"reasoning":a40}}]}),
+            json!({"choices":[{"delta":{"reasoning_content":"bbbb","reasoning":"bbbb"}}]}),
             json!({"choices":[{"delta":{"refusal":a40}}]}),
             json!({"choices":[{"delta":{"function_call":{"arguments":a40}}}]}),
         ]
         .map(|v| v.to_string());
-        assert_eq!(streamed(&chat), 50);
+        assert_eq!(streamed(&chat), 51, "reasoning sent under both names counts once");
         let anthropic = [
             json!({"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":a40}}),
             json!({"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":a40}}),
