@@ -1206,8 +1206,13 @@ async fn unverified_jwt_claim_keys_budgets_per_subject() {
     }
     assert_eq!(statuses, vec![200, 200, 429], "same subject, same budget, whatever the signature");
     assert_eq!(post(&e, "/v1/chat/completions", &body, &[("authorization", &auth(bob))]).await.status(), 200);
+    // on_missing_key: reject answers 401 (what SDKs raise AuthenticationError for, and do not retry),
+    // not a 429 that invites retries that can never pass.
     let r = post(&e, "/v1/chat/completions", &body, &[]).await;
-    assert_eq!(r.status(), 429, "on_missing_key: reject");
+    assert_eq!(r.status(), 401, "on_missing_key: reject");
+    assert!(r.headers().get("retry-after").is_none());
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "missing_budget_key", "{err}");
     assert_eq!(e.stat("meshwarden.token_limiter.rule.user.missing_key").await.unwrap(), 1);
 }
 

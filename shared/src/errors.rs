@@ -24,6 +24,8 @@ impl ErrorFlavor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     RateLimit,
+    /// 401: the request does not say who it is (the SDKs raise `AuthenticationError`).
+    Authentication,
     PermissionDenied,
     InvalidRequest,
     RequestTooLarge,
@@ -35,7 +37,10 @@ impl ErrorKind {
         match self {
             ErrorKind::RateLimit => "rate_limit_error",
             ErrorKind::PermissionDenied => "permission_error",
-            ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge => "invalid_request_error",
+            // OpenAI answers a missing or wrong API key with 401 and this type.
+            ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge | ErrorKind::Authentication => {
+                "invalid_request_error"
+            }
             ErrorKind::Unavailable => "server_error",
         }
     }
@@ -43,6 +48,7 @@ impl ErrorKind {
     fn anthropic_type(self) -> &'static str {
         match self {
             ErrorKind::RateLimit => "rate_limit_error",
+            ErrorKind::Authentication => "authentication_error",
             ErrorKind::PermissionDenied => "permission_error",
             ErrorKind::InvalidRequest => "invalid_request_error",
             ErrorKind::RequestTooLarge => "request_too_large",
@@ -73,6 +79,9 @@ pub fn error_body(flavor: ErrorFlavor, kind: ErrorKind, code: Option<&str>, mess
 
 /// OpenAI's duration format for `x-ratelimit-reset-*`: `6m0s`, `1.5s`, `20ms`, `1h2m3s`.
 pub fn openai_reset_duration(millis: u64) -> String {
+    if millis == 0 {
+        return "0s".to_string(); // as Go's `time.Duration` prints zero, which OpenAI's headers follow
+    }
     if millis < 1000 {
         return format!("{millis}ms");
     }
@@ -123,6 +132,7 @@ mod tests {
 
     #[wasm_bindgen_test(unsupported = test)]
     fn durations() {
+        assert_eq!(openai_reset_duration(0), "0s");
         assert_eq!(openai_reset_duration(20), "20ms");
         assert_eq!(openai_reset_duration(1500), "1.5s");
         assert_eq!(openai_reset_duration(360_000), "6m0s");

@@ -1040,10 +1040,17 @@ impl Request {
         self.shared.count(&format!("rule.{rule}.{what}"), 1);
         let model = self.admission.as_ref().and_then(|a| a.model.clone());
         self.count_per_model(model.as_deref(), "limited");
+        if d.missing_key {
+            // Not a rate limit: retrying the same request cannot help, so no 429 (which SDKs retry) and no
+            // retry-after. 401, as for a missing API key: the caller must say who is charged.
+            let message = format!(
+                "Request rejected by rule '{rule}': the request does not carry the key this budget is charged to."
+            );
+            send_error(401, self.flavor(), ErrorKind::Authentication, Some("missing_budget_key"), &message, &[]);
+            return;
+        }
         let retry_ms = d.retry_ms();
-        let message = if d.missing_key {
-            format!("Request rejected by rule '{rule}': the request does not carry the key this budget is charged to.")
-        } else if d.reason == DenyReason::Concurrency {
+        let message = if d.reason == DenyReason::Concurrency {
             format!("Rate limit reached for rule '{rule}': too many concurrent requests. Please retry after a request completes.")
         } else if d.never {
             format!("Request too large for rule '{rule}': it needs more tokens than the limit allows per window.")
