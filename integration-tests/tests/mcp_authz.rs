@@ -713,6 +713,35 @@ async fn agent_card_byte_ranges_are_not_served() {
     assert_eq!((status, ids), (200, vec!["sql", "web-search"]), "{text}");
 }
 
+/// A2A has no notifications: the a2a-sdk executes and answers a message without an `id` like any call
+/// (`"id": null` in the answer). Before the fix the filter decided it as a notification and did not read
+/// the answer: bob's `GetExtendedAgentCard` without an id got every skill of the extended card
+/// (`payments`, `ops-console`), and a denied `SendMessage` without an id an empty 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_calls_without_an_id_are_filtered_and_answered() {
+    let s = setup(config(false)).await;
+    let post = |user: Option<&'static str>, body: Value| {
+        let mut req = client().post(s.envoy.url("/a2a")).header("a2a-version", "1.0").json(&body);
+        if let Some(u) = user {
+            req = req.header("x-test-user", u);
+        }
+        async move { messages(req.send().await.unwrap()).await }
+    };
+    let (st, _, m) = post(Some("bob"), json!({"jsonrpc": "2.0", "method": "GetExtendedAgentCard", "params": {}})).await;
+    assert_eq!(st, 200, "{m:?}");
+    let skills = m[0]["result"]["skills"].as_array().unwrap_or_else(|| panic!("{m:?}"));
+    let ids: Vec<&str> = skills.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["sql", "web-search"], "{m:?}");
+    let send = json!({"jsonrpc": "2.0", "method": "SendMessage",
+                      "params": {"message": {"messageId": "m1", "role": "ROLE_USER", "parts": [{"text": "hi"}]}}});
+    let (st, _, m) = post(None, send.clone()).await;
+    assert_eq!((st, m.len()), (200, 1), "{m:?}");
+    assert_eq!((m[0]["id"].clone(), m[0]["error"]["code"].clone()), (Value::Null, json!(-32601)), "{m:?}");
+    // Allowed, it reaches the agent as the call it is.
+    let (st, _, m) = post(Some("bob"), send).await;
+    assert_eq!((st, m[0]["result"]["message"]["parts"][0]["text"].clone()), (200, json!("echo: hi")), "{m:?}");
+}
+
 /// The a2a-sdk reads params with protobuf's `ParseDict`, which takes `context_id` as `contextId` (and of
 /// both, the last). A deny rule on `message.contextId` let `context_id` through to the agent, and a body
 /// with both was decided on the one the agent does not use.

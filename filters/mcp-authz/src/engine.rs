@@ -327,6 +327,19 @@ fn misspelled_member(v: &Value, protocol: Protocol) -> Option<String> {
     })
 }
 
+/// An A2A message without an `id` is a call with the id `null`: A2A has no notifications, and the
+/// a2a-sdk executes and answers such a message like any request (`"id": null` in the answer). Decided
+/// as a notification, its answer was not read: a `GetExtendedAgentCard` without an id returned the whole
+/// extended card, every skill of it, to a caller allowed the method (before 2026-12-06).
+fn a2a_call(protocol: Protocol, msg: Message) -> Message {
+    match msg {
+        Message::Notification { method, params } if protocol == Protocol::A2a => {
+            Message::Request { id: Value::Null, method, params }
+        }
+        other => other,
+    }
+}
+
 fn json_reply(status: u32, body: &Value, extra: Vec<(String, String)>) -> Reply {
     let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
     headers.extend(extra);
@@ -626,8 +639,11 @@ impl Engine {
                     ..Outcome::default()
                 }
             }
-            Payload::Single(Ok(msg)) => self.decide_single(identity, protocol, headers, msg),
-            Payload::Batch(items) => self.decide_batch(identity, protocol, headers, items),
+            Payload::Single(Ok(msg)) => self.decide_single(identity, protocol, headers, a2a_call(protocol, msg)),
+            Payload::Batch(items) => {
+                let items = items.into_iter().map(|m| m.map(|m| a2a_call(protocol, m))).collect();
+                self.decide_batch(identity, protocol, headers, items)
+            }
         }
     }
 
@@ -2107,6 +2123,35 @@ mod tests {
         let strict = engine(json!({"policy": {"builtin_allow": ["initialize"]}}));
         assert_eq!(strict.decide_session(&anon(), "GET").reply.unwrap().status, 403);
     }
+    /// A2A has no notifications: the a2a-sdk executes and answers a message without an `id` (`"id": null`
+    /// in the answer). Before the fix such a `GetExtendedAgentCard` was decided as a notification and its
+    /// answer not read: the whole extended card went out. A denied one got an empty 202 (`hide`) that the
+    /// caller could not tell from delivery.
+    #[test]
+    fn a2a_messages_without_id_are_calls() {
+        let e = engine(json!({"a2a_paths": ["/a2a"], "policy": {"rules": [
+            {"name": "card", "effect": "allow", "protocol": "a2a", "methods": ["GetExtendedAgentCard"]},
+            {"name": "sql", "effect": "allow", "protocol": "a2a", "methods": ["agent/skill"], "targets": ["sql"]}
+        ]}}));
+        let card = br#"{"jsonrpc":"2.0","method":"GetExtendedAgentCard","params":{}}"#;
+        let out = e.decide_body(&anon(), Protocol::A2a, &h(), card);
+        assert!(out.reply.is_none());
+        assert_eq!(out.filters.get("null"), Some(&FilterKind::Card), "{:?}", out.filters);
+        let answer =
+            br#"{"jsonrpc":"2.0","id":null,"result":{"name":"a","skills":[{"id":"sql"},{"id":"ops-console"}]}}"#;
+        let (filtered, removed) = e.filter_json_answer(&anon(), &out.filters, answer).unwrap().unwrap();
+        assert_eq!(removed, 1);
+        let v: Value = serde_json::from_slice(&filtered).unwrap();
+        assert_eq!(v["result"]["skills"], json!([{"id": "sql"}]));
+        // Denied: answered as the agent would answer a call, with the id `null`.
+        let send = br#"{"jsonrpc":"2.0","method":"SendMessage","params":{"message":{"parts":[]}}}"#;
+        let r = e.decide_body(&anon(), Protocol::A2a, &h(), send).reply.unwrap();
+        assert_eq!((r.status, body(&r)["id"].clone(), body_code(&r)), (200, Value::Null, -32601));
+        // MCP notifications stay notifications (MCP servers do not answer them).
+        let note = br#"{"jsonrpc":"2.0","method":"tools/list"}"#;
+        assert!(e.decide_body(&anon(), Protocol::Mcp, &h(), note).filters.is_empty());
+    }
+
     /// Native cost of the pure core (no Envoy): `cargo test --release -p meshwarden-mcp-authz core_cost
     /// -- --ignored --nocapture`. Prints timings, asserts only correctness (no timed assertions).
     #[test]
