@@ -713,6 +713,42 @@ async fn agent_card_byte_ranges_are_not_served() {
     assert_eq!((status, ids), (200, vec!["sql", "web-search"]), "{text}");
 }
 
+/// The MCP Python SDK routes an answer to the stream of the POST that registered its request id last
+/// (`_request_streams[str(id)]`, the TypeScript SDK likewise): a `ping` with id n sent while a
+/// `tools/list` with id n is in flight in the same session receives the `tools/list` answer. The filter
+/// read only the answers of POSTs that asked for a list, so bob got every tool on his `ping`'s stream
+/// (SSE and JSON servers alike). Every MCP answer is now read for list-shaped responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_answers_delivered_on_another_requests_stream_are_filtered() {
+    let s = setup(config(false)).await;
+    for path in ["/mcp", "/json/mcp"] {
+        let bob = std::sync::Arc::new(Session::open(s.envoy.url(path), &[("x-test-user", "bob")]).await);
+        let mut crossed = 0;
+        for n in 1..=80u64 {
+            let list = {
+                let bob = bob.clone();
+                tokio::spawn(async move { bob.post(&json!({"jsonrpc": "2.0", "id": n, "method": "tools/list"})).await })
+            };
+            // The window is the server's handling of the list: a JSON server's is shorter.
+            tokio::time::sleep(std::time::Duration::from_micros(500 * (n % 4))).await;
+            let ping = json!({"jsonrpc": "2.0", "id": n, "method": "ping"});
+            let answers = tokio::time::timeout(std::time::Duration::from_secs(3), bob.post(&ping)).await;
+            list.abort();
+            let Ok((_, _, msgs)) = answers else { continue };
+            for m in msgs.iter().filter(|m| m["result"]["tools"].is_array()) {
+                let tools: Vec<&str> =
+                    m["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+                assert_eq!(tools, ["search", "get_weather"], "{path}: the list answer on the ping's stream: {m}");
+                crossed += 1;
+            }
+            if crossed >= 3 {
+                break;
+            }
+        }
+        assert!(crossed > 0, "{path}: no tools/list answer reached a ping's stream: the test proved nothing");
+    }
+}
+
 /// A2A has no notifications: the a2a-sdk executes and answers a message without an `id` like any call
 /// (`"id": null` in the answer). Before the fix the filter decided it as a notification and did not read
 /// the answer: bob's `GetExtendedAgentCard` without an id got every skill of the extended card

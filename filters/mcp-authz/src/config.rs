@@ -32,11 +32,14 @@ pub struct Config {
     pub stats_flush_interval_ms: u64,
 }
 
+/// `max_response_bytes` when not configured.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 4 << 20;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
-            max_response_bytes: 4 << 20,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             mcp_paths: vec!["/mcp".into(), "/mcp/*".into()],
             a2a_paths: Vec::new(),
             agent_card_paths: meshwarden_shared::a2a::AGENT_CARD_PATHS.iter().map(|s| s.to_string()).collect(),

@@ -123,15 +123,22 @@ pub struct Plan {
     /// MCP: every other response whose `result` has the shape of a list answer (a `tools`, `prompts`,
     /// `resources` or `resourceTemplates` member) is filtered as that list, and one whose shape cannot be
     /// read is replaced by a -32603 error for its id. On for GET streams (a server with an event store
-    /// replays a stored `tools/list` answer there after `Last-Event-ID`) and for POST answers the filter
-    /// reads (a server may deliver an earlier request's answer in them).
+    /// replays a stored `tools/list` answer there after `Last-Event-ID`) and for every MCP POST answer (a
+    /// server may deliver another request's answer in it, see `incidental`).
     pub by_shape: bool,
+    /// MCP POST answers to requests that asked for no list, read by shape only because servers route
+    /// answers by request id across POSTs: the MCP Python SDK (`_request_streams[str(id)]`) and the
+    /// TypeScript SDK (`_requestToStreamMapping`) deliver the answer to a `tools/list` with id 1 on the
+    /// stream of whichever POST registered id 1 last, e.g. a concurrent `ping` with id 1 (or `"1"`) of
+    /// the same session. What the filter cannot read here (not JSON, too large) passes, as it did before
+    /// these answers were read: it is not a list answer the client could be shown filtered.
+    pub incidental: bool,
 }
 
 impl Plan {
     /// Filter by id only.
     pub fn by_id(ids: HashMap<String, FilterKind>) -> Plan {
-        Plan { ids, by_shape: false }
+        Plan { ids, by_shape: false, incidental: false }
     }
 
     /// Nothing to filter: the answer is not read.
@@ -1224,7 +1231,7 @@ impl SseFilter {
                     e.data = data;
                 }
                 Ok(None) => {}
-                Err(Unreadable) if e.data.trim().is_empty() => {}
+                Err(Unreadable) if e.data.trim().is_empty() || plan.incidental => {}
                 Err(Unreadable) => {
                     self.withheld += 1;
                     e.data = withheld_answer(plan.single_id().as_ref(), "the event is not readable JSON");
@@ -1848,7 +1855,7 @@ mod tests {
             "id: ev-0\ndata: \n\nid: ev-1\nevent: message\ndata: {tools}\n\ndata: {}\n\n",
             r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"x"}}"#
         );
-        let get = Plan { ids: HashMap::new(), by_shape: true };
+        let get = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
         let mut f = SseFilter::new(1 << 20);
         let out = String::from_utf8(f.feed(&e, &anon(), &get, stream.as_bytes(), true)).unwrap();
         assert_eq!(f.removed, 1);
@@ -1868,7 +1875,7 @@ mod tests {
         ids.insert("7".to_string(), FilterKind::List(ListKind::Tools));
         let bad = r#"{"jsonrpc":"2.0","id":7,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]},"\udc80":1}"#;
         assert!(e.filter_answer_text(&anon(), &ids, bad).is_err());
-        for plan in [Plan::by_id(ids.clone()), Plan { ids: ids.clone(), by_shape: true }] {
+        for plan in [Plan::by_id(ids.clone()), Plan { ids: ids.clone(), by_shape: true, incidental: false }] {
             let stream = format!("event: message\ndata: {bad}\n\ndata: not json\n\n");
             let mut f = SseFilter::new(1 << 20);
             let out = String::from_utf8(f.feed(&e, &anon(), &plan, stream.as_bytes(), true)).unwrap();
@@ -1880,9 +1887,30 @@ mod tests {
         }
         // With no single planned id (a GET stream) the error's id is null.
         let mut f = SseFilter::new(1 << 20);
-        let get = Plan { ids: HashMap::new(), by_shape: true };
+        let get = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
         let out = String::from_utf8(f.feed(&e, &anon(), &get, format!("data: {bad}\n\n").as_bytes(), true)).unwrap();
         assert!(out.contains(r#""id":null"#) && out.contains("-32603") && !out.contains("delete_all"), "{out}");
+    }
+
+    /// The answer of a POST that asked for no list (a `ping`) may carry another POST's `tools/list`
+    /// answer: servers route answers by request id. Such answers are read by shape; what cannot be read
+    /// passes, as it did when they were not read.
+    #[test]
+    fn incidental_answers_are_read_by_shape_and_pass_what_is_unreadable() {
+        let e = std_engine("hide");
+        let plan = Plan { ids: HashMap::new(), by_shape: true, incidental: true };
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
+        let ping = r#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
+        let stream = format!("event: message\ndata: {list}\n\ndata: [DONE]\n\ndata: {ping}\n\n");
+        let mut f = SseFilter::new(1 << 20);
+        let out = String::from_utf8(f.feed(&e, &anon(), &plan, stream.as_bytes(), true)).unwrap();
+        assert_eq!((f.removed, f.withheld), (1, 0), "{out}");
+        assert!(!out.contains("delete_all") && out.contains("search"), "{out}");
+        assert!(out.contains("data: [DONE]\n") && out.contains(ping), "{out}");
+        let (body, n) = e.filter_json_plan(&anon(), &plan.ids, plan.by_shape, list.as_bytes()).unwrap().unwrap();
+        assert_eq!(n, 1);
+        assert!(!String::from_utf8(body).unwrap().contains("delete_all"));
+        assert_eq!(e.filter_json_plan(&anon(), &plan.ids, plan.by_shape, ping.as_bytes()).unwrap(), None);
     }
 
     #[test]

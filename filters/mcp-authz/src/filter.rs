@@ -163,6 +163,9 @@ impl RootContext for Root {
     }
 }
 
+/// Envoy's default buffer limit (`per_connection_buffer_limit_bytes`), see [`Request::incidental_json_limit`].
+const ENVOY_DEFAULT_BUFFER_LIMIT: u64 = 1024 * 1024;
+
 enum Answer {
     Untouched,
     /// An answer that could not be filtered was replaced by an error: drop what is left of it.
@@ -285,10 +288,13 @@ impl Request {
         if let Some(r) = &out.reply {
             return self.reply(r);
         }
-        // MCP answers the filter reads are also read by shape: a response for an id this POST did not
-        // plan (an earlier request's answer) that looks like a list answer is filtered too.
-        let by_shape = self.endpoint == Endpoint::Mcp && !out.filters.is_empty();
-        self.plan = Plan { ids: out.filters, by_shape };
+        // Every MCP answer is read by shape: a response for an id this POST did not plan that looks like a
+        // list answer is filtered too. Servers route answers by request id across the POSTs of a session
+        // (see `Plan::incidental`): a `ping` with id 1 sent while a `tools/list` with id 1 is in flight
+        // received the whole tool list on its own, unread, stream (before 2026-12-06).
+        let mcp = self.endpoint == Endpoint::Mcp;
+        let incidental = mcp && out.filters.is_empty();
+        self.plan = Plan { ids: out.filters, by_shape: mcp, incidental };
         Action::Continue
     }
 
@@ -321,7 +327,23 @@ impl Request {
                     .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
                 self.set_http_response_body(0, body_size, &new_body);
             }
+            // Read only in case another POST's list answer is in it (`Plan::incidental`): not JSON, so
+            // not a list answer; it passes as it did before such answers were read.
+            Err(_) if self.plan.incidental => {}
             Err(_) => self.fail_closed_answer(body_size, "answer is not JSON"),
+        }
+    }
+
+    /// How much of a JSON answer read only by shape ([`Plan::incidental`]) is buffered: a configured
+    /// `max_response_bytes` (the docs ask to raise Envoy's buffer limit with it), else Envoy's default
+    /// buffer limit (1 MiB), so that a tool's JSON answer of 1 to 4 MiB is not failed by Envoy for being
+    /// buffered. A list answer larger than this is refused on its own request anyway.
+    fn incidental_json_limit(&self) -> u64 {
+        let limit = self.engine.config.max_response_bytes;
+        if limit == crate::config::DEFAULT_MAX_RESPONSE_BYTES {
+            limit.min(ENVOY_DEFAULT_BUFFER_LIMIT)
+        } else {
+            limit
         }
     }
 
@@ -408,9 +430,13 @@ impl Request {
                 let action = self.apply(out);
                 if m == "GET" && !self.replied {
                     // The server-to-client stream: the server may replay stored answers there
-                    // (`Last-Event-ID`), a `tools/list` answer among them. Read every list answer by shape.
-                    self.plan.by_shape = true;
+                    // (`Last-Event-ID`), a `tools/list` answer among them. Read every list answer by shape,
+                    // and withhold what cannot be read (fail closed).
+                    self.plan = Plan { ids: Default::default(), by_shape: true, incidental: false };
                     headers.remove("accept-encoding");
+                } else {
+                    // DELETE: its answer carries no JSON-RPC message.
+                    self.plan = Plan::default();
                 }
                 return action;
             }
@@ -508,6 +534,17 @@ impl Request {
         let ctype = meshwarden_shared::host::response_header("content-type").unwrap_or_default().to_ascii_lowercase();
         let encoding = meshwarden_shared::host::response_header("content-encoding").unwrap_or_default();
         let encoded = !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity");
+        if self.plan.incidental && !self.card {
+            // Read only in case another POST's list answer arrives here: an answer that cannot be read
+            // (compressed, not JSON), or a JSON one too large to buffer, passes as it did before.
+            let sse = ctype.starts_with("text/event-stream");
+            let json = ctype.starts_with("application/json") || ctype.contains("+json");
+            let declared =
+                meshwarden_shared::host::response_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+            if encoded || !(sse || json) || (!sse && declared.is_some_and(|n| n > self.incidental_json_limit())) {
+                return Action::Continue;
+            }
+        }
         self.answer = if ctype.starts_with("text/event-stream") && !self.card {
             Answer::Sse(SseFilter::new(self.engine.config.max_response_bytes as usize))
         } else {
@@ -571,6 +608,11 @@ impl Request {
             }
             Answer::Json => {
                 self.answer = Answer::Json;
+                if self.plan.incidental && body_size as u64 > self.incidental_json_limit() {
+                    // Larger than a list answer can be here: release what is buffered, read no further.
+                    self.answer = Answer::Untouched;
+                    return Action::Continue;
+                }
                 if body_size as u64 > self.engine.config.max_response_bytes {
                     self.fail_closed_answer(body_size, "answer too large");
                     // Drop the rest of it too: nothing unfiltered may follow the error.
