@@ -4,6 +4,7 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
   --json         answer with application/json instead of SSE streams
   --stateless    no sessions
   --extra-tools N  register N more tools (tool_000 ...), for list-filtering benchmarks
+  --public-cache   mark list and resources/read results `cacheScope: "public"` (2026-07-28 cache hints)
 """
 
 import argparse
@@ -11,11 +12,16 @@ import socket
 import sys
 
 import uvicorn
+from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
 
 
-def build(extra_tools: int) -> MCPServer:
-    mcp = MCPServer("meshwarden-test")
+def build(extra_tools: int, public_cache: bool = False) -> MCPServer:
+    hints = None
+    if public_cache:
+        public = CacheHint(ttl_ms=60_000, scope="public")
+        hints = {m: public for m in ("tools/list", "prompts/list", "resources/list", "resources/templates/list", "resources/read")}
+    mcp = MCPServer("meshwarden-test", cache_hints=hints)
 
     @mcp.tool()
     def search(query: str, limit: int = 10) -> str:
@@ -89,8 +95,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--stateless", action="store_true")
     ap.add_argument("--extra-tools", type=int, default=0)
+    ap.add_argument("--public-cache", action="store_true")
     args = ap.parse_args()
-    app = build(args.extra_tools).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
+    app = build(args.extra_tools, args.public_cache).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -749,6 +749,58 @@ async fn list_answers_delivered_on_another_requests_stream_are_filtered() {
     }
 }
 
+/// MCP 2026-07-28 results carry cache hints: `cacheScope: "public"` lets a shared cache serve a result
+/// to any caller (the Python SDK client's `share_public` serves such entries across authorization
+/// contexts). The filter passed the server's `"public"` on a tool list filtered for bob and on a resource
+/// read the policy allowed him: shared, one caller's view reached the others. Every answer is now
+/// `"private"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_hints_of_filtered_answers_are_private() {
+    let (sse, json_srv, a2a) = tokio::join!(
+        PyServer::start("mcp_server.py", &["--public-cache"]),
+        PyServer::start("mcp_server.py", &["--json", "--public-cache"]),
+        PyServer::start("a2a_server.py", &[])
+    );
+    let (sse, json_srv, a2a) = (sse.unwrap(), json_srv.unwrap(), a2a.unwrap());
+    let envoy = EnvoyBuilder::new("mcp-authz-servers.yaml")
+        .var("MCP_SSE_PORT", sse.port.to_string())
+        .var("MCP_JSON_PORT", json_srv.port.to_string())
+        .var("A2A_PORT", a2a.port.to_string())
+        .var("JWKS", json_string(&jwks()))
+        .filter_config("mcp-authz", &config(false))
+        .start()
+        .await
+        .unwrap();
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}});
+    for path in ["/mcp", "/json/mcp"] {
+        let post = |method: &'static str, name: Option<&'static str>, params: Value| {
+            let mut req = client()
+                .post(envoy.url(path))
+                .header("accept", "application/json, text/event-stream")
+                .header("x-test-user", "bob")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", method)
+                .json(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}));
+            if let Some(n) = name {
+                req = req.header("mcp-name", n);
+            }
+            async move { messages(req.send().await.unwrap()).await }
+        };
+        let (st, _, m) = post("tools/list", None, json!({"_meta": meta.clone()})).await;
+        let answer = m.iter().find(|m| m["id"] == 1).unwrap_or_else(|| panic!("{path}: {m:?}"));
+        let tools: Vec<&str> =
+            answer["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!((st, tools), (200, vec!["search", "get_weather"]), "{path}: {answer}");
+        assert_eq!(answer["result"]["cacheScope"], "private", "{path}: {answer}");
+        let uri = "file:///public/readme";
+        let (st, _, m) = post("resources/read", Some(uri), json!({"uri": uri, "_meta": meta.clone()})).await;
+        let answer = m.iter().find(|m| m["id"] == 1).unwrap_or_else(|| panic!("{path}: {m:?}"));
+        assert_eq!((st, answer["result"]["contents"][0]["text"].clone()), (200, json!("public readme")), "{path}");
+        assert_eq!(answer["result"]["cacheScope"], "private", "{path}: {answer}");
+        assert_eq!(answer["result"]["ttlMs"], 60_000, "{path}: the rest of the hint is the server's");
+    }
+}
+
 /// A2A has no notifications: the a2a-sdk executes and answers a message without an `id` like any call
 /// (`"id": null` in the answer). Before the fix the filter decided it as a notification and did not read
 /// the answer: bob's `GetExtendedAgentCard` without an id got every skill of the extended card

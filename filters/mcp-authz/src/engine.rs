@@ -902,8 +902,26 @@ impl Engine {
     }
 
     /// Filter answer text by id (`plan`) and, with `by_shape`, every other response shaped like a list
-    /// answer ([`Plan::by_shape`]). `Ok(Some((text, 0)))` = a message was replaced by an error.
+    /// answer ([`Plan::by_shape`]); then mark every result's `cacheScope` `"private"`
+    /// ([`private_cache_scope`]). `Ok(Some((text, 0)))` = a message was replaced by an error, or a
+    /// `cacheScope` changed.
     pub fn filter_plan_text(
+        &self,
+        identity: &Identity,
+        plan: &HashMap<String, FilterKind>,
+        by_shape: bool,
+        text: &str,
+    ) -> Result<Option<(String, usize)>, Unreadable> {
+        let filtered = self.filter_lists_text(identity, plan, by_shape, text)?;
+        let current = filtered.as_ref().map_or(text, |(t, _)| t.as_str());
+        Ok(match private_cache_scope(current) {
+            Some(private) => Some((private, filtered.map_or(0, |(_, n)| n))),
+            None => filtered,
+        })
+    }
+
+    /// [`filter_plan_text`](Self::filter_plan_text) without the `cacheScope` step.
+    fn filter_lists_text(
         &self,
         identity: &Identity,
         plan: &HashMap<String, FilterKind>,
@@ -1172,6 +1190,49 @@ fn rebuild_object(fields: &[(Cow<'_, str>, &RawValue)], replace: &[(&str, String
     }
     out.push('}');
     out
+}
+
+/// The answer (one message or a batch answer) with every `result.cacheScope` other than `"private"` set
+/// to `"private"`; `None` when there is none (or the text cannot be read: it is passed or withheld as it
+/// is). MCP 2026-07-28 results of `tools/list`, `prompts/list`, `resources/list`,
+/// `resources/templates/list` and `resources/read` carry `cacheScope`: `"public"` lets a shared cache
+/// serve the result to any caller (the Python SDK client with `share_public` serves such entries across
+/// authorization contexts). Every answer the filter passes is one caller's: a list filtered for them,
+/// a resource this caller was allowed to read. Shared, a finance caller's tool list reached every other
+/// caller of the cache, and a resource one caller may read the others (before 2026-12-06).
+fn private_cache_scope(text: &str) -> Option<String> {
+    const KEY: &str = "cacheScope";
+    if !text.contains(KEY) {
+        return None;
+    }
+    let message = |raw: &str| -> Option<String> {
+        let fields = object_fields(raw).ok()?;
+        let result = fields.iter().rev().find(|(k, _)| k == "result").map(|(_, v)| *v)?;
+        if !result.get().trim_start().starts_with('{') {
+            return None;
+        }
+        let result_fields = object_fields(result.get()).ok()?;
+        let scope = result_fields.iter().rev().find(|(k, _)| k == KEY).map(|(_, v)| *v)?;
+        if serde_json::from_str::<Value>(scope.get()).ok()? == json!("private") {
+            return None;
+        }
+        let private = rebuild_object(&result_fields, &[(KEY, "\"private\"".to_string())]);
+        Some(rebuild_object(&fields, &[("result", private)]))
+    };
+    if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+        let parts: Vec<Option<String>> = items.iter().map(|i| message(i.get())).collect();
+        if parts.iter().all(Option::is_none) {
+            return None;
+        }
+        let joined: Vec<Cow<'_, str>> =
+            items.iter().zip(parts).map(|(item, part)| part.map_or(Cow::Borrowed(item.get()), Cow::Owned)).collect();
+        return Some(format!("[{}]", joined.join(",")));
+    }
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    message(text)
 }
 
 /// The name of a listed item (`name`, `uri` or `uriTemplate`); `None` when missing or not a string.
@@ -1911,6 +1972,40 @@ mod tests {
         assert_eq!(n, 1);
         assert!(!String::from_utf8(body).unwrap().contains("delete_all"));
         assert_eq!(e.filter_json_plan(&anon(), &plan.ids, plan.by_shape, ping.as_bytes()).unwrap(), None);
+    }
+
+    /// 2026-07-28 cache hints: every answer the filter reads leaves with `cacheScope: "private"` (a
+    /// `"public"` one let a shared cache serve one caller's filtered list, or allowed resource, to others).
+    #[test]
+    fn cache_scopes_are_made_private() {
+        let e = std_engine("hide");
+        let mut ids = HashMap::new();
+        ids.insert("1".to_string(), FilterKind::List(ListKind::Tools));
+        // Nothing removed for an admin: still one caller's view.
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"cacheScope":"public","ttlMs":5,"tools":[{"name":"search"}]}}"#;
+        let (out, n) = e.filter_plan_text(&admin(), &ids, true, list).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (n, v["result"]["cacheScope"].clone(), v["result"]["ttlMs"].clone()),
+            (0, json!("private"), json!(5))
+        );
+        let list =
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"drop"}],"cacheScope":"public"}}"#;
+        let (out, n) = e.filter_plan_text(&anon(), &ids, true, list).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (n, v["result"]["cacheScope"].clone(), v["result"]["tools"].clone()),
+            (1, json!("private"), json!([{"name":"search"}]))
+        );
+        // A resources/read answer (read by shape only) and a batch answer.
+        let read = r#"{"jsonrpc":"2.0","id":2,"result":{"contents":[],"cacheScope":"public"}}"#;
+        let (out, _) = e.filter_plan_text(&anon(), &HashMap::new(), true, read).unwrap().unwrap();
+        assert!(out.contains(r#""cacheScope":"private""#) && !out.contains("public"), "{out}");
+        let batch = format!("[{read},{}]", r#"{"jsonrpc":"2.0","id":3,"result":{}}"#);
+        let (out, _) = e.filter_plan_text(&anon(), &HashMap::new(), true, &batch).unwrap().unwrap();
+        assert!(out.contains(r#""cacheScope":"private""#) && out.contains(r#""id":3"#), "{out}");
+        let private = r#"{"jsonrpc":"2.0","id":2,"result":{"contents":[],"cacheScope":"private"}}"#;
+        assert_eq!(e.filter_plan_text(&anon(), &HashMap::new(), true, private).unwrap(), None);
     }
 
     #[test]
