@@ -801,6 +801,30 @@ async fn cache_hints_of_filtered_answers_are_private() {
     }
 }
 
+/// Answers to calls are read for list answers of other requests (see the test above), but not at the
+/// price of large answers: a JSON answer without `Content-Length` is not buffered (Envoy resets an answer
+/// whose buffered body crosses its limit before the filter sees the chunk). A 3 MB tool answer passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_chunked_answers_to_calls_pass() {
+    for size in [300_000usize, 3_000_000] {
+        let srv = PyServer::start("big_answer_server.py", &[&size.to_string()]).await.unwrap();
+        let envoy = EnvoyBuilder::new("mcp-authz-servers.yaml")
+            .var("MCP_SSE_PORT", srv.port.to_string())
+            .var("MCP_JSON_PORT", srv.port.to_string())
+            .var("A2A_PORT", srv.port.to_string())
+            .var("JWKS", json_string(&jwks()))
+            .filter_config("mcp-authz", &config(false))
+            .start()
+            .await
+            .unwrap();
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "search", "arguments": {"query": "q"}}});
+        let resp = client().post(envoy.url("/json/mcp")).header("x-test-user", "bob").json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.unwrap_or_else(|e| panic!("{size}: answer cut: {e}"));
+        assert_eq!(v["result"]["content"][0]["text"].as_str().map(str::len), Some(size));
+    }
+}
+
 /// A2A has no notifications: the a2a-sdk executes and answers a message without an `id` like any call
 /// (`"id": null` in the answer). Before the fix the filter decided it as a notification and did not read
 /// the answer: bob's `GetExtendedAgentCard` without an id got every skill of the extended card

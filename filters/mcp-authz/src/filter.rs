@@ -536,12 +536,16 @@ impl Request {
         let encoded = !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity");
         if self.plan.incidental && !self.card {
             // Read only in case another POST's list answer arrives here: an answer that cannot be read
-            // (compressed, not JSON), or a JSON one too large to buffer, passes as it did before.
+            // (compressed, not JSON), or a JSON one that cannot be buffered safely, passes as it did
+            // before. A JSON answer is buffered only with a `Content-Length` within the limit: without
+            // one, Envoy checks its buffer limit on a large chunk before this filter sees it and resets
+            // the answer (a 3 MB tool answer was), where it passed unbuffered before.
             let sse = ctype.starts_with("text/event-stream");
             let json = ctype.starts_with("application/json") || ctype.contains("+json");
             let declared =
                 meshwarden_shared::host::response_header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-            if encoded || !(sse || json) || (!sse && declared.is_some_and(|n| n > self.incidental_json_limit())) {
+            let bufferable = declared.is_some_and(|n| n <= self.incidental_json_limit());
+            if encoded || !(sse || json) || (!sse && !bufferable) {
                 return Action::Continue;
             }
         }
