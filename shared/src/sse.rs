@@ -228,6 +228,70 @@ pub fn encode_event(event: &SseEvent) -> String {
     out
 }
 
+/// Splits an event stream into raw event blocks, every byte kept as sent (line endings, comments,
+/// `retry:` and unknown fields), each block ending with the blank line that ends its event. For a filter
+/// that rewrites a few events and must pass every other byte for byte: a `: keep-alive` comment that
+/// keeps an idle connection open, or the `retry:` a 2025-11-25 MCP server sets before closing a polled
+/// stream, are lost when events are re-encoded from [`SseParser`]'s fields.
+#[derive(Debug)]
+pub struct SseBlockSplitter {
+    pending: Vec<u8>,
+    /// The line being read has no byte yet.
+    line_empty: bool,
+    /// The last terminator was a `\r`: a `\n` right after it belongs to it.
+    skip_lf: bool,
+}
+
+impl Default for SseBlockSplitter {
+    fn default() -> Self {
+        SseBlockSplitter { pending: Vec::new(), line_empty: true, skip_lf: false }
+    }
+}
+
+impl SseBlockSplitter {
+    /// Feed one network chunk; returns the blocks it completed, in order.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<Vec<u8>> {
+        let mut blocks = Vec::new();
+        let mut i = self.pending.len();
+        self.pending.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(&b) = self.pending.get(i) {
+            i += 1;
+            if std::mem::take(&mut self.skip_lf) && b == b'\n' {
+                continue;
+            }
+            if b != b'\n' && b != b'\r' {
+                self.line_empty = false;
+                continue;
+            }
+            self.skip_lf = b == b'\r';
+            if self.line_empty {
+                // A blank line ends the block; the `\n` of a `\r\n` goes with it when it is here.
+                if self.skip_lf && self.pending.get(i) == Some(&b'\n') {
+                    i += 1;
+                    self.skip_lf = false;
+                }
+                blocks.push(self.pending.get(start..i).unwrap_or(&[]).to_vec());
+                start = i;
+            }
+            self.line_empty = true;
+        }
+        self.pending.drain(..start);
+        blocks
+    }
+
+    /// Bytes of the block not yet complete.
+    pub fn held(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Take the bytes of the incomplete block (at the end of the stream, or to pass on a block too large
+    /// to hold); the rest of that block comes out of later calls as blocks of their own.
+    pub fn take_held(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +349,49 @@ mod tests {
         let events = parse_all(&[b"id:7\ndata:{\"a\":1}\n\n"]);
         assert_eq!(events[0].id.as_deref(), Some("7"));
         assert_eq!(events[0].data, "{\"a\":1}");
+    }
+
+    /// Blocks keep every byte, whatever the line endings and wherever the chunks are cut, and each
+    /// parses to the event it holds.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn blocks_keep_every_byte_at_every_cut() {
+        let stream = b": keep-alive\r\n\r\nretry: 5000\nid: 7\ndata: {\"a\":1}\n\nevent: x\rdata: b\r\rdata: c\r\n\r\n\ndata: tail";
+        let want: Vec<&[u8]> = vec![
+            b": keep-alive\r\n\r\n",
+            b"retry: 5000\nid: 7\ndata: {\"a\":1}\n\n",
+            b"event: x\rdata: b\r\r",
+            b"data: c\r\n\r\n",
+            b"\n",
+        ];
+        let mut s = SseBlockSplitter::default();
+        let blocks = s.feed(stream);
+        assert_eq!(blocks.iter().map(Vec::as_slice).collect::<Vec<_>>(), want);
+        let events = |blocks: &[Vec<u8>]| blocks.iter().flat_map(|b| SseParser::default().feed(b)).collect::<Vec<_>>();
+        let whole = events(&blocks);
+        assert_eq!(whole.len(), 3, "a comment alone is no event");
+        // Cut anywhere: the same bytes and the same events (a cut between the `\r` and `\n` of a blank
+        // line's `\r\n` moves the `\n` to the next block, where it ends no event).
+        for cut in 0..=stream.len() {
+            for cut2 in cut..=stream.len() {
+                let mut s = SseBlockSplitter::default();
+                let mut blocks = s.feed(&stream[..cut]);
+                blocks.extend(s.feed(&stream[cut..cut2]));
+                blocks.extend(s.feed(&stream[cut2..]));
+                assert_eq!(s.take_held(), b"data: tail");
+                assert_eq!(blocks.concat(), stream[..stream.len() - 10].to_vec(), "cuts {cut} {cut2}");
+                assert_eq!(events(&blocks), whole, "cuts {cut} {cut2}");
+            }
+        }
+        let mut s = SseBlockSplitter::default();
+        let block = s.feed(b"id: 7\ndata: {\"a\":1}\n\n").remove(0);
+        let mut p = SseParser::default();
+        let e = p.feed(&block).remove(0);
+        assert_eq!((e.id.as_deref(), e.data.as_str()), (Some("7"), "{\"a\":1}"));
+        // Taking an incomplete block mid-line: its rest is a block of its own, nothing is lost.
+        let mut s = SseBlockSplitter::default();
+        assert!(s.feed(b"data: aaaa").is_empty());
+        assert_eq!(s.take_held(), b"data: aaaa");
+        assert_eq!(s.feed(b"aa\n\ndata: b\n\n"), vec![b"aa\n\n".to_vec(), b"data: b\n\n".to_vec()]);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

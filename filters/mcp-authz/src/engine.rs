@@ -26,7 +26,7 @@ use meshwarden_shared::a2a;
 use meshwarden_shared::config::glob_match;
 use meshwarden_shared::jsonrpc::{self, Message, ParseError, Payload};
 use meshwarden_shared::mcp::{self, ListKind, RequestHeaders};
-use meshwarden_shared::sse::{encode_event, SseParser};
+use meshwarden_shared::sse::{encode_event, SseBlockSplitter, SseParser};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::borrow::Cow;
@@ -1260,6 +1260,10 @@ fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
 /// are dropped (only list / card answers are streamed through this).
 pub struct SseFilter {
     parser: SseParser,
+    /// Answers read only by shape ([`Plan::incidental`]): events as raw blocks, passed byte for byte
+    /// unless one is a list answer to filter.
+    blocks: SseBlockSplitter,
+    max_event_bytes: usize,
     pub removed: usize,
     /// Events replaced by a -32603 error because they could not be read (fail closed).
     pub withheld: u64,
@@ -1267,7 +1271,13 @@ pub struct SseFilter {
 
 impl SseFilter {
     pub fn new(max_event_bytes: usize) -> Self {
-        SseFilter { parser: SseParser::new(max_event_bytes), removed: 0, withheld: 0 }
+        SseFilter {
+            parser: SseParser::new(max_event_bytes),
+            blocks: SseBlockSplitter::default(),
+            max_event_bytes,
+            removed: 0,
+            withheld: 0,
+        }
     }
 
     pub fn dropped_events(&self) -> u64 {
@@ -1275,6 +1285,9 @@ impl SseFilter {
     }
 
     pub fn feed(&mut self, engine: &Engine, identity: &Identity, plan: &Plan, chunk: &[u8], end: bool) -> Vec<u8> {
+        if plan.incidental {
+            return self.feed_incidental(engine, identity, plan, chunk, end);
+        }
         let mut out = Vec::new();
         let mut events = self.parser.feed(chunk);
         if end {
@@ -1301,6 +1314,55 @@ impl SseFilter {
             out.extend_from_slice(encode_event(&e).as_bytes());
         }
         out
+    }
+
+    /// The answer to a call, read only in case another request's list answer is routed into it
+    /// ([`Plan::incidental`]): every event passes byte for byte (comments that keep an idle connection
+    /// open, `retry:`, ids, line endings) unless it is a list answer, which is filtered and re-encoded.
+    /// An event too large to hold, or one that cannot be read, passes as it is, as the whole answer did
+    /// before such answers were read.
+    fn feed_incidental(
+        &mut self,
+        engine: &Engine,
+        identity: &Identity,
+        plan: &Plan,
+        chunk: &[u8],
+        end: bool,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        for block in self.blocks.feed(chunk) {
+            self.filter_block(engine, identity, plan, block, &mut out);
+        }
+        if end {
+            let rest = self.blocks.take_held();
+            if !rest.is_empty() {
+                self.filter_block(engine, identity, plan, rest, &mut out);
+            }
+        } else if self.blocks.held() > self.max_event_bytes {
+            out.extend(self.blocks.take_held());
+        }
+        out
+    }
+
+    fn filter_block(&mut self, engine: &Engine, identity: &Identity, plan: &Plan, block: Vec<u8>, out: &mut Vec<u8>) {
+        let mut parser = SseParser::new(self.max_event_bytes.saturating_add(1));
+        let mut events = parser.feed(&block);
+        events.extend(parser.finish());
+        let mut rewritten = String::new();
+        let mut changed = false;
+        for mut e in events {
+            if let Ok(Some((data, n))) = engine.filter_plan_text(identity, &plan.ids, plan.by_shape, &e.data) {
+                self.removed += n;
+                e.data = data;
+                changed = true;
+            }
+            rewritten.push_str(&encode_event(&e));
+        }
+        if changed {
+            out.extend_from_slice(rewritten.as_bytes());
+        } else {
+            out.extend(block);
+        }
     }
 }
 
@@ -1972,6 +2034,39 @@ mod tests {
         assert_eq!(n, 1);
         assert!(!String::from_utf8(body).unwrap().contains("delete_all"));
         assert_eq!(e.filter_json_plan(&anon(), &plan.ids, plan.by_shape, ping.as_bytes()).unwrap(), None);
+    }
+
+    /// A call's answer read only by shape passes byte for byte, cut anywhere: the keep-alive comments
+    /// that hold an idle connection open during a long tool call, the `retry:` a 2025-11-25 server sets
+    /// before closing a polled stream, CRLF line endings; only a list answer routed into it is rewritten.
+    /// An event too large to hold passes as it is.
+    #[test]
+    fn incidental_answers_keep_every_byte_but_the_list_answers() {
+        let e = std_engine("hide");
+        let plan = Plan { ids: HashMap::new(), by_shape: true, incidental: true };
+        let progress = r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}"#;
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
+        let head = format!(": keep-alive\r\n\r\nid: e1\r\nretry: 3000\r\ndata: {progress}\r\n\r\n: ping\n\n");
+        let stream = format!("{head}id: e2\ndata: {list}\n\nretry: 100\n\n");
+        for cut in 0..=stream.len() {
+            let mut f = SseFilter::new(1 << 20);
+            let mut out = f.feed(&e, &anon(), &plan, &stream.as_bytes()[..cut], false);
+            out.extend(f.feed(&e, &anon(), &plan, &stream.as_bytes()[cut..], true));
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.starts_with(&head), "cut {cut}: {out:?}");
+            assert!(out.ends_with("retry: 100\n\n"), "cut {cut}: {out:?}");
+            assert!(out.contains("id: e2\n") && out.contains("search") && !out.contains("delete_all"), "{out:?}");
+            assert_eq!(f.removed, 1);
+        }
+        // Larger than max_response_bytes: passed on as it comes, not dropped.
+        let big = format!("data: {{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{{\"text\":\"{}\"}}}}\n\n", "x".repeat(300));
+        let mut f = SseFilter::new(100);
+        let mut out = Vec::new();
+        for piece in big.as_bytes().chunks(64) {
+            out.extend(f.feed(&e, &anon(), &plan, piece, false));
+        }
+        out.extend(f.feed(&e, &anon(), &plan, b"", true));
+        assert_eq!(String::from_utf8(out).unwrap(), big);
     }
 
     /// 2026-07-28 cache hints: every answer the filter reads leaves with `cacheScope: "private"` (a
