@@ -765,7 +765,8 @@ impl Scanner {
                     }
                     let body_start = i + 8;
                     let end = tok_end(body_start, |c| c.is_ascii_alphanumeric());
-                    if (10..=99).contains(&(end - body_start)) && !is_word(at(t, end)) {
+                    // 10 or more (gitleaks stops at 99; a longer key is no less a secret and was left whole).
+                    if end - body_start >= 10 && !is_word(at(t, end)) {
                         return high(Builtin::StripeKey, end);
                     }
                 }
@@ -792,8 +793,14 @@ impl Scanner {
                 }
                 if self.on(Builtin::SlackToken) {
                     let skip = if rest.starts_with(b"https://") { 8 } else { 0 };
-                    if rest.get(skip..).is_some_and(|r| r.starts_with(b"hooks.slack.com/services/")) {
-                        let from = i + skip + 25;
+                    // Incoming webhooks (`services/`) and Workflow Builder webhooks (`workflows/`, `triggers/`).
+                    let path = rest.get(skip..).and_then(|r| {
+                        [&b"hooks.slack.com/services/"[..], b"hooks.slack.com/workflows/", b"hooks.slack.com/triggers/"]
+                            .into_iter()
+                            .find(|p| r.starts_with(p))
+                    });
+                    if let Some(path) = path {
+                        let from = i + skip + path.len();
                         let end = tok_end(from, |c| c.is_ascii_alphanumeric() || c == b'/' || c == b'_');
                         if end - from >= 20 {
                             return high(Builtin::SlackToken, end);
@@ -1169,8 +1176,24 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
     if non_ascii {
         i = earliest;
     }
+    let local_ok = |local: &[u8]| {
+        !(local.is_empty() || local.first() == Some(&b'.') || local.last() == Some(&b'.') || contains(local, b".."))
+    };
+    // An apostrophe between two letters or digits is part of the local part (RFC 5322 atext; Irish, Italian
+    // and French names: `john.o'reilly@`, `l'amour@`). The scanner reaches the local part from the token after
+    // the apostrophe, so it is extended back over it; before, `john.o'` was left unmasked beside `<EMAIL_1>`.
+    while i >= 2 && at(t, i - 1) == b'\'' && is_alnum(at(t, i - 2)) && is_alnum(at(t, i)) {
+        let mut s = i - 1;
+        while s > 0 && is_local(at(t, s - 1)) {
+            s -= 1;
+        }
+        match t.get(s..j) {
+            Some(local) if local_ok(local) => i = s,
+            _ => break,
+        }
+    }
     let local = t.get(i..j)?;
-    if local.is_empty() || local.first() == Some(&b'.') || local.last() == Some(&b'.') || contains(local, b"..") {
+    if !local_ok(local) {
         return None;
     }
     // Domain: labels of [A-Za-z0-9-] and non-ASCII letters and digits (IDN: `bücher.de`), at least two,
@@ -1211,7 +1234,11 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
     }
     let tld = t.get(last_label.0..last_label.1)?;
     let tld_ok = if tld.is_ascii() {
-        tld.len() >= 2 && tld.iter().all(u8::is_ascii_alphabetic)
+        // Letters, or an IDN top-level domain in its ASCII (punycode) form: `xn--p1ai` is `.рф`.
+        (tld.len() >= 2 && tld.iter().all(u8::is_ascii_alphabetic))
+            || (tld.len() > 4
+                && tld.get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"xn--"))
+                && tld.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-'))
     } else {
         // An IDN top-level domain (`.рф`, `.中国`): letters only.
         std::str::from_utf8(tld).is_ok_and(|s| s.chars().all(char::is_alphabetic) && s.chars().count() >= 2)
@@ -1232,16 +1259,23 @@ fn private_key(t: &[u8], i: usize) -> Option<Finding> {
     }
     let line_end = rest.iter().take(80).position(|c| *c == b'\n' || *c == b'\r').unwrap_or(rest.len().min(80));
     let header = rest.get(..line_end)?;
-    let hdr_end = find(header, b"PRIVATE KEY-----")?;
-    let after_header = hdr_end + 16;
+    let after_header = private_key_label_end(header)?;
     // The END line, or (a truncated key is still a secret) the end of the text. The first END line must
     // be this key's: one cut short (`-----END RSA PRIVATE K`) or another block's means the key has none.
     let end = find(rest.get(after_header..)?, b"-----END ").and_then(|p| {
         let from = after_header + p;
         let tail = rest.get(from..)?;
-        Some(i + from + find(tail.get(..tail.len().min(80))?, b"PRIVATE KEY-----")? + 16)
+        Some(i + from + private_key_label_end(tail.get(..tail.len().min(80))?)?)
     });
     Some(Finding { start: i, end: end.unwrap_or(t.len()), kind: Builtin::PrivateKey, confidence: Confidence::High })
+}
+
+/// The end of the first `PRIVATE KEY-----` or `PRIVATE KEY BLOCK-----` (OpenPGP armor: `-----BEGIN PGP
+/// PRIVATE KEY BLOCK-----`, gitleaks' `PRIVATE KEY( BLOCK)?-----`) in `line`.
+fn private_key_label_end(line: &[u8]) -> Option<usize> {
+    let p = find(line, b"PRIVATE KEY")?;
+    let rest = line.get(p + 11..)?;
+    [&b"-----"[..], b" BLOCK-----"].iter().find(|s| rest.starts_with(s)).map(|s| p + 11 + s.len())
 }
 
 fn jwt(t: &[u8], i: usize) -> Option<Finding> {
@@ -1856,6 +1890,45 @@ mod tests {
         assert_eq!(one(&format!("x {pk} y")), Some((Builtin::PrivateKey, pk.to_string())));
         let gh = format!("github_pat_{}", "A".repeat(82));
         assert_eq!(one(&gh), Some((Builtin::GithubToken, gh.clone())));
+    }
+
+    /// Realistic shapes that were missed or masked only in part: an apostrophe in an email's local part
+    /// (`john.o'` was left beside `<EMAIL_1>`), a punycode top-level domain, an OpenPGP private key block,
+    /// a Stripe key longer than 99 characters and Slack Workflow Builder webhooks (all left whole).
+    #[test]
+    fn realistic_shapes_found_whole() {
+        let stripe = format!("sk_live_51H{}", "aB3dE5gH7j".repeat(10));
+        let pgp =
+            "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF2xyzABCDEF\n=abcd\n-----END PGP PRIVATE KEY BLOCK-----";
+        let cases: Vec<(String, Builtin, String)> = vec![
+            ("mail john.o'reilly@example.com now".into(), Builtin::Email, "john.o'reilly@example.com".into()),
+            ("mail l'amour@example.fr.".into(), Builtin::Email, "l'amour@example.fr".into()),
+            ("to O'Brien.Sean@example.ie".into(), Builtin::Email, "O'Brien.Sean@example.ie".into()),
+            ("mail user@example.xn--p1ai now".into(), Builtin::Email, "user@example.xn--p1ai".into()),
+            ("mail ivan@xn--e1afmkfd.xn--p1ai.".into(), Builtin::Email, "ivan@xn--e1afmkfd.xn--p1ai".into()),
+            (format!("key {pgp} done"), Builtin::PrivateKey, pgp.into()),
+            (format!("key={stripe}"), Builtin::StripeKey, stripe.clone()),
+            (
+                "hook https://hooks.slack.com/workflows/T01ABCD2EFG/A01BCDE2FGH/123456789012345678/AbCdEfGhIjKlMnOpQrStUvWx"
+                    .into(),
+                Builtin::SlackToken,
+                "https://hooks.slack.com/workflows/T01ABCD2EFG/A01BCDE2FGH/123456789012345678/AbCdEfGhIjKlMnOpQrStUvWx"
+                    .into(),
+            ),
+            (
+                "hook https://hooks.slack.com/triggers/T01ABCD2EFG/1234567890123/0123456789abcdef0123456789abcdef".into(),
+                Builtin::SlackToken,
+                "https://hooks.slack.com/triggers/T01ABCD2EFG/1234567890123/0123456789abcdef0123456789abcdef".into(),
+            ),
+        ];
+        for (text, kind, value) in &cases {
+            assert_eq!(one(text), Some((*kind, value.clone())), "{text}");
+        }
+        // A quote around the address, a possessive or an apostrophe before a dot is not taken in.
+        assert_eq!(one("send it to 'jane@example.com'"), Some((Builtin::Email, "jane@example.com".into())));
+        assert_eq!(one("Bob's jane@example.com"), Some((Builtin::Email, "jane@example.com".into())));
+        assert_eq!(one("etc.'jane@example.com"), Some((Builtin::Email, "jane@example.com".into())));
+        assert_eq!(one("mail user@example.xn-- now"), None);
     }
 
     /// A key whose END line is cut (`-----END RSA PRIVATE K`, the copy stopped short) or that is followed
