@@ -5,6 +5,7 @@
 //! Hold-back is minimal: only a tail that is a prefix of a placeholder this request handed out is held
 //! (at most [`MAX_PLACEHOLDER`] bytes), so `<div` or `a < b` streams through untouched.
 
+use crate::detect::find;
 use crate::engine::{Counts, Engine, MAX_PLACEHOLDER};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, DeltaChannels, SseTextRewriter, TextRewrite};
 use serde_json::Value;
@@ -449,7 +450,49 @@ fn scan_ready_len(b: &[u8], mut n: usize) -> usize {
     } else if b.len() - tail_start < 256 {
         n = n.min(tail_start);
     }
+    if let Some(key) = unterminated_private_key(b, n) {
+        n = n.min(key);
+    }
     grouped_value_start(b.get(..n).unwrap_or(b))
+}
+
+/// Most text held back for a private key block whose END line has not arrived yet: a PEM RSA 4096 key is
+/// ~3.3 KB, an armored OpenPGP secret key with subkeys a few KB more.
+const MAX_PRIVATE_KEY_HOLD: usize = 16 * 1024;
+
+/// The start of a private key block in `b` whose END line does not end before the cut `n` (it has not
+/// arrived, or is not complete, or `n` falls inside it), or of a `-----BEGIN` whose header line is not
+/// complete yet, within [`MAX_PRIVATE_KEY_HOLD`] of the end. A block is masked from its BEGIN line to its
+/// END line; cut across pieces, the scanner would see the BEGIN line in one piece and mask to that
+/// piece's end, and the key's base64 lines in the next pieces would pass unmasked.
+fn unterminated_private_key(b: &[u8], n: usize) -> Option<usize> {
+    const BEGIN: &[u8] = b"-----BEGIN";
+    let floor = b.len().saturating_sub(MAX_PRIVATE_KEY_HOLD);
+    let window = b.get(floor..)?;
+    let start = floor + window.windows(BEGIN.len()).rposition(|w| w == BEGIN)?;
+    let rest = b.get(start..)?;
+    let header_limit = rest.len().min(80);
+    // The header line's closing dashes (`-----BEGIN RSA PRIVATE KEY-----`).
+    let Some(close) = rest.get(BEGIN.len()..header_limit).and_then(|h| find(h, b"-----")) else {
+        // Not complete yet: it may still become a private key header (a longer line is no header).
+        return (rest.len() < 80).then_some(start);
+    };
+    let header_end = BEGIN.len() + close + 5;
+    if !rest.get(..header_end).is_some_and(|h| find(h, b"PRIVATE KEY").is_some()) {
+        return None;
+    }
+    let after = rest.get(header_end..)?;
+    let Some(end_at) = find(after, b"-----END") else {
+        return Some(start);
+    };
+    // The END line must be complete (`-----END RSA PRIVATE KEY-----`) for the scanner to find it.
+    let end_line = after.get(end_at + 8..).unwrap_or(&[]);
+    let end_line = end_line.get(..end_line.len().min(80)).unwrap_or(&[]);
+    match find(end_line, b"-----") {
+        Some(close) => (start + header_end + end_at + 8 + close + 5 > n).then_some(start),
+        None if end_line.len() < 80 => Some(start),
+        None => None,
+    }
 }
 
 /// `cut` moved back to the start of a JSON escape (`\n`, `\u0040`) it would split, so that a piece
@@ -754,6 +797,41 @@ mod tests {
         assert_eq!(restored_chat_stream(&mut r, &pieces), "Card [REDACTED], ok then.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
+    }
+
+    /// A private key block the model writes, streamed in small deltas (SSE) or network chunks (raw text):
+    /// the block is held back until its END line, so the scanner sees it whole. Before, the BEGIN line's
+    /// piece was redacted to its end and the key's base64 lines in the later pieces reached the client.
+    #[test]
+    fn streamed_private_key_redacted_whole() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n\
+                   VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n-----END RSA PRIVATE KEY-----";
+        let text = format!("Here is the key:\n{key}\nDone.");
+        for size in [1, 7, 40] {
+            let pieces: Vec<&str> = text.as_bytes().chunks(size).map(|c| std::str::from_utf8(c).unwrap()).collect();
+            let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+            assert_eq!(
+                restored_chat_stream(&mut r, &pieces),
+                "Here is the key:\n[REDACTED]\nDone.",
+                "deltas of {size}"
+            );
+            let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+            let mut raw = RawStream::default();
+            let mut out = Vec::new();
+            for c in text.as_bytes().chunks(size) {
+                out.extend(raw.feed(&mut r, c, false));
+            }
+            out.extend(raw.feed(&mut r, b"", true));
+            assert_eq!(String::from_utf8(out).unwrap(), "Here is the key:\n[REDACTED]\nDone.", "chunks of {size}");
+        }
+        // Other blocks (a certificate) and complete keys are not held back.
+        assert_eq!(unterminated_private_key(b"a -----BEGIN CERTIFICATE-----\nMIIB", 0), None);
+        assert_eq!(unterminated_private_key(key.as_bytes(), key.len()), None);
+        assert_eq!(unterminated_private_key(b"a -----BEGIN RSA PRI", 20), Some(2));
+        assert_eq!(unterminated_private_key(b"a -----BEGIN PGP PRIVATE KEY BLOCK-----\nlQ", 43), Some(2));
+        assert_eq!(unterminated_private_key(b"a -----BEGIN EC PRIVATE KEY-----\nMH\n-----END EC PRIV", 50), Some(2));
+        assert_eq!(unterminated_private_key(key.as_bytes(), key.len() - 8), Some(0), "a cut inside the END line");
     }
 
     /// Ollama streams (`/api/chat`, `/api/generate`; `application/x-ndjson`, buffered as JSON) send one
