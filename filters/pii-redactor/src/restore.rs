@@ -439,16 +439,21 @@ impl Restorer {
     }
 }
 
+/// Most of a last word held back for the scanner: a JWT signed with RS256 is 600-1,200 characters
+/// without a space (its signature alone 342), a `github_pat_` 93.
+const MAX_WORD_HOLD: usize = 4096;
+
 /// `n` lowered so that the scanner sees whole values: the last word is held back (bounded: with no
-/// whitespace in the last 256 bytes, those 256 bytes), and so is a run before the cut that may be part
-/// of a value written in groups (`4111 1111 …`, `+44 20 …`, `DE89 3704 …`), which spans several words:
-/// cutting `Card 4111 1111 1111 1111,` after its last space would hand the scanner twelve digits.
+/// whitespace in the last [`MAX_WORD_HOLD`] bytes, those bytes), and so is a run before the cut that may
+/// be part of a value written in groups (`4111 1111 …`, `+44 20 …`, `DE89 3704 …`), which spans several
+/// words: cutting `Card 4111 1111 1111 1111,` after its last space would hand the scanner twelve digits.
 fn scan_ready_len(b: &[u8], mut n: usize) -> usize {
-    let tail_start = b.len().saturating_sub(256);
-    if let Some(ws) = b.get(tail_start..n).and_then(|t| t.iter().rposition(|c| c.is_ascii_whitespace())) {
-        n = n.min(tail_start + ws + 1);
-    } else if b.len() - tail_start < 256 {
-        n = n.min(tail_start);
+    let tail_start = b.len().saturating_sub(MAX_WORD_HOLD);
+    match b.get(tail_start..n).and_then(|t| t.iter().rposition(|c| c.is_ascii_whitespace())) {
+        Some(ws) => n = n.min(tail_start + ws + 1),
+        // Before 2026-12-06 a word of more than 256 bytes (the old bound) was not held back at all: a
+        // JWT cut across deltas reached the client unmasked.
+        None => n = n.min(tail_start),
     }
     if let Some(key) = unterminated_private_key(b, n) {
         n = n.min(key);
@@ -797,6 +802,31 @@ mod tests {
         assert_eq!(restored_chat_stream(&mut r, &pieces), "Card [REDACTED], ok then.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
+    }
+
+    /// A JWT signed with RS256 (its signature alone is 342 characters) streamed in small deltas or chunks:
+    /// held back whole until the space after it. Before, a word over 256 bytes was not held back at all
+    /// and the token reached the client cut in pieces the scanner could not recognise.
+    #[test]
+    fn streamed_long_jwt_redacted_whole() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let sig: String = (0..342).map(|i| char::from(b"AbC0_9-xYz"[i % 10])).collect();
+        let jwt =
+            format!("eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJqYW5lIiwi{}.{sig}", "aXNzIjoiaHR0cHM6".repeat(20));
+        let text = format!("Use the token {jwt} now.");
+        for size in [9, 100] {
+            let pieces: Vec<&str> = text.as_bytes().chunks(size).map(|c| std::str::from_utf8(c).unwrap()).collect();
+            let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+            assert_eq!(restored_chat_stream(&mut r, &pieces), "Use the token [REDACTED] now.", "deltas of {size}");
+            let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+            let mut raw = RawStream::default();
+            let mut out = Vec::new();
+            for c in text.as_bytes().chunks(size) {
+                out.extend(raw.feed(&mut r, c, false));
+            }
+            out.extend(raw.feed(&mut r, b"", true));
+            assert_eq!(String::from_utf8(out).unwrap(), "Use the token [REDACTED] now.", "chunks of {size}");
+        }
     }
 
     /// A private key block the model writes, streamed in small deltas (SSE) or network chunks (raw text):
