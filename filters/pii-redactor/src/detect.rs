@@ -390,8 +390,10 @@ impl Scanner {
                 let next = at(t, j);
                 let continues = matches!(next, b'@' | b'.' | b'_' | b'%' | b'+' | b'-' | b':' | b'/');
                 let long = j - i >= 16; // AWS / Google keys are one alphanumeric word of 20+ characters
-                let iban_like =
-                    j - i >= 4 && at(t, i + 1).is_ascii_uppercase() && is_digit(at(t, i + 2)) && is_digit(at(t, i + 3));
+                let iban_like = j - i >= 4
+                    && at(t, i + 1).is_ascii_alphabetic()
+                    && is_digit(at(t, i + 2))
+                    && is_digit(at(t, i + 3));
                 let hex = j - i <= 4 && next == b':';
                 if !(continues || long || iban_like || hex) {
                     i = j;
@@ -410,7 +412,7 @@ impl Scanner {
                 }
             }
             // An IBAN-shaped span that fails its check is skipped whole (its digit groups are not phones).
-            if b.is_ascii_uppercase() && self.on(Builtin::Iban) {
+            if b.is_ascii_alphabetic() && self.on(Builtin::Iban) {
                 if let Some((end, false)) = iban_span(t, i) {
                     i = end;
                     continue;
@@ -470,7 +472,7 @@ impl Scanner {
                 if let Some(f) = self.secret(t, i) {
                     return Some(f);
                 }
-                if b.is_ascii_uppercase() && self.on(Builtin::Iban) {
+                if self.on(Builtin::Iban) {
                     if let Some(f) = iban(t, i) {
                         return Some(f);
                     }
@@ -1346,15 +1348,20 @@ fn iban(t: &[u8], i: usize) -> Option<Finding> {
 fn iban_span(t: &[u8], i: usize) -> Option<(usize, bool)> {
     let rest = t.get(i..)?;
     let (c0, c1) = (at(rest, 0), at(rest, 1));
-    if !(c1.is_ascii_uppercase() && is_digit(at(rest, 2)) && is_digit(at(rest, 3))) {
+    // Written in capitals, or all in lower case (`de89 3704 0044 0532 0130 00`, typed on a phone): before
+    // 2026-12-06 a lower-case IBAN was not found, and its digit groups were masked as a phone number,
+    // leaving the country, check digits and bank code.
+    let lower = c0.is_ascii_lowercase();
+    let letter = |c: u8| if lower { c.is_ascii_lowercase() } else { c.is_ascii_uppercase() };
+    if !(letter(c0) && letter(c1) && is_digit(at(rest, 2)) && is_digit(at(rest, 3))) {
         return None;
     }
-    let want = iban_length([c0, c1])?;
+    let want = iban_length([c0.to_ascii_uppercase(), c1.to_ascii_uppercase()])?;
     let mut chars: Vec<u8> = Vec::with_capacity(34);
     let mut j = i;
     while chars.len() < want {
         let c = at(t, j);
-        if c.is_ascii_uppercase() || is_digit(c) {
+        if letter(c) || is_digit(c) {
             chars.push(c);
             j += 1;
         } else if c == b' ' && chars.len() % 4 == 0 && chars.len() >= 4 && is_alnum(at(t, j + 1)) {
@@ -1905,6 +1912,8 @@ mod tests {
             ("mail l'amour@example.fr.".into(), Builtin::Email, "l'amour@example.fr".into()),
             ("to O'Brien.Sean@example.ie".into(), Builtin::Email, "O'Brien.Sean@example.ie".into()),
             ("mail user@example.xn--p1ai now".into(), Builtin::Email, "user@example.xn--p1ai".into()),
+            ("iban de89 3704 0044 0532 0130 00 ok".into(), Builtin::Iban, "de89 3704 0044 0532 0130 00".into()),
+            ("iban gb82west12345698765432.".into(), Builtin::Iban, "gb82west12345698765432".into()),
             ("mail ivan@xn--e1afmkfd.xn--p1ai.".into(), Builtin::Email, "ivan@xn--e1afmkfd.xn--p1ai".into()),
             (format!("key {pgp} done"), Builtin::PrivateKey, pgp.into()),
             (format!("key={stripe}"), Builtin::StripeKey, stripe.clone()),
