@@ -436,6 +436,62 @@ async fn non_ascii_emails_are_masked_whole_and_restored() {
     assert_eq!(text, "Schreib an <EMAIL_1> und <EMAIL_2> bitte.");
 }
 
+/// Realistic shapes that left the gateway unmasked, whole or in part, before 2026-12-06: an apostrophe in
+/// an email's local part (`john.o'` left), a lower-case IBAN (`de89 3704` left), an OpenPGP private key
+/// block, a Stripe key over 99 characters. Masked whole upstream, restored for the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realistic_shapes_are_masked_whole_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let pgp =
+        "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF2xyzABCDEFqwerty\n=abcd\n-----END PGP PRIVATE KEY BLOCK-----";
+    let stripe = format!("sk_live_51H{}", "aB3dE5gH7j".repeat(10));
+    let prompt =
+        format!("Mail john.o'reilly@example.com, pay de89 3704 0044 0532 0130 00, key:\n{pgp}\nand {stripe} please.");
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt.as_str());
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let text = sent["messages"][0]["content"].as_str().unwrap();
+    assert_eq!(text, "Mail <EMAIL_1>, pay <IBAN_1>, key:\n<PRIVATE_KEY_1>\nand <STRIPE_KEY_1> please.");
+}
+
+/// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
+/// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
+/// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_secrets_the_model_writes_are_redacted_whole() {
+    let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n\
+               VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n-----END RSA PRIVATE KEY-----";
+    let sig: String = (0..342).map(|i| char::from(b"AbC0_9-xYz"[i % 10])).collect();
+    let jwt =
+        format!("eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJqYW5lIiwi{}.{sig}", "aXNzIjoiaHR0cHM6".repeat(20));
+    let answer = format!("Found {key} and the token {jwt} in the logs.");
+    let ev = |t: &str| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":t}}]}));
+    let mut stream: String = answer.as_bytes().chunks(12).map(|c| ev(std::str::from_utf8(c).unwrap())).collect();
+    stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+    let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(700).map(<[u8]>::to_vec).collect();
+    let (port, _) = chunky_upstream(chunks).await;
+    let proxy = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"check the logs"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_text(&text), "Found [REDACTED] and the token [REDACTED] in the logs.", "{text}");
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.private_key.redact").await.unwrap(), 1);
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.jwt.redact").await.unwrap(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_body_labelled_event_stream_is_restored_as_text_not_swallowed() {
     let body = br#"{"error":{"message":"bad address <EMAIL_1>"}}"#.to_vec();
