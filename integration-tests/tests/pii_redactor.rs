@@ -888,6 +888,27 @@ async fn extraction_gaps_are_masked_upstream() {
         ),
         ("/api/generate", json!({"model": "llama3", "prompt": "hi", "system": "user is y6@corp.example"}), "/system"),
         ("/api/embed", json!({"model": "nomic", "input": ["doc e6@corp.example", "other"]}), "/input/0"),
+        // An earlier turn's reasoning sent back with the history (DeepSeek tool-call loops, vLLM,
+        // OpenRouter, Ollama): before 2026-12-06 it left unmasked.
+        (
+            "/v1/chat/completions",
+            json!({"model": "deepseek-reasoner", "messages": [
+                {"role": "user", "content": "mail my boss"},
+                {"role": "assistant", "content": null, "reasoning_content": "The user is r7@corp.example; the boss b7@corp.example.",
+                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "send", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sent"}]}),
+            "/messages/1/reasoning_content",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "assistant", "content": "ok", "reasoning": "for q8@corp.example"}, {"role": "user", "content": "go on"}]}),
+            "/messages/0/reasoning",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "qwen3", "messages": [{"role": "assistant", "content": "ok", "thinking": "t9@corp.example asked"}, {"role": "user", "content": "go on"}]}),
+            "/messages/0/thinking",
+        ),
     ];
     for (path, body, pointer) in cases {
         let resp = client().post(envoy.url(path)).json(&body).send().await.unwrap();

@@ -476,6 +476,14 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                     if let Some(a) = json::pointer(m, "/function_call/arguments") {
                         push_text(&mut out, role, format!("/messages/{i}/function_call/arguments"), a);
                     }
+                    // The reasoning of an earlier assistant turn, sent back with the history: DeepSeek
+                    // `reasoning_content` (required in its tool-call loops), vLLM / OpenRouter `reasoning`,
+                    // Ollama `thinking`. Chat templates (DeepSeek, Qwen3, gpt-oss) put it in the prompt.
+                    for key in ["reasoning_content", "reasoning", "thinking"] {
+                        if let Some(r) = m.get(key) {
+                            push_text(&mut out, role, format!("/messages/{i}/{key}"), r);
+                        }
+                    }
                 }
             }
             // Retrieval `documents` beside `messages` (Cohere v2 `/v2/chat`, vLLM chat templates): strings
@@ -1135,6 +1143,21 @@ mod tests {
         );
         // Documents beside messages with no text found: nothing, so callers read the body whole.
         assert!(pointers(Api::OpenAiChat, &json!({"messages": [{"role": "user"}], "documents": ["d@b.io"]})).is_empty());
+    }
+
+    /// The reasoning of an earlier assistant turn sent back with the history (DeepSeek `reasoning_content`,
+    /// vLLM / OpenRouter `reasoning`, Ollama `thinking`) is read; before 2026-12-06 it was skipped.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn earlier_reasoning_in_chat_history_is_read() {
+        let body = json!({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": null, "reasoning_content": "r@b.io", "tool_calls": []},
+            {"role": "assistant", "content": "ok", "reasoning": "o@b.io", "thinking": "t@b.io"},
+            {"role": "assistant", "content": "ok", "reasoning": {"effort": "high"}}]});
+        let p = pointers(Api::OpenAiChat, &body);
+        assert!(has(&p, "/messages/1/reasoning_content", "r@b.io"), "{p:?}");
+        assert!(has(&p, "/messages/2/reasoning", "o@b.io") && has(&p, "/messages/2/thinking", "t@b.io"), "{p:?}");
+        assert!(!p.iter().any(|(ptr, _)| ptr == "/messages/3/reasoning"), "not a string: {p:?}");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -192,6 +192,8 @@ const MODEL_READ_KEYS: &[&str] = &[
     "source",
     "data",
     "thinking",
+    "reasoning_content",
+    "reasoning",
     "title",
     "context",
     "toolUse",
