@@ -52,6 +52,13 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     let mut out: Vec<String> = extract_stream_delta_texts(event).into_iter().map(|s| s.pointer).collect();
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
         for (i, c) in choices.iter().enumerate() {
+            // Reasoning deltas of OpenAI-compatible servers: `reasoning_content` (DeepSeek, vLLM), `reasoning`
+            // (OpenRouter, vLLM, Groq, Ollama's OpenAI API). One token per event, like the content.
+            for key in ["reasoning_content", "reasoning"] {
+                if c.get("delta").and_then(|d| d.get(key)).is_some_and(Value::is_string) {
+                    out.push(format!("/choices/{i}/delta/{key}"));
+                }
+            }
             if let Some(calls) = json::pointer(c, "/delta/tool_calls").and_then(Value::as_array) {
                 for (j, call) in calls.iter().enumerate() {
                     if json::pointer(call, "/function/arguments").is_some_and(Value::is_string) {
@@ -72,6 +79,12 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
         Some("response.function_call_arguments.delta") if event.get("delta").is_some_and(Value::is_string) => {
             out.push("/delta".to_string())
         }
+        // Responses reasoning summaries and reasoning text.
+        Some("response.reasoning_summary_text.delta") | Some("response.reasoning_text.delta")
+            if event.get("delta").is_some_and(Value::is_string) =>
+        {
+            out.push("/delta".to_string())
+        }
         // Bedrock ConverseStream tool input (a string of JSON).
         None if event.get("contentBlockIndex").is_some()
             && json::pointer(event, "/delta/toolUse/input").is_some_and(Value::is_string) =>
@@ -79,6 +92,12 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
             out.push("/delta/toolUse/input".to_string())
         }
         _ => {}
+    }
+    // Ollama stream lines of thinking models: `message.thinking` beside `message.content`.
+    if event.get("done").is_some_and(Value::is_boolean)
+        && json::pointer(event, "/message/thinking").is_some_and(Value::is_string)
+    {
+        out.push("/message/thinking".to_string());
     }
     // Amazon Nova through InvokeModelWithResponseStream: `{"contentBlockDelta":{"delta":{"text":..}}}`.
     if json::pointer(event, "/contentBlockDelta/delta/text").is_some_and(Value::is_string) {

@@ -804,6 +804,62 @@ mod tests {
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
     }
 
+    /// Reasoning streamed by OpenAI-compatible servers (`delta.reasoning_content`: DeepSeek, vLLM;
+    /// `delta.reasoning`: OpenRouter, Groq), Responses reasoning summaries and Ollama `message.thinking`,
+    /// one token per event: a placeholder cut across two events is restored and a value the model writes
+    /// cut across two is redacted. Before, each event was rewritten alone: the client saw `<EMA` `IL_1>`
+    /// and the model's `bob@le` `ak.example.org` unredacted.
+    #[test]
+    fn streamed_reasoning_restored_and_scanned_across_events() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let pieces = ["User <EMA", "IL_1> and bob@le", "ak.example.org", " agree."];
+        let want = "User me@x.io and [REDACTED] agree.";
+        let read = |out: &[u8], pointer: &str| -> String {
+            SseParser::default()
+                .feed(out)
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
+                .collect()
+        };
+        for key in ["reasoning_content", "reasoning"] {
+            let mut wire = String::new();
+            for p in pieces {
+                wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{key:p}}]})));
+            }
+            wire.push_str("data: [DONE]\n\n");
+            let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+            let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+            assert_eq!(read(&out, &format!("/choices/0/delta/{key}")), want, "{key}");
+        }
+        let mut wire = String::new();
+        for p in pieces {
+            let ev = serde_json::json!({"type":"response.reasoning_summary_text.delta","item_id":"rs_1","output_index":0,"summary_index":0,"delta":p});
+            wire.push_str(&format!("event: response.reasoning_summary_text.delta\ndata: {ev}\n\n"));
+        }
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        assert_eq!(read(&out, "/delta"), want, "Responses reasoning summary");
+        // Ollama NDJSON (`/api/chat` with a thinking model).
+        let mut body = String::new();
+        for p in pieces {
+            body.push_str(&format!("{}\n", serde_json::json!({"model":"qwen3","message":{"role":"assistant","content":"","thinking":p},"done":false})));
+        }
+        body.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"model":"qwen3","message":{"role":"assistant","content":""},"done":true})
+        ));
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine));
+        let out = r.rewrite_json_body(body.as_bytes()).unwrap();
+        let thinking: String = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v.pointer("/message/thinking").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        assert_eq!(thinking, want, "Ollama thinking");
+    }
+
     /// A JWT signed with RS256 (its signature alone is 342 characters) streamed in small deltas or chunks:
     /// held back whole until the space after it. Before, a word over 256 bytes was not held back at all
     /// and the token reached the client cut in pieces the scanner could not recognise.
