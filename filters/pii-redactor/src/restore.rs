@@ -483,7 +483,7 @@ fn unterminated_private_key(b: &[u8], n: usize) -> Option<usize> {
         return (rest.len() < 80).then_some(start);
     };
     let header_end = BEGIN.len() + close + 5;
-    if !rest.get(..header_end).is_some_and(|h| find(h, b"PRIVATE KEY").is_some()) {
+    if rest.get(..header_end).is_none_or(|h| find(h, b"PRIVATE KEY").is_none()) {
         return None;
     }
     let after = rest.get(header_end..)?;
