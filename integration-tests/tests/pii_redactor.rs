@@ -909,6 +909,14 @@ async fn extraction_gaps_are_masked_upstream() {
             json!({"model": "qwen3", "messages": [{"role": "assistant", "content": "ok", "thinking": "t9@corp.example asked"}, {"role": "user", "content": "go on"}]}),
             "/messages/0/thinking",
         ),
+        // A structured-output schema's example values (read by the model like tool definitions).
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "draft a mail"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "mail", "schema": {"type": "object",
+                "properties": {"to": {"type": "string", "examples": ["x9@corp.example"]}}}}}}),
+            "/response_format/json_schema/schema/properties/to/examples/0",
+        ),
     ];
     for (path, body, pointer) in cases {
         let resp = client().post(envoy.url(path)).json(&body).send().await.unwrap();

@@ -630,6 +630,14 @@ fn push_tool_definitions(out: &mut Vec<TextSpan>, body: &Value) {
             push_string_leaves(out, Role::Tool, &mut format!("/toolConfig/tools/{t}"), tool);
         }
     }
+    // Structured-output schemas, read by the model like tool definitions (their descriptions,
+    // `examples`, `enum` and `default` values): chat `response_format`, Responses `text.format`,
+    // Anthropic `output_format`, Ollama `/api/chat` `format` (an object; `"json"` is no schema).
+    for p in ["/response_format", "/text/format", "/output_format", "/format"] {
+        if let Some(schema) = json::pointer(body, p).filter(|v| v.is_object()) {
+            push_string_leaves(out, Role::Tool, &mut p.to_string(), schema);
+        }
+    }
 }
 
 /// Every string under `v` (values, not keys), with its pointer.
@@ -1158,6 +1166,36 @@ mod tests {
         assert!(has(&p, "/messages/1/reasoning_content", "r@b.io"), "{p:?}");
         assert!(has(&p, "/messages/2/reasoning", "o@b.io") && has(&p, "/messages/2/thinking", "t@b.io"), "{p:?}");
         assert!(!p.iter().any(|(ptr, _)| ptr == "/messages/3/reasoning"), "not a string: {p:?}");
+    }
+
+    /// Structured-output schemas are read like tool definitions; before 2026-12-06 they were skipped.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn structured_output_schemas_are_read() {
+        let schema = json!({"type": "object", "properties": {"to": {"type": "string", "examples": ["x@b.io"]}}});
+        let chat = json!({"messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "m", "schema": schema}}});
+        assert!(has(
+            &pointers(Api::OpenAiChat, &chat),
+            "/response_format/json_schema/schema/properties/to/examples/0",
+            "x@b.io"
+        ));
+        let responses =
+            json!({"input": "hi", "text": {"format": {"type": "json_schema", "name": "m", "schema": schema}}});
+        assert!(has(
+            &pointers(Api::OpenAiResponses, &responses),
+            "/text/format/schema/properties/to/examples/0",
+            "x@b.io"
+        ));
+        let anthropic = json!({"messages": [{"role": "user", "content": "hi"}], "output_format": {"type": "json_schema", "schema": schema}});
+        assert!(has(
+            &pointers(Api::AnthropicMessages, &anthropic),
+            "/output_format/schema/properties/to/examples/0",
+            "x@b.io"
+        ));
+        let ollama = json!({"messages": [{"role": "user", "content": "hi"}], "format": schema});
+        assert!(has(&pointers(Api::OpenAiChat, &ollama), "/format/properties/to/examples/0", "x@b.io"));
+        let json_mode = json!({"messages": [{"role": "user", "content": "hi"}], "format": "json"});
+        assert_eq!(pointers(Api::OpenAiChat, &json_mode).len(), 1, "`format: json` is no schema");
     }
 
     #[wasm_bindgen_test(unsupported = test)]
