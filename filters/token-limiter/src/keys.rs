@@ -55,16 +55,33 @@ pub fn unverified_jwt_claim(header_value: &str, claim: &str) -> Option<String> {
 }
 
 /// A claim from a JSON object (a decoded JWT payload or `jwt_authn` metadata); `a.b` reads nested claims.
+/// A claim whose name holds dots is read by its name: namespaced claims are URLs
+/// (`https://example.com/team`, the form Auth0 requires for custom claims), and split at every dot they
+/// were never found, so every caller was charged to the one budget of a missing key.
 pub fn claim_value(payload: &serde_json::Value, claim: &str) -> Option<String> {
-    let mut cur = payload;
-    for part in claim.split('.') {
-        cur = cur.get(part)?;
-    }
-    match cur {
+    match claim_at(payload, claim, 0)? {
         serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-        serde_json::Value::Number(_) | serde_json::Value::Bool(_) => Some(cur.to_string()),
+        v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => Some(v.to_string()),
         _ => None,
     }
+}
+
+/// Claim nesting read at most this deep (a path of more dots is read as names holding dots past it).
+const MAX_CLAIM_DEPTH: usize = 8;
+
+/// The value at `path` in `cur`: the whole path as one name first, then every split at a dot, the
+/// shortest first name first (`a.b.c`: `a.b.c`, then `a` + `b.c`, then `a.b` + `c`).
+fn claim_at<'v>(cur: &'v serde_json::Value, path: &str, depth: usize) -> Option<&'v serde_json::Value> {
+    if let Some(v) = cur.get(path) {
+        return Some(v);
+    }
+    if depth >= MAX_CLAIM_DEPTH {
+        return None;
+    }
+    path.match_indices('.').find_map(|(i, _)| {
+        let (head, rest) = (path.get(..i)?, path.get(i + 1..)?);
+        claim_at(cur.get(head)?, rest, depth + 1)
+    })
 }
 
 /// The state key of a rule for a resolved raw identity. `None` identity = the key is missing.
@@ -111,6 +128,25 @@ mod tests {
         assert_eq!(unverified_jwt_claim(tok, "missing"), None);
         assert_eq!(unverified_jwt_claim("Bearer not-a-jwt", "sub"), None);
         assert_eq!(unverified_jwt_claim("Bearer a.!!!.c", "sub"), None);
+    }
+
+    /// Namespaced claims (Auth0 requires URLs as custom claim names) are read by their name; before,
+    /// the name was split at its dots, never found, and every caller shared the missing key's budget.
+    #[test]
+    fn claim_names_with_dots_are_read() {
+        let payload = serde_json::json!({
+            "https://example.com/team": "ml",
+            "https://example.com/org": {"id": 42},
+            "org": {"team": "infra", "a.b": "dotted"},
+            "groups": ["x"]
+        });
+        assert_eq!(claim_value(&payload, "https://example.com/team").as_deref(), Some("ml"));
+        assert_eq!(claim_value(&payload, "https://example.com/org.id").as_deref(), Some("42"));
+        assert_eq!(claim_value(&payload, "org.team").as_deref(), Some("infra"));
+        assert_eq!(claim_value(&payload, "org.a.b").as_deref(), Some("dotted"));
+        assert_eq!(claim_value(&payload, "groups"), None, "lists count as missing");
+        assert_eq!(claim_value(&payload, "https://example.com/other"), None);
+        assert_eq!(claim_value(&payload, &"a.".repeat(10_000)), None, "bounded work");
     }
 
     #[test]
