@@ -540,6 +540,48 @@ async fn streaming_usage_openai_chat() {
     stream_case("/v1/chat/completions", chat("gpt-4o-mini", "Stream me a haiku.", None, true), Api::OpenAiChat).await;
 }
 
+/// The usage chunk that `include_usage` adds (`"choices": []`) reaches only a client that asked for it: one
+/// that did not gets the stream it asked for (code reading `choices[0]` of every chunk failed on the extra
+/// chunk), and its usage is charged all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_added_usage_chunk_is_hidden_from_a_client_that_did_not_ask() {
+    let mock = MockLlm::start().await.unwrap();
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_day":100000}}]})).await;
+    let usage_chunks = |text: &str| -> Vec<Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter(|c| c["choices"].as_array().is_some_and(Vec::is_empty))
+            .collect()
+    };
+    let hdrs = [("x-mock-completion-tokens", "37"), ("x-mock-prompt-tokens", "123")];
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let body = if path == "/v1/completions" {
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Stream me a haiku.", "stream": true})
+        } else {
+            chat("gpt-4o-mini", "Stream me a haiku.", None, true)
+        };
+        let r = post(&e, path, &body, &hdrs).await;
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(text.contains("data: [DONE]"), "{text}");
+        assert!(text.lines().filter(|l| l.starts_with("data: {")).count() >= 2, "the content chunks pass: {text}");
+        assert_eq!(usage_chunks(&text), Vec::<Value>::new(), "{path}: a chunk the client did not ask for: {text}");
+        assert_eq!(mock.last_request().unwrap().json().unwrap()["stream_options"]["include_usage"], true);
+        // A client that asked for usage gets its chunk.
+        let mut asked = body.clone();
+        asked["stream_options"] = json!({"include_usage": true});
+        let text = post(&e, path, &asked, &hdrs).await.text().await.unwrap();
+        let chunks = usage_chunks(&text);
+        assert_eq!(chunks.len(), 1, "{text}");
+        assert_eq!(chunks[0]["usage"]["completion_tokens"], 37);
+    }
+    // All four were charged their reported usage.
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 4);
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.t.charged_tokens").await.unwrap(), 4 * 160);
+}
+
 /// The body changes (include_usage, the fallback model) are spliced into the client's bytes: key order,
 /// an integer beyond 64 bits and whitespace reach the model as sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,10 @@ use crate::keys::{claim_value, spiffe_part, unverified_jwt_claim};
 use crate::limiter::{settle_deltas, Admission, Denial, Facts, Outcome, Plan};
 use crate::meter::Meter;
 use crate::request::{
-    multipart_boundary, parse_request, parsed_multipart, read_multipart, rewrite_body, size_estimate, BadBody, Parsed,
+    adds_stream_usage, multipart_boundary, parse_request, parsed_multipart, read_multipart, rewrite_body,
+    size_estimate, BadBody, Parsed,
 };
+use crate::usage_chunk::UsageChunkHider;
 use meshwarden_shared::callout::{CalloutFailure, FailureMode, LogThrottle};
 use meshwarden_shared::errors::{openai_reset_duration, retry_after_seconds, ErrorFlavor, ErrorKind};
 use meshwarden_shared::host::{
@@ -780,6 +782,10 @@ struct Request {
     plan: Option<Plan>,
     window: Option<WindowState>,
     meter: Option<Meter>,
+    /// The body sent upstream asks for stream usage the client did not ask for (`include_usage` added).
+    usage_added: bool,
+    /// Removes that usage chunk from the answer's stream (set for a 2xx SSE answer when `usage_added`).
+    usage_hider: Option<UsageChunkHider>,
     lease_id: String,
     settled: bool,
 }
@@ -801,6 +807,8 @@ impl Request {
             plan: None,
             window: None,
             meter: None,
+            usage_added: false,
+            usage_hider: None,
             lease_id: String::new(),
             settled: false,
         }
@@ -1019,6 +1027,7 @@ impl Request {
         self.shared.count_hot(Hot::Admitted, 1);
         let new_model = self.admission.as_ref().filter(|a| a.fell_back()).and_then(|a| a.model.clone());
         if let Some(p) = self.parsed.as_mut() {
+            self.usage_added = adds_stream_usage(p);
             if let Some(bytes) = rewrite_body(p, &self.body, new_model.as_deref()) {
                 self.set_http_request_body(0, self.body_size.max(1), &bytes);
             }
@@ -1088,6 +1097,19 @@ impl Request {
         h
     }
 
+    /// A 2xx SSE answer to a stream whose usage reporting this filter added: its usage chunk is removed
+    /// on the way to the client (see `usage_chunk`), so the answer cannot keep a `content-length`.
+    fn hide_added_usage_chunk(&mut self, headers: &mut HeaderSnapshot) {
+        let ok = headers.get(":status").is_some_and(|s| s.starts_with('2'));
+        let sse = headers
+            .get("content-type")
+            .is_some_and(|t| t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream")));
+        if ok && sse {
+            self.usage_hider = Some(UsageChunkHider::default());
+            headers.remove("content-length");
+        }
+    }
+
     fn sidecar_failed(&mut self, f: CalloutFailure, resume: bool) -> Action {
         self.shared.callout_failed("reserve", f);
         if f != CalloutFailure::Dispatch {
@@ -1101,6 +1123,7 @@ impl Request {
                 self.phase = Phase::Pass;
                 // Still add include_usage / keep the body as is: nothing was reserved.
                 if let Some(p) = self.parsed.as_mut() {
+                    self.usage_added = adds_stream_usage(p);
                     if let Some(bytes) = rewrite_body(p, &self.body, None) {
                         self.set_http_request_body(0, self.body_size.max(1), &bytes);
                     }
@@ -1348,11 +1371,14 @@ impl Request {
     fn response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         // The fallback header is ours: set it after a fallback, remove any other copy (an upstream's).
         let cfg = self.cfg();
+        let mut headers = HeaderSnapshot::response();
+        if self.usage_added {
+            self.hide_added_usage_chunk(&mut headers);
+        }
         if self.phase != Phase::Admitted {
             self.set_http_response_header(&cfg.fallback_header, None);
             return Action::Continue;
         }
-        let mut headers = HeaderSnapshot::response();
         match Admission::fallback_header_value(self.admission.as_ref()) {
             Some(model) => self.set_http_response_header(&cfg.fallback_header, Some(model)),
             // Only a copy the snapshot shows costs a host call to remove.
@@ -1372,13 +1398,23 @@ impl Request {
         Action::Continue
     }
 
-    fn response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        if self.phase != Phase::Admitted || body_size == 0 {
+    fn response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let metered = self.phase == Phase::Admitted;
+        if (!metered && self.usage_hider.is_none()) || (body_size == 0 && !end_of_stream) {
             return Action::Continue;
         }
-        if let Some(chunk) = self.get_http_response_body(0, body_size) {
+        let chunk =
+            if body_size == 0 { Vec::new() } else { self.get_http_response_body(0, body_size).unwrap_or_default() };
+        if metered && !chunk.is_empty() {
             if let Some(m) = self.meter.as_mut() {
                 m.on_chunk(&chunk);
+            }
+        }
+        // The meter has read the usage chunk; the client, which did not ask for it, does not see it.
+        if let Some(hider) = self.usage_hider.as_mut() {
+            let out = hider.feed(&chunk, end_of_stream);
+            if out != chunk {
+                self.set_http_response_body(0, body_size, &out);
             }
         }
         Action::Continue

@@ -3,7 +3,8 @@
 //!
 //! Pure core (no proxy-wasm types, unit-tested natively): `config`, `keys` (who is charged), `request`
 //! (what the body says), `limiter` (admission state machine), `meter` (what the response cost),
-//! `state` (the `local` shared-data value format).
+//! `state` (the `local` shared-data value format), `usage_chunk` (the added usage chunk hidden from
+//! a client that did not ask for it).
 //! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy); the GCRA itself
 //! and the sidecar wire format are in `meshwarden_shared::ratelimit`.
 
@@ -13,6 +14,7 @@ pub mod limiter;
 pub mod meter;
 pub mod request;
 pub mod state;
+pub mod usage_chunk;
 
 #[cfg(any(target_arch = "wasm32", clippy))]
 mod filter;

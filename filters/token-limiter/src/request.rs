@@ -235,6 +235,13 @@ fn token_ids(v: &Value) -> u64 {
     }
 }
 
+/// Whether [`rewrite_body`] adds usage reporting the client did not ask for (`stream_options.include_usage`
+/// absent or false in an OpenAI stream): the usage chunk that comes back is then not the client's to see.
+/// Call before `rewrite_body`, which takes the parsed JSON.
+pub fn adds_stream_usage(parsed: &Parsed) -> bool {
+    parsed.json.as_ref().is_some_and(|json| stream_usage_change(parsed.api, json).is_some())
+}
+
 /// The body to send upstream, if it must change: `include_usage` added to OpenAI streams, and `model`
 /// replaced after a fallback. `body` is the client's body (the one `parsed` was read from): the changes are
 /// spliced into its bytes, so everything else (key order, numbers, whitespace) reaches the model as sent;
