@@ -59,6 +59,8 @@ impl Sidecar {
             }
         });
         let (tx, rx) = std::sync::mpsc::channel();
+        // The structured logs go to stdout: kept in `log` with stderr's lines.
+        let log3 = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -67,6 +69,9 @@ impl Sidecar {
                         let _ = tx.send(a.trim().to_string());
                         sent = true;
                     }
+                }
+                if let Ok(mut l) = log3.lock() {
+                    l.push(line);
                 }
             }
         });
@@ -100,6 +105,7 @@ impl Sidecar {
         self.child.id()
     }
 
+    /// What the process wrote (stderr and stdout lines).
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }

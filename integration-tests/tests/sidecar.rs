@@ -54,3 +54,32 @@ async fn sigterm_drains_calls_in_flight() {
     let status = sidecar.wait_exit(std::time::Duration::from_secs(5)).expect("exits after draining");
     assert!(status.success(), "{status:?}");
 }
+
+/// With Redis down every rate-limit call fails: each is answered 503 and counted, but the log gets one
+/// line per interval with the number of failures since, not a line per call (it was one per call: at
+/// thousands of calls a second, the logs were buried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_failures_are_logged_once_per_interval() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis_url = format!("redis://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let sidecar = Sidecar::start(&["--redis-url", &redis_url, "--redis-timeout-ms", "50"]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reserve = serde_json::json!({"groups":[{"key":"k","windows":[{"limit":1000,"window_ms":60000}],"cost":10}]});
+    let settle = serde_json::json!({"items":[{"key":"k","windows":[{"limit":1000,"window_ms":60000}],"delta":-5}]});
+    for _ in 0..20 {
+        let r = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&reserve).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    for _ in 0..5 {
+        let r = http.post(sidecar.url("/v1/ratelimit/settle")).json(&settle).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    let m = http.get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("ratelimit_backend_errors_total{op=\"reserve\"} 20"), "every failure counted: {m}");
+    assert!(m.contains("ratelimit_backend_errors_total{op=\"settle\"} 5"), "{m}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let log = sidecar.log();
+    let lines = log.lines().filter(|l| l.contains("backend failed") || l.contains("reserve failed")).count();
+    assert_eq!(lines, 1, "one line for 25 failures:\n{log}");
+}

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use meshwarden_shared::callout::LogThrottle;
 use meshwarden_shared::ratelimit::{ReserveRequest, ReserveResponse, SettleItem, SettleRequest};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use std::sync::Arc;
@@ -121,6 +122,28 @@ pub struct RateLimiter {
     pub metrics: RateLimitMetrics,
     /// The `authorization` value every rate-limit call must carry (`Bearer <--api-token>`), if set.
     pub required_authorization: Option<String>,
+    /// Backend failures are logged once per [`FAILURE_LOG_INTERVAL_MS`], not once per call: with Redis
+    /// down every call fails, and a line per call (thousands a second) buried the logs.
+    pub failure_log: std::sync::Mutex<LogThrottle>,
+}
+
+/// At most one log line per this interval for backend failures (each is counted in
+/// `ratelimit_backend_errors_total`), with the number of failures since the last line.
+pub const FAILURE_LOG_INTERVAL_MS: u64 = 60_000;
+
+impl RateLimiter {
+    /// A backend call failed: counted always, logged at most once per interval.
+    fn backend_failed(&self, op: &str, e: &anyhow::Error) {
+        self.metrics.backend_errors.with_label_values(&[op]).inc();
+        let now_ms = now_us() / 1000;
+        let suppressed = match self.failure_log.lock() {
+            Ok(mut t) => t.should_log(now_ms),
+            Err(p) => p.into_inner().should_log(now_ms),
+        };
+        if let Some(suppressed) = suppressed {
+            tracing::warn!(op, error = %e, suppressed, "rate-limit backend failed; {suppressed} more failures since the last line");
+        }
+    }
 }
 
 /// Whether a call may use the rate-limit API: without a configured token, every call; with one, only
@@ -161,6 +184,7 @@ pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Resu
         backend,
         metrics: RateLimitMetrics::new(&state.metrics.registry)?,
         required_authorization,
+        failure_log: std::sync::Mutex::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
     });
     if let AnyBackend::Memory(_) = rl.backend {
         let weak = Arc::downgrade(&rl);
@@ -214,8 +238,7 @@ async fn reserve(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
             axum::Json(resp).into_response()
         }
         Err(e) => {
-            rl.metrics.backend_errors.with_label_values(&["reserve"]).inc();
-            tracing::warn!(error = %e, "reserve failed");
+            rl.backend_failed("reserve", &e);
             error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
         }
     }
@@ -238,8 +261,7 @@ async fn settle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
     match r {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => {
-            rl.metrics.backend_errors.with_label_values(&["settle"]).inc();
-            tracing::warn!(error = %e, "settle failed");
+            rl.backend_failed("settle", &e);
             error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
         }
     }
