@@ -83,3 +83,54 @@ async fn backend_failures_are_logged_once_per_interval() {
     let lines = log.lines().filter(|l| l.contains("backend failed") || l.contains("reserve failed")).count();
     assert_eq!(lines, 1, "one line for 25 failures:\n{log}");
 }
+
+/// With Redis gone, a rate-limit call is answered (503) within the Redis timeout, whether the sidecar
+/// never reached Redis or lost it, and calls do not queue behind one another: a call took 1.5 s (the
+/// connection manager's reconnect and retry), calls without a connection waited one after the other (the
+/// 10th 15 s), and a reserve that ran when Redis was back took a concurrency lease long after the filter
+/// had given up on it and sent its release, holding the slot for `lease_ms`. Once Redis is back, calls
+/// are answered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_with_redis_gone_fail_within_the_timeout_and_recover() {
+    let mut redis = meshwarden_integration_tests::redis_server::RedisServer::start().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let never_up = format!("redis://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let lost = Sidecar::start(&["--redis-url", &redis.url(), "--redis-timeout-ms", "50"]).unwrap();
+    let unreachable = Sidecar::start(&["--redis-url", &never_up, "--redis-timeout-ms", "50"]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let req = serde_json::json!({"groups":[{"key":"slots","windows":[],"cost":0,
+        "concurrency":{"max":1,"lease_id":"l1","lease_ms":600000}}]});
+    let reserve = |s: &Sidecar| {
+        let (http, url, req) = (http.clone(), s.url("/v1/ratelimit/reserve"), req.clone());
+        async move {
+            let t = std::time::Instant::now();
+            let r = http.post(url).json(&req).send().await.unwrap();
+            (r.status().as_u16(), t.elapsed())
+        }
+    };
+    let (status, _) = reserve(&lost).await;
+    assert_eq!(status, 200, "connected");
+    let release = serde_json::json!({"items":[{"key":"slots","windows":[],"delta":0,"release_lease":"l1"}]});
+    let r = http.post(lost.url("/v1/ratelimit/settle")).json(&release).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    redis.kill();
+    for sidecar in [&lost, &unreachable] {
+        let calls: Vec<_> = (0..10).map(|_| tokio::spawn(reserve(sidecar))).collect();
+        for c in calls {
+            let (status, took) = c.await.unwrap();
+            assert_eq!(status, 503);
+            assert!(took < std::time::Duration::from_millis(600), "answered after {took:?}");
+        }
+    }
+    redis.restart().unwrap();
+    let mut status = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        status = reserve(&lost).await.0;
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(status, 200, "answered again once Redis is back");
+}

@@ -112,6 +112,23 @@ if lease ~= '' then redis.call('ZREM', KEYS[2], lease) end
 return 1
 "#;
 
+/// `op`, failed when it takes longer than `limit`. Every script call is bounded so (`--redis-timeout-ms`):
+/// with Redis gone, the connection manager's reconnect and retry held a call for 1.5 s, long after the
+/// filter had given up on it (its callout timeout), and a reserve that then ran when Redis was back took a
+/// concurrency lease after the filter had sent its release (the slot stayed held for `lease_ms`).
+async fn within<T>(
+    limit: Duration,
+    op: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(r) => r,
+        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "Redis did not answer within --redis-timeout-ms",
+        ))),
+    }
+}
+
 pub struct RedisBackend {
     client: redis::Client,
     timeout: Duration,
@@ -137,24 +154,34 @@ impl RedisBackend {
 
     /// A connection manager (reconnects by itself); created lazily so the sidecar starts and answers
     /// (503 on rate-limit calls) while Redis is down.
+    ///
+    /// Bounded by the connection timeout, waiting for another call's attempt included: while Redis is
+    /// down an attempt (with its retry) took 1.5 s, and every call queued behind it, one after the other
+    /// (the 10th waited 15 s). Those calls were answered long after the filter had given up on them, and
+    /// when Redis came back the queued reserves ran: they charged requests already answered and took
+    /// concurrency leases after the filter had sent their release, holding those slots for `lease_ms`.
     async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
-        let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_response_timeout(self.timeout)
-            .set_connection_timeout(self.timeout.max(Duration::from_millis(100)))
-            .set_number_of_retries(1)
-            .set_max_delay(200);
-        let c = self.client.get_connection_manager_with_config(cfg).await?;
-        *guard = Some(c.clone());
-        Ok(c)
+        let connect_timeout = self.timeout.max(Duration::from_millis(100));
+        let attempt = async {
+            let mut guard = self.conn.lock().await;
+            if let Some(c) = guard.as_ref() {
+                return Ok(c.clone());
+            }
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_response_timeout(self.timeout)
+                .set_connection_timeout(connect_timeout)
+                .set_number_of_retries(1)
+                .set_max_delay(200);
+            let c = self.client.get_connection_manager_with_config(cfg).await?;
+            *guard = Some(c.clone());
+            Ok(c)
+        };
+        within(connect_timeout, attempt).await
     }
 
     pub async fn ping(&self) -> redis::RedisResult<()> {
         let mut c = self.conn().await?;
-        redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ())
+        within(self.timeout, redis::cmd("PING").query_async::<String>(&mut c)).await.map(|_| ())
     }
 
     async fn reserve_group(&self, c: &mut ConnectionManager, g: &Group) -> redis::RedisResult<GroupResult> {
@@ -169,7 +196,7 @@ impl RedisBackend {
         for w in &g.windows {
             inv.arg(w.limit).arg(w.window_ms);
         }
-        let out: Vec<i64> = inv.invoke_async(c).await?;
+        let out: Vec<i64> = within(self.timeout, inv.invoke_async(c)).await?;
         let get = |i: usize| out.get(i).copied().unwrap_or(0);
         let allowed = get(0) == 1;
         let reason = match get(1) {
@@ -201,7 +228,7 @@ impl RedisBackend {
         for w in &it.windows {
             inv.arg(w.limit).arg(w.window_ms);
         }
-        let _: i64 = inv.invoke_async(c).await?;
+        let _: i64 = within(self.timeout, inv.invoke_async(c)).await?;
         Ok(())
     }
 
