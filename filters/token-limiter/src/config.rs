@@ -188,10 +188,13 @@ impl Counts {
         }
     }
 
-    /// Weighted cost, rounded up.
+    /// Weighted cost, rounded up. Binary floating point does not hold most decimal weights exactly
+    /// (`1.1 * 100` is `110.00000000000001`): the sum's rounding error (a few parts in 10^16) is taken off
+    /// before rounding up, else such a sum cost one token more than the weights say, on every request.
     pub fn cost(&self, input: u64, output: u64) -> u64 {
         let w = self.weights();
-        let c = (w.input * input as f64 + w.output * output as f64).ceil();
+        let exact = w.input * input as f64 + w.output * output as f64;
+        let c = (exact - exact.abs() * 1e-14).ceil();
         if c.is_finite() && c > 0.0 {
             c as u64
         } else {
@@ -374,6 +377,21 @@ mod tests {
         assert!(c.rules[1].matches_model(Some("gpt-4o"), UnknownModel::SkipModelRules));
         assert!(!c.rules[1].matches_model(None, UnknownModel::SkipModelRules));
         assert!(c.rules[1].matches_model(None, UnknownModel::ApplyModelRules), "the default: fail closed");
+    }
+
+    /// Decimal weights cost what they say: 100 input tokens at 1.1 cost 110, not 111 (the float product
+    /// is 110.00000000000001); a true fraction still rounds up.
+    #[test]
+    fn decimal_weights_round_up_only_real_fractions() {
+        let w = |input: f64, output: f64| Counts::Weighted(Weights { input, output });
+        assert_eq!(w(0.3, 0.0).cost(10, 0), 3);
+        assert_eq!(w(0.1, 0.7).cost(30, 10), 10);
+        assert_eq!(w(0.7, 0.0).cost(10, 0), 7);
+        assert_eq!(w(0.15, 0.0).cost(100, 0), 15);
+        assert_eq!(w(1.1, 0.0).cost(100, 0), 110);
+        assert_eq!(w(0.3, 0.0).cost(11, 0), 4, "3.3 rounds up");
+        assert_eq!(w(1.0, 4.0).cost(1_000_000_000_000, 1), 1_000_000_000_004);
+        assert_eq!(w(0.5, 0.0).cost(2_000_000_000_001, 0), 1_000_000_000_001, "x.5 rounds up at any size");
     }
 
     #[test]
