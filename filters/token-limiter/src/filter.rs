@@ -1098,13 +1098,18 @@ impl Request {
     }
 
     /// A 2xx SSE answer to a stream whose usage reporting this filter added: its usage chunk is removed
-    /// on the way to the client (see `usage_chunk`), so the answer cannot keep a `content-length`.
+    /// on the way to the client (see `usage_chunk`), so the answer cannot keep a `content-length`. A
+    /// compressed stream is left as it is.
     fn hide_added_usage_chunk(&mut self, headers: &mut HeaderSnapshot) {
         let ok = headers.get(":status").is_some_and(|s| s.starts_with('2'));
         let sse = headers
             .get("content-type")
             .is_some_and(|t| t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream")));
-        if ok && sse {
+        // A compressed stream cannot be read: passed as it is (the meter charges it the reservation).
+        let plain = headers
+            .get("content-encoding")
+            .is_none_or(|e| e.trim().is_empty() || e.trim().eq_ignore_ascii_case("identity"));
+        if ok && sse && plain {
             self.usage_hider = Some(UsageChunkHider::default());
             headers.remove("content-length");
         }
