@@ -329,6 +329,21 @@ impl Validate for Config {
                 if windows.is_empty() {
                     return Err(ConfigError::at(&format!("{p}.fallback_model"), "needs a token limit"));
                 }
+                // The rule applies to its fallback too, with the same key: the fallback would be charged to
+                // the very budget that is spent, so it could never be admitted (every request got the 429).
+                if r.matches_model(Some(f), UnknownModel::ApplyModelRules) {
+                    let why = match &r.model {
+                        Some(m) => format!("matches this rule's own model {m:?}"),
+                        None => "is limited by this rule too (it has no model)".to_string(),
+                    };
+                    return Err(ConfigError::at(
+                        &format!("{p}.fallback_model"),
+                        format!(
+                            "{f:?} {why}: the fallback would be charged to the same spent budget and never admitted; \
+                             give the rule a model the fallback does not match"
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -364,7 +379,7 @@ mod tests {
             br#"{"state":"local","trust_unverified_jwt":true,"rules":[
             {"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_minute":1000,"tokens_per_day":100000},"max_concurrent_requests":4},
             {"name":"gpt4","key":{"unverified_jwt_claim":{"claim":"sub"}},"model":"gpt-4*","counts":{"input":1,"output":4},
-             "limits":{"tokens_per_hour":50},"fallback_model":"gpt-4o-mini"},
+             "limits":{"tokens_per_hour":50},"fallback_model":"gpt-3.5-turbo"},
             {"name":"ns","key":{"spiffe":"namespace"},"limits":{"tokens_per_second":10},"counts":"output"},
             {"name":"all","key":{"constant":"global"},"limits":{"tokens_per_second":10}},
             {"name":"jwt","key":{"jwt_claim":{"claim":"team","metadata_key":"payload"}},"limits":{"tokens_per_second":10}}]}"#,
@@ -422,7 +437,7 @@ mod tests {
         }
         let fallback = |m: &str| {
             format!(
-                r#"{{"rules":[{{"name":"a","key":{{"constant":"x"}},"limits":{{"tokens_per_second":1}},"fallback_model":"{m}"}}]}}"#
+                r#"{{"rules":[{{"name":"a","key":{{"constant":"x"}},"model":"gpt-4o","limits":{{"tokens_per_second":1}},"fallback_model":"{m}"}}]}}"#
             )
         };
         assert_eq!(e(&fallback("gpt\\r\\nx-injected: 1")), "$.rules[0].fallback_model");
@@ -431,5 +446,16 @@ mod tests {
         }
         assert!(parse_config::<Config>(br#"{"sidecar_token":"s3cret-Token_1"}"#).is_ok());
         assert!(parse_config::<Config>(fallback("gpt-4o-mini").as_bytes()).is_ok());
+        // A fallback the rule itself limits (its glob matches it, or the rule has no model) would be charged
+        // to the same spent budget: never admitted.
+        let own = |model: &str| {
+            format!(
+                r#"{{"rules":[{{"name":"a","key":{{"constant":"x"}},{model}"limits":{{"tokens_per_second":1}},"fallback_model":"gpt-4o-mini"}}]}}"#
+            )
+        };
+        for model in [r#""model":"gpt-4o*","#, r#""model":"gpt-4o-mini","#, ""] {
+            assert_eq!(e(&own(model)), "$.rules[0].fallback_model", "{model}");
+        }
+        assert!(parse_config::<Config>(own(r#""model":"gpt-4o","#).as_bytes()).is_ok());
     }
 }

@@ -414,7 +414,7 @@ mod tests {
         let with_fallback: Config = parse_config(
             br#"{"rules":[
             {"name":"slots","key":{"constant":"all"},"max_concurrent_requests":1},
-            {"name":"tokens","key":{"header":"x-team"},"limits":{"tokens_per_minute":100},"fallback_model":"mini"}]}"#,
+            {"name":"tokens","key":{"header":"x-team"},"model":"m","limits":{"tokens_per_minute":100},"fallback_model":"mini"}]}"#,
         )
         .unwrap();
         let Outcome::Deny(d) = a.decide(&with_fallback, &p, &both) else { panic!("denied") };
