@@ -90,12 +90,27 @@ pub struct Admission {
     pub model: Option<String>,
     /// Models tried, in order; first = the client's.
     pub tried: Vec<String>,
+    /// The shortest wait after which a model this request fell back from is admitted itself (its spent
+    /// budgets refilled): a 429 at the end of the chain announces it when it is shorter than the last
+    /// model's wait.
+    pub earliest_fallen_back_wait_ms: Option<u64>,
+}
+
+/// How long until a request denied with `groups` is admitted as it is: the longest wait of its denying
+/// groups (a concurrency slot counts 1 s); `None` when it never is (more tokens than a window's limit).
+fn wait_until_admitted(groups: &[meshwarden_shared::ratelimit::GroupResult]) -> Option<u64> {
+    let denying: Vec<_> = groups.iter().filter(|g| !g.allowed).cloned().collect();
+    if denying.iter().any(|g| g.never) {
+        return None;
+    }
+    let wait = retry_after_ms(&denying);
+    Some(if denying.iter().any(|g| g.reason == Some(DenyReason::Concurrency)) { wait.max(1000) } else { wait })
 }
 
 impl Admission {
     pub fn new(facts: Facts) -> Self {
         let model = facts.model.clone();
-        Self { tried: model.iter().cloned().collect(), facts, model }
+        Self { tried: model.iter().cloned().collect(), facts, model, earliest_fallen_back_wait_ms: None }
     }
 
     /// True once a fallback replaced the client's model.
@@ -183,6 +198,11 @@ impl Admission {
         // A fallback rewrites `model` in the body: not possible when the body has none to rewrite.
         if reason == DenyReason::Tokens {
             if let Some(fb) = self.fallback(cfg, rule_idx).cloned() {
+                // (A denial always waits; an answer without its waits, from an older sidecar, tells nothing.)
+                if let Some(wait) = wait_until_admitted(&resp.groups).filter(|w| *w > 0) {
+                    self.earliest_fallen_back_wait_ms =
+                        Some(self.earliest_fallen_back_wait_ms.map_or(wait, |e| e.min(wait)));
+                }
                 self.tried.push(fb.clone());
                 self.model = Some(fb.clone());
                 return Outcome::Fallback { model: fb };
@@ -202,7 +222,7 @@ impl Admission {
             .map(|(g, _)| g.clone())
             .collect();
         let denying = if denying.is_empty() { vec![result.clone()] } else { denying };
-        Outcome::Deny(Denial {
+        let mut denial = Denial {
             rule: rule_idx,
             reason,
             retry_after_ms: retry_after_ms(&denying),
@@ -215,7 +235,16 @@ impl Admission {
                 .or_else(|| tightest(&denying)),
             never: denying.iter().any(|g| g.never),
             missing_key: false,
-        })
+        };
+        // The end of a fallback chain: a model fallen back from may be admitted sooner than this one (its
+        // budget refills first); the retry then passes on it, so that is the wait to announce.
+        if let Some(wait) = self.earliest_fallen_back_wait_ms {
+            if denial.never || denial.retry_ms() > wait {
+                denial.never = false;
+                denial.retry_after_ms = wait;
+            }
+        }
+        Outcome::Deny(denial)
     }
 }
 
@@ -449,6 +478,87 @@ mod tests {
                 .collect(),
         };
         assert!(matches!(a.decide(&c, &plan, &spent), Outcome::Deny(_)), "no fallback: Azure serves the path's model");
+    }
+
+    /// A fallback chain that ends in a 429 announces when the first model it can pass on frees: gpt-4o's
+    /// budget refills in 5 s, its fallback's in 20 minutes, so the retry after 5 s passes on gpt-4o. It
+    /// announced the 20 minutes of the fallback's budget.
+    #[test]
+    fn a_spent_fallback_announces_when_the_fallen_back_model_frees() {
+        let c = cfg();
+        let mut a = Admission::new(facts());
+        let p = a.plan(&c, "l").unwrap();
+        let window = |wait: u64| WindowState {
+            limit: 100,
+            window_ms: 3_600_000,
+            remaining: 0,
+            reset_ms: wait,
+            retry_after_ms: wait,
+        };
+        let gpt4o_spent = ReserveResponse {
+            allowed: false,
+            denied_group: Some(1),
+            groups: vec![
+                GroupResult { allowed: true, ..Default::default() },
+                GroupResult {
+                    allowed: false,
+                    reason: Some(DenyReason::Tokens),
+                    windows: vec![window(5_000)],
+                    never: false,
+                },
+            ],
+        };
+        assert_eq!(a.decide(&c, &p, &gpt4o_spent), Outcome::Fallback { model: "gpt-4o-mini".into() });
+        let p2 = a.plan(&c, "l").unwrap();
+        let team_spent = ReserveResponse {
+            allowed: false,
+            denied_group: Some(0),
+            groups: vec![
+                GroupResult {
+                    allowed: false,
+                    reason: Some(DenyReason::Tokens),
+                    windows: vec![window(1_200_000)],
+                    never: false,
+                },
+                GroupResult { allowed: true, ..Default::default() },
+            ],
+        };
+        let Outcome::Deny(d) = a.decide(&c, &p2, &team_spent) else { panic!("denied") };
+        assert_eq!(d.retry_ms(), 5_000, "gpt-4o is admitted again in 5 s");
+        // Had the first model been denied for longer, the last model's wait stands.
+        let mut b = Admission::new(facts());
+        let long = ReserveResponse {
+            groups: vec![
+                GroupResult { allowed: true, ..Default::default() },
+                GroupResult {
+                    allowed: false,
+                    reason: Some(DenyReason::Tokens),
+                    windows: vec![window(3_000_000)],
+                    never: false,
+                },
+            ],
+            ..gpt4o_spent.clone()
+        };
+        assert!(matches!(b.decide(&c, &p, &long), Outcome::Fallback { .. }));
+        let Outcome::Deny(d) = b.decide(&c, &p2, &team_spent) else { panic!("denied") };
+        assert_eq!(d.retry_ms(), 1_200_000);
+        // A first model that can never pass (too large for its window) does not shorten anything.
+        let mut n = Admission::new(facts());
+        let never = ReserveResponse {
+            groups: vec![
+                GroupResult { allowed: true, ..Default::default() },
+                GroupResult {
+                    allowed: false,
+                    reason: Some(DenyReason::Tokens),
+                    windows: vec![window(5_000)],
+                    never: true,
+                },
+            ],
+            ..gpt4o_spent
+        };
+        assert!(matches!(n.decide(&c, &p, &never), Outcome::Fallback { .. }));
+        let Outcome::Deny(d) = n.decide(&c, &p2, &team_spent) else { panic!("denied") };
+        assert_eq!(d.retry_ms(), 1_200_000);
     }
 
     #[test]
