@@ -1258,6 +1258,30 @@ fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
 /// Filters an SSE answer as it streams: complete events are parsed, JSON-RPC answers in the plan are
 /// filtered, every event is re-encoded; an incomplete tail is held back. Comments and `retry:` fields
 /// are dropped (only list / card answers are streamed through this).
+/// Whether an answer read only by shape ([`Plan::incidental`]) can hold something to rewrite: a list
+/// (`"tools"`, `"prompts"`, `"resources"` or `"resourceTemplates"` as a key), a `"cacheScope"`, or a
+/// `\u` escape that could spell one of them. A call's own answer (a 1 KB tool result) has none of these
+/// and is passed without being parsed; a list answer routed into it always has one.
+pub fn may_hold_list_answer(text: &[u8]) -> bool {
+    const KEYS: [&[u8]; 5] = [b"tools\"", b"prompts\"", b"resources\"", b"resourceTemplates\"", b"cacheScope\""];
+    let mut rest = text;
+    while let Some(p) = rest.iter().position(|&b| b == b'"' || b == b'\\') {
+        let after = rest.get(p + 1..).unwrap_or(&[]);
+        if rest.get(p) == Some(&b'\\') {
+            if after.first() == Some(&b'u') {
+                return true;
+            }
+            rest = after.get(1..).unwrap_or(&[]); // `\"`, `\\`: not a quote that opens a key
+            continue;
+        }
+        if KEYS.iter().any(|k| after.starts_with(k)) {
+            return true;
+        }
+        rest = after;
+    }
+    false
+}
+
 pub struct SseFilter {
     parser: SseParser,
     /// Answers read only by shape ([`Plan::incidental`]): events as raw blocks, passed byte for byte
@@ -1345,6 +1369,10 @@ impl SseFilter {
     }
 
     fn filter_block(&mut self, engine: &Engine, identity: &Identity, plan: &Plan, block: Vec<u8>, out: &mut Vec<u8>) {
+        if !may_hold_list_answer(&block) {
+            out.extend(block);
+            return;
+        }
         let mut parser = SseParser::new(self.max_event_bytes.saturating_add(1));
         let mut events = parser.feed(&block);
         events.extend(parser.finish());
@@ -2034,6 +2062,27 @@ mod tests {
         assert_eq!(n, 1);
         assert!(!String::from_utf8(body).unwrap().contains("delete_all"));
         assert_eq!(e.filter_json_plan(&anon(), &plan.ids, plan.by_shape, ping.as_bytes()).unwrap(), None);
+    }
+
+    #[test]
+    fn only_answers_that_may_hold_a_list_are_parsed() {
+        for yes in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#,
+            r#"{"result":{"nextCursor":null,"resourceTemplates":[]}}"#,
+            r#"{"result":{"contents":[],"cacheScope":"public"}}"#,
+            r#"{"result":{"tool\u0073":[]}}"#,
+            r#"data: {"result":{"prompts" : []}}"#,
+        ] {
+            assert!(may_hold_list_answer(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"42 tools"}]}}"#,
+            r#"{"result":{"content":[{"type":"text","text":"say \"tools\" twice \\"}]}}"#,
+            "",
+            "\\",
+        ] {
+            assert!(!may_hold_list_answer(no.as_bytes()), "{no}");
+        }
     }
 
     /// A call's answer read only by shape passes byte for byte, cut anywhere: the keep-alive comments
