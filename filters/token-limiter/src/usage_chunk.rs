@@ -76,6 +76,10 @@ fn event_ends(buf: &[u8]) -> Vec<usize> {
 /// An event whose data is a JSON object with `"choices": []` and a `usage` object: the chunk that
 /// `include_usage` adds.
 fn is_usage_only_chunk(event: &[u8]) -> bool {
+    // Most events of a stream are content chunks: only one with an empty array somewhere is parsed.
+    if !event.windows(2).any(|w| w == b"[]") {
+        return false;
+    }
     let mut data: Vec<u8> = Vec::new();
     let mut lines = 0;
     for line in event.split(|b| *b == b'\n') {
