@@ -355,9 +355,12 @@ pub fn required_prefix(pattern: &str) -> Option<Vec<u8>> {
     (lit.len() >= 2).then_some(lit)
 }
 
-/// `****-****-****-1111`: letters and digits but the last `keep` become `*`, separators stay.
+/// `****-****-****-1111`: letters and digits but the last `keep` become `*`, separators stay. At most
+/// half of them are kept, so a short value (`a@b.co`, a 6-character id with `keep_last: 4`) is never
+/// shown whole or nearly whole.
 pub fn partial(value: &[u8], keep: usize) -> String {
     let total = value.iter().filter(|c| c.is_ascii_alphanumeric()).count();
+    let keep = keep.min(total / 2);
     let mut seen = 0;
     let mut out = String::with_capacity(value.len());
     for &c in value {
@@ -797,5 +800,15 @@ mod tests {
         assert_eq!(placeholder_len(b"<email_1>"), None);
         assert_eq!(placeholder_len(b"<EMAIL_1"), None);
         assert_eq!(partial(b"4111-1111-1111-1111", 4), "****-****-****-1111");
+    }
+
+    #[test]
+    fn partial_never_keeps_more_than_half_of_a_short_value() {
+        // keep_last 4 used to keep all of `a@b.co` and most of `jo@x.io`.
+        assert_eq!(partial(b"a@b.co", 4), "*@*.co");
+        assert_eq!(partial(b"jo@x.io", 4), "**@*.io");
+        assert_eq!(partial(b"E1234", 4), "***34");
+        assert_eq!(partial(b"536-22-8963", 4), "***-**-8963");
+        assert_eq!(partial(b"7", 4), "*");
     }
 }
