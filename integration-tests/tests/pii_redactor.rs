@@ -416,6 +416,31 @@ async fn response_scanning_covers_plain_text_error_and_oversized_json_answers() 
     assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.email.redact").await.unwrap(), 1);
 }
 
+/// A value used as an object key (here an Anthropic tool_use `input` keyed by email) leaves masked with
+/// the placeholder of the same value elsewhere, and the answer that echoes it is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_used_as_object_keys_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let resp = client()
+        .post(proxy.url("/v1/messages"))
+        .header("x-mock-answer", "Done for <EMAIL_1>.")
+        .json(&json!({"model":"c","max_tokens":5,"messages":[
+            {"role":"user","content":"update jane@corp.example"},
+            {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"update",
+                "input":{"jane@corp.example":{"plan":"gold"}}}]},
+            {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"ok"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["content"][0]["text"], "Done for jane@corp.example.");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert!(!sent.to_string().contains("jane@corp.example"), "{sent}");
+    assert_eq!(sent["messages"][1]["content"][0]["input"]["<EMAIL_1>"]["plan"], "gold", "{sent}");
+}
+
 /// Emails with non-ASCII local parts and IDN domains leave masked whole and come back restored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_ascii_emails_are_masked_whole_and_restored() {

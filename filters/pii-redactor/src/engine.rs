@@ -142,6 +142,11 @@ impl Engine {
         }
     }
 
+    /// Whether user-defined detectors are configured (they may match anything).
+    pub fn has_custom(&self) -> bool {
+        !self.custom.is_empty()
+    }
+
     /// All hits in `text`, ordered and non-overlapping: overlapping hits are merged into one over their
     /// union (built-ins win ties for the label).
     pub fn find(&self, text: &[u8]) -> Vec<Hit> {

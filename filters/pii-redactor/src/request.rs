@@ -69,6 +69,62 @@ impl TextRewrite for Reserve<'_> {
     }
 }
 
+/// Calls `f` with every object key of `v`, at any depth.
+fn for_each_key(v: &Value, f: &mut dyn FnMut(&str)) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                f(k);
+                for_each_key(x, f);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(|x| for_each_key(x, f)),
+        _ => {}
+    }
+}
+
+/// `body` (JSON, its texts already masked) with every object key that holds a finding masked like a
+/// value (a value used as a key, `{"jane@corp.example": {...}}` in a tool's input or result, a map keyed
+/// by email, left as it was before 2026-12-06) (the same value gets the same placeholder), re-serialised. Two keys of one object that become
+/// one (`redact` turns two emails into `[REDACTED]`) are kept apart with ` #2`, ` #3`, ...: merging them
+/// would drop one's value. `None` when `body` does not parse or nothing changes.
+fn mask_keys(engine: &Engine, state: &mut MaskState, body: &[u8]) -> Option<Vec<u8>> {
+    fn walk(v: &mut Value, engine: &Engine, state: &mut MaskState) -> bool {
+        match v {
+            Value::Object(m) => {
+                let mut changed = false;
+                let old = std::mem::take(m);
+                for (k, mut x) in old {
+                    changed |= walk(&mut x, engine, state);
+                    let key = match state.mask(engine, k.as_bytes()).and_then(|b| String::from_utf8(b).ok()) {
+                        Some(masked) => {
+                            changed = true;
+                            masked
+                        }
+                        None => k,
+                    };
+                    let mut unique = key.clone();
+                    let mut n = 2;
+                    while m.contains_key(&unique) {
+                        unique = format!("{key} #{n}");
+                        n += 1;
+                    }
+                    m.insert(unique, x);
+                }
+                changed
+            }
+            Value::Array(a) => a.iter_mut().fold(false, |acc, x| walk(x, engine, state) | acc),
+            _ => false,
+        }
+    }
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    if walk(&mut v, engine, state) {
+        serde_json::to_vec(&v).ok()
+    } else {
+        None
+    }
+}
+
 pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: bool) -> RequestResult {
     let mut state = MaskState::default();
     match parse_strict(body) {
@@ -97,12 +153,27 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             }
             // Nothing the API's shape names as model-read text (an unknown API, or a known path with a
             // body of another shape): scan every string rather than none.
+            // Keys: a client's placeholder look-alike in one is reserved like one in a text, and a key
+            // that holds a value is masked below.
+            let mut sensitive_keys = false;
+            for_each_key(&v, &mut |k| {
+                state.reserve_lookalikes(k.as_bytes());
+                // A key of at most 30 lower-case letters and `_` (`model`, `max_tokens`: nearly every key)
+                // holds nothing a built-in detector finds (no digit, `@`, `-` or capital; shorter than any
+                // token made of letters and `_`, such as `sk_live_…`): not scanned.
+                let plain =
+                    !engine.has_custom() && k.len() <= 30 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+                sensitive_keys = sensitive_keys || (!plain && !engine.find(k.as_bytes()).is_empty());
+            });
             if spans.is_empty() {
                 let mut copy = v.clone();
                 rewrite_strings(&mut copy, &mut Reserve(&mut state));
                 let changed = rewrite_strings(&mut v, &mut MaskAll { engine, state: &mut state });
-                let body = if changed { serde_json::to_vec(&v).ok() } else { None };
-                return RequestResult { api, scanned: Scanned::JsonAllStrings, body, state, problem: None };
+                let mut masked = if changed { serde_json::to_vec(&v).ok() } else { None };
+                if sensitive_keys {
+                    masked = mask_keys(engine, &mut state, masked.as_deref().unwrap_or(body)).or(masked);
+                }
+                return RequestResult { api, scanned: Scanned::JsonAllStrings, body: masked, state, problem: None };
             }
             for s in &spans {
                 state.reserve_lookalikes(s.text.as_bytes());
@@ -115,7 +186,11 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                     }
                 }
             }
-            let body = if replacements.is_empty() { None } else { rewrite_body_texts(body, &mut v, &replacements) };
+            let original = body;
+            let mut body = if replacements.is_empty() { None } else { rewrite_body_texts(body, &mut v, &replacements) };
+            if sensitive_keys {
+                body = mask_keys(engine, &mut state, body.as_deref().unwrap_or(original)).or(body);
+            }
             RequestResult { api, scanned: Scanned::Json, body, state, problem: None }
         }
         Err(JsonBodyError::Syntax(_)) => {
@@ -337,6 +412,42 @@ mod tests {
         let r = process_request(&e, "/v1/messages", a.to_string().as_bytes(), true);
         let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
         assert_eq!(out["system"], "ssn <US_SSN_1>");
+    }
+
+    /// A value used as an object key (a tool's input or result keyed by email, a map in a body of unknown
+    /// shape) is masked like the value it is, with the same placeholder; before, only string values were
+    /// read and the key left as it was.
+    #[test]
+    fn object_keys_holding_values_are_masked() {
+        let e = engine();
+        let body = json!({"model":"claude","max_tokens":5,"messages":[
+            {"role":"user","content":"who is jane@corp.example?"},
+            {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"lookup",
+                "input":{"jane@corp.example":{"card":"4111 1111 1111 1111"}}}]}]});
+        let r = process_request(&e, "/v1/messages", body.to_string().as_bytes(), true);
+        let out = String::from_utf8(r.body.unwrap()).unwrap();
+        assert!(!out.contains("jane@corp.example") && !out.contains("4111"), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["messages"][0]["content"], "who is <EMAIL_1>?");
+        assert_eq!(v["messages"][1]["content"][0]["input"]["<EMAIL_1>"]["card"], "<CREDIT_CARD_1>");
+        assert_eq!(r.state.restore.get("<EMAIL_1>").map(String::as_str), Some("jane@corp.example"));
+        // Unknown shape; with `redact` two keys that become one are kept apart; plain keys untouched.
+        let r = process_request(&e, "/custom", br#"{"by_mail":{"a@b.io":1,"c@d.io":2},"n":1}"#, true);
+        assert_eq!(r.body.unwrap(), br#"{"by_mail":{"<EMAIL_1>":1,"<EMAIL_2>":2},"n":1}"#.to_vec());
+        let redact = Engine::new(&parse_config::<Config>(br#"{"detectors":{"email":{"action":"redact"}}}"#).unwrap());
+        let r = process_request(&redact, "/custom", br#"{"m":{"a@b.io":1,"c@d.io":2,"[REDACTED]":3}}"#, true);
+        let v: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(v["m"].as_object().unwrap().len(), 3, "{v}");
+        // A client's own look-alike key is reserved: a masked value does not take its placeholder.
+        let r = process_request(&e, "/custom", br#"{"<EMAIL_1>":"x","y":"a@b.io"}"#, true);
+        assert_eq!(r.body.unwrap(), br#"{"<EMAIL_1>":"x","y":"<EMAIL_2>"}"#.to_vec());
+        // Nothing in any key: the body is spliced as before, not re-serialised.
+        let chat = br#"{"model":"m","messages":[{"role":"user","content":"a@b.io"}],"z":1,"a":2}"#;
+        let r = process_request(&e, "/v1/chat/completions", chat, true);
+        assert_eq!(
+            r.body.unwrap(),
+            br#"{"model":"m","messages":[{"role":"user","content":"<EMAIL_1>"}],"z":1,"a":2}"#.to_vec()
+        );
     }
 
     #[test]
