@@ -840,7 +840,7 @@ impl Usage {
     }
 
     fn finish(mut self) -> Usage {
-        self.total_tokens = self.total_tokens.max(self.input_tokens + self.output_tokens);
+        self.total_tokens = self.total_tokens.max(self.input_tokens.saturating_add(self.output_tokens));
         self
     }
 }
@@ -876,10 +876,13 @@ fn usage_object(obj: &Value) -> Option<Usage> {
             json::pointer(obj, "/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
         return Some(
             Usage {
-                input_tokens: u(obj, "input_tokens").unwrap_or(0) + cache_read + cache_create,
+                input_tokens: u(obj, "input_tokens")
+                    .unwrap_or(0)
+                    .saturating_add(cache_read)
+                    .saturating_add(cache_create),
                 output_tokens: u(obj, "output_tokens").unwrap_or(0),
                 total_tokens: u(obj, "total_tokens").unwrap_or(0),
-                cached_input_tokens: cache_read + responses_cached,
+                cached_input_tokens: cache_read.saturating_add(responses_cached),
                 reasoning_tokens: json::pointer(obj, "/output_tokens_details/reasoning_tokens")
                     .and_then(Value::as_u64)
                     .unwrap_or(0),
@@ -892,9 +895,10 @@ fn usage_object(obj: &Value) -> Option<Usage> {
         return Some(
             Usage {
                 // As Anthropic's: `inputTokens` leaves out the cache reads and writes.
-                input_tokens: u(obj, "inputTokens").unwrap_or(0)
-                    + u(obj, "cacheReadInputTokens").unwrap_or(0)
-                    + u(obj, "cacheWriteInputTokens").unwrap_or(0),
+                input_tokens: u(obj, "inputTokens")
+                    .unwrap_or(0)
+                    .saturating_add(u(obj, "cacheReadInputTokens").unwrap_or(0))
+                    .saturating_add(u(obj, "cacheWriteInputTokens").unwrap_or(0)),
                 output_tokens: u(obj, "outputTokens").unwrap_or(0),
                 total_tokens: u(obj, "totalTokens").unwrap_or(0),
                 cached_input_tokens: u(obj, "cacheReadInputTokens").unwrap_or(0),
@@ -907,9 +911,10 @@ fn usage_object(obj: &Value) -> Option<Usage> {
     if u(obj, "inputTokenCount").is_some() || u(obj, "outputTokenCount").is_some() {
         return Some(
             Usage {
-                input_tokens: u(obj, "inputTokenCount").unwrap_or(0)
-                    + u(obj, "cacheReadInputTokenCount").unwrap_or(0)
-                    + u(obj, "cacheWriteInputTokenCount").unwrap_or(0),
+                input_tokens: u(obj, "inputTokenCount")
+                    .unwrap_or(0)
+                    .saturating_add(u(obj, "cacheReadInputTokenCount").unwrap_or(0))
+                    .saturating_add(u(obj, "cacheWriteInputTokenCount").unwrap_or(0)),
                 output_tokens: u(obj, "outputTokenCount").unwrap_or(0),
                 total_tokens: 0,
                 cached_input_tokens: u(obj, "cacheReadInputTokenCount").unwrap_or(0),
@@ -925,8 +930,10 @@ fn usage_object(obj: &Value) -> Option<Usage> {
             Usage {
                 // Tool-use prompts (what a grounding search or code execution fed back to the model)
                 // are input the model read, counted outside `promptTokenCount` and billed as input.
-                input_tokens: u(obj, "promptTokenCount").unwrap_or(0) + u(obj, "toolUsePromptTokenCount").unwrap_or(0),
-                output_tokens: u(obj, "candidatesTokenCount").unwrap_or(0) + thoughts,
+                input_tokens: u(obj, "promptTokenCount")
+                    .unwrap_or(0)
+                    .saturating_add(u(obj, "toolUsePromptTokenCount").unwrap_or(0)),
+                output_tokens: u(obj, "candidatesTokenCount").unwrap_or(0).saturating_add(thoughts),
                 total_tokens: u(obj, "totalTokenCount").unwrap_or(0),
                 cached_input_tokens: u(obj, "cachedContentTokenCount").unwrap_or(0),
                 reasoning_tokens: thoughts,
@@ -1577,6 +1584,29 @@ mod tests {
         assert_eq!(usage_from_json(&bedrock).unwrap().input_tokens, 2);
         assert_eq!(usage_from_json(&json!({"choices":[]})), None);
         assert_eq!(usage_from_json(&json!({"usage":"lots"})), None);
+    }
+
+    /// Counts near `u64::MAX` (a broken or hostile upstream) saturate: summed cache or tool tokens wrapped
+    /// around to a handful of tokens in the release build (and panicked in a debug one).
+    #[wasm_bindgen_test(unsupported = test)]
+    fn huge_usage_counts_saturate_instead_of_wrapping() {
+        let max = u64::MAX;
+        for body in [
+            json!({"usage": {"input_tokens": max, "cache_read_input_tokens": 5, "output_tokens": 1}}),
+            json!({"usage": {"inputTokens": max, "cacheWriteInputTokens": 5, "outputTokens": 1}}),
+            json!({"amazon-bedrock-invocationMetrics": {"inputTokenCount": max, "cacheReadInputTokenCount": 5, "outputTokenCount": 1}}),
+            json!({"usageMetadata": {"promptTokenCount": max, "toolUsePromptTokenCount": 5, "candidatesTokenCount": 1}}),
+        ] {
+            let u = usage_from_json(&body).unwrap();
+            assert_eq!((u.input_tokens, u.total_tokens), (max, max), "{body}");
+        }
+        let u = usage_from_json(&json!({"usage": {"prompt_tokens": max, "completion_tokens": 7}})).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (max, 7, max));
+        let u = usage_from_json(
+            &json!({"usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": max, "thoughtsTokenCount": 3}}),
+        )
+        .unwrap();
+        assert_eq!(u.output_tokens, max);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
