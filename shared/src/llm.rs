@@ -846,7 +846,17 @@ impl Usage {
 }
 
 fn u(v: &Value, key: &str) -> Option<u64> {
-    v.get(key).and_then(Value::as_u64)
+    v.get(key).and_then(token_count)
+}
+
+/// A token count as providers write it: an integer, or a number with a fraction (`512.0`, written by
+/// servers that keep counts as floating point), rounded up. Negative, non-finite and non-numeric values
+/// are not counts. Read as absent before, a float `completion_tokens` charged no output at all.
+fn token_count(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        // (`as` saturates: a float beyond u64 is u64::MAX.)
+        v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.ceil() as u64)
+    })
 }
 
 /// Usage from one usage object of any known shape.
@@ -859,10 +869,10 @@ fn usage_object(obj: &Value) -> Option<Usage> {
                 output_tokens: u(obj, "completion_tokens").unwrap_or(0),
                 total_tokens: u(obj, "total_tokens").unwrap_or(0),
                 cached_input_tokens: json::pointer(obj, "/prompt_tokens_details/cached_tokens")
-                    .and_then(Value::as_u64)
+                    .and_then(token_count)
                     .unwrap_or(0),
                 reasoning_tokens: json::pointer(obj, "/completion_tokens_details/reasoning_tokens")
-                    .and_then(Value::as_u64)
+                    .and_then(token_count)
                     .unwrap_or(0),
             }
             .finish(),
@@ -873,7 +883,7 @@ fn usage_object(obj: &Value) -> Option<Usage> {
         let cache_read = u(obj, "cache_read_input_tokens").unwrap_or(0);
         let cache_create = u(obj, "cache_creation_input_tokens").unwrap_or(0);
         let responses_cached =
-            json::pointer(obj, "/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
+            json::pointer(obj, "/input_tokens_details/cached_tokens").and_then(token_count).unwrap_or(0);
         return Some(
             Usage {
                 input_tokens: u(obj, "input_tokens")
@@ -884,7 +894,7 @@ fn usage_object(obj: &Value) -> Option<Usage> {
                 total_tokens: u(obj, "total_tokens").unwrap_or(0),
                 cached_input_tokens: cache_read.saturating_add(responses_cached),
                 reasoning_tokens: json::pointer(obj, "/output_tokens_details/reasoning_tokens")
-                    .and_then(Value::as_u64)
+                    .and_then(token_count)
                     .unwrap_or(0),
             }
             .finish(),
@@ -1607,6 +1617,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(u.output_tokens, max);
+    }
+
+    /// Counts written as floats are counts (rounded up); negative or non-numeric ones are not.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn float_usage_counts_are_read_and_bad_ones_ignored() {
+        let u = usage_from_json(
+            &json!({"usage": {"prompt_tokens": 10, "completion_tokens": 500.0, "total_tokens": 510.0}}),
+        )
+        .unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (10, 500, 510));
+        let u = usage_from_json(&json!({"usage": {"input_tokens": 7.5, "output_tokens": 2e3}})).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (8, 2000));
+        let u =
+            usage_from_json(&json!({"usageMetadata": {"promptTokenCount": 3.0, "candidatesTokenCount": 4.0}})).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (3, 4));
+        let u = usage_from_json(&json!({"usage": {"prompt_tokens": 10, "completion_tokens": -5}})).unwrap();
+        assert_eq!(u.output_tokens, 0);
+        assert_eq!(usage_from_json(&json!({"usage": {"prompt_tokens": "10", "completion_tokens": null}})), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
