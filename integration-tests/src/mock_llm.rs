@@ -21,6 +21,7 @@
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
+//! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
 //! | (paths `/api/chat`, `/api/generate`) | Ollama's native API: NDJSON stream unless `"stream": false`, counts in the last line |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
@@ -398,6 +399,12 @@ async fn answer(
         // Ollama streams unless the body says `"stream": false`.
         let stream = parsed.get("stream").and_then(Value::as_bool).unwrap_or(true);
         return ollama_response(&plan, uri.path().ends_with("/api/chat"), stream, guard);
+    }
+    if uri.path().ends_with("/audio/speech") {
+        // Text to speech: binary audio, no usage (as OpenAI's `tts-1` answers).
+        let n = usize::try_from(header_u64(&headers, "x-mock-audio-bytes").unwrap_or(65_536)).unwrap_or(65_536);
+        let audio: Vec<u8> = (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        return (StatusCode::OK, [("content-type", "audio/mpeg")], audio).into_response();
     }
     if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {
         stream_response(plan, guard)

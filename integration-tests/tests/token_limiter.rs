@@ -915,6 +915,37 @@ async fn answers_are_charged_output_whatever_their_encoding_or_size() {
     assert!((2400..=6000).contains(&charged), "charged {charged} for a 3000-token answer without usage");
 }
 
+/// Text to speech answers binary audio (`audio/mpeg`) without usage: it is charged the output reservation,
+/// as any answer whose usage cannot be read. Its bytes were read as text before (a 64 KiB MP3 cost ~30,000
+/// output tokens), so one speech request spent this 20,000-token budget and the next got a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_answers_are_charged_the_reservation_not_their_bytes() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 100,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":20000}}]}),
+    )
+    .await;
+    let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
+    let body = json!({"model": "tts-1", "voice": "alloy", "input": "Read this sentence aloud, please."});
+    for i in 1..=3u64 {
+        let r = post(&e, "/v1/audio/speech", &body, &[("x-team", "a")]).await;
+        assert_eq!(r.status(), 200, "speech request {i}");
+        assert_eq!(h(&r, "content-type"), "audio/mpeg");
+        assert_eq!(r.bytes().await.unwrap().len(), 65_536, "the audio reaches the client whole");
+        let mut charged = 0;
+        for _ in 0..50 {
+            charged = e.stat(&stat("model.tts-1.output_tokens")).await.unwrap();
+            if charged >= 100 * i {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(charged, 100 * i, "speech request {i}: the output reservation per answer");
+    }
+}
+
 /// Bedrock's ConverseStream answers in the AWS binary event stream, not SSE: the usage in its last
 /// (`metadata`) event is charged, and the stream reaches the client byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

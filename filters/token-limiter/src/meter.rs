@@ -37,7 +37,7 @@ enum Kind {
         usage: StreamUsage,
         done: bool,
     },
-    /// Compressed content: usage cannot be read.
+    /// Compressed or binary content (audio, images, files): usage cannot be read, and its bytes are not text.
     Opaque,
 }
 
@@ -77,7 +77,7 @@ impl Meter {
         let encoded =
             content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity") && !e.trim().is_empty());
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let kind = if encoded {
+        let kind = if encoded || is_binary_media(&ct) {
             Kind::Opaque
         } else if ct.starts_with("application/vnd.amazon.eventstream") {
             Kind::EventStream { decoder: EventStreamDecoder::default(), usage: StreamUsage::default(), done: false }
@@ -257,6 +257,13 @@ impl Meter {
     }
 }
 
+/// A media type (lower case) whose body is binary, not text: text-to-speech audio (`/v1/audio/speech`),
+/// image or video bytes, a file download (`/v1/files/{id}/content`). Read as text, such bytes counted one
+/// token per invalid byte sequence: a 64 KiB MP3 cost ~30,000 output tokens.
+fn is_binary_media(ct: &str) -> bool {
+    ["audio/", "image/", "video/", "application/octet-stream"].iter().any(|p| ct.starts_with(p))
+}
+
 /// What a streamed answer (SSE, event stream, NDJSON) costs. Reported usage counts when the stream
 /// finished and its output is plausible (a final 0 after streamed text is not); a cut stream with some
 /// usage is charged its reported input and the larger of reported and streamed output; without usage,
@@ -373,6 +380,25 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         let mut m = Meter::new(200, Some("application/json"), None, 8);
         m.on_chunk(br#"{"choices":[{"message":{"content":"a long answer"}}]}"#);
         assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
+    }
+
+    /// A binary answer (text-to-speech audio, an image, a file download) is not text: it is charged the
+    /// output reservation, as an unreadable answer, not its bytes read as characters (a 64 KiB MP3 read
+    /// as text cost ~60,000 output tokens and spent a day's budget in a few speech requests).
+    #[test]
+    fn binary_answers_are_charged_the_output_reservation_not_their_bytes() {
+        let audio: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for ct in ["audio/mpeg", "audio/wav", "image/png", "application/octet-stream", "video/mp4"] {
+            let mut m = Meter::new(200, Some(ct), None, 1 << 20);
+            for c in audio.chunks(16 * 1024) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated), "{ct}");
+        }
+        // An error answer with a binary type still costs only the prompt.
+        let mut m = Meter::new(500, Some("application/octet-stream"), None, 1 << 20);
+        m.on_chunk(&audio);
+        assert_eq!(m.finish(50, 300), (50, 0, Source::Estimated));
     }
 
     #[test]
