@@ -285,9 +285,15 @@ impl Validate for Config {
                     "set at least one of tokens_per_second/minute/hour/day or max_concurrent_requests",
                 ));
             }
-            for w in &windows {
-                if w.limit == 0 {
-                    return Err(ConfigError::at(&format!("{p}.limits"), "a token limit must be at least 1"));
+            let l = &r.limits;
+            for (field, limit) in [
+                ("tokens_per_second", l.tokens_per_second),
+                ("tokens_per_minute", l.tokens_per_minute),
+                ("tokens_per_hour", l.tokens_per_hour),
+                ("tokens_per_day", l.tokens_per_day),
+            ] {
+                if limit == Some(0) {
+                    return Err(ConfigError::at(&format!("{p}.limits.{field}"), "a token limit must be at least 1"));
                 }
             }
             if let Some(n) = r.max_concurrent_requests {
@@ -420,6 +426,13 @@ mod tests {
             "$.rules[0].key"
         );
         assert_eq!(e(r#"{"state":"sidecar"}"#), "$.sidecar");
+        // A zero limit names its window, not only `limits`.
+        assert_eq!(
+            e(
+                r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_minute":100,"tokens_per_hour":0}}]}"#
+            ),
+            "$.rules[0].limits.tokens_per_hour"
+        );
         for bad in [0, 10_001] {
             assert_eq!(e(&format!(r#"{{"stats_flush_interval_ms":{bad}}}"#)), "$.stats_flush_interval_ms", "{bad}");
         }
