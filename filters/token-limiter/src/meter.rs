@@ -119,8 +119,12 @@ impl Meter {
                 } else {
                     // Gemini's SSE (`streamGenerateContent?alt=sse`) has no end marker: its last event is the
                     // one whose candidate carries a `finishReason`, with the final `usageMetadata`.
-                    if matches!(ev.event.as_deref(), Some("message_stop") | Some("response.completed"))
-                        || (ev.data.contains("\"finishReason\"") && ev.data.contains("\"usageMetadata\""))
+                    // The Responses API ends with `response.completed`, or with `response.incomplete` (the
+                    // output cap was reached) or `response.failed`: each carries the final usage.
+                    if matches!(
+                        ev.event.as_deref(),
+                        Some("message_stop" | "response.completed" | "response.incomplete" | "response.failed")
+                    ) || (ev.data.contains("\"finishReason\"") && ev.data.contains("\"usageMetadata\""))
                     {
                         *done = true;
                     }
@@ -544,6 +548,19 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         let mut m = Meter::new(200, Some("application/x-ndjson"), None, 1 << 20);
         m.on_chunk(br#"{"model":"llama3","response":"0123456789abcdef","done":false}"#);
         assert_eq!(m.finish(50, 300), (50, 4, Source::Estimated));
+    }
+
+    /// A Responses stream stopped by `max_output_tokens` ends with `response.incomplete` (its final usage,
+    /// reasoning included): the reported usage is charged, not max(reported, the estimate of the text).
+    #[test]
+    fn a_responses_stream_ending_incomplete_charges_its_reported_usage() {
+        let text = "word ".repeat(200); // ~250 tokens by the estimate, 100 by the provider
+        let body = format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"{text}\"}}\n\n\
+event: response.incomplete\ndata: {{\"type\":\"response.incomplete\",\"response\":{{\"status\":\"incomplete\",\
+\"usage\":{{\"input_tokens\":40,\"output_tokens\":100}}}}}}\n\n"
+        );
+        assert_eq!(sse(&body, 7), (40, 100, Source::Reported));
     }
 
     /// OpenAI's Responses stream ends with `response.completed`, which carries the whole response: the
