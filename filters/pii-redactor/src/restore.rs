@@ -1020,19 +1020,24 @@ mod tests {
             let mut r = Restorer::new(map(&[]), Some(engine.clone()));
             assert_eq!(restored_chat_stream(&mut r, &pieces), "Use the token [REDACTED] now.", "deltas of {size}");
             let mut r = Restorer::new(map(&[]), Some(engine.clone()));
-            let mut raw = RawStream::default();
-            let mut out = Vec::new();
-            for c in text.as_bytes().chunks(size) {
-                out.extend(raw.feed(&mut r, c, false));
-            }
-            out.extend(raw.feed(&mut r, b"", true));
-            assert_eq!(String::from_utf8(out).unwrap(), "Use the token [REDACTED] now.", "chunks of {size}");
+            assert_eq!(raw_stream_in_chunks(&mut r, &text, size), "Use the token [REDACTED] now.", "chunks of {size}");
         }
     }
 
     /// A private key block the model writes, streamed in small deltas (SSE) or network chunks (raw text):
     /// the block is held back until its END line, so the scanner sees it whole. Before, the BEGIN line's
     /// piece was redacted to its end and the key's base64 lines in the later pieces reached the client.
+    /// `text` fed to a [`RawStream`] in network chunks of `size` bytes: what the client gets.
+    fn raw_stream_in_chunks(r: &mut Restorer, text: &str, size: usize) -> String {
+        let mut raw = RawStream::default();
+        let mut out = Vec::new();
+        for c in text.as_bytes().chunks(size) {
+            out.extend(raw.feed(r, c, false));
+        }
+        out.extend(raw.feed(r, b"", true));
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn streamed_private_key_redacted_whole() {
         let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
@@ -1048,13 +1053,11 @@ mod tests {
                 "deltas of {size}"
             );
             let mut r = Restorer::new(map(&[]), Some(engine.clone()));
-            let mut raw = RawStream::default();
-            let mut out = Vec::new();
-            for c in text.as_bytes().chunks(size) {
-                out.extend(raw.feed(&mut r, c, false));
-            }
-            out.extend(raw.feed(&mut r, b"", true));
-            assert_eq!(String::from_utf8(out).unwrap(), "Here is the key:\n[REDACTED]\nDone.", "chunks of {size}");
+            assert_eq!(
+                raw_stream_in_chunks(&mut r, &text, size),
+                "Here is the key:\n[REDACTED]\nDone.",
+                "chunks of {size}"
+            );
         }
         // Other blocks (a certificate) and complete keys are not held back.
         assert_eq!(unterminated_private_key(b"a -----BEGIN CERTIFICATE-----\nMIIB", 0), None);
