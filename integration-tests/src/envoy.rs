@@ -46,6 +46,7 @@ pub struct EnvoyBuilder {
     vars: BTreeMap<String, String>,
     concurrency: u32,
     log_level: String,
+    env: Vec<(String, String)>,
 }
 
 impl EnvoyBuilder {
@@ -64,7 +65,7 @@ impl EnvoyBuilder {
         for f in paths::FILTERS {
             vars.insert(config_var(f), json_string("{}"));
         }
-        Self { template, vars, concurrency: 2, log_level: "info".to_string() }
+        Self { template, vars, concurrency: 2, log_level: "info".to_string(), env: Vec::new() }
     }
 
     pub fn var(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -91,6 +92,13 @@ impl EnvoyBuilder {
 
     pub fn concurrency(mut self, n: u32) -> Self {
         self.concurrency = n;
+        self
+    }
+
+    /// An environment variable of the Envoy process (what `vm_config.environment_variables.host_env_keys`
+    /// passes into a Wasm VM).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
         self
     }
 
@@ -121,6 +129,7 @@ impl EnvoyBuilder {
             .arg(&self.log_level)
             .arg("--component-log-level")
             .arg("wasm:info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

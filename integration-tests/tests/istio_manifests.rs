@@ -89,7 +89,27 @@ async fn every_plugin_config_is_accepted_by_its_filter() {
             let filter = p["spec"]["pluginName"].as_str().unwrap().replace('_', "-");
             assert!(FILTERS.contains(&filter.as_str()), "{filter}");
             let config = p["spec"].get("pluginConfig").cloned().unwrap_or(json!({}));
-            let envoy = EnvoyBuilder::new(&format!("{filter}.yaml"))
+            // A configuration that reads its sidecar token from the VM's environment (the redis overlay)
+            // gets the variable as the gateway's Secret would give it (`vmConfig.env` valueFrom HOST).
+            let builder = if let Some(name) = config.get("sidecar_token_env") {
+                let passed = p["spec"]["vmConfig"]["env"]
+                    .as_array()
+                    .is_some_and(|env| env.iter().any(|v| v["name"] == *name && v["valueFrom"] == "HOST"));
+                assert!(passed, "{overlay}: {filter} reads {name} but vmConfig.env does not pass it from the host");
+                let sidecar_gets_it = render(overlay).iter().any(|d| {
+                    d["kind"] == "Deployment"
+                        && d["spec"]["template"]["spec"]["containers"][0]["env"]
+                            .as_array()
+                            .is_some_and(|env| env.iter().any(|v| v["name"] == "MESHWARDEN_SIDECAR_API_TOKEN"))
+                });
+                assert!(sidecar_gets_it, "{overlay}: the sidecar does not get --api-token");
+                EnvoyBuilder::new("token-limiter-sidecar.yaml")
+                    .var("SIDECAR_PORT", "9")
+                    .env(config["sidecar_token_env"].as_str().unwrap(), "a-test-token")
+            } else {
+                EnvoyBuilder::new(&format!("{filter}.yaml"))
+            };
+            let envoy = builder
                 .upstream_port(mock.port())
                 .filter_config(&filter, &config)
                 .start()

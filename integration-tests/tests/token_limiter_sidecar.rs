@@ -630,3 +630,37 @@ async fn the_rate_limit_api_needs_the_sidecar_token() {
     assert_eq!(send(&e2, "b").await.status(), 503);
     assert!(e2.stat("meshwarden.token_limiter.callout_failures.status").await.unwrap() >= 1);
 }
+
+/// `sidecar_token_env`: the token comes from the Wasm VM's environment (here Envoy's own variable, passed
+/// by `vm_config.environment_variables.host_env_keys` in the template; in Istio `vmConfig.env` with
+/// `valueFrom: HOST`), so the secret need not be written into the plugin configuration. Without the
+/// variable the configuration is refused naming the field, instead of a plugin whose every call the
+/// sidecar refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_token_comes_from_the_vm_environment() {
+    let sidecar = Sidecar::start(&["--api-token", "s3cret"]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let mut cfg = config("deny", 1000);
+    cfg["sidecar_token_env"] = json!("MESHWARDEN_SIDECAR_API_TOKEN");
+    let builder = || {
+        EnvoyBuilder::new("token-limiter-sidecar.yaml")
+            .upstream_port(mock.port())
+            .var("SIDECAR_PORT", sidecar.port().to_string())
+            .filter_config("token-limiter", &cfg)
+    };
+    // A token file's trailing newline (kubectl create secret --from-file) is not part of the token.
+    let e = builder().env("MESHWARDEN_SIDECAR_API_TOKEN", "s3cret\n").start().await.unwrap();
+    let (admitted, r) = drain(&[&e], "a").await;
+    assert!(admitted > 0, "the filter's calls carry the token from the environment");
+    assert_eq!(r.status(), 429);
+    assert_eq!(e.stat("meshwarden.token_limiter.callout_failures").await.unwrap(), 0);
+
+    // The wrong secret in the environment: the sidecar refuses, failure_mode deny answers 503.
+    let wrong = builder().env("MESHWARDEN_SIDECAR_API_TOKEN", "other").start().await.unwrap();
+    assert_eq!(send(&wrong, "b").await.status(), 503);
+
+    // No variable at all: Envoy refuses the plugin and the log names the field.
+    let log = builder().env("MESHWARDEN_SIDECAR_API_TOKEN_UNRELATED", "x").start_expect_failure().await.unwrap();
+    assert!(log.contains("$.sidecar_token_env"), "{log}");
+    assert!(log.contains("MESHWARDEN_SIDECAR_API_TOKEN is not set"), "{log}");
+}

@@ -17,6 +17,10 @@ pub struct Config {
     pub sidecar: Option<CalloutConfig>,
     /// Sent as `authorization: Bearer <token>` on every sidecar call: the sidecar's `--api-token`.
     pub sidecar_token: Option<String>,
+    /// The name of an environment variable of the Wasm VM (Envoy `vm_config.environment_variables`,
+    /// Istio `WasmPlugin.spec.vmConfig.env`) that holds the sidecar token, so the secret can come from
+    /// a Kubernetes Secret instead of the plugin configuration. Exclusive with `sidecar_token`.
+    pub sidecar_token_env: Option<String>,
     /// Allow `unverified_jwt_claim` keys (decoding a bearer token without checking its signature).
     pub trust_unverified_jwt: bool,
     /// Output tokens reserved at admission when a request has no `max_tokens`.
@@ -58,6 +62,7 @@ impl Default for Config {
             state: StateMode::Local,
             sidecar: None,
             sidecar_token: None,
+            sidecar_token_env: None,
             trust_unverified_jwt: false,
             default_output_reservation: 256,
             max_output_reservation: 4096,
@@ -236,6 +241,43 @@ impl Rule {
     }
 }
 
+/// A sidecar token is sent in a header: visible ASCII only, and no space (the sidecar compares it exactly).
+fn check_sidecar_token(field: &str, token: &str) -> Result<(), ConfigError> {
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::at(field, "must be non-empty printable ASCII without spaces"));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The `authorization` value for sidecar calls: `sidecar_token`, or the value of the VM environment
+    /// variable `sidecar_token_env` names (read with `env`, the host's environment in the filter). A
+    /// variable that is missing or not a valid token refuses the configuration naming
+    /// `sidecar_token_env`: starting without it would send every call unauthorised, which a sidecar
+    /// with `--api-token` refuses, so `failure_mode` would decide every request.
+    pub fn sidecar_authorization(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+        let token = match (&self.sidecar_token, &self.sidecar_token_env) {
+            (Some(t), _) => t.clone(),
+            (None, Some(name)) => {
+                let Some(value) = env(name) else {
+                    return Err(ConfigError::at(
+                        "sidecar_token_env",
+                        format!(
+                            "environment variable {name} is not set in the Wasm VM (Envoy vm_config.environment_variables, Istio WasmPlugin vmConfig.env)"
+                        ),
+                    ));
+                };
+                // A trailing newline is what a token file or `kubectl create secret --from-file` leaves.
+                let value = value.trim_end_matches(['\r', '\n']).to_string();
+                check_sidecar_token("sidecar_token_env", &value)?;
+                value
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(format!("Bearer {token}")))
+    }
+}
+
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
@@ -257,9 +299,20 @@ impl Validate for Config {
             ));
         }
         if let Some(t) = &self.sidecar_token {
-            // Sent in a header: visible ASCII only, and no space (the sidecar compares it exactly).
-            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ConfigError::at("sidecar_token", "must be non-empty printable ASCII without spaces"));
+            check_sidecar_token("sidecar_token", t)?;
+        }
+        if let Some(name) = &self.sidecar_token_env {
+            if self.sidecar_token.is_some() {
+                return Err(ConfigError::at(
+                    "sidecar_token_env",
+                    "set either sidecar_token or sidecar_token_env, not both",
+                ));
+            }
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(ConfigError::at(
+                    "sidecar_token_env",
+                    "must be an environment variable name (A-Z, a-z, 0-9, '_')",
+                ));
             }
         }
         match (&self.state, &self.sidecar) {
@@ -458,6 +511,13 @@ mod tests {
             assert_eq!(e(&format!(r#"{{"sidecar_token":"{bad}"}}"#)), "$.sidecar_token", "{bad:?}");
         }
         assert!(parse_config::<Config>(br#"{"sidecar_token":"s3cret-Token_1"}"#).is_ok());
+        for bad in [
+            r#"{"sidecar_token":"a","sidecar_token_env":"T"}"#,
+            r#"{"sidecar_token_env":""}"#,
+            r#"{"sidecar_token_env":"A-B"}"#,
+        ] {
+            assert_eq!(e(bad), "$.sidecar_token_env", "{bad}");
+        }
         assert!(parse_config::<Config>(fallback("gpt-4o-mini").as_bytes()).is_ok());
         // A fallback the rule itself limits (its glob matches it, or the rule has no model) would be charged
         // to the same spent budget: never admitted.
@@ -470,5 +530,26 @@ mod tests {
             assert_eq!(e(&own(model)), "$.rules[0].fallback_model", "{model}");
         }
         assert!(parse_config::<Config>(own(r#""model":"gpt-4o","#).as_bytes()).is_ok());
+    }
+
+    /// The token can come from the VM's environment (a Kubernetes Secret through Envoy's
+    /// `vm_config.environment_variables` / Istio's `vmConfig.env`) instead of the plugin configuration.
+    #[test]
+    fn sidecar_token_from_the_vm_environment() {
+        let cfg = |json: &str| parse_config::<Config>(json.as_bytes()).unwrap();
+        let env = |name: &str| match name {
+            "MESHWARDEN_SIDECAR_API_TOKEN" => Some("s3cret\n".to_string()),
+            "SPACED" => Some("two words".to_string()),
+            _ => None,
+        };
+        let from_env = cfg(r#"{"sidecar_token_env":"MESHWARDEN_SIDECAR_API_TOKEN"}"#);
+        assert_eq!(from_env.sidecar_authorization(env).unwrap().as_deref(), Some("Bearer s3cret"));
+        let inline = cfg(r#"{"sidecar_token":"abc"}"#);
+        assert_eq!(inline.sidecar_authorization(env).unwrap().as_deref(), Some("Bearer abc"));
+        assert_eq!(cfg("{}").sidecar_authorization(env).unwrap(), None);
+        for name in ["MISSING", "SPACED"] {
+            let err = cfg(&format!(r#"{{"sidecar_token_env":"{name}"}}"#)).sidecar_authorization(env).unwrap_err();
+            assert_eq!(err.path, "$.sidecar_token_env", "{name}");
+        }
     }
 }

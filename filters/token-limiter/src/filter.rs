@@ -430,7 +430,13 @@ impl RootContext for Root {
         self.shared.retired.set(true);
         let in_flight = std::mem::take(&mut *self.shared.settle_calls.borrow_mut());
         let rule_windows = config.rules.iter().map(|r| (crate::state::rule_tag(&r.name), r.limits.windows())).collect();
-        let sidecar_authorization = config.sidecar_token.as_ref().map(|t| format!("Bearer {t}"));
+        let sidecar_authorization = match config.sidecar_authorization(|name| std::env::var(name).ok()) {
+            Ok(a) => a,
+            Err(err) => {
+                log(LogLevel::Critical, &format!("meshwarden {FILTER}: {err}"));
+                return false;
+            }
+        };
         self.shared = Rc::new(Shared {
             config: Rc::new(config),
             metrics: RefCell::new(Metrics::default()),
