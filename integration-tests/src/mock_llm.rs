@@ -22,6 +22,7 @@
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
 //! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
+//! | (path `/v1/images/generations`) | image generation: JSON with one base64 image (`data[0].b64_json`, `x-mock-image-bytes: N` of it, default 1.5 MB) and no usage, as dall-e-3 answers; `x-mock-image-usage: 1` adds gpt-image-1's `usage` (`input_tokens` 12, `output_tokens` 4160) |
 //! | (paths `/api/chat`, `/api/generate`) | Ollama's native API: NDJSON stream unless `"stream": false`, counts in the last line |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
@@ -405,6 +406,19 @@ async fn answer(
         let n = usize::try_from(header_u64(&headers, "x-mock-audio-bytes").unwrap_or(65_536)).unwrap_or(65_536);
         let audio: Vec<u8> = (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         return (StatusCode::OK, [("content-type", "audio/mpeg")], audio).into_response();
+    }
+    if uri.path().ends_with("/images/generations") {
+        // An image as base64 text inside JSON (dall-e-3 with `response_format: "b64_json"`: no usage).
+        let n = usize::try_from(header_u64(&headers, "x-mock-image-bytes").unwrap_or(1_500_000)).unwrap_or(1_500_000);
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let image: String = (0..n).map(|i| char::from(B64[(i.wrapping_mul(2_654_435_761) >> 7) % 64])).collect();
+        let mut answer =
+            json!({"created": 1_700_000_000, "data": [{"b64_json": image, "revised_prompt": "a red fox in the snow"}]});
+        if header_flag(&headers, "x-mock-image-usage") {
+            answer["usage"] = json!({"input_tokens": 12, "output_tokens": 4160, "total_tokens": 4172,
+                                     "input_tokens_details": {"text_tokens": 12, "image_tokens": 0}});
+        }
+        return (StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response();
     }
     if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {
         stream_response(plan, guard)

@@ -946,6 +946,55 @@ async fn binary_answers_are_charged_the_reservation_not_their_bytes() {
     }
 }
 
+/// Image generation answers carry the image as base64 inside JSON (`data[].b64_json`). dall-e-2/3 report
+/// no usage: such an answer is charged the output reservation, as a binary answer is. Its base64 was read
+/// as text before (a 1.5 MB image cost ~375,000 output tokens), so one image spent a day's budget.
+/// gpt-image-1 reports usage, which is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_answers_are_charged_the_reservation_or_their_usage() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 100,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":50000}}]}),
+    )
+    .await;
+    let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
+    let wait_for = |name: String, want: u64| {
+        let e = &e;
+        async move {
+            let mut got = 0;
+            for _ in 0..100 {
+                got = e.stat(&name).await.unwrap();
+                if got >= want {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            got
+        }
+    };
+    let body = json!({"model": "dall-e-3", "prompt": "A red fox in the snow", "response_format": "b64_json"});
+    for i in 1..=3u64 {
+        let r = post(&e, "/v1/images/generations", &body, &[("x-team", "a")]).await;
+        assert_eq!(r.status(), 200, "image request {i}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(
+            answer["data"][0]["b64_json"].as_str().unwrap().len(),
+            1_500_000,
+            "the image reaches the client whole"
+        );
+        let charged = wait_for(stat("model.dall-e-3.output_tokens"), 100 * i).await;
+        assert_eq!(charged, 100 * i, "image request {i}: the output reservation per answer");
+    }
+    let body = json!({"model": "gpt-image-1", "prompt": "A red fox in the snow"});
+    let r = post(&e, "/v1/images/generations", &body, &[("x-team", "a"), ("x-mock-image-usage", "1")]).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    assert_eq!(wait_for(stat("model.gpt-image-1.output_tokens"), 4160).await, 4160);
+    assert_eq!(wait_for(stat("model.gpt-image-1.input_tokens"), 12).await, 12);
+}
+
 /// Bedrock's ConverseStream answers in the AWS binary event stream, not SSE: the usage in its last
 /// (`metadata`) event is charged, and the stream reaches the client byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

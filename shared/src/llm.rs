@@ -185,6 +185,13 @@ pub fn is_token_count_path(path: &str) -> bool {
     }
 }
 
+/// An image generation path (OpenAI and Azure OpenAI `/images/generations`, `/images/edits`,
+/// `/images/variations`): its JSON answer carries images as base64 strings (`b64_json`), not text.
+pub fn is_image_generation_path(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
+    ["/images/generations", "/images/edits", "/images/variations"].iter().any(|s| path.ends_with(s))
+}
+
 /// `%XX` escapes decoded; `None` for a malformed escape or a result that is not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
@@ -1523,6 +1530,16 @@ mod tests {
             "/model/anthropic.claude-3-5-sonnet-20241022-v2%3A0/count-tokens",
         ] {
             assert!(is_token_count_path(p), "{p}");
+        }
+        for p in [
+            "/v1/images/generations",
+            "/openai/deployments/d/images/edits?api-version=2025-04-01-preview",
+            "/v1/images/variations/",
+        ] {
+            assert!(is_image_generation_path(p), "{p}");
+        }
+        for p in ["/v1/chat/completions", "/v1/images", "/v1/images/generations/x", "/v1/chat?x=/images/edits"] {
+            assert!(!is_image_generation_path(p), "{p}");
         }
         for p in [
             "/v1/messages",

@@ -1400,6 +1400,9 @@ impl Request {
         let mut meter = Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max);
         let count = |name: &str| headers.get(name).and_then(|v| v.trim().parse::<u64>().ok());
         meter.set_header_usage(count("x-amzn-bedrock-input-token-count"), count("x-amzn-bedrock-output-token-count"));
+        if meshwarden_shared::llm::is_image_generation_path(&self.path) {
+            meter.media_answer();
+        }
         self.meter = Some(meter);
         if let Some(w) = self.window {
             for (k, v) in self.ratelimit_headers(&w) {

@@ -69,6 +69,8 @@ pub struct Meter {
     status: u32,
     /// Usage from response headers (Bedrock `InvokeModel`), if any.
     header_usage: Option<(u64, u64)>,
+    /// The answer's strings are media (base64 images), not text: see [`Meter::media_answer`].
+    media: bool,
 }
 
 impl Meter {
@@ -91,7 +93,7 @@ impl Meter {
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
-        Self { kind, max_bytes, status, header_usage: None }
+        Self { kind, max_bytes, status, header_usage: None, media: false }
     }
 
     pub fn is_stream(&self) -> bool {
@@ -176,6 +178,18 @@ impl Meter {
         }
     }
 
+    /// The answer is an image generation's (`is_image_generation_path`): its JSON carries base64 images
+    /// (`b64_json`), whose bytes are not text the model wrote. Without usage (dall-e-2/3) it is charged the
+    /// output reservation, like a binary answer; with usage (gpt-image-1) the usage. Read as text, one
+    /// 1024x1024 PNG cost ~500,000 output tokens. The body is not held for an estimate.
+    pub fn media_answer(&mut self) {
+        self.media = true;
+        if let Kind::Json { buf, overflow, .. } = &mut self.kind {
+            *overflow = true;
+            buf.clear();
+        }
+    }
+
     /// Usage the upstream reported in response headers (Bedrock `InvokeModel`:
     /// `x-amzn-bedrock-input-token-count`, `x-amzn-bedrock-output-token-count`); used when the body
     /// reports none.
@@ -198,6 +212,9 @@ impl Meter {
             Kind::Json { scan, buf, overflow } => {
                 if let Some(u) = scan.finish() {
                     return (u.input_tokens, u.output_tokens, Source::Reported);
+                }
+                if self.media {
+                    return (input_estimate, unreadable_output, Source::Estimated);
                 }
                 // The text of string values, for shapes and sizes the estimate below cannot read.
                 let strings = if error { 0 } else { scan.string_bytes().div_ceil(4) };
@@ -384,6 +401,33 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         let mut m = Meter::new(200, Some("application/json"), None, 8);
         m.on_chunk(br#"{"choices":[{"message":{"content":"a long answer"}}]}"#);
         assert_eq!(m.finish(50, 300), (50, 300, Source::Estimated));
+    }
+
+    /// An image generation answer's base64 images are not text: without usage it costs the reservation,
+    /// with usage (gpt-image-1) the usage; an error costs only the prompt.
+    #[test]
+    fn image_answers_are_charged_the_reservation_or_their_usage() {
+        let b64 = "iVBORw0KGgoAAAANSUhEUgAA".repeat(60_000);
+        let answer = format!(r#"{{"created":1,"data":[{{"b64_json":"{b64}","revised_prompt":"a red fox"}}]}}"#);
+        for max in [1 << 20, 8 << 20] {
+            let mut m = Meter::new(200, Some("application/json"), None, max);
+            m.media_answer();
+            for c in answer.as_bytes().chunks(64 * 1024) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(30, 100), (30, 100, Source::Estimated), "max {max}");
+        }
+        let with_usage = format!(
+            r#"{{"created":1,"data":[{{"b64_json":"{b64}"}}],"usage":{{"input_tokens":12,"output_tokens":4160,"total_tokens":4172}}}}"#
+        );
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.media_answer();
+        m.on_chunk(with_usage.as_bytes());
+        assert_eq!(m.finish(30, 100), (12, 4160, Source::Reported));
+        let mut m = Meter::new(400, Some("application/json"), None, 1 << 20);
+        m.media_answer();
+        m.on_chunk(br#"{"error":{"message":"bad size","type":"invalid_request_error"}}"#);
+        assert_eq!(m.finish(30, 100), (30, 0, Source::Estimated));
     }
 
     /// A binary answer (text-to-speech audio, an image, a file download) is not text: it is charged the
