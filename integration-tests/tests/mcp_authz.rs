@@ -1465,3 +1465,49 @@ async fn argument_and_identity_matchers_through_envoy() {
     let (st, _, _) = carol.post(&note).await;
     assert_eq!(st, 202, "carol's reaches the server");
 }
+
+/// Argument paths with `[*]` through real Envoy: an allow rule needs every recipient internal, a deny
+/// rule fires on any blocked element (also in a list sent as a JSON string, which FastMCP parses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_element_argument_paths() {
+    let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
+    let policy = json!({"policy": {"deny_answer": "forbid", "rules": [
+        {"name": "internal-mail", "effect": "allow", "methods": ["tools/call"], "targets": ["send_email"],
+         "arguments": [{"path": "to[*]", "regex": "^[^@]+@corp\\.example$"}]},
+        {"name": "no-bulk", "effect": "deny", "targets": ["send_email"],
+         "arguments": [{"path": "attachments[*].size", "min": 10000000}]}]}});
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(mock.port())
+        .filter_config("mcp-authz", &policy)
+        .start()
+        .await
+        .unwrap();
+    let send = |args: Value| {
+        let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "send_email", "arguments": args}});
+        let url = envoy.url("/mcp");
+        async move {
+            let resp = client()
+                .post(url)
+                .header("accept", "application/json, text/event-stream")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            resp.status().as_u16()
+        }
+    };
+    assert_eq!(send(json!({"to": ["a@corp.example", "b@corp.example"]})).await, 200);
+    assert_eq!(mock.requests().len(), 1);
+    for (args, why) in [
+        (json!({"to": ["a@corp.example", "x@evil.example"]}), "one external recipient"),
+        (json!({"to": "[\"a@corp.example\", \"x@evil.example\"]"}), "a list sent as a JSON string"),
+        (json!({"to": "x@evil.example"}), "not a list"),
+        (
+            json!({"to": ["a@corp.example"], "attachments": [{"size": 10}, {"size": "20000000"}]}),
+            "one large attachment",
+        ),
+    ] {
+        assert_eq!(send(args).await, 403, "{why}");
+    }
+    assert_eq!(mock.requests().len(), 1, "no denied call reached the upstream");
+}

@@ -107,6 +107,8 @@ enum ArgOp {
 pub enum Segment {
     Key(String),
     Index(usize),
+    /// `[*]`: every element of a list (see [`ArgMatcher::matches`]).
+    Each,
 }
 
 #[derive(Debug)]
@@ -154,7 +156,8 @@ impl Default for Policy {
     }
 }
 
-/// Parse an argument path: keys separated by `.`, list indexes as `[n]`: `a.b[0].c`, `[2]`.
+/// Parse an argument path: keys separated by `.`, list indexes as `[n]`, every element as `[*]`:
+/// `a.b[0].c`, `[2]`, `to[*]`, `items[*].id`.
 pub fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
     let mut out = Vec::new();
     let mut rest = path;
@@ -165,8 +168,13 @@ pub fn parse_path(path: &str) -> Result<Vec<Segment>, String> {
     while !rest.is_empty() {
         if let Some(r) = rest.strip_prefix('[') {
             let end = r.find(']').ok_or("unclosed [")?;
-            let idx = r.get(..end).unwrap_or("").parse::<usize>().map_err(|_| "index must be a number")?;
-            out.push(Segment::Index(idx));
+            let inner = r.get(..end).unwrap_or("");
+            if inner == "*" {
+                out.push(Segment::Each);
+            } else {
+                let idx = inner.parse::<usize>().map_err(|_| "index must be a number or *")?;
+                out.push(Segment::Index(idx));
+            }
             rest = r.get(end + 1..).unwrap_or("");
             expect_key = false;
             if let Some(r) = rest.strip_prefix('.') {
@@ -485,8 +493,27 @@ impl ArgMatcher {
     ///
     /// `proto_names` (A2A): a key found only under its other protobuf JSON spelling (`context_id` for
     /// `contextId`, which the a2a-sdk's `ParseDict` reads alike) is unclear in the same way.
+    ///
+    /// A path with `[*]` reaches every element of a list: a deny rule's matcher matches when **any**
+    /// element matches (one external recipient denies), an allow rule's when **every** element matches
+    /// (all recipients must be internal; an empty list qualifies, a missing one does not). A value at
+    /// `[*]` that is not a list is unreadable (matches in a deny rule only).
     fn matches(&self, args: &Value, deny: bool, proto_names: bool) -> bool {
-        let v = match lookup(args, &self.path, proto_names) {
+        if self.path.contains(&Segment::Each) {
+            let mut reached = Vec::new();
+            lookup_each(args, &self.path, proto_names, &mut reached);
+            return if deny {
+                reached.into_iter().any(|l| self.matches_value(l, deny))
+            } else {
+                reached.into_iter().all(|l| self.matches_value(l, deny))
+            };
+        }
+        self.matches_value(lookup(args, &self.path, proto_names), deny)
+    }
+
+    /// One value a path reached, as [`ArgMatcher::matches`] describes.
+    fn matches_value(&self, found: Lookup<'_>, deny: bool) -> bool {
+        let v = match found {
             Lookup::Found(v) => v,
             Lookup::Missing => return matches!(self.op, ArgOp::Present(false)),
             // `{"Amount": 5000}` for `amount`: a Go server (case-insensitive keys) reads 5000 there.
@@ -520,6 +547,47 @@ enum Lookup<'a> {
     Unclear,
 }
 
+impl Lookup<'_> {
+    fn into_owned(self) -> Lookup<'static> {
+        match self {
+            Lookup::Found(v) => Lookup::Found(std::borrow::Cow::Owned(v.into_owned())),
+            Lookup::Missing => Lookup::Missing,
+            Lookup::Unclear => Lookup::Unclear,
+        }
+    }
+}
+
+/// Every value a path with `[*]` reaches (one [`Lookup`] per element; a list that is missing or `null`
+/// gives one `Missing`, a value that is not a list one `Unclear`). A string holding a JSON list is that
+/// list, as everywhere on a path.
+fn lookup_each(root: &Value, path: &[Segment], proto_names: bool, out: &mut Vec<Lookup<'static>>) {
+    let Some(at) = path.iter().position(|s| *s == Segment::Each) else {
+        out.push(lookup(root, path, proto_names).into_owned());
+        return;
+    };
+    let (prefix, rest) = (path.get(..at).unwrap_or_default(), path.get(at + 1..).unwrap_or_default());
+    let list = match lookup(root, prefix, proto_names) {
+        Lookup::Found(v) => v,
+        other => return out.push(other.into_owned()),
+    };
+    let parsed;
+    let list = match list.as_ref() {
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(v @ Value::Array(_)) => {
+                parsed = v;
+                &parsed
+            }
+            _ => return out.push(Lookup::Unclear),
+        },
+        v => v,
+    };
+    match list {
+        Value::Array(items) => items.iter().for_each(|item| lookup_each(item, rest, proto_names, out)),
+        Value::Null => out.push(Lookup::Missing),
+        _ => out.push(Lookup::Unclear),
+    }
+}
+
 /// The value at `path`, stepping into a string that holds a JSON object or array as into that value.
 fn lookup<'a>(root: &'a Value, path: &[Segment], proto_names: bool) -> Lookup<'a> {
     use std::borrow::Cow;
@@ -542,10 +610,12 @@ fn lookup<'a>(root: &'a Value, path: &[Segment], proto_names: bool) -> Lookup<'a
             Cow::Borrowed(v) => match seg {
                 Segment::Key(k) => v.get(k.as_str()).map(Cow::Borrowed),
                 Segment::Index(i) => v.get(*i).map(Cow::Borrowed),
+                Segment::Each => None,
             },
             Cow::Owned(v) => match seg {
                 Segment::Key(k) => v.get(k.as_str()).cloned().map(Cow::Owned),
                 Segment::Index(i) => v.get(*i).cloned().map(Cow::Owned),
+                Segment::Each => None,
             },
         };
         match next {
@@ -757,6 +827,52 @@ mod tests {
         assert!(!p2.evaluate(&anyone, &tool("batch", &json!({"items": []}))).allowed);
     }
 
+    /// `[*]`: a deny rule matches when any element matches, an allow rule when every element does.
+    #[test]
+    fn every_element_paths() {
+        let anyone = who(json!({}));
+        let p = policy(json!({"rules": [
+            {"name": "internal-only", "effect": "allow", "targets": ["send_email"],
+             "arguments": [{"path": "to[*]", "regex": "^[^@]+@corp\\.example$"}]},
+            {"name": "no-blocked", "effect": "deny", "targets": ["send_email"],
+             "arguments": [{"path": "cc[*].address", "equals": "ceo@corp.example"}]},
+            {"name": "small-items", "effect": "deny", "targets": ["order"], "arguments": [{"path": "items[*].qty", "min": 100}]},
+            {"name": "orders", "effect": "allow", "targets": ["order"]}
+        ]}));
+        let send = |args: Value| p.evaluate(&anyone, &tool("send_email", &args));
+        assert!(send(json!({"to": ["a@corp.example", "b@corp.example"]})).allowed);
+        assert!(!send(json!({"to": ["a@corp.example", "x@evil.example"]})).allowed, "one external recipient");
+        assert!(!send(json!({"to": ["x@evil.example", "a@corp.example"]})).allowed, "in any position");
+        assert!(send(json!({"to": "[\"a@corp.example\"]"})).allowed, "a list sent as a JSON string");
+        assert!(!send(json!({"to": "[\"a@corp.example\", \"x@evil.example\"]"})).allowed);
+        assert!(send(json!({"to": []})).allowed, "an empty list: every element qualifies");
+        assert!(!send(json!({})).allowed, "a missing list does not");
+        assert!(!send(json!({"to": "a@corp.example"})).allowed, "not a list: unreadable, no allow");
+        assert!(!send(json!({"to": ["a@corp.example", ["x@evil.example"]]})).allowed, "a nested list is unreadable");
+        assert!(!send(json!({"to": ["a@corp.example", null]})).allowed);
+        let with_cc = |cc: Value| send(json!({"to": ["a@corp.example"], "cc": cc}));
+        assert!(with_cc(json!([{"address": "b@corp.example"}])).allowed);
+        assert_eq!(with_cc(json!([{"address": "b@corp.example"}, {"address": "ceo@corp.example"}])).rule, "no-blocked");
+        assert!(with_cc(json!([{"name": "no address"}])).allowed, "an element without the key does not deny");
+        assert_eq!(
+            with_cc(json!({"address": "ceo@corp.example"})).rule,
+            "no-blocked",
+            "not a list: unreadable, denies"
+        );
+        let order = |items: Value| p.evaluate(&anyone, &tool("order", &json!({"items": items})));
+        assert!(order(json!([{"qty": 1}, {"qty": 99}])).allowed);
+        assert_eq!(order(json!([{"qty": 1}, {"qty": "150"}])).rule, "small-items", "lax numbers per element");
+        assert_eq!(order(json!([{"qty": 1}, {"qty": "lots"}])).rule, "small-items", "unreadable element denies");
+        assert!(order(json!([])).allowed);
+        // Nested lists: every element of every list.
+        let nested = policy(json!({"rules": [{"name": "n", "effect": "allow",
+            "arguments": [{"path": "groups[*].members[*]", "regex": "^u[0-9]+$"}]}]}));
+        let call = |args: Value| nested.evaluate(&anyone, &tool("t", &args)).allowed;
+        assert!(call(json!({"groups": [{"members": ["u1", "u2"]}, {"members": ["u3"]}]})));
+        assert!(!call(json!({"groups": [{"members": ["u1"]}, {"members": ["u3", "root"]}]})));
+        assert!(!call(json!({"groups": [{"members": ["u1"]}, {}]})), "a group without members");
+    }
+
     #[test]
     fn listing_ignores_argument_only_denies() {
         let p = example();
@@ -821,7 +937,11 @@ mod tests {
             vec![Segment::Key("a".into()), Segment::Key("b".into()), Segment::Index(2), Segment::Key("c".into())]
         );
         assert_eq!(parse_path("[0]").unwrap(), vec![Segment::Index(0)]);
-        for bad in ["", "a.", ".a", "a..b", "a[x]", "a[1", "a[0]b"] {
+        assert_eq!(
+            parse_path("items[*].id").unwrap(),
+            vec![Segment::Key("items".into()), Segment::Each, Segment::Key("id".into())]
+        );
+        for bad in ["", "a.", ".a", "a..b", "a[x]", "a[1", "a[0]b", "a[**]", "a[*"] {
             assert!(parse_path(bad).is_err(), "{bad}");
         }
     }
