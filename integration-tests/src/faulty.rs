@@ -41,6 +41,9 @@ pub struct SidecarFaults {
     pub failed_settles: std::sync::atomic::AtomicUsize,
     /// Settle calls answered with the 503.
     pub settles_refused: std::sync::atomic::AtomicUsize,
+    /// Deliver this many `/v1/ratelimit/settle` calls to the sidecar but answer the caller 503 (an answer
+    /// lost after the work was done, as a timeout does): the caller must not apply them twice.
+    pub applied_but_failed_settles: std::sync::atomic::AtomicUsize,
 }
 
 /// A loopback HTTP/1.1 forwarder to the sidecar on `target`, applying `faults`. One request at a time
@@ -74,6 +77,11 @@ pub async fn sidecar_fault_proxy(
                             continue;
                         }
                     }
+                    let lose_answer = head.contains("/v1/ratelimit/settle")
+                        && faults
+                            .applied_but_failed_settles
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok();
                     let delay = faults.reserve_delay_ms.load(Ordering::SeqCst);
                     // Delivered from its own task: the caller giving up does not stop it.
                     let delivery = tokio::spawn(async move {
@@ -84,9 +92,13 @@ pub async fn sidecar_fault_proxy(
                         upstream.write_all(&request).await.ok()?;
                         read_http_message(&mut upstream, &mut Vec::new()).await
                     });
-                    let Ok(Some(answer)) = delivery.await else {
+                    let Ok(Some(mut answer)) = delivery.await else {
                         return;
                     };
+                    if lose_answer {
+                        faults.settles_refused.fetch_add(1, Ordering::SeqCst);
+                        answer = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n".to_vec();
+                    }
                     if client.write_all(&answer).await.is_err() {
                         return;
                     }

@@ -664,3 +664,75 @@ async fn the_sidecar_token_comes_from_the_vm_environment() {
     assert!(log.contains("$.sidecar_token_env"), "{log}");
     assert!(log.contains("MESHWARDEN_SIDECAR_API_TOKEN is not set"), "{log}");
 }
+
+/// A settlement whose call fails is resent, and one whose answer was lost after the sidecar applied it
+/// is not applied twice (each carries an id the sidecar applies once per key). The answers here use 190
+/// tokens more than reserved: before, a failed settle call dropped that debt (the budget was
+/// under-charged for every request settled while the sidecar was unreachable). Memory and Redis backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_settlements_are_resent_and_applied_once() {
+    let redis = RedisServer::start().unwrap();
+    for backend in [vec![], vec!["--redis-url".to_string(), redis.url()]] {
+        let args: Vec<&str> = backend.iter().map(String::as_str).collect();
+        settlements_resent_case(&Sidecar::start(&args).unwrap(), if args.is_empty() { "memory" } else { "redis" })
+            .await;
+    }
+}
+
+async fn settlements_resent_case(sidecar: &Sidecar, backend: &str) {
+    use meshwarden_integration_tests::faulty::{sidecar_fault_proxy, SidecarFaults};
+    use std::sync::atomic::Ordering;
+    let faults = std::sync::Arc::new(SidecarFaults::default());
+    let (proxy_port, proxy) = sidecar_fault_proxy(sidecar.port(), faults.clone()).await;
+    let mock = MockLlm::start().await.unwrap();
+    let cfg = json!({"state":"sidecar",
+        "sidecar":{"cluster":"meshwarden_sidecar","timeout_ms":500,"failure_mode":"deny"},
+        "settle_interval_ms": 50, "default_output_reservation": 10,
+        "rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]});
+    let e = envoy(&mock, proxy_port, &cfg).await;
+    let body = json!({"model":"gpt-4o-mini","messages":[{"role":"user","content":"Settle me exactly once."}]});
+    let request = |team: &str| {
+        client()
+            .post(e.url("/v1/chat/completions"))
+            .header("x-team", team)
+            .header("x-mock-completion-tokens", "200")
+            .json(&body)
+            .send()
+    };
+    // One answered request per team, each with its own fault on the settle call that follows it.
+    let mut refused = 0;
+    for (team, fault) in
+        [("ok", None), ("lost", Some(&faults.failed_settles)), ("applied", Some(&faults.applied_but_failed_settles))]
+    {
+        if let Some(f) = fault {
+            f.store(1, Ordering::SeqCst);
+            refused += 1;
+        }
+        let r = request(team).await.unwrap();
+        assert_eq!(r.status(), 200, "{backend} {team}");
+        let _ = r.text().await;
+        for _ in 0..100 {
+            if faults.settles_refused.load(Ordering::SeqCst) >= refused {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(faults.settles_refused.load(Ordering::SeqCst), refused, "{backend} {team}: the fault was used");
+        // The failed call is resent at a later tick.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // A second request per team shows what the first one left charged.
+    let mut remaining = std::collections::BTreeMap::new();
+    for team in ["ok", "lost", "applied"] {
+        let r = request(team).await.unwrap();
+        remaining.insert(team, hdr(&r, "x-ratelimit-remaining-tokens").unwrap().parse::<i64>().unwrap());
+        let _ = r.text().await;
+    }
+    let ok = remaining["ok"];
+    assert!(ok < 100_000 - 190, "{backend}: the first answer's output was charged: {remaining:?}");
+    assert!((remaining["lost"] - ok).abs() <= 3, "{backend}: a failed settlement was dropped: {remaining:?}");
+    assert!((remaining["applied"] - ok).abs() <= 3, "{backend}: a resent settlement was applied twice: {remaining:?}");
+    assert!(e.stat("meshwarden.token_limiter.settle_failures").await.unwrap() >= 2);
+    assert_eq!(e.stat("meshwarden.token_limiter.settlements_abandoned").await.unwrap_or(0), 0);
+    proxy.abort();
+}

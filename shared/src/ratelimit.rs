@@ -228,7 +228,15 @@ pub struct SettleItem {
     pub delta: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_lease: Option<String>,
+    /// Idempotency id (sidecar API): the sidecar applies the `delta` of an item with an id at most once
+    /// per key within [`SETTLE_ID_TTL_MS`], so a caller may resend a settlement whose call failed or
+    /// timed out (it may have been applied). Lease releases are idempotent without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
+
+/// How long the sidecar remembers a settled item's id (10 minutes): longer than any resend schedule.
+pub const SETTLE_ID_TTL_MS: u64 = 600_000;
 
 /// `POST /v1/ratelimit/settle`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,6 +311,7 @@ pub fn rollback_item(g: &Group) -> SettleItem {
         windows: g.windows.clone(),
         delta: -i64::try_from(g.cost).unwrap_or(i64::MAX),
         release_lease: g.concurrency.as_ref().map(|c| c.lease_id.clone()),
+        id: None,
     }
 }
 

@@ -35,10 +35,11 @@ const LOCK_KEY: &str = "meshwarden.tl.lock";
 const FAILURE_LOG_INTERVAL_MS: u64 = 60_000;
 /// Where Envoy's `jwt_authn` filter writes verified payloads (`payload_in_metadata`).
 const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
-/// How many times a concurrency lease release is sent before the sidecar's lease expiry (`lease_ms`)
-/// is left to free the slot.
+/// How many times a concurrency lease release (or a settlement with an id) is sent before it is given
+/// up: the sidecar's lease expiry (`lease_ms`) then frees the slot, and the reservation stays charged.
 const RELEASE_ATTEMPTS: u8 = 4;
-/// Bound on releases waiting to be (re)sent per VM: past it a slot is left to expire (`lease_ms`).
+/// Bound on releases and settlements waiting to be (re)sent per VM: past it a slot is left to expire
+/// (`lease_ms`) and a reservation stays as it was charged.
 const MAX_LATE_RELEASES: usize = 10_000;
 
 /// A settle call in flight.
@@ -51,7 +52,8 @@ struct SettleCall {
     unseen_after_ms: Option<u64>,
 }
 
-/// A lease release sent at a tick no earlier than `due_ms`, the `attempts`th time.
+/// A lease release, or a settlement with an id (both safe to resend: the sidecar applies an id once),
+/// sent at a tick no earlier than `due_ms`, the `attempts`th time.
 struct LateRelease {
     due_ms: u64,
     attempts: u8,
@@ -251,8 +253,8 @@ impl Shared {
         for chunk in items.chunks(256) {
             let releases: Vec<LateRelease> = chunk
                 .iter()
-                .filter(|(it, _)| it.release_lease.is_some())
-                .map(|(it, attempts)| LateRelease { due_ms: 0, attempts: attempts + 1, item: release_only(it) })
+                .filter(|(it, _)| it.release_lease.is_some() || (it.delta != 0 && it.id.is_some()))
+                .map(|(it, attempts)| LateRelease { due_ms: 0, attempts: attempts + 1, item: resendable(it) })
                 .collect();
             let req = SettleRequest { items: chunk.iter().map(|(it, _)| it.clone()).collect() };
             let auth = self.sidecar_authorization.as_deref().map(|a| [("authorization", a)]);
@@ -282,7 +284,12 @@ impl Shared {
         let mut late = self.late_releases.borrow_mut();
         for mut r in releases {
             if r.attempts >= RELEASE_ATTEMPTS || late.len() >= MAX_LATE_RELEASES {
-                self.count("lease_releases_abandoned", 1);
+                if r.item.release_lease.is_some() {
+                    self.count("lease_releases_abandoned", 1);
+                }
+                if r.item.delta != 0 {
+                    self.count("settlements_abandoned", 1);
+                }
                 continue;
             }
             r.due_ms = due_ms;
@@ -321,8 +328,17 @@ impl Shared {
 }
 
 /// The lease release part of a settlement (idempotent, so it may be resent; the token delta is not).
-fn release_only(it: &SettleItem) -> SettleItem {
-    SettleItem { key: it.key.clone(), windows: Vec::new(), delta: 0, release_lease: it.release_lease.clone() }
+fn resendable(it: &SettleItem) -> SettleItem {
+    match &it.id {
+        Some(_) => it.clone(),
+        None => SettleItem {
+            key: it.key.clone(),
+            windows: Vec::new(),
+            delta: 0,
+            release_lease: it.release_lease.clone(),
+            id: None,
+        },
+    }
 }
 
 fn now_us() -> u64 {
@@ -793,6 +809,8 @@ struct Request {
     /// Removes that usage chunk from the answer's stream (set for a 2xx SSE answer when `usage_added`).
     usage_hider: Option<UsageChunkHider>,
     lease_id: String,
+    /// This request's number in its VM (with the VM's seed and the context id: unique ids).
+    seq: u64,
     settled: bool,
 }
 
@@ -816,6 +834,7 @@ impl Request {
             usage_added: false,
             usage_hider: None,
             lease_id: String::new(),
+            seq: 0,
             settled: false,
         }
     }
@@ -930,6 +949,7 @@ impl Request {
         self.admission = Some(Admission::new(facts));
         let seq = self.shared.lease_seq.get().wrapping_add(1);
         self.shared.lease_seq.set(seq);
+        self.seq = seq;
         // A lease names this request's concurrency slots; without a concurrency limit there are none.
         if cfg.rules.iter().any(|r| r.max_concurrent_requests.is_some()) {
             self.lease_id = format!("{:x}-{:x}-{:x}", self.shared.seed, self.context_id, seq);
@@ -1196,6 +1216,8 @@ impl Request {
             .map(|(g, delta)| SettleItem {
                 key: g.key.clone(),
                 windows: g.windows.clone(),
+                // Sidecar mode: an id makes the settlement safe to resend after a failed call.
+                id: (delta != 0 && cfg.state == StateMode::Sidecar).then(|| self.settle_id()),
                 delta,
                 release_lease: g.concurrency.as_ref().map(|c| c.lease_id.clone()),
             })
@@ -1238,6 +1260,7 @@ impl Request {
                         windows: Vec::new(),
                         delta: 0,
                         release_lease: Some(c.lease_id.clone()),
+                        id: None,
                     },
                 })
             })
@@ -1246,6 +1269,11 @@ impl Request {
             let timeout = self.cfg().sidecar.as_ref().map_or(0, |s| s.timeout_ms);
             self.shared.release_later(releases, timeout.saturating_add(100));
         }
+    }
+
+    /// The idempotency id of this request's settlements (the sidecar applies each once per key).
+    fn settle_id(&self) -> String {
+        format!("{:x}-{:x}-{:x}", self.shared.seed, self.context_id, self.seq)
     }
 
     /// A concurrency slot must be free as soon as its request is over, not at the next settlement tick

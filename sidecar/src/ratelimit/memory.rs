@@ -4,7 +4,7 @@
 use super::now_us;
 use meshwarden_shared::ratelimit::{
     reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveRequest, ReserveResponse,
-    SettleItem,
+    SettleItem, SETTLE_ID_TTL_MS,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,6 +15,8 @@ struct State {
     tats: HashMap<(String, String), u64>,
     /// key -> lease id -> expiry (µs).
     leases: HashMap<String, HashMap<String, u64>>,
+    /// `(key, settlement id)` -> when the id may be forgotten (µs): a resent settlement is applied once.
+    settled: HashMap<(String, String), u64>,
 }
 
 #[derive(Default)]
@@ -69,7 +71,15 @@ impl GroupStore for Locked<'_> {
     }
 
     fn settle_item(&mut self, it: &SettleItem) -> Result<(), Self::Error> {
-        if it.delta != 0 {
+        let repeated = match &it.id {
+            Some(id) if it.delta != 0 => {
+                let expiry = self.now.saturating_add(SETTLE_ID_TTL_MS.saturating_mul(1000));
+                let seen = self.s.settled.insert((it.key.clone(), id.clone()), expiry);
+                seen.is_some_and(|exp| exp > self.now)
+            }
+            _ => false,
+        };
+        if it.delta != 0 && !repeated {
             for w in &it.windows {
                 let k = (it.key.clone(), w.id());
                 let tat = self.s.tats.get(&k).copied().unwrap_or(0);
@@ -122,6 +132,7 @@ impl MemoryBackend {
             m.retain(|_, exp| *exp > now);
             !m.is_empty()
         });
+        guard.settled.retain(|_, exp| *exp > now);
         before - guard.tats.len()
     }
 
@@ -163,13 +174,47 @@ mod tests {
             windows: group("k", 0, None).groups[0].windows.clone(),
             delta: -50,
             release_lease: None,
+            id: None,
         }]);
         assert!(m.reserve(&group("k", 60, None)).allowed, "refund made room");
         assert!(m.reserve(&group("c", 1, Some(("a", 600_000)))).allowed);
         let busy = m.reserve(&group("c", 1, Some(("b", 600_000))));
         assert_eq!(busy.groups[0].reason, Some(DenyReason::Concurrency));
-        m.settle(&[SettleItem { key: "c".into(), windows: vec![], delta: 0, release_lease: Some("a".into()) }]);
+        m.settle(&[SettleItem {
+            key: "c".into(),
+            windows: vec![],
+            delta: 0,
+            release_lease: Some("a".into()),
+            id: None,
+        }]);
         assert!(m.reserve(&group("c", 1, Some(("b", 600_000)))).allowed);
+    }
+
+    /// A settlement resent with the same id (its first call failed or timed out after being applied) is
+    /// applied once; another id, or the same id on another key, is another settlement.
+    #[test]
+    fn settlements_with_an_id_apply_once() {
+        let m = MemoryBackend::default();
+        let windows = group("k", 0, None).groups[0].windows.clone();
+        let debt = |key: &str, id: &str| SettleItem {
+            key: key.into(),
+            windows: windows.clone(),
+            delta: 30,
+            release_lease: None,
+            id: Some(id.into()),
+        };
+        m.settle(&[debt("k", "r1")]);
+        m.settle(&[debt("k", "r1")]);
+        m.settle(&[debt("k", "r1"), debt("j", "r1")]);
+        assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 70, "charged once");
+        assert_eq!(m.reserve(&group("j", 0, None)).groups[0].windows[0].remaining, 70, "same id, other key");
+        m.settle(&[debt("k", "r2")]);
+        assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 40, "another id");
+        // Without an id every call applies (rollbacks, older filters).
+        let mut plain = debt("k", "x");
+        plain.id = None;
+        m.settle(&[plain.clone(), plain]);
+        assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 0);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! Key layout (Redis Cluster compatible): everything of one budget key lives in one hash slot thanks
 //! to the hash tag `{...}`:
 //! - `mw:tl:{<key>}:w` - a hash, field `<window_ms>:<limit>` -> tat (µs);
-//! - `mw:tl:{<key>}:c` - a sorted set of concurrency leases, score = expiry (µs).
+//! - `mw:tl:{<key>}:c` - a sorted set of concurrency leases, score = expiry (µs);
+//! - `mw:tl:{<key>}:s:<id>` - a settlement id already applied (expires after `SETTLE_ID_TTL_MS`).
 //!
 //! A request with several budget keys (team total + per-model) reserves key by key, each atomically,
 //! and rolls back the keys already reserved when a later one denies (all-or-nothing from the caller's
@@ -14,6 +15,7 @@
 
 use meshwarden_shared::ratelimit::{
     reserved, rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
+    SETTLE_ID_TTL_MS,
 };
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -84,11 +86,17 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local delta = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[2])
 local lease = ARGV[3]
+local id_ttl = tonumber(ARGV[4])
 local maxttl = 0
+-- A settlement with an id is applied once: a resend (its first call failed or timed out after it was
+-- applied) finds the id's key and leaves the budget alone.
+if delta ~= 0 and KEYS[3] then
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', id_ttl) then delta = 0 end
+end
 if delta ~= 0 then
   for i = 1, nwin do
-    local limit = tonumber(ARGV[2 + 2 * i])
-    local wms = tonumber(ARGV[3 + 2 * i])
+    local limit = tonumber(ARGV[3 + 2 * i])
+    local wms = tonumber(ARGV[4 + 2 * i])
     local field = wms .. ':' .. limit
     local wus = wms * 1000
     local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
@@ -224,7 +232,12 @@ impl RedisBackend {
         let (kw, kc) = keys(&it.key);
         let mut inv = self.settle.key(kw);
         inv.key(kc);
+        if let Some(id) = &it.id {
+            // Same hash tag as the budget's keys: one slot in a Redis Cluster.
+            inv.key(format!("mw:tl:{{{}}}:s:{id}", it.key));
+        }
         inv.arg(it.delta).arg(it.windows.len()).arg(it.release_lease.as_deref().unwrap_or(""));
+        inv.arg(SETTLE_ID_TTL_MS);
         for w in &it.windows {
             inv.arg(w.limit).arg(w.window_ms);
         }
