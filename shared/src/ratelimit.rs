@@ -229,14 +229,28 @@ pub struct SettleItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_lease: Option<String>,
     /// Idempotency id (sidecar API): the sidecar applies the `delta` of an item with an id at most once
-    /// per key within [`SETTLE_ID_TTL_MS`], so a caller may resend a settlement whose call failed or
-    /// timed out (it may have been applied). Lease releases are idempotent without it.
+    /// per key within `id_ttl_ms`, so a caller may resend a settlement whose call failed or timed out
+    /// (it may have been applied). Lease releases are idempotent without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// How long the sidecar remembers `id` (ms): the caller's resend horizon. Default
+    /// [`SETTLE_ID_TTL_MS`], at most [`MAX_SETTLE_ID_TTL_MS`]. Memory and Redis hold one entry per id
+    /// for this long, so a caller passes what its resends need (token-limiter: a few seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_ttl_ms: Option<u64>,
 }
 
-/// How long the sidecar remembers a settled item's id (10 minutes): longer than any resend schedule.
+/// How long the sidecar remembers a settled item's id when the item does not say (10 minutes).
 pub const SETTLE_ID_TTL_MS: u64 = 600_000;
+/// The longest an id is remembered (one hour).
+pub const MAX_SETTLE_ID_TTL_MS: u64 = 3_600_000;
+
+impl SettleItem {
+    /// How long the sidecar remembers this item's id (ms), within 1 ms ..= [`MAX_SETTLE_ID_TTL_MS`].
+    pub fn id_ttl_ms(&self) -> u64 {
+        self.id_ttl_ms.unwrap_or(SETTLE_ID_TTL_MS).clamp(1, MAX_SETTLE_ID_TTL_MS)
+    }
+}
 
 /// `POST /v1/ratelimit/settle`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,6 +326,7 @@ pub fn rollback_item(g: &Group) -> SettleItem {
         delta: -i64::try_from(g.cost).unwrap_or(i64::MAX),
         release_lease: g.concurrency.as_ref().map(|c| c.lease_id.clone()),
         id: None,
+        id_ttl_ms: None,
     }
 }
 

@@ -328,6 +328,16 @@ impl Shared {
 }
 
 /// The lease release part of a settlement (idempotent, so it may be resent; the token delta is not).
+/// How long the sidecar must remember a settlement's id: past every resend of it (a first call and up to
+/// [`RELEASE_ATTEMPTS`] resends, each after a timeout and a tick, the first perhaps from a request whose
+/// answer is never seen), doubled. With the defaults (50 ms timeout, 20 ms ticks) under 3 s, so the
+/// sidecar holds few ids; at the configuration maxima about 10 minutes.
+fn settle_id_ttl_ms(cfg: &Config) -> u64 {
+    let timeout = cfg.sidecar.as_ref().map_or(0, |s| s.timeout_ms);
+    let one_attempt = timeout.saturating_add(cfg.settle_interval_ms).saturating_add(200);
+    one_attempt.saturating_mul(u64::from(RELEASE_ATTEMPTS) + 1).saturating_mul(2)
+}
+
 fn resendable(it: &SettleItem) -> SettleItem {
     match &it.id {
         Some(_) => it.clone(),
@@ -337,6 +347,7 @@ fn resendable(it: &SettleItem) -> SettleItem {
             delta: 0,
             release_lease: it.release_lease.clone(),
             id: None,
+            id_ttl_ms: None,
         },
     }
 }
@@ -1218,6 +1229,7 @@ impl Request {
                 windows: g.windows.clone(),
                 // Sidecar mode: an id makes the settlement safe to resend after a failed call.
                 id: (delta != 0 && cfg.state == StateMode::Sidecar).then(|| self.settle_id()),
+                id_ttl_ms: (delta != 0 && cfg.state == StateMode::Sidecar).then(|| settle_id_ttl_ms(&cfg)),
                 delta,
                 release_lease: g.concurrency.as_ref().map(|c| c.lease_id.clone()),
             })
@@ -1261,6 +1273,7 @@ impl Request {
                         delta: 0,
                         release_lease: Some(c.lease_id.clone()),
                         id: None,
+                        id_ttl_ms: None,
                     },
                 })
             })

@@ -4,7 +4,7 @@
 use super::now_us;
 use meshwarden_shared::ratelimit::{
     reserve, reserve_all, settle, DenyReason, Group, GroupResult, GroupStore, ReserveRequest, ReserveResponse,
-    SettleItem, SETTLE_ID_TTL_MS,
+    SettleItem,
 };
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -73,7 +73,7 @@ impl GroupStore for Locked<'_> {
     fn settle_item(&mut self, it: &SettleItem) -> Result<(), Self::Error> {
         let repeated = match &it.id {
             Some(id) if it.delta != 0 => {
-                let expiry = self.now.saturating_add(SETTLE_ID_TTL_MS.saturating_mul(1000));
+                let expiry = self.now.saturating_add(it.id_ttl_ms().saturating_mul(1000));
                 let seen = self.s.settled.insert((it.key.clone(), id.clone()), expiry);
                 seen.is_some_and(|exp| exp > self.now)
             }
@@ -175,6 +175,7 @@ mod tests {
             delta: -50,
             release_lease: None,
             id: None,
+            id_ttl_ms: None,
         }]);
         assert!(m.reserve(&group("k", 60, None)).allowed, "refund made room");
         assert!(m.reserve(&group("c", 1, Some(("a", 600_000)))).allowed);
@@ -186,6 +187,7 @@ mod tests {
             delta: 0,
             release_lease: Some("a".into()),
             id: None,
+            id_ttl_ms: None,
         }]);
         assert!(m.reserve(&group("c", 1, Some(("b", 600_000)))).allowed);
     }
@@ -202,6 +204,7 @@ mod tests {
             delta: 30,
             release_lease: None,
             id: Some(id.into()),
+            id_ttl_ms: None,
         };
         m.settle(&[debt("k", "r1")]);
         m.settle(&[debt("k", "r1")]);
@@ -215,6 +218,15 @@ mod tests {
         plain.id = None;
         m.settle(&[plain.clone(), plain]);
         assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 0);
+        // An id is remembered for the item's id_ttl_ms, then forgotten (and pruned).
+        let mut short = debt("s", "r1");
+        short.id_ttl_ms = Some(1);
+        m.settle(&[short.clone()]);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        m.prune();
+        assert!(m.state.lock().unwrap().settled.keys().all(|(k, _)| k != "s"), "pruned");
+        m.settle(&[short]);
+        assert_eq!(m.reserve(&group("s", 0, None)).groups[0].windows[0].remaining, 40, "applied again after its ttl");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! to the hash tag `{...}`:
 //! - `mw:tl:{<key>}:w` - a hash, field `<window_ms>:<limit>` -> tat (µs);
 //! - `mw:tl:{<key>}:c` - a sorted set of concurrency leases, score = expiry (µs);
-//! - `mw:tl:{<key>}:s:<id>` - a settlement id already applied (expires after `SETTLE_ID_TTL_MS`).
+//! - `mw:tl:{<key>}:s:<id>` - a settlement id already applied (expires after the item's `id_ttl_ms`).
 //!
 //! A request with several budget keys (team total + per-model) reserves key by key, each atomically,
 //! and rolls back the keys already reserved when a later one denies (all-or-nothing from the caller's
@@ -15,7 +15,6 @@
 
 use meshwarden_shared::ratelimit::{
     reserved, rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
-    SETTLE_ID_TTL_MS,
 };
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -237,7 +236,7 @@ impl RedisBackend {
             inv.key(format!("mw:tl:{{{}}}:s:{id}", it.key));
         }
         inv.arg(it.delta).arg(it.windows.len()).arg(it.release_lease.as_deref().unwrap_or(""));
-        inv.arg(SETTLE_ID_TTL_MS);
+        inv.arg(it.id_ttl_ms());
         for w in &it.windows {
             inv.arg(w.limit).arg(w.window_ms);
         }
