@@ -69,6 +69,42 @@ impl TextRewrite for Reserve<'_> {
     }
 }
 
+/// The masked text of every string of `v` that `rw` changes, by JSON pointer, in document order as
+/// `v` holds it. Tool-call `arguments` strings are JSON text and rewritten as such (as
+/// `rewrite_strings` does). For [`rewrite_body_texts`], which splices them into the client's bytes: a
+/// body of unknown shape (Gemini's native `contents`) kept its key order and numbers only when nothing
+/// in it was masked; re-serialised, its keys came out sorted.
+fn masked_strings(v: &Value, rw: &mut dyn TextRewrite, pointer: &mut String, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) => {
+            let under_arguments = pointer.rsplit('/').next() == Some("arguments");
+            let masked = if under_arguments { rw.rewrite_json(s) } else { rw.rewrite(s) };
+            if let Some(m) = masked {
+                out.push((pointer.clone(), m));
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                let len = pointer.len();
+                pointer.push('/');
+                pointer.push_str(&i.to_string());
+                masked_strings(x, rw, pointer, out);
+                pointer.truncate(len);
+            }
+        }
+        Value::Object(o) => {
+            for (k, x) in o {
+                let len = pointer.len();
+                pointer.push('/');
+                pointer.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                masked_strings(x, rw, pointer, out);
+                pointer.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Calls `f` with every object key of `v`, at any depth.
 fn for_each_key(v: &Value, f: &mut dyn FnMut(&str)) {
     match v {
@@ -168,8 +204,9 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             if spans.is_empty() {
                 let mut copy = v.clone();
                 rewrite_strings(&mut copy, &mut Reserve(&mut state));
-                let changed = rewrite_strings(&mut v, &mut MaskAll { engine, state: &mut state });
-                let mut masked = if changed { serde_json::to_vec(&v).ok() } else { None };
+                let mut edits = Vec::new();
+                masked_strings(&v, &mut MaskAll { engine, state: &mut state }, &mut String::new(), &mut edits);
+                let mut masked = if edits.is_empty() { None } else { rewrite_body_texts(body, &mut v, &edits) };
                 if sensitive_keys {
                     masked = mask_keys(engine, &mut state, masked.as_deref().unwrap_or(body)).or(masked);
                 }
@@ -412,6 +449,23 @@ mod tests {
         let r = process_request(&e, "/v1/messages", a.to_string().as_bytes(), true);
         let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
         assert_eq!(out["system"], "ssn <US_SSN_1>");
+    }
+
+    /// A body of unknown shape (Gemini's native API: every string is scanned) leaves as sent but for the
+    /// masked strings: key order, numbers beyond 64 bits and whitespace kept. Before, it was re-serialised
+    /// from a parsed `Value` as soon as one value was masked (keys sorted, the big integer a float).
+    #[test]
+    fn a_body_of_unknown_shape_is_spliced_not_reserialised() {
+        let e = engine();
+        let body = r#"{"contents": [{"role": "user", "parts": [{"text": "mail jane.doe@example.com"}]}],
+ "generationConfig": {"temperature": 0.2, "seed": 123456789012345678901234567890},
+ "tools": [{"functionDeclarations": [{"name": "f", "arguments": "{\"to\": \"a@b.io\"}"}]}], "a": 1}"#;
+        let r = process_request(&e, "/v1beta/models/gemini-2.5-flash:generateContent", body.as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::JsonAllStrings);
+        let want = body
+            .replace("jane.doe@example.com", "<EMAIL_1>")
+            .replace(r#"{\"to\": \"a@b.io\"}"#, r#"{\"to\": \"<EMAIL_2>\"}"#);
+        assert_eq!(String::from_utf8(r.body.unwrap()).unwrap(), want);
     }
 
     /// A value used as an object key (a tool's input or result keyed by email, a map in a body of unknown
