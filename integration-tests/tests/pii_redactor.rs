@@ -118,6 +118,18 @@ async fn the_body_leaves_as_sent_but_for_the_masked_strings() {
     let sent = mock.last_request().unwrap().body;
     assert_eq!(sent, body.replace("jane.doe@example.com", "<EMAIL_1>"));
     assert_eq!(envoy.stat("meshwarden.pii_redactor.requests_rewritten").await.unwrap(), 1);
+    // A body of a shape the extraction does not know (Gemini's native API: every string is scanned)
+    // leaves as sent too; it was re-serialised with sorted keys before 2026-12-07.
+    let gemini = "{\"contents\": [{\"role\": \"user\", \"parts\": [{\"text\": \"mail jane.doe@example.com\"}]}],\n                   \"generationConfig\": {\"temperature\": 0.2, \"seed\": 123456789012345678901234567890}}";
+    let resp = client()
+        .post(envoy.url("/v1beta/models/gemini-2.5-flash:generateContent"))
+        .header("content-type", "application/json")
+        .body(gemini)
+        .send()
+        .await
+        .unwrap();
+    let _ = resp.bytes().await;
+    assert_eq!(mock.last_request().unwrap().body, gemini.replace("jane.doe@example.com", "<EMAIL_1>"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
