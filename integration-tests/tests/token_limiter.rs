@@ -7,6 +7,7 @@
 
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
 use meshwarden_integration_tests::mock_llm::MockLlm;
+use meshwarden_shared::errors::rfc3339_utc;
 use meshwarden_shared::llm::{estimate_request_tokens, extract_request_texts, Api};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -142,6 +143,12 @@ async fn anthropic_route_gets_anthropic_429() {
     assert_eq!(h(&denied, "anthropic-ratelimit-tokens-limit"), "600");
     let remaining: u64 = h(&denied, "anthropic-ratelimit-tokens-remaining").parse().unwrap();
     assert!(remaining < 600);
+    // When the bucket is full again, as an RFC 3339 instant within the minute (a per-minute limit).
+    // Same-format RFC 3339 UTC instants order as strings; the formatter has its own unit test.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let reset = h(&denied, "anthropic-ratelimit-tokens-reset");
+    let (earliest, latest) = (rfc3339_utc(now_ms - 1000), rfc3339_utc(now_ms + 61_000));
+    assert!(reset.len() == 20 && earliest <= reset && reset <= latest, "{reset} not in {earliest}..{latest}");
     let v: Value = denied.json().await.unwrap();
     assert_eq!((v["type"].as_str(), v["error"]["type"].as_str()), (Some("error"), Some("rate_limit_error")), "{v}");
 }

@@ -101,6 +101,24 @@ pub fn openai_reset_duration(millis: u64) -> String {
     }
 }
 
+/// An instant (milliseconds since the Unix epoch) in RFC 3339 UTC with whole seconds rounded up, as
+/// Anthropic's `anthropic-ratelimit-*-reset` headers give it: `2026-12-07T00:21:05Z`.
+pub fn rfc3339_utc(epoch_ms: u64) -> String {
+    let secs = epoch_ms.div_ceil(1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm, proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 /// `retry-after` is whole seconds; round up so a client that honours it is never early.
 pub fn retry_after_seconds(millis: u64) -> u64 {
     millis.div_ceil(1000).max(1)
@@ -140,5 +158,15 @@ mod tests {
         assert_eq!(retry_after_seconds(1), 1);
         assert_eq!(retry_after_seconds(0), 1);
         assert_eq!(retry_after_seconds(2001), 3);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn rfc3339_instants() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1), "1970-01-01T00:00:01Z", "rounded up: never early");
+        assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_796_602_865_000), "2026-12-07T00:21:05Z");
+        assert_eq!(rfc3339_utc(4_102_444_799_000), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339_utc(1_709_251_199_500), "2024-03-01T00:00:00Z", "leap day rolls over");
     }
 }

@@ -1130,6 +1130,9 @@ impl Request {
         if self.flavor() == ErrorFlavor::Anthropic {
             h.push(("anthropic-ratelimit-tokens-limit", w.limit.to_string()));
             h.push(("anthropic-ratelimit-tokens-remaining", w.remaining.to_string()));
+            // When the bucket is full again, as an RFC 3339 instant (Anthropic's format for it).
+            let full_at = now_ms().saturating_add(w.reset_ms);
+            h.push(("anthropic-ratelimit-tokens-reset", meshwarden_shared::errors::rfc3339_utc(full_at)));
         }
         h
     }
