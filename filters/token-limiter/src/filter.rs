@@ -327,7 +327,6 @@ impl Shared {
     }
 }
 
-/// The lease release part of a settlement (idempotent, so it may be resent; the token delta is not).
 /// How long the sidecar must remember a settlement's id: past every resend of it (a first call and up to
 /// [`RELEASE_ATTEMPTS`] resends, each after a timeout and a tick, the first perhaps from a request whose
 /// answer is never seen), doubled. With the defaults (50 ms timeout, 20 ms ticks) under 3 s, so the
@@ -338,6 +337,8 @@ fn settle_id_ttl_ms(cfg: &Config) -> u64 {
     one_attempt.saturating_mul(u64::from(RELEASE_ATTEMPTS) + 1).saturating_mul(2)
 }
 
+/// What of a settlement may be sent again: all of it when it has an id (the sidecar applies the id's
+/// delta once), else only its lease release (idempotent; the token delta is not).
 fn resendable(it: &SettleItem) -> SettleItem {
     match &it.id {
         Some(_) => it.clone(),
