@@ -1078,6 +1078,28 @@ async fn replayed_list_answers_are_filtered_on_get_streams_and_other_posts() {
     assert!(st["meshwarden.mcp_authz.list_items_hidden"] >= 5, "{st:?}");
 }
 
+/// Servers route answers by request id across a session's POSTs (MCP Python SDK
+/// `_request_streams[str(id)]`): a `prompts/list` with the id of an in-flight `tools/list` may receive
+/// the `tools/list` answer on its stream. Under the id this POST planned as a `prompts/list`, the whole
+/// tool list passed, `delete_file` included; it is filtered by shape like any other list answer now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_lists_answer_under_this_posts_id_is_filtered() {
+    let (envoy, _mock) = scripted().await;
+    let tools = json!({"jsonrpc": "2.0", "id": "same", "method": "tools/list"}).to_string();
+    let (st, _, text) = post_text(&envoy, "/mcp", tools, &[("x-mock-sse", "events")]).await;
+    assert_eq!(st, 200);
+    assert!(!text.contains("delete_file"), "{text}");
+    // The server's stream for the prompts/list with the same id carries the stored tools/list answer.
+    let prompts = json!({"jsonrpc": "2.0", "id": "same", "method": "prompts/list"}).to_string();
+    let (st, _, text) = post_text(&envoy, "/mcp", prompts, &[("x-mock-sse", "replay")]).await;
+    assert_eq!(st, 200);
+    let msgs = sse_messages(&text);
+    assert_eq!(msgs.len(), 2, "{text}");
+    assert_eq!(tool_names(&msgs[0]), names(&["search", "get_weather"]), "{text}");
+    assert_eq!(msgs[1]["result"]["prompts"][0]["name"], "greet", "{text}");
+    assert!(!text.contains("delete_file"), "{text}");
+}
+
 /// A client that accepts gzip (most HTTP clients say so) in front of a server that compresses when
 /// allowed: the filter strips `accept-encoding`, so the list comes back readable and filtered. Were the
 /// header forwarded, the answer would be gzip, unreadable to the filter, and withheld (fail closed).

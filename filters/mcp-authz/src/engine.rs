@@ -37,6 +37,11 @@ use std::collections::HashMap;
 pub const FORBIDDEN_CODE: i64 = -32000;
 /// MCP "Resource not found".
 pub const RESOURCE_NOT_FOUND: i64 = -32002;
+
+/// Every list answer a gateway filters, and the `result` member holding each.
+const LIST_KINDS: [ListKind; 4] =
+    [ListKind::Tools, ListKind::Prompts, ListKind::Resources, ListKind::ResourceTemplates];
+const LIST_KEYS: [&str; 4] = ["tools", "prompts", "resources", "resourceTemplates"];
 /// The rule reported (audit log, access log) when a resource URI holding `.` / `..` segments is refused
 /// before the policy is consulted (a reserved rule name).
 pub const DOT_SEGMENTS_RULE: &str = "uri-dot-segments";
@@ -937,13 +942,15 @@ impl Engine {
                 let mut keep = |name: &str| self.listed_item_allowed(v, k, name);
                 // On an error (invalid JSON, a number serde cannot hold where the one-pass reader
                 // looks at a value's type, an unreadable id) the general path below decides, so both agree.
-                let read = crate::onepass::filter_list(text, k.result_key(), k.item_name_key(), &mut keep);
+                let read = crate::onepass::filter_list(text, k.result_key(), k.item_name_key(), &LIST_KEYS, &mut keep);
                 if let Ok(answer) = read {
                     let id = answer.id.map(|raw| serde_json::from_str::<Value>(raw.get()));
                     if !matches!(id, Some(Err(_))) {
                         let id_matches = matches!(id, Some(Ok(ref id)) if id_key(id) == *want_id);
-                        // Another id (or none) is read by shape on the general path below.
-                        if id_matches || !by_shape {
+                        // Another id (or none) is read by shape on the general path below, and so is the
+                        // planned id's answer when it holds another kind of list too (see
+                        // `filter_raw_message`).
+                        if !by_shape || (id_matches && !answer.other_list) {
                             return Ok(match answer.rewritten {
                                 Some(body) if id_matches => Some((body, answer.removed)),
                                 _ => None,
@@ -996,11 +1003,9 @@ impl Engine {
         let Ok(result_fields) = object_fields(result_raw.get()) else {
             return withheld("the result is not readable JSON");
         };
-        const KINDS: [ListKind; 4] =
-            [ListKind::Tools, ListKind::Prompts, ListKind::Resources, ListKind::ResourceTemplates];
         let mut replaced: Vec<(&'static str, String)> = Vec::new();
         let mut removed = 0;
-        for k in KINDS {
+        for k in LIST_KINDS {
             let Some(list_raw) = result_fields.iter().rev().find(|(f, _)| f == k.result_key()).map(|(_, v)| *v) else {
                 continue;
             };
@@ -1062,8 +1067,15 @@ impl Engine {
             return Ok(None);
         };
         let kind = match kind {
+            // A planned list answer is read by shape too (every list member it holds): servers route
+            // answers by request id across a session's POSTs (see `Plan::incidental`), so a `prompts/list`
+            // with id 1 sent while a `tools/list` with id 1 is in flight may receive the `tools/list`
+            // answer. Read only as the planned `prompts` list, its whole tool list passed (before
+            // 2026-12-07).
+            Some(FilterKind::List(_)) | None if by_shape => {
+                return self.filter_by_shape(identity, view, &fields, &id, result_raw)
+            }
             Some(k) => k,
-            None if by_shape => return self.filter_by_shape(identity, view, &fields, &id, result_raw),
             None => return Ok(None),
         };
         let (new_result, removed) = match kind {
@@ -2014,6 +2026,41 @@ mod tests {
         assert!(
             !out.contains("delete_all") && out.contains("search") && out.contains("notifications/message"),
             "{out}"
+        );
+    }
+
+    /// Servers route answers by request id across a session's POSTs: a `prompts/list` with id 1 sent
+    /// while a `tools/list` with id 1 is in flight may receive the `tools/list` answer (MCP Python SDK
+    /// `_request_streams[str(id)]`). Read only as the planned `prompts` list, it passed whole.
+    #[test]
+    fn another_kind_of_list_under_a_planned_id_is_filtered() {
+        let e = std_engine("hide");
+        let tools = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
+        for planned in [ListKind::Prompts, ListKind::Resources, ListKind::ResourceTemplates, ListKind::Tools] {
+            let mut plan = HashMap::new();
+            plan.insert("1".to_string(), FilterKind::List(planned));
+            let (out, n) = e.filter_plan_text(&anon(), &plan, true, tools).unwrap().unwrap();
+            assert_eq!(n, 1, "{planned:?}");
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["result"]["tools"], json!([{"name": "search"}]), "{planned:?}");
+            // In a batch answer and in an SSE event alike.
+            let (out, n) = e.filter_plan_text(&anon(), &plan, true, &format!("[{tools}]")).unwrap().unwrap();
+            assert!(n == 1 && !out.contains("delete_all"), "{planned:?}: {out}");
+            let p = Plan { ids: plan.clone(), by_shape: true, incidental: false };
+            let mut f = SseFilter::new(1 << 20);
+            let sse =
+                String::from_utf8(f.feed(&e, &anon(), &p, format!("data: {tools}\n\n").as_bytes(), true)).unwrap();
+            assert!(f.removed == 1 && !sse.contains("delete_all") && sse.contains("search"), "{planned:?}: {sse}");
+        }
+        // The planned list and another one in one result: both filtered.
+        let mut plan = HashMap::new();
+        plan.insert("1".to_string(), FilterKind::List(ListKind::Prompts));
+        let both = r#"{"jsonrpc":"2.0","id":1,"result":{"prompts":[{"name":"greet"},{"name":"secret"}],"tools":[{"name":"rm"}]}}"#;
+        let (out, n) = e.filter_plan_text(&anon(), &plan, true, both).unwrap().unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (n, v["result"]["prompts"].clone(), v["result"]["tools"].clone()),
+            (2, json!([{"name": "greet"}]), json!([]))
         );
     }
 

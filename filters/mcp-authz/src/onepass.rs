@@ -35,34 +35,41 @@ pub struct ListAnswer<'a> {
     /// The rewritten message, when something was removed.
     pub rewritten: Option<String>,
     pub removed: usize,
+    /// The (last) `result` also has one of the `other_keys` (another kind of list): the caller reads
+    /// the answer on its general path.
+    pub other_list: bool,
 }
 
-/// Read `text` (one JSON-RPC message, an object) and filter `result.<list_key>[]` by `item_name_key`.
-/// `Err` = not valid JSON (the caller fails closed, as the general path does).
+/// Read `text` (one JSON-RPC message, an object) and filter `result.<list_key>[]` by `item_name_key`;
+/// report whether `result` also has a member named one of `other_keys` (other than `list_key`). `Err` = not valid JSON (the
+/// caller fails closed, as the general path does).
 pub fn filter_list<'a>(
     text: &'a str,
     list_key: &str,
     item_name_key: &str,
+    other_keys: &[&str],
     keep: &mut dyn Keep,
 ) -> Result<ListAnswer<'a>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(text);
     let top = Message { list_key, item_name_key, keep }.deserialize(&mut de)?;
     de.end()?;
     let Some(fields) = top else {
-        return Ok(ListAnswer { id: None, rewritten: None, removed: 0 });
+        return Ok(ListAnswer { id: None, rewritten: None, removed: 0, other_list: false });
     };
     let id = fields.iter().rev().find(|(k, _)| k == "id").and_then(|(_, v)| v.raw());
     // The last `result` decides, as in the general path.
-    let removed = match fields.iter().rev().find(|(k, _)| k == "result").map(|(_, v)| v) {
-        Some(Piece::Result(r)) => r.removed,
-        _ => 0,
+    let (removed, other_list) = match fields.iter().rev().find(|(k, _)| k == "result").map(|(_, v)| v) {
+        Some(Piece::Result(r)) => {
+            (r.removed, r.fields.iter().any(|(k, _)| k != list_key && other_keys.contains(&k.as_ref())))
+        }
+        _ => (0, false),
     };
     if removed == 0 {
-        return Ok(ListAnswer { id, rewritten: None, removed: 0 });
+        return Ok(ListAnswer { id, rewritten: None, removed: 0, other_list });
     }
     let mut out = String::with_capacity(text.len());
     write_object(&mut out, &fields);
-    Ok(ListAnswer { id, rewritten: Some(out), removed })
+    Ok(ListAnswer { id, rewritten: Some(out), removed, other_list })
 }
 
 /// A field value: raw, or a part we rewrote.
