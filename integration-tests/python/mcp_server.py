@@ -5,6 +5,8 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
   --stateless    no sessions
   --extra-tools N  register N more tools (tool_000 ...), for list-filtering benchmarks
   --public-cache   mark list and resources/read results `cacheScope: "public"` (2026-07-28 cache hints)
+  --model-tool     register `report(options: ReportOptions)`, a tool whose argument is a model (clients
+                   may send it as a JSON string, which the SDK parses with `json.loads`)
 """
 
 import argparse
@@ -14,9 +16,14 @@ import sys
 import uvicorn
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import MCPServer
+from pydantic import BaseModel
 
 
-def build(extra_tools: int, public_cache: bool = False) -> MCPServer:
+class ReportOptions(BaseModel):
+    limit: int = 10
+
+
+def build(extra_tools: int, public_cache: bool = False, model_tool: bool = False) -> MCPServer:
     hints = None
     if public_cache:
         public = CacheHint(ttl_ms=60_000, scope="public")
@@ -47,6 +54,13 @@ def build(extra_tools: int, public_cache: bool = False) -> MCPServer:
     def transfer(amount: float, currency: str = "EUR") -> str:
         """Transfer money."""
         return f"transferred {amount} {currency}"
+
+    if model_tool:
+
+        @mcp.tool()
+        def report(options: ReportOptions) -> str:
+            """A report."""
+            return f"report (limit {options.limit})"
 
     for i in range(extra_tools):
         name = f"tool_{i:03d}"
@@ -96,8 +110,9 @@ def main() -> None:
     ap.add_argument("--stateless", action="store_true")
     ap.add_argument("--extra-tools", type=int, default=0)
     ap.add_argument("--public-cache", action="store_true")
+    ap.add_argument("--model-tool", action="store_true")
     args = ap.parse_args()
-    app = build(args.extra_tools, args.public_cache).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
+    app = build(args.extra_tools, args.public_cache, args.model_tool).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -1422,6 +1422,44 @@ async fn spiffe_identity_under_mtls() {
     wait_for_log(&anyone, r#""rule":"anyone","subject":"alice""#).await;
 }
 
+/// An argument sent as a JSON string is parsed by the MCP Python SDK with `json.loads`
+/// (`pre_parse_json`), which reads `NaN`, `Infinity`, `1e400` and lone surrogate escapes that serde_json
+/// refuses. Such a string was a missing argument to the filter: `{"limit": 5000, "x": NaN}` passed a deny
+/// rule on `options.limit`, and the tool ran with limit 5000 (its model drops the unknown `x`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_string_arguments_only_python_reads_are_not_missing() {
+    let server = PyServer::start("mcp_server.py", &["--json", "--model-tool"]).await.unwrap();
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(server.port)
+        .filter_config(
+            "mcp-authz",
+            &json!({"policy": {"rules": [
+                {"name": "reports", "effect": "allow", "methods": ["tools/call"], "targets": ["report"]},
+                {"name": "report-limit", "effect": "deny", "targets": ["report"],
+                 "arguments": [{"path": "options.limit", "min": 101}]}
+            ]}}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let s = Session::open(envoy.url("/mcp"), &[]).await;
+    let text = |m: &Value| m["result"]["content"][0]["text"].as_str().map(str::to_string);
+    let (_, _, m) = s.call(json!(1), "report", json!({"options": {"limit": 5}})).await;
+    assert_eq!(text(&m).as_deref(), Some("report (limit 5)"), "{m}");
+    let (_, _, m) = s.call(json!(2), "report", json!({"options": "{\"limit\": 50}"})).await;
+    assert_eq!(text(&m).as_deref(), Some("report (limit 50)"), "the server reads a JSON string argument: {m}");
+    for (id, options) in [
+        (3, json!({"limit": 5000})),
+        (4, json!("{\"limit\": 5000}")),
+        (5, json!("{\"limit\": 5000, \"x\": NaN}")),
+        (6, json!("{\"limit\": 5000, \"x\": Infinity}")),
+        (7, json!("{\"limit\": 5000, \"x\": 1e400}")),
+    ] {
+        let (_, _, m) = s.call(json!(id), "report", json!({ "options": options })).await;
+        assert_eq!(m["error"]["message"], "Unknown tool: report", "options {options}: {m}");
+    }
+}
+
 /// The matchers of the reference, through Envoy against the real MCP server: `one_of`, `regex` and `max`
 /// on arguments, a method glob, an identity `glob` on a list claim, `present`, and `forbid_scope` in the
 /// 403's `WWW-Authenticate`.

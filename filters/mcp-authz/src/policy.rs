@@ -589,6 +589,10 @@ fn lookup_each(root: &Value, path: &[Segment], proto_names: bool, out: &mut Vec<
 }
 
 /// The value at `path`, stepping into a string that holds a JSON object or array as into that value.
+/// A string that opens like one but that serde_json refuses is unclear: FastMCP's `pre_parse_json` reads
+/// it with Python's `json.loads`, which also takes `NaN`, `Infinity`, numbers beyond a double (`1e400`),
+/// lone surrogate escapes and nesting deeper than 128, so `"{\"limit\": 5000, \"x\": NaN}"` is the object
+/// `{limit: 5000}` to the tool (the unknown `x` dropped by its model).
 fn lookup<'a>(root: &'a Value, path: &[Segment], proto_names: bool) -> Lookup<'a> {
     use std::borrow::Cow;
     let mut cur: Cow<'a, Value> = Cow::Borrowed(root);
@@ -596,6 +600,7 @@ fn lookup<'a>(root: &'a Value, path: &[Segment], proto_names: bool) -> Lookup<'a
         if let Value::String(s) = cur.as_ref() {
             match serde_json::from_str::<Value>(s) {
                 Ok(parsed @ (Value::Object(_) | Value::Array(_))) => cur = Cow::Owned(parsed),
+                Err(_) if s.trim_start().starts_with(['{', '[']) => return Lookup::Unclear,
                 _ => return Lookup::Missing,
             }
         }
@@ -797,6 +802,21 @@ mod tests {
         }
         let d = p.evaluate(&anyone, &tool("search", &json!({"options": "{\"limit\": 5000}"})));
         assert_eq!(d.rule, "small-pages", "options sent as a JSON string");
+        // JSON that Python's json.loads reads (FastMCP pre-parses such strings with it) and serde_json
+        // refuses: present but unreadable, so the deny rule holds (an allow rule would not allow).
+        for options in [
+            r#"{"limit": 5000, "x": NaN}"#,
+            r#"{"limit": 5000, "x": -Infinity}"#,
+            r#"{"limit": 5000, "x": 1e400}"#,
+            r#"{"limit": 5000, "x": "\ud800"}"#,
+            r#" [{"limit": 5000}, NaN]"#,
+        ] {
+            let d = p.evaluate(&anyone, &tool("search", &json!({ "options": options })));
+            assert_eq!(d.rule, "small-pages", "options {options}");
+        }
+        let deep = format!(r#"{{"limit": 5000, "x": {}{}}}"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(p.evaluate(&anyone, &tool("search", &json!({ "options": deep }))).rule, "small-pages");
+        assert!(p.evaluate(&anyone, &tool("search", &json!({"options": "not json"}))).allowed, "a plain string");
         assert!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": "100"}}))).allowed);
         assert!(p.evaluate(&anyone, &tool("search", &json!({"options": {"limit": null}}))).allowed);
         assert_eq!(p.evaluate(&anyone, &tool("delete_row", &json!({"env": "prod"}))).rule, "no-prod-delete");
