@@ -1367,8 +1367,9 @@ async fn spiffe_identity_under_mtls() {
             )
             .start()
     };
-    // (HTTP status, JSON-RPC answer) of a `tools/call search` sent with client certificate `client`.
-    let call = |port: u16, client: &str, user: Option<&str>| {
+    // (HTTP status, JSON-RPC answer) of a `tools/call search` sent with client certificate `client` and
+    // extra headers.
+    let call_with = |port: u16, client: &str, headers: &[String]| {
         let d = tls.path();
         let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
                           "params": {"name": "search", "arguments": {"q": "x"}}})
@@ -1382,14 +1383,17 @@ async fn spiffe_identity_under_mtls() {
             .arg(d.join(format!("{client}.key")))
             .args(["-H", "content-type: application/json", "-H", "accept: application/json, text/event-stream"])
             .args(["-d", &body]);
-        if let Some(u) = user {
-            cmd.args(["-H", &format!("x-user: {u}")]);
+        for h in headers {
+            cmd.args(["-H", h]);
         }
         let out = cmd.arg(format!("https://127.0.0.1:{port}/mcp")).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let (answer, status) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text:?}"));
         let v: Value = serde_json::from_str(answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
         (status.to_string(), v)
+    };
+    let call = |port: u16, client: &str, user: Option<&str>| {
+        call_with(port, client, &user.map(|u| vec![format!("x-user: {u}")]).unwrap_or_default())
     };
     let allowed = |v: &Value| v.get("result").is_some() && v.get("error").is_none();
 
@@ -1420,6 +1424,29 @@ async fn spiffe_identity_under_mtls() {
     assert!(st == "200" && allowed(&v), "{st} {v}");
     wait_for_log(&anyone, r#""rule":"anyone","subject":"spiffe://cluster.local/ns/team-b/sa/bot""#).await;
     wait_for_log(&anyone, r#""rule":"anyone","subject":"alice""#).await;
+    drop(anyone);
+
+    // A token claim named by a path inside `spiffe` (`"spiffe.namespace": "team-a"`) was read before the
+    // certificate's namespace: team-b's workload passed team-a's rule. The token here is unsigned (the
+    // development switch reads it), the claims are what an identity provider could issue.
+    let dev = EnvoyBuilder::new("mcp-authz-mtls.yaml")
+        .upstream_port(mock.port())
+        .var("TLS_DIR", tls.path().display().to_string())
+        .filter_config(
+            "mcp-authz",
+            &json!({"identity": {"unverified_bearer_dev_only": true}, "policy": {"rules": [{"name": "team-a",
+                "effect": "allow", "methods": ["tools/call"], "targets": ["search"],
+                "identity": [{"claim": "spiffe.namespace", "equals": "team-a"}]}]}}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let token = unverified_token(json!({"sub": "mallory", "spiffe.namespace": "team-a"}));
+    let bearer = vec![format!("authorization: Bearer {token}")];
+    let (st, v) = call_with(dev.port, "a1", &bearer);
+    assert!(st == "200" && allowed(&v), "team-a's certificate: {st} {v}");
+    let (st, v) = call_with(dev.port, "b1", &bearer);
+    assert_eq!((st.as_str(), v["error"]["code"].clone()), ("200", json!(-32602)), "team-b's certificate: {v}");
 }
 
 /// An argument sent as a JSON string is parsed by the MCP Python SDK with `json.loads`

@@ -103,6 +103,12 @@ pub fn resolve(cfg: &IdentityConfig, src: Sources, peer_uri_san: impl FnOnce(&Id
             id.source = "unverified_bearer";
         }
     }
+    if cfg.spiffe {
+        // Workload identity comes from the mTLS peer alone (below): no token claim `spiffe`, nor one
+        // named by a path inside it (`"spiffe.namespace": "payments"`), which [`Identity::claim`] reads
+        // before the path, so it stood in for the certificate's namespace, with or without one.
+        id.claims.retain(|k, _| !is_spiffe_claim(k));
+    }
     // Trusted headers come after `spiffe` in the documented order, so one that sets the `spiffe` claim
     // overrides the peer's: then the certificate is not read at all.
     let header_sets_spiffe = src.headers.iter().any(|(h, _)| h.claim == "spiffe");
@@ -233,6 +239,14 @@ mod tests {
         assert_eq!(peer.claim("spiffe.namespace"), Some(&json!("agents")));
         // With `spiffe: false` the filter reads no workload identity: the token's claims are all there is.
         let off = IdentityConfig { spiffe: false, ..IdentityConfig::default() };
+        assert_eq!(resolve(&off, src(), |_| None).claim("spiffe.namespace"), Some(&json!("payments")));
+        // Nor does a token claim named by a path inside it, which `claim` reads before the path.
+        let dotted = json!({"jwt_payload": {"sub": "eve", "spiffe.namespace": "payments", "spiffe.id": "x"}});
+        let src = || Sources { jwt_metadata: dotted.as_object().cloned(), ..Sources::default() };
+        let none = resolve(&IdentityConfig::default(), src(), |_| None);
+        assert_eq!((none.claim("spiffe.namespace"), none.claim("spiffe.id")), (None, None));
+        let peer = resolve(&IdentityConfig::default(), src(), |_| Some("spiffe://td/ns/agents/sa/x".into()));
+        assert_eq!(peer.claim("spiffe.namespace"), Some(&json!("agents")));
         assert_eq!(resolve(&off, src(), |_| None).claim("spiffe.namespace"), Some(&json!("payments")));
     }
 
