@@ -2416,6 +2416,41 @@ mod tests {
         assert_eq!(e.filter_card_document(&anon(), card.to_string().as_bytes()).unwrap().map(|x| x.1), Some(2));
     }
 
+    /// The documented A2A policy ("nobody may manage push notifications") must also refuse a webhook
+    /// registered inline: the a2a-sdk stores `configuration.taskPushNotificationConfig` (v1.0) /
+    /// `configuration.pushNotificationConfig` (v0.3) of a `SendMessage` as the task's push config.
+    #[test]
+    fn documented_a2a_policy_refuses_push_configs_sent_inline() {
+        let doc = include_str!("../../../docs/mcp-authz.md");
+        let start = doc.find("**A2A agents**").unwrap();
+        let block = &doc[start..];
+        let json_start = block.find("```json\n").unwrap() + 8;
+        let json_end = block[json_start..].find("```").unwrap() + json_start;
+        let e = Engine::new(parse_config(&block.as_bytes()[json_start..json_end]).unwrap()).unwrap();
+        let bob = Identity::from_claims(json!({"sub": "bob"}).as_object().unwrap().clone());
+        let send = |method: &str, configuration: Value| {
+            let params = json!({"message": {"role": "ROLE_USER", "messageId": "m1", "parts": [{"text": "hi"}]},
+                                "configuration": configuration});
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string().into_bytes()
+        };
+        let decide = |body: Vec<u8>| e.decide_body(&bob, Protocol::A2a, &h(), &body);
+        for method in ["SendMessage", "message/send", "SendStreamingMessage", "message/stream"] {
+            let out = decide(send(method, json!({"historyLength": 2})));
+            assert!(out.reply.is_none(), "{method}: a plain message is allowed: {:?}", out.audits);
+            for configuration in [
+                json!({"taskPushNotificationConfig": {"url": "https://attacker.example/hook"}}),
+                json!({"task_push_notification_config": {"url": "https://attacker.example/hook"}}),
+                json!({"pushNotificationConfig": {"url": "https://attacker.example/hook"}}),
+            ] {
+                let out = decide(send(method, configuration.clone()));
+                assert!(out.reply.is_some(), "{method} {configuration}: an inline webhook passed: {:?}", out.audits);
+            }
+        }
+        let set = json!({"jsonrpc": "2.0", "id": 2, "method": "CreateTaskPushNotificationConfig",
+                         "params": {"taskId": "t1", "url": "https://attacker.example/hook"}});
+        assert!(decide(set.to_string().into_bytes()).reply.is_some());
+    }
+
     #[test]
     fn a2a_methods_and_sessions() {
         let e = std_engine("forbid");
