@@ -153,7 +153,9 @@ fn mask_keys(engine: &Engine, state: &mut MaskState, body: &[u8]) -> Option<Vec<
             _ => false,
         }
     }
-    let mut v: Value = serde_json::from_slice(body).ok()?;
+    // (A UTF-8 byte order mark is skipped, as the first parse skipped it: serde_json refuses it.)
+    let json = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+    let mut v: Value = serde_json::from_slice(json).ok()?;
     if walk(&mut v, engine, state) {
         serde_json::to_vec(&v).ok()
     } else {
@@ -502,6 +504,28 @@ mod tests {
             r.body.unwrap(),
             br#"{"model":"m","messages":[{"role":"user","content":"<EMAIL_1>"}],"z":1,"a":2}"#.to_vec()
         );
+    }
+
+    /// A body with a UTF-8 byte order mark (the JSON parse skips it, Python's `json.loads` reads such a
+    /// body): a value used as a key is masked as in any body. Before, the key pass parsed the body again
+    /// with serde_json, which refuses the mark, and the key left unmasked.
+    #[test]
+    fn object_keys_are_masked_in_a_body_with_a_byte_order_mark() {
+        let e = engine();
+        for (path, body) in [
+            ("/custom", r#"{"by_mail":{"jane@corp.example":{"n":1}}}"#),
+            (
+                "/v1/messages",
+                r#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"who is bob@corp.example?"},
+                {"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"lookup","input":{"jane@corp.example":{"n":1}}}]}]}"#,
+            ),
+        ] {
+            let with_bom = [b"\xef\xbb\xbf".as_slice(), body.as_bytes()].concat();
+            let r = process_request(&e, path, &with_bom, true);
+            let out = String::from_utf8(r.body.expect("masked")).unwrap();
+            assert!(!out.contains("corp.example"), "{path}: {out}");
+            assert!(out.contains("\"<EMAIL_"), "{path}: {out}");
+        }
     }
 
     #[test]
