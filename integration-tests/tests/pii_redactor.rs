@@ -897,6 +897,14 @@ async fn extraction_gaps_are_masked_upstream() {
             "inferenceConfig": {"maxTokens": 20}}),
             "/messages/0/content/0/text",
         ),
+        // Bedrock Converse with a prompt from Prompt management: its variables go into the prompt (before
+        // 2026-12-07 they left unmasked beside masked messages).
+        (
+            "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A111122223333%3Aprompt%2FPROMPT12345%3A1/converse",
+            json!({"promptVariables": {"customer": {"text": "pv1@corp.example"}},
+            "messages": [{"role": "user", "content": [{"text": "and u1@corp.example"}]}]}),
+            "/promptVariables/customer/text",
+        ),
         ("/v1/completions", json!({"model": "m", "prompt": "def f():", "suffix": "# by s2@corp.example"}), "/suffix"),
         (
             "/v1/chat/completions",

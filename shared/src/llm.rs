@@ -502,6 +502,18 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                     push_string_leaves(&mut out, Role::Tool, &mut "/documents".to_string(), docs);
                 }
             }
+            // Bedrock Converse with a prompt from Prompt management (the model id is the prompt's ARN):
+            // `promptVariables` values (`{"name": {"text": ..}}`) are put into the prompt; `messages` may
+            // follow it. Only beside texts found above, like `documents`.
+            if !out.is_empty() {
+                if let Some(vars) = body.get("promptVariables").and_then(Value::as_object) {
+                    for (k, v) in vars {
+                        if let Some(t) = v.get("text") {
+                            push_text(&mut out, Role::User, format!("/promptVariables/{}/text", ptr_escape(k)), t);
+                        }
+                    }
+                }
+            }
             // OpenAI predicted outputs: the model reads the prediction to reuse it.
             if let Some(p) = json::pointer(body, "/prediction/content") {
                 push_content(&mut out, Role::User, "/prediction/content", p);

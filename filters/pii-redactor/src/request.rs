@@ -528,6 +528,22 @@ mod tests {
         }
     }
 
+    /// Bedrock Converse with a prompt from Prompt management (the model id is the prompt's ARN):
+    /// `promptVariables` values are put into the prompt, and `messages` may follow it. Before, such a body
+    /// had its messages scanned and the variables sent as they came.
+    #[test]
+    fn bedrock_prompt_variables_are_masked() {
+        let e = engine();
+        let body = json!({"promptVariables":{"customer":{"text":"jane.doe@example.com"},"card":{"text":"4111 1111 1111 1111"}},
+            "messages":[{"role":"user","content":[{"text":"and mail bob@corp.example"}]}]});
+        let path = "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A111122223333%3Aprompt%2FPROMPT12345%3A1/converse";
+        let r = process_request(&e, path, body.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        assert_eq!(out["promptVariables"]["customer"]["text"], "<EMAIL_2>", "{out}");
+        assert_eq!(out["promptVariables"]["card"]["text"], "<CREDIT_CARD_1>", "{out}");
+        assert_eq!(out["messages"][0]["content"][0]["text"], "and mail <EMAIL_1>");
+    }
+
     #[test]
     fn unknown_json_raw_text_and_nothing_found() {
         let e = engine();
