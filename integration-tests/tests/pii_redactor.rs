@@ -1332,3 +1332,29 @@ async fn object_keys_are_masked_in_a_body_with_a_byte_order_mark() {
     assert!(!sent.contains("corp.example"), "{sent}");
     assert!(sent.contains(r#""<EMAIL_2>":{"plan":"gold"}"#), "{sent}");
 }
+
+/// With `scan_responses`, a context word the model streamed in an earlier delta counts for a bare number
+/// in a later one, as in a JSON answer: "Your SSN is" | "536228963" is redacted. Before, each piece was
+/// scanned alone and the SSN reached the streaming client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_answer_scanning_reads_context_words_of_earlier_deltas() {
+    let ev = |t: &str| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":t}}]}));
+    let mut stream: String =
+        ["Your", " SSN", " is", " 536", "228", "963", ".", " Call", " me", " at", " 4155552671", " tonight."]
+            .iter()
+            .map(|t| ev(t))
+            .collect();
+    stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+    let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(90).map(<[u8]>::to_vec).collect();
+    let (port, _) = chunky_upstream(chunks).await;
+    let proxy = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"what is on file?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_text(&text), "Your SSN is [REDACTED]. Call me at [REDACTED] tonight.", "{text}");
+}

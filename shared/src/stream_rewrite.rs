@@ -15,6 +15,10 @@
 //!   [`MAX_TEMPLATE_BYTES`] holds nothing back (no large template is kept).
 //! - tool-call arguments are JSON text: they go through [`TextRewrite::rewrite_json`] /
 //!   [`TextRewrite::ready_len_json`], so a replacement can keep them JSON.
+//! - a rewriter that reads context (a scanner's context words before a value) says how much with
+//!   [`TextRewrite::context_len`]: each channel keeps that much of the end of the text it emitted and
+//!   hands it to [`TextRewrite::rewrite_after`] with the next piece, so a piece is judged as in the whole
+//!   text.
 //!
 //! Non-delta strings (ids, full texts in `response.completed`, ...) are rewritten whole. Text is
 //! handled decoded (JSON escapes resolved), so `\u003cEMAIL_1\u003e` is seen as `<EMAIL_1>`.
@@ -40,6 +44,21 @@ pub trait TextRewrite {
     /// [`Self::rewrite`] for streamed JSON text: a replacement must keep it JSON.
     fn rewrite_json(&mut self, text: &str) -> Option<String> {
         self.rewrite(text)
+    }
+    /// How many bytes of the text a channel already emitted [`Self::rewrite_after`] wants to read before
+    /// its next piece (a scanner's context words); 0 keeps none.
+    fn context_len(&self) -> usize {
+        0
+    }
+    /// [`Self::rewrite`] (`json`: [`Self::rewrite_json`]) of `text`, which follows `before` on its channel:
+    /// the end of the text emitted before it, as the source wrote it. `before` is read, never rewritten.
+    fn rewrite_after(&mut self, before: &str, text: &str, json: bool) -> Option<String> {
+        let _ = before;
+        if json {
+            self.rewrite_json(text)
+        } else {
+            self.rewrite(text)
+        }
     }
 }
 
@@ -127,6 +146,10 @@ pub const MAX_HELD_CHANNELS: usize = 64;
 /// template is kept for a flush.
 pub const MAX_TEMPLATE_BYTES: usize = 16 * 1024;
 
+/// At most this many channels keep the end of their emitted text for [`TextRewrite::rewrite_after`];
+/// past it the one written to longest ago forgets it.
+pub const MAX_CONTEXT_CHANNELS: usize = 64;
+
 /// One delta stream: the text held back and the last event to clone for a flush.
 #[derive(Debug)]
 struct Channel<M> {
@@ -142,12 +165,27 @@ struct Channel<M> {
 #[derive(Debug)]
 pub struct DeltaChannels<M> {
     channels: BTreeMap<String, Channel<M>>,
+    /// Per channel, the end of the text it emitted (as the source wrote it, at most
+    /// [`TextRewrite::context_len`] bytes) and when it was last written: what the next piece follows.
+    emitted: BTreeMap<String, (String, u64)>,
     seq: u64,
 }
 
 impl<M> Default for DeltaChannels<M> {
     fn default() -> Self {
-        Self { channels: BTreeMap::new(), seq: 0 }
+        Self { channels: BTreeMap::new(), emitted: BTreeMap::new(), seq: 0 }
+    }
+}
+
+/// `tail` + `text`, cut to its last `max` bytes (at a character boundary).
+fn append_tail(tail: &mut String, text: &str, max: usize) {
+    tail.push_str(text);
+    if tail.len() > max {
+        let mut from = tail.len() - max;
+        while !tail.is_char_boundary(from) {
+            from += 1;
+        }
+        tail.drain(..from);
     }
 }
 
@@ -175,19 +213,42 @@ impl<M: Clone> DeltaChannels<M> {
         let (flush, keep): (BTreeMap<String, Channel<M>>, BTreeMap<String, Channel<M>>) =
             std::mem::take(&mut self.channels).into_iter().partition(|(k, _)| which(k));
         self.channels = keep;
-        let mut chans: Vec<Channel<M>> = flush.into_values().collect();
-        chans.sort_by_key(|c| c.order);
-        for c in chans {
-            Self::emit(c, rw, out);
+        let mut chans: Vec<(String, Channel<M>)> = flush.into_iter().collect();
+        chans.sort_by_key(|(_, c)| c.order);
+        for (key, c) in chans {
+            self.emit(&key, c, rw, out);
         }
     }
 
-    fn emit(mut c: Channel<M>, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>) {
+    /// `text` rewritten as the next piece of channel `key` (after the end of what it emitted so far),
+    /// and remembered as emitted.
+    fn rewrite_piece(&mut self, key: &str, text: &str, json: bool, rw: &mut dyn TextRewrite) -> Option<String> {
+        let keep = rw.context_len();
+        if keep == 0 {
+            return rw.rewrite_after("", text, json);
+        }
+        let before = self.emitted.get(key).map_or("", |(t, _)| t.as_str());
+        let out = rw.rewrite_after(before, text, json);
+        self.seq += 1;
+        let seq = self.seq;
+        if !self.emitted.contains_key(key) && self.emitted.len() >= MAX_CONTEXT_CHANNELS {
+            let oldest = self.emitted.iter().min_by_key(|(_, (_, o))| *o).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.emitted.remove(&k);
+            }
+        }
+        let entry = self.emitted.entry(key.to_string()).or_insert_with(|| (String::new(), seq));
+        append_tail(&mut entry.0, text, keep);
+        entry.1 = seq;
+        out
+    }
+
+    fn emit(&mut self, key: &str, mut c: Channel<M>, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>) {
         if c.held.is_empty() {
             return;
         }
-        let text =
-            if is_json_text_pointer(&c.template, &c.pointer) { rw.rewrite_json(&c.held) } else { rw.rewrite(&c.held) };
+        let json = is_json_text_pointer(&c.template, &c.pointer);
+        let text = self.rewrite_piece(key, &c.held, json, rw);
         let text = text.unwrap_or_else(|| std::mem::take(&mut c.held));
         if let Some(slot) = json::pointer_mut(&mut c.template, &c.pointer) {
             *slot = Value::String(text);
@@ -235,7 +296,7 @@ impl<M: Clone> DeltaChannels<M> {
                 cut -= 1;
             }
             let (now, later) = pending.split_at(cut);
-            let emitted = if json { rw.rewrite_json(now) } else { rw.rewrite(now) };
+            let emitted = if now.is_empty() { None } else { self.rewrite_piece(&key, now, json, rw) };
             let emitted = emitted.unwrap_or_else(|| now.to_string());
             if had_held || !later.is_empty() || emitted != pending {
                 changed = true;
@@ -275,8 +336,10 @@ impl<M: Clone> DeltaChannels<M> {
 
     fn flush_oldest(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<(M, Value)>) {
         let oldest = self.channels.iter().min_by_key(|(_, c)| c.order).map(|(k, _)| k.clone());
-        if let Some(c) = oldest.and_then(|k| self.channels.remove(&k)) {
-            Self::emit(c, rw, out);
+        if let Some(k) = oldest {
+            if let Some(c) = self.channels.remove(&k) {
+                self.emit(&k, c, rw, out);
+            }
         }
     }
 }

@@ -234,23 +234,43 @@ impl Engine {
         }
     }
 
-    /// Findings of the response scanner in model-written text (`response_action` applied), with the
-    /// placeholders of `known` left alone.
+    /// Findings of the response scanner in model-written text (`response_action` applied).
     pub fn scan_response_text(&self, text: &str, counts: &mut Counts) -> Option<String> {
-        let hits = self.find(text.as_bytes());
-        if hits.is_empty() {
-            return None;
-        }
+        self.scan_response_text_after("", text, counts)
+    }
+
+    /// Bytes of text before a piece that the detectors read for it: context words within
+    /// `context_window` bytes, the 24 bytes of "order / invoice / ..." before a number, with slack for
+    /// separators the scan normalises and the byte before a token.
+    pub fn context_reach(&self) -> usize {
+        self.context_window.max(24) + 16
+    }
+
+    /// [`Self::scan_response_text`] of `text`, a piece of a stream that follows `before` (the end of the
+    /// text passed on before it, as the model wrote it): `before` is read for context words as in the
+    /// whole text, and only findings that start in `text` are replaced (a value that starts in `before`
+    /// was the earlier piece's: stream hold-back keeps values whole).
+    pub fn scan_response_text_after(&self, before: &str, text: &str, counts: &mut Counts) -> Option<String> {
+        let joined: std::borrow::Cow<'_, str> =
+            if before.is_empty() { text.into() } else { format!("{before}{text}").into() };
+        let skip = before.len();
+        let hits = self.find(joined.as_bytes());
         let mut out = String::with_capacity(text.len());
-        let mut last = 0;
+        let mut last = skip;
         for h in hits {
-            let value = text.as_bytes().get(h.start..h.end).unwrap_or(&[]);
-            out.push_str(text.get(last..h.start).unwrap_or(""));
+            if h.start < last {
+                continue;
+            }
+            let value = joined.as_bytes().get(h.start..h.end).unwrap_or(&[]);
+            out.push_str(joined.get(last..h.start).unwrap_or(""));
             out.push_str(&self.irreversible(h.det, self.response_action, value));
             counts.add(self.name(h.det), self.response_action);
             last = h.end;
         }
-        out.push_str(text.get(last..).unwrap_or(""));
+        if last == skip {
+            return None;
+        }
+        out.push_str(joined.get(last..).unwrap_or(""));
         Some(out)
     }
 }
@@ -261,12 +281,18 @@ impl Engine {
     /// (`jane\u0040corp.example` is an email to whoever reads the answer) and each finding replaced over
     /// the original bytes it came from, escapes included. `json_strings`: the text is JSON and these are
     /// the ranges inside its strings; only findings inside one are replaced, JSON-escaped.
+    /// `before`: the end of the text passed on before `text` (a stream's earlier pieces), read for
+    /// context words only (see [`Self::scan_response_text_after`]); `json_strings` are ranges of `text`.
     pub fn scan_response_bytes(
         &self,
+        before: &[u8],
         text: &[u8],
         json_strings: Option<&[(usize, usize)]>,
         counts: &mut Counts,
     ) -> Option<Vec<u8>> {
+        let skip = before.len();
+        let joined: std::borrow::Cow<'_, [u8]> = if skip == 0 { text.into() } else { [before, text].concat().into() };
+        let text: &[u8] = &joined;
         let decoded = crate::request::decode_json_escapes(text);
         let (scan, map) = match &decoded {
             Some((d, m)) => (d.as_slice(), Some(m.as_slice())),
@@ -277,13 +303,13 @@ impl Engine {
             return None;
         }
         let mut out = Vec::with_capacity(text.len() + 16);
-        let mut last = 0;
+        let mut last = skip;
         for h in hits {
             let (start, end) = orig_span(map, text.len(), &h);
             if start < last {
-                continue; // two findings in one escape: the first one covers it
+                continue; // in `before`, or two findings in one escape: the first one covers it
             }
-            if json_strings.is_some_and(|r| !r.iter().any(|&(a, b)| a <= start && end <= b)) {
+            if json_strings.is_some_and(|r| !r.iter().any(|&(a, b)| a + skip <= start && end <= b + skip)) {
                 continue; // not inside one JSON string: a number, a key's quote, structure
             }
             let value = scan.get(h.start..h.end).unwrap_or(&[]);
@@ -296,6 +322,9 @@ impl Engine {
             }
             counts.add(self.name(h.det), self.response_action);
             last = end;
+        }
+        if last == skip {
+            return None;
         }
         out.extend_from_slice(text.get(last..).unwrap_or(&[]));
         Some(out)

@@ -242,8 +242,14 @@ impl Restorer {
 
     /// Scan (if enabled) then restore one piece of model-written text.
     pub fn rewrite_str(&mut self, text: &str) -> Option<String> {
+        self.rewrite_str_after("", text)
+    }
+
+    /// [`Self::rewrite_str`] of a piece of a stream that follows `before` (what the model wrote just
+    /// before it on the same channel): the scanner reads `before` for context words.
+    fn rewrite_str_after(&mut self, before: &str, text: &str) -> Option<String> {
         let scanned = match &self.scan {
-            Some(engine) => engine.scan_response_text(text, &mut self.response_counts),
+            Some(engine) => engine.scan_response_text_after(before, text, &mut self.response_counts),
             None => None,
         };
         let base = scanned.as_deref().unwrap_or(text);
@@ -404,8 +410,27 @@ impl TextRewrite for Restorer {
     /// Streamed JSON text (tool arguments): scanned (if enabled) as text, then restored with
     /// JSON-escaped values, `\u003c…\u003e` placeholders included, so it stays the JSON it was.
     fn rewrite_json(&mut self, text: &str) -> Option<String> {
+        self.rewrite_json_after("", text)
+    }
+
+    /// With response scanning, the end of a channel's earlier text is read for context words.
+    fn context_len(&self) -> usize {
+        self.scan.as_ref().map_or(0, |e| e.context_reach())
+    }
+
+    fn rewrite_after(&mut self, before: &str, text: &str, json: bool) -> Option<String> {
+        if json {
+            self.rewrite_json_after(before, text)
+        } else {
+            self.rewrite_str_after(before, text)
+        }
+    }
+}
+
+impl Restorer {
+    fn rewrite_json_after(&mut self, before: &str, text: &str) -> Option<String> {
         let scanned = match &self.scan {
-            Some(engine) => engine.scan_response_text(text, &mut self.response_counts),
+            Some(engine) => engine.scan_response_text_after(before, text, &mut self.response_counts),
             None => None,
         };
         let base = scanned.as_deref().unwrap_or(text);
@@ -426,6 +451,9 @@ pub struct RawStream {
     pub escape_json: bool,
     /// Where the JSON text passed on so far ended (inside a string or not).
     json: JsonText,
+    /// With response scanning, the end of the bytes passed on so far (as they came): read for the
+    /// context words of the next piece.
+    before: Vec<u8>,
 }
 
 impl RawStream {
@@ -441,7 +469,14 @@ impl RawStream {
         let later = pending.split_off(cut);
         self.held = later;
         let json = self.escape_json.then_some(&mut self.json);
-        r.rewrite_raw(&pending, json).unwrap_or(pending)
+        let out = r.rewrite_raw_after(&self.before, &pending, json);
+        let keep = r.scan.as_ref().map_or(0, |e| e.context_reach());
+        if keep > 0 {
+            self.before.extend_from_slice(&pending);
+            let excess = self.before.len().saturating_sub(keep);
+            self.before.drain(..excess);
+        }
+        out.unwrap_or(pending)
     }
 }
 
@@ -497,13 +532,19 @@ impl Restorer {
     /// findings replaced in the original bytes), then restored; `json` writes replacements and values
     /// JSON-escaped and restores the `\u003c…\u003e` spelling too.
     pub fn rewrite_raw(&mut self, bytes: &[u8], json: Option<&mut JsonText>) -> Option<Vec<u8>> {
+        self.rewrite_raw_after(&[], bytes, json)
+    }
+
+    /// [`Self::rewrite_raw`] of a piece that follows `before` (the end of the bytes passed on before it):
+    /// the scanner reads `before` for context words.
+    fn rewrite_raw_after(&mut self, before: &[u8], bytes: &[u8], json: Option<&mut JsonText>) -> Option<Vec<u8>> {
         let is_json = json.is_some();
         let scanned = match &self.scan {
             Some(engine) => {
                 // In JSON text only findings inside strings are replaced: a 16-digit id outside one that
                 // passes Luhn stays a number, so the answer stays JSON.
                 let strings = json.map(|j| j.string_ranges(bytes));
-                engine.scan_response_bytes(bytes, strings.as_deref(), &mut self.response_counts)
+                engine.scan_response_bytes(before, bytes, strings.as_deref(), &mut self.response_counts)
             }
             None => None,
         };
@@ -947,6 +988,53 @@ mod tests {
         assert_eq!(restored_chat_stream(&mut r, &pieces), "Card [REDACTED], ok then.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
+    }
+
+    /// A context word the model wrote in an earlier delta (or network chunk) counts for a value in a later
+    /// one, as it does in the same text answered as JSON. Before, each piece was scanned alone: a bare SSN
+    /// after "Your SSN is" or a bare phone number after "Call me at" in an earlier piece reached a
+    /// streaming client unredacted while the same answer as JSON was redacted.
+    #[test]
+    fn streamed_response_scanning_reads_context_words_of_earlier_pieces() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let whole = "Your SSN is 536228963. Call me at 4155552671 tonight.";
+        let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+        let json = r.rewrite_str(whole).unwrap();
+        assert_eq!(json, "Your SSN is [REDACTED]. Call me at [REDACTED] tonight.");
+        let pieces = [
+            "Your",
+            " SSN",
+            " is",
+            " 536",
+            "228",
+            "963",
+            ".",
+            " Call",
+            " me",
+            " at",
+            " 415",
+            "555",
+            "2671",
+            " tonight.",
+        ];
+        let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+        assert_eq!(restored_chat_stream(&mut r, &pieces), json, "SSE deltas");
+        for size in [3, 5, 16] {
+            let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+            assert_eq!(raw_stream_in_chunks(&mut r, whole, size), json, "raw chunks of {size}");
+        }
+        // Context stays within its channel: another content block's words do not count.
+        let wire = [(0, "Your SSN is "), (1, "536228963 ok")]
+            .iter()
+            .map(|(i, t)| {
+                let e =
+                    serde_json::json!({"type":"content_block_delta","index":i,"delta":{"type":"text_delta","text":t}});
+                format!("event: content_block_delta\ndata: {e}\n\n")
+            })
+            .collect::<String>();
+        let mut r = Restorer::new(map(&[]), Some(engine));
+        let out = String::from_utf8(SseRestore::new().feed(&mut r, wire.as_bytes(), true)).unwrap();
+        assert!(out.contains("536228963"), "{out}");
     }
 
     /// Reasoning streamed by OpenAI-compatible servers (`delta.reasoning_content`: DeepSeek, vLLM;
