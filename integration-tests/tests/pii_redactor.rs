@@ -1358,3 +1358,36 @@ async fn streamed_answer_scanning_reads_context_words_of_earlier_deltas() {
     let text = resp.text().await.unwrap();
     assert_eq!(sse_text(&text), "Your SSN is [REDACTED]. Call me at [REDACTED] tonight.", "{text}");
 }
+
+/// Gemini's `streamGenerateContent` without `alt=sse` streams a JSON array of chunks
+/// (`application/json`): a placeholder cut across two chunks comes back restored. Before, each chunk's
+/// text was restored alone and the client read `<EMA` `IL_1>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_json_array_stream_restored_across_chunks() {
+    let chunk = |t: &str| {
+        json!({"candidates":[{"content":{"parts":[{"text":t}],"role":"model"},"index":0}],
+            "modelVersion":"gemini-2.0-flash"})
+        .to_string()
+    };
+    let body = format!("[{}\r\n,\r\n{}\r\n,\r\n{}]", chunk("Write to <EMA"), chunk("IL_1"), chunk("> now."));
+    let chunks: Vec<Vec<u8>> = body.as_bytes().chunks(60).map(<[u8]>::to_vec).collect();
+    let (port, seen) = chunky_upstream_with(chunks, "200 OK\r\ncontent-type: application/json; charset=UTF-8").await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/v1beta/models/gemini-2.0-flash:streamGenerateContent"))
+        .json(&json!({"contents":[{"role":"user","parts":[{"text":"mail jane.doe@example.com"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    let text: String = answer
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.pointer("/candidates/0/content/parts/0/text").and_then(Value::as_str))
+        .collect();
+    assert_eq!(text, "Write to jane.doe@example.com now.", "{answer}");
+    let sent = seen.lock().unwrap().join("");
+    assert!(sent.contains("mail <EMAIL_1>") && !sent.contains("jane.doe"), "{sent}");
+}

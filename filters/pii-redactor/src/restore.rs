@@ -270,6 +270,11 @@ impl Restorer {
         if let Some(lines) = ndjson_lines(body) {
             return self.rewrite_ndjson(lines);
         }
+        // Gemini's `streamGenerateContent` without `alt=sse`: a JSON array of chunks, streamed, one text
+        // piece per chunk, so a placeholder (or a value to scan) is cut across elements likewise.
+        if let Some(items) = self.json_array_stream(body) {
+            return self.rewrite_array_stream(body, items);
+        }
         // A value JSON must escape (a quote, a backslash, a control character) inside tool-call
         // `arguments` (JSON text in a JSON string) needs escaping twice: only the parsed path knows
         // where it lands.
@@ -336,6 +341,63 @@ impl Restorer {
         changed |= !flushes.is_empty();
         write(&mut out, &mut flushes);
         changed.then_some(out)
+    }
+}
+
+impl Restorer {
+    /// The elements of `body` when it is a streamed JSON array of Gemini chunks (at least two objects,
+    /// one with `candidates`) and this answer may have something to restore or scan; `None` otherwise.
+    fn json_array_stream(&self, body: &[u8]) -> Option<Vec<Value>> {
+        if body.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'[') {
+            return None;
+        }
+        if self.scan.is_none() && !body.contains(&b'<') && !body.windows(5).any(|w| w.eq_ignore_ascii_case(b"u003c")) {
+            return None;
+        }
+        let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(body) else {
+            return None;
+        };
+        let chunks = items.len() >= 2
+            && items.iter().all(Value::is_object)
+            && items.iter().any(|v| v.get("candidates").is_some_and(Value::is_array));
+        chunks.then_some(items)
+    }
+
+    /// A streamed JSON array's elements rewritten as SSE events are ([`DeltaChannels`]: per candidate,
+    /// a tail that may start a placeholder, or a value the scanner must see whole, held back and joined
+    /// to the next element's text; held text flushed in an element cloned from the last delta, placed
+    /// before an element without text and at the end). Only changed elements are re-serialised (spliced
+    /// into the upstream's bytes).
+    fn rewrite_array_stream(&mut self, body: &[u8], items: Vec<Value>) -> Option<Vec<u8>> {
+        let mut channels: DeltaChannels<()> = DeltaChannels::default();
+        let mut flushes = Vec::new();
+        let last = items.len().saturating_sub(1);
+        // Per changed element: its pointer and the JSON text that replaces it (flushes before it, itself,
+        // and after the last element the final flushes).
+        let mut edits: Vec<(String, String)> = Vec::new();
+        let mut all: Vec<Value> = Vec::with_capacity(items.len() + 1);
+        for (i, mut v) in items.into_iter().enumerate() {
+            let size = serde_json::to_vec(&v).map_or(0, |b| b.len());
+            let changed = channels.on_event(&mut v, &(), size, self, &mut flushes);
+            let mut parts: Vec<String> = flushes.iter().map(|(_, f)| f.to_string()).collect();
+            all.extend(flushes.drain(..).map(|(_, f)| f));
+            if i == last {
+                channels.flush_all(self, &mut flushes);
+            }
+            if changed || !parts.is_empty() || !flushes.is_empty() {
+                parts.push(v.to_string());
+                parts.extend(flushes.iter().map(|(_, f)| f.to_string()));
+                edits.push((format!("/{i}"), parts.join(",")));
+            }
+            all.push(v);
+            all.extend(flushes.drain(..).map(|(_, f)| f));
+        }
+        if edits.is_empty() {
+            return None;
+        }
+        let refs: Vec<(&str, meshwarden_shared::splice::Edit<'_>)> =
+            edits.iter().map(|(p, t)| (p.as_str(), meshwarden_shared::splice::Edit::Value(t.as_str()))).collect();
+        meshwarden_shared::splice::splice(body, &refs).or_else(|| serde_json::to_vec(&Value::Array(all)).ok())
     }
 }
 
@@ -1035,6 +1097,45 @@ mod tests {
         let mut r = Restorer::new(map(&[]), Some(engine));
         let out = String::from_utf8(SseRestore::new().feed(&mut r, wire.as_bytes(), true)).unwrap();
         assert!(out.contains("536228963"), "{out}");
+    }
+
+    /// Gemini's `streamGenerateContent` without `alt=sse` answers `application/json`: a JSON array of
+    /// chunks, streamed, one text piece per element. A placeholder cut across two elements is restored
+    /// and a value the model wrote across two is redacted; before, each element's text was restored and
+    /// scanned alone: the client read `<EMA` `IL_1>` and `bob@le` `ak.example.org` unredacted.
+    #[test]
+    fn gemini_json_array_stream_restored_and_scanned_across_elements() {
+        let chunk = |t: &str, last: bool| {
+            let mut c = serde_json::json!({"candidates":[{"content":{"parts":[{"text":t}],"role":"model"},"index":0}],
+                "usageMetadata":{"promptTokenCount":9},"modelVersion":"gemini-2.0-flash"});
+            if last {
+                c["candidates"][0]["finishReason"] = serde_json::json!("STOP");
+            }
+            c.to_string()
+        };
+        let pieces = ["Mail <EMA", "IL_1> or bob@le", "ak.example.org", " today."];
+        let elements: Vec<String> = pieces.iter().enumerate().map(|(i, p)| chunk(p, i == pieces.len() - 1)).collect();
+        let body = format!("[{}]", elements.join("\r\n,\r\n"));
+        let text = |out: &[u8]| -> String {
+            let v: Value = serde_json::from_slice(out).unwrap();
+            let items = v.as_array().unwrap();
+            assert!(items.iter().all(|c| c["candidates"][0]["index"] == 0), "{v}");
+            items.iter().filter_map(|c| c.pointer("/candidates/0/content/parts/0/text")?.as_str()).collect()
+        };
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), None);
+        let out = r.rewrite_json_body(body.as_bytes()).expect("restored");
+        assert_eq!(text(&out), "Mail me@x.io or bob@leak.example.org today.");
+        assert_eq!(r.restored, 1);
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine));
+        let out = r.rewrite_json_body(body.as_bytes()).expect("restored and scanned");
+        assert_eq!(text(&out), "Mail me@x.io or [REDACTED] today.");
+        // Nothing to restore: the answer is not touched.
+        let mut r = Restorer::new(map(&[("<EMAIL_2>", "x@y.io")]), None);
+        assert_eq!(
+            r.rewrite_json_body(br#"[{"candidates":[{"content":{"parts":[{"text":"hi"}]}}]},{"candidates":[]}]"#),
+            None
+        );
     }
 
     /// Reasoning streamed by OpenAI-compatible servers (`delta.reasoning_content`: DeepSeek, vLLM;
