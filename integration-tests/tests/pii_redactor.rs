@@ -1391,3 +1391,49 @@ async fn gemini_json_array_stream_restored_across_chunks() {
     let sent = seen.lock().unwrap().join("");
     assert!(sent.contains("mail <EMAIL_1>") && !sent.contains("jane.doe"), "{sent}");
 }
+
+/// Gemini SSE with thought summaries (`includeThoughts`) and `scan_responses`: the thought's last word,
+/// held back, stays in the thought and comes before the answer. Before, it was joined to the answer's
+/// first delta (`userHello there`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_thought_summary_is_never_joined_to_the_answer() {
+    let ev = |t: &str, thought: bool| {
+        let mut part = json!({"text": t});
+        if thought {
+            part["thought"] = json!(true);
+        }
+        format!("data: {}\r\n\r\n", json!({"candidates":[{"content":{"parts":[part],"role":"model"},"index":0}]}))
+    };
+    let fin =
+        json!({"candidates":[{"content":{"parts":[{"text":""}],"role":"model"},"finishReason":"STOP","index":0}]});
+    let stream = format!(
+        "{}{}{}data: {fin}\r\n\r\n",
+        ev("Thinking about the user", true),
+        ev("Hello there", false),
+        ev(", friend.", false)
+    );
+    let (port, _) = chunky_upstream(vec![stream.into_bytes()]).await;
+    let proxy = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(proxy.url("/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"))
+        .json(&json!({"contents":[{"role":"user","parts":[{"text":"hi"}]}],
+            "generationConfig":{"thinkingConfig":{"includeThoughts":true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let (mut thought, mut answer) = (String::new(), String::new());
+    for e in SseParser::default().feed(text.as_bytes()) {
+        let v: Value = serde_json::from_str(&e.data).unwrap();
+        let part = &v["candidates"][0]["content"]["parts"][0];
+        let t = part["text"].as_str().unwrap_or_default();
+        if part["thought"] == true {
+            assert!(answer.is_empty(), "thought text after the answer began: {text}");
+            thought.push_str(t);
+        } else {
+            answer.push_str(t);
+        }
+    }
+    assert_eq!((thought.as_str(), answer.as_str()), ("Thinking about the user", "Hello there, friend."), "{text}");
+}

@@ -287,6 +287,13 @@ impl<M: Clone> DeltaChannels<M> {
         let mut blank_template: Option<Value> = None;
         for (p, text, json) in deltas {
             let key = channel_key(v, &p);
+            // The answer of a Gemini candidate begins: its thought's held text goes out first.
+            if !key.ends_with(THOUGHT) {
+                let thought = format!("{key}{THOUGHT}");
+                if let Some(c) = self.channels.remove(&thought) {
+                    self.emit(&thought, c, rw, before);
+                }
+            }
             let held = self.channels.remove(&key).map(|c| c.held).unwrap_or_default();
             let had_held = !held.is_empty();
             let pending = if had_held { held + &text } else { text };
@@ -395,7 +402,22 @@ pub fn channel_key(event: &Value, pointer: &str) -> String {
         key.push('#');
         key.push_str(&v.to_string());
     }
+    // Gemini sends thought summaries (`parts[].thought: true`) and then the answer in parts at the same
+    // position of successive chunks: two streams, so a thought's held tail never joins the answer.
+    if is_thought_part(event, pointer) {
+        key.push_str(THOUGHT);
+    }
     key
+}
+
+/// Suffix of a Gemini thought part's channel key.
+const THOUGHT: &str = "#thought";
+
+/// Whether the text at `pointer` is a Gemini thought part's (`{"text": .., "thought": true}`).
+fn is_thought_part(event: &Value, pointer: &str) -> bool {
+    pointer.ends_with("/text")
+        && pointer.rsplit_once('/').and_then(|(parent, _)| json::pointer(event, parent)).and_then(|p| p.get("thought"))
+            == Some(&Value::Bool(true))
 }
 
 /// A chunk without deltas whose `choices` / `candidates` are all present (a `finish_reason` chunk of

@@ -1138,6 +1138,50 @@ mod tests {
         );
     }
 
+    /// Gemini streams thought summaries (`"thought": true` parts, with `includeThoughts`) and then the
+    /// answer in parts at the same position of successive chunks. With response scanning the thought's
+    /// last word is held back: it used to be joined to the answer's first delta ("userHello there") and
+    /// lost from the thought. Thought and answer are separate delta streams; the thought's held text is
+    /// flushed before the answer's first delta.
+    #[test]
+    fn gemini_thought_text_is_never_joined_to_the_answer() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let ev = |t: &str, thought: bool| {
+            let mut part = serde_json::json!({"text": t});
+            if thought {
+                part["thought"] = serde_json::json!(true);
+            }
+            format!(
+                "data: {}\n\n",
+                serde_json::json!({"candidates":[{"content":{"parts":[part],"role":"model"},"index":0}]})
+            )
+        };
+        let fin = serde_json::json!({"candidates":[{"content":{"parts":[{"text":""}],"role":"model"},"finishReason":"STOP","index":0}]});
+        let wire = format!(
+            "{}{}{}{}data: {fin}\n\n",
+            ev("Thinking about the", true),
+            ev(" user", true),
+            ev("Hello there", false),
+            ev(", friend.", false)
+        );
+        let mut r = Restorer::new(map(&[]), Some(engine));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        let (mut thought, mut answer, mut order) = (String::new(), String::new(), String::new());
+        for e in SseParser::default().feed(&out) {
+            let v: Value = serde_json::from_str(&e.data).unwrap();
+            let part = &v["candidates"][0]["content"]["parts"][0];
+            let t = part["text"].as_str().unwrap_or_default();
+            if part["thought"] == true {
+                thought.push_str(t);
+            } else {
+                answer.push_str(t);
+            }
+            order.push_str(t);
+        }
+        assert_eq!((thought.as_str(), answer.as_str()), ("Thinking about the user", "Hello there, friend."));
+        assert_eq!(order, "Thinking about the userHello there, friend.", "the thought comes first");
+    }
+
     /// Reasoning streamed by OpenAI-compatible servers (`delta.reasoning_content`: DeepSeek, vLLM;
     /// `delta.reasoning`: OpenRouter, Groq), Responses reasoning summaries and Ollama `message.thinking`,
     /// one token per event: a placeholder cut across two events is restored and a value the model writes
