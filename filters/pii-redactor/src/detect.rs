@@ -522,6 +522,11 @@ impl Scanner {
         if hex_digits < 2 {
             return None;
         }
+        // Two groups of the letters a-f around `::` are a code path (`db::add`, `cafe::bad`), not an
+        // address: addresses in use have a decimal digit or at least three groups.
+        if !s.bytes().any(|c| c.is_ascii_digit()) && s.split(':').filter(|g| !g.is_empty()).count() < 3 {
+            return None;
+        }
         Some(Finding { start: i, end: j, kind: Builtin::Ipv6, confidence: Confidence::High })
     }
 
@@ -1779,6 +1784,25 @@ mod tests {
         let k = kinds(s);
         assert!(k.len() <= 1, "{s}: {k:?}");
         k.into_iter().next()
+    }
+
+    /// Code in a prompt: a path of two identifiers made of the letters a-f (`db::add`, `cafe::bad`,
+    /// `fe::ad`) parses as an IPv6 address and was masked (`<IP_ADDRESS_1>(&conn)`), or redacted for good
+    /// with `action: redact`. Addresses in use have a decimal digit or at least three groups.
+    #[test]
+    fn two_hex_word_code_paths_are_not_ipv6() {
+        for t in ["call db::add(&conn, row) first", "impl Add for fe::ad {}", "see cafe::bad here", "a::b"] {
+            assert_eq!(one(t), None, "{t}");
+        }
+        for (t, ip) in [
+            ("at fe80::1 now", "fe80::1"),
+            ("docs use dead:beef::cafe here", "dead:beef::cafe"),
+            ("via 2001:db8::1 too", "2001:db8::1"),
+            ("mapped ::ffff:192.168.1.10 ok", "::ffff:192.168.1.10"),
+            ("ula fd::ab1 ok", "fd::ab1"),
+        ] {
+            assert_eq!(one(t), Some((Builtin::Ipv6, ip.to_string())), "{t}");
+        }
     }
 
     /// Fuzz find (`pii_mask_restore`, hardening issue): a text starting with `:` then `.`/`:` made the IPv6
