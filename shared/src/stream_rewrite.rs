@@ -72,8 +72,9 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
         for (i, c) in choices.iter().enumerate() {
             // Reasoning deltas of OpenAI-compatible servers: `reasoning_content` (DeepSeek, vLLM), `reasoning`
-            // (OpenRouter, vLLM, Groq, Ollama's OpenAI API). One token per event, like the content.
-            for key in ["reasoning_content", "reasoning"] {
+            // (OpenRouter, vLLM, Groq, Ollama's OpenAI API); OpenAI's `refusal` (structured outputs). One
+            // token per event, like the content.
+            for key in ["reasoning_content", "reasoning", "refusal"] {
                 if c.get("delta").and_then(|d| d.get(key)).is_some_and(Value::is_string) {
                     out.push(format!("/choices/{i}/delta/{key}"));
                 }
@@ -98,8 +99,11 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
         Some("response.function_call_arguments.delta") if event.get("delta").is_some_and(Value::is_string) => {
             out.push("/delta".to_string())
         }
-        // Responses reasoning summaries and reasoning text.
-        Some("response.reasoning_summary_text.delta") | Some("response.reasoning_text.delta")
+        // Responses reasoning summaries and reasoning text, refusals, custom tool input (free text).
+        Some("response.reasoning_summary_text.delta")
+        | Some("response.reasoning_text.delta")
+        | Some("response.refusal.delta")
+        | Some("response.custom_tool_call_input.delta")
             if event.get("delta").is_some_and(Value::is_string) =>
         {
             out.push("/delta".to_string())

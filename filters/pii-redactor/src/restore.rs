@@ -1182,6 +1182,45 @@ mod tests {
         assert_eq!(order, "Thinking about the userHello there, friend.", "the thought comes first");
     }
 
+    /// Refusals stream token by token too: OpenAI chat `delta.refusal` (structured outputs) and Responses
+    /// `response.refusal.delta`; Responses custom tool input (`response.custom_tool_call_input.delta`)
+    /// likewise. A placeholder cut across two of their events is restored and a value written across two
+    /// is redacted. Before, each event was restored and scanned alone: `<EMA` `IL_1>`.
+    #[test]
+    fn streamed_refusals_and_custom_tool_input_restored_across_events() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let pieces = ["I can't mail <EMA", "IL_1> or bob@le", "ak.example.org", " now."];
+        let want = "I can't mail me@x.io or [REDACTED] now.";
+        let read = |out: &[u8], pointer: &str| -> String {
+            SseParser::default()
+                .feed(out)
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
+                .collect()
+        };
+        let mut wire = String::new();
+        for p in pieces {
+            wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{"refusal":p}}]})));
+        }
+        wire.push_str(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        );
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        assert_eq!(read(&out, "/choices/0/delta/refusal"), want, "chat refusal");
+        for kind in ["response.refusal.delta", "response.custom_tool_call_input.delta"] {
+            let mut wire = String::new();
+            for p in pieces {
+                let ev = serde_json::json!({"type":kind,"item_id":"x_1","output_index":0,"content_index":0,"delta":p});
+                wire.push_str(&format!("event: {kind}\ndata: {ev}\n\n"));
+            }
+            let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+            let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+            assert_eq!(read(&out, "/delta"), want, "{kind}");
+        }
+    }
+
     /// Reasoning streamed by OpenAI-compatible servers (`delta.reasoning_content`: DeepSeek, vLLM;
     /// `delta.reasoning`: OpenRouter, Groq), Responses reasoning summaries and Ollama `message.thinking`,
     /// one token per event: a placeholder cut across two events is restored and a value the model writes
