@@ -411,6 +411,15 @@ impl Scanner {
                     }
                 }
             }
+            // Digit groups with one separator (space or dash) from whose start nothing is reported are
+            // one number (an order, invoice or tracking number): none of its later groups starts a
+            // finding (`1234 5678 9012 3456` holds no card `5678 9012 3456`).
+            if is_digit(b) {
+                if let Some(end) = uniform_run_end(t, i) {
+                    i = end;
+                    continue;
+                }
+            }
             // An IBAN-shaped span that fails its check is skipped whole (its digit groups are not phones).
             if b.is_ascii_alphabetic() && self.on(Builtin::Iban) {
                 if let Some((end, false)) = iban_span(t, i) {
@@ -670,12 +679,13 @@ impl Scanner {
 
         // Phone.
         if self.on(Builtin::Phone) {
-            return phone(t, start, end, &lens, seps, plus, paren, &digit_str).map(|confidence| Finding {
-                start,
-                end,
-                kind: Builtin::Phone,
-                confidence,
-            });
+            let confidence = phone(t, start, end, &lens, seps, plus, paren, &digit_str)?;
+            // A weak shape (bare digits or groups, no `+`, trunk 0 or area code) after "order", "invoice",
+            // "tracking", ... is that id, whatever context word ("number") is near.
+            if confidence == Confidence::Low && negative_context(t, start) {
+                return None;
+            }
+            return Some(Finding { start, end, kind: Builtin::Phone, confidence });
         }
         None
     }
@@ -1102,6 +1112,15 @@ fn phone(
         return Some(Confidence::Low);
     }
     None
+}
+
+/// The end of the run of digit groups at `i` when it has two or more groups and one separator, a space or
+/// a dash, between all of them (`1234 5678 9012 3456`); `None` otherwise.
+fn uniform_run_end(t: &[u8], i: usize) -> Option<usize> {
+    let run = numeric_run(t, i);
+    let first = *run.seps.first()?;
+    let uniform = matches!(first, b' ' | b'-') && run.seps.iter().all(|s| *s == first);
+    uniform.then(|| run.groups.last().map(|g| g.1)).flatten()
 }
 
 /// Words before a number that say it is an identifier, not personal data.
@@ -1784,6 +1803,34 @@ mod tests {
         let k = kinds(s);
         assert!(k.len() <= 1, "{s}: {k:?}");
         k.into_iter().next()
+    }
+
+    /// An order, invoice or tracking number written in groups is one number: before, a part of it was
+    /// masked as a phone number ("order number is 1234 5678 9012 3456" left `3456` beside `<PHONE_1>`:
+    /// the 12-digit prefix took "number" as a phone context word) or as a card (`5678 9012 3456`, a
+    /// Luhn-valid Maestro length inside a 16-digit number).
+    #[test]
+    fn grouped_order_numbers_are_not_masked_in_part() {
+        for t in [
+            "Your order number is 1234 5678 9012 3456.",
+            "tracking number 9400 1000 0000 0000 0000 00",
+            "Invoice number 1234 5678 9012 today",
+            "order number 4111 1111 1111 1111",
+            "the sum is 1234 5678 9012 3456 units",
+            "reference number 1234-5678-9012-3456",
+        ] {
+            assert_eq!(kinds(t), vec![], "{t}");
+        }
+        // Entities still found: a card beside its own words, a phone with a context word, two numbers a
+        // comma apart, a phone followed by a card.
+        for (t, kind, found) in [
+            ("card number 4111 1111 1111 1111 ok", Builtin::CreditCard, "4111 1111 1111 1111"),
+            ("phone number 020 7946 0958 ok", Builtin::Phone, "020 7946 0958"),
+            ("call 415 555 2671, 4111 1111 1111 1111", Builtin::CreditCard, "4111 1111 1111 1111"),
+            ("call +44 20 7946 0958 4111 1111 1111 1111", Builtin::CreditCard, "4111 1111 1111 1111"),
+        ] {
+            assert!(kinds(t).contains(&(kind, found.to_string())), "{t}: {:?}", kinds(t));
+        }
     }
 
     /// Code in a prompt: a path of two identifiers made of the letters a-f (`db::add`, `cafe::bad`,
