@@ -292,7 +292,7 @@ impl<M: Clone> DeltaChannels<M> {
         for (p, text, json) in deltas {
             let key = channel_key(v, &p);
             // The answer of a Gemini candidate begins: its thought's held text goes out first.
-            if !key.ends_with(THOUGHT) {
+            if !self.channels.is_empty() && !key.ends_with(THOUGHT) {
                 let thought = format!("{key}{THOUGHT}");
                 if let Some(c) = self.channels.remove(&thought) {
                     self.emit(&thought, c, rw, before);
