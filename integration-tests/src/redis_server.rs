@@ -11,6 +11,8 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// A Redis Cluster node (`--cluster-enabled yes`, its bus on a free port of its own).
+    cluster_node: bool,
 }
 
 fn free_port() -> Result<u16> {
@@ -41,7 +43,7 @@ impl RedisServer {
     /// [`RedisServer::start`] with the ports `pick` gives.
     fn start_with(mut pick: impl FnMut() -> Result<u16>) -> Result<RedisServer> {
         let dir = tempfile::Builder::new().prefix("meshwarden-redis-").tempdir()?;
-        let mut r = RedisServer { child: None, port: pick()?, dir };
+        let mut r = RedisServer { child: None, port: pick()?, dir, cluster_node: false };
         let mut attempts = 0;
         loop {
             match r.spawn() {
@@ -63,8 +65,21 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<()> {
         let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".to_string());
+        let mut cluster_args = Vec::new();
+        if self.cluster_node {
+            // The bus port defaults to port + 10000, which can be taken or past 65535.
+            let bus = free_port()?.to_string();
+            cluster_args.extend(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"].map(String::from));
+            cluster_args.extend([
+                "--cluster-node-timeout".to_string(),
+                "5000".to_string(),
+                "--cluster-port".to_string(),
+                bus,
+            ]);
+        }
         let child = Command::new(bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&cluster_args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -106,6 +121,61 @@ impl RedisServer {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()
+    }
+}
+
+/// One command in Redis's inline form on `port`, and the start of its answer (what fits in 64 KiB).
+pub fn command(port: u16, line: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.write_all(format!("{line}\r\n").as_bytes())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(buf.get(..n).unwrap_or_default()).into_owned())
+}
+
+/// A Redis Cluster of three primaries without replicas (`redis-cli --cluster create`, package
+/// `redis-tools`, which `redis-server` depends on), on loopback ports; stopped on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Result<RedisCluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new().prefix("meshwarden-redis-cluster-").tempdir()?;
+            let mut node = RedisServer { child: None, port: free_port()?, dir, cluster_node: true };
+            node.spawn()?;
+            nodes.push(node);
+        }
+        let cli = std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".to_string());
+        let out = Command::new(cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .context("redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            while !command(n.port, "CLUSTER INFO").is_ok_and(|i| i.contains("cluster_state:ok")) {
+                if Instant::now() > deadline {
+                    bail!("the cluster is not ok on port {}", n.port);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(RedisCluster { nodes })
+    }
+
+    /// The URL of the first node (any node leads a cluster client to the others).
+    pub fn url(&self) -> String {
+        self.nodes.first().map(RedisServer::url).unwrap_or_default()
     }
 }
 

@@ -134,3 +134,53 @@ async fn calls_with_redis_gone_fail_within_the_timeout_and_recover() {
     }
     assert_eq!(status, 200, "answered again once Redis is back");
 }
+
+/// A Redis Cluster (what the docs and the Istio overlay recommend in production, for the key layout with
+/// hash tags) keeps every budget: a sidecar given one node's URL reaches the keys of every slot. It spoke to
+/// that one node only, so each key another node holds was answered `MOVED`: a 503 for about two teams in
+/// three (their requests refused under `failure_mode: deny`, unlimited under `allow`), while
+/// `/readyz/backend` said "redis ok".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_the_budget_of_every_key() {
+    let cluster = meshwarden_integration_tests::redis_server::RedisCluster::start().unwrap();
+    let sidecar = Sidecar::start(&["--redis-url", &cluster.url(), "--redis-timeout-ms", "1000"]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        let (http, url) = (http.clone(), sidecar.url(path));
+        async move {
+            let r = http.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let mut failed = Vec::new();
+    for i in 0..24 {
+        let key = format!("team-total:h:{i:032x}");
+        let group = |lease: &str| {
+            serde_json::json!({"groups":[{"key": key, "windows":[{"limit":100,"window_ms":3_600_000}],"cost":60,
+                "concurrency":{"max":2,"lease_id":lease,"lease_ms":60000}}]})
+        };
+        let (status, first) = post("/v1/ratelimit/reserve", group("a")).await;
+        if status != 200 {
+            failed.push(format!("{key}: {status} {first}"));
+            continue;
+        }
+        let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(first["allowed"], true, "{key}: {first}");
+        // The state is kept: the second reservation finds the first one's tokens spent.
+        let (status, second) = post("/v1/ratelimit/reserve", group("b")).await;
+        assert_eq!(status, 200, "{key}: {second}");
+        let second: serde_json::Value = serde_json::from_str(&second).unwrap();
+        assert_eq!((&second["allowed"], &second["groups"][0]["reason"]), (&false.into(), &"tokens".into()), "{key}");
+        let release = serde_json::json!({"items":[{"key": key, "windows":[{"limit":100,"window_ms":3_600_000}],
+            "delta":-60,"release_lease":"a"}]});
+        let (status, body) = post("/v1/ratelimit/settle", release).await;
+        assert_eq!(status, 204, "{key}: {body}");
+        let (status, third) = post("/v1/ratelimit/reserve", group("c")).await;
+        assert_eq!(status, 200, "{key}: {third}");
+        assert!(third.contains(r#""allowed":true"#), "refunded and released: {key}: {third}");
+    }
+    assert!(failed.is_empty(), "{} of 24 keys failed:\n{}", failed.len(), failed.join("\n"));
+    let r = http.get(sidecar.url("/readyz/backend")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, "redis ok".to_string()));
+}

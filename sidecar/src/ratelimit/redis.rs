@@ -7,6 +7,11 @@
 //! - `mw:tl:{<key>}:c` - a sorted set of concurrency leases, score = expiry (µs);
 //! - `mw:tl:{<key>}:s:<id>` - a settlement id already applied (expires after the item's `id_ttl_ms`).
 //!
+//! A Redis Cluster is found by asking the server given (`INFO cluster`): the sidecar then speaks the
+//! cluster protocol (slots learned from the node, each script sent to the node holding its keys,
+//! `MOVED`/`ASK` followed), so any node's URL, or a managed service's configuration endpoint, serves
+//! every key. Through a single connection, the keys of the other nodes' slots were answered `MOVED`.
+//!
 //! A request with several budget keys (team total + per-model) reserves key by key, each atomically,
 //! and rolls back the keys already reserved when a later one denies (all-or-nothing from the caller's
 //! view; no script touches two slots). Keys expire once their state equals "never seen".
@@ -17,6 +22,8 @@ use meshwarden_shared::ratelimit::{
     reserved, rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
 };
 use redis::aio::ConnectionManager;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::Script;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -136,10 +143,55 @@ async fn within<T>(
     }
 }
 
+/// The connection: to one Redis (or a proxy in front of several), or to a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Whether `INFO cluster` says the server is a Redis Cluster node. A server that refuses `INFO` (a proxy,
+/// a renamed command) is used as one Redis.
+async fn is_cluster_node(c: &mut ConnectionManager) -> bool {
+    redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(c)
+        .await
+        .is_ok_and(|info| info.lines().any(|l| l.trim() == "cluster_enabled:1"))
+}
+
 pub struct RedisBackend {
     client: redis::Client,
     timeout: Duration,
-    conn: Mutex<Option<ConnectionManager>>,
+    conn: Mutex<Option<Conn>>,
     reserve: Script,
     settle: Script,
 }
@@ -167,7 +219,9 @@ impl RedisBackend {
     /// (the 10th waited 15 s). Those calls were answered long after the filter had given up on them, and
     /// when Redis came back the queued reserves ran: they charged requests already answered and took
     /// concurrency leases after the filter had sent their release, holding those slots for `lease_ms`.
-    async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+    ///
+    /// A Redis Cluster node answers with a cluster connection instead (see the module documentation).
+    async fn conn(&self) -> redis::RedisResult<Conn> {
         let connect_timeout = self.timeout.max(Duration::from_millis(100));
         let attempt = async {
             let mut guard = self.conn.lock().await;
@@ -179,7 +233,17 @@ impl RedisBackend {
                 .set_connection_timeout(connect_timeout)
                 .set_number_of_retries(1)
                 .set_max_delay(200);
-            let c = self.client.get_connection_manager_with_config(cfg).await?;
+            let mut single = self.client.get_connection_manager_with_config(cfg).await?;
+            let c = if is_cluster_node(&mut single).await {
+                let cluster = ClusterClientBuilder::new([self.client.get_connection_info().clone()])
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(self.timeout)
+                    .retries(2)
+                    .build()?;
+                Conn::Cluster(cluster.get_async_connection().await?)
+            } else {
+                Conn::Single(single)
+            };
             *guard = Some(c.clone());
             Ok(c)
         };
@@ -191,7 +255,7 @@ impl RedisBackend {
         within(self.timeout, redis::cmd("PING").query_async::<String>(&mut c)).await.map(|_| ())
     }
 
-    async fn reserve_group(&self, c: &mut ConnectionManager, g: &Group) -> redis::RedisResult<GroupResult> {
+    async fn reserve_group(&self, c: &mut Conn, g: &Group) -> redis::RedisResult<GroupResult> {
         let (kw, kc) = keys(&g.key);
         let mut inv = self.reserve.key(kw);
         inv.key(kc);
@@ -227,7 +291,7 @@ impl RedisBackend {
         Ok(GroupResult { allowed, reason, windows, never: get(2) == 1 })
     }
 
-    async fn settle_one(&self, c: &mut ConnectionManager, it: &SettleItem) -> redis::RedisResult<()> {
+    async fn settle_one(&self, c: &mut Conn, it: &SettleItem) -> redis::RedisResult<()> {
         let (kw, kc) = keys(&it.key);
         let mut inv = self.settle.key(kw);
         inv.key(kc);
@@ -274,7 +338,7 @@ impl RedisBackend {
 
     /// Refund every reserved group of `results`, each even when another fails (a failed one stays
     /// charged: more than used, never less; its lease expires after `lease_ms`).
-    async fn roll_back(&self, c: &mut ConnectionManager, req: &ReserveRequest, results: &[GroupResult]) {
+    async fn roll_back(&self, c: &mut Conn, req: &ReserveRequest, results: &[GroupResult]) {
         for g in reserved(req, results) {
             if let Err(e) = self.settle_one(c, &rollback_item(g)).await {
                 tracing::warn!(key = %g.key, error = %e, "redis rollback failed");
