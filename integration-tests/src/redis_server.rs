@@ -13,6 +13,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// A Redis Cluster node (`--cluster-enabled yes`, its bus on a free port of its own).
     cluster_node: bool,
+    /// Also serving TLS on this port, with `srv.crt` / `srv.key` of this directory (see [`crate::pki`]).
+    tls: Option<(u16, std::path::PathBuf)>,
 }
 
 fn free_port() -> Result<u16> {
@@ -43,7 +45,7 @@ impl RedisServer {
     /// [`RedisServer::start`] with the ports `pick` gives.
     fn start_with(mut pick: impl FnMut() -> Result<u16>) -> Result<RedisServer> {
         let dir = tempfile::Builder::new().prefix("meshwarden-redis-").tempdir()?;
-        let mut r = RedisServer { child: None, port: pick()?, dir, cluster_node: false };
+        let mut r = RedisServer { child: None, port: pick()?, dir, cluster_node: false, tls: None };
         let mut attempts = 0;
         loop {
             match r.spawn() {
@@ -77,9 +79,19 @@ impl RedisServer {
                 bus,
             ]);
         }
+        let mut tls_args = Vec::new();
+        if let Some((port, pki)) = &self.tls {
+            tls_args.extend(["--tls-port".to_string(), port.to_string(), "--tls-auth-clients".into(), "no".into()]);
+            for (flag, file) in
+                [("--tls-cert-file", "srv.crt"), ("--tls-key-file", "srv.key"), ("--tls-ca-cert-file", "ca.crt")]
+            {
+                tls_args.extend([flag.to_string(), pki.join(file).display().to_string()]);
+            }
+        }
         let child = Command::new(bin)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(&cluster_args)
+            .args(&tls_args)
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -103,6 +115,26 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A server that also serves TLS (`rediss://`) with the certificate `srv.crt` of `pki` (for 127.0.0.1,
+    /// signed by its `ca.crt`: [`crate::pki::spiffe_pki`] writes them); the plain port stays for [`ping`].
+    pub fn start_tls(pki: &std::path::Path) -> Result<RedisServer> {
+        let dir = tempfile::Builder::new().prefix("meshwarden-redis-tls-").tempdir()?;
+        let mut r = RedisServer {
+            child: None,
+            port: free_port()?,
+            dir,
+            cluster_node: false,
+            tls: Some((free_port()?, pki.to_path_buf())),
+        };
+        r.spawn()?;
+        Ok(r)
+    }
+
+    /// The `rediss://` URL of a server started with [`start_tls`](Self::start_tls).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|(port, _)| format!("rediss://127.0.0.1:{port}/0"))
     }
 
     /// The server's process id (to freeze it with SIGSTOP in fault tests); `None` once killed.
@@ -145,7 +177,7 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let dir = tempfile::Builder::new().prefix("meshwarden-redis-cluster-").tempdir()?;
-            let mut node = RedisServer { child: None, port: free_port()?, dir, cluster_node: true };
+            let mut node = RedisServer { child: None, port: free_port()?, dir, cluster_node: true, tls: None };
             node.spawn()?;
             nodes.push(node);
         }

@@ -28,20 +28,28 @@ pub struct Sidecar {
     child: Child,
     pub addr: SocketAddr,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Sidecar {
     /// Start with extra flags (e.g. `["--redis-url", url]`), listening on a free port.
     pub fn start(args: &[&str]) -> Result<Sidecar> {
-        Self::start_on("127.0.0.1:0", args.iter().map(|s| s.to_string()).collect())
+        Self::start_with_env(args, &[])
     }
 
-    fn start_on(listen: &str, args: Vec<String>) -> Result<Sidecar> {
+    /// [`start`](Self::start) with environment variables set for the process (e.g. `SSL_CERT_FILE`).
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Result<Sidecar> {
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::start_on("127.0.0.1:0", args.iter().map(|s| s.to_string()).collect(), envs)
+    }
+
+    fn start_on(listen: &str, args: Vec<String>, envs: Vec<(String, String)>) -> Result<Sidecar> {
         let mut child = Command::new(sidecar_bin()?)
             .arg("--listen")
             .arg(listen)
             .args(&args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -79,7 +87,7 @@ impl Sidecar {
         loop {
             if let Ok(a) = rx.recv_timeout(Duration::from_millis(50)) {
                 let addr: SocketAddr = a.parse()?;
-                return Ok(Sidecar { child, addr, args, log });
+                return Ok(Sidecar { child, addr, args, envs, log });
             }
             if let Some(status) = child.try_wait()? {
                 let log = log.lock().map(|l| l.join("\n")).unwrap_or_default();
@@ -131,7 +139,7 @@ impl Sidecar {
     /// Start again on the same address and flags (after [`kill`](Self::kill)).
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        let again = Self::start_on(&self.addr.to_string(), self.args.clone())?;
+        let again = Self::start_on(&self.addr.to_string(), self.args.clone(), self.envs.clone())?;
         let old = std::mem::replace(self, again);
         drop(old);
         Ok(())

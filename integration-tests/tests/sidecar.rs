@@ -184,3 +184,35 @@ async fn a_redis_cluster_keeps_the_budget_of_every_key() {
     let r = http.get(sidecar.url("/readyz/backend")).send().await.unwrap();
     assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, "redis ok".to_string()));
 }
+
+/// `rediss://` (the docs' way to reach a Redis over TLS, which managed Redis services require) connects
+/// with TLS, checking the server's certificate against the system's CA certificates (here the test CA,
+/// through `SSL_CERT_FILE`). The sidecar was built without TLS: it refused to start ("can't connect with
+/// TLS, the feature is not enabled").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_over_tls_is_reached_with_rediss() {
+    let pki = tempfile::tempdir().unwrap();
+    meshwarden_integration_tests::pki::spiffe_pki(pki.path(), &[]).unwrap();
+    let redis = meshwarden_integration_tests::redis_server::RedisServer::start_tls(pki.path()).unwrap();
+    let url = redis.tls_url().unwrap();
+    let ca = pki.path().join("ca.crt").display().to_string();
+    let sidecar =
+        Sidecar::start_with_env(&["--redis-url", &url, "--redis-timeout-ms", "1000"], &[("SSL_CERT_FILE", &ca)])
+            .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let req = serde_json::json!({"groups":[{"key":"tls","windows":[{"limit":100,"window_ms":60000}],"cost":60}]});
+    let mut allowed = Vec::new();
+    for _ in 0..2 {
+        let r = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = r.json().await.unwrap();
+        allowed.push(v["allowed"].as_bool().unwrap());
+    }
+    assert_eq!(allowed, [true, false], "the budget is kept in that Redis");
+    let r = http.get(sidecar.url("/readyz/backend")).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, "redis ok".to_string()));
+    // A certificate the sidecar cannot trust is refused: no CA given, the test CA is unknown.
+    let untrusted = Sidecar::start(&["--redis-url", &url, "--redis-timeout-ms", "1000"]).unwrap();
+    let r = http.post(untrusted.url("/v1/ratelimit/reserve")).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 503, "an unverified server is not used");
+}

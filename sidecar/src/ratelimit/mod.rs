@@ -59,7 +59,8 @@ impl Backend for redis::RedisBackend {
 /// The configured backend.
 pub enum AnyBackend {
     Memory(memory::MemoryBackend),
-    Redis(redis::RedisBackend),
+    /// Boxed: its client (with the TLS settings of `rediss://`) is several times the memory backend's size.
+    Redis(Box<redis::RedisBackend>),
 }
 
 impl AnyBackend {
@@ -72,7 +73,7 @@ impl AnyBackend {
     pub async fn reserve(&self, req: ReserveRequest) -> anyhow::Result<ReserveResponse> {
         match self {
             AnyBackend::Memory(b) => Backend::reserve(b, req).await,
-            AnyBackend::Redis(b) => Backend::reserve(b, req).await,
+            AnyBackend::Redis(b) => Backend::reserve(&**b, req).await,
         }
     }
     /// Whether the storage answers (a Redis `PING` within the backend's timeout).
@@ -85,7 +86,7 @@ impl AnyBackend {
     pub async fn settle(&self, items: Vec<SettleItem>) -> anyhow::Result<()> {
         match self {
             AnyBackend::Memory(b) => Backend::settle(b, items).await,
-            AnyBackend::Redis(b) => Backend::settle(b, items).await,
+            AnyBackend::Redis(b) => Backend::settle(&**b, items).await,
         }
     }
 }
@@ -162,7 +163,7 @@ fn authorized(required: Option<&str>, headers: &HeaderMap) -> bool {
 pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Result<()> {
     let backend = match config.redis_url.as_deref() {
         Some(url) if !url.is_empty() => {
-            AnyBackend::Redis(redis::RedisBackend::new(url, Duration::from_millis(config.redis_timeout_ms))?)
+            AnyBackend::Redis(Box::new(redis::RedisBackend::new(url, Duration::from_millis(config.redis_timeout_ms))?))
         }
         _ => AnyBackend::Memory(memory::MemoryBackend::default()),
     };

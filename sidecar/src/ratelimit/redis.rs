@@ -16,6 +16,10 @@
 //! and rolls back the keys already reserved when a later one denies (all-or-nothing from the caller's
 //! view; no script touches two slots). Keys expire once their state equals "never seen".
 //!
+//! `rediss://` connects with TLS and checks the server's certificate against the system's CA
+//! certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` name others; `#insecure` at the end of the URL skips
+//! the check).
+//!
 //! Arithmetic is in Lua doubles: exact for timestamps and costs below 2^53 µs (285 years).
 
 use meshwarden_shared::ratelimit::{
@@ -202,6 +206,9 @@ fn keys(key: &str) -> (String, String) {
 
 impl RedisBackend {
     pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        // `rediss://`: TLS through rustls, whose process-wide crypto must be chosen before a connection
+        // is made (an error only says another one was installed first).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Self {
             client: redis::Client::open(url)?,
             timeout,
