@@ -298,6 +298,12 @@ impl Validate for Config {
                 "must be a non-empty lower-case header name (a-z, 0-9, '-', '_')",
             ));
         }
+        if self.sidecar_token.is_some() && self.state == StateMode::Local {
+            return Err(ConfigError::at("sidecar_token", "only used with \"state\": \"sidecar\""));
+        }
+        if self.sidecar_token_env.is_some() && self.state == StateMode::Local {
+            return Err(ConfigError::at("sidecar_token_env", "only used with \"state\": \"sidecar\""));
+        }
         if let Some(t) = &self.sidecar_token {
             check_sidecar_token("sidecar_token", t)?;
         }
@@ -318,6 +324,14 @@ impl Validate for Config {
         match (&self.state, &self.sidecar) {
             (StateMode::Sidecar, None) => {
                 return Err(ConfigError::at("sidecar", "required when state is \"sidecar\""));
+            }
+            // Ignored otherwise: budgets would stay in each Envoy (one per gateway replica), not shared.
+            (StateMode::Local, Some(_)) => {
+                return Err(ConfigError::at(
+                    "sidecar",
+                    "given, but state is \"local\" (the default), which would keep budgets in this Envoy: \
+                     set \"state\": \"sidecar\" to use the sidecar",
+                ));
             }
             (_, Some(s)) => s.validate("sidecar")?,
             _ => {}
@@ -479,6 +493,12 @@ mod tests {
             "$.rules[0].key"
         );
         assert_eq!(e(r#"{"state":"sidecar"}"#), "$.sidecar");
+        // A sidecar block (or token) without `state: sidecar` would be ignored: budgets kept in each Envoy,
+        // one per gateway replica instead of one shared budget.
+        assert_eq!(e(r#"{"sidecar":{"cluster":"meshwarden_sidecar"}}"#), "$.sidecar");
+        assert_eq!(e(r#"{"state":"local","sidecar":{"cluster":"meshwarden_sidecar"}}"#), "$.sidecar");
+        assert_eq!(e(r#"{"sidecar_token":"s3cret"}"#), "$.sidecar_token");
+        assert!(parse_config::<Config>(br#"{"state":"sidecar","sidecar":{"cluster":"c"},"sidecar_token":"t"}"#).is_ok());
         // A zero limit names its window, not only `limits`.
         assert_eq!(
             e(
@@ -508,15 +528,21 @@ mod tests {
         };
         assert_eq!(e(&fallback("gpt\\r\\nx-injected: 1")), "$.rules[0].fallback_model");
         for bad in ["", "two words", "x\\r\\ny: z"] {
-            assert_eq!(e(&format!(r#"{{"sidecar_token":"{bad}"}}"#)), "$.sidecar_token", "{bad:?}");
+            let cfg = format!(r#"{{"state":"sidecar","sidecar":{{"cluster":"c"}},"sidecar_token":"{bad}"}}"#);
+            assert_eq!(e(&cfg), "$.sidecar_token", "{bad:?}");
         }
-        assert!(parse_config::<Config>(br#"{"sidecar_token":"s3cret-Token_1"}"#).is_ok());
+        assert!(parse_config::<Config>(
+            br#"{"state":"sidecar","sidecar":{"cluster":"c"},"sidecar_token":"s3cret-Token_1"}"#
+        )
+        .is_ok());
+        let sc = r#""state":"sidecar","sidecar":{"cluster":"c""#;
         for bad in [
-            r#"{"sidecar_token":"a","sidecar_token_env":"T"}"#,
-            r#"{"sidecar_token_env":""}"#,
-            r#"{"sidecar_token_env":"A-B"}"#,
+            format!(r#"{{{sc}}},"sidecar_token":"a","sidecar_token_env":"T"}}"#),
+            format!(r#"{{{sc}}},"sidecar_token_env":""}}"#),
+            format!(r#"{{{sc}}},"sidecar_token_env":"A-B"}}"#),
+            r#"{"sidecar_token_env":"T"}"#.to_string(),
         ] {
-            assert_eq!(e(bad), "$.sidecar_token_env", "{bad}");
+            assert_eq!(e(&bad), "$.sidecar_token_env", "{bad}");
         }
         assert!(parse_config::<Config>(fallback("gpt-4o-mini").as_bytes()).is_ok());
         // A fallback the rule itself limits (its glob matches it, or the rule has no model) would be charged
@@ -542,13 +568,15 @@ mod tests {
             "SPACED" => Some("two words".to_string()),
             _ => None,
         };
-        let from_env = cfg(r#"{"sidecar_token_env":"MESHWARDEN_SIDECAR_API_TOKEN"}"#);
+        let from_env =
+            cfg(r#"{"state":"sidecar","sidecar":{"cluster":"c"},"sidecar_token_env":"MESHWARDEN_SIDECAR_API_TOKEN"}"#);
         assert_eq!(from_env.sidecar_authorization(env).unwrap().as_deref(), Some("Bearer s3cret"));
-        let inline = cfg(r#"{"sidecar_token":"abc"}"#);
+        let inline = cfg(r#"{"state":"sidecar","sidecar":{"cluster":"c"},"sidecar_token":"abc"}"#);
         assert_eq!(inline.sidecar_authorization(env).unwrap().as_deref(), Some("Bearer abc"));
         assert_eq!(cfg("{}").sidecar_authorization(env).unwrap(), None);
         for name in ["MISSING", "SPACED"] {
-            let err = cfg(&format!(r#"{{"sidecar_token_env":"{name}"}}"#)).sidecar_authorization(env).unwrap_err();
+            let json = format!(r#"{{"state":"sidecar","sidecar":{{"cluster":"c"}},"sidecar_token_env":"{name}"}}"#);
+            let err = cfg(&json).sidecar_authorization(env).unwrap_err();
             assert_eq!(err.path, "$.sidecar_token_env", "{name}");
         }
     }
