@@ -231,6 +231,45 @@ async fn memory_and_redis_backends_answer_the_same() {
     assert_eq!(answers[0][14]["groups"][0]["windows"][0]["remaining"], 90, "w2 refunded after the probe");
 }
 
+/// Gateways with different `lease_ms` (a rollout that lowers it, as the docs advise) share a key's
+/// concurrency slots: a lease lives its own `lease_ms` on both backends. On Redis, each reservation set the
+/// expiry of the key's whole set of leases to its own lease, so a short lease taken and released after a
+/// long one let the set expire with it: the long request's slot was gone and one more request was
+/// admitted over `max_concurrent_requests` (the memory backend kept it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lease_does_not_end_the_longer_leases_of_its_key() {
+    let redis = RedisServer::start().unwrap();
+    let mem = Sidecar::start(&[]).unwrap();
+    let red = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let slot = |lease: &str, lease_ms: u64| {
+        json!({"groups":[{"key":"slots","windows":[],"cost":0,
+            "concurrency":{"max":2,"lease_id":lease,"lease_ms":lease_ms}}]})
+    };
+    for s in [&mem, &red] {
+        let call = |op: &str, body: Value| {
+            let url = s.url(&format!("/v1/ratelimit/{op}"));
+            async move { client().post(url).json(&body).send().await.unwrap() }
+        };
+        let allowed = |r: Value| r["allowed"].as_bool().unwrap();
+        assert!(allowed(call("reserve", slot("long", 600_000)).await.json().await.unwrap()));
+        assert!(allowed(call("reserve", slot("short", 1_000)).await.json().await.unwrap()));
+        let release = json!({"items":[{"key":"slots","windows":[],"delta":0,"release_lease":"short"}]});
+        assert_eq!(call("settle", release).await.status(), 204);
+        // Past the short lease's expiry (and Redis's second of slack): the long one still holds its slot.
+        tokio::time::sleep(Duration::from_millis(2_300)).await;
+        let mut got = Vec::new();
+        for lease in ["x", "y"] {
+            got.push(allowed(call("reserve", slot(lease, 600_000)).await.json().await.unwrap()));
+        }
+        assert_eq!(
+            got,
+            [true, false],
+            "one slot of two is free ({})",
+            if std::ptr::eq(s, &mem) { "memory" } else { "redis" }
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_envoys_share_one_budget_through_redis() {
     let redis = RedisServer::start().unwrap();

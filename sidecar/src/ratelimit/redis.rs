@@ -85,7 +85,8 @@ if nwin > 0 then
 end
 if cmax > 0 then
   redis.call('ZADD', KEYS[2], now + lease_us, lease)
-  redis.call('PEXPIRE', KEYS[2], math.ceil(lease_us / 1000) + 1000)
+  local lttl = math.ceil(lease_us / 1000) + 1000
+  if redis.call('PTTL', KEYS[2]) < lttl then redis.call('PEXPIRE', KEYS[2], lttl) end
 end
 return out
 "#;
