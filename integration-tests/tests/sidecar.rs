@@ -216,3 +216,77 @@ async fn a_redis_over_tls_is_reached_with_rediss() {
     let r = http.post(untrusted.url("/v1/ratelimit/reserve")).json(&req).send().await.unwrap();
     assert_eq!(r.status(), 503, "an unverified server is not used");
 }
+
+/// A TCP proxy to `127.0.0.1:upstream` that delivers what the server sends `delay` late (a Redis a
+/// network hop away, as a managed one is); returns its port.
+async fn slow_answers_proxy(upstream: u16, delay: std::time::Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else { continue };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            // A delay line: each chunk leaves `delay` after it arrived (chunks in flight overlap).
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0 || tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, chunk)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if cw.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A settle call carries a tick's settlements of a whole gateway worker (up to 256 items): with Redis a
+/// millisecond or two away they are applied in about one round trip, within the filter's callout timeout
+/// (50 ms by default). They were applied one after the other, a round trip each: 100 items took over
+/// 200 ms at 2 ms, the filter gave up on the call (a settle failure: the refunds and debts of the batch
+/// dropped, the budgets left charged the reservations) and the sidecar stopped applying the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_batch_is_applied_in_about_one_redis_round_trip() {
+    let redis = meshwarden_integration_tests::redis_server::RedisServer::start().unwrap();
+    let port = slow_answers_proxy(redis.port, std::time::Duration::from_millis(5)).await;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let sidecar = Sidecar::start(&["--redis-url", &url, "--redis-timeout-ms", "5000"]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let window = serde_json::json!([{"limit":1000,"window_ms":3_600_000}]);
+    let groups: Vec<serde_json::Value> =
+        (0..100).map(|i| serde_json::json!({"key": format!("k{i}"), "windows": window, "cost": 100})).collect();
+    for g in &groups {
+        let r = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&serde_json::json!({"groups":[g]})).send().await;
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    let items: Vec<serde_json::Value> = (0..100)
+        .map(|i| serde_json::json!({"key": format!("k{i}"), "windows": window, "delta": -90, "release_lease": "l"}))
+        .collect();
+    let started = std::time::Instant::now();
+    let r = http.post(sidecar.url("/v1/ratelimit/settle")).json(&serde_json::json!({"items": items})).send().await;
+    let took = started.elapsed();
+    assert_eq!(r.unwrap().status(), 204);
+    assert!(took < std::time::Duration::from_millis(150), "100 settlements took {took:?}");
+    // Every refund was applied: 990 of 1000 left on each key.
+    for g in &groups {
+        let mut probe = g.clone();
+        probe["cost"] = serde_json::json!(0);
+        let r = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&serde_json::json!({"groups":[probe]})).send();
+        let v: serde_json::Value = r.await.unwrap().json().await.unwrap();
+        assert_eq!(v["groups"][0]["windows"][0]["remaining"], 990, "{v}");
+    }
+}
