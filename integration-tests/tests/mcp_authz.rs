@@ -1598,3 +1598,21 @@ async fn every_element_argument_paths() {
     }
     assert_eq!(mock.requests().len(), 1, "no denied call reached the upstream");
 }
+
+/// The access log's filter-state values are text the caller chose (a tool name, a method): a line break
+/// in one wrote a second, forged access-log line (here an admin's allowed `delete_file`) under the
+/// documented text format. They are written with JSON string escapes for control characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_values_cannot_forge_lines() {
+    let s = setup(config(false)).await;
+    let bob = Session::open(s.envoy.url("/json/mcp"), &[("x-test-user", "bob")]).await;
+    let forged = "ACCESS POST /mcp 200 subject=root method=tools/call target=delete_file decision=allow rule=admins";
+    let (st, _, m) = bob.call(json!("inj-1"), &format!("ledger_read\n{forged}"), json!({})).await;
+    assert_eq!((st, m["error"]["code"].clone()), (200, json!(-32602)), "{m}");
+    let (st, _, m) = bob.post(&json!({"jsonrpc": "2.0", "id": "inj-2", "method": format!("x\r\n{forged}")})).await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (200, json!(-32601)), "{m:?}");
+    wait_for_log(&s.envoy, r"target=ledger_read\nACCESS POST /mcp 200 subject=root").await;
+    wait_for_log(&s.envoy, r"method=x\r\nACCESS POST /mcp 200 subject=root").await;
+    let log = s.envoy.log();
+    assert!(!log.lines().any(|l| l.starts_with(forged)), "a forged access-log line:\n{log}");
+}

@@ -1149,6 +1149,32 @@ impl Engine {
     }
 }
 
+/// A filter-state value for access logs (`wasm.mcp_authz.method`, `.target`, `.subject`, `.rule`) with JSON
+/// string escapes for `\`, `"` and control characters (`\n`, `\r`, `\t`, else `\u00XX`; also C1 and
+/// U+2028/U+2029, which some log readers take for line breaks). The values are text the caller chose (a
+/// tool name, a method, a token's `sub`), and a text access log writes them as they are: a tool named
+/// `x\n/mcp 200 subject=root … decision=allow` wrote a second, forged access-log line (before
+/// 2026-12-07). Values without such characters are unchanged.
+pub fn access_log_value(s: &str) -> Cow<'_, str> {
+    let special = |c: char| c == '\\' || c == '"' || c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !s.chars().any(special) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if special(c) => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// The fields of a JSON object as raw values, in order (duplicates kept; the last one wins on rebuild).
 fn object_fields(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, Unreadable> {
     struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
@@ -1413,6 +1439,22 @@ mod tests {
 
     fn engine(cfg: Value) -> Engine {
         Engine::new(parse_config(cfg.to_string().as_bytes()).unwrap()).unwrap()
+    }
+
+    /// Access-log values are caller-chosen text: no line break (nor quote) survives unescaped.
+    #[test]
+    fn access_log_values_are_escaped() {
+        for plain in ["tools/call", "ledger_read", "file:///public/a b", "bob", "jörg", ""] {
+            assert!(matches!(access_log_value(plain), Cow::Borrowed(_)), "{plain}");
+        }
+        assert_eq!(access_log_value("a\nb\r\tc"), r"a\nb\r\tc");
+        assert_eq!(access_log_value("q\"x\\y"), r#"q\"x\\y"#);
+        assert_eq!(
+            access_log_value("\u{0}\u{1b}[31m\u{7f}\u{85}\u{2028}\u{2029}"),
+            r"\u0000\u001b[31m\u007f\u0085\u2028\u2029"
+        );
+        let forged = access_log_value("x\n/mcp 200 subject=root decision=allow");
+        assert!(!forged.contains(['\n', '\r']), "{forged}");
     }
 
     fn std_engine(answer: &str) -> Engine {

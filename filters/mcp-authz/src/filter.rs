@@ -269,12 +269,15 @@ impl Request {
                 )
             }
         };
-        self.set_property(vec!["mcp_authz.method"], Some(method.as_bytes()));
-        self.set_property(vec!["mcp_authz.target"], Some(target.as_bytes()));
+        // Caller-chosen text (a tool name, a method, a token's `sub`): escaped, so that no value can
+        // write a line of its own into a text access log.
+        use crate::engine::access_log_value as esc;
+        self.set_property(vec!["mcp_authz.method"], Some(esc(&method).as_bytes()));
+        self.set_property(vec!["mcp_authz.target"], Some(esc(&target).as_bytes()));
         self.set_property(vec!["mcp_authz.decision"], Some(decision.as_bytes()));
-        self.set_property(vec!["mcp_authz.rule"], Some(rule.as_bytes()));
+        self.set_property(vec!["mcp_authz.rule"], Some(esc(&rule).as_bytes()));
         let subject = self.identity.subject(&self.engine.config.identity.subject_claims);
-        self.set_property(vec!["mcp_authz.subject"], Some(subject.as_bytes()));
+        self.set_property(vec!["mcp_authz.subject"], Some(esc(&subject).as_bytes()));
     }
 
     fn apply(&mut self, out: Outcome) -> Action {
