@@ -1616,3 +1616,36 @@ async fn access_log_values_cannot_forge_lines() {
     let log = s.envoy.log();
     assert!(!log.lines().any(|l| l.starts_with(forged)), "a forged access-log line:\n{log}");
 }
+
+/// The GET stream is idle most of the time; the MCP Python SDK's server sends a `: ping` comment on it
+/// every 15 s (sse-starlette) so that proxies and clients do not close it for inactivity. The filter
+/// parsed the stream event by event and dropped comments: no byte reached the client between two
+/// messages. Blocks holding no event now pass as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_streams_keep_the_servers_keep_alive_comments() {
+    let s = setup(config(false)).await;
+    let bob = Session::open(s.envoy.url("/mcp"), &[("x-test-user", "bob")]).await;
+    let resp = client()
+        .get(s.envoy.url("/mcp"))
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &bob.id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("x-test-user", "bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(25);
+    while !String::from_utf8_lossy(&seen).contains(": ping") {
+        match tokio::time::timeout_at(deadline, tokio_stream::StreamExt::next(&mut stream)).await {
+            Ok(Some(Ok(chunk))) => seen.extend_from_slice(&chunk),
+            other => panic!(
+                "no keep-alive comment within 25 s ({:?}): {:?}",
+                other.map(|_| ()),
+                String::from_utf8_lossy(&seen)
+            ),
+        }
+    }
+}

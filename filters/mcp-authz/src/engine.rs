@@ -26,7 +26,7 @@ use meshwarden_shared::a2a;
 use meshwarden_shared::config::glob_match;
 use meshwarden_shared::jsonrpc::{self, Message, ParseError, Payload};
 use meshwarden_shared::mcp::{self, ListKind, RequestHeaders};
-use meshwarden_shared::sse::{encode_event, SseBlockSplitter, SseParser};
+use meshwarden_shared::sse::{encode_event, SseBlockSplitter, SseEvent, SseParser};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::borrow::Cow;
@@ -1293,9 +1293,6 @@ fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
     .map(Cow::into_owned)
 }
 
-/// Filters an SSE answer as it streams: complete events are parsed, JSON-RPC answers in the plan are
-/// filtered, every event is re-encoded; an incomplete tail is held back. Comments and `retry:` fields
-/// are dropped (only list / card answers are streamed through this).
 /// Whether an answer read only by shape ([`Plan::incidental`]) can hold something to rewrite: a list
 /// (`"tools"`, `"prompts"`, `"resources"` or `"resourceTemplates"` as a key), a `"cacheScope"`, or a
 /// `\u` escape that could spell one of them. A call's own answer (a 1 KB tool result) has none of these
@@ -1320,12 +1317,31 @@ pub fn may_hold_list_answer(text: &[u8]) -> bool {
     false
 }
 
+/// Whether an SSE block (an event's raw lines with its blank line) dispatches nothing to a client: every
+/// line is blank, a comment (`:`) or a `retry` / `id` field. Anything else (`data`, `event`, unknown
+/// fields, a byte order mark) is parsed and filtered.
+fn holds_no_event(block: &[u8]) -> bool {
+    block.split(|&b| b == b'\n' || b == b'\r').all(|line| {
+        let field = line.split(|&b| b == b':').next().unwrap_or(line);
+        line.is_empty() || line.first() == Some(&b':') || field == b"retry" || field == b"id"
+    })
+}
+
+/// Filters an SSE answer as it streams: complete events are parsed, JSON-RPC answers in the plan are
+/// filtered, every event is re-encoded; an incomplete tail is held back. Blocks holding no event (keep-alive
+/// comments, `retry:`) pass as sent; comments and `retry:` inside an event's lines are dropped. Answers read
+/// only by shape ([`Plan::incidental`]) pass byte for byte but for list answers.
 pub struct SseFilter {
     parser: SseParser,
     /// Answers read only by shape ([`Plan::incidental`]): events as raw blocks, passed byte for byte
     /// unless one is a list answer to filter.
     blocks: SseBlockSplitter,
     max_event_bytes: usize,
+    /// Filtered streams: the parser was handed the start of a block too large to hold, so the next block
+    /// the splitter completes is its rest (parsed, never passed as a block of comments).
+    continuing: bool,
+    /// Filtered streams: the last block ended with `\r` (`Some(true)`: it was passed as sent).
+    after_cr: Option<bool>,
     pub removed: usize,
     /// Events replaced by a -32603 error because they could not be read (fail closed).
     pub withheld: u64,
@@ -1337,6 +1353,8 @@ impl SseFilter {
             parser: SseParser::new(max_event_bytes),
             blocks: SseBlockSplitter::default(),
             max_event_bytes,
+            continuing: false,
+            after_cr: None,
             removed: 0,
             withheld: 0,
         }
@@ -1350,11 +1368,56 @@ impl SseFilter {
         if plan.incidental {
             return self.feed_incidental(engine, identity, plan, chunk, end);
         }
+        // Blocks holding no event (only comments, `retry:`, `id:`) pass byte for byte: the GET stream is
+        // idle most of the time, and the `: ping` comments a server sends on it (the MCP Python SDK every
+        // 15 s) are what keeps proxies and clients from closing it for inactivity (before 2026-12-07 they
+        // were dropped: no byte reached the client between two messages). Every other block is parsed.
         let mut out = Vec::new();
-        let mut events = self.parser.feed(chunk);
-        if end {
-            events.extend(self.parser.finish());
+        for mut block in self.blocks.feed(chunk) {
+            // The `\n` of a `\r\n` whose `\r` ended the previous block opens this one: it belongs to that
+            // block (kept after a block passed as sent, gone with a re-encoded one).
+            if let Some(raw) = self.after_cr.take() {
+                if block.first() == Some(&b'\n') {
+                    block.remove(0);
+                    if raw {
+                        out.push(b'\n');
+                    }
+                }
+            }
+            let raw = !std::mem::take(&mut self.continuing) && holds_no_event(&block);
+            if block.last() == Some(&b'\r') {
+                self.after_cr = Some(raw);
+            }
+            if raw {
+                out.extend(block);
+            } else {
+                let events = self.parser.feed(&block);
+                self.filter_events(engine, identity, plan, events, &mut out);
+            }
         }
+        let mut events = Vec::new();
+        if end {
+            events.extend(self.parser.feed(&self.blocks.take_held()));
+            events.extend(self.parser.finish());
+        } else if self.blocks.held() > self.max_event_bytes {
+            // Too large to hold as a block: the parser bounds (and drops) it, and reads its rest.
+            events.extend(self.parser.feed(&self.blocks.take_held()));
+            self.continuing = true;
+            self.after_cr = None;
+        }
+        self.filter_events(engine, identity, plan, events, &mut out);
+        out
+    }
+
+    /// Filter parsed events of a filtered stream and append them, re-encoded, to `out`.
+    fn filter_events(
+        &mut self,
+        engine: &Engine,
+        identity: &Identity,
+        plan: &Plan,
+        events: Vec<SseEvent>,
+        out: &mut Vec<u8>,
+    ) {
         for mut e in events {
             // Messages that are not for a filtered id (nor, by shape, a list answer) pass unchanged. An
             // event with data the filter cannot read (not JSON, or JSON serde_json refuses such as a lone
@@ -1375,7 +1438,6 @@ impl SseFilter {
             }
             out.extend_from_slice(encode_event(&e).as_bytes());
         }
-        out
     }
 
     /// The answer to a call, read only in case another request's list answer is routed into it
@@ -2172,6 +2234,50 @@ mod tests {
         ] {
             assert!(!may_hold_list_answer(no.as_bytes()), "{no}");
         }
+    }
+
+    /// The GET stream (and a list answer's stream) is filtered event by event, and blocks that hold no
+    /// event pass byte for byte, cut anywhere: the `: ping` comments that keep an idle GET stream open
+    /// (the MCP Python SDK's sse-starlette sends one every 15 s), `retry:`, an `id:` alone. Before, they
+    /// were dropped, and an idle GET stream carried no byte at all.
+    #[test]
+    fn filtered_streams_keep_keep_alive_comments() {
+        let e = std_engine("hide");
+        let plan = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
+        let ping = ": ping - 2026-12-07 00:40:00.000000+00:00\r\n\r\n";
+        let stream = format!("{ping}id: e1\r\nevent: message\r\ndata: {list}\r\n\r\n{ping}retry: 500\n\n");
+        for cut in 0..=stream.len() {
+            let mut f = SseFilter::new(1 << 20);
+            let mut out = f.feed(&e, &anon(), &plan, &stream.as_bytes()[..cut], false);
+            out.extend(f.feed(&e, &anon(), &plan, &stream.as_bytes()[cut..], true));
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.starts_with(ping), "cut {cut}: {out:?}");
+            assert!(out.ends_with(&format!("{ping}retry: 500\n\n")), "cut {cut}: {out:?}");
+            assert!(out.contains("id: e1\n") && out.contains("search") && !out.contains("delete_all"), "{out:?}");
+            assert_eq!(f.removed, 1);
+        }
+        // A block that only looks empty to a careless reader is parsed: a data line without a colon, an
+        // event name, a byte order mark before `data`.
+        for block in ["data\n\n", "event: x\n\n", "\u{feff}data: {}\n\n", "Data: {}\n\n"] {
+            assert!(!holds_no_event(block.as_bytes()), "{block:?}");
+        }
+        for block in [": x\n\n", "retry: 1\r\n\r\n", "id: 7\n\n", "\n", "\n: ping\n\n"] {
+            assert!(holds_no_event(block.as_bytes()), "{block:?}");
+        }
+        // A list answer larger than max_response_bytes is still dropped, never passed.
+        let big = format!(
+            "data: {{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{{\"tools\":[{{\"name\":\"{}\"}}]}}}}\n\n: ping\n\n",
+            "x".repeat(300)
+        );
+        let mut f = SseFilter::new(100);
+        let mut out = Vec::new();
+        for piece in big.as_bytes().chunks(64) {
+            out.extend(f.feed(&e, &anon(), &plan, piece, false));
+        }
+        out.extend(f.feed(&e, &anon(), &plan, b"", true));
+        assert_eq!(String::from_utf8(out).unwrap(), ": ping\n\n");
+        assert_eq!(f.dropped_events(), 1);
     }
 
     /// A call's answer read only by shape passes byte for byte, cut anywhere: the keep-alive comments
