@@ -1149,6 +1149,31 @@ impl Engine {
     }
 }
 
+/// Method labels of the `method.<method>.{allow,deny}` stats beyond the known MCP / A2A methods and the
+/// session pseudo methods (which always keep their own label).
+pub const EXTRA_METHOD_LABELS: usize = 64;
+
+/// The bounded labels of the per-method decision stats: every known MCP / A2A method and the session
+/// pseudo methods, then at most [`EXTRA_METHOD_LABELS`] other methods callers send (the rest count as
+/// `other`). `BoundedLabels::new(64)` with the 46 known names preloaded left room for 18 of them, where the
+/// documentation promised 64 (before 2026-12-07).
+pub fn method_labels() -> meshwarden_shared::stats::BoundedLabels {
+    use meshwarden_shared::stats::BoundedLabels;
+    let known = || {
+        mcp::CLIENT_METHODS
+            .iter()
+            .copied()
+            .chain(a2a::METHODS.iter().flat_map(|names| names.iter().copied()))
+            .chain(["session/stream", "session/delete"])
+    };
+    // Counted once preloaded: names shared by MCP and A2A (`tasks/get`) are one label.
+    let mut count = BoundedLabels::new(0);
+    count.preload(known());
+    let mut labels = BoundedLabels::new(count.len() + EXTRA_METHOD_LABELS);
+    labels.preload(known());
+    labels
+}
+
 /// A filter-state value for access logs (`wasm.mcp_authz.method`, `.target`, `.subject`, `.rule`) with JSON
 /// string escapes for `\`, `"` and control characters (`\n`, `\r`, `\t`, else `\u00XX`; also C1 and
 /// U+2028/U+2029, which some log readers take for line breaks). The values are text the caller chose (a
@@ -1501,6 +1526,20 @@ mod tests {
 
     fn engine(cfg: Value) -> Engine {
         Engine::new(parse_config(cfg.to_string().as_bytes()).unwrap()).unwrap()
+    }
+
+    /// The per-method stats keep 64 labels for methods beyond the known ones, as documented.
+    #[test]
+    fn method_stats_keep_64_extra_labels() {
+        let mut labels = method_labels();
+        for m in ["tools/call", "SendMessage", "message/send", "session/stream", "tasks/result"] {
+            assert_eq!(labels.label(m), m.replace('/', "_"), "{m}");
+        }
+        for i in 0..EXTRA_METHOD_LABELS {
+            assert_eq!(labels.label(&format!("acme/m{i}")), format!("acme_m{i}"), "extra label {i}");
+        }
+        assert_eq!(labels.label("acme/one-too-many"), "other");
+        assert_eq!(labels.label("tools/list"), "tools_list");
     }
 
     /// Access-log values are caller-chosen text: no line break (nor quote) survives unescaped.

@@ -89,10 +89,7 @@ struct Root {
 
 impl Default for Root {
     fn default() -> Self {
-        let mut methods = BoundedLabels::new(64);
-        methods.preload(mcp::CLIENT_METHODS.iter().copied());
-        methods.preload(meshwarden_shared::a2a::METHODS.iter().flat_map(|names| names.iter().copied()));
-        methods.preload(["session/stream", "session/delete"]);
+        let methods = crate::engine::method_labels();
         let engine = Engine::new(Config::default())
             .unwrap_or_else(|_| Engine { config: Config::default(), policy: Default::default() });
         let shared = Shared {
