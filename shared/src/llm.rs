@@ -355,7 +355,8 @@ fn push_content(out: &mut Vec<TextSpan>, role: Role, base: &str, content: &Value
 
 /// One content block at `here`: Anthropic / OpenAI typed blocks, and Bedrock Converse blocks (no `type`;
 /// the key says the kind: `{"text"}`, `{"toolUse":{"input"}}`, `{"toolResult":{"content":[..]}}`,
-/// `{"guardContent":{"text":{"text"}}}`, `{"reasoningContent":{"reasoningText":{"text"}}}`).
+/// `{"guardContent":{"text":{"text"}}}`, `{"reasoningContent":{"reasoningText":{"text"}}}`,
+/// `{"document":{"source":{"text"}|{"content":[..]}}}`).
 fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
     match part.get("type").and_then(Value::as_str) {
         Some("tool_result") | Some("mcp_tool_result") => {
@@ -445,6 +446,14 @@ fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
             }
             if let Some(t) = json::pointer(part, "/reasoningContent/reasoningText/text") {
                 push_text(out, role, format!("{here}/reasoningContent/reasoningText/text"), t);
+            }
+            // A Bedrock `document` with a plain-text source (`source.text`, or `source.content` blocks
+            // `{"text"}`, the form citations use); `bytes` (base64 files) and `s3Location` are not text.
+            if let Some(t) = json::pointer(part, "/document/source/text") {
+                push_text(out, role, format!("{here}/document/source/text"), t);
+            }
+            if let Some(inner) = json::pointer(part, "/document/source/content") {
+                push_content(out, role, &format!("{here}/document/source/content"), inner);
             }
         }
         _ => {} // images, audio, files: not text a filter can scan
@@ -1239,7 +1248,9 @@ mod tests {
         let body = json!({
             "system": [{"text": "sys a@b.io"}, {"guardContent": {"text": {"text": "guard g@b.io"}}}],
             "messages": [
-                {"role": "user", "content": [{"text": "plain t@b.io"}, {"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo"}}}]},
+                {"role": "user", "content": [{"text": "plain t@b.io"}, {"image": {"format": "png", "source": {"bytes": "iVBORw0KGgo"}}},
+                    {"document": {"format": "txt", "name": "d", "source": {"text": "doc e@b.io"}}},
+                    {"document": {"format": "txt", "name": "c", "source": {"content": [{"text": "cited c@b.io"}]}}}]},
                 {"role": "assistant", "content": [
                     {"toolUse": {"toolUseId": "tooluse_1", "name": "send", "input": {"to": "u@b.io", "n": 1}}},
                     {"reasoningContent": {"reasoningText": {"text": "think r@b.io", "signature": "sig"}}}]},
@@ -1255,6 +1266,8 @@ mod tests {
         assert!(has(&p, "/system/0/text", "sys a@b.io"));
         assert!(has(&p, "/system/1/guardContent/text/text", "guard g@b.io"));
         assert!(has(&p, "/messages/0/content/0/text", "plain t@b.io"));
+        assert!(has(&p, "/messages/0/content/2/document/source/text", "doc e@b.io"), "{p:?}");
+        assert!(has(&p, "/messages/0/content/3/document/source/content/0/text", "cited c@b.io"), "{p:?}");
         assert!(has(&p, "/messages/1/content/0/toolUse/input/to", "u@b.io"));
         assert!(has(&p, "/messages/1/content/1/reasoningContent/reasoningText/text", "think r@b.io"));
         assert!(has(&p, "/messages/2/content/0/toolResult/content/0/text", "result x@b.io"));

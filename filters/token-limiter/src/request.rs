@@ -319,6 +319,23 @@ mod tests {
         assert_eq!(text.input_estimate, 6);
     }
 
+    /// A Bedrock Converse `document` block with a plain-text source (`source.text`, or `source.content`
+    /// blocks, the form Converse citations use) is text the model reads: a 40,000-character document
+    /// beside a two-word question was admitted on the question's estimate (~6 tokens).
+    #[test]
+    fn bedrock_text_documents_are_estimated() {
+        let cfg = Config::default();
+        let doc = "word ".repeat(8_000);
+        for source in [serde_json::json!({"text": doc}), serde_json::json!({"content": [{"text": doc}]})] {
+            let body = serde_json::json!({"messages": [{"role": "user", "content": [
+                {"document": {"format": "txt", "name": "report", "source": source}},
+                {"text": "Summarise it"}]}]});
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let p = parse_request(&cfg, "/model/anthropic.claude-3-5-sonnet/converse", &bytes, false);
+            assert!(p.input_estimate >= 10_000, "{} for a 40,000-character document", p.input_estimate);
+        }
+    }
+
     /// Azure OpenAI serves the deployment the path names and ignores the body's `model` (Bedrock and
     /// Gemini also take the model from the path): a body naming a cheaper model must not move the request
     /// out of the served model's budget.
