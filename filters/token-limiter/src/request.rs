@@ -220,10 +220,46 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
 /// to read (Gemini's `contents`, a custom shape) is estimated by its size, never as free.
 fn prompt_estimate(json: &Value, spans: &[meshwarden_shared::llm::TextSpan], body_len: usize) -> u64 {
     let ids: u64 = ["prompt", "input"].iter().filter_map(|k| json.get(k)).map(token_ids).sum();
-    if spans.is_empty() && ids == 0 {
+    let documents = text_document_tokens(json);
+    if spans.is_empty() && ids == 0 && documents == 0 {
         return size_estimate(body_len);
     }
-    estimate_request_tokens(spans) + ids
+    estimate_request_tokens(spans).saturating_add(ids).saturating_add(documents)
+}
+
+/// Bedrock Converse `document` blocks in a text format (`txt`, `md`, `csv`, `html`) sent as base64
+/// `bytes`, in messages and in tool results: the model reads the decoded text, estimated at a token per
+/// 4 bytes (3 bytes per 4 base64 characters). Binary formats (pdf, doc(x), xls(x)) are not estimated
+/// (their bytes say little about their text).
+fn text_document_tokens(json: &Value) -> u64 {
+    fn blocks(content: &Value) -> u64 {
+        content
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                let here = b
+                    .get("document")
+                    .filter(|d| {
+                        d.get("format")
+                            .and_then(Value::as_str)
+                            .is_some_and(|f| ["txt", "md", "csv", "html"].iter().any(|t| f.eq_ignore_ascii_case(t)))
+                    })
+                    .and_then(|d| meshwarden_shared::json::pointer(d, "/source/bytes"))
+                    .and_then(Value::as_str)
+                    .map_or(0, |b64| (b64.len() as u64).saturating_mul(3).div_ceil(4).div_ceil(4));
+                let nested = meshwarden_shared::json::pointer(b, "/toolResult/content").map_or(0, blocks);
+                here.saturating_add(nested)
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+    json.get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("content"))
+        .map(blocks)
+        .fold(0u64, u64::saturating_add)
 }
 
 /// Token ids in a prompt: an array of integers, or an array of such arrays (a batch).
@@ -334,6 +370,26 @@ mod tests {
             let p = parse_request(&cfg, "/model/anthropic.claude-3-5-sonnet/converse", &bytes, false);
             assert!(p.input_estimate >= 10_000, "{} for a 40,000-character document", p.input_estimate);
         }
+    }
+
+    /// A Bedrock Converse `document` in a text format (txt, md, csv, html) sent as base64 `bytes` (the form
+    /// the AWS SDKs send a file in) is text the model reads: a 30,000-byte text file beside a two-word
+    /// question was admitted on the question's estimate. Binary formats (pdf, docx, xlsx) are not read.
+    #[test]
+    fn bedrock_base64_text_documents_are_estimated() {
+        let cfg = Config::default();
+        // 30,000 bytes of text are 40,000 base64 characters.
+        let b64 = "d29y".repeat(10_000);
+        let body = |format: &str| {
+            let body = serde_json::json!({"messages": [{"role": "user", "content": [
+                {"document": {"format": format, "name": "report", "source": {"bytes": b64}}},
+                {"text": "Summarise it"}]}]});
+            let bytes = serde_json::to_vec(&body).unwrap();
+            parse_request(&cfg, "/model/anthropic.claude-3-5-sonnet/converse", &bytes, false).input_estimate
+        };
+        assert_eq!(body("txt"), 7 + 7_500, "the question and a token per 4 bytes of the file");
+        assert_eq!(body("MD"), 7 + 7_500);
+        assert_eq!(body("pdf"), 7, "a binary format is not text");
     }
 
     /// Azure OpenAI serves the deployment the path names and ignores the body's `model` (Bedrock and
