@@ -22,6 +22,7 @@
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
 //! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
+//! | (`/v1/responses` with `"background": true`, not streamed) | the response `queued` at once, `usage: null`, as OpenAI answers a background request |
 //! | (path `/v1/images/generations`) | image generation: JSON with one base64 image (`data[0].b64_json`, `x-mock-image-bytes: N` of it, default 1.5 MB) and no usage, as dall-e-3 answers; `x-mock-image-usage: 1` adds gpt-image-1's `usage` (`input_tokens` 12, `output_tokens` 4160) |
 //! | (paths `/api/chat`, `/api/generate`) | Ollama's native API: NDJSON stream unless `"stream": false`, counts in the last line |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
@@ -418,6 +419,18 @@ async fn answer(
             answer["usage"] = json!({"input_tokens": 12, "output_tokens": 4160, "total_tokens": 4172,
                                      "input_tokens_details": {"text_tokens": 12, "image_tokens": 0}});
         }
+        return (StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response();
+    }
+    if api == Api::OpenAiResponses && !plan.stream && parsed.get("background").and_then(Value::as_bool) == Some(true) {
+        // A background response: answered at once, queued, without usage (the model runs afterwards and
+        // `GET /v1/responses/{id}` serves its output), as OpenAI answers it.
+        let model = parsed.get("model").cloned().unwrap_or(Value::Null);
+        let answer = json!({"id": "resp_mock_background", "object": "response", "created_at": 1_700_000_000,
+            "status": "queued", "background": true, "error": null, "incomplete_details": null, "instructions": null,
+            "max_output_tokens": parsed.get("max_output_tokens").cloned().unwrap_or(Value::Null), "model": model,
+            "output": [], "parallel_tool_calls": true, "previous_response_id": null, "store": true,
+            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "truncation": "disabled",
+            "usage": null, "user": null, "metadata": {}});
         return (StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response();
     }
     if (plan.stream || header_flag(&headers, "x-mock-stream")) && api != Api::OpenAiEmbeddings {

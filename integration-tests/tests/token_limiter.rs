@@ -1002,6 +1002,30 @@ async fn image_answers_are_charged_the_reservation_or_their_usage() {
     assert_eq!(wait_for(stat("model.gpt-image-1.input_tokens"), 12).await, 12);
 }
 
+/// A Responses request with `"background": true` is answered `queued` with no usage and the model runs
+/// afterwards (the output is fetched with `GET /v1/responses/{id}`, which is not limited): its output is
+/// charged the reservation (`max_output_tokens`), not the few strings of the queued object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_response_is_charged_the_output_reservation() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(10_000_000)).await;
+    let stat = "meshwarden.token_limiter.model.o3.output_tokens";
+    let body = json!({"model": "o3", "input": "Write a long report.", "background": true, "max_output_tokens": 3000});
+    let r = post(&e, "/v1/responses", &body, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["status"], "queued");
+    let mut charged = 0;
+    for _ in 0..100 {
+        charged = e.stat(stat).await.unwrap();
+        if charged > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(charged, 3000, "the output reservation");
+}
+
 /// Bedrock's ConverseStream answers in the AWS binary event stream, not SSE: the usage in its last
 /// (`metadata`) event is charged, and the stream reaches the client byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

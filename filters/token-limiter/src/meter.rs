@@ -230,6 +230,11 @@ impl Meter {
                             if let Some(u) = usage_from_json(&v) {
                                 return (u.input_tokens, u.output_tokens, Source::Reported);
                             }
+                            // A Responses `background` request answered before its model ran: its output is
+                            // the reservation the admission allowed, not the strings of the queued object.
+                            if !error && is_pending_response(&v) {
+                                return (input_estimate, unreadable_output, Source::Estimated);
+                            }
                             let mut est = TokenEstimator::default();
                             if !error {
                                 for s in extract_response_texts(&v) {
@@ -276,6 +281,13 @@ impl Meter {
             (charged, _) => charged,
         }
     }
+}
+
+/// An OpenAI Responses object whose model has not run yet (`"background": true` answers `queued` at once,
+/// or `in_progress`): the output comes later, to `GET /v1/responses/{id}` polls this filter does not charge.
+fn is_pending_response(v: &serde_json::Value) -> bool {
+    v.get("object").and_then(serde_json::Value::as_str) == Some("response")
+        && matches!(v.get("status").and_then(serde_json::Value::as_str), Some("queued" | "in_progress"))
 }
 
 /// A media type (lower case) whose body is binary, not text: text-to-speech audio (`/v1/audio/speech`),
@@ -433,6 +445,29 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
     /// A binary answer (text-to-speech audio, an image, a file download) is not text: it is charged the
     /// output reservation, as an unreadable answer, not its bytes read as characters (a 64 KiB MP3 read
     /// as text cost ~60,000 output tokens and spent a day's budget in a few speech requests).
+    /// A Responses request with `"background": true` is answered at once with the response `queued` (or
+    /// `in_progress`) and no usage; the model runs afterwards and the client polls `GET /v1/responses/{id}`
+    /// (no body, not limited). Its output was charged the few strings of the queued object (~15 tokens),
+    /// whatever the model then wrote: it is charged the output reservation, as an unreadable answer.
+    #[test]
+    fn a_background_response_is_charged_the_output_reservation() {
+        let queued = r#"{"id":"resp_68b","object":"response","created_at":1765000000,"status":"queued","background":true,
+            "error":null,"incomplete_details":null,"instructions":null,"max_output_tokens":2000,"model":"o3-2025-04-16",
+            "output":[],"parallel_tool_calls":true,"previous_response_id":null,"reasoning":{"effort":"high","summary":null},
+            "store":true,"temperature":1.0,"text":{"format":{"type":"text"}},"tool_choice":"auto","tools":[],"top_p":1.0,
+            "truncation":"disabled","usage":null,"user":null,"metadata":{}}"#;
+        for answer in [queued.to_string(), queued.replace("\"queued\"", "\"in_progress\"")] {
+            let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+            m.on_chunk(answer.as_bytes());
+            assert_eq!(m.finish(30, 2000), (30, 2000, Source::Estimated), "{answer}");
+        }
+        // A finished response (not background, or polled) is charged its usage as before.
+        let done = r#"{"id":"r","object":"response","status":"completed","output":[],"usage":{"input_tokens":9,"output_tokens":5}}"#;
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.on_chunk(done.as_bytes());
+        assert_eq!(m.finish(30, 2000), (9, 5, Source::Reported));
+    }
+
     #[test]
     fn binary_answers_are_charged_the_output_reservation_not_their_bytes() {
         let audio: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
