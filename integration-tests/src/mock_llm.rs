@@ -221,6 +221,8 @@ struct Plan {
     sse_no_done: bool,
     /// JSON answers: gzip the body.
     gzip: bool,
+    /// Responses: `"background": true` in the request (streams say so in `response.created`).
+    background: bool,
 }
 
 impl Plan {
@@ -377,6 +379,7 @@ async fn answer(
         api,
         model: parsed.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_string(),
         stream: parsed.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        background: parsed.get("background").and_then(Value::as_bool).unwrap_or(false),
         include_usage: parsed.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         prompt_tokens: header_u64(&headers, "x-mock-prompt-tokens").unwrap_or_else(|| estimate_request_tokens(&spans)),
         pieces,
@@ -566,7 +569,7 @@ fn stream_events(plan: &Plan) -> Vec<String> {
             ev.push(sse(Some("message_stop"), &json!({"type":"message_stop"})));
         }
         Api::OpenAiResponses => {
-            ev.push(sse(Some("response.created"), &json!({"type":"response.created","response":{"id":"resp_mock","object":"response","status":"in_progress","model":model,"output":[]}})));
+            ev.push(sse(Some("response.created"), &json!({"type":"response.created","response":{"id":"resp_mock","object":"response","status":"in_progress","background":plan.background,"model":model,"output":[]}})));
             for piece in &plan.pieces {
                 ev.push(sse(Some("response.output_text.delta"), &json!({"type":"response.output_text.delta","item_id":"msg_mock","output_index":0,"content_index":0,"delta":piece})));
             }

@@ -1026,6 +1026,39 @@ async fn a_background_response_is_charged_the_output_reservation() {
     assert_eq!(charged, 3000, "the output reservation");
 }
 
+/// A streamed background response goes on when the client leaves (the client resumes it with
+/// `GET /v1/responses/{id}?stream=true`, not charged): a stream cut before its usage is charged at least
+/// the output reservation; a foreground stream cut the same way is charged what it streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_background_stream_is_charged_the_output_reservation() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(10_000_000)).await;
+    for (model, background) in [("o3", true), ("o4-mini", false)] {
+        let body = json!({"model": model, "input": "Write a long report.", "stream": true,
+                          "background": background, "max_output_tokens": 3000});
+        // Cut by the upstream after 5 events, each its own write so that they reach Envoy before the reset
+        // (the filter sees the same stream as when the client leaves).
+        let headers = [("x-team", "a"), ("x-mock-abort-after-chunks", "5"), ("x-mock-chunk-delay-ms", "10")];
+        let r = post(&e, "/v1/responses", &body, &headers).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await;
+        let stat = format!("meshwarden.token_limiter.model.{model}.output_tokens");
+        let mut charged = 0;
+        for _ in 0..100 {
+            charged = e.stat(&stat).await.unwrap();
+            if charged > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if background {
+            assert_eq!(charged, 3000, "{model}: the output reservation");
+        } else {
+            assert!((1..100).contains(&charged), "{model}: what it streamed, {charged}");
+        }
+    }
+}
+
 /// Bedrock's ConverseStream answers in the AWS binary event stream, not SSE: the usage in its last
 /// (`metadata`) event is charged, and the stream reaches the client byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

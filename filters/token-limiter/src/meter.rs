@@ -10,15 +10,13 @@ use meshwarden_shared::usage_scan::UsageScanner;
 enum Kind {
     /// A JSON body: usage is read from every chunk by the scanner, whatever the size; the body
     /// itself is kept up to a bound, only to estimate an answer that reports no usage.
-    Json {
-        scan: UsageScanner,
-        buf: Vec<u8>,
-        overflow: bool,
-    },
+    Json { scan: UsageScanner, buf: Vec<u8>, overflow: bool },
     Sse {
         parser: SseParser,
         usage: StreamUsage,
         done: bool,
+        /// A Responses `background` stream: the model goes on when the client leaves.
+        background: bool,
     },
     /// Bedrock's binary event stream (`application/vnd.amazon.eventstream`): usage in the
     /// `metadata` event (ConverseStream) or in the model's own events (InvokeModelWithResponseStream).
@@ -89,7 +87,7 @@ impl Meter {
             // An event can echo the whole request before its usage (OpenAI's `response.completed` carries
             // `instructions` and `tools`): room for any body this filter reads, plus the usual event bound.
             let parser = SseParser::new(max_bytes.saturating_add(DEFAULT_MAX_EVENT_BYTES));
-            Kind::Sse { parser, usage: StreamUsage::default(), done: false }
+            Kind::Sse { parser, usage: StreamUsage::default(), done: false, background: false }
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
@@ -115,7 +113,17 @@ impl Meter {
                     }
                 }
             }
-            Kind::Sse { parser, usage, done } => parser.feed_with(chunk, |ev| {
+            Kind::Sse { parser, usage, done, background } => parser.feed_with(chunk, |ev| {
+                // The stream's first event says whether the response runs in the background.
+                if !*background
+                    && matches!(ev.event.as_deref(), Some("response.created" | "response.queued"))
+                    && ev.data.contains("\"background\"")
+                {
+                    *background = serde_json::from_str::<serde_json::Value>(&ev.data)
+                        .ok()
+                        .and_then(|v| v.pointer("/response/background").and_then(serde_json::Value::as_bool))
+                        .unwrap_or(false);
+                }
                 if ev.is_done_marker() {
                     *done = true;
                 } else {
@@ -256,13 +264,15 @@ impl Meter {
                     }
                 }
             }
-            Kind::Sse { parser, usage, done } => {
+            Kind::Sse { parser, usage, done, background } => {
                 if let Some(ev) = parser.finish() {
                     usage.on_event_data(&ev.data);
                 }
                 // An event dropped for its size, and no final event read: the usage may have been in it,
-                // so at least the reservation (as for broken event-stream framing).
-                let dropped = (!*done && parser.oversized_events() > 0).then_some(unreadable_output);
+                // so at least the reservation (as for broken event-stream framing). A background response
+                // cut before its end goes on without the client (who fetches the rest with
+                // `GET /v1/responses/{id}`, not charged here): at least the reservation too.
+                let dropped = (!*done && (parser.oversized_events() > 0 || *background)).then_some(unreadable_output);
                 stream_charge(usage, *done, dropped, input_estimate)
             }
             Kind::EventStream { decoder, usage, done } => {
@@ -640,6 +650,32 @@ event: response.incomplete\ndata: {{\"type\":\"response.incomplete\",\"response\
 \"usage\":{{\"input_tokens\":40,\"output_tokens\":100}}}}}}\n\n"
         );
         assert_eq!(sse(&body, 7), (40, 100, Source::Reported));
+    }
+
+    /// A streamed background response keeps running when the client leaves (it resumes with
+    /// `GET /v1/responses/{id}?stream=true`, neither limited nor charged): cut before its usage, it is
+    /// charged at least the output reservation, not only the text streamed before the client left.
+    #[test]
+    fn a_cut_background_stream_is_charged_the_output_reservation() {
+        let created = |background: bool| {
+            format!(
+                "event: response.created\ndata: {{\"type\":\"response.created\",\"response\":{{\"id\":\"r\",\"object\":\"response\",\"status\":\"queued\",\"background\":{background},\"output\":[]}}}}\n\nevent: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"Hello there\"}}\n\n"
+            )
+        };
+        let charge = |body: &str| {
+            let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+            for c in body.as_bytes().chunks(7) {
+                m.on_chunk(c);
+            }
+            m.finish(30, 2000)
+        };
+        assert_eq!(charge(&created(true)), (30, 2000, Source::Estimated), "cut background stream");
+        assert_eq!(charge(&created(false)), (30, 3, Source::Estimated), "a cut foreground stream: what it streamed");
+        let finished = format!(
+            "{}event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"status\":\"completed\",\"usage\":{{\"input_tokens\":40,\"output_tokens\":3}}}}}}\n\n",
+            created(true)
+        );
+        assert_eq!(charge(&finished), (40, 3, Source::Reported), "a finished background stream: its usage");
     }
 
     /// OpenAI's Responses stream ends with `response.completed`, which carries the whole response: the
