@@ -554,6 +554,48 @@ async fn a_lease_taken_by_a_timed_out_reserve_is_released() {
     proxy.abort();
 }
 
+/// A client that leaves while its reserve call is in flight stays charged the whole reservation the
+/// sidecar took (prompt estimate and output reservation): the filter cannot know whether the sidecar
+/// admitted it, so nothing is given back. The docs said the prompt estimate only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_during_the_reserve_stays_charged_its_reservation() {
+    use meshwarden_integration_tests::faulty::{sidecar_fault_proxy, SidecarFaults};
+    use std::sync::atomic::Ordering;
+    let sidecar = Sidecar::start(&[]).unwrap();
+    let faults = std::sync::Arc::new(SidecarFaults::default());
+    let (proxy_port, proxy) = sidecar_fault_proxy(sidecar.port(), faults.clone()).await;
+    let mock = MockLlm::start().await.unwrap();
+    let cfg = json!({"state":"sidecar",
+        "sidecar":{"cluster":"meshwarden_sidecar","timeout_ms":2000,"failure_mode":"deny"},
+        "settle_interval_ms": 10,
+        "rules":[{"name":"team","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]});
+    let e = envoy(&mock, proxy_port, &cfg).await;
+    faults.reserve_delay_ms.store(400, Ordering::SeqCst);
+    let mut big = body();
+    big["max_tokens"] = json!(3000);
+    let left = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(150))
+        .build()
+        .unwrap()
+        .post(e.url("/v1/chat/completions"))
+        .header("x-team", "t")
+        .json(&big)
+        .send()
+        .await;
+    assert!(left.is_err(), "the client leaves while the reserve is held");
+    // The held reserve reaches the sidecar and is admitted; settle ticks pass.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    faults.reserve_delay_ms.store(0, Ordering::SeqCst);
+    let r = send(&e, "t").await;
+    assert_eq!(r.status(), 200);
+    let remaining: u64 = hdr(&r, "x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
+    let charged_to_the_one_that_left = 100_000 - remaining - cost();
+    let estimate = cost() - 50;
+    assert_eq!(charged_to_the_one_that_left, estimate + 3000, "the prompt estimate and the output reservation");
+    proxy.abort();
+}
+
 /// A settle call that fails (the sidecar answers 503) is not the end of the lease it carries: the release
 /// is sent again, so the key's single slot is free for the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
