@@ -416,6 +416,9 @@ impl Context for Root {
     /// the last tick, send every queued settlement and lease release, and stay until their calls
     /// answer (a settlement lost here would leave budgets charged and slots held for `lease_ms`).
     fn on_done(&mut self) -> bool {
+        // Requests still in flight (the host drops this root while they finish, e.g. an Istio
+        // WasmPlugin update) must send their settlements themselves: no tick will flush them.
+        self.shared.retired.set(true);
         self.shared.resend_unseen_releases(true);
         self.shared.flush_settlements(true, false);
         self.shared.flush_counters();
