@@ -452,9 +452,6 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         assert_eq!(m.finish(30, 100), (30, 0, Source::Estimated));
     }
 
-    /// A binary answer (text-to-speech audio, an image, a file download) is not text: it is charged the
-    /// output reservation, as an unreadable answer, not its bytes read as characters (a 64 KiB MP3 read
-    /// as text cost ~60,000 output tokens and spent a day's budget in a few speech requests).
     /// A Responses request with `"background": true` is answered at once with the response `queued` (or
     /// `in_progress`) and no usage; the model runs afterwards and the client polls `GET /v1/responses/{id}`
     /// (no body, not limited). Its output was charged the few strings of the queued object (~15 tokens),
@@ -478,6 +475,9 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         assert_eq!(m.finish(30, 2000), (9, 5, Source::Reported));
     }
 
+    /// A binary answer (text-to-speech audio, an image, a file download) is not text: it is charged the
+    /// output reservation, as an unreadable answer, not its bytes read as characters (a 64 KiB MP3 read
+    /// as text cost ~60,000 output tokens and spent a day's budget in a few speech requests).
     #[test]
     fn binary_answers_are_charged_the_output_reservation_not_their_bytes() {
         let audio: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
