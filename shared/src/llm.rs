@@ -668,8 +668,9 @@ fn push_tool_definitions(out: &mut Vec<TextSpan>, body: &Value) {
     }
 }
 
-/// Every string under `v` (values, not keys), with its pointer.
-fn push_string_leaves(out: &mut Vec<TextSpan>, role: Role, pointer: &mut String, v: &Value) {
+/// Every string under `v` (values, not keys), with its pointer (`pointer` is where `v` is; it is
+/// restored on return): for bodies of unknown shape and for free-form JSON inside known ones.
+pub fn push_string_leaves(out: &mut Vec<TextSpan>, role: Role, pointer: &mut String, v: &Value) {
     match v {
         Value::String(s) => out.push(TextSpan { role, pointer: pointer.clone(), text: s.clone() }),
         Value::Array(items) => {

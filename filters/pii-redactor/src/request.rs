@@ -10,7 +10,7 @@
 
 use crate::engine::{Engine, MaskState};
 use meshwarden_shared::json::{go_fold_key, parse_strict, JsonBodyError};
-use meshwarden_shared::llm::{extract_request_texts, rewrite_body_texts, Api};
+use meshwarden_shared::llm::{extract_request_texts, push_string_leaves, rewrite_body_texts, Api, Role};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -74,35 +74,17 @@ impl TextRewrite for Reserve<'_> {
 /// `rewrite_strings` does). For [`rewrite_body_texts`], which splices them into the client's bytes: a
 /// body of unknown shape (Gemini's native `contents`) kept its key order and numbers only when nothing
 /// in it was masked; re-serialised, its keys came out sorted.
-fn masked_strings(v: &Value, rw: &mut dyn TextRewrite, pointer: &mut String, out: &mut Vec<(String, String)>) {
-    match v {
-        Value::String(s) => {
-            let under_arguments = pointer.rsplit('/').next() == Some("arguments");
-            let masked = if under_arguments { rw.rewrite_json(s) } else { rw.rewrite(s) };
-            if let Some(m) = masked {
-                out.push((pointer.clone(), m));
-            }
-        }
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&i.to_string());
-                masked_strings(x, rw, pointer, out);
-                pointer.truncate(len);
-            }
-        }
-        Value::Object(o) => {
-            for (k, x) in o {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                masked_strings(x, rw, pointer, out);
-                pointer.truncate(len);
-            }
-        }
-        _ => {}
-    }
+fn masked_strings(v: &Value, rw: &mut dyn TextRewrite) -> Vec<(String, String)> {
+    let mut leaves = Vec::new();
+    push_string_leaves(&mut leaves, Role::User, &mut String::new(), v);
+    leaves
+        .into_iter()
+        .filter_map(|leaf| {
+            let json_text = leaf.pointer.rsplit('/').next() == Some("arguments");
+            let masked = if json_text { rw.rewrite_json(&leaf.text) } else { rw.rewrite(&leaf.text) };
+            masked.map(|m| (leaf.pointer, m))
+        })
+        .collect()
 }
 
 /// Calls `f` with every object key of `v`, at any depth.
@@ -206,8 +188,7 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             if spans.is_empty() {
                 let mut copy = v.clone();
                 rewrite_strings(&mut copy, &mut Reserve(&mut state));
-                let mut edits = Vec::new();
-                masked_strings(&v, &mut MaskAll { engine, state: &mut state }, &mut String::new(), &mut edits);
+                let edits = masked_strings(&v, &mut MaskAll { engine, state: &mut state });
                 let mut masked = if edits.is_empty() { None } else { rewrite_body_texts(body, &mut v, &edits) };
                 if sensitive_keys {
                     masked = mask_keys(engine, &mut state, masked.as_deref().unwrap_or(body)).or(masked);

@@ -8,7 +8,7 @@ use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     extract_request_texts, extract_response_texts, extract_stream_delta_texts, replace_texts, rewrite_body_texts,
 };
-use meshwarden_shared::llm::{Api, Role, TextSpan};
+use meshwarden_shared::llm::{push_string_leaves, Api, Role, TextSpan};
 use meshwarden_shared::sse::{encode_event, SseEvent, SseParser};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -58,32 +58,6 @@ fn looks_like_json(body: &[u8]) -> bool {
     // A UTF-8 byte order mark is skipped (as `parse_strict` does).
     let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
     matches!(body.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{') | Some(b'['))
-}
-
-/// Every string leaf of a JSON document, for bodies of unknown shape.
-fn string_leaves(v: &Value, pointer: &mut String, out: &mut Vec<TextSpan>) {
-    match v {
-        Value::String(s) => out.push(TextSpan { role: Role::User, pointer: pointer.clone(), text: s.clone() }),
-        Value::Array(a) => {
-            for (i, x) in a.iter().enumerate() {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&i.to_string());
-                string_leaves(x, pointer, out);
-                pointer.truncate(len);
-            }
-        }
-        Value::Object(o) => {
-            for (k, x) in o {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                string_leaves(x, pointer, out);
-                pointer.truncate(len);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// Options for request inspection that do not live in the policy.
@@ -167,7 +141,7 @@ pub fn inspect_request(
             let api = Api::detect(path, &v);
             let mut spans = extract_request_texts(api, &v);
             if spans.is_empty() && api == Api::Unknown {
-                string_leaves(&v, &mut String::new(), &mut spans);
+                push_string_leaves(&mut spans, Role::User, &mut String::new(), &v);
             }
             collect_moderation(&spans, opts, &mut out);
             let replacements = scan_spans(policy, &spans, Dir::Request, opts.mask_text, &mut out);
