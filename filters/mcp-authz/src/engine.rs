@@ -2638,6 +2638,29 @@ mod tests {
         assert!(decide(set.to_string().into_bytes()).reply.is_some());
     }
 
+    /// The documented read-only policy lets an agent subscribe to public resources: it must let it
+    /// unsubscribe from them too (`resources/unsubscribe` is not built-in allowed), else the client's
+    /// unsubscribe fails with -32002 and the server keeps sending updates for the session.
+    #[test]
+    fn documented_read_only_policy_lets_subscribers_unsubscribe() {
+        let doc = include_str!("../../../docs/mcp-authz.md");
+        let start = doc.find("**Read-only agents**").unwrap();
+        let block = &doc[start..];
+        let json_start = block.find("```json\n").unwrap() + 8;
+        let json_end = block[json_start..].find("```").unwrap() + json_start;
+        let e = Engine::new(parse_config(&block.as_bytes()[json_start..json_end]).unwrap()).unwrap();
+        let agent = Identity::from_claims(json!({"sub": "a", "scope": "tools:read"}).as_object().unwrap().clone());
+        let decide = |method: &str, uri: &str| {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": {"uri": uri}});
+            e.decide_body(&agent, Protocol::Mcp, &h(), body.to_string().as_bytes())
+        };
+        for method in ["resources/read", "resources/subscribe", "resources/unsubscribe"] {
+            let out = decide(method, "file:///public/readme");
+            assert!(out.reply.is_none(), "{method}: {:?}", out.audits);
+            assert!(decide(method, "file:///private/keys").reply.is_some(), "{method}");
+        }
+    }
+
     #[test]
     fn a2a_methods_and_sessions() {
         let e = std_engine("forbid");
