@@ -7,6 +7,8 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
   --public-cache   mark list and resources/read results `cacheScope: "public"` (2026-07-28 cache hints)
   --model-tool     register `report(options: ReportOptions)`, a tool whose argument is a model (clients
                    may send it as a JSON string, which the SDK parses with `json.loads`)
+  --touch-tool     register `touch(uri)`, which announces `notifications/resources/updated` for `uri` to the
+                   calling session (a server that announces updates without checking subscriptions)
 """
 
 import argparse
@@ -15,7 +17,7 @@ import sys
 
 import uvicorn
 from mcp.server.caching import CacheHint
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from pydantic import BaseModel
 
 
@@ -23,7 +25,7 @@ class ReportOptions(BaseModel):
     limit: int = 10
 
 
-def build(extra_tools: int, public_cache: bool = False, model_tool: bool = False) -> MCPServer:
+def build(extra_tools: int, public_cache: bool = False, model_tool: bool = False, touch_tool: bool = False) -> MCPServer:
     hints = None
     if public_cache:
         public = CacheHint(ttl_ms=60_000, scope="public")
@@ -75,6 +77,14 @@ def build(extra_tools: int, public_cache: bool = False, model_tool: bool = False
 
         mcp.tool(name=name)(make(name))
 
+    if touch_tool:
+
+        @mcp.tool()
+        async def touch(uri: str, ctx: Context) -> str:
+            """Announce an update of a resource."""
+            await ctx.session.send_resource_updated(uri)
+            return "touched"
+
     @mcp.prompt()
     def greet(name: str) -> str:
         """Greeting prompt."""
@@ -111,8 +121,9 @@ def main() -> None:
     ap.add_argument("--extra-tools", type=int, default=0)
     ap.add_argument("--public-cache", action="store_true")
     ap.add_argument("--model-tool", action="store_true")
+    ap.add_argument("--touch-tool", action="store_true")
     args = ap.parse_args()
-    app = build(args.extra_tools, args.public_cache, args.model_tool).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
+    app = build(args.extra_tools, args.public_cache, args.model_tool, args.touch_tool).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

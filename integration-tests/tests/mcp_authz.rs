@@ -1649,3 +1649,53 @@ async fn get_streams_keep_the_servers_keep_alive_comments() {
         }
     }
 }
+
+/// A server may announce `notifications/resources/updated` on the GET stream for resources the session
+/// never subscribed to (here a tool announcing any URI to its caller with the MCP Python SDK's
+/// `send_resource_updated`): an update about a resource the caller may not `resources/subscribe` to is
+/// withheld, only its `id:` passes. Before, the GET stream passed every notification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_updates_the_caller_may_not_subscribe_to_are_withheld() {
+    let server = PyServer::start("mcp_server.py", &["--touch-tool"]).await.unwrap();
+    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(server.port)
+        .filter_config(
+            "mcp-authz",
+            &json!({"policy": {"rules": [
+                {"name": "touch", "effect": "allow", "methods": ["tools/call"], "targets": ["touch"]},
+                {"name": "public", "effect": "allow", "methods": ["resources/read", "resources/subscribe"],
+                 "targets": ["file:///public/*"]}
+            ]}}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let s = Session::open(envoy.url("/mcp"), &[]).await;
+    let resp = client()
+        .get(envoy.url("/mcp"))
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &s.id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for (id, uri) in [(1, "file:///private/keys"), (2, "FILE:///private/keys"), (3, "file:///public/readme")] {
+        let (_, _, m) = s.call(json!(id), "touch", json!({ "uri": uri })).await;
+        assert_eq!(m["result"]["content"][0]["text"], "touched", "{m}");
+    }
+    let mut stream = resp.bytes_stream();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains("file:///public/readme") {
+        match tokio::time::timeout_at(deadline, tokio_stream::StreamExt::next(&mut stream)).await {
+            Ok(Some(Ok(chunk))) => seen.extend_from_slice(&chunk),
+            other => panic!("no update within 10 s ({:?}): {:?}", other.map(|_| ()), String::from_utf8_lossy(&seen)),
+        }
+    }
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(!seen.to_lowercase().contains("private"), "an update about a resource the caller may not see: {seen}");
+    let st = envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(st.get("meshwarden.mcp_authz.resource_updates_hidden"), Some(&2), "{st:?}");
+}

@@ -1031,6 +1031,28 @@ impl Engine {
         Ok(Some((rebuild_object(fields, &[("result", result)]), removed)))
     }
 
+    /// Whether an event's data is a `notifications/resources/updated` about a resource the caller may not
+    /// `resources/subscribe` to (decided as that call: dot segments refused, the URL parser's reading
+    /// too); one without a string `params.uri` counts as such. A server may announce updates to every
+    /// session (its own subscription bookkeeping, or none), and the filtered streams (the GET stream,
+    /// where a 2025 revision's server sends them) would pass them to callers who may not see the resource.
+    pub fn hides_resource_update(&self, identity: &Identity, data: &str) -> bool {
+        if !data.contains("updated") {
+            return false;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            return false;
+        };
+        if v.get("method").and_then(Value::as_str) != Some("notifications/resources/updated") || v.get("id").is_some() {
+            return false;
+        }
+        let Some(uri) = v.get("params").and_then(|p| p.get("uri")).and_then(Value::as_str) else {
+            return true;
+        };
+        let params = json!({ "uri": uri });
+        !self.decide_call(identity, Protocol::Mcp, "resources/subscribe", Some(&params)).0.allowed
+    }
+
     /// Whether a listed item may be shown: some call to it can be allowed, and (resources) its URI holds
     /// no `.` / `..` segment, which a read would be refused for anyway.
     fn listed_item_allowed(&self, view: &View<'_>, k: ListKind, name: &str) -> bool {
@@ -1370,6 +1392,8 @@ pub struct SseFilter {
     pub removed: usize,
     /// Events replaced by a -32603 error because they could not be read (fail closed).
     pub withheld: u64,
+    /// `notifications/resources/updated` events withheld ([`Engine::hides_resource_update`]).
+    pub updates_hidden: u64,
 }
 
 impl SseFilter {
@@ -1382,6 +1406,7 @@ impl SseFilter {
             after_cr: None,
             removed: 0,
             withheld: 0,
+            updates_hidden: 0,
         }
     }
 
@@ -1444,6 +1469,15 @@ impl SseFilter {
         out: &mut Vec<u8>,
     ) {
         for mut e in events {
+            // An update about a resource this caller may not subscribe to is not its business: only its
+            // `id:` goes out (resumption keeps working; an event without data dispatches nothing).
+            if plan.by_shape && engine.hides_resource_update(identity, &e.data) {
+                self.updates_hidden += 1;
+                if let Some(id) = &e.id {
+                    out.extend_from_slice(format!("id: {id}\n\n").as_bytes());
+                }
+                continue;
+            }
             // Messages that are not for a filtered id (nor, by shape, a list answer) pass unchanged. An
             // event with data the filter cannot read (not JSON, or JSON serde_json refuses such as a lone
             // surrogate escape `"\udc80"` that Python's `json` accepts) may be the answer to filter:
@@ -2659,6 +2693,44 @@ mod tests {
             assert!(out.reply.is_none(), "{method}: {:?}", out.audits);
             assert!(decide(method, "file:///private/keys").reply.is_some(), "{method}");
         }
+    }
+
+    /// `notifications/resources/updated` on a filtered stream (the GET stream) about a resource the
+    /// caller may not `resources/subscribe` to is withheld (its `id:` kept for resumption): a server that
+    /// announces updates to every session told a caller about resources it may not see.
+    #[test]
+    fn resource_updates_the_caller_may_not_subscribe_to_are_withheld() {
+        let e = engine(json!({"policy": {"rules": [
+            {"name": "public", "effect": "allow", "methods": ["resources/read", "resources/subscribe"], "targets": ["file:///public/*"]},
+            {"name": "hr", "effect": "deny", "methods": ["resources/subscribe"], "targets": ["file:///public/hr/*"]}
+        ]}}));
+        let update = |uri: &str| {
+            json!({"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}}).to_string()
+        };
+        let stream = format!(
+            "id: 1\nevent: message\ndata: {}\n\nid: 2\nevent: message\ndata: {}\n\n\
+             data: {}\n\nid: 4\ndata: {}\n\ndata: {}\n\n: ping\n\n",
+            update("file:///public/readme"),
+            update("file:///private/keys"),
+            update("FILE:///public/hr/salaries"),
+            update("file:///public/../private/keys"),
+            r#"{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{}}"#,
+        );
+        let get = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
+        let mut f = SseFilter::new(1 << 20);
+        let out = String::from_utf8(f.feed(&e, &anon(), &get, stream.as_bytes(), true)).unwrap();
+        assert!(out.contains("file:///public/readme"), "{out}");
+        for hidden in ["private/keys", "salaries", r#""params":{}"#] {
+            assert!(!out.contains(hidden), "{hidden}: {out}");
+        }
+        assert!(out.contains("id: 2\n\n") && out.contains("id: 4\n\n") && out.ends_with(": ping\n\n"), "{out}");
+        assert_eq!(f.updates_hidden, 4);
+        // A caller allowed every subscription sees every update.
+        let open = engine(json!({"policy": {"default": "allow"}}));
+        let mut f = SseFilter::new(1 << 20);
+        let one = format!("data: {}\n\n", update("file:///private/keys"));
+        let out = String::from_utf8(f.feed(&open, &anon(), &get, one.as_bytes(), true)).unwrap();
+        assert!(out.contains("file:///private/keys") && f.updates_hidden == 0, "{out}");
     }
 
     #[test]

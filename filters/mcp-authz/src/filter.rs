@@ -597,12 +597,16 @@ impl Request {
                 let out = f.feed(&self.engine, &self.identity, &self.plan, &chunk, end_of_stream);
                 let removed = std::mem::take(&mut f.removed);
                 let withheld = std::mem::take(&mut f.withheld);
+                let updates_hidden = std::mem::take(&mut f.updates_hidden);
                 let dropped = f.dropped_events();
                 self.answer = Answer::Sse(f);
                 if removed > 0 {
                     self.shared
                         .borrow_mut()
                         .add(if self.card { "skills_hidden" } else { "list_items_hidden" }, removed as u64);
+                }
+                if updates_hidden > 0 {
+                    self.shared.borrow_mut().add("resource_updates_hidden", updates_hidden);
                 }
                 if withheld > 0 {
                     self.shared.borrow_mut().add("answer_filter_failed", withheld);
