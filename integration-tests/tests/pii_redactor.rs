@@ -1437,3 +1437,46 @@ async fn gemini_thought_summary_is_never_joined_to_the_answer() {
     }
     assert_eq!((thought.as_str(), answer.as_str()), ("Thinking about the user", "Hello there, friend."), "{text}");
 }
+
+/// A Responses stream echoes the request's `instructions` in `response.created` and repeats it with the
+/// whole answer in `response.completed`: with a 300 KB system prompt both events are over 256 KiB. They
+/// were dropped by the filter's SSE parser (its bound was 256 KiB whatever `max_body_bytes`), and the
+/// OpenAI SDK's `responses.stream()` fails without `response.created` first. Now the bound is
+/// `max_body_bytes` (1 MiB by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_stream_events_over_256_kib_reach_the_client() {
+    let instructions = format!("Write to <EMAIL_1>. {}", "Context line. ".repeat(300 * 1024 / 14));
+    let created = json!({"type": "response.created",
+        "response": {"id": "resp_1", "status": "in_progress", "instructions": instructions, "output": []}});
+    let delta = json!({"type": "response.output_text.delta", "output_index": 0, "content_index": 0,
+        "delta": "Hi <EMAIL_1>"});
+    let completed = json!({"type": "response.completed",
+        "response": {"id": "resp_1", "status": "completed", "instructions": instructions,
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "Hi <EMAIL_1>"}]}]}});
+    let mut stream = String::new();
+    for (name, v) in
+        [("response.created", &created), ("response.output_text.delta", &delta), ("response.completed", &completed)]
+    {
+        stream.push_str(&format!("event: {name}\ndata: {v}\n\n"));
+    }
+    let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(64 * 1024).map(<[u8]>::to_vec).collect();
+    let (port, _) = chunky_upstream(chunks).await;
+    let proxy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(proxy.url("/v1/responses"))
+        .json(&json!({"model":"m","stream":true,"input":"I am jane@x.io"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let events: Vec<Value> = SseParser::new(usize::MAX)
+        .feed(text.as_bytes())
+        .into_iter()
+        .filter_map(|e| serde_json::from_str(&e.data).ok())
+        .collect();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, ["response.created", "response.output_text.delta", "response.completed"]);
+    assert!(events[0]["response"]["instructions"].as_str().unwrap().starts_with("Write to jane@x.io."));
+    assert_eq!(events[2]["response"]["output"][0]["content"][0]["text"], "Hi jane@x.io");
+}

@@ -11,6 +11,7 @@ use crate::restore::{RawStream, Restorer, SseRestore};
 use meshwarden_shared::errors::{ErrorFlavor, ErrorKind};
 use meshwarden_shared::host::{load_config, log, send_error, Metrics, VmTimed};
 use meshwarden_shared::llm::Api;
+use meshwarden_shared::sse::DEFAULT_MAX_EVENT_BYTES;
 use meshwarden_shared::stats::CounterBatch;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -84,7 +85,9 @@ impl RootContext for Root {
             counts: Counts::default(),
             restorer: None,
             mode: Mode::None,
-            sse: SseRestore::new(),
+            sse: SseRestore::with_max_event_bytes(
+                usize::try_from(self.config.max_body_bytes).unwrap_or(usize::MAX).max(DEFAULT_MAX_EVENT_BYTES),
+            ),
             raw: RawStream::default(),
             es: EventStreamRestore::default(),
             response_us: 0,

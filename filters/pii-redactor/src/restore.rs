@@ -705,8 +705,18 @@ pub struct SseRestore {
 }
 
 impl SseRestore {
+    /// Events up to 1 MiB (the default `max_body_bytes`).
     pub fn new() -> Self {
-        Self { rw: SseTextRewriter::default() }
+        Self::with_max_event_bytes(1 << 20)
+    }
+
+    /// Events up to `max_event_bytes` (the filter passes `max_body_bytes`, the bound of a buffered JSON
+    /// answer, at least 256 KiB); a larger event is dropped by the SSE parser. Before, the shared 256 KiB default applied: a
+    /// Responses stream echoes `instructions` and tools in `response.created` and repeats the whole
+    /// answer in `response.completed`, so a large system prompt or a long answer lost those events and
+    /// the OpenAI SDK's stream failed.
+    pub fn with_max_event_bytes(max_event_bytes: usize) -> Self {
+        Self { rw: SseTextRewriter::new(max_event_bytes) }
     }
 
     pub fn feed(&mut self, r: &mut Restorer, chunk: &[u8], end: bool) -> Vec<u8> {
@@ -1433,5 +1443,50 @@ mod tests {
             got.push_str(v.pointer("/delta/thinking").and_then(Value::as_str).unwrap());
         }
         assert_eq!(got, "user is bob@corp.io.");
+    }
+}
+
+#[cfg(test)]
+mod large_event_tests {
+    use super::*;
+    use meshwarden_shared::sse::SseParser;
+
+    /// A Responses stream echoes the request's `instructions` (and tools) in `response.created`,
+    /// `response.in_progress` and `response.completed`, and repeats the whole answer in the last one:
+    /// with a 300 KB system prompt (or a long answer) each is over 256 KiB. They were dropped (the SSE
+    /// parser's bound), and the OpenAI SDK's `responses.stream()` raises when its first event is not
+    /// `response.created` ("Expected to have received `response.created` before ...") or when no
+    /// `response.completed` comes.
+    #[test]
+    fn responses_events_over_256_kib_reach_the_client() {
+        let map: HashMap<String, String> = [("<EMAIL_1>".to_string(), "jane@x.io".to_string())].into();
+        let mut r = Restorer::new(map, None);
+        let instructions = format!("Write to <EMAIL_1>. {}", "Context line. ".repeat(300 * 1024 / 14));
+        let created = serde_json::json!({"type": "response.created",
+            "response": {"id": "resp_1", "status": "in_progress", "instructions": instructions, "output": []}});
+        let delta = serde_json::json!({"type": "response.output_text.delta", "output_index": 0,
+            "content_index": 0, "delta": "Hi <EMAIL_1>"});
+        let completed = serde_json::json!({"type": "response.completed",
+            "response": {"id": "resp_1", "status": "completed", "instructions": instructions,
+                "output": [{"type": "message", "content": [{"type": "output_text", "text": "Hi <EMAIL_1>"}]}]}});
+        let mut wire = String::new();
+        for (name, v) in
+            [("response.created", &created), ("response.output_text.delta", &delta), ("response.completed", &completed)]
+        {
+            wire.push_str(&format!("event: {name}\ndata: {v}\n\n"));
+        }
+        assert!(wire.len() > 600 * 1024);
+        let out = String::from_utf8(SseRestore::new().feed(&mut r, wire.as_bytes(), true)).unwrap();
+        let events: Vec<Value> = SseParser::new(usize::MAX)
+            .feed(out.as_bytes())
+            .into_iter()
+            .filter_map(|e| serde_json::from_str(&e.data).ok())
+            .collect();
+        let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(types, ["response.created", "response.output_text.delta", "response.completed"]);
+        let first = events.first().unwrap();
+        assert!(first["response"]["instructions"].as_str().unwrap().starts_with("Write to jane@x.io."));
+        let last = events.last().unwrap();
+        assert_eq!(last["response"]["output"][0]["content"][0]["text"], "Hi jane@x.io");
     }
 }
