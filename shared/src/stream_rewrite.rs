@@ -65,8 +65,8 @@ pub trait TextRewrite {
 /// JSON pointers of the streamed text deltas in one event: the content deltas of
 /// [`extract_stream_delta_texts`] plus Anthropic `thinking_delta.thinking`, Amazon Nova
 /// `contentBlockDelta.delta.text`, and tool-call argument deltas (OpenAI `tool_calls[].function.arguments`,
-/// Anthropic `input_json_delta.partial_json`, Responses `response.function_call_arguments.delta`, Bedrock
-/// ConverseStream `delta.toolUse.input`).
+/// legacy `function_call.arguments`, Anthropic `input_json_delta.partial_json`, Responses
+/// `response.function_call_arguments.delta`, Bedrock ConverseStream `delta.toolUse.input`).
 pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     let mut out: Vec<String> = extract_stream_delta_texts(event).into_iter().map(|s| s.pointer).collect();
     if let Some(choices) = event.get("choices").and_then(Value::as_array) {
@@ -78,6 +78,10 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
                 if c.get("delta").and_then(|d| d.get(key)).is_some_and(Value::is_string) {
                     out.push(format!("/choices/{i}/delta/{key}"));
                 }
+            }
+            // The legacy `functions` API streams its call in `delta.function_call.arguments`.
+            if json::pointer(c, "/delta/function_call/arguments").is_some_and(Value::is_string) {
+                out.push(format!("/choices/{i}/delta/function_call/arguments"));
             }
             if let Some(calls) = json::pointer(c, "/delta/tool_calls").and_then(Value::as_array) {
                 for (j, call) in calls.iter().enumerate() {
@@ -138,6 +142,7 @@ fn is_keepalive(event: &Value) -> bool {
 /// values are JSON-escaped there and `\u003c…\u003e` placeholders matched too.
 pub fn is_json_text_pointer(event: &Value, pointer: &str) -> bool {
     pointer.ends_with("/function/arguments")
+        || pointer.ends_with("/function_call/arguments")
         || pointer.ends_with("/partial_json")
         || pointer.ends_with("/toolUse/input")
         || (pointer == "/delta"

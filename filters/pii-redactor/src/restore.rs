@@ -1490,3 +1490,40 @@ mod large_event_tests {
         assert_eq!(last["response"]["output"][0]["content"][0]["text"], "Hi jane@x.io");
     }
 }
+
+#[cfg(test)]
+mod legacy_function_call_tests {
+    use super::*;
+    use meshwarden_shared::sse::SseParser;
+
+    /// Chat completions with the legacy `functions` parameter stream the call in
+    /// `choices[].delta.function_call.arguments`, a few characters per chunk, so a placeholder is cut
+    /// across chunks. Each chunk was restored alone: the client's function ran with `<EMAIL_1>` as the
+    /// address (and a value with a quote would not have been JSON-escaped across chunks).
+    #[test]
+    fn streamed_legacy_function_call_arguments_restored_across_chunks() {
+        let map: HashMap<String, String> = [("<EMAIL_1>".to_string(), "jane \"JJ\" doe@x.io".to_string())].into();
+        let mut r = Restorer::new(map, None);
+        let mut wire = String::new();
+        let first = serde_json::json!({"choices":[{"index":0,"delta":{"role":"assistant","content":null,
+            "function_call":{"name":"send_mail","arguments":""}}}]});
+        wire.push_str(&format!("data: {first}\n\n"));
+        for piece in ["{\"to\":\"<EMA", "IL_1>\",\"cc\":\"\\u003cEMA", "IL_1\\u003e\"}"] {
+            let ev = serde_json::json!({"choices":[{"index":0,"delta":{"function_call":{"arguments":piece}}}]});
+            wire.push_str(&format!("data: {ev}\n\n"));
+        }
+        wire.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"function_call\"}]}\n\n");
+        wire.push_str("data: [DONE]\n\n");
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        let mut args = String::new();
+        for e in SseParser::default().feed(&out) {
+            if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+                if let Some(a) = v.pointer("/choices/0/delta/function_call/arguments").and_then(Value::as_str) {
+                    args.push_str(a);
+                }
+            }
+        }
+        let parsed: Value = serde_json::from_str(&args).unwrap_or_else(|e| panic!("{e}: {args}"));
+        assert_eq!(parsed, serde_json::json!({"to": "jane \"JJ\" doe@x.io", "cc": "jane \"JJ\" doe@x.io"}), "{args}");
+    }
+}
