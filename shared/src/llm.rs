@@ -625,6 +625,67 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                                     }
                                 }
                             }
+                            // Output items of an earlier answer sent back by a client that keeps the
+                            // conversation itself (`store: false`): what the model wrote and tools returned
+                            // (reasoning summary and text, code and its logs, text typed by computer use,
+                            // shell commands, search queries). Ids, `encrypted_content`, images: untouched.
+                            Some("reasoning") => {
+                                for key in ["summary", "content"] {
+                                    if let Some(Value::Array(parts)) = item.get(key) {
+                                        for (j, part) in parts.iter().enumerate() {
+                                            if let Some(t) = part.get("text") {
+                                                push_text(
+                                                    &mut out,
+                                                    Role::Assistant,
+                                                    format!("{base}/{key}/{j}/text"),
+                                                    t,
+                                                );
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            Some("code_interpreter_call") => {
+                                if let Some(c) = item.get("code") {
+                                    push_text(&mut out, Role::Assistant, format!("{base}/code"), c);
+                                }
+                                if let Some(Value::Array(outputs)) = item.get("outputs") {
+                                    for (j, o) in outputs.iter().enumerate() {
+                                        if let Some(l) = o.get("logs") {
+                                            push_text(&mut out, Role::Tool, format!("{base}/outputs/{j}/logs"), l);
+                                        }
+                                    }
+                                }
+                            }
+                            Some("computer_call") => {
+                                if let Some(t) = json::pointer(item, "/action/text") {
+                                    push_text(&mut out, Role::Assistant, format!("{base}/action/text"), t);
+                                }
+                            }
+                            Some("local_shell_call") | Some("shell_call") => {
+                                for key in ["command", "commands"] {
+                                    if let Some(c) = json::pointer(item, &format!("/action/{key}")) {
+                                        push_string_leaves(
+                                            &mut out,
+                                            Role::Assistant,
+                                            &mut format!("{base}/action/{key}"),
+                                            c,
+                                        );
+                                    }
+                                }
+                            }
+                            Some("web_search_call") => {
+                                for key in ["query", "queries"] {
+                                    if let Some(q) = json::pointer(item, &format!("/action/{key}")) {
+                                        push_string_leaves(
+                                            &mut out,
+                                            Role::Assistant,
+                                            &mut format!("{base}/action/{key}"),
+                                            q,
+                                        );
+                                    }
+                                }
+                            }
                             _ => {}
                         }
                     }

@@ -525,6 +525,37 @@ mod tests {
         assert_eq!(out["messages"][0]["content"][0]["text"], "and mail <EMAIL_1>");
     }
 
+    /// A Responses client that keeps the conversation itself (`store: false`: Codex CLI, agents) sends the
+    /// previous answer's output items back as `input`. The filter restored the user's values into every
+    /// string of that answer (a reasoning summary, the code of a code interpreter call and its logs, the
+    /// text a computer-use model types, the command of a local shell call, a web search query); those
+    /// items were not read, so on the next turn the values left the gateway as they came.
+    #[test]
+    fn responses_history_items_the_model_wrote_are_masked() {
+        let e = engine();
+        let body = json!({"model":"o4-mini","store":false,"input":[
+            {"role":"user","content":"I am jane.doe@example.com"},
+            {"type":"reasoning","id":"rs_1","encrypted_content":"gAAAAB","summary":[{"type":"summary_text","text":"User is jane.doe@example.com"}]},
+            {"type":"code_interpreter_call","id":"ci_1","container_id":"cntr_1","status":"completed",
+             "code":"send('jane.doe@example.com')","outputs":[{"type":"logs","logs":"sent to jane.doe@example.com"}]},
+            {"type":"computer_call","id":"cu_1","call_id":"call_1","status":"completed","pending_safety_checks":[],
+             "action":{"type":"type","text":"jane.doe@example.com"}},
+            {"type":"local_shell_call","id":"ls_1","call_id":"call_2","status":"completed",
+             "action":{"type":"exec","command":["git","config","user.email","jane.doe@example.com"],"env":{}}},
+            {"type":"shell_call","id":"sh_1","call_id":"call_3","status":"completed",
+             "action":{"commands":["echo jane.doe@example.com"]}},
+            {"type":"web_search_call","id":"ws_1","status":"completed","action":{"type":"search","query":"jane.doe@example.com"}},
+            {"role":"user","content":"thanks"}]});
+        let r = process_request(&e, "/v1/responses", body.to_string().as_bytes(), true);
+        let out = String::from_utf8(r.body.expect("masked")).unwrap();
+        assert!(!out.contains("jane.doe@example.com"), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["input"][2]["code"], "send('<EMAIL_1>')", "{out}");
+        assert_eq!(v["input"][3]["action"]["text"], "<EMAIL_1>", "{out}");
+        assert_eq!(v["input"][1]["id"], "rs_1");
+        assert_eq!(v["input"][1]["encrypted_content"], "gAAAAB");
+    }
+
     #[test]
     fn unknown_json_raw_text_and_nothing_found() {
         let e = engine();
