@@ -421,6 +421,20 @@ fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
             if let Some(t) = part.get("text") {
                 push_text(out, role, format!("{here}/text"), t);
             }
+            // Anthropic citations of an earlier answer: `cited_text` quotes the user's documents.
+            if let Some(Value::Array(cites)) = part.get("citations") {
+                for (k, c) in cites.iter().enumerate() {
+                    if let Some(t) = c.get("cited_text") {
+                        push_text(out, role, format!("{here}/citations/{k}/cited_text"), t);
+                    }
+                }
+            }
+        }
+        // A refusal part of an earlier assistant turn (OpenAI chat content parts, Responses output messages).
+        Some("refusal") => {
+            if let Some(t) = part.get("refusal") {
+                push_text(out, role, format!("{here}/refusal"), t);
+            }
         }
         None => {
             if let Some(t) = part.get("text") {
@@ -495,7 +509,8 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                     // The reasoning of an earlier assistant turn, sent back with the history: DeepSeek
                     // `reasoning_content` (required in its tool-call loops), vLLM / OpenRouter `reasoning`,
                     // Ollama `thinking`. Chat templates (DeepSeek, Qwen3, gpt-oss) put it in the prompt.
-                    for key in ["reasoning_content", "reasoning", "thinking"] {
+                    // ... and an earlier assistant turn's `refusal` (OpenAI structured outputs).
+                    for key in ["reasoning_content", "reasoning", "thinking", "refusal"] {
                         if let Some(r) = m.get(key) {
                             push_text(&mut out, role, format!("/messages/{i}/{key}"), r);
                         }

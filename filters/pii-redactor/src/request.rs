@@ -556,6 +556,36 @@ mod tests {
         assert_eq!(v["input"][1]["encrypted_content"], "gAAAAB");
     }
 
+    /// Refusals and citations the filter restored into an answer come back with the history: a chat
+    /// assistant message's `refusal` (a string, or a `refusal` content part; Responses output messages
+    /// alike) and an Anthropic text block's `citations[].cited_text` (quoted from the user's documents).
+    /// They were not read, so the user's values left the gateway on the next turn.
+    #[test]
+    fn refusals_and_citations_sent_back_are_masked() {
+        let e = engine();
+        let chat = json!({"model":"m","messages":[
+            {"role":"user","content":"records of jane.doe@example.com"},
+            {"role":"assistant","content":null,"refusal":"I can't share records of jane.doe@example.com"},
+            {"role":"assistant","content":[{"type":"refusal","refusal":"Not for jane.doe@example.com"}]},
+            {"role":"user","content":"ok"}]});
+        let responses = json!({"model":"m","input":[
+            {"role":"user","content":"records of jane.doe@example.com"},
+            {"type":"message","role":"assistant","id":"msg_1","status":"completed",
+             "content":[{"type":"refusal","refusal":"I can't share records of jane.doe@example.com"}]}]});
+        let anthropic = json!({"model":"m","max_tokens":10,"messages":[
+            {"role":"user","content":[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"Contact: jane.doe@example.com"},"citations":{"enabled":true}}]},
+            {"role":"assistant","content":[{"type":"text","text":"The contact is",
+             "citations":[{"type":"char_location","cited_text":"Contact: jane.doe@example.com","document_index":0,"start_char_index":0,"end_char_index":29}]}]},
+            {"role":"user","content":"thanks"}]});
+        for (path, body) in [("/v1/chat/completions", chat), ("/v1/responses", responses), ("/v1/messages", anthropic)]
+        {
+            let r = process_request(&e, path, body.to_string().as_bytes(), true);
+            let out = String::from_utf8(r.body.expect("masked")).unwrap();
+            assert!(!out.contains("jane.doe@example.com"), "{path}: {out}");
+            assert!(out.contains("<EMAIL_1>"), "{path}: {out}");
+        }
+    }
+
     #[test]
     fn unknown_json_raw_text_and_nothing_found() {
         let e = engine();
