@@ -100,14 +100,19 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
                 }
             }
         }
-        Some("response.function_call_arguments.delta") if event.get("delta").is_some_and(Value::is_string) => {
+        // Responses function and remote MCP call arguments (JSON text).
+        Some("response.function_call_arguments.delta") | Some("response.mcp_call_arguments.delta")
+            if event.get("delta").is_some_and(Value::is_string) =>
+        {
             out.push("/delta".to_string())
         }
-        // Responses reasoning summaries and reasoning text, refusals, custom tool input (free text).
+        // Responses reasoning summaries and reasoning text, refusals, custom tool input (free text), code
+        // interpreter code.
         Some("response.reasoning_summary_text.delta")
         | Some("response.reasoning_text.delta")
         | Some("response.refusal.delta")
         | Some("response.custom_tool_call_input.delta")
+        | Some("response.code_interpreter_call_code.delta")
             if event.get("delta").is_some_and(Value::is_string) =>
         {
             out.push("/delta".to_string())
@@ -146,7 +151,10 @@ pub fn is_json_text_pointer(event: &Value, pointer: &str) -> bool {
         || pointer.ends_with("/partial_json")
         || pointer.ends_with("/toolUse/input")
         || (pointer == "/delta"
-            && event.get("type").and_then(Value::as_str) == Some("response.function_call_arguments.delta"))
+            && matches!(
+                event.get("type").and_then(Value::as_str),
+                Some("response.function_call_arguments.delta") | Some("response.mcp_call_arguments.delta")
+            ))
 }
 
 /// At most this many channels hold text back; past it the oldest is flushed.

@@ -1527,3 +1527,54 @@ mod legacy_function_call_tests {
         assert_eq!(parsed, serde_json::json!({"to": "jane \"JJ\" doe@x.io", "cc": "jane \"JJ\" doe@x.io"}), "{args}");
     }
 }
+
+#[cfg(test)]
+mod responses_tool_delta_tests {
+    use super::*;
+    use crate::config::Config;
+    use meshwarden_shared::config::parse_config;
+    use meshwarden_shared::sse::SseParser;
+
+    fn read(out: &[u8]) -> String {
+        SseParser::default()
+            .feed(out)
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+            .filter_map(|v| v.pointer("/delta").and_then(Value::as_str).map(str::to_string))
+            .collect()
+    }
+
+    /// Responses code interpreter code (`response.code_interpreter_call_code.delta`) and remote MCP call
+    /// arguments (`response.mcp_call_arguments.delta`, JSON text) are streamed a token per event: a
+    /// placeholder cut across two events is restored and a value the model writes across two is
+    /// redacted by `scan_responses`. Before, each event was restored and scanned alone: the client read
+    /// `<EMA` `IL_1>` and `bob@le` `ak.example.org` unredacted.
+    #[test]
+    fn streamed_code_interpreter_code_and_mcp_arguments_restored_across_events() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        for (kind, pieces, want) in [
+            (
+                "response.code_interpreter_call_code.delta",
+                vec!["send('<EMA", "IL_1>'); cc('bob@le", "ak.example.org')"],
+                "send('me\"x@x.io'); cc('[REDACTED]')",
+            ),
+            (
+                "response.mcp_call_arguments.delta",
+                vec!["{\"to\":\"<EMA", "IL_1>\",\"cc\":\"bob@le", "ak.example.org\"}"],
+                "{\"to\":\"me\\\"x@x.io\",\"cc\":\"[REDACTED]\"}",
+            ),
+        ] {
+            let mut wire = String::new();
+            for p in &pieces {
+                let ev = serde_json::json!({"type":kind,"item_id":"x_1","output_index":0,"delta":p});
+                wire.push_str(&format!("event: {kind}\ndata: {ev}\n\n"));
+            }
+            let done = serde_json::json!({"type":"response.output_item.done","output_index":0,"item":{"id":"x_1"}});
+            wire.push_str(&format!("event: response.output_item.done\ndata: {done}\n\n"));
+            let map: HashMap<String, String> = [("<EMAIL_1>".to_string(), "me\"x@x.io".to_string())].into();
+            let mut r = Restorer::new(map, Some(engine.clone()));
+            let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+            assert_eq!(read(&out), want, "{kind}");
+        }
+    }
+}
