@@ -469,6 +469,28 @@ fn push_block(out: &mut Vec<TextSpan>, role: Role, here: &str, part: &Value) {
             if let Some(inner) = json::pointer(part, "/document/source/content") {
                 push_content(out, role, &format!("{here}/document/source/content"), inner);
             }
+            // An earlier answer's citations block: the model's text and the quoted source passages.
+            if let Some(cc) = part.get("citationsContent") {
+                if let Some(Value::Array(parts)) = cc.get("content") {
+                    for (k, p) in parts.iter().enumerate() {
+                        if let Some(t) = p.get("text") {
+                            push_text(out, role, format!("{here}/citationsContent/content/{k}/text"), t);
+                        }
+                    }
+                }
+                if let Some(Value::Array(cites)) = cc.get("citations") {
+                    for (k, c) in cites.iter().enumerate() {
+                        if let Some(Value::Array(src)) = c.get("sourceContent") {
+                            for (m, p) in src.iter().enumerate() {
+                                if let Some(t) = p.get("text") {
+                                    let at = format!("{here}/citationsContent/citations/{k}/sourceContent/{m}/text");
+                                    push_text(out, role, at, t);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
         _ => {} // images, audio, files: not text a filter can scan
     }

@@ -586,6 +586,31 @@ mod tests {
         }
     }
 
+    /// Bedrock Converse answers with citations hold the model's text in `citationsContent` blocks
+    /// (`content[].text`, and `citations[].sourceContent[].text` quoting the user's documents); the
+    /// filter restored the user's values into them, and a multi-turn client sends that assistant message
+    /// back. Those blocks were not read, so the values left the gateway on the next turn.
+    #[test]
+    fn bedrock_citations_content_sent_back_is_masked() {
+        let e = engine();
+        let body = json!({"messages":[
+            {"role":"user","content":[{"text":"Who is the contact? I am bob@corp.example"}]},
+            {"role":"assistant","content":[{"citationsContent":{
+                "content":[{"text":"The contact is jane.doe@example.com"}],
+                "citations":[{"title":"doc","sourceContent":[{"text":"Contact: jane.doe@example.com"}],
+                              "location":{"documentChar":{"documentIndex":0,"start":0,"end":29}}}]}}]},
+            {"role":"user","content":[{"text":"thanks"}]}]});
+        let path = "/model/anthropic.claude-sonnet-4-5/converse";
+        let r = process_request(&e, path, body.to_string().as_bytes(), true);
+        let out = String::from_utf8(r.body.expect("masked")).unwrap();
+        assert!(!out.contains("jane.doe@example.com") && !out.contains("bob@corp.example"), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["messages"][1]["content"][0]["citationsContent"]["content"][0]["text"],
+            "The contact is <EMAIL_2>"
+        );
+    }
+
     #[test]
     fn unknown_json_raw_text_and_nothing_found() {
         let e = engine();
