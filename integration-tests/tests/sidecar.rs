@@ -24,9 +24,17 @@ async fn health_readiness_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_calls_in_flight() {
     let redis = meshwarden_integration_tests::redis_server::RedisServer::start().unwrap();
-    let mut sidecar =
-        Sidecar::start(&["--redis-url", &redis.url(), "--redis-timeout-ms", "5000", "--shutdown-grace-secs", "10"])
-            .unwrap();
+    let mut sidecar = Sidecar::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--redis-timeout-ms",
+        "5000",
+        "--shutdown-grace-secs",
+        "10",
+        "--shutdown-delay-secs",
+        "0",
+    ])
+    .unwrap();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let req = serde_json::json!({"groups":[{"key":"drain","windows":[{"limit":1000,"window_ms":60000}],"cost":10}]});
     let warm = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.unwrap();
@@ -53,6 +61,33 @@ async fn sigterm_drains_calls_in_flight() {
     assert_eq!(v["allowed"], true, "{v}");
     let status = sidecar.wait_exit(std::time::Duration::from_secs(5)).expect("exits after draining");
     assert!(status.success(), "{status:?}");
+}
+
+/// SIGTERM first takes the sidecar out of service and keeps serving: `/readyz` answers 503 and rate-limit
+/// calls on new connections are still answered for `--shutdown-delay-secs` (default 5), while Kubernetes
+/// removes the pod's endpoint and the gateways' Envoys learn it; then it drains and exits 0. It closed its
+/// port at once: during every rollout the gateways' calls to the replica being replaced were refused (each
+/// one the filter's `failure_mode`: unlimited with `allow`, a 503 to the client with `deny`), and the
+/// documented "503 while draining" could never be seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_keeps_serving_while_the_endpoint_is_removed() {
+    let mut sidecar = Sidecar::start(&[]).unwrap();
+    let req = serde_json::json!({"groups":[{"key":"k","windows":[{"limit":1000,"window_ms":60000}],"cost":10}]});
+    assert!(std::process::Command::new("kill").args(["-TERM", &sidecar.pid().to_string()]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // New connections each time, as from a gateway that has not yet learned the endpoint is going.
+    let fresh = || reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = fresh().get(sidecar.url("/readyz")).send().await.expect("still accepting");
+    assert_eq!(r.status(), 503, "not ready once terminating");
+    let r = fresh().post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.expect("still accepting");
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let r = fresh().post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.expect("still accepting");
+    assert_eq!(r.status(), 200, "served until the delay ends");
+    let status = sidecar.wait_exit(std::time::Duration::from_secs(5)).expect("exits after the delay");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
 /// With Redis down every rate-limit call fails: each is answered 503 and counted, but the log gets one

@@ -40,6 +40,13 @@ pub struct Config {
     #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
     pub shutdown_grace_secs: u64,
 
+    /// Seconds the sidecar keeps serving after SIGTERM, `/readyz` answering 503, before it stops
+    /// accepting connections and drains: the time Kubernetes takes to remove the pod's endpoint and the
+    /// gateways' Envoys to learn it (or, as a container of the gateway pod, for Envoy's own drain). 0
+    /// closes the port at once.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_DELAY_SECS", default_value_t = 5)]
+    pub shutdown_delay_secs: u64,
+
     /// Redis for rate-limit state shared by many sidecars (`redis://host:6379/0`); memory when unset.
     #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -69,5 +76,12 @@ mod tests {
         assert_eq!(Config::try_parse_from(["s", "--worker-threads", "8"]).unwrap().worker_threads, 8);
         let err = Config::try_parse_from(["s", "--worker-threads", "0"]).unwrap_err().to_string();
         assert!(err.contains("--worker-threads"), "{err}");
+    }
+
+    #[test]
+    fn shutdown_delay_default_and_zero() {
+        assert_eq!(Config::try_parse_from(["s"]).unwrap().shutdown_delay_secs, 5);
+        let c = Config::try_parse_from(["s", "--shutdown-delay-secs", "0"]).unwrap();
+        assert_eq!(c.shutdown_delay_secs, 0);
     }
 }

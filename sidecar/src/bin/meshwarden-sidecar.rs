@@ -34,6 +34,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, "listening");
     state.ready.store(true, Ordering::Relaxed);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let delay = Duration::from_secs(config.shutdown_delay_secs);
     let shutdown_state = state.clone();
     // Every answer is one small write that a filter waits for on its request path: no Nagle delay.
     let listener = listener.tap_io(|tcp| {
@@ -41,12 +42,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown_signal().await;
+        // Out of service first, still serving: the pod's endpoint is removed and the gateways learn it
+        // within seconds, and until then their calls still come here (refused, each was the filter's
+        // failure_mode).
         shutdown_state.ready.store(false, Ordering::Relaxed);
+        tracing::info!(delay_secs = delay.as_secs(), "shutting down: /readyz 503, serving until the delay ends");
+        tokio::time::sleep(delay).await;
         tracing::info!("shutting down: draining in-flight requests");
     });
     tokio::select! {
         r = server => r?,
-        _ = async { shutdown_signal().await; tokio::time::sleep(grace).await } => {
+        _ = async { shutdown_signal().await; tokio::time::sleep(delay.saturating_add(grace)).await } => {
             tracing::warn!("grace period over; exiting with requests still in flight");
         }
     }
