@@ -73,11 +73,14 @@ async fn sigterm_drains_calls_in_flight() {
 async fn sigterm_keeps_serving_while_the_endpoint_is_removed() {
     let mut sidecar = Sidecar::start(&[]).unwrap();
     let req = serde_json::json!({"groups":[{"key":"k","windows":[{"limit":1000,"window_ms":60000}],"cost":10}]});
+    // One answered call first: the server (and its signal handlers) is running, not only bound.
+    let fresh = || reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = fresh().post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     assert!(std::process::Command::new("kill").args(["-TERM", &sidecar.pid().to_string()]).status().unwrap().success());
     let started = std::time::Instant::now();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     // New connections each time, as from a gateway that has not yet learned the endpoint is going.
-    let fresh = || reqwest::Client::builder().no_proxy().build().unwrap();
     let r = fresh().get(sidecar.url("/readyz")).send().await.expect("still accepting");
     assert_eq!(r.status(), 503, "not ready once terminating");
     let r = fresh().post(sidecar.url("/v1/ratelimit/reserve")).json(&req).send().await.expect("still accepting");
