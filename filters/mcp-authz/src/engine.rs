@@ -1054,18 +1054,30 @@ impl Engine {
     }
 
     /// Whether a listed item may be shown: some call to it can be allowed, and (resources) its URI holds
-    /// no `.` / `..` segment, which a read would be refused for anyway.
+    /// no `.` / `..` segment, which a read would be refused for anyway, and is allowed in the spelling a
+    /// URL parser reads too (as the read is decided, see `evaluate_naming`).
     fn listed_item_allowed(&self, view: &View<'_>, k: ListKind, name: &str) -> bool {
-        if matches!(k, ListKind::Resources | ListKind::ResourceTemplates) && mcp::uri_has_dot_segments(name) {
+        let resource = matches!(k, ListKind::Resources | ListKind::ResourceTemplates);
+        if resource && mcp::uri_has_dot_segments(name) {
             return false;
         }
-        view.allows(&Call {
-            protocol: Protocol::Mcp,
-            method: k.use_method(),
-            method_names: &[],
-            target: Some(name),
-            arguments: None,
-        })
+        let allows = |target: &str| {
+            view.allows(&Call {
+                protocol: Protocol::Mcp,
+                method: k.use_method(),
+                method_names: &[],
+                target: Some(target),
+                arguments: None,
+            })
+        };
+        if !allows(name) {
+            return false;
+        }
+        if !resource {
+            return true;
+        }
+        let parsed = mcp::uri_as_url_parsers_read(name);
+        parsed == name || allows(&parsed)
     }
 
     fn filter_raw_message<'p>(
@@ -2555,6 +2567,39 @@ mod tests {
             assert_eq!(o.audits[0].rule, "no-private", "completion {uri:?}");
             let o = decide("subscriptions/listen", json!({"notifications": {"resourceSubscriptions": [uri]}}));
             assert_eq!(o.audits[0].rule, "no-private", "listen {uri:?}");
+        }
+    }
+
+    /// A listed resource (or template) is shown only when its read would be allowed: decided in both the
+    /// spelling the server lists and the one a URL parser reads, as the read is. A `FILE:///private/keys`
+    /// listed under a `file:///private/*` deny rule was shown though its read is refused.
+    #[test]
+    fn listed_resource_uris_are_decided_as_url_parsers_read_them_too() {
+        let e = engine(json!({"policy": {"default": "allow", "rules": [
+            {"name": "no-private", "effect": "deny", "methods": ["resources/*"], "targets": ["file:///private/*"]}
+        ]}}));
+        let mut plan = HashMap::new();
+        plan.insert("1".to_string(), FilterKind::List(ListKind::Resources));
+        plan.insert("2".to_string(), FilterKind::List(ListKind::ResourceTemplates));
+        let hidden =
+            ["FILE:///private/keys", "file://localhost/private/keys", " file:///private/keys", "file:/private/keys"];
+        let mut resources = vec![json!({"uri": "file:///public/a"}), json!({"uri": "FILE:///public/b"})];
+        resources.extend(hidden.iter().map(|u| json!({"uri": u})));
+        let list = json!({"jsonrpc": "2.0", "id": 1, "result": {"resources": resources}}).to_string();
+        let (out, n) = e.filter_answer_text(&anon(), &plan, &list).unwrap().unwrap();
+        assert_eq!(n, hidden.len(), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["result"]["resources"], json!([{"uri": "file:///public/a"}, {"uri": "FILE:///public/b"}]));
+        let templates = json!({"jsonrpc": "2.0", "id": 2, "result": {"resourceTemplates": [
+            {"uriTemplate": "FILE:///private/{name}"}, {"uriTemplate": "file://localhost/private/{name}"},
+            {"uriTemplate": "FILE:///public/{name}"}
+        ]}});
+        let (out, n) = e.filter_answer_text(&anon(), &plan, &templates.to_string()).unwrap().unwrap();
+        assert_eq!(n, 2, "{out}");
+        // Their reads are refused.
+        for uri in hidden {
+            let body = json!({"jsonrpc": "2.0", "id": 1, "method": "resources/read", "params": {"uri": uri}});
+            assert!(e.decide_body(&anon(), Protocol::Mcp, &h(), body.to_string().as_bytes()).reply.is_some(), "{uri}");
         }
     }
 
