@@ -505,6 +505,12 @@ async fn modern_requests_and_batches() {
     let ids: Vec<Value> = m.iter().map(|x| x["id"].clone()).collect();
     assert_eq!(ids, [json!(31), json!(32)], "{m:?}");
     assert!(m.iter().all(|x| x["error"]["code"] == -32000), "{m:?}");
+    // a batch holding one call is logged as that call; one of several calls as `batch` with the rule of
+    // its first denied element
+    let (st, _, m) = post(json!([over]), vec![old.clone()]).await;
+    assert_eq!((st, m[0]["error"]["code"].clone()), (403, json!(-32000)), "{m:?}");
+    wait_for_log(&s.envoy, "subject=bob method=tools/call target=search decision=deny rule=search-limit").await;
+    wait_for_log(&s.envoy, "subject=bob method=batch target= decision=deny rule=default").await;
     // a client's response to a server request rides in a batch untouched by the policy
     let response = json!({"jsonrpc": "2.0", "id": "srv-1", "result": {"roots": []}});
     let (st, _, m) = post(json!([response, call("search", 33)]), vec![old.clone()]).await;
