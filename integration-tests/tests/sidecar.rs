@@ -328,3 +328,107 @@ async fn a_settle_batch_is_applied_in_about_one_redis_round_trip() {
         assert_eq!(v["groups"][0]["windows"][0]["remaining"], 990, "{v}");
     }
 }
+
+/// Reads from `tcp` until the sidecar closes it (EOF or a reset), at most `limit`; returns when it did.
+async fn closed_within(tcp: &mut tokio::net::TcpStream, limit: std::time::Duration) -> Option<std::time::Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), tcp.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Sends one `GET path` on `tcp` (keep-alive) and reads its whole answer; returns the status line.
+async fn get_on(tcp: &mut tokio::net::TcpStream, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: sidecar\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before the answer: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .unwrap();
+            if got.len() >= end + 4 + len {
+                return text.lines().next().unwrap().to_string();
+            }
+        }
+    }
+}
+
+/// A client that connects and sends nothing, or trickles a request's headers (a byte every 100 ms, on a
+/// new connection or on one that already had an answer), is disconnected once the header-read timeout
+/// (`--header-read-timeout-ms`, here 500 ms) is over. Connections had no read timeout (`axum::serve` runs
+/// hyper without a timer): whoever reached the port (0.0.0.0:9090 in the Istio manifests) held as many
+/// connections as it liked, forever, and a gateway that died without closing left its connections open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_trickling_clients_are_disconnected_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let sidecar = Sidecar::start_with_env(&[], &[("MESHWARDEN_SIDECAR_HEADER_READ_TIMEOUT_MS", "500")]).unwrap();
+    let limit = std::time::Duration::from_secs(3);
+    let addr = ("127.0.0.1", sidecar.port());
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let took = closed_within(&mut silent, limit).await.expect("a silent client is disconnected");
+    assert!(took >= std::time::Duration::from_millis(400), "{took:?}");
+
+    let trickle = |mut tcp: tokio::net::TcpStream| async move {
+        let started = std::time::Instant::now();
+        let head =
+            b"GET /healthz HTTP/1.1\r\nhost: sidecar\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for b in head {
+            if tcp.write_all(&[*b]).await.is_err() {
+                return Some(started.elapsed());
+            }
+            if let Some(took) = closed_within(&mut tcp, std::time::Duration::from_millis(100)).await {
+                return Some(started.elapsed().max(took));
+            }
+        }
+        None
+    };
+    let fresh = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let took = trickle(fresh).await.expect("a trickling client is disconnected");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    let mut used = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(get_on(&mut used, "/healthz").await, "HTTP/1.1 200 OK");
+    let took = trickle(used).await.expect("a trickling second request is disconnected");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+}
+
+/// The header-read timeout does not cut the idle keep-alive connections a gateway's Envoy keeps in its
+/// pool: a connection reused after an idle period three times the timeout is answered (hyper's own timeout
+/// also runs while a connection waits for its next request, and a call Envoy sent as it closed would fail).
+/// Idle connections are closed after `--idle-timeout-secs` (here 2 s; by default longer than Envoy's own
+/// upstream idle timeout, so Envoy closes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_outlive_the_header_timeout() {
+    let sidecar = Sidecar::start_with_env(
+        &[],
+        &[("MESHWARDEN_SIDECAR_HEADER_READ_TIMEOUT_MS", "300"), ("MESHWARDEN_SIDECAR_IDLE_TIMEOUT_SECS", "2")],
+    )
+    .unwrap();
+    let addr = ("127.0.0.1", sidecar.port());
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(get_on(&mut tcp, "/healthz").await, "HTTP/1.1 200 OK");
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    assert_eq!(get_on(&mut tcp, "/readyz").await, "HTTP/1.1 200 OK", "reused after an idle 900 ms");
+    let answered = std::time::Instant::now();
+    // Normal calls through a pooled client too.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for _ in 0..3 {
+        assert_eq!(http.get(sidecar.url("/healthz")).send().await.unwrap().status(), 200);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    closed_within(&mut tcp, std::time::Duration::from_secs(4)).await.expect("closed once idle 2 s");
+    let idle = answered.elapsed();
+    assert!(idle >= std::time::Duration::from_millis(1900) && idle < std::time::Duration::from_secs(3), "{idle:?}");
+}

@@ -47,6 +47,18 @@ pub struct Config {
     #[arg(long, env = "MESHWARDEN_SIDECAR_SHUTDOWN_DELAY_SECS", default_value_t = 5)]
     pub shutdown_delay_secs: u64,
 
+    /// Milliseconds a client has to send a request's headers: from the accept for a connection's first
+    /// request, from its first byte for a later one. A client that sends nothing, or trickles its headers,
+    /// is disconnected.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+
+    /// Seconds a keep-alive connection may wait for its next request before the sidecar closes it (0:
+    /// never). Keep it above the gateways' upstream idle timeout (Envoy's and Istio's default: 1 hour), so
+    /// that Envoy closes an idle connection first and never sends a call on one the sidecar is closing.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_IDLE_TIMEOUT_SECS", default_value_t = 3900)]
+    pub idle_timeout_secs: u64,
+
     /// Redis for rate-limit state shared by many sidecars (`redis://host:6379/0`); memory when unset.
     #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -83,5 +95,13 @@ mod tests {
         assert_eq!(Config::try_parse_from(["s"]).unwrap().shutdown_delay_secs, 5);
         let c = Config::try_parse_from(["s", "--shutdown-delay-secs", "0"]).unwrap();
         assert_eq!(c.shutdown_delay_secs, 0);
+    }
+
+    #[test]
+    fn connection_timeouts_default_and_bounds() {
+        let c = Config::try_parse_from(["s"]).unwrap();
+        assert_eq!((c.header_read_timeout_ms, c.idle_timeout_secs), (10_000, 3900));
+        assert!(Config::try_parse_from(["s", "--header-read-timeout-ms", "0"]).is_err());
+        assert_eq!(Config::try_parse_from(["s", "--idle-timeout-secs", "0"]).unwrap().idle_timeout_secs, 0);
     }
 }

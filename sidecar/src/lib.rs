@@ -11,4 +11,5 @@ pub mod config;
 pub mod endpoints;
 pub mod metrics;
 pub mod ratelimit;
+pub mod serve;
 pub mod server;

@@ -1,8 +1,8 @@
 //! The sidecar binary: flags/env -> logging -> serve until SIGTERM/Ctrl-C, then drain.
 
-use axum::serve::ListenerExt;
 use clap::Parser;
 use meshwarden_sidecar::config::{Config, LogFormat};
+use meshwarden_sidecar::serve::ConnTimeouts;
 use meshwarden_sidecar::server::{build_router, AppState};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -36,11 +36,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let delay = Duration::from_secs(config.shutdown_delay_secs);
     let shutdown_state = state.clone();
-    // Every answer is one small write that a filter waits for on its request path: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let timeouts = ConnTimeouts {
+        header_read: Duration::from_millis(config.header_read_timeout_ms),
+        idle: (config.idle_timeout_secs > 0).then(|| Duration::from_secs(config.idle_timeout_secs)),
+    };
+    let server = meshwarden_sidecar::serve::serve(listener, app, timeouts, async move {
         shutdown_signal().await;
         // Out of service first, still serving: the pod's endpoint is removed and the gateways learn it
         // within seconds, and until then their calls still come here (refused, each was the filter's
@@ -51,7 +51,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: draining in-flight requests");
     });
     tokio::select! {
-        r = server => r?,
+        () = server => {}
         _ = async { shutdown_signal().await; tokio::time::sleep(delay.saturating_add(grace)).await } => {
             tracing::warn!("grace period over; exiting with requests still in flight");
         }
