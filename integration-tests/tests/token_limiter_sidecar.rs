@@ -817,3 +817,24 @@ async fn settlements_resent_case(sidecar: &Sidecar, backend: &str) {
     assert_eq!(e.stat("meshwarden.token_limiter.settlements_abandoned").await.unwrap_or(0), 0);
     proxy.abort();
 }
+
+/// The sidecar's header-read timeout (here 300 ms) does not close the keep-alive connections Envoy keeps
+/// to it: after an idle second, the gateway's next calls go out on them and are answered, and the sidecar
+/// closed none (hyper's own header timeout also runs while a connection waits for its next request: every
+/// pooled connection would be closed after the timeout, and a call Envoy sent as one closed would fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_to_the_sidecar_outlive_its_header_timeout() {
+    let sidecar = Sidecar::start_with_env(&[], &[("MESHWARDEN_SIDECAR_HEADER_READ_TIMEOUT_MS", "300")]).unwrap();
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, sidecar.port(), &config("deny", 100_000)).await;
+    assert_eq!(send(&e, "idle").await.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    for _ in 0..3 {
+        assert_eq!(send(&e, "idle").await.status(), 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let stats = e.stats_now("cluster.meshwarden_sidecar.upstream_cx").await.unwrap();
+    assert!(stats["cluster.meshwarden_sidecar.upstream_cx_total"] >= 1, "{stats:?}");
+    assert_eq!(stats["cluster.meshwarden_sidecar.upstream_cx_destroy_remote"], 0, "{stats:?}");
+    assert_eq!(e.stat("meshwarden.token_limiter.callout_failures").await.unwrap(), 0);
+}
