@@ -4,7 +4,7 @@ Binds 127.0.0.1 on a free port, prints `PORT <n>`, serves until killed. JSON-RPC
 /.well-known/agent-card.json (and the pre-0.3 /.well-known/agent.json, served with the
 `Cache-Control: public, max-age=3600` the a2a-sdk suggests) with three skills (sql, web-search, payments);
 both send the SDK's `ETag` and answer a matching `If-None-Match` with 304; /static/agent-card.json serves
-the same card as a file, honouring `Range`. The extended card
+the same card as a file, honouring `Range`; the HTTP+JSON binding under /rest. The extended card
 (GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text it receives.
 """
 
@@ -19,7 +19,7 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
-from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
 from a2a.server.tasks import InMemoryTaskStore
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from starlette.applications import Starlette
@@ -74,6 +74,8 @@ def main() -> None:
         + create_agent_card_routes(card)
         + create_agent_card_routes(card, card_url="/.well-known/agent.json", cache_control="public, max-age=3600")
         + create_jsonrpc_routes(handler, "/a2a", enable_v0_3_compat=True)
+        # The HTTP+JSON (REST) binding too, under /rest (`POST /rest/message:send`, `GET /rest/tasks/{id}`).
+        + create_rest_routes(handler, path_prefix="/rest")
     )
     app = Starlette(routes=routes)
     print(f"PORT {port}", flush=True)

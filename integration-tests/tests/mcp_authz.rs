@@ -831,6 +831,36 @@ async fn large_chunked_answers_to_calls_pass() {
     }
 }
 
+/// The a2a-sdk client sends `A2A-Version` on every request of every binding. With `detect_by_headers`
+/// (the default) the filter took any such request to an unlisted path for A2A JSON-RPC: the HTTP+JSON
+/// binding's `GET /tasks/{id}` was answered 405 "use POST", its `POST /message:send` 400 (not a JSON-RPC
+/// message) and a body-less `POST /tasks/{id}:cancel` 400 (parse error), so an agent on that binding could
+/// not be used through the gateway at all, though only the JSON-RPC binding is inspected. A JSON-RPC call
+/// on an unlisted path is still decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_http_json_binding_requests_are_not_taken_for_json_rpc() {
+    let s = setup(config(false)).await;
+    let rest = |req: reqwest::RequestBuilder| req.header("a2a-version", "1.0").header("x-test-user", "bob").send();
+    let send = json!({"message": {"messageId": "r1", "role": "ROLE_USER", "parts": [{"text": "hi rest"}]}});
+    let resp = rest(client().post(s.envoy.url("/rest/message:send")).json(&send)).await.unwrap();
+    let (status, text) = (resp.status().as_u16(), resp.text().await.unwrap());
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("echo: hi rest"), "{text}");
+    let resp = rest(client().get(s.envoy.url("/rest/tasks/no-such-task"))).await.unwrap();
+    let (status, text) = (resp.status().as_u16(), resp.text().await.unwrap());
+    assert!(status != 405 && !text.contains("use POST"), "{status} {text}");
+    assert!(text.to_ascii_lowercase().contains("task"), "the agent's answer: {status} {text}");
+    let resp = rest(client().post(s.envoy.url("/rest/tasks/no-such-task:cancel"))).await.unwrap();
+    let (status, text) = (resp.status().as_u16(), resp.text().await.unwrap());
+    assert!(!text.contains("Parse error") && !text.contains("Invalid Request"), "{status} {text}");
+    assert!(text.to_ascii_lowercase().contains("task"), "the agent's answer: {status} {text}");
+    // A JSON-RPC call with the header on an unlisted path is still authorized (anonymous: denied).
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "SendMessage", "params": send});
+    let resp = client().post(s.envoy.url("/agent-x")).header("a2a-version", "1.0").json(&call).send().await.unwrap();
+    let (status, _, m) = messages(resp).await;
+    assert_eq!((status, m[0]["error"]["code"].clone()), (200, json!(-32601)), "{m:?}");
+}
+
 /// A2A has no notifications: the a2a-sdk executes and answers a message without an `id` like any call
 /// (`"id": null` in the answer). Before the fix the filter decided it as a notification and did not read
 /// the answer: bob's `GetExtendedAgentCard` without an id got every skill of the extended card

@@ -424,11 +424,17 @@ impl Engine {
     /// would pass: with `other_paths: deny` an other path is refused whatever it carries (authorized as
     /// MCP, a GET to any path with an `Mcp-Session-Id` would pass as the built-in `session/stream`).
     pub fn endpoint_with_headers(&self, path: &str, has_mcp_headers: bool, has_a2a_header: bool) -> Endpoint {
+        self.endpoint_detected(path, has_mcp_headers, has_a2a_header).0
+    }
+
+    /// [`endpoint_with_headers`](Self::endpoint_with_headers), and whether the endpoint is A2A by its
+    /// `A2A-Version` header alone (the path is no endpoint): see [`a2a_by_header_may_be_json_rpc`].
+    pub fn endpoint_detected(&self, path: &str, has_mcp_headers: bool, has_a2a_header: bool) -> (Endpoint, bool) {
         let detect = self.config.detect_by_headers && self.config.other_paths == OtherPaths::Pass;
         match self.endpoint(path) {
-            Endpoint::Other if detect && has_mcp_headers => Endpoint::Mcp,
-            Endpoint::Other if detect && has_a2a_header => Endpoint::A2a,
-            e => e,
+            Endpoint::Other if detect && has_mcp_headers => (Endpoint::Mcp, false),
+            Endpoint::Other if detect && has_a2a_header => (Endpoint::A2a, true),
+            e => (e, false),
         }
     }
 
@@ -1356,6 +1362,30 @@ fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
 /// (`"tools"`, `"prompts"`, `"resources"` or `"resourceTemplates"` as a key), a `"cacheScope"`, or a
 /// `\u` escape that could spell one of them. A call's own answer (a 1 KB tool result) has none of these
 /// and is passed without being parsed; a list answer routed into it always has one.
+/// Whether a request found A2A by its `A2A-Version` header alone ([`Engine::endpoint_detected`]) may be a
+/// JSON-RPC call: a POST that is not gRPC. The a2a-sdk client sends `A2A-Version` on every request of
+/// every binding (its card fetch, the HTTP+JSON binding's `GET /tasks/{id}`, gRPC metadata); those were
+/// answered 405 or a JSON-RPC parse error though only the JSON-RPC binding is inspected. They pass as
+/// another path would without the header (before 2026-12-07 they were refused).
+pub fn a2a_by_header_may_be_json_rpc(http_method: &str, content_type: &str) -> bool {
+    http_method == "POST" && !content_type.trim_start().to_ascii_lowercase().starts_with("application/grpc")
+}
+
+/// Whether a POST body found A2A by its header alone may be a JSON-RPC call: not when it is empty or a
+/// JSON object with no key that is `jsonrpc` or `method` to a case-insensitive parser (an HTTP+JSON
+/// binding body such as `POST /message:send`'s `{"message": …}`; no JSON-RPC server runs a call without
+/// a method, and the a2a-sdk refuses one without `jsonrpc`). Anything else (a batch, invalid JSON) is
+/// decided as JSON-RPC.
+pub fn a2a_by_header_body_is_json_rpc(body: &[u8]) -> bool {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return false;
+    }
+    match meshwarden_shared::json::parse_strict(body) {
+        Ok(Value::Object(m)) => m.keys().any(|k| fold_eq(k, "jsonrpc") || fold_eq(k, "method")),
+        _ => true,
+    }
+}
+
 pub fn may_hold_list_answer(text: &[u8]) -> bool {
     const KEYS: [&[u8]; 5] = [b"tools\"", b"prompts\"", b"resources\"", b"resourceTemplates\"", b"cacheScope\""];
     let mut rest = text;
@@ -1678,6 +1708,34 @@ mod tests {
         assert_eq!(e.endpoint_with_headers("/mcp", false, true), Endpoint::Mcp);
         let off = engine(json!({"detect_by_headers": false}));
         assert_eq!(off.endpoint_with_headers("/v2/tools", true, true), Endpoint::Other);
+    }
+
+    /// The a2a-sdk client sends `A2A-Version` on every binding's requests: only what may be a JSON-RPC
+    /// call is taken for one on a path found A2A by that header (HTTP+JSON binding GETs and bodies, gRPC
+    /// were refused as bad JSON-RPC).
+    #[test]
+    fn a2a_header_detection_takes_only_json_rpc_calls() {
+        let e = engine(json!({"a2a_paths": ["/a2a"]}));
+        assert_eq!(e.endpoint_detected("/rest/tasks/t1", false, true), (Endpoint::A2a, true));
+        assert_eq!(e.endpoint_detected("/a2a", false, true), (Endpoint::A2a, false));
+        assert_eq!(e.endpoint_detected("/v2/tools", true, true), (Endpoint::Mcp, false));
+        assert!(a2a_by_header_may_be_json_rpc("POST", "application/json"));
+        assert!(!a2a_by_header_may_be_json_rpc("GET", ""));
+        assert!(!a2a_by_header_may_be_json_rpc("POST", "application/grpc+proto"));
+        for rest in [&b""[..], b" ", br#"{"message":{"messageId":"m","parts":[{"text":"hi"}]}}"#, b"{}"] {
+            assert!(!a2a_by_header_body_is_json_rpc(rest), "{}", String::from_utf8_lossy(rest));
+        }
+        for rpc in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"SendMessage"}"#[..],
+            br#"{"method":"SendMessage","params":{}}"#,
+            br#"{"Method":"SendMessage"}"#,
+            br#"{"JSONRPC":"2.0"}"#,
+            br#"[{"message":{}}]"#,
+            b"not json",
+            br#"{"message":{},"message":{}}"#,
+        ] {
+            assert!(a2a_by_header_body_is_json_rpc(rpc), "{}", String::from_utf8_lossy(rpc));
+        }
     }
 
     #[test]

@@ -151,6 +151,7 @@ impl RootContext for Root {
             replied: false,
             decided: false,
             body_size: 0,
+            a2a_by_header: false,
             response_size: 0,
         }))
     }
@@ -188,6 +189,8 @@ struct Request {
     decided: bool,
     /// Request body bytes buffered so far.
     body_size: usize,
+    /// A2A by its `A2A-Version` header alone: a body that is no JSON-RPC call passes.
+    a2a_by_header: bool,
     /// Answer bytes buffered so far (JSON answers being filtered).
     response_size: usize,
 }
@@ -301,6 +304,12 @@ impl Request {
     fn decide_request_body(&mut self, body_size: usize) -> Action {
         self.decided = true;
         let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        if self.a2a_by_header && !crate::engine::a2a_by_header_body_is_json_rpc(&body) {
+            // The HTTP+JSON binding (`POST /message:send`) on a path found A2A by its header: not inspected.
+            self.endpoint = Endpoint::Other;
+            self.shared.borrow_mut().count("passthrough");
+            return Action::Continue;
+        }
         let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
         let out = self.engine.decide_body(&self.identity, protocol, &self.headers, &body);
         self.apply(out)
@@ -386,7 +395,16 @@ impl Request {
         let has_mcp_headers =
             [mcp::HEADER_METHOD, mcp::HEADER_PROTOCOL_VERSION, mcp::HEADER_SESSION_ID].iter().any(|h| headers.has(h));
         let has_a2a_header = headers.has("a2a-version");
-        self.endpoint = self.engine.endpoint_with_headers(&path, has_mcp_headers, has_a2a_header);
+        let (endpoint, a2a_by_header) = self.engine.endpoint_detected(&path, has_mcp_headers, has_a2a_header);
+        self.endpoint = endpoint;
+        self.a2a_by_header = a2a_by_header;
+        if a2a_by_header {
+            let ctype = headers.get("content-type").unwrap_or_default();
+            if !crate::engine::a2a_by_header_may_be_json_rpc(&method, ctype) {
+                // Another binding's request (HTTP+JSON GET, gRPC): passes as it would without the header.
+                self.endpoint = Endpoint::Other;
+            }
+        }
         if self.endpoint == Endpoint::Ambiguous {
             return self.error_reply(
                 400,
@@ -487,6 +505,12 @@ impl Request {
         // Answers may have to be filtered: ask for them uncompressed.
         headers.remove("accept-encoding");
         if end_of_stream {
+            if self.a2a_by_header {
+                // No body: no JSON-RPC call (an HTTP+JSON binding POST such as `/tasks/{id}:cancel`).
+                self.endpoint = Endpoint::Other;
+                self.shared.borrow_mut().count("passthrough");
+                return Action::Continue;
+            }
             self.decided = true;
             let out = self.engine.decide_body(&self.identity, protocol, &self.headers, b"");
             return self.apply(out);
