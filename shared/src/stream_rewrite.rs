@@ -64,7 +64,8 @@ pub trait TextRewrite {
 
 /// JSON pointers of the streamed text deltas in one event: the content deltas of
 /// [`extract_stream_delta_texts`] plus Anthropic `thinking_delta.thinking`, Amazon Nova
-/// `contentBlockDelta.delta.text`, and tool-call argument deltas (OpenAI `tool_calls[].function.arguments`,
+/// `contentBlockDelta.delta.text`, audio transcripts (chat `delta.audio.transcript`, Responses
+/// `response.audio.transcript.delta`), and tool-call argument deltas (OpenAI `tool_calls[].function.arguments`,
 /// legacy `function_call.arguments`, Anthropic `input_json_delta.partial_json`, Responses
 /// `response.function_call_arguments.delta`, Bedrock ConverseStream `delta.toolUse.input`).
 pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
@@ -78,6 +79,10 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
                 if c.get("delta").and_then(|d| d.get(key)).is_some_and(Value::is_string) {
                     out.push(format!("/choices/{i}/delta/{key}"));
                 }
+            }
+            // Audio answers (`modalities: ["text", "audio"]`) stream their transcript beside the base64 audio.
+            if json::pointer(c, "/delta/audio/transcript").is_some_and(Value::is_string) {
+                out.push(format!("/choices/{i}/delta/audio/transcript"));
             }
             // The legacy `functions` API streams its call in `delta.function_call.arguments`.
             if json::pointer(c, "/delta/function_call/arguments").is_some_and(Value::is_string) {
@@ -107,8 +112,9 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
             out.push("/delta".to_string())
         }
         // Responses reasoning summaries and reasoning text, refusals, custom tool input (free text), code
-        // interpreter code.
+        // interpreter code, audio transcripts.
         Some("response.reasoning_summary_text.delta")
+        | Some("response.audio.transcript.delta")
         | Some("response.reasoning_text.delta")
         | Some("response.refusal.delta")
         | Some("response.custom_tool_call_input.delta")

@@ -1231,6 +1231,46 @@ mod tests {
         }
     }
 
+    /// Audio answers stream their transcript one piece per event: chat `delta.audio.transcript` (beside
+    /// base64 `delta.audio.data`) and Responses `response.audio.transcript.delta`. Before, each event was
+    /// rewritten alone: a placeholder cut across two reached the client as `<EMA` `IL_1>` and a value the
+    /// model wrote across two passed scan_responses unredacted.
+    #[test]
+    fn streamed_audio_transcripts_restored_and_scanned_across_events() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let pieces = ["I will mail <EMA", "IL_1> and bob@le", "ak.example.org", " now."];
+        let want = "I will mail me@x.io and [REDACTED] now.";
+        let read = |out: &[u8], pointer: &str| -> String {
+            SseParser::default()
+                .feed(out)
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
+                .collect()
+        };
+        let mut wire = String::new();
+        for p in pieces {
+            let ev = serde_json::json!({"choices":[{"index":0,"delta":{"audio":{"id":"audio_1","transcript":p}}}]});
+            wire.push_str(&format!("data: {ev}\n\n"));
+        }
+        wire.push_str(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n",
+        );
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        assert_eq!(read(&out, "/choices/0/delta/audio/transcript"), want, "chat audio transcript");
+        let mut wire = String::new();
+        for p in pieces {
+            let ev = serde_json::json!({"type":"response.audio.transcript.delta","response_id":"resp_1","delta":p});
+            wire.push_str(&format!("event: response.audio.transcript.delta\ndata: {ev}\n\n"));
+        }
+        let ev = serde_json::json!({"type":"response.audio.transcript.done","response_id":"resp_1"});
+        wire.push_str(&format!("event: response.audio.transcript.done\ndata: {ev}\n\n"));
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        assert_eq!(read(&out, "/delta"), want, "Responses audio transcript");
+    }
+
     /// Reasoning streamed by OpenAI-compatible servers (`delta.reasoning_content`: DeepSeek, vLLM;
     /// `delta.reasoning`: OpenRouter, Groq), Responses reasoning summaries and Ollama `message.thinking`,
     /// one token per event: a placeholder cut across two events is restored and a value the model writes
