@@ -234,6 +234,16 @@ impl Engine {
         }
     }
 
+    /// [`Self::irreversible`] of `value` as written in JSON text (escapes included): `partial` reads the
+    /// escapes as the characters they stand for (`\n` is a separator, not the letter `n`) and writes its
+    /// result JSON-escaped, so the text stays JSON. The others give ASCII JSON keeps as it is.
+    pub fn irreversible_json(&self, det: DetId, action: Action, value: &[u8]) -> String {
+        match action {
+            Action::Partial => partial_json(value, self.keep_last(det)),
+            a => self.irreversible(det, a, value),
+        }
+    }
+
     /// Findings of the response scanner in model-written text (`response_action` applied).
     pub fn scan_response_text(&self, text: &str, counts: &mut Counts) -> Option<String> {
         self.scan_response_text_after("", text, counts)
@@ -251,6 +261,15 @@ impl Engine {
     /// whole text, and only findings that start in `text` are replaced (a value that starts in `before`
     /// was the earlier piece's: stream hold-back keeps values whole).
     pub fn scan_response_text_after(&self, before: &str, text: &str, counts: &mut Counts) -> Option<String> {
+        self.scan_response_after(before, text, false, counts)
+    }
+
+    /// [`Self::scan_response_text_after`] of JSON text (tool-call arguments): replacements keep it JSON.
+    pub fn scan_response_json_text_after(&self, before: &str, text: &str, counts: &mut Counts) -> Option<String> {
+        self.scan_response_after(before, text, true, counts)
+    }
+
+    fn scan_response_after(&self, before: &str, text: &str, json: bool, counts: &mut Counts) -> Option<String> {
         let joined: std::borrow::Cow<'_, str> =
             if before.is_empty() { text.into() } else { format!("{before}{text}").into() };
         let skip = before.len();
@@ -263,7 +282,11 @@ impl Engine {
             }
             let value = joined.as_bytes().get(h.start..h.end).unwrap_or(&[]);
             out.push_str(joined.get(last..h.start).unwrap_or(""));
-            out.push_str(&self.irreversible(h.det, self.response_action, value));
+            if json {
+                out.push_str(&self.irreversible_json(h.det, self.response_action, value));
+            } else {
+                out.push_str(&self.irreversible(h.det, self.response_action, value));
+            }
             counts.add(self.name(h.det), self.response_action);
             last = h.end;
         }
@@ -414,6 +437,14 @@ pub fn partial(value: &[u8], keep: usize) -> String {
     out
 }
 
+/// [`partial`] of a value written in JSON text: its escapes decoded first, the result JSON-escaped.
+pub fn partial_json(value: &[u8], keep: usize) -> String {
+    match crate::request::decode_json_escapes(value) {
+        Some((decoded, _)) => json_escaped(&partial(&decoded, keep)),
+        None => partial(value, keep),
+    }
+}
+
 /// Counts per (detector, action), for stats and the counts header.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Counts(pub BTreeMap<(String, Action), u64>);
@@ -528,6 +559,14 @@ impl MaskState {
         self.mask_mapped(engine, text, text, None)
     }
 
+    /// Mask JSON text (tool-call `arguments`): its escapes decoded for the scan, replacements JSON-escaped.
+    pub fn mask_json(&mut self, engine: &Engine, text: &[u8]) -> Option<Vec<u8>> {
+        match crate::request::decode_json_escapes(text) {
+            Some((decoded, map)) => self.mask_mapped(engine, &decoded, text, Some(&map)),
+            None => self.mask(engine, text),
+        }
+    }
+
     /// Mask `orig` by scanning `scan`, a decoded view of it: `map[k]` is the `(start, end)` in `orig` of
     /// what `scan[k]` was decoded from (`None`: `scan` is `orig`). A finding replaces the whole original
     /// span (escapes included); the value remembered for restoring is the decoded one.
@@ -564,6 +603,8 @@ impl MaskState {
                     continue;
                 }
                 Action::Mask => self.placeholder_for(engine.label(h.det), value),
+                // `value` was decoded from JSON text: what replaces its original bytes is JSON-escaped.
+                a if map.is_some() => json_escaped(&engine.irreversible(h.det, a, value)),
                 a => engine.irreversible(h.det, a, value),
             };
             out.extend_from_slice(text.get(last..h.start).unwrap_or(&[]));

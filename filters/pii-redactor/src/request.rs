@@ -55,6 +55,10 @@ impl TextRewrite for MaskAll<'_> {
         let out = self.state.mask(self.engine, text.as_bytes())?;
         String::from_utf8(out).ok()
     }
+    fn rewrite_json(&mut self, text: &str) -> Option<String> {
+        let out = self.state.mask_json(self.engine, text.as_bytes())?;
+        String::from_utf8(out).ok()
+    }
 }
 
 struct Reserve<'a>(&'a mut MaskState);
@@ -200,7 +204,14 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             }
             let mut replacements = Vec::new();
             for s in &spans {
-                if let Some(out) = state.mask(engine, s.text.as_bytes()) {
+                // Tool-call `arguments` strings are JSON text: a replacement must keep them JSON.
+                let json_text = s.pointer.rsplit('/').next() == Some("arguments");
+                let masked = if json_text {
+                    state.mask_json(engine, s.text.as_bytes())
+                } else {
+                    state.mask(engine, s.text.as_bytes())
+                };
+                if let Some(out) = masked {
                     if let Ok(text) = String::from_utf8(out) {
                         replacements.push((s.pointer.clone(), text));
                     }
@@ -821,5 +832,32 @@ mod tests {
         let out: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
         assert_eq!(out["messages"][1]["tool_calls"][0]["custom"]["input"], "call <EMAIL_1>");
         assert_eq!(out["messages"][1]["tool_calls"][0]["id"], "call_1", "ids untouched");
+    }
+
+    /// `partial` inside JSON text (tool-call `arguments`, a raw-fallback body): the value's JSON escapes
+    /// are characters, not letters. Before, `\n` in a private key came out `\*` (its `n` starred), an
+    /// invalid escape: the arguments (or the body) were no longer JSON.
+    #[test]
+    fn partial_inside_json_text_keeps_it_json() {
+        let e = Engine::new(&parse_config::<Config>(br#"{"default_action":"partial"}"#).unwrap());
+        let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n-----END RSA PRIVATE KEY-----";
+        let args = json!({"path":"id_rsa","content":key}).to_string();
+        let body = json!({"model":"gpt-4o","messages":[
+            {"role":"user","content":"save it"},
+            {"role":"assistant","tool_calls":[{"id":"call_1","type":"function","function":{"name":"write","arguments":args}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"ok"}]});
+        let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        let a = out["messages"][1]["tool_calls"][0]["function"]["arguments"].as_str().unwrap();
+        let a: Value = serde_json::from_str(a).unwrap_or_else(|err| panic!("{err}: {a}"));
+        let content = a["content"].as_str().unwrap();
+        assert!(!content.contains("MIIEow") && content.contains('\n'), "{content}");
+        // A raw-fallback body (JSON a lenient parser reads: NaN) with the key in a string.
+        let raw = format!("{{\"model\":\"m\",\"t\":NaN,\"prompt\":{}}}", serde_json::to_string(key).unwrap());
+        let r = process_request(&e, "/v1/completions", raw.as_bytes(), true);
+        let out = String::from_utf8(r.body.expect("masked")).unwrap();
+        let fixed: Value = serde_json::from_str(&out.replace("NaN", "0")).unwrap_or_else(|err| panic!("{err}: {out}"));
+        let prompt = fixed["prompt"].as_str().unwrap();
+        assert!(!prompt.contains("MIIEow") && prompt.contains('\n'), "{prompt}");
     }
 }

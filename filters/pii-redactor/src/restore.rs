@@ -492,7 +492,7 @@ impl TextRewrite for Restorer {
 impl Restorer {
     fn rewrite_json_after(&mut self, before: &str, text: &str) -> Option<String> {
         let scanned = match &self.scan {
-            Some(engine) => engine.scan_response_text_after(before, text, &mut self.response_counts),
+            Some(engine) => engine.scan_response_json_text_after(before, text, &mut self.response_counts),
             None => None,
         };
         let base = scanned.as_deref().unwrap_or(text);
@@ -1229,6 +1229,27 @@ mod tests {
             let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
             assert_eq!(read(&out, "/delta"), want, "{kind}");
         }
+    }
+
+    /// scan_responses with `response_action: partial` on tool-call arguments (JSON text): the value's
+    /// JSON escapes are kept. Before, a private key's `\n` came out `\*`, and the client's
+    /// `json.loads(arguments)` failed.
+    #[test]
+    fn partial_response_scan_keeps_tool_arguments_json() {
+        let engine = Rc::new(Engine::new(
+            &parse_config::<Config>(br#"{"scan_responses":true,"response_action":"partial"}"#).unwrap(),
+        ));
+        let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n-----END RSA PRIVATE KEY-----";
+        let args = serde_json::json!({"path":"id_rsa","content":key}).to_string();
+        let body = serde_json::json!({"choices":[{"index":0,"message":{"role":"assistant","content":null,
+            "tool_calls":[{"id":"c1","type":"function","function":{"name":"write","arguments":args}}]}}]});
+        let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+        let out = r.rewrite_json_body(body.to_string().as_bytes()).expect("scanned");
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let a = v.pointer("/choices/0/message/tool_calls/0/function/arguments").and_then(Value::as_str).unwrap();
+        let a: Value = serde_json::from_str(a).unwrap_or_else(|err| panic!("{err}: {a}"));
+        let content = a["content"].as_str().unwrap();
+        assert!(!content.contains("MIIEow") && content.contains('\n'), "{content}");
     }
 
     /// Audio answers stream their transcript one piece per event: chat `delta.audio.transcript` (beside
