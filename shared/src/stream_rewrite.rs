@@ -144,9 +144,17 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     out
 }
 
-/// Events that carry no text but must not flush held text (keep-alives).
+/// Events that carry no text but must not flush held text: keep-alives, and citations that arrive
+/// inside a text block between its deltas (Anthropic `citations_delta` and any other text-less
+/// `content_block_delta`, Responses `response.output_text.annotation.added`): the block goes on after
+/// them, so a placeholder (or a value to scan) cut there must still be joined. The held text follows
+/// them; clients add a citation to its block whatever the order (Responses annotations carry their
+/// own text positions).
 fn is_keepalive(event: &Value) -> bool {
-    matches!(event.get("type").and_then(Value::as_str), Some("ping"))
+    matches!(
+        event.get("type").and_then(Value::as_str),
+        Some("ping") | Some("content_block_delta") | Some("response.output_text.annotation.added")
+    )
 }
 
 /// Whether the text at `pointer` is JSON text being streamed (tool-call arguments / input): restored

@@ -1252,6 +1252,57 @@ mod tests {
         assert!(!content.contains("MIIEow") && content.contains('\n'), "{content}");
     }
 
+    /// Citations arrive inside a text block, between its text deltas: Anthropic `citations_delta`,
+    /// Responses `response.output_text.annotation.added`. Before, they flushed the held text like an
+    /// end of block: a placeholder cut there reached the client as `<EMA` `IL_1>`, and with
+    /// scan_responses a number cut there was scanned in two halves and passed unredacted.
+    #[test]
+    fn citations_inside_a_text_block_do_not_cut_its_text() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let pieces = ["Mail <EMA", "IL_1> or call 415-555", "-2671 today."];
+        let want = "Mail me@x.io or call [REDACTED] today.";
+        let read = |out: &[u8], pointer: &str| -> String {
+            SseParser::default()
+                .feed(out)
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
+                .collect()
+        };
+        let citation = serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"citations_delta",
+            "citation":{"type":"char_location","cited_text":"x","document_index":0,"start_char_index":0,"end_char_index":1}}});
+        let mut wire = String::new();
+        for p in pieces {
+            let ev = serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":p}});
+            wire.push_str(&format!(
+                "event: content_block_delta\ndata: {ev}\n\nevent: content_block_delta\ndata: {citation}\n\n"
+            ));
+        }
+        wire.push_str("event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n");
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        assert_eq!(read(&out, "/delta/text"), want, "Anthropic citations_delta");
+        let annotation = serde_json::json!({"type":"response.output_text.annotation.added","item_id":"msg_1","output_index":0,
+            "content_index":0,"annotation_index":0,"annotation":{"type":"url_citation","url":"https://x.example","title":"x","start_index":0,"end_index":1}});
+        let mut wire = String::new();
+        for p in pieces {
+            let ev = serde_json::json!({"type":"response.output_text.delta","item_id":"msg_1","output_index":0,"content_index":0,"delta":p});
+            wire.push_str(&format!("event: response.output_text.delta\ndata: {ev}\n\nevent: response.output_text.annotation.added\ndata: {annotation}\n\n"));
+        }
+        let done = serde_json::json!({"type":"response.output_text.done","item_id":"msg_1","output_index":0,"content_index":0,"text":""});
+        wire.push_str(&format!("event: response.output_text.done\ndata: {done}\n\n"));
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine.clone()));
+        let out = SseRestore::new().feed(&mut r, wire.as_bytes(), true);
+        let deltas: String = SseParser::default()
+            .feed(&out)
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+            .filter(|v| v["type"] == "response.output_text.delta")
+            .filter_map(|v| v["delta"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(deltas, want, "Responses annotation.added");
+    }
+
     /// Audio answers stream their transcript one piece per event: chat `delta.audio.transcript` (beside
     /// base64 `delta.audio.data`) and Responses `response.audio.transcript.delta`. Before, each event was
     /// rewritten alone: a placeholder cut across two reached the client as `<EMA` `IL_1>` and a value the
