@@ -1438,6 +1438,55 @@ async fn gemini_thought_summary_is_never_joined_to_the_answer() {
     assert_eq!((thought.as_str(), answer.as_str()), ("Thinking about the user", "Hello there, friend."), "{text}");
 }
 
+/// An SSE event over the bound (`max_body_bytes`, at least 256 KiB) reaches the client as it came when
+/// the answer is only restored: a Responses image generation's `partial_image` (base64, here 400 KB)
+/// was dropped, so the client's stream missed the image. Placeholders in it stay placeholders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_events_over_the_bound_pass_unchanged() {
+    let partial = json!({"type": "response.image_generation_call.partial_image", "item_id": "ig_1",
+        "output_index": 0, "partial_image_index": 0, "partial_image_b64": "QUJD".repeat(100 * 1024),
+        "revised_prompt": "a card for <EMAIL_1>"});
+    let delta = |t: &str| json!({"type": "response.output_text.delta", "item_id": "m", "output_index": 1, "content_index": 0, "delta": t});
+    let mut stream = String::new();
+    for (name, v) in [
+        ("response.output_text.delta", &delta("Hi <EMA")),
+        ("response.output_text.delta", &delta("IL_1>!")),
+        ("response.image_generation_call.partial_image", &partial),
+        ("response.output_text.delta", &delta(" Bye.")),
+    ] {
+        stream.push_str(&format!("event: {name}\ndata: {v}\n\n"));
+    }
+    let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(64 * 1024).map(<[u8]>::to_vec).collect();
+    let (port, _) = chunky_upstream(chunks).await;
+    let proxy = envoy(port, json!({"max_body_bytes": 4096})).await;
+    let resp = client()
+        .post(proxy.url("/v1/responses"))
+        .json(&json!({"model":"m","stream":true,"input":"I am jane@x.io"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let events: Vec<Value> = SseParser::new(usize::MAX)
+        .feed(text.as_bytes())
+        .into_iter()
+        .filter_map(|e| serde_json::from_str(&e.data).ok())
+        .collect();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.image_generation_call.partial_image",
+            "response.output_text.delta"
+        ]
+    );
+    assert_eq!(events[2], partial, "passed as it came");
+    let said: String = events.iter().filter_map(|e| e["delta"].as_str()).collect();
+    assert_eq!(said, "Hi jane@x.io! Bye.");
+}
+
 /// A Responses stream echoes the request's `instructions` in `response.created` and repeats it with the
 /// whole answer in `response.completed`: with a 300 KB system prompt both events are over 256 KiB. They
 /// were dropped by the filter's SSE parser (its bound was 256 KiB whatever `max_body_bytes`), and the

@@ -25,7 +25,7 @@
 
 use crate::json;
 use crate::llm::extract_stream_delta_texts;
-use crate::sse::{encode_event, SseEvent, SseParser};
+use crate::sse::{encode_event, SseBlockSplitter, SseEvent, SseParser};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -59,6 +59,12 @@ pub trait TextRewrite {
         } else {
             self.rewrite(text)
         }
+    }
+    /// Whether an SSE event too large to read (over [`SseTextRewriter::new`]'s bound) may be passed on
+    /// unread, as it came; `false` withholds it. A restorer can pass it (a placeholder in it stays a
+    /// placeholder); a scanner must not (its text would go out unscanned).
+    fn may_pass_unread(&self) -> bool {
+        false
     }
 }
 
@@ -383,12 +389,26 @@ impl<M: Clone> DeltaChannels<M> {
 }
 
 /// Incremental SSE rewriter; feed network chunks, get bytes to send.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SseTextRewriter {
+    /// Network chunks cut into raw event blocks (an event too large to hold is taken out of it raw).
+    blocks: SseBlockSplitter,
+    /// Reads the complete blocks.
     parser: SseParser,
+    max_event_bytes: usize,
+    /// Inside an event over the bound: `Some(pass)`, its bytes passed on as they come or withheld
+    /// ([`TextRewrite::may_pass_unread`]).
+    oversized_event: Option<bool>,
+    oversized: u64,
     channels: DeltaChannels<Option<String>>,
     /// Events whose data was not JSON (passed through, rewritten whole).
     pub non_json_events: u64,
+}
+
+impl Default for SseTextRewriter {
+    fn default() -> Self {
+        Self::new(crate::sse::DEFAULT_MAX_EVENT_BYTES)
+    }
 }
 
 /// The pointer with each array position replaced by the element's own `index` field when it has one
@@ -470,26 +490,40 @@ fn finishing_choices(event: &Value) -> Option<Vec<String>> {
 }
 
 impl SseTextRewriter {
+    /// Events are read up to `max_event_bytes` (at least 64); a larger one is passed on unread, as it
+    /// came, or withheld, as [`TextRewrite::may_pass_unread`] says (counted in
+    /// [`Self::oversized_events`]).
     pub fn new(max_event_bytes: usize) -> Self {
-        Self { parser: SseParser::new(max_event_bytes), ..Self::default() }
+        Self {
+            blocks: SseBlockSplitter::default(),
+            parser: SseParser::new(usize::MAX),
+            max_event_bytes: max_event_bytes.max(64),
+            oversized_event: None,
+            oversized: 0,
+            channels: DeltaChannels::default(),
+            non_json_events: 0,
+        }
     }
 
-    /// Bytes held back (incomplete lines/events and held delta text).
+    /// Bytes held back (an incomplete event and held delta text).
     pub fn buffered_bytes(&self) -> usize {
-        self.parser.buffered_bytes() + self.channels.held_bytes()
+        self.blocks.held() + self.channels.held_bytes()
     }
 
+    /// Events over the bound (passed on unread or withheld).
     pub fn oversized_events(&self) -> u64 {
-        self.parser.oversized_events()
+        self.oversized
     }
 
     /// Feed one network chunk; returns what can be sent now.
     pub fn feed(&mut self, chunk: &[u8], rw: &mut dyn TextRewrite) -> Vec<u8> {
-        let mut events = Vec::new();
-        self.parser.feed_with(chunk, |e| events.push(e));
         let mut out = Vec::with_capacity(chunk.len() + 64);
-        for e in events {
-            self.on_event(e, rw, &mut out);
+        for block in self.blocks.feed(chunk) {
+            self.on_block(&block, rw, &mut out);
+        }
+        if self.blocks.held() > self.max_event_bytes {
+            let raw = self.blocks.take_held();
+            self.on_oversized(&raw, rw, &mut out);
         }
         out
     }
@@ -497,11 +531,55 @@ impl SseTextRewriter {
     /// End of the stream: a last unterminated event, then every held text.
     pub fn finish(&mut self, rw: &mut dyn TextRewrite) -> Vec<u8> {
         let mut out = Vec::new();
-        if let Some(e) = self.parser.finish() {
-            self.on_event(e, rw, &mut out);
+        let rest = self.blocks.take_held();
+        if let Some(pass) = self.oversized_event.take() {
+            if pass {
+                out.extend_from_slice(&rest);
+            }
+        } else {
+            let mut events = Vec::new();
+            self.parser.feed_with(&rest, |e| events.push(e));
+            events.extend(self.parser.finish());
+            for e in events {
+                self.on_event(e, rw, &mut out);
+            }
         }
         self.flush_all(rw, &mut out);
         out
+    }
+
+    /// One complete event block (or the end of an event over the bound).
+    fn on_block(&mut self, block: &[u8], rw: &mut dyn TextRewrite, out: &mut Vec<u8>) {
+        if self.oversized_event.is_some() || block.len() > self.max_event_bytes {
+            self.on_oversized(block, rw, out);
+            self.oversized_event = None; // the block ends the event
+            return;
+        }
+        let mut events = Vec::new();
+        self.parser.feed_with(block, |e| events.push(e));
+        for e in events {
+            self.on_event(e, rw, out);
+        }
+    }
+
+    /// Bytes of an event over the bound: the first ones decide whether it passes (held text goes out
+    /// before it, in order), the rest follow that.
+    fn on_oversized(&mut self, raw: &[u8], rw: &mut dyn TextRewrite, out: &mut Vec<u8>) {
+        let pass = match self.oversized_event {
+            Some(pass) => pass,
+            None => {
+                self.oversized += 1;
+                let pass = rw.may_pass_unread();
+                if pass {
+                    self.flush_all(rw, out);
+                }
+                self.oversized_event = Some(pass);
+                pass
+            }
+        };
+        if pass {
+            out.extend_from_slice(raw);
+        }
     }
 
     fn flush_all(&mut self, rw: &mut dyn TextRewrite, out: &mut Vec<u8>) {

@@ -487,6 +487,12 @@ impl TextRewrite for Restorer {
             self.rewrite_str_after(before, text)
         }
     }
+
+    /// An SSE event too large to read passes as it came when the answer is only restored (a
+    /// placeholder in it stays one); with response scanning it is withheld (it would go out unscanned).
+    fn may_pass_unread(&self) -> bool {
+        self.scan.is_none()
+    }
 }
 
 impl Restorer {
@@ -711,7 +717,7 @@ impl SseRestore {
     }
 
     /// Events up to `max_event_bytes` (the filter passes `max_body_bytes`, the bound of a buffered JSON
-    /// answer, at least 256 KiB); a larger event is dropped by the SSE parser. Before, the shared 256 KiB default applied: a
+    /// answer, at least 256 KiB); a larger event passes unread, or is withheld with response scanning. Before, the shared 256 KiB default applied: a
     /// Responses stream echoes `instructions` and tools in `response.created` and repeats the whole
     /// answer in `response.completed`, so a large system prompt or a long answer lost those events and
     /// the OpenAI SDK's stream failed.
@@ -1301,6 +1307,54 @@ mod tests {
             .filter_map(|v| v["delta"].as_str().map(str::to_string))
             .collect();
         assert_eq!(deltas, want, "Responses annotation.added");
+    }
+
+    /// An event over the bound (`max_body_bytes`, at least 256 KiB) is passed on as it came, every byte,
+    /// when the answer is only restored: a placeholder in it stays a placeholder (no value is restored
+    /// into it, none leaks). Before, it was dropped: a Responses image generation's
+    /// `response.image_generation_call.partial_image` (base64, over 1 MiB) never reached the client,
+    /// whose SDK then missed the image (and `response.completed` repeating it). With scan_responses it
+    /// is still withheld: its text could not be scanned.
+    #[test]
+    fn events_over_the_bound_pass_unchanged_when_only_restoring() {
+        let image = "QUJD".repeat(3000);
+        let big = serde_json::json!({"type":"response.image_generation_call.partial_image","item_id":"ig_1",
+            "output_index":0,"partial_image_index":0,"partial_image_b64":image,"note":"for <EMAIL_1>"});
+        let big_block = format!("event: response.image_generation_call.partial_image\r\ndata: {big}\r\n\r\n");
+        let delta = |t: &str| {
+            let ev = serde_json::json!({"type":"response.output_text.delta","item_id":"m","output_index":1,"content_index":0,"delta":t});
+            format!("event: response.output_text.delta\ndata: {ev}\n\n")
+        };
+        let stream = format!("{}{}{}{}", delta("Hi <EMA"), delta("IL_1>!"), big_block, delta(" bye"));
+        let texts = |out: &[u8]| -> String {
+            SseParser::new(usize::MAX)
+                .feed(out)
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+                .filter_map(|v| v["delta"].as_str().map(str::to_string))
+                .collect()
+        };
+        for chunk in [7, 1000, 5000, stream.len()] {
+            let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), None);
+            let mut sse = SseRestore::with_max_event_bytes(4096);
+            let mut out = Vec::new();
+            let pieces: Vec<&[u8]> = stream.as_bytes().chunks(chunk).collect();
+            for (i, c) in pieces.iter().enumerate() {
+                out.extend(sse.feed(&mut r, c, i + 1 == pieces.len()));
+            }
+            let text = String::from_utf8(out.clone()).unwrap();
+            assert!(text.contains(&big_block), "chunk {chunk}: the big event passes byte for byte");
+            assert_eq!(texts(&out), "Hi me@x.io! bye", "chunk {chunk}");
+            assert!(text.find("Hi ").unwrap() < text.find(&big_block).unwrap(), "order kept");
+            assert_eq!(sse.rw.oversized_events(), 1);
+        }
+        // With scan_responses the event is withheld (it could not be scanned), the rest goes on.
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), Some(engine));
+        let mut sse = SseRestore::with_max_event_bytes(4096);
+        let out = sse.feed(&mut r, stream.as_bytes(), true);
+        assert!(!String::from_utf8_lossy(&out).contains("partial_image"));
+        assert_eq!(texts(&out), "Hi me@x.io! bye");
     }
 
     /// Audio answers stream their transcript one piece per event: chat `delta.audio.transcript` (beside
