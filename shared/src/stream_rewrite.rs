@@ -557,6 +557,10 @@ impl SseTextRewriter {
         }
         let mut events = Vec::new();
         self.parser.feed_with(block, |e| events.push(e));
+        if events.is_empty() {
+            // No event: comments (a `: keep-alive` that keeps an idle stream open), `retry:`; as sent.
+            out.extend_from_slice(block);
+        }
         for e in events {
             self.on_event(e, rw, out);
         }

@@ -1357,6 +1357,30 @@ mod tests {
         assert_eq!(texts(&out), "Hi me@x.io! bye");
     }
 
+    /// SSE comments that keep an idle stream open (OpenRouter's `: OPENROUTER PROCESSING` while a model
+    /// is slow to start, `: ping` of other servers) reach the client as sent. Before, the parser dropped
+    /// them: the client saw no byte until the first token and a proxy or client read timeout closed it.
+    #[test]
+    fn keep_alive_comments_reach_the_client() {
+        let stream = ": OPENROUTER PROCESSING\n\n: OPENROUTER PROCESSING\r\n\r\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi <EMAIL_1>\"}}]}\n\ndata: [DONE]\n\n";
+        for chunk in [1, 5, stream.len()] {
+            let mut r = Restorer::new(map(&[("<EMAIL_1>", "me@x.io")]), None);
+            let mut sse = SseRestore::new();
+            let mut out = Vec::new();
+            let pieces: Vec<&[u8]> = stream.as_bytes().chunks(chunk).collect();
+            for (i, c) in pieces.iter().enumerate() {
+                out.extend(sse.feed(&mut r, c, i + 1 == pieces.len()));
+            }
+            let text = String::from_utf8(out).unwrap();
+            // (a chunk cut inside a `\r\n` sends its `\n` with the next event, which is re-encoded)
+            assert!(
+                text.starts_with(": OPENROUTER PROCESSING\n\n: OPENROUTER PROCESSING\r\n\r"),
+                "chunk {chunk}: {text}"
+            );
+            assert!(text.contains("Hi me@x.io") && text.ends_with("data: [DONE]\n\n"), "{text}");
+        }
+    }
+
     /// Audio answers stream their transcript one piece per event: chat `delta.audio.transcript` (beside
     /// base64 `delta.audio.data`) and Responses `response.audio.transcript.delta`. Before, each event was
     /// rewritten alone: a placeholder cut across two reached the client as `<EMA` `IL_1>` and a value the
