@@ -1459,19 +1459,7 @@ async fn responses_events_over_the_bound_pass_unchanged() {
     let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(64 * 1024).map(<[u8]>::to_vec).collect();
     let (port, _) = chunky_upstream(chunks).await;
     let proxy = envoy(port, json!({"max_body_bytes": 4096})).await;
-    let resp = client()
-        .post(proxy.url("/v1/responses"))
-        .json(&json!({"model":"m","stream":true,"input":"I am jane@x.io"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    let events: Vec<Value> = SseParser::new(usize::MAX)
-        .feed(text.as_bytes())
-        .into_iter()
-        .filter_map(|e| serde_json::from_str(&e.data).ok())
-        .collect();
+    let events = responses_stream_events(&proxy).await;
     let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
     assert_eq!(
         types,
@@ -1485,6 +1473,23 @@ async fn responses_events_over_the_bound_pass_unchanged() {
     assert_eq!(events[2], partial, "passed as it came");
     let said: String = events.iter().filter_map(|e| e["delta"].as_str()).collect();
     assert_eq!(said, "Hi jane@x.io! Bye.");
+}
+
+/// The JSON events of the streamed answer to a Responses request from `jane@x.io`, sent through `proxy`.
+async fn responses_stream_events(proxy: &Envoy) -> Vec<Value> {
+    let resp = client()
+        .post(proxy.url("/v1/responses"))
+        .json(&json!({"model":"m","stream":true,"input":"I am jane@x.io"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    SseParser::new(usize::MAX)
+        .feed(text.as_bytes())
+        .into_iter()
+        .filter_map(|e| serde_json::from_str(&e.data).ok())
+        .collect()
 }
 
 /// A Responses stream echoes the request's `instructions` in `response.created` and repeats it with the
@@ -1511,19 +1516,7 @@ async fn responses_stream_events_over_256_kib_reach_the_client() {
     let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(64 * 1024).map(<[u8]>::to_vec).collect();
     let (port, _) = chunky_upstream(chunks).await;
     let proxy = envoy(port, json!({})).await;
-    let resp = client()
-        .post(proxy.url("/v1/responses"))
-        .json(&json!({"model":"m","stream":true,"input":"I am jane@x.io"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    let events: Vec<Value> = SseParser::new(usize::MAX)
-        .feed(text.as_bytes())
-        .into_iter()
-        .filter_map(|e| serde_json::from_str(&e.data).ok())
-        .collect();
+    let events = responses_stream_events(&proxy).await;
     let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
     assert_eq!(types, ["response.created", "response.output_text.delta", "response.completed"]);
     assert!(events[0]["response"]["instructions"].as_str().unwrap().starts_with("Write to jane@x.io."));

@@ -748,6 +748,16 @@ mod tests {
     use meshwarden_shared::config::parse_config;
     use meshwarden_shared::sse::SseParser;
 
+    /// The strings at `pointer` of every JSON event of an SSE answer, joined.
+    fn read(out: &[u8], pointer: &str) -> String {
+        SseParser::default()
+            .feed(out)
+            .iter()
+            .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
+            .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
+            .collect()
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
@@ -1207,14 +1217,6 @@ mod tests {
         let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
         let pieces = ["I can't mail <EMA", "IL_1> or bob@le", "ak.example.org", " now."];
         let want = "I can't mail me@x.io or [REDACTED] now.";
-        let read = |out: &[u8], pointer: &str| -> String {
-            SseParser::default()
-                .feed(out)
-                .iter()
-                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
-                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
-                .collect()
-        };
         let mut wire = String::new();
         for p in pieces {
             wire.push_str(&format!("data: {}\n\n", serde_json::json!({"choices":[{"index":0,"delta":{"refusal":p}}]})));
@@ -1267,14 +1269,6 @@ mod tests {
         let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
         let pieces = ["Mail <EMA", "IL_1> or call 415-555", "-2671 today."];
         let want = "Mail me@x.io or call [REDACTED] today.";
-        let read = |out: &[u8], pointer: &str| -> String {
-            SseParser::default()
-                .feed(out)
-                .iter()
-                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
-                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
-                .collect()
-        };
         let citation = serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"citations_delta",
             "citation":{"type":"char_location","cited_text":"x","document_index":0,"start_char_index":0,"end_char_index":1}}});
         let mut wire = String::new();
@@ -1390,14 +1384,6 @@ mod tests {
         let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
         let pieces = ["I will mail <EMA", "IL_1> and bob@le", "ak.example.org", " now."];
         let want = "I will mail me@x.io and [REDACTED] now.";
-        let read = |out: &[u8], pointer: &str| -> String {
-            SseParser::default()
-                .feed(out)
-                .iter()
-                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
-                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
-                .collect()
-        };
         let mut wire = String::new();
         for p in pieces {
             let ev = serde_json::json!({"choices":[{"index":0,"delta":{"audio":{"id":"audio_1","transcript":p}}}]});
@@ -1431,14 +1417,6 @@ mod tests {
         let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
         let pieces = ["User <EMA", "IL_1> and bob@le", "ak.example.org", " agree."];
         let want = "User me@x.io and [REDACTED] agree.";
-        let read = |out: &[u8], pointer: &str| -> String {
-            SseParser::default()
-                .feed(out)
-                .iter()
-                .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok())
-                .filter_map(|v| v.pointer(pointer).and_then(Value::as_str).map(str::to_string))
-                .collect()
-        };
         for key in ["reasoning_content", "reasoning"] {
             let mut wire = String::new();
             for p in pieces {
