@@ -986,12 +986,7 @@ async fn path_spellings_of_the_mcp_endpoint_are_authorized() {
     let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
     let policy = json!({"policy": {"rules": [
         {"name": "search", "effect": "allow", "methods": ["tools/call"], "targets": ["search"]}]}});
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &policy)
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &policy).await;
     let call = |tool: &str| json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": tool, "arguments": {}}});
     for path in ["/%6Dcp", "/%6dcp", "//mcp", "/x/../mcp", "/MCP", "/m%63p?session=1"] {
         let resp = client().post(envoy.url(path)).json(&call("delete_all")).send().await.unwrap();
@@ -1020,16 +1015,21 @@ fn scripted_policy() -> Value {
     ]}})
 }
 
+/// Envoy with mcp-authz (`cfg`) in front of the upstream on `upstream_port`.
+async fn authz_envoy(upstream_port: u16, cfg: &Value) -> Envoy {
+    EnvoyBuilder::new("mcp-authz.yaml")
+        .upstream_port(upstream_port)
+        .filter_config("mcp-authz", cfg)
+        .start()
+        .await
+        .unwrap()
+}
+
 /// Envoy + mcp-authz in front of the scripted Rust MCP server (`mock_mcp`: SSE answers with event ids,
 /// an event store, GET replay after `Last-Event-ID`, chosen per request by `x-mock-sse`).
 async fn scripted() -> (Envoy, meshwarden_integration_tests::mock_mcp::MockMcp) {
     let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &scripted_policy())
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &scripted_policy()).await;
     (envoy, mock)
 }
 
@@ -1191,12 +1191,7 @@ async fn batch_requests_sharing_an_id_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_parameters_do_not_hide_the_mcp_endpoint() {
     let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &scripted_policy())
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &scripted_policy()).await;
     let call =
         json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "delete_file", "arguments": {}}});
     for path in ["/mcp;x=1", "/mcp;jsessionid=0123", "/x/..;/mcp", "/MCP;a=b"] {
@@ -1217,12 +1212,7 @@ async fn trailing_slashes_and_paths_naming_two_endpoints() {
     let mock = meshwarden_integration_tests::mock_llm::MockLlm::start().await.unwrap();
     let mut cfg = scripted_policy();
     cfg["a2a_paths"] = json!(["/a2a"]);
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &cfg)
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &cfg).await;
     let send = json!({"jsonrpc": "2.0", "id": 1, "method": "message/send",
                       "params": {"message": {"role": "user", "parts": []}}});
     let resp = client().post(envoy.url("/a2a/")).json(&send).send().await.unwrap();
@@ -1297,12 +1287,7 @@ async fn resource_deny_rules_bind_every_spelling_a_url_parser_reads() {
     let cfg = json!({"policy": {"default": "allow", "rules": [
         {"name": "no-private", "effect": "deny", "methods": ["resources/read"], "targets": ["file:///private/*"]}
     ]}});
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &cfg)
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &cfg).await;
     let read = |uri: &str| json!({"jsonrpc": "2.0", "id": 5, "method": "resources/read", "params": {"uri": uri}});
     let (_, _, text) = post_text(&envoy, "/mcp", read("file:///public/readme.md").to_string(), &[]).await;
     assert!(text.contains("contents of file:///public/readme.md"), "{text}");
@@ -1327,12 +1312,7 @@ async fn listen_subscriptions_are_authorized_per_resource() {
         .as_array_mut()
         .unwrap()
         .push(json!({"name": "listen", "effect": "allow", "methods": ["subscriptions/listen"]}));
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &cfg)
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &cfg).await;
     let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                       "io.modelcontextprotocol/clientCapabilities": {}});
     let listen = |id: u64, notifications: Value| {
@@ -1599,12 +1579,7 @@ async fn every_element_argument_paths() {
          "arguments": [{"path": "to[*]", "regex": "^[^@]+@corp\\.example$"}]},
         {"name": "no-bulk", "effect": "deny", "targets": ["send_email"],
          "arguments": [{"path": "attachments[*].size", "min": 10000000}]}]}});
-    let envoy = EnvoyBuilder::new("mcp-authz.yaml")
-        .upstream_port(mock.port())
-        .filter_config("mcp-authz", &policy)
-        .start()
-        .await
-        .unwrap();
+    let envoy = authz_envoy(mock.port(), &policy).await;
     let send = |args: Value| {
         let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "send_email", "arguments": args}});
         let url = envoy.url("/mcp");
