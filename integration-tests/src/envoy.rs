@@ -47,6 +47,7 @@ pub struct EnvoyBuilder {
     concurrency: u32,
     log_level: String,
     env: Vec<(String, String)>,
+    file_flush_interval_ms: Option<u32>,
 }
 
 impl EnvoyBuilder {
@@ -65,7 +66,14 @@ impl EnvoyBuilder {
         for f in paths::FILTERS {
             vars.insert(config_var(f), json_string("{}"));
         }
-        Self { template, vars, concurrency: 2, log_level: "info".to_string(), env: Vec::new() }
+        Self {
+            template,
+            vars,
+            concurrency: 2,
+            log_level: "info".to_string(),
+            env: Vec::new(),
+            file_flush_interval_ms: None,
+        }
     }
 
     pub fn var(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -107,6 +115,13 @@ impl EnvoyBuilder {
         self
     }
 
+    /// How often Envoy writes its access logs out (`--file-flush-interval-msec`; Envoy's default is 10 s),
+    /// for tests that read them.
+    pub fn access_log_flush_ms(mut self, ms: u32) -> Self {
+        self.file_flush_interval_ms = Some(ms);
+        self
+    }
+
     fn spawn(self) -> Result<(Child, tempfile::TempDir, PathBuf, PathBuf)> {
         let template =
             std::fs::read_to_string(&self.template).with_context(|| format!("reading {}", self.template.display()))?;
@@ -117,7 +132,11 @@ impl EnvoyBuilder {
         let admin_path = dir.path().join("admin-address");
         let log_path = dir.path().join("envoy.log");
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(paths::envoy_bin()?)
+        let mut cmd = Command::new(paths::envoy_bin()?);
+        if let Some(ms) = self.file_flush_interval_ms {
+            cmd.arg("--file-flush-interval-msec").arg(ms.to_string());
+        }
+        let child = cmd
             .arg("-c")
             .arg(&config_path)
             .arg("--admin-address-path")

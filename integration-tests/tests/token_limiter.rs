@@ -690,6 +690,101 @@ async fn fallback_model_when_budget_is_spent() {
     assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o.output_tokens").await.unwrap(), 200);
 }
 
+/// The access log line of request `case` (the query string tells the requests apart), once Envoy wrote it.
+async fn access_log_line(e: &Envoy, case: &str) -> String {
+    let needle = format!("/v1/chat/completions?case={case} ");
+    for _ in 0..200 {
+        if let Some(line) = e.log().lines().find(|l| l.contains(&needle)) {
+            return line.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no access log line for {case}:\n{}", e.log());
+}
+
+/// Envoy's access logs see each request's decision, model and tokens (filter state, the format of
+/// `envoy-configs/token-limiter.yaml`; Envoy calls the filter's `on_log`, where the tokens are settled,
+/// before it writes its access logs). A model name cannot write a log line of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_show_the_decision_model_and_tokens() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(mock.port())
+        .access_log_flush_ms(50)
+        .filter_config(
+            "token-limiter",
+            &json!({"rules":[
+                {"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_hour":300},"fallback_model":"gpt-4o-mini"},
+                {"name":"mini","key":{"header":"x-team"},"model":"gpt-4o-mini","limits":{"tokens_per_hour":250}}]}),
+        )
+        .start()
+        .await
+        .unwrap();
+    let usage = [("x-team", "a"), ("x-mock-prompt-tokens", "21"), ("x-mock-completion-tokens", "100")];
+    let body = chat("gpt-4o", "Expensive question", Some(100), false);
+    let r = post(&e, "/v1/chat/completions?case=json", &body, &usage).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let line = access_log_line(&e, "json").await;
+    assert!(
+        line.contains(r#"tl_decision=allowed tl_rule=- tl_model="gpt-4o" tl_input_tokens=21 tl_output_tokens=100 tl_usage=reported"#),
+        "{line}"
+    );
+    // A stream: its usage arrives in the last event.
+    let r = post(&e, "/v1/chat/completions?case=stream", &chat("gpt-4o", "Stream it", Some(100), true), &usage).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let line = access_log_line(&e, "stream").await;
+    assert!(line.contains(r#"tl_model="gpt-4o" tl_input_tokens=21 tl_output_tokens=100 tl_usage=reported"#), "{line}");
+    // gpt-4o's 300 are spent (2 x 121): the next goes to the cheaper model, then that is spent too.
+    let r = post(&e, "/v1/chat/completions?case=fallback", &body, &usage).await;
+    assert_eq!(h(&r, "x-meshwarden-fallback-model"), "gpt-4o-mini");
+    let _ = r.text().await;
+    let line = access_log_line(&e, "fallback").await;
+    assert!(line.contains(r#"tl_decision=fallback tl_rule=- tl_model="gpt-4o-mini" tl_input_tokens=21"#), "{line}");
+    let r = post(&e, "/v1/chat/completions?case=mini", &chat("gpt-4o-mini", "q", Some(100), false), &usage).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let r = post(&e, "/v1/chat/completions?case=limited", &chat("gpt-4o-mini", "q", Some(100), false), &usage).await;
+    assert_eq!(r.status(), 429);
+    let line = access_log_line(&e, "limited").await;
+    assert!(
+        line.contains(r#" 429 "#)
+            && line.contains(r#"tl_decision=limited tl_rule=mini tl_model="gpt-4o-mini" tl_input_tokens=- "#),
+        "{line}"
+    );
+    // No rule for this model; a line break in its name is escaped, not a second line.
+    let forged = "x\n[2026-01-01T00:00:00.000Z] \"POST /v1/chat/completions HTTP/1.1\" 200 tl_decision=allowed";
+    let r = post(&e, "/v1/chat/completions?case=forged", &chat(forged, "q", None, false), &usage).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let line = access_log_line(&e, "forged").await;
+    assert!(line.contains(r#"tl_model="x\n[2026-01-01T00:00:00.000Z] \"POST"#), "{line}");
+    assert!(!e.log().lines().any(|l| l.starts_with("[2026-01-01T00:00:00.000Z]")), "a forged line:\n{}", e.log());
+    // Requests without a body are skipped, and say so.
+    let r = client().get(e.url("/v1/chat/completions?case=get")).send().await.unwrap();
+    let _ = r.text().await;
+    let line = access_log_line(&e, "get").await;
+    assert!(line.contains(r#"tl_decision=skipped tl_rule=- tl_model="-" tl_input_tokens=-"#), "{line}");
+    // `filter_state: false` publishes nothing (no host calls for operators who do not log these).
+    let quiet = EnvoyBuilder::new("token-limiter.yaml")
+        .upstream_port(mock.port())
+        .access_log_flush_ms(50)
+        .filter_config("token-limiter", &json!({"filter_state": false, "rules": []}))
+        .start()
+        .await
+        .unwrap();
+    let r = post(&quiet, "/v1/chat/completions?case=quiet", &body, &usage).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let line = access_log_line(&quiet, "quiet").await;
+    assert!(
+        line.contains(r#" 200 "#)
+            && line.contains(r#"tl_decision=- tl_rule=- tl_model="-" tl_input_tokens=- tl_output_tokens=- tl_usage=-"#),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_limit_with_client_aborts_leaks_no_slot() {
     let mock = MockLlm::start().await.unwrap();

@@ -25,6 +25,7 @@
 //! | [`host`] | (feature `host`) the thin proxy-wasm glue: metrics, callouts, local replies |
 
 pub mod a2a;
+pub mod access_log;
 pub mod callout;
 pub mod config;
 pub mod encoding;

@@ -1214,31 +1214,8 @@ pub fn method_labels() -> meshwarden_shared::stats::BoundedLabels {
     labels
 }
 
-/// A filter-state value for access logs (`wasm.mcp_authz.method`, `.target`, `.subject`, `.rule`) with JSON
-/// string escapes for `\`, `"` and control characters (`\n`, `\r`, `\t`, else `\u00XX`; also C1 and
-/// U+2028/U+2029, which some log readers take for line breaks). The values are text the caller chose (a
-/// tool name, a method, a token's `sub`), and a text access log writes them as they are: a tool named
-/// `x\n/mcp 200 subject=root … decision=allow` wrote a second, forged access-log line (before
-/// 2026-12-07). Values without such characters are unchanged.
-pub fn access_log_value(s: &str) -> Cow<'_, str> {
-    let special = |c: char| c == '\\' || c == '"' || c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
-    if !s.chars().any(special) {
-        return Cow::Borrowed(s);
-    }
-    let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if special(c) => out.push_str(&format!("\\u{:04x}", u32::from(c))),
-            c => out.push(c),
-        }
-    }
-    Cow::Owned(out)
-}
+/// Access-log escaping lives in the shared crate (token-limiter logs caller-chosen models too).
+pub use meshwarden_shared::access_log::value as access_log_value;
 
 /// The fields of a JSON object as raw values, in order (duplicates kept; the last one wins on rebuild).
 fn object_fields(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, Unreadable> {

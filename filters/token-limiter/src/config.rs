@@ -38,6 +38,9 @@ pub struct Config {
     /// What rules with a `model` do with a request whose model cannot be read (compressed, over
     /// `max_body_bytes`, not JSON, no `model` in the body or the path).
     pub unknown_model: UnknownModel,
+    /// Publish each request's decision, model and tokens as filter state for access logs
+    /// (`%FILTER_STATE(wasm.meshwarden.token_limiter.<name>:PLAIN)%`).
+    pub filter_state: bool,
     pub rules: Vec<Rule>,
 }
 
@@ -71,6 +74,7 @@ impl Default for Config {
             stats_flush_interval_ms: 20,
             lease_ms: 600_000,
             unknown_model: UnknownModel::default(),
+            filter_state: true,
             rules: Vec::new(),
         }
     }

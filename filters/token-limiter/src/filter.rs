@@ -858,6 +858,23 @@ impl Request {
         self.shared.config.clone()
     }
 
+    /// One access-log value (filter state `wasm.meshwarden.token_limiter.<name>`), unless `filter_state`
+    /// is off. Caller-chosen text (the model) is escaped so that it cannot write a log line of its own.
+    fn publish(&self, name: &str, value: &str) {
+        if self.shared.config.filter_state {
+            let value = meshwarden_shared::access_log::value(value);
+            let _ = hostcalls::set_property(vec![&format!("meshwarden.token_limiter.{name}")], Some(value.as_bytes()));
+        }
+    }
+
+    /// The decision for the access log, with the model the request was admitted or refused for.
+    fn publish_decision(&self, decision: &str) {
+        self.publish("decision", decision);
+        if let Some(model) = self.admission.as_ref().and_then(|a| a.model.as_deref()) {
+            self.publish("model", model);
+        }
+    }
+
     fn flavor(&self) -> ErrorFlavor {
         ErrorFlavor::for_api(self.parsed.as_ref().map_or(Api::from_path(&self.path), |p| p.api))
     }
@@ -927,6 +944,7 @@ impl Request {
             if let (true, Some(problem)) = (bad.refused(), &parsed.problem) {
                 // Refused before anything is reserved: nothing to settle, no slot taken.
                 self.phase = Phase::Rejected;
+                self.publish("decision", "bad_request");
                 let flavor = ErrorFlavor::for_api(parsed.api);
                 let message = format!("The request body cannot be read reliably: {problem}.");
                 send_error(400, flavor, ErrorKind::InvalidRequest, Some(problem.code()), &message, &[]);
@@ -937,6 +955,7 @@ impl Request {
         if parsed.model.is_none() && model_rules && cfg.unknown_model == UnknownModel::Reject {
             self.shared.count("unknown_model_rejected", 1);
             self.phase = Phase::Rejected;
+            self.publish("decision", "model_unreadable");
             let why = parsed.bad.map_or("unreadable", BadBody::as_str);
             let message = format!(
                 "The request's model cannot be read ({why}); this gateway limits tokens per model, so it needs a \
@@ -999,6 +1018,7 @@ impl Request {
                             // Shared data failing is an Envoy-internal problem; count it and fail open.
                             self.shared.count("local_state_errors", 1);
                             self.phase = Phase::Pass;
+                            self.publish_decision("failed_open");
                             return Action::Continue;
                         }
                     };
@@ -1066,6 +1086,8 @@ impl Request {
         self.phase = Phase::Admitted;
         self.window = window;
         self.shared.count_hot(Hot::Admitted, 1);
+        let fell_back = self.admission.as_ref().is_some_and(Admission::fell_back);
+        self.publish_decision(if fell_back { "fallback" } else { "allowed" });
         let new_model = self.admission.as_ref().filter(|a| a.fell_back()).and_then(|a| a.model.clone());
         if let Some(p) = self.parsed.as_mut() {
             self.usage_added = adds_stream_usage(p);
@@ -1088,6 +1110,8 @@ impl Request {
             (false, DenyReason::Tokens) => "limited",
         };
         self.shared.count(&format!("rule.{rule}.{what}"), 1);
+        self.publish_decision(what);
+        self.publish("rule", rule);
         let model = self.admission.as_ref().and_then(|a| a.model.clone());
         self.count_per_model(model.as_deref(), "limited");
         if d.missing_key {
@@ -1170,6 +1194,7 @@ impl Request {
             FailureMode::Allow => {
                 self.shared.count("failure_allowed", 1);
                 self.phase = Phase::Pass;
+                self.publish_decision("failed_open");
                 // Still add include_usage / keep the body as is: nothing was reserved.
                 if let Some(p) = self.parsed.as_mut() {
                     self.usage_added = adds_stream_usage(p);
@@ -1186,6 +1211,7 @@ impl Request {
             FailureMode::Deny => {
                 self.shared.count("failure_denied", 1);
                 self.phase = Phase::Rejected;
+                self.publish_decision("failed_closed");
                 send_error(
                     503,
                     self.flavor(),
@@ -1216,6 +1242,9 @@ impl Request {
             None => (est, 0, crate::meter::Source::Estimated),
         };
         self.shared.count_usage(source, adm.model.as_deref().unwrap_or("none"), input, output);
+        self.publish("input_tokens", &input.to_string());
+        self.publish("output_tokens", &output.to_string());
+        self.publish("usage", source.as_str());
         self.shared.count_hot(Hot::InputTokens, input);
         self.shared.count_hot(Hot::OutputTokens, output);
         let deltas = settle_deltas(&cfg, plan, input, output);
@@ -1371,6 +1400,7 @@ impl Request {
             // No body: nothing to charge (GET /v1/models and the like).
             self.phase = Phase::Pass;
             self.shared.count("skipped_no_body", 1);
+            self.publish("decision", "skipped");
             return Action::Continue;
         }
         // One host call for the path, the encoding and every rule's key header.
@@ -1381,6 +1411,7 @@ impl Request {
             // make a client that counts before it sends (agents managing their context) pay twice.
             self.phase = Phase::Pass;
             self.shared.count("skipped_count_tokens", 1);
+            self.publish("decision", "skipped");
             return Action::Continue;
         }
         self.encoded = headers
