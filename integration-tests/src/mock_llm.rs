@@ -15,6 +15,7 @@
 //! | `x-mock-chunk-delay-ms: N` | wait between stream chunks |
 //! | `x-mock-status: N` | answer with this HTTP status and a provider-shaped error body |
 //! | `x-mock-no-usage: 1` | leave `usage` out (JSON and streams) |
+//! | `x-mock-cached-tokens: N` | N of the input tokens served from the prompt cache: OpenAI `prompt_tokens_details.cached_tokens` / Responses `input_tokens_details.cached_tokens` (input still counts them), Anthropic `cache_read_input_tokens` (`input_tokens` then the other N fewer) |
 //! | `x-mock-abort-after-chunks: N` | stream N chunks, then reset the connection |
 //! | `x-mock-abort-after-bytes: N` | JSON answers: announce the whole `content-length`, send N bytes, then reset |
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
@@ -210,6 +211,8 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     prompt_tokens: u64,
+    /// Of the prompt tokens, how many the usage reports as read from the prompt cache.
+    cached_tokens: u64,
     /// One entry per output token; each is one stream chunk.
     pieces: Vec<String>,
     usage: bool,
@@ -382,6 +385,7 @@ async fn answer(
         background: parsed.get("background").and_then(Value::as_bool).unwrap_or(false),
         include_usage: parsed.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         prompt_tokens: header_u64(&headers, "x-mock-prompt-tokens").unwrap_or_else(|| estimate_request_tokens(&spans)),
+        cached_tokens: header_u64(&headers, "x-mock-cached-tokens").unwrap_or(0),
         pieces,
         usage: !header_flag(&headers, "x-mock-no-usage"),
         chunk_delay: Duration::from_millis(header_u64(&headers, "x-mock-chunk-delay-ms").unwrap_or(0)),
@@ -453,6 +457,22 @@ fn error_response(api: Api, status: u16, message: &str) -> Response {
     (status, [("content-type", "application/json")], body.to_string()).into_response()
 }
 
+/// Report `cached_tokens` of the prompt as read from the cache, in the usage shape of the plan's API.
+fn add_cached_tokens(plan: &Plan, usage: &mut Value) {
+    let k = plan.cached_tokens;
+    if k == 0 || !usage.is_object() {
+        return;
+    }
+    match plan.api {
+        Api::AnthropicMessages => {
+            usage["input_tokens"] = json!(plan.prompt_tokens.saturating_sub(k));
+            usage["cache_read_input_tokens"] = json!(k);
+        }
+        Api::OpenAiResponses => usage["input_tokens_details"] = json!({"cached_tokens": k}),
+        _ => usage["prompt_tokens_details"] = json!({"cached_tokens": k}),
+    }
+}
+
 fn json_response(plan: &Plan) -> Response {
     let p = plan.prompt_tokens;
     let c = plan.completion_tokens();
@@ -485,6 +505,7 @@ fn json_response(plan: &Plan) -> Response {
             "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         }),
     };
+    add_cached_tokens(plan, &mut body["usage"]);
     if !plan.usage {
         if let Some(o) = body.as_object_mut() {
             o.remove("usage");
@@ -547,7 +568,10 @@ fn stream_events(plan: &Plan) -> Vec<String> {
     let mut ev = Vec::new();
     match plan.api {
         Api::AnthropicMessages => {
-            let start_usage = if plan.usage { json!({"input_tokens": p, "output_tokens": 1}) } else { json!({}) };
+            let mut start_usage = if plan.usage { json!({"input_tokens": p, "output_tokens": 1}) } else { json!({}) };
+            if plan.usage {
+                add_cached_tokens(plan, &mut start_usage);
+            }
             ev.push(sse(Some("message_start"), &json!({"type":"message_start","message":{"id":"msg_mock","type":"message","role":"assistant","model":model,"content":[],"stop_reason":null,"stop_sequence":null,"usage":start_usage}})));
             ev.push(sse(
                 Some("content_block_start"),
@@ -577,6 +601,7 @@ fn stream_events(plan: &Plan) -> Vec<String> {
                 "output":[{"type":"message","id":"msg_mock","role":"assistant","status":"completed","content":[{"type":"output_text","text":plan.answer(),"annotations":[]}]}]});
             if plan.usage {
                 resp["usage"] = json!({"input_tokens": p, "output_tokens": c, "total_tokens": p + c});
+                add_cached_tokens(plan, &mut resp["usage"]);
             }
             ev.push(sse(Some("response.completed"), &json!({"type":"response.completed","response":resp})));
         }
@@ -598,7 +623,9 @@ fn stream_events(plan: &Plan) -> Vec<String> {
             }
             ev.push(sse(None, &chunk(json!({}), json!("stop"))));
             if plan.usage && plan.include_usage {
-                ev.push(sse(None, &json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1_700_000_000u64,"model":model,"choices":[],"usage":{"prompt_tokens":p,"completion_tokens":c,"total_tokens":p+c}})));
+                let mut usage = json!({"prompt_tokens":p,"completion_tokens":c,"total_tokens":p+c});
+                add_cached_tokens(plan, &mut usage);
+                ev.push(sse(None, &json!({"id":"chatcmpl-mock","object":"chat.completion.chunk","created":1_700_000_000u64,"model":model,"choices":[],"usage":usage})));
             }
             ev.push("data: [DONE]\n\n".to_string());
         }

@@ -727,7 +727,7 @@ async fn access_logs_show_the_decision_model_and_tokens() {
     let _ = r.text().await;
     let line = access_log_line(&e, "json").await;
     assert!(
-        line.contains(r#"tl_decision=allowed tl_rule=- tl_model="gpt-4o" tl_input_tokens=21 tl_output_tokens=100 tl_usage=reported"#),
+        line.contains(r#"tl_decision=allowed tl_rule=- tl_model="gpt-4o" tl_input_tokens=21 tl_output_tokens=100 tl_cached_input_tokens=0 tl_usage=reported"#),
         "{line}"
     );
     // A stream: its usage arrives in the last event.
@@ -735,7 +735,12 @@ async fn access_logs_show_the_decision_model_and_tokens() {
     assert_eq!(r.status(), 200);
     let _ = r.text().await;
     let line = access_log_line(&e, "stream").await;
-    assert!(line.contains(r#"tl_model="gpt-4o" tl_input_tokens=21 tl_output_tokens=100 tl_usage=reported"#), "{line}");
+    assert!(
+        line.contains(
+            r#"tl_model="gpt-4o" tl_input_tokens=21 tl_output_tokens=100 tl_cached_input_tokens=0 tl_usage=reported"#
+        ),
+        "{line}"
+    );
     // gpt-4o's 300 are spent (2 x 121): the next goes to the cheaper model, then that is spent too.
     let r = post(&e, "/v1/chat/completions?case=fallback", &body, &usage).await;
     assert_eq!(h(&r, "x-meshwarden-fallback-model"), "gpt-4o-mini");
@@ -780,9 +785,56 @@ async fn access_logs_show_the_decision_model_and_tokens() {
     let line = access_log_line(&quiet, "quiet").await;
     assert!(
         line.contains(r#" 200 "#)
-            && line.contains(r#"tl_decision=- tl_rule=- tl_model="-" tl_input_tokens=- tl_output_tokens=- tl_usage=-"#),
+            && line.contains(r#"tl_decision=- tl_rule=- tl_model="-" tl_input_tokens=- tl_output_tokens=- tl_cached_input_tokens=- tl_usage=-"#),
         "{line}"
     );
+}
+
+/// Providers bill input tokens read from their prompt cache at a fraction of the input price; a rule's
+/// `counts.cached_input` weight charges them that way at settlement, from every usage shape that reports
+/// them (OpenAI `prompt_tokens_details.cached_tokens`, Responses `input_tokens_details.cached_tokens`,
+/// Anthropic `cache_read_input_tokens`, JSON and streamed). A rule without the weight charges them as input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_input_tokens_are_charged_at_their_weight() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"rules":[
+            {"name":"cache","key":{"constant":"x"},"limits":{"tokens_per_day":1000000},
+             "counts":{"input":1,"cached_input":0.1,"output":1}},
+            {"name":"plain","key":{"constant":"x"},"limits":{"tokens_per_day":1000000}}]}),
+    )
+    .await;
+    let usage = [("x-mock-prompt-tokens", "1000"), ("x-mock-cached-tokens", "900"), ("x-mock-completion-tokens", "10")];
+    let anthropic = |stream: bool| {
+        let mut v = json!({"model": "claude-sonnet-4-5", "max_tokens": 50,
+                           "messages": [{"role": "user", "content": "Cached context"}]});
+        if stream {
+            v["stream"] = json!(true);
+        }
+        v
+    };
+    let cases = [
+        ("openai chat", "/v1/chat/completions", chat("gpt-4o", "Cached context", Some(50), false)),
+        ("openai chat stream", "/v1/chat/completions", chat("gpt-4o", "Cached context", Some(50), true)),
+        ("responses", "/v1/responses", json!({"model": "gpt-4o", "input": "Cached context", "max_output_tokens": 50})),
+        ("anthropic", "/v1/messages", anthropic(false)),
+        ("anthropic stream", "/v1/messages", anthropic(true)),
+    ];
+    let charged = |rule: &'static str| {
+        let e = &e;
+        async move { e.stat(&format!("meshwarden.token_limiter.rule.{rule}.charged_tokens")).await.unwrap() }
+    };
+    for (what, path, body) in cases {
+        let (cache0, plain0) = (charged("cache").await, charged("plain").await);
+        let r = post(&e, path, &body, &usage).await;
+        assert_eq!(r.status(), 200, "{what}");
+        let _ = r.text().await;
+        // 100 uncached input + 900 cached at 0.1 + 10 output; the plain rule: 1000 + 10.
+        assert_eq!(charged("cache").await - cache0, 200, "{what}");
+        assert_eq!(charged("plain").await - plain0, 1010, "{what}");
+    }
+    assert_eq!(e.stat("meshwarden.token_limiter.cached_input_tokens").await.unwrap(), 5 * 900);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,7 +156,8 @@ impl Limits {
     }
 }
 
-/// What a token costs: `input`, `output`, `total`, or weights `{"input": 1, "output": 4}`.
+/// What a token costs: `input`, `output`, `total`, or weights `{"input": 1, "output": 4}` (with
+/// `cached_input` for the input tokens a provider read from its prompt cache).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(untagged)]
 pub enum Counts {
@@ -185,14 +186,20 @@ pub struct Weights {
     pub input: f64,
     #[serde(default)]
     pub output: f64,
+    /// The weight of input tokens served from the provider's prompt cache (OpenAI `cached_tokens`,
+    /// Anthropic `cache_read_input_tokens`), which providers bill at a fraction of the input price;
+    /// absent = `input`. Applies when the answer reports them, so at settlement: the admission
+    /// estimate cannot know what the cache will hold and charges every input token at `input`.
+    #[serde(default)]
+    pub cached_input: Option<f64>,
 }
 
 impl Counts {
     pub fn weights(&self) -> Weights {
         match self {
-            Counts::Named(CountsName::Input) => Weights { input: 1.0, output: 0.0 },
-            Counts::Named(CountsName::Output) => Weights { input: 0.0, output: 1.0 },
-            Counts::Named(CountsName::Total) => Weights { input: 1.0, output: 1.0 },
+            Counts::Named(CountsName::Input) => Weights { input: 1.0, output: 0.0, cached_input: None },
+            Counts::Named(CountsName::Output) => Weights { input: 0.0, output: 1.0, cached_input: None },
+            Counts::Named(CountsName::Total) => Weights { input: 1.0, output: 1.0, cached_input: None },
             Counts::Weighted(w) => *w,
         }
     }
@@ -201,8 +208,17 @@ impl Counts {
     /// (`1.1 * 100` is `110.00000000000001`): the sum's rounding error (a few parts in 10^16) is taken off
     /// before rounding up, else such a sum cost one token more than the weights say, on every request.
     pub fn cost(&self, input: u64, output: u64) -> u64 {
+        self.cost_with_cache(input, 0, output)
+    }
+
+    /// [`Counts::cost`] when `cached_input` of the `input` tokens were read from the prompt cache (more
+    /// than `input` counts as `input`).
+    pub fn cost_with_cache(&self, input: u64, cached_input: u64, output: u64) -> u64 {
         let w = self.weights();
-        let exact = w.input * input as f64 + w.output * output as f64;
+        let cached = cached_input.min(input);
+        let exact = w.input * (input - cached) as f64
+            + w.cached_input.unwrap_or(w.input) * cached as f64
+            + w.output * output as f64;
         let c = (exact - exact.abs() * 1e-14).ceil();
         if c.is_finite() && c > 0.0 {
             c as u64
@@ -371,7 +387,9 @@ impl Validate for Config {
                 check_range(&format!("{p}.max_concurrent_requests"), n, 1, 1_000_000)?;
             }
             if let Counts::Weighted(w) = r.counts {
-                for (f, v) in [("input", w.input), ("output", w.output)] {
+                for (f, v) in
+                    [("input", w.input), ("output", w.output), ("cached_input", w.cached_input.unwrap_or(0.0))]
+                {
                     if !(0.0..=1000.0).contains(&v) {
                         return Err(ConfigError::at(&format!("{p}.counts.{f}"), "weight must be between 0 and 1000"));
                     }
@@ -474,8 +492,31 @@ mod tests {
     /// Decimal weights cost what they say: 100 input tokens at 1.1 cost 110, not 111 (the float product
     /// is 110.00000000000001); a true fraction still rounds up.
     #[test]
+    fn cached_input_tokens_cost_their_own_weight() {
+        let c: Config = parse_config(
+            br#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_day":10},
+                 "counts":{"input":1,"cached_input":0.1,"output":4}}]}"#,
+        )
+        .unwrap();
+        let counts = c.rules[0].counts;
+        // 1000 input tokens of which 900 from the cache: 100 + 90, plus 4 x 10 output.
+        assert_eq!(counts.cost_with_cache(1000, 900, 10), 230);
+        assert_eq!(counts.cost(1000, 10), 1040, "the admission estimate charges every input token at `input`");
+        assert_eq!(counts.cost_with_cache(10, 50, 0), 1, "more cached than input counts as all input cached");
+        // Without `cached_input`, cached tokens cost what input tokens cost.
+        assert_eq!(Counts::default().cost_with_cache(1000, 900, 10), 1010);
+        let e = |s: &str| parse_config::<Config>(s.as_bytes()).unwrap_err().path;
+        assert_eq!(
+            e(
+                r#"{"rules":[{"name":"a","key":{"constant":"x"},"limits":{"tokens_per_day":1},"counts":{"input":1,"cached_input":-1}}]}"#
+            ),
+            "$.rules[0].counts.cached_input"
+        );
+    }
+
+    #[test]
     fn decimal_weights_round_up_only_real_fractions() {
-        let w = |input: f64, output: f64| Counts::Weighted(Weights { input, output });
+        let w = |input: f64, output: f64| Counts::Weighted(Weights { input, output, cached_input: None });
         assert_eq!(w(0.3, 0.0).cost(10, 0), 3);
         assert_eq!(w(0.1, 0.7).cost(30, 10), 10);
         assert_eq!(w(0.7, 0.0).cost(10, 0), 7);

@@ -1241,13 +1241,18 @@ impl Request {
             // No response at all (client went away, upstream never answered): the prompt was sent.
             None => (est, 0, crate::meter::Source::Estimated),
         };
+        let cached_input = self.meter.as_ref().map_or(0, Meter::cached_input_tokens);
+        if cached_input > 0 {
+            self.shared.count("cached_input_tokens", cached_input);
+        }
         self.shared.count_usage(source, adm.model.as_deref().unwrap_or("none"), input, output);
         self.publish("input_tokens", &input.to_string());
+        self.publish("cached_input_tokens", &cached_input.to_string());
         self.publish("output_tokens", &output.to_string());
         self.publish("usage", source.as_str());
         self.shared.count_hot(Hot::InputTokens, input);
         self.shared.count_hot(Hot::OutputTokens, output);
-        let deltas = settle_deltas(&cfg, plan, input, output);
+        let deltas = settle_deltas(&cfg, plan, input, cached_input, output);
         for ((g, d), ri) in plan.request.groups.iter().zip(&deltas).zip(&plan.rules) {
             if let (false, Some(rule)) = (g.windows.is_empty(), cfg.rules.get(*ri)) {
                 let charged = i64::try_from(g.cost).unwrap_or(i64::MAX).saturating_add(*d).max(0);

@@ -249,15 +249,18 @@ impl Admission {
 }
 
 /// The per-group settlement deltas for actual usage: each group's weighted actual cost minus what it
-/// reserved.
-pub fn settle_deltas(cfg: &Config, plan: &Plan, input: u64, output: u64) -> Vec<i64> {
+/// reserved (`cached_input` of the `input` tokens at the rules' `cached_input` weight).
+pub fn settle_deltas(cfg: &Config, plan: &Plan, input: u64, cached_input: u64, output: u64) -> Vec<i64> {
     plan.request
         .groups
         .iter()
         .zip(&plan.rules)
         .map(|(g, &ri)| {
-            let actual =
-                if g.windows.is_empty() { 0 } else { cfg.rules.get(ri).map_or(0, |r| r.counts.cost(input, output)) };
+            let actual = if g.windows.is_empty() {
+                0
+            } else {
+                cfg.rules.get(ri).map_or(0, |r| r.counts.cost_with_cache(input, cached_input, output))
+            };
             i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(g.cost).unwrap_or(i64::MAX)
         })
         .collect()
@@ -387,7 +390,7 @@ mod tests {
             o => panic!("{o:?}"),
         }
         assert!(a.fell_back());
-        assert_eq!(settle_deltas(&c, &p2, 15, 5), vec![-10, 0]);
+        assert_eq!(settle_deltas(&c, &p2, 15, 0, 5), vec![-10, 0]);
     }
 
     /// A request refused both for a concurrency slot and for tokens: a slot may free at any moment, but

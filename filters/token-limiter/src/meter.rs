@@ -69,6 +69,9 @@ pub struct Meter {
     header_usage: Option<(u64, u64)>,
     /// The answer's strings are media (base64 images), not text: see [`Meter::media_answer`].
     media: bool,
+    /// Of the input tokens [`Meter::finish`] charged, those the usage reports as read from the
+    /// provider's prompt cache (0 when estimated).
+    cached_input: u64,
 }
 
 impl Meter {
@@ -91,7 +94,7 @@ impl Meter {
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
-        Self { kind, max_bytes, status, header_usage: None, media: false }
+        Self { kind, max_bytes, status, header_usage: None, media: false, cached_input: 0 }
     }
 
     pub fn is_stream(&self) -> bool {
@@ -219,6 +222,7 @@ impl Meter {
         let body_only = match &mut self.kind {
             Kind::Json { scan, buf, overflow } => {
                 if let Some(u) = scan.finish() {
+                    self.cached_input = u.cached_input_tokens;
                     return (u.input_tokens, u.output_tokens, Source::Reported);
                 }
                 if self.media {
@@ -236,6 +240,7 @@ impl Meter {
                         // top level (Ollama, Bedrock Llama) is read from the parsed body.
                         Ok(v) => {
                             if let Some(u) = usage_from_json(&v) {
+                                self.cached_input = u.cached_input_tokens;
                                 return (u.input_tokens, u.output_tokens, Source::Reported);
                             }
                             // A Responses `background` request answered before its model ran: its output is
@@ -273,15 +278,18 @@ impl Meter {
                 // cut before its end goes on without the client (who fetches the rest with
                 // `GET /v1/responses/{id}`, not charged here): at least the reservation too.
                 let dropped = (!*done && (parser.oversized_events() > 0 || *background)).then_some(unreadable_output);
+                self.cached_input = reported_cached_input(usage);
                 stream_charge(usage, *done, dropped, input_estimate)
             }
             Kind::EventStream { decoder, usage, done } => {
                 // Framing that stopped decoding (after some usage or none): at least the reservation.
                 let broken = decoder.broken().map(|_| unreadable_output);
+                self.cached_input = reported_cached_input(usage);
                 stream_charge(usage, *done, broken, input_estimate)
             }
             Kind::Ndjson { line, usage, done, .. } => {
                 ndjson_line(line, usage, done);
+                self.cached_input = reported_cached_input(usage);
                 stream_charge(usage, *done, None, input_estimate)
             }
             Kind::Opaque => (input_estimate, unreadable_output, Source::Estimated),
@@ -291,6 +299,16 @@ impl Meter {
             (charged, _) => charged,
         }
     }
+
+    /// Of the input tokens the last [`Meter::finish`] charged, those read from the prompt cache.
+    pub fn cached_input_tokens(&self) -> u64 {
+        self.cached_input
+    }
+}
+
+/// Cached input tokens a stream reported (a stream charged on its reported input; see [`stream_charge`]).
+fn reported_cached_input(usage: &StreamUsage) -> u64 {
+    usage.reported().filter(|u| u.input_tokens > 0).map_or(0, |u| u.cached_input_tokens)
 }
 
 /// An OpenAI Responses object whose model has not run yet (`"background": true` answers `queued` at once,
