@@ -713,7 +713,7 @@ async fn access_logs_show_the_decision_model_and_tokens() {
         .access_log_flush_ms(50)
         .filter_config(
             "token-limiter",
-            &json!({"rules":[
+            &json!({"filter_state": true, "rules":[
                 {"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_hour":300},"fallback_model":"gpt-4o-mini"},
                 {"name":"mini","key":{"header":"x-team"},"model":"gpt-4o-mini","limits":{"tokens_per_hour":250}}]}),
         )
@@ -771,11 +771,11 @@ async fn access_logs_show_the_decision_model_and_tokens() {
     let _ = r.text().await;
     let line = access_log_line(&e, "get").await;
     assert!(line.contains(r#"tl_decision=skipped tl_rule=- tl_model="-" tl_input_tokens=-"#), "{line}");
-    // `filter_state: false` publishes nothing (no host calls for operators who do not log these).
+    // By default (`filter_state: false`) nothing is published (no host calls for gateways that do not log these).
     let quiet = EnvoyBuilder::new("token-limiter.yaml")
         .upstream_port(mock.port())
         .access_log_flush_ms(50)
-        .filter_config("token-limiter", &json!({"filter_state": false, "rules": []}))
+        .filter_config("token-limiter", &json!({"rules": []}))
         .start()
         .await
         .unwrap();

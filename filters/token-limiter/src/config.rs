@@ -39,7 +39,8 @@ pub struct Config {
     /// `max_body_bytes`, not JSON, no `model` in the body or the path).
     pub unknown_model: UnknownModel,
     /// Publish each request's decision, model and tokens as filter state for access logs
-    /// (`%FILTER_STATE(wasm.meshwarden.token_limiter.<name>:PLAIN)%`).
+    /// (`%FILTER_STATE(wasm.meshwarden.token_limiter.<name>:PLAIN)%`). Off by default: it costs seven
+    /// host calls per request, which only gateways that log the values should pay.
     pub filter_state: bool,
     pub rules: Vec<Rule>,
 }
@@ -74,7 +75,7 @@ impl Default for Config {
             stats_flush_interval_ms: 20,
             lease_ms: 600_000,
             unknown_model: UnknownModel::default(),
-            filter_state: true,
+            filter_state: false,
             rules: Vec::new(),
         }
     }
