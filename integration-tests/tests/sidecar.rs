@@ -432,3 +432,85 @@ async fn keep_alive_connections_outlive_the_header_timeout() {
     let idle = answered.elapsed();
     assert!(idle >= std::time::Duration::from_millis(1900) && idle < std::time::Duration::from_secs(3), "{idle:?}");
 }
+
+/// Sends a request's headers, then its body a chunk every `every` (on a new connection); returns what the
+/// sidecar answered (the status line, empty if none) and when the connection ended, or None when it was
+/// still open after `limit`.
+async fn trickle_body(
+    port: u16,
+    body: &[u8],
+    chunk: usize,
+    every: std::time::Duration,
+    limit: std::time::Duration,
+) -> (String, Option<std::time::Duration>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let started = std::time::Instant::now();
+    let head = format!(
+        "POST /v1/ratelimit/reserve HTTP/1.1\r\nhost: sidecar\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let body = body.to_vec();
+    let writer = tokio::spawn(async move {
+        for c in body.chunks(chunk) {
+            tokio::time::sleep(every).await;
+            if wr.write_all(c).await.is_err() {
+                return;
+            }
+        }
+        // Keep the write half open: the sidecar, not the client, ends the connection.
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        drop(wr);
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), rd.read(&mut buf)).await {
+            Err(_) => break None,
+            Ok(Ok(0) | Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got).to_string();
+                // A complete 200 answer on a keep-alive connection: done, the connection stays open.
+                if text.starts_with("HTTP/1.1 200") && text.contains("\"allowed\"") {
+                    break Some(started.elapsed());
+                }
+            }
+        }
+    };
+    writer.abort();
+    (String::from_utf8_lossy(&got).lines().next().unwrap_or_default().to_string(), ended)
+}
+
+/// A client that sends a request's headers, then trickles its body, is answered `408` and disconnected
+/// once the body-read timeout (`--body-read-timeout-ms`, here 500 ms) is over, and the timeout is counted
+/// on `/metrics`; a body that arrives in pieces within the timeout is served. The body was not timed: a
+/// client that sent its headers, then a byte every 100 ms of a body of up to 2 MB, held its connection
+/// (and its buffer) for as long as it liked, whatever `--header-read-timeout-ms` said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_is_answered_408_after_the_body_timeout() {
+    let sidecar = Sidecar::start_with_env(&[], &[("MESHWARDEN_SIDECAR_BODY_READ_TIMEOUT_MS", "500")]).unwrap();
+    let req = br#"{"groups":[{"key":"slow","windows":[{"limit":100,"window_ms":60000}],"cost":1}]}"#;
+    let ms = std::time::Duration::from_millis;
+    // One byte every 100 ms: the body would take 8 s.
+    let (status, ended) = trickle_body(sidecar.port(), req, 1, ms(100), ms(4000)).await;
+    let ended = ended.expect("a trickling body is cut");
+    assert_eq!(status, "HTTP/1.1 408 Request Timeout");
+    assert!(ended >= ms(450) && ended < ms(2000), "{ended:?}");
+    // Four pieces 100 ms apart: within the timeout, served.
+    let (status, ended) = trickle_body(sidecar.port(), req, req.len().div_ceil(4), ms(100), ms(4000)).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(ended.is_some());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // A body over 2 MB is still answered 413, not a timeout.
+    let big = http.post(sidecar.url("/v1/ratelimit/reserve")).body(vec![b' '; 2 * 1024 * 1024 + 1]).send().await;
+    assert_eq!(big.unwrap().status(), 413);
+    let m = http.get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("meshwarden_sidecar_body_read_timeouts_total 1"), "{m}");
+    assert!(
+        m.contains("meshwarden_sidecar_http_requests_total{route=\"/v1/ratelimit/reserve\",status=\"4xx\"} 2"),
+        "{m}"
+    );
+}

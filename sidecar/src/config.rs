@@ -53,6 +53,11 @@ pub struct Config {
     #[arg(long, env = "MESHWARDEN_SIDECAR_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_ms: u64,
 
+    /// Milliseconds a client has to send a request's body, from the end of its headers. A client that
+    /// trickles a body is answered 408 and disconnected.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_BODY_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
+
     /// Seconds a keep-alive connection may wait for its next request before the sidecar closes it (0:
     /// never). Keep it above the gateways' upstream idle timeout (Envoy's and Istio's default: 1 hour), so
     /// that Envoy closes an idle connection first and never sends a call on one the sidecar is closing.
@@ -103,5 +108,8 @@ mod tests {
         assert_eq!((c.header_read_timeout_ms, c.idle_timeout_secs), (10_000, 3900));
         assert!(Config::try_parse_from(["s", "--header-read-timeout-ms", "0"]).is_err());
         assert_eq!(Config::try_parse_from(["s", "--idle-timeout-secs", "0"]).unwrap().idle_timeout_secs, 0);
+        assert_eq!(c.body_read_timeout_ms, 10_000);
+        assert!(Config::try_parse_from(["s", "--body-read-timeout-ms", "0"]).is_err());
+        assert_eq!(Config::try_parse_from(["s", "--body-read-timeout-ms", "250"]).unwrap().body_read_timeout_ms, 250);
     }
 }

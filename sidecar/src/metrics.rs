@@ -1,6 +1,6 @@
 //! Prometheus metrics of the sidecar itself, served on `/metrics`.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
 pub struct SidecarMetrics {
     pub registry: Registry,
@@ -8,6 +8,8 @@ pub struct SidecarMetrics {
     pub http_requests: IntCounterVec,
     /// Request latency by route, in seconds.
     pub http_latency: HistogramVec,
+    /// Requests answered 408: their body did not arrive within `--body-read-timeout-ms`.
+    pub body_read_timeouts: IntCounter,
 }
 
 impl SidecarMetrics {
@@ -21,8 +23,13 @@ impl SidecarMetrics {
             &["route"],
         )?;
         registry.register(Box::new(http_requests.clone()))?;
+        let body_read_timeouts = IntCounter::new(
+            "body_read_timeouts_total",
+            "requests answered 408: the body did not arrive within --body-read-timeout-ms",
+        )?;
         registry.register(Box::new(http_latency.clone()))?;
-        Ok(Self { registry, http_requests, http_latency })
+        registry.register(Box::new(body_read_timeouts.clone()))?;
+        Ok(Self { registry, http_requests, http_latency, body_read_timeouts })
     }
 
     pub fn render(&self) -> String {

@@ -2,15 +2,16 @@
 //! metrics and per-route request metrics.
 
 use crate::metrics::SidecarMetrics;
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Shared state of the whole sidecar.
 pub struct AppState {
@@ -34,7 +35,11 @@ impl AppState {
     }
 }
 
-pub fn build_router(state: Arc<AppState>) -> Router {
+/// Request bodies larger than this are answered 413 (the rate-limit calls are a few hundred bytes).
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// The API, each request's body read within `body_read_timeout` of its headers (see [`read_body`]).
+pub fn build_router(state: Arc<AppState>, body_read_timeout: Duration) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -42,6 +47,7 @@ pub fn build_router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::ratelimit::routes())
         .merge(crate::endpoints::api::router())
+        .layer(middleware::from_fn_with_state((state.clone(), body_read_timeout), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -70,6 +76,40 @@ async fn readyz_backend(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// Reads the request's whole body within `timeout` of its headers, before the handler runs. A body that
+/// does not arrive in time is answered `408` with `connection: close` (hyper then closes the connection:
+/// the rest of the body is never read) and counted in `body_read_timeouts_total`; one larger than
+/// [`BODY_LIMIT`] is answered `413`. The connection's header timer (`serve.rs`) stops at the end of the
+/// headers, so without this a client that trickled a body of up to 2 MB held its connection for as long
+/// as it liked.
+async fn read_body(State((state, timeout)): State<(Arc<AppState>, Duration)>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_LIMIT)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.into_inner().is::<http_body_util::LengthLimitError>();
+            if too_large {
+                json_error(StatusCode::PAYLOAD_TOO_LARGE, "request body larger than 2 MB")
+            } else {
+                json_error(StatusCode::BAD_REQUEST, "request body could not be read")
+            }
+        }
+        Err(_) => {
+            state.metrics.body_read_timeouts.inc();
+            let mut r =
+                json_error(StatusCode::REQUEST_TIMEOUT, "request body not received within --body-read-timeout-ms");
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
+}
+
+fn json_error(status: StatusCode, msg: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], serde_json::json!({"error": msg}).to_string())
+        .into_response()
 }
 
 async fn track(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -25,7 +25,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     let state = AppState::new()?;
     meshwarden_sidecar::ratelimit::install(&state, &config)?;
-    let app = build_router(state.clone());
+    let app = build_router(state.clone(), Duration::from_millis(config.body_read_timeout_ms));
     meshwarden_sidecar::endpoints::start(&state, config.pools_config.as_deref())?;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
