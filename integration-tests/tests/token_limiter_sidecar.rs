@@ -231,6 +231,82 @@ async fn memory_and_redis_backends_answer_the_same() {
     assert_eq!(answers[0][14]["groups"][0]["windows"][0]["remaining"], 90, "w2 refunded after the probe");
 }
 
+/// Odd numbers get one answer from both backends: the same calls (limits of 0 and of 15 to 20 digits,
+/// windows of 0 ms, a cost and a debt of 2^64 - 1 tokens, a concurrency limit of 0, a lease of 2^64 - 1 ms,
+/// keys with Redis hash-tag braces) answer the same status and the same body on memory and on a real
+/// Redis. The Lua script computed in doubles and wrote numbers with Lua's 14 significant digits: windows
+/// whose limits differ past the 14th digit shared one state on Redis (one was denied a budget it had on
+/// memory), `remaining` / `retry_after_ms` past 2^63 came back as 0 (a limit of 0 was denied with "retry
+/// after 0 ms"), a concurrency `max` of 0 meant "no limit" on Redis and "nothing" on memory, and a lease
+/// over 292 million years failed the script (503). Calls a backend cannot answer exactly are now refused
+/// (400) before either backend sees them, and Redis's script gets integers computed by the shared GCRA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_numbers_get_the_same_answer_from_memory_and_redis() {
+    let redis = RedisServer::start().unwrap();
+    let mem = Sidecar::start(&[]).unwrap();
+    let red = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let day = 86_400_000u64;
+    let max = u64::MAX;
+    let w = |limit: u64, window_ms: u64| json!({"limit": limit, "window_ms": window_ms});
+    let res = |key: &str, windows: Value, cost: u64| json!({"groups":[{"key":key,"windows":windows,"cost":cost}]});
+    let steps: Vec<(&str, Value)> = vec![
+        // 0: a limit of 0; 1: a window of 0 ms.
+        ("reserve", res("zero", json!([w(0, day)]), 1)),
+        ("reserve", res("zero-w", json!([w(100, 0)]), 1)),
+        // 2, 3: limits that differ past the 14th digit are two budgets.
+        ("reserve", res("big", json!([w(100_000_000_000_001, 1000)]), 60_000_000_000_000)),
+        ("reserve", res("big", json!([w(100_000_000_000_002, 1000)]), 60_000_000_000_000)),
+        // 4: the largest limit; 5: the largest cost.
+        ("reserve", res("huge", json!([w(max, day)]), 1)),
+        ("reserve", res("huge-cost", json!([w(1000, day)]), max)),
+        // 6, 7: the largest debt, then what is left.
+        ("settle", json!({"items":[{"key":"debt","windows":[w(1000, day)],"delta":i64::MAX}]})),
+        ("reserve", res("debt", json!([w(1000, day)]), 1)),
+        // 8: a concurrency limit of 0; 9: the longest lease.
+        ("reserve", json!({"groups":[{"key":"c0","windows":[],"cost":0,"concurrency":{"max":0,"lease_id":"a"}}]})),
+        (
+            "reserve",
+            json!({"groups":[{"key":"cl","windows":[],"cost":0,"concurrency":{"max":1,"lease_id":"a","lease_ms":max}}]}),
+        ),
+        // 10, 11: keys and ids with hash-tag braces.
+        ("reserve", res("a}:s:x", json!([w(1000, day)]), 1)),
+        ("settle", json!({"items":[{"key":"a","windows":[w(1000, day)],"delta":5,"id":"x}:w"}]})),
+    ];
+    let mut answers = [Vec::new(), Vec::new()];
+    for (i, s) in [&mem, &red].iter().enumerate() {
+        for (op, req) in &steps {
+            let r = client().post(s.url(&format!("/v1/ratelimit/{op}"))).json(req).send().await.unwrap();
+            let status = r.status().as_u16();
+            let mut v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null);
+            if let Some(groups) = v["groups"].as_array_mut() {
+                for g in groups {
+                    for w in g["windows"].as_array_mut().unwrap() {
+                        w["reset_ms"] = json!(w["reset_ms"].as_u64().unwrap().div_ceil(60_000));
+                        w["retry_after_ms"] = json!(w["retry_after_ms"].as_u64().unwrap().div_ceil(60_000));
+                    }
+                }
+            }
+            answers[i].push((status, v));
+        }
+    }
+    for (k, (m, r)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert_eq!(m, r, "step {k} {}: memory (left) and Redis (right) differ", steps[k].1);
+    }
+    let statuses: Vec<u16> = answers[0].iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [400, 400, 200, 200, 200, 200, 204, 200, 400, 400, 400, 400], "{:#?}", answers[0]);
+    let allowed = |k: usize| answers[0][k].1["allowed"].as_bool().unwrap();
+    assert!(allowed(2) && allowed(3), "two budgets: {:?}", answers[0][3]);
+    // One token costs 1 µs of the day: u64::MAX * (1 - 1/86.4e9) tokens are left.
+    let remaining = answers[0][4].1["groups"][0]["windows"][0]["remaining"].as_u64().unwrap();
+    assert_eq!(remaining, max - max.div_ceil(86_400_000_000), "{:?}", answers[0][4]);
+    assert!(!allowed(5) && answers[0][5].1["groups"][0]["never"] == json!(true));
+    assert!(!allowed(7));
+    // Refused calls say why.
+    for k in [0, 1, 8, 9, 10, 11] {
+        assert!(answers[0][k].1["error"].as_str().is_some_and(|e| !e.is_empty()), "{:?}", answers[0][k]);
+    }
+}
+
 /// Gateways with different `lease_ms` (a rollout that lowers it, as the docs advise) share a key's
 /// concurrency slots: a lease lives its own `lease_ms` on both backends. On Redis, each reservation set the
 /// expiry of the key's whole set of leases to its own lease, so a short lease taken and released after a

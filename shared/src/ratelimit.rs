@@ -47,13 +47,14 @@ impl WindowSpec {
         self.window_ms.saturating_mul(1000)
     }
 
-    /// Microseconds of the window that `tokens` tokens take (rounded up: never cheaper than exact).
+    /// Microseconds of the window that `tokens` tokens take (rounded up: never cheaper than exact), at
+    /// most [`MAX_AHEAD_US`].
     pub fn cost_us(&self, tokens: u64) -> u64 {
         if self.limit == 0 {
-            return u64::MAX / 4;
+            return MAX_AHEAD_US;
         }
         let c = (u128::from(tokens) * u128::from(self.window_us())).div_ceil(u128::from(self.limit));
-        u64::try_from(c).unwrap_or(u64::MAX / 4).min(u64::MAX / 4)
+        u64::try_from(c).unwrap_or(MAX_AHEAD_US).min(MAX_AHEAD_US)
     }
 
     /// A stable short id of the window, used in state keys (`60000` for a minute).
@@ -61,6 +62,20 @@ impl WindowSpec {
         format!("{}:{}", self.window_ms, self.limit)
     }
 }
+
+/// The furthest a budget's state runs ahead of now, in µs (2^51, about 71 years): a cost or a debt
+/// beyond it counts as this much. Every timestamp then stays below 2^53 µs (until the year 2255), where
+/// the Redis backend's Lua numbers (doubles) are exact integers, so Redis stores what memory stores.
+pub const MAX_AHEAD_US: u64 = 1 << 51;
+
+/// The longest window the sidecar API accepts (366 days; token-limiter's longest is a day).
+pub const MAX_WINDOW_MS: u64 = 366 * 86_400_000;
+
+/// The longest concurrency lease the sidecar API accepts (a day, as token-limiter's `lease_ms`).
+pub const MAX_LEASE_MS: u64 = 86_400_000;
+
+/// The longest budget key, lease id or settlement id the sidecar API accepts, in bytes.
+pub const MAX_NAME_BYTES: usize = 512;
 
 /// What one window says about a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -133,7 +148,10 @@ pub fn reserve(w: &WindowSpec, tat_us: u64, now_us: u64, tokens: u64) -> Reserva
 /// Apply a settlement of `delta_tokens` (actual minus reserved) to a stored `tat_us`.
 pub fn settle(w: &WindowSpec, tat_us: u64, now_us: u64, delta_tokens: i64) -> u64 {
     if delta_tokens >= 0 {
-        tat_us.max(now_us).saturating_add(w.cost_us(delta_tokens.unsigned_abs()))
+        // A debt is capped at MAX_AHEAD_US from now (it was unbounded: repeated debts ran the state past
+        // 2^53 µs, where Redis's Lua numbers are no longer exact integers).
+        let base = tat_us.max(now_us);
+        base.saturating_add(w.cost_us(delta_tokens.unsigned_abs())).min(base.max(now_us.saturating_add(MAX_AHEAD_US)))
     } else {
         let refund = w.cost_us(delta_tokens.unsigned_abs());
         if tat_us <= now_us {
@@ -189,6 +207,73 @@ pub struct Group {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReserveRequest {
     pub groups: Vec<Group>,
+}
+
+/// A budget key, lease id or settlement id the sidecar accepts: 1 to [`MAX_NAME_BYTES`] printable
+/// ASCII bytes without spaces or Redis hash-tag braces (token-limiter sends `<rule>:h:<hex>` keys and
+/// hexadecimal ids). A brace would move the key's hash tag in Redis (`mw:tl:{<key>}:...`): a key and an
+/// id could then name another key's state.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(format!("{what} must be 1 to {MAX_NAME_BYTES} bytes"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}') {
+        return Err(format!("{what} must be printable ASCII without spaces or braces"));
+    }
+    Ok(())
+}
+
+fn check_windows(at: &str, windows: &[WindowSpec]) -> Result<(), String> {
+    for (j, w) in windows.iter().enumerate() {
+        if w.limit == 0 {
+            return Err(format!("{at}.windows[{j}].limit must be at least 1"));
+        }
+        if w.window_ms == 0 || w.window_ms > MAX_WINDOW_MS {
+            return Err(format!("{at}.windows[{j}].window_ms must be 1 to {MAX_WINDOW_MS}"));
+        }
+    }
+    Ok(())
+}
+
+impl ReserveRequest {
+    /// Whether the sidecar can answer this request exactly on every backend; the error names the field.
+    /// Checked before any backend sees the request (`400`): a limit or window of 0, a concurrency `max`
+    /// of 0 (omit `concurrency` for no limit), a lease over [`MAX_LEASE_MS`], an odd key or lease id.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, g) in self.groups.iter().enumerate() {
+            let at = format!("groups[{i}]");
+            check_name(&format!("{at}.key"), &g.key)?;
+            check_windows(&at, &g.windows)?;
+            if let Some(c) = &g.concurrency {
+                if c.max == 0 {
+                    return Err(format!("{at}.concurrency.max must be at least 1"));
+                }
+                if c.lease_ms == 0 || c.lease_ms > MAX_LEASE_MS {
+                    return Err(format!("{at}.concurrency.lease_ms must be 1 to {MAX_LEASE_MS}"));
+                }
+                check_name(&format!("{at}.concurrency.lease_id"), &c.lease_id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SettleRequest {
+    /// As [`ReserveRequest::validate`], for settlements.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, it) in self.items.iter().enumerate() {
+            let at = format!("items[{i}]");
+            check_name(&format!("{at}.key"), &it.key)?;
+            check_windows(&at, &it.windows)?;
+            if let Some(l) = &it.release_lease {
+                check_name(&format!("{at}.release_lease"), l)?;
+            }
+            if let Some(id) = &it.id {
+                check_name(&format!("{at}.id"), id)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a group denied.
@@ -483,6 +568,61 @@ mod tests {
         let again = reserve_all(&mut m, &ReserveRequest { groups: vec![team] }).unwrap();
         assert!(again.allowed);
         assert_eq!(again.groups[0].windows[0].remaining, 500);
+    }
+
+    /// Costs and debts stop at MAX_AHEAD_US from now: every state stays below 2^53 µs, where the Redis
+    /// backend's Lua numbers are exact (a debt of 2^63 tokens ran the state to 2^62 µs, then past u64).
+    #[wasm_bindgen_test(unsupported = test)]
+    fn costs_and_debts_stay_below_two_to_the_53() {
+        let now = 1_800_000_000_000_000;
+        assert_eq!(MIN.cost_us(u64::MAX), MAX_AHEAD_US);
+        assert_eq!(WindowSpec { limit: 0, window_ms: 1000 }.cost_us(1), MAX_AHEAD_US);
+        let mut tat = 0;
+        for _ in 0..4 {
+            tat = settle(&MIN, tat, now, i64::MAX);
+        }
+        assert_eq!(tat, now + MAX_AHEAD_US);
+        assert!(tat < 1 << 53);
+        let d = reserve(&MIN, tat, now, 1);
+        assert!(!d.allowed && !d.never);
+        assert_eq!(d.state.retry_after_ms, (MAX_AHEAD_US + 100_000 - 60_000_000).div_ceil(1000));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn requests_a_backend_cannot_answer_exactly_are_refused() {
+        let g = |key: &str, windows: Vec<WindowSpec>, concurrency: Option<ConcurrencySpec>| ReserveRequest {
+            groups: vec![Group { key: key.into(), windows, cost: 1, concurrency }],
+        };
+        let lease = |max: u64, lease_ms: u64| Some(ConcurrencySpec { max, lease_id: "l-1".into(), lease_ms });
+        assert_eq!(g("team:h:4f1c", vec![MIN], lease(1, 600_000)).validate(), Ok(()));
+        let bad = [
+            (g("k", vec![WindowSpec { limit: 0, window_ms: 1000 }], None), "groups[0].windows[0].limit"),
+            (g("k", vec![MIN, WindowSpec { limit: 1, window_ms: 0 }], None), "groups[0].windows[1].window_ms"),
+            (g("k", vec![WindowSpec { limit: 1, window_ms: MAX_WINDOW_MS + 1 }], None), "window_ms"),
+            (g("k", vec![], lease(0, 1000)), "concurrency.max"),
+            (g("k", vec![], lease(1, MAX_LEASE_MS + 1)), "concurrency.lease_ms"),
+            (g("k", vec![], lease(1, 0)), "concurrency.lease_ms"),
+            (g("", vec![MIN], None), "groups[0].key"),
+            (g("a}:s:x", vec![MIN], None), "groups[0].key"),
+            (g("a b", vec![MIN], None), "groups[0].key"),
+            (g(&"k".repeat(MAX_NAME_BYTES + 1), vec![MIN], None), "groups[0].key"),
+        ];
+        for (req, field) in bad {
+            let e = req.validate().unwrap_err();
+            assert!(e.contains(field), "{e} should name {field}");
+        }
+        let item = |id: &str| SettleRequest {
+            items: vec![SettleItem {
+                key: "k".into(),
+                windows: vec![MIN],
+                delta: 5,
+                release_lease: None,
+                id: Some(id.into()),
+                id_ttl_ms: None,
+            }],
+        };
+        assert_eq!(item("9a3f-12-7").validate(), Ok(()));
+        assert!(item("x}:w").validate().unwrap_err().contains("items[0].id"));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -222,6 +222,9 @@ async fn reserve(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid reserve request: {e}")),
     };
+    if let Err(e) = req.validate() {
+        return error(StatusCode::BAD_REQUEST, &format!("invalid reserve request: {e}"));
+    }
     let start = Instant::now();
     let r = rl.backend.reserve(req).await;
     rl.metrics.latency.with_label_values(&["reserve", rl.backend.name()]).observe(start.elapsed().as_secs_f64());
@@ -256,6 +259,9 @@ async fn settle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid settle request: {e}")),
     };
+    if let Err(e) = req.validate() {
+        return error(StatusCode::BAD_REQUEST, &format!("invalid settle request: {e}"));
+    }
     let start = Instant::now();
     let r = rl.backend.settle(req.items).await;
     rl.metrics.latency.with_label_values(&["settle", rl.backend.name()]).observe(start.elapsed().as_secs_f64());

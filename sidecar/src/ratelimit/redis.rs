@@ -20,10 +20,14 @@
 //! certificates (`SSL_CERT_FILE` / `SSL_CERT_DIR` name others; `#insecure` at the end of the URL skips
 //! the check).
 //!
-//! Arithmetic is in Lua doubles: exact for timestamps and costs below 2^53 µs (285 years).
+//! The scripts only compare, add and store integers computed in Rust by the shared GCRA (field names,
+//! window lengths and costs in µs) and return the state they read; the answer is computed in Rust from
+//! it, so it is the memory backend's to the token. Every number stays below 2^53 (costs and debts are
+//! capped at `MAX_AHEAD_US` from now), where Lua's doubles are exact.
 
 use meshwarden_shared::ratelimit::{
-    reserved, rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem, WindowState,
+    reserve, reserved, rollback_item, DenyReason, Group, GroupResult, ReserveRequest, ReserveResponse, SettleItem,
+    MAX_AHEAD_US,
 };
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClientBuilder;
@@ -32,92 +36,89 @@ use redis::Script;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
+// The scripts only compare, add and store integers the sidecar computed with the shared GCRA (each
+// window's field name, length and cost in µs); the answer (remaining, reset, retry-after, never) is
+// computed in Rust from the state the script read and Redis's clock. Every number stays below 2^53
+// (`MAX_AHEAD_US`), where Lua's doubles are exact: memory and Redis answer the same.
+//
+// Reserve: ARGV = nwin, cmax (0: no concurrency limit), lease id, lease µs, then per window: field,
+// window µs, cost µs. Answer: {allowed, reason (1 tokens, 2 concurrency), now, tat of each window}.
 const RESERVE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local nwin = tonumber(ARGV[2])
-local cmax = tonumber(ARGV[3])
-local lease = ARGV[4]
-local lease_us = tonumber(ARGV[5]) * 1000
+local nwin = tonumber(ARGV[1])
+local cmax = tonumber(ARGV[2])
+local lease = ARGV[3]
+local lease_us = tonumber(ARGV[4])
 if cmax > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if redis.call('ZSCORE', KEYS[2], lease) == false and redis.call('ZCARD', KEYS[2]) >= cmax then
-    return {0, 2, 0}
+    return {0, 2, now}
   end
 end
-local out = {1, 0, 0}
+local out = {1, 0, now}
 local news = {}
 local allowed = true
 local maxttl = 0
 for i = 1, nwin do
-  local limit = tonumber(ARGV[4 + 2 * i])
-  local wms = tonumber(ARGV[5 + 2 * i])
-  local field = wms .. ':' .. limit
-  local wus = wms * 1000
+  local field = ARGV[2 + 3 * i]
+  local wus = tonumber(ARGV[3 + 3 * i])
+  local c = tonumber(ARGV[4 + 3 * i])
   local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
-  local base = math.max(tat, now)
-  local c = math.ceil(cost * wus / limit)
-  local new = base + c
-  local allow_at = new - wus
-  if allow_at <= now then
-    news[i] = {field, new}
-    local rem = math.floor(limit * (wus - (new - now)) / wus)
-    table.insert(out, rem); table.insert(out, math.ceil((new - now) / 1000)); table.insert(out, 0)
-    if new - now > maxttl then maxttl = new - now end
-  else
-    allowed = false
-    local rem = math.floor(limit * math.max(0, wus - (base - now)) / wus)
-    table.insert(out, rem); table.insert(out, math.ceil((base - now) / 1000)); table.insert(out, math.ceil((allow_at - now) / 1000))
-    if cost > limit then out[3] = 1 end
-  end
+  table.insert(out, tat)
+  local new = math.max(tat, now) + c
+  news[i] = new
+  if new - wus > now then allowed = false end
+  if new - now > maxttl then maxttl = new - now end
 end
 if not allowed then
   out[1] = 0; out[2] = 1
   return out
 end
 for i = 1, nwin do
-  redis.call('HSET', KEYS[1], news[i][1], string.format('%.0f', news[i][2]))
+  redis.call('HSET', KEYS[1], ARGV[2 + 3 * i], string.format('%.0f', news[i]))
 end
 if nwin > 0 then
   local ttl = math.ceil(maxttl / 1000) + 1000
   if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 end
 if cmax > 0 then
-  redis.call('ZADD', KEYS[2], now + lease_us, lease)
+  redis.call('ZADD', KEYS[2], string.format('%.0f', now + lease_us), lease)
   local lttl = math.ceil(lease_us / 1000) + 1000
   if redis.call('PTTL', KEYS[2]) < lttl then redis.call('PEXPIRE', KEYS[2], lttl) end
 end
 return out
 "#;
 
+// Settle: ARGV = direction (1 debt, -1 refund, 0 none), nwin, lease id to release ('' none), id ttl ms,
+// the debt cap in µs (`MAX_AHEAD_US`), then per window: field, cost µs of |delta|.
 const SETTLE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local delta = tonumber(ARGV[1])
+local dir = tonumber(ARGV[1])
 local nwin = tonumber(ARGV[2])
 local lease = ARGV[3]
 local id_ttl = tonumber(ARGV[4])
+local cap = tonumber(ARGV[5])
 local maxttl = 0
 -- A settlement with an id is applied once: a resend (its first call failed or timed out after it was
 -- applied) finds the id's key and leaves the budget alone.
-if delta ~= 0 and KEYS[3] then
-  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', id_ttl) then delta = 0 end
+if dir ~= 0 and KEYS[3] then
+  if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', id_ttl) then dir = 0 end
 end
-if delta ~= 0 then
+if dir ~= 0 then
   for i = 1, nwin do
-    local limit = tonumber(ARGV[3 + 2 * i])
-    local wms = tonumber(ARGV[4 + 2 * i])
-    local field = wms .. ':' .. limit
-    local wus = wms * 1000
+    local field = ARGV[4 + 2 * i]
+    local c = tonumber(ARGV[5 + 2 * i])
     local tat = tonumber(redis.call('HGET', KEYS[1], field) or '0')
     local new
-    if delta >= 0 then
-      new = math.max(tat, now) + math.ceil(delta * wus / limit)
+    if dir > 0 then
+      local base = math.max(tat, now)
+      new = math.min(base + c, math.max(base, now + cap))
     elseif tat <= now then
       new = tat
     else
-      new = math.max(tat - math.ceil(-delta * wus / limit), now)
+      new = math.max(tat - c, now)
     end
     redis.call('HSET', KEYS[1], field, string.format('%.0f', new))
     if new - now > maxttl then maxttl = new - now end
@@ -267,36 +268,33 @@ impl RedisBackend {
         let (kw, kc) = keys(&g.key);
         let mut inv = self.reserve.key(kw);
         inv.key(kc);
-        inv.arg(g.cost).arg(g.windows.len());
+        inv.arg(g.windows.len());
         match &g.concurrency {
-            Some(cs) => inv.arg(cs.max).arg(&cs.lease_id).arg(cs.lease_ms),
+            Some(cs) => inv.arg(cs.max).arg(&cs.lease_id).arg(cs.lease_ms.saturating_mul(1000)),
             None => inv.arg(0).arg("").arg(0),
         };
         for w in &g.windows {
-            inv.arg(w.limit).arg(w.window_ms);
+            inv.arg(w.id()).arg(w.window_us()).arg(w.cost_us(g.cost));
         }
         let out: Vec<i64> = within(self.timeout, inv.invoke_async(c)).await?;
         let get = |i: usize| out.get(i).copied().unwrap_or(0);
+        let at = |i: usize| u64::try_from(get(i)).unwrap_or(0);
+        if get(1) == 2 {
+            return Ok(GroupResult { allowed: false, reason: Some(DenyReason::Concurrency), ..Default::default() });
+        }
+        // The same answer as memory: the shared GCRA on the state the script read, at Redis's time.
+        let now = at(2);
+        let rs: Vec<_> = g.windows.iter().enumerate().map(|(i, w)| reserve(w, at(3 + i), now, g.cost)).collect();
         let allowed = get(0) == 1;
-        let reason = match get(1) {
-            1 => Some(DenyReason::Tokens),
-            2 => Some(DenyReason::Concurrency),
-            _ => None,
-        };
-        let windows = g
-            .windows
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| out.len() >= 3 + 3 * (i + 1))
-            .map(|(i, w)| WindowState {
-                limit: w.limit,
-                window_ms: w.window_ms,
-                remaining: u64::try_from(get(3 + 3 * i)).unwrap_or(0),
-                reset_ms: u64::try_from(get(4 + 3 * i)).unwrap_or(0),
-                retry_after_ms: u64::try_from(get(5 + 3 * i)).unwrap_or(0),
-            })
-            .collect();
-        Ok(GroupResult { allowed, reason, windows, never: get(2) == 1 })
+        if allowed != rs.iter().all(|r| r.allowed) {
+            tracing::warn!(key = %g.key, "redis reserve script and the shared GCRA disagree");
+        }
+        Ok(GroupResult {
+            allowed,
+            reason: (!allowed).then_some(DenyReason::Tokens),
+            windows: rs.iter().map(|r| r.state).collect(),
+            never: rs.iter().any(|r| r.never),
+        })
     }
 
     async fn settle_one(&self, c: &mut Conn, it: &SettleItem) -> redis::RedisResult<()> {
@@ -307,10 +305,10 @@ impl RedisBackend {
             // Same hash tag as the budget's keys: one slot in a Redis Cluster.
             inv.key(format!("mw:tl:{{{}}}:s:{id}", it.key));
         }
-        inv.arg(it.delta).arg(it.windows.len()).arg(it.release_lease.as_deref().unwrap_or(""));
-        inv.arg(it.id_ttl_ms());
+        inv.arg(it.delta.signum()).arg(it.windows.len()).arg(it.release_lease.as_deref().unwrap_or(""));
+        inv.arg(it.id_ttl_ms()).arg(MAX_AHEAD_US);
         for w in &it.windows {
-            inv.arg(w.limit).arg(w.window_ms);
+            inv.arg(w.id()).arg(w.cost_us(it.delta.unsigned_abs()));
         }
         let _: i64 = within(self.timeout, inv.invoke_async(c)).await?;
         Ok(())
