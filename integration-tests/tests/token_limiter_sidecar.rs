@@ -307,6 +307,43 @@ async fn odd_numbers_get_the_same_answer_from_memory_and_redis() {
     }
 }
 
+/// A settlement id is remembered for `id_ttl_ms` from its first application on both backends: a resend
+/// within it is skipped, one after it is applied. The memory backend restarted the id's time at every
+/// resend, so a caller resending within each `id_ttl_ms` kept a settlement from ever applying again
+/// while Redis (`SET NX PX`) applied it after `id_ttl_ms`: one sequence, two budgets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_id_is_remembered_from_its_first_application_on_both_backends() {
+    let redis = RedisServer::start().unwrap();
+    let mem = Sidecar::start(&[]).unwrap();
+    let red = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let windows = json!([{"limit": 1000, "window_ms": 86_400_000u64}]);
+    let debt = json!({"items":[{"key":"ids","windows":windows,"delta":100,"id":"r-1","id_ttl_ms":1500}]});
+    let probe = json!({"groups":[{"key":"ids","windows":windows,"cost":0}]});
+    let mut got = Vec::new();
+    for s in [&mem, &red] {
+        let settle =
+            || async { client().post(s.url("/v1/ratelimit/settle")).json(&debt).send().await.unwrap().status() };
+        let remaining = || async {
+            let r = client().post(s.url("/v1/ratelimit/reserve")).json(&probe).send().await.unwrap();
+            r.json::<Value>().await.unwrap()["groups"][0]["windows"][0]["remaining"].as_u64().unwrap()
+        };
+        let first = std::time::Instant::now();
+        assert_eq!(settle().await, 204);
+        let mut seen = vec![remaining().await];
+        // Resent 900 ms later, within the id's 1500 ms: skipped.
+        tokio::time::sleep(Duration::from_millis(900).saturating_sub(first.elapsed())).await;
+        assert_eq!(settle().await, 204);
+        seen.push(remaining().await);
+        // Resent 2100 ms after the first: past its 1500 ms (within 1500 ms of the second send).
+        tokio::time::sleep(Duration::from_millis(2100).saturating_sub(first.elapsed())).await;
+        assert_eq!(settle().await, 204);
+        seen.push(remaining().await);
+        got.push(seen);
+    }
+    assert_eq!(got[0], got[1], "memory (left) and Redis (right)");
+    assert_eq!(got[0], [900, 900, 800]);
+}
+
 /// Gateways with different `lease_ms` (a rollout that lowers it, as the docs advise) share a key's
 /// concurrency slots: a lease lives its own `lease_ms` on both backends. On Redis, each reservation set the
 /// expiry of the key's whole set of leases to its own lease, so a short lease taken and released after a

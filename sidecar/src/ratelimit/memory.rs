@@ -73,9 +73,17 @@ impl GroupStore for Locked<'_> {
     fn settle_item(&mut self, it: &SettleItem) -> Result<(), Self::Error> {
         let repeated = match &it.id {
             Some(id) if it.delta != 0 => {
+                // Remembered for id_ttl_ms from its first application, as Redis's `SET NX PX`: a resend
+                // does not restart the time (it did, and a caller resending within each id_ttl_ms kept
+                // the id forever here while Redis applied the settlement again after id_ttl_ms).
                 let expiry = self.now.saturating_add(it.id_ttl_ms().saturating_mul(1000));
-                let seen = self.s.settled.insert((it.key.clone(), id.clone()), expiry);
-                seen.is_some_and(|exp| exp > self.now)
+                let now = self.now;
+                let entry = self.s.settled.entry((it.key.clone(), id.clone())).or_insert(0);
+                let seen = *entry > now;
+                if !seen {
+                    *entry = expiry;
+                }
+                seen
             }
             _ => false,
         };
