@@ -3,6 +3,11 @@
 use meshwarden_shared::callout::CalloutConfig;
 use meshwarden_shared::config::{check_range, ConfigError, Validate};
 use meshwarden_shared::ratelimit::WindowSpec;
+
+/// The longest rule name. A budget key is `<rule>:<kind>:<32 hex digits>` and the sidecar refuses keys
+/// over `MAX_NAME_BYTES` (a longer name made every sidecar call of the rule a `400`: its `failure_mode`).
+pub const MAX_RULE_NAME_BYTES: usize = 256;
+const _: () = assert!(MAX_RULE_NAME_BYTES + ":h:".len() + 32 <= meshwarden_shared::ratelimit::MAX_NAME_BYTES);
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +368,12 @@ impl Validate for Config {
             if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 return Err(ConfigError::at(&format!("{p}.name"), "must be non-empty [A-Za-z0-9_-]"));
             }
+            if r.name.len() > MAX_RULE_NAME_BYTES {
+                return Err(ConfigError::at(
+                    &format!("{p}.name"),
+                    format!("must be at most {MAX_RULE_NAME_BYTES} bytes (it is part of every budget key)"),
+                ));
+            }
             if !names.insert(r.name.as_str()) {
                 return Err(ConfigError::at(&format!("{p}.name"), format!("duplicate rule name {:?}", r.name)));
             }
@@ -545,6 +556,15 @@ mod tests {
         assert_eq!(e(r#"{"state":"local","sidecar":{"cluster":"meshwarden_sidecar"}}"#), "$.sidecar");
         assert_eq!(e(r#"{"sidecar_token":"s3cret"}"#), "$.sidecar_token");
         assert!(parse_config::<Config>(br#"{"state":"sidecar","sidecar":{"cluster":"c"},"sidecar_token":"t"}"#).is_ok());
+        // A rule name is part of every budget key the sidecar holds (at most MAX_NAME_BYTES): 256 bytes.
+        let named = |n: usize| {
+            format!(
+                r#"{{"rules":[{{"name":"{}","key":{{"constant":"x"}},"limits":{{"tokens_per_minute":1}}}}]}}"#,
+                "n".repeat(n)
+            )
+        };
+        assert!(parse_config::<Config>(named(MAX_RULE_NAME_BYTES).as_bytes()).is_ok());
+        assert_eq!(e(&named(MAX_RULE_NAME_BYTES + 1)), "$.rules[0].name");
         // A zero limit names its window, not only `limits`.
         assert_eq!(
             e(
