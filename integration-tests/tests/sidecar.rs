@@ -514,3 +514,50 @@ async fn a_trickled_body_is_answered_408_after_the_body_timeout() {
         "{m}"
     );
 }
+
+/// The memory backend keeps time with a monotonic clock: the wall clock stepping back an hour (an NTP
+/// step, a VM resumed from a snapshot; here libfaketime under the real binary) does not lock a
+/// per-second budget for that hour, and stepping forward does not expire the concurrency leases held.
+/// It used the wall clock: after a step back of an hour, a spent per-second budget answered "retry
+/// after 3,599 s"; after a step forward, every lease had expired and `max_concurrent_requests` admitted
+/// a request over the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_backend_does_not_follow_wall_clock_steps() {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(std::path::Path::new(lib).is_file(), "install libfaketime (scripts/tools/apt-token-limiter.txt)");
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let sidecar = Sidecar::start_with_env(
+        &[],
+        &[
+            ("LD_PRELOAD", lib),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    )
+    .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reserve = |body: serde_json::Value| {
+        let r = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&body).send();
+        async move { r.await.unwrap().json::<serde_json::Value>().await.unwrap() }
+    };
+    let second = serde_json::json!({"groups":[{"key":"s","windows":[{"limit":10,"window_ms":1000}],"cost":10}]});
+    let slot = |lease: &str| {
+        serde_json::json!({"groups":[{"key":"c","windows":[],"cost":0,
+            "concurrency":{"max":1,"lease_id":lease,"lease_ms":600_000}}]})
+    };
+    assert_eq!(reserve(second.clone()).await["allowed"], true);
+    assert_eq!(reserve(slot("held")).await["allowed"], true);
+    // The wall clock steps back an hour: a second later the per-second budget is full again.
+    std::fs::write(&offset, "-3600\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let again = reserve(second.clone()).await;
+    assert_eq!(again["allowed"], true, "{again}");
+    // It steps forward a day: the lease taken before is still held.
+    std::fs::write(&offset, "+86400\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let over = reserve(slot("other")).await;
+    assert_eq!(over["allowed"], false, "{over}");
+}

@@ -1,4 +1,4 @@
-//! In-memory backend: one process, one mutex. The same GCRA code as the filter's `local` state
+//! In-memory backend: one process, one mutex, a monotonic clock. The same GCRA code as the filter's `local` state
 //! (`meshwarden_shared::ratelimit`), so the semantics are identical by construction.
 
 use super::now_us;
@@ -19,9 +19,36 @@ struct State {
     settled: HashMap<(String, String), u64>,
 }
 
-#[derive(Default)]
 pub struct MemoryBackend {
     state: Mutex<State>,
+    clock: MonotonicClock,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        Self { state: Mutex::default(), clock: MonotonicClock::new() }
+    }
+}
+
+/// Microseconds since the Unix epoch as of the process's start, then advanced by a monotonic clock: the
+/// state only needs time to move forward at the real rate. With the wall clock, a step back (an NTP
+/// step, a VM resumed from a snapshot) locked every budget spent before it for the length of the step
+/// (a per-second budget answered "retry after 3,599 s" after a step back of an hour), and a step
+/// forward expired every concurrency lease held (admitting requests over `max_concurrent_requests`).
+struct MonotonicClock {
+    origin_us: u64,
+    origin: std::time::Instant,
+}
+
+impl MonotonicClock {
+    fn new() -> Self {
+        Self { origin_us: now_us(), origin: std::time::Instant::now() }
+    }
+
+    fn now_us(&self) -> u64 {
+        let elapsed = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.origin_us.saturating_add(elapsed)
+    }
 }
 
 struct Locked<'a> {
@@ -109,7 +136,7 @@ impl MemoryBackend {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mut store = Locked { s: &mut guard, now: now_us() };
+        let mut store = Locked { s: &mut guard, now: self.clock.now_us() };
         match reserve_all(&mut store, req) {
             Ok(r) => r,
             Err(never) => match never {},
@@ -121,7 +148,7 @@ impl MemoryBackend {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mut store = Locked { s: &mut guard, now: now_us() };
+        let mut store = Locked { s: &mut guard, now: self.clock.now_us() };
         for it in req {
             let _ = store.settle_item(it);
         }
@@ -129,7 +156,7 @@ impl MemoryBackend {
 
     /// Drop state that is equivalent to "never seen" (full buckets, expired leases): bounded memory.
     pub fn prune(&self) -> usize {
-        let now = now_us();
+        let now = self.clock.now_us();
         let mut guard = match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
