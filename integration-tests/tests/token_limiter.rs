@@ -1149,6 +1149,67 @@ async fn image_answers_are_charged_the_reservation_or_their_usage() {
     assert_eq!(wait_for(stat("model.gpt-image-1.input_tokens"), 12).await, 12);
 }
 
+/// Images count at admission the way the provider bills them (a 1024 x 1024 PNG at `detail: "high"` on
+/// gpt-4o: 85 + 4 tiles x 170 = 765 tokens, its size read from the base64 header). Before, images counted
+/// nothing until the answer's usage: the same prompt with four images passed a budget that had room only
+/// for its text. The settlement still replaces the estimate with the reported usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_estimated_at_admission_and_settled_from_usage() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(5000)).await;
+    let url = format!(
+        "data:image/png;base64,{}",
+        meshwarden_shared::encoding::base64_encode(&meshwarden_shared::testing::png(1024, 1024))
+    );
+    let text = "What differs between these screenshots?";
+    let with_images = |n: usize| {
+        let mut content = vec![json!({"type": "text", "text": text})];
+        content.extend((0..n).map(|_| json!({"type": "image_url", "image_url": {"url": url, "detail": "high"}})));
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": content}]})
+    };
+    let est = estimate(Api::OpenAiChat, &with_images(0));
+    let team = |id: &'static str| [("x-team", id), ("x-mock-prompt-tokens", "2000"), ("x-mock-completion-tokens", "5")];
+    // Admission reserves the text, four images and the output reservation.
+    let r = post(&e, "/v1/chat/completions", &with_images(4), &team("a")).await;
+    assert_eq!(r.status(), 200);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 5000 - (est + 4 * 765 + 10), "the images are in the reservation");
+    let _ = r.text().await.unwrap();
+    // Settled from the reported usage (2000 + 5), not the estimate.
+    let charged = "meshwarden.token_limiter.rule.t.charged_tokens";
+    let mut got = 0;
+    for _ in 0..100 {
+        got = e.stat(charged).await.unwrap();
+        if got > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, 2005);
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4o.input_tokens").await.unwrap(), 2000);
+    // ~2,995 left: the prompt with four images (~3,100 reserved) is refused, the same prompt alone passes.
+    let r = post(&e, "/v1/chat/completions", &with_images(4), &team("a")).await;
+    assert_eq!(r.status(), 429, "{:?}", r.text().await);
+    let r = post(&e, "/v1/chat/completions", &with_images(0), &team("a")).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    // A URL image (size unknown) costs `image_default_tokens`; `detail: "low"` costs 85 whatever its size.
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "image_default_tokens": 500,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":100000}}]}),
+    )
+    .await;
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": text},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]});
+    let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "b")]).await;
+    assert_eq!(r.status(), 200);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 100000 - (est + 500 + 85 + 10));
+}
+
 /// A Responses request with `"background": true` is answered `queued` with no usage and the model runs
 /// afterwards (the output is fetched with `GET /v1/responses/{id}`, which is not limited): its output is
 /// charged the reservation (`max_output_tokens`), not the few strings of the queued object.

@@ -32,6 +32,12 @@ pub struct Config {
     pub default_output_reservation: u64,
     /// Cap on the output reservation taken from a request's `max_tokens`.
     pub max_output_reservation: u64,
+    /// Admission estimate of an image whose size cannot be read (a URL, a file id, an unknown format).
+    pub image_default_tokens: u64,
+    /// Admission estimate of a file (PDF, document) whose pages cannot be counted.
+    pub file_default_tokens: u64,
+    /// Admission estimate of one page of a base64 PDF whose pages are counted.
+    pub pdf_page_tokens: u64,
     /// Response header naming the model actually used after a fallback.
     pub fallback_header: String,
     /// How often (ms) queued settlements are sent to the sidecar.
@@ -64,6 +70,17 @@ pub enum UnknownModel {
     Reject,
 }
 
+impl Config {
+    /// The admission prices of images and files ([`meshwarden_shared::media`]).
+    pub fn media_prices(&self) -> meshwarden_shared::media::MediaPrices {
+        meshwarden_shared::media::MediaPrices {
+            image_default_tokens: self.image_default_tokens,
+            file_default_tokens: self.file_default_tokens,
+            pdf_page_tokens: self.pdf_page_tokens,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -75,6 +92,9 @@ impl Default for Config {
             trust_unverified_jwt: false,
             default_output_reservation: 256,
             max_output_reservation: 4096,
+            image_default_tokens: 1600,
+            file_default_tokens: 3000,
+            pdf_page_tokens: 3000,
             fallback_header: "x-meshwarden-fallback-model".to_string(),
             settle_interval_ms: 20,
             stats_flush_interval_ms: 20,
@@ -309,6 +329,9 @@ impl Validate for Config {
         check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
         check_range("default_output_reservation", self.default_output_reservation, 0, 10_000_000)?;
         check_range("max_output_reservation", self.max_output_reservation, 0, 10_000_000)?;
+        check_range("image_default_tokens", self.image_default_tokens, 0, 1_000_000)?;
+        check_range("file_default_tokens", self.file_default_tokens, 0, 10_000_000)?;
+        check_range("pdf_page_tokens", self.pdf_page_tokens, 0, 1_000_000)?;
         check_range("settle_interval_ms", self.settle_interval_ms, 1, 10_000)?;
         check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         check_range("lease_ms", self.lease_ms, 1_000, 86_400_000)?;
@@ -550,6 +573,9 @@ mod tests {
             "$.rules[0].key"
         );
         assert_eq!(e(r#"{"state":"sidecar"}"#), "$.sidecar");
+        assert_eq!(e(r#"{"image_default_tokens":1000001}"#), "$.image_default_tokens");
+        assert_eq!(e(r#"{"pdf_page_tokens":-1}"#), "$.pdf_page_tokens");
+        assert_eq!(e(r#"{"file_default_tokens":"many"}"#), "$.file_default_tokens");
         // A sidecar block (or token) without `state: sidecar` would be ignored: budgets kept in each Envoy,
         // one per gateway replica instead of one shared budget.
         assert_eq!(e(r#"{"sidecar":{"cluster":"meshwarden_sidecar"}}"#), "$.sidecar");

@@ -7,6 +7,7 @@ use meshwarden_shared::llm::{
     ensure_stream_usage, estimate_request_tokens, extract_request_texts, model_from_path, request_info,
     stream_usage_change, Api,
 };
+use meshwarden_shared::media::estimate_media;
 use meshwarden_shared::splice::{splice, Edit};
 use serde_json::Value;
 
@@ -192,6 +193,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     let info = request_info(&json);
     let path_model = model_from_path(path);
     let spans = extract_request_texts(api, &json);
+    let media = estimate_media(api, path_model.as_deref().or(info.model.as_deref()), &json, &cfg.media_prices()).tokens;
     // Per answer, times the answers asked for (`n`, `best_of`): each may use the whole cap.
     let output_reservation = info
         .max_output_tokens
@@ -208,7 +210,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         model: path_model.or(info.model),
         other_model,
         stream: info.stream,
-        input_estimate: prompt_estimate(&json, &spans, body.len()),
+        input_estimate: prompt_estimate(&json, &spans, body.len(), media),
         output_reservation,
         json: Some(json),
         problem: None,
@@ -217,14 +219,15 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
 
 /// The prompt estimate: the text the model reads, plus prompts given as token ids (`"prompt": [1, 2]`,
 /// `"input": [[1, 2], [3]]`, counted one token per id). A body whose prompt this filter does not know how
-/// to read (Gemini's `contents`, a custom shape) is estimated by its size, never as free.
-fn prompt_estimate(json: &Value, spans: &[meshwarden_shared::llm::TextSpan], body_len: usize) -> u64 {
+/// to read (Gemini's `contents`, a custom shape) is estimated by its size, never as free. `media`: the
+/// images and files ([`estimate_media`]), priced the way the provider bills them.
+fn prompt_estimate(json: &Value, spans: &[meshwarden_shared::llm::TextSpan], body_len: usize, media: u64) -> u64 {
     let ids: u64 = ["prompt", "input"].iter().filter_map(|k| json.get(k)).map(token_ids).sum();
     let documents = text_document_tokens(json);
-    if spans.is_empty() && ids == 0 && documents == 0 {
+    if spans.is_empty() && ids == 0 && documents == 0 && media == 0 {
         return size_estimate(body_len);
     }
-    estimate_request_tokens(spans).saturating_add(ids).saturating_add(documents)
+    estimate_request_tokens(spans).saturating_add(ids).saturating_add(documents).saturating_add(media)
 }
 
 /// Bedrock Converse `document` blocks in a text format (`txt`, `md`, `csv`, `html`) sent as base64
@@ -389,7 +392,40 @@ mod tests {
         };
         assert_eq!(body("txt"), 7 + 7_500, "the question and a token per 4 bytes of the file");
         assert_eq!(body("MD"), 7 + 7_500);
-        assert_eq!(body("pdf"), 7, "a binary format is not text");
+        assert_eq!(body("pdf"), 7 + 3_000, "a binary format is not text: a file whose pages cannot be counted");
+    }
+
+    /// Images and files count at admission the way the providers bill them; before, they counted nothing
+    /// and a request with 20 high-detail images passed a nearly empty budget.
+    #[test]
+    fn images_and_files_are_estimated_at_admission() {
+        // A 1024 x 1024 PNG header (the rest of the image is never read).
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        png.extend_from_slice(&1024u32.to_be_bytes());
+        png.extend_from_slice(&1024u32.to_be_bytes());
+        png.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let url = format!("data:image/png;base64,{}", meshwarden_shared::encoding::base64_encode(&png));
+        let body = |model: &str, images: usize, detail: &str| {
+            let mut content = vec![serde_json::json!({"type": "text", "text": "12345678"})];
+            content.extend(
+                (0..images)
+                    .map(|_| serde_json::json!({"type": "image_url", "image_url": {"url": url, "detail": detail}})),
+            );
+            let v = serde_json::json!({"model": model, "messages": [{"role": "user", "content": content}]});
+            serde_json::to_vec(&v).unwrap()
+        };
+        let cfg = Config::default();
+        let est = |b: &[u8]| parse_request(&cfg, "/v1/chat/completions", b, false).input_estimate;
+        let text = est(&body("gpt-4o", 0, "high"));
+        assert_eq!(est(&body("gpt-4o", 20, "high")), text + 20 * 765);
+        assert_eq!(est(&body("gpt-4o", 20, "low")), text + 20 * 85);
+        assert_eq!(est(&body("gpt-4o-mini", 1, "auto")), text + 2833 + 4 * 5667);
+        // An image-only message is priced as images, not by the size of its base64.
+        let only = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]});
+        let cfg2 = Config { image_default_tokens: 999, ..Config::default() };
+        let p = parse_request(&cfg2, "/v1/chat/completions", &serde_json::to_vec(&only).unwrap(), false);
+        assert_eq!(p.input_estimate, 999);
     }
 
     /// Azure OpenAI serves the deployment the path names and ignores the body's `model` (Bedrock and
