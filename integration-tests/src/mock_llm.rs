@@ -24,7 +24,7 @@
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
 //! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
 //! | (`/v1/responses` with `"background": true`, not streamed) | the response `queued` at once, `usage: null`, as OpenAI answers a background request |
-//! | (path `/v1/images/generations`) | image generation: JSON with one base64 image (`data[0].b64_json`, `x-mock-image-bytes: N` of it, default 1.5 MB) and no usage, as dall-e-3 answers; `x-mock-image-usage: 1` adds gpt-image-1's `usage` (`input_tokens` 12, `output_tokens` 4160) |
+//! | (path `/v1/images/generations`) | image generation: JSON with one base64 image (`data[0].b64_json`, `x-mock-image-bytes: N` of it, default 1.5 MB) and no usage, as dall-e-3 answers; `x-mock-image-usage: 1` adds gpt-image-1's `usage` (`input_tokens` 12, `output_tokens` 4160); with `"stream": true`, gpt-image-1's stream: `partial_images` `image_generation.partial_image` events and `image_generation.completed` with the usage (4160 + 100 output tokens per partial image), each event carrying the image |
 //! | (paths `/api/chat`, `/api/generate`) | Ollama's native API: NDJSON stream unless `"stream": false`, counts in the last line |
 //! | `x-mock-gzip: 1` | JSON answers: gzip the body when the request's `accept-encoding` allows gzip, as OpenAI's API does; `always`: gzip whatever the request accepts |
 //! | `x-mock-response-header: name: value` | add this header to the answer (repeatable), e.g. to forge a header only a filter may set |
@@ -420,6 +420,9 @@ async fn answer(
         let n = usize::try_from(header_u64(&headers, "x-mock-image-bytes").unwrap_or(1_500_000)).unwrap_or(1_500_000);
         const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let image: String = (0..n).map(|i| char::from(B64[(i.wrapping_mul(2_654_435_761) >> 7) % 64])).collect();
+        if plan.stream {
+            return image_stream_response(&plan, &parsed, &image, guard);
+        }
         let mut answer =
             json!({"created": 1_700_000_000, "data": [{"b64_json": image, "revised_prompt": "a red fox in the snow"}]});
         if header_flag(&headers, "x-mock-image-usage") {
@@ -695,6 +698,34 @@ fn ollama_response(plan: &Plan, chat: bool, stream: bool, guard: InFlight) -> Re
     let mut lines: Vec<Bytes> = plan.pieces.iter().map(|p| Bytes::from(format!("{}\n", line(p, false)))).collect();
     lines.push(Bytes::from(format!("{}\n", line("", true))));
     send_events(lines, "application/x-ndjson", plan, guard)
+}
+
+/// gpt-image-1 with `"stream": true`: `partial_images` (0..3, from the body) `image_generation.partial_image`
+/// events, then `image_generation.completed` with the final image and the usage (`input_tokens` 12,
+/// `output_tokens` 4160 + 100 per partial image, as OpenAI bills partial images; none with
+/// `x-mock-no-usage`). Every event carries `image` as `b64_json`.
+fn image_stream_response(plan: &Plan, body: &Value, image: &str, guard: InFlight) -> Response {
+    let partials = body.get("partial_images").and_then(Value::as_u64).unwrap_or(0).min(3);
+    let event = |kind: &str, mut v: Value| {
+        v["type"] = json!(kind);
+        v["b64_json"] = json!(image);
+        v["created_at"] = json!(1_700_000_000);
+        v["size"] = json!("1024x1024");
+        v["quality"] = json!("high");
+        v["background"] = json!("opaque");
+        v["output_format"] = json!("png");
+        Bytes::from(format!("event: {kind}\ndata: {v}\n\n"))
+    };
+    let mut events: Vec<Bytes> =
+        (0..partials).map(|i| event("image_generation.partial_image", json!({"partial_image_index": i}))).collect();
+    let mut completed = json!({});
+    if plan.usage {
+        let output = 4160 + 100 * partials;
+        completed["usage"] = json!({"total_tokens": 12 + output, "input_tokens": 12, "output_tokens": output,
+                                    "input_tokens_details": {"text_tokens": 12, "image_tokens": 0}});
+    }
+    events.push(event("image_generation.completed", completed));
+    send_events(events, "text/event-stream", plan, guard)
 }
 
 /// Stream `events` one write each, honouring the plan's chunk delay and abort.

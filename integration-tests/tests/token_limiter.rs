@@ -1149,6 +1149,67 @@ async fn image_answers_are_charged_the_reservation_or_their_usage() {
     assert_eq!(wait_for(stat("model.gpt-image-1.input_tokens"), 12).await, 12);
 }
 
+/// Streamed image generation (gpt-image-1 `"stream": true`): `image_generation.partial_image` events, then
+/// `image_generation.completed` with the usage, every event carrying a base64 image. The usage is charged
+/// (the completed event ends the stream: before, the stream counted as cut, `usage.partial`), also when the
+/// completed event is larger than the event bound (a real 1024 x 1024 PNG is ~2 MB of base64: its usage
+/// was dropped with the event and only the reservation charged), and a stream cut before its end is charged
+/// at least the output reservation (before: nothing, the partial images were free). Never the base64 as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_image_generation_is_charged_its_usage_or_the_reservation() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 100,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":1000000}}]}),
+    )
+    .await;
+    let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
+    let wait_for = |name: String, want: u64| {
+        let e = &e;
+        async move {
+            let mut got = 0;
+            for _ in 0..100 {
+                got = e.stat(&name).await.unwrap();
+                if got >= want {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            got
+        }
+    };
+    let body = json!({"model": "gpt-image-1", "prompt": "A red fox in the snow", "stream": true, "partial_images": 2});
+    // Events within the bound, then a 1.5 MB image per event (over the 1 MiB + 256 KiB event bound).
+    let mut output = 0;
+    let mut reported = 0;
+    for (i, bytes) in ["200000", "1500000"].into_iter().enumerate() {
+        let r = post(&e, "/v1/images/generations", &body, &[("x-team", "a"), ("x-mock-image-bytes", bytes)]).await;
+        assert_eq!(r.status(), 200);
+        assert!(h(&r, "content-type").starts_with("text/event-stream"));
+        let text = r.text().await.unwrap();
+        assert_eq!(text.matches("event: image_generation.").count(), 3, "the stream reaches the client whole");
+        output += 4360;
+        reported += 1;
+        let got = wait_for(stat("model.gpt-image-1.output_tokens"), output).await;
+        assert_eq!(got, output, "image stream {i} ({bytes} bytes of base64 per event): its reported output");
+        assert_eq!(wait_for(stat("usage.reported"), reported).await, reported, "image stream {i}");
+        assert_eq!(e.stat(&stat("model.gpt-image-1.input_tokens")).await.unwrap(), 12 * reported);
+    }
+    // Cut after the first partial image: the output reservation, not nothing.
+    let r = post(
+        &e,
+        "/v1/images/generations",
+        &body,
+        &[("x-team", "a"), ("x-mock-image-bytes", "200000"), ("x-mock-abort-after-chunks", "1")],
+    )
+    .await;
+    let _ = r.bytes().await;
+    let got = wait_for(stat("model.gpt-image-1.output_tokens"), output + 100).await;
+    assert_eq!(got, output + 100, "a cut image stream: the output reservation");
+    assert_eq!(e.stat(&stat("usage.estimated")).await.unwrap(), 1);
+}
+
 /// Images count at admission the way the provider bills them (a 1024 x 1024 PNG at `detail: "high"` on
 /// gpt-4o: 85 + 4 tiles x 170 = 765 tokens, its size read from the base64 header). Before, images counted
 /// nothing until the answer's usage: the same prompt with four images passed a budget that had room only

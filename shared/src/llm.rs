@@ -1145,6 +1145,12 @@ impl StreamUsage {
         add_streamed_output_besides_text(v, &mut self.streamed_text);
     }
 
+    /// Usage read elsewhere than from a parsed event (an event too large to keep, scanned as it passed).
+    pub fn on_usage(&mut self, usage: Usage) {
+        self.usage.merge_max(usage);
+        self.saw_usage = true;
+    }
+
     /// The provider's usage, if the stream reported any.
     pub fn reported(&self) -> Option<Usage> {
         self.saw_usage.then(|| self.usage.finish())

@@ -8,6 +8,9 @@
 //! Memory is bounded: a line or an event longer than `max_event_bytes` is dropped whole and counted in
 //! [`SseParser::oversized_events`], so a broken or hostile upstream cannot make the filter buffer forever.
 
+use crate::llm::Usage;
+use crate::usage_scan::UsageScanner;
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SseEvent {
@@ -41,7 +44,19 @@ pub struct SseParser {
     event_bytes: usize,
     discarding: bool,
     max_event_bytes: usize,
-    oversized: u64,
+    /// A `u32` (saturating) to keep the parser small: it sits in other filters' per-request state.
+    oversized: u32,
+    /// Opt-in ([`SseParser::scan_oversized_usage`]): the usage of `data:` lines too large to keep. Boxed:
+    /// rarely used, and parsers sit inside other filters' per-request state.
+    oversized_usage: Option<Box<OversizedUsage>>,
+}
+
+#[derive(Debug, Default)]
+struct OversizedUsage {
+    /// Scanning the `data:` line of the oversized event being dropped: its event name and the scanner.
+    scanning: Option<(Option<String>, UsageScanner)>,
+    /// Usage found in dropped events, with their event names, until [`SseParser::take_oversized_usage`].
+    found: Vec<(Option<String>, Usage)>,
 }
 
 impl Default for SseParser {
@@ -63,12 +78,27 @@ impl SseParser {
             discarding: false,
             max_event_bytes: max_event_bytes.max(64),
             oversized: 0,
+            oversized_usage: None,
         }
+    }
+
+    /// Read the usage of events too large to keep: the `data:` line of a dropped event is streamed through
+    /// a [`UsageScanner`] (bounded memory), and a top-level `usage` found in it is handed out by
+    /// [`take_oversized_usage`](Self::take_oversized_usage). For meters: an OpenAI image stream's
+    /// `image_generation.completed` event holds the whole base64 image before its usage.
+    pub fn scan_oversized_usage(mut self) -> Self {
+        self.oversized_usage = Some(Box::default());
+        self
+    }
+
+    /// The usage read from dropped events since the last call, with each event's `event:` name.
+    pub fn take_oversized_usage(&mut self) -> Vec<(Option<String>, Usage)> {
+        self.oversized_usage.as_mut().map(|o| std::mem::take(&mut o.found)).unwrap_or_default()
     }
 
     /// How many events were dropped for exceeding the size bound.
     pub fn oversized_events(&self) -> u64 {
-        self.oversized
+        u64::from(self.oversized)
     }
 
     /// Bytes held back waiting for the rest of a line or event.
@@ -125,17 +155,30 @@ impl SseParser {
         if !partial_line.is_empty() && !self.discarding {
             self.process_field_line(&partial_line);
         }
+        self.end_scan();
         self.after_cr = false;
         self.take_event()
     }
 
     fn push_line_bytes(&mut self, bytes: &[u8]) {
         if self.discarding {
+            if let Some((_, scanner)) = self.oversized_usage.as_mut().and_then(|o| o.scanning.as_mut()) {
+                scanner.feed(bytes);
+            }
             return;
         }
         if self.line.len() + bytes.len() + self.event_bytes > self.max_event_bytes {
             self.discarding = true;
-            self.oversized += 1;
+            self.oversized = self.oversized.saturating_add(1);
+            if let Some(o) = &mut self.oversized_usage {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(bytes);
+                if let Some(value) = line.strip_prefix(b"data:") {
+                    let mut scanner = UsageScanner::default();
+                    scanner.feed(value.strip_prefix(b" ").unwrap_or(value));
+                    o.scanning = Some((self.event.clone(), scanner));
+                }
+            }
             self.line.clear();
             self.reset_event();
             return;
@@ -143,11 +186,23 @@ impl SseParser {
         self.line.extend_from_slice(bytes);
     }
 
+    /// The oversized line ended: hand out the usage its scan found.
+    fn end_scan(&mut self) {
+        if let Some(o) = &mut self.oversized_usage {
+            if let Some((event, scanner)) = o.scanning.take() {
+                if let Some(usage) = scanner.finish() {
+                    o.found.push((event, usage));
+                }
+            }
+        }
+    }
+
     fn end_line(&mut self) -> Option<SseEvent> {
         let line = std::mem::take(&mut self.line);
         if line.is_empty() {
             if self.discarding {
-                // The blank line ends the oversized event; resume with the next one.
+                // The end of the oversized line; resume with the next one.
+                self.end_scan();
                 self.discarding = false;
                 self.reset_event();
                 return None;
@@ -403,6 +458,35 @@ mod tests {
         assert_eq!(events[0].data, "ok");
         assert_eq!(p.oversized_events(), 1);
         assert!(p.buffered_bytes() < 100);
+    }
+
+    /// Opt-in: the usage after a large value in a dropped event (an image stream's completed event) is
+    /// read, at every split of the stream, with the event's name; without the option nothing is.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn usage_of_an_oversized_event_is_read_when_asked() {
+        let stream = format!(
+            "event: image_generation.partial_image\ndata: {{\"b64_json\":\"{b}\"}}\n\n\
+             event: image_generation.completed\ndata: {{\"b64_json\":\"{b}\",\"usage\":{{\"input_tokens\":12,\"output_tokens\":4160}}}}\n\n\
+             data: [DONE]\n\n",
+            b = "QUJD".repeat(100)
+        );
+        for split in [1usize, 7, 64, 1000, stream.len()] {
+            let mut p = SseParser::new(200).scan_oversized_usage();
+            let mut events = Vec::new();
+            let mut usage = Vec::new();
+            for chunk in stream.as_bytes().chunks(split) {
+                events.extend(p.feed(chunk));
+                usage.extend(p.take_oversized_usage());
+            }
+            assert_eq!(p.oversized_events(), 2, "split {split}");
+            assert_eq!(events.len(), 1, "split {split}: only [DONE] is kept");
+            assert_eq!(usage.len(), 1, "split {split}");
+            assert_eq!(usage[0].0.as_deref(), Some("image_generation.completed"));
+            assert_eq!((usage[0].1.input_tokens, usage[0].1.output_tokens), (12, 4160));
+        }
+        let mut p = SseParser::new(200);
+        let _ = p.feed(stream.as_bytes());
+        assert!(p.take_oversized_usage().is_empty());
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -89,7 +89,9 @@ impl Meter {
         } else if ct.starts_with("text/event-stream") {
             // An event can echo the whole request before its usage (OpenAI's `response.completed` carries
             // `instructions` and `tools`): room for any body this filter reads, plus the usual event bound.
-            let parser = SseParser::new(max_bytes.saturating_add(DEFAULT_MAX_EVENT_BYTES));
+            // An event too large for that is dropped, but its usage is still read as it passes (OpenAI's
+            // image streams end with `image_generation.completed`: the whole base64 image, then the usage).
+            let parser = SseParser::new(max_bytes.saturating_add(DEFAULT_MAX_EVENT_BYTES)).scan_oversized_usage();
             Kind::Sse { parser, usage: StreamUsage::default(), done: false, background: false }
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
@@ -116,34 +118,38 @@ impl Meter {
                     }
                 }
             }
-            Kind::Sse { parser, usage, done, background } => parser.feed_with(chunk, |ev| {
-                // The stream's first event says whether the response runs in the background.
-                if !*background
-                    && matches!(ev.event.as_deref(), Some("response.created" | "response.queued"))
-                    && ev.data.contains("\"background\"")
-                {
-                    *background = serde_json::from_str::<serde_json::Value>(&ev.data)
-                        .ok()
-                        .and_then(|v| v.pointer("/response/background").and_then(serde_json::Value::as_bool))
-                        .unwrap_or(false);
-                }
-                if ev.is_done_marker() {
-                    *done = true;
-                } else {
-                    // Gemini's SSE (`streamGenerateContent?alt=sse`) has no end marker: its last event is the
-                    // one whose candidate carries a `finishReason`, with the final `usageMetadata`.
-                    // The Responses API ends with `response.completed`, or with `response.incomplete` (the
-                    // output cap was reached) or `response.failed`: each carries the final usage.
-                    if matches!(
-                        ev.event.as_deref(),
-                        Some("message_stop" | "response.completed" | "response.incomplete" | "response.failed")
-                    ) || (ev.data.contains("\"finishReason\"") && ev.data.contains("\"usageMetadata\""))
+            Kind::Sse { parser, usage, done, background } => {
+                parser.feed_with(chunk, |ev| {
+                    // The stream's first event says whether the response runs in the background.
+                    if !*background
+                        && matches!(ev.event.as_deref(), Some("response.created" | "response.queued"))
+                        && ev.data.contains("\"background\"")
                     {
-                        *done = true;
+                        *background = serde_json::from_str::<serde_json::Value>(&ev.data)
+                            .ok()
+                            .and_then(|v| v.pointer("/response/background").and_then(serde_json::Value::as_bool))
+                            .unwrap_or(false);
                     }
-                    usage.on_event_data(&ev.data);
+                    if ev.is_done_marker() {
+                        *done = true;
+                    } else {
+                        // Gemini's SSE (`streamGenerateContent?alt=sse`) has no end marker: its last event is the
+                        // one whose candidate carries a `finishReason`, with the final `usageMetadata`.
+                        // The Responses API ends with `response.completed`, or with `response.incomplete` (the
+                        // output cap was reached) or `response.failed`: each carries the final usage.
+                        if is_final_event(ev.event.as_deref())
+                            || (ev.data.contains("\"finishReason\"") && ev.data.contains("\"usageMetadata\""))
+                        {
+                            *done = true;
+                        }
+                        usage.on_event_data(&ev.data);
+                    }
+                });
+                for (event, u) in parser.take_oversized_usage() {
+                    *done |= is_final_event(event.as_deref());
+                    usage.on_usage(u);
                 }
-            }),
+            }
             Kind::EventStream { decoder, usage, done } => {
                 for m in decoder.feed(chunk) {
                     // Exceptions (`throttlingException`, ...) carry no usage.
@@ -219,6 +225,7 @@ impl Meter {
         let error = self.status >= 400;
         let unreadable_output = if error { 0 } else { output_reservation };
         let header_usage = self.header_usage;
+        let media = self.media;
         let body_only = match &mut self.kind {
             Kind::Json { scan, buf, overflow } => {
                 if let Some(u) = scan.finish() {
@@ -277,7 +284,11 @@ impl Meter {
                 // so at least the reservation (as for broken event-stream framing). A background response
                 // cut before its end goes on without the client (who fetches the rest with
                 // `GET /v1/responses/{id}`, not charged here): at least the reservation too.
-                let dropped = (!*done && (parser.oversized_events() > 0 || *background)).then_some(unreadable_output);
+                // An image stream (`media`) cut before its final event: the images were being made and
+                // its partial images are billed; without usage at least the reservation, as for a JSON
+                // image answer without usage.
+                let dropped =
+                    (!*done && (parser.oversized_events() > 0 || *background || media)).then_some(unreadable_output);
                 self.cached_input = reported_cached_input(usage);
                 stream_charge(usage, *done, dropped, input_estimate)
             }
@@ -309,6 +320,23 @@ impl Meter {
 /// Cached input tokens a stream reported (a stream charged on its reported input; see [`stream_charge`]).
 fn reported_cached_input(usage: &StreamUsage) -> u64 {
     usage.reported().filter(|u| u.input_tokens > 0).map_or(0, |u| u.cached_input_tokens)
+}
+
+/// The event that ends a stream and carries its final usage: Anthropic `message_stop`, the Responses API's
+/// `response.completed` / `response.incomplete` (the output cap was reached) / `response.failed`, OpenAI
+/// image streams' `image_generation.completed` / `image_edit.completed` (gpt-image-1 `"stream": true`).
+fn is_final_event(event: Option<&str>) -> bool {
+    matches!(
+        event,
+        Some(
+            "message_stop"
+                | "response.completed"
+                | "response.incomplete"
+                | "response.failed"
+                | "image_generation.completed"
+                | "image_edit.completed"
+        )
+    )
 }
 
 /// An OpenAI Responses object whose model has not run yet (`"background": true` answers `queued` at once,
