@@ -508,6 +508,36 @@ async fn reservations_cover_every_answer_and_every_api_output_cap() {
     assert_eq!(rem, 100000 - (est + 77));
 }
 
+/// Output caps the upstream may honour are read whatever else the body says: a small cap in a field the
+/// upstream ignores (`max_output_tokens` on a chat route served by vLLM, `max_tokens` on Ollama's native
+/// `/api/chat`, which reads `options.num_predict`) beside a large one in the field it reads reserved the
+/// small one, so a request that may generate 5,000 tokens passed a budget of 3,000 on a reservation of 1.
+/// The largest cap present is reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decoy_output_cap_does_not_shrink_the_reservation() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_output_reservation": 10000,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":3000}}]}),
+    )
+    .await;
+    let mut honest = chat("llama3", "Write a long story.", Some(5000), false);
+    let r = post(&e, "/v1/chat/completions", &honest, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "5,000 output tokens do not fit a budget of 3,000");
+    honest["max_output_tokens"] = json!(1);
+    let r = post(&e, "/v1/chat/completions", &honest, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "a decoy cap beside the real one: {:?}", r.text().await);
+    let ollama = json!({"model": "llama3", "messages": [{"role": "user", "content": "Write a long story."}],
+                        "max_tokens": 1, "options": {"num_predict": 5000}, "stream": false});
+    let r = post(&e, "/api/chat", &ollama, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "Ollama reads num_predict: {:?}", r.text().await);
+    let small = chat("llama3", "Write a short story.", Some(100), false);
+    let r = post(&e, "/v1/chat/completions", &small, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "the budget is untouched by the refusals");
+    let _ = r.text().await;
+}
+
 async fn stream_case(path: &str, body: Value, api: Api) {
     let mock = MockLlm::start().await.unwrap();
     let e =

@@ -219,7 +219,9 @@ pub struct RequestInfo {
     pub include_usage: bool,
     /// The output cap per answer: `max_completion_tokens`, `max_output_tokens`, `max_tokens` (OpenAI,
     /// Anthropic), `inferenceConfig.maxTokens` (Bedrock Converse), `generationConfig.maxOutputTokens`
-    /// (Gemini), `options.num_predict` (Ollama), whichever is present first.
+    /// (Gemini), `options.num_predict` (Ollama): the largest present. Each API reads its own field and may
+    /// ignore the others (vLLM ignores `max_output_tokens` on chat, Ollama's `/api/chat` ignores
+    /// `max_tokens`), so a small cap in another field must not stand for the one the upstream honours.
     pub max_output_tokens: Option<u64>,
     /// How many answers the model generates, each up to `max_output_tokens`: OpenAI `n` and
     /// completions `best_of` (the larger), Gemini `generationConfig.candidateCount`; 1 when absent,
@@ -240,7 +242,8 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/options/num_predict",
     ]
     .iter()
-    .find_map(|p| json::pointer(body, p).and_then(Value::as_u64));
+    .filter_map(|p| json::pointer(body, p).and_then(Value::as_u64))
+    .max();
     let choices = ["/n", "/best_of", "/generationConfig/candidateCount"]
         .iter()
         .filter_map(|p| json::pointer(body, p).and_then(Value::as_u64))
@@ -1706,6 +1709,11 @@ mod tests {
         let gemini = json!({"generationConfig": {"maxOutputTokens": 33, "candidateCount": 2}});
         assert_eq!((request_info(&gemini).max_output_tokens, request_info(&gemini).choices), (Some(33), 2));
         assert_eq!(request_info(&json!({"options": {"num_predict": 12}})).max_output_tokens, Some(12));
+        // A decoy cap the upstream ignores does not shrink the one it reads.
+        let decoy = json!({"max_output_tokens": 1, "max_tokens": 5000, "options": {"num_predict": 7}});
+        assert_eq!(request_info(&decoy).max_output_tokens, Some(5000));
+        let decoy = json!({"max_tokens": 1, "options": {"num_predict": 5000}});
+        assert_eq!(request_info(&decoy).max_output_tokens, Some(5000));
         assert!(ensure_stream_usage(Api::OpenAiChat, &mut body));
         assert!(request_info(&body).include_usage);
         assert!(!ensure_stream_usage(Api::OpenAiChat, &mut body), "idempotent");
