@@ -1301,6 +1301,27 @@ async fn images_are_estimated_at_admission_and_settled_from_usage() {
     assert_eq!(rem, 100000 - (est + 500 + 85 + 10));
 }
 
+/// A Gemini native request is estimated by its size (its `contents` are not read as text), and its inline
+/// images were too: a token per 4 characters of base64, ~100,000 tokens for a 300 KB screenshot that
+/// Gemini bills 1,032 (four 768-px tiles), so the request was refused as larger than a 20,000-token budget.
+/// Inline images are priced as images now, the rest of the body still by its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_inline_images_are_priced_as_images_not_by_their_base64() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(20000)).await;
+    let mut image = meshwarden_shared::testing::png(1024, 1024);
+    image.extend(std::iter::repeat_n(0u8, 300_000)); // the pixels of a real screenshot, after the header
+    let data = meshwarden_shared::encoding::base64_encode(&image);
+    let body = json!({"contents": [{"role": "user", "parts": [
+        {"text": "What is wrong in this screenshot?"},
+        {"inline_data": {"mime_type": "image/png", "data": data}}]}]});
+    let rest = serde_json::to_vec(&body).unwrap().len() - data.len();
+    let r = post(&e, "/v1beta/models/gemini-2.5-flash:generateContent", &body, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 20000 - ((rest as u64).div_ceil(4) + 4 * 258 + 10));
+}
+
 /// A Responses request with `"background": true` is answered `queued` with no usage and the model runs
 /// afterwards (the output is fetched with `GET /v1/responses/{id}`, which is not limited): its output is
 /// charged the reservation (`max_output_tokens`), not the few strings of the queued object.

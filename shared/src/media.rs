@@ -385,6 +385,37 @@ pub fn estimate_media(api: Api, model: Option<&str>, body: &Value, prices: &Medi
     walk.out
 }
 
+/// Inline images of a Gemini native request (`contents[].parts[]` and `systemInstruction.parts[]`
+/// `inline_data` / `inlineData` with an `image/*` type): how many base64 characters they take in the body
+/// and what they cost, at Gemini's rule (both sides up to 384 px: 258 tokens; otherwise 258 per 768 x 768
+/// tile; size unknown: `image_default_tokens`). For a body whose prompt is estimated by its size, so that an
+/// image is priced as an image and not as a token per 4 characters of its base64.
+pub fn gemini_inline_images(body: &Value, prices: &MediaPrices) -> (u64, MediaEstimate) {
+    let mut bytes = 0u64;
+    let mut out = MediaEstimate::default();
+    let contents = body.get("contents").and_then(Value::as_array).into_iter().flatten();
+    let system = body.get("systemInstruction").or_else(|| body.get("system_instruction")).into_iter();
+    for holder in contents.chain(system) {
+        for part in holder.get("parts").and_then(Value::as_array).into_iter().flatten() {
+            let Some(inline) = part.get("inline_data").or_else(|| part.get("inlineData")) else { continue };
+            let mime = inline.get("mime_type").or_else(|| inline.get("mimeType")).and_then(Value::as_str);
+            let Some(data) = inline.get("data").and_then(Value::as_str) else { continue };
+            if !mime.is_some_and(|m| m.to_ascii_lowercase().starts_with("image/")) {
+                continue;
+            }
+            bytes = bytes.saturating_add(data.len() as u64);
+            out.images += 1;
+            let tokens = match base64_image_size(data) {
+                Some((w, h)) if w <= 384 && h <= 384 => 258,
+                Some((w, h)) => u64::from(w.div_ceil(768)) * u64::from(h.div_ceil(768)) * 258,
+                None => prices.image_default_tokens,
+            };
+            out.tokens = out.tokens.saturating_add(tokens);
+        }
+    }
+    (bytes, out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +556,21 @@ mod tests {
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                 "properties": {"image": {"type": "string"}}}}}]});
         assert_eq!(estimate_media(Api::OpenAiChat, None, &text, &prices()), MediaEstimate::default());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn gemini_inline_images_are_priced_by_its_tiles() {
+        let small = base64_encode(&png(300, 200));
+        let large = base64_encode(&png(1600, 900));
+        let body = json!({"contents": [{"role": "user", "parts": [{"text": "compare"},
+            {"inline_data": {"mime_type": "image/png", "data": small}},
+            {"inlineData": {"mimeType": "image/png", "data": large}},
+            {"inline_data": {"mime_type": "audio/mp3", "data": "AAAA"}}]}],
+            "systemInstruction": {"parts": [{"inlineData": {"mimeType": "image/webp", "data": "!!!!"}}]}});
+        let (bytes, e) = gemini_inline_images(&body, &prices());
+        assert_eq!(bytes, (small.len() + large.len() + 4) as u64, "audio is not an image");
+        assert_eq!(e, MediaEstimate { images: 3, files: 0, tokens: 258 + 258 * 3 * 2 + 1600 });
+        assert_eq!(gemini_inline_images(&json!({"contents": "x"}), &prices()), (0, MediaEstimate::default()));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

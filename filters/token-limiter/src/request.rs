@@ -7,7 +7,7 @@ use meshwarden_shared::llm::{
     ensure_stream_usage, estimate_request_tokens, extract_request_texts, model_from_path, request_info,
     stream_usage_change, Api,
 };
-use meshwarden_shared::media::estimate_media;
+use meshwarden_shared::media::{estimate_media, gemini_inline_images};
 use meshwarden_shared::splice::{splice, Edit};
 use serde_json::Value;
 
@@ -210,7 +210,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         model: path_model.or(info.model),
         other_model,
         stream: info.stream,
-        input_estimate: prompt_estimate(&json, &spans, body.len(), media),
+        input_estimate: prompt_estimate(cfg, &json, &spans, body.len(), media),
         output_reservation,
         json: Some(json),
         problem: None,
@@ -221,11 +221,20 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
 /// `"input": [[1, 2], [3]]`, counted one token per id). A body whose prompt this filter does not know how
 /// to read (Gemini's `contents`, a custom shape) is estimated by its size, never as free. `media`: the
 /// images and files ([`estimate_media`]), priced the way the provider bills them.
-fn prompt_estimate(json: &Value, spans: &[meshwarden_shared::llm::TextSpan], body_len: usize, media: u64) -> u64 {
+/// Inline images of a Gemini body read by its size are priced as images, their base64 left out of the size.
+fn prompt_estimate(
+    cfg: &Config,
+    json: &Value,
+    spans: &[meshwarden_shared::llm::TextSpan],
+    body_len: usize,
+    media: u64,
+) -> u64 {
     let ids: u64 = ["prompt", "input"].iter().filter_map(|k| json.get(k)).map(token_ids).sum();
     let documents = text_document_tokens(json);
     if spans.is_empty() && ids == 0 && documents == 0 && media == 0 {
-        return size_estimate(body_len);
+        let (image_bytes, images) = gemini_inline_images(json, &cfg.media_prices());
+        let rest = (body_len as u64).saturating_sub(image_bytes);
+        return rest.div_ceil(4).saturating_add(images.tokens);
     }
     estimate_request_tokens(spans).saturating_add(ids).saturating_add(documents).saturating_add(media)
 }
