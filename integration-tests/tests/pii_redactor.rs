@@ -499,6 +499,29 @@ async fn realistic_shapes_are_masked_whole_and_restored() {
     assert_eq!(text, "Mail <EMAIL_1>, pay <IBAN_1>, key:\n<PRIVATE_KEY_1>\nand <STRIPE_KEY_1> please.");
 }
 
+/// Emails whose local part holds RFC 5322 specials (`~ & = ! # / ...`) are masked whole (before
+/// 2026-12-07 `jo~e&co@example.com` left as `jo~e&<EMAIL_1>`), while a `key=` or a URL path before an
+/// address stays readable; the client gets every value back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emails_with_rfc5322_specials_are_masked_whole_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "Mail jo~e&co@example.com, list-bounces+jane=example.com@lists.example.org, \
+                  b!ll#y$m%x*zq?r^s`t{u|v}w@example.com, jo/e@example.com; log user=kim@example.com GET /users/lee@example.com";
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt);
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let text = sent["messages"][0]["content"].as_str().unwrap();
+    assert_eq!(text, "Mail <EMAIL_1>, <EMAIL_2>, <EMAIL_3>, <EMAIL_4>; log user=<EMAIL_5> GET /users/<EMAIL_6>");
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

@@ -373,8 +373,10 @@ impl Scanner {
                 break;
             }
             let b = at(t, i);
-            // Token start: the previous byte must not continue a word.
-            if i > 0 && is_word(at(t, i - 1)) {
+            // Token start: the previous byte must not continue a word. An `@` is tried after a word too:
+            // an email whose local part holds punctuation (`jo~e&co@`, `__jane@`) may have no token start
+            // the email detector was tried at.
+            if i > 0 && is_word(at(t, i - 1)) && b != b'@' {
                 i += 1;
                 continue;
             }
@@ -476,7 +478,7 @@ impl Scanner {
                 self.numeric(t, i)
             }
             b':' => self.ipv6(t, i),
-            b'@' if i > 0 && at(t, i - 1) >= 0x80 && self.on(Builtin::Email) => email(t, i),
+            b'@' if self.on(Builtin::Email) => email(t, i),
             b'a'..=b'z' | b'A'..=b'Z' => {
                 if let Some(f) = self.secret(t, i) {
                     return Some(f);
@@ -1162,6 +1164,103 @@ fn non_ascii_alnum_before(t: &[u8], k: usize) -> Option<usize> {
     (1..=4).filter_map(|w| k.checked_sub(w)).find(|&s| at(t, s) >= 0xC2 && non_ascii_alnum_len(t, s) == k - s)
 }
 
+/// RFC 5322 `atext` characters other than letters and digits, and the dot: the bytes an email's local part
+/// may hold besides letters and digits (`jo~e&co`, `bounces+jane=example.com`, `o'reilly`).
+#[inline]
+fn is_local_special(b: u8) -> bool {
+    matches!(
+        b,
+        b'.' | b'!'
+            | b'#'
+            | b'$'
+            | b'%'
+            | b'&'
+            | b'\''
+            | b'*'
+            | b'+'
+            | b'-'
+            | b'/'
+            | b'='
+            | b'?'
+            | b'^'
+            | b'_'
+            | b'`'
+            | b'{'
+            | b'|'
+            | b'}'
+            | b'~'
+    )
+}
+
+/// Whether `t[k]` starts a letter or digit, ASCII or not.
+fn alnum_at(t: &[u8], k: usize) -> bool {
+    is_alnum(at(t, k)) || non_ascii_alnum_len(t, k) > 0
+}
+
+/// The start of the local part of the email whose `@` is at `j`: the run of local-part bytes before it
+/// (ASCII letters and digits, RFC 5322 `atext` specials, dots, non-ASCII letters and digits), cut where
+/// prose or a URL puts a delimiter rather than an address character. `None` when no local part is left.
+fn local_part_start(t: &[u8], j: usize) -> Option<usize> {
+    // The whole run, at most 64 bytes (RFC 5321's limit): a longer run is not an address.
+    let mut s = j;
+    loop {
+        if let Some(p) = non_ascii_alnum_before(t, s) {
+            s = p;
+        } else if s > 0 && (is_alnum(at(t, s - 1)) || is_local_special(at(t, s - 1))) {
+            s -= 1;
+        } else {
+            break;
+        }
+        if j - s > 64 {
+            return None;
+        }
+    }
+    let local = t.get(s..j)?;
+    // A path or a query before the address (`/users/jane@`, `example.com/subscribe?email=jane@`, after a
+    // scheme's `:`): the address starts after its last `/` or `?`. A `/` or `?` inside a plain word stays
+    // (`jo/e@`).
+    if let Some(p) = local.iter().rposition(|&c| c == b'/' || c == b'?') {
+        let before = local.get(..p).unwrap_or(&[]);
+        if s > 0 && at(t, s - 1) == b':' || before.iter().any(|&c| matches!(c, b'.' | b'/' | b'?')) {
+            s += p + 1;
+        }
+    }
+    // A `key=` before the address (`email=jane@`, `?a=1&to=jane@`, a log's `user=jane@`): the address is
+    // the value. An `=` after anything else than a plain key stays (`bounces+jane=example.com@`, SRS).
+    let local = t.get(s..j)?;
+    if let Some(p) = local.iter().rposition(|&c| c == b'=') {
+        let q =
+            local.get(..p).unwrap_or(&[]).iter().rposition(|&c| matches!(c, b'&' | b';' | b'?')).map_or(0, |q| q + 1);
+        let key = local.get(q..p).unwrap_or(&[]);
+        if !key.is_empty() && key.iter().all(|&c| is_word(c) || matches!(c, b'-' | b'.')) {
+            s += p + 1;
+        }
+    }
+    // Every dot-separated atom starts with a letter or digit: a special opening one is a delimiter
+    // (`'jane@` in quotes, `etc.'jane@`, `**jane@` in bold, `.jane@` after a sentence), and `..` never
+    // occurs in an address.
+    let local = t.get(s..j)?;
+    let mut cut = 0;
+    let mut k = 0;
+    while k < local.len() {
+        let atom_start = k == 0 || local.get(k - 1) == Some(&b'.');
+        if atom_start && !alnum_at(local, k) {
+            cut = k + 1;
+        }
+        k += 1;
+    }
+    s += cut;
+    // Past the cut, any byte left that is not a letter or digit opens nothing more: skip to the first one.
+    while s < j && !alnum_at(t, s) {
+        s += 1;
+    }
+    let local = t.get(s..j)?;
+    if local.is_empty() || local.last() == Some(&b'.') {
+        return None;
+    }
+    Some(s)
+}
+
 fn email(t: &[u8], i: usize) -> Option<Finding> {
     // Local part: ASCII local characters and non-ASCII letters and digits (`jörg.müller`, RFC 6531).
     let mut j = i;
@@ -1178,50 +1277,12 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
     if at(t, j) != b'@' {
         return None;
     }
-    // The scanner starts at ASCII token starts (or at an `@` after a non-ASCII byte) and skips bytes of
-    // non-ASCII words: a local part that began with or contained such letters (`Ömer@`, `jörg.müller@`
-    // found from `rg.`, `иван@` found at its `@`) is extended back to its real start, so no part of it
-    // is left unmasked.
-    // The start chosen is the one a scan from the run's first possible start would find (a non-ASCII
-    // letter, or an ASCII byte a detector can start at), whichever token start the scanner came from;
-    // all-ASCII local parts are not extended (as before).
-    let mut i = i;
-    let (mut k, mut earliest, mut non_ascii) = (i, i, false);
-    while k > 0 {
-        if let Some(s) = non_ascii_alnum_before(t, k) {
-            (k, earliest, non_ascii) = (s, s, true);
-        } else if is_local(at(t, k - 1)) {
-            k -= 1;
-            if class(at(t, k)) & START != 0 {
-                earliest = k;
-            }
-        } else {
-            break;
-        }
-    }
-    if non_ascii {
-        i = earliest;
-    }
-    let local_ok = |local: &[u8]| {
-        !(local.is_empty() || local.first() == Some(&b'.') || local.last() == Some(&b'.') || contains(local, b".."))
-    };
-    // An apostrophe between two letters or digits is part of the local part (RFC 5322 atext; Irish, Italian
-    // and French names: `john.o'reilly@`, `l'amour@`). The scanner reaches the local part from the token after
-    // the apostrophe, so it is extended back over it; before, `john.o'` was left unmasked beside `<EMAIL_1>`.
-    while i >= 2 && at(t, i - 1) == b'\'' && is_alnum(at(t, i - 2)) && is_alnum(at(t, i)) {
-        let mut s = i - 1;
-        while s > 0 && is_local(at(t, s - 1)) {
-            s -= 1;
-        }
-        match t.get(s..j) {
-            Some(local) if local_ok(local) => i = s,
-            _ => break,
-        }
-    }
-    let local = t.get(i..j)?;
-    if !local_ok(local) {
-        return None;
-    }
+    // The scanner starts at ASCII token starts (or at an `@`) and skips bytes of non-ASCII words and words
+    // followed by punctuation: the local part is taken from the `@` back (`jörg.müller@` found from `rg.`,
+    // `иван@` at its `@`, `jo~e&co@` from `co`), so no part of it is left unmasked and its start does not
+    // depend on the token the scanner came from. Before 2026-12-07 only `'` between letters was taken back
+    // among the RFC 5322 specials: `jo~e&co@example.com` left `jo~e&` unmasked.
+    let i = local_part_start(t, j)?;
     // Domain: labels of [A-Za-z0-9-] and non-ASCII letters and digits (IDN: `bücher.de`), at least two,
     // TLD letters >= 2.
     let mut k = j + 1;
@@ -2009,6 +2070,61 @@ mod tests {
         assert_eq!(one("Bob's jane@example.com"), Some((Builtin::Email, "jane@example.com".into())));
         assert_eq!(one("etc.'jane@example.com"), Some((Builtin::Email, "jane@example.com".into())));
         assert_eq!(one("mail user@example.xn-- now"), None);
+    }
+
+    /// RFC 5322 `atext` specials in an email's local part are masked with it: before 2026-12-07 only `'`
+    /// between letters was, so `jo~e&co@example.com` went out as `jo~e&<EMAIL_1>`. Where a special is a
+    /// delimiter of prose, markdown or a URL, the address starts after it.
+    #[test]
+    fn rfc5322_specials_in_the_local_part_are_masked_whole() {
+        for c in ["~", "&", "'", "+", "=", "!", "#", "$", "%", "*", "/", "?", "^", "`", "{", "|", "}", "-", "_"] {
+            let value = format!("jo{c}e@example.com");
+            // One `=` after a plain word is a `key=` (below): `jo=` is left as a key would be.
+            if c == "=" {
+                assert_eq!(one(&format!("mail {value} now")), Some((Builtin::Email, "e@example.com".into())));
+                continue;
+            }
+            assert_eq!(one(&format!("mail {value} now")), Some((Builtin::Email, value.clone())), "{value}");
+            // Two `/` or `?` before the `@` are a path or a query (below).
+            if c == "/" || c == "?" {
+                continue;
+            }
+            let value = format!("jo{c}e{c}{c}co@example.com");
+            assert_eq!(one(&format!("mail {value} now")), Some((Builtin::Email, value.clone())), "{value}");
+        }
+        for (text, value) in [
+            ("write to jo~e&co@example.com.", "jo~e&co@example.com"),
+            (
+                "bounce list-bounces+jane=example.com@lists.example.org",
+                "list-bounces+jane=example.com@lists.example.org",
+            ),
+            ("srs SRS0=HHH=TT=example.com=jane@srs.example.net", "SRS0=HHH=TT=example.com=jane@srs.example.net"),
+            ("mail jane~@example.com now", "jane~@example.com"),
+            // Delimiters: quotes, markdown, paths, queries, keys.
+            ("send it to 'jane@example.com'", "jane@example.com"),
+            ("**jane@example.com** or", "jane@example.com"),
+            ("`jane@example.com`", "jane@example.com"),
+            ("| x |jane@example.com|", "jane@example.com"),
+            ("GET /users/jane@example.com HTTP/1.1", "jane@example.com"),
+            ("see https://example.com/subscribe?email=jane@example.com", "jane@example.com"),
+            ("see example.com/subscribe?a=1&email=jane@example.com", "jane@example.com"),
+            ("login user=jane@example.com ok", "jane@example.com"),
+            ("postfix to=jane@example.com, relay", "jane@example.com"),
+            ("?to=jane@example.com", "jane@example.com"),
+            ("etc.'jane@example.com", "jane@example.com"),
+            ("see...jane@example.com", "jane@example.com"),
+            ("mailto:jane@example.com", "jane@example.com"),
+        ] {
+            assert_eq!(one(text), Some((Builtin::Email, value.to_string())), "{text}");
+        }
+        let scanner = Scanner::default();
+        for t in ["x jo~e&co@example.com", "a b&c d=e@x.io", "x/y?z=q&w=jane@example.com", "é~x@x.de ~@x.de"] {
+            assert_eq!(scanner.scan(t.as_bytes()), scanner.scan_without_prose_fast_path(t.as_bytes()), "{t}");
+        }
+        // Nothing before the `@`, or only delimiters: no email.
+        for t in ["a ~@example.com b", "x @example.com", "'@example.com", ".@example.com"] {
+            assert_eq!(one(t), None, "{t}");
+        }
     }
 
     /// A key whose END line is cut (`-----END RSA PRIVATE K`, the copy stopped short) or that is followed
