@@ -522,6 +522,29 @@ async fn emails_with_rfc5322_specials_are_masked_whole_and_restored() {
     assert_eq!(text, "Mail <EMAIL_1>, <EMAIL_2>, <EMAIL_3>, <EMAIL_4>; log user=<EMAIL_5> GET /users/<EMAIL_6>");
 }
 
+/// IBANs with dashes or a line break between groups and cards with two spaces or a line break between
+/// groups are masked whole (before 2026-12-07 one space or dash only: the dashed IBAN left whole, the
+/// wrapped card too); the client gets them back as written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ibans_and_cards_with_wider_separators_are_masked_whole_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "Pay DE89-3704-0044-0532-0130-00 or GB82 WEST 1234\n5698 7654 32 with card 4111  1111  1111  1111 \
+                  or\n5555 5555\n5555 4444\nthanks";
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt);
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let text = sent["messages"][0]["content"].as_str().unwrap();
+    assert_eq!(text, "Pay <IBAN_1> or <IBAN_2> with card <CREDIT_CARD_1> or\n<CREDIT_CARD_2>\nthanks");
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

@@ -555,6 +555,11 @@ impl Scanner {
                 let groups = run.groups.get(..g)?;
                 let seps = run.seps.get(..g.saturating_sub(1))?;
                 let full = g == run.groups.len();
+                // A wide gap (two spaces, a line break) joins groups only into a whole run that is a card:
+                // never a prefix of a longer run (lines of numbers), nor a phone.
+                if seps.iter().any(wide) && !(full && run.complete && run.ext_end.is_none() && !run.trunk_paren) {
+                    continue;
+                }
                 if full && (run.ext_end.is_some() || run.trunk_paren) {
                     // Only a phone has an extension or a (0) trunk.
                     if !self.on(Builtin::Phone) {
@@ -625,7 +630,7 @@ impl Scanner {
         }
 
         // US SSN: AAA-GG-SSSS with one separator kind, or 9 digits with a context word.
-        if self.on(Builtin::UsSsn) && !plus && !paren {
+        if self.on(Builtin::UsSsn) && !plus && !paren && !seps.iter().any(wide) {
             if lens == [3, 2, 4] && all_same_sep {
                 if ssn_valid(&digit_str) {
                     let conf = if sep0 == Some(b'-') { Confidence::High } else { Confidence::Medium };
@@ -643,13 +648,19 @@ impl Scanner {
         }
 
         // Credit card: 12-19 digits, single spaces or dashes between groups, Luhn, a known brand prefix.
-        if self.on(Builtin::CreditCard)
-            && !plus
-            && !paren
-            && (12..=19).contains(&digits)
-            && all_same_sep
-            && seps.iter().all(|s| *s == b' ' || *s == b'-')
-        {
+        // Since 2026-12-07 also two spaces or one line break between groups printed the usual way (fours, the
+        // last one shorter; Amex 4-6-5), spaces otherwise: `4111  1111  1111  1111`, `4111 1111\n1111 1111`.
+        let wide_gaps = seps.iter().any(wide);
+        let card_seps = if wide_gaps {
+            let fours =
+                lens.split_last().is_some_and(|(last, rest)| (1..=4).contains(last) && rest.iter().all(|l| *l == 4));
+            seps.iter().all(|s| matches!(*s, b' ' | TWO_SPACES | LINE_BREAK))
+                && seps.iter().filter(|s| **s == LINE_BREAK).count() <= 1
+                && (fours || lens == [4, 6, 5])
+        } else {
+            all_same_sep && seps.iter().all(|s| *s == b' ' || *s == b'-')
+        };
+        if self.on(Builtin::CreditCard) && !plus && !paren && (12..=19).contains(&digits) && card_seps {
             if luhn(&digit_str) && card_brand(&digit_str) && !all_same(&digit_str) {
                 // A Luhn-valid number next to "order", "invoice", "tracking"... is an id, unless a card word is there too.
                 let f = Finding { start, end, kind: Builtin::CreditCard, confidence: Confidence::Medium };
@@ -664,6 +675,9 @@ impl Scanner {
             }
         }
 
+        if wide_gaps {
+            return None; // no other shape spans a wide gap
+        }
         // UK NHS: 3-3-4 (spaces or dashes) or 10 digits, weights 10..2.
         let nhs_shape = (lens == [3, 3, 4] && all_same_sep && matches!(sep0, Some(b' ') | Some(b'-'))) || lens == [10];
         let nhs_ok = self.on(Builtin::UkNhs) && !plus && !paren && nhs_shape && nhs_valid(&digit_str);
@@ -898,6 +912,14 @@ pub fn normalize_separators(t: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> 
     Some((out, map))
 }
 
+/// Separator markers of a [`NumericRun`] for gaps wider than one character.
+const TWO_SPACES: u8 = 2;
+const LINE_BREAK: u8 = b'\n';
+
+fn wide(s: &u8) -> bool {
+    matches!(*s, TWO_SPACES | LINE_BREAK)
+}
+
 struct NumericRun {
     /// Digit groups (start, end).
     groups: Vec<(usize, usize)>,
@@ -974,6 +996,11 @@ fn numeric_run(t: &[u8], i: usize) -> NumericRun {
                     (b')', 1)
                 }
             }
+            // Two spaces, or a line break, between digit groups (a card copied from a PDF or wrapped):
+            // read only as a card's separators (see `classify`).
+            b' ' if at(t, j + 1) == b' ' => (TWO_SPACES, 2),
+            b'\n' => (LINE_BREAK, 1),
+            b'\r' if at(t, j + 1) == b'\n' => (LINE_BREAK, 2),
             b' ' | b'-' | b'.' => (c, 1),
             // +44(0)20 7946 0958: the trunk zero is not part of the number.
             b'(' if at(t, i) == b'+' && run.groups.len() == 1 && at(t, j + 1) == b'0' && at(t, j + 2) == b')' => {
@@ -1449,8 +1476,8 @@ fn iban_span(t: &[u8], i: usize) -> Option<(usize, bool)> {
         if letter(c) || is_digit(c) {
             chars.push(c);
             j += 1;
-        } else if c == b' ' && chars.len() % 4 == 0 && chars.len() >= 4 && is_alnum(at(t, j + 1)) {
-            j += 1;
+        } else if chars.len() % 4 == 0 && chars.len() >= 4 && group_gap(t, j).is_some_and(|w| is_alnum(at(t, j + w))) {
+            j += group_gap(t, j).unwrap_or(1);
         } else {
             return None;
         }
@@ -1459,6 +1486,20 @@ fn iban_span(t: &[u8], i: usize) -> Option<(usize, bool)> {
         return None;
     }
     Some((j, mod97(&chars)))
+}
+
+/// The width of a gap between two groups of an IBAN at `t[j]`: a space, a dash or a dot (`DE89-3704-…`,
+/// `DE89.3704.…`), two spaces, or a line break (`\n`, `\r\n`, with a space before it) where the IBAN was
+/// wrapped. Since 2026-12-07; before, only one space (`DE89-3704-0044-0532-0130-00` was not found, and its
+/// digit groups were read as other numbers). The mod-97 check, the country's length and the grouping by
+/// four keep these from matching other text.
+fn group_gap(t: &[u8], j: usize) -> Option<usize> {
+    match (at(t, j), at(t, j + 1), at(t, j + 2)) {
+        (b' ', b'\r', b'\n') => Some(3),
+        (b' ', b' ' | b'\n', _) | (b'\r', b'\n', _) => Some(2),
+        (b' ' | b'-' | b'.' | b'\n', _, _) => Some(1),
+        _ => None,
+    }
 }
 
 /// IBAN lengths by country (ISO 13616 / SWIFT IBAN registry, release 99 of 2025: every country in it).
@@ -2125,6 +2166,44 @@ mod tests {
         for t in ["a ~@example.com b", "x @example.com", "'@example.com", ".@example.com"] {
             assert_eq!(one(t), None, "{t}");
         }
+    }
+
+    /// IBANs with dashes, dots, two spaces or a line break between their groups, and cards with two spaces
+    /// or one line break between groups printed the usual way, are found whole (before 2026-12-07 only one
+    /// space or dash was a separator: `DE89-3704-0044-0532-0130-00` was not found, and a card across a
+    /// line break was not either). Validators keep the wider gaps from joining other numbers.
+    #[test]
+    fn groups_separated_by_dashes_two_spaces_or_line_breaks() {
+        for (text, kind, value) in [
+            ("iban DE89-3704-0044-0532-0130-00 ok", Builtin::Iban, "DE89-3704-0044-0532-0130-00"),
+            ("iban DE89.3704.0044.0532.0130.00.", Builtin::Iban, "DE89.3704.0044.0532.0130.00"),
+            ("iban DE89  3704  0044  0532  0130  00 ok", Builtin::Iban, "DE89  3704  0044  0532  0130  00"),
+            ("iban DE89 3704 0044\n0532 0130 00\nthanks", Builtin::Iban, "DE89 3704 0044\n0532 0130 00"),
+            ("iban DE89 3704 0044 \r\n0532 0130 00 ok", Builtin::Iban, "DE89 3704 0044 \r\n0532 0130 00"),
+            ("to gb82-west-1234-5698-7654-32 now", Builtin::Iban, "gb82-west-1234-5698-7654-32"),
+            ("card 4111  1111  1111  1111 ok", Builtin::CreditCard, "4111  1111  1111  1111"),
+            ("card 4111 1111\n1111 1111\nexp 12/29", Builtin::CreditCard, "4111 1111\n1111 1111"),
+            ("card 4111 1111 1111\r\n1111 ok", Builtin::CreditCard, "4111 1111 1111\r\n1111"),
+            ("amex 3782  822463  10005 ok", Builtin::CreditCard, "3782  822463  10005"),
+        ] {
+            assert_eq!(one(text), Some((kind, value.to_string())), "{text:?}");
+        }
+        // A failing check digit: nothing (not its groups as other numbers either).
+        assert_eq!(one("iban DE89-3704-0044-0532-0130-01 ok"), None);
+        assert_eq!(one("iban DE89  3704  0044  0532  0130  01 ok"), None);
+        // Lines of four digits, a number before a card on the line above, SSN and phone shapes: a wide gap
+        // joins nothing but a card.
+        assert_eq!(one("pins\n4111\n1111\n1111\n1111\n"), None);
+        assert_eq!(
+            kinds("see 1234 5678\n4111 1111 1111 1111 ok"),
+            vec![(Builtin::CreditCard, "4111 1111 1111 1111".to_string())]
+        );
+        assert_eq!(one("ssn 536  22  8963 ok"), None);
+        assert_eq!(
+            kinds("call 415-555-2671\n415-555-2672\n"),
+            vec![(Builtin::Phone, "415-555-2671".to_string()), (Builtin::Phone, "415-555-2672".to_string())]
+        );
+        assert_eq!(one("card 4111  1111  1111  1112 ok"), None, "Luhn fails");
     }
 
     /// A key whose END line is cut (`-----END RSA PRIVATE K`, the copy stopped short) or that is followed
