@@ -545,6 +545,37 @@ async fn ibans_and_cards_with_wider_separators_are_masked_whole_and_restored() {
     assert_eq!(text, "Pay <IBAN_1> or <IBAN_2> with card <CREDIT_CARD_1> or\n<CREDIT_CARD_2>\nthanks");
 }
 
+/// A value cut across two text parts of one message (the model reads them as one text) is masked whole:
+/// before 2026-12-07 each part was scanned alone, so `4111 1111` + ` 1111 1111` left the gateway. The
+/// placeholder goes in the first part, the rest of the value leaves the second; the answer restores the
+/// whole value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_cut_across_content_parts_are_masked_whole_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"my card is 4111 1111"},{"type":"text","text":" 1111 1111, mail jane@exa"},
+            {"type":"text","text":"mple.com"}]}]}))
+        .send()
+        .await
+        .unwrap();
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let parts = &sent["messages"][0]["content"];
+    assert_eq!(parts[0]["text"], "my card is <CREDIT_CARD_1>");
+    assert_eq!(parts[1]["text"], ", mail <EMAIL_1>");
+    assert_eq!(parts[2]["text"], "");
+    let body: Value = resp.json().await.unwrap();
+    let answer = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        answer.contains("my card is 4111 1111 1111 1111") && answer.contains(", mail jane@example.com"),
+        "{answer}"
+    );
+    assert!(!answer.contains('<'), "{answer}");
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

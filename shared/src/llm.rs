@@ -124,6 +124,23 @@ pub struct TextSpan {
     pub text: String,
 }
 
+/// Whether `b` points at the text part right after `a`'s in the same content array:
+/// `/messages/1/content/0/text` then `/messages/1/content/1/text` (OpenAI chat and Responses content parts,
+/// Anthropic and Bedrock content blocks, as [`extract_request_texts`] names them): parts a model reads as one
+/// text.
+pub fn next_text_part(a: &str, b: &str) -> bool {
+    let split = |p: &str| -> Option<(String, usize)> {
+        let rest = p.strip_suffix("/text")?;
+        let (head, idx) = rest.rsplit_once('/')?;
+        let head = head.strip_suffix("/content")?;
+        Some((head.to_string(), idx.parse().ok()?))
+    };
+    match (split(a), split(b)) {
+        (Some((ha, ia)), Some((hb, ib))) => ha == hb && ib == ia + 1,
+        _ => false,
+    }
+}
+
 /// The model a request path names, for APIs that put it there rather than in the body: Bedrock
 /// (`/model/{modelId}/converse`, `converse-stream`, `invoke`, `invoke-with-response-stream`; the id
 /// percent-decoded, `anthropic.claude-3-5-sonnet-20240620-v1%3A0`), Gemini

@@ -616,6 +616,64 @@ impl MaskState {
     }
 }
 
+impl MaskState {
+    /// Mask consecutive text parts of one message (OpenAI / Anthropic / Bedrock content blocks) as the model
+    /// reads them: one text. A value cut across two parts (`"my card is 4111 1111"`, `" 1111 1111"`) is
+    /// found in the joined text; its placeholder (or redaction) goes where it starts and the rest of it is
+    /// removed from the next parts, so the restore map holds the whole value. Per part: the masked text,
+    /// or `None` when the part is unchanged.
+    pub fn mask_parts(&mut self, engine: &Engine, parts: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
+        let joined = parts.concat();
+        let hits = engine.find(&joined);
+        let mut outs: Vec<Option<Vec<u8>>> = vec![None; parts.len()];
+        if hits.is_empty() {
+            return outs;
+        }
+        // Each hit's replacement, in order (numbering as a one-text scan gives it); reject hits stay.
+        let mut replaced: Vec<(usize, usize, String)> = Vec::with_capacity(hits.len());
+        for h in &hits {
+            let value = joined.get(h.start..h.end).unwrap_or(&[]);
+            let action = engine.action(h.det);
+            let name = engine.name(h.det);
+            self.counts.add(name, action);
+            let replacement = match action {
+                Action::Reject => {
+                    if !self.rejected.iter().any(|r| r == name) {
+                        self.rejected.push(name.to_string());
+                    }
+                    continue;
+                }
+                Action::Mask => self.placeholder_for(engine.label(h.det), value),
+                a => engine.irreversible(h.det, a, value),
+            };
+            replaced.push((h.start, h.end, replacement));
+        }
+        let mut part_start = 0;
+        for (k, part) in parts.iter().enumerate() {
+            let part_end = part_start + part.len();
+            let mut out = Vec::with_capacity(part.len());
+            let mut cursor = part_start;
+            let mut changed = false;
+            for (start, end, replacement) in replaced.iter().filter(|(s, e, _)| *e > part_start && *s < part_end) {
+                out.extend_from_slice(joined.get(cursor..(*start).max(part_start)).unwrap_or(&[]));
+                if *start >= part_start {
+                    out.extend_from_slice(replacement.as_bytes());
+                }
+                cursor = (*end).min(part_end);
+                changed = true;
+            }
+            if changed {
+                out.extend_from_slice(joined.get(cursor..part_end).unwrap_or(&[]));
+                if let Some(slot) = outs.get_mut(k) {
+                    *slot = Some(out);
+                }
+            }
+            part_start = part_end;
+        }
+        outs
+    }
+}
+
 /// Length of a placeholder `<[A-Z][A-Z0-9_]*_[0-9]+>` at the start of `s`, if there is one.
 pub fn placeholder_len(s: &[u8]) -> Option<usize> {
     if s.first() != Some(&b'<') || !s.get(1).is_some_and(u8::is_ascii_uppercase) {

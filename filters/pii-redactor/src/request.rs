@@ -10,7 +10,9 @@
 
 use crate::engine::{Engine, MaskState};
 use meshwarden_shared::json::{go_fold_key, parse_strict, JsonBodyError};
-use meshwarden_shared::llm::{extract_request_texts, push_string_leaves, rewrite_body_texts, Api, Role};
+use meshwarden_shared::llm::{
+    extract_request_texts, next_text_part, push_string_leaves, rewrite_body_texts, Api, Role,
+};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -203,7 +205,27 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                 state.reserve_lookalikes(s.text.as_bytes());
             }
             let mut replacements = Vec::new();
-            for s in &spans {
+            let mut k = 0;
+            while let Some(s) = spans.get(k) {
+                // Consecutive text parts of one message are read by the model as one text: masked together,
+                // so a value cut across two parts is found (before 2026-12-07 each part was scanned alone).
+                let run = spans.get(k..).unwrap_or(&[]);
+                let n = 1 + run
+                    .windows(2)
+                    .take_while(|w| matches!(w, [a, b] if next_text_part(&a.pointer, &b.pointer)))
+                    .count();
+                if n > 1 {
+                    let group = run.get(..n).unwrap_or(&[]);
+                    let parts: Vec<&[u8]> = group.iter().map(|s| s.text.as_bytes()).collect();
+                    for (s, out) in group.iter().zip(state.mask_parts(engine, &parts)) {
+                        if let Some(text) = out.and_then(|o| String::from_utf8(o).ok()) {
+                            replacements.push((s.pointer.clone(), text));
+                        }
+                    }
+                    k += n;
+                    continue;
+                }
+                k += 1;
                 // Tool-call `arguments` strings are JSON text: a replacement must keep them JSON.
                 let json_text = s.pointer.rsplit('/').next() == Some("arguments");
                 let masked = if json_text {
@@ -443,6 +465,43 @@ mod tests {
         let r = process_request(&e, "/v1/messages", a.to_string().as_bytes(), true);
         let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
         assert_eq!(out["system"], "ssn <US_SSN_1>");
+    }
+
+    /// Text parts of one message are one text to the model: a value cut across two is masked whole, its
+    /// placeholder where it starts and the rest removed from the next part; the restore map holds the whole
+    /// value. Before 2026-12-07 each part was scanned alone and both halves left unmasked.
+    #[test]
+    fn a_value_cut_across_content_parts_is_masked_whole() {
+        let e = engine();
+        let body = json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"my card is 4111 1111"},{"type":"text","text":" 1111 1111 and mail jane.doe@exa"},
+            {"type":"text","text":"mple.com"},{"type":"text","text":", again 4111 1111 1111 1111"}]}]});
+        let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        let parts = &out["messages"][0]["content"];
+        assert_eq!(parts[0]["text"], "my card is <CREDIT_CARD_1>");
+        assert_eq!(parts[1]["text"], " and mail <EMAIL_1>");
+        assert_eq!(parts[2]["text"], "");
+        assert_eq!(parts[3]["text"], ", again <CREDIT_CARD_1>", "same value, same placeholder");
+        assert_eq!(r.state.restore["<CREDIT_CARD_1>"], "4111 1111 1111 1111");
+        assert_eq!(r.state.restore["<EMAIL_1>"], "jane.doe@example.com");
+        // Anthropic and Bedrock content blocks alike; parts of two messages, or around an image, stay apart.
+        let a = json!({"model":"c","max_tokens":5,"messages":[{"role":"user","content":[
+            {"type":"text","text":"ssn 536-22"},{"type":"text","text":"-8963."}]}]});
+        let r = process_request(&e, "/v1/messages", a.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(out["messages"][0]["content"][0]["text"], "ssn <US_SSN_1>");
+        assert_eq!(out["messages"][0]["content"][1]["text"], ".");
+        let b = json!({"messages":[{"role":"user","content":[{"text":"card 4111 1111"},{"text":" 1111 1111"}]}]});
+        let r = process_request(&e, "/model/m/converse", b.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(out["messages"][0]["content"][0]["text"], "card <CREDIT_CARD_1>");
+        let apart = json!({"model":"m","messages":[
+            {"role":"user","content":[{"type":"text","text":"card 4111 1111"}]},
+            {"role":"user","content":[{"type":"text","text":" 1111 1111"},
+                {"type":"image_url","image_url":{"url":"data:x"}},{"type":"text","text":"4111 1111"}]}]});
+        let r = process_request(&e, "/v1/chat/completions", apart.to_string().as_bytes(), true);
+        assert!(r.body.is_none(), "nothing joined across messages or an image");
     }
 
     /// A body of unknown shape (Gemini's native API: every string is scanned) leaves as sent but for the
