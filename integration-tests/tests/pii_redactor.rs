@@ -576,6 +576,26 @@ async fn values_cut_across_content_parts_are_masked_whole_and_restored() {
     assert!(!answer.contains('<'), "{answer}");
 }
 
+/// Values in fullwidth forms (a CJK input method's `＠` and digits) are masked and restored as written:
+/// before 2026-12-07 they left the gateway, and a model reads them as the ASCII value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fullwidth_values_are_masked_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "メール jane.doe＠example.com、カード ４１１１ １１１１ １１１１ １１１１ です";
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt);
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["messages"][0]["content"], "メール <EMAIL_1>、カード <CREDIT_CARD_1> です");
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

@@ -853,7 +853,10 @@ impl Scanner {
 /// U+202F, U+205F, ideographic U+3000), `Some(b'-')` for Unicode hyphens and dashes (U+2010..U+2015 incl.
 /// non-breaking hyphen U+2011 and en dash U+2013, minus U+2212, U+FE63, U+FF0D), `None` for invisible
 /// characters that are dropped (zero-width U+200B..U+200D, word joiner U+2060, U+FEFF, soft hyphen
-/// U+00AD). `None` when `t[i..]` starts with none of them.
+/// U+00AD), and for fullwidth digits, letters and `＠ ＋ （ ） ． ＿` the ASCII character they stand for (`＠` is `@`,
+/// `４` is `4`; since
+/// 2026-12-07: before, `jane.doe＠example.com` and `４１１１ １１１１ …` typed with a CJK input method left the
+/// gateway unmasked, and a model reads them as the ASCII value). `None` when `t[i..]` starts with none of them.
 #[allow(clippy::type_complexity)]
 fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
     let (b0, b1, b2) = (at(t, i), at(t, i + 1), at(t, i + 2));
@@ -870,6 +873,11 @@ fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
         (0xE3, 0x80, 0x80) => Some((3, space)),
         (0xEF, 0xBB, 0xBF) => Some((3, None)),
         (0xEF, 0xBC, 0x8D) | (0xEF, 0xB9, 0xA3) => Some((3, dash)),
+        // Fullwidth forms that can be part of a value (typed with a CJK input method): digits, letters, `＠`,
+        // `＋`, `（`, `）`, `．`, `＿`, read as the ASCII character they stand for (U+FF01 + k is 0x21 + k).
+        // Fullwidth punctuation of CJK prose (`，`, `！`, `：`, ...) is not: it would only cost a copy.
+        (0xEF, 0xBC, 0x88 | 0x89 | 0x8B | 0x8E | 0x90..=0x99 | 0xA0..=0xBA | 0xBF) => Some((3, Some(b2 - 0x80 + 0x20))),
+        (0xEF, 0xBD, 0x81..=0x9A) => Some((3, Some(b2 - 0x80 + 0x60))),
         _ => None,
     }
 }
@@ -2204,6 +2212,34 @@ mod tests {
             vec![(Builtin::Phone, "415-555-2671".to_string()), (Builtin::Phone, "415-555-2672".to_string())]
         );
         assert_eq!(one("card 4111  1111  1111  1112 ok"), None, "Luhn fails");
+    }
+
+    /// Fullwidth forms (U+FF01..U+FF5E, typed with a CJK input method) are read as the ASCII they stand for:
+    /// before 2026-12-07 `jane.doe＠example.com` and a card in fullwidth digits were not found. The finding
+    /// covers the original bytes.
+    #[test]
+    fn fullwidth_forms_are_read_as_ascii() {
+        for (fullwidth, ascii) in [
+            ("mail jane.doe＠example.com now", "mail jane.doe@example.com now"),
+            ("ｍａｉｌ ｊａｎｅ．ｄｏｅ＠ｅｘａｍｐｌｅ．ｃｏｍ", "mail jane.doe@example.com"),
+            ("カード ４１１１　１１１１　１１１１　１１１１ です", "カード 4111 1111 1111 1111 です"),
+            ("card ４１１１－１１１１－１１１１－１１１１.", "card 4111-1111-1111-1111."),
+            ("電話 ＋４４ ２０ ７９４６ ０９５８", "電話 +44 20 7946 0958"),
+            ("ssn ５３６－２２－８９６３", "ssn 536-22-8963"),
+            ("iban ＤＥ８９ ３７０４ ００４４ ０５３２ ０１３０ ００", "iban DE89 3704 0044 0532 0130 00"),
+            ("key ＡＫＩＡＩＯＳＦＯＤＮＮ７ＥＸＡＭＰＬＥ", "key AKIAIOSFODNN7EXAMPLE"),
+        ] {
+            let want: Vec<Builtin> = kinds(ascii).into_iter().map(|(k, _)| k).collect();
+            assert_eq!(want.len(), 1, "{ascii}");
+            let got = kinds(fullwidth);
+            assert_eq!(got.iter().map(|(k, _)| *k).collect::<Vec<_>>(), want, "{fullwidth}");
+            // The span is the whole fullwidth value: what is left around it is the text around the ASCII one.
+            let (_, value) = &got[0];
+            let (_, ascii_value) = &kinds(ascii)[0];
+            assert_eq!(value.chars().count(), ascii_value.chars().count(), "{fullwidth}: {value}");
+        }
+        assert!(kinds("ｆｕｌｌｗｉｄｔｈ ｐｒｏｓｅ，ｎｏ ｖａｌｕｅ！").is_empty());
+        assert!(normalize_separators("中文，标点！问题？".as_bytes()).is_none(), "CJK punctuation is not copied");
     }
 
     /// A key whose END line is cut (`-----END RSA PRIVATE K`, the copy stopped short) or that is followed
