@@ -204,6 +204,23 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             for s in &spans {
                 state.reserve_lookalikes(s.text.as_bytes());
             }
+            // A look-alike cut across text parts (`"<EMA"`, `"IL_1> is mine"`) is one to the model, which reads
+            // the parts of a message as one text: reserved like one, so it is never handed out (nor restored).
+            let mut joined: Vec<u8> = Vec::new();
+            for w in spans.windows(2) {
+                if let [a, b] = w {
+                    if next_text_part(&a.pointer, &b.pointer) {
+                        if joined.is_empty() {
+                            joined.extend_from_slice(a.text.as_bytes());
+                        }
+                        joined.extend_from_slice(b.text.as_bytes());
+                    } else if !joined.is_empty() {
+                        state.reserve_lookalikes(&joined);
+                        joined.clear();
+                    }
+                }
+            }
+            state.reserve_lookalikes(&joined);
             let mut replacements = Vec::new();
             let mut k = 0;
             while let Some(s) = spans.get(k) {
@@ -502,6 +519,19 @@ mod tests {
                 {"type":"image_url","image_url":{"url":"data:x"}},{"type":"text","text":"4111 1111"}]}]});
         let r = process_request(&e, "/v1/chat/completions", apart.to_string().as_bytes(), true);
         assert!(r.body.is_none(), "nothing joined across messages or an image");
+    }
+
+    /// A client's placeholder look-alike cut across text parts is one to the model: never handed out, so
+    /// the answer's `<EMAIL_1>` stays the client's own text and the real email gets `<EMAIL_2>`.
+    #[test]
+    fn a_look_alike_cut_across_content_parts_is_never_handed_out() {
+        let e = engine();
+        let body = json!({"model":"m","messages":[{"role":"user","content":[
+            {"type":"text","text":"see <EM"},{"type":"text","text":"AI"},{"type":"text","text":"L_1> and mail jane@example.com"}]}]});
+        let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(out["messages"][0]["content"][2]["text"], "L_1> and mail <EMAIL_2>");
+        assert!(!r.state.restore.contains_key("<EMAIL_1>"));
     }
 
     /// A body of unknown shape (Gemini's native API: every string is scanned) leaves as sent but for the
