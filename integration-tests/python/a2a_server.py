@@ -5,7 +5,9 @@ Binds 127.0.0.1 on a free port, prints `PORT <n>`, serves until killed. JSON-RPC
 `Cache-Control: public, max-age=3600` the a2a-sdk suggests) with three skills (sql, web-search, payments);
 both send the SDK's `ETag` and answer a matching `If-None-Match` with 304; /static/agent-card.json serves
 the same card as a file, honouring `Range`; the HTTP+JSON binding under /rest. The extended card
-(GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text it receives.
+(GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text it receives: as a message,
+or, when the text starts with `task`, as the artifact of a task (completed; `task-wait` leaves it
+input-required, so that it can be continued, cancelled and read later).
 """
 
 import json
@@ -14,13 +16,13 @@ import sys
 import tempfile
 
 import uvicorn
-from a2a.helpers.proto_helpers import get_message_text, new_text_message
+from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message, new_text_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
-from a2a.server.tasks import InMemoryTaskStore
+from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from starlette.applications import Starlette
 from starlette.responses import FileResponse
@@ -30,10 +32,24 @@ from starlette.routing import Route
 class Echo(AgentExecutor):
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         text = get_message_text(context.message) if context.message else ""
-        await event_queue.enqueue_event(new_text_message(f"echo: {text}", context_id=context.context_id))
+        if not text.startswith("task") and context.current_task is None:
+            await event_queue.enqueue_event(new_text_message(f"echo: {text}", context_id=context.context_id))
+            return
+        task = context.current_task
+        if task is None:
+            task = new_task_from_user_message(context.message)
+            await event_queue.enqueue_event(task)
+        updater = TaskUpdater(event_queue, task.id, task.context_id)
+        await updater.add_artifact([new_text_part(f"echo: {text}")])
+        if text.startswith("task-wait"):
+            await updater.requires_input()
+        else:
+            await updater.complete()
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-        raise NotImplementedError
+        if context.current_task is None:
+            raise NotImplementedError
+        await TaskUpdater(event_queue, context.current_task.id, context.current_task.context_id).cancel()
 
 
 def main() -> None:

@@ -388,10 +388,12 @@ async fn raw_json_rpc_decisions_lists_and_bad_input() {
         let (st, _, m) = bob.post_raw(r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#.into(), &[]).await;
         assert_eq!((st, m[0]["error"]["code"].clone()), (400, json!(-32600)), "no batches in 2025-11-25");
 
-        // session requests: DELETE ends the session (builtin allowed), then the server forgets it
+        // session requests: DELETE ends the session (builtin allowed; by its owner, see
+        // `mcp_sessions_are_bound_to_their_creator`), then the server forgets it
         let resp = client()
             .delete(s.envoy.url(path))
             .header("mcp-session-id", &bob.id)
+            .header("x-test-user", "bob")
             .header("mcp-protocol-version", "2025-11-25")
             .send()
             .await
@@ -1709,4 +1711,216 @@ async fn resource_updates_the_caller_may_not_subscribe_to_are_withheld() {
     assert!(!seen.to_lowercase().contains("private"), "an update about a resource the caller may not see: {seen}");
     let st = envoy.stats("mcp_authz").await.unwrap();
     assert_eq!(st.get("meshwarden.mcp_authz.resource_updates_hidden"), Some(&2), "{st:?}");
+}
+
+/// The MCP Python SDK trusts any request carrying a valid `Mcp-Session-Id`: without binding, a caller
+/// who learned another caller's session id used that session (as far as the policy allowed the method).
+/// The gateway binds each session to the caller whose initialize created it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_sessions_are_bound_to_their_creator() {
+    let s = setup(config(false)).await;
+    for path in ["/mcp", "/json/mcp"] {
+        let alice = Session::open(s.envoy.url(path), &[("x-test-user", "alice")]).await;
+        let bob = Session {
+            url: alice.url.clone(),
+            id: alice.id.clone(),
+            headers: vec![("x-test-user".into(), "bob".into())],
+        };
+        let (st, _, m) = bob
+            .post(&json!({"jsonrpc": "2.0", "id": "b1", "method": "tools/call",
+            "params": {"name": "search", "arguments": {"query": "x"}}}))
+            .await;
+        assert_eq!(
+            (st, m[0]["id"].clone(), m[0]["error"]["code"].clone()),
+            (404, json!("b1"), json!(-32001)),
+            "{path}: {m:?}"
+        );
+        assert_eq!(m[0]["error"]["message"], "Session not found");
+        let (st, _, _) = bob.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+        assert_eq!(st, 404, "{path}: notifications too");
+        let get = client().get(&alice.url).header("accept", "text/event-stream").header("mcp-session-id", &alice.id);
+        assert_eq!(get.header("x-test-user", "bob").send().await.unwrap().status(), 404, "{path}: GET stream");
+        let del = client().delete(&alice.url).header("mcp-session-id", &alice.id).header("x-test-user", "bob");
+        assert_eq!(del.send().await.unwrap().status(), 404, "{path}: DELETE by another caller");
+        let anon = client().delete(&alice.url).header("mcp-session-id", &alice.id);
+        assert_eq!(anon.send().await.unwrap().status(), 404, "{path}: anonymous caller");
+        // The owner's session still works (bob's DELETE never reached the server).
+        let (st, _, m) = alice.call(json!(1), "search", json!({"query": "q"})).await;
+        assert_eq!((st, m["result"]["content"][0]["text"].clone()), (200, json!("results for q (limit 10)")), "{m:?}");
+        // The owner ends the session: the binding is cleared, the id is unknown again.
+        let del = client().delete(&alice.url).header("mcp-session-id", &alice.id).header("x-test-user", "alice");
+        assert!(del.send().await.unwrap().status().is_success(), "{path}");
+        let (st, _, m) = bob
+            .post(&json!({"jsonrpc": "2.0", "id": "b2", "method": "tools/call",
+            "params": {"name": "search", "arguments": {"query": "x"}}}))
+            .await;
+        assert_eq!(st, 404, "{path}: the server no longer knows the session: {m:?}");
+    }
+    wait_for_log(&s.envoy, r#""method":"tools/call","protocol":"mcp","rule":"session-binding","subject":"bob""#).await;
+    wait_for_log(&s.envoy, r#""method":"session/delete","protocol":"mcp","rule":"session-binding","subject":"bob""#)
+        .await;
+    // After the owner's DELETE, bob's call was decided by the policy and answered by the server.
+    wait_for_log(&s.envoy, r#""rule":"everyone-reads","subject":"bob","target":"search""#).await;
+    let stats = s.envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(stats.get("meshwarden.mcp_authz.session_binding_denied"), Some(&10), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.sessions_unbound"), Some(&2), "{stats:?}");
+    assert!(stats.get("meshwarden.mcp_authz.sessions_bound").is_some_and(|n| *n >= 2), "{stats:?}");
+}
+
+/// `unknown_sessions: deny` refuses session ids this Envoy never bound, and a binding ends after
+/// `binding_ttl_secs` (the session is unknown then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_expired_sessions() {
+    let mut cfg = config(false);
+    cfg["unknown_sessions"] = json!("deny");
+    cfg["binding_ttl_secs"] = json!(2);
+    let s = setup(cfg).await;
+    let url = s.envoy.url("/mcp");
+    let stranger =
+        Session { url: url.clone(), id: "made-up".into(), headers: vec![("x-test-user".into(), "alice".into())] };
+    let (st, _, m) = stranger.post(&json!({"jsonrpc": "2.0", "id": 5, "method": "ping"})).await;
+    assert_eq!((st, m[0]["id"].clone(), m[0]["error"]["code"].clone()), (404, json!(5), json!(-32001)), "{m:?}");
+    wait_for_log(&s.envoy, r#""rule":"unknown-session","subject":"alice""#).await;
+    let alice = Session::open(url.clone(), &[("x-test-user", "alice")]).await;
+    let (st, _, _) = alice.call(json!(1), "search", json!({"query": "q"})).await;
+    assert_eq!(st, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (st, _, m) = alice.call(json!(2), "search", json!({"query": "q"})).await;
+    assert_eq!((st, m["error"]["code"].clone()), (404, json!(-32001)), "expired: unknown, refused: {m:?}");
+    assert_eq!(s.envoy.stat("meshwarden.mcp_authz.session_unknown_denied").await.unwrap(), 2);
+    drop(s);
+
+    // Without binding, a session id is not checked.
+    let mut cfg = config(false);
+    cfg["bind_sessions"] = json!(false);
+    cfg["unknown_sessions"] = json!("deny");
+    let s = setup(cfg).await;
+    let alice = Session::open(s.envoy.url("/mcp"), &[("x-test-user", "alice")]).await;
+    let bob =
+        Session { url: alice.url.clone(), id: alice.id.clone(), headers: vec![("x-test-user".into(), "bob".into())] };
+    let (st, _, m) = bob.call(json!(1), "search", json!({"query": "q"})).await;
+    assert_eq!((st, m["result"]["content"][0]["text"].clone()), (200, json!("results for q (limit 10)")), "{m:?}");
+    drop(s);
+
+    for (field, value) in
+        [("binding_ttl_secs", json!(0)), ("max_bindings", json!(0)), ("unknown_sessions", json!("maybe"))]
+    {
+        let log = EnvoyBuilder::new("mcp-authz.yaml")
+            .upstream_port(9)
+            .filter_config("mcp-authz", &json!({ field: value }))
+            .start_expect_failure()
+            .await
+            .unwrap();
+        assert!(log.contains(field), "{field}: {log}");
+    }
+}
+
+/// The a2a-sdk serves any task to any caller (without its own authentication every caller is one
+/// owner): a caller who learned a task id read, cancelled, continued and subscribed to another caller's
+/// task. The gateway binds each task to the caller whose message created it; others get
+/// TaskNotFoundError (-32001), as for a task that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_tasks_are_bound_to_their_creator() {
+    let mut cfg = config(false);
+    cfg["policy"]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "a2a-tasks", "effect": "allow", "protocol": "a2a",
+        "methods": ["CancelTask", "SubscribeToTask", "ListTasks"], "identity": [{"claim": "sub", "present": true}]}));
+    let s = setup(cfg).await;
+    let rpc = |user: &'static str, groups: &'static str, body: Value| {
+        let v1 = body["method"].as_str().unwrap().chars().next().unwrap().is_uppercase();
+        let mut req = client().post(s.envoy.url("/a2a")).header("content-type", "application/json").json(&body);
+        if v1 {
+            req = req.header("a2a-version", "1.0");
+        }
+        req = req.header("x-test-user", user).header("x-test-groups", groups);
+        async move { messages(req.send().await.unwrap()).await }
+    };
+    let send = |method: &str, text: &str, task: Option<&str>| {
+        let v1 = method.chars().next().unwrap().is_uppercase();
+        let mut message = if v1 {
+            json!({"messageId": format!("m-{text}"), "role": "ROLE_USER", "parts": [{"text": text}]})
+        } else {
+            json!({"messageId": format!("m-{text}"), "role": "user", "kind": "message", "parts": [{"kind": "text", "text": text}]})
+        };
+        if let Some(t) = task {
+            message["taskId"] = json!(t);
+        }
+        json!({"jsonrpc": "2.0", "id": "send", "method": method, "params": {"message": message}})
+    };
+    // v1.0, JSON answer: a task waiting for input.
+    let (st, _, m) = rpc("alice", "", send("SendMessage", "task-wait one", None)).await;
+    assert_eq!(st, 200, "{m:?}");
+    let t1 = m[0]["result"]["task"]["id"].as_str().unwrap_or_else(|| panic!("{m:?}")).to_string();
+    let not_found = |m: &[Value], what: &str| {
+        assert_eq!(
+            (m[0]["error"]["code"].clone(), m[0]["error"]["message"].clone()),
+            (json!(-32001), json!("Task not found")),
+            "{what}: {m:?}"
+        );
+    };
+    let get = |method: &str, t: &str| json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": {"id": t}});
+    for (method, groups) in [
+        ("GetTask", ""),
+        ("tasks/get", ""),
+        ("CancelTask", ""),
+        ("SubscribeToTask", ""),
+        ("tasks/pushNotificationConfig/list", "ops"),
+    ] {
+        let (st, _, m) = rpc("bob", groups, get(method, &t1)).await;
+        assert_eq!((st, m[0]["id"].clone()), (200, json!(7)), "{method}: {m:?}");
+        not_found(&m, method);
+    }
+    let push =
+        json!({"jsonrpc": "2.0", "id": 7, "method": "ListTaskPushNotificationConfigs", "params": {"taskId": t1}});
+    not_found(&rpc("bob", "ops", push).await.2, "ListTaskPushNotificationConfigs");
+    // Continuing the task, or naming it as a reference, is using it too.
+    not_found(&rpc("bob", "", send("SendMessage", "more", Some(&t1))).await.2, "SendMessage with its taskId");
+    let mut refs = send("SendMessage", "see", None);
+    refs["params"]["message"]["referenceTaskIds"] = json!([t1]);
+    not_found(&rpc("bob", "", refs).await.2, "referenceTaskIds");
+    // The owner still reads and continues it.
+    let (_, _, m) = rpc("alice", "", get("GetTask", &t1)).await;
+    assert_eq!(m[0]["result"]["id"], json!(t1), "{m:?}");
+    let (_, _, m) = rpc("alice", "", send("SendMessage", "task more", Some(&t1))).await;
+    assert_eq!(m[0]["result"]["task"]["id"], json!(t1), "{m:?}");
+    // Streams (v0.3 and v1.0): the task named in the SSE events is bound too.
+    for method in ["message/stream", "SendStreamingMessage"] {
+        let (st, h, m) = rpc("alice", "", send(method, &format!("task {method}"), None)).await;
+        assert!(h["content-type"].to_str().unwrap().starts_with("text/event-stream"), "{method}");
+        assert_eq!(st, 200);
+        let t = m[0]["result"]["task"]["id"]
+            .as_str()
+            .or(m[0]["result"]["id"].as_str())
+            .unwrap_or_else(|| panic!("{m:?}"))
+            .to_string();
+        assert_eq!(m.len(), 3, "every event passes: {m:?}");
+        let q = if method == "message/stream" { "tasks/get" } else { "GetTask" };
+        not_found(&rpc("bob", "", get(q, &t)).await.2, method);
+        let (_, _, m) = rpc("alice", "", get(q, &t)).await;
+        assert!(m[0].get("result").is_some(), "{method}: {m:?}");
+    }
+    // v0.3 JSON answer.
+    let (_, _, m) = rpc("alice", "", send("message/send", "task v03", None)).await;
+    let t = m[0]["result"]["id"].as_str().unwrap_or_else(|| panic!("{m:?}")).to_string();
+    not_found(&rpc("bob", "", get("tasks/get", &t)).await.2, "message/send");
+    // ListTasks (v1.0): the agent lists every caller's tasks; each caller sees only their own.
+    let list = json!({"jsonrpc": "2.0", "id": 9, "method": "ListTasks", "params": {}});
+    let (_, _, m) = rpc("alice", "", list.clone()).await;
+    let ids = |m: &[Value]| -> Vec<String> {
+        let tasks = m[0]["result"]["tasks"].as_array().unwrap_or_else(|| panic!("{m:?}"));
+        tasks.iter().map(|t| t["id"].as_str().unwrap().to_string()).collect()
+    };
+    let mine = ids(&m);
+    assert_eq!(mine.len(), 4, "{m:?}");
+    assert!(mine.contains(&t1) && mine.contains(&t), "{mine:?}");
+    let (_, _, m) = rpc("bob", "", list).await;
+    assert_eq!(ids(&m), Vec::<String>::new(), "{m:?}");
+    assert!(m[0]["result"].get("totalSize").is_none(), "no count of other callers' tasks: {m:?}");
+    wait_for_log(&s.envoy, r#""method":"GetTask","protocol":"a2a","rule":"task-binding","subject":"bob""#).await;
+    let stats = s.envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(stats.get("meshwarden.mcp_authz.task_binding_denied"), Some(&11), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.tasks_bound"), Some(&4), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.tasks_hidden"), Some(&4), "{stats:?}");
 }

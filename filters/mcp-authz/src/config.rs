@@ -30,6 +30,24 @@ pub struct Config {
     pub audit_log: bool,
     /// How often (ms) a worker hands its counters to Envoy (they are summed in the VM in between).
     pub stats_flush_interval_ms: u64,
+    /// Bind each MCP session (`Mcp-Session-Id` of an initialize answer) to the caller who created it.
+    pub bind_sessions: bool,
+    /// Bind each A2A task (named in a `message/send` / `message/stream` answer) to the caller who created it.
+    pub bind_tasks: bool,
+    /// A session id this Envoy never saw bound (created before a restart or through another replica):
+    /// `allow` or `deny` (404, the client starts a new session).
+    pub unknown_sessions: UnknownSessions,
+    /// How long a binding lives (seconds since its creation).
+    pub binding_ttl_secs: u64,
+    /// Most bindings (sessions and tasks together) kept per Envoy.
+    pub max_bindings: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSessions {
+    Allow,
+    Deny,
 }
 
 /// `max_response_bytes` when not configured.
@@ -49,6 +67,11 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             audit_log: true,
             stats_flush_interval_ms: 20,
+            bind_sessions: true,
+            bind_tasks: true,
+            unknown_sessions: UnknownSessions::Allow,
+            binding_ttl_secs: 24 * 3600,
+            max_bindings: 100_000,
         }
     }
 }
@@ -252,6 +275,8 @@ impl Validate for Config {
         check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
         check_range("max_response_bytes", self.max_response_bytes, 1024, 64 << 20)?;
         check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
+        check_range("binding_ttl_secs", self.binding_ttl_secs, 1, 30 * 24 * 3600)?;
+        check_range("max_bindings", self.max_bindings, 1, 10_000_000)?;
         for (field, list) in [("mcp_paths", &self.mcp_paths), ("a2a_paths", &self.a2a_paths)] {
             for (i, p) in list.iter().enumerate() {
                 if !p.starts_with('/') {

@@ -108,6 +108,73 @@ pub struct Outcome {
     pub filters: HashMap<String, FilterKind>,
     /// Bounded names of notable events, counted by the adapter (`invalid_json`, `header_mismatch`...).
     pub events: Vec<&'static str>,
+    /// A2A: the existing tasks the allowed requests name (request id, task id), checked against the
+    /// callers the tasks are bound to (`bind_tasks`).
+    pub tasks: Vec<(Option<Value>, String)>,
+    /// A2A: an allowed request whose answer may create a task (`message/send`, `message/stream`).
+    pub creates_tasks: bool,
+    /// A2A: an allowed `ListTasks`, whose answer lists tasks of every caller.
+    pub lists_tasks: bool,
+}
+
+impl Outcome {
+    /// Remember the tasks an allowed A2A request names, and whether its answer may create one.
+    fn note_tasks(&mut self, id: Option<&Value>, method: &str, params: Option<&Value>) {
+        for task in a2a::task_refs(method, params) {
+            self.tasks.push((id.cloned(), task.to_string()));
+        }
+        self.creates_tasks |= a2a::creates_tasks(method);
+        self.lists_tasks |= a2a::lists_tasks(method);
+    }
+
+    /// Whether the request is forwarded (no local answer).
+    pub fn forwarded(&self) -> bool {
+        self.reply.is_none()
+    }
+
+    /// Refuse a forwarded request because the session or task it names is bound to another caller (or,
+    /// with `unknown_sessions: deny`, to nobody this Envoy knows): every decision becomes a deny by `rule`.
+    pub fn refuse_for_binding(&mut self, rule: &str, reply: Reply, event: &'static str) {
+        for a in &mut self.audits {
+            a.allowed = false;
+            a.rule = rule.to_string();
+            a.answer = None;
+        }
+        self.filters.clear();
+        self.tasks.clear();
+        self.creates_tasks = false;
+        self.lists_tasks = false;
+        self.events.push(event);
+        self.reply = Some(reply);
+    }
+
+    /// The JSON-RPC id to answer with: the one decided request's, else `null`.
+    pub fn single_id(&self) -> Option<Value> {
+        match self.audits.as_slice() {
+            [a] => a.id.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// Rule names (reserved) of the refusals of [`Outcome::refuse_for_binding`].
+pub const SESSION_BINDING_RULE: &str = "session-binding";
+pub const UNKNOWN_SESSION_RULE: &str = "unknown-session";
+pub const TASK_BINDING_RULE: &str = "task-binding";
+/// JSON-RPC code of the unknown-session answer (the MCP TypeScript SDK's -32001 "Session not found").
+pub const SESSION_NOT_FOUND: i64 = -32001;
+
+/// The answer to a request naming a session bound to another caller: what a server answers for a
+/// session it does not know (HTTP 404, after which an MCP client starts a new session), so the session's
+/// existence is not revealed.
+pub fn session_not_found(id: Option<&Value>) -> Reply {
+    json_reply(404, &jsonrpc::error_response(id, SESSION_NOT_FOUND, "Session not found"), vec![])
+}
+
+/// The answer to an A2A request naming a task bound to another caller: A2A's `TaskNotFoundError`, as for
+/// a task that does not exist.
+pub fn task_not_found(id: Option<&Value>) -> Reply {
+    json_reply(200, &jsonrpc::error_response(id, a2a::TASK_NOT_FOUND, "Task not found"), vec![])
 }
 
 /// A batch element's id and, when it was itself refused, its error (code, message).
@@ -702,6 +769,9 @@ impl Engine {
                     out.filters.insert(id_key(id), k);
                 }
             }
+            if protocol == Protocol::A2a {
+                out.note_tasks(id.as_ref(), &method, params.as_ref());
+            }
             return out;
         }
         let (code, message) = Self::deny_error(protocol, &method, target.as_deref(), d.answer);
@@ -776,6 +846,9 @@ impl Engine {
                         if let Some(k) = self.filter_kind(protocol, &method) {
                             out.filters.insert(id_key(&id), k);
                         }
+                        if protocol == Protocol::A2a {
+                            out.note_tasks(Some(&id), &method, params.as_ref());
+                        }
                         refused.push((Some(id), None));
                     } else {
                         any_denied = true;
@@ -806,6 +879,9 @@ impl Engine {
             return out;
         }
         out.filters.clear();
+        out.tasks.clear();
+        out.creates_tasks = false;
+        out.lists_tasks = false;
         let reason =
             if any_invalid { "the batch holds an invalid message" } else { "another request in the batch was denied" };
         let answers: Vec<Value> = refused
@@ -1609,6 +1685,58 @@ mod tests {
         );
         let forged = access_log_value("x\n/mcp 200 subject=root decision=allow");
         assert!(!forged.contains(['\n', '\r']), "{forged}");
+    }
+
+    /// Allowed A2A requests report the tasks they name (checked against bindings by the adapter) and
+    /// whether their answer creates or lists tasks; denied ones report nothing.
+    #[test]
+    fn a2a_outcomes_name_their_tasks() {
+        let e = std_engine("hide");
+        let rpc =
+            |m: &str, p: Value| json!({"jsonrpc": "2.0", "id": 3, "method": m, "params": p}).to_string().into_bytes();
+        let out = e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("GetTask", json!({"id": "t1"})));
+        assert!(out.forwarded());
+        assert_eq!(out.tasks, vec![(Some(json!(3)), "t1".to_string())]);
+        assert!(!out.creates_tasks && !out.lists_tasks);
+        let msg = json!({"message": {"messageId": "m", "taskId": "t2", "parts": []}});
+        let out = e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("message/send", msg.clone()));
+        assert_eq!(out.tasks, vec![(Some(json!(3)), "t2".to_string())]);
+        assert!(out.creates_tasks);
+        assert!(e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("ListTasks", json!({}))).lists_tasks);
+        let denied = e.decide_body(&anon(), Protocol::A2a, &h(), &rpc("GetTask", json!({"id": "t1"})));
+        assert!(!denied.forwarded() && denied.tasks.is_empty());
+        // MCP requests name no A2A task.
+        let mcp = e.decide_body(&admin(), Protocol::Mcp, &h(), &call(json!(1), "search", json!({})));
+        assert!(mcp.tasks.is_empty() && !mcp.creates_tasks);
+        // A binding refusal turns every decision into a deny by the binding rule, with its answer.
+        let mut out = e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("message/send", msg));
+        out.refuse_for_binding(TASK_BINDING_RULE, task_not_found(out.single_id().as_ref()), "task_binding_denied");
+        let r = out.reply.clone().unwrap();
+        assert_eq!((r.status, body(&r)["id"].clone(), body_code(&r)), (200, json!(3), a2a::TASK_NOT_FOUND));
+        assert!(out.audits.iter().all(|a| !a.allowed && a.rule == TASK_BINDING_RULE));
+        assert!(!out.creates_tasks && out.tasks.is_empty() && out.events == ["task_binding_denied"]);
+        let r = session_not_found(None);
+        assert_eq!((r.status, body(&r)["error"]["message"].clone()), (404, json!("Session not found")));
+    }
+
+    /// The binding settings are validated with their field named.
+    #[test]
+    fn binding_settings_are_validated() {
+        for (field, value) in
+            [("binding_ttl_secs", json!(0)), ("max_bindings", json!(0)), ("binding_ttl_secs", json!(99_999_999))]
+        {
+            let err = parse_config::<Config>(json!({ field: value }).to_string().as_bytes()).unwrap_err().to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let err = parse_config::<Config>(br#"{"unknown_sessions": "maybe"}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown_sessions"), "{err}");
+        let err = parse_config::<Config>(br#"{"policy": {"rules": [{"name": "task-binding", "effect": "allow"}]}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.rules[0].name"), "{err}");
+        let c: Config = parse_config(br#"{}"#).unwrap();
+        assert!(c.bind_sessions && c.bind_tasks && c.unknown_sessions == crate::config::UnknownSessions::Allow);
+        assert_eq!((c.binding_ttl_secs, c.max_bindings), (86_400, 100_000));
     }
 
     fn std_engine(answer: &str) -> Engine {

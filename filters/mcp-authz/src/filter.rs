@@ -2,14 +2,17 @@
 //! and applies its answer (local reply, forwarded request, filtered answer, stats, audit log,
 //! filter state for access logs).
 
-use crate::config::{Config, OtherPaths, Protocol};
+use crate::binding::{self, Bound, Kind, Table, Verdict};
+use crate::config::{Config, OtherPaths, Protocol, UnknownSessions};
 use crate::engine::{withheld_answer, Audit, Endpoint, Engine, Outcome, Plan, Reply, SseFilter};
 use crate::identity::{self, Identity, Sources};
-use meshwarden_shared::host::{load_config, log, HeaderSnapshot, Metrics, VmTimed};
-use meshwarden_shared::jsonrpc;
+use meshwarden_shared::host::{load_config, log, now_ms, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::mcp::{self, RequestHeaders};
 use meshwarden_shared::pbstruct::decode_metadata_namespace;
+use meshwarden_shared::sse::SseParser;
 use meshwarden_shared::stats::{BoundedLabels, CounterBatch};
+use meshwarden_shared::{a2a, jsonrpc};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
@@ -153,12 +156,39 @@ impl RootContext for Root {
             body_size: 0,
             a2a_by_header: false,
             response_size: 0,
+            session_id: None,
+            session: Verdict::Unknown,
+            session_create: false,
+            session_delete: false,
+            capture: None,
+            capture_planned: false,
+            task_list_planned: false,
         }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
     }
+}
+
+/// Envoy shared data: the binding table of every worker of this Envoy (see `binding`).
+struct SharedData;
+
+impl binding::Store for SharedData {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> bool {
+        hostcalls::set_shared_data(key, Some(value), cas).is_ok()
+    }
+}
+
+/// Reading an A2A answer for the tasks it creates (it passes as it comes).
+enum Capture {
+    /// A JSON answer: a copy of its bytes, read at its end.
+    Json(Vec<u8>),
+    /// An SSE answer: each event as it completes.
+    Sse(SseParser),
 }
 
 /// Envoy's default buffer limit (`per_connection_buffer_limit_bytes`), see [`Request::incidental_json_limit`].
@@ -170,6 +200,8 @@ enum Answer {
     Discard,
     Json,
     Sse(SseFilter),
+    /// A2A `ListTasks` answer (buffered): only the caller's own tasks are kept.
+    TaskList,
 }
 
 struct Request {
@@ -193,11 +225,211 @@ struct Request {
     a2a_by_header: bool,
     /// Answer bytes buffered so far (JSON answers being filtered).
     response_size: usize,
+    /// MCP: the request's `Mcp-Session-Id` (with `bind_sessions`), and who may use it.
+    session_id: Option<String>,
+    session: Verdict,
+    /// MCP POST without a session id (an initialize): bind the session its answer names.
+    session_create: bool,
+    /// MCP DELETE of a session bound to this caller: forget it when the server confirms.
+    session_delete: bool,
+    /// A2A: the answer is read for the tasks it creates.
+    capture: Option<Capture>,
+    capture_planned: bool,
+    /// A2A `ListTasks`: keep only the caller's tasks in the answer.
+    task_list_planned: bool,
 }
 
 impl Context for Request {}
 
 impl Request {
+    fn table(&self) -> Table<'static, SharedData> {
+        const STORE: SharedData = SharedData;
+        Table {
+            store: &STORE,
+            slots: self.engine.config.max_bindings,
+            ttl_ms: self.engine.config.binding_ttl_secs.saturating_mul(1000),
+        }
+    }
+
+    fn owner(&self) -> [u8; 16] {
+        binding::owner_hash(&self.identity.subject(&self.engine.config.identity.subject_claims))
+    }
+
+    /// Refuse a forwarded request whose session or tasks are bound to another caller.
+    fn check_bindings(&mut self, mut out: Outcome) -> Outcome {
+        if !out.forwarded() {
+            return out;
+        }
+        // Only an initialize creates a session: other answers are not read for one.
+        self.session_create &= out.audits.iter().any(|a| a.method == "initialize");
+        let cfg = &self.engine.config;
+        if self.session_id.is_some() {
+            let id = out.single_id();
+            match self.session {
+                Verdict::Foreign => {
+                    let r = crate::engine::session_not_found(id.as_ref());
+                    out.refuse_for_binding(crate::engine::SESSION_BINDING_RULE, r, "session_binding_denied");
+                    return out;
+                }
+                Verdict::Unknown if cfg.unknown_sessions == UnknownSessions::Deny => {
+                    let r = crate::engine::session_not_found(id.as_ref());
+                    out.refuse_for_binding(crate::engine::UNKNOWN_SESSION_RULE, r, "session_unknown_denied");
+                    return out;
+                }
+                _ => {}
+            }
+        }
+        if cfg.bind_tasks && !out.tasks.is_empty() {
+            let (owner, now) = (self.owner(), now_ms());
+            let table = self.table();
+            let foreign =
+                out.tasks.iter().find(|(_, task)| table.verdict(Kind::Task, task, &owner, now) == Verdict::Foreign);
+            if let Some((id, _)) = foreign {
+                let r = crate::engine::task_not_found(id.as_ref());
+                out.refuse_for_binding(crate::engine::TASK_BINDING_RULE, r, "task_binding_denied");
+                return out;
+            }
+        }
+        self.capture_planned = cfg.bind_tasks && out.creates_tasks;
+        self.task_list_planned = cfg.bind_tasks && out.lists_tasks;
+        out
+    }
+
+    /// Record, at the answer's headers, the session an initialize created, or forget a deleted one, and
+    /// plan reading an A2A answer for the tasks it creates.
+    fn bind_at_answer(&mut self) {
+        if !(self.session_create || self.session_delete || self.capture_planned || self.task_list_planned) {
+            return;
+        }
+        let status = self.get_http_response_header(":status").and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+        if !(200..300).contains(&status) {
+            return;
+        }
+        if self.session_create {
+            if let Some(sid) = self.get_http_response_header(mcp::HEADER_SESSION_ID) {
+                self.bind(Kind::Session, &sid);
+            }
+        }
+        if self.session_delete {
+            if let Some(sid) = self.session_id.clone() {
+                if self.table().unbind(Kind::Session, &sid) {
+                    self.shared.borrow_mut().count("sessions_unbound");
+                }
+            }
+        }
+        if self.task_list_planned && self.plan.is_empty() {
+            // Read whole, uncompressed or not at all (then withheld, see `finish_task_list`).
+            self.answer = Answer::TaskList;
+            self.set_http_response_header("content-length", None);
+            let encoding = self.get_http_response_header("content-encoding").unwrap_or_default();
+            if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
+                self.set_http_response_header("content-encoding", None);
+                self.unreadable = true;
+            }
+        }
+        if self.capture_planned && self.plan.is_empty() {
+            let ctype = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+            let limit = self.engine.config.max_response_bytes as usize;
+            self.capture = Some(if ctype.starts_with("text/event-stream") {
+                Capture::Sse(SseParser::new(limit))
+            } else {
+                Capture::Json(Vec::new())
+            });
+        }
+    }
+
+    fn bind(&mut self, kind: Kind, id: &str) {
+        let result = self.table().bind(kind, id, &self.owner(), now_ms());
+        let mut sh = self.shared.borrow_mut();
+        match (result, kind) {
+            (Bound::Recorded, Kind::Session) => sh.count("sessions_bound"),
+            (Bound::Recorded, Kind::Task) => sh.count("tasks_bound"),
+            (Bound::Owned, _) => {}
+            (Bound::Taken, _) => sh.count("binding_taken"),
+            (Bound::Full, _) => {
+                sh.count("bindings_full");
+                drop(sh);
+                log(LogLevel::Warn, "meshwarden mcp_authz: binding table full (max_bindings): id not bound");
+            }
+        }
+    }
+
+    /// Keep only the caller's own tasks in a buffered `ListTasks` answer; withhold one that cannot be read.
+    fn finish_task_list(&mut self, body_size: usize) {
+        self.answer = Answer::Untouched;
+        let body = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let parsed = if self.unreadable { None } else { serde_json::from_slice::<serde_json::Value>(&body).ok() };
+        let Some(mut v) = parsed else {
+            self.fail_closed_answer(body_size, "task list is not readable JSON");
+            return;
+        };
+        let Some(tasks) = a2a::listed_tasks_mut(&mut v) else { return };
+        let (owner, now) = (self.owner(), now_ms());
+        let table = self.table();
+        let before = tasks.len();
+        // Only tasks bound to this caller: another caller's, and one this Envoy cannot attribute (created
+        // through another replica or before a restart), are not shown.
+        tasks.retain(|t| {
+            t.get("id")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|id| table.verdict(Kind::Task, id, &owner, now) == Verdict::Owner)
+        });
+        let removed = before - tasks.len();
+        if removed > 0 {
+            self.shared.borrow_mut().add("tasks_hidden", removed as u64);
+            // It counts every caller's tasks.
+            if let Some(result) = v.get_mut("result").and_then(serde_json::Value::as_object_mut) {
+                result.retain(|k, _| !k.replace('_', "").eq_ignore_ascii_case("totalsize"));
+            }
+        }
+        self.set_http_response_body(0, body_size, v.to_string().as_bytes());
+    }
+
+    /// Read a chunk of an A2A answer for the tasks it names (the chunk passes unchanged).
+    fn capture_chunk(&mut self, body_size: usize, end_of_stream: bool) {
+        let Some(mut capture) = self.capture.take() else { return };
+        let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let limit = self.engine.config.max_response_bytes as usize;
+        let mut tasks: Vec<String> = Vec::new();
+        let mut keep = true;
+        match &mut capture {
+            Capture::Json(buf) => {
+                if buf.len() + chunk.len() > limit {
+                    keep = false;
+                    self.shared.borrow_mut().count("task_answer_unread");
+                } else {
+                    buf.extend_from_slice(&chunk);
+                    if end_of_stream {
+                        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) {
+                            let messages = match &v {
+                                serde_json::Value::Array(items) => items.iter().collect(),
+                                one => vec![one],
+                            };
+                            tasks.extend(messages.into_iter().filter_map(a2a::answer_task_id).map(str::to_string));
+                        }
+                    }
+                }
+            }
+            Capture::Sse(parser) => {
+                parser.feed_with(&chunk, |event| {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&event.data) {
+                        if let Some(t) = a2a::answer_task_id(&v) {
+                            if !tasks.iter().any(|x| x == t) {
+                                tasks.push(t.to_string());
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        for t in &tasks {
+            self.bind(Kind::Task, t);
+        }
+        if keep && !end_of_stream {
+            self.capture = Some(capture);
+        }
+    }
+
     fn reply(&mut self, r: &Reply) -> Action {
         let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let body = if r.body.is_empty() { None } else { Some(r.body.as_bytes()) };
@@ -312,6 +544,7 @@ impl Request {
         }
         let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
         let out = self.engine.decide_body(&self.identity, protocol, &self.headers, &body);
+        let out = self.check_bindings(out);
         self.apply(out)
     }
 
@@ -443,11 +676,31 @@ impl Request {
             return Action::Continue;
         }
         let protocol = if self.endpoint == Endpoint::Mcp { Protocol::Mcp } else { Protocol::A2a };
+        if protocol == Protocol::Mcp && self.engine.config.bind_sessions && method != "OPTIONS" {
+            if headers.count(mcp::HEADER_SESSION_ID) > 1 {
+                return self.error_reply(
+                    400,
+                    jsonrpc::INVALID_REQUEST,
+                    "Invalid Request: Mcp-Session-Id is repeated",
+                    "header_mismatch",
+                );
+            }
+            match headers.get(mcp::HEADER_SESSION_ID) {
+                Some(sid) => {
+                    let sid = sid.to_string();
+                    self.session = self.table().verdict(Kind::Session, &sid, &self.owner(), now_ms());
+                    self.session_delete = method == "DELETE" && self.session == Verdict::Owner;
+                    self.session_id = Some(sid);
+                }
+                None => self.session_create = method == "POST",
+            }
+        }
         match method.as_str() {
             "POST" => {}
             "OPTIONS" => return Action::Continue,
             m if protocol == Protocol::Mcp => {
                 let out = self.engine.decide_session(&self.identity, m);
+                let out = self.check_bindings(out);
                 let action = self.apply(out);
                 if m == "GET" && !self.replied {
                     // The server-to-client stream: the server may replay stored answers there
@@ -513,6 +766,7 @@ impl Request {
             }
             self.decided = true;
             let out = self.engine.decide_body(&self.identity, protocol, &self.headers, b"");
+            let out = self.check_bindings(out);
             return self.apply(out);
         }
         Action::Continue
@@ -542,6 +796,12 @@ impl Request {
     }
 
     fn response_trailers(&mut self, _n: usize) -> Action {
+        if !self.replied && self.capture.is_some() {
+            self.capture_chunk(0, true);
+        }
+        if !self.replied && matches!(self.answer, Answer::TaskList) {
+            self.finish_task_list(self.response_size);
+        }
         // Trailers end the answer without `end_of_stream` in the body callback: finish filtering here.
         if !self.replied && matches!(self.answer, Answer::Json) {
             self.finish_json_answer(self.response_size);
@@ -550,6 +810,9 @@ impl Request {
     }
 
     fn response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        if !self.replied {
+            self.bind_at_answer();
+        }
         if self.replied || (self.plan.is_empty() && !self.card) {
             return Action::Continue;
         }
@@ -609,6 +872,9 @@ impl Request {
         if self.replied {
             return Action::Continue;
         }
+        if self.capture.is_some() {
+            self.capture_chunk(body_size, end_of_stream);
+        }
         match std::mem::replace(&mut self.answer, Answer::Untouched) {
             Answer::Untouched => Action::Continue,
             Answer::Discard => {
@@ -640,6 +906,20 @@ impl Request {
                     self.shared.borrow_mut().add("sse_events_dropped", dropped);
                 }
                 self.set_http_response_body(0, body_size, &out);
+                Action::Continue
+            }
+            Answer::TaskList => {
+                self.answer = Answer::TaskList;
+                if body_size as u64 > self.engine.config.max_response_bytes {
+                    self.fail_closed_answer(body_size, "answer too large");
+                    self.answer = Answer::Discard;
+                    return Action::Continue;
+                }
+                if !end_of_stream {
+                    self.response_size = body_size;
+                    return Action::Pause;
+                }
+                self.finish_task_list(body_size);
                 Action::Continue
             }
             Answer::Json => {

@@ -6,6 +6,7 @@
 //! bad input, list / SSE / agent card filtering), `onepass` (list filtering in a single scan). `filter` is the thin proxy-wasm adapter, compiled
 //! only for wasm32 (and for clippy).
 
+pub mod binding;
 pub mod config;
 pub mod engine;
 pub mod identity;

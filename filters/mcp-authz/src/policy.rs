@@ -281,10 +281,13 @@ impl Policy {
         let mut names = std::collections::HashSet::new();
         for (i, r) in cfg.rules.iter().enumerate() {
             let base = format!("policy.rules[{i}]");
-            if r.name.is_empty() || r.name == "builtin" || r.name == "default" || r.name == "uri-dot-segments" {
+            const RESERVED: &[&str] =
+                &["builtin", "default", "uri-dot-segments", "session-binding", "unknown-session", "task-binding"];
+            if r.name.is_empty() || RESERVED.contains(&r.name.as_str()) {
                 return Err(ConfigError::at(
                     &format!("{base}.name"),
-                    "must be non-empty and not `builtin`, `default` or `uri-dot-segments`",
+                    "must be non-empty and not `builtin`, `default`, `uri-dot-segments`, `session-binding`, \
+                     `unknown-session` or `task-binding`",
                 ));
             }
             if !names.insert(r.name.clone()) {
