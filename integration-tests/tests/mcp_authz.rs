@@ -1756,13 +1756,20 @@ async fn mcp_sessions_are_bound_to_their_creator() {
             .await;
         assert_eq!(st, 404, "{path}: the server no longer knows the session: {m:?}");
     }
+    // A caller whose `sub` is "anonymous" is not the anonymous callers (one audit subject, two owners).
+    let named = Session::open(s.envoy.url("/mcp"), &[("x-test-user", "anonymous")]).await;
+    let anon = Session { url: named.url.clone(), id: named.id.clone(), headers: vec![] };
+    let (st, _, m) = anon.call(json!(3), "search", json!({"query": "x"})).await;
+    assert_eq!((st, m["error"]["code"].clone()), (404, json!(-32001)), "{m:?}");
+    let (st, _, _) = named.call(json!(4), "search", json!({"query": "x"})).await;
+    assert_eq!(st, 200);
     wait_for_log(&s.envoy, r#""method":"tools/call","protocol":"mcp","rule":"session-binding","subject":"bob""#).await;
     wait_for_log(&s.envoy, r#""method":"session/delete","protocol":"mcp","rule":"session-binding","subject":"bob""#)
         .await;
     // After the owner's DELETE, bob's call was decided by the policy and answered by the server.
     wait_for_log(&s.envoy, r#""rule":"everyone-reads","subject":"bob","target":"search""#).await;
     let stats = s.envoy.stats("mcp_authz").await.unwrap();
-    assert_eq!(stats.get("meshwarden.mcp_authz.session_binding_denied"), Some(&10), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.session_binding_denied"), Some(&11), "{stats:?}");
     assert_eq!(stats.get("meshwarden.mcp_authz.sessions_unbound"), Some(&2), "{stats:?}");
     assert!(stats.get("meshwarden.mcp_authz.sessions_bound").is_some_and(|n| *n >= 2), "{stats:?}");
 }

@@ -252,7 +252,8 @@ impl Request {
     }
 
     fn owner(&self) -> [u8; 16] {
-        binding::owner_hash(&self.identity.subject(&self.engine.config.identity.subject_claims))
+        let key = self.identity.owner_key(&self.engine.config.identity.subject_claims);
+        binding::owner_hash(key.as_deref().unwrap_or("anonymous"))
     }
 
     /// Refuse a forwarded request whose session or tasks are bound to another caller.

@@ -45,6 +45,13 @@ impl Identity {
             .find_map(|c| self.claim(c).and_then(Value::as_str).map(str::to_string))
             .unwrap_or_else(|| "anonymous".to_string())
     }
+
+    /// Who owns a session or task this caller creates: the subject together with the claim it came from
+    /// (`sub` "spiffe://td/ns/a/sa/b" is not the workload whose `spiffe.id` that is, and a token whose
+    /// `sub` is "anonymous" is not the anonymous callers); `None` for an anonymous caller.
+    pub fn owner_key(&self, subject_claims: &[String]) -> Option<String> {
+        subject_claims.iter().find_map(|c| self.claim(c).and_then(Value::as_str).map(|v| format!("{c}\0{v}")))
+    }
 }
 
 /// The raw inputs the adapter reads from the host. The peer certificate is not among them: reading it
@@ -190,6 +197,27 @@ pub fn parse_spiffe(uri: &str) -> Option<Value> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A binding's owner is the subject and the claim it came from: a token whose `sub` reads like
+    /// another caller's subject (a workload's SPIFFE ID, the anonymous callers' `anonymous`) is not them.
+    #[test]
+    fn owners_keep_the_claim_of_their_subject() {
+        let claims = ["sub".to_string(), "spiffe.id".to_string()];
+        let of = |v: Value| Identity::from_claims(v.as_object().cloned().unwrap_or_default());
+        let sub_anon = of(json!({"sub": "anonymous"}));
+        assert_eq!(sub_anon.subject(&claims), Identity::default().subject(&claims), "the audit subject is the same");
+        assert_ne!(sub_anon.owner_key(&claims), Identity::default().owner_key(&claims));
+        assert_eq!(Identity::default().owner_key(&claims), None);
+        let id = "spiffe://td/ns/a/sa/b";
+        let token = of(json!({"sub": id}));
+        let workload = of(json!({"spiffe": {"id": id}}));
+        assert_eq!(token.subject(&claims), workload.subject(&claims));
+        assert_ne!(token.owner_key(&claims), workload.owner_key(&claims));
+        assert_eq!(
+            of(json!({"sub": "bob", "groups": ["x"]})).owner_key(&claims),
+            of(json!({"sub": "bob"})).owner_key(&claims)
+        );
+    }
 
     fn b64url(s: &str) -> String {
         const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
