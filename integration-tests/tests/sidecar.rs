@@ -561,3 +561,49 @@ async fn the_memory_backend_does_not_follow_wall_clock_steps() {
     let over = reserve(slot("other")).await;
     assert_eq!(over["allowed"], false, "{over}");
 }
+
+/// A call's size is bounded by what a gateway sends (4 windows per rule, 256 rules, settlements in
+/// batches of 256): more windows in a group, more groups or more items are refused `400` naming the
+/// field, before Redis sees them. One reserve with 40,000 windows ran as one Lua script that held the
+/// shared Redis for about 130 ms (its slowlog): every other sidecar's call failed its 40 ms timeout
+/// meanwhile (each gateway's `failure_mode`), and whoever reached an open sidecar port could repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_larger_than_a_gateway_sends_are_refused_before_redis() {
+    let redis = meshwarden_integration_tests::redis_server::RedisServer::start().unwrap();
+    let sidecar = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let window = |i: u64| serde_json::json!({"limit": i + 1, "window_ms": 60_000});
+    let group = |key: String, windows: u64| serde_json::json!({"key": key, "windows": (0..windows).map(window).collect::<Vec<_>>(), "cost": 1});
+    let item = |key: String| serde_json::json!({"key": key, "windows": [window(0)], "delta": 1});
+    let call = |op: &str, body: serde_json::Value| {
+        let r = http.post(sidecar.url(&format!("/v1/ratelimit/{op}"))).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let cases = [
+        ("reserve", serde_json::json!({"groups": [group("wide".into(), 40_000)]}), "groups[0].windows"),
+        (
+            "reserve",
+            serde_json::json!({"groups": (0..257).map(|i| group(format!("g{i}"), 1)).collect::<Vec<_>>()}),
+            "groups",
+        ),
+        ("settle", serde_json::json!({"items": (0..257).map(|i| item(format!("i{i}"))).collect::<Vec<_>>()}), "items"),
+    ];
+    for (op, body, field) in cases {
+        let (status, text) = call(op, body).await;
+        assert_eq!(status, 400, "{op} {field}: {text}");
+        assert!(text.contains(field), "{text}");
+    }
+    let keys = meshwarden_integration_tests::redis_server::command(redis.port, "DBSIZE").unwrap();
+    assert_eq!(keys, ":0\r\n", "Redis saw none of them");
+    // What a gateway sends at most passes.
+    let (status, text) =
+        call("reserve", serde_json::json!({"groups": (0..256).map(|i| group(format!("g{i}"), 4)).collect::<Vec<_>>()}))
+            .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) =
+        call("settle", serde_json::json!({"items": (0..256).map(|i| item(format!("i{i}"))).collect::<Vec<_>>()})).await;
+    assert_eq!(status, 204, "{text}");
+}

@@ -77,6 +77,16 @@ pub const MAX_LEASE_MS: u64 = 86_400_000;
 /// The longest budget key, lease id or settlement id the sidecar API accepts, in bytes.
 pub const MAX_NAME_BYTES: usize = 512;
 
+/// The most windows a group or a settle item may have (token-limiter sends at most 4, one per
+/// `tokens_per_*`): a group's windows are one Redis script, which holds Redis while it runs.
+pub const MAX_WINDOWS: usize = 16;
+
+/// The most groups one reserve may have (token-limiter: one per rule, at most this many rules).
+pub const MAX_GROUPS: usize = 256;
+
+/// The most items one settle may have (token-limiter sends its settlements in batches of this many).
+pub const MAX_ITEMS: usize = 256;
+
 /// What one window says about a reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WindowState {
@@ -224,6 +234,9 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
 }
 
 fn check_windows(at: &str, windows: &[WindowSpec]) -> Result<(), String> {
+    if windows.len() > MAX_WINDOWS {
+        return Err(format!("{at}.windows must have at most {MAX_WINDOWS} windows"));
+    }
     for (j, w) in windows.iter().enumerate() {
         if w.limit == 0 {
             return Err(format!("{at}.windows[{j}].limit must be at least 1"));
@@ -238,8 +251,12 @@ fn check_windows(at: &str, windows: &[WindowSpec]) -> Result<(), String> {
 impl ReserveRequest {
     /// Whether the sidecar can answer this request exactly on every backend; the error names the field.
     /// Checked before any backend sees the request (`400`): a limit or window of 0, a concurrency `max`
-    /// of 0 (omit `concurrency` for no limit), a lease over [`MAX_LEASE_MS`], an odd key or lease id.
+    /// of 0 (omit `concurrency` for no limit), a lease over [`MAX_LEASE_MS`], an odd key or lease id,
+    /// more than [`MAX_GROUPS`] groups or [`MAX_WINDOWS`] windows in a group.
     pub fn validate(&self) -> Result<(), String> {
+        if self.groups.len() > MAX_GROUPS {
+            return Err(format!("groups must have at most {MAX_GROUPS} groups"));
+        }
         for (i, g) in self.groups.iter().enumerate() {
             let at = format!("groups[{i}]");
             check_name(&format!("{at}.key"), &g.key)?;
@@ -261,6 +278,9 @@ impl ReserveRequest {
 impl SettleRequest {
     /// As [`ReserveRequest::validate`], for settlements.
     pub fn validate(&self) -> Result<(), String> {
+        if self.items.len() > MAX_ITEMS {
+            return Err(format!("items must have at most {MAX_ITEMS} items"));
+        }
         for (i, it) in self.items.iter().enumerate() {
             let at = format!("items[{i}]");
             check_name(&format!("{at}.key"), &it.key)?;

@@ -385,6 +385,13 @@ impl Validate for Config {
             (_, Some(s)) => s.validate("sidecar")?,
             _ => {}
         }
+        if self.rules.len() > meshwarden_shared::ratelimit::MAX_GROUPS {
+            // A request's reserve has a group per rule, and the sidecar refuses more.
+            return Err(ConfigError::at(
+                "rules",
+                format!("at most {} rules", meshwarden_shared::ratelimit::MAX_GROUPS),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
             let p = format!("rules[{i}]");
@@ -582,6 +589,15 @@ mod tests {
         assert_eq!(e(r#"{"state":"local","sidecar":{"cluster":"meshwarden_sidecar"}}"#), "$.sidecar");
         assert_eq!(e(r#"{"sidecar_token":"s3cret"}"#), "$.sidecar_token");
         assert!(parse_config::<Config>(br#"{"state":"sidecar","sidecar":{"cluster":"c"},"sidecar_token":"t"}"#).is_ok());
+        // At most MAX_GROUPS rules: a reserve has a group per rule, and the sidecar refuses more.
+        let rules = |n: usize| {
+            let r: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"name":"r{i}","key":{{"constant":"x"}},"limits":{{"tokens_per_minute":1}}}}"#))
+                .collect();
+            format!(r#"{{"rules":[{}]}}"#, r.join(","))
+        };
+        assert!(parse_config::<Config>(rules(meshwarden_shared::ratelimit::MAX_GROUPS).as_bytes()).is_ok());
+        assert_eq!(e(&rules(meshwarden_shared::ratelimit::MAX_GROUPS + 1)), "$.rules");
         // A rule name is part of every budget key the sidecar holds (at most MAX_NAME_BYTES): 256 bytes.
         let named = |n: usize| {
             format!(

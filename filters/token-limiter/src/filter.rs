@@ -250,7 +250,7 @@ impl Shared {
         };
         let _ = hostcalls::set_effective_context(self.root_context_id.get());
         let mut dispatched = 0;
-        for chunk in items.chunks(256) {
+        for chunk in items.chunks(meshwarden_shared::ratelimit::MAX_ITEMS) {
             let releases: Vec<LateRelease> = chunk
                 .iter()
                 .filter(|(it, _)| it.release_lease.is_some() || (it.delta != 0 && it.id.is_some()))
