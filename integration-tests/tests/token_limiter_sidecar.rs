@@ -256,9 +256,9 @@ async fn odd_numbers_get_the_same_answer_from_memory_and_redis() {
         // 2, 3: limits that differ past the 14th digit are two budgets.
         ("reserve", res("big", json!([w(100_000_000_000_001, 1000)]), 60_000_000_000_000)),
         ("reserve", res("big", json!([w(100_000_000_000_002, 1000)]), 60_000_000_000_000)),
-        // 4: the largest limit; 5: the largest cost.
+        // 4: the largest limit; 5: the largest cost a rollback can give back (a settle's delta is an i64).
         ("reserve", res("huge", json!([w(max, day)]), 1)),
-        ("reserve", res("huge-cost", json!([w(1000, day)]), max)),
+        ("reserve", res("huge-cost", json!([w(1000, day)]), i64::MAX as u64)),
         // 6, 7: the largest debt, then what is left.
         ("settle", json!({"items":[{"key":"debt","windows":[w(1000, day)],"delta":i64::MAX}]})),
         ("reserve", res("debt", json!([w(1000, day)]), 1)),
@@ -271,6 +271,13 @@ async fn odd_numbers_get_the_same_answer_from_memory_and_redis() {
         // 10, 11: keys and ids with hash-tag braces.
         ("reserve", res("a}:s:x", json!([w(1000, day)]), 1)),
         ("settle", json!({"items":[{"key":"a","windows":[w(1000, day)],"delta":5,"id":"x}:w"}]})),
+        // 12: a cost over i64::MAX, reserved then rolled back (the second group denies); 13: what is left.
+        (
+            "reserve",
+            json!({"groups":[{"key":"rb","windows":[w(max, day)],"cost":max},
+                             {"key":"rb-deny","windows":[w(1, day)],"cost":2}]}),
+        ),
+        ("reserve", res("rb", json!([w(max, day)]), 0)),
     ];
     let mut answers = [Vec::new(), Vec::new()];
     for (i, s) in [&mem, &red].iter().enumerate() {
@@ -293,7 +300,10 @@ async fn odd_numbers_get_the_same_answer_from_memory_and_redis() {
         assert_eq!(m, r, "step {k} {}: memory (left) and Redis (right) differ", steps[k].1);
     }
     let statuses: Vec<u16> = answers[0].iter().map(|(s, _)| *s).collect();
-    assert_eq!(statuses, [400, 400, 200, 200, 200, 200, 204, 200, 400, 400, 400, 400], "{:#?}", answers[0]);
+    assert_eq!(statuses, [400, 400, 200, 200, 200, 200, 204, 200, 400, 400, 400, 400, 400, 200], "{:#?}", answers[0]);
+    // Nothing of `rb` stays charged: a rollback gives back at most i64::MAX tokens, and a cost over it
+    // left half of this budget charged (2^64 - 1 reserved, 2^63 - 1 given back).
+    assert_eq!(answers[0][13].1["groups"][0]["windows"][0]["remaining"].as_u64(), Some(max), "{:?}", answers[0][13]);
     let allowed = |k: usize| answers[0][k].1["allowed"].as_bool().unwrap();
     assert!(allowed(2) && allowed(3), "two budgets: {:?}", answers[0][3]);
     // One token costs 1 µs of the day: u64::MAX * (1 - 1/86.4e9) tokens are left.
@@ -302,7 +312,7 @@ async fn odd_numbers_get_the_same_answer_from_memory_and_redis() {
     assert!(!allowed(5) && answers[0][5].1["groups"][0]["never"] == json!(true));
     assert!(!allowed(7));
     // Refused calls say why.
-    for k in [0, 1, 8, 9, 10, 11] {
+    for k in [0, 1, 8, 9, 10, 11, 12] {
         assert!(answers[0][k].1["error"].as_str().is_some_and(|e| !e.is_empty()), "{:?}", answers[0][k]);
     }
 }

@@ -252,7 +252,8 @@ impl ReserveRequest {
     /// Whether the sidecar can answer this request exactly on every backend; the error names the field.
     /// Checked before any backend sees the request (`400`): a limit or window of 0, a concurrency `max`
     /// of 0 (omit `concurrency` for no limit), a lease over [`MAX_LEASE_MS`], an odd key or lease id,
-    /// more than [`MAX_GROUPS`] groups or [`MAX_WINDOWS`] windows in a group.
+    /// more than [`MAX_GROUPS`] groups or [`MAX_WINDOWS`] windows in a group, a cost over `i64::MAX` (a
+    /// rollback gives it back as a settlement's `delta`).
     pub fn validate(&self) -> Result<(), String> {
         if self.groups.len() > MAX_GROUPS {
             return Err(format!("groups must have at most {MAX_GROUPS} groups"));
@@ -261,6 +262,11 @@ impl ReserveRequest {
             let at = format!("groups[{i}]");
             check_name(&format!("{at}.key"), &g.key)?;
             check_windows(&at, &g.windows)?;
+            if i64::try_from(g.cost).is_err() {
+                // A rollback gives the cost back as a settlement's i64 delta: a larger cost stayed
+                // partly charged when another group denied.
+                return Err(format!("{at}.cost must be at most {}", i64::MAX));
+            }
             if let Some(c) = &g.concurrency {
                 if c.max == 0 {
                     return Err(format!("{at}.concurrency.max must be at least 1"));
@@ -620,6 +626,12 @@ mod tests {
             (g("k", vec![MIN, WindowSpec { limit: 1, window_ms: 0 }], None), "groups[0].windows[1].window_ms"),
             (g("k", vec![WindowSpec { limit: 1, window_ms: MAX_WINDOW_MS + 1 }], None), "window_ms"),
             (g("k", vec![], lease(0, 1000)), "concurrency.max"),
+            (
+                ReserveRequest {
+                    groups: vec![Group { key: "k".into(), windows: vec![MIN], cost: 1 << 63, concurrency: None }],
+                },
+                "groups[0].cost",
+            ),
             (g("k", vec![], lease(1, MAX_LEASE_MS + 1)), "concurrency.lease_ms"),
             (g("k", vec![], lease(1, 0)), "concurrency.lease_ms"),
             (g("", vec![MIN], None), "groups[0].key"),
