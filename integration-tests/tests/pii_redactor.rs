@@ -1619,3 +1619,27 @@ async fn responses_stream_events_over_256_kib_reach_the_client() {
     assert!(events[0]["response"]["instructions"].as_str().unwrap().starts_with("Write to jane@x.io."));
     assert_eq!(events[2]["response"]["output"][0]["content"][0]["text"], "Hi jane@x.io");
 }
+
+/// With `scan_responses`, a card the model streams wrapped across a line, or in fullwidth digits, cut
+/// between two groups, is redacted whole: before 2026-12-07 the piece before the cut was released and
+/// scanned alone, and both halves reached the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_cards_across_a_line_or_in_fullwidth_digits_are_redacted_whole() {
+    let ev = |t: &str| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":t}}]}));
+    let mut stream: String = ["Card 4111 1111\n", "1111 1111\nor ４１１１ １１１１", " １１１１ １１１１ then."]
+        .iter()
+        .map(|t| ev(t))
+        .collect();
+    stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+    let (port, _) = chunky_upstream(vec![stream.into_bytes()]).await;
+    let proxy = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"a card please"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_text(&text), "Card [REDACTED]\nor [REDACTED] then.", "{text}");
+}

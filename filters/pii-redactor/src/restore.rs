@@ -427,25 +427,50 @@ fn ndjson_lines(body: &[u8]) -> Option<Vec<(&str, Option<Value>)>> {
 }
 
 /// Longest value written in groups that a scanner must see whole (an IBAN of 34 characters in groups of
-/// four with separators, an international phone number), with slack.
-const MAX_GROUPED_VALUE: usize = 64;
+/// four with separators, an international phone number; fullwidth digits take three bytes each), with
+/// slack.
+const MAX_GROUPED_VALUE: usize = 128;
+
+/// The width of a fullwidth digit, capital or `＋ （ ） ．` (what the scanner reads as ASCII) or an
+/// ideographic space ending at `end` in `text`, if one does; whether it is a digit.
+fn fullwidth_before(text: &[u8], end: usize) -> Option<bool> {
+    let s = end.checked_sub(3)?;
+    match (text.get(s)?, text.get(s + 1)?, text.get(s + 2)?) {
+        (0xEF, 0xBC, 0x90..=0x99) => Some(true),
+        (0xEF, 0xBC, 0x88 | 0x89 | 0x8B | 0x8E | 0xA1..=0xBA) | (0xE3, 0x80, 0x80) => Some(false),
+        _ => None,
+    }
+}
 
 /// Start of the trailing run of `text` made of digits, capital letters and the separators grouped values
-/// use (` -+().`), if it holds a digit; `text.len()` when there is none. Prose ends in lower-case words,
-/// so this holds back little unless the text ends in something number-like.
+/// use (` -+().`, a line break), ASCII or fullwidth, if it holds a digit; `text.len()` when there is none.
+/// Prose ends in lower-case words, so this holds back little unless the text ends in something
+/// number-like. (A line break and fullwidth forms since 2026-12-07: the scanner reads a card wrapped
+/// across a line and fullwidth digits; before, `Card 4111 1111\n` or `４１１１ １１１１` was released
+/// and scanned without the rest of the value.)
 fn grouped_value_start(text: &[u8]) -> usize {
     let floor = text.len().saturating_sub(MAX_GROUPED_VALUE);
     let mut start = text.len();
+    let mut digit = false;
     while start > floor {
         match text.get(start - 1) {
-            Some(c) if c.is_ascii_digit() || c.is_ascii_uppercase() || b" -+().\t".contains(c) => start -= 1,
-            _ => break,
+            Some(c) if c.is_ascii_digit() || c.is_ascii_uppercase() || b" -+().\t\n\r".contains(c) => {
+                digit |= c.is_ascii_digit();
+                start -= 1;
+            }
+            _ => match fullwidth_before(text, start) {
+                Some(d) if start - 3 >= floor => {
+                    digit |= d;
+                    start -= 3;
+                }
+                _ => break,
+            },
         }
     }
     let run = text.get(start..).unwrap_or(&[]);
-    if run.iter().any(u8::is_ascii_digit) {
+    if digit {
         // Do not hold back the separators before the run's first character that belongs to a value.
-        start + run.iter().position(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'(').unwrap_or(0)
+        start + run.iter().position(|c| c.is_ascii_alphanumeric() || matches!(*c, b'+' | b'(' | 0xEF)).unwrap_or(0)
     } else {
         text.len()
     }
@@ -1072,8 +1097,12 @@ mod tests {
         assert_eq!(text, "Card [REDACTED], call [REDACTED] or pay [REDACTED] now.");
         // A delta that ends right after the value: the cut before its last word must not split the value.
         let pieces = ["Card 4111 1111 1111 1111,", " ok then."];
-        let mut r = Restorer::new(map(&[]), Some(engine));
+        let mut r = Restorer::new(map(&[]), Some(engine.clone()));
         assert_eq!(restored_chat_stream(&mut r, &pieces), "Card [REDACTED], ok then.");
+        // A card wrapped across a line, and one in fullwidth digits, cut between two groups.
+        let pieces = ["Card 4111 1111\n", "1111 1111\nok. And ４１１１ １１１１", " １１１１ １１１１ too."];
+        let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+        assert_eq!(restored_chat_stream(&mut r, &pieces), "Card [REDACTED]\nok. And [REDACTED] too.");
         assert_eq!(grouped_value_start(b"the answer is yes"), 17, "prose is not held back");
         assert_eq!(grouped_value_start(b"pay to DE89 37"), 7);
     }
