@@ -1931,3 +1931,32 @@ async fn a2a_tasks_are_bound_to_their_creator() {
     assert_eq!(stats.get("meshwarden.mcp_authz.tasks_bound"), Some(&4), "{stats:?}");
     assert_eq!(stats.get("meshwarden.mcp_authz.tasks_hidden"), Some(&4), "{stats:?}");
 }
+
+/// The MCP Python SDK decodes percent escapes in the values of a resource template
+/// (`file:///public/{name}` reads `file:///public/%73ecret` as name "secret"): a deny rule on
+/// `file:///public/secret*` let `%73ecret` through to the secret (before 2026-12-07). A resource URI is
+/// now decided percent-decoded too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_resource_uris_do_not_pass_deny_rules() {
+    let mut cfg = config(false);
+    cfg["policy"]["rules"].as_array_mut().unwrap().insert(
+        0,
+        json!({"name": "no-secret", "effect": "deny",
+        "methods": ["resources/read"], "targets": ["file:///public/secret*"]}),
+    );
+    let s = setup(cfg).await;
+    let bob = Session::open(s.envoy.url("/mcp"), &[("x-test-user", "bob")]).await;
+    let read = |uri: &str| json!({"jsonrpc": "2.0", "id": 5, "method": "resources/read", "params": {"uri": uri}});
+    let (_, _, m) = bob.post(&read("file:///public/notes")).await;
+    assert_eq!(m[0]["result"]["contents"][0]["text"], "public file notes", "{m:?}");
+    for uri in [
+        "file:///public/secret",
+        "file:///public/%73ecret",
+        "file:///public/%2573ecret",
+        "FILE:///public/%73ecret-plan",
+    ] {
+        let (st, _, m) = bob.post(&read(uri)).await;
+        assert_eq!((st, m[0]["error"]["code"].clone()), (200, json!(-32002)), "{uri}: {m:?}");
+    }
+    wait_for_log(&s.envoy, r#""rule":"no-secret","subject":"bob","target":"file:///public/%73ecret""#).await;
+}

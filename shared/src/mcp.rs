@@ -233,6 +233,37 @@ pub fn uri_as_url_parsers_read(uri: &str) -> String {
     out
 }
 
+/// Every other spelling in which a server may read a resource URI: as a URL parser serializes it
+/// ([`uri_as_url_parsers_read`]), and each of these percent-decoded, up to three rounds (the MCP Python
+/// SDK decodes escapes in the values of a resource template: `file:///public/{name}` reads
+/// `file:///public/%73ecret` as name `secret`; a server may decode twice). Invalid UTF-8 after decoding
+/// reads as U+FFFD, as Python's `unquote` does. The URI itself is not among them; no duplicates.
+pub fn uri_spellings(uri: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let add = |s: String, out: &mut Vec<String>| {
+        if s != uri && !out.contains(&s) {
+            out.push(s);
+        }
+    };
+    let parsed = uri_as_url_parsers_read(uri);
+    for start in [uri.to_string(), parsed.clone()] {
+        let mut current = start;
+        for _ in 0..3 {
+            if !current.contains('%') {
+                break;
+            }
+            let decoded = String::from_utf8_lossy(&percent_decode(current.as_bytes())).into_owned();
+            if decoded == current {
+                break;
+            }
+            add(decoded.clone(), &mut out);
+            current = decoded;
+        }
+    }
+    add(parsed, &mut out);
+    out
+}
+
 /// Decode `%XX` escapes (invalid ones are kept as they are).
 pub fn percent_decode(b: &[u8]) -> Vec<u8> {
     let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
@@ -473,5 +504,15 @@ mod tests {
         let modern = |n: &str| hdr(Some("resources/read"), Some(n), Some(REV_2026_07_28));
         assert!(check_headers("resources/read", Some(&read), &modern("file:///private/keys")).is_ok());
         assert!(check_headers("resources/read", Some(&read), &modern("readme")).is_err());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn uri_spellings_a_server_may_read() {
+        assert!(uri_spellings("file:///public/notes").is_empty());
+        assert_eq!(uri_spellings("file:///public/%73ecret"), ["file:///public/secret"]);
+        assert_eq!(uri_spellings("file:///public/%2573ecret"), ["file:///public/%73ecret", "file:///public/secret"]);
+        assert_eq!(uri_spellings("FILE:///x/%41"), ["FILE:///x/A", "file:///x/A", "file:///x/%41"]);
+        assert_eq!(uri_spellings("file:///x/%ff"), ["file:///x/\u{fffd}"]);
+        assert_eq!(uri_spellings("file:///x/%zz"), Vec::<String>::new(), "invalid escapes stay");
     }
 }

@@ -558,23 +558,22 @@ impl Engine {
 
     /// The decision for `call`, whose target is the resource `uri` when it names one: a URI a URL parser
     /// reads otherwise (`FILE:///private/keys`, `file://localhost/private/keys`, ` file:///x`, see
-    /// [`mcp::uri_as_url_parsers_read`]) must be allowed in that spelling too. The TypeScript SDK looks
-    /// resources up by `new URL(uri)`: a deny rule on `file:///private/*` would not bind it otherwise.
+    /// [`mcp::uri_as_url_parsers_read`]), or percent-decoded (`file:///public/%73ecret`, which the MCP
+    /// Python SDK's templates read as `secret`; [`mcp::uri_spellings`]), must be allowed in that spelling
+    /// too. The TypeScript SDK looks resources up by `new URL(uri)`: a deny rule on `file:///private/*`
+    /// would not bind it otherwise.
     fn evaluate_naming(&self, identity: &Identity, call: &Call, uri: Option<&str>) -> Decision {
         let d = self.policy.evaluate(identity, call);
         let Some(uri) = uri.filter(|_| d.allowed) else {
             return d;
         };
-        let parsed = mcp::uri_as_url_parsers_read(uri);
-        if parsed == uri {
-            return d;
+        for other in mcp::uri_spellings(uri) {
+            let as_other = self.policy.evaluate(identity, &Call { target: Some(&other), ..call.clone() });
+            if !as_other.allowed {
+                return as_other;
+            }
         }
-        let as_parsed = self.policy.evaluate(identity, &Call { target: Some(&parsed), ..call.clone() });
-        if as_parsed.allowed {
-            d
-        } else {
-            as_parsed
-        }
+        d
     }
 
     /// The first resource a 2026-07-28 `subscriptions/listen` subscribes to that the caller may not
@@ -1158,8 +1157,7 @@ impl Engine {
         if !resource {
             return true;
         }
-        let parsed = mcp::uri_as_url_parsers_read(name);
-        parsed == name || allows(&parsed)
+        mcp::uri_spellings(name).iter().all(|other| allows(other))
     }
 
     fn filter_raw_message<'p>(
