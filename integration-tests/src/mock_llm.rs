@@ -20,6 +20,7 @@
 //! | `x-mock-abort-after-bytes: N` | JSON answers: announce the whole `content-length`, send N bytes, then reset |
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
+//! | `x-mock-image-result-bytes: N` | Responses streams: `response.completed` also carries an `image_generation_call` item whose base64 `result` is N characters (before the usage, as OpenAI orders it) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
 //! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
@@ -222,6 +223,8 @@ struct Plan {
     abort_after_bytes: Option<u64>,
     sse_garbage: bool,
     sse_no_done: bool,
+    /// Responses streams: an `image_generation_call` output item with a base64 `result` of this many characters.
+    image_result: Option<usize>,
     /// JSON answers: gzip the body.
     gzip: bool,
     /// Responses: `"background": true` in the request (streams say so in `response.created`).
@@ -393,6 +396,7 @@ async fn answer(
         abort_after_bytes: header_u64(&headers, "x-mock-abort-after-bytes"),
         sse_garbage: header_flag(&headers, "x-mock-sse-garbage"),
         sse_no_done: header_flag(&headers, "x-mock-sse-no-done"),
+        image_result: header_u64(&headers, "x-mock-image-result-bytes").and_then(|n| usize::try_from(n).ok()),
         gzip: match headers.get("x-mock-gzip").and_then(|v| v.to_str().ok()).map(str::trim) {
             Some("always") => true,
             Some("1") => headers.get_all("accept-encoding").iter().filter_map(|v| v.to_str().ok()).any(|v| {
@@ -602,6 +606,11 @@ fn stream_events(plan: &Plan) -> Vec<String> {
             }
             let mut resp = json!({"id":"resp_mock","object":"response","status":"completed","model":model,
                 "output":[{"type":"message","id":"msg_mock","role":"assistant","status":"completed","content":[{"type":"output_text","text":plan.answer(),"annotations":[]}]}]});
+            if let (Some(n), Some(output)) = (plan.image_result, resp["output"].as_array_mut()) {
+                // The image generation tool's result: the whole image as base64, before the usage.
+                output.push(json!({"type": "image_generation_call", "id": "ig_mock", "status": "completed",
+                    "result": "QUJD".repeat(n / 4)}));
+            }
             if plan.usage {
                 resp["usage"] = json!({"input_tokens": p, "output_tokens": c, "total_tokens": p + c});
                 add_cached_tokens(plan, &mut resp["usage"]);

@@ -1240,6 +1240,44 @@ async fn streamed_image_generation_is_charged_its_usage_or_the_reservation() {
     assert_eq!(e.stat(&stat("usage.estimated")).await.unwrap(), 1);
 }
 
+/// A Responses stream whose `response.completed` is larger than the event bound (the `image_generation`
+/// tool's result is the whole image in base64, ~2 MB) is charged the usage nested in it
+/// (`response.usage`): before, the event was dropped with its usage and the answer charged the estimate
+/// of the text it streamed, at least the output reservation (2,234 here) instead of the 1,600 reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responses_final_event_over_the_bound_is_charged_its_usage() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 100,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":1000000}}]}),
+    )
+    .await;
+    let body = json!({"model": "gpt-4.1", "input": "Draw a red fox in the snow.", "stream": true,
+                      "tools": [{"type": "image_generation"}]});
+    let hdrs = [
+        ("x-team", "a"),
+        ("x-mock-image-result-bytes", "2000000"),
+        ("x-mock-prompt-tokens", "40"),
+        ("x-mock-completion-tokens", "1600"),
+    ];
+    let r = post(&e, "/v1/responses", &body, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.len() > 2_000_000 && text.contains("event: response.completed"), "the stream reaches the client");
+    let mut got = 0;
+    for _ in 0..100 {
+        got = e.stat("meshwarden.token_limiter.model.gpt-4_1.output_tokens").await.unwrap();
+        if got > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, 1600, "the reported output, not the reservation");
+    assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4_1.input_tokens").await.unwrap(), 40);
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 1);
+}
+
 /// Images count at admission the way the provider bills them (a 1024 x 1024 PNG at `detail: "high"` on
 /// gpt-4o: 85 + 4 tiles x 170 = 765 tokens, its size read from the base64 header). Before, images counted
 /// nothing until the answer's usage: the same prompt with four images passed a budget that had room only

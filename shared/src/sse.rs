@@ -83,9 +83,11 @@ impl SseParser {
     }
 
     /// Read the usage of events too large to keep: the `data:` line of a dropped event is streamed through
-    /// a [`UsageScanner`] (bounded memory), and a top-level `usage` found in it is handed out by
+    /// a [`UsageScanner`] (bounded memory), and a top-level `usage` (or one in a top-level `response`
+    /// object, where Responses stream events nest it) found in it is handed out by
     /// [`take_oversized_usage`](Self::take_oversized_usage). For meters: an OpenAI image stream's
-    /// `image_generation.completed` event holds the whole base64 image before its usage.
+    /// `image_generation.completed` event holds the whole base64 image before its usage, a Responses
+    /// `response.completed` the whole output (an `image_generation` tool's base64 result).
     pub fn scan_oversized_usage(mut self) -> Self {
         self.oversized_usage = Some(Box::default());
         self
@@ -174,7 +176,7 @@ impl SseParser {
                 let mut line = std::mem::take(&mut self.line);
                 line.extend_from_slice(bytes);
                 if let Some(value) = line.strip_prefix(b"data:") {
-                    let mut scanner = UsageScanner::default();
+                    let mut scanner = UsageScanner::with_response_usage();
                     scanner.feed(value.strip_prefix(b" ").unwrap_or(value));
                     o.scanning = Some((self.event.clone(), scanner));
                 }

@@ -63,6 +63,13 @@ pub struct UsageScanner {
     last_structural: u8,
     /// Bit `d` set: the container at depth `d` is an object (depths above 127 count as arrays).
     objects: u128,
+    /// Opt-in ([`UsageScanner::with_response_usage`]): also read `usage` inside a top-level `response`
+    /// object (OpenAI Responses stream events).
+    response_usage: bool,
+    /// After the key `response` in the root object: waiting for `:` and `{`.
+    pending_response: bool,
+    /// Inside the root object's `response` object (depth 2), whose `usage` key is a carrier.
+    in_response: bool,
 }
 
 impl Default for UsageScanner {
@@ -85,11 +92,26 @@ impl Default for UsageScanner {
             value_string: false,
             last_structural: 0,
             objects: 0,
+            response_usage: false,
+            pending_response: false,
+            in_response: false,
         }
     }
 }
 
 impl UsageScanner {
+    /// A scanner that also reads `usage` one level down, in a top-level `response` object: the final events
+    /// of an OpenAI Responses stream (`{"type": "response.completed", "response": {..., "usage": {...}}}`).
+    /// Only `usage` there (not `metadata`, which the client writes). For events too large to parse.
+    pub fn with_response_usage() -> Self {
+        Self { response_usage: true, ..Self::default() }
+    }
+
+    /// Keys are read here: the carrier depth, or inside the top-level `response` object.
+    fn key_depth(&self) -> bool {
+        self.depth == self.carrier_depth() || (self.in_response && self.depth == 2)
+    }
+
     /// Depth of the objects whose keys can be carriers: the root object (1) or an object directly
     /// inside a root array (2).
     fn carrier_depth(&self) -> u32 {
@@ -132,9 +154,16 @@ impl UsageScanner {
                         self.key_string = false;
                         self.pending = if self.key_too_long {
                             None
+                        } else if self.in_response && self.depth == 2 {
+                            (self.key.as_slice() == b"usage").then_some(0)
                         } else {
                             CARRIERS.iter().position(|c| c.as_bytes() == self.key.as_slice())
                         };
+                        self.pending_response = self.response_usage
+                            && !self.key_too_long
+                            && self.root == Root::Object
+                            && self.depth == 1
+                            && self.key.as_slice() == b"response";
                         self.colon_seen = false;
                     }
                 } else if self.key_string {
@@ -172,6 +201,7 @@ impl UsageScanner {
                     // A key opens an object or follows a `,` in one; anything else is a value.
                     self.value_string = !(self.container_is_object() && matches!(self.last_structural, b'{' | b','));
                     self.pending = None;
+                    self.pending_response = false;
                     if self.expect_key && self.capture.is_none() {
                         self.expect_key = false;
                         self.key_string = true;
@@ -181,7 +211,7 @@ impl UsageScanner {
                 }
                 b':' => {
                     self.last_structural = b':';
-                    if self.pending.is_some() {
+                    if self.pending.is_some() || self.pending_response {
                         self.colon_seen = true;
                     }
                 }
@@ -192,18 +222,27 @@ impl UsageScanner {
                     if let (Some(idx), true, true) = (self.pending, self.colon_seen, b == b'{') {
                         self.capture = Some((idx, self.depth, vec![b'{']));
                     }
+                    let opens_response = self.pending_response && self.colon_seen && b == b'{';
                     self.pending = None;
+                    self.pending_response = false;
                     self.depth = self.depth.saturating_add(1);
+                    if opens_response {
+                        self.in_response = true;
+                    }
                     self.last_structural = b;
                     if let Some(bit) = 1u128.checked_shl(self.depth) {
                         self.objects = if b == b'{' { self.objects | bit } else { self.objects & !bit };
                     }
-                    self.expect_key = b == b'{' && self.depth == self.carrier_depth() && self.capture.is_none();
+                    self.expect_key = b == b'{' && self.key_depth() && self.capture.is_none();
                 }
                 b'}' | b']' => {
                     self.depth = self.depth.saturating_sub(1);
+                    if self.depth < 2 {
+                        self.in_response = false;
+                    }
                     self.last_structural = b;
                     self.pending = None;
+                    self.pending_response = false;
                     self.expect_key = false;
                     if let Some((idx, d, buf)) = self.capture.take() {
                         if self.depth == d {
@@ -220,8 +259,11 @@ impl UsageScanner {
                 b',' => {
                     self.last_structural = b',';
                     self.pending = None;
-                    // Back in an object at the carrier depth: a key follows.
-                    self.expect_key = self.capture.is_none() && self.depth == self.carrier_depth() && self.in_object();
+                    self.pending_response = false;
+                    // Back in an object at the carrier depth (or in `response`): a key follows.
+                    self.expect_key = self.capture.is_none()
+                        && ((self.depth == self.carrier_depth() && self.in_object())
+                            || (self.in_response && self.depth == 2));
                 }
                 _ => {
                     if self.root == Root::Unknown {
@@ -229,6 +271,7 @@ impl UsageScanner {
                         return;
                     }
                     self.pending = None;
+                    self.pending_response = false;
                 }
             }
             i += 1;
@@ -312,6 +355,29 @@ mod tests {
         }
         out.push(s.finish().map(|u| (u.input_tokens, u.output_tokens)));
         out
+    }
+
+    /// Opt-in: `usage` inside a top-level `response` object (a Responses stream's final event), at every
+    /// split; not `metadata` there, not deeper, and not without the option.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn reads_usage_inside_response_when_asked() {
+        let ev = json!({"type": "response.completed", "sequence_number": 9, "response": {"id": "r",
+            "metadata": {"usage": "{\"input_tokens\": 1}"}, "output": [{"type": "image_generation_call",
+            "result": "QUJD".repeat(50), "usage": {"input_tokens": 1, "output_tokens": 1}}],
+            "usage": {"input_tokens": 40, "output_tokens": 1600, "total_tokens": 1640}}})
+        .to_string();
+        let b = ev.as_bytes();
+        for cut in 0..=b.len() {
+            let mut s = UsageScanner::with_response_usage();
+            s.feed(&b[..cut]);
+            s.feed(&b[cut..]);
+            assert_eq!(s.finish().map(|u| (u.input_tokens, u.output_tokens)), Some((40, 1600)), "cut {cut}");
+        }
+        assert_eq!(every_split(&ev).into_iter().flatten().count(), 0, "top level only by default");
+        let fake = json!({"type": "x", "response": {"output": [{"usage": {"input_tokens": 1, "output_tokens": 1}}]}});
+        let mut s = UsageScanner::with_response_usage();
+        s.feed(fake.to_string().as_bytes());
+        assert_eq!(s.finish(), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

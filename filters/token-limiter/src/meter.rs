@@ -747,10 +747,20 @@ event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":
             }
             assert_eq!(m.finish(76_900, 300), (75_000, 5000, Source::Reported), "split {split}");
         }
-        // Larger than any bound the meter keeps: at least the output reservation, as for broken framing.
+        // Larger than any event the meter keeps: the event is dropped, but its `response.usage` is read as
+        // it passes (before 2026-12-07: the prompt estimate and the output reservation, 600,000 + 300).
         let body = completed(&"a".repeat(2 << 20));
+        for split in [4096, body.len()] {
+            let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+            for c in body.as_bytes().chunks(split) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(600_000, 300), (75_000, 5000, Source::Reported), "split {split}");
+        }
+        // Cut inside that event, before its usage: at least the output reservation, as for broken framing.
+        let cut = body.get(..body.len() - 200).unwrap();
         let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
-        m.on_chunk(body.as_bytes());
+        m.on_chunk(cut.as_bytes());
         let (input, output, _) = m.finish(600_000, 300);
         assert_eq!((input, output), (600_000, 300));
     }
