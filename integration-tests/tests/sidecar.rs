@@ -608,3 +608,105 @@ async fn calls_larger_than_a_gateway_sends_are_refused_before_redis() {
         call("settle", serde_json::json!({"items": (0..256).map(|i| item(format!("i{i}"))).collect::<Vec<_>>()})).await;
     assert_eq!(status, 204, "{text}");
 }
+
+/// The memory backend holds at most `--memory-max-keys` entries. A client choosing a fresh key per request
+/// (a header-keyed rule) grew it without bound: each key on a per-day window stayed a day. At the cap a
+/// reserve of a new key is answered 503 (the filter's `failure_mode`), counted on /metrics; the keys held
+/// keep their budgets (nothing spent is reset, a debt settled at the cap still counts), and a bucket full
+/// again is worth nothing, so it makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_backend_refuses_new_keys_at_its_cap_and_keeps_the_budgets_it_holds() {
+    let sidecar = Sidecar::start_with_env(&[], &[("MESHWARDEN_SIDECAR_MEMORY_MAX_KEYS", "3")]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let day = 86_400_000u64;
+    let call = |op: &str, body: serde_json::Value| {
+        let r = http.post(sidecar.url(&format!("/v1/ratelimit/{op}"))).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            let status = r.status().as_u16();
+            let text = r.text().await.unwrap();
+            (status, serde_json::from_str::<serde_json::Value>(&text).unwrap_or(serde_json::Value::Null), text)
+        }
+    };
+    let reserve = |key: &str, limit: u64, window_ms: u64, cost: u64| {
+        call(
+            "reserve",
+            serde_json::json!({"groups":[{"key":key,"windows":[{"limit":limit,"window_ms":window_ms}],"cost":cost}]}),
+        )
+    };
+    let metric = |name: &'static str| {
+        let r = http.get(sidecar.url("/metrics")).send();
+        async move {
+            let m = r.await.unwrap().text().await.unwrap();
+            let line = m.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} missing: {m}"));
+            line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+        }
+    };
+    // The repro: one token a day, a new key per call. Three fit.
+    let (s, r, t) = reserve("team:h:0", 10, day, 4).await;
+    assert_eq!((s, &r["allowed"]), (200, &serde_json::json!(true)), "{t}");
+    for key in ["team:h:1", "team:h:2"] {
+        let (s, r, t) = reserve(key, 1, day, 1).await;
+        assert_eq!((s, &r["allowed"]), (200, &serde_json::json!(true)), "{t}");
+    }
+    assert_eq!(metric("meshwarden_sidecar_ratelimit_memory_keys ").await, 3);
+    // The fourth new key is refused, nothing reserved, and counted.
+    let (s, _, t) = reserve("team:h:3", 1, day, 1).await;
+    assert_eq!(s, 503, "{t}");
+    assert!(t.contains("memory full") && t.contains("--memory-max-keys"), "{t}");
+    assert_eq!(metric("meshwarden_sidecar_ratelimit_memory_full_refusals_total ").await, 1);
+    // The keys held keep working with their budgets: spent stays spent.
+    let (s, r, t) = reserve("team:h:1", 1, day, 1).await;
+    assert_eq!((s, &r["allowed"]), (200, &serde_json::json!(false)), "team:h:1 was not reset: {t}");
+    let (s, r, t) = reserve("team:h:0", 10, day, 4).await;
+    assert_eq!(
+        (s, &r["allowed"], &r["groups"][0]["windows"][0]["remaining"]),
+        (200, &serde_json::json!(true), &serde_json::json!(2)),
+        "{t}"
+    );
+    // A debt settled at the cap is applied (never refused: refusing it would lose spent tokens).
+    let item =
+        serde_json::json!({"items":[{"key":"team:h:0","windows":[{"limit":10,"window_ms":day}],"delta":2,"id":"r1"}]});
+    let (s, _, t) = call("settle", item).await;
+    assert_eq!(s, 204, "{t}");
+    let (s, r, t) = reserve("team:h:0", 10, day, 1).await;
+    assert_eq!(
+        (s, &r["allowed"], &r["groups"][0]["windows"][0]["remaining"]),
+        (200, &serde_json::json!(false), &serde_json::json!(0)),
+        "{t}"
+    );
+    // Still full: another new key is refused, a second time counted.
+    let (s, _, t) = reserve("team:h:4", 1, day, 1).await;
+    assert_eq!(s, 503, "{t}");
+    assert_eq!(metric("meshwarden_sidecar_ratelimit_memory_full_refusals_total ").await, 2);
+    assert_eq!(metric("meshwarden_sidecar_ratelimit_memory_keys ").await, 3);
+}
+
+/// At the cap, an entry whose bucket is full again is worth nothing ("never seen"): it is dropped to make
+/// room for a new key at once, not at the next periodic prune; the live ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_backend_makes_room_from_buckets_full_again_only() {
+    let sidecar = Sidecar::start(&["--memory-max-keys", "2"]).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let reserve = |key: &str, window_ms: u64| {
+        let body = serde_json::json!({"groups":[{"key":key,"windows":[{"limit":1,"window_ms":window_ms}],"cost":1}]});
+        let r = http.post(sidecar.url("/v1/ratelimit/reserve")).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let allowed = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap()["allowed"].as_bool().unwrap();
+    let (s, t) = reserve("live", 86_400_000).await;
+    assert!(s == 200 && allowed(&t), "{t}");
+    let (s, t) = reserve("short", 200).await;
+    assert!(s == 200 && allowed(&t), "{t}");
+    assert_eq!(reserve("new", 86_400_000).await.0, 503, "full: both entries live");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    // "short" is full again (and a second has passed since the last prune at the cap).
+    let (s, t) = reserve("new", 86_400_000).await;
+    assert!(s == 200 && allowed(&t), "{s} {t}");
+    let (s, t) = reserve("live", 86_400_000).await;
+    assert!(s == 200 && !allowed(&t), "live kept its spent budget: {t}");
+    assert_eq!(reserve("other", 86_400_000).await.0, 503);
+}

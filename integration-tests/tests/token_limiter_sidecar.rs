@@ -961,3 +961,35 @@ async fn idle_pooled_connections_to_the_sidecar_outlive_its_header_timeout() {
     assert_eq!(stats["cluster.meshwarden_sidecar.upstream_cx_destroy_remote"], 0, "{stats:?}");
     assert_eq!(e.stat("meshwarden.token_limiter.callout_failures").await.unwrap(), 0);
 }
+
+/// A header-keyed rule lets clients choose their key: with the sidecar's memory backend at
+/// `--memory-max-keys`, a request with a new key value gets the filter's `failure_mode` (deny: 503; allow:
+/// admitted without a budget), while the teams already held keep their budgets (not reset) through Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sidecar_memory_gives_new_keys_the_failure_mode_and_keeps_held_budgets() {
+    let mock = MockLlm::start().await.unwrap();
+    let sidecar = Sidecar::start(&["--memory-max-keys", "2"]).unwrap();
+    let deny = envoy(&mock, sidecar.port(), &config("deny", 100_000)).await;
+    let allow = envoy(&mock, sidecar.port(), &config("allow", 100_000)).await;
+    let remaining = |r: &reqwest::Response| hdr(r, "x-ratelimit-remaining-tokens").unwrap().parse::<u64>().unwrap();
+    let r = send(&deny, "a").await;
+    assert_eq!(r.status(), 200);
+    let rem_a = remaining(&r);
+    assert_eq!(send(&deny, "b").await.status(), 200);
+    let metrics = client().get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("meshwarden_sidecar_ratelimit_memory_keys 2"), "{metrics}");
+    for fresh in ["c", "d", "e"] {
+        let r = send(&deny, fresh).await;
+        assert_eq!(r.status(), 503, "fail closed for a new key at the cap");
+        let r = send(&allow, fresh).await;
+        assert_eq!(r.status(), 200, "fail open");
+        assert!(hdr(&r, "x-ratelimit-remaining-tokens").is_none(), "no budget to report");
+    }
+    // Team a's budget was kept: it goes on down from where it was, on both gateways.
+    let r = send(&allow, "a").await;
+    assert_eq!(r.status(), 200);
+    assert!(remaining(&r) < rem_a, "a's spent budget was not reset: {} vs {rem_a}", remaining(&r));
+    assert_eq!(deny.stat("meshwarden.token_limiter.failure_denied").await.unwrap(), 3);
+    let metrics = client().get(sidecar.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("meshwarden_sidecar_ratelimit_memory_full_refusals_total 6"), "{metrics}");
+}

@@ -68,6 +68,12 @@ pub struct Config {
     #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Memory backend: most entries held (one per key and window, one per key holding concurrency leases).
+    /// A reserve that needs a new entry when this many live ones are held is answered 503 (the filter's
+    /// `failure_mode`); live budgets are never evicted. The default takes about 200 MB.
+    #[arg(long, env = "MESHWARDEN_SIDECAR_MEMORY_MAX_KEYS", default_value_t = crate::ratelimit::memory::DEFAULT_MAX_KEYS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory_max_keys: u64,
+
     /// Timeout of one Redis operation, in milliseconds.
     #[arg(long, env = "MESHWARDEN_SIDECAR_REDIS_TIMEOUT_MS", default_value_t = 40)]
     pub redis_timeout_ms: u64,
@@ -111,5 +117,15 @@ mod tests {
         assert_eq!(c.body_read_timeout_ms, 10_000);
         assert!(Config::try_parse_from(["s", "--body-read-timeout-ms", "0"]).is_err());
         assert_eq!(Config::try_parse_from(["s", "--body-read-timeout-ms", "250"]).unwrap().body_read_timeout_ms, 250);
+    }
+
+    #[test]
+    fn memory_max_keys_default_and_bounds() {
+        assert_eq!(Config::try_parse_from(["s"]).unwrap().memory_max_keys, 1_000_000);
+        assert_eq!(Config::try_parse_from(["s", "--memory-max-keys", "10"]).unwrap().memory_max_keys, 10);
+        for bad in ["--memory-max-keys=0", "--memory-max-keys=-1", "--memory-max-keys=many"] {
+            let err = Config::try_parse_from(["s", bad]).unwrap_err().to_string();
+            assert!(err.contains("--memory-max-keys"), "{err}");
+        }
     }
 }

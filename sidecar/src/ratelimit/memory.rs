@@ -17,16 +17,81 @@ struct State {
     leases: HashMap<String, HashMap<String, u64>>,
     /// `(key, settlement id)` -> when the id may be forgotten (µs): a resent settlement is applied once.
     settled: HashMap<(String, String), u64>,
+    /// When a reserve last pruned because the state was full (µs): at most one such prune per
+    /// [`FULL_PRUNE_INTERVAL_US`], so a stream of new keys at the cap does not scan the map on every call.
+    last_full_prune_us: Option<u64>,
 }
+
+impl State {
+    /// Entries counted against the cap: one per key and window, one per key holding concurrency leases.
+    fn keys(&self) -> usize {
+        self.tats.len().saturating_add(self.leases.len())
+    }
+
+    /// Entries `req` would add: its windows and concurrency keys that have none yet.
+    fn new_keys(&self, req: &ReserveRequest) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut n = 0usize;
+        for g in &req.groups {
+            for w in &g.windows {
+                let k = (g.key.clone(), w.id());
+                if !self.tats.contains_key(&k) && seen.insert(k) {
+                    n = n.saturating_add(1);
+                }
+            }
+            if g.concurrency.is_some()
+                && !self.leases.contains_key(&g.key)
+                && seen.insert((g.key.clone(), String::new()))
+            {
+                n = n.saturating_add(1);
+            }
+        }
+        n
+    }
+
+    /// Drop what equals "never seen": buckets full again (tat not after now), expired leases and ids.
+    fn prune(&mut self, now: u64) -> usize {
+        let before = self.tats.len();
+        self.tats.retain(|_, tat| *tat > now);
+        self.leases.retain(|_, m| {
+            m.retain(|_, exp| *exp > now);
+            !m.is_empty()
+        });
+        self.settled.retain(|_, exp| *exp > now);
+        before - self.tats.len()
+    }
+}
+
+/// Default of `--memory-max-keys`: about 200 MB of state at the measured ~200 bytes per entry.
+pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
+
+/// At most one prune per second on the "state full" path of reserve.
+const FULL_PRUNE_INTERVAL_US: u64 = 1_000_000;
+
+/// A reserve refused: it needs new entries and the state holds `--memory-max-keys` live ones. Answered
+/// `503` (the filter's `failure_mode`); nothing was reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full {
+    pub max_keys: u64,
+}
+
+impl std::fmt::Display for Full {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rate-limit memory full: {} live keys (--memory-max-keys)", self.max_keys)
+    }
+}
+
+impl std::error::Error for Full {}
 
 pub struct MemoryBackend {
     state: Mutex<State>,
     clock: MonotonicClock,
+    max_keys: u64,
 }
 
 impl Default for MemoryBackend {
     fn default() -> Self {
-        Self { state: Mutex::default(), clock: MonotonicClock::new() }
+        Self::new(DEFAULT_MAX_KEYS)
     }
 }
 
@@ -131,14 +196,48 @@ impl GroupStore for Locked<'_> {
 }
 
 impl MemoryBackend {
-    pub fn reserve(&self, req: &ReserveRequest) -> ReserveResponse {
+    /// A backend holding at most `max_keys` entries (one per key and window, one per key holding
+    /// concurrency leases).
+    pub fn new(max_keys: u64) -> Self {
+        Self { state: Mutex::default(), clock: MonotonicClock::new(), max_keys }
+    }
+
+    /// Reserve, or refuse with [`Full`] when the call needs new entries and the state holds `max_keys`
+    /// live ones even after dropping those worth nothing (buckets full again, expired leases). A live
+    /// entry is never evicted: it holds a spent budget or a debt, and dropping it would give its key a
+    /// full budget again.
+    pub fn reserve(&self, req: &ReserveRequest) -> Result<ReserveResponse, Full> {
         let mut guard = match self.state.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let mut store = Locked { s: &mut guard, now: self.clock.now_us() };
+        let now = self.clock.now_us();
+        let max = usize::try_from(self.max_keys).unwrap_or(usize::MAX);
+        // Most a call can add: its windows and concurrency groups. Below the cap by that much (the usual
+        // case), the exact count (which clones keys) is not needed.
+        let most = req
+            .groups
+            .iter()
+            .map(|g| g.windows.len().saturating_add(usize::from(g.concurrency.is_some())))
+            .sum::<usize>();
+        if guard.keys().saturating_add(most) > max {
+            let needed = guard.new_keys(req);
+            // A call on entries all held is never refused (settlements may have taken the state past the cap).
+            if needed > 0 && guard.keys().saturating_add(needed) > max {
+                let may_prune =
+                    guard.last_full_prune_us.is_none_or(|t| now.saturating_sub(t) >= FULL_PRUNE_INTERVAL_US);
+                if may_prune {
+                    guard.last_full_prune_us = Some(now);
+                    guard.prune(now);
+                }
+                if guard.keys().saturating_add(guard.new_keys(req)) > max {
+                    return Err(Full { max_keys: self.max_keys });
+                }
+            }
+        }
+        let mut store = Locked { s: &mut guard, now };
         match reserve_all(&mut store, req) {
-            Ok(r) => r,
+            Ok(r) => Ok(r),
             Err(never) => match never {},
         }
     }
@@ -161,18 +260,15 @@ impl MemoryBackend {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        let before = guard.tats.len();
-        guard.tats.retain(|_, tat| *tat > now);
-        guard.leases.retain(|_, m| {
-            m.retain(|_, exp| *exp > now);
-            !m.is_empty()
-        });
-        guard.settled.retain(|_, exp| *exp > now);
-        before - guard.tats.len()
+        guard.prune(now)
     }
 
+    /// Entries counted against `--memory-max-keys`.
     pub fn len(&self) -> usize {
-        self.state.lock().map(|g| g.tats.len()).unwrap_or(0)
+        match self.state.lock() {
+            Ok(g) => g.keys(),
+            Err(p) => p.into_inner().keys(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -200,8 +296,8 @@ mod tests {
     #[test]
     fn budget_settle_and_leases() {
         let m = MemoryBackend::default();
-        assert!(m.reserve(&group("k", 60, None)).allowed);
-        let d = m.reserve(&group("k", 60, None));
+        assert!(m.reserve(&group("k", 60, None)).unwrap().allowed);
+        let d = m.reserve(&group("k", 60, None)).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.groups[0].windows[0].remaining, 40);
         m.settle(&[SettleItem {
@@ -212,9 +308,9 @@ mod tests {
             id: None,
             id_ttl_ms: None,
         }]);
-        assert!(m.reserve(&group("k", 60, None)).allowed, "refund made room");
-        assert!(m.reserve(&group("c", 1, Some(("a", 600_000)))).allowed);
-        let busy = m.reserve(&group("c", 1, Some(("b", 600_000))));
+        assert!(m.reserve(&group("k", 60, None)).unwrap().allowed, "refund made room");
+        assert!(m.reserve(&group("c", 1, Some(("a", 600_000)))).unwrap().allowed);
+        let busy = m.reserve(&group("c", 1, Some(("b", 600_000)))).unwrap();
         assert_eq!(busy.groups[0].reason, Some(DenyReason::Concurrency));
         m.settle(&[SettleItem {
             key: "c".into(),
@@ -224,7 +320,7 @@ mod tests {
             id: None,
             id_ttl_ms: None,
         }]);
-        assert!(m.reserve(&group("c", 1, Some(("b", 600_000)))).allowed);
+        assert!(m.reserve(&group("c", 1, Some(("b", 600_000)))).unwrap().allowed);
     }
 
     /// A settlement resent with the same id (its first call failed or timed out after being applied) is
@@ -244,15 +340,15 @@ mod tests {
         m.settle(&[debt("k", "r1")]);
         m.settle(&[debt("k", "r1")]);
         m.settle(&[debt("k", "r1"), debt("j", "r1")]);
-        assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 70, "charged once");
-        assert_eq!(m.reserve(&group("j", 0, None)).groups[0].windows[0].remaining, 70, "same id, other key");
+        assert_eq!(m.reserve(&group("k", 0, None)).unwrap().groups[0].windows[0].remaining, 70, "charged once");
+        assert_eq!(m.reserve(&group("j", 0, None)).unwrap().groups[0].windows[0].remaining, 70, "same id, other key");
         m.settle(&[debt("k", "r2")]);
-        assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 40, "another id");
+        assert_eq!(m.reserve(&group("k", 0, None)).unwrap().groups[0].windows[0].remaining, 40, "another id");
         // Without an id every call applies (rollbacks, older filters).
         let mut plain = debt("k", "x");
         plain.id = None;
         m.settle(&[plain.clone(), plain]);
-        assert_eq!(m.reserve(&group("k", 0, None)).groups[0].windows[0].remaining, 0);
+        assert_eq!(m.reserve(&group("k", 0, None)).unwrap().groups[0].windows[0].remaining, 0);
         // An id is remembered for the item's id_ttl_ms, then forgotten (and pruned).
         let mut short = debt("s", "r1");
         short.id_ttl_ms = Some(1);
@@ -261,15 +357,92 @@ mod tests {
         m.prune();
         assert!(m.state.lock().unwrap().settled.keys().all(|(k, _)| k != "s"), "pruned");
         m.settle(&[short]);
-        assert_eq!(m.reserve(&group("s", 0, None)).groups[0].windows[0].remaining, 40, "applied again after its ttl");
+        assert_eq!(
+            m.reserve(&group("s", 0, None)).unwrap().groups[0].windows[0].remaining,
+            40,
+            "applied again after its ttl"
+        );
+    }
+
+    /// At the cap a reserve needing a new entry is refused, after entries worth nothing are dropped; keys
+    /// already held keep their budgets (nothing live is evicted), and a refused call reserves nothing.
+    #[test]
+    fn the_key_cap_refuses_new_keys_and_keeps_live_budgets() {
+        let m = MemoryBackend::new(4);
+        assert!(m.reserve(&group("a", 60, None)).unwrap().allowed);
+        assert!(m.reserve(&group("b", 60, None)).unwrap().allowed);
+        assert!(m.reserve(&group("c", 1, Some(("l", 600_000)))).unwrap().allowed);
+        assert_eq!(m.len(), 4, "a, b, c's window and c's leases");
+        assert_eq!(m.reserve(&group("d", 1, None)).err(), Some(Full { max_keys: 4 }));
+        let two = ReserveRequest { groups: [group("a", 10, None).groups, group("e", 10, None).groups].concat() };
+        assert_eq!(m.reserve(&two).err(), Some(Full { max_keys: 4 }));
+        let a = m.reserve(&group("a", 60, None)).unwrap();
+        assert!(!a.allowed, "a's budget was not reset");
+        assert_eq!(a.groups[0].windows[0].remaining, 40, "and the refused call reserved nothing of it");
+        assert!(m.reserve(&group("a", 40, None)).unwrap().allowed, "held keys keep working");
+        // A debt settled on a new key is kept even past the cap; held keys still reserve.
+        m.settle(&[SettleItem {
+            key: "f".into(),
+            windows: group("f", 0, None).groups[0].windows.clone(),
+            delta: 30,
+            release_lease: None,
+            id: None,
+            id_ttl_ms: None,
+        }]);
+        assert_eq!(m.len(), 5);
+        assert_eq!(m.reserve(&group("f", 80, None)).unwrap().groups[0].windows[0].remaining, 70, "f's debt kept");
+        assert!(m.reserve(&group("b", 40, None)).unwrap().allowed, "held keys keep working past the cap");
+        // Entries worth nothing (a bucket full again) make room at once.
+        let m = MemoryBackend::new(1);
+        let short = |key: &str| ReserveRequest {
+            groups: vec![Group {
+                key: key.into(),
+                windows: vec![WindowSpec { limit: 10, window_ms: 1 }],
+                cost: 1,
+                concurrency: None,
+            }],
+        };
+        assert!(m.reserve(&short("x")).unwrap().allowed);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(m.reserve(&short("y")).unwrap().allowed, "x's full bucket was dropped for y");
+        assert_eq!(m.len(), 1);
+    }
+
+    /// Bytes per entry (run with `--ignored --nocapture`): the default cap's memory.
+    #[test]
+    #[ignore]
+    fn bytes_per_entry() {
+        let rss = || {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap();
+            let l = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_string();
+            l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+        };
+        let n = 1_000_000u64;
+        let m = MemoryBackend::new(n);
+        let before = rss();
+        for i in 0..n {
+            // A key as token-limiter sends it: rule name and a hash of the header value.
+            let key =
+                format!("per-user:h:{:032x}", u128::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835));
+            let r = ReserveRequest {
+                groups: vec![Group {
+                    key,
+                    windows: vec![WindowSpec { limit: 1, window_ms: 86_400_000 }],
+                    cost: 1,
+                    concurrency: None,
+                }],
+            };
+            assert!(m.reserve(&r).unwrap().allowed);
+        }
+        println!("{} bytes per entry", (rss() - before) / n);
     }
 
     #[test]
     fn leases_expire_and_prune_bounds_memory() {
         let m = MemoryBackend::default();
-        assert!(m.reserve(&group("e", 1, Some(("a", 1)))).allowed);
+        assert!(m.reserve(&group("e", 1, Some(("a", 1)))).unwrap().allowed);
         std::thread::sleep(std::time::Duration::from_millis(5));
-        assert!(m.reserve(&group("e", 1, Some(("b", 600_000)))).allowed, "expired lease no longer counts");
+        assert!(m.reserve(&group("e", 1, Some(("b", 600_000)))).unwrap().allowed, "expired lease no longer counts");
         let short = ReserveRequest {
             groups: vec![Group {
                 key: "p".into(),
@@ -278,7 +451,7 @@ mod tests {
                 concurrency: None,
             }],
         };
-        assert!(m.reserve(&short).allowed);
+        assert!(m.reserve(&short).unwrap().allowed);
         std::thread::sleep(std::time::Duration::from_millis(5));
         assert!(m.prune() >= 1);
     }

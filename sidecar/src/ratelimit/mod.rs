@@ -14,7 +14,7 @@ use axum::routing::post;
 use axum::Router;
 use meshwarden_shared::callout::LogThrottle;
 use meshwarden_shared::ratelimit::{ReserveRequest, ReserveResponse, SettleItem, SettleRequest};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +36,7 @@ impl Backend for memory::MemoryBackend {
         "memory"
     }
     async fn reserve(&self, req: ReserveRequest) -> anyhow::Result<ReserveResponse> {
-        Ok(memory::MemoryBackend::reserve(self, &req))
+        Ok(memory::MemoryBackend::reserve(self, &req)?)
     }
     async fn settle(&self, items: Vec<SettleItem>) -> anyhow::Result<()> {
         memory::MemoryBackend::settle(self, &items);
@@ -98,6 +98,10 @@ pub struct RateLimitMetrics {
     pub latency: HistogramVec,
     /// Backend errors by operation.
     pub backend_errors: IntCounterVec,
+    /// Memory backend: entries held (one per key and window, one per key holding leases).
+    pub memory_keys: IntGauge,
+    /// Memory backend: reserves refused because the state held `--memory-max-keys` live entries.
+    pub memory_full_refusals: IntCounter,
 }
 
 impl RateLimitMetrics {
@@ -114,7 +118,17 @@ impl RateLimitMetrics {
         registry.register(Box::new(decisions.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(backend_errors.clone()))?;
-        Ok(Self { decisions, latency, backend_errors })
+        let memory_keys = IntGauge::new(
+            "ratelimit_memory_keys",
+            "memory backend: entries held (one per key and window, one per key holding leases)",
+        )?;
+        let memory_full_refusals = IntCounter::new(
+            "ratelimit_memory_full_refusals_total",
+            "memory backend: reserves refused 503 because --memory-max-keys live entries were held",
+        )?;
+        registry.register(Box::new(memory_keys.clone()))?;
+        registry.register(Box::new(memory_full_refusals.clone()))?;
+        Ok(Self { decisions, latency, backend_errors, memory_keys, memory_full_refusals })
     }
 }
 
@@ -126,6 +140,8 @@ pub struct RateLimiter {
     /// Backend failures are logged once per [`FAILURE_LOG_INTERVAL_MS`], not once per call: with Redis
     /// down every call fails, and a line per call (thousands a second) buried the logs.
     pub failure_log: std::sync::Mutex<LogThrottle>,
+    /// Refusals of a full memory backend, logged at most once per [`FAILURE_LOG_INTERVAL_MS`].
+    pub full_log: std::sync::Mutex<LogThrottle>,
 }
 
 /// At most one log line per this interval for backend failures (each is counted in
@@ -133,6 +149,26 @@ pub struct RateLimiter {
 pub const FAILURE_LOG_INTERVAL_MS: u64 = 60_000;
 
 impl RateLimiter {
+    /// The memory backend's entry count, into its gauge.
+    fn update_memory_keys(&self) {
+        if let AnyBackend::Memory(m) = &self.backend {
+            self.metrics.memory_keys.set(i64::try_from(m.len()).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A reserve refused by a full memory backend: counted always, logged at most once per interval.
+    fn memory_full(&self, full: &memory::Full) {
+        self.metrics.memory_full_refusals.inc();
+        let now_ms = now_us() / 1000;
+        let suppressed = match self.full_log.lock() {
+            Ok(mut t) => t.should_log(now_ms),
+            Err(p) => p.into_inner().should_log(now_ms),
+        };
+        if let Some(suppressed) = suppressed {
+            tracing::warn!(max_keys = full.max_keys, suppressed, "{full}: reserves of new keys are refused (503, the filter's failure_mode); {suppressed} more since the last line");
+        }
+    }
+
     /// A backend call failed: counted always, logged at most once per interval.
     fn backend_failed(&self, op: &str, e: &anyhow::Error) {
         self.metrics.backend_errors.with_label_values(&[op]).inc();
@@ -165,7 +201,7 @@ pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Resu
         Some(url) if !url.is_empty() => {
             AnyBackend::Redis(Box::new(redis::RedisBackend::new(url, Duration::from_millis(config.redis_timeout_ms))?))
         }
-        _ => AnyBackend::Memory(memory::MemoryBackend::default()),
+        _ => AnyBackend::Memory(memory::MemoryBackend::new(config.memory_max_keys)),
     };
     tracing::info!(backend = backend.name(), "rate-limit backend");
     let required_authorization = match config.api_token.as_deref().map(str::trim) {
@@ -186,6 +222,7 @@ pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Resu
         metrics: RateLimitMetrics::new(&state.metrics.registry)?,
         required_authorization,
         failure_log: std::sync::Mutex::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
+        full_log: std::sync::Mutex::new(LogThrottle::new(FAILURE_LOG_INTERVAL_MS)),
     });
     if let AnyBackend::Memory(_) = rl.backend {
         let weak = Arc::downgrade(&rl);
@@ -196,6 +233,7 @@ pub fn install(state: &AppState, config: &crate::config::Config) -> anyhow::Resu
                 if let AnyBackend::Memory(m) = &rl.backend {
                     m.prune();
                 }
+                rl.update_memory_keys();
             }
         });
     }
@@ -239,9 +277,14 @@ async fn reserve(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
                 }
             };
             rl.metrics.decisions.with_label_values(&[result]).inc();
+            rl.update_memory_keys();
             axum::Json(resp).into_response()
         }
         Err(e) => {
+            if let Some(full) = e.downcast_ref::<memory::Full>() {
+                rl.memory_full(full);
+                return error(StatusCode::SERVICE_UNAVAILABLE, &full.to_string());
+            }
             rl.backend_failed("reserve", &e);
             error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
         }
@@ -266,7 +309,10 @@ async fn settle(State(state): State<Arc<AppState>>, headers: HeaderMap, body: By
     let r = rl.backend.settle(req.items).await;
     rl.metrics.latency.with_label_values(&["settle", rl.backend.name()]).observe(start.elapsed().as_secs_f64());
     match r {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok(()) => {
+            rl.update_memory_keys();
+            StatusCode::NO_CONTENT.into_response()
+        }
         Err(e) => {
             rl.backend_failed("settle", &e);
             error(StatusCode::SERVICE_UNAVAILABLE, "rate-limit backend unavailable")
