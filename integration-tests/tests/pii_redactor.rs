@@ -1082,6 +1082,34 @@ async fn extraction_gaps_are_masked_upstream() {
     assert!(mock.last_request().unwrap().body.contains("# by <EMAIL_1>"));
 }
 
+/// A chat message's `name` is put into the prompt by chat templates: before 2026-12-07 it left the
+/// gateway as sent. Masked, it stays a name OpenAI accepts (`^[a-zA-Z0-9_-]+$`, at most 64 characters):
+/// `_CREDIT_CARD_1_`, not `<CREDIT_CARD_1>` (which OpenAI refuses with a 400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_message_names_are_masked_upstream_as_valid_names() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(mock.port(), json!({})).await;
+    let body = json!({"model": "gpt-4o", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "name": "4111111111111111", "content": "hi"},
+        {"role": "user", "name": "jane.doe@example.com", "content": "mail jane.doe@example.com"},
+        {"role": "assistant", "name": "helper-bot_2", "content": "ok"}]});
+    let resp = client().post(envoy.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = mock.last_request().unwrap();
+    assert!(!sent.body.contains("4111111111111111") && !sent.body.contains("example.com"), "{}", sent.body);
+    let v = sent.json().expect("valid JSON left the gateway");
+    let valid = |n: &str| {
+        !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    };
+    for (i, want) in [(1, "_CREDIT_CARD_1_"), (2, "_EMAIL_1_"), (3, "helper-bot_2")] {
+        let name = v["messages"][i]["name"].as_str().unwrap();
+        assert_eq!(name, want);
+        assert!(valid(name), "{name}");
+    }
+    assert_eq!(v["messages"][2]["content"], "mail <EMAIL_1>", "the same value keeps its placeholder in a text");
+}
+
 /// n=2 streams: one choice per chunk at position 0, `index` alternating; a placeholder cut across two
 /// events of one choice is restored, never joined with the other choice's text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,33 @@ pub fn next_text_part(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether `pointer` is a chat message's `name` (`/messages/3/name`), which [`extract_request_texts`]
+/// reads: a rewrite must leave it a valid name (see [`participant_name`]).
+pub fn is_message_name(pointer: &str) -> bool {
+    pointer
+        .strip_prefix("/messages/")
+        .and_then(|rest| rest.strip_suffix("/name"))
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Longest chat participant name OpenAI accepts.
+pub const MAX_PARTICIPANT_NAME: usize = 64;
+
+/// `s` as a chat participant name OpenAI accepts (`^[a-zA-Z0-9_-]+$`, at most 64 characters; the
+/// strictest rule among providers that take a `name`): every other character becomes `_`, the result is
+/// cut at 64, and an empty one is `_`. For names rewritten by a filter (`<EMAIL_1>` is `_EMAIL_1_`).
+pub fn participant_name(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .take(MAX_PARTICIPANT_NAME)
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
+}
+
 /// The model a request path names, for APIs that put it there rather than in the body: Bedrock
 /// (`/model/{modelId}/converse`, `converse-stream`, `invoke`, `invoke-with-response-stream`; the id
 /// percent-decoded, `anthropic.claude-3-5-sonnet-20240620-v1%3A0`), Gemini
@@ -527,6 +554,11 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
             if let Some(messages) = body.get("messages").and_then(Value::as_array) {
                 for (i, m) in messages.iter().enumerate() {
                     let role = m.get("role").and_then(Value::as_str).map_or(Role::Other, Role::parse);
+                    // The participant's `name` (OpenAI, vLLM, Mistral; the function's name on a legacy
+                    // `function` message): chat templates put it into the prompt, before the content.
+                    if let Some(n) = m.get("name") {
+                        push_text(&mut out, role, format!("/messages/{i}/name"), n);
+                    }
                     if let Some(content) = m.get("content") {
                         push_content(&mut out, role, &format!("/messages/{i}/content"), content);
                     }
@@ -1582,6 +1614,35 @@ mod tests {
                 (Role::Tool, "/messages/2/content", "tool says"),
             ]
         );
+    }
+
+    /// A chat message's `name` (OpenAI, vLLM, Mistral: the participant's name) is put into the prompt by
+    /// chat templates: read before the message's content, with its role; not joined to the content.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn chat_message_names_are_read() {
+        let body = json!({"messages": [
+            {"role": "user", "name": "4111111111111111", "content": "hi"},
+            {"role": "assistant", "name": 7, "content": [{"type": "text", "text": "yes"}]}]});
+        let spans = extract_request_texts(Api::OpenAiChat, &body);
+        let got: Vec<(Role, &str, &str)> =
+            spans.iter().map(|s| (s.role, s.pointer.as_str(), s.text.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Role::User, "/messages/0/name", "4111111111111111"),
+                (Role::User, "/messages/0/content", "hi"),
+                (Role::Assistant, "/messages/1/content/0/text", "yes"),
+            ],
+            "a name that is not a string is no text"
+        );
+        assert!(!next_text_part("/messages/0/name", "/messages/0/content"));
+        assert!(is_message_name("/messages/0/name") && is_message_name("/messages/12/name"));
+        assert!(!is_message_name("/messages/0/content") && !is_message_name("/tools/0/function/name"));
+        assert!(!is_message_name("/messages//name") && !is_message_name("/messages/a/name"));
+        assert_eq!(participant_name("<EMAIL_1> x.y-z"), "_EMAIL_1__x_y-z");
+        assert_eq!(participant_name(""), "_");
+        assert_eq!(participant_name("é"), "_");
+        assert_eq!(participant_name(&"ab".repeat(40)).len(), MAX_PARTICIPANT_NAME);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

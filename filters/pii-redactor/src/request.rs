@@ -11,7 +11,8 @@
 use crate::engine::{Engine, MaskState};
 use meshwarden_shared::json::{go_fold_key, parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
-    extract_request_texts, next_text_part, push_string_leaves, rewrite_body_texts, Api, Role,
+    extract_request_texts, is_message_name, next_text_part, participant_name, push_string_leaves, rewrite_body_texts,
+    Api, Role,
 };
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
 use serde_json::Value;
@@ -252,6 +253,9 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                 };
                 if let Some(out) = masked {
                     if let Ok(text) = String::from_utf8(out) {
+                        // A chat message's `name` must stay a name the provider accepts: `<EMAIL_1>` has
+                        // characters OpenAI refuses there (400). Spelled `_EMAIL_1_`, not restored.
+                        let text = if is_message_name(&s.pointer) { participant_name(&text) } else { text };
                         replacements.push((s.pointer.clone(), text));
                     }
                 }
@@ -324,6 +328,7 @@ const MODEL_READ_KEYS: &[&str] = &[
     "documents",
     "variables",
     "role",
+    "name",
     "content",
     "tool_calls",
     "function_call",
@@ -876,6 +881,52 @@ mod tests {
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["messages"][1]["content"][1]["content"]["stdout"], "<EMAIL_1>,<PHONE_1>\n");
         assert_eq!(v["messages"][1]["content"][1]["tool_use_id"], "srvtoolu_1", "ids untouched");
+    }
+
+    /// A chat message's `name` is put into the prompt by chat templates: scanned (before 2026-12-07 it was
+    /// forwarded as sent). A masked name stays a name OpenAI accepts (`^[a-zA-Z0-9_-]+$`, at most 64):
+    /// `<CREDIT_CARD_1>` is spelled `_CREDIT_CARD_1_` there; the same value in a text keeps its placeholder.
+    #[test]
+    fn chat_message_names_are_masked_as_valid_names() {
+        let e = engine();
+        let body = json!({"model":"gpt-4o","messages":[
+            {"role":"user","name":"4111111111111111","content":"hi"},
+            {"role":"user","name":"jane.doe@example.com","content":"I am jane.doe@example.com"},
+            {"role":"assistant","name":"helper_bot","content":"ok"}]});
+        let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::Json);
+        let out = String::from_utf8(r.body.expect("masked")).unwrap();
+        assert!(!out.contains("4111111111111111") && !out.contains("example.com"), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["messages"][0]["name"], "_CREDIT_CARD_1_");
+        assert_eq!(v["messages"][1]["name"], "_EMAIL_1_");
+        assert_eq!(v["messages"][1]["content"], "I am <EMAIL_1>");
+        assert_eq!(v["messages"][2]["name"], "helper_bot", "nothing found: as sent");
+        // Every other action keeps the name valid too.
+        for (action, want) in [("redact", "_REDACTED_"), ("partial", "____________1111")] {
+            let cfg = format!(r#"{{"default_action":"{action}"}}"#);
+            let e = Engine::new(&parse_config::<Config>(cfg.as_bytes()).unwrap());
+            let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+            let v: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+            assert_eq!(v["messages"][0]["name"], want, "{action}");
+        }
+        let e = Engine::new(
+            &parse_config::<Config>(br#"{"default_action":"hash","hash_salt":"0123456789abcdef"}"#).unwrap(),
+        );
+        let r = process_request(&e, "/v1/chat/completions", body.to_string().as_bytes(), true);
+        let v: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        let name = v["messages"][1]["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("_EMAIL_") && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "{name}"
+        );
+        // A long name with several values is cut at 64 characters.
+        let many = (0..8).map(|i| format!("u{i}@corp.example")).collect::<Vec<_>>().join(" ");
+        let body = json!({"messages":[{"role":"user","name":many,"content":"hi"}]});
+        let r = process_request(&engine(), "/v1/chat/completions", body.to_string().as_bytes(), true);
+        let v: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        let name = v["messages"][0]["name"].as_str().unwrap();
+        assert!(name.len() == 64 && name.starts_with("_EMAIL_1___EMAIL_2_") && !name.contains("corp"), "{name}");
     }
 
     /// Chat bodies with retrieval documents beside `messages` (Cohere v2 `/v2/chat`, vLLM's

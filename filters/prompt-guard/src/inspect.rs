@@ -8,7 +8,7 @@ use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     extract_request_texts, extract_response_texts, extract_stream_delta_texts, replace_texts, rewrite_body_texts,
 };
-use meshwarden_shared::llm::{push_string_leaves, Api, Role, TextSpan};
+use meshwarden_shared::llm::{is_message_name, participant_name, push_string_leaves, Api, Role, TextSpan};
 use meshwarden_shared::sse::{encode_event, SseEvent, SseParser};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -88,7 +88,10 @@ fn scan_spans(
             }
         }
         if !mask_spans.is_empty() {
-            replacements.push((span.pointer.clone(), apply_mask(&span.text, &mut mask_spans, mask_text)));
+            let masked = apply_mask(&span.text, &mut mask_spans, mask_text);
+            // A chat message's `name` must stay a name the provider accepts (`[REDACTED]` is refused there).
+            let masked = if is_message_name(&span.pointer) { participant_name(&masked) } else { masked };
+            replacements.push((span.pointer.clone(), masked));
         }
     }
     replacements
@@ -503,6 +506,18 @@ mod tests {
         // not UTF-8: mask fails closed
         let i = inspect_request(&p, "/x", Some("text/plain"), b"a falcon \xff", &OPTS).unwrap();
         assert_eq!(i.reject, Some(0));
+    }
+
+    /// A chat message's `name` is read (chat templates put it into the prompt) and a mask keeps it a valid
+    /// name (OpenAI: `^[a-zA-Z0-9_-]+$`): before 2026-12-07 it was not read at all.
+    #[test]
+    fn message_names_are_read_and_stay_valid_names_when_masked() {
+        let p = policy(r#"{"packs":[],"rules":[{"name":"secret","phrases":["falcon"],"action":"mask"}]}"#);
+        let body = json!({"model":"m","messages":[{"role":"user","name":"falcon","content":"hi"}]});
+        let i = inspect_request(&p, "/v1/chat/completions", None, body.to_string().as_bytes(), &OPTS).unwrap();
+        let v: Value = serde_json::from_slice(&i.rewritten.expect("masked")).unwrap();
+        assert_eq!(v["messages"][0]["name"], "_REDACTED_");
+        assert_eq!(v["messages"][0]["content"], "hi");
     }
 
     #[test]
