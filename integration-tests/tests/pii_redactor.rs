@@ -1029,6 +1029,12 @@ async fn extraction_gaps_are_masked_upstream() {
             "/messages/0/content/0/input/email",
         ),
         ("/api/generate", json!({"model": "llama3", "prompt": "hi", "system": "user is y6@corp.example"}), "/system"),
+        // Ollama renders `template` into the prompt: before 2026-12-07 it left unmasked.
+        (
+            "/api/generate",
+            json!({"model": "llama3", "prompt": "hi", "template": "Owner z6@corp.example. {{ .System }} {{ .Prompt }}"}),
+            "/template",
+        ),
         ("/api/embed", json!({"model": "nomic", "input": ["doc e6@corp.example", "other"]}), "/input/0"),
         // An earlier turn's reasoning sent back with the history (DeepSeek tool-call loops, vLLM,
         // OpenRouter, Ollama): before 2026-12-06 it left unmasked.

@@ -639,6 +639,11 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
             if let Some(v) = body.get("system") {
                 push_text(&mut out, Role::System, "/system".into(), v);
             }
+            // Ollama `/api/generate` `template`: a Go template rendered into the prompt; its literal text
+            // goes to the model as written (tagged like `system`).
+            if let Some(v) = body.get("template") {
+                push_text(&mut out, Role::System, "/template".into(), v);
+            }
         }
         Api::OpenAiEmbeddings => {
             if let Some(input) = body.get("input") {
@@ -1444,6 +1449,11 @@ mod tests {
         assert_eq!(Api::detect("/api/generate", &g), Api::OpenAiCompletions);
         let p = pointers(Api::OpenAiCompletions, &g);
         assert!(has(&p, "/system", "sys o@b.io") && !p.iter().any(|(_, t)| t == "iVBORw0KGgo"));
+        // ... and `template`, which Ollama renders into the prompt (its literal text the model reads).
+        let g = json!({"model": "llama3", "prompt": "hi", "template": "Owner t@b.io. {{ .Prompt }}"});
+        let spans = extract_request_texts(Api::detect("/api/generate", &g), &g);
+        let t = spans.iter().find(|s| s.pointer == "/template").expect("template read");
+        assert_eq!((t.role, t.text.as_str()), (Role::System, "Owner t@b.io. {{ .Prompt }}"));
         let chat = json!({"messages": [{"role": "user", "content": "x"}],
             "prediction": {"type": "content", "content": "pred p@b.io"},
             "functions": [{"name": "f", "description": "fn f@b.io", "parameters": {"type": "object"}}]});

@@ -321,6 +321,7 @@ const MODEL_READ_KEYS: &[&str] = &[
     "input",
     "instructions",
     "suffix",
+    "template",
     "tools",
     "functions",
     "prediction",
@@ -927,6 +928,19 @@ mod tests {
         let v: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
         let name = v["messages"][0]["name"].as_str().unwrap();
         assert!(name.len() == 64 && name.starts_with("_EMAIL_1___EMAIL_2_") && !name.contains("corp"), "{name}");
+    }
+
+    /// Ollama `/api/generate` renders `template` into the prompt (before 2026-12-07 it was not scanned); its
+    /// Go template actions are left as they are.
+    #[test]
+    fn ollama_generate_template_is_masked() {
+        let body = json!({"model":"llama3","prompt":"hi","raw":false,
+            "template":"Support for jane.doe@example.com. {{ if .System }}{{ .System }}{{ end }} {{ .Prompt }}"});
+        let r = process_request(&engine(), "/api/generate", body.to_string().as_bytes(), true);
+        assert_eq!(r.scanned, Scanned::Json);
+        let v: Value = serde_json::from_slice(&r.body.expect("masked")).unwrap();
+        assert_eq!(v["template"], "Support for <EMAIL_1>. {{ if .System }}{{ .System }}{{ end }} {{ .Prompt }}");
+        assert_eq!(v["prompt"], "hi");
     }
 
     /// Chat bodies with retrieval documents beside `messages` (Cohere v2 `/v2/chat`, vLLM's
