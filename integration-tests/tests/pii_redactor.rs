@@ -453,12 +453,9 @@ async fn values_used_as_object_keys_are_masked() {
     assert_eq!(sent["messages"][1]["content"][0]["input"]["<EMAIL_1>"]["plan"], "gold", "{sent}");
 }
 
-/// Emails with non-ASCII local parts and IDN domains leave masked whole and come back restored.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn non_ascii_emails_are_masked_whole_and_restored() {
-    let mock = MockLlm::start().await.unwrap();
-    let proxy = envoy_default(&mock).await;
-    let prompt = "Schreib an jörg.müller@bücher.de und иван@пример.рф bitte.";
+/// Send `prompt` as one user message through the gateway to the echoing mock: the client must get it back
+/// restored as written; returns the text that left the gateway (masked).
+async fn echo_masked(proxy: &Envoy, mock: &MockLlm, prompt: &str) -> String {
     let resp = client()
         .post(proxy.url("/v1/chat/completions"))
         .header("x-mock-echo", "1")
@@ -467,10 +464,18 @@ async fn non_ascii_emails_are_masked_whole_and_restored() {
         .await
         .unwrap();
     let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], prompt);
+    assert_eq!(body["choices"][0]["message"]["content"], prompt, "restored for the client");
     let sent = mock.last_request().unwrap().json().unwrap();
-    let text = sent["messages"][0]["content"].as_str().unwrap();
-    assert_eq!(text, "Schreib an <EMAIL_1> und <EMAIL_2> bitte.");
+    sent["messages"][0]["content"].as_str().unwrap().to_string()
+}
+
+/// Emails with non-ASCII local parts and IDN domains leave masked whole and come back restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_emails_are_masked_whole_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "Schreib an jörg.müller@bücher.de und иван@пример.рф bitte.";
+    assert_eq!(echo_masked(&proxy, &mock, prompt).await, "Schreib an <EMAIL_1> und <EMAIL_2> bitte.");
 }
 
 /// Realistic shapes that left the gateway unmasked, whole or in part, before 2026-12-06: an apostrophe in
@@ -485,18 +490,10 @@ async fn realistic_shapes_are_masked_whole_and_restored() {
     let stripe = format!("sk_live_51H{}", "aB3dE5gH7j".repeat(10));
     let prompt =
         format!("Mail john.o'reilly@example.com, pay de89 3704 0044 0532 0130 00, key:\n{pgp}\nand {stripe} please.");
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .header("x-mock-echo", "1")
-        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], prompt.as_str());
-    let sent = mock.last_request().unwrap().json().unwrap();
-    let text = sent["messages"][0]["content"].as_str().unwrap();
-    assert_eq!(text, "Mail <EMAIL_1>, pay <IBAN_1>, key:\n<PRIVATE_KEY_1>\nand <STRIPE_KEY_1> please.");
+    assert_eq!(
+        echo_masked(&proxy, &mock, &prompt).await,
+        "Mail <EMAIL_1>, pay <IBAN_1>, key:\n<PRIVATE_KEY_1>\nand <STRIPE_KEY_1> please."
+    );
 }
 
 /// Emails whose local part holds RFC 5322 specials (`~ & = ! # / ...`) are masked whole (before
@@ -508,18 +505,10 @@ async fn emails_with_rfc5322_specials_are_masked_whole_and_restored() {
     let proxy = envoy_default(&mock).await;
     let prompt = "Mail jo~e&co@example.com, list-bounces+jane=example.com@lists.example.org, \
                   b!ll#y$m%x*zq?r^s`t{u|v}w@example.com, jo/e@example.com; log user=kim@example.com GET /users/lee@example.com";
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .header("x-mock-echo", "1")
-        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], prompt);
-    let sent = mock.last_request().unwrap().json().unwrap();
-    let text = sent["messages"][0]["content"].as_str().unwrap();
-    assert_eq!(text, "Mail <EMAIL_1>, <EMAIL_2>, <EMAIL_3>, <EMAIL_4>; log user=<EMAIL_5> GET /users/<EMAIL_6>");
+    assert_eq!(
+        echo_masked(&proxy, &mock, prompt).await,
+        "Mail <EMAIL_1>, <EMAIL_2>, <EMAIL_3>, <EMAIL_4>; log user=<EMAIL_5> GET /users/<EMAIL_6>"
+    );
 }
 
 /// IBANs with dashes or a line break between groups and cards with two spaces or a line break between
@@ -531,18 +520,10 @@ async fn ibans_and_cards_with_wider_separators_are_masked_whole_and_restored() {
     let proxy = envoy_default(&mock).await;
     let prompt = "Pay DE89-3704-0044-0532-0130-00 or GB82 WEST 1234\n5698 7654 32 with card 4111  1111  1111  1111 \
                   or\n5555 5555\n5555 4444\nthanks";
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .header("x-mock-echo", "1")
-        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
-        .send()
-        .await
-        .unwrap();
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["choices"][0]["message"]["content"], prompt);
-    let sent = mock.last_request().unwrap().json().unwrap();
-    let text = sent["messages"][0]["content"].as_str().unwrap();
-    assert_eq!(text, "Pay <IBAN_1> or <IBAN_2> with card <CREDIT_CARD_1> or\n<CREDIT_CARD_2>\nthanks");
+    assert_eq!(
+        echo_masked(&proxy, &mock, prompt).await,
+        "Pay <IBAN_1> or <IBAN_2> with card <CREDIT_CARD_1> or\n<CREDIT_CARD_2>\nthanks"
+    );
 }
 
 /// A value cut across two text parts of one message (the model reads them as one text) is masked whole:

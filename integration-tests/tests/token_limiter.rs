@@ -1130,6 +1130,19 @@ async fn binary_answers_are_charged_the_reservation_not_their_bytes() {
     }
 }
 
+/// The stat once it reached `want` (counters are flushed in batches), or its value after ~2 s.
+async fn stat_at_least(e: &Envoy, name: &str, want: u64) -> u64 {
+    let mut got = 0;
+    for _ in 0..100 {
+        got = e.stat(name).await.unwrap();
+        if got >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    got
+}
+
 /// Image generation answers carry the image as base64 inside JSON (`data[].b64_json`). dall-e-2/3 report
 /// no usage: such an answer is charged the output reservation, as a binary answer is. Its base64 was read
 /// as text before (a 1.5 MB image cost ~375,000 output tokens), so one image spent a day's budget.
@@ -1144,20 +1157,6 @@ async fn image_answers_are_charged_the_reservation_or_their_usage() {
     )
     .await;
     let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
-    let wait_for = |name: String, want: u64| {
-        let e = &e;
-        async move {
-            let mut got = 0;
-            for _ in 0..100 {
-                got = e.stat(&name).await.unwrap();
-                if got >= want {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            got
-        }
-    };
     let body = json!({"model": "dall-e-3", "prompt": "A red fox in the snow", "response_format": "b64_json"});
     for i in 1..=3u64 {
         let r = post(&e, "/v1/images/generations", &body, &[("x-team", "a")]).await;
@@ -1168,15 +1167,15 @@ async fn image_answers_are_charged_the_reservation_or_their_usage() {
             1_500_000,
             "the image reaches the client whole"
         );
-        let charged = wait_for(stat("model.dall-e-3.output_tokens"), 100 * i).await;
+        let charged = stat_at_least(&e, &stat("model.dall-e-3.output_tokens"), 100 * i).await;
         assert_eq!(charged, 100 * i, "image request {i}: the output reservation per answer");
     }
     let body = json!({"model": "gpt-image-1", "prompt": "A red fox in the snow"});
     let r = post(&e, "/v1/images/generations", &body, &[("x-team", "a"), ("x-mock-image-usage", "1")]).await;
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await.unwrap();
-    assert_eq!(wait_for(stat("model.gpt-image-1.output_tokens"), 4160).await, 4160);
-    assert_eq!(wait_for(stat("model.gpt-image-1.input_tokens"), 12).await, 12);
+    assert_eq!(stat_at_least(&e, &stat("model.gpt-image-1.output_tokens"), 4160).await, 4160);
+    assert_eq!(stat_at_least(&e, &stat("model.gpt-image-1.input_tokens"), 12).await, 12);
 }
 
 /// Streamed image generation (gpt-image-1 `"stream": true`): `image_generation.partial_image` events, then
@@ -1195,20 +1194,6 @@ async fn streamed_image_generation_is_charged_its_usage_or_the_reservation() {
     )
     .await;
     let stat = |name: &str| format!("meshwarden.token_limiter.{name}");
-    let wait_for = |name: String, want: u64| {
-        let e = &e;
-        async move {
-            let mut got = 0;
-            for _ in 0..100 {
-                got = e.stat(&name).await.unwrap();
-                if got >= want {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            got
-        }
-    };
     let body = json!({"model": "gpt-image-1", "prompt": "A red fox in the snow", "stream": true, "partial_images": 2});
     // Events within the bound, then a 1.5 MB image per event (over the 1 MiB + 256 KiB event bound).
     let mut output = 0;
@@ -1221,9 +1206,9 @@ async fn streamed_image_generation_is_charged_its_usage_or_the_reservation() {
         assert_eq!(text.matches("event: image_generation.").count(), 3, "the stream reaches the client whole");
         output += 4360;
         reported += 1;
-        let got = wait_for(stat("model.gpt-image-1.output_tokens"), output).await;
+        let got = stat_at_least(&e, &stat("model.gpt-image-1.output_tokens"), output).await;
         assert_eq!(got, output, "image stream {i} ({bytes} bytes of base64 per event): its reported output");
-        assert_eq!(wait_for(stat("usage.reported"), reported).await, reported, "image stream {i}");
+        assert_eq!(stat_at_least(&e, &stat("usage.reported"), reported).await, reported, "image stream {i}");
         assert_eq!(e.stat(&stat("model.gpt-image-1.input_tokens")).await.unwrap(), 12 * reported);
     }
     // Cut after the first partial image: the output reservation, not nothing.
@@ -1235,7 +1220,7 @@ async fn streamed_image_generation_is_charged_its_usage_or_the_reservation() {
     )
     .await;
     let _ = r.bytes().await;
-    let got = wait_for(stat("model.gpt-image-1.output_tokens"), output + 100).await;
+    let got = stat_at_least(&e, &stat("model.gpt-image-1.output_tokens"), output + 100).await;
     assert_eq!(got, output + 100, "a cut image stream: the output reservation");
     assert_eq!(e.stat(&stat("usage.estimated")).await.unwrap(), 1);
 }
