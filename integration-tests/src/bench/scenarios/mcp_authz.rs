@@ -63,6 +63,22 @@ pub fn scenarios() -> Vec<Scenario> {
     .header("accept", "application/json, text/event-stream")
     .header("x-user", "bench")
     .header("x-scope", "tools:read");
+    // The same call inside a session (what MCP clients send after `initialize`): the filter looks the
+    // session's binding up (`bind_sessions`, on by default); the id is unknown to this Envoy, as for a
+    // session created through another replica, so the call is decided as above and forwarded.
+    let session = Scenario::post_json(
+        "mcp-authz-tools-call-1kb-50-rules-session",
+        "mcp-authz-bench.yaml",
+        "/mcp",
+        &tools_call_body(1024),
+    )
+    .plain("mcp-authz-bench-plain.yaml")
+    .var("BENCH_ANSWER", &json_string(&call_answer.to_string()))
+    .config("mcp-authz", fifty_rule_policy())
+    .header("accept", "application/json, text/event-stream")
+    .header("x-user", "bench")
+    .header("x-scope", "tools:read")
+    .header("mcp-session-id", "2f9d4c1e8b7a4f0e9c3d5b6a7e8f9012");
     let list = Scenario::post_json(
         "mcp-authz-tools-list-200-filtered",
         "mcp-authz-bench.yaml",
@@ -85,7 +101,7 @@ pub fn scenarios() -> Vec<Scenario> {
             .var("BENCH_ANSWER", &json_string(&call_answer.to_string()))
             .config("mcp-authz", passthrough_cfg)
             .header("accept", "application/json, text/event-stream");
-    vec![call, list, pass]
+    vec![call, session, list, pass]
 }
 
 #[cfg(test)]
