@@ -1250,14 +1250,7 @@ async fn a_responses_final_event_over_the_bound_is_charged_its_usage() {
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     assert!(text.len() > 2_000_000 && text.contains("event: response.completed"), "the stream reaches the client");
-    let mut got = 0;
-    for _ in 0..100 {
-        got = e.stat("meshwarden.token_limiter.model.gpt-4_1.output_tokens").await.unwrap();
-        if got > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let got = stat_at_least(&e, "meshwarden.token_limiter.model.gpt-4_1.output_tokens", 1).await;
     assert_eq!(got, 1600, "the reported output, not the reservation");
     assert_eq!(e.stat("meshwarden.token_limiter.model.gpt-4_1.input_tokens").await.unwrap(), 40);
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 1);

@@ -51,34 +51,22 @@ pub fn tool_list_answer(n: usize) -> Value {
 pub fn scenarios() -> Vec<Scenario> {
     let call_answer =
         json!({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "ok"}], "isError": false}});
-    let call = Scenario::post_json(
-        "mcp-authz-tools-call-1kb-50-rules",
-        "mcp-authz-bench.yaml",
-        "/mcp",
-        &tools_call_body(1024),
-    )
-    .plain("mcp-authz-bench-plain.yaml")
-    .var("BENCH_ANSWER", &json_string(&call_answer.to_string()))
-    .config("mcp-authz", fifty_rule_policy())
-    .header("accept", "application/json, text/event-stream")
-    .header("x-user", "bench")
-    .header("x-scope", "tools:read");
+    // A 1 KB `tools/call` by a caller the readers rule allows.
+    let call_scenario = |name: &str| {
+        Scenario::post_json(name, "mcp-authz-bench.yaml", "/mcp", &tools_call_body(1024))
+            .plain("mcp-authz-bench-plain.yaml")
+            .var("BENCH_ANSWER", &json_string(&call_answer.to_string()))
+            .config("mcp-authz", fifty_rule_policy())
+            .header("accept", "application/json, text/event-stream")
+            .header("x-user", "bench")
+            .header("x-scope", "tools:read")
+    };
+    let call = call_scenario("mcp-authz-tools-call-1kb-50-rules");
     // The same call inside a session (what MCP clients send after `initialize`): the filter looks the
     // session's binding up (`bind_sessions`, on by default); the id is unknown to this Envoy, as for a
     // session created through another replica, so the call is decided as above and forwarded.
-    let session = Scenario::post_json(
-        "mcp-authz-tools-call-1kb-50-rules-session",
-        "mcp-authz-bench.yaml",
-        "/mcp",
-        &tools_call_body(1024),
-    )
-    .plain("mcp-authz-bench-plain.yaml")
-    .var("BENCH_ANSWER", &json_string(&call_answer.to_string()))
-    .config("mcp-authz", fifty_rule_policy())
-    .header("accept", "application/json, text/event-stream")
-    .header("x-user", "bench")
-    .header("x-scope", "tools:read")
-    .header("mcp-session-id", "2f9d4c1e8b7a4f0e9c3d5b6a7e8f9012");
+    let session = call_scenario("mcp-authz-tools-call-1kb-50-rules-session")
+        .header("mcp-session-id", "2f9d4c1e8b7a4f0e9c3d5b6a7e8f9012");
     let list = Scenario::post_json(
         "mcp-authz-tools-list-200-filtered",
         "mcp-authz-bench.yaml",
