@@ -592,21 +592,12 @@ impl MaskState {
                 continue; // two findings in one escape: the first one covers it
             }
             let h = Hit { start, end, ..h };
-            let action = engine.action(h.det);
-            let name = engine.name(h.det);
-            self.counts.add(name, action);
-            let replacement = match action {
-                Action::Reject => {
-                    if !self.rejected.iter().any(|r| r == name) {
-                        self.rejected.push(name.to_string());
-                    }
-                    continue;
-                }
-                Action::Mask => self.placeholder_for(engine.label(h.det), value),
-                // `value` was decoded from JSON text: what replaces its original bytes is JSON-escaped.
-                a if map.is_some() => json_escaped(&engine.irreversible(h.det, a, value)),
-                a => engine.irreversible(h.det, a, value),
+            let Some((action, replacement)) = self.replacement(engine, &h, value) else {
+                continue;
             };
+            // `value` was decoded from JSON text: what replaces its original bytes is JSON-escaped.
+            let replacement =
+                if action != Action::Mask && map.is_some() { json_escaped(&replacement) } else { replacement };
             out.extend_from_slice(text.get(last..h.start).unwrap_or(&[]));
             out.extend_from_slice(replacement.as_bytes());
             last = h.end;
@@ -617,6 +608,24 @@ impl MaskState {
 }
 
 impl MaskState {
+    /// Count a finding and give what replaces its `value` with the action taken: a placeholder (`Mask`, to
+    /// be restored), an irreversible redaction, or `None` for `Reject` (remembered for the 4xx answer).
+    fn replacement(&mut self, engine: &Engine, h: &Hit, value: &[u8]) -> Option<(Action, String)> {
+        let action = engine.action(h.det);
+        let name = engine.name(h.det);
+        self.counts.add(name, action);
+        match action {
+            Action::Reject => {
+                if !self.rejected.iter().any(|r| r == name) {
+                    self.rejected.push(name.to_string());
+                }
+                None
+            }
+            Action::Mask => Some((action, self.placeholder_for(engine.label(h.det), value))),
+            a => Some((a, engine.irreversible(h.det, a, value))),
+        }
+    }
+
     /// Mask consecutive text parts of one message (OpenAI / Anthropic / Bedrock content blocks) as the model
     /// reads them: one text. A value cut across two parts (`"my card is 4111 1111"`, `" 1111 1111"`) is
     /// found in the joined text; its placeholder (or redaction) goes where it starts and the rest of it is
@@ -633,18 +642,8 @@ impl MaskState {
         let mut replaced: Vec<(usize, usize, String)> = Vec::with_capacity(hits.len());
         for h in &hits {
             let value = joined.get(h.start..h.end).unwrap_or(&[]);
-            let action = engine.action(h.det);
-            let name = engine.name(h.det);
-            self.counts.add(name, action);
-            let replacement = match action {
-                Action::Reject => {
-                    if !self.rejected.iter().any(|r| r == name) {
-                        self.rejected.push(name.to_string());
-                    }
-                    continue;
-                }
-                Action::Mask => self.placeholder_for(engine.label(h.det), value),
-                a => engine.irreversible(h.det, a, value),
+            let Some((_, replacement)) = self.replacement(engine, h, value) else {
+                continue;
             };
             replaced.push((h.start, h.end, replacement));
         }
