@@ -15,6 +15,13 @@
 //!
 //! `GET /mcp` with `Last-Event-ID: X` replays the stored events after `X` (as the MCP Python SDK's
 //! `_replay_events` does) and ends the stream; a GET without it is answered 405.
+//!
+//! Tasks: a `tools/call` whose `_meta` client capabilities declare the Tasks extension
+//! (`io.modelcontextprotocol/tasks`, 2026-07-28) is answered with a `CreateTaskResult` (`resultType:
+//! "task"`, `taskId`), one with `params.task` (2025-11-25) with `{"task": {"taskId": …}}`; the tool's
+//! result is kept, `tasks/get` returns it to whoever names the task (as a server without its own
+//! authentication does), `tasks/result` (2025-11-25) too; `tasks/update` and `tasks/cancel` acknowledge,
+//! `tasks/list` (2025-11-25) lists every task; an unknown task id is -32602.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,7 +29,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use meshwarden_shared::jsonrpc::{error_response, parse, result_response, Message, Payload, METHOD_NOT_FOUND};
+use meshwarden_shared::jsonrpc::{
+    error_response, parse, result_response, Message, Payload, INVALID_PARAMS, METHOD_NOT_FOUND,
+};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,6 +40,14 @@ use tokio::sync::oneshot;
 
 /// Stored SSE events: (event id, data).
 type EventStore = Arc<Mutex<Vec<(String, String)>>>;
+/// Tasks: (task id, the tool's result).
+type TaskStore = Arc<Mutex<Vec<(String, Value)>>>;
+
+#[derive(Clone, Default)]
+struct Stores {
+    events: EventStore,
+    tasks: TaskStore,
+}
 
 pub struct MockMcp {
     pub addr: SocketAddr,
@@ -41,8 +58,7 @@ impl MockMcp {
     pub async fn start() -> anyhow::Result<MockMcp> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let store: EventStore = Arc::default();
-        let app = Router::new().route("/mcp", post(handle).get(replay)).with_state(store);
+        let app = Router::new().route("/mcp", post(handle).get(replay)).with_state(Stores::default());
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -72,7 +88,13 @@ fn tool(name: &str, description: &str) -> Value {
            "inputSchema": {"type": "object", "properties": {"q": {"type": "string"}}}})
 }
 
-fn answer(id: &Value, method: &str, params: Option<&Value>) -> Value {
+/// A task's state as `tasks/get` and `CreateTaskResult` carry it.
+fn task_state(task_id: &str, status: &str) -> Value {
+    json!({"taskId": task_id, "status": status, "createdAt": "2026-12-07T00:00:00Z",
+           "lastUpdatedAt": "2026-12-07T00:00:00Z", "ttlMs": 60000, "pollIntervalMs": 10})
+}
+
+fn answer(id: &Value, method: &str, params: Option<&Value>, tasks: &TaskStore) -> Value {
     match method {
         "initialize" => result_response(
             id,
@@ -87,10 +109,56 @@ fn answer(id: &Value, method: &str, params: Option<&Value>) -> Value {
         ),
         "tools/call" => {
             let name = params.and_then(|p| p.get("name")).and_then(Value::as_str).unwrap_or("?");
-            result_response(
-                id,
-                json!({"content": [{"type": "text", "text": format!("mock tool {name} ran")}], "isError": false}),
-            )
+            let args = params.and_then(|p| p.get("arguments")).map(Value::to_string).unwrap_or_default();
+            let text = if args.is_empty() {
+                format!("mock tool {name} ran")
+            } else {
+                format!("mock tool {name} ran with {args}")
+            };
+            let result = json!({"content": [{"type": "text", "text": text}], "isError": false});
+            let extension = params
+                .and_then(|p| p.pointer("/_meta/io.modelcontextprotocol~1clientCapabilities/extensions"))
+                .and_then(|e| e.get("io.modelcontextprotocol/tasks"))
+                .is_some();
+            let legacy = params.and_then(|p| p.get("task")).is_some_and(Value::is_object);
+            if !(extension || legacy) {
+                return result_response(id, result);
+            }
+            let Ok(mut tasks) = tasks.lock() else {
+                return error_response(Some(id), meshwarden_shared::jsonrpc::INTERNAL_ERROR, "task store");
+            };
+            let task_id = format!("task-{}", tasks.len() + 1);
+            tasks.push((task_id.clone(), result));
+            let task = task_state(&task_id, "working");
+            if extension {
+                let mut r = task;
+                r["resultType"] = json!("task");
+                result_response(id, r)
+            } else {
+                result_response(id, json!({"task": task}))
+            }
+        }
+        "tasks/get" | "tasks/result" | "tasks/update" | "tasks/cancel" => {
+            let task_id = params.and_then(|p| p.get("taskId")).and_then(Value::as_str).unwrap_or_default();
+            let found = tasks.lock().ok().and_then(|t| t.iter().find(|(t, _)| t == task_id).map(|(_, r)| r.clone()));
+            let Some(result) = found else {
+                return error_response(Some(id), INVALID_PARAMS, "Failed to retrieve task: Task not found");
+            };
+            match method {
+                "tasks/get" => {
+                    let mut r = task_state(task_id, "completed");
+                    r["resultType"] = json!("complete");
+                    r["result"] = result;
+                    result_response(id, r)
+                }
+                "tasks/result" => result_response(id, result),
+                _ => result_response(id, json!({"resultType": "complete"})),
+            }
+        }
+        "tasks/list" => {
+            let listed: Vec<Value> =
+                tasks.lock().map(|t| t.iter().map(|(t, _)| task_state(t, "completed")).collect()).unwrap_or_default();
+            result_response(id, json!({ "tasks": listed }))
         }
         "prompts/list" => result_response(id, json!({"prompts": [{"name": "greet", "description": "Say hello"}]})),
         "resources/list" => {
@@ -151,7 +219,8 @@ fn sse_answer(mode: &str, store: &EventStore, answer: Value) -> Response {
 }
 
 /// `GET /mcp` with `Last-Event-ID`: the stored events after it, then the stream ends.
-async fn replay(State(store): State<EventStore>, headers: HeaderMap) -> Response {
+async fn replay(State(stores): State<Stores>, headers: HeaderMap) -> Response {
+    let store = stores.events;
     let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_string) else {
         return StatusCode::METHOD_NOT_ALLOWED.into_response();
     };
@@ -168,7 +237,8 @@ async fn replay(State(store): State<EventStore>, headers: HeaderMap) -> Response
     sse_reply(body)
 }
 
-async fn handle(State(store): State<EventStore>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(State(stores): State<Stores>, headers: HeaderMap, body: Bytes) -> Response {
+    let (store, tasks) = (stores.events, stores.tasks);
     let sse = headers.get("x-mock-sse").and_then(|v| v.to_str().ok()).map(str::to_string);
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let gzip = text("x-mock-gzip") == "1" && text("accept-encoding").contains("gzip");
@@ -188,15 +258,15 @@ async fn handle(State(store): State<EventStore>, headers: HeaderMap, body: Bytes
     };
     match parse(&body) {
         Ok(Payload::Single(Ok(Message::Request { id, method, params }))) => match sse.as_deref() {
-            Some(mode) => sse_answer(mode, &store, answer(&id, &method, params.as_ref())),
-            None => json_reply(answer(&id, &method, params.as_ref()), method == "initialize"),
+            Some(mode) => sse_answer(mode, &store, answer(&id, &method, params.as_ref(), &tasks)),
+            None => json_reply(answer(&id, &method, params.as_ref(), &tasks), method == "initialize"),
         },
         Ok(Payload::Single(Ok(_))) => StatusCode::ACCEPTED.into_response(), // notifications, responses
         Ok(Payload::Batch(items)) => {
             let answers: Vec<Value> = items
                 .into_iter()
                 .filter_map(|m| match m {
-                    Ok(Message::Request { id, method, params }) => Some(answer(&id, &method, params.as_ref())),
+                    Ok(Message::Request { id, method, params }) => Some(answer(&id, &method, params.as_ref(), &tasks)),
                     _ => None,
                 })
                 .collect();

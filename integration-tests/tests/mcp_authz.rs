@@ -1960,3 +1960,74 @@ async fn percent_encoded_resource_uris_do_not_pass_deny_rules() {
     }
     wait_for_log(&s.envoy, r#""rule":"no-secret","subject":"bob","target":"file:///public/%73ecret""#).await;
 }
+
+/// The scripted-server policy with the task methods allowed to every caller (a tool's task is polled by
+/// its caller), callers named by `x-test-user`.
+fn task_policy() -> Value {
+    let mut cfg = scripted_policy();
+    cfg["policy"]["rules"].as_array_mut().unwrap().push(json!(
+        {"name": "tasks", "effect": "allow", "methods": ["tasks/get", "tasks/result", "tasks/update", "tasks/cancel", "tasks/list"]}
+    ));
+    cfg["identity"] = json!({"trusted_headers": [{"header": "x-test-user", "claim": "sub"}]});
+    cfg
+}
+
+/// A 2026-07-28 POST (no session) by `user` (anonymous when empty): `Mcp-Method`, `Mcp-Name` when given,
+/// `MCP-Protocol-Version`.
+async fn modern_post(envoy: &Envoy, user: &str, body: &Value, name: Option<&str>) -> (u16, Value) {
+    let method = body["method"].as_str().unwrap();
+    let mut req = client()
+        .post(envoy.url("/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method)
+        .body(body.to_string());
+    if !user.is_empty() {
+        req = req.header("x-test-user", user);
+    }
+    if let Some(n) = name {
+        req = req.header("mcp-name", n);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status} {text}: {e}")))
+}
+
+/// A 2026-07-28 `tools/call` declaring the Tasks extension: `Mcp-Name` is the tool.
+fn task_call(id: u64, tool: &str, args: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args,
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                  "io.modelcontextprotocol/clientCapabilities": {"extensions": {"io.modelcontextprotocol/tasks": {}}}}}})
+}
+
+fn task_request(id: u64, method: &str, task: &str) -> Value {
+    let mut params = json!({"taskId": task, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}});
+    if method == "tasks/update" {
+        params["inputResponses"] = json!({});
+    }
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+/// The Tasks extension (2026-07-28) requires `Mcp-Name: <taskId>` on `tasks/get`, `tasks/update` and
+/// `tasks/cancel`; the filter compared it with `params.name` / `params.uri` and refused every compliant
+/// task request with 400 -32020 (HeaderMismatch), so a tool's task could never be polled through the
+/// gateway. A `Mcp-Name` naming another task is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_requests_carry_the_task_id_in_mcp_name() {
+    let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
+    let envoy = authz_envoy(mock.port(), &task_policy()).await;
+    let (st, created) = modern_post(&envoy, "alice", &task_call(1, "search", json!({"q": "x"})), Some("search")).await;
+    assert_eq!((st, created["result"]["resultType"].clone()), (200, json!("task")), "{created}");
+    let task = created["result"]["taskId"].as_str().unwrap().to_string();
+    let (st, got) = modern_post(&envoy, "alice", &task_request(2, "tasks/get", &task), Some(&task)).await;
+    assert_eq!((st, got["result"]["status"].clone()), (200, json!("completed")), "{got}");
+    assert_eq!(got["result"]["result"]["content"][0]["text"], r#"mock tool search ran with {"q":"x"}"#);
+    for (i, m) in ["tasks/update", "tasks/cancel"].iter().enumerate() {
+        let (st, ack) = modern_post(&envoy, "alice", &task_request(3 + i as u64, m, &task), Some(&task)).await;
+        assert_eq!((st, ack["result"]["resultType"].clone()), (200, json!("complete")), "{m}: {ack}");
+    }
+    let (st, e) = modern_post(&envoy, "alice", &task_request(9, "tasks/get", &task), Some("task-999")).await;
+    assert_eq!((st, e["error"]["code"].clone()), (400, json!(-32020)), "a header naming another task: {e}");
+}

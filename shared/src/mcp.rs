@@ -19,7 +19,8 @@ pub const HEADER_NAME: &str = "mcp-name";
 pub const HEADER_PROTOCOL_VERSION: &str = "mcp-protocol-version";
 pub const HEADER_SESSION_ID: &str = "mcp-session-id";
 
-/// Every client-to-server method of the four revisions (for bounded stat labels and docs).
+/// Every client-to-server method of the four revisions and of the 2026-07-28 Tasks extension
+/// (`tasks/update`), for bounded stat labels and docs.
 pub const CLIENT_METHODS: &[&str] = &[
     "initialize",
     "ping",
@@ -40,6 +41,7 @@ pub const CLIENT_METHODS: &[&str] = &[
     "tasks/result",
     "tasks/list",
     "tasks/cancel",
+    "tasks/update",
     "notifications/initialized",
     "notifications/cancelled",
     "notifications/progress",
@@ -290,15 +292,23 @@ pub fn method_requires_name_header(method: &str) -> bool {
     matches!(method, "tools/call" | "resources/read" | "prompts/get")
 }
 
+/// The methods of tasks (2025-11-25 core; 2026-07-28 the Tasks extension `io.modelcontextprotocol/tasks`,
+/// which drops `tasks/result` and `tasks/list` and adds `tasks/update`) that name one task by
+/// `params.taskId`.
+pub const TASK_METHODS: &[&str] = &["tasks/get", "tasks/result", "tasks/update", "tasks/cancel"];
+
 /// The value `Mcp-Name` must carry: `params.uri` for `resources/read` (what the server reads, even if a
-/// `name` rides along), `params.name` for `tools/call` and `prompts/get`; for any other method `name`,
-/// else `uri`.
+/// `name` rides along), `params.name` for `tools/call` and `prompts/get`, `params.taskId` for the task
+/// methods (the Tasks extension: "the client MUST set the `Mcp-Name` header to the value of
+/// `params.taskId`" on `tasks/get`, `tasks/update`, `tasks/cancel`, so that routers can send a task's
+/// requests to the instance holding it); for any other method `name`, else `uri`.
 pub fn name_header_value<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a str> {
     let p = params?;
     let field = |k: &str| p.get(k).and_then(Value::as_str);
     match method {
         "resources/read" => field("uri"),
         "tools/call" | "prompts/get" => field("name"),
+        m if TASK_METHODS.contains(&m) => field("taskId"),
         _ => field("name").or_else(|| field("uri")),
     }
 }
@@ -499,6 +509,15 @@ mod tests {
             .is_err(),
             "version header vs _meta"
         );
+        // Tasks extension (2026-07-28): `Mcp-Name` is the task id on tasks/get, tasks/update, tasks/cancel.
+        let task = json!({"taskId": "786512e2"});
+        for m in ["tasks/get", "tasks/update", "tasks/cancel"] {
+            let h = |n: &str| hdr(Some(m), Some(n), Some(REV_2026_07_28));
+            assert!(check_headers(m, Some(&task), &h("786512e2")).is_ok(), "{m}");
+            assert!(check_headers(m, Some(&task), &h("other-task")).is_err(), "{m}: another task");
+            let named = json!({"taskId": "786512e2", "name": "x"});
+            assert!(check_headers(m, Some(&named), &h("x")).is_err(), "{m}: a name riding along is not the task");
+        }
         // resources/read: the header names the URI the server reads, not a `name` riding along.
         let read = json!({"uri": "file:///private/keys", "name": "readme"});
         let modern = |n: &str| hdr(Some("resources/read"), Some(n), Some(REV_2026_07_28));
