@@ -2031,3 +2031,71 @@ async fn task_requests_carry_the_task_id_in_mcp_name() {
     let (st, e) = modern_post(&envoy, "alice", &task_request(9, "tasks/get", &task), Some("task-999")).await;
     assert_eq!((st, e["error"]["code"].clone()), (400, json!(-32020)), "a header naming another task: {e}");
 }
+
+/// MCP tasks (the 2026-07-28 Tasks extension; 2025-11-25 tasks) are bearer capabilities to a server that
+/// has no authentication of its own behind the gateway: `tasks/get` returns the tool's result to whoever
+/// names the task. Before the fix a caller who learnt another caller's task id read that caller's result
+/// (the arguments and output of a tool call), answered its input requests and cancelled it, and
+/// subscribed to its status notifications. Each task is bound to the caller whose `tools/call` created it
+/// (JSON and SSE answers, both revisions); another caller gets -32602 "Task not found", as for a task that
+/// does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_tasks_are_bound_to_their_creator() {
+    let mock = meshwarden_integration_tests::mock_mcp::MockMcp::start().await.unwrap();
+    let mut cfg = task_policy();
+    cfg["policy"]["rules"].as_array_mut().unwrap().push(json!(
+        {"name": "listen", "effect": "allow", "methods": ["subscriptions/listen"]}
+    ));
+    let envoy = authz_envoy(mock.port(), &cfg).await;
+    let secret = json!({"q": "alice's secret query"});
+    // 2026-07-28: the CreateTaskResult in a JSON answer.
+    let (st, created) = modern_post(&envoy, "alice", &task_call(1, "search", secret.clone()), Some("search")).await;
+    assert_eq!(st, 200, "{created}");
+    let modern = created["result"]["taskId"].as_str().unwrap().to_string();
+    // 2025-11-25: `params.task`, the task in an SSE answer.
+    let legacy_call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "get_weather", "arguments": {"city": "alice-town"}, "task": {"ttl": 60000}}});
+    let (st, _, text) = post_text(
+        &envoy,
+        "/mcp",
+        legacy_call.to_string(),
+        &[("x-mock-sse", "events"), ("x-test-user", "alice"), ("mcp-protocol-version", "2025-11-25")],
+    )
+    .await;
+    assert_eq!(st, 200, "{text}");
+    let legacy = sse_messages(&text)[0]["result"]["task"]["taskId"].as_str().unwrap().to_string();
+    assert_ne!(modern, legacy);
+    for task in [&modern, &legacy] {
+        for (i, m) in ["tasks/get", "tasks/update", "tasks/cancel", "tasks/result"].iter().enumerate() {
+            let id = 10 + i as u64;
+            let (st, e) = modern_post(&envoy, "bob", &task_request(id, m, task), Some(task)).await;
+            assert_eq!(
+                (st, e["id"].clone(), e["error"]["code"].clone(), e["error"]["message"].clone()),
+                (200, json!(id), json!(-32602), json!("Failed to retrieve task: Task not found")),
+                "{m} {task} by another caller: {e}"
+            );
+            let (_, e) = modern_post(&envoy, "", &task_request(id, m, task), Some(task)).await;
+            assert_eq!(e["error"]["code"], -32602, "{m} {task} by an anonymous caller: {e}");
+        }
+        let listen = json!({"jsonrpc": "2.0", "id": 20, "method": "subscriptions/listen", "params": {
+            "notifications": {"taskIds": [task]}, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28"}}});
+        let (st, e) = modern_post(&envoy, "bob", &listen, None).await;
+        assert_eq!((st, e["error"]["code"].clone()), (200, json!(-32602)), "listen to another caller's task: {e}");
+    }
+    // The owner reads her results.
+    let (st, got) = modern_post(&envoy, "alice", &task_request(31, "tasks/get", &modern), Some(&modern)).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        got["result"]["result"]["content"][0]["text"],
+        r#"mock tool search ran with {"q":"alice's secret query"}"#
+    );
+    let (_, got) = modern_post(&envoy, "alice", &task_request(32, "tasks/get", &legacy), Some(&legacy)).await;
+    assert_eq!(got["result"]["status"], "completed", "{got}");
+    // A task this Envoy never saw created (another replica, a restart) is the server's to answer.
+    let (_, e) = modern_post(&envoy, "bob", &task_request(33, "tasks/get", "task-999"), Some("task-999")).await;
+    assert_eq!(e["error"]["message"], "Failed to retrieve task: Task not found", "the server's answer: {e}");
+    wait_for_log(&envoy, r#""method":"tasks/get","protocol":"mcp","rule":"task-binding","subject":"bob""#).await;
+    let stats = envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(stats.get("meshwarden.mcp_authz.tasks_bound"), Some(&2), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.task_binding_denied"), Some(&18), "{stats:?}");
+}

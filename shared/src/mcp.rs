@@ -297,6 +297,37 @@ pub fn method_requires_name_header(method: &str) -> bool {
 /// `params.taskId`.
 pub const TASK_METHODS: &[&str] = &["tasks/get", "tasks/result", "tasks/update", "tasks/cancel"];
 
+/// The Tasks extension's identifier (2026-07-28), declared in a request's `_meta` client capabilities.
+pub const TASKS_EXTENSION: &str = "io.modelcontextprotocol/tasks";
+/// `_meta` key carrying a 2026-07-28 request's client capabilities.
+pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+
+/// Whether the answer to this request may create a task: a `tools/call` (the one client request tasks
+/// augment) that declares the Tasks extension in its `_meta` client capabilities (2026-07-28: a server
+/// must not answer with a task otherwise) or carries `params.task` (2025-11-25 task augmentation).
+pub fn may_create_task(method: &str, params: Option<&Value>) -> bool {
+    let Some(p) = params.filter(|_| method == "tools/call") else {
+        return false;
+    };
+    let declared = p
+        .get("_meta")
+        .and_then(|m| m.get(META_CLIENT_CAPABILITIES))
+        .and_then(|c| c.get("extensions"))
+        .and_then(|e| e.get(TASKS_EXTENSION))
+        .is_some();
+    declared || p.get("task").is_some_and(|t| !t.is_null())
+}
+
+/// The task an answer (one JSON-RPC response) creates: 2026-07-28 `result.taskId` of a
+/// `resultType: "task"` result (`CreateTaskResult`), 2025-11-25 `result.task.taskId`.
+pub fn answer_task_id(response: &Value) -> Option<&str> {
+    let result = response.get("result")?;
+    if result.get("resultType").and_then(Value::as_str) == Some("task") {
+        return result.get("taskId")?.as_str();
+    }
+    result.get("task")?.get("taskId")?.as_str()
+}
+
 /// The value `Mcp-Name` must carry: `params.uri` for `resources/read` (what the server reads, even if a
 /// `name` rides along), `params.name` for `tools/call` and `prompts/get`, `params.taskId` for the task
 /// methods (the Tasks extension: "the client MUST set the `Mcp-Name` header to the value of
@@ -479,6 +510,23 @@ mod tests {
         assert_eq!(decode_header_value("plain").unwrap(), "plain");
         assert_eq!(decode_header_value("=?base64?w6lsw6h2ZQ==?=").unwrap(), "\u{e9}l\u{e8}ve");
         assert!(decode_header_value("=?base64?***?=").is_err());
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn task_creating_calls_and_answers() {
+        let ext = json!({"name": "t", "_meta": {META_CLIENT_CAPABILITIES: {"extensions": {TASKS_EXTENSION: {}}}}});
+        assert!(may_create_task("tools/call", Some(&ext)));
+        assert!(may_create_task("tools/call", Some(&json!({"name": "t", "task": {"ttl": 60000}}))));
+        assert!(!may_create_task("tools/call", Some(&json!({"name": "t"}))));
+        assert!(!may_create_task("tools/call", Some(&json!({"name": "t", "task": null}))));
+        assert!(!may_create_task("prompts/get", Some(&ext)));
+        let modern =
+            json!({"jsonrpc": "2.0", "id": 1, "result": {"resultType": "task", "taskId": "a", "status": "working"}});
+        assert_eq!(answer_task_id(&modern), Some("a"));
+        assert_eq!(answer_task_id(&json!({"id": 1, "result": {"task": {"taskId": "b"}}})), Some("b"));
+        let polled = json!({"id": 1, "result": {"resultType": "complete", "taskId": "c", "status": "completed"}});
+        assert_eq!(answer_task_id(&polled), None, "a tasks/get answer creates no task");
+        assert_eq!(answer_task_id(&json!({"id": 1, "result": {"content": []}})), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

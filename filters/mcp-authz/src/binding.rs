@@ -22,7 +22,10 @@ const ENTRY_LEN: usize = 8 + 16 + 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Session,
+    /// An A2A task.
     Task,
+    /// An MCP task (the 2026-07-28 Tasks extension, 2025-11-25 tasks).
+    McpTask,
 }
 
 impl Kind {
@@ -30,6 +33,7 @@ impl Kind {
         match self {
             Kind::Session => "mcp-session",
             Kind::Task => "a2a-task",
+            Kind::McpTask => "mcp-task",
         }
     }
 }

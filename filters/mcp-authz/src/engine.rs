@@ -108,18 +108,26 @@ pub struct Outcome {
     pub filters: HashMap<String, FilterKind>,
     /// Bounded names of notable events, counted by the adapter (`invalid_json`, `header_mismatch`...).
     pub events: Vec<&'static str>,
-    /// A2A: the existing tasks the allowed requests name (request id, task id), checked against the
-    /// callers the tasks are bound to (`bind_tasks`).
+    /// The existing tasks the allowed requests name (request id, task id), checked against the callers
+    /// the tasks are bound to (`bind_tasks`): A2A tasks on an A2A endpoint, MCP tasks on an MCP one.
     pub tasks: Vec<(Option<Value>, String)>,
-    /// A2A: an allowed request whose answer may create a task (`message/send`, `message/stream`).
+    /// An allowed request whose answer may create a task: A2A `message/send`, `message/stream`; MCP a
+    /// `tools/call` that may be answered with a task ([`mcp::may_create_task`]).
     pub creates_tasks: bool,
     /// A2A: an allowed `ListTasks`, whose answer lists tasks of every caller.
     pub lists_tasks: bool,
 }
 
 impl Outcome {
-    /// Remember the tasks an allowed A2A request names, and whether its answer may create one.
-    fn note_tasks(&mut self, id: Option<&Value>, method: &str, params: Option<&Value>) {
+    /// Remember the tasks an allowed request names, and whether its answer may create one.
+    fn note_tasks(&mut self, protocol: Protocol, id: Option<&Value>, method: &str, params: Option<&Value>) {
+        if protocol == Protocol::Mcp {
+            for task in mcp_task_refs(method, params) {
+                self.tasks.push((id.cloned(), task.to_string()));
+            }
+            self.creates_tasks |= mcp::may_create_task(method, params);
+            return;
+        }
         for task in a2a::task_refs(method, params) {
             self.tasks.push((id.cloned(), task.to_string()));
         }
@@ -175,6 +183,36 @@ pub fn session_not_found(id: Option<&Value>) -> Reply {
 /// a task that does not exist.
 pub fn task_not_found(id: Option<&Value>) -> Reply {
     json_reply(200, &jsonrpc::error_response(id, a2a::TASK_NOT_FOUND, "Task not found"), vec![])
+}
+
+/// The answer to an MCP request naming a task bound to another caller: what the Tasks extension has a
+/// server answer for a task it does not know (-32602, "Failed to retrieve task: Task not found").
+pub fn mcp_task_not_found(id: Option<&Value>) -> Reply {
+    let body = jsonrpc::error_response(id, jsonrpc::INVALID_PARAMS, "Failed to retrieve task: Task not found");
+    json_reply(200, &body, vec![])
+}
+
+/// The MCP tasks a request names: `params.taskId` of `tasks/get`, `tasks/result`, `tasks/update`,
+/// `tasks/cancel`, and each id in a 2026-07-28 `subscriptions/listen`'s `notifications.taskIds` (the Tasks
+/// extension's status notifications, which carry the task's result). Every key a server may read as the
+/// member counts (`task_id`, any letter case), as for [`Engine::refused_subscription`].
+fn mcp_task_refs<'a>(method: &str, params: Option<&'a Value>) -> Vec<&'a str> {
+    let Some(p) = params.and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let folded = |k: &str| fold_key(k).replace('_', "");
+    let mut out = Vec::new();
+    if mcp::TASK_METHODS.contains(&method) {
+        let member = folded("taskId");
+        out.extend(p.iter().filter(|(k, _)| folded(k) == member).filter_map(|(_, v)| v.as_str()));
+    } else if method == "subscriptions/listen" {
+        let member = folded("taskIds");
+        let notifications = p.get("notifications").and_then(Value::as_object);
+        for (_, v) in notifications.into_iter().flatten().filter(|(k, _)| folded(k) == member) {
+            out.extend(v.as_array().into_iter().flatten().filter_map(Value::as_str));
+        }
+    }
+    out
 }
 
 /// A batch element's id and, when it was itself refused, its error (code, message).
@@ -768,9 +806,7 @@ impl Engine {
                     out.filters.insert(id_key(id), k);
                 }
             }
-            if protocol == Protocol::A2a {
-                out.note_tasks(id.as_ref(), &method, params.as_ref());
-            }
+            out.note_tasks(protocol, id.as_ref(), &method, params.as_ref());
             return out;
         }
         let (code, message) = Self::deny_error(protocol, &method, target.as_deref(), d.answer);
@@ -845,9 +881,7 @@ impl Engine {
                         if let Some(k) = self.filter_kind(protocol, &method) {
                             out.filters.insert(id_key(&id), k);
                         }
-                        if protocol == Protocol::A2a {
-                            out.note_tasks(Some(&id), &method, params.as_ref());
-                        }
+                        out.note_tasks(protocol, Some(&id), &method, params.as_ref());
                         refused.push((Some(id), None));
                     } else {
                         any_denied = true;
@@ -1703,9 +1737,25 @@ mod tests {
         assert!(e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("ListTasks", json!({}))).lists_tasks);
         let denied = e.decide_body(&anon(), Protocol::A2a, &h(), &rpc("GetTask", json!({"id": "t1"})));
         assert!(!denied.forwarded() && denied.tasks.is_empty());
-        // MCP requests name no A2A task.
+        // A plain MCP tool call names no task and creates none.
         let mcp = e.decide_body(&admin(), Protocol::Mcp, &h(), &call(json!(1), "search", json!({})));
         assert!(mcp.tasks.is_empty() && !mcp.creates_tasks);
+        // MCP tasks: a call declaring the Tasks extension (or 2025-11-25 `params.task`) may create one; the
+        // task methods and a listen's `taskIds` name them, under every key spelling a server reads.
+        let ext = json!({"name": "search", "arguments": {},
+            "_meta": {mcp::META_CLIENT_CAPABILITIES: {"extensions": {mcp::TASKS_EXTENSION: {}}}}});
+        assert!(e.decide_body(&admin(), Protocol::Mcp, &h(), &rpc("tools/call", ext)).creates_tasks);
+        let legacy = json!({"name": "search", "arguments": {}, "task": {"ttl": 1000}});
+        assert!(e.decide_body(&admin(), Protocol::Mcp, &h(), &rpc("tools/call", legacy)).creates_tasks);
+        for m in ["tasks/get", "tasks/result", "tasks/update", "tasks/cancel"] {
+            let out = e.decide_body(&admin(), Protocol::Mcp, &h(), &rpc(m, json!({"taskId": "k1", "task_id": "k2"})));
+            assert_eq!(out.tasks, vec![(Some(json!(3)), "k1".into()), (Some(json!(3)), "k2".into())], "{m}");
+        }
+        let listen = json!({"notifications": {"taskIds": ["k3"], "task_ids": ["k4"], "resourceSubscriptions": []}});
+        let out = e.decide_body(&admin(), Protocol::Mcp, &h(), &rpc("subscriptions/listen", listen));
+        assert_eq!(out.tasks, vec![(Some(json!(3)), "k3".into()), (Some(json!(3)), "k4".into())]);
+        let r = mcp_task_not_found(Some(&json!(3)));
+        assert_eq!((r.status, body(&r)["id"].clone(), body_code(&r)), (200, json!(3), jsonrpc::INVALID_PARAMS));
         // A binding refusal turns every decision into a deny by the binding rule, with its answer.
         let mut out = e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("message/send", msg));
         out.refuse_for_binding(TASK_BINDING_RULE, task_not_found(out.single_id().as_ref()), "task_binding_denied");

@@ -251,6 +251,15 @@ impl Request {
         }
     }
 
+    /// The tasks of this endpoint: MCP tasks (Tasks extension, 2025-11-25 tasks) or A2A tasks.
+    fn task_kind(&self) -> Kind {
+        if self.endpoint == Endpoint::Mcp {
+            Kind::McpTask
+        } else {
+            Kind::Task
+        }
+    }
+
     fn owner(&self) -> [u8; 16] {
         let key = self.identity.owner_key(&self.engine.config.identity.subject_claims);
         binding::owner_hash(key.as_deref().unwrap_or("anonymous"))
@@ -281,12 +290,15 @@ impl Request {
             }
         }
         if cfg.bind_tasks && !out.tasks.is_empty() {
-            let (owner, now) = (self.owner(), now_ms());
+            let (owner, now, kind) = (self.owner(), now_ms(), self.task_kind());
             let table = self.table();
-            let foreign =
-                out.tasks.iter().find(|(_, task)| table.verdict(Kind::Task, task, &owner, now) == Verdict::Foreign);
+            let foreign = out.tasks.iter().find(|(_, task)| table.verdict(kind, task, &owner, now) == Verdict::Foreign);
             if let Some((id, _)) = foreign {
-                let r = crate::engine::task_not_found(id.as_ref());
+                let r = if kind == Kind::McpTask {
+                    crate::engine::mcp_task_not_found(id.as_ref())
+                } else {
+                    crate::engine::task_not_found(id.as_ref())
+                };
                 out.refuse_for_binding(crate::engine::TASK_BINDING_RULE, r, "task_binding_denied");
                 return out;
             }
@@ -328,7 +340,8 @@ impl Request {
                 self.unreadable = true;
             }
         }
-        if self.capture_planned && self.plan.is_empty() {
+        // An MCP answer is read by shape too (its plan is never empty): the copy is read beside that.
+        if self.capture_planned && (self.plan.is_empty() || self.endpoint == Endpoint::Mcp) {
             let ctype = self.get_http_response_header("content-type").unwrap_or_default().to_ascii_lowercase();
             let limit = self.engine.config.max_response_bytes as usize;
             self.capture = Some(if ctype.starts_with("text/event-stream") {
@@ -344,7 +357,7 @@ impl Request {
         let mut sh = self.shared.borrow_mut();
         match (result, kind) {
             (Bound::Recorded, Kind::Session) => sh.count("sessions_bound"),
-            (Bound::Recorded, Kind::Task) => sh.count("tasks_bound"),
+            (Bound::Recorded, Kind::Task | Kind::McpTask) => sh.count("tasks_bound"),
             (Bound::Owned, _) => {}
             (Bound::Taken, _) => sh.count("binding_taken"),
             (Bound::Full, _) => {
@@ -386,9 +399,27 @@ impl Request {
         self.set_http_response_body(0, body_size, v.to_string().as_bytes());
     }
 
-    /// Read a chunk of an A2A answer for the tasks it names (the chunk passes unchanged).
+    /// Read a chunk of an answer for the tasks it creates (the chunk passes unchanged). An answer the
+    /// filter buffers (a JSON answer read by shape) is read once, whole, at its end: each callback sees
+    /// all of it buffered so far.
+    fn capture_answer(&mut self, body_size: usize, end_of_stream: bool) {
+        if self.capture.is_none() {
+            return;
+        }
+        if !matches!(self.answer, Answer::Json | Answer::TaskList) {
+            self.capture_chunk(body_size, end_of_stream);
+        } else if end_of_stream {
+            self.capture_chunk(body_size.max(self.response_size), true);
+        }
+    }
+
+    /// Read a chunk of an answer for the tasks it names (the chunk passes unchanged).
     fn capture_chunk(&mut self, body_size: usize, end_of_stream: bool) {
         let Some(mut capture) = self.capture.take() else { return };
+        let mcp = self.endpoint == Endpoint::Mcp;
+        let task_of = |v: &serde_json::Value| -> Option<String> {
+            if mcp { mcp::answer_task_id(v) } else { a2a::answer_task_id(v) }.map(str::to_string)
+        };
         let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
         let limit = self.engine.config.max_response_bytes as usize;
         let mut tasks: Vec<String> = Vec::new();
@@ -406,7 +437,7 @@ impl Request {
                                 serde_json::Value::Array(items) => items.iter().collect(),
                                 one => vec![one],
                             };
-                            tasks.extend(messages.into_iter().filter_map(a2a::answer_task_id).map(str::to_string));
+                            tasks.extend(messages.into_iter().filter_map(task_of));
                         }
                     }
                 }
@@ -414,17 +445,18 @@ impl Request {
             Capture::Sse(parser) => {
                 parser.feed_with(&chunk, |event| {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&event.data) {
-                        if let Some(t) = a2a::answer_task_id(&v) {
-                            if !tasks.iter().any(|x| x == t) {
-                                tasks.push(t.to_string());
+                        if let Some(t) = task_of(&v) {
+                            if !tasks.contains(&t) {
+                                tasks.push(t);
                             }
                         }
                     }
                 });
             }
         }
+        let kind = self.task_kind();
         for t in &tasks {
-            self.bind(Kind::Task, t);
+            self.bind(kind, t);
         }
         if keep && !end_of_stream {
             self.capture = Some(capture);
@@ -797,8 +829,8 @@ impl Request {
     }
 
     fn response_trailers(&mut self, _n: usize) -> Action {
-        if !self.replied && self.capture.is_some() {
-            self.capture_chunk(0, true);
+        if !self.replied {
+            self.capture_answer(0, true);
         }
         if !self.replied && matches!(self.answer, Answer::TaskList) {
             self.finish_task_list(self.response_size);
@@ -873,9 +905,7 @@ impl Request {
         if self.replied {
             return Action::Continue;
         }
-        if self.capture.is_some() {
-            self.capture_chunk(body_size, end_of_stream);
-        }
+        self.capture_answer(body_size, end_of_stream);
         match std::mem::replace(&mut self.answer, Answer::Untouched) {
             Answer::Untouched => Action::Continue,
             Answer::Discard => {
