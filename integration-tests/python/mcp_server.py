@@ -9,6 +9,9 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
                    may send it as a JSON string, which the SDK parses with `json.loads`)
   --touch-tool     register `touch(uri)`, which announces `notifications/resources/updated` for `uri` to the
                    calling session (a server that announces updates without checking subscriptions)
+  --legacy-sse     serve the legacy HTTP+SSE transport (2024-11-05) instead: `GET /sse` opens the stream, whose
+                   first event (`event: endpoint`) names the URI to POST messages to (`/messages/?session_id=…`),
+                   and every answer comes on that stream
 """
 
 import argparse
@@ -122,8 +125,13 @@ def main() -> None:
     ap.add_argument("--public-cache", action="store_true")
     ap.add_argument("--model-tool", action="store_true")
     ap.add_argument("--touch-tool", action="store_true")
+    ap.add_argument("--legacy-sse", action="store_true")
     args = ap.parse_args()
-    app = build(args.extra_tools, args.public_cache, args.model_tool, args.touch_tool).streamable_http_app(json_response=args.json, stateless_http=args.stateless)
+    server = build(args.extra_tools, args.public_cache, args.model_tool, args.touch_tool)
+    if args.legacy_sse:
+        app = server.sse_app()
+    else:
+        app = server.streamable_http_app(json_response=args.json, stateless_http=args.stateless)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

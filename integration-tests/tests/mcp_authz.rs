@@ -2099,3 +2099,74 @@ async fn mcp_tasks_are_bound_to_their_creator() {
     assert_eq!(stats.get("meshwarden.mcp_authz.tasks_bound"), Some(&2), "{stats:?}");
     assert_eq!(stats.get("meshwarden.mcp_authz.task_binding_denied"), Some(&18), "{stats:?}");
 }
+
+/// The legacy HTTP+SSE transport (2024-11-05; the MCP Python SDK still serves it, `sse_app`): `GET /sse`
+/// opens the stream, whose first event, `event: endpoint`, names the URI to POST to; every answer comes on
+/// that stream. With its paths in `mcp_paths` the GET stream is filtered, and the `endpoint` event (a URI,
+/// not JSON) was replaced by -32603 (before 2026-12-07): a legacy client never learnt where to send its
+/// messages, so such a server could not be used through the gateway at all (and without its paths in
+/// `mcp_paths` every call passed unchecked). The event passes now; lists on the stream are filtered and
+/// calls are decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_sse_transport_works_and_is_governed() {
+    let server = PyServer::start("mcp_server.py", &["--legacy-sse"]).await.unwrap();
+    let mut cfg = scripted_policy();
+    cfg["mcp_paths"] = json!(["/sse", "/messages/*"]);
+    let envoy = authz_envoy(server.port, &cfg).await;
+    let mut stream = client().get(envoy.url("/sse")).header("accept", "text/event-stream").send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut text = String::new();
+    // Read the stream until `done` holds for what arrived (10 s at most).
+    async fn read_until(stream: &mut reqwest::Response, text: &mut String, done: impl Fn(&str) -> bool) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done(text) {
+            let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await;
+            let chunk = chunk.unwrap_or_else(|_| panic!("timed out; the stream so far: {text}"));
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap_or_default()));
+        }
+    }
+    read_until(&mut stream, &mut text, |t| t.split("session_id=").nth(1).is_some_and(|r| r.contains('\n'))).await;
+    let endpoint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no endpoint data: {text}"))
+        .trim()
+        .to_string();
+    assert!(endpoint.starts_with("/messages/?session_id="), "the endpoint event is the URI to POST to: {text}");
+    let post = |body: Value| {
+        let req = client().post(envoy.url(&endpoint)).header("content-type", "application/json");
+        async move {
+            let resp = req.body(body.to_string()).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (st, _) = post(json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "legacy", "version": "1"}}}))
+    .await;
+    assert_eq!(st, 202, "the legacy transport answers on the stream");
+    read_until(&mut stream, &mut text, |t| t.contains("\"serverInfo\"")).await;
+    assert_eq!(post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await.0, 202);
+    assert_eq!(post(json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})).await.0, 202);
+    // The JSON-RPC messages of the stream so far (the endpoint event's data is a URI).
+    fn messages_of(text: &str) -> Vec<Value> {
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l.strip_prefix("data:")?.trim()).ok()).collect()
+    }
+    read_until(&mut stream, &mut text, |t| messages_of(t).iter().any(|m| m["result"]["tools"].is_array())).await;
+    let lists: Vec<Value> = messages_of(&text).into_iter().filter(|m| m["result"]["tools"].is_array()).collect();
+    assert_eq!(tool_names(&lists[0]), names(&["search", "get_weather"]), "filtered on the stream: {text}");
+    // A denied call is decided on its POST (and answered there: see the Limitations).
+    let (st, denied) = post(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "delete_file", "arguments": {"path": "/x"}}}))
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(serde_json::from_str::<Value>(&denied).unwrap()["error"]["code"], -32602, "{denied}");
+    assert_eq!(
+        post(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "search", "arguments": {"query": "q"}}}))
+        .await
+        .0,
+        202
+    );
+    read_until(&mut stream, &mut text, |t| t.contains("results for q")).await;
+    assert!(!text.contains("deleted /x"), "{text}");
+}

@@ -19,6 +19,12 @@ pub const HEADER_NAME: &str = "mcp-name";
 pub const HEADER_PROTOCOL_VERSION: &str = "mcp-protocol-version";
 pub const HEADER_SESSION_ID: &str = "mcp-session-id";
 
+/// The first event of the legacy HTTP+SSE transport's stream (2024-11-05, kept by later revisions for
+/// backwards compatibility): `event: endpoint`, whose data is the URI the client POSTs its messages to
+/// (`/messages/?session_id=…`), not a JSON-RPC message. Clients read JSON-RPC messages from `message`
+/// events only.
+pub const LEGACY_ENDPOINT_EVENT: &str = "endpoint";
+
 /// Every client-to-server method of the four revisions and of the 2026-07-28 Tasks extension
 /// (`tasks/update`), for bounded stat labels and docs.
 pub const CLIENT_METHODS: &[&str] = &[

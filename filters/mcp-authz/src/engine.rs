@@ -1596,6 +1596,13 @@ impl SseFilter {
         out: &mut Vec<u8>,
     ) {
         for mut e in events {
+            // The legacy HTTP+SSE transport's `endpoint` event names the URI to POST to: no JSON-RPC
+            // message, nothing to filter. Read as an answer it was replaced by -32603 (before 2026-12-07),
+            // and a legacy client never learnt where to send its messages.
+            if e.event.as_deref() == Some(mcp::LEGACY_ENDPOINT_EVENT) {
+                out.extend_from_slice(encode_event(&e).as_bytes());
+                continue;
+            }
             // An update about a resource this caller may not subscribe to is not its business: only its
             // `id:` goes out (resumption keeps working; an event without data dispatches nothing).
             if plan.by_shape && engine.hides_resource_update(identity, &e.data) {
@@ -2462,6 +2469,25 @@ mod tests {
             (n, v["result"]["prompts"].clone(), v["result"]["tools"].clone()),
             (2, json!([{"name": "greet"}]), json!([]))
         );
+    }
+
+    /// The legacy HTTP+SSE transport's `endpoint` event (a URI, not JSON) passes on a filtered stream;
+    /// an unnamed or `message` event that is not JSON is still withheld.
+    #[test]
+    fn legacy_endpoint_events_pass_filtered_streams() {
+        let e = std_engine("hide");
+        let plan = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
+        let mut f = SseFilter::new(1 << 20);
+        let stream = "event: endpoint\r\ndata: /messages/?session_id=abc\r\n\r\nevent: message\r\ndata: /x\r\n\r\n";
+        let out = String::from_utf8(f.feed(&e, &anon(), &plan, stream.as_bytes(), false)).unwrap();
+        let events = SseParser::new(1 << 20).feed(out.as_bytes());
+        assert_eq!(events.len(), 2, "{out}");
+        assert_eq!(
+            (events[0].event.as_deref(), events[0].data.as_str()),
+            (Some("endpoint"), "/messages/?session_id=abc")
+        );
+        assert!(events[1].data.contains("-32603"), "{out}");
+        assert_eq!(f.withheld, 1);
     }
 
     /// An SSE event whose JSON cannot be read (a lone surrogate escape in a key: serde_json refuses it,
