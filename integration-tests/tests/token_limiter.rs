@@ -538,6 +538,50 @@ async fn a_decoy_output_cap_does_not_shrink_the_reservation() {
     let _ = r.text().await;
 }
 
+/// Output caps written the way the upstream still reads them: a string or a float (pydantic's lax mode in
+/// vLLM, SGLang, LiteLLM; proto3 JSON in Gemini), Gemini's snake-case field names (proto3 JSON takes the
+/// proto names too). Before 2026-12-07 each was not read: the request reserved the default 256 tokens and
+/// ran for 5,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_cap_in_any_form_the_upstream_reads_is_reserved() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_output_reservation": 10000,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":3000}}]}),
+    )
+    .await;
+    let story = |cap: Value| {
+        let mut b = chat("llama3", "Write a long story.", None, false);
+        b["max_tokens"] = cap;
+        b
+    };
+    let gemini = |config: Value| json!({"contents": [{"role": "user", "parts": [{"text": "Write a long story."}]}], "generation_config": config});
+    let cases = [
+        ("/v1/chat/completions", story(json!("5000"))),
+        ("/v1/chat/completions", story(json!(5000.0))),
+        ("/v1/chat/completions", {
+            let mut b = story(json!(1000));
+            b["n"] = json!("4");
+            b
+        }),
+        ("/v1beta/models/gemini-2.0-flash:generateContent", gemini(json!({"max_output_tokens": 5000}))),
+        ("/v1beta/models/gemini-2.0-flash:generateContent", gemini(json!({"maxOutputTokens": "5000"}))),
+        (
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            gemini(json!({"maxOutputTokens": 1000, "candidate_count": 4})),
+        ),
+    ];
+    for (path, body) in &cases {
+        let r = post(&e, path, body, &[("x-team", "a")]).await;
+        assert_eq!(r.status(), 429, "{body}: {:?}", r.text().await);
+    }
+    let small = chat("llama3", "Write a short story.", Some(100), false);
+    let r = post(&e, "/v1/chat/completions", &small, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "the budget is untouched by the refusals");
+    let _ = r.text().await;
+}
+
 async fn stream_case(path: &str, body: Value, api: Api) {
     let mock = MockLlm::start().await.unwrap();
     let e =

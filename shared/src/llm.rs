@@ -277,23 +277,34 @@ pub struct RequestInfo {
 pub const MAX_CHOICES: u64 = 128;
 
 pub fn request_info(body: &Value) -> RequestInfo {
+    // Gemini's proto3 JSON takes each field by its proto name too (`generation_config`, `max_output_tokens`).
     let max_output_tokens = [
         "/max_completion_tokens",
         "/max_output_tokens",
         "/max_tokens",
         "/inferenceConfig/maxTokens",
         "/generationConfig/maxOutputTokens",
+        "/generationConfig/max_output_tokens",
+        "/generation_config/maxOutputTokens",
+        "/generation_config/max_output_tokens",
         "/options/num_predict",
     ]
     .iter()
-    .filter_map(|p| json::pointer(body, p).and_then(Value::as_u64))
+    .filter_map(|p| json::pointer(body, p).and_then(requested_count))
     .max();
-    let choices = ["/n", "/best_of", "/generationConfig/candidateCount"]
-        .iter()
-        .filter_map(|p| json::pointer(body, p).and_then(Value::as_u64))
-        .max()
-        .unwrap_or(1)
-        .clamp(1, MAX_CHOICES);
+    let choices = [
+        "/n",
+        "/best_of",
+        "/generationConfig/candidateCount",
+        "/generationConfig/candidate_count",
+        "/generation_config/candidateCount",
+        "/generation_config/candidate_count",
+    ]
+    .iter()
+    .filter_map(|p| json::pointer(body, p).and_then(requested_count))
+    .max()
+    .unwrap_or(1)
+    .clamp(1, MAX_CHOICES);
     RequestInfo {
         model: body.get("model").and_then(Value::as_str).map(str::to_string),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
@@ -1043,6 +1054,18 @@ fn token_count(v: &Value) -> Option<u64> {
     })
 }
 
+/// A count a request asks for (an output cap, a number of answers) in every form an upstream reads as
+/// one: an integer; a number with a fraction (rounded up); a decimal string such as `"5000"` (pydantic's
+/// default lax mode, used by vLLM, SGLang and LiteLLM, takes `"5000"` and `5000.0` for an `int`, and
+/// Gemini's proto3 JSON takes strings for integers). Negative and non-finite values are not counts.
+/// Read as absent before, `"max_tokens": "5000"` reserved the default output reservation.
+fn requested_count(v: &Value) -> Option<u64> {
+    token_count(v).or_else(|| {
+        let f = v.as_str()?.trim().parse::<f64>().ok()?;
+        (f.is_finite() && f >= 0.0).then(|| f.ceil() as u64)
+    })
+}
+
 /// Usage from one usage object of any known shape.
 fn usage_object(obj: &Value) -> Option<Usage> {
     // OpenAI chat / completions / embeddings
@@ -1777,6 +1800,32 @@ mod tests {
         ] {
             assert!(!is_token_count_path(p), "{p}");
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn output_caps_as_the_upstreams_parse_them() {
+        // Python servers (pydantic's default lax mode: vLLM, SGLang, LiteLLM) take "5000" and 5000.0 for
+        // an integer; Gemini's proto3 JSON takes strings for integers and the field names in snake case.
+        for body in [
+            json!({"max_tokens": "5000"}),
+            json!({"max_completion_tokens": 5000.0}),
+            json!({"max_output_tokens": " 5000 "}),
+            json!({"generation_config": {"max_output_tokens": 5000}}),
+            json!({"generationConfig": {"max_output_tokens": "5000"}}),
+            json!({"generation_config": {"maxOutputTokens": 5000}}),
+            json!({"inferenceConfig": {"maxTokens": 4999.5}}),
+        ] {
+            assert_eq!(request_info(&body).max_output_tokens, Some(5000), "{body}");
+        }
+        assert_eq!(request_info(&json!({"n": "4"})).choices, 4);
+        assert_eq!(request_info(&json!({"best_of": 3.0})).choices, 3);
+        assert_eq!(request_info(&json!({"generation_config": {"candidate_count": "2"}})).choices, 2);
+        assert_eq!(request_info(&json!({"n": "1e9"})).choices, MAX_CHOICES);
+        // Not counts: negative, not numbers, the unbounded.
+        for v in [json!(-1), json!("-5"), json!("many"), json!(true), json!(null), json!("NaN"), json!("inf")] {
+            assert_eq!(request_info(&json!({"max_tokens": v})).max_output_tokens, None, "{v}");
+        }
+        assert_eq!(request_info(&json!({"max_tokens": 1e300})).max_output_tokens, Some(u64::MAX));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
