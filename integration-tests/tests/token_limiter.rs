@@ -582,6 +582,22 @@ async fn an_output_cap_in_any_form_the_upstream_reads_is_reserved() {
     let _ = r.text().await;
 }
 
+/// The prompt estimate frames each message once (4 tokens), however many content parts it has. Before
+/// 2026-12-07 each part counted 4: one message of 50 short parts was estimated at 250 tokens instead of
+/// 54 and refused as larger than a 100-token budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_many_parts_is_framed_once() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(100)).await;
+    let parts: Vec<Value> = (0..50).map(|_| json!({"type": "text", "text": "abcd"})).collect();
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": parts}]});
+    let r = post(&e, "/v1/chat/completions", &body, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // 200 characters (50 tokens) + 4 for the one message + 10 reserved for the output.
+    assert_eq!(h(&r, "x-ratelimit-remaining-tokens"), (100 - 50 - 4 - 10).to_string());
+    let _ = r.text().await;
+}
+
 async fn stream_case(path: &str, body: Value, api: Api) {
     let mock = MockLlm::start().await.unwrap();
     let e =

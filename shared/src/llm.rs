@@ -1328,14 +1328,41 @@ impl TokenEstimator {
     }
 }
 
-/// Estimated prompt tokens of a request: the estimator over every extracted text, plus 4 tokens per
-/// text part for role and message framing.
+/// Estimated prompt tokens of a request: the estimator over every extracted text, plus 4 tokens of
+/// framing (role and separators) per message, and per text outside messages (a tool definition's string
+/// stands for the key naming it; each prompt or embeddings input is a sequence of its own). A message is
+/// an entry of `messages` or of an `input` list, the `system` prompt whatever its parts, `instructions`:
+/// its content parts, participant `name`, tool calls and reasoning share its 4. Until 2026-12-07 every
+/// text counted 4, so a message of 50 content parts cost 200 framing tokens at admission, not 4.
 pub fn estimate_request_tokens(spans: &[TextSpan]) -> u64 {
     let mut est = TokenEstimator::default();
+    let mut framed: u64 = 0;
+    let mut last: Option<&str> = None;
     for s in spans {
         est.add(&s.text);
+        // The texts of one message are extracted one after the other.
+        let unit = framing_unit(&s.pointer);
+        if last != Some(unit) {
+            framed += 1;
+            last = Some(unit);
+        }
     }
-    est.tokens() + 4 * spans.len() as u64
+    est.tokens().saturating_add(framed.saturating_mul(4))
+}
+
+/// The message a text at `pointer` belongs to (see [`estimate_request_tokens`]): `/messages/3` for
+/// `/messages/3/content/0/text`, `/system` for `/system/1/text`; a text outside messages is its own unit.
+fn framing_unit(pointer: &str) -> &str {
+    for root in ["/messages/", "/input/"] {
+        if let Some(rest) = pointer.strip_prefix(root) {
+            let end = root.len() + rest.find('/').unwrap_or(rest.len());
+            return pointer.get(..end).unwrap_or(pointer);
+        }
+    }
+    if pointer.starts_with("/system/") {
+        return "/system";
+    }
+    pointer
 }
 
 #[cfg(test)]
@@ -2014,6 +2041,31 @@ mod tests {
         assert_eq!(e.tokens(), 5);
         let spans = extract_request_texts(Api::OpenAiChat, &json!({"messages":[{"role":"user","content":"12345678"}]}));
         assert_eq!(estimate_request_tokens(&spans), 2 + 4);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn framing_is_per_message_not_per_text() {
+        let est = |api, body: Value| estimate_request_tokens(&extract_request_texts(api, &body));
+        // One message of three text parts and a participant name: 4 framing tokens, not 16.
+        let parts = json!({"messages": [{"role": "user", "name": "bob", "content": [
+            {"type": "text", "text": "abcd"}, {"type": "text", "text": "efgh"}, {"type": "text", "text": "ijkl"}]}]});
+        assert_eq!(est(Api::OpenAiChat, parts), 15_u64.div_ceil(4) + 4);
+        // Two messages and a system prompt in two parts (Anthropic): 3 x 4.
+        let anthropic = json!({"max_tokens": 5, "system": [{"type": "text", "text": "abcd"}, {"type": "text", "text": "efgh"}],
+            "messages": [{"role": "user", "content": "abcd"}, {"role": "assistant", "content": [
+                {"type": "text", "text": "abcd"}, {"type": "tool_use", "id": "t", "name": "f", "input": {"q": "abcd"}}]}]});
+        assert_eq!(est(Api::AnthropicMessages, anthropic), 20 / 4 + 3 * 4);
+        // Responses: `instructions` and each input item are a message each.
+        let responses = json!({"instructions": "abcd", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "abcd"}, {"type": "input_text", "text": "efgh"}]},
+            {"type": "function_call_output", "call_id": "c", "output": "abcd"}]});
+        assert_eq!(est(Api::OpenAiResponses, responses), 16 / 4 + 3 * 4);
+        // Texts outside messages count 4 each: each tool-definition string stands for the key naming it,
+        // each prompt or embeddings input is a sequence of its own.
+        let tools = json!({"messages": [{"role": "user", "content": "abcd"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "abcd"}}]});
+        assert_eq!(est(Api::OpenAiChat, tools), 17_u64.div_ceil(4) + 4 + 3 * 4);
+        assert_eq!(est(Api::OpenAiEmbeddings, json!({"input": ["abcd", "efgh"]})), 8 / 4 + 2 * 4);
     }
 
     #[wasm_bindgen_test(unsupported = test)]
