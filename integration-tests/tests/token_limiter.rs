@@ -582,6 +582,30 @@ async fn an_output_cap_in_any_form_the_upstream_reads_is_reserved() {
     let _ = r.text().await;
 }
 
+/// Bedrock `InvokeModel` bodies cap the output in the model's own field: Llama `max_gen_len`, Titan
+/// `textGenerationConfig.maxTokenCount`. Before 2026-12-07 neither was read: 5,000 output tokens were
+/// admitted on the default reservation of 256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bedrock_invoke_model_output_cap_is_reserved() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_output_reservation": 10000,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":3000}}]}),
+    )
+    .await;
+    let llama = json!({"prompt": "Write a long story.", "max_gen_len": 5000});
+    let r = post(&e, "/model/meta.llama3-70b-instruct-v1%3A0/invoke", &llama, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "{:?}", r.text().await);
+    let titan = json!({"inputText": "Write a long story.", "textGenerationConfig": {"maxTokenCount": 5000}});
+    let r = post(&e, "/model/amazon.titan-text-express-v1/invoke", &titan, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "{:?}", r.text().await);
+    let small = json!({"prompt": "Write a short story.", "max_gen_len": 100});
+    let r = post(&e, "/model/meta.llama3-70b-instruct-v1%3A0/invoke", &small, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "the budget is untouched by the refusals");
+    let _ = r.text().await;
+}
+
 /// The prompt estimate frames each message once (4 tokens), however many content parts it has. Before
 /// 2026-12-07 each part counted 4: one message of 50 short parts was estimated at 250 tokens instead of
 /// 54 and refused as larger than a 100-token budget.

@@ -262,7 +262,9 @@ pub struct RequestInfo {
     /// OpenAI streams report usage only with `stream_options.include_usage: true`.
     pub include_usage: bool,
     /// The output cap per answer: `max_completion_tokens`, `max_output_tokens`, `max_tokens` (OpenAI,
-    /// Anthropic), `inferenceConfig.maxTokens` (Bedrock Converse), `generationConfig.maxOutputTokens`
+    /// Anthropic), `inferenceConfig.maxTokens` (Bedrock Converse), Bedrock `InvokeModel`'s `max_gen_len`
+    /// (Llama), `textGenerationConfig.maxTokenCount` (Titan), `inferenceConfig.max_new_tokens` (Nova v1),
+    /// `generationConfig.maxOutputTokens`
     /// (Gemini), `options.num_predict` (Ollama): the largest present. Each API reads its own field and may
     /// ignore the others (vLLM ignores `max_output_tokens` on chat, Ollama's `/api/chat` ignores
     /// `max_tokens`), so a small cap in another field must not stand for the one the upstream honours.
@@ -283,6 +285,10 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/max_output_tokens",
         "/max_tokens",
         "/inferenceConfig/maxTokens",
+        // Bedrock `InvokeModel` native bodies: Meta Llama, Amazon Titan text, Amazon Nova (v1).
+        "/max_gen_len",
+        "/textGenerationConfig/maxTokenCount",
+        "/inferenceConfig/max_new_tokens",
         "/generationConfig/maxOutputTokens",
         "/generationConfig/max_output_tokens",
         "/generation_config/maxOutputTokens",
@@ -1853,6 +1859,16 @@ mod tests {
             assert_eq!(request_info(&json!({"max_tokens": v})).max_output_tokens, None, "{v}");
         }
         assert_eq!(request_info(&json!({"max_tokens": 1e300})).max_output_tokens, Some(u64::MAX));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn bedrock_invoke_model_output_caps_are_read() {
+        let llama = json!({"prompt": "p", "max_gen_len": 2048});
+        assert_eq!(request_info(&llama).max_output_tokens, Some(2048));
+        let titan = json!({"inputText": "p", "textGenerationConfig": {"maxTokenCount": 3072}});
+        assert_eq!(request_info(&titan).max_output_tokens, Some(3072));
+        let nova = json!({"messages": [], "inferenceConfig": {"max_new_tokens": 1000}});
+        assert_eq!(request_info(&nova).max_output_tokens, Some(1000));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
