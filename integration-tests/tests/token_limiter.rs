@@ -606,6 +606,41 @@ async fn a_bedrock_invoke_model_output_cap_is_reserved() {
     let _ = r.text().await;
 }
 
+/// Go's `encoding/json` (Ollama, LocalAI, Go gateways) reads `"MODEL"` as `model` and keeps the last copy:
+/// `{"model": "cheap", "MODEL": "gpt-4o"}` ran gpt-4o while the filter matched and charged the rules of
+/// `cheap` (and `"MAX_TOKENS": 5000` beside `"max_tokens": 1` reserved 1). Such keys are refused like a key
+/// given twice (before 2026-12-07: admitted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_differing_only_in_case_are_refused_like_duplicates() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_output_reservation": 10000,
+               "rules":[{"name":"big","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":1}},
+                        {"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":3000}}]}),
+    )
+    .await;
+    let cases = [
+        json!({"model": "cheap", "MODEL": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "Max_Tokens": 5000}),
+        json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}],
+               "options": {"num_predict": 1, "NUM_PREDICT": 5000}}),
+    ];
+    for body in &cases {
+        let r = post(&e, "/api/chat", body, &[("x-team", "a")]).await;
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains("duplicate_json_key"), "{text}");
+    }
+    // Keys in different case inside a tool's schema are the user's own names, not ambiguous fields.
+    let tools = json!({"model": "cheap", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+            "properties": {"Name": {"type": "string"}, "name": {"type": "string"}}}}}]});
+    let r = post(&e, "/api/chat", &tools, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+}
+
 /// The prompt estimate frames each message once (4 tokens), however many content parts it has. Before
 /// 2026-12-07 each part counted 4: one message of 50 short parts was estimated at 250 tokens instead of
 /// 54 and refused as larger than a 100-token budget.

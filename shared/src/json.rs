@@ -260,6 +260,29 @@ pub fn go_fold_key(k: &str) -> String {
     k.chars().map(go_fold_char).collect()
 }
 
+/// A key of `map` that another key of the same object equals under Go's case folding (ASCII letters and
+/// Unicode simple folding: `Content` is `content`, `ſystem` is `system`): Go's `encoding/json` (Ollama,
+/// LocalAI, Go gateways) matches keys to fields that way and keeps the last copy, so such an object is
+/// as ambiguous as one with a key given twice. This object only, not the ones inside it.
+pub fn case_folded_duplicate_key(map: &serde_json::Map<String, Value>) -> Option<String> {
+    // Keys without capitals or non-ASCII bytes fold to distinct keys: the common case costs a scan.
+    let foldable = |k: &String| k.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii());
+    if map.len() < 2 || !map.keys().any(foldable) {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(map.len());
+    map.keys().find(|k| !seen.insert(go_fold_key(k))).cloned()
+}
+
+/// [`case_folded_duplicate_key`] in any object of `v`, at any depth.
+pub fn case_folded_duplicate(v: &Value) -> Option<String> {
+    match v {
+        Value::Array(items) => items.iter().find_map(case_folded_duplicate),
+        Value::Object(map) => case_folded_duplicate_key(map).or_else(|| map.values().find_map(case_folded_duplicate)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]

@@ -320,6 +320,29 @@ pub fn request_info(body: &Value) -> RequestInfo {
     }
 }
 
+/// A key among those [`request_info`] reads by (the top-level object, and `stream_options`, `options`,
+/// `generationConfig` / `generation_config`, `inferenceConfig`, `textGenerationConfig`) that another key
+/// of the same object equals under Go's case folding (`"MODEL"` beside `"model"`, `"Max_Tokens"` beside
+/// `"max_tokens"`): a Go upstream (Ollama, LocalAI, Go gateways) reads both as one field and keeps the
+/// last, so the model or the cap it serves may not be the one read here. Objects deeper down (messages,
+/// tool schemas, whose property names are the user's own) are not looked at.
+pub fn ambiguous_request_key(body: &Value) -> Option<String> {
+    let top = body.as_object()?;
+    json::case_folded_duplicate_key(top).or_else(|| {
+        [
+            "stream_options",
+            "options",
+            "generationConfig",
+            "generation_config",
+            "inferenceConfig",
+            "textGenerationConfig",
+        ]
+        .iter()
+        .filter_map(|k| top.get(*k).and_then(Value::as_object))
+        .find_map(json::case_folded_duplicate_key)
+    })
+}
+
 /// For a streaming OpenAI chat or completions request, set `stream_options.include_usage` so that the
 /// final chunk carries usage. Returns true if the body was changed. Other APIs report usage in streams
 /// anyway, and non-streaming requests must not get `stream_options` (OpenAI rejects it).
@@ -1869,6 +1892,20 @@ mod tests {
         assert_eq!(request_info(&titan).max_output_tokens, Some(3072));
         let nova = json!({"messages": [], "inferenceConfig": {"max_new_tokens": 1000}});
         assert_eq!(request_info(&nova).max_output_tokens, Some(1000));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn keys_a_go_upstream_reads_as_one_are_ambiguous() {
+        let amb = |v: Value| ambiguous_request_key(&v);
+        assert!(amb(json!({"model": "a", "MODEL": "b"})).is_some());
+        assert!(amb(json!({"max_tokens": 1, "Max_Tokens": 5000})).is_some());
+        assert!(amb(json!({"options": {"num_predict": 1, "NUM_PREDICT": 5000}})).is_some());
+        assert!(amb(json!({"generationConfig": {"maxOutputTokens": 1, "maxoutputtokens": 9}})).is_some());
+        assert!(amb(json!({"model": "a", "\u{17f}tream": true, "stream": false})).is_some(), "Unicode folding");
+        assert_eq!(amb(json!({"model": "a", "Max_tokens": 5, "messages": []})), None, "one copy: no ambiguity");
+        let schema = json!({"model": "a", "tools": [{"parameters": {"properties": {"Name": {}, "name": {}}}}],
+            "messages": [{"role": "user", "content": "x", "Content": "y"}]});
+        assert_eq!(amb(schema), None, "deeper objects are not the fields request_info reads");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

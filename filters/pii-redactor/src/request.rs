@@ -9,14 +9,13 @@
 //! and a byte scanner cannot read UTF-16/32 (which Python servers parse as JSON).
 
 use crate::engine::{Engine, MaskState};
-use meshwarden_shared::json::{go_fold_key, parse_strict, JsonBodyError};
+use meshwarden_shared::json::{case_folded_duplicate, go_fold_key, parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     extract_request_texts, is_message_name, next_text_part, participant_name, push_string_leaves, rewrite_body_texts,
     Api, Role,
 };
 use meshwarden_shared::stream_rewrite::{rewrite_strings, TextRewrite};
 use serde_json::Value;
-use std::collections::HashSet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scanned {
@@ -286,30 +285,6 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             };
             RequestResult { api, scanned: Scanned::Raw, body, state, problem: None }
         }
-    }
-}
-
-/// A key of some object that another key of the same object equals under Go's case folding (ASCII
-/// letters and Unicode simple folding: `Content` is `content`, `ſystem` is `system`). Go's
-/// `encoding/json` (Ollama, LocalAI, Go gateways) matches keys to fields that way and keeps the last
-/// copy, so such a body is as ambiguous as a key given twice.
-fn case_folded_duplicate(v: &Value) -> Option<String> {
-    match v {
-        Value::Array(items) => items.iter().find_map(case_folded_duplicate),
-        Value::Object(map) => {
-            // Keys without capitals or non-ASCII bytes fold to distinct keys: the common case costs a scan.
-            let foldable = |k: &String| k.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii());
-            if map.len() > 1 && map.keys().any(foldable) {
-                let mut seen = HashSet::with_capacity(map.len());
-                for k in map.keys() {
-                    if !seen.insert(go_fold_key(k)) {
-                        return Some(k.clone());
-                    }
-                }
-            }
-            map.values().find_map(case_folded_duplicate)
-        }
-        _ => None,
     }
 }
 

@@ -4,8 +4,8 @@
 use crate::config::Config;
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
-    ensure_stream_usage, estimate_request_tokens, extract_request_texts, model_from_path, request_info,
-    stream_usage_change, Api,
+    ambiguous_request_key, ensure_stream_usage, estimate_request_tokens, extract_request_texts, model_from_path,
+    request_info, stream_usage_change, Api,
 };
 use meshwarden_shared::media::{estimate_media, gemini_inline_images};
 use meshwarden_shared::splice::{splice, Edit};
@@ -188,6 +188,12 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     };
     if !json.is_object() {
         return fallback(BadBody::NotJson);
+    }
+    if let Some(key) = ambiguous_request_key(&json) {
+        let why = format!(
+            "duplicate key {key:?} (another key differs from it only in letter case; Go's encoding/json reads both as one)"
+        );
+        return Parsed { problem: Some(JsonBodyError::DuplicateKey(why)), ..fallback(BadBody::DuplicateKey) };
     }
     let api = Api::detect(path, &json);
     let info = request_info(&json);
