@@ -641,6 +641,32 @@ async fn keys_differing_only_in_case_are_refused_like_duplicates() {
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
 }
 
+/// A Go upstream (Ollama's OpenAI-compatible API, LocalAI) reads `"MAX_TOKENS"` as `max_tokens` and
+/// `"Model"` as `model`. Before 2026-12-07 the filter read neither: 5,000 output tokens were admitted on
+/// the default reservation, and a per-model budget was escaped under `unknown_model: skip_model_rules`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_a_go_upstream_reads_in_any_case_are_read() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_output_reservation": 10000, "unknown_model": "skip_model_rules",
+               "rules":[{"name":"big","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":1}},
+                        {"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":3000}}]}),
+    )
+    .await;
+    let cap = json!({"model": "llama3", "messages": [{"role": "user", "content": "Write a long story."}],
+                     "MAX_TOKENS": 5000});
+    let r = post(&e, "/v1/chat/completions", &cap, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "{:?}", r.text().await);
+    let model = json!({"Model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(&e, "/v1/chat/completions", &model, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "gpt-4o's budget applies: {:?}", r.text().await);
+    let small = chat("llama3", "Write a short story.", Some(100), false);
+    let r = post(&e, "/v1/chat/completions", &small, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+}
+
 /// The prompt estimate frames each message once (4 tokens), however many content parts it has. Before
 /// 2026-12-07 each part counted 4: one message of 50 short parts was estimated at 250 tokens instead of
 /// 54 and refused as larger than a 100-token budget.

@@ -296,7 +296,7 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/options/num_predict",
     ]
     .iter()
-    .filter_map(|p| json::pointer(body, p).and_then(requested_count))
+    .filter_map(|p| go_field(body, p).and_then(requested_count))
     .max();
     let choices = [
         "/n",
@@ -307,12 +307,12 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/generation_config/candidate_count",
     ]
     .iter()
-    .filter_map(|p| json::pointer(body, p).and_then(requested_count))
+    .filter_map(|p| go_field(body, p).and_then(requested_count))
     .max()
     .unwrap_or(1)
     .clamp(1, MAX_CHOICES);
     RequestInfo {
-        model: body.get("model").and_then(Value::as_str).map(str::to_string),
+        model: go_field(body, "/model").and_then(Value::as_str).map(str::to_string),
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
         include_usage: json::pointer(body, "/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         max_output_tokens,
@@ -1080,6 +1080,18 @@ fn token_count(v: &Value) -> Option<u64> {
     v.as_u64().or_else(|| {
         // (`as` saturates: a float beyond u64 is u64::MAX.)
         v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.ceil() as u64)
+    })
+}
+
+/// The value at `pointer` (plain keys, no escapes) as the upstream may read it: each key exactly, else
+/// the object's one key equal to it under Go's case folding (`"MAX_TOKENS"`, `"Model"`), which Go's
+/// `encoding/json` (Ollama, LocalAI, Go gateways) reads as the field. Two such keys in one object are
+/// refused before this is asked ([`ambiguous_request_key`]). Read exactly only before 2026-12-07:
+/// `"MAX_TOKENS": 5000` reserved the default output reservation.
+fn go_field<'a>(body: &'a Value, pointer: &str) -> Option<&'a Value> {
+    pointer.split('/').skip(1).try_fold(body, |v, key| {
+        let obj = v.as_object()?;
+        obj.get(key).or_else(|| obj.iter().find(|(k, _)| json::go_fold_eq(k, key)).map(|(_, x)| x))
     })
 }
 
@@ -1906,6 +1918,16 @@ mod tests {
         let schema = json!({"model": "a", "tools": [{"parameters": {"properties": {"Name": {}, "name": {}}}}],
             "messages": [{"role": "user", "content": "x", "Content": "y"}]});
         assert_eq!(amb(schema), None, "deeper objects are not the fields request_info reads");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn fields_are_read_as_a_go_upstream_reads_them() {
+        let info = request_info(&json!({"Model": "gpt-4o", "MAX_TOKENS": 5000, "N": 2}));
+        assert_eq!((info.model.as_deref(), info.max_output_tokens, info.choices), (Some("gpt-4o"), Some(5000), 2));
+        let ollama = json!({"model": "m", "Options": {"Num_Predict": 700}});
+        assert_eq!(request_info(&ollama).max_output_tokens, Some(700));
+        // The exact spelling wins when both are there (such bodies are refused by ambiguous_request_key).
+        assert_eq!(request_info(&json!({"model": "a", "MODEL": "b"})).model.as_deref(), Some("a"));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -50,7 +50,8 @@ pub struct Parsed {
     /// The model the upstream serves: the one the path names (see `model_from_path`: Azure deployments,
     /// Bedrock, Gemini, which serve that model whatever the body says), else the body's `model`.
     pub model: Option<String>,
-    /// `model` came from the path: rewriting the body's `model` would not change what is served.
+    /// `model` came from the path (rewriting the body's `model` would not change what is served) or from
+    /// a key spelled in another case (`"Model"`): no fallback rewrites it.
     pub model_from_path: bool,
     /// The body's `model` when the path names another one: rules for it apply too, so neither name
     /// can take the request out of a model budget (an upstream that routes on the body still sees it).
@@ -211,7 +212,9 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
     };
     Parsed {
         api,
-        model_from_path: path_model.is_some(),
+        // A model read from a key in another case (`"Model"`, read by Go upstreams) is not rewritten either:
+        // a new `model` key beside it would leave two copies.
+        model_from_path: path_model.is_some() || (info.model.is_some() && json.get("model").is_none()),
         bad: if info.model.is_none() && path_model.is_none() { Some(BadBody::NoModel) } else { None },
         model: path_model.or(info.model),
         other_model,
@@ -458,6 +461,18 @@ mod tests {
         assert_eq!(bedrock.model.as_deref(), Some("anthropic.claude-3-opus"));
         let plain = parse_request(&cfg, "/v1/chat/completions", body, false);
         assert_eq!((plain.model.as_deref(), plain.model_from_path), (Some("gpt-4o-mini"), false));
+    }
+
+    /// Go upstreams read `"Model"` as `model`: its rules apply, and no fallback rewrites it (a new `model`
+    /// beside it would be a second copy).
+    #[test]
+    fn a_model_key_in_another_case_is_read_and_not_rewritten() {
+        let cfg = Config::default();
+        let p = parse_request(&cfg, "/v1/chat/completions", br#"{"Model":"gpt-4o","MAX_TOKENS":900}"#, false);
+        assert_eq!((p.model.as_deref(), p.model_from_path, p.bad), (Some("gpt-4o"), true, None));
+        assert_eq!(p.output_reservation, 900);
+        let both = parse_request(&cfg, "/v1/chat/completions", br#"{"model":"a","MODEL":"b"}"#, false);
+        assert_eq!(both.bad, Some(BadBody::DuplicateKey));
     }
 
     #[test]
