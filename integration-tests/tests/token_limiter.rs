@@ -606,6 +606,53 @@ async fn a_bedrock_invoke_model_output_cap_is_reserved() {
     let _ = r.text().await;
 }
 
+/// Ollama's `options.num_predict` -1 (until the model stops) and -2 (until the context is full) ask for
+/// no output cap: the largest reservation (`max_output_reservation`) is taken. Before 2026-12-07 they
+/// reserved the 256-token default and an open-ended generation was admitted on a nearly spent budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncapped_ollama_generation_reserves_the_largest_output() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"max_output_reservation": 10000,
+               "rules":[{"name":"t","key":{"header":"x-team"},"limits":{"tokens_per_day":3000}}]}),
+    )
+    .await;
+    for n in [-1, -2] {
+        let body = json!({"model": "llama3", "stream": false, "options": {"num_predict": n},
+                          "messages": [{"role": "user", "content": "Write a long story."}]});
+        let r = post(&e, "/api/chat", &body, &[("x-team", "a")]).await;
+        assert_eq!(r.status(), 429, "num_predict {n}: {:?}", r.text().await);
+    }
+    let capped = json!({"model": "llama3", "stream": false, "options": {"num_predict": 100},
+                        "messages": [{"role": "user", "content": "Write a short story."}]});
+    let r = post(&e, "/api/chat", &capped, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "the budget is untouched by the refusals: {:?}", r.text().await);
+}
+
+/// vLLM, SGLang and LiteLLM (pydantic's lax mode) stream for `"stream": "true"` or `1` as for `true`. Before
+/// 2026-12-07 only `true` was read as a stream: `include_usage` was not added and the answer was charged
+/// from an estimate of its text instead of its usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_asked_for_in_another_form_is_charged_its_usage() {
+    let mock = MockLlm::start().await.unwrap();
+    let e =
+        envoy(&mock, json!({"rules":[{"name":"t","key":{"constant":"x"},"limits":{"tokens_per_day":100000}}]})).await;
+    // (`x-mock-stream: 1`: the mock streams as a Python server reading the body laxly would.)
+    let hdrs = [("x-mock-completion-tokens", "37"), ("x-mock-prompt-tokens", "123"), ("x-mock-stream", "1")];
+    for v in [json!("true"), json!(1)] {
+        let body = json!({"model": "gpt-4o-mini", "stream": v, "messages": [{"role": "user", "content": "Hi."}]});
+        let r = post(&e, "/v1/chat/completions", &body, &hdrs).await;
+        assert_eq!(r.status(), 200);
+        assert!(h(&r, "content-type").starts_with("text/event-stream"));
+        let _ = r.text().await.unwrap();
+        let sent = mock.last_request().unwrap().json().unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], true, "{v}: include_usage added");
+    }
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 2);
+    assert_eq!(e.stat("meshwarden.token_limiter.rule.t.charged_tokens").await.unwrap(), 2 * 160);
+}
+
 /// Go's `encoding/json` (Ollama, LocalAI, Go gateways) reads `"MODEL"` as `model` and keeps the last copy:
 /// `{"model": "cheap", "MODEL": "gpt-4o"}` ran gpt-4o while the filter matched and charged the rules of
 /// `cheap` (and `"MAX_TOKENS": 5000` beside `"max_tokens": 1` reserved 1). Such keys are refused like a key

@@ -297,6 +297,12 @@ pub fn request_info(body: &Value) -> RequestInfo {
     ]
     .iter()
     .filter_map(|p| go_field(body, p).and_then(requested_count))
+    .chain(
+        // Ollama's `num_predict` -1 (generate until the model stops) and -2 (until the context is full)
+        // ask for no cap at all: the largest reservation, not the default one (a smaller cap in another
+        // field is a decoy to Ollama, which reads only this one).
+        go_field(body, "/options/num_predict").and_then(Value::as_i64).filter(|n| *n < 0).map(|_| u64::MAX),
+    )
     .max();
     let choices = [
         "/n",
@@ -313,10 +319,26 @@ pub fn request_info(body: &Value) -> RequestInfo {
     .clamp(1, MAX_CHOICES);
     RequestInfo {
         model: go_field(body, "/model").and_then(Value::as_str).map(str::to_string),
-        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        stream: requests_stream(body),
         include_usage: json::pointer(body, "/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
         max_output_tokens,
         choices,
+    }
+}
+
+/// Whether the body asks for a streamed answer, read as the upstreams that accept it read `stream`:
+/// `true`, and for Python servers (pydantic's lax mode: vLLM, SGLang, LiteLLM) also `1`, `1.0` and the
+/// strings `"true"`, `"1"`, `"yes"`, `"y"`, `"on"`, `"t"` in any case. Before 2026-12-07 only `true`
+/// counted: `"stream": "true"` streamed from vLLM without `include_usage` being added, and the answer was
+/// charged from an estimate of its text instead of its usage.
+pub fn requests_stream(body: &Value) -> bool {
+    match go_field(body, "/stream") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64() == Some(1.0),
+        Some(Value::String(s)) => {
+            matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "y" | "on" | "t")
+        }
+        _ => false,
     }
 }
 
@@ -398,7 +420,7 @@ pub fn stream_usage_change(api: Api, body: &Value) -> Option<StreamUsageChange> 
     if !matches!(api, Api::OpenAiChat | Api::OpenAiCompletions) {
         return None;
     }
-    if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+    if !requests_stream(body) {
         return None;
     }
     let obj = body.as_object()?;
@@ -1894,6 +1916,29 @@ mod tests {
             assert_eq!(request_info(&json!({"max_tokens": v})).max_output_tokens, None, "{v}");
         }
         assert_eq!(request_info(&json!({"max_tokens": 1e300})).max_output_tokens, Some(u64::MAX));
+        // Ollama's "no cap" values ask for the most, not for the default.
+        for n in [-1, -2] {
+            let ollama = json!({"model": "m", "options": {"num_predict": n}});
+            assert_eq!(request_info(&ollama).max_output_tokens, Some(u64::MAX), "{n}");
+        }
+        let capped = json!({"max_tokens": 10, "options": {"num_predict": -1}});
+        assert_eq!(request_info(&capped).max_output_tokens, Some(u64::MAX), "a decoy cap does not shrink it");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn stream_is_read_as_python_servers_read_it() {
+        for v in
+            [json!(true), json!(1), json!(1.0), json!("true"), json!("True"), json!("1"), json!("yes"), json!("on")]
+        {
+            assert!(request_info(&json!({"stream": v})).stream, "{v}");
+            let body = json!({"model": "m", "stream": v, "messages": []});
+            assert_eq!(stream_usage_change(Api::OpenAiChat, &body), Some(StreamUsageChange::AddOptions), "{v}");
+        }
+        for v in [json!(false), json!(0), json!(2), json!("false"), json!("no"), json!("maybe"), json!(null), json!([])]
+        {
+            assert!(!request_info(&json!({"stream": v})).stream, "{v}");
+        }
+        assert!(request_info(&json!({"Stream": true})).stream, "Go's case folding");
     }
 
     #[wasm_bindgen_test(unsupported = test)]
