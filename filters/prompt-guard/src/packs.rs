@@ -389,6 +389,29 @@ fn prompt_override() -> Vec<String> {
             Opt(&["the", "what is", "what's", "whatever is", "what was", "what came", "whatever came"]),
             Alt(&["above", "preceding", "foregoing", "before this", "prior to this", "said above", "written above"]),
         ]),
+        // ignore the instructions above / disregard the rules you were given (the qualifier after the object)
+        variant(&[
+            Alt(OVERRIDE_VERBS),
+            Any(&["all", "any", "every", "the", "your", "these", "those", "of", "all of"]),
+            Alt(OBJECTS_STRONG),
+            Alt(&[
+                "above",
+                "given above",
+                "written above",
+                "provided above",
+                "stated above",
+                "listed above",
+                "before this",
+                "so far",
+                "until now",
+                "up to now",
+                "you were given",
+                "you have been given",
+                "you've been given",
+                "you received",
+                "you were told",
+            ]),
+        ]),
         // your previous instructions are void
         variant(&[
             Alt(&["your", "the", "all", "any", "all of the", "all your"]),
