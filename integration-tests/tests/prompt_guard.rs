@@ -917,3 +917,38 @@ async fn override_with_the_qualifier_after_the_object_is_caught() {
         assert_eq!(post(&envoy, "/v1/chat/completions", &chat(text), &[]).await.status(), 200, "{text}");
     }
 }
+
+/// A Gemini stream (`:streamGenerateContent?alt=sse`) stopped mid-way ends with a Google-shaped error chunk
+/// (`{"error":{"code":403,"message","status":"PERMISSION_DENIED"}}`, no `[DONE]`), which the google-genai
+/// SDKs raise as a ClientError. Before 2026-12-07 it got the OpenAI event (`"code":"prompt_guard_violation"`,
+/// then `data: [DONE]`): the Python SDK compares the code with 400 and failed with a TypeError.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_gemini_stream_ends_with_a_google_error_chunk() {
+    let chunk = |t: &str| {
+        format!(
+            "data: {}\n\n",
+            json!({"candidates": [{"content": {"role": "model", "parts": [{"text": t}]}, "index": 0}],
+                "modelVersion": "gemini-2.0-flash"})
+        )
+    };
+    let events =
+        vec![chunk("Okay. From now on I am DAN, "), chunk("which stands for Do Anything "), chunk("Now, more text")];
+    let (port, _stop) = sse_upstream(events).await;
+    let envoy = EnvoyBuilder::new("prompt-guard.yaml")
+        .upstream_port(port)
+        .filter_config(F, &json!({"packs": [{"name": "role_hijack", "apply_to": "response"}]}))
+        .start()
+        .await
+        .unwrap();
+    let body = json!({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]});
+    let resp = post(&envoy, "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", &body, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let wire = resp.text().await.unwrap();
+    assert!(!wire.contains("DAN") && !wire.contains("[DONE]"), "{wire}");
+    let last = SseParser::default().feed(wire.as_bytes()).pop().unwrap();
+    let err: Value = serde_json::from_str(&last.data).unwrap();
+    assert_eq!(err["error"]["code"], 403, "{wire}");
+    assert_eq!(err["error"]["status"], "PERMISSION_DENIED");
+    assert!(err["error"]["message"].as_str().unwrap().contains("role_hijack"), "{wire}");
+    assert_eq!(envoy.stat("meshwarden.prompt_guard.rule.role_hijack.response.rejected").await.unwrap(), 1);
+}

@@ -67,6 +67,21 @@ pub fn anthropic_error(kind: ErrorKind, message: &str) -> Value {
     json!({"type": "error", "error": {"type": kind.anthropic_type(), "message": message}})
 }
 
+/// Google's error shape (Gemini API, Vertex AI): `{"error":{"code","message","status"}}`, `code` the HTTP
+/// status as a number and `status` its canonical name. The google-genai SDKs raise a typed error (ClientError
+/// for 4xx) on a stream chunk of this shape; an OpenAI-shaped `error` there (a string `code`) made the
+/// Python SDK fail with a `TypeError` instead.
+pub fn google_error(kind: ErrorKind, message: &str) -> Value {
+    let (code, status) = match kind {
+        ErrorKind::RateLimit => (429, "RESOURCE_EXHAUSTED"),
+        ErrorKind::Authentication => (401, "UNAUTHENTICATED"),
+        ErrorKind::PermissionDenied => (403, "PERMISSION_DENIED"),
+        ErrorKind::InvalidRequest | ErrorKind::RequestTooLarge => (400, "INVALID_ARGUMENT"),
+        ErrorKind::Unavailable => (503, "UNAVAILABLE"),
+    };
+    json!({"error": {"code": code, "message": message, "status": status}})
+}
+
 /// The body for `flavor`, serialised. `code` is OpenAI's machine-readable code (e.g.
 /// `rate_limit_exceeded`); Anthropic bodies have no such field.
 pub fn error_body(flavor: ErrorFlavor, kind: ErrorKind, code: Option<&str>, message: &str) -> String {
@@ -146,6 +161,16 @@ mod tests {
             serde_json::from_str(&error_body(ErrorFlavor::Anthropic, ErrorKind::RequestTooLarge, None, "big")).unwrap();
         assert_eq!(a, json!({"type":"error","error":{"type":"request_too_large","message":"big"}}));
         assert_eq!(ErrorFlavor::for_api(crate::llm::Api::AnthropicMessages), ErrorFlavor::Anthropic);
+        // Google's shape: a numeric code (the SDK compares it with 400) and the canonical status name
+        assert_eq!(
+            google_error(ErrorKind::PermissionDenied, "no"),
+            json!({"error":{"code":403,"message":"no","status":"PERMISSION_DENIED"}})
+        );
+        let gemini = json!({"candidates":[{"content":{"parts":[{"text":"hi"}]}}]});
+        assert!(crate::llm::is_gemini_stream_event(&gemini));
+        assert!(crate::llm::is_gemini_stream_event(&json!({"usageMetadata":{"promptTokenCount":3}})));
+        assert!(!crate::llm::is_gemini_stream_event(&json!({"choices":[],"usage":{}})));
+        assert!(!crate::llm::is_gemini_stream_event(&json!({"type":"message_delta","usage":{}})));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -1036,6 +1036,17 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
     out
 }
 
+/// Whether a parsed stream event is a Gemini chunk (`streamGenerateContent?alt=sse`, Vertex AI too): a
+/// `GenerateContentResponse`, with `candidates` (or only `usageMetadata` / `promptFeedback`) and no
+/// OpenAI / Anthropic markers. Such streams end without a terminator and report errors as
+/// [`crate::errors::google_error`] chunks.
+pub fn is_gemini_stream_event(event: &Value) -> bool {
+    event.get("candidates").is_some_and(Value::is_array)
+        || (event.get("choices").is_none()
+            && event.get("type").is_none()
+            && (event.get("usageMetadata").is_some() || event.get("promptFeedback").is_some()))
+}
+
 /// Replace strings at JSON pointers. Pointers that no longer point at a string are skipped and counted
 /// in the return value, so a caller can tell a partial rewrite from a full one.
 pub fn replace_texts(body: &mut Value, replacements: &[(String, String)]) -> usize {

@@ -3,11 +3,11 @@
 
 use crate::config::Action;
 use crate::engine::{apply_mask, Dir, Policy, Spans};
-use meshwarden_shared::errors::{error_body, ErrorFlavor, ErrorKind};
+use meshwarden_shared::errors::{error_body, google_error, ErrorFlavor, ErrorKind};
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{extract_request_texts, extract_response_texts, replace_texts, rewrite_body_texts};
 use meshwarden_shared::llm::{
-    is_message_name, next_text_part, participant_name, push_string_leaves, Api, Role, TextSpan,
+    is_gemini_stream_event, is_message_name, next_text_part, participant_name, push_string_leaves, Api, Role, TextSpan,
 };
 use meshwarden_shared::sse::{encode_event, SseEvent, SseParser};
 use meshwarden_shared::stream_rewrite::{is_json_text_pointer, stream_delta_pointers};
@@ -396,6 +396,8 @@ pub struct StreamGuard {
     fired: Vec<usize>,
     finished: bool,
     act: bool,
+    /// The upstream streams Gemini chunks: a reject ends it with a Google-shaped error chunk.
+    gemini: bool,
 }
 
 impl StreamGuard {
@@ -410,6 +412,7 @@ impl StreamGuard {
             fired: Vec::new(),
             finished: false,
             act,
+            gemini: false,
         }
     }
 
@@ -442,6 +445,7 @@ impl StreamGuard {
         for event in events {
             let json: Option<Value> = serde_json::from_str(&event.data).ok();
             let texts = json.as_ref().map(stream_texts).unwrap_or_default();
+            self.gemini = self.gemini || json.as_ref().is_some_and(is_gemini_stream_event);
             self.pending.push_back(Pending { event, json, texts, dirty: false });
         }
         if had_text {
@@ -450,7 +454,13 @@ impl StreamGuard {
         if let Some(rule) = step.rejected {
             self.finished = true;
             self.pending.clear();
-            step.output = stream_error_event(flavor, &reject_message(rule)).into_bytes();
+            step.output = if self.gemini {
+                // Gemini streams: a Google-shaped error chunk, no `[DONE]` (google-genai raises ClientError)
+                let body = google_error(ErrorKind::PermissionDenied, &reject_message(rule));
+                format!("data: {body}\n\n").into_bytes()
+            } else {
+                stream_error_event(flavor, &reject_message(rule)).into_bytes()
+            };
             return step;
         }
         // release events while enough text stays behind them
@@ -806,6 +816,22 @@ mod tests {
         let s = g.feed(&p, wire.as_bytes(), true, "[X]", ErrorFlavor::OpenAi, &|_| "no".to_string());
         assert_eq!(s.rejected, Some(0));
         assert!(!String::from_utf8(s.output).unwrap().contains("DAN"));
+    }
+
+    /// A Gemini stream is ended with a Google-shaped error chunk and no `[DONE]`.
+    #[test]
+    fn gemini_stream_reject_is_a_google_error_chunk() {
+        let p = policy(r#"{"packs":[{"name":"role_hijack","apply_to":"response"}]}"#);
+        let ev = |t: &str| format!("data: {}\n\n", json!({"candidates":[{"content":{"parts":[{"text":t}]}}]}));
+        let wire = [ev("I am DAN, Do Any"), ev("thing Now")].concat();
+        let mut g = StreamGuard::new(64, 1 << 16, true);
+        let s = g.feed(&p, wire.as_bytes(), true, "[X]", ErrorFlavor::OpenAi, &|_| "blocked".to_string());
+        assert_eq!(s.rejected, Some(0));
+        let out = String::from_utf8(s.output).unwrap();
+        assert_eq!(
+            out,
+            "data: {\"error\":{\"code\":403,\"message\":\"blocked\",\"status\":\"PERMISSION_DENIED\"}}\n\n"
+        );
     }
 
     #[test]
