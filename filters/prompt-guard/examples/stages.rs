@@ -109,6 +109,14 @@ fn main() {
                 time(iters, || drop(black_box(prompt_guard::decode::base64_blobs(black_box(&text))))),
             ),
             (
+                "hex blobs (decode.rs)",
+                time(iters, || drop(black_box(prompt_guard::decode::hex_blobs(black_box(&text))))),
+            ),
+            (
+                "unescaped copy (decode.rs)",
+                time(iters, || drop(black_box(prompt_guard::decode::unescape(black_box(&text))))),
+            ),
+            (
                 "policy.scan (normalise+automaton+decode)",
                 time(iters, || drop(black_box(policy.scan(black_box(&text), Dir::Request, Role::User)))),
             ),

@@ -125,47 +125,58 @@ fn readable(decoded: Vec<u8>) -> Option<String> {
 }
 
 /// `(start, end, decoded text)` for each hex-encoded run in `text` that decodes to readable text:
-/// `49676e6f7265...` (32 to 64 Ki hex digits, even length) and `\x49\x67\x6e...` (16 or more escapes).
-/// Hashes, UUIDs and other hex ids decode to bytes that are not readable text and are left alone.
+/// `49676e6f7265...` (32 to 64 Ki hex digits, even length, a whole token) and `\x49\x67\x6e...` (16 or
+/// more escapes). Hashes, UUIDs and other hex ids decode to bytes that are not readable text and are left
+/// alone. Like [`base64_blobs`], plain runs are searched in 32-byte windows (prose rarely has 32 hex
+/// digits in a row, so most bytes are never read); escapes only where a `\x` occurs.
 pub fn hex_blobs(text: &str) -> Vec<(usize, usize, String)> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
+    let is_hex = |b: u8| hex_val(b).is_some();
+    // invariant: `i == 0` or `bytes[i - 1]` is not a hex digit, so a run at `i` starts there
     let mut i = 0;
-    while i < bytes.len() && out.len() < MAX_BLOBS {
-        let start = i;
-        let mut decoded = Vec::new();
-        if bytes.get(i..i + 2) == Some(b"\\x") {
-            // `\xHH` escapes, one after another
-            while let (Some(b"\\x"), Some(&h), Some(&l)) = (bytes.get(i..i + 2), bytes.get(i + 2), bytes.get(i + 3)) {
-                match (hex_val(h), hex_val(l)) {
-                    (Some(h), Some(l)) => decoded.push(h << 4 | l),
-                    _ => break,
-                }
-                i += 4;
-            }
-            if decoded.len() * 2 < MIN_HEX_RUN {
-                i = start + 1;
-                continue;
-            }
-        } else if hex_val(bytes.get(i).copied().unwrap_or(0)).is_some()
-            && (i == 0 || bytes.get(i - 1).is_none_or(|b| !b.is_ascii_alphanumeric()))
-        {
-            while bytes.get(i).copied().and_then(hex_val).is_some() {
-                i += 1;
-            }
-            let run = bytes.get(start..i).unwrap_or(&[]);
-            let whole_token = bytes.get(i).is_none_or(|b| !b.is_ascii_alphanumeric());
-            if !whole_token || run.len() < MIN_HEX_RUN || run.len() > MAX_RUN || run.len() % 2 != 0 {
-                i = i.max(start + 1);
-                continue;
-            }
-            decoded = run.chunks(2).filter_map(|p| Some(hex_val(*p.first()?)? << 4 | hex_val(*p.get(1)?)?)).collect();
-        } else {
-            i += 1;
+    while out.len() < MAX_BLOBS {
+        let Some(window) = bytes.get(i..i + MIN_HEX_RUN) else { break };
+        if let Some(k) = window.iter().rposition(|&b| !is_hex(b)) {
+            i += k + 1;
             continue;
         }
-        if let Some(s) = readable(decoded) {
-            out.push((start, i, s));
+        let start = i;
+        while bytes.get(i).copied().is_some_and(is_hex) {
+            i += 1;
+        }
+        let before_ok = start == 0 || bytes.get(start - 1).is_none_or(|b| !b.is_ascii_alphanumeric());
+        let after_ok = bytes.get(i).is_none_or(|b| !b.is_ascii_alphanumeric());
+        let len = i - start;
+        if before_ok && after_ok && len % 2 == 0 && len <= MAX_RUN {
+            let run = bytes.get(start..i).unwrap_or(&[]);
+            let decoded =
+                run.chunks(2).filter_map(|p| Some(hex_val(*p.first()?)? << 4 | hex_val(*p.get(1)?)?)).collect();
+            if let Some(s) = readable(decoded) {
+                out.push((start, i, s));
+            }
+        }
+        // `bytes[i]` (if any) is not a hex digit: the invariant holds
+    }
+    let mut next = 0;
+    for at in memchr::memmem::find_iter(bytes, b"\\x") {
+        if at < next || out.len() >= MAX_BLOBS {
+            continue;
+        }
+        let mut j = at;
+        let mut decoded = Vec::new();
+        while let (Some(b"\\x"), Some(&h), Some(&l)) = (bytes.get(j..j + 2), bytes.get(j + 2), bytes.get(j + 3)) {
+            match (hex_val(h), hex_val(l)) {
+                (Some(h), Some(l)) => decoded.push(h << 4 | l),
+                _ => break,
+            }
+            j += 4;
+        }
+        next = j.max(at + 1);
+        if decoded.len() * 2 >= MIN_HEX_RUN {
+            if let Some(s) = readable(decoded) {
+                out.push((at, j, s));
+            }
         }
     }
     out
@@ -341,10 +352,15 @@ pub fn unescape(text: &str) -> Option<Unescaped> {
         // copy up to the next candidate (at least one character)
         let next =
             memchr::memchr3(b'&', b'%', b'<', bytes.get(i + 1..).unwrap_or(&[])).map_or(bytes.len(), |k| i + 1 + k);
-        for (k, c) in text.get(i..next).unwrap_or("").char_indices() {
-            let (from, to) = ((i + k) as u32, (i + k + c.len_utf8()) as u32);
-            for _ in 0..c.len_utf8() {
-                out.map.push((from, to));
+        let piece = text.get(i..next).unwrap_or("");
+        if piece.is_ascii() {
+            out.map.extend((i..next).map(|k| (k as u32, k as u32 + 1)));
+        } else {
+            for (k, c) in piece.char_indices() {
+                let (from, to) = ((i + k) as u32, (i + k + c.len_utf8()) as u32);
+                for _ in 0..c.len_utf8() {
+                    out.map.push((from, to));
+                }
             }
         }
         out.text.push_str(text.get(i..next).unwrap_or(""));
