@@ -25,6 +25,19 @@ fn config(failure_mode: &str, limit_per_hour: u64) -> Value {
                     {"name":"conc","key":{"header":"x-team"},"model":"slow-*","max_concurrent_requests":2}]})
 }
 
+/// For the tests of a budget shared through Redis (not of timeouts): on a loaded CI machine (load average
+/// 10-13) a Redis call outlasted the default `--redis-timeout-ms` and the 200 ms callout timeout, and
+/// `failure_mode: deny` answered 503 where the test counts 200s and 429s.
+fn patient_redis_sidecar(redis: &RedisServer) -> Sidecar {
+    Sidecar::start(&["--redis-url", &redis.url(), "--redis-timeout-ms", "1500"]).unwrap()
+}
+
+fn patient_config(limit_per_hour: u64) -> Value {
+    let mut cfg = config("deny", limit_per_hour);
+    cfg["sidecar"]["timeout_ms"] = json!(2000);
+    cfg
+}
+
 async fn envoy(mock: &MockLlm, sidecar_port: u16, cfg: &Value) -> Envoy {
     EnvoyBuilder::new("token-limiter-sidecar.yaml")
         .upstream_port(mock.port())
@@ -396,12 +409,11 @@ async fn a_short_lease_does_not_end_the_longer_leases_of_its_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_envoys_share_one_budget_through_redis() {
     let redis = RedisServer::start().unwrap();
-    let s1 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
-    let s2 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let (s1, s2) = (patient_redis_sidecar(&redis), patient_redis_sidecar(&redis));
     let mock = MockLlm::start().await.unwrap();
     let limit = 1200;
-    let e1 = envoy(&mock, s1.port(), &config("deny", limit)).await;
-    let e2 = envoy(&mock, s2.port(), &config("deny", limit)).await;
+    let e1 = envoy(&mock, s1.port(), &patient_config(limit)).await;
+    let e2 = envoy(&mock, s2.port(), &patient_config(limit)).await;
     let (admitted, denied) = drain(&[&e1, &e2], "shared").await;
     assert_eq!(admitted, limit / cost(), "one budget across both gateways");
     assert_eq!(denied.status(), 429);
@@ -762,12 +774,11 @@ async fn a_failed_settle_call_does_not_keep_the_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_on_two_gateways_stay_within_one_budget() {
     let redis = RedisServer::start().unwrap();
-    let s1 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
-    let s2 = Sidecar::start(&["--redis-url", &redis.url()]).unwrap();
+    let (s1, s2) = (patient_redis_sidecar(&redis), patient_redis_sidecar(&redis));
     let mock = MockLlm::start().await.unwrap();
     let limit = 3000u64;
-    let e1 = envoy(&mock, s1.port(), &config("deny", limit)).await;
-    let e2 = envoy(&mock, s2.port(), &config("deny", limit)).await;
+    let e1 = envoy(&mock, s1.port(), &patient_config(limit)).await;
+    let e2 = envoy(&mock, s2.port(), &patient_config(limit)).await;
     let urls = [e1.url("/v1/chat/completions"), e2.url("/v1/chat/completions")];
     let start = std::time::Instant::now();
     let (ok, limited) = meshwarden_integration_tests::crowd::admitted_and_limited(40, 4, move |i| {
