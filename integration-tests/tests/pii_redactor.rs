@@ -577,6 +577,31 @@ async fn fullwidth_values_are_masked_and_restored() {
     assert_eq!(sent["messages"][0]["content"], "メール <EMAIL_1>、カード <CREDIT_CARD_1> です");
 }
 
+/// Invisible format characters inside a value (a left-to-right mark between card groups, a bidirectional
+/// isolate and an invisible operator inside an email, a value written in Unicode tag characters) do not
+/// hide it: before 2026-12-07 the card and the tag-written address left the gateway as sent and the email
+/// went out as `jane\u{2066}.<EMAIL_1>`. The answer gets the original spelling back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_format_characters_do_not_hide_values() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let tags: String = "ops@example.org".chars().map(|c| char::from_u32(0xE0000 + u32::from(c)).unwrap()).collect();
+    let prompt = format!(
+        "card 4111\u{200e}1111\u{200e}1111\u{200e}1111, mail jane\u{2066}.doe@exa\u{2062}mple.com\u{2069}, cc {tags}."
+    );
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt.as_str());
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["messages"][0]["content"], "card <CREDIT_CARD_1>, mail <EMAIL_1>\u{2069}, cc <EMAIL_2>.");
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

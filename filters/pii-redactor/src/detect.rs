@@ -853,7 +853,9 @@ impl Scanner {
 /// U+202F, U+205F, ideographic U+3000), `Some(b'-')` for Unicode hyphens and dashes (U+2010..U+2015 incl.
 /// non-breaking hyphen U+2011 and en dash U+2013, minus U+2212, U+FE63, U+FF0D), `None` for invisible
 /// characters that are dropped (zero-width U+200B..U+200D, word joiner U+2060, U+FEFF, soft hyphen
-/// U+00AD), and for fullwidth digits, letters and `＠ ＋ （ ） ． ＿` the ASCII character they stand for (`＠` is `@`,
+/// U+00AD, and since 2026-12-07 bidirectional controls, invisible operators, variation selectors and the
+/// other format characters listed below; Unicode tag characters become the ASCII they encode), and for
+/// fullwidth digits, letters and `＠ ＋ （ ） ． ＿` the ASCII character they stand for (`＠` is `@`,
 /// `４` is `4`; since
 /// 2026-12-07: before, `jane.doe＠example.com` and `４１１１ １１１１ …` typed with a CJK input method left the
 /// gateway unmasked, and a model reads them as the ASCII value). `None` when `t[i..]` starts with none of them.
@@ -878,6 +880,26 @@ fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
         // Fullwidth punctuation of CJK prose (`，`, `！`, `：`, ...) is not: it would only cost a copy.
         (0xEF, 0xBC, 0x88 | 0x89 | 0x8B | 0x8E | 0x90..=0x99 | 0xA0..=0xBA | 0xBF) => Some((3, Some(b2 - 0x80 + 0x20))),
         (0xEF, 0xBD, 0x81..=0x9A) => Some((3, Some(b2 - 0x80 + 0x60))),
+        // Other invisible format characters, dropped like the zero-width ones: bidirectional marks, embeddings
+        // and isolates (U+200E, U+200F, U+202A..U+202E, U+2066..U+2069, U+061C), invisible math operators
+        // (U+2061..U+2064), the combining grapheme joiner U+034F, the Mongolian vowel separator U+180E,
+        // variation selectors (U+FE00..U+FE0F), Hangul fillers (U+115F, U+1160, U+3164, U+FFA0).
+        (0xCD, 0x8F, _) | (0xD8, 0x9C, _) => Some((2, None)),
+        (0xE2, 0x80, 0x8E | 0x8F | 0xAA..=0xAE) | (0xE2, 0x81, 0xA1..=0xA4 | 0xA6..=0xA9) => Some((3, None)),
+        (0xE1, 0xA0, 0x8E) | (0xE1, 0x85, 0x9F | 0xA0) | (0xE3, 0x85, 0xA4) | (0xEF, 0xBE, 0xA0) => Some((3, None)),
+        (0xEF, 0xB8, 0x80..=0x8F) => Some((3, None)),
+        // Plane 14: tag characters U+E0000..U+E007F ("ASCII smuggling": U+E0000 + c stands for the ASCII
+        // character c, and models read it so) as that character, the rest of them dropped; variation
+        // selectors U+E0100..U+E01EF dropped.
+        (0xF3, 0xA0, 0x80 | 0x81) => {
+            let b3 = at(t, i + 3);
+            if !(0x80..=0xBF).contains(&b3) {
+                return None;
+            }
+            let c = ((b2 & 0x01) << 6) | (b3 & 0x3F);
+            Some((4, (0x20..=0x7E).contains(&c).then_some(c)))
+        }
+        (0xF3, 0xA0, 0x84..=0x87) if (0x80..=0xBF).contains(&at(t, i + 3)) => Some((4, None)),
         _ => None,
     }
 }
@@ -892,10 +914,8 @@ pub fn normalize_separators(t: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> 
     // Cheap test first: the lead bytes of every character concerned.
     let a = memchr::memchr3_iter(0x09, 0xC2, 0xE2, t).find(|&p| separator_at(t, p).is_some());
     let b = memchr::memchr3_iter(0xE1, 0xE3, 0xEF, t).find(|&p| separator_at(t, p).is_some());
-    let first = match (a, b) {
-        (Some(x), Some(y)) => x.min(y),
-        (x, y) => x.or(y)?,
-    };
+    let c = memchr::memchr3_iter(0xCD, 0xD8, 0xF3, t).find(|&p| separator_at(t, p).is_some());
+    let first = [a, b, c].into_iter().flatten().min()?;
     let mut out = Vec::with_capacity(t.len());
     let mut map = Vec::with_capacity(t.len());
     out.extend_from_slice(t.get(..first).unwrap_or(&[]));
@@ -1808,6 +1828,63 @@ mod tests {
         assert!(normalize_separators("plain “quoted” text é".as_bytes()).is_none());
         // Truncated multi-byte characters at the end are kept as bytes.
         assert!(kinds_bytes(&scanner, b"4111 1111 1111 1111\xe2\x80").len() == 1);
+    }
+
+    /// Invisible format characters other than the zero-width ones (bidirectional marks and isolates, invisible
+    /// math operators, the combining grapheme joiner, the Mongolian vowel separator, variation selectors,
+    /// Hangul fillers) are dropped like those, and Unicode tag characters ("ASCII smuggling") are read as the
+    /// ASCII character they encode. Before 2026-12-07 any of them inside a value hid it: `4111\u{200e}1111…`
+    /// and `jane\u{2062}.doe@example.com` left the gateway (the latter masked from `doe@`).
+    #[test]
+    fn invisible_format_characters_do_not_hide_values() {
+        let scanner = Scanner::default();
+        let kinds = |t: &str| -> Vec<(Builtin, String)> {
+            scanner.scan(t.as_bytes()).iter().map(|f| (f.kind, t.get(f.start..f.end).unwrap().to_string())).collect()
+        };
+        for sep in [
+            "\u{200e}",
+            "\u{200f}",
+            "\u{202a}",
+            "\u{202c}",
+            "\u{202e}",
+            "\u{2066}",
+            "\u{2069}",
+            "\u{2061}",
+            "\u{2064}",
+            "\u{34f}",
+            "\u{61c}",
+            "\u{180e}",
+            "\u{fe0f}",
+            "\u{fe00}",
+            "\u{e0100}",
+            "\u{e01ef}",
+            "\u{115f}",
+            "\u{3164}",
+            "\u{ffa0}",
+            "\u{e0001}",
+            "\u{e007f}",
+        ] {
+            let card = format!("4111{sep}1111{sep}1111{sep}1111");
+            let t = format!("my card {card}, thanks");
+            assert_eq!(kinds(&t), vec![(Builtin::CreditCard, card.clone())], "{t:?}");
+            let mail = format!("jane{sep}.doe@exa{sep}mple.com");
+            let t = format!("mail {mail} now");
+            assert_eq!(kinds(&t), vec![(Builtin::Email, mail.clone())], "{t:?}");
+        }
+        // Tag characters are read as the ASCII they encode: an address written in them is one.
+        let tags: String =
+            "jane@example.com".chars().map(|c| char::from_u32(0xE0000 + u32::from(c)).unwrap()).collect();
+        let t = format!("note {tags} end");
+        assert_eq!(kinds(&t), vec![(Builtin::Email, tags.clone())], "{t:?}");
+        let t = format!("mail j{}ne@example.com", char::from_u32(0xE0061).unwrap());
+        assert_eq!(kinds(&t), vec![(Builtin::Email, t.get(5..).unwrap().to_string())], "{t:?}");
+        // An emoji with its variation selector, Arabic and Greek text: nothing found, nothing lost.
+        assert!(kinds("I \u{2764}\u{fe0f} it, \u{645}\u{631}\u{62d}\u{628}\u{627} \u{61c}, \u{3b1}\u{3b2}").is_empty());
+        for t in ["x \u{200e}4111 1111 1111 1111\u{200f}", "\u{2066}jane@example.com\u{2069}"] {
+            assert_eq!(scanner.scan(t.as_bytes()), scanner.scan_without_prose_fast_path(t.as_bytes()), "{t}");
+        }
+        // Truncated at the end: kept as bytes.
+        assert!(kinds_bytes(&scanner, b"4111 1111 1111 1111\xf3\xa0\x80").len() == 1);
     }
 
     fn kinds_bytes(s: &Scanner, t: &[u8]) -> Vec<Finding> {
