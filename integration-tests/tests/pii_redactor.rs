@@ -602,6 +602,38 @@ async fn invisible_format_characters_do_not_hide_values() {
     assert_eq!(sent["messages"][0]["content"], "card <CREDIT_CARD_1>, mail <EMAIL_1>\u{2069}, cc <EMAIL_2>.");
 }
 
+/// An AWS secret access key pasted with its key id (a `.env` file, `~/.aws/credentials`, `aws iam
+/// create-access-key` output) is masked like the id: before 2026-12-07 only the id was, and the secret,
+/// the half that signs requests, reached the provider. The echo gets both back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_secret_access_keys_are_masked_with_their_key_id() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let env = "why does this fail?\nAWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE\nAWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n";
+    let output = r#"{"AccessKey": {"UserName": "ci", "SecretAccessKey": "je7MtGbClwBF/2Zp9Utk/h3yCo8nvbEXAMPLEKEY", "Status": "Active"}}"#;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[
+            {"role":"user","content":env},
+            {"role":"tool","tool_call_id":"c1","content":output}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], format!("{env}\n{output}"), "the echo of both messages");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "why does this fail?\nAWS_ACCESS_KEY_ID=<AWS_KEY_1>\nAWS_SECRET_ACCESS_KEY=<AWS_KEY_2>\n"
+    );
+    assert_eq!(
+        sent["messages"][1]["content"],
+        r#"{"AccessKey": {"UserName": "ci", "SecretAccessKey": "<AWS_KEY_3>", "Status": "Active"}}"#
+    );
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.findings.aws_access_key.mask").await.unwrap(), 3);
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

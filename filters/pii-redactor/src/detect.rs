@@ -340,15 +340,42 @@ impl Scanner {
 
     fn scan_normalized(&self, t: &[u8], prose_fast_path: bool, mut emit: impl FnMut(Finding)) {
         match normalize_separators(t) {
-            None => self.scan_pass(t, prose_fast_path, emit),
-            Some((norm, map)) => self.scan_pass(&norm, prose_fast_path, |f| {
-                // Back to the original offsets: the span covers every original byte between the first and
-                // the last normalised byte (separators and zero-width characters inside included).
-                let start = map.get(f.start).map_or(t.len(), |m| m.0);
-                let end = f.end.checked_sub(1).and_then(|e| map.get(e)).map_or(start, |m| m.1);
-                emit(Finding { start, end, ..f })
-            }),
+            None => self.scan_text(t, prose_fast_path).into_iter().for_each(emit),
+            Some((norm, map)) => {
+                for f in self.scan_text(&norm, prose_fast_path) {
+                    // Back to the original offsets: the span covers every original byte between the first and
+                    // the last normalised byte (separators and zero-width characters inside included).
+                    let start = map.get(f.start).map_or(t.len(), |m| m.0);
+                    let end = f.end.checked_sub(1).and_then(|e| map.get(e)).map_or(start, |m| m.1);
+                    emit(Finding { start, end, ..f })
+                }
+            }
         }
+    }
+
+    /// The pass, and AWS secret access keys ([`aws_secret_keys`]: they have no prefix the pass could start
+    /// at) merged into its findings in order; findings that overlap are masked as one (their union, of the
+    /// kind of the first).
+    fn scan_text(&self, t: &[u8], prose_fast_path: bool) -> Vec<Finding> {
+        let mut found = Vec::new();
+        self.scan_pass(t, prose_fast_path, |f| found.push(f));
+        if !self.on(Builtin::AwsAccessKey) {
+            return found;
+        }
+        let secrets = aws_secret_keys(t, &found);
+        if secrets.is_empty() {
+            return found;
+        }
+        found.extend(secrets);
+        found.sort_by_key(|f| (f.start, f.end));
+        let mut out: Vec<Finding> = Vec::with_capacity(found.len());
+        for f in found {
+            match out.last_mut() {
+                Some(c) if f.start < c.end => c.end = c.end.max(f.end),
+                _ => out.push(f),
+            }
+        }
+        out
     }
 
     /// [`Scanner::scan`] without the prose fast path: the reference that the unit test and the
@@ -1394,6 +1421,102 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
     Some(Finding { start: i, end: last_label.1, kind: Builtin::Email, confidence: Confidence::High })
 }
 
+/// Characters of an AWS secret access key (base64).
+fn aws_secret_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'/' || c == b'+'
+}
+
+/// An AWS secret access key at `t[i..]`: exactly 40 base64 characters, not inside a longer token (nor
+/// followed by `=` padding), with a lower-case letter, a capital and a digit, `/` or `+` (a hex hash or a
+/// word is not one). Its end.
+fn aws_secret_at(t: &[u8], i: usize) -> Option<usize> {
+    let v = t.get(i..i + 40)?;
+    if (i > 0 && aws_secret_char(at(t, i - 1)))
+        || !v.iter().all(|c| aws_secret_char(*c))
+        || aws_secret_char(at(t, i + 40))
+        || at(t, i + 40) == b'='
+    {
+        return None;
+    }
+    let has = |f: fn(&u8) -> bool| v.iter().any(f);
+    (has(u8::is_ascii_lowercase)
+        && has(u8::is_ascii_uppercase)
+        && has(|c| c.is_ascii_digit() || matches!(c, b'/' | b'+')))
+    .then_some(i + 40)
+}
+
+/// AWS secret access keys: they have no prefix, so they are found where they are given (in practice the
+/// two halves of an access key are pasted together).
+///
+/// - after a name that says so: an identifier with `secret`, `key` and `aws` or `access` in it
+///   (`AWS_SECRET_ACCESS_KEY`, `aws_secret_access_key`, `SecretAccessKey`, `--aws-secret-access-key`),
+///   then optionally a closing quote, spaces, `=`, `:`, `=>` or `:=`, spaces and an opening quote;
+/// - the first 40-character token within 160 bytes after an access key id found by the pass (`found`):
+///   Terraform's `access_key = "AKIA…"` then `secret_key = "…"`, the console's CSV, prose.
+///
+/// Sorted, non-overlapping.
+fn aws_secret_keys(t: &[u8], found: &[Finding]) -> Vec<Finding> {
+    let mut out: Vec<Finding> = Vec::new();
+    let mut push = |start: usize, end: usize| {
+        if !out.iter().any(|f| f.start == start) {
+            out.push(Finding { start, end, kind: Builtin::AwsAccessKey, confidence: Confidence::High });
+        }
+    };
+    let ident = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.');
+    // `secret` in any letter case: its `c` found with memchr, then the word around it.
+    for c in memchr::memchr2_iter(b'c', b'C', t) {
+        let Some(s) = c.checked_sub(2) else { continue };
+        if !t.get(s..s + 6).is_some_and(|w| w.eq_ignore_ascii_case(b"secret")) {
+            continue;
+        }
+        let mut a = s;
+        while a > 0 && s - a < 64 && ident(at(t, a - 1)) {
+            a -= 1;
+        }
+        let mut e = s + 6;
+        while e < t.len() && e - s < 64 && ident(at(t, e)) {
+            e += 1;
+        }
+        let name = t.get(a..e).unwrap_or(&[]).to_ascii_lowercase();
+        if !(contains(&name, b"key") && (contains(&name, b"aws") || contains(&name, b"access"))) {
+            continue;
+        }
+        let mut j = e;
+        if matches!(at(t, j), b'"' | b'\'' | b'`') {
+            j += 1;
+        }
+        let skip_spaces = |mut j: usize| {
+            while matches!(at(t, j), b' ' | b'\t') {
+                j += 1;
+            }
+            j
+        };
+        j = skip_spaces(j);
+        for sep in [&b":="[..], b"=>", b"=", b":"] {
+            if t.get(j..).is_some_and(|r| r.starts_with(sep)) {
+                j += sep.len();
+                break;
+            }
+        }
+        j = skip_spaces(j);
+        if matches!(at(t, j), b'"' | b'\'' | b'`') {
+            j += 1;
+        }
+        if let Some(end) = aws_secret_at(t, j) {
+            push(j, end);
+        }
+    }
+    for f in found.iter().filter(|f| f.kind == Builtin::AwsAccessKey) {
+        let limit = (f.end + 160).min(t.len());
+        if let Some(start) = (f.end..limit.saturating_sub(39)).find(|&j| aws_secret_at(t, j).is_some()) {
+            push(start, start + 40);
+        }
+    }
+    out.sort_by_key(|f| f.start);
+    out.dedup_by(|b, a| b.start < a.end);
+    out
+}
+
 fn private_key(t: &[u8], i: usize) -> Option<Finding> {
     let rest = t.get(i..)?;
     if !rest.starts_with(b"-----BEGIN ") {
@@ -1885,6 +2008,61 @@ mod tests {
         }
         // Truncated at the end: kept as bytes.
         assert!(kinds_bytes(&scanner, b"4111 1111 1111 1111\xf3\xa0\x80").len() == 1);
+    }
+
+    /// An AWS secret access key (40 base64 characters, no prefix) is found where it is given: assigned to a
+    /// name that says so (`AWS_SECRET_ACCESS_KEY=`, `aws_secret_access_key = `, `"SecretAccessKey": "`), or
+    /// written shortly after an access key id (`secret_key = "…"` after `access_key = "AKIA…"`, the console's
+    /// CSV). Before 2026-12-07 only the key id was masked and the secret, the half that signs requests,
+    /// left the gateway.
+    #[test]
+    fn aws_secret_access_keys_are_found_where_given() {
+        let scanner = Scanner::default();
+        let kinds = |t: &str| -> Vec<(Builtin, String)> {
+            scanner.scan(t.as_bytes()).iter().map(|f| (f.kind, t.get(f.start..f.end).unwrap().to_string())).collect()
+        };
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        let id = "AKIAIOSFODNN7EXAMPLE";
+        for t in [
+            format!("export AWS_SECRET_ACCESS_KEY={secret}"),
+            format!("[default]\naws_secret_access_key = {secret}\n"),
+            format!("{{\"AccessKey\": {{\"SecretAccessKey\": \"{secret}\", \"Status\": \"Active\"}}}}"),
+            format!("creds:\n  secretAccessKey: '{secret}'"),
+            format!("use --aws-secret-access-key {secret} here"),
+            format!("aws.secret.key=\"{secret}\""),
+        ] {
+            assert_eq!(kinds(&t), vec![(Builtin::AwsAccessKey, secret.to_string())], "{t:?}");
+        }
+        for t in [
+            format!("provider \"aws\" {{\n  access_key = \"{id}\"\n  secret_key = \"{secret}\"\n}}"),
+            format!("Access key ID,Secret access key\n{id},{secret}\n"),
+            format!("my key is {id} and the secret {secret}."),
+        ] {
+            assert_eq!(
+                kinds(&t),
+                vec![(Builtin::AwsAccessKey, id.to_string()), (Builtin::AwsAccessKey, secret.to_string())],
+                "{t:?}"
+            );
+        }
+        // Not one: a git SHA or a lower-case hash, a token of another length, a 40-character token with no
+        // key name or key id before it, a name that is not an AWS secret, a placeholder.
+        for t in [
+            format!("AWS_SECRET_ACCESS_KEY={}", "a94a8fe5ccb19ba61c4c0873d391e987982fbbd3"),
+            format!("AWS_SECRET_ACCESS_KEY={secret}X"),
+            format!("AWS_SECRET_ACCESS_KEY={}", &secret[1..]),
+            format!("the value {secret} alone"),
+            format!("client_secret = {secret}"),
+            "AWS_SECRET_ACCESS_KEY=<AWS_KEY_1> and AWS_SECRET_ACCESS_KEY=${{AWS_SECRET}}".to_string(),
+            format!("{id} {}", "x".repeat(300) + " " + secret),
+        ] {
+            assert!(kinds(&t).iter().all(|(k, v)| *k != Builtin::AwsAccessKey || v == id), "{t:?}: {:?}", kinds(&t));
+        }
+        // Disabled with the key id's detector.
+        let mut off = Scanner::default();
+        off.set_enabled(Builtin::AwsAccessKey, false);
+        assert!(off.scan(format!("AWS_SECRET_ACCESS_KEY={secret}").as_bytes()).is_empty());
+        let t = format!("AWS_SECRET_ACCESS_KEY=\u{200b}{secret} mail jane@example.com");
+        assert_eq!(scanner.scan(t.as_bytes()), scanner.scan_without_prose_fast_path(t.as_bytes()));
     }
 
     fn kinds_bytes(s: &Scanner, t: &[u8]) -> Vec<Finding> {
