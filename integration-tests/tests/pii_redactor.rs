@@ -634,6 +634,30 @@ async fn aws_secret_access_keys_are_masked_with_their_key_id() {
     assert_eq!(proxy.stat("meshwarden.pii_redactor.findings.aws_access_key.mask").await.unwrap(), 3);
 }
 
+/// GitLab tokens are masked (and restored in the echo): before 2026-12-07 no detector knew them, and a
+/// `glpat-` token in a pasted CI file reached the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_tokens_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "fix my .gitlab-ci.yml:\nvariables:\n  GITLAB_TOKEN: \"glpat-xR4_kq9ZtB2mN7vLw-3c\"\n  DEPLOY: gldt-AbCdEfGhIjKlMnOpQrSt\n";
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt);
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "fix my .gitlab-ci.yml:\nvariables:\n  GITLAB_TOKEN: \"<GITLAB_TOKEN_1>\"\n  DEPLOY: <GITLAB_TOKEN_2>\n"
+    );
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.findings.gitlab_token.mask").await.unwrap(), 2);
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

@@ -22,6 +22,7 @@ pub enum Builtin {
     UkNhs,
     AwsAccessKey,
     GithubToken,
+    GitlabToken,
     OpenaiKey,
     AnthropicKey,
     SlackToken,
@@ -33,7 +34,7 @@ pub enum Builtin {
 }
 
 impl Builtin {
-    pub const ALL: [Builtin; 18] = [
+    pub const ALL: [Builtin; 19] = [
         Builtin::Email,
         Builtin::Phone,
         Builtin::CreditCard,
@@ -44,6 +45,7 @@ impl Builtin {
         Builtin::UkNhs,
         Builtin::AwsAccessKey,
         Builtin::GithubToken,
+        Builtin::GitlabToken,
         Builtin::OpenaiKey,
         Builtin::AnthropicKey,
         Builtin::SlackToken,
@@ -67,6 +69,7 @@ impl Builtin {
             Builtin::UkNhs => "uk_nhs",
             Builtin::AwsAccessKey => "aws_access_key",
             Builtin::GithubToken => "github_token",
+            Builtin::GitlabToken => "gitlab_token",
             Builtin::OpenaiKey => "openai_key",
             Builtin::AnthropicKey => "anthropic_key",
             Builtin::SlackToken => "slack_token",
@@ -91,6 +94,7 @@ impl Builtin {
             Builtin::UkNhs => "UK_NHS",
             Builtin::AwsAccessKey => "AWS_KEY",
             Builtin::GithubToken => "GITHUB_TOKEN",
+            Builtin::GitlabToken => "GITLAB_TOKEN",
             Builtin::OpenaiKey => "OPENAI_KEY",
             Builtin::AnthropicKey => "ANTHROPIC_KEY",
             Builtin::SlackToken => "SLACK_TOKEN",
@@ -167,17 +171,17 @@ pub struct Finding {
 /// Which built-ins are on, their minimum confidence and context words.
 #[derive(Debug, Clone)]
 pub struct Scanner {
-    enabled: [bool; 18],
-    min_confidence: [Confidence; 18],
-    context: [Vec<String>; 18],
+    enabled: [bool; 19],
+    min_confidence: [Confidence; 19],
+    context: [Vec<String>; 19],
     context_window: usize,
 }
 
 impl Default for Scanner {
     fn default() -> Self {
         let mut s = Scanner {
-            enabled: [true; 18],
-            min_confidence: [Confidence::Medium; 18],
+            enabled: [true; 19],
+            min_confidence: [Confidence::Medium; 19],
             context: Default::default(),
             context_window: 48,
         };
@@ -291,7 +295,7 @@ fn at(t: &[u8], i: usize) -> u8 {
 impl Scanner {
     /// Nothing enabled.
     pub fn none() -> Self {
-        Scanner { enabled: [false; 18], ..Scanner::default() }
+        Scanner { enabled: [false; 19], ..Scanner::default() }
     }
 
     pub fn set_enabled(&mut self, b: Builtin, on: bool) {
@@ -770,6 +774,7 @@ impl Scanner {
                 }
                 None
             }
+            b'g' if self.on(Builtin::GitlabToken) && rest.starts_with(b"gl") => gitlab_token(t, i),
             b'g' if self.on(Builtin::GithubToken) => {
                 if rest.starts_with(b"github_pat_") {
                     let end = tok_end(i + 11, is_word);
@@ -1421,6 +1426,49 @@ fn email(t: &[u8], i: usize) -> Option<Finding> {
     Some(Finding { start: i, end: last_label.1, kind: Builtin::Email, confidence: Confidence::High })
 }
 
+/// GitLab tokens (gitleaks' GitLab rules): a personal, project or group access token `glpat-`, pipeline
+/// trigger `glptt-`, runner `glrt-`, deploy `gldt-`, feed `glft-`, incoming mail `glimt-`, Kubernetes agent
+/// `glagent-`, OAuth application secret `gloas-`, SCIM `glsoat-`, CI/CD job `glcbt-`, feature flag client
+/// `glffct-`, then 20 or more of `[A-Za-z0-9_-]` (routable tokens, GitLab 17+, add `.` parts: `glpat-….01.…`);
+/// the token ends at a character that continues no token (a `.` ending a sentence is not part of it).
+fn gitlab_token(t: &[u8], i: usize) -> Option<Finding> {
+    const PREFIXES: [&[u8]; 11] = [
+        b"glpat-",
+        b"glptt-",
+        b"glrt-",
+        b"gldt-",
+        b"glft-",
+        b"glimt-",
+        b"glagent-",
+        b"gloas-",
+        b"glsoat-",
+        b"glcbt-",
+        b"glffct-",
+    ];
+    let rest = t.get(i..)?;
+    let prefix = PREFIXES.iter().find(|p| rest.starts_with(p))?;
+    let from = i + prefix.len();
+    let tok = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+    let mut end = from;
+    while end < t.len() && tok(at(t, end)) {
+        end += 1;
+    }
+    if end - from < 20 {
+        return None;
+    }
+    // Routable tokens: `.` parts, each of token characters.
+    while at(t, end) == b'.' && tok(at(t, end + 1)) {
+        end += 1;
+        while end < t.len() && tok(at(t, end)) {
+            end += 1;
+        }
+    }
+    if is_word(at(t, end)) {
+        return None;
+    }
+    Some(Finding { start: i, end, kind: Builtin::GitlabToken, confidence: Confidence::High })
+}
+
 /// Characters of an AWS secret access key (base64).
 fn aws_secret_char(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'/' || c == b'+'
@@ -2063,6 +2111,45 @@ mod tests {
         assert!(off.scan(format!("AWS_SECRET_ACCESS_KEY={secret}").as_bytes()).is_empty());
         let t = format!("AWS_SECRET_ACCESS_KEY=\u{200b}{secret} mail jane@example.com");
         assert_eq!(scanner.scan(t.as_bytes()), scanner.scan_without_prose_fast_path(t.as_bytes()));
+    }
+
+    /// GitLab tokens, in gitleaks' shapes: before 2026-12-07 no detector knew them and a `glpat-` token
+    /// pasted into a prompt (a `.gitlab-ci.yml`, a `git remote -v` URL) reached the provider.
+    #[test]
+    fn gitlab_tokens_are_found() {
+        let scanner = Scanner::default();
+        let kinds = |t: &str| -> Vec<(Builtin, String)> {
+            scanner.scan(t.as_bytes()).iter().map(|f| (f.kind, t.get(f.start..f.end).unwrap().to_string())).collect()
+        };
+        for tok in [
+            "glpat-xR4_kq9ZtB2mN7vLw-3c",
+            "glpat-Hx7k2Lm9Qw3Rt5Yp8Zs1Av4Bn6Cd0Ef.01.120abc7de",
+            "glptt-0a1b2c3d4e5f60718293a4b5c6d7e8f901234567",
+            "glrt-t1_Ab3Cd5Ef7Gh9Ij1Kl3Mn",
+            "gldt-AbCdEfGhIjKlMnOpQrSt",
+            "glft-AbCdEfGhIjKlMnOpQrSt",
+            "glimt-AbCdEfGhIjKlMnOpQrStUvWxY",
+            "glagent-AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGhIjKlMnOpQrStUvWx",
+            "gloas-AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGhIjKl",
+            "glsoat-AbCdEfGhIjKlMnOpQrSt",
+            "glcbt-64_AbCdEfGhIjKlMnOpQrSt",
+            "glffct-AbCdEfGhIjKlMnOpQrSt",
+        ] {
+            for t in [format!("token {tok}."), format!("GITLAB_TOKEN={tok}"), format!("\"{tok}\"")] {
+                assert_eq!(kinds(&t), vec![(Builtin::GitlabToken, tok.to_string())], "{t}");
+            }
+            // In a clone URL the token is covered (as the local part of what is also an address).
+            let t = format!("git clone https://oauth2:{tok}@gitlab.example.com/g/p.git");
+            assert!(scanner.scan(t.as_bytes()).iter().any(|f| t.get(f.start..f.end).unwrap().contains(tok)), "{t}");
+        }
+        for t in
+            ["glpat-short", "glpat-AbCdEfGhIjKlMnOpQrS", "glpatAbCdEfGhIjKlMnOpQrStUv", "my glass-AbCdEfGhIjKlMnOpQrSt"]
+        {
+            assert!(kinds(t).is_empty(), "{t}");
+        }
+        let mut off = Scanner::default();
+        off.set_enabled(Builtin::GitlabToken, false);
+        assert!(off.scan(b"glpat-xR4_kq9ZtB2mN7vLw-3c").is_empty());
     }
 
     fn kinds_bytes(s: &Scanner, t: &[u8]) -> Vec<Finding> {
