@@ -658,6 +658,36 @@ async fn gitlab_tokens_are_masked() {
     assert_eq!(proxy.stat("meshwarden.pii_redactor.findings.gitlab_token.mask").await.unwrap(), 2);
 }
 
+/// A Responses client that keeps the conversation itself (`store: false`) sends earlier output items back:
+/// the chunks a file search retrieved and an `apply_patch` diff are read by the model, and are masked
+/// (before 2026-12-07 they left the gateway as sent); the answer that quotes them gets the values back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_history_file_search_results_and_patches_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let chunk = "Signed by jane.doe@example.com, IBAN DE89 3704 0044 0532 0130 00";
+    let diff = "@@\n-KEY = ''\n+KEY = 'glpat-xR4_kq9ZtB2mN7vLw-3c'\n";
+    let resp = client()
+        .post(proxy.url("/v1/responses"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"gpt-5.1","store":false,"input":[
+            {"role":"user","content":"summarise the contract"},
+            {"type":"file_search_call","id":"fs_1","status":"completed","queries":["contract"],
+             "results":[{"file_id":"file-1","filename":"c.pdf","score":0.9,"text":chunk,"attributes":{}}]},
+            {"type":"apply_patch_call","id":"ap_1","call_id":"call_1","status":"completed",
+             "operation":{"type":"update_file","path":"config.py","diff":diff}}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    let answer = body["output"][0]["content"][0]["text"].as_str().unwrap().to_string();
+    assert!(answer.contains(chunk) && answer.contains(diff), "{answer}");
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["input"][1]["results"][0]["text"], "Signed by <EMAIL_1>, IBAN <IBAN_1>");
+    assert_eq!(sent["input"][2]["operation"]["diff"], "@@\n-KEY = ''\n+KEY = '<GITLAB_TOKEN_1>'\n");
+    assert_eq!(sent["input"][2]["operation"]["path"], "config.py");
+}
+
 /// With `scan_responses`, secrets the model streams are redacted whole, however the stream is cut: a
 /// private key block (before: only the piece with its BEGIN line, the base64 lines reached the client)
 /// and an RS256 JWT of 600+ characters (before: a word over 256 bytes was not held back at all).

@@ -830,7 +830,52 @@ pub fn extract_request_texts(api: Api, body: &Value) -> Vec<TextSpan> {
                                     }
                                 }
                             }
+                            // File search queries and the chunks it retrieved (`results[].text`, sent back
+                            // when the client asked for them); `apply_patch` operations (`diff`: file contents)
+                            // and their output; an MCP approval's reason; the tools an MCP server listed.
+                            Some("file_search_call") => {
+                                if let Some(q) = item.get("queries") {
+                                    push_string_leaves(&mut out, Role::Assistant, &mut format!("{base}/queries"), q);
+                                }
+                                if let Some(Value::Array(results)) = item.get("results") {
+                                    for (j, r) in results.iter().enumerate() {
+                                        if let Some(t) = r.get("text") {
+                                            push_text(&mut out, Role::Tool, format!("{base}/results/{j}/text"), t);
+                                        }
+                                    }
+                                }
+                            }
+                            Some("apply_patch_call") => {
+                                if let Some(d) = json::pointer(item, "/operation/diff") {
+                                    push_text(&mut out, Role::Assistant, format!("{base}/operation/diff"), d);
+                                }
+                            }
+                            Some("apply_patch_call_output") => {
+                                if let Some(o) = item.get("output") {
+                                    push_text(&mut out, Role::Tool, format!("{base}/output"), o);
+                                }
+                            }
+                            Some("mcp_approval_response") => {
+                                if let Some(r) = item.get("reason") {
+                                    push_text(&mut out, Role::User, format!("{base}/reason"), r);
+                                }
+                            }
+                            Some("mcp_list_tools") => {
+                                if let Some(Value::Array(tools)) = item.get("tools") {
+                                    for (j, tool) in tools.iter().enumerate() {
+                                        for key in ["description", "input_schema"] {
+                                            if let Some(v) = tool.get(key) {
+                                                let mut at = format!("{base}/tools/{j}/{key}");
+                                                push_string_leaves(&mut out, Role::Tool, &mut at, v);
+                                            }
+                                        }
+                                    }
+                                }
+                            }
                             Some("web_search_call") => {
+                                if let Some(p) = json::pointer(item, "/action/pattern") {
+                                    push_text(&mut out, Role::Assistant, format!("{base}/action/pattern"), p);
+                                }
                                 for key in ["query", "queries"] {
                                     if let Some(q) = json::pointer(item, &format!("/action/{key}")) {
                                         push_string_leaves(

@@ -637,6 +637,38 @@ mod tests {
         assert_eq!(v["input"][1]["encrypted_content"], "gAAAAB");
     }
 
+    /// More output items a client keeping the conversation itself sends back as `input`: file search queries
+    /// and the retrieved chunks (`include: ["file_search_call.results"]`), `apply_patch` operations (the
+    /// diff: a file's content, a config with its secrets) and their output, the reason given with an MCP
+    /// approval, the tools an MCP server listed, a `web_search_call` `find` pattern. Before 2026-12-07 they
+    /// were not read, so the values in them left the gateway on the next turn.
+    #[test]
+    fn responses_history_file_search_patch_and_mcp_items_are_masked() {
+        let e = engine();
+        let body = json!({"model":"gpt-5.1","store":false,"input":[
+            {"role":"user","content":"find the contract of jane.doe@example.com and fix config.py"},
+            {"type":"file_search_call","id":"fs_1","status":"completed","queries":["contract jane.doe@example.com"],
+             "results":[{"file_id":"file-1","filename":"c.pdf","score":0.9,"text":"Signed by jane.doe@example.com, card 4111 1111 1111 1111","attributes":{}}]},
+            {"type":"apply_patch_call","id":"ap_1","call_id":"call_1","status":"completed",
+             "operation":{"type":"update_file","path":"config.py","diff":"@@\n-KEY = 'x'\n+KEY = 'AKIAIOSFODNN7EXAMPLE'\n"}},
+            {"type":"apply_patch_call_output","call_id":"call_1","status":"completed","output":"patched for jane.doe@example.com"},
+            {"type":"mcp_list_tools","id":"ml_1","server_label":"crm","tools":[{"name":"lookup","description":"owner jane.doe@example.com","input_schema":{}}]},
+            {"type":"mcp_approval_response","approval_request_id":"mcpr_1","approve":false,"reason":"not for jane.doe@example.com"},
+            {"type":"web_search_call","id":"ws_1","status":"completed","action":{"type":"find","url":"https://x.example","pattern":"jane.doe@example.com"}},
+            {"role":"user","content":"thanks"}]});
+        let r = process_request(&e, "/v1/responses", body.to_string().as_bytes(), true);
+        let out = String::from_utf8(r.body.expect("masked")).unwrap();
+        assert!(!out.contains("jane.doe@example.com"), "{out}");
+        assert!(!out.contains("4111") && !out.contains("AKIA"), "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["input"][1]["queries"][0], "contract <EMAIL_1>", "{out}");
+        assert_eq!(v["input"][1]["results"][0]["filename"], "c.pdf");
+        assert_eq!(v["input"][2]["operation"]["path"], "config.py");
+        assert_eq!(v["input"][2]["operation"]["diff"], "@@\n-KEY = 'x'\n+KEY = '<AWS_KEY_1>'\n", "{out}");
+        assert_eq!(v["input"][4]["tools"][0]["name"], "lookup");
+        assert_eq!(v["input"][6]["action"]["url"], "https://x.example");
+    }
+
     /// Refusals and citations the filter restored into an answer come back with the history: a chat
     /// assistant message's `refusal` (a string, or a `refusal` content part; Responses output messages
     /// alike) and an Anthropic text block's `citations[].cited_text` (quoted from the user's documents).
