@@ -658,6 +658,33 @@ async fn gitlab_tokens_are_masked() {
     assert_eq!(proxy.stat("meshwarden.pii_redactor.findings.gitlab_token.mask").await.unwrap(), 2);
 }
 
+/// Claude Code's OAuth token and a Slack app-level token pasted into a prompt are masked and restored in the
+/// echo: before 2026-12-07 only `sk-ant-api03-` / `sk-ant-admin01-` keys of the exact length and `xox?-`
+/// tokens were known, and these reached the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_oauth_and_slack_app_tokens_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let oat = format!("sk-ant-oat01-{}AA", "x_-Y".repeat(24).get(..93).unwrap());
+    let prompt = format!(
+        "CLAUDE_CODE_OAUTH_TOKEN={oat}\nSLACK_APP_TOKEN=xapp-1-A0123456789-1234567890123-0a1b2c3d4e5f60718293a4b5c6d7e8f9\n"
+    );
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt.as_str());
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "CLAUDE_CODE_OAUTH_TOKEN=<ANTHROPIC_KEY_1>\nSLACK_APP_TOKEN=<SLACK_TOKEN_1>\n"
+    );
+}
+
 /// A Responses client that keeps the conversation itself (`store: false`) sends earlier output items back:
 /// the chunks a file search retrieved and an `apply_patch` diff are read by the model, and are masked
 /// (before 2026-12-07 they left the gateway as sent); the answer that quotes them gets the values back.

@@ -808,6 +808,19 @@ impl Scanner {
                                 return high(Builtin::AnthropicKey, end);
                             }
                         }
+                        // Any other `sk-ant-<kind><version>-` credential: OAuth access and refresh tokens
+                        // (`oat01`, `ort01`), a newer key version, a key cut short (still a secret): 32 or
+                        // more token characters after the prefix.
+                        let after = tok.get(7..).unwrap_or(&[]);
+                        let letters = after.iter().take_while(|c| c.is_ascii_lowercase()).count();
+                        let digits = after.iter().skip(letters).take_while(|c| c.is_ascii_digit()).count();
+                        if letters > 0
+                            && digits > 0
+                            && at(after, letters + digits) == b'-'
+                            && after.len() >= letters + digits + 1 + 32
+                        {
+                            return high(Builtin::AnthropicKey, end);
+                        }
                         return None;
                     }
                     if self.on(Builtin::OpenaiKey) && contains(tok, b"T3BlbkFJ") {
@@ -838,6 +851,14 @@ impl Scanner {
                 None
             }
             b'x' if self.on(Builtin::SlackToken) => {
+                // App-level tokens (Socket Mode): `xapp-<digit>-…`.
+                if rest.starts_with(b"xapp-") && at(rest, 5).is_ascii_digit() && at(rest, 6) == b'-' {
+                    let end = tok_end(i + 7, |c| c.is_ascii_alphanumeric() || c == b'-');
+                    if end - (i + 7) >= 20 {
+                        return high(Builtin::SlackToken, end);
+                    }
+                    return None;
+                }
                 if rest.starts_with(b"xox")
                     && matches!(at(rest, 3), b'b' | b'p' | b'e' | b'a' | b's' | b'r')
                     && at(rest, 4) == b'-'
@@ -2420,6 +2441,27 @@ mod tests {
         assert_eq!(one(&format!("x {pk} y")), Some((Builtin::PrivateKey, pk.to_string())));
         let gh = format!("github_pat_{}", "A".repeat(82));
         assert_eq!(one(&gh), Some((Builtin::GithubToken, gh.clone())));
+    }
+
+    /// Anthropic credentials other than an API key of the exact length (Claude Code's OAuth access and
+    /// refresh tokens `sk-ant-oat01-` / `sk-ant-ort01-`, a key cut short by a copy) and Slack app-level tokens
+    /// (`xapp-1-…`, Socket Mode): before 2026-12-07 none was found and they reached the provider.
+    #[test]
+    fn anthropic_oauth_tokens_and_slack_app_tokens_are_found() {
+        let body = "x_-Y".repeat(24);
+        for tok in [
+            format!("sk-ant-oat01-{}AA", body.get(..93).unwrap()),
+            format!("sk-ant-ort01-{}AA", body.get(..93).unwrap()),
+            format!("sk-ant-api03-{}", body.get(..40).unwrap()),
+            format!("sk-ant-api04-{}", body.get(..60).unwrap()),
+        ] {
+            assert_eq!(one(&format!("token: {tok}.")), Some((Builtin::AnthropicKey, tok.clone())), "{tok}");
+        }
+        let xapp = "xapp-1-A0123456789-1234567890123-0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        assert_eq!(one(&format!("SLACK_APP_TOKEN={xapp}")), Some((Builtin::SlackToken, xapp.to_string())));
+        for t in ["sk-ant-", "sk-ant-api03-short", "the sk-ant-xyz prefix", "xapp-1-", "xapp-store"] {
+            assert_eq!(one(t), None, "{t}");
+        }
     }
 
     /// Realistic shapes that were missed or masked only in part: an apostrophe in an email's local part
