@@ -634,6 +634,33 @@ async fn aws_secret_access_keys_are_masked_with_their_key_id() {
     assert_eq!(proxy.stat("meshwarden.pii_redactor.findings.aws_access_key.mask").await.unwrap(), 3);
 }
 
+/// Temporary credentials (STS, SSO, an instance role) come with a session token: masked with the key id and
+/// the secret since 2026-12-07 (before, it reached the provider), and restored in the echo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_session_tokens_are_masked() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let token =
+        format!("IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQ{}==", "Ab3/+Cd5Ef7Gh9Ij1Kl3Mn5".repeat(8));
+    let prompt = format!(
+        "export AWS_ACCESS_KEY_ID=ASIAIOSFODNN7EXAMPLE\nexport AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\nexport AWS_SESSION_TOKEN={token}\n"
+    );
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-echo", "1")
+        .json(&json!({"model":"m","messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], prompt.as_str());
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "export AWS_ACCESS_KEY_ID=<AWS_KEY_1>\nexport AWS_SECRET_ACCESS_KEY=<AWS_KEY_2>\nexport AWS_SESSION_TOKEN=<AWS_KEY_3>\n"
+    );
+}
+
 /// GitLab tokens are masked (and restored in the echo): before 2026-12-07 no detector knew them, and a
 /// `glpat-` token in a pasted CI file reached the provider.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -774,6 +774,21 @@ impl Scanner {
                 }
                 None
             }
+            // AWS session tokens: base64 of a structure that starts `!\n\torigin` (IQoJb3JpZ2lu) or, older,
+            // `\x17\n\x06er/aws` (FwoGZXIvYXdz, FQoGZXIvYXdz); 100 or more base64 characters, `=` padding kept.
+            b'I' | b'F' if self.on(Builtin::AwsAccessKey) => {
+                if ![&b"IQoJb3JpZ2lu"[..], b"FwoGZXIvYXdz", b"FQoGZXIvYXdz"].iter().any(|p| rest.starts_with(p)) {
+                    return None;
+                }
+                let mut end = tok_end(i, aws_secret_char);
+                while at(t, end) == b'=' && end - i < 4096 {
+                    end += 1;
+                }
+                if end - i >= 100 && !is_word(at(t, end)) {
+                    return high(Builtin::AwsAccessKey, end);
+                }
+                None
+            }
             b'g' if self.on(Builtin::GitlabToken) && rest.starts_with(b"gl") => gitlab_token(t, i),
             b'g' if self.on(Builtin::GithubToken) => {
                 if rest.starts_with(b"github_pat_") {
@@ -2132,6 +2147,31 @@ mod tests {
         assert!(off.scan(format!("AWS_SECRET_ACCESS_KEY={secret}").as_bytes()).is_empty());
         let t = format!("AWS_SECRET_ACCESS_KEY=\u{200b}{secret} mail jane@example.com");
         assert_eq!(scanner.scan(t.as_bytes()), scanner.scan_without_prose_fast_path(t.as_bytes()));
+    }
+
+    /// AWS session tokens (temporary credentials from STS, SSO, an instance role: `AWS_SESSION_TOKEN=`
+    /// beside an `ASIA…` key id) are base64 of a binary structure that starts the same way: before
+    /// 2026-12-07 they reached the provider.
+    #[test]
+    fn aws_session_tokens_are_found() {
+        let scanner = Scanner::default();
+        let kinds = |t: &str| -> Vec<(Builtin, String)> {
+            scanner.scan(t.as_bytes()).iter().map(|f| (f.kind, t.get(f.start..f.end).unwrap().to_string())).collect()
+        };
+        let tail = "Ab3/+Cd5Ef7Gh9Ij1Kl3Mn5".repeat(8);
+        for tok in [
+            format!("IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQ{tail}=="),
+            format!("FwoGZXIvYXdzEBYaDH{tail}"),
+            format!("FQoGZXIvYXdzEBYaDH{tail}="),
+        ] {
+            for t in [format!("export AWS_SESSION_TOKEN={tok}\n"), format!("\"SessionToken\": \"{tok}\",")] {
+                assert_eq!(kinds(&t), vec![(Builtin::AwsAccessKey, tok.clone())], "{t}");
+            }
+        }
+        // Too short to be one, or another word.
+        for t in ["IQoJb3JpZ2luX2VjEJr short", "FwoGZXIvYXdzE", "IQoJb3JpZ2luX2VjEJr//wEa"] {
+            assert!(kinds(t).is_empty(), "{t}");
+        }
     }
 
     /// GitLab tokens, in gitleaks' shapes: before 2026-12-07 no detector knew them and a `glpat-` token
