@@ -112,6 +112,19 @@ pub fn check_range<T: PartialOrd + fmt::Display + Copy>(
 pub fn glob_match(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
+    glob_chars(&p, &t)
+}
+
+/// [`glob_match`] with both sides lower-cased first (Unicode lower case): for names an upstream may
+/// compare without case, such as model names (Ollama, Azure deployments), where a case-sensitive match
+/// would let `GPT-4O` walk past the rules written for `gpt-4o`.
+pub fn glob_match_ignore_case(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().flat_map(char::to_lowercase).collect();
+    let t: Vec<char> = text.chars().flat_map(char::to_lowercase).collect();
+    glob_chars(&p, &t)
+}
+
+fn glob_chars(p: &[char], t: &[char]) -> bool {
     let (mut pi, mut ti) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
@@ -232,5 +245,16 @@ mod tests {
         assert!(glob_match("tools/*", "tools/call"));
         assert!(glob_match("exact", "exact"));
         assert!(!glob_match("exact", "exactly"));
+        assert!(!glob_match("gpt-4o", "GPT-4o"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn globs_ignoring_case() {
+        assert!(glob_match_ignore_case("gpt-4o", "GPT-4O"));
+        assert!(glob_match_ignore_case("GPT-4o*", "gpt-4o-MINI"));
+        assert!(glob_match_ignore_case("llama?", "LLAMA3"));
+        assert!(glob_match_ignore_case("ÉCLAIR-*", "éclair-7b"));
+        assert!(!glob_match_ignore_case("gpt-4o", "gpt-4o-mini"));
+        assert!(!glob_match_ignore_case("gpt-4*", "gpt-3.5"));
     }
 }

@@ -262,7 +262,7 @@ pub struct Rule {
     pub key: KeySource,
     #[serde(default)]
     pub on_missing_key: OnMissingKey,
-    /// Exact model name or glob (`gpt-4o*`); absent = every request.
+    /// Exact model name or glob (`gpt-4o*`), matched without regard to case; absent = every request.
     #[serde(default)]
     pub model: Option<String>,
     #[serde(default)]
@@ -282,7 +282,10 @@ impl Rule {
         match (&self.model, model) {
             (None, _) => true,
             (Some(_), None) => unknown == UnknownModel::ApplyModelRules,
-            (Some(p), Some(m)) => meshwarden_shared::config::glob_match(p, m),
+            // Without case: upstreams that compare model names so (Ollama, Azure deployment names) would
+            // serve `GPT-4O` as gpt-4o, past a case-sensitive rule. A case a strict upstream refuses only
+            // costs the caller the refused request's estimate.
+            (Some(p), Some(m)) => meshwarden_shared::config::glob_match_ignore_case(p, m),
         }
     }
 }
@@ -527,6 +530,9 @@ mod tests {
         assert_eq!(c.rules[1].counts.cost(10, 10), 50);
         assert_eq!(c.rules[2].counts.cost(10, 3), 3);
         assert!(c.rules[1].matches_model(Some("gpt-4o"), UnknownModel::SkipModelRules));
+        // Ollama and Azure serve a model under any case of its name: the rule must see it too.
+        assert!(c.rules[1].matches_model(Some("GPT-4O"), UnknownModel::SkipModelRules));
+        assert!(!c.rules[1].matches_model(Some("gpt-3.5-turbo"), UnknownModel::SkipModelRules));
         assert!(!c.rules[1].matches_model(None, UnknownModel::SkipModelRules));
         assert!(c.rules[1].matches_model(None, UnknownModel::ApplyModelRules), "the default: fail closed");
     }
@@ -664,6 +670,8 @@ mod tests {
             assert_eq!(e(&own(model)), "$.rules[0].fallback_model", "{model}");
         }
         assert!(parse_config::<Config>(own(r#""model":"gpt-4o","#).as_bytes()).is_ok());
+        // Models match without case, so a rule on `GPT-4O-MINI` limits its fallback `gpt-4o-mini` too.
+        assert_eq!(e(&own(r#""model":"GPT-4O-MINI","#)), "$.rules[0].fallback_model");
     }
 
     /// The token can come from the VM's environment (a Kubernetes Secret through Envoy's
