@@ -23,6 +23,7 @@
 //! | `x-mock-image-result-bytes: N` | Responses streams: `response.completed` also carries an `image_generation_call` item whose base64 `result` is N characters (before the usage, as OpenAI orders it) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
+//! | (paths `/generate`, `/generate_stream`) | Hugging Face TGI's native API (body with `inputs`; counts in `x-prompt-tokens` / `x-generated-tokens`, stream `details` with `parameters.details: true`) or SGLang's (body with `text`; `meta_info` counts) |
 //! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
 //! | (`/v1/responses` with `"background": true`, not streamed) | the response `queued` at once, `usage: null`, as OpenAI answers a background request |
 //! | (path `/v1/images/generations`) | image generation: JSON with one base64 image (`data[0].b64_json`, `x-mock-image-bytes: N` of it, default 1.5 MB) and no usage, as dall-e-3 answers; `x-mock-image-usage: 1` adds gpt-image-1's `usage` (`input_tokens` 12, `output_tokens` 4160); with `"stream": true`, gpt-image-1's stream: `partial_images` `image_generation.partial_image` events and `image_generation.completed` with the usage (4160 + 100 output tokens per partial image), each event carrying the image |
@@ -408,6 +409,9 @@ async fn answer(
     if uri.path().ends_with("/converse-stream") {
         return bedrock_stream_response(&plan, guard);
     }
+    if uri.path() == "/generate" || uri.path() == "/generate_stream" {
+        return native_generate_response(&plan, &parsed, uri.path() == "/generate_stream", guard);
+    }
     if uri.path().ends_with("/api/chat") || uri.path().ends_with("/api/generate") {
         // Ollama streams unless the body says `"stream": false`.
         let stream = parsed.get("stream").and_then(Value::as_bool).unwrap_or(true);
@@ -707,6 +711,71 @@ fn ollama_response(plan: &Plan, chat: bool, stream: bool, guard: InFlight) -> Re
     let mut lines: Vec<Bytes> = plan.pieces.iter().map(|p| Bytes::from(format!("{}\n", line(p, false)))).collect();
     lines.push(Bytes::from(format!("{}\n", line("", true))));
     send_events(lines, "application/x-ndjson", plan, guard)
+}
+
+/// The native `/generate` APIs of Hugging Face TGI (`{"inputs": .., "parameters": {..}}`; `/generate_stream`
+/// streams) and SGLang (`{"text": .., "sampling_params": {..}, "stream": ..}`), told apart by the body.
+/// TGI: JSON `{"generated_text", "details"?}` with the counts in `x-prompt-tokens` / `x-generated-tokens`;
+/// its stream is one event per token, the last with `generated_text` and, with `parameters.details: true`,
+/// `details` (`generated_tokens`, `input_length`); no terminator. SGLang: `meta_info` with
+/// `prompt_tokens` / `completion_tokens`, cumulative in every stream event, then `data: [DONE]`.
+fn native_generate_response(plan: &Plan, body: &Value, tgi_stream: bool, guard: InFlight) -> Response {
+    let (input, output) = (plan.prompt_tokens, plan.completion_tokens());
+    if body.get("inputs").is_some() {
+        let details = body.pointer("/parameters/details").and_then(Value::as_bool) == Some(true);
+        if !tgi_stream {
+            let mut answer = json!({"generated_text": plan.answer()});
+            if details {
+                answer["details"] = json!({"finish_reason": "length", "generated_tokens": output, "seed": null,
+                                           "prefill": [], "tokens": []});
+            }
+            let mut resp = (StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response();
+            if plan.usage {
+                resp.headers_mut().insert("x-prompt-tokens", input.into());
+                resp.headers_mut().insert("x-generated-tokens", output.into());
+            }
+            return resp;
+        }
+        let n = plan.pieces.len();
+        let events = plan
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(i, piece)| {
+                let last = i + 1 == n;
+                let details = (last && details && plan.usage).then(|| {
+                    json!({"finish_reason": "length", "generated_tokens": output, "seed": null, "input_length": input})
+                });
+                let ev = json!({"index": i + 1, "token": {"id": 1000 + i, "text": piece, "logprob": -0.25, "special": false},
+                                "generated_text": if last { Value::String(plan.answer()) } else { Value::Null },
+                                "details": details, "top_tokens": null});
+                Bytes::from(format!("data:{ev}\n\n"))
+            })
+            .collect();
+        return send_events(events, "text/event-stream", plan, guard);
+    }
+    let meta = |done: u64| {
+        json!({"id": "sglang-mock", "finish_reason": null, "prompt_tokens": input, "completion_tokens": done,
+               "cached_tokens": 0})
+    };
+    if !plan.stream {
+        let answer = if plan.usage {
+            json!({"text": plan.answer(), "meta_info": meta(output)})
+        } else {
+            json!({"text": plan.answer()})
+        };
+        return (StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response();
+    }
+    let mut text = String::new();
+    let mut events: Vec<Bytes> = Vec::new();
+    for (i, piece) in plan.pieces.iter().enumerate() {
+        text.push_str(piece);
+        let ev =
+            if plan.usage { json!({"text": text, "meta_info": meta(i as u64 + 1)}) } else { json!({"text": text}) };
+        events.push(Bytes::from(format!("data: {ev}\n\n")));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    send_events(events, "text/event-stream", plan, guard)
 }
 
 /// gpt-image-1 with `"stream": true`: `partial_images` (0..3, from the body) `image_generation.partial_image`

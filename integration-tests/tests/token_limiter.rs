@@ -1686,6 +1686,93 @@ async fn ollama_and_bedrock_invoke_usage_is_charged() {
     assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), 3);
 }
 
+/// A model rule matches the model name in any letter case: Ollama and Azure OpenAI deployments serve
+/// `GPT-4O` as `gpt-4o`, so before 2026-12-07 a client escaped gpt-4o's budget by writing its name in
+/// capitals (the rule matched case-sensitively). All spellings share the one budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_rule_matches_the_model_in_any_case() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "unknown_model": "skip_model_rules",
+               "rules":[{"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":60}}]}),
+    )
+    .await;
+    let hdrs = [("x-team", "a"), ("x-mock-completion-tokens", "50")];
+    let (admitted, denied) = until_limited(&e, &chat("GPT-4O", "hello", None, false), &hdrs).await;
+    assert_eq!(admitted, 1);
+    assert_eq!(denied.status(), 429);
+    // Another spelling draws on the same spent budget; another model does not.
+    let r = post(&e, "/v1/chat/completions", &chat("gpt-4o", "hello", None, false), &hdrs).await;
+    assert_eq!(r.status(), 429);
+    let r = post(&e, "/v1/chat/completions", &chat("gpt-4o-mini", "hello", None, false), &hdrs).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// Hugging Face TGI's native `/generate` and `/generate_stream` (also SageMaker's Hugging Face LLM
+/// containers) and SGLang's native `/generate`: output caps reserved, usage read from TGI's response
+/// headers, its stream's `details` or its token events, and SGLang's `meta_info`. Before 2026-12-07 a
+/// TGI stream was charged no output at all, and `parameters.max_new_tokens` reserved the default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgi_and_sglang_native_generate_apis_are_charged() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(10_000_000)).await;
+    let totals = || async {
+        (
+            e.stat("meshwarden.token_limiter.input_tokens").await.unwrap_or(0),
+            e.stat("meshwarden.token_limiter.output_tokens").await.unwrap_or(0),
+        )
+    };
+    let charged = |before: (u64, u64), after: (u64, u64)| (after.0 - before.0, after.1 - before.1);
+    let tgi = json!({"inputs": "Tell me a story about a lighthouse.", "parameters": {"max_new_tokens": 600}});
+    let usage = [("x-team", "a"), ("x-mock-prompt-tokens", "9"), ("x-mock-completion-tokens", "25")];
+    // TGI JSON: the counts are in the response headers only.
+    let before = totals().await;
+    let r = post(&e, "/generate", &tgi, &usage).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(h(&r, "x-generated-tokens"), "25");
+    let _ = r.text().await.unwrap();
+    assert_eq!(charged(before, totals().await), (9, 25));
+    // TGI stream without `details`: no counts anywhere, one event per token.
+    let before = totals().await;
+    let r = post(&e, "/generate_stream", &tgi, &usage).await;
+    assert_eq!(h(&r, "content-type"), "text/event-stream");
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("\"token\"").count(), 25);
+    let (input, output) = charged(before, totals().await);
+    assert_eq!(output, 25, "one token per event");
+    assert!(input > 0, "the prompt estimate");
+    // TGI stream with `details`: the final event's counts.
+    let before_reported = e.stat("meshwarden.token_limiter.usage.reported").await.unwrap_or(0);
+    let before = totals().await;
+    let detailed = json!({"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 600, "details": true}});
+    let r = post(&e, "/generate_stream", &detailed, &usage).await;
+    let _ = r.text().await.unwrap();
+    assert_eq!(charged(before, totals().await), (9, 25));
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.reported").await.unwrap(), before_reported + 1);
+    // SGLang, JSON and streamed: `meta_info`.
+    for stream in [false, true] {
+        let before = totals().await;
+        let body = json!({"text": "Once upon a time", "sampling_params": {"max_new_tokens": 64}, "stream": stream});
+        let r = post(&e, "/generate", &body, &usage).await;
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await.unwrap();
+        assert_eq!(charged(before, totals().await), (9, 25), "stream: {stream}");
+    }
+    // The output cap is reserved: 3,000 new tokens do not fit a 1,000-token budget (the default
+    // reservation of 10 did).
+    let small = envoy(&mock, team_budget(1000)).await;
+    let big = json!({"inputs": "Write a long essay.", "parameters": {"max_new_tokens": 3000}});
+    let r = post(&small, "/generate", &big, &[("x-team", "b")]).await;
+    assert_eq!(r.status(), 429);
+    let big = json!({"text": "Write a long essay.", "sampling_params": {"max_new_tokens": 3000}});
+    let r = post(&small, "/generate", &big, &[("x-team", "b")]).await;
+    assert_eq!(r.status(), 429);
+    let fits = json!({"inputs": "Write a short poem.", "parameters": {"max_new_tokens": 300}});
+    let r = post(&small, "/generate", &fits, &[("x-team", "b")]).await;
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_config_is_rejected_naming_the_field() {
     let mock = MockLlm::start().await.unwrap();

@@ -265,12 +265,14 @@ pub struct RequestInfo {
     /// Anthropic), `inferenceConfig.maxTokens` (Bedrock Converse), Bedrock `InvokeModel`'s `max_gen_len`
     /// (Llama), `textGenerationConfig.maxTokenCount` (Titan), `inferenceConfig.max_new_tokens` (Nova v1),
     /// `generationConfig.maxOutputTokens`
-    /// (Gemini), `options.num_predict` (Ollama): the largest present. Each API reads its own field and may
+    /// (Gemini), `options.num_predict` (Ollama), `parameters.max_new_tokens` (TGI native),
+    /// `sampling_params.max_new_tokens` (SGLang native): the largest present. Each API reads its own field and may
     /// ignore the others (vLLM ignores `max_output_tokens` on chat, Ollama's `/api/chat` ignores
     /// `max_tokens`), so a small cap in another field must not stand for the one the upstream honours.
     pub max_output_tokens: Option<u64>,
     /// How many answers the model generates, each up to `max_output_tokens`: OpenAI `n` and
-    /// completions `best_of` (the larger), Gemini `generationConfig.candidateCount`; 1 when absent,
+    /// completions `best_of` (the larger), Gemini `generationConfig.candidateCount`, TGI
+    /// `parameters.best_of`, SGLang `sampling_params.n`; 1 when absent,
     /// at most [`MAX_CHOICES`].
     pub choices: u64,
 }
@@ -294,6 +296,11 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/generation_config/maxOutputTokens",
         "/generation_config/max_output_tokens",
         "/options/num_predict",
+        // Hugging Face TGI's native `/generate` and `/generate_stream` (also SageMaker's Hugging Face
+        // LLM containers and the HF Inference API: `{"inputs": .., "parameters": {..}}`), and SGLang's
+        // native `/generate` (`sampling_params`).
+        "/parameters/max_new_tokens",
+        "/sampling_params/max_new_tokens",
     ]
     .iter()
     .filter_map(|p| go_field(body, p).and_then(requested_count))
@@ -311,6 +318,9 @@ pub fn request_info(body: &Value) -> RequestInfo {
         "/generationConfig/candidate_count",
         "/generation_config/candidateCount",
         "/generation_config/candidate_count",
+        // TGI generates `best_of` sequences and returns the best; SGLang's native `n`.
+        "/parameters/best_of",
+        "/sampling_params/n",
     ]
     .iter()
     .filter_map(|p| go_field(body, p).and_then(requested_count))
@@ -1259,6 +1269,13 @@ fn usage_object(obj: &Value) -> Option<Usage> {
             .finish(),
         );
     }
+    // TGI's stream `details` (`StreamDetails`): only with `input_length`, which TGI 1.x did not send
+    // (a usage without its input would charge the prompt nothing; the estimate stands instead). Its
+    // JSON answer's `details` has no input count either: TGI reports both in `x-prompt-tokens` /
+    // `x-generated-tokens` response headers there.
+    if let (Some(input), Some(output)) = (u(obj, "input_length"), u(obj, "generated_tokens")) {
+        return Some(Usage { input_tokens: input, output_tokens: output, ..Usage::default() }.finish());
+    }
     // Gemini usageMetadata
     if u(obj, "promptTokenCount").is_some() || u(obj, "candidatesTokenCount").is_some() {
         let thoughts = u(obj, "thoughtsTokenCount").unwrap_or(0);
@@ -1284,7 +1301,7 @@ fn usage_object(obj: &Value) -> Option<Usage> {
 /// Looks at `usage` (OpenAI, Anthropic `message_delta`, Bedrock), `message.usage` (Anthropic
 /// `message_start`), `response.usage` (Responses `response.completed`), `usageMetadata` (Gemini) and
 /// `metadata.usage` (Bedrock ConverseStream), `amazon-bedrock-invocationMetrics` (Bedrock
-/// `InvokeModelWithResponseStream` chunks).
+/// `InvokeModelWithResponseStream` chunks), `meta_info` (SGLang native), `details` (TGI native streams).
 pub fn usage_from_json(body: &Value) -> Option<Usage> {
     [
         "/usage",
@@ -1293,6 +1310,10 @@ pub fn usage_from_json(body: &Value) -> Option<Usage> {
         "/usageMetadata",
         "/metadata/usage",
         "/amazon-bedrock-invocationMetrics",
+        // SGLang's native `/generate` (JSON, and every event of its stream, counts cumulative).
+        "/meta_info",
+        // TGI's native stream: the final event's `details` (with `"details": true` in the request).
+        "/details",
     ]
     .iter()
     .filter_map(|p| json::pointer(body, p))
@@ -1322,6 +1343,11 @@ pub struct StreamUsage {
     saw_usage: bool,
     /// Characters of generated text seen, for an estimate when the stream ends without usage.
     streamed_text: TokenEstimator,
+    /// Events of a TGI native stream (`/generate_stream`): each carries exactly one generated token.
+    tgi_tokens: u64,
+    /// The stream's last event was seen in its data (TGI's final event, the one with `generated_text`),
+    /// for APIs that send no terminator after it.
+    ended: bool,
 }
 
 impl StreamUsage {
@@ -1342,6 +1368,21 @@ impl StreamUsage {
             self.streamed_text.add(&span.text);
         }
         add_streamed_output_besides_text(v, &mut self.streamed_text);
+        // TGI's native stream: `{"index":n,"token":{"id":..,"text":..},"generated_text":null,..}`, one
+        // token per event (special ones such as the end-of-sequence token count, as TGI's
+        // `generated_tokens` counts them); the last event carries the whole `generated_text`.
+        if v.get("token").is_some_and(|t| t.get("id").is_some()) {
+            if let Some(generated) = v.get("generated_text") {
+                self.tgi_tokens = self.tgi_tokens.saturating_add(1);
+                self.ended |= generated.is_string();
+            }
+        }
+    }
+
+    /// Whether the stream's data said it was complete (TGI's final event); other APIs end with a
+    /// terminator or a named final event, which the caller sees in the framing.
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     /// Usage read elsewhere than from a parsed event (an event too large to keep, scanned as it passed).
@@ -1355,9 +1396,10 @@ impl StreamUsage {
         self.saw_usage.then(|| self.usage.finish())
     }
 
-    /// Estimated output tokens from the text streamed so far (for cut streams without usage).
+    /// Estimated output tokens from the text streamed so far (for cut streams without usage); for a TGI
+    /// stream, the count of its token events, which is exact.
     pub fn estimated_output_tokens(&self) -> u64 {
-        self.streamed_text.tokens()
+        self.streamed_text.tokens().max(self.tgi_tokens)
     }
 }
 
@@ -2142,6 +2184,51 @@ mod tests {
         let u = s.reported().unwrap();
         assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (25, 15, 40));
         assert_eq!(s.estimated_output_tokens(), 3);
+    }
+
+    /// Hugging Face TGI's and SGLang's native APIs: their output caps are reserved and their usage read.
+    /// Before 2026-12-07 a TGI `/generate_stream` answer charged no output at all (its events matched no
+    /// known shape), and `parameters.max_new_tokens` reserved the default.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn tgi_and_sglang_native_apis() {
+        let tgi = json!({"inputs": "Tell me a story", "parameters": {"max_new_tokens": 900, "best_of": 2}});
+        let info = request_info(&tgi);
+        assert_eq!((info.max_output_tokens, info.choices), (Some(900), 2));
+        let sglang = json!({"text": "Once", "sampling_params": {"max_new_tokens": "700", "n": 3}});
+        let info = request_info(&sglang);
+        assert_eq!((info.max_output_tokens, info.choices), (Some(700), 3));
+        // TGI stream without `details`: one token per event, the last one carries `generated_text`.
+        let mut s = StreamUsage::default();
+        for (i, t) in ["Once", " upon", " a", " time"].iter().enumerate() {
+            let ev = json!({"index": i + 1, "token": {"id": 100 + i, "text": t, "logprob": -0.1, "special": false},
+                            "generated_text": null, "details": null, "top_tokens": null});
+            s.on_event_data(&ev.to_string());
+            assert!(!s.ended());
+        }
+        s.on_event_data(
+            r#"{"index":5,"token":{"id":2,"text":"</s>","logprob":0.0,"special":true},"generated_text":"Once upon a time","details":null}"#,
+        );
+        assert!(s.ended());
+        assert_eq!(s.reported(), None);
+        assert_eq!(s.estimated_output_tokens(), 5);
+        // With `"details": true` the final event reports both counts (TGI 2.x `StreamDetails`).
+        let mut s = StreamUsage::default();
+        s.on_event_data(
+            r#"{"index":1,"token":{"id":2,"text":"</s>","logprob":0.0,"special":true},"generated_text":"","details":{"finish_reason":"eos_token","generated_tokens":1,"seed":null,"input_length":31}}"#,
+        );
+        let u = s.reported().unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (31, 1));
+        // A JSON answer's `details` has no input count: not a usage (the response headers carry it).
+        assert_eq!(usage_from_json(&json!({"generated_text": "x", "details": {"generated_tokens": 9}})), None);
+        // SGLang: `meta_info` in the JSON answer and, cumulative, in every stream event.
+        let answer = json!({"text": "Once upon", "meta_info": {"prompt_tokens": 12, "completion_tokens": 40, "cached_tokens": 0}});
+        let u = usage_from_json(&answer).unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (12, 40));
+        let mut s = StreamUsage::default();
+        s.on_event_data(r#"{"text":"Once","meta_info":{"prompt_tokens":12,"completion_tokens":1}}"#);
+        s.on_event_data(r#"{"text":"Once upon","meta_info":{"prompt_tokens":12,"completion_tokens":2}}"#);
+        let u = s.reported().unwrap();
+        assert_eq!((u.input_tokens, u.output_tokens), (12, 2));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -1483,7 +1483,13 @@ impl Request {
         let max = usize::try_from(cfg.max_body_bytes).unwrap_or(usize::MAX);
         let mut meter = Meter::new(status, headers.get("content-type"), headers.get("content-encoding"), max);
         let count = |name: &str| headers.get(name).and_then(|v| v.trim().parse::<u64>().ok());
-        meter.set_header_usage(count("x-amzn-bedrock-input-token-count"), count("x-amzn-bedrock-output-token-count"));
+        let bedrock = (count("x-amzn-bedrock-input-token-count"), count("x-amzn-bedrock-output-token-count"));
+        if bedrock.0.is_some() || bedrock.1.is_some() {
+            meter.set_header_usage(bedrock.0, bedrock.1);
+        } else {
+            // Hugging Face TGI's native `/generate` (also behind SageMaker's Hugging Face LLM containers).
+            meter.set_header_usage(count("x-prompt-tokens"), count("x-generated-tokens"));
+        }
         if meshwarden_shared::llm::is_image_generation_path(&self.path) {
             meter.media_answer();
         }

@@ -65,8 +65,9 @@ pub struct Meter {
     kind: Kind,
     max_bytes: usize,
     status: u32,
-    /// Usage from response headers (Bedrock `InvokeModel`), if any.
-    header_usage: Option<(u64, u64)>,
+    /// Usage from response headers (Bedrock `InvokeModel`, TGI `/generate`), if any: input, output;
+    /// a side the headers leave out is `None` (then estimated).
+    header_usage: Option<(Option<u64>, Option<u64>)>,
     /// The answer's strings are media (base64 images), not text: see [`Meter::media_answer`].
     media: bool,
     /// Of the input tokens [`Meter::finish`] charged, those the usage reports as read from the
@@ -143,6 +144,8 @@ impl Meter {
                             *done = true;
                         }
                         usage.on_event_data(&ev.data);
+                        // TGI's native stream ends with the event that carries `generated_text`, no marker.
+                        *done |= usage.ended();
                     }
                 });
                 for (event, u) in parser.take_oversized_usage() {
@@ -208,11 +211,12 @@ impl Meter {
     }
 
     /// Usage the upstream reported in response headers (Bedrock `InvokeModel`:
-    /// `x-amzn-bedrock-input-token-count`, `x-amzn-bedrock-output-token-count`); used when the body
-    /// reports none.
+    /// `x-amzn-bedrock-input-token-count`, `x-amzn-bedrock-output-token-count`; Hugging Face TGI's
+    /// `/generate`: `x-prompt-tokens`, `x-generated-tokens`); used when the body reports none. A side
+    /// the headers leave out keeps its estimate (it counted as 0 before 2026-12-07).
     pub fn set_header_usage(&mut self, input: Option<u64>, output: Option<u64>) {
         if input.is_some() || output.is_some() {
-            self.header_usage = Some((input.unwrap_or(0), output.unwrap_or(0)));
+            self.header_usage = Some((input, output));
         }
     }
 
@@ -306,7 +310,10 @@ impl Meter {
             Kind::Opaque => (input_estimate, unreadable_output, Source::Estimated),
         };
         match (body_only, header_usage) {
-            ((_, _, Source::Estimated), Some((input, output))) => (input, output, Source::Reported),
+            ((_, _, Source::Estimated), Some((Some(input), Some(output)))) => (input, output, Source::Reported),
+            ((est_in, est_out, Source::Estimated), Some((input, output))) => {
+                (input.unwrap_or(est_in), output.unwrap_or(est_out), Source::Partial)
+            }
             (charged, _) => charged,
         }
     }
@@ -642,6 +649,46 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         m.set_header_usage(Some(11), Some(222));
         m.on_chunk(&[0x1f, 0x8b, 0, 1]);
         assert_eq!(m.finish(50, 300), (11, 222, Source::Reported));
+        // One side only (a server that reports just its output): the other keeps its estimate.
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.set_header_usage(None, Some(222));
+        m.on_chunk(br#"{"generated_text":"abcdefgh"}"#);
+        assert_eq!(m.finish(50, 300), (50, 222, Source::Partial));
+    }
+
+    /// TGI's native stream has no terminator: the event with `generated_text` ends it, and its `details`
+    /// (asked for with `"details": true`) carry the usage; without them each event is one token.
+    #[test]
+    fn tgi_native_streams_are_charged_their_tokens() {
+        let event = |i: usize, text: &str, last: bool, details: &str| {
+            let generated = if last { r#""Once upon a time""# } else { "null" };
+            format!(
+                "data:{{\"index\":{i},\"token\":{{\"id\":{i},\"text\":\"{text}\",\"logprob\":-0.5,\"special\":false}},\"generated_text\":{generated},\"details\":{details}}}\n\n"
+            )
+        };
+        let body = |details: &str| {
+            let words = ["Once", " upon", " a", " time"];
+            let mut out = String::new();
+            for (i, w) in words.iter().enumerate() {
+                let last = i + 1 == words.len();
+                out.push_str(&event(i + 1, w, last, if last { details } else { "null" }));
+            }
+            out
+        };
+        let with_details = body(r#"{"finish_reason":"length","generated_tokens":4,"seed":null,"input_length":17}"#);
+        for split in 0..with_details.len() {
+            let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+            m.on_chunk(&with_details.as_bytes()[..split]);
+            m.on_chunk(&with_details.as_bytes()[split..]);
+            assert_eq!(m.finish(50, 300), (17, 4, Source::Reported), "split at {split}");
+        }
+        let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+        m.on_chunk(body("null").as_bytes());
+        assert_eq!(m.finish(50, 300), (50, 4, Source::Estimated));
+        // Cut after two events with details asked for: partial, the streamed tokens.
+        let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+        m.on_chunk(format!("{}{}", event(1, "Once", false, "null"), event(2, " upon", false, "null")).as_bytes());
+        assert_eq!(m.finish(50, 300), (50, 2, Source::Estimated));
     }
 
     #[test]
