@@ -280,6 +280,57 @@ async fn placeholder_split_across_events_and_network_chunks_and_escaped() {
     assert!(sent.contains("I am <EMAIL_1>, tel <PHONE_1>") && !sent.contains("bob@corp.io"), "{sent}");
 }
 
+/// Hugging Face TGI's native `/generate_stream`: the prompt (`inputs`) is masked, and the answer, one token
+/// per event, is restored with placeholders cut across tokens and network chunks, the final event's whole
+/// `generated_text` too; the final event stays last (TGI sends no terminator). Before 2026-12-07 each
+/// token was restored alone, so a placeholder cut across tokens reached the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgi_native_stream_restored_across_tokens() {
+    let ev = |i: u32, t: &str, last: Option<&str>| {
+        format!(
+            "data:{}\n\n",
+            json!({"index": i, "token": {"id": i, "text": t, "logprob": -0.1, "special": false},
+                   "generated_text": last, "details": null, "top_tokens": null})
+        )
+    };
+    let stream = format!(
+        "{}{}{}{}{}",
+        ev(1, "Mail <EMA", None),
+        ev(2, "IL_1> or", None),
+        ev(3, " call <PHO", None),
+        ev(4, "NE_1>", None),
+        ev(5, ".", Some("Mail <EMAIL_1> or call <PHONE_1>.")),
+    );
+    let bytes = stream.as_bytes();
+    let chunks: Vec<Vec<u8>> = bytes.chunks(37).map(<[u8]>::to_vec).collect();
+    let (port, seen) = chunky_upstream(chunks).await;
+    let envoy = envoy(port, json!({})).await;
+    let resp = client()
+        .post(envoy.url("/generate_stream"))
+        .json(&json!({"inputs": "I am bob@corp.io, tel 415-555-2671", "parameters": {"max_new_tokens": 20}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let mut tokens = String::new();
+    let mut finals = Vec::new();
+    let mut last_is_final = false;
+    for line in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        tokens.push_str(v["token"]["text"].as_str().unwrap_or(""));
+        last_is_final = v["generated_text"].is_string();
+        if last_is_final {
+            finals.push(v["generated_text"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(tokens, "Mail bob@corp.io or call 415-555-2671.", "{text}");
+    assert_eq!(finals, ["Mail bob@corp.io or call 415-555-2671."], "{text}");
+    assert!(last_is_final, "{text}");
+    let sent = seen.lock().unwrap().join("");
+    assert!(sent.contains("I am <EMAIL_1>, tel <PHONE_1>") && !sent.contains("bob@corp.io"), "{sent}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_off_leaks_nothing_and_look_alikes_are_never_restored() {
     let mock = MockLlm::start().await.unwrap();

@@ -1080,6 +1080,13 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
     if event.get("candidates").is_some() {
         out.extend(extract_response_texts(event));
     }
+    // Hugging Face TGI's native stream (`/generate_stream`): one token per event. Its last event repeats
+    // the whole answer in `generated_text`, which is not a delta (a rewriter rewrites it whole).
+    if is_tgi_stream_event(event) {
+        if let Some(t) = json::pointer(event, "/token/text") {
+            push_text(&mut out, Role::Assistant, "/token/text".into(), t);
+        }
+    }
     // Ollama stream lines (`"done": false` until the last): chat `message.content`, generate `response`.
     if event.get("done").is_some_and(Value::is_boolean) {
         for p in ["/message/content", "/response"] {
@@ -1089,6 +1096,18 @@ pub fn extract_stream_delta_texts(event: &Value) -> Vec<TextSpan> {
         }
     }
     out
+}
+
+/// Whether a parsed stream event is one of Hugging Face TGI's native stream (`/generate_stream`):
+/// `{"index": n, "token": {"id": .., "text": ..}, "generated_text": null | "..", "details": ..}`.
+pub fn is_tgi_stream_event(event: &Value) -> bool {
+    event.get("token").is_some_and(|t| t.get("id").is_some()) && event.get("generated_text").is_some()
+}
+
+/// Whether a parsed stream event is the last of a TGI native stream (the one with `generated_text`), which
+/// no terminator follows.
+pub fn is_tgi_final_event(event: &Value) -> bool {
+    is_tgi_stream_event(event) && event.get("generated_text").is_some_and(Value::is_string)
 }
 
 /// Whether a parsed stream event is a Gemini chunk (`streamGenerateContent?alt=sse`, Vertex AI too): a
@@ -1371,11 +1390,9 @@ impl StreamUsage {
         // TGI's native stream: `{"index":n,"token":{"id":..,"text":..},"generated_text":null,..}`, one
         // token per event (special ones such as the end-of-sequence token count, as TGI's
         // `generated_tokens` counts them); the last event carries the whole `generated_text`.
-        if v.get("token").is_some_and(|t| t.get("id").is_some()) {
-            if let Some(generated) = v.get("generated_text") {
-                self.tgi_tokens = self.tgi_tokens.saturating_add(1);
-                self.ended |= generated.is_string();
-            }
+        if is_tgi_stream_event(v) {
+            self.tgi_tokens = self.tgi_tokens.saturating_add(1);
+            self.ended |= is_tgi_final_event(v);
         }
     }
 
@@ -1399,7 +1416,11 @@ impl StreamUsage {
     /// Estimated output tokens from the text streamed so far (for cut streams without usage); for a TGI
     /// stream, the count of its token events, which is exact.
     pub fn estimated_output_tokens(&self) -> u64 {
-        self.streamed_text.tokens().max(self.tgi_tokens)
+        if self.tgi_tokens > 0 {
+            self.tgi_tokens
+        } else {
+            self.streamed_text.tokens()
+        }
     }
 }
 

@@ -320,7 +320,8 @@ impl<M: Clone> DeltaChannels<M> {
             }
         }
         let mut changed = rewrite_strings(v, rw);
-        let may_hold = size <= MAX_TEMPLATE_BYTES;
+        // TGI's last event is followed by nothing (no terminator, no finish chunk): hold nothing back in it.
+        let may_hold = size <= MAX_TEMPLATE_BYTES && !crate::llm::is_tgi_final_event(v);
         let mut blank_template: Option<Value> = None;
         for (p, text, json) in deltas {
             let key = channel_key(v, &p);
@@ -443,7 +444,12 @@ pub fn logical_pointer(event: &Value, pointer: &str) -> String {
 /// nested in Nova's `contentBlockDelta`).
 pub fn channel_key(event: &Value, pointer: &str) -> String {
     let mut key = logical_pointer(event, pointer);
+    // TGI's top-level `index` counts tokens (one per event), it names no stream: its tokens are one.
+    let tgi = crate::llm::is_tgi_stream_event(event);
     for f in ["index", "output_index", "content_index", "contentBlockIndex"] {
+        if tgi && f == "index" {
+            continue;
+        }
         if let Some(v) = event.get(f) {
             key.push('#');
             key.push_str(&v.to_string());
@@ -709,6 +715,39 @@ mod tests {
             assert_eq!(deltas(&out), "hello xy and AC", "cut {cut}: {}", String::from_utf8_lossy(&out));
             let text = String::from_utf8(out).unwrap();
             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        }
+    }
+
+    /// TGI's native stream: one token per event, each with a new top-level `index`; the last event carries
+    /// the whole `generated_text` and nothing follows it. A value cut across tokens is rewritten, the
+    /// final text whole, and nothing is held back past the last event. Before 2026-12-07 each token was
+    /// rewritten alone (a placeholder cut across tokens reached the client as it was).
+    #[wasm_bindgen_test(unsupported = test)]
+    fn tgi_native_stream_tokens_are_one_channel() {
+        let ev = |i: u32, t: &str, last: Option<&str>| {
+            format!(
+                "data:{}\n\n",
+                serde_json::json!({"index": i, "token": {"id": i, "text": t, "logprob": -0.1, "special": false},
+                                   "generated_text": last, "details": null})
+            )
+        };
+        let stream =
+            format!("{}{}{}{}", ev(1, "hello A", None), ev(2, "B and ", None), ev(3, "A", Some("hello AB and A")), "");
+        let bytes = stream.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut rw = SseTextRewriter::default();
+            let (a, b) = bytes.split_at(cut);
+            let mut out = rw.feed(a, &mut Ab);
+            out.extend(rw.feed(b, &mut Ab));
+            let fin = rw.finish(&mut Ab);
+            assert!(fin.is_empty(), "cut {cut}: held past the last event: {}", String::from_utf8_lossy(&fin));
+            assert_eq!(deltas(&out), "hello xy and A", "cut {cut}: {}", String::from_utf8_lossy(&out));
+            let events: Vec<Value> =
+                SseParser::default().feed(&out).iter().map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+            let finals: Vec<&Value> = events.iter().filter(|v| v["generated_text"].is_string()).collect();
+            assert_eq!(finals.len(), 1, "cut {cut}");
+            assert_eq!(finals[0]["generated_text"], "hello xy and A");
+            assert!(events.last().unwrap()["generated_text"].is_string(), "cut {cut}: the final event stays last");
         }
     }
 
