@@ -1688,14 +1688,16 @@ async fn ollama_and_bedrock_invoke_usage_is_charged() {
 
 /// A model rule matches the model name in any letter case: Ollama and Azure OpenAI deployments serve
 /// `GPT-4O` as `gpt-4o`, so before 2026-12-07 a client escaped gpt-4o's budget by writing its name in
-/// capitals (the rule matched case-sensitively). All spellings share the one budget.
+/// capitals (the rule matched case-sensitively), or, on Ollama, by adding the default `:latest` tag.
+/// All spellings share the one budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_rule_matches_the_model_in_any_case() {
     let mock = MockLlm::start().await.unwrap();
     let e = envoy(
         &mock,
         json!({"default_output_reservation": 10, "unknown_model": "skip_model_rules",
-               "rules":[{"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":60}}]}),
+               "rules":[{"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":60}},
+                        {"name":"llama","key":{"header":"x-team"},"model":"llama3","limits":{"tokens_per_day":60}}]}),
     )
     .await;
     let hdrs = [("x-team", "a"), ("x-mock-completion-tokens", "50")];
@@ -1707,6 +1709,18 @@ async fn a_model_rule_matches_the_model_in_any_case() {
     assert_eq!(r.status(), 429);
     let r = post(&e, "/v1/chat/completions", &chat("gpt-4o-mini", "hello", None, false), &hdrs).await;
     assert_eq!(r.status(), 200);
+    // Ollama fills in `:latest` (and its registry and `library/`): `llama3:latest` is the rule's llama3.
+    let ollama =
+        |model: &str| json!({"model": model, "stream": false, "messages": [{"role": "user", "content": "hello"}]});
+    let r = post(&e, "/api/chat", &ollama("llama3:latest"), &hdrs).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await.unwrap();
+    for spelling in ["llama3", "Llama3:Latest", "registry.ollama.ai/library/llama3:latest"] {
+        let r = post(&e, "/api/chat", &ollama(spelling), &hdrs).await;
+        assert_eq!(r.status(), 429, "{spelling}");
+    }
+    let r = post(&e, "/api/chat", &ollama("llama3:70b"), &hdrs).await;
+    assert_eq!(r.status(), 200, "another tag is another model");
 }
 
 /// Hugging Face TGI's native `/generate` and `/generate_stream` (also SageMaker's Hugging Face LLM

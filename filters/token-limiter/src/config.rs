@@ -285,8 +285,29 @@ impl Rule {
             // Without case: upstreams that compare model names so (Ollama, Azure deployment names) would
             // serve `GPT-4O` as gpt-4o, past a case-sensitive rule. A case a strict upstream refuses only
             // costs the caller the refused request's estimate.
-            (Some(p), Some(m)) => meshwarden_shared::config::glob_match_ignore_case(p, m),
+            (Some(p), Some(m)) => {
+                let glob = meshwarden_shared::config::glob_match_ignore_case;
+                glob(p, m) || glob(ollama_short_name(p), ollama_short_name(m))
+            }
         }
+    }
+}
+
+/// An Ollama model name without the parts Ollama fills in by default: the registry host, the `library`
+/// namespace and the `latest` tag (`registry.ollama.ai/library/llama3:latest`, `library/llama3` and
+/// `llama3` are one model to Ollama, so a rule on `llama3` must not be escaped by `llama3:latest`).
+/// Names of other providers carry none of these and are returned as they are.
+fn ollama_short_name(name: &str) -> &str {
+    fn strip_prefix<'a>(s: &'a str, prefix: &str) -> &'a str {
+        match (s.get(..prefix.len()), s.get(prefix.len()..)) {
+            (Some(head), Some(rest)) if head.eq_ignore_ascii_case(prefix) => rest,
+            _ => s,
+        }
+    }
+    let name = strip_prefix(strip_prefix(name, "registry.ollama.ai/"), "library/");
+    match name.len().checked_sub(":latest".len()).and_then(|cut| Some((name.get(..cut)?, name.get(cut..)?))) {
+        Some((short, tag)) if !short.is_empty() && tag.eq_ignore_ascii_case(":latest") => short,
+        _ => name,
     }
 }
 
@@ -533,6 +554,21 @@ mod tests {
         // Ollama and Azure serve a model under any case of its name: the rule must see it too.
         assert!(c.rules[1].matches_model(Some("GPT-4O"), UnknownModel::SkipModelRules));
         assert!(!c.rules[1].matches_model(Some("gpt-3.5-turbo"), UnknownModel::SkipModelRules));
+        // Ollama fills in the registry, `library/` and `:latest`: those spellings are the same model.
+        let llama: Rule = serde_json::from_str(
+            r#"{"name":"l","key":{"constant":"x"},"model":"llama3","limits":{"tokens_per_second":1}}"#,
+        )
+        .unwrap();
+        for m in
+            ["llama3", "llama3:latest", "LLAMA3:Latest", "library/llama3", "registry.ollama.ai/library/llama3:latest"]
+        {
+            assert!(llama.matches_model(Some(m), UnknownModel::SkipModelRules), "{m}");
+        }
+        for m in ["llama3:8b", "llama3.1", "other/llama3", ":latest", "llama3:latest2"] {
+            assert!(!llama.matches_model(Some(m), UnknownModel::SkipModelRules), "{m}");
+        }
+        assert_eq!(ollama_short_name("gpt-4o"), "gpt-4o");
+        assert_eq!(ollama_short_name(":latest"), ":latest");
         assert!(!c.rules[1].matches_model(None, UnknownModel::SkipModelRules));
         assert!(c.rules[1].matches_model(None, UnknownModel::ApplyModelRules), "the default: fail closed");
     }
