@@ -685,7 +685,7 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
         let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
         m.on_chunk(body("null").as_bytes());
         assert_eq!(m.finish(50, 300), (50, 4, Source::Estimated));
-        // Cut after two events with details asked for: partial, the streamed tokens.
+        // Cut after two events (the final one with the details never came): the streamed tokens.
         let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
         m.on_chunk(format!("{}{}", event(1, "Once", false, "null"), event(2, " upon", false, "null")).as_bytes());
         assert_eq!(m.finish(50, 300), (50, 2, Source::Estimated));
