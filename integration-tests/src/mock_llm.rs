@@ -23,6 +23,7 @@
 //! | `x-mock-image-result-bytes: N` | Responses streams: `response.completed` also carries an `image_generation_call` item whose base64 `result` is N characters (before the usage, as OpenAI orders it) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
+//! | (paths `/v2/models/{m}/generate`, `generate_stream`) | Triton's generate extension: `text_output`, no counts; the stream one event per token, no terminator |
 //! | (paths `/generate`, `/generate_stream`) | Hugging Face TGI's native API (body with `inputs`; counts in `x-prompt-tokens` / `x-generated-tokens`, stream `details` with `parameters.details: true`) or SGLang's (body with `text`; `meta_info` counts) |
 //! | (path `/v1/audio/speech`) | text to speech: `audio/mpeg` bytes, no usage; `x-mock-audio-bytes: N` sets the size (default 65536) |
 //! | (`/v1/responses` with `"background": true`, not streamed) | the response `queued` at once, `usage: null`, as OpenAI answers a background request |
@@ -409,6 +410,11 @@ async fn answer(
     if uri.path().ends_with("/converse-stream") {
         return bedrock_stream_response(&plan, guard);
     }
+    if uri.path().starts_with("/v2/models/")
+        && (uri.path().ends_with("/generate") || uri.path().ends_with("/generate_stream"))
+    {
+        return triton_generate_response(&plan, uri.path().ends_with("/generate_stream"), guard);
+    }
     if uri.path() == "/generate" || uri.path() == "/generate_stream" {
         return native_generate_response(&plan, &parsed, uri.path() == "/generate_stream", guard);
     }
@@ -775,6 +781,19 @@ fn native_generate_response(plan: &Plan, body: &Value, tgi_stream: bool, guard: 
         events.push(Bytes::from(format!("data: {ev}\n\n")));
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    send_events(events, "text/event-stream", plan, guard)
+}
+
+/// Triton's generate extension (KServe v2 protocol, `/v2/models/{model}/generate` and `generate_stream`):
+/// `{"model_name", "model_version", "text_output"}`, no token counts; the stream sends one such object per
+/// token as SSE, without a terminator.
+fn triton_generate_response(plan: &Plan, stream: bool, guard: InFlight) -> Response {
+    let object = |text: &str| json!({"model_name": plan.model, "model_version": "1", "text_output": text});
+    if !stream {
+        return (StatusCode::OK, [("content-type", "application/json")], object(&plan.answer()).to_string())
+            .into_response();
+    }
+    let events = plan.pieces.iter().map(|p| Bytes::from(format!("data: {}\n\n", object(p)))).collect();
     send_events(events, "text/event-stream", plan, guard)
 }
 

@@ -1723,6 +1723,40 @@ async fn a_model_rule_matches_the_model_in_any_case() {
     assert_eq!(r.status(), 200, "another tag is another model");
 }
 
+/// A stream of a shape the filter does not know (Triton's generate extension on the KServe v2 protocol,
+/// `/v2/models/{model}/generate_stream`, which reports no token counts) is charged the text it streamed,
+/// and the model the path names meets its rules. Before 2026-12-07 such a stream cost no output at all
+/// and the path's model was not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_unknown_shape_is_charged_its_text() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(
+        &mock,
+        json!({"default_output_reservation": 10, "unknown_model": "skip_model_rules",
+               "rules":[{"name":"llama","key":{"header":"x-team"},"model":"llama-3-8b","limits":{"tokens_per_day":100000}}]}),
+    )
+    .await;
+    let body = json!({"text_input": "Explain machine learning.", "max_tokens": 60, "stream": true});
+    let r = post(
+        &e,
+        "/v2/models/llama-3-8b/generate_stream",
+        &body,
+        &[("x-team", "a"), ("x-mock-completion-tokens", "40")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let streamed: usize = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap()["text_output"].as_str().unwrap().len())
+        .sum();
+    assert!(streamed > 100, "{text}");
+    let out = e.stat("meshwarden.token_limiter.model.llama-3-8b.output_tokens").await.unwrap();
+    assert_eq!(out, streamed.div_ceil(4) as u64, "a token per 4 characters of `text_output`");
+    assert_eq!(e.stat("meshwarden.token_limiter.usage.estimated").await.unwrap(), 1);
+}
+
 /// Hugging Face TGI's native `/generate` and `/generate_stream` (also SageMaker's Hugging Face LLM
 /// containers) and SGLang's native `/generate`: output caps reserved, usage read from TGI's response
 /// headers, its stream's `details` or its token events, and SGLang's `meta_info`. Before 2026-12-07 a

@@ -172,8 +172,9 @@ pub fn participant_name(s: &str) -> String {
 /// (`/model/{modelId}/converse`, `converse-stream`, `invoke`, `invoke-with-response-stream`; the id
 /// percent-decoded, `anthropic.claude-3-5-sonnet-20240620-v1%3A0`), Gemini
 /// (`/v1beta/models/{model}:generateContent`, `:streamGenerateContent`, `:countTokens`, `:embedContent`),
-/// Vertex AI partner models (`.../publishers/anthropic/models/{model}:rawPredict`, `:streamRawPredict`)
-/// and Azure OpenAI (`/openai/deployments/{deployment}/…`: the deployment name).
+/// Vertex AI partner models (`.../publishers/anthropic/models/{model}:rawPredict`, `:streamRawPredict`),
+/// Azure OpenAI (`/openai/deployments/{deployment}/…`: the deployment name) and the KServe v2 / Triton
+/// protocol (`/v2/models/{model}/generate`, `generate_stream`, `infer`, optionally `/versions/{v}`).
 pub fn model_from_path(path: &str) -> Option<String> {
     let path = path.split(['?', '#']).next().unwrap_or("");
     let segments: Vec<&str> = path.split('/').collect();
@@ -206,6 +207,16 @@ pub fn model_from_path(path: &str) -> Option<String> {
     }
     if segments.windows(2).any(|w| w == ["openai", "deployments"]) {
         return after("deployments").and_then(decoded);
+    }
+    // The KServe v2 / Triton inference protocol: `/v2/models/{model}[/versions/{v}]/generate`,
+    // `generate_stream` (Triton's generate extension) and `infer`.
+    if let Some(i) = segments.windows(2).position(|w| w == ["v2", "models"]) {
+        let last = segments.last().copied().unwrap_or("");
+        let rest = segments.len().saturating_sub(i + 2);
+        let versioned = rest == 4 && segments.get(i + 3) == Some(&"versions");
+        if matches!(last, "generate" | "generate_stream" | "infer") && (rest == 2 || versioned) {
+            return segments.get(i + 2).and_then(|m| decoded(m));
+        }
     }
     None
 }
@@ -301,6 +312,9 @@ pub fn request_info(body: &Value) -> RequestInfo {
         // native `/generate` (`sampling_params`).
         "/parameters/max_new_tokens",
         "/sampling_params/max_new_tokens",
+        // Triton's generate extension takes model inputs at the top level (`max_tokens`, read above) or
+        // in `parameters`.
+        "/parameters/max_tokens",
     ]
     .iter()
     .filter_map(|p| go_field(body, p).and_then(requested_count))
@@ -1364,6 +1378,9 @@ pub struct StreamUsage {
     streamed_text: TokenEstimator,
     /// Events of a TGI native stream (`/generate_stream`): each carries exactly one generated token.
     tgi_tokens: u64,
+    /// String values of events of no known shape (a custom or other model server's stream, e.g.
+    /// Triton's `generate_stream`), so that output this crate cannot read is never free.
+    unknown_text: TokenEstimator,
     /// The stream's last event was seen in its data (TGI's final event, the one with `generated_text`),
     /// for APIs that send no terminator after it.
     ended: bool,
@@ -1379,11 +1396,16 @@ impl StreamUsage {
     }
 
     pub fn on_event_json(&mut self, v: &Value) {
-        if let Some(usage) = usage_from_json(v) {
+        let usage = usage_from_json(v);
+        if let Some(usage) = usage {
             self.usage.merge_max(usage);
             self.saw_usage = true;
         }
-        for span in extract_stream_delta_texts(v) {
+        let deltas = extract_stream_delta_texts(v);
+        if deltas.is_empty() && usage.is_none() && !is_known_stream_event(v) {
+            add_unknown_event_strings(v, &mut self.unknown_text);
+        }
+        for span in deltas {
             self.streamed_text.add(&span.text);
         }
         add_streamed_output_besides_text(v, &mut self.streamed_text);
@@ -1419,8 +1441,65 @@ impl StreamUsage {
         if self.tgi_tokens > 0 {
             self.tgi_tokens
         } else {
-            self.streamed_text.tokens()
+            self.streamed_text.tokens().saturating_add(self.unknown_text.tokens())
         }
+    }
+}
+
+/// Whether a stream event has a shape this crate reads (its texts, its usage or its framing), by the
+/// keys the known APIs put at its top level: OpenAI (`choices`, `object`), Anthropic and Responses
+/// (`type`), Gemini (`candidates`, `usageMetadata`, `promptFeedback`), Bedrock (`contentBlockIndex`,
+/// `role` of `messageStart`, `stopReason`, `metadata`, `bytes` of an `InvokeModelWithResponseStream`
+/// chunk, `p` padding), Ollama (`done`), TGI (`token`), SGLang (`meta_info`), errors (`error`). Events
+/// without any are of an unknown shape: their strings are estimated as output.
+fn is_known_stream_event(v: &Value) -> bool {
+    const KNOWN: [&str; 18] = [
+        "choices",
+        "object",
+        "type",
+        "candidates",
+        "usageMetadata",
+        "promptFeedback",
+        "contentBlockIndex",
+        "role",
+        "stopReason",
+        "metadata",
+        "bytes",
+        "p",
+        "done",
+        "token",
+        "meta_info",
+        "error",
+        "usage",
+        "amazon-bedrock-invocationMetrics",
+    ];
+    v.as_object().is_none_or(|o| KNOWN.iter().any(|k| o.contains_key(*k)))
+}
+
+/// The string values of an event of unknown shape, for the output estimate: every string but those under
+/// keys that name the answer rather than carry it (ids, model names and versions, timestamps, roles,
+/// finish reasons), which a server repeats in every event (Triton's `model_name` / `model_version`).
+fn add_unknown_event_strings(v: &Value, est: &mut TokenEstimator) {
+    const NOT_OUTPUT: [&str; 10] = [
+        "id",
+        "model",
+        "model_name",
+        "model_version",
+        "created",
+        "created_at",
+        "role",
+        "finish_reason",
+        "stop_reason",
+        "sequence_id",
+    ];
+    match v {
+        Value::String(s) => est.add(s),
+        Value::Array(items) => items.iter().for_each(|x| add_unknown_event_strings(x, est)),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| !NOT_OUTPUT.contains(&k.as_str()))
+            .for_each(|(_, x)| add_unknown_event_strings(x, est)),
+        _ => {}
     }
 }
 
@@ -2250,6 +2329,40 @@ mod tests {
         s.on_event_data(r#"{"text":"Once upon","meta_info":{"prompt_tokens":12,"completion_tokens":2}}"#);
         let u = s.reported().unwrap();
         assert_eq!((u.input_tokens, u.output_tokens), (12, 2));
+    }
+
+    /// A stream of a shape no API here has (Triton's `generate_stream`, a custom server) is charged its
+    /// strings, not nothing (before 2026-12-07 its output cost 0); names and ids it repeats are left out,
+    /// and events of known shapes are not counted twice.
+    #[wasm_bindgen_test(unsupported = test)]
+    fn streams_of_unknown_shape_are_estimated_from_their_strings() {
+        let mut s = StreamUsage::default();
+        for piece in ["Machine learning", " is a field", " of AI."] {
+            let ev = json!({"model_name": "ensemble", "model_version": "1", "sequence_id": "0", "text_output": piece});
+            s.on_event_data(&ev.to_string());
+        }
+        assert_eq!(s.reported(), None);
+        assert_eq!(s.estimated_output_tokens(), "Machine learning is a field of AI.".len().div_ceil(4) as u64);
+        // Known shapes without text (Anthropic ping, Bedrock messageStart, an OpenAI finish chunk) add nothing.
+        let mut s = StreamUsage::default();
+        for ev in [
+            r#"{"type":"ping"}"#,
+            r#"{"role":"assistant"}"#,
+            r#"{"stopReason":"end_turn"}"#,
+            r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            r#"{"error":{"message":"overloaded"}}"#,
+        ] {
+            s.on_event_data(ev);
+        }
+        assert_eq!(s.estimated_output_tokens(), 0);
+        assert_eq!(model_from_path("/v2/models/llama-3-8b/generate_stream").as_deref(), Some("llama-3-8b"));
+        assert_eq!(model_from_path("/v2/models/ensemble/versions/2/generate").as_deref(), Some("ensemble"));
+        assert_eq!(model_from_path("/v2/models/m/ready"), None);
+        assert_eq!(model_from_path("/v2/models/generate"), None);
+        assert_eq!(
+            request_info(&json!({"text_input": "x", "parameters": {"max_tokens": 77}})).max_output_tokens,
+            Some(77)
+        );
     }
 
     #[wasm_bindgen_test(unsupported = test)]
