@@ -694,6 +694,16 @@ mod tests {
         s
     }
 
+    /// `bytes` rewritten with [`Ab`] as two network chunks cut at `cut`: (what the chunks gave, what
+    /// `finish` gave).
+    fn rewrite_in_two(bytes: &[u8], cut: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut rw = SseTextRewriter::default();
+        let (a, b) = bytes.split_at(cut);
+        let mut out = rw.feed(a, &mut Ab);
+        out.extend(rw.feed(b, &mut Ab));
+        (out, rw.finish(&mut Ab))
+    }
+
     #[wasm_bindgen_test(unsupported = test)]
     fn split_across_events_and_chunks() {
         let chunk =
@@ -707,11 +717,8 @@ mod tests {
         );
         let bytes = stream.as_bytes();
         for cut in 0..bytes.len() {
-            let mut rw = SseTextRewriter::default();
-            let (a, b) = bytes.split_at(cut);
-            let mut out = rw.feed(a, &mut Ab);
-            out.extend(rw.feed(b, &mut Ab));
-            out.extend(rw.finish(&mut Ab));
+            let (mut out, fin) = rewrite_in_two(bytes, cut);
+            out.extend(fin);
             assert_eq!(deltas(&out), "hello xy and AC", "cut {cut}: {}", String::from_utf8_lossy(&out));
             let text = String::from_utf8(out).unwrap();
             assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -732,14 +739,10 @@ mod tests {
             )
         };
         let stream =
-            format!("{}{}{}{}", ev(1, "hello A", None), ev(2, "B and ", None), ev(3, "A", Some("hello AB and A")), "");
+            format!("{}{}{}", ev(1, "hello A", None), ev(2, "B and ", None), ev(3, "A", Some("hello AB and A")));
         let bytes = stream.as_bytes();
         for cut in 0..bytes.len() {
-            let mut rw = SseTextRewriter::default();
-            let (a, b) = bytes.split_at(cut);
-            let mut out = rw.feed(a, &mut Ab);
-            out.extend(rw.feed(b, &mut Ab));
-            let fin = rw.finish(&mut Ab);
+            let (out, fin) = rewrite_in_two(bytes, cut);
             assert!(fin.is_empty(), "cut {cut}: held past the last event: {}", String::from_utf8_lossy(&fin));
             assert_eq!(deltas(&out), "hello xy and A", "cut {cut}: {}", String::from_utf8_lossy(&out));
             let events: Vec<Value> =
