@@ -1688,8 +1688,9 @@ async fn ollama_and_bedrock_invoke_usage_is_charged() {
 
 /// A model rule matches the model name in any letter case: Ollama and Azure OpenAI deployments serve
 /// `GPT-4O` as `gpt-4o`, so before 2026-12-07 a client escaped gpt-4o's budget by writing its name in
-/// capitals (the rule matched case-sensitively), or, on Ollama, by adding the default `:latest` tag.
-/// All spellings share the one budget.
+/// capitals (the rule matched case-sensitively), on Ollama by adding the default `:latest` tag, and on
+/// Bedrock by naming a cross-region inference profile (`us.anthropic.…`) or an ARN. All spellings share
+/// the one budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_rule_matches_the_model_in_any_case() {
     let mock = MockLlm::start().await.unwrap();
@@ -1697,7 +1698,9 @@ async fn a_model_rule_matches_the_model_in_any_case() {
         &mock,
         json!({"default_output_reservation": 10, "unknown_model": "skip_model_rules",
                "rules":[{"name":"gpt4o","key":{"header":"x-team"},"model":"gpt-4o","limits":{"tokens_per_day":60}},
-                        {"name":"llama","key":{"header":"x-team"},"model":"llama3","limits":{"tokens_per_day":60}}]}),
+                        {"name":"llama","key":{"header":"x-team"},"model":"llama3","limits":{"tokens_per_day":60}},
+                        {"name":"sonnet","key":{"header":"x-team"},"model":"anthropic.claude-3-5-sonnet-20240620-v1:0",
+                         "limits":{"tokens_per_day":60}}]}),
     )
     .await;
     let hdrs = [("x-team", "a"), ("x-mock-completion-tokens", "50")];
@@ -1721,6 +1724,19 @@ async fn a_model_rule_matches_the_model_in_any_case() {
     }
     let r = post(&e, "/api/chat", &ollama("llama3:70b"), &hdrs).await;
     assert_eq!(r.status(), 200, "another tag is another model");
+    // Bedrock serves a foundation model through cross-region inference profiles and ARNs as well.
+    let converse = json!({"messages":[{"role":"user","content":[{"text":"hello"}]}]});
+    let r = post(&e, "/model/us.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse", &converse, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await.unwrap();
+    for path in [
+        "/model/anthropic.claude-3-5-sonnet-20240620-v1:0/converse",
+        "/model/eu.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
+        "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse",
+    ] {
+        let r = post(&e, path, &converse, &hdrs).await;
+        assert_eq!(r.status(), 429, "{path}");
+    }
 }
 
 /// A stream of a shape the filter does not know (Triton's generate extension on the KServe v2 protocol,

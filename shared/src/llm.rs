@@ -183,7 +183,10 @@ pub fn model_from_path(path: &str) -> Option<String> {
     if let Some(id) = after("model") {
         let action = segments.iter().position(|s| *s == "model").and_then(|i| segments.get(i + 2));
         if matches!(action, Some(&("converse" | "converse-stream" | "invoke" | "invoke-with-response-stream"))) {
-            return decoded(id);
+            // An ARN (foundation model, inference profile) is a model id too, its `/` percent-encoded
+            // in the one segment (`arn%3Aaws%3Abedrock%3A…%3Ainference-profile%2Fus.anthropic.…`).
+            let arn = percent_decode(id).filter(|m| m.starts_with("arn:") && !m.contains('\0'));
+            return arn.or_else(|| decoded(id));
         }
     }
     if let Some(last) = segments.last() {
@@ -2356,6 +2359,13 @@ mod tests {
         }
         assert_eq!(s.estimated_output_tokens(), 0);
         assert_eq!(model_from_path("/v2/models/llama-3-8b/generate_stream").as_deref(), Some("llama-3-8b"));
+        assert_eq!(
+            model_from_path(
+                "/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.anthropic.c-v1%3A0/converse"
+            )
+            .as_deref(),
+            Some("arn:aws:bedrock:us-east-1:1:inference-profile/us.anthropic.c-v1:0")
+        );
         assert_eq!(model_from_path("/v2/models/ensemble/versions/2/generate").as_deref(), Some("ensemble"));
         assert_eq!(model_from_path("/v2/models/m/ready"), None);
         assert_eq!(model_from_path("/v2/models/generate"), None);

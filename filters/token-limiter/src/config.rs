@@ -287,7 +287,9 @@ impl Rule {
             // costs the caller the refused request's estimate.
             (Some(p), Some(m)) => {
                 let glob = meshwarden_shared::config::glob_match_ignore_case;
-                glob(p, m) || glob(ollama_short_name(p), ollama_short_name(m))
+                glob(p, m)
+                    || glob(ollama_short_name(p), ollama_short_name(m))
+                    || glob(bedrock_base_model_id(p), bedrock_base_model_id(m))
             }
         }
     }
@@ -308,6 +310,36 @@ fn ollama_short_name(name: &str) -> &str {
     match name.len().checked_sub(":latest".len()).and_then(|cut| Some((name.get(..cut)?, name.get(cut..)?))) {
         Some((short, tag)) if !short.is_empty() && tag.eq_ignore_ascii_case(":latest") => short,
         _ => name,
+    }
+}
+
+/// The Bedrock foundation model a model id runs: the id without the ARN around it
+/// (`arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-…`,
+/// `arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-…`) and without the
+/// geography of a cross-region inference profile (`us.`, `eu.`, `apac.`, `global.`, …). Bedrock serves
+/// all these spellings (newer models only through a profile), so a rule on
+/// `anthropic.claude-3-5-sonnet-20240620-v1:0` must not be escaped by `us.anthropic.claude-3-5-…` or by
+/// its ARN. Application inference profiles and provisioned-throughput ARNs name no model: they are
+/// matched as they are. Other providers' names are returned unchanged.
+fn bedrock_base_model_id(name: &str) -> &str {
+    let id = match name.strip_prefix("arn:") {
+        Some(arn) => match arn.rsplit_once('/') {
+            Some((kind, id)) if kind.ends_with(":foundation-model") || kind.ends_with(":inference-profile") => id,
+            _ => return name,
+        },
+        None => name,
+    };
+    // A geography prefix is followed by `provider.model` (`us.anthropic.claude-…`); `gpt-4.1` has none.
+    match id.split_once('.') {
+        Some((geo, rest))
+            if ["us", "eu", "apac", "global", "us-gov", "jp", "au", "ca"]
+                .iter()
+                .any(|g| geo.eq_ignore_ascii_case(g))
+                && rest.contains('.') =>
+        {
+            rest
+        }
+        _ => id,
     }
 }
 
@@ -568,6 +600,30 @@ mod tests {
             assert!(!llama.matches_model(Some(m), UnknownModel::SkipModelRules), "{m}");
         }
         assert_eq!(ollama_short_name("gpt-4o"), "gpt-4o");
+        // Bedrock serves a foundation model by its id, its ARN and cross-region inference profiles.
+        let sonnet: Rule = serde_json::from_str(
+            r#"{"name":"s","key":{"constant":"x"},"model":"anthropic.claude-3-5-sonnet-20240620-v1:0","limits":{"tokens_per_second":1}}"#,
+        )
+        .unwrap();
+        for m in [
+            "anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "APAC.anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/eu.anthropic.claude-3-5-sonnet-20240620-v1:0",
+        ] {
+            assert!(sonnet.matches_model(Some(m), UnknownModel::SkipModelRules), "{m}");
+        }
+        for m in [
+            "anthropic.claude-3-haiku-20240307-v1:0",
+            "xx.anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/a1b2c3",
+            "arn:aws:bedrock:us-east-1:123456789012:provisioned-model/anthropic.claude-3-5-sonnet-20240620-v1:0",
+        ] {
+            assert!(!sonnet.matches_model(Some(m), UnknownModel::SkipModelRules), "{m}");
+        }
+        assert_eq!(bedrock_base_model_id("gpt-4.1"), "gpt-4.1");
+        assert_eq!(bedrock_base_model_id("us.gpt"), "us.gpt");
         assert_eq!(ollama_short_name(":latest"), ":latest");
         assert!(!c.rules[1].matches_model(None, UnknownModel::SkipModelRules));
         assert!(c.rules[1].matches_model(None, UnknownModel::ApplyModelRules), "the default: fail closed");
