@@ -12,6 +12,7 @@
 //! - [`faulty`]: servers that misbehave on purpose (answers cut mid-body).
 //! - [`crowd`]: many concurrent clients against a rate limit.
 //! - [`pki`]: throw-away CA, server and SPIFFE client certificates for mTLS tests.
+//! - [`upgrade`]: WebSocket upgrades through Envoy (configs with upgrades on, an echo upstream, a client).
 
 pub mod bench;
 pub mod crowd;
@@ -27,3 +28,4 @@ pub mod pki;
 pub mod python;
 pub mod redis_server;
 pub mod sidecar;
+pub mod upgrade;

@@ -46,6 +46,7 @@ pub mod stats;
 pub mod stream_rewrite;
 #[doc(hidden)]
 pub mod testing;
+pub mod upgrade;
 pub mod usage_scan;
 
 #[cfg(feature = "host")]

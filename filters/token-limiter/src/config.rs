@@ -49,11 +49,26 @@ pub struct Config {
     /// What rules with a `model` do with a request whose model cannot be read (compressed, over
     /// `max_body_bytes`, not JSON, no `model` in the body or the path).
     pub unknown_model: UnknownModel,
+    /// What a WebSocket upgrade or CONNECT tunnel gets (OpenAI's Realtime API, Gemini Live): its frames
+    /// cannot be metered, so by default it is refused.
+    pub on_upgrade: OnUpgrade,
     /// Publish each request's decision, model and tokens as filter state for access logs
     /// (`%FILTER_STATE(wasm.meshwarden.token_limiter.<name>:PLAIN)%`). Off by default: it costs seven
     /// host calls per request, which only gateways that log the values should pay.
     pub filter_state: bool,
     pub rules: Vec<Rule>,
+}
+
+/// See [`Config::on_upgrade`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUpgrade {
+    /// 403 `permission_error` / `upgrade_refused` before the upgrade reaches the upstream: a budget that a
+    /// WebSocket session walks past is not a budget.
+    #[default]
+    Reject,
+    /// Let it through, unmetered and uncharged (stat `upgrade.passed`).
+    Pass,
 }
 
 /// See [`Config::unknown_model`].
@@ -100,6 +115,7 @@ impl Default for Config {
             stats_flush_interval_ms: 20,
             lease_ms: 600_000,
             unknown_model: UnknownModel::default(),
+            on_upgrade: OnUpgrade::default(),
             filter_state: false,
             rules: Vec::new(),
         }
@@ -627,6 +643,10 @@ mod tests {
         assert_eq!(ollama_short_name(":latest"), ":latest");
         assert!(!c.rules[1].matches_model(None, UnknownModel::SkipModelRules));
         assert!(c.rules[1].matches_model(None, UnknownModel::ApplyModelRules), "the default: fail closed");
+        assert_eq!(c.on_upgrade, OnUpgrade::Reject, "the default: fail closed");
+        let pass: Config = parse_config(br#"{"on_upgrade":"pass"}"#).unwrap();
+        assert_eq!(pass.on_upgrade, OnUpgrade::Pass);
+        assert!(parse_config::<Config>(br#"{"on_upgrade":"allow"}"#).unwrap_err().to_string().contains("on_upgrade"));
     }
 
     /// Decimal weights cost what they say: 100 input tokens at 1.1 cost 110, not 111 (the float product

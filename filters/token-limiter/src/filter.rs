@@ -2,7 +2,7 @@
 //! (compare-and-swap across worker threads) or calls the sidecar, answers 429s, meters responses and
 //! settles every admitted request exactly once in `on_log`.
 
-use crate::config::{Config, KeySource, StateMode, UnknownModel};
+use crate::config::{Config, KeySource, OnUpgrade, StateMode, UnknownModel};
 use crate::keys::{claim_value, spiffe_part, unverified_jwt_claim};
 use crate::limiter::{settle_deltas, Admission, Denial, Facts, Outcome, Plan};
 use crate::meter::Meter;
@@ -830,6 +830,36 @@ struct Request {
 }
 
 impl Request {
+    /// A WebSocket upgrade or CONNECT tunnel: its frames reach this filter as a request body that never
+    /// ends, which admission would wait for (the session hung after its `101`), and they cannot be read as
+    /// a prompt or an answer. Refused, or let through unmetered, as `on_upgrade` says.
+    fn upgrade_request(&mut self) -> Action {
+        match self.cfg().on_upgrade {
+            OnUpgrade::Reject => {
+                self.phase = Phase::Rejected;
+                self.shared.count("upgrade.rejected", 1);
+                self.publish("decision", "upgrade_refused");
+                let message = "token-limiter: WebSocket and other upgraded connections cannot be metered in tokens, \
+                               so this gateway refuses them (on_upgrade: reject).";
+                send_error(
+                    403,
+                    ErrorFlavor::OpenAi,
+                    ErrorKind::PermissionDenied,
+                    Some("upgrade_refused"),
+                    message,
+                    &[],
+                );
+                Action::Pause
+            }
+            OnUpgrade::Pass => {
+                self.phase = Phase::Pass;
+                self.shared.count("upgrade.passed", 1);
+                self.publish("decision", "skipped");
+                Action::Continue
+            }
+        }
+    }
+
     fn new(shared: Rc<Shared>, context_id: u32) -> Self {
         Request {
             shared,
@@ -1410,6 +1440,9 @@ impl Request {
         }
         // One host call for the path, the encoding and every rule's key header.
         let mut headers = HeaderSnapshot::request();
+        if meshwarden_shared::upgrade::is_upgrade_request(headers.get("upgrade"), headers.get(":method")) {
+            return self.upgrade_request();
+        }
         self.path = headers.get(":path").unwrap_or_default().to_string();
         if meshwarden_shared::llm::is_token_count_path(&self.path) {
             // Counting a prompt's tokens runs no model and is not billed: charging it the prompt would
