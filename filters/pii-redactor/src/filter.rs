@@ -251,6 +251,21 @@ impl Request {
         if eos {
             return Action::Continue;
         }
+        // A WebSocket upgrade or CONNECT tunnel: its frames reach this filter as a request body that never
+        // ends, which the scan would wait for (the session hung after its `101`), and they cannot be
+        // scanned: refused, or passed unscanned, as `on_unscannable` says.
+        if meshwarden_shared::upgrade::is_upgrade_request(
+            meshwarden_shared::host::request_header("upgrade").as_deref(),
+            meshwarden_shared::host::request_header(":method").as_deref(),
+        ) {
+            return self.unscannable(
+                403,
+                ErrorKind::PermissionDenied,
+                "upgrade_refused",
+                "WebSocket and other upgraded connections cannot be scanned for sensitive data, so this gateway \
+                 refuses them (on_unscannable: reject)",
+            );
+        }
         let enc = meshwarden_shared::host::request_header("content-encoding").unwrap_or_default();
         self.encoded = !enc.is_empty() && !enc.eq_ignore_ascii_case("identity");
         // The body may be rewritten: its length is not known yet.

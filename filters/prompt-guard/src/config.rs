@@ -183,6 +183,9 @@ pub struct Config {
     pub on_malformed: Fallback,
     /// Requests with a `content-encoding` other than identity.
     pub on_encoded_body: Fallback,
+    /// WebSocket upgrades and CONNECT tunnels (OpenAI's Realtime API, Gemini Live): their frames cannot
+    /// be inspected.
+    pub on_upgrade: Fallback,
     /// Scan bodies that are not JSON as one user text.
     pub scan_non_json: bool,
     /// Run everything, act on nothing: count and log what would have happened.
@@ -210,6 +213,7 @@ impl Default for Config {
             on_too_large: Fallback::Reject,
             on_malformed: Fallback::Reject,
             on_encoded_body: Fallback::Reject,
+            on_upgrade: Fallback::Reject,
             scan_non_json: true,
             monitor: false,
             packs: Pack::ALL

@@ -174,6 +174,40 @@ impl Request {
         send_error(status, self.flavor, kind, Some(code), message, &[]);
     }
 
+    /// Whether this request's policy inspects anything (requests, moderation or answers).
+    fn inspects_anything(&self) -> bool {
+        self.policy.has_request_rules() || self.policy.moderation || self.policy.has_response_rules()
+    }
+
+    /// A WebSocket upgrade or CONNECT tunnel (two header reads, only for requests with a body to come).
+    fn is_upgrade(&self) -> bool {
+        meshwarden_shared::upgrade::is_upgrade_request(
+            meshwarden_shared::host::request_header("upgrade").as_deref(),
+            meshwarden_shared::host::request_header(":method").as_deref(),
+        )
+    }
+
+    /// An upgraded connection's frames reach this filter as a request body that never ends, which the
+    /// request scan would wait for (the session hung after its `101`), and neither they nor the answer's
+    /// frames can be inspected: refused (403 `upgrade_refused`) or let through uninspected, as
+    /// `on_upgrade` says.
+    fn upgrade_request(&mut self) -> WasmAction {
+        self.skip_request = true;
+        match self.cfg().on_upgrade {
+            Fallback::Reject => {
+                self.count("upgrade.rejected");
+                let message = "prompt-guard: WebSocket and other upgraded connections cannot be inspected, so this \
+                               gateway refuses them (on_upgrade: reject).";
+                self.local_error(403, ErrorKind::PermissionDenied, "upgrade_refused", message);
+                WasmAction::Pause
+            }
+            Fallback::Pass => {
+                self.count("upgrade.passed");
+                WasmAction::Continue
+            }
+        }
+    }
+
     /// Too large / malformed / encoded: reject with `status` or pass (counted either way).
     /// A request body over `max_body_bytes` (declared or received): `on_too_large` decides (413 or pass).
     fn too_large(&mut self) -> WasmAction {
@@ -414,6 +448,9 @@ impl HttpContext for Request {
         if self.policy.has_response_rules() {
             // answers must come back uncompressed to be scanned
             self.set_http_request_header("accept-encoding", None);
+        }
+        if !eos && self.inspects_anything() && self.is_upgrade() {
+            return self.upgrade_request();
         }
         if eos || (!self.policy.has_request_rules() && !self.policy.moderation) {
             self.skip_request = true;

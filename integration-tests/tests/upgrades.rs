@@ -1,0 +1,70 @@
+//! WebSocket upgrades (OpenAI's Realtime API, Gemini Live) through an Envoy with upgrades enabled, as
+//! Istio's sidecars and gateways have them, for every filter that reads request bodies. Envoy hands the
+//! upgraded bytes to the filters as a request body that never ends: before 2026-12-07 token-limiter,
+//! prompt-guard and pii-redactor held the first frame waiting for that end, so the session hung after
+//! its `101`. Each now refuses the upgrade (403 `upgrade_refused`, before anything reaches the upstream)
+//! or, when configured to, lets it through untouched with its frames flowing both ways at once.
+
+// Test code: JSON indexing (`v["a"]`) never panics on serde_json::Value.
+#![allow(clippy::indexing_slicing)]
+
+use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
+use meshwarden_integration_tests::upgrade::{echo_upgrade_upstream, upgrade_round_trip, with_websocket_upgrades};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const REALTIME: &str = "/v1/realtime?model=gpt-4o-realtime-preview";
+/// A WebSocket text frame's first bytes; Envoy does not read frames, the filters must not wait for them.
+const FRAMES: &[u8] = b"\x81\x05hello";
+
+/// For `filter` (as in `envoy-configs/<filter>.yaml`): the default configuration refuses the upgrade, the
+/// one with `pass` (its option set to pass) lets the frames through both ways; `stat` counts each.
+async fn refused_by_default_passed_when_asked(filter: &str, pass: Value, stat: &str) {
+    let (upstream, reached) = echo_upgrade_upstream().await.unwrap();
+    let (_file, template) = with_websocket_upgrades(&format!("{filter}.yaml")).unwrap();
+    let start = |config: &Value| {
+        EnvoyBuilder::new(template.to_str().unwrap()).upstream_port(upstream).filter_config(filter, config).start()
+    };
+    let headers = [("x-team", "a"), ("authorization", "Bearer sk-test")];
+    let e: Envoy = start(&json!({})).await.unwrap();
+    let out = upgrade_round_trip(e.port, REALTIME, &headers, FRAMES, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(out.status(), 403, "{filter}: {}", out.head);
+    let body: Value = serde_json::from_str(&out.body).unwrap();
+    assert_eq!(body["error"]["code"], "upgrade_refused", "{filter}: {}", out.body);
+    assert_eq!(body["error"]["type"], "permission_error", "{filter}");
+    assert_eq!(reached.load(Ordering::SeqCst), 0, "{filter}: nothing reached the upstream");
+    assert_eq!(e.stat(&format!("{stat}.rejected")).await.unwrap_or(0) + e.stat(stat).await.unwrap_or(0), 1, "{filter}");
+    let e: Envoy = start(&pass).await.unwrap();
+    let out = upgrade_round_trip(e.port, REALTIME, &headers, FRAMES, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(out.status(), 101, "{filter}: {}", out.head);
+    assert_eq!(out.echoed.as_deref(), Some(FRAMES), "{filter}: the frames go both ways at once");
+    assert_eq!(reached.load(Ordering::SeqCst), 1, "{filter}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limiter_refuses_or_passes_websocket_upgrades() {
+    let pass = json!({"on_upgrade": "pass",
+                      "rules": [{"name": "t", "key": {"header": "x-team"}, "limits": {"tokens_per_day": 1000}}]});
+    refused_by_default_passed_when_asked("token-limiter", pass, "meshwarden.token_limiter.upgrade").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_guard_refuses_or_passes_websocket_upgrades() {
+    refused_by_default_passed_when_asked(
+        "prompt-guard",
+        json!({"on_upgrade": "pass"}),
+        "meshwarden.prompt_guard.upgrade",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pii_redactor_refuses_or_passes_websocket_upgrades() {
+    refused_by_default_passed_when_asked(
+        "pii-redactor",
+        json!({"on_unscannable": "pass"}),
+        "meshwarden.pii_redactor.unscannable.upgrade_refused",
+    )
+    .await;
+}
