@@ -5,8 +5,7 @@
 //! its `101`. Each now refuses the upgrade (403 `upgrade_refused`, before anything reaches the upstream)
 //! or, when configured to, lets it through untouched with its frames flowing both ways at once.
 
-// Test code: JSON indexing (`v["a"]`) never panics on serde_json::Value.
-#![allow(clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
 use meshwarden_integration_tests::upgrade::{echo_upgrade_upstream, upgrade_round_trip, with_websocket_upgrades};
