@@ -84,6 +84,29 @@ fn leet(c: char) -> String {
     .to_string()
 }
 
+/// Leetspeak with `!` for an `i` starting a word and `|` for any other `i` (digits as in [`leet`]).
+fn bang_pipe_leet(text: &str) -> String {
+    let mut prev = ' ';
+    let mut out = String::new();
+    for c in text.chars() {
+        out.push_str(&match c.to_ascii_lowercase() {
+            'i' if prev.is_alphanumeric() => "|".to_string(),
+            'i' => "!".to_string(),
+            _ => leet(c),
+        });
+        prev = c;
+    }
+    out
+}
+
+fn rot13(text: &str) -> String {
+    chars_map(text, |c| match c {
+        'a'..='m' | 'A'..='M' => char::from(c as u8 + 13).to_string(),
+        'n'..='z' | 'N'..='Z' => char::from(c as u8 - 13).to_string(),
+        c => c.to_string(),
+    })
+}
+
 /// The evasion transforms, by class name.
 type Transform = Box<dyn Fn(&str) -> String>;
 
@@ -166,6 +189,55 @@ fn transforms() -> Vec<(&'static str, Transform)> {
                     .collect()
             }),
         ),
+        (
+            "json_escapes",
+            Box::new(|t: &str| {
+                // the second character of every word as `\u00XX`, as JSON or JavaScript spell it
+                words_map(
+                    t,
+                    |w| {
+                        let cs: Vec<char> = w.chars().collect();
+                        match cs.get(1) {
+                            Some(c) if c.is_ascii_alphabetic() && cs.len() >= 3 => {
+                                format!("{}\\u{:04x}{}", cs[0], *c as u32, cs[2..].iter().collect::<String>())
+                            }
+                            _ => w.to_string(),
+                        }
+                    },
+                    " ",
+                )
+            }),
+        ),
+        (
+            "markdown_links",
+            Box::new(|t: &str| {
+                // every other word a link: inline, then reference style
+                let words: Vec<&str> = t.split(' ').collect();
+                let linked: Vec<String> = words
+                    .iter()
+                    .enumerate()
+                    .map(|(k, w)| match k % 4 {
+                        0 => format!("[{w}](https://example.test/{k})"),
+                        2 => format!("[{w}][{k}]"),
+                        _ => w.to_string(),
+                    })
+                    .collect();
+                linked.join(" ")
+            }),
+        ),
+        ("bang_pipe_leet", Box::new(|t: &str| bang_pipe_leet(t))),
+        (
+            "double_encoded",
+            Box::new(|t: &str| {
+                // spaces as `%2520` and every `e` as `&amp;#101;`: escapes escaped once more
+                chars_map(t, |c| match c {
+                    ' ' => "%2520".to_string(),
+                    'e' => "&amp;#101;".to_string(),
+                    c => c.to_string(),
+                })
+            }),
+        ),
+        ("rot13_named", Box::new(|t: &str| format!("rot13: {}", rot13(t)))),
         (
             "mixed",
             Box::new(|t: &str| {
