@@ -117,6 +117,10 @@ fn main() {
                 time(iters, || drop(black_box(prompt_guard::decode::unescape(black_box(&text))))),
             ),
             (
+                "rot13 mentions (decode.rs)",
+                time(iters, || drop(black_box(prompt_guard::decode::rot13_windows(black_box(&text))))),
+            ),
+            (
                 "policy.scan (normalise+automaton+decode)",
                 time(iters, || drop(black_box(policy.scan(black_box(&text), Dir::Request, Role::User)))),
             ),

@@ -587,11 +587,20 @@ impl Unescaped {
     }
 }
 
-/// A text mentions rot13 (`rot13`, `ROT-13`, `rot 13`, `rot_13`): only then is a rot13 copy scanned
-/// (see [`rot13`]). One `memmem` search for `13`, which prose rarely has.
-pub fn mentions_rot13(text: &str) -> bool {
+/// Text read as rot13 around a mention of it: this much before the mention and after it.
+const ROT13_BEFORE: usize = 1024;
+const ROT13_AFTER: usize = 4096;
+/// At most this many mentions open a window.
+const MAX_ROT13_WINDOWS: usize = 4;
+
+/// Byte ranges of `text` around each mention of rot13 (`rot13`, `ROT-13`, `rot 13`, `rot_13`): 1 KiB before
+/// to 4 KiB after, merged when they overlap, at most four mentions, on character boundaries. Only these
+/// are read as rot13 (see [`rot13`]): a whole rotated copy would cost as much as the scan itself, and
+/// gibberish that nothing names as rot13 is left to the `encoded_payload` pack. One `memmem` search for
+/// `13`, which prose rarely has.
+pub fn rot13_windows(text: &str) -> Vec<(usize, usize)> {
     let bytes = text.as_bytes();
-    memchr::memmem::find_iter(bytes, b"13").any(|k| {
+    let mentions = memchr::memmem::find_iter(bytes, b"13").filter(|&k| {
         let before = bytes.get(..k).unwrap_or(&[]);
         let before = match before.last() {
             Some(b' ' | b'-' | b'_') => before.get(..before.len() - 1).unwrap_or(&[]),
@@ -601,7 +610,23 @@ pub fn mentions_rot13(text: &str) -> bool {
         before.get(n.saturating_sub(3)..).is_some_and(|w| n >= 3 && w.eq_ignore_ascii_case(b"rot"))
             && (n == 3 || before.get(n - 4).is_some_and(|b| !b.is_ascii_alphanumeric()))
             && bytes.get(k + 2).is_none_or(|b| !b.is_ascii_digit())
-    })
+    });
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for k in mentions.take(MAX_ROT13_WINDOWS) {
+        let mut s = k.saturating_sub(ROT13_BEFORE);
+        let mut e = (k + ROT13_AFTER).min(bytes.len());
+        while !text.is_char_boundary(s) {
+            s -= 1;
+        }
+        while !text.is_char_boundary(e) {
+            e += 1;
+        }
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// `text` with every ASCII letter rotated by 13 (rot13 is its own inverse). Byte offsets are unchanged,
@@ -770,11 +795,19 @@ mod tests {
         assert_eq!(rot13("Vtaber nyy cerivbhf vafgehpgvbaf!"), "Ignore all previous instructions!");
         assert_eq!(rot13("é Ab"), "é No");
         for t in ["rot13: x", "ROT-13 x", "in rot 13", "(rot_13)", "Rot13"] {
-            assert!(mentions_rot13(t), "{t}");
+            assert_eq!(rot13_windows(t), [(0, t.len())], "{t}");
         }
         for t in ["carrot13", "rot130", "in 2013 we", "rot", "rot-1 3", "ROT 12"] {
-            assert!(!mentions_rot13(t), "{t}");
+            assert!(rot13_windows(t).is_empty(), "{t}");
         }
+        // windows: 1 KiB before to 4 KiB after a mention (its `13`), on character boundaries, merged, at
+        // most four mentions
+        let t = format!("{}rot13 {}", "é".repeat(1000), "x".repeat(10_000));
+        assert_eq!(rot13_windows(&t), [(2003 - 1024 - 1, 2003 + 4096)]);
+        let t = "rot13 ".repeat(3000);
+        assert_eq!(rot13_windows(&t), [(0, 3 * 6 + 3 + 4096)]);
+        let t = format!("rot13 {}", format!("{} rot13", "y".repeat(6000)).repeat(6));
+        assert_eq!(rot13_windows(&t).len(), 4);
     }
 
     /// The windowed search finds exactly the runs a byte-by-byte walk over maximal runs finds.

@@ -245,10 +245,14 @@ impl Policy {
                 }
             }
         }
-        // rot13 is read only where the text names it: always scanning a rotated copy would double the cost
-        // of every text. Rotation keeps byte offsets, so spans in the copy are spans in the original.
-        if crate::decode::mentions_rot13(text) {
-            hits.extend(self.scan_plain(ds, &crate::decode::rot13(text), dir, role, spans));
+        // rot13 is read only near where the text names it: a whole rotated copy would double the cost of
+        // every text. Rotation keeps byte offsets, so a span in a window is a span in the original.
+        for (s, e) in crate::decode::rot13_windows(text) {
+            let rotated = crate::decode::rot13(text.get(s..e).unwrap_or(""));
+            for h in self.scan_plain(ds, &rotated, dir, role, spans) {
+                let at = if h.start == h.end { 0 } else { s };
+                hits.push(Hit { rule: h.rule, start: h.start + at, end: h.end + at });
+            }
         }
         hits
     }
