@@ -233,10 +233,14 @@ fn inline_tag_len(b: &[u8]) -> Option<usize> {
 const MAX_COMMENT: usize = 4096;
 
 /// Length of an HTML comment at the start of `b` (`<!-- x -->`, `<!---->`), at most [`MAX_COMMENT`] bytes:
-/// a comment inside a word (`instruct<!-- x -->ions`) hides nothing from a model.
+/// a comment inside a word (`instruct<!-- x -->ions`) hides nothing from a model. The end is searched only
+/// up to the next `<!--` (there the next comment starts), so a text of unclosed `<!--` is read once, not
+/// 4 KiB per opener.
 fn html_comment_len(b: &[u8]) -> Option<usize> {
     let rest = b.strip_prefix(b"<!--")?;
     let window = rest.get(..rest.len().min(MAX_COMMENT))?;
+    let next_open = memchr::memchr_iter(b'<', window).find(|&k| window.get(k..k + 4) == Some(b"<!--"));
+    let window = window.get(..next_open.unwrap_or(window.len()))?;
     let end = memchr::memmem::find(window, b"-->")?;
     Some(4 + end + 3)
 }
@@ -309,7 +313,7 @@ const MAX_LINK_LABEL: usize = 64;
 
 /// A markdown link at the start of `b` (`[text](target)`, `[text][label]`, `[text][]`; `b[0] == b'['`):
 /// `(end of text, end of link)`, so `[1, end of text)` is what a model reads and the rest is markup. The
-/// text has no brackets and no line break; the target no line break.
+/// text has no brackets and no line break; the target neither (a `(` is allowed).
 fn markdown_link(b: &[u8]) -> Option<(usize, usize)> {
     let rest = b.strip_prefix(b"[")?;
     let close = rest.iter().take(MAX_LINK_TEXT).position(|&c| matches!(c, b']' | b'[' | b'\n'))?;
@@ -317,12 +321,14 @@ fn markdown_link(b: &[u8]) -> Option<(usize, usize)> {
         return None;
     }
     let after = rest.get(close + 1..)?;
-    let (open, shut, max) = match after.first()? {
-        b'(' => (b'(', b')', MAX_LINK_TARGET),
-        b'[' => (b'[', b']', MAX_LINK_LABEL),
+    let (shut, max) = match after.first()? {
+        b'(' => (b')', MAX_LINK_TARGET),
+        b'[' => (b']', MAX_LINK_LABEL),
         _ => return None,
     };
-    let k = after.iter().skip(1).take(max).position(|&c| c == shut || c == b'\n' || (open == b'[' && c == b'['))? + 1;
+    // the target ends at a bracket too, so each `[` is searched only up to the next one: a text of
+    // `[a](` repeated costs one pass, not 2 KiB per link
+    let k = after.iter().skip(1).take(max).position(|&c| c == shut || matches!(c, b'\n' | b'[' | b']'))? + 1;
     (after.get(k) == Some(&shut)).then_some((1 + close, 1 + close + 1 + k + 1))
 }
 
@@ -749,6 +755,22 @@ mod tests {
         for t in ["[INST] hi [/INST]", "a [b] (c)", "[](x)", "[a\nb](c)", "[a](b\nc)", "arr[i][j", "[x](never"] {
             assert_eq!(undone(t), None, "{t}");
         }
+    }
+
+    /// Openers that never close are searched up to the next opener, not to their byte limit: 128 KB of
+    /// `[a](` took ~80 ms natively (2 KiB per link) and `<!--` ~4 ms before the searches stopped there. In
+    /// a debug build these take 15-40 ms now and took 0.7-1.2 s unbounded: the bound sits between.
+    #[test]
+    fn unclosed_openers_cost_one_pass() {
+        for unit in ["[a](", "![a](", "[a][", "<!--", "[a](b [c](d) "] {
+            let t = unit.repeat(128 * 1024 / unit.len());
+            let start = std::time::Instant::now();
+            let _ = unescape(&t);
+            let ms = start.elapsed().as_millis();
+            assert!(ms < 250, "{unit}: {ms} ms");
+        }
+        assert_eq!(undone("[a](b [c](d) e").as_deref(), Some("[a](b c e"));
+        assert_eq!(undone("<!-- a <!-- b --> c").as_deref(), Some("<!-- a  c"));
     }
 
     /// Before 2026-12-07 `!` and `|` written for `i` were read as punctuation.
