@@ -188,6 +188,8 @@ pub fn hex_blobs(text: &str) -> Vec<(usize, usize, String)> {
 pub struct Unescaped {
     pub text: String,
     map: Vec<(u32, u32)>,
+    /// Something was undone (a copy of escapes that spell nothing is not).
+    changed: bool,
 }
 
 impl Unescaped {
@@ -468,8 +470,8 @@ fn unescape_once(text: &str) -> Option<Unescaped> {
     if first >= bytes.len() {
         return None;
     }
-    let mut out = Unescaped { text: String::with_capacity(text.len()), map: Vec::with_capacity(text.len()) };
-    let mut changed = false;
+    let mut out =
+        Unescaped { text: String::with_capacity(text.len()), map: Vec::with_capacity(text.len()), changed: false };
     // the `](target)` of a markdown link whose `[` was dropped: (where it starts, where the link ends)
     let mut link_tail: Option<(usize, usize)> = None;
     out.copy(text, 0, first);
@@ -486,7 +488,6 @@ fn unescape_once(text: &str) -> Option<Unescaped> {
         }
         if let Some(len) = out.undo(text, i, &mut link_tail) {
             i += len;
-            changed = true;
             continue;
         }
         // copy up to the next candidate or link tail (at least one byte; both are ASCII bytes, so the
@@ -498,7 +499,7 @@ fn unescape_once(text: &str) -> Option<Unescaped> {
         out.copy(text, i, next);
         i = next;
     }
-    changed.then_some(out)
+    out.changed.then_some(out)
 }
 
 impl Unescaped {
@@ -520,18 +521,38 @@ impl Unescaped {
     fn push(&mut self, c: char, from: usize, to: usize) {
         self.map.extend(std::iter::repeat_n((from as u32, to as u32), c.len_utf8()));
         self.text.push(c);
+        self.changed = true;
     }
 
-    /// A decoded escape run (see [`escape_run`]) at `i`, when its bytes are UTF-8: every byte of a character
-    /// maps to the escapes that spell the whole character. Returns the run's length.
-    fn push_run(&mut self, i: usize, (run, ends, j): (Vec<u8>, Vec<usize>, usize)) -> Option<usize> {
-        let s = std::str::from_utf8(&run).ok().filter(|s| !s.is_empty())?;
+    /// A decoded escape run (see [`escape_run`]) at `i` of `text`: the stretches that spell UTF-8 are
+    /// decoded (every byte of a character maps to the escapes that spell the whole character), the escapes
+    /// of bytes that do not are copied as written. Returns the run's length. The whole run is done in one
+    /// go: leaving `%FF%FF...` to be retried from each of its escapes decoded the rest of the run again
+    /// each time (128 KB of `%FF` took 3 s natively).
+    fn push_run(&mut self, text: &str, i: usize, (run, ends, j): (Vec<u8>, Vec<usize>, usize)) -> Option<usize> {
+        if run.is_empty() {
+            return None;
+        }
+        // original offset where the escape of decoded byte `k` starts / ends
+        let start = |k: usize| if k == 0 { i } else { ends.get(k - 1).copied().unwrap_or(i) };
+        let end = |k: usize| ends.get(k).copied().unwrap_or(j);
         let mut k = 0;
-        for c in s.chars() {
-            let n = c.len_utf8();
-            let from = if k == 0 { i } else { ends.get(k - 1).copied().unwrap_or(i) };
-            self.push(c, from, ends.get(k + n - 1).copied().unwrap_or(j));
-            k += n;
+        while let Some(rest) = run.get(k..).filter(|r| !r.is_empty()) {
+            // `from_utf8` stops at the first error, so the run is read once in all
+            let (valid, bad) = match std::str::from_utf8(rest) {
+                Ok(_) => (rest.len(), 0),
+                Err(e) => (e.valid_up_to(), e.error_len().unwrap_or(rest.len() - e.valid_up_to())),
+            };
+            let s = std::str::from_utf8(rest.get(..valid).unwrap_or(&[])).unwrap_or("");
+            for c in s.chars() {
+                let n = c.len_utf8();
+                self.push(c, start(k), end(k + n - 1));
+                k += n;
+            }
+            if bad > 0 {
+                self.copy(text, start(k), end(k + bad - 1));
+                k += bad;
+            }
         }
         Some(j - i)
     }
@@ -548,19 +569,24 @@ impl Unescaped {
                 self.push(c, i, i + len);
                 Some(len)
             }
-            b'%' => self.push_run(i, escape_run(bytes, i, b"%")),
-            b'<' => inline_tag_len(rest).or_else(|| html_comment_len(rest)),
+            b'%' => self.push_run(text, i, escape_run(bytes, i, b"%")),
+            b'<' => {
+                let len = inline_tag_len(rest).or_else(|| html_comment_len(rest))?;
+                self.changed = true;
+                Some(len)
+            }
             b'\\' => {
                 if let Some((c, len)) = unicode_escape(rest) {
                     self.push(c, i, i + len);
                     return Some(len);
                 }
-                self.push_run(i, escape_run(bytes, i, b"\\x"))
+                self.push_run(text, i, escape_run(bytes, i, b"\\x"))
             }
             b'[' | b'!' => {
                 let marker = usize::from(rest.first() == Some(&b'!'));
                 if let Some((text_end, end)) = rest.get(marker..).and_then(markdown_link) {
                     *link_tail = Some((i + marker + text_end, i + marker + end));
+                    self.changed = true;
                     return Some(marker + 1);
                 }
                 if marker == 1 && leet_i(bytes, i) {
@@ -589,7 +615,7 @@ impl Unescaped {
                 (start, end)
             })
             .collect();
-        Unescaped { text: self.text, map }
+        Unescaped { text: self.text, map, changed: true }
     }
 }
 
@@ -758,11 +784,13 @@ mod tests {
     }
 
     /// Openers that never close are searched up to the next opener, not to their byte limit: 128 KB of
-    /// `[a](` took ~80 ms natively (2 KiB per link) and `<!--` ~4 ms before the searches stopped there. In
-    /// a debug build these take 15-40 ms now and took 0.7-1.2 s unbounded: the bound sits between.
+    /// `[a](` took ~80 ms natively (2 KiB per link) and `<!--` ~4 ms before the searches stopped there. A
+    /// run of escapes that spell no UTF-8 is undone in one go: 128 KB of `%FF` took 3 s natively when each
+    /// escape retried the rest of the run. In a debug build these take 15-40 ms now and took 0.7 s or more
+    /// before: the bound sits between.
     #[test]
-    fn unclosed_openers_cost_one_pass() {
-        for unit in ["[a](", "![a](", "[a][", "<!--", "[a](b [c](d) "] {
+    fn unclosed_openers_and_broken_escapes_cost_one_pass() {
+        for unit in ["[a](", "![a](", "[a][", "<!--", "[a](b [c](d) ", "%FF", "\\xFF", "%E2%82"] {
             let t = unit.repeat(128 * 1024 / unit.len());
             let start = std::time::Instant::now();
             let _ = unescape(&t);
@@ -771,6 +799,8 @@ mod tests {
         }
         assert_eq!(undone("[a](b [c](d) e").as_deref(), Some("[a](b c e"));
         assert_eq!(undone("<!-- a <!-- b --> c").as_deref(), Some("<!-- a  c"));
+        assert_eq!(undone("%E2%82%41 %FF%C3%A9").as_deref(), Some("%E2%82A %FFé"));
+        assert_eq!(undone("%FF%FE and \\xFF"), None);
     }
 
     /// Before 2026-12-07 `!` and `|` written for `i` were read as punctuation.
