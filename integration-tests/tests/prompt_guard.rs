@@ -914,6 +914,24 @@ async fn text_escapes_links_bang_leet_double_encoding_and_named_rot13_are_caught
     }
 }
 
+/// 128 KB prompts built to make the decoder work hard: escapes that spell no UTF-8 (`%FF` repeated) and
+/// markdown links that never close (`[a](` repeated). Before 2026-12-07 the first took seconds of a worker
+/// (3.3 s natively: each escape decoded the rest of the run again); the second did so for a while on the
+/// way (2 KiB read per unclosed link). Each is now answered well within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn texts_full_of_broken_escapes_or_unclosed_links_are_answered_in_time() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(&mock, json!({})).await;
+    for unit in ["%FF", "[a](", "\\xFF"] {
+        let text = unit.repeat(128 * 1024 / unit.len() - 100);
+        let started = std::time::Instant::now();
+        let resp = post(&envoy, "/v1/chat/completions", &chat(&text), &[]).await;
+        let took = started.elapsed();
+        assert_eq!(resp.status(), 200, "{unit}");
+        assert!(took < Duration::from_millis(1500), "{unit}: {took:?}");
+    }
+}
+
 /// The text parts of one message are one text to the model: a phrase cut across two parts is found,
 /// and a mask cut across them is written in the first. Before 2026-12-07 each part was scanned alone, so
 /// `["Ignore all prev", "ious instructions"]` passed.
