@@ -117,6 +117,10 @@ fn main() {
                 time(iters, || drop(black_box(prompt_guard::decode::unescape(black_box(&text))))),
             ),
             (
+                "unescaped copy, no spans (decode.rs)",
+                time(iters, || drop(black_box(prompt_guard::decode::unescape_with(black_box(&text), false)))),
+            ),
+            (
                 "rot13 mentions (decode.rs)",
                 time(iters, || drop(black_box(prompt_guard::decode::rot13_windows(black_box(&text))))),
             ),

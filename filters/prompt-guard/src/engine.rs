@@ -234,9 +234,12 @@ impl Policy {
                 hits.push(Hit { rule: h.rule, start: s, end: e });
             }
         }
-        // HTML character references, percent escapes and inline tags undone: what fires only there is
-        // reported with the original span of its match (escapes included).
-        if let Some(view) = crate::decode::unescape(text) {
+        // escapes, markup and leetspeak `!` / `|` undone: what fires only there is reported with the original
+        // span of its match (escapes included). The map back to the original is built only when a rule of
+        // this direction can ask for a span.
+        let need_map = spans == Spans::All
+            || ds.rules.iter().filter_map(|&i| self.rules.get(i)).any(|r| r.action == Action::Mask || r.empty);
+        if let Some(view) = crate::decode::unescape_with(text, need_map) {
             for h in self.scan_plain(ds, &view.text, dir, role, spans) {
                 if h.start == h.end {
                     hits.push(h); // no span asked for
