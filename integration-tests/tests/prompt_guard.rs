@@ -914,21 +914,22 @@ async fn text_escapes_links_bang_leet_double_encoding_and_named_rot13_are_caught
     }
 }
 
-/// 128 KB prompts built to make the decoder work hard: escapes that spell no UTF-8 (`%FF` repeated) and
+/// 384 KB prompts built to make the decoder work hard: escapes that spell no UTF-8 (`%FF` repeated) and
 /// markdown links that never close (`[a](` repeated). Before 2026-12-07 the first took seconds of a worker
-/// (3.3 s natively: each escape decoded the rest of the run again); the second did so for a while on the
-/// way (2 KiB read per unclosed link). Each is now answered well within a second.
+/// (3.3 s natively for 128 KB, growing with the square of the size: each escape decoded the rest of the
+/// run again); the second did so for a while on the way (2 KiB read per unclosed link). Each now takes
+/// milliseconds; the 3 s bound is a complexity guard with a wide margin both ways, not a speed target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn texts_full_of_broken_escapes_or_unclosed_links_are_answered_in_time() {
     let mock = MockLlm::start().await.unwrap();
     let envoy = envoy(&mock, json!({})).await;
     for unit in ["%FF", "[a](", "\\xFF"] {
-        let text = unit.repeat(128 * 1024 / unit.len() - 100);
+        let text = unit.repeat(384 * 1024 / unit.len() - 100);
         let started = std::time::Instant::now();
         let resp = post(&envoy, "/v1/chat/completions", &chat(&text), &[]).await;
         let took = started.elapsed();
         assert_eq!(resp.status(), 200, "{unit}");
-        assert!(took < Duration::from_millis(1500), "{unit}: {took:?}");
+        assert!(took < Duration::from_secs(3), "{unit}: {took:?}");
     }
 }
 
@@ -1013,4 +1014,29 @@ async fn a_blocked_gemini_stream_ends_with_a_google_error_chunk() {
     assert_eq!(err["error"]["status"], "PERMISSION_DENIED");
     assert!(err["error"]["message"].as_str().unwrap().contains("role_hijack"), "{wire}");
     assert_eq!(envoy.stat("meshwarden.prompt_guard.rule.role_hijack.response.rejected").await.unwrap(), 1);
+}
+
+/// Hugging Face TGI's native `/generate_stream` (one token per event, the whole answer again in the last
+/// event's `generated_text`): a phrase cut across tokens is masked in the tokens and in `generated_text`.
+/// Before 2026-12-07 the token events were not read at all, so the answer passed as the model wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgi_native_streams_are_masked_in_tokens_and_final_text() {
+    let mock = MockLlm::start().await.unwrap();
+    let envoy = envoy(
+        &mock,
+        json!({"rules": [{"name": "codename", "phrases": ["project falcon"], "action": "mask", "apply_to": "response"}]}),
+    )
+    .await;
+    let body = json!({"inputs": "What do we call it?", "parameters": {"max_new_tokens": 20}});
+    let resp =
+        post(&envoy, "/generate_stream", &body, &[("x-mock-answer", "We call it Project Falcon internally.")]).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    let events: Vec<Value> =
+        text.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| serde_json::from_str(d.trim()).unwrap()).collect();
+    assert!(events.len() > 3, "{text}");
+    let tokens: String = events.iter().filter_map(|v| v["token"]["text"].as_str()).collect();
+    assert_eq!(tokens, "We call it [REDACTED] internally.", "{text}");
+    assert_eq!(events.last().unwrap()["generated_text"], "We call it [REDACTED] internally.", "{text}");
+    assert!(!text.contains("Falcon"), "{text}");
 }

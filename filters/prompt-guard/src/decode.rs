@@ -822,7 +822,9 @@ mod tests {
             let start = std::time::Instant::now();
             let _ = unescape(&t);
             let ms = start.elapsed().as_millis();
-            assert!(ms < 250, "{unit}: {ms} ms");
+            // A complexity guard, not a speed target: one pass takes milliseconds even in a debug build
+            // on a loaded machine; the quadratic decoding this replaced took 33 s here (`%FF`).
+            assert!(ms < 5000, "{unit}: {ms} ms");
         }
         assert_eq!(undone("[a](b [c](d) e").as_deref(), Some("[a](b c e"));
         assert_eq!(undone("<!-- a <!-- b --> c").as_deref(), Some("<!-- a  c"));

@@ -398,6 +398,11 @@ pub struct StreamGuard {
     act: bool,
     /// The upstream streams Gemini chunks: a reject ends it with a Google-shaped error chunk.
     gemini: bool,
+    /// A mask was written into the stream.
+    masked: bool,
+    /// TGI's native stream: the token texts released so far, as released (masked), to write the final
+    /// event's `generated_text` (the whole answer) the same way.
+    tgi_text: String,
 }
 
 impl StreamGuard {
@@ -413,6 +418,8 @@ impl StreamGuard {
             finished: false,
             act,
             gemini: false,
+            masked: false,
+            tgi_text: String::new(),
         }
     }
 
@@ -473,10 +480,31 @@ impl StreamGuard {
             total -= len;
             self.released += len;
             if let Some(p) = self.pending.pop_front() {
+                let p = self.with_tgi_answer(p);
                 step.output.extend_from_slice(p.encode().as_bytes());
             }
         }
         step
+    }
+
+    /// TGI's native stream repeats the whole answer in its last event's `generated_text`, which is not a
+    /// delta: once a mask was written into the tokens, it becomes the released tokens' text, so the
+    /// masked words do not reach the client there (before 2026-12-07 they did).
+    fn with_tgi_answer(&mut self, mut p: Pending) -> Pending {
+        let Some(v) = p.json.as_mut() else { return p };
+        if !meshwarden_shared::llm::is_tgi_stream_event(v) {
+            return p;
+        }
+        if let Some((_, t, _)) = p.texts.iter().find(|(ptr, _, _)| ptr == "/token/text") {
+            self.tgi_text.push_str(t);
+        }
+        if self.masked && meshwarden_shared::llm::is_tgi_final_event(v) {
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("generated_text".to_string(), Value::String(std::mem::take(&mut self.tgi_text)));
+                p.dirty = true;
+            }
+        }
+        p
     }
 
     fn scan(&mut self, policy: &Policy, mask_text: &str, step: &mut StreamStep) {
@@ -538,6 +566,7 @@ impl StreamGuard {
             let mask = if *json_text { json_string_content(mask_text) } else { mask_text.to_string() };
             *text = cut_and_mask(text, &list, &mask);
             p.dirty = true;
+            self.masked = true;
         }
     }
 }
@@ -832,6 +861,52 @@ mod tests {
             out,
             "data: {\"error\":{\"code\":403,\"message\":\"blocked\",\"status\":\"PERMISSION_DENIED\"}}\n\n"
         );
+    }
+
+    /// TGI's native stream: a phrase cut across token events is masked in the tokens and in the final
+    /// event's `generated_text`, which repeats the whole answer (before 2026-12-07 the tokens were not read
+    /// at all and `generated_text` passed as the model wrote it).
+    #[test]
+    fn tgi_stream_is_masked_in_its_tokens_and_its_final_text() {
+        let p = policy(
+            r#"{"rules":[{"name":"codename","phrases":["project falcon"],"action":"mask","apply_to":"response"}]}"#,
+        );
+        let ev = |i: u32, t: &str, last: Option<&str>| {
+            format!(
+                "data:{}\n\n",
+                json!({"index": i, "token": {"id": i, "text": t, "special": false}, "generated_text": last, "details": null})
+            )
+        };
+        let whole = "We call it Project Falcon internally.";
+        let wire = [
+            ev(1, "We call it Proj", None),
+            ev(2, "ect Fal", None),
+            ev(3, "con internally", None),
+            ev(4, ".", Some(whole)),
+        ]
+        .concat();
+        for cut in 0..wire.len() {
+            let mut g = StreamGuard::new(64, 1 << 16, true);
+            let mut out =
+                g.feed(&p, &wire.as_bytes()[..cut], false, "[X]", ErrorFlavor::OpenAi, &|_| String::new()).output;
+            out.extend(
+                g.feed(&p, &wire.as_bytes()[cut..], true, "[X]", ErrorFlavor::OpenAi, &|_| String::new()).output,
+            );
+            let events: Vec<Value> =
+                SseParser::default().feed(&out).iter().map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+            let tokens: String = events.iter().filter_map(|v| v["token"]["text"].as_str()).collect();
+            assert_eq!(tokens, "We call it [X] internally.", "cut {cut}");
+            let last = events.last().unwrap();
+            assert_eq!(last["generated_text"], "We call it [X] internally.", "cut {cut}");
+            assert_eq!(events.iter().filter(|v| v["generated_text"].is_string()).count(), 1, "cut {cut}");
+        }
+        // Nothing masked: the final event passes as the upstream wrote it.
+        let clean = [ev(1, "Hello", None), ev(2, " there", Some("Hello there"))].concat();
+        let mut g = StreamGuard::new(64, 1 << 16, true);
+        let out = g.feed(&p, clean.as_bytes(), true, "[X]", ErrorFlavor::OpenAi, &|_| String::new()).output;
+        let data: Vec<String> = SseParser::default().feed(&out).into_iter().map(|e| e.data).collect();
+        let sent: Vec<String> = SseParser::default().feed(clean.as_bytes()).into_iter().map(|e| e.data).collect();
+        assert_eq!(data, sent);
     }
 
     #[test]
