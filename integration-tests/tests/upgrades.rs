@@ -67,3 +67,31 @@ async fn pii_redactor_refuses_or_passes_websocket_upgrades() {
     )
     .await;
 }
+
+/// mcp-authz: a WebSocket upgrade to an MCP endpoint (the MCP Python SDK still ships a WebSocket server
+/// transport) would carry JSON-RPC calls in frames the filter does not read. Before 2026-12-07 the GET was
+/// decided as the session stream and, under a policy that allows it, every tool call in the frames passed
+/// unauthorized. It is refused whatever the policy says; other paths still pass as `other_paths` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_authz_refuses_websocket_upgrades_to_mcp_endpoints() {
+    let (upstream, reached) = echo_upgrade_upstream().await.unwrap();
+    let (_file, template) = with_websocket_upgrades("mcp-authz.yaml").unwrap();
+    let policy = json!({"mcp_paths": ["/mcp"], "policy": {"default": "allow", "rules": []}});
+    let e = EnvoyBuilder::new(template.to_str().unwrap())
+        .upstream_port(upstream)
+        .filter_config("mcp-authz", &policy)
+        .start()
+        .await
+        .unwrap();
+    let out = upgrade_round_trip(e.port, "/mcp", &[], FRAMES, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(out.status(), 403, "{}", out.head);
+    let body: Value = serde_json::from_str(&out.body).unwrap();
+    assert_eq!(body["jsonrpc"], "2.0", "{}", out.body);
+    assert!(body["error"]["message"].as_str().unwrap().contains("WebSocket"), "{}", out.body);
+    assert_eq!(reached.load(Ordering::SeqCst), 0);
+    assert_eq!(e.stat("meshwarden.mcp_authz.upgrade_refused").await.unwrap(), 1);
+    // Not an MCP or A2A endpoint: passes (the default `other_paths`), frames both ways.
+    let out = upgrade_round_trip(e.port, "/ws/chat", &[], FRAMES, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(out.status(), 101, "{}", out.head);
+    assert_eq!(out.echoed.as_deref(), Some(FRAMES));
+}

@@ -691,6 +691,18 @@ impl Request {
             self.shared.borrow_mut().count("passthrough");
             return Action::Continue;
         }
+        // A WebSocket upgrade or CONNECT tunnel to an MCP or A2A endpoint: the JSON-RPC messages would
+        // travel in frames this filter does not read (the MCP Python SDK still ships a WebSocket server
+        // transport), so no call on it could be authorized. Refused whatever the policy says; before
+        // 2026-12-07 such a GET was decided as the session stream and, once allowed, its frames passed.
+        if meshwarden_shared::upgrade::is_upgrade_request(headers.get("upgrade"), Some(&method)) {
+            return self.error_reply(
+                403,
+                crate::engine::FORBIDDEN_CODE,
+                "Forbidden: upgraded connections (WebSocket) to an MCP or A2A endpoint cannot be authorized",
+                "upgrade_refused",
+            );
+        }
         self.identity = self.resolve_identity(&headers);
         if self.endpoint == Endpoint::Card {
             if method == "GET" {
