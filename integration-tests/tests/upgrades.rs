@@ -95,3 +95,30 @@ async fn mcp_authz_refuses_websocket_upgrades_to_mcp_endpoints() {
     assert_eq!(out.status(), 101, "{}", out.head);
     assert_eq!(out.echoed.as_deref(), Some(FRAMES));
 }
+
+/// inference-router: a WebSocket upgrade sends no body before its `101`, so it is routed on its headers at
+/// once. Before 2026-12-07 the headers were held for a body that could not come (the client waits for the
+/// `101` before it sends a frame), and the upgrade waited for the hold's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_router_routes_websocket_upgrades_at_once() {
+    let (upstream, reached) = echo_upgrade_upstream().await.unwrap();
+    let (_file, template) = with_websocket_upgrades("inference-router-pool.yaml").unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
+    let e = EnvoyBuilder::new(template.to_str().unwrap())
+        .filter_config(
+            "inference-router",
+            &json!({"pool": "test", "refresh_interval_ms": 50, "max_snapshot_age_ms": 500}),
+        )
+        .var("POOL_LB_ENDPOINTS", meshwarden_integration_tests::model_sim::lb_endpoints_yaml(&[addr]))
+        .var("SIDECAR_PORT", "9")
+        .start()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = upgrade_round_trip(e.port, REALTIME, &[], FRAMES, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(out.status(), 101, "{}", out.head);
+    assert_eq!(out.echoed.as_deref(), Some(FRAMES));
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+    assert_eq!(e.stat("meshwarden.inference_router.upgrade").await.unwrap(), 1);
+    eprintln!("upgrade answered in {:?}", started.elapsed());
+}

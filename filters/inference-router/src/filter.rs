@@ -403,9 +403,20 @@ impl HttpContext for Request {
         let too_large = meshwarden_shared::host::request_header("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok())
             .is_some_and(|n| n > cfg.max_body_bytes);
-        if end_of_stream || too_large || self.shared.no_stop_iteration.get() {
+        // A WebSocket upgrade or CONNECT tunnel sends no body before its `101` (and then frames that never
+        // end): routed on its headers at once. Before 2026-12-07 the headers were held for a body that could
+        // not come, so the upgrade waited for the hold's timeout.
+        let upgrade = !end_of_stream
+            && meshwarden_shared::upgrade::is_upgrade_request(
+                meshwarden_shared::host::request_header("upgrade").as_deref(),
+                meshwarden_shared::host::request_header(":method").as_deref(),
+            );
+        if end_of_stream || too_large || upgrade || self.shared.no_stop_iteration.get() {
             if too_large {
                 self.shared.count("body_too_large", 1);
+            }
+            if upgrade {
+                self.shared.count("upgrade", 1);
             }
             return self.decide(&[]);
         }
