@@ -968,6 +968,87 @@ fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
             Some((4, (0x20..=0x7E).contains(&c).then_some(c)))
         }
         (0xF3, 0xA0, 0x84..=0x87) if (0x80..=0xBF).contains(&at(t, i + 3)) => Some((4, None)),
+        (b'%', _, _) => percent_encoded_at(t, i),
+        (b'&', _, _) => character_reference_at(t, i),
+        _ => None,
+    }
+}
+
+/// A percent-encoded printable ASCII character at `t[i..]` (`%40` is `@`, `%2B` or `%2b` is `+`, `%20` a
+/// space): URLs and logs pasted into a prompt carry values encoded (`?email=jane.doe%40example.com`,
+/// `phone=%2B14155552671`), and a model reads them through the encoding. Since 2026-12-07; before, such
+/// values left the gateway. Control characters and bytes of non-ASCII characters stay encoded: the local
+/// part of an address keeps `%C3%B6` as address characters either way.
+fn percent_encoded_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let c = hex(at(t, i + 1))? * 16 + hex(at(t, i + 2))?;
+    let c = u8::try_from(c).ok().filter(|c| (0x20..=0x7E).contains(c))?;
+    Some((3, Some(c)))
+}
+
+/// HTML named references the scanner reads, with what they stand for: the characters of values (an
+/// address obfuscated against scrapers, `jane&commat;example&period;com`), spaces and dashes between
+/// digit groups (`+44&nbsp;20&nbsp;7946&nbsp;0958`) and invisible characters (dropped, like the characters
+/// themselves). Other named references (`&amp;`, `&lt;`, ...) are no part of a value and stay as written.
+const NAMED_REFERENCES: [(&[u8], Option<u8>); 24] = [
+    (b"commat", Some(b'@')),
+    (b"plus", Some(b'+')),
+    (b"period", Some(b'.')),
+    (b"lowbar", Some(b'_')),
+    (b"UnderBar", Some(b'_')),
+    (b"lpar", Some(b'(')),
+    (b"rpar", Some(b')')),
+    (b"colon", Some(b':')),
+    (b"nbsp", Some(b' ')),
+    (b"NonBreakingSpace", Some(b' ')),
+    (b"ensp", Some(b' ')),
+    (b"emsp", Some(b' ')),
+    (b"thinsp", Some(b' ')),
+    (b"ThinSpace", Some(b' ')),
+    (b"numsp", Some(b' ')),
+    (b"hyphen", Some(b'-')),
+    (b"dash", Some(b'-')),
+    (b"ndash", Some(b'-')),
+    (b"minus", Some(b'-')),
+    (b"shy", None),
+    (b"ZeroWidthSpace", None),
+    (b"zwnj", None),
+    (b"zwj", None),
+    (b"NoBreak", None),
+];
+
+/// An HTML character reference at `t[i..]` (HTML pasted into a prompt): numeric (`&#64;`, `&#064;`,
+/// `&#x40;`) and the named ones of [`NAMED_REFERENCES`], with their `;`. A numeric reference to printable
+/// ASCII is that character (`&#106;&#97;&#110;&#101;&#64;...`, every character encoded, is an address);
+/// one to a character [`separator_at`] reads (`&#160;`, `&#8203;`, `&#xFF20;`) is read as that character
+/// is. Since 2026-12-07; before, `jane&#64;example.com` left the gateway unmasked.
+fn character_reference_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
+    let rest = t.get(i + 1..)?;
+    // The longest reference read is `&NonBreakingSpace;` (18 bytes).
+    let semi = rest.iter().take(17).position(|&c| c == b';')?;
+    let name = rest.get(..semi)?;
+    let len = semi + 2;
+    let Some(num) = name.strip_prefix(b"#") else {
+        return NAMED_REFERENCES.iter().find(|(n, _)| *n == name).map(|&(_, rep)| (len, rep));
+    };
+    let (digits, radix) = match num.first() {
+        Some(b'x' | b'X') => (num.get(1..)?, 16),
+        _ => (num, 10),
+    };
+    if digits.is_empty() || digits.len() > 7 {
+        return None;
+    }
+    let mut cp: u32 = 0;
+    for &d in digits {
+        cp = cp * radix + char::from(d).to_digit(radix)?;
+    }
+    if (0x20..=0x7E).contains(&cp) {
+        return Some((len, u8::try_from(cp).ok()));
+    }
+    let mut buf = [0u8; 4];
+    let encoded = char::from_u32(cp)?.encode_utf8(&mut buf).as_bytes();
+    match separator_at(encoded, 0) {
+        Some((w, rep)) if w == encoded.len() => Some((len, rep)),
         _ => None,
     }
 }
@@ -983,7 +1064,10 @@ pub fn normalize_separators(t: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> 
     let a = memchr::memchr3_iter(0x09, 0xC2, 0xE2, t).find(|&p| separator_at(t, p).is_some());
     let b = memchr::memchr3_iter(0xE1, 0xE3, 0xEF, t).find(|&p| separator_at(t, p).is_some());
     let c = memchr::memchr3_iter(0xCD, 0xD8, 0xF3, t).find(|&p| separator_at(t, p).is_some());
-    let first = [a, b, c].into_iter().flatten().min()?;
+    // Percent-encoded characters and HTML references: a `%` or `&` that decodes to nothing read (`50%`,
+    // `R&D`, `&amp;`) costs this check only, no copy.
+    let d = memchr::memchr2_iter(b'%', b'&', t).find(|&p| separator_at(t, p).is_some());
+    let first = [a, b, c, d].into_iter().flatten().min()?;
     let mut out = Vec::with_capacity(t.len());
     let mut map = Vec::with_capacity(t.len());
     out.extend_from_slice(t.get(..first).unwrap_or(&[]));
@@ -2664,6 +2748,71 @@ mod tests {
         }
         assert!(kinds("ｆｕｌｌｗｉｄｔｈ ｐｒｏｓｅ，ｎｏ ｖａｌｕｅ！").is_empty());
         assert!(normalize_separators("中文，标点！问题？".as_bytes()).is_none(), "CJK punctuation is not copied");
+    }
+
+    /// Values written percent-encoded (URLs and logs pasted into a prompt) are read through the encoding, as
+    /// the model reads them, and the whole encoded span is the finding: before 2026-12-07
+    /// `jane.doe%40example.com` and `phone=%2B14155552671` left the gateway unmasked.
+    #[test]
+    fn percent_encoded_values_are_found_whole() {
+        for (text, kind, value) in [
+            (
+                "https://app.example.com/reset?email=jane.doe%40example.com&token=abc123",
+                Builtin::Email,
+                "jane.doe%40example.com",
+            ),
+            ("write to mailto:jane%40example.com please", Builtin::Email, "jane%40example.com"),
+            ("GET /api?to=jane.doe%40Example.COM HTTP/1.1", Builtin::Email, "jane.doe%40Example.COM"),
+            // Lower-case hex, and an encoded query inside a redirect parameter (`%3D` is `=`).
+            ("next=%2Fsignup%3Femail%3Djane%40example.com", Builtin::Email, "jane%40example.com"),
+            ("sms?phone=%2B14155552671&code=1", Builtin::Phone, "%2B14155552671"),
+            ("sms?phone=%2b44%2020%207946%200958&x=1", Builtin::Phone, "%2b44%2020%207946%200958"),
+            ("q=card%204111%201111%201111%201111&p=2", Builtin::CreditCard, "4111%201111%201111%201111"),
+        ] {
+            assert_eq!(kinds(text), vec![(kind, value.to_string())], "{text}");
+        }
+        // `%40` without an address around it, encoded paths and prose percentages are nothing.
+        for text in [
+            "the path a%40b and x%40y.z is no address",
+            "https://cdn.example.com/npm/%40babel%2Fcore@7.24.0/lib/index.js",
+            "GET /files/My%20Report%202024-01-15.pdf and /q?name=R%26D%20team",
+            "up 50% in 2024, 20%-30% of %s and 100%40 ok",
+            "%40 alone, %2B alone, %%40, %4 and %G0",
+        ] {
+            assert_eq!(kinds(text), vec![], "{text}");
+        }
+    }
+
+    /// Values written with HTML character references (HTML pasted into a prompt, addresses obfuscated
+    /// against scrapers) are read through them: before 2026-12-07 `jane&#64;example.com` left unmasked.
+    #[test]
+    fn html_character_references_are_read_through() {
+        for (text, kind, value) in [
+            ("<p>Mail jane&#64;example.com today</p>", Builtin::Email, "jane&#64;example.com"),
+            ("<p>Mail jane&#x40;example.com today</p>", Builtin::Email, "jane&#x40;example.com"),
+            ("<p>Mail jane&commat;example&period;com today</p>", Builtin::Email, "jane&commat;example&period;com"),
+            ("mail jane&#064;example&#46;com.", Builtin::Email, "jane&#064;example&#46;com"),
+            (
+                "&#106;&#97;&#110;&#101;&#64;&#101;&#120;&#97;&#109;&#112;&#108;&#101;&#46;&#99;&#111;&#109;",
+                Builtin::Email,
+                "&#106;&#97;&#110;&#101;&#64;&#101;&#120;&#97;&#109;&#112;&#108;&#101;&#46;&#99;&#111;&#109;",
+            ),
+            (
+                "<td>Tel: &plus;44&nbsp;20&nbsp;7946&nbsp;0958</td>",
+                Builtin::Phone,
+                "&plus;44&nbsp;20&nbsp;7946&nbsp;0958",
+            ),
+            ("card 4111&#8203;1111&shy;1111&#xAD;1111 ok", Builtin::CreditCard, "4111&#8203;1111&shy;1111&#xAD;1111"),
+        ] {
+            assert_eq!(kinds(text), vec![(kind, value.to_string())], "{text}");
+        }
+        for text in [
+            "&#64; alone, &commat; alone, and &#64;example.com",
+            "R&amp;D &lt;b&gt; &#9731; &#xZZ; &#64 &commat &#1114112; &#99999999999;",
+            "Tom &amp; Jerry &mdash; 50&#37; off",
+        ] {
+            assert_eq!(kinds(text), vec![], "{text}");
+        }
     }
 
     /// A key whose END line is cut (`-----END RSA PRIVATE K`, the copy stopped short) or that is followed
