@@ -928,7 +928,7 @@ impl Scanner {
 /// 2026-12-07: before, `jane.doe＠example.com` and `４１１１ １１１１ …` typed with a CJK input method left the
 /// gateway unmasked, and a model reads them as the ASCII value). `None` when `t[i..]` starts with none of them.
 #[allow(clippy::type_complexity)]
-fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
+pub(crate) fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
     let (b0, b1, b2) = (at(t, i), at(t, i + 1), at(t, i + 2));
     let space = Some(b' ');
     let dash = Some(b'-');
@@ -1051,6 +1051,20 @@ fn character_reference_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
         Some((w, rep)) if w == encoded.len() => Some((len, rep)),
         _ => None,
     }
+}
+
+/// What the scanner reads for the character or encoded sequence of `t` that ends at `end`, if it is one
+/// [`separator_at`] normalises (a Unicode space or dash, an invisible character, a fullwidth form, a
+/// percent-encoded character or an HTML character reference): `(its length, what it is read as)`. For
+/// the response hold-back, which must see a value written with them as one run.
+pub(crate) fn normalized_before(t: &[u8], end: usize) -> Option<(usize, Option<u8>)> {
+    let ends_here = |s: usize| separator_at(t, s).filter(|&(len, _)| s + len == end);
+    if at(t, end.checked_sub(1)?) == b';' {
+        let floor = end.saturating_sub(18);
+        let amp = t.get(floor..end)?.iter().rposition(|&c| c == b'&')?;
+        return ends_here(floor + amp);
+    }
+    (2..=4).filter_map(|w| end.checked_sub(w)).find_map(ends_here)
 }
 
 /// The text as the detectors read it when it contains tabs, Unicode spaces or dashes, or zero-width

@@ -5,7 +5,7 @@
 //! Hold-back is minimal: only a tail that is a prefix of a placeholder this request handed out is held
 //! (at most [`MAX_PLACEHOLDER`] bytes), so `<div` or `a < b` streams through untouched.
 
-use crate::detect::find;
+use crate::detect::{find, normalized_before, separator_at};
 use crate::engine::{Counts, Engine, MAX_PLACEHOLDER};
 use meshwarden_shared::stream_rewrite::{rewrite_strings, DeltaChannels, SseTextRewriter, TextRewrite};
 use serde_json::Value;
@@ -427,53 +427,61 @@ fn ndjson_lines(body: &[u8]) -> Option<Vec<(&str, Option<Value>)>> {
 }
 
 /// Longest value written in groups that a scanner must see whole (an IBAN of 34 characters in groups of
-/// four with separators, an international phone number; fullwidth digits take three bytes each), with
-/// slack.
-const MAX_GROUPED_VALUE: usize = 128;
+/// four with separators, an international phone number; fullwidth digits take three bytes each, an HTML
+/// reference between groups six, `&nbsp;`), with slack.
+const MAX_GROUPED_VALUE: usize = 256;
 
-/// The width of a fullwidth digit, capital or `＋ （ ） ．` (what the scanner reads as ASCII) or an
-/// ideographic space ending at `end` in `text`, if one does; whether it is a digit.
-fn fullwidth_before(text: &[u8], end: usize) -> Option<bool> {
-    let s = end.checked_sub(3)?;
-    match (text.get(s)?, text.get(s + 1)?, text.get(s + 2)?) {
-        (0xEF, 0xBC, 0x90..=0x99) => Some(true),
-        (0xEF, 0xBC, 0x88 | 0x89 | 0x8B | 0x8E | 0xA1..=0xBA) | (0xE3, 0x80, 0x80) => Some(false),
-        _ => None,
-    }
+/// Whether `c`, as the scanner reads it, can be part of a value written in groups: digits, capital letters
+/// and the separators grouped values use (` -+().`, a line break).
+fn grouped_value_char(c: u8) -> bool {
+    c.is_ascii_digit() || c.is_ascii_uppercase() || b" -+().\t\n\r".contains(&c)
 }
 
-/// Start of the trailing run of `text` made of digits, capital letters and the separators grouped values
-/// use (` -+().`, a line break), ASCII or fullwidth, if it holds a digit; `text.len()` when there is none.
-/// Prose ends in lower-case words, so this holds back little unless the text ends in something
-/// number-like. (A line break and fullwidth forms since 2026-12-07: the scanner reads a card wrapped
-/// across a line and fullwidth digits; before, `Card 4111 1111\n` or `４１１１ １１１１` was released
-/// and scanned without the rest of the value.)
+/// Start of the trailing run of `text` that the scanner reads as digits, capital letters and the
+/// separators grouped values use (` -+().`, a line break), if it holds a digit; `text.len()` when there is
+/// none. Characters the scanner reads through count as what it reads them as ([`normalized_before`]):
+/// Unicode spaces and dashes, invisible characters (dropped), fullwidth forms, percent-encoded characters
+/// and HTML references. Prose ends in lower-case words, so this holds back little unless the text ends in
+/// something number-like. (A line break and fullwidth forms since 2026-12-07: the scanner reads a card
+/// wrapped across a line and fullwidth digits; before, `Card 4111 1111\n` or `４１１１ １１１１` was released
+/// and scanned without the rest of the value. Invisible characters, Unicode spaces and encoded characters
+/// also since 2026-12-07: before, `Card 4111\u{200b}1111\u{200b}1111\u{200b}1111 ` streamed with the cut
+/// after its space released `Card 4111\u{200b}1111\u{200b}1111\u{200b}` to the scanner alone, and the
+/// card reached the client.)
 fn grouped_value_start(text: &[u8]) -> usize {
     let floor = text.len().saturating_sub(MAX_GROUPED_VALUE);
     let mut start = text.len();
     let mut digit = false;
     while start > floor {
         match text.get(start - 1) {
-            Some(c) if c.is_ascii_digit() || c.is_ascii_uppercase() || b" -+().\t\n\r".contains(c) => {
+            Some(&c) if grouped_value_char(c) => {
                 digit |= c.is_ascii_digit();
                 start -= 1;
             }
-            _ => match fullwidth_before(text, start) {
-                Some(d) if start - 3 >= floor => {
-                    digit |= d;
-                    start -= 3;
+            // A `%` whose two hex digits the loop took as digits and capitals: the three are one character.
+            Some(b'%') => match separator_at(text, start - 1) {
+                Some((3, Some(c))) if grouped_value_char(c) => start -= 1,
+                _ => break,
+            },
+            _ => match normalized_before(text, start) {
+                Some((len, read)) if start - len >= floor && read.is_none_or(grouped_value_char) => {
+                    digit |= read.is_some_and(|c| c.is_ascii_digit());
+                    start -= len;
                 }
                 _ => break,
             },
         }
     }
-    let run = text.get(start..).unwrap_or(&[]);
-    if digit {
-        // Do not hold back the separators before the run's first character that belongs to a value.
-        start + run.iter().position(|c| c.is_ascii_alphanumeric() || matches!(*c, b'+' | b'(' | 0xEF)).unwrap_or(0)
-    } else {
-        text.len()
+    // Do not hold back the separators before the run's first character that belongs to a value.
+    let mut k = start;
+    while digit && k < text.len() {
+        let (len, read) = separator_at(text, k).unwrap_or((1, text.get(k).copied()));
+        if read.is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'(')) {
+            return k;
+        }
+        k += len;
     }
+    text.len()
 }
 
 impl TextRewrite for Restorer {
@@ -1515,6 +1523,55 @@ mod tests {
         }
         out.extend(raw.feed(r, b"", true));
         String::from_utf8(out).unwrap()
+    }
+
+    /// With `scan_responses`, a card (or phone number, IBAN) whose groups the model separates with an
+    /// invisible character (zero-width space, soft hyphen, word joiner), a no-break space, or a
+    /// percent-encoded or HTML-written separator, cut anywhere across two SSE events or two network chunks
+    /// of a raw answer, is redacted whole. Before 2026-12-07 the hold-back did not count these characters
+    /// as part of a grouped value: with the cut after the space that follows
+    /// `Card 4111\u{200b}1111\u{200b}1111\u{200b}1111`, the text up to its last group was released and
+    /// scanned alone, and the card reached the client.
+    #[test]
+    fn streamed_values_with_invisible_separators_are_redacted_at_every_cut() {
+        let engine = Rc::new(Engine::new(&parse_config::<Config>(br#"{"scan_responses":true}"#).unwrap()));
+        for sep in [
+            "\u{200b}",
+            "\u{ad}",
+            "\u{2060}",
+            "\u{a0}",
+            " \u{200b}",
+            "\u{200b} ",
+            " \u{ad}",
+            "%20",
+            "&nbsp;",
+            "&#8203;",
+        ] {
+            for (template, kind) in [
+                ("Card 4111{sep}1111{sep}1111{sep}1111 ok then.", "card"),
+                ("Call +44{sep}20{sep}7946{sep}0958 ok then.", "phone"),
+                ("Call %2B44{sep}20{sep}7946{sep}0958 ok then.", "phone"),
+                ("IBAN DE89{sep}3704{sep}0044{sep}0532{sep}0130{sep}00 ok.", "iban"),
+            ] {
+                let text = template.replace("{sep}", sep);
+                let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+                let whole = r.rewrite_str(&text).unwrap_or_else(|| panic!("{kind} not found in {text:?}"));
+                assert!(whole.contains("[REDACTED] ok"), "{text:?}: {whole}");
+                for cut in (1..text.len()).filter(|&c| text.is_char_boundary(c)) {
+                    let (a, b) = text.split_at(cut);
+                    let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+                    assert_eq!(restored_chat_stream(&mut r, &[a, b]), whole, "SSE {a:?} | {b:?}");
+                    let mut r = Restorer::new(map(&[]), Some(engine.clone()));
+                    let mut raw = RawStream::default();
+                    let mut out = raw.feed(&mut r, a.as_bytes(), false);
+                    out.extend(raw.feed(&mut r, b.as_bytes(), true));
+                    assert_eq!(String::from_utf8(out).unwrap(), whole, "raw {a:?} | {b:?}");
+                }
+            }
+        }
+        assert_eq!(grouped_value_start("pay 4111\u{200b}1111 ".as_bytes()), 4);
+        assert_eq!(grouped_value_start(b"phone=%2B44%2020 "), 6, "the `%` of `%2B` is held with it");
+        assert_eq!(grouped_value_start(b"50%20off and more"), 17, "prose is not held back");
     }
 
     #[test]
