@@ -970,6 +970,7 @@ pub(crate) fn separator_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
         (0xF3, 0xA0, 0x84..=0x87) if (0x80..=0xBF).contains(&at(t, i + 3)) => Some((4, None)),
         (b'%', _, _) => percent_encoded_at(t, i),
         (b'&', _, _) => character_reference_at(t, i),
+        (b'+', _, _) if form_space_at(t, i) => Some((1, space)),
         _ => None,
     }
 }
@@ -984,6 +985,30 @@ fn percent_encoded_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
     let c = hex(at(t, i + 1))? * 16 + hex(at(t, i + 2))?;
     let c = u8::try_from(c).ok().filter(|c| (0x20..=0x7E).contains(c))?;
     Some((3, Some(c)))
+}
+
+/// Whether the `+` at `t[i]` is a space of a form-encoded query value (`application/x-www-form-urlencoded`:
+/// HTML forms, `URLSearchParams`, Python's `urlencode` write a space as `+`): between two letters or digits
+/// (or a percent-encoded character after it), inside a value that follows a `key=` (`phone=%2B44+20+7946+0958`,
+/// `iban=NL55+RETG+5458+1089+02`, `card=4111+1111+1111+1111`). Not in a value with an `@` after the `+`
+/// (`email=jane+tag@example.com` is an address with a tag to the model), nor outside a query value (`a+b`,
+/// `jane+tag@example.com` in prose).
+fn form_space_at(t: &[u8], i: usize) -> bool {
+    let Some(prev) = i.checked_sub(1).map(|p| at(t, p)) else {
+        return false;
+    };
+    let next = at(t, i + 1);
+    if !prev.is_ascii_alphanumeric() || !(next.is_ascii_alphanumeric() || next == b'%') {
+        return false;
+    }
+    // A query value ends at `&`, `#`, whitespace, quotes and markup; `;` separates parameters too.
+    let ends_value =
+        |c: &u8| matches!(c, b'&' | b'#' | b';' | b'?' | b'"' | b'\'' | b'<' | b'>') || c.is_ascii_whitespace();
+    let before = t.get(i.saturating_sub(128)..i).unwrap_or(&[]);
+    let after = t.get(i + 1..(i + 129).min(t.len())).unwrap_or(&[]);
+    let key = before.iter().rposition(|c| *c == b'=' || ends_value(c)).is_some_and(|p| before.get(p) == Some(&b'='));
+    let value_rest = after.iter().position(ends_value).map_or(after, |e| after.get(..e).unwrap_or(&[]));
+    key && !value_rest.contains(&b'@') && find(value_rest, b"%40").is_none()
 }
 
 /// HTML named references the scanner reads, with what they stand for: the characters of values (an
@@ -1078,9 +1103,9 @@ pub fn normalize_separators(t: &[u8]) -> Option<(Vec<u8>, Vec<(usize, usize)>)> 
     let a = memchr::memchr3_iter(0x09, 0xC2, 0xE2, t).find(|&p| separator_at(t, p).is_some());
     let b = memchr::memchr3_iter(0xE1, 0xE3, 0xEF, t).find(|&p| separator_at(t, p).is_some());
     let c = memchr::memchr3_iter(0xCD, 0xD8, 0xF3, t).find(|&p| separator_at(t, p).is_some());
-    // Percent-encoded characters and HTML references: a `%` or `&` that decodes to nothing read (`50%`,
-    // `R&D`, `&amp;`) costs this check only, no copy.
-    let d = memchr::memchr2_iter(b'%', b'&', t).find(|&p| separator_at(t, p).is_some());
+    // Percent-encoded characters, HTML references and a form's `+` between digits: a `%`, `&` or `+` that
+    // decodes to nothing read (`50%`, `R&D`, `&amp;`, `C++`) costs this check only, no copy.
+    let d = memchr::memchr3_iter(b'%', b'&', b'+', t).find(|&p| separator_at(t, p).is_some());
     let first = [a, b, c, d].into_iter().flatten().min()?;
     let mut out = Vec::with_capacity(t.len());
     let mut map = Vec::with_capacity(t.len());
@@ -2782,6 +2807,15 @@ mod tests {
             ("sms?phone=%2B14155552671&code=1", Builtin::Phone, "%2B14155552671"),
             ("sms?phone=%2b44%2020%207946%200958&x=1", Builtin::Phone, "%2b44%2020%207946%200958"),
             ("q=card%204111%201111%201111%201111&p=2", Builtin::CreditCard, "4111%201111%201111%201111"),
+            // A form-encoded query value's `+` for a space, between the groups of a value.
+            ("phone=%2B44+20+7946+0958&x=1", Builtin::Phone, "%2B44+20+7946+0958"),
+            ("card=4111+1111+1111+1111&x=1", Builtin::CreditCard, "4111+1111+1111+1111"),
+            ("pay?iban=NL91+ABNA+0417+1643+00&c=EUR", Builtin::Iban, "NL91+ABNA+0417+1643+00"),
+            ("tel=%2B33+%280%295+67+79+03+77&n=J", Builtin::Phone, "%2B33+%280%295+67+79+03+77"),
+            // A `+` tag in an address stays a tag, in a query value too.
+            ("signup?email=jane+news@example.com&x=1", Builtin::Email, "jane+news@example.com"),
+            ("signup?email=jane+news%40example.com&x=1", Builtin::Email, "jane+news%40example.com"),
+            ("mail user1+2@example.com now", Builtin::Email, "user1+2@example.com"),
         ] {
             assert_eq!(kinds(text), vec![(kind, value.to_string())], "{text}");
         }
@@ -2792,6 +2826,7 @@ mod tests {
             "GET /files/My%20Report%202024-01-15.pdf and /q?name=R%26D%20team",
             "up 50% in 2024, 20%-30% of %s and 100%40 ok",
             "%40 alone, %2B alone, %%40, %4 and %G0",
+            "1+1=2, 2+2=4, C++ and g++, version 1.0.0+20130313144700",
         ] {
             assert_eq!(kinds(text), vec![], "{text}");
         }

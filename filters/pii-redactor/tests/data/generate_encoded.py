@@ -4,7 +4,7 @@
     python3 filters/pii-redactor/tests/data/generate_encoded.py > filters/pii-redactor/tests/data/pii_eval_encoded.jsonl
 
 Values percent-encoded in URLs and logs (`?email=jane.doe%40example.com`, `phone=%2B14155552671`,
-`iban=DE89%203704...`) and written with HTML character references (`jane&#64;example.com`,
+`iban=DE89%203704...`, a form's `card=4111+1111+1111+1111`) and written with HTML character references (`jane&#64;example.com`,
 `&plus;44&nbsp;20&nbsp;7946&nbsp;0958`, every character a numeric reference), 150 each for email, phone,
 credit_card and iban, and 600 hard negatives written so (`%40` outside an address, npm scopes and Medium
 handles, `&#64;handle`, encoded paths with dates and versions, order and invoice numbers in queries, prices
@@ -17,7 +17,7 @@ import json
 import os
 import string
 import sys
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location(
@@ -35,8 +35,9 @@ rnd, us, N, GEN, ALNUM, pick, rstr = g.rnd, g.us, g.N, g.GEN, g.ALNUM, g.pick, g
 
 
 def pct(v):
-    """`v` as a URL query value: every reserved character percent-encoded (`@` %40, `+` %2B, space %20)."""
-    return quote(v, safe="")
+    """`v` as a URL query value: every reserved character percent-encoded (`@` %40, `+` %2B), a space as
+    %20 (`encodeURIComponent`) or as `+` (a form body: HTML forms, `URLSearchParams`, `urlencode`)."""
+    return quote(v, safe="") if rnd.random() < 0.6 else quote_plus(v, safe="")
 
 
 def html_refs(v):
