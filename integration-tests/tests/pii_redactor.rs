@@ -1874,3 +1874,67 @@ async fn streamed_cards_across_a_line_or_in_fullwidth_digits_are_redacted_whole(
     let text = resp.text().await.unwrap();
     assert_eq!(sse_text(&text), "Card [REDACTED]\nor [REDACTED] then.", "{text}");
 }
+
+/// Values written percent-encoded (a pasted reset link, `mailto:`, an `sms?phone=` query) or with HTML
+/// references (pasted HTML) leave the gateway masked whole, their encoding included, and come back to
+/// the client byte for byte as written: before 2026-12-07 they left as sent. The same address written
+/// plain and encoded gets two placeholders, each restored to its own spelling (a link the model repeats
+/// keeps `%40`, prose keeps `@`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_and_html_written_values_are_masked_and_restored() {
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let prompt = "Reset link https://app.example.com/reset?email=jane.doe%40example.com&token=Xy12 was sent to \
+                  jane.doe@example.com; mailto:jane%40example.com, sms?phone=%2B14155552671, \
+                  <p>ops&#64;example.org, Tel &plus;44&nbsp;20&nbsp;7946&nbsp;0958</p>";
+    assert_eq!(
+        echo_masked(&proxy, &mock, prompt).await,
+        "Reset link https://app.example.com/reset?email=<EMAIL_1>&token=Xy12 was sent to <EMAIL_2>; \
+         mailto:<EMAIL_3>, sms?phone=<PHONE_1>, <p><EMAIL_4>, Tel <PHONE_2></p>"
+    );
+    // A form body is scanned as raw text: its values are percent-encoded, with `+` for a space.
+    let resp = client()
+        .post(proxy.url("/v1/completions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("to=jane.doe%40example.com&phone=%2B44+20+7946+0958&card=4111+1111+1111+1111&note=see+you+at+5")
+        .send()
+        .await
+        .unwrap();
+    let _ = resp.text().await;
+    assert_eq!(
+        mock.last_request().unwrap().body,
+        "to=<EMAIL_1>&phone=<PHONE_1>&card=<CREDIT_CARD_1>&note=see+you+at+5"
+    );
+}
+
+/// With `scan_responses`, a card the model streams with its groups separated by a zero-width space or a
+/// soft hyphen is redacted whole, whether an SSE event ends right after it or between two of its groups,
+/// and with network chunks cut inside the invisible character: before 2026-12-07, with an event ending
+/// after the card's trailing space, the hold-back released all but its last group to the scanner alone
+/// and the card reached the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_cards_with_invisible_separators_are_redacted_whole() {
+    let ev = |t: &str| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":t}}]}));
+    let mut stream: String =
+        ["Card 4111\u{200b}1111\u{200b}1111\u{200b}1111 ", "ok, and 5500\u{ad}0000", "\u{ad}0000\u{ad}0004 ", "then."]
+            .iter()
+            .map(|t| ev(t))
+            .collect();
+    stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+    // `json!` writes the invisible characters as UTF-8: cut the network chunks inside them.
+    let bytes = stream.into_bytes();
+    let zwsp = bytes.windows(3).position(|w| w == "\u{200b}".as_bytes()).unwrap();
+    let shy = bytes.windows(2).rposition(|w| w == "\u{ad}".as_bytes()).unwrap();
+    let (port, _) = chunky_upstream(cut_at(&bytes, &[zwsp + 1, zwsp + 2, shy + 1])).await;
+    let proxy = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"a card please"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert_eq!(sse_text(&text), "Card [REDACTED] ok, and [REDACTED] then.", "{text}");
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.credit_card.redact").await.unwrap(), 2);
+}
