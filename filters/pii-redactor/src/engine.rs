@@ -807,6 +807,26 @@ mod tests {
         assert_eq!(st.counts.summary(), "email=3");
     }
 
+    /// The same address written plain and percent-encoded (or with an HTML reference) gets a placeholder
+    /// per spelling, each restored to the bytes the client wrote: the model may repeat either in a place
+    /// where only that spelling works (a link keeps `%40`, prose keeps `@`). A spelling repeated gets its
+    /// placeholder again.
+    #[test]
+    fn plain_and_encoded_spellings_get_their_own_placeholders() {
+        let e = engine("{}");
+        let mut st = MaskState::default();
+        let t = b"mail jane@example.com, ?to=jane%40example.com, <b>jane&#64;example.com</b>, jane@example.com";
+        let out = String::from_utf8(st.mask(&e, t).unwrap()).unwrap();
+        assert_eq!(out, "mail <EMAIL_1>, ?to=<EMAIL_2>, <b><EMAIL_3></b>, <EMAIL_1>");
+        for (placeholder, value) in [
+            ("<EMAIL_1>", "jane@example.com"),
+            ("<EMAIL_2>", "jane%40example.com"),
+            ("<EMAIL_3>", "jane&#64;example.com"),
+        ] {
+            assert_eq!(st.restore.get(placeholder).map(String::as_str), Some(value));
+        }
+    }
+
     #[test]
     fn actions() {
         let e = engine(
