@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the pii-redactor evaluation set of encoded values (deterministic: a fixed seed).
 
-    python3 filters/pii-redactor/tests/data/generate_encoded.py > filters/pii-redactor/tests/data/pii_eval_encoded.jsonl
+    python3 scripts/pii-eval/generate_encoded.py > filters/pii-redactor/tests/data/pii_eval_encoded.jsonl
 
 Values percent-encoded in URLs and logs (`?email=jane.doe%40example.com`, `phone=%2B14155552671`,
 `iban=DE89%203704...`, a form's `card=4111+1111+1111+1111`) and written with HTML character references (`jane&#64;example.com`,
@@ -21,7 +21,7 @@ from urllib.parse import quote, quote_plus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location(
-    "generate", os.path.join(HERE, "..", "..", "..", "..", "scripts", "pii-eval", "generate.py"))
+    "generate", os.path.join(HERE, "generate.py"))
 g = importlib.util.module_from_spec(spec)
 sys.argv = sys.argv[:1]  # the base generator reads a seed from its arguments
 spec.loader.exec_module(g)
