@@ -242,6 +242,21 @@ async fn chunky_upstream_with(chunks: Vec<Vec<u8>>, headers: &'static str) -> (u
     (port, seen)
 }
 
+/// An Envoy with `scan_responses` in front of the upstream on `port`, and the text of its answer to a
+/// streamed chat request saying `prompt` (status 200 checked).
+async fn scanned_chat_stream(port: u16, prompt: &str) -> (Envoy, String) {
+    let proxy = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":prompt}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    (proxy, text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placeholder_split_across_events_and_network_chunks_and_escaped() {
     let ev = |t: &str| format!("data: {}\n\n", json!({"choices":[{"index":0,"delta":{"content":t}}]}));
@@ -809,15 +824,7 @@ async fn streamed_secrets_the_model_writes_are_redacted_whole() {
     stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
     let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(700).map(<[u8]>::to_vec).collect();
     let (port, _) = chunky_upstream(chunks).await;
-    let proxy = envoy(port, json!({"scan_responses": true})).await;
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"check the logs"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
+    let (proxy, text) = scanned_chat_stream(port, "check the logs").await;
     assert_eq!(sse_text(&text), "Found [REDACTED] and the token [REDACTED] in the logs.", "{text}");
     assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.private_key.redact").await.unwrap(), 1);
     assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.jwt.redact").await.unwrap(), 1);
@@ -1675,15 +1682,7 @@ async fn streamed_answer_scanning_reads_context_words_of_earlier_deltas() {
     stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
     let chunks: Vec<Vec<u8>> = stream.as_bytes().chunks(90).map(<[u8]>::to_vec).collect();
     let (port, _) = chunky_upstream(chunks).await;
-    let proxy = envoy(port, json!({"scan_responses": true})).await;
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"what is on file?"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
+    let (_proxy, text) = scanned_chat_stream(port, "what is on file?").await;
     assert_eq!(sse_text(&text), "Your SSN is [REDACTED]. Call me at [REDACTED] tonight.", "{text}");
 }
 
@@ -1863,15 +1862,7 @@ async fn streamed_cards_across_a_line_or_in_fullwidth_digits_are_redacted_whole(
         .collect();
     stream.push_str("data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
     let (port, _) = chunky_upstream(vec![stream.into_bytes()]).await;
-    let proxy = envoy(port, json!({"scan_responses": true})).await;
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"a card please"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
+    let (_proxy, text) = scanned_chat_stream(port, "a card please").await;
     assert_eq!(sse_text(&text), "Card [REDACTED]\nor [REDACTED] then.", "{text}");
 }
 
@@ -1926,15 +1917,7 @@ async fn streamed_cards_with_invisible_separators_are_redacted_whole() {
     let zwsp = bytes.windows(3).position(|w| w == "\u{200b}".as_bytes()).unwrap();
     let shy = bytes.windows(2).rposition(|w| w == "\u{ad}".as_bytes()).unwrap();
     let (port, _) = chunky_upstream(cut_at(&bytes, &[zwsp + 1, zwsp + 2, shy + 1])).await;
-    let proxy = envoy(port, json!({"scan_responses": true})).await;
-    let resp = client()
-        .post(proxy.url("/v1/chat/completions"))
-        .json(&json!({"model":"m","stream":true,"messages":[{"role":"user","content":"a card please"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
+    let (proxy, text) = scanned_chat_stream(port, "a card please").await;
     assert_eq!(sse_text(&text), "Card [REDACTED] ok, and [REDACTED] then.", "{text}");
     assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.credit_card.redact").await.unwrap(), 2);
 }
