@@ -9,6 +9,10 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
                    may send it as a JSON string, which the SDK parses with `json.loads`)
   --touch-tool     register `touch(uri)`, which announces `notifications/resources/updated` for `uri` to the
                    calling session (a server that announces updates without checking subscriptions)
+  --event-store    resumable streams: one in-memory event store for every session (as the SDK hands its
+                   `event_store` to every session, and as the SDK's example store keeps events), a 100 ms
+                   `retry` for reconnecting clients, and a tool `long_job(name)` that closes its SSE stream
+                   before answering (2025-11-25 polling: the client resumes with GET + Last-Event-ID)
   --legacy-sse     serve the legacy HTTP+SSE transport (2024-11-05) instead: `GET /sse` opens the stream, whose
                    first event (`event: endpoint`) names the URI to POST messages to (`/messages/?session_id=…`),
                    and every answer comes on that stream
@@ -17,18 +21,51 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
 import argparse
 import socket
 import sys
+from uuid import uuid4
+
+import anyio
 
 import uvicorn
 from mcp.server.caching import CacheHint
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.streamable_http import EventMessage, EventStore
 from pydantic import BaseModel
+
+
+class SharedEventStore(EventStore):
+    """Every stream's events in one list; a replay finds the stream of the given event id, whichever
+    session it belongs to (the SDK's example store does the same)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, object]] = []
+
+    async def store_event(self, stream_id, message):
+        event_id = uuid4().hex
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id, send_callback):
+        index = next((i for i, (e, _, _) in enumerate(self.events) if e == last_event_id), None)
+        if index is None:
+            return None
+        stream_id = self.events[index][1]
+        for event_id, stream, message in self.events[index + 1 :]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
 
 
 class ReportOptions(BaseModel):
     limit: int = 10
 
 
-def build(extra_tools: int, public_cache: bool = False, model_tool: bool = False, touch_tool: bool = False) -> MCPServer:
+def build(
+    extra_tools: int,
+    public_cache: bool = False,
+    model_tool: bool = False,
+    touch_tool: bool = False,
+    long_job_tool: bool = False,
+) -> MCPServer:
     hints = None
     if public_cache:
         public = CacheHint(ttl_ms=60_000, scope="public")
@@ -88,6 +125,15 @@ def build(extra_tools: int, public_cache: bool = False, model_tool: bool = False
             await ctx.session.send_resource_updated(uri)
             return "touched"
 
+    if long_job_tool:
+
+        @mcp.tool()
+        async def long_job(name: str, ctx: Context) -> str:
+            """A long job: its SSE stream is closed before the answer, which the client fetches on resume."""
+            await ctx.close_sse_stream()
+            await anyio.sleep(0.3)
+            return f"job {name} done"
+
     @mcp.prompt()
     def greet(name: str) -> str:
         """Greeting prompt."""
@@ -126,10 +172,13 @@ def main() -> None:
     ap.add_argument("--model-tool", action="store_true")
     ap.add_argument("--touch-tool", action="store_true")
     ap.add_argument("--legacy-sse", action="store_true")
+    ap.add_argument("--event-store", action="store_true")
     args = ap.parse_args()
-    server = build(args.extra_tools, args.public_cache, args.model_tool, args.touch_tool)
+    server = build(args.extra_tools, args.public_cache, args.model_tool, args.touch_tool, args.event_store)
     if args.legacy_sse:
         app = server.sse_app()
+    elif args.event_store:
+        app = server.streamable_http_app(event_store=SharedEventStore(), retry_interval=100)
     else:
         app = server.streamable_http_app(json_response=args.json, stateless_http=args.stateless)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

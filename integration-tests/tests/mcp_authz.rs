@@ -1077,20 +1077,23 @@ async fn replayed_list_answers_are_filtered_on_get_streams_and_other_posts() {
     // An SSE answer with event ids, filtered as planned.
     let (st, ct, text) = post_text(&envoy, "/mcp", list("t1"), &[("x-mock-sse", "events")]).await;
     assert_eq!((st, ct.as_str()), (200, "text/event-stream"), "{text}");
-    assert!(text.contains("id: ev-0"), "{text}");
+    // Event ids leave tagged for the caller (see `stream_resumption_is_bound_to_the_caller`).
+    assert!(text.contains("id: ev-0~"), "{text}");
+    let ev0 = event_ids(&text).first().cloned().unwrap();
     assert_eq!(tool_names(&sse_messages(&text)[0]), names(&["search", "get_weather"]));
     // Polling: the POST stream carries only the priming event (its id survives the filter).
     let (st, _, text) = post_text(&envoy, "/mcp", list("t2"), &[("x-mock-sse", "poll")]).await;
     assert_eq!(st, 200);
-    assert!(text.contains("id: ev-1") && sse_messages(&text).is_empty(), "{text}");
+    assert!(text.contains("id: ev-1~") && sse_messages(&text).is_empty(), "{text}");
+    let ev1 = event_ids(&text).first().cloned().unwrap();
     // The client resumes with GET + Last-Event-ID: the stored answer is replayed there, filtered.
-    for last in ["ev-1", "ev-0"] {
+    for last in [ev1, ev0] {
         let resp = client()
             .get(envoy.url("/mcp"))
             .header("accept", "text/event-stream")
             .header("mcp-session-id", "s-1")
             .header("mcp-protocol-version", "2025-11-25")
-            .header("last-event-id", last)
+            .header("last-event-id", &last)
             .send()
             .await
             .unwrap();
@@ -1102,7 +1105,7 @@ async fn replayed_list_answers_are_filtered_on_get_streams_and_other_posts() {
         for m in &msgs {
             assert_eq!(tool_names(m), names(&["search", "get_weather"]), "{text}");
         }
-        assert!(text.contains("id: ev-2"), "event ids are kept for further resumption: {text}");
+        assert!(text.contains("id: ev-2~"), "event ids are kept for further resumption: {text}");
     }
     // Another POST's stream carrying the stored answers (ids this POST did not plan): filtered by shape.
     let prompts = json!({"jsonrpc": "2.0", "id": "p1", "method": "prompts/list"}).to_string();
@@ -2169,4 +2172,214 @@ async fn legacy_sse_transport_works_and_is_governed() {
     );
     read_until(&mut stream, &mut text, |t| t.contains("results for q")).await;
     assert!(!text.contains("deleted /x"), "{text}");
+}
+
+/// Envoy + mcp-authz (`cfg`) with every MCP route to one server (`port`).
+async fn authz_envoy_for(port: u16, cfg: &Value) -> Envoy {
+    EnvoyBuilder::new("mcp-authz-servers.yaml")
+        .var("MCP_SSE_PORT", port.to_string())
+        .var("MCP_JSON_PORT", port.to_string())
+        .var("A2A_PORT", port.to_string())
+        .var("JWKS", json_string(&jwks()))
+        .filter_config("mcp-authz", cfg)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// POST `body` in `s`; (status, raw answer text).
+async fn post_sse_text(s: &Session, body: &Value) -> (u16, String) {
+    let mut req = client()
+        .post(&s.url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &s.id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(body.to_string());
+    for (k, v) in &s.headers {
+        req = req.header(k, v);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// GET the session's stream with `Last-Event-ID: last`; (status, what arrived until `until` appeared or
+/// 10 s passed: a resumed stream stays open after its replay).
+async fn resume(s: &Session, last: &str, until: &str) -> (u16, String) {
+    let mut req = client()
+        .get(&s.url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &s.id)
+        .header("mcp-protocol-version", "2025-11-25")
+        .header("last-event-id", last);
+    for (k, v) in &s.headers {
+        req = req.header(k, v);
+    }
+    let mut resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !text.contains(until) {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Ok(Ok(Some(c))) => text.push_str(&String::from_utf8_lossy(&c)),
+            _ => break,
+        }
+    }
+    (status, text)
+}
+
+/// The values of the `id:` lines of an SSE text.
+fn event_ids(text: &str) -> Vec<String> {
+    text.lines().filter_map(|l| l.strip_prefix("id:")).map(|v| v.trim_start_matches(' ').to_string()).collect()
+}
+
+/// Stream resumption is bound to the caller. The official SDK's server keeps one event store for every
+/// session and replays the stream any event id belongs to, so whoever learnt another caller's event id
+/// read the rest of that caller's stream, tool results included (shown below with `bind_event_ids:
+/// false`, the behaviour before 2026-12-07). Ids now leave tagged for their caller and session, a
+/// `Last-Event-ID` is forwarded only with this caller's tag (stripped), and the official MCP client still
+/// resumes a polled call (its stream closed by the server before the answer) through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_resumption_is_bound_to_the_caller() {
+    let server = PyServer::start("mcp_server.py", &["--event-store"]).await.unwrap();
+    let envoy = authz_envoy_for(server.port, &config(false)).await;
+    let url = envoy.url("/mcp");
+    let who = |user: &'static str| [("x-test-user", user), ("x-test-groups", "admin")];
+    let alice = Session::open(url.clone(), &who("alice")).await;
+    let bob = Session::open(url.clone(), &who("bob")).await;
+    let call = |id: &str, name: &str| json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "long_job", "arguments": {"name": name}}});
+    // Polling: the server closes the call's stream after its priming event; the answer waits in the store.
+    let (st, text) = post_sse_text(&alice, &call("a", "a1")).await;
+    assert_eq!(st, 200, "{text}");
+    assert!(!text.contains("job a1 done"), "the answer comes on resumption: {text}");
+    let ids = event_ids(&text);
+    assert!(!ids.is_empty(), "a priming event: {text}");
+    let tagged = |id: &String| {
+        id.split_once('~').is_some_and(|(raw, tag)| {
+            raw.len() == 32
+                && tag.len() == 22
+                && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+    };
+    assert!(ids.iter().all(tagged), "every id leaves tagged: {ids:?}");
+    let alices = ids.last().unwrap().clone();
+    let raw = alices.split_once('~').unwrap().0.to_string();
+    // Bob, in his own session, with alice's id as she got it, and with the server's id under it.
+    for last in [alices.as_str(), raw.as_str(), &format!("{raw}~AAAAAAAAAAAAAAAAAAAAAA")] {
+        let (st, text) = resume(&bob, last, "\"error\"").await;
+        assert_eq!(st, 400, "{last}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], -32600, "{text}");
+        assert!(!text.contains("job a1 done"));
+    }
+    // Alice resumes: the server gets its own id, the answer is replayed, its id tagged again.
+    let (st, text) = resume(&alice, &alices, "job a1 done").await;
+    assert_eq!(st, 200);
+    assert!(text.contains("job a1 done"), "{text}");
+    assert!(event_ids(&text).iter().all(tagged), "{text}");
+    // Her id in another of her sessions is not this session's either.
+    let alice2 = Session::open(url.clone(), &who("alice")).await;
+    let (st, _) = resume(&alice2, &alices, "\"error\"").await;
+    assert_eq!(st, 400, "an id is bound to its session too");
+    wait_for_log(&envoy, r#""method":"session/stream","protocol":"mcp","rule":"event-id-binding","subject":"bob""#)
+        .await;
+    assert_eq!(envoy.stat("meshwarden.mcp_authz.event_id_denied").await.unwrap(), 4);
+
+    // The official MCP client: its polled call resumes through the gateway with the tagged id.
+    let out = python::run(
+        "mcp_client.py",
+        &[
+            url.clone(),
+            "--mode".into(),
+            "legacy".into(),
+            "--header".into(),
+            "x-test-user=carol".into(),
+            "--header".into(),
+            "x-test-groups=admin".into(),
+            "--call".into(),
+            "long_job".into(),
+            json!({"name": "c1"}).to_string(),
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let carol: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (carol["calls"][0]["ok"].clone(), carol["calls"][0]["text"].clone()),
+        (json!(true), json!("job c1 done")),
+        "{carol}"
+    );
+    drop(envoy);
+
+    // Without the binding (as before 2026-12-07): bob reads alice's tool result with her event id.
+    let mut cfg = config(false);
+    cfg["bind_event_ids"] = json!(false);
+    let envoy = authz_envoy_for(server.port, &cfg).await;
+    let url = envoy.url("/mcp");
+    let alice = Session::open(url.clone(), &who("alice")).await;
+    let bob = Session::open(url.clone(), &who("bob")).await;
+    let (_, text) = post_sse_text(&alice, &call("a", "a2")).await;
+    let last = event_ids(&text).last().cloned().unwrap();
+    assert!(!last.contains('~'), "untagged without the binding: {last}");
+    // Once the job is done its answer is in the store (before that a replay has nothing to send).
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let (st, text) = resume(&bob, &last, "job a2 done").await;
+    assert_eq!(st, 200);
+    assert!(text.contains("job a2 done"), "the leak the binding closes: {text}");
+}
+
+/// With `event_id_key_env` every Envoy holding the same secret accepts the event ids another handed out
+/// (replicas, restarts); with another secret, or each Envoy's own random key, they are refused. A
+/// missing variable refuses the plugin, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_id_keys_are_shared_through_the_vm_environment() {
+    let server = PyServer::start("mcp_server.py", &["--event-store"]).await.unwrap();
+    let mut cfg = config(false);
+    cfg["event_id_key_env"] = json!("MESHWARDEN_MCP_EVENT_ID_KEY");
+    let with_secret = |secret: &str| {
+        EnvoyBuilder::new("mcp-authz-servers.yaml")
+            .var("MCP_SSE_PORT", server.port.to_string())
+            .var("MCP_JSON_PORT", server.port.to_string())
+            .var("A2A_PORT", server.port.to_string())
+            .var("JWKS", json_string(&jwks()))
+            .filter_config("mcp-authz", &cfg)
+            .env("MESHWARDEN_MCP_EVENT_ID_KEY", secret)
+    };
+    let (a, b, other) = tokio::join!(
+        with_secret("shared-secret-0123456789\n").start(),
+        with_secret("shared-secret-0123456789").start(),
+        with_secret("another-secret-0123456789").start()
+    );
+    let (a, b, other) = (a.unwrap(), b.unwrap(), other.unwrap());
+    let random = authz_envoy_for(server.port, &config(false)).await;
+    let who = [("x-test-user", "alice"), ("x-test-groups", "admin")];
+    let alice = Session::open(a.url("/mcp"), &who).await;
+    let call = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "long_job", "arguments": {"name": "k1"}}});
+    let (st, text) = post_sse_text(&alice, &call).await;
+    assert_eq!(st, 200, "{text}");
+    let last = event_ids(&text).last().cloned().unwrap();
+    assert!(last.contains('~'), "{last}");
+    // The same session through each Envoy (the session is unknown to b, other and random: forwarded).
+    let via = |e: &Envoy| Session { url: e.url("/mcp"), id: alice.id.clone(), headers: alice.headers.clone() };
+    for (name, envoy) in [("other secret", &other), ("random key", &random)] {
+        let (st, text) = resume(&via(envoy), &last, "\"error\"").await;
+        assert_eq!(st, 400, "{name}: {text}");
+    }
+    let (st, text) = resume(&via(&b), &last, "job k1 done").await;
+    assert_eq!(st, 200, "{text}");
+    assert!(text.contains("job k1 done"), "the same secret: resumed through another Envoy: {text}");
+    drop((a, b, other, random));
+
+    let log = EnvoyBuilder::new("mcp-authz-servers.yaml")
+        .var("MCP_SSE_PORT", server.port.to_string())
+        .var("MCP_JSON_PORT", server.port.to_string())
+        .var("A2A_PORT", server.port.to_string())
+        .var("JWKS", json_string(&jwks()))
+        .filter_config("mcp-authz", &cfg)
+        .start_expect_failure()
+        .await
+        .unwrap();
+    assert!(log.contains("$.event_id_key_env") && log.contains("MESHWARDEN_MCP_EVENT_ID_KEY is not set"), "{log}");
 }

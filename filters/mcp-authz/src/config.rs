@@ -1,6 +1,7 @@
 //! The plugin configuration (plain JSON; Istio `pluginConfig`). Every struct rejects unknown fields;
 //! semantic checks report the JSON path of the bad field. See `docs/mcp-authz.md` for every field.
 
+use crate::event_id::{EventIdKey, MIN_SECRET_BYTES};
 use meshwarden_shared::config::{check_range, ConfigError, Validate};
 use serde::Deserialize;
 use serde_json::Value;
@@ -41,6 +42,14 @@ pub struct Config {
     pub binding_ttl_secs: u64,
     /// Most bindings (sessions and tasks together) kept per Envoy.
     pub max_bindings: u64,
+    /// Bind MCP stream resumption to the caller: every SSE event id leaves tagged with a MAC over the
+    /// caller, the session and the id; a `Last-Event-ID` without this caller's tag is refused (see
+    /// `event_id`).
+    pub bind_event_ids: bool,
+    /// The name of an environment variable of the Wasm VM holding the secret the event id tags are keyed
+    /// with, shared by replicas (and kept across restarts) so that a stream resumes through any of them.
+    /// Without it each Envoy keys them with a random key of its own.
+    pub event_id_key_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -72,6 +81,8 @@ impl Default for Config {
             unknown_sessions: UnknownSessions::Allow,
             binding_ttl_secs: 24 * 3600,
             max_bindings: 100_000,
+            bind_event_ids: true,
+            event_id_key_env: None,
         }
     }
 }
@@ -270,6 +281,31 @@ pub struct ArgMatcherConfig {
     pub present: Option<bool>,
 }
 
+impl Config {
+    /// The event id key from the VM's environment (`event_id_key_env`); `None` when not configured (each
+    /// Envoy then uses a random key of its own). An unset or too short variable refuses the configuration.
+    pub fn event_id_key(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<EventIdKey>, ConfigError> {
+        let Some(name) = &self.event_id_key_env else { return Ok(None) };
+        let Some(value) = env(name) else {
+            return Err(ConfigError::at(
+                "event_id_key_env",
+                format!(
+                    "environment variable {name} is not set in the Wasm VM (Envoy vm_config.environment_variables, Istio WasmPlugin vmConfig.env)"
+                ),
+            ));
+        };
+        // A trailing newline is what a secret file or `kubectl create secret --from-file` leaves.
+        let value = value.trim_end_matches(['\r', '\n']);
+        if value.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::at(
+                "event_id_key_env",
+                format!("the secret in {name} must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
+        }
+        Ok(Some(EventIdKey::from_secret(value.as_bytes())))
+    }
+}
+
 impl Validate for Config {
     fn validate(&self) -> Result<(), ConfigError> {
         check_range("max_body_bytes", self.max_body_bytes, 1, 64 << 20)?;
@@ -277,6 +313,9 @@ impl Validate for Config {
         check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         check_range("binding_ttl_secs", self.binding_ttl_secs, 1, 30 * 24 * 3600)?;
         check_range("max_bindings", self.max_bindings, 1, 10_000_000)?;
+        if self.event_id_key_env.as_deref().is_some_and(|n| n.is_empty() || n.contains(['=', '\0'])) {
+            return Err(ConfigError::at("event_id_key_env", "must be an environment variable name"));
+        }
         for (field, list) in [("mcp_paths", &self.mcp_paths), ("a2a_paths", &self.a2a_paths)] {
             for (i, p) in list.iter().enumerate() {
                 if !p.starts_with('/') {

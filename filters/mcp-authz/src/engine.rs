@@ -20,6 +20,7 @@
 //! | client responses (answers to server requests) | forwarded, no decision needed |
 
 use crate::config::{Config, DenyAnswer, OtherPaths, Protocol};
+use crate::event_id::EventIdTagger;
 use crate::identity::Identity;
 use crate::policy::{fold_eq, fold_key, Call, Decision, Policy, View};
 use meshwarden_shared::a2a;
@@ -169,6 +170,7 @@ impl Outcome {
 pub const SESSION_BINDING_RULE: &str = "session-binding";
 pub const UNKNOWN_SESSION_RULE: &str = "unknown-session";
 pub const TASK_BINDING_RULE: &str = "task-binding";
+pub const EVENT_ID_BINDING_RULE: &str = "event-id-binding";
 /// JSON-RPC code of the unknown-session answer (the MCP TypeScript SDK's -32001 "Session not found").
 pub const SESSION_NOT_FOUND: i64 = -32001;
 
@@ -177,6 +179,17 @@ pub const SESSION_NOT_FOUND: i64 = -32001;
 /// existence is not revealed.
 pub fn session_not_found(id: Option<&Value>) -> Reply {
     json_reply(404, &jsonrpc::error_response(id, SESSION_NOT_FOUND, "Session not found"), vec![])
+}
+
+/// The answer to a request whose `Last-Event-ID` this gateway did not hand to this caller in this
+/// session (see `event_id`): 400, nothing is replayed. An MCP client gives up resuming after its retries
+/// and fails the pending request instead of waiting for it.
+pub fn unknown_event_id() -> Reply {
+    json_reply(
+        400,
+        &jsonrpc::error_response(None, jsonrpc::INVALID_REQUEST, "Invalid Request: unknown Last-Event-ID"),
+        vec![],
+    )
 }
 
 /// The answer to an A2A request naming a task bound to another caller: A2A's `TaskNotFoundError`, as for
@@ -1521,6 +1534,11 @@ pub struct SseFilter {
     pub withheld: u64,
     /// `notifications/resources/updated` events withheld ([`Engine::hides_resource_update`]).
     pub updates_hidden: u64,
+    /// MCP answers with `bind_event_ids`: every event id leaves tagged for this caller and session.
+    pub event_ids: Option<Box<EventIdTagger>>,
+    /// Answers to calls: the bytes passed so far end inside a line (the start of a block too large to
+    /// hold went out), so the next ones do not begin a field line.
+    mid_line: bool,
 }
 
 impl SseFilter {
@@ -1534,7 +1552,27 @@ impl SseFilter {
             removed: 0,
             withheld: 0,
             updates_hidden: 0,
+            event_ids: None,
+            mid_line: false,
         }
+    }
+
+    /// Tag the id lines of raw bytes passed as they came (see [`EventIdTagger::tag_id_lines`]).
+    fn pass_raw(&mut self, raw: &[u8], complete: bool, out: &mut Vec<u8>) {
+        let starts_mid_line = std::mem::take(&mut self.mid_line);
+        match &self.event_ids {
+            Some(t) => out.extend_from_slice(&t.tag_id_lines(raw, starts_mid_line, complete)),
+            None => out.extend_from_slice(raw),
+        }
+        self.mid_line = !complete && raw.last().is_some_and(|b| *b != b'\n' && *b != b'\r');
+    }
+
+    /// Encode a (possibly rewritten) event, its id tagged.
+    fn encode(&self, e: &mut SseEvent) -> String {
+        if let (Some(t), Some(id)) = (&self.event_ids, &mut e.id) {
+            *id = t.tag(id);
+        }
+        encode_event(e)
     }
 
     pub fn dropped_events(&self) -> u64 {
@@ -1566,7 +1604,7 @@ impl SseFilter {
                 self.after_cr = Some(raw);
             }
             if raw {
-                out.extend(block);
+                self.pass_raw(&block, true, &mut out);
             } else {
                 let events = self.parser.feed(&block);
                 self.filter_events(engine, identity, plan, events, &mut out);
@@ -1600,7 +1638,7 @@ impl SseFilter {
             // message, nothing to filter. Read as an answer it was replaced by -32603 (before 2026-12-07),
             // and a legacy client never learnt where to send its messages.
             if e.event.as_deref() == Some(mcp::LEGACY_ENDPOINT_EVENT) {
-                out.extend_from_slice(encode_event(&e).as_bytes());
+                out.extend_from_slice(self.encode(&mut e).as_bytes());
                 continue;
             }
             // An update about a resource this caller may not subscribe to is not its business: only its
@@ -1608,6 +1646,7 @@ impl SseFilter {
             if plan.by_shape && engine.hides_resource_update(identity, &e.data) {
                 self.updates_hidden += 1;
                 if let Some(id) = &e.id {
+                    let id = self.event_ids.as_ref().map_or_else(|| id.clone(), |t| t.tag(id));
                     out.extend_from_slice(format!("id: {id}\n\n").as_bytes());
                 }
                 continue;
@@ -1629,7 +1668,7 @@ impl SseFilter {
                     e.data = withheld_answer(plan.single_id().as_ref(), "the event is not readable JSON");
                 }
             }
-            out.extend_from_slice(encode_event(&e).as_bytes());
+            out.extend_from_slice(self.encode(&mut e).as_bytes());
         }
     }
 
@@ -1656,14 +1695,15 @@ impl SseFilter {
                 self.filter_block(engine, identity, plan, rest, &mut out);
             }
         } else if self.blocks.held() > self.max_event_bytes {
-            out.extend(self.blocks.take_held());
+            let held = self.blocks.take_held();
+            self.pass_raw(&held, false, &mut out);
         }
         out
     }
 
     fn filter_block(&mut self, engine: &Engine, identity: &Identity, plan: &Plan, block: Vec<u8>, out: &mut Vec<u8>) {
         if !may_hold_list_answer(&block) {
-            out.extend(block);
+            self.pass_raw(&block, true, out);
             return;
         }
         let mut parser = SseParser::new(self.max_event_bytes.saturating_add(1));
@@ -1677,12 +1717,13 @@ impl SseFilter {
                 e.data = data;
                 changed = true;
             }
-            rewritten.push_str(&encode_event(&e));
+            rewritten.push_str(&self.encode(&mut e));
         }
         if changed {
+            self.mid_line = false;
             out.extend_from_slice(rewritten.as_bytes());
         } else {
-            out.extend(block);
+            self.pass_raw(&block, true, out);
         }
     }
 }
@@ -1772,6 +1813,33 @@ mod tests {
         assert!(!out.creates_tasks && out.tasks.is_empty() && out.events == ["task_binding_denied"]);
         let r = session_not_found(None);
         assert_eq!((r.status, body(&r)["error"]["message"].clone()), (404, json!("Session not found")));
+    }
+
+    /// The event id key comes from the VM's environment when configured: an unset or short variable
+    /// refuses the configuration naming the field; a trailing newline (a secret file's) is dropped.
+    #[test]
+    fn event_id_key_comes_from_the_vm_environment() {
+        use crate::event_id::EventIdKey;
+        let cfg = |v: Value| parse_config::<Config>(v.to_string().as_bytes());
+        let c = cfg(json!({"event_id_key_env": "MCP_EVENT_KEY"})).unwrap();
+        let env = |value: Option<&str>| {
+            let value = value.map(str::to_string);
+            move |name: &str| (name == "MCP_EVENT_KEY").then(|| value.clone()).flatten()
+        };
+        let err = c.event_id_key(env(None)).unwrap_err().to_string();
+        assert!(err.contains("$.event_id_key_env") && err.contains("MCP_EVENT_KEY"), "{err}");
+        let err = c.event_id_key(env(Some("short\n"))).unwrap_err().to_string();
+        assert!(err.contains("$.event_id_key_env") && err.contains("16 bytes"), "{err}");
+        let key = c.event_id_key(env(Some("0123456789abcdef-secret\n"))).unwrap();
+        assert_eq!(key, Some(EventIdKey::from_secret(b"0123456789abcdef-secret")));
+        assert_eq!(cfg(json!({})).unwrap().event_id_key(env(Some("x"))).unwrap(), None, "not configured");
+        for bad in ["", "A=B"] {
+            let err = cfg(json!({ "event_id_key_env": bad })).unwrap_err().to_string();
+            assert!(err.contains("$.event_id_key_env"), "{err}");
+        }
+        assert!(cfg(json!({"bind_event_ids": "yes"})).is_err());
+        let reserved = json!({"policy": {"rules": [{"name": EVENT_ID_BINDING_RULE, "effect": "allow"}]}});
+        assert!(cfg(reserved).unwrap_err().to_string().contains("event-id-binding"));
     }
 
     /// The binding settings are validated with their field named.
@@ -2633,6 +2701,70 @@ mod tests {
         }
         out.extend(f.feed(&e, &anon(), &plan, b"", true));
         assert_eq!(String::from_utf8(out).unwrap(), big);
+    }
+
+    /// With `bind_event_ids` every event id of an MCP answer leaves tagged for the caller and session,
+    /// cut anywhere, in answers to calls (every other byte kept) and on filtered streams (GET: priming
+    /// events, replayed answers, withheld resource updates); an event too large to hold keeps its tag.
+    #[test]
+    fn event_ids_leave_tagged_in_every_kind_of_answer() {
+        use crate::event_id::{EventIdKey, EventIdTagger};
+        let e = std_engine("hide");
+        let tagger = EventIdTagger::new(EventIdKey::from_secret(b"0123456789abcdef"), [3; 16], "sess-1");
+        let t = |id: &str| tagger.tag(id);
+        let progress = r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}"#;
+        let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
+        let stream = format!(": keep-alive\r\n\r\nid: e1\r\nretry: 3000\r\ndata: {progress}\r\n\r\nid:e2\ndata: {list}\n\nid: e3\rdata: x\r\r");
+        let call = Plan { ids: HashMap::new(), by_shape: true, incidental: true };
+        for cut in 0..=stream.len() {
+            let mut f = SseFilter::new(1 << 20);
+            f.event_ids = Some(Box::new(tagger.clone()));
+            let mut out = f.feed(&e, &anon(), &call, &stream.as_bytes()[..cut], false);
+            out.extend(f.feed(&e, &anon(), &call, &stream.as_bytes()[cut..], true));
+            let out = String::from_utf8(out).unwrap();
+            // (The `\n` of the last `\r\n` goes with the next block when a cut falls between them.)
+            let head = format!(": keep-alive\r\n\r\nid: {}\r\nretry: 3000\r\ndata: {progress}\r\n\r", t("e1"));
+            assert!(out.starts_with(&head), "cut {cut}: {out:?}");
+            assert!(out.contains(&format!("id: {}\n", t("e2"))) && !out.contains("delete_all"), "cut {cut}: {out:?}");
+            assert!(out.ends_with(&format!("id: {}\rdata: x\r\r", t("e3"))), "cut {cut}: {out:?}");
+            for raw in ["id: e1\r", "id:e2\n", "id: e2\n", "id: e3\r"] {
+                assert!(!out.contains(raw), "{raw:?} left untagged, cut {cut}: {out:?}");
+            }
+        }
+        // GET stream: priming event, replayed list answer, hidden resource update, keep-alive.
+        let update =
+            r#"{"jsonrpc":"2.0","method":"notifications/resources/updated","params":{"uri":"file:///private/keys"}}"#;
+        let get_stream =
+            format!("id: p0\ndata: \n\n: ping\n\nid: r1\nevent: message\ndata: {list}\n\nid: u2\ndata: {update}\n\n");
+        let get = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
+        for cut in 0..=get_stream.len() {
+            let mut f = SseFilter::new(1 << 20);
+            f.event_ids = Some(Box::new(tagger.clone()));
+            let mut out = f.feed(&e, &anon(), &get, &get_stream.as_bytes()[..cut], false);
+            out.extend(f.feed(&e, &anon(), &get, &get_stream.as_bytes()[cut..], true));
+            let out = String::from_utf8(out).unwrap();
+            for id in ["p0", "r1", "u2"] {
+                assert!(out.contains(&format!("id: {}\n", t(id))), "{id} untagged, cut {cut}: {out:?}");
+            }
+            assert!(
+                out.contains(": ping\n\n") && !out.contains("delete_all") && !out.contains("private/keys"),
+                "{out:?}"
+            );
+        }
+        // Larger than max_response_bytes: passed as it comes, its leading id tagged; text that continues
+        // a line passed earlier is no field line, even when it reads `id: `.
+        let big = format!("id: big-1\ndata: {}id: no{}\n\nid: after\n\n", "x".repeat(150), "y".repeat(10));
+        let cut = big.find("id: no").unwrap();
+        let mut f = SseFilter::new(100);
+        f.event_ids = Some(Box::new(tagger.clone()));
+        let mut out = f.feed(&e, &anon(), &call, &big.as_bytes()[..cut], false);
+        out.extend(f.feed(&e, &anon(), &call, &big.as_bytes()[cut..], false));
+        out.extend(f.feed(&e, &anon(), &call, b"", true));
+        let out = String::from_utf8(out).unwrap();
+        let expected = big
+            .replace("id: big-1\n", &format!("id: {}\n", t("big-1")))
+            .replace("id: after", &format!("id: {}", t("after")));
+        assert_eq!(out, expected);
     }
 
     /// 2026-07-28 cache hints: every answer the filter reads leaves with `cacheScope: "private"` (a

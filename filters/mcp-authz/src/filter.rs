@@ -5,6 +5,7 @@
 use crate::binding::{self, Bound, Kind, Table, Verdict};
 use crate::config::{Config, OtherPaths, Protocol, UnknownSessions};
 use crate::engine::{withheld_answer, Audit, Endpoint, Engine, Outcome, Plan, Reply, SseFilter};
+use crate::event_id::{EventIdKey, EventIdTagger};
 use crate::identity::{self, Identity, Sources};
 use meshwarden_shared::host::{load_config, log, now_ms, HeaderSnapshot, Metrics, VmTimed};
 use meshwarden_shared::mcp::{self, RequestHeaders};
@@ -38,6 +39,40 @@ struct Shared {
     /// the bounded labels' count): one lookup per decision instead of two names built and hashed.
     decision_ids: HashMap<String, [Option<u32>; 2]>,
     totals: [Option<u32>; 2],
+    /// The key of the event id tags: from `event_id_key_env`, or this Envoy's random key, read from
+    /// shared data at the first request that needs it (see [`shared_event_key`]).
+    event_key: Option<EventIdKey>,
+}
+
+/// Envoy shared data key of this Envoy's random event id key (when `event_id_key_env` is not set).
+const EVENT_KEY: &str = "meshwarden.mcp_authz.event_id_key";
+
+/// This Envoy's random event id key, one for all its workers (a stream resumes on whichever worker the
+/// GET lands): the first VM to configure writes it, every VM reads it back. Shared data cannot refuse
+/// a second first writer (a CAS token cannot guard a key not written yet), so VMs read the key at their
+/// first request, after every worker configured, not at their own configure.
+fn shared_event_key() -> EventIdKey {
+    let stored =
+        || hostcalls::get_shared_data(EVENT_KEY).ok().and_then(|(v, _)| v).and_then(|v| EventIdKey::from_stored(&v));
+    if let Some(k) = stored() {
+        return k;
+    }
+    let fresh = random_key();
+    let _ = hostcalls::set_shared_data(EVENT_KEY, Some(fresh.as_bytes()), None);
+    stored().unwrap_or(fresh)
+}
+
+/// 32 bytes from the host's random source (WASI `random_get`, which Envoy serves from BoringSSL).
+fn random_key() -> EventIdKey {
+    let mut bytes = [0u8; 32];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // Not expected in Envoy; std's per-thread SipHash keys come from the same source.
+        for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+            let h = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), (i, now_ms()));
+            chunk.copy_from_slice(&h.to_le_bytes());
+        }
+    }
+    EventIdKey::from_bytes(bytes)
 }
 
 impl Shared {
@@ -101,6 +136,7 @@ impl Default for Root {
             methods,
             decision_ids: HashMap::new(),
             totals: [None; 2],
+            event_key: None,
         };
         Root { engine: Rc::new(engine), shared: Rc::new(RefCell::new(shared)) }
     }
@@ -123,6 +159,18 @@ impl RootContext for Root {
             log(LogLevel::Warn, "meshwarden mcp_authz: identity.unverified_bearer_dev_only is ON: bearer token payloads are trusted WITHOUT signature verification; never use this in production");
         }
         self.set_tick_period(Duration::from_millis(cfg.stats_flush_interval_ms.max(1)));
+        let configured_key = match cfg.event_id_key(|name| std::env::var(name).ok()) {
+            Ok(k) => k,
+            Err(err) => {
+                log(LogLevel::Critical, &format!("meshwarden mcp_authz: invalid configuration: {err}"));
+                return false;
+            }
+        };
+        if cfg.bind_event_ids && configured_key.is_none() {
+            // Written now so that it exists before traffic; read back at each VM's first request.
+            let _ = shared_event_key();
+        }
+        self.shared.borrow_mut().event_key = configured_key;
         match Engine::new(cfg) {
             Ok(e) => {
                 log(LogLevel::Info, &format!("meshwarden mcp_authz: loaded {} rules", e.policy.rule_count()));
@@ -163,6 +211,8 @@ impl RootContext for Root {
             capture: None,
             capture_planned: false,
             task_list_planned: false,
+            session_header: None,
+            event_id_refused: false,
         }))
     }
 
@@ -199,7 +249,7 @@ enum Answer {
     /// An answer that could not be filtered was replaced by an error: drop what is left of it.
     Discard,
     Json,
-    Sse(SseFilter),
+    Sse(Box<SseFilter>),
     /// A2A `ListTasks` answer (buffered): only the caller's own tasks are kept.
     TaskList,
 }
@@ -237,6 +287,10 @@ struct Request {
     capture_planned: bool,
     /// A2A `ListTasks`: keep only the caller's tasks in the answer.
     task_list_planned: bool,
+    /// MCP: the request's `Mcp-Session-Id` as sent (whatever `bind_sessions` says): event id tags name it.
+    session_header: Option<String>,
+    /// MCP: the request carries a `Last-Event-ID` not handed to this caller in this session.
+    event_id_refused: bool,
 }
 
 impl Context for Request {}
@@ -258,6 +312,20 @@ impl Request {
         } else {
             Kind::Task
         }
+    }
+
+    /// Tags and checks event ids for this caller in `session` (see `event_id`).
+    fn event_tagger(&self, session: &str) -> EventIdTagger {
+        let cached = self.shared.borrow().event_key.clone();
+        let key = match cached {
+            Some(k) => k,
+            None => {
+                let k = shared_event_key();
+                self.shared.borrow_mut().event_key = Some(k.clone());
+                k
+            }
+        };
+        EventIdTagger::new(key, self.owner(), session)
     }
 
     fn owner(&self) -> [u8; 16] {
@@ -288,6 +356,11 @@ impl Request {
                 }
                 _ => {}
             }
+        }
+        if self.event_id_refused {
+            let r = crate::engine::unknown_event_id();
+            out.refuse_for_binding(crate::engine::EVENT_ID_BINDING_RULE, r, "event_id_denied");
+            return out;
         }
         if cfg.bind_tasks && !out.tasks.is_empty() {
             let (owner, now, kind) = (self.owner(), now_ms(), self.task_kind());
@@ -740,6 +813,26 @@ impl Request {
                 None => self.session_create = method == "POST",
             }
         }
+        if protocol == Protocol::Mcp && self.engine.config.bind_event_ids && method != "OPTIONS" {
+            self.session_header = headers.get(mcp::HEADER_SESSION_ID).map(str::to_string);
+            if headers.count("last-event-id") > 1 {
+                return self.error_reply(
+                    400,
+                    jsonrpc::INVALID_REQUEST,
+                    "Invalid Request: Last-Event-ID is repeated",
+                    "header_mismatch",
+                );
+            }
+            if let Some(tagged) = headers.get("last-event-id").filter(|v| !v.is_empty()) {
+                // Only an id handed to this caller in this session resumes, and the server sees it as
+                // it issued it; any other is refused once the request is decided (after the policy).
+                let tagger = self.event_tagger(self.session_header.as_deref().unwrap_or(""));
+                match tagger.verify(tagged).map(str::to_string) {
+                    Some(id) => self.set_http_request_header("last-event-id", Some(&id)),
+                    None => self.event_id_refused = true,
+                }
+            }
+        }
         match method.as_str() {
             "POST" => {}
             "OPTIONS" => return Action::Continue,
@@ -886,7 +979,14 @@ impl Request {
             }
         }
         self.answer = if ctype.starts_with("text/event-stream") && !self.card {
-            Answer::Sse(SseFilter::new(self.engine.config.max_response_bytes as usize))
+            let mut f = SseFilter::new(self.engine.config.max_response_bytes as usize);
+            if self.endpoint == Endpoint::Mcp && self.engine.config.bind_event_ids {
+                // An initialize's answer names the session it created.
+                let session =
+                    self.session_header.clone().or_else(|| headers.get(mcp::HEADER_SESSION_ID).map(str::to_string));
+                f.event_ids = Some(Box::new(self.event_tagger(session.as_deref().unwrap_or(""))));
+            }
+            Answer::Sse(Box::new(f))
         } else {
             Answer::Json
         };

@@ -281,13 +281,20 @@ impl Policy {
         let mut names = std::collections::HashSet::new();
         for (i, r) in cfg.rules.iter().enumerate() {
             let base = format!("policy.rules[{i}]");
-            const RESERVED: &[&str] =
-                &["builtin", "default", "uri-dot-segments", "session-binding", "unknown-session", "task-binding"];
+            const RESERVED: &[&str] = &[
+                "builtin",
+                "default",
+                "uri-dot-segments",
+                "session-binding",
+                "unknown-session",
+                "task-binding",
+                "event-id-binding",
+            ];
             if r.name.is_empty() || RESERVED.contains(&r.name.as_str()) {
                 return Err(ConfigError::at(
                     &format!("{base}.name"),
                     "must be non-empty and not `builtin`, `default`, `uri-dot-segments`, `session-binding`, \
-                     `unknown-session` or `task-binding`",
+                     `unknown-session`, `task-binding` or `event-id-binding`",
                 ));
             }
             if !names.insert(r.name.clone()) {
