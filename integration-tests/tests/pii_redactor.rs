@@ -1921,3 +1921,50 @@ async fn streamed_cards_with_invisible_separators_are_redacted_whole() {
     assert_eq!(sse_text(&text), "Card [REDACTED] ok, and [REDACTED] then.", "{text}");
     assert_eq!(proxy.stat("meshwarden.pii_redactor.response_findings.credit_card.redact").await.unwrap(), 2);
 }
+
+/// Text files sent base64-encoded leave masked: a CSV of customers in Gemini `inline_data` and a
+/// `data:text/plain` file part in OpenAI chat are decoded, masked and re-encoded (binary files as sent),
+/// and the model's placeholders come back restored. Before 2026-12-07 their values reached the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base64_text_files_leave_masked_and_answers_are_restored() {
+    use meshwarden_shared::encoding::base64_decode;
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let decoded = |b64: &str| String::from_utf8(base64_decode(b64).unwrap()).unwrap();
+    let csv = "name,email,card\nJane Doe,jane.doe@example.com,4111 1111 1111 1111\nBob,bob@example.org,-\n";
+    let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==";
+    let gemini = json!({"contents": [{"role": "user", "parts": [
+        {"text": "Which customers are in this file?"},
+        {"inline_data": {"mime_type": "text/csv", "data": base64_encode(csv.as_bytes())}},
+        {"inline_data": {"mime_type": "image/png", "data": png}}]}]});
+    let resp =
+        client().post(proxy.url("/v1beta/models/gemini-2.5-flash:generateContent")).json(&gemini).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = resp.bytes().await;
+    let sent = mock.last_request().unwrap().json().unwrap();
+    let file = decoded(sent["contents"][0]["parts"][1]["inline_data"]["data"].as_str().unwrap());
+    assert_eq!(file, "name,email,card\nJane Doe,<EMAIL_1>,<CREDIT_CARD_1>\nBob,<EMAIL_2>,-\n");
+    assert_eq!(sent["contents"][0]["parts"][2]["inline_data"]["data"], png, "a binary file leaves as sent");
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.encoded_texts_scanned").await.unwrap(), 1);
+
+    // OpenAI chat: the answer names the file's values by their placeholders; the client reads them restored.
+    let note = "Escalate to jane.doe@example.com, phone +44 20 7946 0958.";
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Who do I escalate to?"},
+        {"type": "file", "file": {"filename": "oncall.txt",
+            "file_data": format!("data:text/plain;base64,{}", base64_encode(note.as_bytes()))}}]}]});
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-answer", "Write to <EMAIL_1> or call <PHONE_1>.")
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "Write to jane.doe@example.com or call +44 20 7946 0958.");
+    let sent = mock.last_request().unwrap();
+    assert!(!sent.body.contains("jane.doe") && !sent.body.contains(&base64_encode(note.as_bytes())));
+    let url = sent.json().unwrap()["messages"][0]["content"][1]["file"]["file_data"].as_str().unwrap().to_string();
+    let payload = url.strip_prefix("data:text/plain;base64,").expect("still a data: URL");
+    assert_eq!(decoded(payload), "Escalate to <EMAIL_1>, phone <PHONE_1>.");
+}

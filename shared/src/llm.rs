@@ -103,7 +103,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn parse(s: &str) -> Role {
+    pub(crate) fn parse(s: &str) -> Role {
         match s {
             "system" => Role::System,
             "developer" => Role::Developer,

@@ -325,6 +325,9 @@ impl Request {
             let why = format!("the request body cannot be scanned reliably: {problem}");
             return self.unscannable(400, ErrorKind::InvalidRequest, problem.code(), &why);
         }
+        if result.encoded_texts > 0 {
+            self.count("encoded_texts_scanned", result.encoded_texts as u64);
+        }
         match result.scanned {
             Scanned::Raw => self.count("scanned_raw", 1),
             Scanned::Skipped => self.count("not_scanned", 1),

@@ -9,6 +9,7 @@
 //! and a byte scanner cannot read UTF-16/32 (which Python servers parse as JSON).
 
 use crate::engine::{Engine, MaskState};
+use meshwarden_shared::attachments::{extract_encoded_texts, EncodedText};
 use meshwarden_shared::json::{case_folded_duplicate, go_fold_key, parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     extract_request_texts, is_message_name, next_text_part, participant_name, push_string_leaves, rewrite_body_texts,
@@ -42,6 +43,8 @@ pub struct RequestResult {
     pub state: MaskState,
     /// Why the body was refused (`Refused`: names the key or the encoding).
     pub problem: Option<JsonBodyError>,
+    /// Base64 text files scanned (decoded; see `meshwarden_shared::attachments`).
+    pub encoded_texts: usize,
 }
 
 struct MaskAll<'a> {
@@ -91,6 +94,22 @@ fn masked_strings(v: &Value, rw: &mut dyn TextRewrite) -> Vec<(String, String)> 
             masked.map(|m| (leaf.pointer, m))
         })
         .collect()
+}
+
+/// Mask the decoded text of each base64 text file and put it back encoded, in place of any other edit of
+/// the same string (scanned whole, the base64 itself is a string too).
+fn mask_encoded_texts(
+    engine: &Engine,
+    state: &mut MaskState,
+    encoded: &[EncodedText],
+    edits: &mut Vec<(String, String)>,
+) {
+    for e in encoded {
+        if let Some(masked) = state.mask(engine, e.text.as_bytes()).and_then(|m| String::from_utf8(m).ok()) {
+            edits.retain(|(pointer, _)| pointer != &e.pointer);
+            edits.push((e.pointer.clone(), e.encode(&masked)));
+        }
+    }
 }
 
 /// Calls `f` with every object key of `v`, at any depth.
@@ -154,9 +173,14 @@ fn mask_keys(engine: &Engine, state: &mut MaskState, body: &[u8]) -> Option<Vec<
 pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: bool) -> RequestResult {
     let mut state = MaskState::default();
     match parse_strict(body) {
-        Err(e @ (JsonBodyError::DuplicateKey(_) | JsonBodyError::NotUtf8(_))) => {
-            RequestResult { api: Api::from_path(path), scanned: Scanned::Refused, body: None, state, problem: Some(e) }
-        }
+        Err(e @ (JsonBodyError::DuplicateKey(_) | JsonBodyError::NotUtf8(_))) => RequestResult {
+            api: Api::from_path(path),
+            scanned: Scanned::Refused,
+            body: None,
+            state,
+            problem: Some(e),
+            encoded_texts: 0,
+        },
         Ok(mut v) => {
             let api = Api::detect(path, &v);
             let spans = extract_request_texts(api, &v);
@@ -175,7 +199,14 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             };
             if let Some(why) = ambiguous {
                 let problem = JsonBodyError::DuplicateKey(why);
-                return RequestResult { api, scanned: Scanned::Refused, body: None, state, problem: Some(problem) };
+                return RequestResult {
+                    api,
+                    scanned: Scanned::Refused,
+                    body: None,
+                    state,
+                    problem: Some(problem),
+                    encoded_texts: 0,
+                };
             }
             // Nothing the API's shape names as model-read text (an unknown API, or a known path with a
             // body of another shape): scan every string rather than none.
@@ -191,15 +222,30 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                     !engine.has_custom() && k.len() <= 30 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
                 sensitive_keys = sensitive_keys || (!plain && !engine.find(k.as_bytes()).is_empty());
             });
+            // Text files sent base64-encoded (a CSV in Gemini `inline_data`, a `data:text/plain` file part):
+            // the model reads their text, the body's strings show only base64. Before 2026-12-07 they left
+            // unscanned.
+            let encoded = extract_encoded_texts(&v);
+            for e in &encoded {
+                state.reserve_lookalikes(e.text.as_bytes());
+            }
             if spans.is_empty() {
                 let mut copy = v.clone();
                 rewrite_strings(&mut copy, &mut Reserve(&mut state));
-                let edits = masked_strings(&v, &mut MaskAll { engine, state: &mut state });
+                let mut edits = masked_strings(&v, &mut MaskAll { engine, state: &mut state });
+                mask_encoded_texts(engine, &mut state, &encoded, &mut edits);
                 let mut masked = if edits.is_empty() { None } else { rewrite_body_texts(body, &mut v, &edits) };
                 if sensitive_keys {
                     masked = mask_keys(engine, &mut state, masked.as_deref().unwrap_or(body)).or(masked);
                 }
-                return RequestResult { api, scanned: Scanned::JsonAllStrings, body: masked, state, problem: None };
+                return RequestResult {
+                    api,
+                    scanned: Scanned::JsonAllStrings,
+                    body: masked,
+                    state,
+                    problem: None,
+                    encoded_texts: encoded.len(),
+                };
             }
             for s in &spans {
                 state.reserve_lookalikes(s.text.as_bytes());
@@ -259,17 +305,25 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                     }
                 }
             }
+            mask_encoded_texts(engine, &mut state, &encoded, &mut replacements);
             let original = body;
             let mut body = if replacements.is_empty() { None } else { rewrite_body_texts(body, &mut v, &replacements) };
             if sensitive_keys {
                 body = mask_keys(engine, &mut state, body.as_deref().unwrap_or(original)).or(body);
             }
-            RequestResult { api, scanned: Scanned::Json, body, state, problem: None }
+            RequestResult { api, scanned: Scanned::Json, body, state, problem: None, encoded_texts: encoded.len() }
         }
         Err(JsonBodyError::Syntax(_)) => {
             let api = Api::from_path(path);
             if !raw_fallback {
-                return RequestResult { api, scanned: Scanned::Skipped, body: None, state, problem: None };
+                return RequestResult {
+                    api,
+                    scanned: Scanned::Skipped,
+                    body: None,
+                    state,
+                    problem: None,
+                    encoded_texts: 0,
+                };
             }
             state.reserve_lookalikes(body);
             // JSON that serde_json refuses but a lenient upstream parser reads (`NaN`, lone surrogates,
@@ -283,7 +337,7 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
                 }
                 None => state.mask(engine, body),
             };
-            RequestResult { api, scanned: Scanned::Raw, body, state, problem: None }
+            RequestResult { api, scanned: Scanned::Raw, body, state, problem: None, encoded_texts: 0 }
         }
     }
 }
@@ -463,6 +517,67 @@ mod tests {
         let r = process_request(&e, "/v1/messages", a.to_string().as_bytes(), true);
         let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
         assert_eq!(out["system"], "ssn <US_SSN_1>");
+    }
+
+    /// Text files sent base64-encoded are decoded, masked and re-encoded, the same value under the same
+    /// placeholder as in the prompt's text; binary files and other strings stay as sent. Before 2026-12-07
+    /// a CSV of customers in Gemini `inline_data`, or a `data:text/plain` file part, left unmasked.
+    #[test]
+    fn base64_text_files_are_masked_and_reencoded() {
+        use meshwarden_shared::encoding::{base64_decode, base64_encode};
+        let e = engine();
+        let b64 = |s: &str| base64_encode(s.as_bytes());
+        let text_of = |s: &str| String::from_utf8(base64_decode(s).unwrap()).unwrap();
+        let csv = "name,email,card\nJane,jane.doe@example.com,4111 1111 1111 1111\n";
+        // Gemini (every string of an unknown shape is scanned; the base64 one as its text).
+        let gemini = json!({"contents": [{"role": "user", "parts": [
+            {"text": "Summarise for jane.doe@example.com"},
+            {"inline_data": {"mime_type": "text/csv", "data": b64(csv)}},
+            {"inline_data": {"mime_type": "image/png", "data": "iVBORw0KGgo="}}]}]});
+        let r =
+            process_request(&e, "/v1beta/models/gemini-2.5-flash:generateContent", gemini.to_string().as_bytes(), true);
+        assert_eq!((r.scanned, r.encoded_texts), (Scanned::JsonAllStrings, 1));
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(out["contents"][0]["parts"][0]["text"], "Summarise for <EMAIL_1>");
+        let file = text_of(out["contents"][0]["parts"][1]["inline_data"]["data"].as_str().unwrap());
+        assert_eq!(file, "name,email,card\nJane,<EMAIL_1>,<CREDIT_CARD_1>\n");
+        assert_eq!(out["contents"][0]["parts"][2]["inline_data"]["data"], "iVBORw0KGgo=", "binary: as sent");
+        // OpenAI chat file part (a data: URL), Anthropic text document, Bedrock csv document.
+        let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "read it"},
+            {"type": "file", "file": {"filename": "notes.txt", "file_data": format!("data:text/plain;base64,{}", b64("call +1 415 555 2671"))}}]}]});
+        let r = process_request(&e, "/v1/chat/completions", chat.to_string().as_bytes(), true);
+        assert_eq!((r.scanned, r.encoded_texts), (Scanned::Json, 1));
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        let url = out["messages"][0]["content"][1]["file"]["file_data"].as_str().unwrap();
+        let payload = url.strip_prefix("data:text/plain;base64,").unwrap();
+        assert_eq!(text_of(payload), "call <PHONE_1>");
+        let anthropic = json!({"model": "claude", "max_tokens": 9, "messages": [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": b64("ssn 536-22-8963")}},
+            {"type": "text", "text": "ok"}]}]});
+        let r = process_request(&e, "/v1/messages", anthropic.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(text_of(out["messages"][0]["content"][0]["source"]["data"].as_str().unwrap()), "ssn <US_SSN_1>");
+        let bedrock = json!({"messages": [{"role": "user", "content": [{"text": "see file"},
+            {"document": {"format": "csv", "name": "c", "source": {"bytes": b64("a,jane.doe@example.com")}}}]}]});
+        let r =
+            process_request(&e, "/model/anthropic.claude-3-5-sonnet/converse", bedrock.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        assert_eq!(
+            text_of(out["messages"][0]["content"][1]["document"]["source"]["bytes"].as_str().unwrap()),
+            "a,<EMAIL_1>"
+        );
+        // A look-alike a client put in a file is reserved like one in a text: never handed out.
+        let lookalike = json!({"contents": [{"parts": [
+            {"inline_data": {"mime_type": "text/plain", "data": b64("<EMAIL_1> is x@y.io")}}]}]});
+        let r = process_request(&e, "/v1beta/models/g:generateContent", lookalike.to_string().as_bytes(), true);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        let file = text_of(out["contents"][0]["parts"][0]["inline_data"]["data"].as_str().unwrap());
+        assert!(file.starts_with("<EMAIL_1> is <EMAIL_") && !file.ends_with("<EMAIL_1>"), "{file}");
+        // A reject action refuses a file's finding too.
+        let strict = Engine::new(&parse_config::<Config>(br#"{"detectors":{"us_ssn":{"action":"reject"}}}"#).unwrap());
+        let r = process_request(&strict, "/v1/messages", anthropic.to_string().as_bytes(), true);
+        assert_eq!(r.state.rejected, vec!["us_ssn".to_string()]);
     }
 
     /// Text parts of one message are one text to the model: a value cut across two is masked whole, its

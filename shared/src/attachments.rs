@@ -1,0 +1,265 @@
+//! Text files inside a request, base64-encoded: a CSV, a log, a JSON export attached to a prompt. The
+//! model reads them as text, but a filter scanning the body's strings sees only base64. Where they are:
+//!
+//! - Gemini `contents[].parts[]` / `systemInstruction.parts[]`: `{"inline_data": {"mime_type": "text/csv",
+//!   "data": "<base64>"}}` (or `inlineData` / `mimeType`): Gemini reads text/plain, text/csv, text/html,
+//!   text/markdown, application/json, ... files this way;
+//! - Anthropic `document` blocks: `{"source": {"type": "base64", "media_type": ..., "data": "<base64>"}}`
+//!   (PDFs in practice; a text media type is read as text);
+//! - Bedrock Converse `{"document": {"format": "txt"|"csv"|"md"|"html", "source": {"bytes": "<base64>"}}}`;
+//! - any `data:` URL with a text media type (`data:text/plain;base64,...`): OpenAI chat `file.file_data`,
+//!   Responses `input_file.file_data`, and wherever else a client puts one.
+//!
+//! Binary files (PDF, images, office documents) and text that does not decode to UTF-8 are not reported:
+//! their content cannot be read without a parser for the format.
+
+use crate::encoding::{base64_decode, base64_encode};
+use crate::llm::Role;
+use serde_json::Value;
+
+/// A base64 text file in a request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedText {
+    /// The role of the message holding it ([`Role::User`] outside any message).
+    pub role: Role,
+    /// RFC 6901 pointer to the JSON string holding the base64 (or the `data:` URL).
+    pub pointer: String,
+    /// What precedes the base64 in that string: `data:text/csv;base64,` for a `data:` URL, else empty.
+    pub prefix: String,
+    /// The decoded text.
+    pub text: String,
+}
+
+impl EncodedText {
+    /// The string to put at [`EncodedText::pointer`] for a rewritten `text`: the same prefix, standard
+    /// base64 with padding (what every provider accepts).
+    pub fn encode(&self, text: &str) -> String {
+        format!("{}{}", self.prefix, base64_encode(text.as_bytes()))
+    }
+}
+
+/// Whether a media type (`text/csv; charset=utf-8`, any case) names a text format a model reads as text.
+pub fn is_text_media_type(media_type: &str) -> bool {
+    let m = media_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    const TEXT_APPLICATION: &[&str] = &[
+        "application/json",
+        "application/x-ndjson",
+        "application/jsonl",
+        "application/xml",
+        "application/yaml",
+        "application/x-yaml",
+        "application/csv",
+        "application/sql",
+        "application/javascript",
+        "application/x-javascript",
+        "application/typescript",
+        "application/x-python",
+        "application/x-sh",
+        "application/toml",
+        "application/rtf",
+    ];
+    m.starts_with("text/") || m.ends_with("+json") || m.ends_with("+xml") || TEXT_APPLICATION.contains(&m.as_str())
+}
+
+/// Bedrock Converse document formats that are text.
+fn is_text_document_format(format: &str) -> bool {
+    ["txt", "csv", "md", "html"].iter().any(|f| format.eq_ignore_ascii_case(f))
+}
+
+/// The decoded text of base64 (ASCII whitespace, as MIME line breaks, ignored), if it is UTF-8.
+fn decode_text(b64: &str) -> Option<String> {
+    let compact: String;
+    let b64 = if b64.bytes().any(|b| b.is_ascii_whitespace()) {
+        compact = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        compact.as_str()
+    } else {
+        b64
+    };
+    String::from_utf8(base64_decode(b64).ok()?).ok()
+}
+
+fn ptr_escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+struct Walk {
+    out: Vec<EncodedText>,
+}
+
+impl Walk {
+    fn push(&mut self, role: Role, pointer: String, prefix: &str, b64: &str) {
+        if let Some(text) = decode_text(b64) {
+            self.out.push(EncodedText { role, pointer, prefix: prefix.to_string(), text });
+        }
+    }
+
+    fn value(&mut self, v: &Value, role: Role, here: &mut String) {
+        match v {
+            Value::String(s) => {
+                // `data:<media type>[;params];base64,<data>`
+                if let Some(rest) = s.strip_prefix("data:") {
+                    if let Some((meta, data)) = rest.split_once(',') {
+                        if let Some(media) = meta.strip_suffix(";base64") {
+                            if is_text_media_type(media) {
+                                let prefix = s.get(..s.len() - data.len()).unwrap_or("");
+                                self.push(role, here.clone(), prefix, data);
+                            }
+                        }
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, x) in items.iter().enumerate() {
+                    let len = here.len();
+                    here.push('/');
+                    here.push_str(&i.to_string());
+                    self.value(x, role, here);
+                    here.truncate(len);
+                }
+            }
+            Value::Object(obj) => {
+                let role = match obj.get("role").and_then(Value::as_str) {
+                    Some(r) => Role::parse(r),
+                    None => role,
+                };
+                if self.block(obj, role, here) {
+                    return;
+                }
+                for (k, x) in obj {
+                    let len = here.len();
+                    here.push('/');
+                    here.push_str(&ptr_escape(k));
+                    self.value(x, role, here);
+                    here.truncate(len);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A base64 holder of a known shape: reported (when text) and `true`; anything else `false`.
+    fn block(&mut self, obj: &serde_json::Map<String, Value>, role: Role, here: &str) -> bool {
+        let str_of = |o: &serde_json::Map<String, Value>, keys: &[&str]| -> Option<(String, String)> {
+            keys.iter().find_map(|k| o.get(*k).and_then(Value::as_str).map(|s| (k.to_string(), s.to_string())))
+        };
+        // Gemini inline data.
+        if let Some((key, inline)) =
+            ["inline_data", "inlineData"].iter().find_map(|k| obj.get(*k).and_then(Value::as_object).map(|o| (*k, o)))
+        {
+            let media = str_of(inline, &["mime_type", "mimeType"]).map(|(_, m)| m).unwrap_or_default();
+            if let Some(data) = inline.get("data").and_then(Value::as_str) {
+                if is_text_media_type(&media) {
+                    self.push(role, format!("{here}/{key}/data"), "", data);
+                }
+                return true;
+            }
+        }
+        // Anthropic base64 source (inside a `document` block: `here` is the source object).
+        if obj.get("type").and_then(Value::as_str) == Some("base64") {
+            if let Some(data) = obj.get("data").and_then(Value::as_str) {
+                let media = obj.get("media_type").and_then(Value::as_str).unwrap_or("");
+                if is_text_media_type(media) {
+                    self.push(role, format!("{here}/data"), "", data);
+                }
+                return true;
+            }
+        }
+        // Bedrock Converse document bytes.
+        if let Some(doc) = obj.get("document").and_then(Value::as_object) {
+            let format = doc.get("format").and_then(Value::as_str).unwrap_or("");
+            if let Some(bytes) = doc.get("source").and_then(|s| s.get("bytes")).and_then(Value::as_str) {
+                if is_text_document_format(format) {
+                    self.push(role, format!("{here}/document/source/bytes"), "", bytes);
+                }
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Every base64 text file in `body` (see the module documentation), in document order.
+pub fn extract_encoded_texts(body: &Value) -> Vec<EncodedText> {
+    let mut walk = Walk { out: Vec::new() };
+    walk.value(body, Role::User, &mut String::new());
+    walk.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    fn b64(s: &str) -> String {
+        base64_encode(s.as_bytes())
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn text_files_of_every_api_are_found_and_binary_ones_are_not() {
+        let csv = "name,email\nJane,jane@example.com\n";
+        let body = json!({
+            "contents": [{"role": "user", "parts": [
+                {"text": "summarise"},
+                {"inline_data": {"mime_type": "text/csv", "data": b64(csv)}},
+                {"inlineData": {"mimeType": "application/json; charset=utf-8", "data": b64("{\"a\":1}")}},
+                {"inline_data": {"mime_type": "image/png", "data": "iVBORw0KGgo="}},
+                {"inline_data": {"mime_type": "text/plain", "data": base64_encode(&[0xff, 0xfe, 0x00])}}
+            ]}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": b64("doc")}},
+                    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}},
+                    {"type": "file", "file": {"filename": "a.txt", "file_data": format!("data:text/plain;base64,{}", b64("chat file"))}},
+                    {"type": "input_file", "file_data": format!("data:application/pdf;base64,JVBERi0=")},
+                    {"document": {"format": "csv", "name": "d", "source": {"bytes": b64("bedrock,csv")}}},
+                    {"document": {"format": "pdf", "name": "p", "source": {"bytes": "JVBERi0="}}}
+                ]},
+                {"role": "tool", "content": format!("data:text/markdown;charset=utf-8;base64,{}", b64("# tool md"))}
+            ]
+        });
+        let found = extract_encoded_texts(&body);
+        let got: Vec<(&str, &str, &str, Role)> =
+            found.iter().map(|e| (e.pointer.as_str(), e.prefix.as_str(), e.text.as_str(), e.role)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("/contents/0/parts/1/inline_data/data", "", csv, Role::User),
+                ("/contents/0/parts/2/inlineData/data", "", "{\"a\":1}", Role::User),
+                ("/messages/0/content/0/source/data", "", "doc", Role::User),
+                ("/messages/0/content/2/file/file_data", "data:text/plain;base64,", "chat file", Role::User),
+                ("/messages/0/content/4/document/source/bytes", "", "bedrock,csv", Role::User),
+                ("/messages/1/content", "data:text/markdown;charset=utf-8;base64,", "# tool md", Role::Tool),
+            ]
+        );
+        // Re-encoding keeps the prefix; the result decodes to the new text.
+        let chat = found.get(3).unwrap();
+        let enc = chat.encode("masked <EMAIL_1>");
+        assert_eq!(enc, format!("data:text/plain;base64,{}", b64("masked <EMAIL_1>")));
+        assert_eq!(decode_text(enc.strip_prefix(&chat.prefix).unwrap()).as_deref(), Some("masked <EMAIL_1>"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn media_types_and_line_broken_base64() {
+        for t in [
+            "text/plain",
+            "TEXT/CSV",
+            "text/markdown; charset=utf-8",
+            "application/json",
+            "application/ld+json",
+            "application/x-yaml",
+            "image/svg+xml",
+        ] {
+            assert!(is_text_media_type(t), "{t}");
+        }
+        for t in ["application/pdf", "image/png", "application/octet-stream", "", "application/zip"] {
+            assert!(!is_text_media_type(t), "{t}");
+        }
+        let wrapped = "amFuZUBl\r\neGFtcGxl\nLmNvbQ==";
+        assert_eq!(decode_text(wrapped).as_deref(), Some("jane@example.com"));
+        assert_eq!(decode_text("not base64!"), None);
+        // A key with `/` or `~` is escaped in the pointer.
+        let body = json!({"a/b~c": format!("data:text/plain;base64,{}", b64("x"))});
+        assert_eq!(extract_encoded_texts(&body)[0].pointer, "/a~1b~0c");
+    }
+}
