@@ -11,6 +11,7 @@
 //! and this session's; any other (another caller's, forged, untagged, or tagged under another key) is
 //! refused before it reaches the server. Pure logic: the adapter supplies the key and the caller.
 
+use meshwarden_shared::encoding::base64_encode;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
@@ -78,18 +79,9 @@ fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
     out
 }
 
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
+/// Unpadded base64url (RFC 4648 section 5), as a `Last-Event-ID` carries it unescaped.
 fn b64url(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            let six = (n >> (18 - 6 * i)) & 63;
-            out.push(char::from(B64URL.get(six as usize).copied().unwrap_or(b'A')));
-        }
-    }
-    out
+    base64_encode(bytes).trim_end_matches('=').replace('+', "-").replace('/', "_")
 }
 
 /// Whether the tagged id's MAC equals `mac`, in time independent of where they differ.
