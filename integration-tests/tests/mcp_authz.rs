@@ -166,7 +166,8 @@ impl Session {
         s
     }
 
-    async fn post_raw(&self, body: String, extra: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, Vec<Value>) {
+    /// A POST of `body` in this session, as this caller.
+    fn request(&self, body: String) -> reqwest::RequestBuilder {
         let mut req = client()
             .post(&self.url)
             .header("content-type", "application/json")
@@ -177,6 +178,11 @@ impl Session {
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
+        req
+    }
+
+    async fn post_raw(&self, body: String, extra: &[(&str, &str)]) -> (u16, reqwest::header::HeaderMap, Vec<Value>) {
+        let mut req = self.request(body);
         for (k, v) in extra {
             req = req.header(*k, *v);
         }
@@ -2174,32 +2180,23 @@ async fn legacy_sse_transport_works_and_is_governed() {
     assert!(!text.contains("deleted /x"), "{text}");
 }
 
-/// Envoy + mcp-authz (`cfg`) with every MCP route to one server (`port`).
-async fn authz_envoy_for(port: u16, cfg: &Value) -> Envoy {
+/// Envoy + mcp-authz (`cfg`) with every MCP route to one server (`port`), to start.
+fn authz_builder_for(port: u16, cfg: &Value) -> EnvoyBuilder {
     EnvoyBuilder::new("mcp-authz-servers.yaml")
         .var("MCP_SSE_PORT", port.to_string())
         .var("MCP_JSON_PORT", port.to_string())
         .var("A2A_PORT", port.to_string())
         .var("JWKS", json_string(&jwks()))
         .filter_config("mcp-authz", cfg)
-        .start()
-        .await
-        .unwrap()
+}
+
+async fn authz_envoy_for(port: u16, cfg: &Value) -> Envoy {
+    authz_builder_for(port, cfg).start().await.unwrap()
 }
 
 /// POST `body` in `s`; (status, raw answer text).
 async fn post_sse_text(s: &Session, body: &Value) -> (u16, String) {
-    let mut req = client()
-        .post(&s.url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", &s.id)
-        .header("mcp-protocol-version", "2025-11-25")
-        .body(body.to_string());
-    for (k, v) in &s.headers {
-        req = req.header(k, v);
-    }
-    let resp = req.send().await.unwrap();
+    let resp = s.request(body.to_string()).send().await.unwrap();
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
@@ -2337,15 +2334,7 @@ async fn event_id_keys_are_shared_through_the_vm_environment() {
     let server = PyServer::start("mcp_server.py", &["--event-store"]).await.unwrap();
     let mut cfg = config(false);
     cfg["event_id_key_env"] = json!("MESHWARDEN_MCP_EVENT_ID_KEY");
-    let with_secret = |secret: &str| {
-        EnvoyBuilder::new("mcp-authz-servers.yaml")
-            .var("MCP_SSE_PORT", server.port.to_string())
-            .var("MCP_JSON_PORT", server.port.to_string())
-            .var("A2A_PORT", server.port.to_string())
-            .var("JWKS", json_string(&jwks()))
-            .filter_config("mcp-authz", &cfg)
-            .env("MESHWARDEN_MCP_EVENT_ID_KEY", secret)
-    };
+    let with_secret = |secret: &str| authz_builder_for(server.port, &cfg).env("MESHWARDEN_MCP_EVENT_ID_KEY", secret);
     let (a, b, other) = tokio::join!(
         with_secret("shared-secret-0123456789\n").start(),
         with_secret("shared-secret-0123456789").start(),
@@ -2372,14 +2361,6 @@ async fn event_id_keys_are_shared_through_the_vm_environment() {
     assert!(text.contains("job k1 done"), "the same secret: resumed through another Envoy: {text}");
     drop((a, b, other, random));
 
-    let log = EnvoyBuilder::new("mcp-authz-servers.yaml")
-        .var("MCP_SSE_PORT", server.port.to_string())
-        .var("MCP_JSON_PORT", server.port.to_string())
-        .var("A2A_PORT", server.port.to_string())
-        .var("JWKS", json_string(&jwks()))
-        .filter_config("mcp-authz", &cfg)
-        .start_expect_failure()
-        .await
-        .unwrap();
+    let log = authz_builder_for(server.port, &cfg).start_expect_failure().await.unwrap();
     assert!(log.contains("$.event_id_key_env") && log.contains("MESHWARDEN_MCP_EVENT_ID_KEY is not set"), "{log}");
 }

@@ -2716,12 +2716,16 @@ mod tests {
         let list = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"search"},{"name":"delete_all"}]}}"#;
         let stream = format!(": keep-alive\r\n\r\nid: e1\r\nretry: 3000\r\ndata: {progress}\r\n\r\nid:e2\ndata: {list}\n\nid: e3\rdata: x\r\r");
         let call = Plan { ids: HashMap::new(), by_shape: true, incidental: true };
-        for cut in 0..=stream.len() {
+        // The stream through a tagging filter, cut in two at `cut`.
+        let fed = |plan: &Plan, stream: &str, cut: usize| {
             let mut f = SseFilter::new(1 << 20);
             f.event_ids = Some(Box::new(tagger.clone()));
-            let mut out = f.feed(&e, &anon(), &call, &stream.as_bytes()[..cut], false);
-            out.extend(f.feed(&e, &anon(), &call, &stream.as_bytes()[cut..], true));
-            let out = String::from_utf8(out).unwrap();
+            let mut out = f.feed(&e, &anon(), plan, &stream.as_bytes()[..cut], false);
+            out.extend(f.feed(&e, &anon(), plan, &stream.as_bytes()[cut..], true));
+            String::from_utf8(out).unwrap()
+        };
+        for cut in 0..=stream.len() {
+            let out = fed(&call, &stream, cut);
             // (The `\n` of the last `\r\n` goes with the next block when a cut falls between them.)
             let head = format!(": keep-alive\r\n\r\nid: {}\r\nretry: 3000\r\ndata: {progress}\r\n\r", t("e1"));
             assert!(out.starts_with(&head), "cut {cut}: {out:?}");
@@ -2738,11 +2742,7 @@ mod tests {
             format!("id: p0\ndata: \n\n: ping\n\nid: r1\nevent: message\ndata: {list}\n\nid: u2\ndata: {update}\n\n");
         let get = Plan { ids: HashMap::new(), by_shape: true, incidental: false };
         for cut in 0..=get_stream.len() {
-            let mut f = SseFilter::new(1 << 20);
-            f.event_ids = Some(Box::new(tagger.clone()));
-            let mut out = f.feed(&e, &anon(), &get, &get_stream.as_bytes()[..cut], false);
-            out.extend(f.feed(&e, &anon(), &get, &get_stream.as_bytes()[cut..], true));
-            let out = String::from_utf8(out).unwrap();
+            let out = fed(&get, &get_stream, cut);
             for id in ["p0", "r1", "u2"] {
                 assert!(out.contains(&format!("id: {}\n", t(id))), "{id} untagged, cut {cut}: {out:?}");
             }
