@@ -2299,3 +2299,26 @@ async fn rejected_requests_send_no_byte_upstream() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(bytes.load(Ordering::SeqCst), 0, "the upstream received bytes of rejected requests");
 }
+
+/// A text file sent base64-encoded is estimated as the text the model reads: an OpenAI chat `data:text/csv`
+/// file part of ~27,500 tokens against a 20,000-token budget is refused before the model (before
+/// 2026-12-07 it was priced as an unknown file, 3,000 tokens, and admitted); a small one is admitted at its
+/// text's estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base64_text_files_are_estimated_as_their_text() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(20000)).await;
+    let file = |text: &str| {
+        json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Summarise it"},
+            {"type": "file", "file": {"filename": "a.csv", "file_data":
+                format!("data:text/csv;base64,{}", meshwarden_shared::encoding::base64_encode(text.as_bytes()))}}]}]})
+    };
+    let r = post(&e, "/v1/chat/completions", &file(&"name,email\n".repeat(10_000)), &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "{:?}", r.text().await);
+    assert!(mock.requests().is_empty(), "refused before any byte reached the model");
+    let r = post(&e, "/v1/chat/completions", &file(&"name,email\n".repeat(400)), &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200);
+    let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
+    assert_eq!(rem, 20000 - (7 + 1100 + 10), "the question, the file's 4,400 characters, max_tokens");
+}

@@ -10,8 +10,9 @@
 //! - any `data:` URL with a text media type (`data:text/plain;base64,...`): OpenAI chat `file.file_data`,
 //!   Responses `input_file.file_data`, and wherever else a client puts one.
 //!
-//! Binary files (PDF, images, office documents) and text that does not decode to UTF-8 are not reported:
-//! their content cannot be read without a parser for the format.
+//! Binary files (PDF, images, office documents) are not reported: their content cannot be read without a
+//! parser for the format. A text file that is not UTF-8 is reported with its text decoded lossily and
+//! [`EncodedText::utf8`] false (enough to estimate or scan it, not to rewrite it byte for byte).
 
 use crate::encoding::{base64_decode, base64_encode};
 use crate::llm::Role;
@@ -26,8 +27,10 @@ pub struct EncodedText {
     pub pointer: String,
     /// What precedes the base64 in that string: `data:text/csv;base64,` for a `data:` URL, else empty.
     pub prefix: String,
-    /// The decoded text.
+    /// The decoded text (lossy when [`EncodedText::utf8`] is false).
     pub text: String,
+    /// The file is UTF-8: `text` is exactly its content.
+    pub utf8: bool,
 }
 
 impl EncodedText {
@@ -66,8 +69,8 @@ fn is_text_document_format(format: &str) -> bool {
     ["txt", "csv", "md", "html"].iter().any(|f| format.eq_ignore_ascii_case(f))
 }
 
-/// The decoded text of base64 (ASCII whitespace, as MIME line breaks, ignored), if it is UTF-8.
-fn decode_text(b64: &str) -> Option<String> {
+/// The decoded bytes of base64 (ASCII whitespace, as MIME line breaks, ignored).
+fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
     let compact: String;
     let b64 = if b64.bytes().any(|b| b.is_ascii_whitespace()) {
         compact = b64.chars().filter(|c| !c.is_ascii_whitespace()).collect();
@@ -75,7 +78,7 @@ fn decode_text(b64: &str) -> Option<String> {
     } else {
         b64
     };
-    String::from_utf8(base64_decode(b64).ok()?).ok()
+    base64_decode(b64).ok()
 }
 
 fn ptr_escape(key: &str) -> String {
@@ -88,8 +91,12 @@ struct Walk {
 
 impl Walk {
     fn push(&mut self, role: Role, pointer: String, prefix: &str, b64: &str) {
-        if let Some(text) = decode_text(b64) {
-            self.out.push(EncodedText { role, pointer, prefix: prefix.to_string(), text });
+        if let Some(bytes) = decode_bytes(b64) {
+            let (text, utf8) = match String::from_utf8(bytes) {
+                Ok(t) => (t, true),
+                Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+            };
+            self.out.push(EncodedText { role, pointer, prefix: prefix.to_string(), text, utf8 });
         }
     }
 
@@ -204,7 +211,7 @@ mod tests {
                 {"inline_data": {"mime_type": "text/csv", "data": b64(csv)}},
                 {"inlineData": {"mimeType": "application/json; charset=utf-8", "data": b64("{\"a\":1}")}},
                 {"inline_data": {"mime_type": "image/png", "data": "iVBORw0KGgo="}},
-                {"inline_data": {"mime_type": "text/plain", "data": base64_encode(&[0xff, 0xfe, 0x00])}}
+                {"inline_data": {"mime_type": "text/plain", "data": base64_encode(b"caf\xe9")}}
             ]}],
             "messages": [
                 {"role": "user", "content": [
@@ -219,8 +226,11 @@ mod tests {
             ]
         });
         let found = extract_encoded_texts(&body);
-        let got: Vec<(&str, &str, &str, Role)> =
-            found.iter().map(|e| (e.pointer.as_str(), e.prefix.as_str(), e.text.as_str(), e.role)).collect();
+        let got: Vec<(&str, &str, &str, Role)> = found
+            .iter()
+            .filter(|e| e.utf8)
+            .map(|e| (e.pointer.as_str(), e.prefix.as_str(), e.text.as_str(), e.role))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -232,11 +242,17 @@ mod tests {
                 ("/messages/1/content", "data:text/markdown;charset=utf-8;base64,", "# tool md", Role::Tool),
             ]
         );
+        // A Latin-1 file: reported lossily, not UTF-8.
+        let latin1 = found.iter().find(|e| !e.utf8).unwrap();
+        assert_eq!(
+            (latin1.pointer.as_str(), latin1.text.as_str()),
+            ("/contents/0/parts/4/inline_data/data", "caf\u{fffd}")
+        );
         // Re-encoding keeps the prefix; the result decodes to the new text.
-        let chat = found.get(3).unwrap();
+        let chat = found.get(4).unwrap();
         let enc = chat.encode("masked <EMAIL_1>");
         assert_eq!(enc, format!("data:text/plain;base64,{}", b64("masked <EMAIL_1>")));
-        assert_eq!(decode_text(enc.strip_prefix(&chat.prefix).unwrap()).as_deref(), Some("masked <EMAIL_1>"));
+        assert_eq!(decode_bytes(enc.strip_prefix(&chat.prefix).unwrap()), Some(b"masked <EMAIL_1>".to_vec()));
     }
 
     #[wasm_bindgen_test(unsupported = test)]
@@ -256,8 +272,8 @@ mod tests {
             assert!(!is_text_media_type(t), "{t}");
         }
         let wrapped = "amFuZUBl\r\neGFtcGxl\nLmNvbQ==";
-        assert_eq!(decode_text(wrapped).as_deref(), Some("jane@example.com"));
-        assert_eq!(decode_text("not base64!"), None);
+        assert_eq!(decode_bytes(wrapped), Some(b"jane@example.com".to_vec()));
+        assert_eq!(decode_bytes("not base64!"), None);
         // A key with `/` or `~` is escaped in the pointer.
         let body = json!({"a/b~c": format!("data:text/plain;base64,{}", b64("x"))});
         assert_eq!(extract_encoded_texts(&body)[0].pointer, "/a~1b~0c");

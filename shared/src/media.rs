@@ -260,6 +260,15 @@ fn data_url_payload(s: &str) -> Option<&str> {
     }
 }
 
+/// A `data:` URL of a text file (`data:text/csv;base64,...`): read as text by the caller
+/// ([`crate::attachments`]), not priced as a file.
+fn is_text_data_url(s: Option<&str>) -> bool {
+    s.and_then(|s| s.strip_prefix("data:"))
+        .and_then(|rest| rest.split_once(','))
+        .and_then(|(meta, _)| meta.strip_suffix(";base64"))
+        .is_some_and(crate::attachments::is_text_media_type)
+}
+
 struct Walk<'a> {
     billing: ImageBilling,
     prices: &'a MediaPrices,
@@ -316,17 +325,23 @@ impl Walk<'_> {
             }
             // OpenAI chat `{"type":"file","file":{"file_data"|"file_id"}}`; Responses `input_file`.
             Some("file") if b.get("file").is_some() => {
-                self.file(s("/file/file_data").and_then(data_url_payload));
+                if !is_text_data_url(s("/file/file_data")) {
+                    self.file(s("/file/file_data").and_then(data_url_payload));
+                }
                 true
             }
             Some("input_file") => {
-                self.file(s("/file_data").and_then(data_url_payload));
+                if !is_text_data_url(s("/file_data")) {
+                    self.file(s("/file_data").and_then(data_url_payload));
+                }
                 true
             }
             // Anthropic documents: text sources are read as text elsewhere; base64 PDFs, URLs, files here.
             Some("document") => {
                 match s("/source/type") {
                     Some("text") | Some("content") | None => return false,
+                    // A text file in base64 is read as text by the caller.
+                    Some("base64") if s("/source/media_type").is_some_and(crate::attachments::is_text_media_type) => {}
                     Some("base64") => self.file(s("/source/data")),
                     Some(_) => self.file(None),
                 }

@@ -225,7 +225,8 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             // Text files sent base64-encoded (a CSV in Gemini `inline_data`, a `data:text/plain` file part):
             // the model reads their text, the body's strings show only base64. Before 2026-12-07 they left
             // unscanned.
-            let encoded = extract_encoded_texts(&v);
+            // A file that is not UTF-8 could not be put back byte for byte once masked: left as sent.
+            let encoded: Vec<EncodedText> = extract_encoded_texts(&v).into_iter().filter(|e| e.utf8).collect();
             for e in &encoded {
                 state.reserve_lookalikes(e.text.as_bytes());
             }

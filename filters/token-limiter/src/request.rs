@@ -2,6 +2,7 @@
 //! rewrites the limiter makes (`stream_options.include_usage`, `model` after a fallback).
 
 use crate::config::Config;
+use meshwarden_shared::attachments::extract_encoded_texts;
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
     ambiguous_request_key, ensure_stream_usage, estimate_request_tokens, extract_request_texts, model_from_path,
@@ -239,48 +240,28 @@ fn prompt_estimate(
     media: u64,
 ) -> u64 {
     let ids: u64 = ["prompt", "input"].iter().filter_map(|k| json.get(k)).map(token_ids).sum();
-    let documents = text_document_tokens(json);
-    if spans.is_empty() && ids == 0 && documents == 0 && media == 0 {
+    let (documents, document_chars) = encoded_text_tokens(json);
+    if spans.is_empty() && ids == 0 && media == 0 {
+        // Images and text files by their own rules, the rest of the body by its size.
         let (image_bytes, images) = gemini_inline_images(json, &cfg.media_prices());
-        let rest = (body_len as u64).saturating_sub(image_bytes);
-        return rest.div_ceil(4).saturating_add(images.tokens);
+        let rest = (body_len as u64).saturating_sub(image_bytes).saturating_sub(document_chars);
+        return rest.div_ceil(4).saturating_add(images.tokens).saturating_add(documents);
     }
     estimate_request_tokens(spans).saturating_add(ids).saturating_add(documents).saturating_add(media)
 }
 
-/// Bedrock Converse `document` blocks in a text format (`txt`, `md`, `csv`, `html`) sent as base64
-/// `bytes`, in messages and in tool results: the model reads the decoded text, estimated at a token per
-/// 4 bytes (3 bytes per 4 base64 characters). Binary formats (pdf, doc(x), xls(x)) are not estimated
-/// (their bytes say little about their text).
-fn text_document_tokens(json: &Value) -> u64 {
-    fn blocks(content: &Value) -> u64 {
-        content
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|b| {
-                let here = b
-                    .get("document")
-                    .filter(|d| {
-                        d.get("format")
-                            .and_then(Value::as_str)
-                            .is_some_and(|f| ["txt", "md", "csv", "html"].iter().any(|t| f.eq_ignore_ascii_case(t)))
-                    })
-                    .and_then(|d| meshwarden_shared::json::pointer(d, "/source/bytes"))
-                    .and_then(Value::as_str)
-                    .map_or(0, |b64| (b64.len() as u64).saturating_mul(3).div_ceil(4).div_ceil(4));
-                let nested = meshwarden_shared::json::pointer(b, "/toolResult/content").map_or(0, blocks);
-                here.saturating_add(nested)
-            })
-            .fold(0u64, u64::saturating_add)
+/// Text files sent base64-encoded (Bedrock Converse text documents, Gemini `inline_data` with a text type,
+/// Anthropic base64 documents with a text media type, `data:text/...` file parts; see
+/// `meshwarden_shared::attachments`): the model reads the decoded text, estimated like any text. Returns
+/// (tokens, the base64 characters they take in the body). Binary formats are priced by [`estimate_media`].
+fn encoded_text_tokens(json: &Value) -> (u64, u64) {
+    let mut est = meshwarden_shared::llm::TokenEstimator::default();
+    let mut b64_chars = 0u64;
+    for e in extract_encoded_texts(json) {
+        est.add(&e.text);
+        b64_chars = b64_chars.saturating_add((e.text.len() as u64).div_ceil(3).saturating_mul(4));
     }
-    json.get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m.get("content"))
-        .map(blocks)
-        .fold(0u64, u64::saturating_add)
+    (est.tokens(), b64_chars)
 }
 
 /// Token ids in a prompt: an array of integers, or an array of such arrays (a batch).
@@ -411,6 +392,35 @@ mod tests {
         assert_eq!(body("txt"), 7 + 7_500, "the question and a token per 4 bytes of the file");
         assert_eq!(body("MD"), 7 + 7_500);
         assert_eq!(body("pdf"), 7 + 3_000, "a binary format is not text: a file whose pages cannot be counted");
+    }
+
+    /// Text files in base64 are estimated as the text the model reads, wherever the API puts them: before
+    /// 2026-12-07 an OpenAI `data:text/csv` file part of 120,000 characters was priced as an unknown file
+    /// (3,000 tokens, a tenth of it), and a Gemini CSV at a token per 4 base64 characters (a third more).
+    #[test]
+    fn base64_text_files_are_estimated_as_their_text() {
+        let cfg = Config::default();
+        let csv = "name,email\n".repeat(10_000); // 110,000 ASCII characters: 27,500 tokens
+        let b64 = meshwarden_shared::encoding::base64_encode(csv.as_bytes());
+        let est = |path: &str, body: serde_json::Value| {
+            parse_request(&cfg, path, &serde_json::to_vec(&body).unwrap(), false).input_estimate
+        };
+        let chat = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Summarise it"},
+            {"type": "file", "file": {"filename": "a.csv", "file_data": format!("data:text/csv;base64,{b64}")}}]}]});
+        assert_eq!(est("/v1/chat/completions", chat), 7 + 27_500, "the question and the file's text");
+        let anthropic = serde_json::json!({"model": "claude-sonnet-4-5", "max_tokens": 1, "messages": [{"role": "user",
+            "content": [{"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": b64}},
+                {"type": "text", "text": "Summarise it"}]}]});
+        assert_eq!(est("/v1/messages", anthropic), 7 + 27_500);
+        let gemini = serde_json::json!({"contents": [{"role": "user", "parts": [{"text": "Summarise it"},
+            {"inline_data": {"mime_type": "text/csv", "data": b64}}]}]});
+        let g = est("/v1beta/models/gemini-2.5-flash:generateContent", gemini);
+        assert!((27_500..27_600).contains(&g), "the file's text and the rest of the body by size: {g}");
+        // A PDF in a data: URL is still a file priced by its pages (none found here: the default).
+        let pdf = serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0="}}]}]});
+        assert_eq!(est("/v1/chat/completions", pdf), 3_000);
     }
 
     /// Images and files count at admission the way the providers bill them; before, they counted nothing
