@@ -49,7 +49,14 @@ fn main() {
     let cfg: Config = parse_config(b"{}").unwrap();
     let engine = Engine::compile(&cfg).unwrap();
     let policy = engine.default.clone();
-    let patterns: Vec<String> = prompt_guard::packs::Pack::ALL.iter().map(|p| p.pattern()).collect();
+    // the policy's request set: the packs and, last, the reversed words (since 2026-12-07)
+    let mut patterns: Vec<String> = prompt_guard::packs::Pack::ALL.iter().map(|p| p.pattern()).collect();
+    patterns.push(prompt_guard::engine::reversed_words_pattern());
+    let reversed_words = regex::bytes::RegexBuilder::new(&prompt_guard::engine::reversed_words_pattern())
+        .unicode(false)
+        .case_insensitive(true)
+        .build()
+        .unwrap();
     let set = regex::bytes::RegexSetBuilder::new(&patterns)
         .unicode(false)
         .case_insensitive(true)
@@ -105,6 +112,12 @@ fn main() {
             ),
             ("automaton (RegexSet matches)", time(iters, || drop(black_box(set.matches(black_box(&quick.text)))))),
             (
+                "reversed words (find_iter; only when present)",
+                time(iters, || {
+                    black_box(reversed_words.find_iter(black_box(&quick.text)).count());
+                }),
+            ),
+            (
                 "base64 blobs (decode.rs)",
                 time(iters, || drop(black_box(prompt_guard::decode::base64_blobs(black_box(&text))))),
             ),
@@ -136,9 +149,9 @@ fn main() {
             ),
         ];
         println!("{label}, {} B body ({} B text):", body.len(), text.len());
-        println!("  {:<44} {:>9} {:>9}", "stage", "min µs", "median µs");
+        println!("  {:<46} {:>9} {:>9}", "stage", "min µs", "median µs");
         for (name, (min, med)) in rows {
-            println!("  {name:<44} {min:>9.1} {med:>9.1}");
+            println!("  {name:<46} {min:>9.1} {med:>9.1}");
         }
     }
 }

@@ -238,6 +238,8 @@ fn transforms() -> Vec<(&'static str, Transform)> {
             }),
         ),
         ("rot13_named", Box::new(|t: &str| format!("rot13: {}", rot13(t)))),
+        // since 2026-12-07: the whole text backwards, character by character
+        ("reversed", Box::new(|t: &str| t.chars().rev().collect())),
         // since 2026-12-07: `|` for every `l` / `L` (`a|| previous ru|es`)
         ("pipe_for_l", Box::new(|t: &str| chars_map(t, |c| if c == 'l' || c == 'L' { "|".into() } else { c.into() }))),
         (
