@@ -356,3 +356,149 @@ fn detection_and_false_positive_rates_meet_the_targets() {
     assert!(pct(det, tot) >= 95.0, "detection {:.2}% < 95%", pct(det, tot));
     assert!(pct(fp, btot) <= 1.0, "false positives {:.2}% > 1%", pct(fp, btot));
 }
+
+/// `text` cut in two at the word boundary nearest its middle (the space between them dropped: the
+/// message boundary stands for it); `None` for a text of one word.
+fn split_in_the_middle(text: &str) -> Option<(String, String)> {
+    let mid = text.len() / 2;
+    let at = text.match_indices(' ').map(|(k, _)| k).min_by_key(|&k| k.abs_diff(mid))?;
+    Some((text[..at].to_string(), text[at + 1..].to_string()))
+}
+
+/// How two user messages are written, by API shape.
+type Conversation = Box<dyn Fn(&[(&str, &str)]) -> (&'static str, String)>;
+
+fn conversation_shapes() -> Vec<(&'static str, Conversation)> {
+    vec![
+        (
+            "openai_chat, string content",
+            Box::new(|msgs: &[(&str, &str)]| {
+                let m: Vec<_> = msgs.iter().map(|(r, t)| serde_json::json!({"role": r, "content": t})).collect();
+                ("/v1/chat/completions", serde_json::json!({"model": "m", "messages": m}).to_string())
+            }),
+        ),
+        (
+            "openai_chat, text parts",
+            Box::new(|msgs: &[(&str, &str)]| {
+                let m: Vec<_> = msgs
+                    .iter()
+                    .map(|(r, t)| serde_json::json!({"role": r, "content": [{"type": "text", "text": t}]}))
+                    .collect();
+                ("/v1/chat/completions", serde_json::json!({"model": "m", "messages": m}).to_string())
+            }),
+        ),
+        (
+            "anthropic, string content",
+            Box::new(|msgs: &[(&str, &str)]| {
+                let m: Vec<_> = msgs.iter().map(|(r, t)| serde_json::json!({"role": r, "content": t})).collect();
+                ("/v1/messages", serde_json::json!({"model": "c", "max_tokens": 9, "messages": m}).to_string())
+            }),
+        ),
+        (
+            "anthropic, content blocks",
+            Box::new(|msgs: &[(&str, &str)]| {
+                let m: Vec<_> = msgs
+                    .iter()
+                    .map(|(r, t)| serde_json::json!({"role": r, "content": [{"type": "text", "text": t}]}))
+                    .collect();
+                ("/v1/messages", serde_json::json!({"model": "c", "max_tokens": 9, "messages": m}).to_string())
+            }),
+        ),
+    ]
+}
+
+/// Since 2026-12-07: every attack cut at the word boundary nearest its middle into two consecutive user
+/// messages, in each API shape, must still be rejected, and every benign prompt cut the same way must
+/// pass (the same targets as the single-text evaluation). Every two consecutive benign prompts of the set,
+/// sent as two user messages, measure what joining unrelated messages costs: the pairs that fire only
+/// joined (neither prompt fires alone) must stay under 1 %. Attacks cut by an assistant turn between the
+/// halves are reported too: they are not joined (by design, see docs/prompt-guard.md).
+#[test]
+fn phrases_split_across_consecutive_user_messages() {
+    use prompt_guard::inspect::{inspect_request, RequestOptions};
+    let cfg: Config = parse_config(b"{}").unwrap();
+    let engine = Engine::compile(&cfg).unwrap();
+    let policy = engine.default.clone();
+    let opts = RequestOptions { scan_non_json: true, mask_text: "[X]", moderation_roles: &[], moderation_max_bytes: 0 };
+    let rejected = |path: &str, body: &str| {
+        inspect_request(&policy, path, Some("application/json"), body.as_bytes(), &opts).unwrap().reject.is_some()
+    };
+    let injections = load("injections.tsv");
+    let benign = load("benign.tsv");
+    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
+    println!("| shape | attacks split in two user messages | benign split in two | two benign prompts in a row (fire only joined) | attacks split by an assistant turn (not joined) |\n|---|---|---|---|---|");
+    let alone = |text: &str| {
+        let (path, body) = conversation_shapes()[0].1(&[("user", text)]);
+        rejected(path, &body)
+    };
+    let (mut det, mut tot, mut fp, mut btot) = (0usize, 0usize, 0usize, 0usize);
+    let (mut joined_fp, mut pairs) = (0usize, 0usize);
+    let mut missed = Vec::new();
+    let mut false_pos = Vec::new();
+    for (shape, build) in conversation_shapes() {
+        let (mut d, mut t, mut f, mut b, mut pf, mut pj, mut pb, mut ad) = (0, 0, 0, 0, 0, 0, 0, 0);
+        for (_, text) in &injections {
+            let Some((a, z)) = split_in_the_middle(text) else { continue };
+            t += 1;
+            let (path, body) = build(&[("user", &a), ("user", &z)]);
+            if rejected(path, &body) {
+                d += 1;
+            } else {
+                missed.push(format!("[{shape}] {a:?} + {z:?}"));
+            }
+            let (path, body) = build(&[("user", &a), ("assistant", "OK."), ("user", &z)]);
+            ad += usize::from(rejected(path, &body));
+        }
+        for (_, text) in &benign {
+            let Some((a, z)) = split_in_the_middle(text) else { continue };
+            b += 1;
+            let (path, body) = build(&[("user", &a), ("user", &z)]);
+            if rejected(path, &body) {
+                f += 1;
+                false_pos.push(format!("[{shape}] {a:?} + {z:?}"));
+            }
+        }
+        for pair in benign.windows(2) {
+            pb += 1;
+            let (path, body) = build(&[("user", &pair[0].1), ("user", &pair[1].1)]);
+            if rejected(path, &body) {
+                pf += 1;
+                let only_joined = !alone(&pair[0].1) && !alone(&pair[1].1);
+                pj += usize::from(only_joined);
+                let why = if only_joined { "pair, fires only joined" } else { "pair" };
+                false_pos.push(format!("[{shape}, {why}] {:?} + {:?}", pair[0].1, pair[1].1));
+            }
+        }
+        println!(
+            "| {shape} | {d}/{t} ({:.1}%) | {f}/{b} ({:.2}%) | {pf}/{pb} ({:.2}%; {pj} only joined) | {ad}/{t} ({:.1}%) |",
+            pct(d, t),
+            pct(f, b),
+            pct(pf, pb),
+            pct(ad, t)
+        );
+        det += d;
+        tot += t;
+        fp += f;
+        btot += b;
+        joined_fp += pj;
+        pairs += pb;
+    }
+    println!(
+        "\nSPLIT TOTAL: detection {det}/{tot} = {:.2}%; false positives {fp}/{btot} = {:.2}%; benign pairs firing only joined {joined_fp}/{pairs} = {:.2}%",
+        pct(det, tot),
+        pct(fp, btot),
+        pct(joined_fp, pairs)
+    );
+    println!("\nmissed ({}):", missed.len());
+    for m in &missed {
+        println!("  {m}");
+    }
+    println!("\nfalse positives ({}):", false_pos.len());
+    for m in &false_pos {
+        println!("  {m}");
+    }
+    assert!(tot >= 4 * 80, "every attack is split");
+    assert!(pct(det, tot) >= 95.0, "split detection {:.2}% < 95%", pct(det, tot));
+    assert!(pct(fp, btot) <= 1.0, "split false positives {:.2}% > 1%", pct(fp, btot));
+    assert!(pct(joined_fp, pairs) <= 1.0, "pairs firing only joined {:.2}% > 1%", pct(joined_fp, pairs));
+}
