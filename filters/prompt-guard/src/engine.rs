@@ -346,8 +346,10 @@ impl Policy {
             .filter(|(_, r)| dir == Dir::Response || r.applies_to_role(role))
             .collect();
         let need_span = |r: &CompiledRule| spans == Spans::All || r.action == Action::Mask || r.empty;
-        // the last pattern of the set: reversed words
-        let backwards = if reversed && matched.matched(ds.rules.len()) {
+        // the last pattern of the set: reversed words (`matched` panics on an index past the set, which
+        // the length check rules out should the set ever be built without that pattern)
+        let words = ds.rules.len();
+        let backwards = if reversed && words < matched.len() && matched.matched(words) {
             self.scan_reversed(ds, &quick.text, dir, role, spans)
         } else {
             Vec::new()
