@@ -106,6 +106,13 @@ async fn every_plugin_config_is_accepted_by_its_filter() {
                 EnvoyBuilder::new("token-limiter-sidecar.yaml")
                     .var("SIDECAR_PORT", "9")
                     .env(config["sidecar_token_env"].as_str().unwrap(), "a-test-token")
+            } else if let Some(name) = config.get("event_id_key_env") {
+                // mcp-authz keying its event id tags with a secret shared by the replicas (the redis overlay).
+                let passed = p["spec"]["vmConfig"]["env"]
+                    .as_array()
+                    .is_some_and(|env| env.iter().any(|v| v["name"] == *name && v["valueFrom"] == "HOST"));
+                assert!(passed, "{overlay}: {filter} reads {name} but vmConfig.env does not pass it from the host");
+                EnvoyBuilder::new(&format!("{filter}.yaml")).env(name.as_str().unwrap(), "a-test-secret-0123456789")
             } else {
                 EnvoyBuilder::new(&format!("{filter}.yaml"))
             };
