@@ -1968,3 +1968,66 @@ async fn base64_text_files_leave_masked_and_answers_are_restored() {
     let payload = url.strip_prefix("data:text/plain;base64,").expect("still a data: URL");
     assert_eq!(decoded(payload), "Escalate to <EMAIL_1>, phone <PHONE_1>.");
 }
+
+/// A gRPC request holding a protobuf message with an email, in its 5-byte gRPC frame.
+fn grpc_request_body() -> Vec<u8> {
+    let email = b"jane.doe@example.com";
+    let mut msg = vec![0x0a, 5];
+    msg.extend_from_slice(b"llama");
+    msg.extend_from_slice(&[0x12, email.len() as u8]);
+    msg.extend_from_slice(email);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    framed
+}
+
+/// gRPC and other length-framed binary bodies are never scanned as text nor rewritten: refused with a
+/// gRPC answer (`grpc-status` 7) by default, or passed byte for byte with `on_unscannable: pass`; an
+/// opaque answer (audio) passes unscanned under `scan_responses`. Before 2026-12-07 the protobuf was
+/// scanned as raw bytes and the email replaced by `<EMAIL_1>` inside it, leaving the protobuf field's and
+/// the gRPC frame's lengths wrong (the server could not parse it), and a `scan_responses` answer's
+/// bytes were rewritten the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_binary_bodies_are_never_rewritten() {
+    let body = grpc_request_body();
+    let grpc = |proxy: &Envoy| {
+        client()
+            .post(proxy.url("/inference.GRPCInferenceService/ModelInfer"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body.clone())
+            .send()
+    };
+    let (port, seen) = chunky_upstream_with(vec![b"{}".to_vec()], "200 OK\r\ncontent-type: application/json").await;
+    let strict = envoy(port, json!({})).await;
+    let resp = grpc(&strict).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "7", "a gRPC refusal: {:?}", resp.headers());
+    assert!(resp.headers()["grpc-message"].to_str().unwrap().contains("cannot be scanned"));
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the upstream");
+    assert_eq!(strict.stat("meshwarden.pii_redactor.unscannable.binary_body").await.unwrap(), 1);
+
+    let open = envoy(port, json!({"on_unscannable": "pass", "scan_responses": true})).await;
+    let resp = grpc(&open).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let received = seen.lock().unwrap().last().cloned().unwrap();
+    let sent_body = received.split_once("\r\n\r\n").unwrap().1.to_string();
+    assert!(
+        sent_body.contains(std::str::from_utf8(&body).unwrap()),
+        "the protobuf left byte for byte, its lengths intact: {sent_body:?}"
+    );
+
+    // An audio answer holding text that looks like PII: passed as the upstream sent it.
+    let audio = b"ID3\x03\x00jane.doe@example.com\x00\xff\xfb".to_vec();
+    let (port, _) = chunky_upstream_with(vec![audio.clone()], "200 OK\r\ncontent-type: audio/mpeg").await;
+    let scanning = envoy(port, json!({"scan_responses": true})).await;
+    let resp = client()
+        .post(scanning.url("/v1/audio/speech"))
+        .json(&json!({"model": "tts-1", "voice": "alloy", "input": "Hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.bytes().await.unwrap().to_vec(), audio, "the audio bytes untouched");
+    assert_eq!(scanning.stat("meshwarden.pii_redactor.response_opaque_passed").await.unwrap(), 1);
+}

@@ -10,6 +10,7 @@
 //! | [`sse`] | an incremental Server-Sent Events parser that accepts chunks cut at any byte |
 //! | [`jsonrpc`] | JSON-RPC 2.0 messages (MCP, A2A) |
 //! | [`attachments`] | text files sent base64-encoded in a request (Gemini inline data, Anthropic and Bedrock documents, `data:` URLs), decoded for scanning and re-encoded |
+//! | [`binary`] | gRPC and other length-framed binary bodies, opaque answers: what a text filter must not read or rewrite |
 //! | [`media`] | what images and files in a request cost at admission: OpenAI / Anthropic image billing rules, image sizes from base64 headers, PDF pages |
 //! | [`mcp`] | MCP methods, targets, list answers, 2026-07-28 `Mcp-*` header checks |
 //! | [`a2a`] | A2A v0.3/v1.0 method names, agent card paths and skill filtering |
@@ -29,6 +30,7 @@
 pub mod a2a;
 pub mod access_log;
 pub mod attachments;
+pub mod binary;
 pub mod callout;
 pub mod config;
 pub mod encoding;

@@ -81,6 +81,7 @@ impl RootContext for Root {
             path: String::new(),
             api: Api::Unknown,
             encoded: false,
+            grpc: false,
             passthrough: false,
             counts: Counts::default(),
             restorer: None,
@@ -120,6 +121,8 @@ struct Request {
     path: String,
     api: Api,
     encoded: bool,
+    /// A gRPC request: refusals are gRPC answers (`grpc-status`), which gRPC clients read.
+    grpc: bool,
     /// Request body not scanned (fail-open on unscannable input).
     passthrough: bool,
     counts: Counts,
@@ -169,6 +172,17 @@ impl Request {
     fn unscannable(&mut self, status: u32, kind: ErrorKind, code: &str, why: &str) -> Action {
         self.count(&format!("unscannable.{code}"), 1);
         match self.config.on_unscannable {
+            Unscannable::Reject if self.grpc => {
+                // A trailers-only gRPC answer: HTTP 200 with `grpc-status` 7 (PERMISSION_DENIED); gRPC
+                // clients report an HTTP 4xx only as an unknown transport failure.
+                let message = format!("pii-redactor: {why}");
+                self.send_http_response(
+                    200,
+                    vec![("content-type", "application/grpc"), ("grpc-status", "7"), ("grpc-message", &message)],
+                    None,
+                );
+                Action::Pause
+            }
             Unscannable::Reject => {
                 send_error(status, self.flavor(), kind, Some(code), &format!("pii-redactor: {why}"), &[]);
                 Action::Pause
@@ -264,6 +278,22 @@ impl Request {
                 "upgrade_refused",
                 "WebSocket and other upgraded connections cannot be scanned for sensitive data, so this gateway \
                  refuses them (on_unscannable: reject)",
+            );
+        }
+        // gRPC and other length-framed binary bodies: a byte scan cannot read protobuf fields, and a masked
+        // value would leave every length prefix around it wrong (the upstream then fails to parse the
+        // message); a gRPC stream also never ends its body while it waits for answers. Before 2026-12-07
+        // such a body was scanned as raw bytes, rewritten (corrupted) when a value was found, and held to
+        // its end.
+        let ctype = meshwarden_shared::host::request_header("content-type").unwrap_or_default();
+        if meshwarden_shared::binary::is_length_framed(&ctype) {
+            self.grpc = meshwarden_shared::binary::is_grpc(&ctype);
+            return self.unscannable(
+                415,
+                ErrorKind::InvalidRequest,
+                "binary_body",
+                "gRPC and other binary (protobuf, MessagePack, CBOR) request bodies cannot be scanned for \
+                 sensitive data, so this gateway refuses them (on_unscannable: reject)",
             );
         }
         let enc = meshwarden_shared::host::request_header("content-encoding").unwrap_or_default();
@@ -390,6 +420,13 @@ impl Request {
             return Action::Continue;
         }
         let ct = meshwarden_shared::host::response_header("content-type").unwrap_or_default().to_ascii_lowercase();
+        if meshwarden_shared::binary::is_opaque_answer(&ct) {
+            // Audio, images, files, protobuf: no text to restore into or scan, and a byte rewrite would
+            // corrupt them (before 2026-12-07 `scan_responses` scanned them as raw text).
+            self.count("response_opaque_passed", 1);
+            self.restorer = None;
+            return Action::Continue;
+        }
         // Only a successful answer is parsed as SSE; anything else labelled so is restored as raw bytes,
         // so a mislabelled error body is never swallowed by the event parser.
         let ok = meshwarden_shared::host::response_header(":status").is_some_and(|st| st.starts_with('2'));
