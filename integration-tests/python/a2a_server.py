@@ -7,7 +7,9 @@ both send the SDK's `ETag` and answer a matching `If-None-Match` with 304; /stat
 the same card as a file, honouring `Range`; the HTTP+JSON binding under /rest. The extended card
 (GetExtendedAgentCard) adds a fourth, ops-console. The agent echoes the text it receives: as a message,
 or, when the text starts with `task`, as the artifact of a task (completed; `task-wait` leaves it
-input-required, so that it can be continued, cancelled and read later).
+input-required, so that it can be continued, cancelled and read later). It keeps a memory per context,
+as agents keep a conversation's state under its `contextId`: `remember <text>` stores the text in the
+message's context, `recall` answers what that context holds.
 """
 
 import json
@@ -30,8 +32,20 @@ from starlette.routing import Route
 
 
 class Echo(AgentExecutor):
+    def __init__(self) -> None:
+        self.memory: dict[str, list[str]] = {}
+
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         text = get_message_text(context.message) if context.message else ""
+        if text.startswith("remember ") or text == "recall":
+            notes = self.memory.setdefault(context.context_id, [])
+            if text == "recall":
+                answer = "memory: " + "; ".join(notes)
+            else:
+                notes.append(text.removeprefix("remember "))
+                answer = "noted"
+            await event_queue.enqueue_event(new_text_message(answer, context_id=context.context_id))
+            return
         if not text.startswith("task") and context.current_task is None:
             await event_queue.enqueue_event(new_text_message(f"echo: {text}", context_id=context.context_id))
             return

@@ -2364,3 +2364,75 @@ async fn event_id_keys_are_shared_through_the_vm_environment() {
     let log = authz_builder_for(server.port, &cfg).start_expect_failure().await.unwrap();
     assert!(log.contains("$.event_id_key_env") && log.contains("MESHWARDEN_MCP_EVENT_ID_KEY is not set"), "{log}");
 }
+
+/// A2A contexts are bound to the caller who started them: the agent keeps a conversation's state (its
+/// history, its memory) under the `contextId`, whoever continues it. Before 2026-12-07 a caller who
+/// learnt another caller's context id continued that conversation and read what the agent remembered
+/// of it (shown below with `bind_tasks: false`); now such a message is refused (-32602) and the context's
+/// owner goes on. A context the caller chooses itself is bound to it at the agent's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a2a_contexts_are_bound_to_their_creator() {
+    let a2a = PyServer::start("a2a_server.py", &[]).await.unwrap();
+    let run = |cfg: Value| async move {
+        let envoy = authz_envoy_for(a2a.port, &cfg).await;
+        let say = |user: &'static str, text: &str, context: Option<&str>, method: &str| {
+            let v1 = method.chars().next().unwrap().is_uppercase();
+            let mut message = if v1 {
+                json!({"messageId": format!("m-{user}-{text}"), "role": "ROLE_USER", "parts": [{"text": text}]})
+            } else {
+                json!({"messageId": format!("m-{user}-{text}"), "role": "user", "kind": "message",
+                    "parts": [{"kind": "text", "text": text}]})
+            };
+            if let Some(c) = context {
+                message["contextId"] = json!(c);
+            }
+            let body = json!({"jsonrpc": "2.0", "id": "say", "method": method, "params": {"message": message}});
+            let mut req = client().post(envoy.url("/a2a")).json(&body).header("x-test-user", user);
+            if v1 {
+                req = req.header("a2a-version", "1.0");
+            }
+            async move { messages(req.send().await.unwrap()).await.2 }
+        };
+        let text_of = |m: &[Value]| {
+            let msg = m[0]["result"].get("message").unwrap_or(&m[0]["result"]);
+            msg["parts"][0]["text"].as_str().map(str::to_string).unwrap_or_else(|| format!("{m:?}"))
+        };
+        let context_of = |m: &[Value]| {
+            let msg = m[0]["result"].get("message").unwrap_or(&m[0]["result"]);
+            msg["contextId"].as_str().unwrap_or_else(|| panic!("{m:?}")).to_string()
+        };
+        // Alice starts a conversation (the agent creates the context) and tells it a secret.
+        let m = say("alice", "remember my card is 4111", None, "SendMessage").await;
+        let ctx = context_of(&m);
+        // Bob continues her context, in v1.0 and v0.3.
+        let bob = say("bob", "recall", Some(&ctx), "SendMessage").await;
+        let bob03 = say("bob", "recall", Some(&ctx), "message/send").await;
+        // Bob's own context, chosen by his client, is his.
+        let m = say("bob", "remember bob's note", Some("ctx-chosen-by-bob"), "SendMessage").await;
+        assert_eq!(text_of(&m), "noted");
+        let alice_on_bobs = say("alice", "recall", Some("ctx-chosen-by-bob"), "SendMessage").await;
+        let alice = say("alice", "recall", Some(&ctx), "SendMessage").await;
+        (envoy, bob, bob03, alice_on_bobs, text_of(&alice))
+    };
+    let (envoy, bob, bob03, alice_on_bobs, alice) = run(config(false)).await;
+    for m in [&bob, &bob03, &alice_on_bobs] {
+        assert_eq!(
+            (m[0]["error"]["code"].clone(), m[0]["error"]["message"].clone(), m[0]["id"].clone()),
+            (json!(-32602), json!("Invalid params: unknown contextId"), json!("say")),
+            "{m:?}"
+        );
+    }
+    assert_eq!(alice, "memory: my card is 4111", "the owner goes on");
+    wait_for_log(&envoy, r#""method":"SendMessage","protocol":"a2a","rule":"context-binding","subject":"bob""#).await;
+    let stats = envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(stats.get("meshwarden.mcp_authz.context_binding_denied"), Some(&3), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.contexts_bound"), Some(&2), "{stats:?}");
+    drop(envoy);
+
+    // Without the binding (as before 2026-12-07): bob reads what the agent remembers of alice's context.
+    let mut open = config(false);
+    open["bind_tasks"] = json!(false);
+    let (_envoy, bob, _, _, _) = run(open).await;
+    let leaked = bob[0]["result"]["message"]["parts"][0]["text"].as_str().unwrap_or_default();
+    assert_eq!(leaked, "memory: my card is 4111", "the leak the binding closes: {bob:?}");
+}

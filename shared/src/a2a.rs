@@ -126,6 +126,30 @@ pub fn answer_task_id(response: &Value) -> Option<&str> {
         .find_map(|k| member(result, k).and_then(|e| member(e, "taskid")).and_then(Value::as_str))
 }
 
+/// The context a message continues (`params.message.contextId` of `message/send` / `message/stream`, any
+/// spelling), if it names one. An agent keeps a conversation's state (its history, a memory, the tasks it
+/// looks up through `RequestContext.related_tasks`) under the context id, whoever continues it.
+pub fn context_ref<'a>(method: &str, params: Option<&'a Value>) -> Option<&'a str> {
+    match names(method).first().copied() {
+        Some("message/send" | "message/stream") => {
+            member(member(params?, "message")?, "contextid").and_then(Value::as_str).filter(|c| !c.is_empty())
+        }
+        _ => None,
+    }
+}
+
+/// The context an A2A answer (one JSON-RPC response, or one SSE event's) names, if any: v1.0
+/// `result.task.contextId`, `result.message.contextId`, `result.statusUpdate.contextId`,
+/// `result.artifactUpdate.contextId`; v0.3 `result.contextId` (a task, a message or an update event).
+pub fn answer_context_id(response: &Value) -> Option<&str> {
+    let result = response.get("result")?;
+    ["task", "message", "statusupdate", "artifactupdate"]
+        .iter()
+        .find_map(|k| member(result, k).and_then(|e| member(e, "contextid")).and_then(Value::as_str))
+        .or_else(|| member(result, "contextid").and_then(Value::as_str))
+        .filter(|c| !c.is_empty())
+}
+
 /// The tasks of a `ListTasks` answer (`result.tasks`), mutable, for per-caller filtering.
 pub fn listed_tasks_mut(response: &mut Value) -> Option<&mut Vec<Value>> {
     response.get_mut("result")?.get_mut("tasks")?.as_array_mut()
@@ -154,6 +178,26 @@ mod tests {
         assert_eq!(card["skills"], json!([{"id": "web"}]));
         let mut no_skills = json!({"name": "a"});
         assert_eq!(filter_card_skills(&mut no_skills, |_| false), 0);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn contexts_of_requests_and_answers() {
+        let v1 = json!({"message": {"messageId": "m", "contextId": "c1", "parts": []}});
+        assert_eq!(context_ref("SendMessage", Some(&v1)), Some("c1"));
+        let v03 = json!({"message": {"context_id": "c2", "kind": "message"}});
+        assert_eq!(context_ref("message/stream", Some(&v03)), Some("c2"));
+        assert_eq!(context_ref("GetTask", Some(&v1)), None);
+        assert_eq!(context_ref("SendMessage", Some(&json!({"message": {"contextId": ""}}))), None);
+        for answer in [
+            json!({"result": {"task": {"id": "t", "contextId": "c"}}}),
+            json!({"result": {"message": {"messageId": "m", "contextId": "c"}}}),
+            json!({"result": {"statusUpdate": {"taskId": "t", "contextId": "c"}}}),
+            json!({"result": {"kind": "task", "id": "t", "contextId": "c"}}),
+            json!({"result": {"kind": "message", "context_id": "c"}}),
+        ] {
+            assert_eq!(answer_context_id(&answer), Some("c"), "{answer}");
+        }
+        assert_eq!(answer_context_id(&json!({"error": {"code": 1}})), None);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

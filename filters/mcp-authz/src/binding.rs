@@ -26,6 +26,8 @@ pub enum Kind {
     Task,
     /// An MCP task (the 2026-07-28 Tasks extension, 2025-11-25 tasks).
     McpTask,
+    /// An A2A context (`contextId`): the conversation an agent keeps its state under.
+    Context,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             Kind::Session => "mcp-session",
             Kind::Task => "a2a-task",
             Kind::McpTask => "mcp-task",
+            Kind::Context => "a2a-context",
         }
     }
 }

@@ -112,6 +112,9 @@ pub struct Outcome {
     /// The existing tasks the allowed requests name (request id, task id), checked against the callers
     /// the tasks are bound to (`bind_tasks`): A2A tasks on an A2A endpoint, MCP tasks on an MCP one.
     pub tasks: Vec<(Option<Value>, String)>,
+    /// A2A: the contexts the allowed messages continue (request id, context id), checked against the
+    /// callers the contexts are bound to (`bind_tasks`).
+    pub contexts: Vec<(Option<Value>, String)>,
     /// An allowed request whose answer may create a task: A2A `message/send`, `message/stream`; MCP a
     /// `tools/call` that may be answered with a task ([`mcp::may_create_task`]).
     pub creates_tasks: bool,
@@ -132,6 +135,9 @@ impl Outcome {
         for task in a2a::task_refs(method, params) {
             self.tasks.push((id.cloned(), task.to_string()));
         }
+        if let Some(context) = a2a::context_ref(method, params) {
+            self.contexts.push((id.cloned(), context.to_string()));
+        }
         self.creates_tasks |= a2a::creates_tasks(method);
         self.lists_tasks |= a2a::lists_tasks(method);
     }
@@ -151,6 +157,7 @@ impl Outcome {
         }
         self.filters.clear();
         self.tasks.clear();
+        self.contexts.clear();
         self.creates_tasks = false;
         self.lists_tasks = false;
         self.events.push(event);
@@ -171,6 +178,7 @@ pub const SESSION_BINDING_RULE: &str = "session-binding";
 pub const UNKNOWN_SESSION_RULE: &str = "unknown-session";
 pub const TASK_BINDING_RULE: &str = "task-binding";
 pub const EVENT_ID_BINDING_RULE: &str = "event-id-binding";
+pub const CONTEXT_BINDING_RULE: &str = "context-binding";
 /// JSON-RPC code of the unknown-session answer (the MCP TypeScript SDK's -32001 "Session not found").
 pub const SESSION_NOT_FOUND: i64 = -32001;
 
@@ -179,6 +187,13 @@ pub const SESSION_NOT_FOUND: i64 = -32001;
 /// existence is not revealed.
 pub fn session_not_found(id: Option<&Value>) -> Reply {
     json_reply(404, &jsonrpc::error_response(id, SESSION_NOT_FOUND, "Session not found"), vec![])
+}
+
+/// The answer to an A2A message continuing a context bound to another caller: invalid params, as an agent
+/// that does not know the context would refuse it (A2A defines no error of its own for contexts), so the
+/// context's existence is not revealed.
+pub fn context_not_found(id: Option<&Value>) -> Reply {
+    json_reply(200, &jsonrpc::error_response(id, jsonrpc::INVALID_PARAMS, "Invalid params: unknown contextId"), vec![])
 }
 
 /// The answer to a request whose `Last-Event-ID` this gateway did not hand to this caller in this
@@ -926,6 +941,7 @@ impl Engine {
         }
         out.filters.clear();
         out.tasks.clear();
+        out.contexts.clear();
         out.creates_tasks = false;
         out.lists_tasks = false;
         let reason =
@@ -1778,9 +1794,10 @@ mod tests {
         assert!(out.forwarded());
         assert_eq!(out.tasks, vec![(Some(json!(3)), "t1".to_string())]);
         assert!(!out.creates_tasks && !out.lists_tasks);
-        let msg = json!({"message": {"messageId": "m", "taskId": "t2", "parts": []}});
+        let msg = json!({"message": {"messageId": "m", "taskId": "t2", "contextId": "c2", "parts": []}});
         let out = e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("message/send", msg.clone()));
         assert_eq!(out.tasks, vec![(Some(json!(3)), "t2".to_string())]);
+        assert_eq!(out.contexts, vec![(Some(json!(3)), "c2".to_string())], "the context it continues");
         assert!(out.creates_tasks);
         assert!(e.decide_body(&admin(), Protocol::A2a, &h(), &rpc("ListTasks", json!({}))).lists_tasks);
         let denied = e.decide_body(&anon(), Protocol::A2a, &h(), &rpc("GetTask", json!({"id": "t1"})));

@@ -376,6 +376,19 @@ impl Request {
                 return out;
             }
         }
+        if cfg.bind_tasks && !out.contexts.is_empty() {
+            // A message continuing another caller's context would continue that caller's conversation
+            // (its history, the agent's memory of it, the tasks the agent looks up by it).
+            let (owner, now) = (self.owner(), now_ms());
+            let table = self.table();
+            let foreign =
+                out.contexts.iter().find(|(_, c)| table.verdict(Kind::Context, c, &owner, now) == Verdict::Foreign);
+            if let Some((id, _)) = foreign {
+                let r = crate::engine::context_not_found(id.as_ref());
+                out.refuse_for_binding(crate::engine::CONTEXT_BINDING_RULE, r, "context_binding_denied");
+                return out;
+            }
+        }
         self.capture_planned = cfg.bind_tasks && out.creates_tasks;
         self.task_list_planned = cfg.bind_tasks && out.lists_tasks;
         out
@@ -431,6 +444,7 @@ impl Request {
         match (result, kind) {
             (Bound::Recorded, Kind::Session) => sh.count("sessions_bound"),
             (Bound::Recorded, Kind::Task | Kind::McpTask) => sh.count("tasks_bound"),
+            (Bound::Recorded, Kind::Context) => sh.count("contexts_bound"),
             (Bound::Owned, _) => {}
             (Bound::Taken, _) => sh.count("binding_taken"),
             (Bound::Full, _) => {
@@ -496,6 +510,15 @@ impl Request {
         let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
         let limit = self.engine.config.max_response_bytes as usize;
         let mut tasks: Vec<String> = Vec::new();
+        // A2A: the contexts the answer names (a new one the agent created, or one the caller chose).
+        let mut contexts: Vec<String> = Vec::new();
+        let mut note_context = |v: &serde_json::Value| {
+            if let Some(c) = (!mcp).then(|| a2a::answer_context_id(v)).flatten() {
+                if !contexts.iter().any(|x| x == c) {
+                    contexts.push(c.to_string());
+                }
+            }
+        };
         let mut keep = true;
         match &mut capture {
             Capture::Json(buf) => {
@@ -506,10 +529,11 @@ impl Request {
                     buf.extend_from_slice(&chunk);
                     if end_of_stream {
                         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf) {
-                            let messages = match &v {
+                            let messages: Vec<&serde_json::Value> = match &v {
                                 serde_json::Value::Array(items) => items.iter().collect(),
                                 one => vec![one],
                             };
+                            messages.iter().copied().for_each(&mut note_context);
                             tasks.extend(messages.into_iter().filter_map(task_of));
                         }
                     }
@@ -518,6 +542,7 @@ impl Request {
             Capture::Sse(parser) => {
                 parser.feed_with(&chunk, |event| {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&event.data) {
+                        note_context(&v);
                         if let Some(t) = task_of(&v) {
                             if !tasks.contains(&t) {
                                 tasks.push(t);
@@ -530,6 +555,9 @@ impl Request {
         let kind = self.task_kind();
         for t in &tasks {
             self.bind(kind, t);
+        }
+        for c in &contexts {
+            self.bind(Kind::Context, c);
         }
         if keep && !end_of_stream {
             self.capture = Some(capture);

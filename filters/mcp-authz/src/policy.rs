@@ -294,7 +294,7 @@ impl Policy {
                 return Err(ConfigError::at(
                     &format!("{base}.name"),
                     "must be non-empty and not `builtin`, `default`, `uri-dot-segments`, `session-binding`, \
-                     `unknown-session`, `task-binding` or `event-id-binding`",
+                     `unknown-session`, `task-binding`, `event-id-binding` or `context-binding`",
                 ));
             }
             if !names.insert(r.name.clone()) {
