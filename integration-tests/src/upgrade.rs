@@ -1,4 +1,6 @@
-//! HTTP/1.1 connection upgrades (WebSocket: OpenAI's Realtime API, Gemini Live) through Envoy.
+//! HTTP/1.1 connection upgrades (WebSocket: OpenAI's Realtime API, Gemini Live) through Envoy, and
+//! requests whose body does not end while the client waits for answers (gRPC client and bidirectional
+//! streams).
 //!
 //! Istio's sidecars and gateways enable WebSocket upgrades on every listener, and after the `101`
 //! Envoy hands the upgraded bytes to the HTTP filters as request and response body data. These helpers
@@ -153,6 +155,83 @@ pub async fn upgrade_round_trip(
     }
     let echoed = (got.len() >= payload.len()).then_some(got);
     Ok(UpgradeOutcome { head, body: String::new(), echoed })
+}
+
+/// An upstream on a free loopback port that answers a request as soon as its first body bytes arrive,
+/// before the request ends (as a gRPC server answers a bidirectional stream's first message): `200`,
+/// `content-type: application/grpc`, chunked, echoing every request byte after the head as it comes. The
+/// counter counts the requests that reached it.
+pub async fn early_answer_upstream() -> Result<(u16, Arc<AtomicUsize>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let Ok((_, mut pending)) = read_head(&mut sock).await else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n";
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    if !pending.is_empty() {
+                        let chunk = format!("{:x}\r\n", pending.len());
+                        let mut out = chunk.into_bytes();
+                        out.extend_from_slice(&pending);
+                        out.extend_from_slice(b"\r\n");
+                        if sock.write_all(&out).await.is_err() {
+                            return;
+                        }
+                        pending.clear();
+                    }
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => pending.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                    }
+                }
+            });
+        }
+    });
+    Ok((port, seen))
+}
+
+/// POST `path` to `port` with `headers` and a chunked body of which only `first` is sent: the request
+/// stays open, as a streaming client's does. Returns the response head (empty when none came within
+/// `wait`: the request was held) and the answer's bytes that arrived within `wait`.
+pub async fn streaming_post(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    first: &[u8],
+    wait: Duration,
+) -> Result<(String, Vec<u8>)> {
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut req = format!("POST {path} HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("\r\n{:x}\r\n", first.len()));
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(first);
+    bytes.extend_from_slice(b"\r\n");
+    sock.write_all(&bytes).await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let Ok(head) = tokio::time::timeout_at(deadline, read_head(&mut sock)).await else {
+        return Ok((String::new(), Vec::new()));
+    };
+    let (head, mut body) = head?;
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    Ok((head, body))
 }
 
 /// Read an HTTP head (up to the blank line): (head text, bytes read past it).

@@ -3,12 +3,15 @@
 //! upgraded bytes to the filters as a request body that never ends: before 2026-12-07 token-limiter,
 //! prompt-guard and pii-redactor held the first frame waiting for that end, so the session hung after
 //! its `101`. Each now refuses the upgrade (403 `upgrade_refused`, before anything reaches the upstream)
-//! or, when configured to, lets it through untouched with its frames flowing both ways at once.
+//! or, when configured to, lets it through untouched with its frames flowing both ways at once. gRPC
+//! streams, whose request body does not end while the client waits for answers, are not held either.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
-use meshwarden_integration_tests::upgrade::{echo_upgrade_upstream, upgrade_round_trip, with_websocket_upgrades};
+use meshwarden_integration_tests::upgrade::{
+    early_answer_upstream, echo_upgrade_upstream, streaming_post, upgrade_round_trip, with_websocket_upgrades,
+};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -121,4 +124,60 @@ async fn inference_router_routes_websocket_upgrades_at_once() {
     assert_eq!(reached.load(Ordering::SeqCst), 1);
     assert_eq!(e.stat("meshwarden.inference_router.upgrade").await.unwrap(), 1);
     eprintln!("upgrade answered in {:?}", started.elapsed());
+}
+
+/// A gRPC message: the 5-byte frame header and a protobuf with the model name and a prompt.
+fn grpc_message() -> Vec<u8> {
+    let mut msg = vec![0x0a, 5];
+    msg.extend_from_slice(b"llama");
+    msg.extend_from_slice(&[0x12, 4]);
+    msg.extend_from_slice(b"PING");
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    framed
+}
+
+/// gRPC client and bidirectional streams send their next message only after an answer, so their request
+/// body does not end while they wait. Before 2026-12-07 token-limiter and pii-redactor (pass mode) held
+/// the first message until that end: the stream hung. token-limiter now admits a gRPC request on its
+/// first message and lets the rest flow; pii-redactor refuses it with a gRPC answer (`grpc-status` 7) or,
+/// with `on_unscannable: pass`, lets it flow unread. A JSON body streamed the same way is still held by
+/// token-limiter (it reads the prompt at the body's end), which shows what holding looks like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_are_not_held() {
+    let (upstream, reached) = early_answer_upstream().await.unwrap();
+    let path = "/inference.GRPCInferenceService/ModelStreamInfer";
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers"), ("x-team", "a")];
+    let wait = Duration::from_secs(3);
+    let start = |filter: &'static str, config: Value| async move {
+        let (file, template) = with_websocket_upgrades(&format!("{filter}.yaml")).unwrap();
+        let e = EnvoyBuilder::new(template.to_str().unwrap())
+            .upstream_port(upstream)
+            .filter_config(filter, &config)
+            .start()
+            .await
+            .unwrap();
+        (file, e)
+    };
+    let budget = json!({"rules": [{"name": "t", "key": {"header": "x-team"}, "limits": {"tokens_per_day": 100000}}]});
+    let (_f, tl) = start("token-limiter", budget).await;
+    let (head, body) = streaming_post(tl.port, path, &grpc, &grpc_message(), wait).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "token-limiter held the stream: {head:?}");
+    assert!(String::from_utf8_lossy(&body).contains("PING"), "the first message reached the server: {body:?}");
+    assert_eq!(tl.stat("meshwarden.token_limiter.admitted").await.unwrap(), 1);
+    let json = [("content-type", "application/json"), ("x-team", "a")];
+    let (_, body) = streaming_post(tl.port, "/v1/chat/completions", &json, b"{\"model\":", wait).await.unwrap();
+    assert!(!String::from_utf8_lossy(&body).contains("model"), "a JSON body is held to its end: {body:?}");
+    let before = reached.load(Ordering::SeqCst);
+
+    let (_f, strict) = start("pii-redactor", json!({})).await;
+    let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(), wait).await.unwrap();
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200") && lower.contains("grpc-status: 7"), "{head:?}");
+    assert_eq!(reached.load(Ordering::SeqCst), before, "refused before the upstream");
+    let (_f, open) = start("pii-redactor", json!({"on_unscannable": "pass"})).await;
+    let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(), wait).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "pii-redactor held the stream: {head:?}");
+    assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
 }

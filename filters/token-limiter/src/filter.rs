@@ -810,6 +810,9 @@ struct Request {
     encoded: bool,
     /// The boundary of a `multipart/form-data` body (audio, image edits, file uploads).
     multipart: Option<String>,
+    /// A gRPC request (protobuf, often a stream that never ends while it waits for answers): admitted on
+    /// its first body bytes instead of its end.
+    grpc: bool,
     identities: Vec<Option<String>>,
     body_size: usize,
     /// The request body as read, until the request is let through (see `start_admission`).
@@ -868,6 +871,7 @@ impl Request {
             path: String::new(),
             encoded: false,
             multipart: None,
+            grpc: false,
             identities: Vec::new(),
             body_size: 0,
             body: Vec::new(),
@@ -958,7 +962,7 @@ impl Request {
                 stream: false,
                 input_estimate: size_estimate(self.body_size),
                 output_reservation: cfg.default_output_reservation,
-                bad: Some(BadBody::TooLarge),
+                bad: Some(if self.grpc { BadBody::NotJson } else { BadBody::TooLarge }),
                 problem: None,
             }
         } else {
@@ -1456,6 +1460,7 @@ impl Request {
             .get("content-encoding")
             .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
         self.multipart = headers.get("content-type").and_then(multipart_boundary);
+        self.grpc = headers.get("content-type").is_some_and(meshwarden_shared::binary::is_grpc);
         let cfg = self.cfg();
         self.identities = cfg.rules.iter().map(|r| self.identity(&headers, &r.key)).collect();
         // The body may be rewritten (include_usage, fallback model).
@@ -1475,6 +1480,12 @@ impl Request {
         self.body_size = body_size;
         let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
         if body_size > max {
+            return self.start_admission(Vec::new(), true);
+        }
+        if self.grpc && !end_of_stream {
+            // A gRPC client or bidirectional stream sends its next message only after an answer: waiting
+            // for the body's end held it for ever (before 2026-12-07). Admitted on what has come so far;
+            // protobuf is not read either way.
             return self.start_admission(Vec::new(), true);
         }
         if !end_of_stream {
