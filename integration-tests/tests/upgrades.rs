@@ -181,3 +181,30 @@ async fn grpc_streams_are_not_held() {
     assert!(head.starts_with("HTTP/1.1 200"), "pii-redactor held the stream: {head:?}");
     assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
 }
+
+/// inference-router: a gRPC stream is routed on its headers at once (protobuf names no `model` it could
+/// read); before 2026-12-07 its first message was held for the body's end, which a bidirectional stream
+/// does not send while it waits for answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_router_routes_grpc_streams_at_once() {
+    let (upstream, reached) = early_answer_upstream().await.unwrap();
+    let (_file, template) = with_websocket_upgrades("inference-router-pool.yaml").unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
+    let e = EnvoyBuilder::new(template.to_str().unwrap())
+        .filter_config(
+            "inference-router",
+            &json!({"pool": "test", "refresh_interval_ms": 50, "max_snapshot_age_ms": 500}),
+        )
+        .var("POOL_LB_ENDPOINTS", meshwarden_integration_tests::model_sim::lb_endpoints_yaml(&[addr]))
+        .var("SIDECAR_PORT", "9")
+        .start()
+        .await
+        .unwrap();
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let path = "/inference.GRPCInferenceService/ModelStreamInfer";
+    let (head, body) = streaming_post(e.port, path, &grpc, &grpc_message(), Duration::from_secs(3)).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert!(String::from_utf8_lossy(&body).contains("PING"), "the first message reached the server: {body:?}");
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+    assert_eq!(e.stat("meshwarden.inference_router.grpc").await.unwrap(), 1);
+}

@@ -411,12 +411,21 @@ impl HttpContext for Request {
                 meshwarden_shared::host::request_header("upgrade").as_deref(),
                 meshwarden_shared::host::request_header(":method").as_deref(),
             );
-        if end_of_stream || too_large || upgrade || self.shared.no_stop_iteration.get() {
+        // gRPC: protobuf (no `model` to read), and a client or bidirectional stream does not end its body
+        // while it waits for answers: routed on its headers at once (before 2026-12-07 the first message
+        // was held for that end, and the stream hung).
+        let grpc = !end_of_stream
+            && meshwarden_shared::host::request_header("content-type")
+                .is_some_and(|ct| meshwarden_shared::binary::is_grpc(&ct));
+        if end_of_stream || too_large || upgrade || grpc || self.shared.no_stop_iteration.get() {
             if too_large {
                 self.shared.count("body_too_large", 1);
             }
             if upgrade {
                 self.shared.count("upgrade", 1);
+            }
+            if grpc {
+                self.shared.count("grpc", 1);
             }
             return self.decide(&[]);
         }
