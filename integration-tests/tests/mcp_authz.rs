@@ -2436,3 +2436,58 @@ async fn a2a_contexts_are_bound_to_their_creator() {
     let leaked = bob[0]["result"]["message"]["parts"][0]["text"].as_str().unwrap_or_default();
     assert_eq!(leaked, "memory: my card is 4111", "the leak the binding closes: {bob:?}");
 }
+
+/// Sessions of the legacy HTTP+SSE transport (2024-11-05) are bound too: the `endpoint` event of a caller's
+/// `GET /sse` names the session in the POST target's query (`/messages/?session_id=…`), and a POST there from
+/// another caller is refused (404), also with the id percent-encoded or given twice. Such servers often
+/// check credentials on `GET /sse` only, so a POST naming the session ran tools in the victim's session
+/// (before 2026-12-07).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_sse_sessions_are_bound_to_their_creator() {
+    let server = PyServer::start("mcp_server.py", &["--legacy-sse"]).await.unwrap();
+    let mut cfg = config(false);
+    cfg["mcp_paths"] = json!(["/sse", "/messages/*"]);
+    let envoy = authz_envoy_for(server.port, &cfg).await;
+    let mut stream = client()
+        .get(envoy.url("/sse"))
+        .header("accept", "text/event-stream")
+        .header("x-test-user", "alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !text.split("session_id=").nth(1).is_some_and(|r| r.contains('\n')) {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await.expect("the endpoint event");
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap_or_default()));
+    }
+    let endpoint = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap().trim().to_string();
+    let session = endpoint.split("session_id=").nth(1).unwrap().to_string();
+    let post = |user: &'static str, target: String| {
+        let body = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "legacy", "version": "1"}}});
+        let req = client().post(envoy.url(&target)).header("x-test-user", user).json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    // Bob names alice's session: as sent, percent-encoded (the server decodes the query), given twice.
+    let encoded: String = session.bytes().map(|b| format!("%{b:02X}")).collect();
+    for target in [
+        endpoint.clone(),
+        format!("/messages/?session_id={encoded}"),
+        format!("/messages/?session_id=other&session_id={session}"),
+    ] {
+        let (st, body) = post("bob", target.clone()).await;
+        assert!(st == 404 || st == 400, "{target}: {st} {body}");
+        assert!(!body.is_empty() && !body.contains("serverInfo"), "{target}: {body}");
+    }
+    // Alice's own POST is served (its answer comes on her stream).
+    assert_eq!(post("alice", endpoint.clone()).await.0, 202);
+    wait_for_log(&envoy, r#""method":"initialize","protocol":"mcp","rule":"session-binding","subject":"bob""#).await;
+    let stats = envoy.stats("mcp_authz").await.unwrap();
+    assert_eq!(stats.get("meshwarden.mcp_authz.session_binding_denied"), Some(&2), "{stats:?}");
+    assert_eq!(stats.get("meshwarden.mcp_authz.sessions_bound"), Some(&1), "{stats:?}");
+}

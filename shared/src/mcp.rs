@@ -272,6 +272,31 @@ pub fn uri_spellings(uri: &str) -> Vec<String> {
     out
 }
 
+/// A legacy transport URI names its session more than once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RepeatedSessionId;
+
+/// The session id in the query of a legacy HTTP+SSE transport URI (`/messages/?session_id=…`, the POST
+/// target its `endpoint` event names, or a request path), decoded as the server's query parser decodes
+/// it (percent escapes, `+` for a space: the MCP Python SDK reads `request.query_params`). `Err` when the
+/// query names a session more than once: servers differ in which copy they take (Starlette the last).
+pub fn legacy_session_id(uri: &str) -> Result<Option<String>, RepeatedSessionId> {
+    let Some((_, query)) = uri.split_once('?') else { return Ok(None) };
+    let query = query.split('#').next().unwrap_or("");
+    let decode = |s: &str| String::from_utf8_lossy(&percent_decode(s.replace('+', " ").as_bytes())).into_owned();
+    let mut found = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(k) == "session_id" {
+            if found.is_some() {
+                return Err(RepeatedSessionId);
+            }
+            found = Some(decode(v));
+        }
+    }
+    Ok(found)
+}
+
 /// Decode `%XX` escapes (invalid ones are kept as they are).
 pub fn percent_decode(b: &[u8]) -> Vec<u8> {
     let hex = |c: u8| (c as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
@@ -509,6 +534,15 @@ mod tests {
         ] {
             assert_eq!(uri_as_url_parsers_read(sent), parsed, "{sent:?}");
         }
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn legacy_session_ids_are_read_as_servers_read_them() {
+        assert_eq!(legacy_session_id("/messages/?session_id=abc123"), Ok(Some("abc123".into())));
+        assert_eq!(legacy_session_id("http://h/messages/?x=1&session%5Fid=%61bc+d#f"), Ok(Some("abc d".into())));
+        assert_eq!(legacy_session_id("/messages/?session_id=a&session_id=b"), Err(RepeatedSessionId));
+        assert_eq!(legacy_session_id("/messages/"), Ok(None));
+        assert_eq!(legacy_session_id("/sse?other=1"), Ok(None));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -1552,6 +1552,9 @@ pub struct SseFilter {
     pub updates_hidden: u64,
     /// MCP answers with `bind_event_ids`: every event id leaves tagged for this caller and session.
     pub event_ids: Option<Box<EventIdTagger>>,
+    /// Legacy HTTP+SSE transport: the session ids the stream's `endpoint` events named (taken by the
+    /// adapter, which binds them to the caller).
+    pub legacy_sessions: Vec<String>,
     /// Answers to calls: the bytes passed so far end inside a line (the start of a block too large to
     /// hold went out), so the next ones do not begin a field line.
     mid_line: bool,
@@ -1569,6 +1572,7 @@ impl SseFilter {
             withheld: 0,
             updates_hidden: 0,
             event_ids: None,
+            legacy_sessions: Vec::new(),
             mid_line: false,
         }
     }
@@ -1654,6 +1658,9 @@ impl SseFilter {
             // message, nothing to filter. Read as an answer it was replaced by -32603 (before 2026-12-07),
             // and a legacy client never learnt where to send its messages.
             if e.event.as_deref() == Some(mcp::LEGACY_ENDPOINT_EVENT) {
+                if let Ok(Some(session)) = mcp::legacy_session_id(e.data.trim()) {
+                    self.legacy_sessions.push(session);
+                }
                 out.extend_from_slice(self.encode(&mut e).as_bytes());
                 continue;
             }

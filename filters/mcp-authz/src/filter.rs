@@ -831,9 +831,21 @@ impl Request {
                     "header_mismatch",
                 );
             }
-            match headers.get(mcp::HEADER_SESSION_ID) {
+            // The legacy HTTP+SSE transport names its session in the POST target's query instead
+            // (`/messages/?session_id=…`), read as the server reads it.
+            let legacy = match mcp::legacy_session_id(&path) {
+                Ok(l) => l,
+                Err(mcp::RepeatedSessionId) => {
+                    return self.error_reply(
+                        400,
+                        jsonrpc::INVALID_REQUEST,
+                        "Invalid Request: session_id is repeated",
+                        "header_mismatch",
+                    )
+                }
+            };
+            match headers.get(mcp::HEADER_SESSION_ID).map(str::to_string).or(legacy) {
                 Some(sid) => {
-                    let sid = sid.to_string();
                     self.session = self.table().verdict(Kind::Session, &sid, &self.owner(), now_ms());
                     self.session_delete = method == "DELETE" && self.session == Verdict::Owner;
                     self.session_id = Some(sid);
@@ -1058,6 +1070,12 @@ impl Request {
                 let out = f.feed(&self.engine, &self.identity, &self.plan, &chunk, end_of_stream);
                 let removed = std::mem::take(&mut f.removed);
                 let withheld = std::mem::take(&mut f.withheld);
+                if self.engine.config.bind_sessions {
+                    // A legacy HTTP+SSE stream's `endpoint` event: the session it opened is this caller's.
+                    for session in std::mem::take(&mut f.legacy_sessions) {
+                        self.bind(Kind::Session, &session);
+                    }
+                }
                 let updates_hidden = std::mem::take(&mut f.updates_hidden);
                 let dropped = f.dropped_events();
                 self.answer = Answer::Sse(f);
