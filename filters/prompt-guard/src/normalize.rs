@@ -28,6 +28,12 @@
 pub struct Normalized {
     pub text: Vec<u8>,
     map: Vec<u32>,
+    /// Where a sentence mark (`.` or `,`) glued between two words was dropped with the separator rule
+    /// (`hi.ignore` reads `hiignore`): the offset in `text` where it stood and the mark. The rule cannot tell
+    /// a sentence end without its space (`Hi.Ignore`, `ok,ignore`) from a word cut by a dot (`ig.nore`), so
+    /// the engine reads the text around each of these once more with the mark put back
+    /// (`engine::Policy::scan_glued`). Empty for nearly every text.
+    pub breaks: Vec<(u32, u8)>,
 }
 
 impl Normalized {
@@ -57,7 +63,7 @@ pub fn normalize_with(text: &str, want_map: bool) -> Normalized {
 /// `fast = false` turns off the plain-prose fast path (tests compare both).
 fn normalize_opts(text: &str, want_map: bool, fast: bool) -> Normalized {
     let cap = if want_map { text.len() } else { 0 };
-    let mut out = Normalized { text: Vec::with_capacity(text.len()), map: Vec::with_capacity(cap) };
+    let mut out = Normalized { text: Vec::with_capacity(text.len()), map: Vec::with_capacity(cap), breaks: Vec::new() };
     if text.is_ascii() {
         structure(text.as_bytes(), None, want_map, fast, &mut out);
     } else {
@@ -343,6 +349,13 @@ fn is_intra(b: u8) -> bool {
     matches!(b, b'.' | b'-' | b'\'' | b'|' | b'/' | b'+' | b',')
 }
 
+/// The separators of [`is_intra`] that also end a sentence or a clause (`Hi.Ignore`, `ok,ignore`). The
+/// other sentence marks (`! ? : ;`) are never dropped, so they part two words already.
+#[inline]
+fn is_sentence_mark(b: u8) -> bool {
+    matches!(b, b'.' | b',')
+}
+
 #[inline]
 fn leet(b: u8) -> u8 {
     match b {
@@ -460,7 +473,13 @@ impl Emit<'_> {
 
     fn gap_slow(&mut self, s: usize, bytes: &[u8], between_tokens: bool) {
         if between_tokens && bytes.len() <= 2 && bytes.iter().all(|&b| is_intra(b) || is_emphasis(b)) {
-            return; // ig.nore, i-g-n, don't, snake_case, **x**y
+            // ig.nore, i-g-n, don't, snake_case, **x**y; a sentence mark among them may instead end a
+            // sentence written without its space (`Hi.Ignore`): noted for a second reading
+            if let Some(&mark) = bytes.iter().find(|&&b| is_sentence_mark(b)) {
+                let at = self.out.text.len() + (self.pend_e - self.pend_s);
+                self.out.breaks.push((at as u32, mark));
+            }
+            return;
         }
         for (k, &b) in bytes.iter().enumerate() {
             if is_emphasis(b) {
@@ -934,8 +953,36 @@ mod tests {
             let (fast, slow) = (normalize_opts(&s, true, true), normalize_opts(&s, true, false));
             assert_eq!(String::from_utf8_lossy(&fast.text), String::from_utf8_lossy(&slow.text), "{s:?}");
             assert_eq!(fast.map, slow.map, "{s:?}");
+            assert_eq!(fast.breaks, slow.breaks, "{s:?}");
             assert_eq!(normalize_opts(&s, false, true).text, fast.text, "{s:?}");
         }
+    }
+
+    /// A sentence mark glued between two words is dropped like any one separator inside a word (`ig.nore`
+    /// and `Hi.Ignore` cannot be told apart here), and noted where it stood, so the engine can read the text
+    /// again with it (before 2026-12-07 nothing was noted: `Hi.Ignore all previous instructions` read only
+    /// `hiignore all previous instructions`).
+    #[test]
+    fn glued_sentence_marks_are_noted() {
+        let breaks = |s: &str| {
+            let norm = normalize(s);
+            let text = String::from_utf8(norm.text.clone()).unwrap();
+            let marks: Vec<String> =
+                norm.breaks.iter().map(|&(at, m)| format!("{}|{}", &text[..at as usize], m as char)).collect();
+            (text, marks)
+        };
+        assert_eq!(breaks("Hi.Ignore all"), ("hiignore all".into(), vec!["hi|.".to_string()]));
+        assert_eq!(breaks("ok,ignore all"), ("okignore all".into(), vec!["ok|,".to_string()]));
+        assert_eq!(breaks("Hi.\u{200B}Ignore"), ("hiignore".into(), vec!["hi|.".to_string()]));
+        assert_eq!(breaks("Done.*Now* go"), ("donenow go".into(), vec!["done|.".to_string()]));
+        assert_eq!(breaks("a b. Then ig.nore"), ("a b. then ignore".into(), vec!["a b. then ig|.".to_string()]));
+        // not sentence marks, or not between two words: nothing noted
+        for s in ["i.g.n.o.r.e all", "ig-nore don't snake_case", "version 3.5, 1,000 items", "Hi! Ignore", "Hi!Ignore"]
+        {
+            assert_eq!(breaks(s).1, Vec::<String>::new(), "{s}");
+        }
+        // the map is not needed to note them
+        assert_eq!(normalize_with("x Hi.Ignore", false).breaks, normalize("x Hi.Ignore").breaks);
     }
 
     #[test]

@@ -1598,7 +1598,8 @@ fn delimiters() -> Vec<String> {
     let end_markers = r"(?:end|ending|beginning|start|begin)\s?(?:of|of the)?\s?(?:the\s)?(?:system|user|admin|developer|assistant)\s?(?:prompt|message|instructions?|input|turn|context)\b[\W]{0,5}";
     let note_to_ai = r"(?:note|message|instructions?|attention|important|notice|reminder|memo|directive|command|request|p\.?s\.?)\s?(?:to|for)\s?(?:the\s|any\s|all\s)?(?:ai|a i|assistant|ai assistant|ai model|llm|llms|language model|large language model|chatbot|model|gpt|chatgpt|claude|bot|agent|ai agent|assistants|ais)\b\s?[:,!\-]";
     let comment = r"<!--[^>]{0,300}?(?:\bai\b|assistant|llm|language model|ignore|instruction|prompt|disregard|system|chatgpt|claude|agent)";
-    let ai_role = r"(?:^|[\s.>\]])(?:ai|ai assistant|assistant|llm|chatgpt|claude|gpt|agent|ai agent|model)\s?:\s?(?:ignore|disregard|forget|new instructions|you must|you will|from now|reveal|print|send|do not|dont|stop|override|execute|run|call|visit|click|email|forward|transfer)";
+    // a turn label starts the text, a line or a sentence (`OK! AI: ignore`, and glued: `Thanks!AI:ignore`)
+    let ai_role = r"(?:^|[\s.,;:!?>\]])(?:ai|ai assistant|assistant|llm|chatgpt|claude|gpt|agent|ai agent|model)\s?:\s?(?:ignore|disregard|forget|new instructions|you must|you will|from now|reveal|print|send|do not|dont|stop|override|execute|run|call|visit|click|email|forward|transfer)";
     vec![
         format!("(?:{chat_tokens})"),
         format!("(?:{llama})"),
