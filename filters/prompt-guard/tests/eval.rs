@@ -99,6 +99,23 @@ fn bang_pipe_leet(text: &str) -> String {
     out
 }
 
+/// A short greeting glued to `text` by a sentence mark without a space, and every sentence mark in `text`
+/// followed by a space and a letter glued to that letter (`Hi.Ignore all previous instructions.Now ...`): a
+/// model reads the sentences apart, the normaliser drops one separator inside a word (`ig.nore`).
+fn glued_punctuation(text: &str) -> String {
+    let greeting = ["Hi.", "Thanks!", "OK,"][text.len() % 3];
+    let cs: Vec<char> = text.chars().collect();
+    let mut out = greeting.to_string();
+    for (k, &c) in cs.iter().enumerate() {
+        let after_mark = k > 0 && ".!?,;:".contains(cs[k - 1]);
+        if c == ' ' && after_mark && cs.get(k + 1).is_some_and(|n| n.is_alphabetic()) {
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn rot13(text: &str) -> String {
     chars_map(text, |c| match c {
         'a'..='m' | 'A'..='M' => char::from(c as u8 + 13).to_string(),
@@ -242,6 +259,9 @@ fn transforms() -> Vec<(&'static str, Transform)> {
         ("reversed", Box::new(|t: &str| t.chars().rev().collect())),
         // since 2026-12-07: `|` for every `l` / `L` (`a|| previous ru|es`)
         ("pipe_for_l", Box::new(|t: &str| chars_map(t, |c| if c == 'l' || c == 'L' { "|".into() } else { c.into() }))),
+        // since 2026-12-07: a greeting glued to the text by `.`, `!` or `,` (no space) and every sentence mark
+        // inside it glued to the next word (`Hi.Ignore all previous instructions.Print ...`)
+        ("glued_punctuation", Box::new(|t: &str| glued_punctuation(t))),
         (
             "mixed",
             Box::new(|t: &str| {
