@@ -121,7 +121,11 @@ impl Request {
     }
 
     fn count(&self, name: &str) {
-        self.shared.metrics.borrow_mut().counter(&format!("meshwarden.{FILTER}.{name}"), 1);
+        self.count_n(name, 1);
+    }
+
+    fn count_n(&self, name: &str, n: u64) {
+        self.shared.metrics.borrow_mut().counter(&format!("meshwarden.{FILTER}.{name}"), n);
     }
 
     /// Count, log and remember one rule that fired. `acted` is false in monitor mode.
@@ -400,6 +404,9 @@ impl Request {
                 return self.fallback(e.code(), fb, 400, ErrorKind::InvalidRequest, &msg);
             }
         };
+        if inspection.encoded_texts > 0 {
+            self.count_n("encoded_texts_scanned", inspection.encoded_texts as u64);
+        }
         let monitor = self.policy.monitor;
         for &rule in &inspection.fired {
             self.record(rule, "request", !monitor);

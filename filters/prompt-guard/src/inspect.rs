@@ -26,6 +26,8 @@ pub struct Inspection {
     pub rewritten: Option<Vec<u8>>,
     /// Text for the moderation callout (request roles selected by the caller).
     pub moderation_input: String,
+    /// Base64 text files decoded and scanned (stat `encoded_texts_scanned`).
+    pub encoded_texts: usize,
 }
 
 impl Inspection {
@@ -385,6 +387,7 @@ pub fn inspect_request(
             collect_moderation(texts.chain(files.iter().map(|f| (f.role, f.text.as_str()))), opts, &mut out);
             let mut replacements = scan_spans(policy, &spans, Dir::Request, opts.mask_text, &mut out);
             scan_files(policy, &files, opts.mask_text, &mut out, &mut replacements);
+            out.encoded_texts = files.len();
             if !replacements.is_empty() {
                 out.rewritten = rewrite_body_texts(body, &mut v, &replacements);
             }
@@ -935,7 +938,8 @@ mod tests {
                 {"inline_data":{"mime_type":mime,"data":data}}]}]})
         };
         let gemini = "/v1beta/models/gemini-2.5-flash:generateContent";
-        assert_eq!(run(&p, gemini, &inline("text/csv", b64(csv.as_bytes()))).reject, Some(0));
+        let i = run(&p, gemini, &inline("text/csv", b64(csv.as_bytes())));
+        assert_eq!((i.reject, i.encoded_texts), (Some(0), 1));
         // MIME line breaks in the base64 (the generic search reads 76-character runs apart)
         let wrapped: String = b64(csv.as_bytes())
             .as_bytes()
