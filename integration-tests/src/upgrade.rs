@@ -51,41 +51,53 @@ pub fn with_websocket_upgrades(template: &str) -> Result<(tempfile::NamedTempFil
     Ok((file, path))
 }
 
-/// An upstream on a free loopback port that answers every upgrade request `101 Switching Protocols` and
-/// then echoes every byte back; the accept loop ends with the runtime. The counter counts the requests
-/// that reached it.
-pub async fn echo_upgrade_upstream() -> Result<(u16, Arc<AtomicUsize>)> {
+/// An upstream on a free loopback port that reads each request's head, counts the request, and hands the
+/// connection (with the bytes read past the head) to `serve`; the accept loop ends with the runtime.
+async fn counting_upstream<F, Fut>(serve: F) -> Result<(u16, Arc<AtomicUsize>)>
+where
+    F: Fn(TcpStream, Vec<u8>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
+    let serve = Arc::new(serve);
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let counter = counter.clone();
+            let (counter, serve) = (counter.clone(), serve.clone());
             tokio::spawn(async move {
-                if read_head(&mut sock).await.is_err() {
-                    return;
-                }
+                let Ok((_, rest)) = read_head(&mut sock).await else { return };
                 counter.fetch_add(1, Ordering::SeqCst);
-                let head = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n";
-                if sock.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                loop {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if sock.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
+                serve(sock, rest).await;
             });
         }
     });
     Ok((port, seen))
+}
+
+/// An upstream on a free loopback port that answers every upgrade request `101 Switching Protocols` and
+/// then echoes every byte back; the accept loop ends with the runtime. The counter counts the requests
+/// that reached it.
+pub async fn echo_upgrade_upstream() -> Result<(u16, Arc<AtomicUsize>)> {
+    counting_upstream(|mut sock, _| async move {
+        let head = "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\r\n";
+        if sock.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if sock.write_all(buf.get(..n).unwrap_or_default()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
 }
 
 /// What a client got for an upgrade request: the response head, and (after a `101`) what came back
@@ -162,41 +174,44 @@ pub async fn upgrade_round_trip(
 /// `content-type: application/grpc`, chunked, echoing every request byte after the head as it comes. The
 /// counter counts the requests that reached it.
 pub async fn early_answer_upstream() -> Result<(u16, Arc<AtomicUsize>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counter = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let Ok((_, mut pending)) = read_head(&mut sock).await else { return };
-                counter.fetch_add(1, Ordering::SeqCst);
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n";
-                if sock.write_all(head.as_bytes()).await.is_err() {
+    counting_upstream(|mut sock, mut pending| async move {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n";
+        if sock.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            if !pending.is_empty() {
+                let mut out = format!("{:x}\r\n", pending.len()).into_bytes();
+                out.extend_from_slice(&pending);
+                out.extend_from_slice(b"\r\n");
+                if sock.write_all(&out).await.is_err() {
                     return;
                 }
-                let mut buf = [0u8; 4096];
-                loop {
-                    if !pending.is_empty() {
-                        let chunk = format!("{:x}\r\n", pending.len());
-                        let mut out = chunk.into_bytes();
-                        out.extend_from_slice(&pending);
-                        out.extend_from_slice(b"\r\n");
-                        if sock.write_all(&out).await.is_err() {
-                            return;
-                        }
-                        pending.clear();
-                    }
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => pending.extend_from_slice(buf.get(..n).unwrap_or_default()),
-                    }
-                }
-            });
+                pending.clear();
+            }
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(buf.get(..n).unwrap_or_default()),
+            }
         }
-    });
-    Ok((port, seen))
+    })
+    .await
+}
+
+/// A gRPC message as it travels: the 5-byte frame header (not compressed, length) and a protobuf with the
+/// `model` as field 1 and the `prompt` as field 2 (strings under 128 bytes).
+pub fn grpc_message(model: &[u8], prompt: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    for (tag, value) in [(0x0a, model), (0x12, prompt)] {
+        msg.push(tag);
+        msg.push(u8::try_from(value.len()).unwrap_or(u8::MAX) & 0x7f);
+        msg.extend_from_slice(value);
+    }
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    framed
 }
 
 /// POST `path` to `port` with `headers` and a chunked body of which only `first` is sent: the request

@@ -2122,25 +2122,7 @@ async fn legacy_sse_transport_works_and_is_governed() {
     let mut cfg = scripted_policy();
     cfg["mcp_paths"] = json!(["/sse", "/messages/*"]);
     let envoy = authz_envoy(server.port, &cfg).await;
-    let mut stream = client().get(envoy.url("/sse")).header("accept", "text/event-stream").send().await.unwrap();
-    assert_eq!(stream.status(), 200);
-    let mut text = String::new();
-    // Read the stream until `done` holds for what arrived (10 s at most).
-    async fn read_until(stream: &mut reqwest::Response, text: &mut String, done: impl Fn(&str) -> bool) {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !done(text) {
-            let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await;
-            let chunk = chunk.unwrap_or_else(|_| panic!("timed out; the stream so far: {text}"));
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap_or_default()));
-        }
-    }
-    read_until(&mut stream, &mut text, |t| t.split("session_id=").nth(1).is_some_and(|r| r.contains('\n'))).await;
-    let endpoint = text
-        .lines()
-        .find_map(|l| l.strip_prefix("data: "))
-        .unwrap_or_else(|| panic!("no endpoint data: {text}"))
-        .trim()
-        .to_string();
+    let (mut stream, mut text, endpoint) = open_legacy_stream(&envoy, &[]).await;
     assert!(endpoint.starts_with("/messages/?session_id="), "the endpoint event is the URI to POST to: {text}");
     let post = |body: Value| {
         let req = client().post(envoy.url(&endpoint)).header("content-type", "application/json");
@@ -2178,6 +2160,36 @@ async fn legacy_sse_transport_works_and_is_governed() {
     );
     read_until(&mut stream, &mut text, |t| t.contains("results for q")).await;
     assert!(!text.contains("deleted /x"), "{text}");
+}
+
+/// Read an SSE stream until `done` holds for what arrived (10 s at most).
+async fn read_until(stream: &mut reqwest::Response, text: &mut String, done: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done(text) {
+        let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await;
+        let chunk = chunk.unwrap_or_else(|_| panic!("timed out; the stream so far: {text}"));
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap_or_default()));
+    }
+}
+
+/// `GET /sse` of the legacy HTTP+SSE transport with `headers`: the open stream, what it sent so far, and
+/// the URI its `endpoint` event names (where to POST).
+async fn open_legacy_stream(envoy: &Envoy, headers: &[(&str, &str)]) -> (reqwest::Response, String, String) {
+    let mut req = client().get(envoy.url("/sse")).header("accept", "text/event-stream");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut stream = req.send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut text = String::new();
+    read_until(&mut stream, &mut text, |t| t.split("session_id=").nth(1).is_some_and(|r| r.contains('\n'))).await;
+    let endpoint = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no endpoint data: {text}"))
+        .trim()
+        .to_string();
+    (stream, text, endpoint)
 }
 
 /// Envoy + mcp-authz (`cfg`) with every MCP route to one server (`port`), to start.
@@ -2448,21 +2460,7 @@ async fn legacy_sse_sessions_are_bound_to_their_creator() {
     let mut cfg = config(false);
     cfg["mcp_paths"] = json!(["/sse", "/messages/*"]);
     let envoy = authz_envoy_for(server.port, &cfg).await;
-    let mut stream = client()
-        .get(envoy.url("/sse"))
-        .header("accept", "text/event-stream")
-        .header("x-test-user", "alice")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stream.status(), 200);
-    let mut text = String::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !text.split("session_id=").nth(1).is_some_and(|r| r.contains('\n')) {
-        let chunk = tokio::time::timeout_at(deadline, stream.chunk()).await.expect("the endpoint event");
-        text.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap_or_default()));
-    }
-    let endpoint = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap().trim().to_string();
+    let (_stream, _, endpoint) = open_legacy_stream(&envoy, &[("x-test-user", "alice")]).await;
     let session = endpoint.split("session_id=").nth(1).unwrap().to_string();
     let post = |user: &'static str, target: String| {
         let body = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {

@@ -1969,19 +1969,6 @@ async fn base64_text_files_leave_masked_and_answers_are_restored() {
     assert_eq!(decoded(payload), "Escalate to <EMAIL_1>, phone <PHONE_1>.");
 }
 
-/// A gRPC request holding a protobuf message with an email, in its 5-byte gRPC frame.
-fn grpc_request_body() -> Vec<u8> {
-    let email = b"jane.doe@example.com";
-    let mut msg = vec![0x0a, 5];
-    msg.extend_from_slice(b"llama");
-    msg.extend_from_slice(&[0x12, email.len() as u8]);
-    msg.extend_from_slice(email);
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
-    framed
-}
-
 /// gRPC and other length-framed binary bodies are never scanned as text nor rewritten: refused with a
 /// gRPC answer (`grpc-status` 7) by default, or passed byte for byte with `on_unscannable: pass`; an
 /// opaque answer (audio) passes unscanned under `scan_responses`. Before 2026-12-07 the protobuf was
@@ -1990,7 +1977,8 @@ fn grpc_request_body() -> Vec<u8> {
 /// bytes were rewritten the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_and_binary_bodies_are_never_rewritten() {
-    let body = grpc_request_body();
+    // A protobuf message holding an email, in its gRPC frame.
+    let body = meshwarden_integration_tests::upgrade::grpc_message(b"llama", b"jane.doe@example.com");
     let grpc = |proxy: &Envoy| {
         client()
             .post(proxy.url("/inference.GRPCInferenceService/ModelInfer"))

@@ -10,7 +10,8 @@
 
 use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
 use meshwarden_integration_tests::upgrade::{
-    early_answer_upstream, echo_upgrade_upstream, streaming_post, upgrade_round_trip, with_websocket_upgrades,
+    early_answer_upstream, echo_upgrade_upstream, grpc_message, streaming_post, upgrade_round_trip,
+    with_websocket_upgrades,
 };
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -99,13 +100,10 @@ async fn mcp_authz_refuses_websocket_upgrades_to_mcp_endpoints() {
     assert_eq!(out.echoed.as_deref(), Some(FRAMES));
 }
 
-/// inference-router: a WebSocket upgrade sends no body before its `101`, so it is routed on its headers at
-/// once. Before 2026-12-07 the headers were held for a body that could not come (the client waits for the
-/// `101` before it sends a frame), and the upgrade waited for the hold's timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inference_router_routes_websocket_upgrades_at_once() {
-    let (upstream, reached) = echo_upgrade_upstream().await.unwrap();
-    let (_file, template) = with_websocket_upgrades("inference-router-pool.yaml").unwrap();
+/// Envoy (upgrades enabled, no buffer filter) with inference-router routing to a pool of one endpoint, the
+/// upstream on `upstream`; the file holds the configuration as long as the Envoy runs.
+async fn inference_router_in_front_of(upstream: u16) -> (tempfile::NamedTempFile, Envoy) {
+    let (file, template) = with_websocket_upgrades("inference-router-pool.yaml").unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
     let e = EnvoyBuilder::new(template.to_str().unwrap())
         .filter_config(
@@ -117,6 +115,16 @@ async fn inference_router_routes_websocket_upgrades_at_once() {
         .start()
         .await
         .unwrap();
+    (file, e)
+}
+
+/// inference-router: a WebSocket upgrade sends no body before its `101`, so it is routed on its headers at
+/// once. Before 2026-12-07 the headers were held for a body that could not come (the client waits for the
+/// `101` before it sends a frame), and the upgrade waited for the hold's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_router_routes_websocket_upgrades_at_once() {
+    let (upstream, reached) = echo_upgrade_upstream().await.unwrap();
+    let (_file, e) = inference_router_in_front_of(upstream).await;
     let started = std::time::Instant::now();
     let out = upgrade_round_trip(e.port, REALTIME, &[], FRAMES, Duration::from_secs(3)).await.unwrap();
     assert_eq!(out.status(), 101, "{}", out.head);
@@ -124,18 +132,6 @@ async fn inference_router_routes_websocket_upgrades_at_once() {
     assert_eq!(reached.load(Ordering::SeqCst), 1);
     assert_eq!(e.stat("meshwarden.inference_router.upgrade").await.unwrap(), 1);
     eprintln!("upgrade answered in {:?}", started.elapsed());
-}
-
-/// A gRPC message: the 5-byte frame header and a protobuf with the model name and a prompt.
-fn grpc_message() -> Vec<u8> {
-    let mut msg = vec![0x0a, 5];
-    msg.extend_from_slice(b"llama");
-    msg.extend_from_slice(&[0x12, 4]);
-    msg.extend_from_slice(b"PING");
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    framed.extend_from_slice(&msg);
-    framed
 }
 
 /// gRPC client and bidirectional streams send their next message only after an answer, so their request
@@ -162,7 +158,7 @@ async fn grpc_streams_are_not_held() {
     };
     let budget = json!({"rules": [{"name": "t", "key": {"header": "x-team"}, "limits": {"tokens_per_day": 100000}}]});
     let (_f, tl) = start("token-limiter", budget).await;
-    let (head, body) = streaming_post(tl.port, path, &grpc, &grpc_message(), wait).await.unwrap();
+    let (head, body) = streaming_post(tl.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "token-limiter held the stream: {head:?}");
     assert!(String::from_utf8_lossy(&body).contains("PING"), "the first message reached the server: {body:?}");
     assert_eq!(tl.stat("meshwarden.token_limiter.admitted").await.unwrap(), 1);
@@ -172,12 +168,12 @@ async fn grpc_streams_are_not_held() {
     let before = reached.load(Ordering::SeqCst);
 
     let (_f, strict) = start("pii-redactor", json!({})).await;
-    let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(), wait).await.unwrap();
+    let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
     let lower = head.to_ascii_lowercase();
     assert!(lower.starts_with("http/1.1 200") && lower.contains("grpc-status: 7"), "{head:?}");
     assert_eq!(reached.load(Ordering::SeqCst), before, "refused before the upstream");
     let (_f, open) = start("pii-redactor", json!({"on_unscannable": "pass"})).await;
-    let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(), wait).await.unwrap();
+    let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "pii-redactor held the stream: {head:?}");
     assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
 }
@@ -188,21 +184,11 @@ async fn grpc_streams_are_not_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inference_router_routes_grpc_streams_at_once() {
     let (upstream, reached) = early_answer_upstream().await.unwrap();
-    let (_file, template) = with_websocket_upgrades("inference-router-pool.yaml").unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{upstream}").parse().unwrap();
-    let e = EnvoyBuilder::new(template.to_str().unwrap())
-        .filter_config(
-            "inference-router",
-            &json!({"pool": "test", "refresh_interval_ms": 50, "max_snapshot_age_ms": 500}),
-        )
-        .var("POOL_LB_ENDPOINTS", meshwarden_integration_tests::model_sim::lb_endpoints_yaml(&[addr]))
-        .var("SIDECAR_PORT", "9")
-        .start()
-        .await
-        .unwrap();
+    let (_file, e) = inference_router_in_front_of(upstream).await;
     let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
     let path = "/inference.GRPCInferenceService/ModelStreamInfer";
-    let (head, body) = streaming_post(e.port, path, &grpc, &grpc_message(), Duration::from_secs(3)).await.unwrap();
+    let (head, body) =
+        streaming_post(e.port, path, &grpc, &grpc_message(b"llama", b"PING"), Duration::from_secs(3)).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
     assert!(String::from_utf8_lossy(&body).contains("PING"), "the first message reached the server: {body:?}");
     assert_eq!(reached.load(Ordering::SeqCst), 1);
