@@ -135,10 +135,10 @@ async fn inference_router_routes_websocket_upgrades_at_once() {
 }
 
 /// gRPC client and bidirectional streams send their next message only after an answer, so their request
-/// body does not end while they wait. Before 2026-12-07 token-limiter and pii-redactor (pass mode) held
-/// the first message until that end: the stream hung. token-limiter now admits a gRPC request on its
-/// first message and lets the rest flow; pii-redactor refuses it with a gRPC answer (`grpc-status` 7) or,
-/// with `on_unscannable: pass`, lets it flow unread. A JSON body streamed the same way is still held by
+/// body does not end while they wait. Before 2026-12-07 token-limiter, pii-redactor and prompt-guard
+/// held the first message until that end: the stream hung. token-limiter now admits a gRPC request on its
+/// first message and lets the rest flow; pii-redactor and prompt-guard refuse it with a gRPC answer
+/// (`grpc-status` 7) or, with `on_unscannable` / `on_binary_body: pass`, let it flow unread. A JSON body streamed the same way is still held by
 /// token-limiter (it reads the prompt at the body's end), which shows what holding looks like.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_streams_are_not_held() {
@@ -175,6 +175,18 @@ async fn grpc_streams_are_not_held() {
     let (_f, open) = start("pii-redactor", json!({"on_unscannable": "pass"})).await;
     let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "pii-redactor held the stream: {head:?}");
+    assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
+
+    // prompt-guard: the same, with `on_binary_body`.
+    let before = reached.load(Ordering::SeqCst);
+    let (_f, strict) = start("prompt-guard", json!({})).await;
+    let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200") && lower.contains("grpc-status: 7"), "{head:?}");
+    assert_eq!(reached.load(Ordering::SeqCst), before, "refused before the upstream");
+    let (_f, open) = start("prompt-guard", json!({"on_binary_body": "pass"})).await;
+    let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "prompt-guard held the stream: {head:?}");
     assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
 }
 

@@ -183,6 +183,9 @@ pub struct Config {
     pub on_malformed: Fallback,
     /// Requests with a `content-encoding` other than identity.
     pub on_encoded_body: Fallback,
+    /// gRPC and other length-framed binary request bodies (protobuf, MessagePack, CBOR, Avro, Thrift):
+    /// not text the rules can read or rewrite, and a gRPC stream never ends its body while it waits.
+    pub on_binary_body: Fallback,
     /// WebSocket upgrades and CONNECT tunnels (OpenAI's Realtime API, Gemini Live): their frames cannot
     /// be inspected.
     pub on_upgrade: Fallback,
@@ -213,6 +216,7 @@ impl Default for Config {
             on_too_large: Fallback::Reject,
             on_malformed: Fallback::Reject,
             on_encoded_body: Fallback::Reject,
+            on_binary_body: Fallback::Reject,
             on_upgrade: Fallback::Reject,
             scan_non_json: true,
             monitor: false,

@@ -212,6 +212,37 @@ impl Request {
         }
     }
 
+    /// gRPC and other length-framed binary bodies: a rule cannot read protobuf fields (a gRPC message may
+    /// be compressed, a string cut across messages), a mask would leave the length prefixes around it
+    /// wrong (the server then fails to parse the message), and a gRPC stream does not end its body while it
+    /// waits for answers (the scan waited for ever). Refused (a gRPC request with a gRPC answer,
+    /// `grpc-status` 7, which gRPC clients report as such; another with 415) or passed uninspected, as
+    /// `on_binary_body` says. Before 2026-12-07 such a body was scanned as text and masked in place.
+    fn binary_body(&mut self) -> WasmAction {
+        let grpc = self.content_type.as_deref().is_some_and(meshwarden_shared::binary::is_grpc);
+        match self.cfg().on_binary_body {
+            Fallback::Reject if grpc => {
+                self.count("binary_body.rejected");
+                self.replied = true;
+                let message = "prompt-guard: gRPC bodies cannot be inspected, so this gateway refuses them \
+                               (on_binary_body: reject)";
+                self.send_http_response(
+                    200,
+                    vec![("content-type", "application/grpc"), ("grpc-status", "7"), ("grpc-message", message)],
+                    None,
+                );
+                WasmAction::Pause
+            }
+            fb => self.fallback(
+                "binary_body",
+                fb,
+                415,
+                ErrorKind::InvalidRequest,
+                "Binary request bodies (protobuf, MessagePack, CBOR) cannot be inspected by the prompt guard.",
+            ),
+        }
+    }
+
     /// Too large / malformed / encoded: reject with `status` or pass (counted either way).
     /// A request body over `max_body_bytes` (declared or received): `on_too_large` decides (413 or pass).
     fn too_large(&mut self) -> WasmAction {
@@ -464,6 +495,9 @@ impl HttpContext for Request {
             return WasmAction::Continue;
         }
         self.content_type = meshwarden_shared::host::request_header("content-type");
+        if self.content_type.as_deref().is_some_and(meshwarden_shared::binary::is_length_framed) {
+            return self.binary_body();
+        }
         let encoding = meshwarden_shared::host::request_header("content-encoding").unwrap_or_default();
         if !encoding.is_empty() && !encoding.eq_ignore_ascii_case("identity") {
             let fb = self.cfg().on_encoded_body;
