@@ -832,8 +832,10 @@ impl Request {
                 );
             }
             // The legacy HTTP+SSE transport names its session in the POST target's query instead
-            // (`/messages/?session_id=…`), read as the server reads it.
-            let legacy = match mcp::legacy_session_id(&path) {
+            // (`/messages/?session_id=…`), read as the server reads it. Its clients (2024-11-05) send no
+            // `MCP-Protocol-Version`; a Streamable HTTP request's query is not its session.
+            let legacy_client = !headers.has(mcp::HEADER_PROTOCOL_VERSION);
+            let legacy = match mcp::legacy_session_id(if legacy_client { &path } else { "" }) {
                 Ok(l) => l,
                 Err(mcp::RepeatedSessionId) => {
                     return self.error_reply(
