@@ -2,7 +2,7 @@
 //! reject answer. No proxy-wasm types; the adapter only moves bytes and applies the verdict.
 
 use crate::config::Action;
-use crate::engine::{apply_mask, Dir, Policy, Spans};
+use crate::engine::{apply_mask, merge_spans, Dir, Policy, Spans};
 use meshwarden_shared::attachments::{extract_encoded_texts, EncodedText};
 use meshwarden_shared::errors::{error_body, google_error, ErrorFlavor, ErrorKind};
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
@@ -88,19 +88,6 @@ fn cut_and_mask(text: &str, cuts: &[(usize, usize, bool)], mask: &str) -> String
     }
     new.push_str(text.get(pos..).unwrap_or(""));
     new
-}
-
-/// Overlapping or touching spans merged, sorted.
-fn merge_spans(mut spans: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
-    spans.sort_unstable();
-    let mut merged: Vec<(usize, usize)> = Vec::new();
-    for (s, e) in spans {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    merged
 }
 
 /// Each merged span of `joined` (the pieces in `lens`, end to end) cut into per-piece `(start, end, put)`
