@@ -11,8 +11,10 @@
 use meshwarden_shared::config::parse_config;
 use meshwarden_shared::llm::Role;
 use prompt_guard::config::Config;
-use prompt_guard::engine::{Dir, Engine, Spans};
+use prompt_guard::engine::{Dir, Engine, Policy, Spans};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 fn words_map(text: &str, f: impl Fn(&str) -> String, sep: &str) -> String {
     text.split(' ').map(f).collect::<Vec<_>>().join(sep)
@@ -284,11 +286,30 @@ fn load(name: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The policy of the default configuration (`{}`).
+fn default_policy() -> Rc<Policy> {
+    let cfg: Config = parse_config(b"{}").unwrap();
+    Engine::compile(&cfg).unwrap().default
+}
+
+/// `a` in `b`, in per cent (0 where `b` is 0).
+fn pct(a: usize, b: usize) -> f64 {
+    100.0 * a as f64 / b.max(1) as f64
+}
+
+/// The missed attacks and the false positives, one a line, each list under a heading with its length.
+fn print_misses(missed: &[String], false_pos: &[String]) {
+    for (heading, list) in [("missed", missed), ("false positives", false_pos)] {
+        println!("\n{heading} ({}):", list.len());
+        for m in list {
+            println!("  {m}");
+        }
+    }
+}
+
 #[test]
 fn detection_and_false_positive_rates_meet_the_targets() {
-    let cfg: Config = parse_config(b"{}").unwrap();
-    let engine = Engine::compile(&cfg).unwrap();
-    let policy = engine.default.clone();
+    let policy = default_policy();
     let fires = |text: &str| -> Vec<String> {
         let names = |spans: Spans| {
             let mut v: Vec<String> = policy
@@ -346,7 +367,6 @@ fn detection_and_false_positive_rates_meet_the_targets() {
             }
         }
     }
-    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
     println!("| evasion | detected | false positives |\n|---|---|---|");
     for (name, (d, t, f, b)) in &by_evasion {
         println!("| {name} | {d}/{t} ({:.1}%) | {f}/{b} ({:.2}%) |", pct(*d, *t), pct(*f, *b));
@@ -364,14 +384,7 @@ fn detection_and_false_positive_rates_meet_the_targets() {
         ts.len(),
         pct(fp, btot)
     );
-    println!("\nmissed ({}):", missed.len());
-    for m in &missed {
-        println!("  {m}");
-    }
-    println!("\nfalse positives ({}):", false_pos.len());
-    for m in &false_pos {
-        println!("  {m}");
-    }
+    print_misses(&missed, &false_pos);
     assert!(injections.len() >= 80 && benign.len() >= 250, "the evaluation set must stay this large");
     assert!(pct(det, tot) >= 95.0, "detection {:.2}% < 95%", pct(det, tot));
     assert!(pct(fp, btot) <= 1.0, "false positives {:.2}% > 1%", pct(fp, btot));
@@ -389,42 +402,30 @@ fn split_in_the_middle(text: &str) -> Option<(String, String)> {
 type Conversation = Box<dyn Fn(&[(&str, &str)]) -> (&'static str, String)>;
 
 fn conversation_shapes() -> Vec<(&'static str, Conversation)> {
-    vec![
-        (
-            "openai_chat, string content",
-            Box::new(|msgs: &[(&str, &str)]| {
-                let m: Vec<_> = msgs.iter().map(|(r, t)| serde_json::json!({"role": r, "content": t})).collect();
-                ("/v1/chat/completions", serde_json::json!({"model": "m", "messages": m}).to_string())
-            }),
-        ),
-        (
-            "openai_chat, text parts",
-            Box::new(|msgs: &[(&str, &str)]| {
-                let m: Vec<_> = msgs
-                    .iter()
-                    .map(|(r, t)| serde_json::json!({"role": r, "content": [{"type": "text", "text": t}]}))
-                    .collect();
-                ("/v1/chat/completions", serde_json::json!({"model": "m", "messages": m}).to_string())
-            }),
-        ),
-        (
-            "anthropic, string content",
-            Box::new(|msgs: &[(&str, &str)]| {
-                let m: Vec<_> = msgs.iter().map(|(r, t)| serde_json::json!({"role": r, "content": t})).collect();
-                ("/v1/messages", serde_json::json!({"model": "c", "max_tokens": 9, "messages": m}).to_string())
-            }),
-        ),
-        (
-            "anthropic, content blocks",
-            Box::new(|msgs: &[(&str, &str)]| {
-                let m: Vec<_> = msgs
-                    .iter()
-                    .map(|(r, t)| serde_json::json!({"role": r, "content": [{"type": "text", "text": t}]}))
-                    .collect();
-                ("/v1/messages", serde_json::json!({"model": "c", "max_tokens": 9, "messages": m}).to_string())
-            }),
-        ),
+    let openai: fn(Vec<Value>) -> Value = |m| json!({"model": "m", "messages": m});
+    let anthropic: fn(Vec<Value>) -> Value = |m| json!({"model": "c", "max_tokens": 9, "messages": m});
+    // (shape, path, body around the messages, whether a message's text is a list of one text part)
+    [
+        ("openai_chat, string content", "/v1/chat/completions", openai, false),
+        ("openai_chat, text parts", "/v1/chat/completions", openai, true),
+        ("anthropic, string content", "/v1/messages", anthropic, false),
+        ("anthropic, content blocks", "/v1/messages", anthropic, true),
     ]
+    .into_iter()
+    .map(|(shape, path, body, parts)| {
+        let build: Conversation = Box::new(move |msgs: &[(&str, &str)]| {
+            let m: Vec<_> = msgs
+                .iter()
+                .map(|(r, t)| {
+                    let content = if parts { json!([{"type": "text", "text": t}]) } else { json!(t) };
+                    json!({"role": r, "content": content})
+                })
+                .collect();
+            (path, body(m).to_string())
+        });
+        (shape, build)
+    })
+    .collect()
 }
 
 /// Since 2026-12-07: every attack cut at the word boundary nearest its middle into two consecutive user
@@ -436,16 +437,13 @@ fn conversation_shapes() -> Vec<(&'static str, Conversation)> {
 #[test]
 fn phrases_split_across_consecutive_user_messages() {
     use prompt_guard::inspect::{inspect_request, RequestOptions};
-    let cfg: Config = parse_config(b"{}").unwrap();
-    let engine = Engine::compile(&cfg).unwrap();
-    let policy = engine.default.clone();
+    let policy = default_policy();
     let opts = RequestOptions { scan_non_json: true, mask_text: "[X]", moderation_roles: &[], moderation_max_bytes: 0 };
     let rejected = |path: &str, body: &str| {
         inspect_request(&policy, path, Some("application/json"), body.as_bytes(), &opts).unwrap().reject.is_some()
     };
     let injections = load("injections.tsv");
     let benign = load("benign.tsv");
-    let pct = |a: usize, b: usize| 100.0 * a as f64 / b.max(1) as f64;
     println!("| shape | attacks split in two user messages | benign split in two | two benign prompts in a row (fire only joined) | attacks split by an assistant turn (not joined) |\n|---|---|---|---|---|");
     let alone = |text: &str| {
         let (path, body) = conversation_shapes()[0].1(&[("user", text)]);
@@ -509,14 +507,7 @@ fn phrases_split_across_consecutive_user_messages() {
         pct(fp, btot),
         pct(joined_fp, pairs)
     );
-    println!("\nmissed ({}):", missed.len());
-    for m in &missed {
-        println!("  {m}");
-    }
-    println!("\nfalse positives ({}):", false_pos.len());
-    for m in &false_pos {
-        println!("  {m}");
-    }
+    print_misses(&missed, &false_pos);
     assert!(tot >= 4 * 80, "every attack is split");
     assert!(pct(det, tot) >= 95.0, "split detection {:.2}% < 95%", pct(det, tot));
     assert!(pct(fp, btot) <= 1.0, "split false positives {:.2}% > 1%", pct(fp, btot));
