@@ -165,29 +165,22 @@ async fn grpc_streams_are_not_held() {
     let json = [("content-type", "application/json"), ("x-team", "a")];
     let (_, body) = streaming_post(tl.port, "/v1/chat/completions", &json, b"{\"model\":", wait).await.unwrap();
     assert!(!String::from_utf8_lossy(&body).contains("model"), "a JSON body is held to its end: {body:?}");
-    let before = reached.load(Ordering::SeqCst);
-
-    let (_f, strict) = start("pii-redactor", json!({})).await;
-    let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
-    let lower = head.to_ascii_lowercase();
-    assert!(lower.starts_with("http/1.1 200") && lower.contains("grpc-status: 7"), "{head:?}");
-    assert_eq!(reached.load(Ordering::SeqCst), before, "refused before the upstream");
-    let (_f, open) = start("pii-redactor", json!({"on_unscannable": "pass"})).await;
-    let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "pii-redactor held the stream: {head:?}");
-    assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
-
-    // prompt-guard: the same, with `on_binary_body`.
-    let before = reached.load(Ordering::SeqCst);
-    let (_f, strict) = start("prompt-guard", json!({})).await;
-    let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
-    let lower = head.to_ascii_lowercase();
-    assert!(lower.starts_with("http/1.1 200") && lower.contains("grpc-status: 7"), "{head:?}");
-    assert_eq!(reached.load(Ordering::SeqCst), before, "refused before the upstream");
-    let (_f, open) = start("prompt-guard", json!({"on_binary_body": "pass"})).await;
-    let (head, body) = streaming_post(open.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "prompt-guard held the stream: {head:?}");
-    assert!(String::from_utf8_lossy(&body).contains("PING"), "{body:?}");
+    // pii-redactor and prompt-guard: refused with a gRPC answer by default, passed unread when asked.
+    for (filter, pass) in
+        [("pii-redactor", json!({"on_unscannable": "pass"})), ("prompt-guard", json!({"on_binary_body": "pass"}))]
+    {
+        let before = reached.load(Ordering::SeqCst);
+        let (_f, strict) = start(filter, json!({})).await;
+        let (head, _) = streaming_post(strict.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 200") && lower.contains("grpc-status: 7"), "{filter}: {head:?}");
+        assert_eq!(reached.load(Ordering::SeqCst), before, "{filter}: refused before the upstream");
+        let (_f, open) = start(filter, pass).await;
+        let (head, body) =
+            streaming_post(open.port, path, &grpc, &grpc_message(b"llama", b"PING"), wait).await.unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{filter} held the stream: {head:?}");
+        assert!(String::from_utf8_lossy(&body).contains("PING"), "{filter}: {body:?}");
+    }
 }
 
 /// inference-router: a gRPC stream is routed on its headers at once (protobuf names no `model` it could
