@@ -81,8 +81,25 @@ fn decode_bytes(b64: &str) -> Option<Vec<u8>> {
     base64_decode(b64).ok()
 }
 
-fn ptr_escape(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
+/// One step of the path to a value: an object key or an array index.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Key(&'a str),
+    Index(usize),
+}
+
+/// The RFC 6901 pointer of `path` (built only for a file found: most requests hold none, and the walk
+/// runs on every request of three filters).
+fn pointer(path: &[Step<'_>]) -> String {
+    let mut out = String::new();
+    for step in path {
+        out.push('/');
+        match step {
+            Step::Key(k) => out.push_str(&k.replace('~', "~0").replace('/', "~1")),
+            Step::Index(i) => out.push_str(&i.to_string()),
+        }
+    }
+    out
 }
 
 struct Walk {
@@ -100,7 +117,7 @@ impl Walk {
         }
     }
 
-    fn value(&mut self, v: &Value, role: Role, here: &mut String) {
+    fn value<'a>(&mut self, v: &'a Value, role: Role, path: &mut Vec<Step<'a>>) {
         match v {
             Value::String(s) => {
                 // `data:<media type>[;params];base64,<data>`
@@ -109,7 +126,7 @@ impl Walk {
                         if let Some(media) = meta.strip_suffix(";base64") {
                             if is_text_media_type(media) {
                                 let prefix = s.get(..s.len() - data.len()).unwrap_or("");
-                                self.push(role, here.clone(), prefix, data);
+                                self.push(role, pointer(path), prefix, data);
                             }
                         }
                     }
@@ -117,11 +134,9 @@ impl Walk {
             }
             Value::Array(items) => {
                 for (i, x) in items.iter().enumerate() {
-                    let len = here.len();
-                    here.push('/');
-                    here.push_str(&i.to_string());
-                    self.value(x, role, here);
-                    here.truncate(len);
+                    path.push(Step::Index(i));
+                    self.value(x, role, path);
+                    path.pop();
                 }
             }
             Value::Object(obj) => {
@@ -129,15 +144,13 @@ impl Walk {
                     Some(r) => Role::parse(r),
                     None => role,
                 };
-                if self.block(obj, role, here) {
+                if self.block(obj, role, path) {
                     return;
                 }
                 for (k, x) in obj {
-                    let len = here.len();
-                    here.push('/');
-                    here.push_str(&ptr_escape(k));
-                    self.value(x, role, here);
-                    here.truncate(len);
+                    path.push(Step::Key(k));
+                    self.value(x, role, path);
+                    path.pop();
                 }
             }
             _ => {}
@@ -145,28 +158,32 @@ impl Walk {
     }
 
     /// A base64 holder of a known shape: reported (when text) and `true`; anything else `false`.
-    fn block(&mut self, obj: &serde_json::Map<String, Value>, role: Role, here: &str) -> bool {
-        let str_of = |o: &serde_json::Map<String, Value>, keys: &[&str]| -> Option<(String, String)> {
-            keys.iter().find_map(|k| o.get(*k).and_then(Value::as_str).map(|s| (k.to_string(), s.to_string())))
+    fn block<'a>(&mut self, obj: &'a serde_json::Map<String, Value>, role: Role, path: &mut Vec<Step<'a>>) -> bool {
+        let at = |path: &mut Vec<Step<'a>>, tail: &[&'a str]| {
+            let depth = path.len();
+            path.extend(tail.iter().map(|k| Step::Key(k)));
+            let p = pointer(path);
+            path.truncate(depth);
+            p
         };
         // Gemini inline data.
-        if let Some((key, inline)) =
-            ["inline_data", "inlineData"].iter().find_map(|k| obj.get(*k).and_then(Value::as_object).map(|o| (*k, o)))
-        {
-            let media = str_of(inline, &["mime_type", "mimeType"]).map(|(_, m)| m).unwrap_or_default();
+        for key in ["inline_data", "inlineData"] {
+            let Some(inline) = obj.get(key).and_then(Value::as_object) else { continue };
+            let media = ["mime_type", "mimeType"].iter().find_map(|k| inline.get(*k).and_then(Value::as_str));
             if let Some(data) = inline.get("data").and_then(Value::as_str) {
-                if is_text_media_type(&media) {
-                    self.push(role, format!("{here}/{key}/data"), "", data);
+                if is_text_media_type(media.unwrap_or("")) {
+                    let p = at(path, &[key, "data"]);
+                    self.push(role, p, "", data);
                 }
                 return true;
             }
         }
-        // Anthropic base64 source (inside a `document` block: `here` is the source object).
+        // Anthropic base64 source (inside a `document` block: `path` is the source object's).
         if obj.get("type").and_then(Value::as_str) == Some("base64") {
             if let Some(data) = obj.get("data").and_then(Value::as_str) {
-                let media = obj.get("media_type").and_then(Value::as_str).unwrap_or("");
-                if is_text_media_type(media) {
-                    self.push(role, format!("{here}/data"), "", data);
+                if is_text_media_type(obj.get("media_type").and_then(Value::as_str).unwrap_or("")) {
+                    let p = at(path, &["data"]);
+                    self.push(role, p, "", data);
                 }
                 return true;
             }
@@ -176,7 +193,8 @@ impl Walk {
             let format = doc.get("format").and_then(Value::as_str).unwrap_or("");
             if let Some(bytes) = doc.get("source").and_then(|s| s.get("bytes")).and_then(Value::as_str) {
                 if is_text_document_format(format) {
-                    self.push(role, format!("{here}/document/source/bytes"), "", bytes);
+                    let p = at(path, &["document", "source", "bytes"]);
+                    self.push(role, p, "", bytes);
                 }
                 return true;
             }
@@ -188,7 +206,7 @@ impl Walk {
 /// Every base64 text file in `body` (see the module documentation), in document order.
 pub fn extract_encoded_texts(body: &Value) -> Vec<EncodedText> {
     let mut walk = Walk { out: Vec::new() };
-    walk.value(body, Role::User, &mut String::new());
+    walk.value(body, Role::User, &mut Vec::new());
     walk.out
 }
 
