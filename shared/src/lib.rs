@@ -22,6 +22,8 @@
 //! | [`splice`] | a few values of a JSON body changed in the client's bytes, without re-serialising the document |
 //! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
+//! | [`websocket`] | WebSocket frames (RFC 6455) read from chunks cut at any byte: messages, control frames, frame boundaries; frames built |
+//! | [`realtime`] | OpenAI's Realtime API events: the session's model, each response's usage, the `error` event |
 //! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |
 //! | [`endpoints`] | the sidecar endpoint-snapshot wire format inference-router reads |
 //! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
@@ -44,6 +46,7 @@ pub mod mcp;
 pub mod media;
 pub mod pbstruct;
 pub mod ratelimit;
+pub mod realtime;
 pub mod splice;
 pub mod sse;
 pub mod stats;
@@ -52,6 +55,7 @@ pub mod stream_rewrite;
 pub mod testing;
 pub mod upgrade;
 pub mod usage_scan;
+pub mod websocket;
 
 #[cfg(feature = "host")]
 pub mod host;

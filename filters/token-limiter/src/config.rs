@@ -49,9 +49,14 @@ pub struct Config {
     /// What rules with a `model` do with a request whose model cannot be read (compressed, over
     /// `max_body_bytes`, not JSON, no `model` in the body or the path).
     pub unknown_model: UnknownModel,
-    /// What a WebSocket upgrade or CONNECT tunnel gets (OpenAI's Realtime API, Gemini Live): its frames
-    /// cannot be metered, so by default it is refused.
+    /// What a WebSocket upgrade or CONNECT tunnel gets (OpenAI's Realtime API, Gemini Live): refused by
+    /// default; `meter` reads OpenAI Realtime sessions' usage from their frames.
     pub on_upgrade: OnUpgrade,
+    /// `on_upgrade: meter`: input tokens reserved for each response of a Realtime session (the first at
+    /// admission, each next one when the previous is done), replaced by the response's reported usage.
+    pub realtime_input_reservation: u64,
+    /// `on_upgrade: meter`: output tokens reserved for each response of a Realtime session.
+    pub realtime_output_reservation: u64,
     /// Publish each request's decision, model and tokens as filter state for access logs
     /// (`%FILTER_STATE(wasm.meshwarden.token_limiter.<name>:PLAIN)%`). Off by default: it costs seven
     /// host calls per request, which only gateways that log the values should pay.
@@ -69,6 +74,12 @@ pub enum OnUpgrade {
     Reject,
     /// Let it through, unmetered and uncharged (stat `upgrade.passed`).
     Pass,
+    /// A WebSocket session (OpenAI Realtime API, Azure OpenAI realtime, OpenAI-compatible servers) is
+    /// admitted like a request and charged each `response.done`'s usage; when its budget is spent it
+    /// is ended with an `error` event and a close frame 1008 (see `realtime.rs`). Other upgrades (a path
+    /// not ending in `/realtime`, such as Gemini Live, whose usage is not read; a `CONNECT` tunnel) are
+    /// refused as with `reject`.
+    Meter,
 }
 
 /// See [`Config::unknown_model`].
@@ -116,6 +127,8 @@ impl Default for Config {
             lease_ms: 600_000,
             unknown_model: UnknownModel::default(),
             on_upgrade: OnUpgrade::default(),
+            realtime_input_reservation: 2000,
+            realtime_output_reservation: 500,
             filter_state: false,
             rules: Vec::new(),
         }
@@ -407,6 +420,8 @@ impl Validate for Config {
         check_range("settle_interval_ms", self.settle_interval_ms, 1, 10_000)?;
         check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         check_range("lease_ms", self.lease_ms, 1_000, 86_400_000)?;
+        check_range("realtime_input_reservation", self.realtime_input_reservation, 0, 10_000_000)?;
+        check_range("realtime_output_reservation", self.realtime_output_reservation, 0, 10_000_000)?;
         // A name or value Envoy refuses in a header would break every fallback answer at run time.
         if self.fallback_header.is_empty()
             || !self
@@ -647,6 +662,13 @@ mod tests {
         let pass: Config = parse_config(br#"{"on_upgrade":"pass"}"#).unwrap();
         assert_eq!(pass.on_upgrade, OnUpgrade::Pass);
         assert!(parse_config::<Config>(br#"{"on_upgrade":"allow"}"#).unwrap_err().to_string().contains("on_upgrade"));
+        let meter: Config = parse_config(br#"{"on_upgrade":"meter","realtime_output_reservation":100}"#).unwrap();
+        assert_eq!(
+            (meter.on_upgrade, meter.realtime_input_reservation, meter.realtime_output_reservation),
+            (OnUpgrade::Meter, 2000, 100)
+        );
+        let err = parse_config::<Config>(br#"{"realtime_input_reservation":20000000}"#).unwrap_err().to_string();
+        assert!(err.contains("realtime_input_reservation"), "{err}");
     }
 
     /// Decimal weights cost what they say: 100 input tokens at 1.1 cost 110, not 111 (the float product

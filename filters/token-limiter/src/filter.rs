@@ -830,20 +830,33 @@ struct Request {
     /// This request's number in its VM (with the VM's seed and the context id: unique ids).
     seq: u64,
     settled: bool,
+    /// A metered Realtime session (`on_upgrade: meter`) while its connection is upgraded.
+    realtime: Option<Box<crate::realtime::Session>>,
+    /// A Realtime session's next reservation in flight to the sidecar: the call's token and its plan.
+    realtime_reserve: Option<(u32, Plan)>,
+    /// The concurrency slots a Realtime session holds until it ends (released in `on_log`).
+    leases: Vec<SettleItem>,
 }
 
 impl Request {
     /// A WebSocket upgrade or CONNECT tunnel: its frames reach this filter as a request body that never
-    /// ends, which admission would wait for (the session hung after its `101`), and they cannot be read as
-    /// a prompt or an answer. Refused, or let through unmetered, as `on_upgrade` says.
-    fn upgrade_request(&mut self) -> Action {
+    /// ends, which admission would wait for (the session hung after its `101`). Refused, let through
+    /// unmetered, or (a WebSocket with `meter`) admitted as a Realtime session, as `on_upgrade` says.
+    fn upgrade_request(&mut self, headers: &mut HeaderSnapshot) -> Action {
+        let tunnel = headers.get(":method").is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"))
+            && headers.get("upgrade").is_none_or(|u| u.trim().is_empty());
+        // Only a Realtime endpoint's events are read: a session on another path (Gemini Live) would be
+        // charged nothing, so `meter` refuses it.
+        let realtime = headers.get(":path").is_some_and(meshwarden_shared::realtime::is_realtime_path);
         match self.cfg().on_upgrade {
-            OnUpgrade::Reject => {
+            OnUpgrade::Meter if !tunnel && realtime => self.realtime_admission(headers),
+            OnUpgrade::Reject | OnUpgrade::Meter => {
                 self.phase = Phase::Rejected;
                 self.shared.count("upgrade.rejected", 1);
                 self.publish("decision", "upgrade_refused");
                 let message = "token-limiter: WebSocket and other upgraded connections cannot be metered in tokens, \
-                               so this gateway refuses them (on_upgrade: reject).";
+                               so this gateway refuses them (on_upgrade: reject; `meter` meters OpenAI Realtime \
+                               sessions, on paths ending in /realtime, and refuses other upgrades).";
                 send_error(
                     403,
                     ErrorFlavor::OpenAi,
@@ -859,6 +872,417 @@ impl Request {
                 self.shared.count("upgrade.passed", 1);
                 self.publish("decision", "skipped");
                 Action::Continue
+            }
+        }
+    }
+
+    /// `on_upgrade: meter`: a Realtime session is admitted like a request whose prompt and answer are
+    /// its first response's reservation (`realtime_*_reservation`), with the model of its query string.
+    fn realtime_admission(&mut self, headers: &mut HeaderSnapshot) -> Action {
+        let cfg = self.cfg();
+        self.path = headers.get(":path").unwrap_or_default().to_string();
+        self.identities = cfg.rules.iter().map(|r| self.identity(headers, &r.key)).collect();
+        // A compressed message (permessage-deflate) could not be read: the client's offer is withdrawn,
+        // so the server sends plain frames.
+        headers.remove("sec-websocket-extensions");
+        self.shared.count("realtime.sessions", 1);
+        let model = meshwarden_shared::realtime::model_from_path(&self.path);
+        if model.is_none() && cfg.rules.iter().any(|r| r.model.is_some()) && cfg.unknown_model == UnknownModel::Reject {
+            self.shared.count("unknown_model_rejected", 1);
+            self.phase = Phase::Rejected;
+            self.publish("decision", "model_unreadable");
+            let message = "The Realtime session names no model (`?model=` or `?deployment=`); this gateway limits \
+                           tokens per model.";
+            send_error(400, ErrorFlavor::OpenAi, ErrorKind::InvalidRequest, Some("model_unreadable"), message, &[]);
+            return Action::Pause;
+        }
+        let facts = Facts {
+            model,
+            // The query string decides what is served, and it is not rewritten: no fallback.
+            model_from_path: true,
+            other_model: None,
+            input_estimate: cfg.realtime_input_reservation,
+            output_reservation: cfg.realtime_output_reservation,
+            identities: std::mem::take(&mut self.identities),
+        };
+        self.admission = Some(Admission::new(facts));
+        let seq = self.shared.lease_seq.get().wrapping_add(1);
+        self.shared.lease_seq.set(seq);
+        self.seq = seq;
+        if cfg.rules.iter().any(|r| r.max_concurrent_requests.is_some()) {
+            self.lease_id = format!("{:x}-{:x}-{:x}", self.shared.seed, self.context_id, seq);
+        }
+        // The mask of the close frame this filter may send the server (a client's frames are masked).
+        let mask = (self.shared.seed ^ seq.rotate_left(29) ^ u64::from(self.context_id)).to_le_bytes();
+        self.realtime = Some(Box::new(crate::realtime::Session::new([mask[0], mask[1], mask[2], mask[3]])));
+        self.step()
+    }
+
+    /// A Realtime session's `101`: the rate-limit headers go on it. Any other answer (the upstream
+    /// refused the upgrade, e.g. a 401) passes unread, and the reservation is given back in `on_log`:
+    /// nothing was generated.
+    fn realtime_answer(&mut self, headers: &mut HeaderSnapshot) {
+        let upgraded = headers.get(":status") == Some("101");
+        headers.remove(&self.cfg().fallback_header);
+        if let Some(rt) = self.realtime.as_mut() {
+            rt.upgraded = upgraded;
+        }
+        if !upgraded {
+            self.shared.count("realtime.upgrade_refused_upstream", 1);
+            return;
+        }
+        if let Some(w) = self.window {
+            for (k, v) in self.ratelimit_headers(&w) {
+                self.set_http_response_header(k, Some(&v));
+            }
+        }
+    }
+
+    /// Server frames: each `response.done` is charged, the next response reserved, and the session ended
+    /// when that reservation is refused.
+    fn realtime_server_chunk(&mut self, body_size: usize) -> Action {
+        if body_size == 0 {
+            return Action::Continue;
+        }
+        let chunk = self.get_http_response_body(0, body_size).unwrap_or_default();
+        let Some(rt) = self.realtime.as_mut() else {
+            return Action::Continue;
+        };
+        let had_ending = rt.ending.is_some();
+        let (read, ends, was_mid) = match rt.read_server(&chunk) {
+            Ok(r) => r,
+            Err(e) => return self.realtime_reset("server", e),
+        };
+        for usage in read.done {
+            self.realtime_charge(usage, true);
+        }
+        let Some(rt) = self.realtime.as_mut() else {
+            return Action::Continue;
+        };
+        let ended_here = !had_ending && rt.ending.is_some();
+        let pass = rt.server_pass(&chunk, &ends, was_mid, ended_here);
+        if ended_here {
+            self.realtime_ending_counted();
+        }
+        match pass {
+            crate::realtime::Pass::AsIs => {}
+            crate::realtime::Pass::Rewrite(out) => self.set_http_response_body(0, body_size, &out),
+            crate::realtime::Pass::Reset(e) => return self.realtime_reset("server", e),
+        }
+        Action::Continue
+    }
+
+    /// Client frames pass as they are until the session ends; then the server gets a close frame.
+    fn realtime_client_chunk(&mut self, body_size: usize) -> Action {
+        if body_size == 0 {
+            return Action::Continue;
+        }
+        let chunk = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let Some(rt) = self.realtime.as_mut() else {
+            return Action::Continue;
+        };
+        match rt.client_pass(&chunk) {
+            crate::realtime::Pass::AsIs => {}
+            crate::realtime::Pass::Rewrite(out) => self.set_http_request_body(0, body_size, &out),
+            crate::realtime::Pass::Reset(e) => return self.realtime_reset("client", e),
+        }
+        Action::Continue
+    }
+
+    /// Frames that are not WebSocket framing: nothing can be metered or placed safely, so the connection
+    /// is reset (the open response is charged its reservation in `on_log`).
+    fn realtime_reset(&mut self, side: &str, e: meshwarden_shared::websocket::BadFrame) -> Action {
+        self.shared.count(&format!("realtime.broken_frames.{side}"), 1);
+        log(
+            LogLevel::Warn,
+            &format!(
+                "meshwarden {FILTER}: a Realtime session's {side} frames are not WebSocket framing ({}); reset",
+                e.as_str()
+            ),
+        );
+        self.publish("decision", "realtime_reset");
+        let _ = hostcalls::reset_http_response();
+        let _ = hostcalls::reset_http_request();
+        Action::Pause
+    }
+
+    fn realtime_ending_counted(&self) {
+        match self.realtime.as_ref().and_then(|r| r.ending.as_ref()) {
+            Some(crate::realtime::Ending::Exhausted { .. }) => {
+                self.shared.count("realtime.ended_exhausted", 1);
+                self.publish("decision", "realtime_exhausted");
+            }
+            Some(crate::realtime::Ending::Unreadable { what, .. }) => {
+                self.shared.count(&format!("realtime.ended_unreadable.{what}"), 1);
+                self.publish("decision", "realtime_unreadable");
+            }
+            None => {}
+        }
+    }
+
+    /// Concurrency slots are taken once, by the session's admission, and released when it ends.
+    fn keep_leases(&mut self) {
+        let Some(plan) = self.plan.as_mut() else {
+            return;
+        };
+        for g in &mut plan.request.groups {
+            if let Some(c) = g.concurrency.take() {
+                self.leases.push(SettleItem {
+                    key: g.key.clone(),
+                    windows: Vec::new(),
+                    delta: 0,
+                    release_lease: Some(c.lease_id),
+                    id: None,
+                    id_ttl_ms: None,
+                });
+            }
+        }
+    }
+
+    /// Charge one response: its usage (or, with none, the reservation) against the reservation it was
+    /// admitted on (a fresh charge when none was held: failed open). Then, with `next`, reserve the
+    /// next response.
+    fn realtime_charge(&mut self, usage: Option<meshwarden_shared::realtime::RealtimeUsage>, next: bool) {
+        let cfg = self.cfg();
+        self.keep_leases();
+        let Some(adm) = self.admission.as_ref() else {
+            return;
+        };
+        let (plan, reserved) = match self.plan.take() {
+            Some(p) => (p, true),
+            None => match adm.plan(&cfg, "") {
+                Ok(p) => (p, false),
+                Err(_) => return,
+            },
+        };
+        let (input, cached, output, source) = match usage {
+            Some(u) => (u.input, u.cached_input, u.output, crate::meter::Source::Reported),
+            None => (adm.facts.input_estimate, 0, adm.facts.output_reservation, crate::meter::Source::Estimated),
+        };
+        let model = adm.model.clone();
+        self.shared.count("realtime.responses", 1);
+        self.shared.count_usage(source, model.as_deref().unwrap_or("none"), input, output);
+        self.shared.count_hot(Hot::InputTokens, input);
+        self.shared.count_hot(Hot::OutputTokens, output);
+        let mut deltas = settle_deltas(&cfg, &plan, input, cached, output);
+        let sidecar = cfg.state == StateMode::Sidecar;
+        // One settlement id per response (the sidecar applies an id once); a cut response has its own.
+        let n = self.realtime.as_ref().map_or(0, |r| r.responses);
+        let suffix = if next { format!("r{n}") } else { "cut".to_string() };
+        let mut items = Vec::new();
+        for ((g, d), ri) in plan.request.groups.iter().zip(deltas.iter_mut()).zip(&plan.rules) {
+            if g.windows.is_empty() {
+                continue;
+            }
+            let cost = i64::try_from(g.cost).unwrap_or(i64::MAX);
+            if !reserved {
+                *d = d.saturating_add(cost);
+            }
+            let charged = if reserved { cost.saturating_add(*d) } else { *d };
+            if let Some(rule) = cfg.rules.get(*ri) {
+                self.shared.count_charged(*ri, &rule.name, charged.max(0).unsigned_abs());
+            }
+            if *d != 0 {
+                items.push(SettleItem {
+                    key: g.key.clone(),
+                    windows: g.windows.clone(),
+                    id: sidecar.then(|| format!("{}-{suffix}", self.settle_id())),
+                    id_ttl_ms: sidecar.then(|| settle_id_ttl_ms(&cfg)),
+                    delta: *d,
+                    release_lease: None,
+                });
+            }
+        }
+        self.apply_settlements(items);
+        if next {
+            self.realtime_reserve_next();
+        }
+    }
+
+    fn apply_settlements(&self, items: Vec<SettleItem>) {
+        if items.is_empty() {
+            return;
+        }
+        match self.cfg().state {
+            StateMode::Local => {
+                let mut store = LocalStore { now_us: now_us(), configured: &self.shared.rule_windows };
+                if store.settle_items(&items).is_err() {
+                    self.shared.count("local_state_errors", 1);
+                }
+            }
+            StateMode::Sidecar => self.shared.settle_queue.borrow_mut().extend(items),
+        }
+    }
+
+    /// Reserve the session's next response; refused = the session ends (at the next frame boundary of
+    /// each direction).
+    fn realtime_reserve_next(&mut self) {
+        if self.realtime.as_ref().is_none_or(|r| r.ending.is_some()) || self.realtime_reserve.is_some() {
+            return;
+        }
+        let cfg = self.cfg();
+        let Some(adm) = self.admission.as_ref() else {
+            return;
+        };
+        let mut plan = match adm.plan(&cfg, "") {
+            Ok(p) => p,
+            Err(d) => return self.realtime_exhausted(&d),
+        };
+        // Token windows only: the session's concurrency slot is already held.
+        let keep: Vec<bool> = plan.request.groups.iter().map(|g| !g.windows.is_empty()).collect();
+        let mut it = keep.iter();
+        plan.request.groups.retain(|_| it.next().copied().unwrap_or(false));
+        let mut it = keep.iter();
+        plan.rules.retain(|_| it.next().copied().unwrap_or(false));
+        for g in &mut plan.request.groups {
+            g.concurrency = None;
+        }
+        if plan.request.groups.is_empty() {
+            self.plan = Some(plan);
+            return;
+        }
+        match cfg.state {
+            StateMode::Local => {
+                let mut store = LocalStore { now_us: now_us(), configured: &self.shared.rule_windows };
+                match store.reserve_request(&plan.request) {
+                    Ok(resp) => self.realtime_reserved(plan, &resp),
+                    // Shared data failing is an Envoy-internal problem: counted, and the session goes on.
+                    Err(_) => self.shared.count("local_state_errors", 1),
+                }
+            }
+            StateMode::Sidecar => {
+                let Some(sc) = cfg.sidecar.as_ref() else {
+                    return;
+                };
+                let Ok(body) = serde_json::to_vec(&plan.request) else {
+                    return;
+                };
+                // The response just charged is sent first, so the reserve is decided on it (the sidecar
+                // still applies the two calls in the order they arrive).
+                self.release_leases_now();
+                let auth = self.shared.sidecar_authorization.as_deref().map(|a| [("authorization", a)]);
+                let headers = auth.as_ref().map_or(&[][..], |a| &a[..]);
+                match dispatch(sc, "POST", "/v1/ratelimit/reserve", headers, Some(&body)) {
+                    Ok(token) => self.realtime_reserve = Some((token, plan)),
+                    Err(f) => self.realtime_reserve_failed(f),
+                }
+            }
+        }
+    }
+
+    fn realtime_reserved(&mut self, plan: Plan, resp: &ReserveResponse) {
+        let cfg = self.cfg();
+        let Some(adm) = self.admission.as_mut() else {
+            return;
+        };
+        match adm.decide(&cfg, &plan, resp) {
+            Outcome::Admit { window } => {
+                self.plan = Some(plan);
+                if window.is_some() {
+                    self.window = window;
+                }
+            }
+            Outcome::Deny(d) => self.realtime_exhausted(&d),
+            // Not offered for a model named in the query string (`model_from_path`); ended as spent.
+            Outcome::Fallback { .. } => self.realtime_exhausted(&Denial {
+                rule: resp.denied_group.and_then(|g| plan.rules.get(g).copied()).unwrap_or(usize::MAX),
+                reason: DenyReason::Tokens,
+                retry_after_ms: 0,
+                window: None,
+                never: false,
+                missing_key: false,
+            }),
+        }
+    }
+
+    fn realtime_reserve_failed(&mut self, f: CalloutFailure) {
+        self.shared.callout_failed("reserve", f);
+        match self.cfg().sidecar.as_ref().map_or(FailureMode::Deny, |s| s.failure_mode) {
+            // The session goes on; its next response is charged when done, with nothing reserved.
+            FailureMode::Allow => self.shared.count("failure_allowed", 1),
+            FailureMode::Deny => {
+                self.shared.count("failure_denied", 1);
+                let error = meshwarden_shared::realtime::error_event(
+                    "api_error",
+                    "rate_limit_service_unavailable",
+                    "The rate limit service is unavailable; the session was ended (failure_mode: deny).",
+                );
+                if let Some(rt) = self.realtime.as_mut() {
+                    rt.ending.get_or_insert(crate::realtime::Ending::Exhausted { error });
+                }
+            }
+        }
+    }
+
+    fn realtime_exhausted(&mut self, d: &Denial) {
+        let cfg = self.cfg();
+        let rule = cfg.rules.get(d.rule).map_or("unknown", |r| r.name.as_str());
+        self.shared.count("limited", 1);
+        self.shared.count(&format!("rule.{rule}.limited"), 1);
+        let message = format!("{} The Realtime session was ended.", self.denial_message(d));
+        let error = meshwarden_shared::realtime::error_event("rate_limit_error", "rate_limit_exceeded", &message);
+        if let Some(rt) = self.realtime.as_mut() {
+            rt.ending.get_or_insert(crate::realtime::Ending::Exhausted { error });
+        }
+    }
+
+    /// The sidecar's answer to a Realtime session's next reservation.
+    fn realtime_reserve_answer(&mut self, num_headers: usize, body_size: usize) {
+        let Some((_, plan)) = self.realtime_reserve.take() else {
+            return;
+        };
+        let resp = callout_response(num_headers, body_size)
+            .and_then(|b| serde_json::from_slice::<ReserveResponse>(&b).map_err(|_| CalloutFailure::BadBody));
+        match resp {
+            Ok(r) => self.realtime_reserved(plan, &r),
+            Err(f) => self.realtime_reserve_failed(f),
+        }
+    }
+
+    /// The session is over: the next response's reservation is given back, unless a response was still
+    /// being generated (then it is charged that reservation: its usage never came), and the
+    /// concurrency slot is released. A reservation still in flight to the sidecar stays charged.
+    fn realtime_end(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        self.keep_leases();
+        let open = self.realtime.as_ref().map_or(0, |r| r.open_responses);
+        match (self.plan.take(), open) {
+            (Some(plan), 0) => {
+                let cfg = self.cfg();
+                let deltas = settle_deltas(&cfg, &plan, 0, 0, 0);
+                let items: Vec<SettleItem> = plan
+                    .request
+                    .groups
+                    .iter()
+                    .zip(deltas)
+                    .filter(|(g, d)| *d != 0 && !g.windows.is_empty())
+                    .map(|(g, delta)| SettleItem {
+                        key: g.key.clone(),
+                        windows: g.windows.clone(),
+                        id: (cfg.state == StateMode::Sidecar).then(|| format!("{}-end", self.settle_id())),
+                        id_ttl_ms: (cfg.state == StateMode::Sidecar).then(|| settle_id_ttl_ms(&cfg)),
+                        delta,
+                        release_lease: None,
+                    })
+                    .collect();
+                self.apply_settlements(items);
+            }
+            (plan, 0) => self.plan = plan,
+            (plan, _) => {
+                self.shared.count("realtime.cut_responses", 1);
+                self.plan = plan;
+                // Charged its reservation (a fresh one when none was held).
+                self.realtime_charge(None, false);
+            }
+        }
+        let leases = std::mem::take(&mut self.leases);
+        if !leases.is_empty() {
+            self.apply_settlements(leases);
+            if self.cfg().state == StateMode::Sidecar {
+                self.release_leases_now();
             }
         }
     }
@@ -885,6 +1309,9 @@ impl Request {
             lease_id: String::new(),
             seq: 0,
             settled: false,
+            realtime: None,
+            realtime_reserve: None,
+            leases: Vec::new(),
         }
     }
 
@@ -1158,7 +1585,24 @@ impl Request {
             return;
         }
         let retry_ms = d.retry_ms();
-        let message = if d.reason == DenyReason::Concurrency {
+        let message = self.denial_message(d);
+        let retry_after = retry_after_seconds(retry_ms).to_string();
+        let retry_after_ms = retry_ms.max(1).to_string();
+        let mut headers: Vec<(String, String)> =
+            vec![("retry-after".into(), retry_after), ("retry-after-ms".into(), retry_after_ms)];
+        if let Some(w) = d.window {
+            headers.extend(self.ratelimit_headers(&w).into_iter().map(|(k, v)| (k.to_string(), v)));
+        }
+        let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        send_error(429, self.flavor(), ErrorKind::RateLimit, Some("rate_limit_exceeded"), &message, &refs);
+    }
+
+    /// What a denial says to the client (the 429's message, a Realtime session's `error` event).
+    fn denial_message(&self, d: &Denial) -> String {
+        let cfg = self.cfg();
+        let rule = cfg.rules.get(d.rule).map_or("unknown", |r| r.name.as_str());
+        let retry_ms = d.retry_ms();
+        if d.reason == DenyReason::Concurrency {
             format!("Rate limit reached for rule '{rule}': too many concurrent requests. Please retry after a request completes.")
         } else if d.never {
             format!("Request too large for rule '{rule}': it needs more tokens than the limit allows per window.")
@@ -1171,16 +1615,7 @@ impl Request {
                 w.remaining,
                 openai_reset_duration(retry_ms)
             )
-        };
-        let retry_after = retry_after_seconds(retry_ms).to_string();
-        let retry_after_ms = retry_ms.max(1).to_string();
-        let mut headers: Vec<(String, String)> =
-            vec![("retry-after".into(), retry_after), ("retry-after-ms".into(), retry_after_ms)];
-        if let Some(w) = d.window {
-            headers.extend(self.ratelimit_headers(&w).into_iter().map(|(k, v)| (k.to_string(), v)));
         }
-        let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        send_error(429, self.flavor(), ErrorKind::RateLimit, Some("rate_limit_exceeded"), &message, &refs);
     }
 
     fn ratelimit_headers(&self, w: &WindowState) -> Vec<(&'static str, String)> {
@@ -1379,6 +1814,10 @@ impl Context for Request {
             let _ = self.shared.settle_answered(token, callout_response(num_headers, body_size).map(|_| ()));
             return;
         }
+        if self.realtime_reserve.as_ref().is_some_and(|(t, _)| *t == token) {
+            self.realtime_reserve_answer(num_headers, body_size);
+            return;
+        }
         timed(self, "vm_us.reserve_answer", |r| r.reserve_answer(num_headers, body_size));
     }
 }
@@ -1445,7 +1884,7 @@ impl Request {
         // One host call for the path, the encoding and every rule's key header.
         let mut headers = HeaderSnapshot::request();
         if meshwarden_shared::upgrade::is_upgrade_request(headers.get("upgrade"), headers.get(":method")) {
-            return self.upgrade_request();
+            return self.upgrade_request(&mut headers);
         }
         self.path = headers.get(":path").unwrap_or_default().to_string();
         if meshwarden_shared::llm::is_token_count_path(&self.path) {
@@ -1472,6 +1911,9 @@ impl Request {
     }
 
     fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let (Some(rt), false) = (self.realtime.as_ref(), self.phase == Phase::Waiting) {
+            return if rt.upgraded { self.realtime_client_chunk(body_size) } else { Action::Continue };
+        }
         match self.phase {
             Phase::Start => {}
             Phase::Waiting => return Action::Pause,
@@ -1514,6 +1956,10 @@ impl Request {
         if self.usage_added {
             self.hide_added_usage_chunk(&mut headers);
         }
+        if self.realtime.is_some() {
+            self.realtime_answer(&mut headers);
+            return Action::Continue;
+        }
         if self.phase != Phase::Admitted {
             self.set_http_response_header(&cfg.fallback_header, None);
             return Action::Continue;
@@ -1547,6 +1993,9 @@ impl Request {
     }
 
     fn response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(rt) = self.realtime.as_ref() {
+            return if rt.upgraded { self.realtime_server_chunk(body_size) } else { Action::Continue };
+        }
         let metered = self.phase == Phase::Admitted;
         if (!metered && self.usage_hider.is_none()) || (body_size == 0 && !end_of_stream) {
             return Action::Continue;
@@ -1569,6 +2018,10 @@ impl Request {
     }
 
     fn request_done(&mut self) {
+        if self.realtime.is_some() && matches!(self.phase, Phase::Admitted | Phase::Pass) {
+            self.realtime_end();
+            return;
+        }
         match self.phase {
             Phase::Admitted => self.settle_once(),
             Phase::Waiting => {

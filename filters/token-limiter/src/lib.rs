@@ -3,7 +3,8 @@
 //!
 //! Pure core (no proxy-wasm types, unit-tested natively): `config`, `keys` (who is charged), `request`
 //! (what the body says), `limiter` (admission state machine), `meter` (what the response cost),
-//! `state` (the `local` shared-data value format), `usage_chunk` (the added usage chunk hidden from
+//! `realtime` (an OpenAI Realtime session's frames: usage per response, ending a session whose
+//! budget is spent), `state` (the `local` shared-data value format), `usage_chunk` (the added usage chunk hidden from
 //! a client that did not ask for it).
 //! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy); the GCRA itself
 //! and the sidecar wire format are in `meshwarden_shared::ratelimit`.
@@ -12,6 +13,7 @@ pub mod config;
 pub mod keys;
 pub mod limiter;
 pub mod meter;
+pub mod realtime;
 pub mod request;
 pub mod state;
 pub mod usage_chunk;

@@ -1,0 +1,159 @@
+//! OpenAI's Realtime API over WebSocket (`/v1/realtime?model=...`; Azure OpenAI's
+//! `/openai/realtime?deployment=...`; the same events from OpenAI-compatible servers): the session's
+//! model, the usage each response reports, and the `error` event a gateway sends.
+//!
+//! A session is a sequence of responses. Each one ends with a server event `response.done` whose
+//! `response.usage` gives its `input_tokens` (the whole conversation the model read for it, cached part
+//! in `input_token_details.cached_tokens`) and `output_tokens` (text and audio): what the response is
+//! billed. `response.created` opens a response.
+
+use serde_json::Value;
+
+/// Whether a WebSocket upgrade's path is a Realtime API endpoint (`/v1/realtime`, Azure's
+/// `/openai/realtime`, any path ending in `/realtime`), the only sessions whose events are read.
+pub fn is_realtime_path(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or_default().trim_end_matches('/');
+    path.rsplit('/').next().is_some_and(|last| last.eq_ignore_ascii_case("realtime"))
+}
+
+/// The model a Realtime session asks for: the `model` query parameter (OpenAI), or `deployment`
+/// (Azure OpenAI), percent-decoded.
+pub fn model_from_path(path: &str) -> Option<String> {
+    let query = path.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or_default();
+    let mut deployment = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = String::from_utf8(crate::mcp::percent_decode(v.replace('+', " ").as_bytes())).ok();
+        match k {
+            "model" => return v.filter(|m| !m.is_empty()),
+            "deployment" => deployment = v.filter(|m| !m.is_empty()),
+            _ => {}
+        }
+    }
+    deployment
+}
+
+/// What one response was billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RealtimeUsage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+/// A server event, as far as metering cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// `response.created`: a response is being generated.
+    ResponseCreated,
+    /// `response.done`, with its usage when the event carries one.
+    ResponseDone(Option<RealtimeUsage>),
+    /// Any other event (deltas, transcripts, session updates, errors).
+    Other,
+}
+
+/// Read one server message. Most messages are audio or text deltas: they are told apart by a substring
+/// search before any JSON is parsed.
+pub fn server_event(msg: &[u8]) -> ServerEvent {
+    let done = memchr::memmem::find(msg, b"response.done").is_some();
+    let created = !done && memchr::memmem::find(msg, b"response.created").is_some();
+    if !done && !created {
+        return ServerEvent::Other;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(msg) else {
+        return ServerEvent::Other;
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("response.created") => ServerEvent::ResponseCreated,
+        Some("response.done") => ServerEvent::ResponseDone(usage(v.pointer("/response/usage"))),
+        _ => ServerEvent::Other,
+    }
+}
+
+fn usage(u: Option<&Value>) -> Option<RealtimeUsage> {
+    let u = u?;
+    let n = |p: &str| u.pointer(p).and_then(Value::as_u64);
+    let input = n("/input_tokens");
+    let output = n("/output_tokens");
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    Some(RealtimeUsage {
+        input: input.unwrap_or(0),
+        cached_input: n("/input_token_details/cached_tokens").unwrap_or(0),
+        output: output.unwrap_or(0),
+    })
+}
+
+/// A server `error` event, as the Realtime API sends one (`type`, `code`, `message`; `param` and
+/// `event_id` null), so SDKs surface it as they surface the API's own errors.
+pub fn error_event(error_type: &str, code: &str, message: &str) -> Vec<u8> {
+    let v = serde_json::json!({
+        "type": "error",
+        "event_id": "event_meshwarden",
+        "error": {"type": error_type, "code": code, "message": message, "param": null, "event_id": null},
+    });
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasm_bindgen_test::wasm_bindgen_test;
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn realtime_paths_are_recognised() {
+        assert!(is_realtime_path("/v1/realtime?model=gpt-realtime"));
+        assert!(is_realtime_path("/openai/realtime?deployment=x"));
+        assert!(is_realtime_path("/v1/Realtime/"));
+        assert!(!is_realtime_path("/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"));
+        assert!(!is_realtime_path("/v1/realtime/calls"));
+        assert!(!is_realtime_path("/notrealtime"));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn the_model_comes_from_the_query() {
+        assert_eq!(model_from_path("/v1/realtime?model=gpt-realtime").as_deref(), Some("gpt-realtime"));
+        assert_eq!(
+            model_from_path("/v1/realtime?x=1&model=gpt%2Drealtime%20mini").as_deref(),
+            Some("gpt-realtime mini")
+        );
+        assert_eq!(
+            model_from_path("/openai/realtime?api-version=2025-04-01-preview&deployment=my-rt").as_deref(),
+            Some("my-rt")
+        );
+        assert_eq!(model_from_path("/v1/realtime?deployment=a&model=b").as_deref(), Some("b"));
+        assert_eq!(model_from_path("/v1/realtime"), None);
+        assert_eq!(model_from_path("/v1/realtime?model="), None);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn usage_is_read_from_response_done() {
+        let done = br#"{"event_id":"e1","type":"response.done","response":{"status":"completed","usage":
+            {"total_tokens":450,"input_tokens":150,"output_tokens":300,"input_token_details":{"cached_tokens":64}}}}"#;
+        assert_eq!(
+            server_event(done),
+            ServerEvent::ResponseDone(Some(RealtimeUsage { input: 150, cached_input: 64, output: 300 }))
+        );
+        let no_usage = br#"{"type":"response.done","response":{"status":"failed","usage":null}}"#;
+        assert_eq!(server_event(no_usage), ServerEvent::ResponseDone(None));
+        assert_eq!(server_event(br#"{"type":"response.created","response":{}}"#), ServerEvent::ResponseCreated);
+        // Named in a delta's text, not the event's type.
+        assert_eq!(
+            server_event(br#"{"type":"response.output_text.delta","delta":"response.done"}"#),
+            ServerEvent::Other
+        );
+        assert_eq!(server_event(br#"{"type":"response.output_audio.delta","delta":"AAAA"}"#), ServerEvent::Other);
+        assert_eq!(server_event(b"response.done {not json"), ServerEvent::Other);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn error_events_are_shaped_like_the_apis() {
+        let v: Value =
+            serde_json::from_slice(&error_event("rate_limit_error", "rate_limit_exceeded", "spent")).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["message"], "spent");
+    }
+}
