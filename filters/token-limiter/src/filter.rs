@@ -836,6 +836,8 @@ struct Request {
     realtime_reserve: Option<(u32, Plan)>,
     /// The concurrency slots a Realtime session holds until it ends (released in `on_log`).
     leases: Vec<SettleItem>,
+    /// Client frames held (this many bytes) while the sidecar decides the next reservation.
+    client_held: Option<usize>,
 }
 
 impl Request {
@@ -1237,6 +1239,11 @@ impl Request {
             Ok(r) => self.realtime_reserved(plan, &r),
             Err(f) => self.realtime_reserve_failed(f),
         }
+        // The held client frames go on now, cut if the session ended.
+        if let Some(size) = self.client_held.take() {
+            self.realtime_client_chunk(size);
+            self.resume_http_request();
+        }
     }
 
     /// The session is over: the next response's reservation is given back, unless a response was still
@@ -1312,6 +1319,7 @@ impl Request {
             realtime: None,
             realtime_reserve: None,
             leases: Vec::new(),
+            client_held: None,
         }
     }
 
@@ -1912,7 +1920,16 @@ impl Request {
 
     fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let (Some(rt), false) = (self.realtime.as_ref(), self.phase == Phase::Waiting) {
-            return if rt.upgraded { self.realtime_client_chunk(body_size) } else { Action::Continue };
+            if !rt.upgraded {
+                return Action::Continue;
+            }
+            if self.realtime_reserve.is_some() {
+                // The sidecar is deciding whether the session may have another response: the client's
+                // frames (its next `response.create`) wait for that answer, at most the callout timeout.
+                self.client_held = Some(body_size);
+                return Action::Pause;
+            }
+            return self.realtime_client_chunk(body_size);
         }
         match self.phase {
             Phase::Start => {}

@@ -144,10 +144,9 @@ impl Session {
     /// A server chunk: the usage it reports (for the adapter to charge before it calls
     /// [`Session::server_pass`]), or the reason the session cannot be metered.
     pub fn read_server(&mut self, chunk: &[u8]) -> Result<(ServerChunk, Vec<usize>, bool), BadFrame> {
+        // Read on after the client's side was closed: a response the server still generates (a
+        // `response.create` that passed before the ending) is charged, though the client never sees it.
         let was_mid = self.server.decoder.mid_frame();
-        if self.server.closed {
-            return Ok((ServerChunk::default(), Vec::new(), was_mid));
-        }
         let decoded = self.server.decoder.feed(chunk, true)?;
         let mut out = ServerChunk::default();
         for m in &decoded.messages {
@@ -186,6 +185,11 @@ impl Session {
             Some(out) => Pass::Rewrite(out),
             None => Pass::AsIs,
         }
+    }
+
+    /// The server was sent our close frame: nothing of the client's passes any more.
+    pub fn client_closed(&self) -> bool {
+        self.client.closed
     }
 
     /// A client chunk: passed as it is until the session ends, then cut at its first frame boundary
@@ -273,7 +277,10 @@ mod tests {
         )
     }
 
-    fn decode_all(bytes: &[u8]) -> (Vec<Vec<u8>>, Vec<(u8, Vec<u8>)>, bool) {
+    /// Messages, control frames, and whether the stream ends inside a frame.
+    type Frames = (Vec<Vec<u8>>, Vec<(u8, Vec<u8>)>, bool);
+
+    fn decode_all(bytes: &[u8]) -> Frames {
         let mut d = FrameDecoder::new(1 << 20);
         let out = d.feed(bytes, true).unwrap();
         (out.messages.into_iter().map(|m| m.data).collect(), out.controls, d.mid_frame())
@@ -311,9 +318,12 @@ mod tests {
         assert_eq!(msgs[2], br#"{"type":"error"}"#);
         assert_eq!(close_code(&controls[0].1), Some(1008));
         assert!(!mid_after, "the unfinished frame was not passed");
-        // Nothing more from the server.
-        let (_, ends, mid) = s.read_server(&done(1, 1)).unwrap();
-        assert_eq!(s.server_pass(&done(1, 1), &ends, mid, false), Pass::Rewrite(Vec::new()));
+        // Nothing more from the server passes, but what it still generates is charged.
+        let mut next = b"qrst".to_vec(); // the rest of the frame begun above
+        next.extend(done(1, 1));
+        let (read, ends, mid) = s.read_server(&next).unwrap();
+        assert_eq!(read.done, vec![Some(RealtimeUsage { input: 1, cached_input: 0, output: 1 })]);
+        assert_eq!(s.server_pass(&next, &ends, mid, false), Pass::Rewrite(Vec::new()));
     }
 
     #[test]
