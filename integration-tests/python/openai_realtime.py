@@ -1,6 +1,6 @@
 """The official OpenAI Python SDK's Realtime client (WebSocket) against a gateway or realtime_server.py.
 
-usage: openai_realtime.py <ws_base_url> <n_responses> [--metadata-output-tokens M] [--hold] [--deflate]
+usage: openai_realtime.py <ws_base_url> <n_responses> [--metadata-output-tokens M] [--hold] [--deflate] [--say TEXT]...
 
 Connects once (`AsyncOpenAI(websocket_base_url=...).realtime.connect(model="gpt-realtime")`: the SDK
 appends `/realtime?model=gpt-realtime` to the base URL), then up to n times sends `response.create` and
@@ -10,6 +10,7 @@ session). Then it tries to connect a second time and records whether the handsha
   --hold      the n-th `response.create` carries `metadata.hold = "1"`: the client waits for its text
               delta, then leaves with that response still in progress (no `response.done`)
   --deflate   offer permessage-deflate (the SDK offers no compression by default)
+  --say TEXT  (repeatable) the i-th response is preceded by a user message item with the i-th TEXT
 
 Prints one JSON object:
   {"first":  null, or the refusal (shape of "second") if the first handshake was refused,
@@ -107,6 +108,11 @@ async def session(client: openai.AsyncOpenAI, args: argparse.Namespace, result: 
             if held:
                 metadata["hold"] = "1"
             try:
+                if i < len(args.say):
+                    # A user message before the response, as a text chat over Realtime sends one.
+                    await conn.conversation.item.create(item={
+                        "type": "message", "role": "user",
+                        "content": [{"type": "input_text", "text": args.say[i]}]})
                 await conn.response.create(response={"metadata": metadata} if metadata else omit)
             except (ConnectionClosed, openai.WebSocketConnectionClosedError):
                 await read_to_the_end(conn, result)
@@ -156,6 +162,7 @@ async def main() -> None:
     ap.add_argument("--metadata-output-tokens", type=int)
     ap.add_argument("--hold", action="store_true")
     ap.add_argument("--deflate", action="store_true")
+    ap.add_argument("--say", action="append", default=[])
     args = ap.parse_args()
     # max_retries only concerns HTTP calls; realtime reconnection is off unless on_reconnecting is given.
     client = openai.AsyncOpenAI(api_key="sk-test", websocket_base_url=args.ws_base_url, max_retries=0)

@@ -11,6 +11,7 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
 
 Per connection: `session.created` at once (model from `?model=`), then for each text message:
   session.update   -> session.updated
+  conversation.item.create -> conversation.item.created (its texts recorded in /stats "items")
   response.create  -> response.created, response.output_text.delta ("Hello"), [audio delta], response.done
                       `response.metadata.input_tokens` / `output_tokens` (digit strings) override N / M for
                       that response; `response.metadata.hold == "1"` never sends response.done (a response
@@ -47,6 +48,7 @@ STATS = {
     "extensions": [],
     "paths": [],
     "refused": 0,
+    "items": [],
 }
 # Ids unique across connections, so a test can tell responses of different sessions apart.
 EVENT_IDS = itertools.count(1)
@@ -159,6 +161,12 @@ async def handler(ws: ServerConnection) -> None:
             elif received.get("type") == "response.create":
                 STATS["response_creates_received"] += 1
                 await send_response(ws, received)
+            elif received.get("type") == "conversation.item.create":
+                # What a gateway let through: the texts of every item, for the test to check.
+                item = received.get("item") if isinstance(received.get("item"), dict) else {}
+                parts = item.get("content") if isinstance(item.get("content"), list) else []
+                STATS["items"].append(" ".join(p.get("text", "") for p in parts if isinstance(p, dict)))
+                await ws.send(json.dumps(event("conversation.item.created", item=item)))
     except ConnectionClosed:
         pass  # an abrupt end is a close code to record too, not an error
     # The connection is only CLOSED (and close_code set: the peer's code, 1005 without one, 1006 for

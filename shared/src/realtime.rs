@@ -5,8 +5,10 @@
 //! A session is a sequence of responses. Each one ends with a server event `response.done` whose
 //! `response.usage` gives its `input_tokens` (the whole conversation the model read for it, cached part
 //! in `input_token_details.cached_tokens`) and `output_tokens` (text and audio): what the response is
-//! billed. `response.created` opens a response.
+//! billed. `response.created` opens a response. The client's events carry the texts the model reads
+//! (instructions, conversation items): [`client_texts`].
 
+use crate::llm::Role;
 use serde_json::Value;
 
 /// Whether a WebSocket upgrade's path is a Realtime API endpoint (`/v1/realtime`, Azure's
@@ -86,6 +88,61 @@ fn usage(u: Option<&Value>) -> Option<RealtimeUsage> {
     })
 }
 
+/// A text a client event gives the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientText {
+    pub role: Role,
+    pub text: String,
+}
+
+/// Whether a client message is audio (`input_audio_buffer.append`), told from its opening without
+/// parsing its (large, base64) body.
+pub fn is_audio_append(msg: &[u8]) -> bool {
+    let head = msg.get(..msg.len().min(96)).unwrap_or_default();
+    memchr::memmem::find(head, b"input_audio_buffer.append").is_some()
+}
+
+/// The texts a client event gives the model: `session.update`'s `session.instructions` (system),
+/// `conversation.item.create`'s item, `response.create`'s `response.instructions` (system) and its
+/// `response.input` items. An item is a `message` (its `input_text` / `text` / `output_text` parts and
+/// the `transcript` of audio parts, in the item's role) or a `function_call_output` (its `output`, a
+/// tool text). `None` for a message that is not a JSON object (the API refuses it).
+pub fn client_texts(msg: &[u8]) -> Option<Vec<ClientText>> {
+    let v: Value = serde_json::from_slice(msg).ok()?;
+    let o = v.as_object()?;
+    let mut out = Vec::new();
+    let mut push = |role: Role, t: Option<&Value>| {
+        if let Some(text) = t.and_then(Value::as_str).filter(|t| !t.is_empty()) {
+            out.push(ClientText { role, text: text.to_string() });
+        }
+    };
+    let mut items: Vec<&Value> = Vec::new();
+    match o.get("type").and_then(Value::as_str) {
+        Some("session.update") => push(Role::System, v.pointer("/session/instructions")),
+        Some("conversation.item.create") => items.extend(o.get("item")),
+        Some("response.create") => {
+            push(Role::System, v.pointer("/response/instructions"));
+            items.extend(v.pointer("/response/input").and_then(Value::as_array).into_iter().flatten());
+        }
+        _ => {}
+    }
+    for item in items {
+        match item.get("type").and_then(Value::as_str) {
+            Some("function_call_output") => push(Role::Tool, item.get("output")),
+            // `message`, or an item without a type (the API's default is a message).
+            Some("message") | None => {
+                let role = Role::parse(item.get("role").and_then(Value::as_str).unwrap_or("user"));
+                for part in item.get("content").and_then(Value::as_array).into_iter().flatten() {
+                    push(role, part.get("text"));
+                    push(role, part.get("transcript"));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
 /// A server `error` event, as the Realtime API sends one (`type`, `code`, `message`; `param` and
 /// `event_id` null), so SDKs surface it as they surface the API's own errors.
 pub fn error_event(error_type: &str, code: &str, message: &str) -> Vec<u8> {
@@ -146,6 +203,39 @@ mod tests {
         );
         assert_eq!(server_event(br#"{"type":"response.output_audio.delta","delta":"AAAA"}"#), ServerEvent::Other);
         assert_eq!(server_event(b"response.done {not json"), ServerEvent::Other);
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn client_texts_are_what_the_model_reads() {
+        let t = |m: &str| client_texts(m.as_bytes()).unwrap();
+        assert_eq!(
+            t(r#"{"type":"session.update","session":{"type":"realtime","instructions":"Be brief."}}"#),
+            vec![ClientText { role: Role::System, text: "Be brief.".into() }]
+        );
+        let item = r#"{"type":"conversation.item.create","item":{"type":"message","role":"user","content":
+            [{"type":"input_text","text":"hello"},{"type":"input_audio","audio":"AAAA","transcript":"spoken"}]}}"#;
+        assert_eq!(
+            t(item),
+            vec![
+                ClientText { role: Role::User, text: "hello".into() },
+                ClientText { role: Role::User, text: "spoken".into() }
+            ]
+        );
+        let tool =
+            r#"{"type":"conversation.item.create","item":{"type":"function_call_output","call_id":"c","output":"42"}}"#;
+        assert_eq!(t(tool), vec![ClientText { role: Role::Tool, text: "42".into() }]);
+        let resp = r#"{"type":"response.create","response":{"instructions":"sys","input":[{"role":"user","content":[{"type":"input_text","text":"in"}]}]}}"#;
+        assert_eq!(
+            t(resp),
+            vec![
+                ClientText { role: Role::System, text: "sys".into() },
+                ClientText { role: Role::User, text: "in".into() }
+            ]
+        );
+        assert_eq!(t(r#"{"type":"input_audio_buffer.commit"}"#), vec![]);
+        assert_eq!(client_texts(b"not json"), None);
+        assert!(is_audio_append(br#"{"type":"input_audio_buffer.append","audio":"AAAA"}"#));
+        assert!(!is_audio_append(br#"{"type":"conversation.item.create"}"#));
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -136,6 +136,11 @@ impl FrameDecoder {
         self.header_len > 0 || self.frame.is_some()
     }
 
+    /// A fragmented text or binary message is open (its final frame has not come).
+    pub fn in_message(&self) -> bool {
+        self.message.is_some()
+    }
+
     /// The error that stopped decoding, if any (every later `feed` returns it).
     pub fn failed(&self) -> Option<BadFrame> {
         self.failed
@@ -298,6 +303,60 @@ impl FrameDecoder {
                 }
             }
         }
+    }
+}
+
+/// Where a direction being closed is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutAt {
+    /// At the first frame boundary: nothing more of the peer's passes than the frame already begun.
+    First,
+    /// At the last frame boundary of the chunk (the frames that completed in it pass whole).
+    Last,
+}
+
+/// One direction of a connection that a filter may end with frames of its own: its decoder, and
+/// whether those frames were written (after them nothing passes).
+#[derive(Debug)]
+pub struct Cutter {
+    pub decoder: FrameDecoder,
+    closed: bool,
+}
+
+impl Cutter {
+    /// A direction whose messages are kept up to `max_message` bytes (0: boundaries only).
+    pub fn new(max_message: usize) -> Self {
+        Self { decoder: FrameDecoder::new(max_message), closed: false }
+    }
+
+    /// Our frames were written: the rest of this direction is dropped.
+    pub fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The bytes of `chunk` to pass on while this direction is being closed: up to a frame boundary
+    /// (`frame_ends`, from the decoder's `feed` of this chunk; `was_mid_frame`, its state before), then
+    /// `insert`. `None` = pass the chunk as it is: it is still inside a frame begun before.
+    pub fn close(
+        &mut self,
+        chunk: &[u8],
+        was_mid_frame: bool,
+        frame_ends: &[usize],
+        at: CutAt,
+        insert: &[u8],
+    ) -> Option<Vec<u8>> {
+        if self.closed {
+            return Some(Vec::new());
+        }
+        let cut = match at {
+            CutAt::First if !was_mid_frame => Some(0),
+            CutAt::First => frame_ends.first().copied(),
+            CutAt::Last => frame_ends.last().copied().or((!was_mid_frame).then_some(0)),
+        }?;
+        self.closed = true;
+        let mut out = chunk.get(..cut).unwrap_or_default().to_vec();
+        out.extend_from_slice(insert);
+        Some(out)
     }
 }
 

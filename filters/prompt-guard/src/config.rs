@@ -59,6 +59,19 @@ pub enum Fallback {
     Pass,
 }
 
+/// See [`Config::on_upgrade`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeMode {
+    /// 403 `upgrade_refused` before anything reaches the upstream.
+    Reject,
+    /// Through, uninspected both ways.
+    Pass,
+    /// An OpenAI Realtime session (a path ending in `/realtime`): the client's events are scanned by
+    /// the request rules, and a blocking rule ends the session. Other upgrades are refused.
+    Inspect,
+}
+
 fn default_roles() -> Vec<Role> {
     vec![Role::User]
 }
@@ -186,9 +199,9 @@ pub struct Config {
     /// gRPC and other length-framed binary request bodies (protobuf, MessagePack, CBOR, Avro, Thrift):
     /// not text the rules can read or rewrite, and a gRPC stream never ends its body while it waits.
     pub on_binary_body: Fallback,
-    /// WebSocket upgrades and CONNECT tunnels (OpenAI's Realtime API, Gemini Live): their frames cannot
-    /// be inspected.
-    pub on_upgrade: Fallback,
+    /// WebSocket upgrades and CONNECT tunnels (OpenAI's Realtime API, Gemini Live): refused, passed
+    /// uninspected, or (`inspect`, a Realtime session) its client events scanned (see `realtime.rs`).
+    pub on_upgrade: UpgradeMode,
     /// Scan bodies that are not JSON as one user text.
     pub scan_non_json: bool,
     /// Run everything, act on nothing: count and log what would have happened.
@@ -217,7 +230,7 @@ impl Default for Config {
             on_malformed: Fallback::Reject,
             on_encoded_body: Fallback::Reject,
             on_binary_body: Fallback::Reject,
-            on_upgrade: Fallback::Reject,
+            on_upgrade: UpgradeMode::Reject,
             scan_non_json: true,
             monitor: false,
             packs: Pack::ALL

@@ -1,7 +1,7 @@
 //! The thin proxy-wasm adapter: moves bytes between Envoy and the pure core ([`crate::inspect`]),
 //! applies verdicts, counts stats, records the rule for access logs and runs the moderation callout.
 
-use crate::config::{rule_header_value, Action, Config, Fallback};
+use crate::config::{rule_header_value, Action, Config, Fallback, UpgradeMode};
 use crate::engine::{Engine, Policy};
 use crate::inspect::{
     blocked_response, inspect_request, inspect_response, reject_body, render_message, BodyError, RequestOptions,
@@ -65,7 +65,7 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let shared = self.shared.clone()?;
         let policy = shared.engine.default.clone();
         Some(Box::new(Request {
@@ -82,6 +82,10 @@ impl RootContext for Root {
             rewritten: None,
             request_size: 0,
             response_size: 0,
+            context_id,
+            realtime: None,
+            upgraded: false,
+            client_held: 0,
         }))
     }
 
@@ -113,6 +117,13 @@ struct Request {
     response_size: usize,
     /// This filter answered the request itself (its reply names its rule in the rule header).
     replied: bool,
+    context_id: u32,
+    /// An inspected Realtime session (`on_upgrade: inspect`).
+    realtime: Option<Box<crate::realtime::Session>>,
+    /// Its upstream answered `101`: the bodies are frames.
+    upgraded: bool,
+    /// Client bytes held (before the `101`, or until a message is whole).
+    client_held: usize,
 }
 
 impl Request {
@@ -197,19 +208,116 @@ impl Request {
     /// `on_upgrade` says.
     fn upgrade_request(&mut self) -> WasmAction {
         self.skip_request = true;
+        let realtime = meshwarden_shared::realtime::is_realtime_path(&self.path)
+            && meshwarden_shared::host::request_header(":method").is_some_and(|m| m.eq_ignore_ascii_case("GET"));
         match self.cfg().on_upgrade {
-            Fallback::Reject => {
+            UpgradeMode::Inspect if realtime && self.policy.has_request_rules() => {
+                self.count("realtime.sessions");
+                // A compressed message (permessage-deflate) could not be read: the offer is withdrawn.
+                self.set_http_request_header("sec-websocket-extensions", None);
+                let mask = (now_ms() ^ u64::from(self.context_id).rotate_left(32)).to_le_bytes();
+                self.realtime = Some(Box::new(crate::realtime::Session::new([mask[0], mask[1], mask[2], mask[3]])));
+                WasmAction::Continue
+            }
+            // No request rule to apply (only answer rules or moderation, which Realtime sessions do not
+            // get): nothing would be inspected, so it is refused as an upgrade that cannot be.
+            UpgradeMode::Reject | UpgradeMode::Inspect => {
                 self.count("upgrade.rejected");
                 let message = "prompt-guard: WebSocket and other upgraded connections cannot be inspected, so this \
                                gateway refuses them (on_upgrade: reject).";
                 self.local_error(403, ErrorKind::PermissionDenied, "upgrade_refused", message);
                 WasmAction::Pause
             }
-            Fallback::Pass => {
+            UpgradeMode::Pass => {
                 self.count("upgrade.passed");
                 WasmAction::Continue
             }
         }
+    }
+
+    /// The client's bytes of an inspected Realtime session, held since they last passed.
+    fn realtime_client(&mut self, size: usize) -> WasmAction {
+        self.client_held = size;
+        if !self.upgraded {
+            // Frames sent before the `101` wait for it (they are inspected then).
+            return WasmAction::Pause;
+        }
+        let held = self.get_http_request_body(0, size).unwrap_or_default();
+        let policy = self.policy.clone();
+        let max = usize::try_from(self.cfg().max_body_bytes).unwrap_or(usize::MAX);
+        let monitor = policy.monitor;
+        let mut fired: Vec<usize> = Vec::new();
+        let mut blocking: Option<usize> = None;
+        let Some(rt) = self.realtime.as_mut() else {
+            return WasmAction::Continue;
+        };
+        let before = rt.scanned;
+        let (step, block) = rt.client(&held, max, |texts| {
+            for t in texts {
+                for h in policy.scan_with(&t.text, crate::engine::Dir::Request, t.role, crate::engine::Spans::MaskOnly)
+                {
+                    if !fired.contains(&h.rule) {
+                        fired.push(h.rule);
+                    }
+                    // A `mask` rule cannot rewrite a message whose frames may already be on their way, so
+                    // in a Realtime session it blocks like `reject`.
+                    let blocks = policy.rules.get(h.rule).is_some_and(|r| r.action != Action::Log);
+                    if blocks && !monitor {
+                        blocking = Some(blocking.map_or(h.rule, |b| b.min(h.rule)));
+                    }
+                }
+            }
+            blocking.map(|_| String::new())
+        });
+        let scanned = rt.scanned - before;
+        if scanned > 0 {
+            self.count_n("realtime.messages_scanned", scanned);
+        }
+        for rule in fired {
+            self.record(rule, "request", !monitor);
+        }
+        match (&step, block) {
+            (_, Some(crate::realtime::Block::Rule(_))) => {
+                // The event's message is the rule's reject message.
+                let rule = blocking.unwrap_or(0);
+                let (_, message, _) = self.reject_message(rule);
+                if let Some(rt) = self.realtime.as_mut() {
+                    rt.ending = Some(meshwarden_shared::realtime::error_event(
+                        "invalid_request_error",
+                        "prompt_guard_violation",
+                        &message,
+                    ));
+                }
+                self.count("rejected");
+                self.count("realtime.blocked");
+            }
+            (_, Some(crate::realtime::Block::Unreadable(what))) => {
+                self.count(&format!("realtime.uninspectable.{what}"));
+            }
+            (_, None) => {}
+        }
+        match step {
+            crate::realtime::ClientStep::Hold => return WasmAction::Pause,
+            crate::realtime::ClientStep::Pass => {}
+            crate::realtime::ClientStep::Rewrite(out) => self.set_http_request_body(0, size, &out),
+            crate::realtime::ClientStep::Reset(e) => return self.realtime_reset("client", e),
+        }
+        self.client_held = 0;
+        WasmAction::Continue
+    }
+
+    fn realtime_reset(&mut self, side: &str, e: meshwarden_shared::websocket::BadFrame) -> WasmAction {
+        self.count(&format!("realtime.broken_frames.{side}"));
+        log(
+            LogLevel::Warn,
+            &format!(
+                "meshwarden {FILTER}: a Realtime session's {side} frames are not WebSocket framing ({}); reset",
+                e.as_str()
+            ),
+        );
+        let _ = proxy_wasm::hostcalls::reset_http_response();
+        let _ = proxy_wasm::hostcalls::reset_http_request();
+        WasmAction::Pause
     }
 
     /// gRPC and other length-framed binary bodies: a rule cannot read protobuf fields (a gRPC message may
@@ -521,6 +629,9 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> WasmAction {
+        if self.realtime.is_some() {
+            return self.realtime_client(size);
+        }
         if self.skip_request {
             return WasmAction::Continue;
         }
@@ -543,6 +654,20 @@ impl HttpContext for Request {
         self.inspect_request_body()
     }
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> WasmAction {
+        if self.realtime.is_some() {
+            self.upgraded = meshwarden_shared::host::response_header(":status").as_deref() == Some("101");
+            if !self.upgraded {
+                // The upstream refused the upgrade: an HTTP answer, nothing to inspect.
+                self.realtime = None;
+            }
+            if self.client_held > 0 {
+                // Frames sent before the `101`: decided now (or, refused upgrade, let go).
+                if self.realtime.is_none() || self.realtime_client(self.client_held) == WasmAction::Continue {
+                    self.resume_http_request();
+                }
+            }
+            return WasmAction::Continue;
+        }
         let names: Vec<&str> = self.fired.iter().map(|(n, _)| n.as_str()).collect();
         // The rule header is ours: a local reply already names its rule; on an upstream answer it is set
         // from what fired here, and any copy the upstream sent is removed.
@@ -593,6 +718,18 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> WasmAction {
+        if self.realtime.is_some() && self.upgraded {
+            let chunk = self.get_http_response_body(0, size).unwrap_or_default();
+            let out = match self.realtime.as_mut().map(|rt| rt.server(&chunk)) {
+                Some(Ok(out)) => out,
+                Some(Err(e)) => return self.realtime_reset("server", e),
+                None => None,
+            };
+            if let Some(out) = out {
+                self.set_http_response_body(0, size, &out);
+            }
+            return WasmAction::Continue;
+        }
         match std::mem::replace(&mut self.response, ResponseMode::Pass) {
             ResponseMode::Pass => WasmAction::Continue,
             ResponseMode::Json => {

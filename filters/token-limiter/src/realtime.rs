@@ -10,7 +10,7 @@
 //! each at the next frame boundary in its direction, and nothing else passes after them.
 
 use meshwarden_shared::realtime::{server_event, RealtimeUsage, ServerEvent};
-use meshwarden_shared::websocket::{self, BadFrame, FrameDecoder, Message, CLOSE_POLICY_VIOLATION, OP_CLOSE};
+use meshwarden_shared::websocket::{self, BadFrame, CutAt, Cutter, Message, CLOSE_POLICY_VIOLATION, OP_CLOSE};
 
 /// The part of a server message kept to read it (a `response.done` carries the whole response's
 /// output, text and transcripts, not its audio); longer messages are read from this much of them.
@@ -49,61 +49,14 @@ pub struct ServerChunk {
     pub done: Vec<Option<RealtimeUsage>>,
 }
 
-/// Where a direction being closed is cut.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CutAt {
-    /// At the first frame boundary: nothing more of the peer's passes than the frame already begun.
-    First,
-    /// At the last frame boundary of the chunk (the frame that ended the budget has passed whole).
-    Last,
-}
-
-/// One direction of the session.
-#[derive(Debug)]
-struct Direction {
-    decoder: FrameDecoder,
-    /// Our closing frames were written into this direction: everything after is dropped.
-    closed: bool,
-}
-
-impl Direction {
-    fn new(max: usize) -> Self {
-        Self { decoder: FrameDecoder::new(max), closed: false }
-    }
-
-    /// The chunk to pass on while this direction is being closed: up to a frame boundary, then
-    /// `insert`; `None` = pass the chunk as it is (still inside a frame begun before the ending).
-    fn close(
-        &mut self,
-        chunk: &[u8],
-        was_mid_frame: bool,
-        frame_ends: &[usize],
-        at: CutAt,
-        insert: &[u8],
-    ) -> Option<Vec<u8>> {
-        if self.closed {
-            return Some(Vec::new());
-        }
-        let cut = match at {
-            CutAt::First if !was_mid_frame => Some(0),
-            CutAt::First => frame_ends.first().copied(),
-            CutAt::Last => frame_ends.last().copied().or((!was_mid_frame).then_some(0)),
-        }?;
-        self.closed = true;
-        let mut out = chunk.get(..cut).unwrap_or_default().to_vec();
-        out.extend_from_slice(insert);
-        Some(out)
-    }
-}
-
 /// A metered Realtime session.
 #[derive(Debug)]
 pub struct Session {
     /// The upstream answered `101`: the bodies are frames. Otherwise (it refused the upgrade) they
     /// are an HTTP answer, passed unread, and nothing was generated.
     pub upgraded: bool,
-    server: Direction,
-    client: Direction,
+    server: Cutter,
+    client: Cutter,
     /// Responses created and not done yet.
     pub open_responses: u64,
     /// Responses charged so far.
@@ -130,9 +83,9 @@ impl Session {
     pub fn new(mask: [u8; 4]) -> Self {
         Self {
             upgraded: false,
-            server: Direction::new(MAX_SERVER_MESSAGE),
+            server: Cutter::new(MAX_SERVER_MESSAGE),
             // Client frames are only followed for their boundaries: nothing of them is kept.
-            client: Direction::new(0),
+            client: Cutter::new(0),
             open_responses: 0,
             responses: 0,
             ending: None,
@@ -189,13 +142,13 @@ impl Session {
 
     /// The server was sent our close frame: nothing of the client's passes any more.
     pub fn client_closed(&self) -> bool {
-        self.client.closed
+        self.client.closed()
     }
 
     /// A client chunk: passed as it is until the session ends, then cut at its first frame boundary
     /// with a close frame for the server.
     pub fn client_pass(&mut self, chunk: &[u8]) -> Pass {
-        if self.client.closed {
+        if self.client.closed() {
             self.dropped_client_frames |= !chunk.is_empty();
             return Pass::Rewrite(Vec::new());
         }
