@@ -23,7 +23,7 @@
 //! | [`stream_rewrite`] | rewriting streamed answer text (SSE deltas) with hold-back of pieces split across events and chunks |
 //! | [`stats`] | stat names with bounded label cardinality |
 //! | [`websocket`] | WebSocket frames (RFC 6455) read from chunks cut at any byte: messages, control frames, frame boundaries; frames built |
-//! | [`realtime`] | OpenAI's Realtime API events: the session's model, each response's usage, the `error` event |
+//! | [`realtime`] | OpenAI's Realtime API events: the session's model, each response's usage, the texts of client events, the `error` event |
 //! | [`ratelimit`] | GCRA token budgets with reservations; the sidecar rate-limit wire format |
 //! | [`endpoints`] | the sidecar endpoint-snapshot wire format inference-router reads |
 //! | [`callout`] | fail-open / fail-closed policy and rate-limited failure logging for callouts |
