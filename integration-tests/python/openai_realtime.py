@@ -15,6 +15,8 @@ session). Then it tries to connect a second time and records whether the handsha
 Prints one JSON object:
   {"first":  null, or the refusal (shape of "second") if the first handshake was refused,
    "done":   [usage of each response.done, in order],
+   "transcripts": [{"deltas": the spoken answer's transcript joined from its deltas, "done": the one in
+                    response.done}, per response],
    "error":  the `error` event's "error" object, or null,
    "closed": {"code", "reason"} if the server side closed the session (code null: no close frame), or null;
              after an `error` event the session is read on until it closes (or TIMEOUT), so both are seen,
@@ -117,12 +119,19 @@ async def session(client: openai.AsyncOpenAI, args: argparse.Namespace, result: 
             except (ConnectionClosed, openai.WebSocketConnectionClosedError):
                 await read_to_the_end(conn, result)
                 return
+            deltas = ""
             while True:
                 # recv() is documented as safe to cancel, so wait_for loses nothing.
                 event = await asyncio.wait_for(conn.recv(), TIMEOUT)
+                if event.type == "response.output_audio_transcript.delta":
+                    deltas += event.delta
                 if event.type == "response.done":
                     usage = event.response.usage
                     result["done"].append(usage.to_dict() if usage is not None else None)
+                    # What the client heard: the transcript from its deltas, and the one in response.done.
+                    full = [c.transcript for o in (event.response.output or []) for c in (getattr(o, "content", None) or [])
+                            if getattr(c, "transcript", None)]
+                    result["transcripts"].append({"deltas": deltas, "done": " ".join(full)})
                     break
                 if event.type == "error":
                     result["error"] = event.error.to_dict()
@@ -166,7 +175,8 @@ async def main() -> None:
     args = ap.parse_args()
     # max_retries only concerns HTTP calls; realtime reconnection is off unless on_reconnecting is given.
     client = openai.AsyncOpenAI(api_key="sk-test", websocket_base_url=args.ws_base_url, max_retries=0)
-    result = {"first": None, "done": [], "error": None, "closed": None, "timed_out": False, "second": None}
+    result = {"first": None, "done": [], "transcripts": [], "error": None, "closed": None, "timed_out": False,
+              "second": None}
     await session(client, args, result)
     result["second"] = await second_handshake(client, args.deflate)
     print(json.dumps(result), flush=True)

@@ -11,6 +11,8 @@ Binds 127.0.0.1 on a free port and prints `PORT <n>` on stdout, then serves unti
 
 Per connection: `session.created` at once (model from `?model=`), then for each text message:
   session.update   -> session.updated
+  --echo: a response's spoken answer repeats the last user item (transcript deltas of 5 characters,
+          audio deltas between them)
   conversation.item.create -> conversation.item.created (its texts recorded in /stats "items")
   response.create  -> response.created, response.output_text.delta ("Hello"), [audio delta], response.done
                       `response.metadata.input_tokens` / `output_tokens` (digit strings) override N / M for
@@ -99,7 +101,18 @@ async def send_in_three_frames(ws: ServerConnection, message: str) -> None:
         ws.protocol.send_continuation(data[2 * third:], fin=True)
 
 
-async def send_response(ws: ServerConnection, create: dict) -> None:
+async def send_echo(ws: ServerConnection, where: dict, text: str) -> list:
+    # A spoken answer that repeats the user's last message: its transcript in 5-character deltas with an
+    # audio delta between each two, as a voice model streams them (a value the gateway masked comes back
+    # as its placeholder, cut across deltas).
+    for i in range(0, len(text), 5):
+        await ws.send(json.dumps(event("response.output_audio_transcript.delta", **where, delta=text[i:i + 5])))
+        await ws.send(json.dumps(event("response.output_audio.delta", **where, delta="AAAA")))
+    await ws.send(json.dumps(event("response.output_audio_transcript.done", **where, transcript=text)))
+    return [{"type": "message", "role": "assistant", "content": [{"type": "output_audio", "transcript": text}]}]
+
+
+async def send_response(ws: ServerConnection, create: dict, last_item: str | None = None) -> None:
     body = create.get("response") if isinstance(create.get("response"), dict) else {}
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     n_in = metadata_int(metadata, "input_tokens", ARGS.input_tokens)
@@ -116,11 +129,14 @@ async def send_response(ws: ServerConnection, create: dict) -> None:
         audio = base64.b64encode(os.urandom(ARGS.audio_bytes)).decode()
         await ws.send(json.dumps(event("response.output_audio.delta", **where, delta=audio)))
 
+    output = [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]}]
+    if ARGS.echo and last_item:
+        output = await send_echo(ws, where, last_item)
     done = json.dumps(event("response.done", response={
         "id": resp_id,
         "object": "realtime.response",
         "status": "completed",
-        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]}],
+        "output": output,
         "usage": {
             "total_tokens": n_in + n_out,
             "input_tokens": n_in,
@@ -160,7 +176,7 @@ async def handler(ws: ServerConnection) -> None:
                 await ws.send(json.dumps(event("session.updated", session=session)))
             elif received.get("type") == "response.create":
                 STATS["response_creates_received"] += 1
-                await send_response(ws, received)
+                await send_response(ws, received, STATS["items"][-1] if STATS["items"] else None)
             elif received.get("type") == "conversation.item.create":
                 # What a gateway let through: the texts of every item, for the test to check.
                 item = received.get("item") if isinstance(received.get("item"), dict) else {}
@@ -181,6 +197,7 @@ async def main() -> None:
     ap.add_argument("--input-tokens", type=int, default=100)
     ap.add_argument("--output-tokens", type=int, default=300)
     ap.add_argument("--fragment", action="store_true")
+    ap.add_argument("--echo", action="store_true")
     ap.add_argument("--audio-bytes", type=int, default=0)
     ARGS = ap.parse_args()
     # compression="deflate" is the default, spelled out: the server must accept an offer when one arrives.

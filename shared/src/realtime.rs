@@ -102,45 +102,62 @@ pub fn is_audio_append(msg: &[u8]) -> bool {
     memchr::memmem::find(head, b"input_audio_buffer.append").is_some()
 }
 
-/// The texts a client event gives the model: `session.update`'s `session.instructions` (system),
-/// `conversation.item.create`'s item, `response.create`'s `response.instructions` (system) and its
-/// `response.input` items. An item is a `message` (its `input_text` / `text` / `output_text` parts and
-/// the `transcript` of audio parts, in the item's role) or a `function_call_output` (its `output`, a
-/// tool text). `None` for a message that is not a JSON object (the API refuses it).
-pub fn client_texts(msg: &[u8]) -> Option<Vec<ClientText>> {
-    let v: Value = serde_json::from_slice(msg).ok()?;
-    let o = v.as_object()?;
+/// Where the texts a client event gives the model are, with their roles: `session.update`'s
+/// `session.instructions` (system), `conversation.item.create`'s item, `response.create`'s
+/// `response.instructions` (system) and its `response.input` items. An item is a `message` (its
+/// `input_text` / `text` / `output_text` parts and the `transcript` of audio parts, in the item's role)
+/// or a `function_call_output` (its `output`, a tool text). Only string values are named.
+pub fn client_text_pointers(v: &Value) -> Vec<(Role, String)> {
     let mut out = Vec::new();
-    let mut push = |role: Role, t: Option<&Value>| {
-        if let Some(text) = t.and_then(Value::as_str).filter(|t| !t.is_empty()) {
-            out.push(ClientText { role, text: text.to_string() });
+    let mut push = |role: Role, pointer: String| {
+        if crate::json::pointer(v, &pointer).is_some_and(Value::is_string) {
+            out.push((role, pointer));
         }
     };
-    let mut items: Vec<&Value> = Vec::new();
-    match o.get("type").and_then(Value::as_str) {
-        Some("session.update") => push(Role::System, v.pointer("/session/instructions")),
-        Some("conversation.item.create") => items.extend(o.get("item")),
+    let mut items: Vec<(String, &Value)> = Vec::new();
+    match v.get("type").and_then(Value::as_str) {
+        Some("session.update") => push(Role::System, "/session/instructions".to_string()),
+        Some("conversation.item.create") => items.extend(v.get("item").map(|i| ("/item".to_string(), i))),
         Some("response.create") => {
-            push(Role::System, v.pointer("/response/instructions"));
-            items.extend(v.pointer("/response/input").and_then(Value::as_array).into_iter().flatten());
+            push(Role::System, "/response/instructions".to_string());
+            if let Some(input) = crate::json::pointer(v, "/response/input").and_then(Value::as_array) {
+                items.extend(input.iter().enumerate().map(|(k, i)| (format!("/response/input/{k}"), i)));
+            }
         }
         _ => {}
     }
-    for item in items {
+    for (at, item) in items {
         match item.get("type").and_then(Value::as_str) {
-            Some("function_call_output") => push(Role::Tool, item.get("output")),
+            Some("function_call_output") => push(Role::Tool, format!("{at}/output")),
             // `message`, or an item without a type (the API's default is a message).
             Some("message") | None => {
                 let role = Role::parse(item.get("role").and_then(Value::as_str).unwrap_or("user"));
-                for part in item.get("content").and_then(Value::as_array).into_iter().flatten() {
-                    push(role, part.get("text"));
-                    push(role, part.get("transcript"));
+                let n = item.get("content").and_then(Value::as_array).map_or(0, Vec::len);
+                for k in 0..n {
+                    push(role, format!("{at}/content/{k}/text"));
+                    push(role, format!("{at}/content/{k}/transcript"));
                 }
             }
             _ => {}
         }
     }
-    Some(out)
+    out
+}
+
+/// The texts of [`client_text_pointers`] (empty ones left out); `None` for a message that is not a
+/// JSON object (the API refuses it).
+pub fn client_texts(msg: &[u8]) -> Option<Vec<ClientText>> {
+    let v: Value = serde_json::from_slice(msg).ok()?;
+    v.as_object()?;
+    Some(
+        client_text_pointers(&v)
+            .into_iter()
+            .filter_map(|(role, p)| {
+                let text = crate::json::pointer(&v, &p).and_then(Value::as_str).filter(|t| !t.is_empty())?;
+                Some(ClientText { role, text: text.to_string() })
+            })
+            .collect(),
+    )
 }
 
 /// A server `error` event, as the Realtime API sends one (`type`, `code`, `message`; `param` and

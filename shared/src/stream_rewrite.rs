@@ -125,6 +125,10 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
         | Some("response.refusal.delta")
         | Some("response.custom_tool_call_input.delta")
         | Some("response.code_interpreter_call_code.delta")
+        // The Realtime API's text and spoken-answer transcript deltas (GA names, then beta ones).
+        | Some("response.output_audio_transcript.delta")
+        | Some("response.audio_transcript.delta")
+        | Some("response.text.delta")
             if event.get("delta").is_some_and(Value::is_string) =>
         {
             out.push("/delta".to_string())
@@ -150,7 +154,7 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
     out
 }
 
-/// Events that carry no text but must not flush held text: keep-alives, and citations that arrive
+/// Events that carry no text but must not flush held text: keep-alives, a Realtime answer's audio, and citations that arrive
 /// inside a text block between its deltas (Anthropic `citations_delta` and any other text-less
 /// `content_block_delta`, Responses `response.output_text.annotation.added`): the block goes on after
 /// them, so a placeholder (or a value to scan) cut there must still be joined. The held text follows
@@ -159,7 +163,12 @@ pub fn stream_delta_pointers(event: &Value) -> Vec<String> {
 fn is_keepalive(event: &Value) -> bool {
     matches!(
         event.get("type").and_then(Value::as_str),
-        Some("ping") | Some("content_block_delta") | Some("response.output_text.annotation.added")
+        Some("ping")
+            | Some("content_block_delta")
+            | Some("response.output_text.annotation.added")
+            // A Realtime spoken answer interleaves its audio deltas with its transcript deltas.
+            | Some("response.output_audio.delta")
+            | Some("response.audio.delta")
     )
 }
 

@@ -83,6 +83,60 @@ pub struct Decoded {
     /// Offsets in the chunk where a frame ends (exclusive), in order. A chunk can be cut at any of
     /// these, and at 0 when the decoder was between frames before it.
     pub frame_ends: Vec<usize>,
+    /// The order in which `messages` (`false`) and `controls` (`true`) completed.
+    pub order: Vec<bool>,
+}
+
+/// A complete message or control frame, in stream order (see [`parts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Message(Message),
+    Control(u8, Vec<u8>),
+}
+
+/// The messages and control frames of `held`, bytes that begin at a frame boundary, in order; `None`
+/// when they end inside a frame or a fragmented message (hold them until they do not), or when a
+/// message is longer than `max` (it could not be rewritten whole).
+pub fn parts(held: &[u8], max: usize) -> Result<Option<Vec<Part>>, BadFrame> {
+    let mut d = FrameDecoder::new(max);
+    let out = d.feed(held, true)?;
+    if d.mid_frame() || d.in_message() || out.messages.iter().any(Message::truncated) {
+        return Ok(None);
+    }
+    let (mut msgs, mut ctrls) = (out.messages.into_iter(), out.controls.into_iter());
+    Ok(Some(
+        out.order
+            .iter()
+            .filter_map(|&control| {
+                if control {
+                    ctrls.next().map(|(op, p)| Part::Control(op, p))
+                } else {
+                    msgs.next().map(Part::Message)
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// `parts` as frames (one per message; RSV1 kept for a compressed one), masked with `mask` when given
+/// (a client's frames).
+pub fn encode_parts(parts: &[Part], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        match p {
+            Part::Message(m) => {
+                let start = out.len();
+                out.extend(frame(m.opcode, &m.data, mask));
+                if m.compressed {
+                    if let Some(b) = out.get_mut(start) {
+                        *b |= 0x40;
+                    }
+                }
+            }
+            Part::Control(op, payload) => out.extend(frame(*op, payload, mask)),
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -294,12 +348,14 @@ impl FrameDecoder {
     fn end_frame(&mut self, f: Frame, collect: bool, out: &mut Decoded) {
         if f.opcode >= OP_CLOSE {
             out.controls.push((f.opcode, std::mem::take(&mut self.control)));
+            out.order.push(true);
             return;
         }
         if f.fin {
             if let Some(m) = self.message.take() {
                 if collect {
                     out.messages.push(m);
+                    out.order.push(false);
                 }
             }
         }
@@ -522,6 +578,22 @@ mod tests {
         let mut huge = vec![0x82, 0x7F];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(FrameDecoder::new(64).feed(&huge, true), Err(BadFrame::BadLength));
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn held_bytes_are_decoded_in_order_and_encoded_back() {
+        let mask = Some([4, 3, 2, 1]);
+        let (bytes, ends) = stream(mask);
+        let got = parts(&bytes, 1 << 20).unwrap().unwrap();
+        let kinds: Vec<bool> = got.iter().map(|p| matches!(p, Part::Control(..))).collect();
+        assert_eq!(kinds, vec![false, true, false, false, true], "text, ping, binary, fragmented text, close");
+        // Encoded back (the fragmented message as one frame), it decodes to the same parts.
+        let again = encode_parts(&got, mask);
+        assert_eq!(parts(&again, 1 << 20).unwrap().unwrap(), got);
+        // Ending inside a frame or inside the fragmented message: not yet.
+        assert_eq!(parts(&bytes[..ends[2] + 3], 1 << 20), Ok(None));
+        assert_eq!(parts(&bytes[..ends[3] - 5], 1 << 20), Ok(None));
+        assert_eq!(parts(&bytes, 100), Ok(None), "a message over the bound");
     }
 
     #[wasm_bindgen_test(unsupported = test)]

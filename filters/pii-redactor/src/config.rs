@@ -43,6 +43,17 @@ pub enum Unscannable {
     Pass,
 }
 
+/// See [`Config::on_upgrade`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeMode {
+    /// Every upgrade is unscannable: refused or passed as `on_unscannable` says.
+    Unscannable,
+    /// An OpenAI Realtime session (`GET` on a path ending in `/realtime`) is masked and restored (see
+    /// `realtime.rs`); other upgrades are unscannable.
+    Mask,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Validator {
@@ -138,6 +149,9 @@ pub struct Config {
     /// Default `keep_last` for `partial`.
     pub partial_keep_last: usize,
     pub on_unscannable: Unscannable,
+    /// WebSocket upgrades: `unscannable` (as `on_unscannable` says), or `mask`: an OpenAI Realtime
+    /// session has its client events masked and the placeholders restored in its server events.
+    pub on_upgrade: UpgradeMode,
     /// Scan non-JSON request bodies (and JSON that does not parse) as plain text.
     pub raw_fallback: bool,
     /// Response header carrying counts per type (`email=2,phone=1`) for the access log (`%RESP(...)%`);
@@ -163,6 +177,7 @@ impl Default for Config {
             redact_text: "[REDACTED]".to_string(),
             partial_keep_last: 4,
             on_unscannable: Unscannable::Reject,
+            on_upgrade: UpgradeMode::Unscannable,
             raw_fallback: true,
             counts_header: "x-meshwarden-pii".to_string(),
             stats_flush_interval_ms: 20,

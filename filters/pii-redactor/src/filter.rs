@@ -68,7 +68,7 @@ impl RootContext for Root {
         Metrics::flush(&mut self.counters.borrow_mut());
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let engine = match &self.engine {
             Some(e) => e.clone(),
             None => Rc::new(Engine::new(&self.config)),
@@ -95,6 +95,10 @@ impl RootContext for Root {
             body_size: 0,
             response_size: 0,
             body_done: false,
+            context_id,
+            realtime: None,
+            upgraded: false,
+            client_held: 0,
         }))
     }
 
@@ -139,6 +143,13 @@ struct Request {
     response_size: usize,
     /// The request body was scanned (at `eos` or at the trailers).
     body_done: bool,
+    context_id: u32,
+    /// A masked Realtime session (`on_upgrade: mask`).
+    realtime: Option<Box<crate::realtime::Session>>,
+    /// Its upstream answered `101`: the bodies are frames.
+    upgraded: bool,
+    /// Client bytes held (before the `101`, or until a message is whole).
+    client_held: usize,
 }
 
 /// Microseconds since the Unix epoch from the host clock (for the processing-time histograms).
@@ -268,10 +279,24 @@ impl Request {
         // A WebSocket upgrade or CONNECT tunnel: its frames reach this filter as a request body that never
         // ends, which the scan would wait for (the session hung after its `101`), and they cannot be
         // scanned: refused, or passed unscanned, as `on_unscannable` says.
+        let method = meshwarden_shared::host::request_header(":method");
         if meshwarden_shared::upgrade::is_upgrade_request(
             meshwarden_shared::host::request_header("upgrade").as_deref(),
-            meshwarden_shared::host::request_header(":method").as_deref(),
+            method.as_deref(),
         ) {
+            let realtime = meshwarden_shared::realtime::is_realtime_path(&self.path)
+                && method.as_deref().is_some_and(|m| m.eq_ignore_ascii_case("GET"));
+            if realtime && self.config.on_upgrade == crate::config::UpgradeMode::Mask {
+                self.count("realtime.sessions", 1);
+                // A compressed message (permessage-deflate) could not be scanned: the offer is withdrawn.
+                self.set_http_request_header("sec-websocket-extensions", None);
+                let mask = (now_us() ^ u64::from(self.context_id).rotate_left(32)).to_le_bytes();
+                self.realtime = Some(Box::new(crate::realtime::Session::new(
+                    self.config.restore,
+                    [mask[0], mask[1], mask[2], mask[3]],
+                )));
+                return Action::Continue;
+            }
             return self.unscannable(
                 403,
                 ErrorKind::PermissionDenied,
@@ -308,6 +333,9 @@ impl Request {
     }
 
     fn request_body(&mut self, size: usize, eos: bool) -> Action {
+        if self.realtime.is_some() {
+            return self.realtime_client(size);
+        }
         if self.passthrough || self.body_done {
             return Action::Continue;
         }
@@ -341,6 +369,76 @@ impl Request {
             return Action::Continue;
         }
         self.scan_request_body()
+    }
+
+    /// The client's bytes of a masked Realtime session, held since they last passed.
+    fn realtime_client(&mut self, size: usize) -> Action {
+        self.client_held = size;
+        if !self.upgraded {
+            // Frames sent before the `101` wait for it (they are masked then).
+            return Action::Pause;
+        }
+        let held = self.get_http_request_body(0, size).unwrap_or_default();
+        let max = usize::try_from(self.config.max_body_bytes).unwrap_or(usize::MAX);
+        let engine = self.engine.clone();
+        let Some(rt) = self.realtime.as_mut() else {
+            return Action::Continue;
+        };
+        let step = rt.client(&engine, &held, max);
+        self.realtime_apply(step, size, true)
+    }
+
+    fn realtime_server(&mut self, size: usize) -> Action {
+        let held = self.get_http_response_body(0, size).unwrap_or_default();
+        let max = usize::try_from(self.config.max_body_bytes).unwrap_or(usize::MAX);
+        let Some(rt) = self.realtime.as_mut() else {
+            return Action::Continue;
+        };
+        let step = rt.server(&held, max);
+        self.realtime_apply(step, size, false)
+    }
+
+    fn realtime_apply(&mut self, step: crate::realtime::Step, size: usize, client: bool) -> Action {
+        use crate::realtime::Step;
+        match step {
+            Step::Hold => return Action::Pause,
+            Step::Pass => {}
+            Step::Rewrite(out) if client => self.set_http_request_body(0, size, &out),
+            Step::Rewrite(out) => self.set_http_response_body(0, size, &out),
+            Step::Reset(e) => {
+                let side = if client { "client" } else { "server" };
+                self.count(&format!("realtime.broken_frames.{side}"), 1);
+                log(
+                    LogLevel::Warn,
+                    &format!("meshwarden pii_redactor: a Realtime session's {side} frames are not WebSocket framing ({}); reset", e.as_str()),
+                );
+                let _ = proxy_wasm::hostcalls::reset_http_response();
+                let _ = proxy_wasm::hostcalls::reset_http_request();
+                return Action::Pause;
+            }
+        }
+        if client {
+            self.client_held = 0;
+        }
+        Action::Continue
+    }
+
+    /// A Realtime session's findings and restores, counted when it ends.
+    fn realtime_stats(&self, rt: &crate::realtime::Session) {
+        for ((name, action), n) in &rt.mask.counts.0 {
+            self.count(&format!("findings.{name}.{}", action.name()), *n);
+        }
+        self.count("realtime.messages_scanned", rt.scanned);
+        if rt.restored() > 0 {
+            self.count("restored", rt.restored());
+        }
+        match &rt.ending {
+            Some(crate::realtime::Ending::Rejected(_)) => self.count("realtime.ended_rejected", 1),
+            Some(crate::realtime::Ending::Unscannable(what)) => {
+                self.count(&format!("realtime.ended_unscannable.{what}"), 1)
+            }
+            None => {}
+        }
     }
 
     /// Scan and rewrite the whole buffered request body (at its end: `eos`, or the trailers), once.
@@ -402,6 +500,19 @@ impl Request {
     }
 
     fn response_headers(&mut self, _n: usize, eos: bool) -> Action {
+        if self.realtime.is_some() {
+            self.upgraded = meshwarden_shared::host::response_header(":status").as_deref() == Some("101");
+            if !self.upgraded {
+                // The upstream refused the upgrade: an HTTP answer, nothing to mask or restore.
+                self.realtime = None;
+            }
+            if self.client_held > 0
+                && (self.realtime.is_none() || self.realtime_client(self.client_held) == Action::Continue)
+            {
+                self.resume_http_request();
+            }
+            return Action::Continue;
+        }
         if !self.config.counts_header.is_empty() {
             // Ours alone: set from this request's findings, any other copy (an upstream's) removed.
             let value = self.counts.header_value();
@@ -446,6 +557,9 @@ impl Request {
     }
 
     fn response_body(&mut self, size: usize, eos: bool) -> Action {
+        if self.realtime.is_some() && self.upgraded {
+            return self.realtime_server(size);
+        }
         let Some(mut restorer) = self.restorer.take() else {
             return Action::Continue;
         };
@@ -488,6 +602,9 @@ impl Request {
     }
 
     fn request_done(&mut self) {
+        if let Some(rt) = self.realtime.take() {
+            self.realtime_stats(&rt);
+        }
         if let Some(r) = &self.restorer {
             if self.mode != Mode::None {
                 self.metrics.borrow_mut().histogram_in(P, "response_processing_us", self.response_us);

@@ -13,6 +13,7 @@ pub mod config;
 pub mod detect;
 pub mod engine;
 pub mod eventstream;
+pub mod realtime;
 pub mod request;
 pub mod restore;
 
