@@ -41,7 +41,8 @@ fuzz_target!(|data: &[u8]| {
             Err(JsonBodyError::NotUtf8(e)) => panic!("serde_json parsed what the strict parser calls {e}"),
         }
     }
-    let _ = (request_info(&body), usage_from_json(&body), extract_response_texts(&body), extract_stream_delta_texts(&body));
+    let _ =
+        (request_info(&body), usage_from_json(&body), extract_response_texts(&body), extract_stream_delta_texts(&body));
     for api in APIS {
         let spans = extract_request_texts(api, &body);
         let _ = estimate_request_tokens(&spans);

@@ -1,11 +1,41 @@
 //! Properties: however a WebSocket byte stream is cut into chunks, the frame decoder yields the same
-//! messages, control frames, frame boundaries and error, and keeps at most its bound of a message; a
-//! metered Realtime session never panics on it, and once it is ending, what it passes in the client
+//! messages, control frames, frame boundaries and error, and keeps at most its bound of a message;
+//! prompt-guard's and pii-redactor's Realtime sessions never panic on it and what they pass on is valid
+//! framing; a metered Realtime session never panics on it, and once it is ending, what it passes in the client
 //! direction is still valid framing, our close frame (when placed) at a frame boundary and last.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use meshwarden_shared::websocket::{close_payload, frame, FrameDecoder, CLOSE_POLICY_VIOLATION, OP_CLOSE};
 use token_limiter::realtime::{Ending, Pass, Session};
+
+thread_local! {
+    static PII: pii_redactor::engine::Engine = pii_redactor::engine::Engine::new(&pii_redactor::config::Config::default());
+}
+
+/// Feed `body` in chunks of `step` to a holding session (`f` = the session's step for the bytes held so
+/// far), as the adapters do (held bytes accumulate until they pass); returns what passed on, or `None` when
+/// the framing broke.
+fn held_run(body: &[u8], step: usize, mut f: impl FnMut(&[u8]) -> Option<Option<Vec<u8>>>) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut held = Vec::new();
+    for c in body.chunks(step) {
+        held.extend_from_slice(c);
+        match f(&held)? {
+            // Hold: nothing passes yet.
+            None => continue,
+            Some(pass) => {
+                out.extend(pass);
+                held.clear();
+            }
+        }
+    }
+    Some(out)
+}
+
+fn valid_framing(bytes: &[u8]) {
+    let mut d = FrameDecoder::new(0);
+    assert!(d.feed(bytes, false).is_ok(), "what passed is not WebSocket framing");
+}
 
 fn decode(
     body: &[u8],
@@ -47,6 +77,44 @@ fuzz_target!(|data: &[u8]| {
     } else {
         assert_eq!(whole, split);
     }
+
+    // prompt-guard: the stream as client frames; a message containing "ignore" is blocked.
+    let mut pg = prompt_guard::realtime::Session::new([5, 6, 7, 8]);
+    let passed = held_run(body, step, |held| {
+        match pg.client(held, 4096, |t| t.iter().any(|x| x.text.contains("ignore")).then(String::new)).0 {
+            prompt_guard::realtime::ClientStep::Hold => Some(None),
+            prompt_guard::realtime::ClientStep::Pass => Some(Some(held.to_vec())),
+            prompt_guard::realtime::ClientStep::Rewrite(out) => Some(Some(out)),
+            prompt_guard::realtime::ClientStep::Reset(_) => None,
+        }
+    });
+    if let Some(p) = passed {
+        valid_framing(&p);
+    }
+    let _ = pg.server(body);
+
+    // pii-redactor: the stream as client frames (masked and encoded again), then as server frames.
+    PII.with(|engine| {
+        let mut s = pii_redactor::realtime::Session::new(true, [1, 1, 2, 2]);
+        use pii_redactor::realtime::Step;
+        let run = |s: &mut pii_redactor::realtime::Session, client: bool| {
+            held_run(body, step, |held| {
+                let st = if client { s.client(engine, held, 4096) } else { s.server(held, 4096) };
+                match st {
+                    Step::Hold => Some(None),
+                    Step::Pass => Some(Some(held.to_vec())),
+                    Step::Rewrite(out) => Some(Some(out)),
+                    Step::Reset(_) => None,
+                }
+            })
+        };
+        if let Some(p) = run(&mut s, true) {
+            valid_framing(&p);
+        }
+        if let Some(p) = run(&mut s, false) {
+            valid_framing(&p);
+        }
+    });
 
     // A session reading the stream as server frames, ending at a point chosen by the input.
     let end_at = usize::from(head[2]) * body.len() / 256;
