@@ -11,6 +11,7 @@ session). Then it tries to connect a second time and records whether the handsha
               delta, then leaves with that response still in progress (no `response.done`)
   --deflate   offer permessage-deflate (the SDK offers no compression by default)
   --say TEXT  (repeatable) the i-th response is preceded by a user message item with the i-th TEXT
+  --speak     each response is preceded by audio appended and committed (the server transcribes it)
 
 Prints one JSON object:
   {"first":  null, or the refusal (shape of "second") if the first handshake was refused,
@@ -110,6 +111,10 @@ async def session(client: openai.AsyncOpenAI, args: argparse.Namespace, result: 
             if held:
                 metadata["hold"] = "1"
             try:
+                if args.speak:
+                    # Speech: a piece of (silent) audio, committed as the user's turn.
+                    await conn.input_audio_buffer.append(audio="AAAAAAAA")
+                    await conn.input_audio_buffer.commit()
                 if i < len(args.say):
                     # A user message before the response, as a text chat over Realtime sends one.
                     await conn.conversation.item.create(item={
@@ -172,6 +177,7 @@ async def main() -> None:
     ap.add_argument("--hold", action="store_true")
     ap.add_argument("--deflate", action="store_true")
     ap.add_argument("--say", action="append", default=[])
+    ap.add_argument("--speak", action="store_true")
     args = ap.parse_args()
     # max_retries only concerns HTTP calls; realtime reconnection is off unless on_reconnecting is given.
     client = openai.AsyncOpenAI(api_key="sk-test", websocket_base_url=args.ws_base_url, max_retries=0)

@@ -13,6 +13,8 @@ Per connection: `session.created` at once (model from `?model=`), then for each 
   session.update   -> session.updated
   --echo: a response's spoken answer repeats the last user item (transcript deltas of 5 characters,
           audio deltas between them)
+  input_audio_buffer.commit -> input_audio_buffer.committed, then
+          conversation.item.input_audio_transcription.completed with --transcript (default "hello there")
   conversation.item.create -> conversation.item.created (its texts recorded in /stats "items")
   response.create  -> response.created, response.output_text.delta ("Hello"), [audio delta], response.done
                       `response.metadata.input_tokens` / `output_tokens` (digit strings) override N / M for
@@ -51,6 +53,7 @@ STATS = {
     "paths": [],
     "refused": 0,
     "items": [],
+    "commits": 0,
 }
 # Ids unique across connections, so a test can tell responses of different sessions apart.
 EVENT_IDS = itertools.count(1)
@@ -177,6 +180,13 @@ async def handler(ws: ServerConnection) -> None:
             elif received.get("type") == "response.create":
                 STATS["response_creates_received"] += 1
                 await send_response(ws, received, STATS["items"][-1] if STATS["items"] else None)
+            elif received.get("type") == "input_audio_buffer.commit":
+                # The user's speech committed: its transcript (--transcript), as input audio
+                # transcription reports it.
+                STATS["commits"] += 1
+                await ws.send(json.dumps(event("input_audio_buffer.committed", item_id="item_audio")))
+                await ws.send(json.dumps(event("conversation.item.input_audio_transcription.completed",
+                                               item_id="item_audio", content_index=0, transcript=ARGS.transcript)))
             elif received.get("type") == "conversation.item.create":
                 # What a gateway let through: the texts of every item, for the test to check.
                 item = received.get("item") if isinstance(received.get("item"), dict) else {}
@@ -198,6 +208,7 @@ async def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=300)
     ap.add_argument("--fragment", action="store_true")
     ap.add_argument("--echo", action="store_true")
+    ap.add_argument("--transcript", default="hello there")
     ap.add_argument("--audio-bytes", type=int, default=0)
     ARGS = ap.parse_args()
     # compression="deflate" is the default, spelled out: the server must accept an offer when one arrives.

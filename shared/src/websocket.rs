@@ -64,6 +64,8 @@ pub struct Message {
     pub len: u64,
     /// RSV1 was set on its first frame: compressed with permessage-deflate (unreadable here).
     pub compressed: bool,
+    /// Where its final frame ended in the chunk that completed it (a frame boundary there).
+    pub end: usize,
 }
 
 impl Message {
@@ -218,7 +220,7 @@ impl FrameDecoder {
                 f.left -= take as u64;
                 if f.left == 0 {
                     self.frame = None;
-                    self.end_frame(f, collect, &mut out);
+                    self.end_frame(f, collect, at, &mut out);
                     out.frame_ends.push(at);
                 } else {
                     self.frame = Some(f);
@@ -244,7 +246,7 @@ impl FrameDecoder {
             };
             self.header_len = 0;
             if f.left == 0 {
-                self.end_frame(f, collect, &mut out);
+                self.end_frame(f, collect, at, &mut out);
                 out.frame_ends.push(at);
             } else {
                 self.frame = Some(f);
@@ -296,7 +298,7 @@ impl FrameDecoder {
                 if self.message.is_some() {
                     return Err(BadFrame::MissingContinuation);
                 }
-                self.message = Some(Message { opcode, data: Vec::new(), len: 0, compressed: rsv1 });
+                self.message = Some(Message { opcode, data: Vec::new(), len: 0, compressed: rsv1, end: 0 });
             }
             OP_CONTINUATION => {
                 if self.message.is_none() {
@@ -345,15 +347,16 @@ impl FrameDecoder {
         f.mask_pos = (f.mask_pos + piece.len()) % 4;
     }
 
-    fn end_frame(&mut self, f: Frame, collect: bool, out: &mut Decoded) {
+    fn end_frame(&mut self, f: Frame, collect: bool, at: usize, out: &mut Decoded) {
         if f.opcode >= OP_CLOSE {
             out.controls.push((f.opcode, std::mem::take(&mut self.control)));
             out.order.push(true);
             return;
         }
         if f.fin {
-            if let Some(m) = self.message.take() {
+            if let Some(mut m) = self.message.take() {
                 if collect {
+                    m.end = at;
                     out.messages.push(m);
                     out.order.push(false);
                 }
@@ -369,6 +372,8 @@ pub enum CutAt {
     First,
     /// At the last frame boundary of the chunk (the frames that completed in it pass whole).
     Last,
+    /// At this offset of the chunk, a frame boundary (a message's `end`): what follows is dropped.
+    At(usize),
 }
 
 /// One direction of a connection that a filter may end with frames of its own: its decoder, and
@@ -408,6 +413,7 @@ impl Cutter {
             CutAt::First if !was_mid_frame => Some(0),
             CutAt::First => frame_ends.first().copied(),
             CutAt::Last => frame_ends.last().copied().or((!was_mid_frame).then_some(0)),
+            CutAt::At(at) => Some(at),
         }?;
         self.closed = true;
         let mut out = chunk.get(..cut).unwrap_or_default().to_vec();
@@ -589,7 +595,15 @@ mod tests {
         assert_eq!(kinds, vec![false, true, false, false, true], "text, ping, binary, fragmented text, close");
         // Encoded back (the fragmented message as one frame), it decodes to the same parts.
         let again = encode_parts(&got, mask);
-        assert_eq!(parts(&again, 1 << 20).unwrap().unwrap(), got);
+        let content = |ps: &[Part]| -> Vec<(u8, Vec<u8>)> {
+            ps.iter()
+                .map(|p| match p {
+                    Part::Message(m) => (m.opcode, m.data.clone()),
+                    Part::Control(op, d) => (*op, d.clone()),
+                })
+                .collect()
+        };
+        assert_eq!(content(&parts(&again, 1 << 20).unwrap().unwrap()), content(&got));
         // Ending inside a frame or inside the fragmented message: not yet.
         assert_eq!(parts(&bytes[..ends[2] + 3], 1 << 20), Ok(None));
         assert_eq!(parts(&bytes[..ends[3] - 5], 1 << 20), Ok(None));

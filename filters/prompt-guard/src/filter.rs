@@ -248,27 +248,13 @@ impl Request {
         let monitor = policy.monitor;
         let mut fired: Vec<usize> = Vec::new();
         let mut blocking: Option<usize> = None;
+        let template = self.cfg().reject.message.clone();
         let Some(rt) = self.realtime.as_mut() else {
             return WasmAction::Continue;
         };
         let before = rt.scanned;
-        let (step, block) = rt.client(&held, max, |texts| {
-            for t in texts {
-                for h in policy.scan_with(&t.text, crate::engine::Dir::Request, t.role, crate::engine::Spans::MaskOnly)
-                {
-                    if !fired.contains(&h.rule) {
-                        fired.push(h.rule);
-                    }
-                    // A `mask` rule cannot rewrite a message whose frames may already be on their way, so
-                    // in a Realtime session it blocks like `reject`.
-                    let blocks = policy.rules.get(h.rule).is_some_and(|r| r.action != Action::Log);
-                    if blocks && !monitor {
-                        blocking = Some(blocking.map_or(h.rule, |b| b.min(h.rule)));
-                    }
-                }
-            }
-            blocking.map(|_| String::new())
-        });
+        let (step, block) =
+            rt.client(&held, max, |texts| realtime_scan(&policy, &template, texts, &mut fired, &mut blocking));
         let scanned = rt.scanned - before;
         if scanned > 0 {
             self.count_n("realtime.messages_scanned", scanned);
@@ -278,16 +264,6 @@ impl Request {
         }
         match (&step, block) {
             (_, Some(crate::realtime::Block::Rule(_))) => {
-                // The event's message is the rule's reject message.
-                let rule = blocking.unwrap_or(0);
-                let (_, message, _) = self.reject_message(rule);
-                if let Some(rt) = self.realtime.as_mut() {
-                    rt.ending = Some(meshwarden_shared::realtime::error_event(
-                        "invalid_request_error",
-                        "prompt_guard_violation",
-                        &message,
-                    ));
-                }
                 self.count("rejected");
                 self.count("realtime.blocked");
             }
@@ -303,6 +279,37 @@ impl Request {
             crate::realtime::ClientStep::Reset(e) => return self.realtime_reset("client", e),
         }
         self.client_held = 0;
+        WasmAction::Continue
+    }
+
+    /// The server's frames of an inspected Realtime session: passed, or cut when the session ends; the
+    /// transcripts of the user's speech are scanned on the way.
+    fn realtime_server(&mut self, size: usize) -> WasmAction {
+        let chunk = self.get_http_response_body(0, size).unwrap_or_default();
+        let policy = self.policy.clone();
+        let template = self.cfg().reject.message.clone();
+        let (mut fired, mut blocking) = (Vec::new(), None);
+        let Some(rt) = self.realtime.as_mut() else {
+            return WasmAction::Continue;
+        };
+        let (before, had_ending) = (rt.scanned, rt.ending.is_some());
+        let out = rt.server(&chunk, |texts| realtime_scan(&policy, &template, texts, &mut fired, &mut blocking));
+        let (scanned, ended) = (rt.scanned - before, !had_ending && rt.ending.is_some());
+        if scanned > 0 {
+            self.count_n("realtime.transcripts_scanned", scanned);
+        }
+        for rule in fired {
+            self.record(rule, "request", !policy.monitor);
+        }
+        if ended {
+            self.count("rejected");
+            self.count("realtime.blocked");
+        }
+        match out {
+            Ok(Some(out)) => self.set_http_response_body(0, size, &out),
+            Ok(None) => {}
+            Err(e) => return self.realtime_reset("server", e),
+        }
         WasmAction::Continue
     }
 
@@ -719,16 +726,7 @@ impl HttpContext for Request {
 
     fn on_http_response_body(&mut self, size: usize, eos: bool) -> WasmAction {
         if self.realtime.is_some() && self.upgraded {
-            let chunk = self.get_http_response_body(0, size).unwrap_or_default();
-            let out = match self.realtime.as_mut().map(|rt| rt.server(&chunk)) {
-                Some(Ok(out)) => out,
-                Some(Err(e)) => return self.realtime_reset("server", e),
-                None => None,
-            };
-            if let Some(out) = out {
-                self.set_http_response_body(0, size, &out);
-            }
-            return WasmAction::Continue;
+            return self.realtime_server(size);
         }
         match std::mem::replace(&mut self.response, ResponseMode::Pass) {
             ResponseMode::Pass => WasmAction::Continue,
@@ -774,4 +772,30 @@ impl HttpContext for Request {
             }
         }
     }
+}
+
+/// Scan a Realtime session's texts with the request rules. Every rule that fires is added to `fired`; a
+/// rule that blocks (`reject`, and `mask`: a message whose frames may already be on their way cannot be
+/// rewritten, so in a Realtime session it blocks too; never in monitor mode) sets `blocking` (the first
+/// rule), and its reject message is the answer.
+fn realtime_scan(
+    policy: &Policy,
+    template: &str,
+    texts: &[meshwarden_shared::realtime::ClientText],
+    fired: &mut Vec<usize>,
+    blocking: &mut Option<usize>,
+) -> Option<String> {
+    for t in texts {
+        for h in policy.scan_with(&t.text, crate::engine::Dir::Request, t.role, crate::engine::Spans::MaskOnly) {
+            if !fired.contains(&h.rule) {
+                fired.push(h.rule);
+            }
+            let blocks = policy.rules.get(h.rule).is_some_and(|r| r.action != Action::Log);
+            if blocks && !policy.monitor {
+                *blocking = Some(blocking.map_or(h.rule, |b| b.min(h.rule)));
+            }
+        }
+    }
+    let rule = policy.rules.get((*blocking)?)?;
+    Some(render_message(rule.message.as_deref().unwrap_or(template), &rule.name))
 }
