@@ -183,6 +183,75 @@ async fn grpc_streams_are_not_held() {
     }
 }
 
+/// A bidirectional gRPC stream sends many prompts on one admission: token-limiter counts the messages
+/// after the first and charges them by size (bytes / 4) when the stream ends, and prices the gRPC
+/// answer by its size too. Before 2026-12-07 only the first message was estimated and the answer cost the
+/// flat output reservation, so a stream kept open was a budget that never ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limiter_charges_a_grpc_streams_later_messages() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream, _reached) = early_answer_upstream().await.unwrap();
+    let (_file, template) = with_websocket_upgrades("token-limiter.yaml").unwrap();
+    let budget = json!({"rules": [{"name": "t", "key": {"header": "x-team"}, "limits": {"tokens_per_day": 10000000}}]});
+    let e = EnvoyBuilder::new(template.to_str().unwrap())
+        .upstream_port(upstream)
+        .filter_config("token-limiter", &budget)
+        .start()
+        .await
+        .unwrap();
+    let charged = "meshwarden.token_limiter.rule.t.charged_tokens";
+    // One stream with `later` more messages; returns what the budget was charged for it.
+    let stream = |later: usize| {
+        let e = &e;
+        async move {
+            let before = e.stat(charged).await.unwrap();
+            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", e.port)).await.unwrap();
+            let first = grpc_message(b"llama", b"PING");
+            let mut req = format!(
+                "POST /inference.GRPCInferenceService/ModelStreamInfer HTTP/1.1\r\nhost: localhost\r\n\
+                 transfer-encoding: chunked\r\ncontent-type: application/grpc\r\nte: trailers\r\nx-team: a\r\n\r\n{:x}\r\n",
+                first.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&first);
+            req.extend_from_slice(b"\r\n");
+            sock.write_all(&req).await.unwrap();
+            let msg = grpc_message(b"llama", &[b'x'; 100]);
+            let mut echoed = 0usize;
+            let mut buf = [0u8; 65536];
+            for _ in 0..later {
+                let mut chunk = format!("{:x}\r\n", msg.len()).into_bytes();
+                chunk.extend_from_slice(&msg);
+                chunk.extend_from_slice(b"\r\n");
+                sock.write_all(&chunk).await.unwrap();
+            }
+            // Read the echo until every message came back (the stream is open all along).
+            let want = (later + 1) * msg.len() / 2;
+            while echoed < want {
+                match tokio::time::timeout(Duration::from_secs(3), sock.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => echoed += n,
+                    _ => break,
+                }
+            }
+            drop(sock); // the client goes away: the stream ends, and is settled
+            for _ in 0..100 {
+                if e.stat(charged).await.unwrap() > before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (e.stat(charged).await.unwrap() - before, msg.len())
+        }
+    };
+    let (one, _) = stream(0).await;
+    let (many, msg_len) = stream(40).await;
+    let later_input = (40 * msg_len).div_ceil(4) as u64;
+    // Input: the 40 later messages by size; output: at least their echo by size (the echo also carries
+    // the upstream's HTTP chunk framing).
+    assert!(many >= one + 2 * later_input, "one message {one}, 41 messages {many}, later input {later_input}");
+    assert!(many <= one + 2 * later_input + 400, "one message {one}, 41 messages {many}, later input {later_input}");
+}
+
 /// inference-router: a gRPC stream is routed on its headers at once (protobuf names no `model` it could
 /// read); before 2026-12-07 its first message was held for the body's end, which a bidirectional stream
 /// does not send while it waits for answers.

@@ -838,6 +838,8 @@ struct Request {
     leases: Vec<SettleItem>,
     /// Client frames held (this many bytes) while the sidecar decides the next reservation.
     client_held: Option<usize>,
+    /// A gRPC stream's request bytes after the first that admitted it: charged by size at its end.
+    grpc_later_bytes: u64,
 }
 
 impl Request {
@@ -1320,6 +1322,7 @@ impl Request {
             realtime_reserve: None,
             leases: Vec::new(),
             client_held: None,
+            grpc_later_bytes: 0,
         }
     }
 
@@ -1712,7 +1715,7 @@ impl Request {
         let (Some(plan), Some(adm)) = (self.plan.as_ref(), self.admission.as_ref()) else {
             return;
         };
-        let est = adm.facts.input_estimate;
+        let est = adm.facts.input_estimate.saturating_add(size_estimate(self.grpc_later_bytes as usize));
         let (input, output, source) = match self.meter.as_mut() {
             Some(m) => m.finish(est, adm.facts.output_reservation),
             // No response at all (client went away, upstream never answered): the prompt was sent.
@@ -1934,6 +1937,12 @@ impl Request {
         match self.phase {
             Phase::Start => {}
             Phase::Waiting => return Action::Pause,
+            Phase::Admitted if self.grpc => {
+                // The stream's later messages (a bidirectional stream sends many prompts on one
+                // admission): counted, and charged by size when it ends.
+                self.grpc_later_bytes = self.grpc_later_bytes.saturating_add(body_size as u64);
+                return Action::Continue;
+            }
             _ => return Action::Continue,
         }
         self.body_size = body_size;

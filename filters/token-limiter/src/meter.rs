@@ -8,6 +8,10 @@ use meshwarden_shared::usage_scan::UsageScanner;
 
 #[derive(Debug)]
 enum Kind {
+    /// A gRPC answer (protobuf, often a stream of many messages): its size is counted, and its output
+    /// estimated from it (bytes / 4, as an unreadable request is), not the flat reservation, so a long
+    /// stream costs what it carried.
+    Sized { bytes: u64 },
     /// A JSON body: usage is read from every chunk by the scanner, whatever the size; the body
     /// itself is kept up to a bound, only to estimate an answer that reports no usage.
     Json { scan: UsageScanner, buf: Vec<u8>, overflow: bool },
@@ -81,7 +85,9 @@ impl Meter {
         let encoded =
             content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity") && !e.trim().is_empty());
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        let kind = if encoded || is_binary_media(&ct) {
+        let kind = if !encoded && meshwarden_shared::binary::is_grpc(&ct) {
+            Kind::Sized { bytes: 0 }
+        } else if encoded || is_binary_media(&ct) {
             Kind::Opaque
         } else if ct.starts_with("application/vnd.amazon.eventstream") {
             Kind::EventStream { decoder: EventStreamDecoder::default(), usage: StreamUsage::default(), done: false }
@@ -195,6 +201,7 @@ impl Meter {
                 }
             }
             Kind::Opaque => {}
+            Kind::Sized { bytes } => *bytes = bytes.saturating_add(chunk.len() as u64),
         }
     }
 
@@ -308,6 +315,7 @@ impl Meter {
                 stream_charge(usage, *done, None, input_estimate)
             }
             Kind::Opaque => (input_estimate, unreadable_output, Source::Estimated),
+            Kind::Sized { bytes } => (input_estimate, if error { 0 } else { bytes.div_ceil(4) }, Source::Estimated),
         };
         match (body_only, header_usage) {
             ((_, _, Source::Estimated), Some((Some(input), Some(output)))) => (input, output, Source::Reported),
@@ -405,6 +413,22 @@ data: [DONE]\n\n";
 event: content_block_delta\r\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi \\u00e9t\\u00e9\"}}\r\n\r\n\
 event: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\r\n\r\n\
 event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
+
+    #[test]
+    fn a_grpc_answer_is_priced_by_its_size() {
+        let mut m = Meter::new(200, Some("application/grpc+proto"), None, 1 << 20);
+        for _ in 0..10 {
+            m.on_chunk(&[0u8; 401]);
+        }
+        assert_eq!(m.finish(7, 256), (7, 1003, Source::Estimated), "4010 bytes / 4, not the reservation");
+        let mut small = Meter::new(200, Some("application/grpc"), None, 1 << 20);
+        small.on_chunk(&[0u8; 12]);
+        assert_eq!(small.finish(7, 256).1, 3);
+        // Compressed: unreadable, the reservation as before.
+        let mut gz = Meter::new(200, Some("application/grpc"), Some("gzip"), 1 << 20);
+        gz.on_chunk(&[0u8; 4000]);
+        assert_eq!(gz.finish(7, 256).1, 256);
+    }
 
     #[test]
     fn gemini_sse_ends_with_its_finish_reason() {
