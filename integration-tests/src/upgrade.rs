@@ -268,3 +268,44 @@ async fn read_head(sock: &mut TcpStream) -> Result<(String, Vec<u8>)> {
         }
     }
 }
+
+/// Envoy from `envoy-configs/<template>` with WebSocket upgrades enabled, `filter` configured with
+/// `config`, the upstream on `upstream`; the file holds the configuration as long as the Envoy runs.
+pub async fn envoy_with_upgrades(
+    template: &str,
+    filter: &str,
+    upstream: u16,
+    config: &serde_json::Value,
+    vars: &[(&str, String)],
+) -> Result<(tempfile::NamedTempFile, crate::envoy::Envoy)> {
+    let (file, path) = with_websocket_upgrades(template)?;
+    let mut b = crate::envoy::EnvoyBuilder::new(path.to_str().unwrap_or_default())
+        .upstream_port(upstream)
+        .filter_config(filter, config);
+    for (k, v) in vars {
+        b = b.var(k, v.clone());
+    }
+    Ok((file, b.start().await?))
+}
+
+/// The mock Realtime server's counters (`integration-tests/python/realtime_server.py`, `GET /stats`).
+pub async fn realtime_server_stats(port: u16) -> Result<serde_json::Value> {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/stats")).await?.text().await?;
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Run the official `openai` SDK's Realtime client (`integration-tests/python/openai_realtime.py`) through
+/// the Envoy on `port` with `args` after its URL: its JSON report.
+pub async fn realtime_sdk_session(port: u16, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec![format!("ws://127.0.0.1:{port}/v1")];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let out = crate::python::run("openai_realtime.py", &all).await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(anyhow!(
+            "openai_realtime.py failed (scripts/install-tools.sh installs openai and websockets):\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(serde_json::from_str(stdout.trim())?)
+}

@@ -8,9 +8,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
-use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
-use meshwarden_integration_tests::python::{self, PyServer};
-use meshwarden_integration_tests::upgrade::{upgrade_round_trip, with_websocket_upgrades};
+use meshwarden_integration_tests::envoy::Envoy;
+use meshwarden_integration_tests::python::PyServer;
+use meshwarden_integration_tests::upgrade::{
+    envoy_with_upgrades, realtime_sdk_session, realtime_server_stats, upgrade_round_trip,
+};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -18,33 +20,15 @@ const P: &str = "meshwarden.pii_redactor";
 const SAID: &str = "Email jane.doe@example.com or call +1 415 555 2671 about card 4111 1111 1111 1111, thanks";
 
 async fn envoy(upstream: u16, cfg: &Value) -> (tempfile::NamedTempFile, Envoy) {
-    let (file, path) = with_websocket_upgrades("pii-redactor.yaml").unwrap();
-    let e = EnvoyBuilder::new(path.to_str().unwrap())
-        .upstream_port(upstream)
-        .filter_config("pii-redactor", cfg)
-        .start()
-        .await
-        .unwrap();
-    (file, e)
+    envoy_with_upgrades("pii-redactor.yaml", "pii-redactor", upstream, cfg, &[]).await.unwrap()
 }
 
 async fn sdk_session(e: &Envoy, say: &str) -> Value {
-    let args = vec![
-        format!("ws://127.0.0.1:{}/v1", e.port),
-        "1".to_string(),
-        "--deflate".to_string(),
-        "--say".to_string(),
-        say.to_string(),
-    ];
-    let out = python::run("openai_realtime.py", &args).await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "openai_realtime.py failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(stdout.trim()).unwrap()
+    realtime_sdk_session(e.port, &["1", "--deflate", "--say", say]).await.unwrap()
 }
 
 async fn server_stats(port: u16) -> Value {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/stats")).await.unwrap().text().await.unwrap();
-    serde_json::from_str(&body).unwrap()
+    realtime_server_stats(port).await.unwrap()
 }
 
 async fn stat_at_least(e: &Envoy, name: &str, want: u64) -> u64 {

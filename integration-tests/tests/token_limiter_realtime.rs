@@ -9,10 +9,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
 
-use meshwarden_integration_tests::envoy::{Envoy, EnvoyBuilder};
-use meshwarden_integration_tests::python::{self, PyServer};
+use meshwarden_integration_tests::envoy::Envoy;
+use meshwarden_integration_tests::python::PyServer;
 use meshwarden_integration_tests::sidecar::Sidecar;
-use meshwarden_integration_tests::upgrade::with_websocket_upgrades;
+use meshwarden_integration_tests::upgrade::{envoy_with_upgrades, realtime_sdk_session, realtime_server_stats};
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,26 +33,15 @@ async fn envoy(
     cfg: &Value,
     vars: &[(&str, String)],
 ) -> (tempfile::NamedTempFile, Envoy) {
-    let (file, path) = with_websocket_upgrades(template).unwrap();
-    let mut b = EnvoyBuilder::new(path.to_str().unwrap()).upstream_port(upstream).filter_config("token-limiter", cfg);
-    for (k, v) in vars {
-        b = b.var(k, v.clone());
-    }
-    (file, b.start().await.unwrap())
+    envoy_with_upgrades(template, "token-limiter", upstream, cfg, vars).await.unwrap()
 }
 
 /// Run the SDK client: `n` responses in one session, then a second connection attempt.
 async fn sdk_session(e: &Envoy, n: usize, extra: &[&str]) -> Value {
-    let mut args = vec![format!("ws://127.0.0.1:{}/v1", e.port), n.to_string()];
-    args.extend(extra.iter().map(|a| a.to_string()));
-    let out = python::run("openai_realtime.py", &args).await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "openai_realtime.py failed (scripts/install-tools.sh installs openai and websockets):\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap()
+    let n = n.to_string();
+    let mut args = vec![n.as_str()];
+    args.extend(extra);
+    realtime_sdk_session(e.port, &args).await.unwrap()
 }
 
 /// Wait (5 s at most) for a stat to reach `want`: a session is settled when Envoy handles its end.
@@ -67,8 +56,7 @@ async fn wait_stat(e: &Envoy, name: &str, want: u64) {
 }
 
 async fn server_stats(port: u16) -> Value {
-    let body = reqwest::get(format!("http://127.0.0.1:{port}/stats")).await.unwrap().text().await.unwrap();
-    serde_json::from_str(&body).unwrap()
+    realtime_server_stats(port).await.unwrap()
 }
 
 /// The server's counters settle once the closed connections are handled.

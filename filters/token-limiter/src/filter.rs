@@ -968,10 +968,16 @@ impl Request {
         if ended_here {
             self.realtime_ending_counted();
         }
+        self.realtime_apply(pass, body_size, false)
+    }
+
+    /// Write what a Realtime session's step says into the client's (`client`) or the server's bytes.
+    fn realtime_apply(&mut self, pass: crate::realtime::Pass, body_size: usize, client: bool) -> Action {
         match pass {
             crate::realtime::Pass::AsIs => {}
+            crate::realtime::Pass::Rewrite(out) if client => self.set_http_request_body(0, body_size, &out),
             crate::realtime::Pass::Rewrite(out) => self.set_http_response_body(0, body_size, &out),
-            crate::realtime::Pass::Reset(e) => return self.realtime_reset("server", e),
+            crate::realtime::Pass::Reset(e) => return self.realtime_reset(if client { "client" } else { "server" }, e),
         }
         Action::Continue
     }
@@ -985,12 +991,8 @@ impl Request {
         let Some(rt) = self.realtime.as_mut() else {
             return Action::Continue;
         };
-        match rt.client_pass(&chunk) {
-            crate::realtime::Pass::AsIs => {}
-            crate::realtime::Pass::Rewrite(out) => self.set_http_request_body(0, body_size, &out),
-            crate::realtime::Pass::Reset(e) => return self.realtime_reset("client", e),
-        }
-        Action::Continue
+        let pass = rt.client_pass(&chunk);
+        self.realtime_apply(pass, body_size, true)
     }
 
     /// Frames that are not WebSocket framing: nothing can be metered or placed safely, so the connection
