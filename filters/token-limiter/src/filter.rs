@@ -930,6 +930,7 @@ impl Request {
         headers.remove(&self.cfg().fallback_header);
         if let Some(rt) = self.realtime.as_mut() {
             rt.upgraded = upgraded;
+            rt.answered = true;
         }
         if !upgraded {
             self.shared.count("realtime.upgrade_refused_upstream", 1);
@@ -1925,7 +1926,8 @@ impl Request {
 
     fn request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let (Some(rt), false) = (self.realtime.as_ref(), self.phase == Phase::Waiting) {
-            if !rt.upgraded {
+            if rt.answered && !rt.upgraded {
+                // The upstream refused the upgrade: an HTTP exchange, passed unread.
                 return Action::Continue;
             }
             if self.realtime_reserve.is_some() {

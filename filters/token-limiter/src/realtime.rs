@@ -55,6 +55,9 @@ pub struct Session {
     /// The upstream answered `101`: the bodies are frames. Otherwise (it refused the upgrade) they
     /// are an HTTP answer, passed unread, and nothing was generated.
     pub upgraded: bool,
+    /// The upstream answered (`101` or a refusal). Client bytes before that are followed as frames too
+    /// (a client must wait for the `101`; one that does not is still read from its first byte).
+    pub answered: bool,
     server: Cutter,
     client: Cutter,
     /// Responses created and not done yet.
@@ -83,6 +86,7 @@ impl Session {
     pub fn new(mask: [u8; 4]) -> Self {
         Self {
             upgraded: false,
+            answered: false,
             server: Cutter::new(MAX_SERVER_MESSAGE),
             // Client frames are only followed for their boundaries: nothing of them is kept.
             client: Cutter::new(0),
