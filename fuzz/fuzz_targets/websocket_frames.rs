@@ -127,7 +127,7 @@ fuzz_target!(|data: &[u8]| {
             s.ending = Some(Ending::Exhausted { error: b"{}".to_vec() });
         }
         if let Ok((_, ends, mid)) = s.read_server(c) {
-            let _ = s.server_pass(c, &ends, mid, false);
+            let _ = s.server_pass(c, &ends, mid, None);
         }
         match s.client_pass(c) {
             Pass::AsIs => client_out.extend_from_slice(c),

@@ -958,14 +958,20 @@ impl Request {
             Ok(r) => r,
             Err(e) => return self.realtime_reset("server", e),
         };
-        for usage in read.done {
+        let mut ended_at = read.unreadable_at;
+        for (usage, end) in read.done {
             self.realtime_charge(usage, true);
+            if ended_at.is_none() && !had_ending && self.realtime.as_ref().is_some_and(|r| r.ending.is_some()) {
+                // This response spent the budget: it reaches the client, nothing after it does.
+                ended_at = Some(end);
+            }
         }
         let Some(rt) = self.realtime.as_mut() else {
             return Action::Continue;
         };
         let ended_here = !had_ending && rt.ending.is_some();
-        let pass = rt.server_pass(&chunk, &ends, was_mid, ended_here);
+        // Ended in this chunk by a sidecar answer that arrived before it: at its first boundary.
+        let pass = rt.server_pass(&chunk, &ends, was_mid, if ended_here { ended_at } else { None });
         if ended_here {
             self.realtime_ending_counted();
         }

@@ -44,9 +44,11 @@ impl Ending {
 /// What the server said in one chunk, for the adapter to charge.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ServerChunk {
-    /// One entry per `response.done`, in order: its usage, `None` when it reported none (or was too
-    /// long to read), charged the reservation.
-    pub done: Vec<Option<RealtimeUsage>>,
+    /// One entry per `response.done`, in order: its usage (`None` when it reported none, or was too
+    /// long to read: charged the reservation) and where it ends in the chunk.
+    pub done: Vec<(Option<RealtimeUsage>, usize)>,
+    /// The session became unreadable in this chunk: where the message that did it ends.
+    pub unreadable_at: Option<usize>,
 }
 
 /// A metered Realtime session.
@@ -112,11 +114,12 @@ impl Session {
                 Read::Done(u) => {
                     self.open_responses = self.open_responses.saturating_sub(1);
                     self.responses += 1;
-                    out.done.push(u);
+                    out.done.push((u, m.end));
                 }
                 Read::Compressed => {
                     if self.ending.is_none() {
                         self.ending = Some(Ending::Unreadable { what: "compressed", error: unreadable_event() });
+                        out.unreadable_at = Some(m.end);
                     }
                 }
                 Read::Other => {}
@@ -126,8 +129,9 @@ impl Session {
     }
 
     /// After the chunk's usage was charged (which may have ended the session): what passes to the
-    /// client. `ended_here` = the ending began with this chunk.
-    pub fn server_pass(&mut self, chunk: &[u8], frame_ends: &[usize], was_mid: bool, ended_here: bool) -> Pass {
+    /// client. `ended_at`: the ending began with this chunk, at the end of this message (the one whose
+    /// charge spent the budget): nothing after it passes.
+    pub fn server_pass(&mut self, chunk: &[u8], frame_ends: &[usize], was_mid: bool, ended_at: Option<usize>) -> Pass {
         let Some(ending) = self.ending.as_ref() else {
             return Pass::AsIs;
         };
@@ -137,7 +141,7 @@ impl Session {
             &websocket::close_payload(CLOSE_POLICY_VIOLATION, ending.reason()),
             None,
         ));
-        let at = if ended_here { CutAt::Last } else { CutAt::First };
+        let at = ended_at.map_or(CutAt::First, CutAt::At);
         match self.server.close(chunk, was_mid, frame_ends, at, &insert) {
             Some(out) => Pass::Rewrite(out),
             None => Pass::AsIs,
@@ -255,7 +259,8 @@ mod tests {
                 let (chunk, _, _) = s.read_server(c).unwrap();
                 got.extend(chunk.done);
             }
-            assert_eq!(got, vec![Some(RealtimeUsage { input: 120, cached_input: 0, output: 30 })], "cut {cut}");
+            let usage: Vec<_> = got.iter().map(|(u, _)| *u).collect();
+            assert_eq!(usage, vec![Some(RealtimeUsage { input: 120, cached_input: 0, output: 30 })], "cut {cut}");
             assert_eq!((s.responses, s.open_responses), (1, 0));
         }
     }
@@ -269,18 +274,23 @@ mod tests {
         let (read, ends, mid) = s.read_server(&chunk).unwrap();
         assert_eq!(read.done.len(), 1);
         s.ending = Some(Ending::Exhausted { error: br#"{"type":"error"}"#.to_vec() });
-        let Pass::Rewrite(out) = s.server_pass(&chunk, &ends, mid, true) else { panic!("not rewritten") };
+        let Pass::Rewrite(out) = s.server_pass(&chunk, &ends, mid, Some(read.done[0].1)) else {
+            panic!("not rewritten")
+        };
         let (msgs, controls, mid_after) = decode_all(&out);
-        assert_eq!(msgs.len(), 3, "done, created, then our error event");
-        assert_eq!(msgs[2], br#"{"type":"error"}"#);
+        assert_eq!(msgs.len(), 2, "the done that spent the budget, then our error event (not what followed)");
+        assert_eq!(msgs[1], br#"{"type":"error"}"#);
         assert_eq!(close_code(&controls[0].1), Some(1008));
         assert!(!mid_after, "the unfinished frame was not passed");
         // Nothing more from the server passes, but what it still generates is charged.
         let mut next = b"qrst".to_vec(); // the rest of the frame begun above
         next.extend(done(1, 1));
         let (read, ends, mid) = s.read_server(&next).unwrap();
-        assert_eq!(read.done, vec![Some(RealtimeUsage { input: 1, cached_input: 0, output: 1 })]);
-        assert_eq!(s.server_pass(&next, &ends, mid, false), Pass::Rewrite(Vec::new()));
+        assert_eq!(
+            read.done.iter().map(|(u, _)| *u).collect::<Vec<_>>(),
+            vec![Some(RealtimeUsage { input: 1, cached_input: 0, output: 1 })]
+        );
+        assert_eq!(s.server_pass(&next, &ends, mid, None), Pass::Rewrite(Vec::new()));
     }
 
     #[test]
@@ -289,10 +299,10 @@ mod tests {
         let big = frame(OP_TEXT, &[b'a'; 300], None);
         let (a, b) = big.split_at(100);
         let (_, ends, mid) = s.read_server(a).unwrap();
-        assert_eq!(s.server_pass(a, &ends, mid, false), Pass::AsIs);
+        assert_eq!(s.server_pass(a, &ends, mid, None), Pass::AsIs);
         s.ending = Some(Ending::Exhausted { error: b"{}".to_vec() });
         let (_, ends, mid) = s.read_server(b).unwrap();
-        let Pass::Rewrite(out) = s.server_pass(b, &ends, mid, false) else { panic!("not rewritten") };
+        let Pass::Rewrite(out) = s.server_pass(b, &ends, mid, None) else { panic!("not rewritten") };
         let mut whole = a.to_vec();
         whole.extend(out);
         let (msgs, controls, mid_after) = decode_all(&whole);
@@ -332,9 +342,10 @@ mod tests {
         let mut s = Session::new([0; 4]);
         let mut f = frame(OP_TEXT, b"\x00\x01", None);
         f[0] |= 0x40;
-        let (_, ends, mid) = s.read_server(&f).unwrap();
+        let (read, ends, mid) = s.read_server(&f).unwrap();
         assert!(matches!(s.ending, Some(Ending::Unreadable { what: "compressed", .. })));
-        assert!(matches!(s.server_pass(&f, &ends, mid, true), Pass::Rewrite(_)));
+        assert_eq!(read.unreadable_at, Some(f.len()));
+        assert!(matches!(s.server_pass(&f, &ends, mid, read.unreadable_at), Pass::Rewrite(_)));
     }
 
     #[test]
@@ -349,6 +360,6 @@ mod tests {
         let mut stream = first;
         stream.extend(frame(OP_CONTINUATION, &body[1000..], None));
         let (read, _, _) = s.read_server(&stream).unwrap();
-        assert_eq!(read.done, vec![None]);
+        assert_eq!(read.done.iter().map(|(u, _)| *u).collect::<Vec<_>>(), vec![None]);
     }
 }
