@@ -231,15 +231,16 @@ pub fn model_from_path(path: &str) -> Option<String> {
 /// (`/count_tokens/..` is not one), so only a path the upstream serves as a count qualifies.
 pub fn is_token_count_path(path: &str) -> bool {
     let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
-    let segments: Vec<&str> = path.split('/').collect();
-    let last = segments.last().copied().unwrap_or("");
-    let before = |n: usize| segments.len().checked_sub(n + 1).and_then(|i| segments.get(i)).copied();
+    // The last three segments, last first (no allocation: this runs on every request).
+    let mut segments = path.rsplit('/');
+    let last = segments.next().unwrap_or("");
+    let (before1, before2) = (segments.next(), segments.next());
     match last {
-        "count_tokens" => before(1) == Some("messages"),
-        "input_tokens" => before(1) == Some("responses"),
-        "count-tokens" => before(2) == Some("model"),
-        "count-tokens:rawPredict" => before(1) == Some("models"),
-        _ => last.ends_with(":countTokens") && before(1) == Some("models"),
+        "count_tokens" => before1 == Some("messages"),
+        "input_tokens" => before1 == Some("responses"),
+        "count-tokens" => before2 == Some("model"),
+        "count-tokens:rawPredict" => before1 == Some("models"),
+        _ => last.ends_with(":countTokens") && before1 == Some("models"),
     }
 }
 
@@ -294,62 +295,65 @@ pub struct RequestInfo {
 /// Upper bound on `choices` (OpenAI's own limit for `n` is 128).
 pub const MAX_CHOICES: u64 = 128;
 
+/// Where a request's output cap per answer may be (see [`RequestInfo::max_output_tokens`]), by object: the
+/// top level (`""`) and the parameter objects of the APIs that nest it. Gemini's proto3 JSON takes each
+/// field by its proto name too (`generation_config`, `max_output_tokens`).
+const MAX_OUTPUT_FIELDS: &[(&str, &[&str])] = &[
+    ("", &["max_completion_tokens", "max_output_tokens", "max_tokens", "max_gen_len"]),
+    // Bedrock Converse; Bedrock `InvokeModel` native bodies: Meta Llama (`max_gen_len` above), Amazon
+    // Titan text, Amazon Nova (v1).
+    ("inferenceConfig", &["maxTokens", "max_new_tokens"]),
+    ("textGenerationConfig", &["maxTokenCount"]),
+    ("generationConfig", &["maxOutputTokens", "max_output_tokens"]),
+    ("generation_config", &["maxOutputTokens", "max_output_tokens"]),
+    ("options", &["num_predict"]),
+    // Hugging Face TGI's native `/generate` and `/generate_stream` (also SageMaker's Hugging Face LLM
+    // containers and the HF Inference API: `{"inputs": .., "parameters": {..}}`), Triton's generate
+    // extension (`max_tokens` at the top level or in `parameters`), and SGLang's native `/generate`
+    // (`sampling_params`).
+    ("parameters", &["max_new_tokens", "max_tokens"]),
+    ("sampling_params", &["max_new_tokens"]),
+];
+
+/// Where the number of answers asked for may be (see [`RequestInfo::choices`]), by object as above. TGI
+/// generates `best_of` sequences and returns the best; SGLang's native `n`.
+const CHOICES_FIELDS: &[(&str, &[&str])] = &[
+    ("", &["n", "best_of"]),
+    ("generationConfig", &["candidateCount", "candidate_count"]),
+    ("generation_config", &["candidateCount", "candidate_count"]),
+    ("parameters", &["best_of"]),
+    ("sampling_params", &["n"]),
+];
+
+/// The largest count found at `fields` (see [`requested_count`]).
+fn largest_count(top: &GoObject<'_>, fields: &[(&str, &[&str])]) -> Option<u64> {
+    fields
+        .iter()
+        .filter_map(|(parent, keys)| Some((if parent.is_empty() { Some(*top) } else { top.object(parent) }?, *keys)))
+        .flat_map(|(obj, keys)| keys.iter().filter_map(move |k| obj.get(k).and_then(requested_count)))
+        .max()
+}
+
 pub fn request_info(body: &Value) -> RequestInfo {
-    // Gemini's proto3 JSON takes each field by its proto name too (`generation_config`, `max_output_tokens`).
-    let max_output_tokens = [
-        "/max_completion_tokens",
-        "/max_output_tokens",
-        "/max_tokens",
-        "/inferenceConfig/maxTokens",
-        // Bedrock `InvokeModel` native bodies: Meta Llama, Amazon Titan text, Amazon Nova (v1).
-        "/max_gen_len",
-        "/textGenerationConfig/maxTokenCount",
-        "/inferenceConfig/max_new_tokens",
-        "/generationConfig/maxOutputTokens",
-        "/generationConfig/max_output_tokens",
-        "/generation_config/maxOutputTokens",
-        "/generation_config/max_output_tokens",
-        "/options/num_predict",
-        // Hugging Face TGI's native `/generate` and `/generate_stream` (also SageMaker's Hugging Face
-        // LLM containers and the HF Inference API: `{"inputs": .., "parameters": {..}}`), and SGLang's
-        // native `/generate` (`sampling_params`).
-        "/parameters/max_new_tokens",
-        "/sampling_params/max_new_tokens",
-        // Triton's generate extension takes model inputs at the top level (`max_tokens`, read above) or
-        // in `parameters`.
-        "/parameters/max_tokens",
-    ]
-    .iter()
-    .filter_map(|p| go_field(body, p).and_then(requested_count))
-    .chain(
+    let Some(top) = GoObject::of(body) else {
+        return RequestInfo { choices: 1, ..RequestInfo::default() };
+    };
+    let max_output_tokens = largest_count(&top, MAX_OUTPUT_FIELDS).into_iter().chain(
         // Ollama's `num_predict` -1 (generate until the model stops) and -2 (until the context is full)
         // ask for no cap at all: the largest reservation, not the default one (a smaller cap in another
         // field is a decoy to Ollama, which reads only this one).
-        go_field(body, "/options/num_predict").and_then(Value::as_i64).filter(|n| *n < 0).map(|_| u64::MAX),
-    )
-    .max();
-    let choices = [
-        "/n",
-        "/best_of",
-        "/generationConfig/candidateCount",
-        "/generationConfig/candidate_count",
-        "/generation_config/candidateCount",
-        "/generation_config/candidate_count",
-        // TGI generates `best_of` sequences and returns the best; SGLang's native `n`.
-        "/parameters/best_of",
-        "/sampling_params/n",
-    ]
-    .iter()
-    .filter_map(|p| go_field(body, p).and_then(requested_count))
-    .max()
-    .unwrap_or(1)
-    .clamp(1, MAX_CHOICES);
+        top.object("options")
+            .and_then(|o| o.get("num_predict"))
+            .and_then(Value::as_i64)
+            .filter(|n| *n < 0)
+            .map(|_| u64::MAX),
+    );
     RequestInfo {
-        model: go_field(body, "/model").and_then(Value::as_str).map(str::to_string),
-        stream: requests_stream(body),
+        model: top.get("model").and_then(Value::as_str).map(str::to_string),
+        stream: stream_value(top.get("stream")),
         include_usage: json::pointer(body, "/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false),
-        max_output_tokens,
-        choices,
+        max_output_tokens: max_output_tokens.max(),
+        choices: largest_count(&top, CHOICES_FIELDS).unwrap_or(1).clamp(1, MAX_CHOICES),
     }
 }
 
@@ -359,7 +363,12 @@ pub fn request_info(body: &Value) -> RequestInfo {
 /// counted: `"stream": "true"` streamed from vLLM without `include_usage` being added, and the answer was
 /// charged from an estimate of its text instead of its usage.
 pub fn requests_stream(body: &Value) -> bool {
-    match go_field(body, "/stream") {
+    stream_value(GoObject::of(body).and_then(|top| top.get("stream")))
+}
+
+/// [`requests_stream`] of the `stream` value found.
+fn stream_value(stream: Option<&Value>) -> bool {
+    match stream {
         Some(Value::Bool(b)) => *b,
         Some(Value::Number(n)) => n.as_f64() == Some(1.0),
         Some(Value::String(s)) => {
@@ -1207,16 +1216,38 @@ fn token_count(v: &Value) -> Option<u64> {
     })
 }
 
-/// The value at `pointer` (plain keys, no escapes) as the upstream may read it: each key exactly, else
-/// the object's one key equal to it under Go's case folding (`"MAX_TOKENS"`, `"Model"`), which Go's
-/// `encoding/json` (Ollama, LocalAI, Go gateways) reads as the field. Two such keys in one object are
-/// refused before this is asked ([`ambiguous_request_key`]). Read exactly only before 2026-12-07:
-/// `"MAX_TOKENS": 5000` reserved the default output reservation.
-fn go_field<'a>(body: &'a Value, pointer: &str) -> Option<&'a Value> {
-    pointer.split('/').skip(1).try_fold(body, |v, key| {
-        let obj = v.as_object()?;
-        obj.get(key).or_else(|| obj.iter().find(|(k, _)| json::go_fold_eq(k, key)).map(|(_, x)| x))
-    })
+/// An object whose fields are read as the upstream may read them: each key exactly, else the object's
+/// one key equal to it under Go's case folding (`"MAX_TOKENS"`, `"Model"`), which Go's `encoding/json`
+/// (Ollama, LocalAI, Go gateways) reads as the field. Two such keys in one object are refused before this
+/// is asked ([`ambiguous_request_key`]). Read exactly only before 2026-12-07: `"MAX_TOKENS": 5000`
+/// reserved the default output reservation.
+#[derive(Clone, Copy)]
+struct GoObject<'a> {
+    map: &'a serde_json::Map<String, Value>,
+    /// Whether a key has capitals or non-ASCII bytes, so that it may fold to a field name it does not
+    /// spell: found once per object, as [`request_info`] asks each object for up to seven fields and most
+    /// bodies spell every key in lower case (the scan on every miss cost ~0.7 µs per request).
+    folds: bool,
+}
+
+impl<'a> GoObject<'a> {
+    fn of(v: &'a Value) -> Option<Self> {
+        let map = v.as_object()?;
+        let folds = map.keys().any(|k| k.bytes().any(|b| b.is_ascii_uppercase() || !b.is_ascii()));
+        Some(Self { map, folds })
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).or_else(|| {
+            // A lower-case key can stand for a field spelled with capitals (`maxtokens` for `maxTokens`).
+            let may_fold = self.folds || key.bytes().any(|b| b.is_ascii_uppercase());
+            may_fold.then(|| self.map.iter().find(|(k, _)| json::go_fold_eq(k, key)).map(|(_, v)| v)).flatten()
+        })
+    }
+
+    fn object(&self, key: &str) -> Option<GoObject<'a>> {
+        self.get(key).and_then(GoObject::of)
+    }
 }
 
 /// A count a request asks for (an output cap, a number of answers) in every form an upstream reads as
@@ -2174,6 +2205,12 @@ mod tests {
         assert_eq!(request_info(&ollama).max_output_tokens, Some(700));
         // The exact spelling wins when both are there (such bodies are refused by ambiguous_request_key).
         assert_eq!(request_info(&json!({"model": "a", "MODEL": "b"})).model.as_deref(), Some("a"));
+        // A key in lower case stands for a field spelled with capitals, and non-ASCII keys fold too.
+        let lower = json!({"model": "g", "generationconfig": {"maxoutputtokens": 900, "candidatecount": 3}});
+        assert_eq!((request_info(&lower).max_output_tokens, request_info(&lower).choices), (Some(900), 3));
+        assert!(request_info(&json!({"model": "m", "\u{17f}tream": true})).stream);
+        assert!(requests_stream(&json!({"STREAM": "yes"})));
+        assert_eq!(request_info(&json!(["not", "an", "object"])).choices, 1);
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -270,12 +270,28 @@ fn is_text_data_url(s: Option<&str>) -> bool {
 }
 
 struct Walk<'a> {
-    billing: ImageBilling,
+    api: Api,
+    model: Option<&'a str>,
+    /// The model's image rule, found at the first image: most requests carry none, and finding it
+    /// lower-cases the model name and searches it up to nine times.
+    billing: Option<ImageBilling>,
     prices: &'a MediaPrices,
     out: MediaEstimate,
 }
 
 impl Walk<'_> {
+    /// The image rule of the request's model (see [`ImageBilling`]).
+    fn model_billing(&mut self) -> ImageBilling {
+        let (api, model) = (self.api, self.model);
+        *self.billing.get_or_insert_with(|| {
+            if api == Api::AnthropicMessages {
+                ImageBilling::Area
+            } else {
+                ImageBilling::for_model(model)
+            }
+        })
+    }
+
     fn image(&mut self, billing: ImageBilling, b64: Option<&str>, low_detail: bool) {
         let size = b64.and_then(base64_image_size);
         self.out.images += 1;
@@ -309,12 +325,14 @@ impl Walk<'_> {
             // OpenAI chat: `{"type":"image_url","image_url":{"url","detail"}}` (or a bare URL string).
             Some("image_url") => {
                 let url = s("/image_url/url").or_else(|| s("/image_url"));
-                self.image(self.billing, url.and_then(data_url_payload), low(s("/image_url/detail")));
+                let billing = self.model_billing();
+                self.image(billing, url.and_then(data_url_payload), low(s("/image_url/detail")));
                 true
             }
             // OpenAI Responses: `{"type":"input_image","image_url"|"file_id","detail"}`.
             Some("input_image") => {
-                self.image(self.billing, s("/image_url").and_then(data_url_payload), low(s("/detail")));
+                let billing = self.model_billing();
+                self.image(billing, s("/image_url").and_then(data_url_payload), low(s("/detail")));
                 true
             }
             // Anthropic: `{"type":"image","source":{"type":"base64","data"}|{"type":"url"}|{"type":"file"}}`.
@@ -372,7 +390,8 @@ impl Walk<'_> {
                 // Ollama: `images` (base64 strings) on a message or on an `/api/generate` body.
                 if let Some(Value::Array(images)) = b.get("images") {
                     for img in images.iter().filter_map(Value::as_str) {
-                        self.image(self.billing, Some(img), false);
+                        let billing = self.model_billing();
+                        self.image(billing, Some(img), false);
                     }
                 }
                 false
@@ -385,8 +404,7 @@ impl Walk<'_> {
 /// included) and their admission cost for `model` (see [`ImageBilling`]). Text is not counted here
 /// (`crate::llm::extract_request_texts`), nor Bedrock's text-format documents.
 pub fn estimate_media(api: Api, model: Option<&str>, body: &Value, prices: &MediaPrices) -> MediaEstimate {
-    let billing = if api == Api::AnthropicMessages { ImageBilling::Area } else { ImageBilling::for_model(model) };
-    let mut walk = Walk { billing, prices, out: MediaEstimate::default() };
+    let mut walk = Walk { api, model, billing: None, prices, out: MediaEstimate::default() };
     for key in ["messages", "system", "input"] {
         if let Some(v) = body.get(key) {
             walk.value(v);
@@ -394,6 +412,7 @@ pub fn estimate_media(api: Api, model: Option<&str>, body: &Value, prices: &Medi
     }
     if let Some(Value::Array(images)) = body.get("images") {
         for img in images.iter().filter_map(Value::as_str) {
+            let billing = walk.model_billing();
             walk.image(billing, Some(img), false);
         }
     }
