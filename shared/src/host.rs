@@ -555,6 +555,16 @@ mod tests {
         assert_eq!(h.get("X-User"), Some("alice"), "case-insensitive, first value");
         assert_eq!(h.get(":path"), Some("/mcp"));
         assert!(h.has("x-user") && !h.has("x-groups"));
+        // A value that is not UTF-8 (serialised as the host hands it over) reads as a single-header read
+        // answers it (U+FFFD for each bad byte), never as absent: `content-encoding: gz\xff` is an encoding.
+        let mut raw = Vec::new();
+        for n in [1u32, 16, 3] {
+            raw.extend_from_slice(&n.to_le_bytes());
+        }
+        raw.extend_from_slice(b"content-encoding\0gz\xff\0");
+        let odd = HeaderSnapshot::from_serialized(proxy_wasm::types::MapType::HttpRequestHeaders, raw);
+        assert_eq!(odd.get("Content-Encoding"), Some("gz\u{fffd}"));
+        assert_eq!(odd.get("x-none"), None);
         assert_eq!((h.count("X-USER"), h.count(":path"), h.count("x-groups")), (2, 1, 0));
     }
 
