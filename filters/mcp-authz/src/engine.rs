@@ -1472,10 +1472,6 @@ fn item_name(item: &RawValue, kind: ListKind) -> Option<String> {
     .map(Cow::into_owned)
 }
 
-/// Whether an answer read only by shape ([`Plan::incidental`]) can hold something to rewrite: a list
-/// (`"tools"`, `"prompts"`, `"resources"` or `"resourceTemplates"` as a key), a `"cacheScope"`, or a
-/// `\u` escape that could spell one of them. A call's own answer (a 1 KB tool result) has none of these
-/// and is passed without being parsed; a list answer routed into it always has one.
 /// Whether a request found A2A by its `A2A-Version` header alone ([`Engine::endpoint_detected`]) may be a
 /// JSON-RPC call: a POST that is not gRPC. The a2a-sdk client sends `A2A-Version` on every request of
 /// every binding (its card fetch, the HTTP+JSON binding's `GET /tasks/{id}`, gRPC metadata); those were
@@ -1500,6 +1496,10 @@ pub fn a2a_by_header_body_is_json_rpc(body: &[u8]) -> bool {
     }
 }
 
+/// Whether an answer read only by shape ([`Plan::incidental`]) can hold something to rewrite: a list
+/// (`"tools"`, `"prompts"`, `"resources"` or `"resourceTemplates"` as a key), a `"cacheScope"`, or a
+/// `\u` escape that could spell one of them. A call's own answer (a 1 KB tool result) has none of these
+/// and is passed without being parsed; a list answer routed into it always has one.
 pub fn may_hold_list_answer(text: &[u8]) -> bool {
     const KEYS: [&[u8]; 5] = [b"tools\"", b"prompts\"", b"resources\"", b"resourceTemplates\"", b"cacheScope\""];
     let mut rest = text;
