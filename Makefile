@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 ENVOY_BIN ?= $(shell scripts/ensure-envoy.sh)
 export ENVOY_BIN
 
-.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-campaign bench-ab bench-sidecar tools clean
+.PHONY: demo soak soak-sidecar fuzz fuzz-smoke oci push help build build-native lint fmt test test-unit test-wasm test-integration run bench bench-breakdown bench-control bench-campaign bench-ab bench-vm-ab bench-sidecar tools clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -78,6 +78,9 @@ bench-ab: tools build ## the 1 KB targets, the filters built at BASE=<commit> ag
 	FILTERS=wasm-floor scripts/build-wasm.sh >/dev/null
 	cargo build -q --release -p meshwarden-sidecar -p meshwarden-integration-tests --bin meshwarden-bench --bin meshwarden-sidecar
 	scripts/bench-ab.sh
+
+bench-vm-ab: tools ## time inside the VM per callback, filters built at BASE=<commit> against this tree's (bench-timers builds; finds regressions of ~1 µs)
+	scripts/bench-vm-ab.sh
 
 oci: build ## OCI images of the filters (Istio/Envoy Gateway compat layout) in target/oci/
 	scripts/oci.sh build
