@@ -3,7 +3,7 @@
 //! synchronous `local` store and the asynchronous sidecar callout.
 
 use crate::config::{Config, OnMissingKey};
-use crate::keys::{budget_key_hashed, hash_key};
+use crate::keys::{budget_key_hashed, hash_key_memo};
 use meshwarden_shared::ratelimit::{
     retry_after_ms, tightest, ConcurrencySpec, DenyReason, Group, ReserveRequest, ReserveResponse, WindowState,
 };
@@ -30,7 +30,7 @@ fn memo_hash<'a, 'r>(memo: &'a mut Vec<(&'r str, String)>, raw: &'r str) -> &'a 
     let pos = match memo.iter().position(|(r, _)| *r == raw) {
         Some(p) => p,
         None => {
-            memo.push((raw, hash_key(raw)));
+            memo.push((raw, hash_key_memo(raw)));
             memo.len() - 1
         }
     };
