@@ -8,8 +8,8 @@
 # runs minutes apart, so a change of 3-5 µs of work in the VM (worth ~10-20 µs of latency, see
 # docs/benchmarks.md) is invisible to a latency A/B, and many such changes add up unseen (2026-12-07: ~45
 # µs over 323 commits, each session's latency A/B finding "nothing measurable"). The in-VM totals of one
-# build agree within ~1-3 µs between runs (5 µs seen in a busy minute): compare rounds, not one pair. One line per scenario, build and round: the callbacks' mean µs
-# per request and their total.
+# build agree within ~1-3 µs between runs (5 µs seen in a busy minute): compare rounds, not one pair.
+# One line per scenario, build and round: the callbacks' mean µs per request and their total.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${BASE:?set BASE to the commit to compare against}"
