@@ -23,7 +23,7 @@ lint: ## clippy with the no-panic policy (unwrap/expect/panic denied outside tes
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	@# the instrumented build of `make bench-breakdown` must keep compiling too
-	cargo clippy -p meshwarden-token-limiter -p meshwarden-pii-redactor -p meshwarden-mcp-authz --features meshwarden-shared/bench-timers -- -D warnings
+	cargo clippy -p meshwarden-token-limiter -p meshwarden-pii-redactor -p meshwarden-mcp-authz -p meshwarden-prompt-guard --features meshwarden-shared/bench-timers -- -D warnings
 
 fmt: ## format the code
 	cargo fmt --all
