@@ -1936,7 +1936,8 @@ async fn base64_text_files_leave_masked_and_answers_are_restored() {
     let gemini = json!({"contents": [{"role": "user", "parts": [
         {"text": "Which customers are in this file?"},
         {"inline_data": {"mime_type": "text/csv", "data": base64_encode(csv.as_bytes())}},
-        {"inline_data": {"mime_type": "image/png", "data": png}}]}]});
+        {"inline_data": {"mime_type": "image/png", "data": png}},
+        {"inline_data": {"mime_type": "text/csv", "data": base64_encode(b"Name;E-Mail\nJ\xfcrgen;juergen@example.de\n")}}]}]});
     let resp =
         client().post(proxy.url("/v1beta/models/gemini-2.5-flash:generateContent")).json(&gemini).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -1945,7 +1946,10 @@ async fn base64_text_files_leave_masked_and_answers_are_restored() {
     let file = decoded(sent["contents"][0]["parts"][1]["inline_data"]["data"].as_str().unwrap());
     assert_eq!(file, "name,email,card\nJane Doe,<EMAIL_1>,<CREDIT_CARD_1>\nBob,<EMAIL_2>,-\n");
     assert_eq!(sent["contents"][0]["parts"][2]["inline_data"]["data"], png, "a binary file leaves as sent");
-    assert_eq!(proxy.stat("meshwarden.pii_redactor.encoded_texts_scanned").await.unwrap(), 1);
+    // A Latin-1 file: masked as bytes, still Latin-1 around the placeholder (before 2026-12-08: as sent).
+    let latin1 = base64_decode(sent["contents"][0]["parts"][3]["inline_data"]["data"].as_str().unwrap()).unwrap();
+    assert_eq!(latin1, b"Name;E-Mail\nJ\xfcrgen;<EMAIL_3>\n");
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.encoded_texts_scanned").await.unwrap(), 2);
 
     // OpenAI chat: the answer names the file's values by their placeholders; the client reads them restored.
     let note = "Escalate to jane.doe@example.com, phone +44 20 7946 0958.";
@@ -1967,6 +1971,71 @@ async fn base64_text_files_leave_masked_and_answers_are_restored() {
     let url = sent.json().unwrap()["messages"][0]["content"][1]["file"]["file_data"].as_str().unwrap().to_string();
     let payload = url.strip_prefix("data:text/plain;base64,").expect("still a data: URL");
     assert_eq!(decoded(payload), "Escalate to <EMAIL_1>, phone <PHONE_1>.");
+}
+
+/// Base64 written into a prompt (a pasted Kubernetes Secret): what it encodes leaves masked, re-encoded
+/// in place (the model decodes `<EMAIL_1>`), a short password and the YAML around it as sent; the answer
+/// that names the placeholders, JSON and streamed (Anthropic SSE), comes back restored. With
+/// `scan_base64_in_text: false` the Secret leaves as sent. Before 2026-12-08 the base64 was not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base64_in_prompt_text_leaves_masked_and_answers_are_restored() {
+    use meshwarden_shared::encoding::base64_decode;
+    let mock = MockLlm::start().await.unwrap();
+    let proxy = envoy_default(&mock).await;
+    let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+    let owner = base64_encode(b"jane.doe@example.com");
+    let secret = base64_encode(token.as_bytes());
+    let yaml = format!(
+        "Why does this Secret not mount?\n```yaml\napiVersion: v1\nkind: Secret\ndata:\n  owner: {owner}\n  token: {secret}\n  password: aHVudGVyMg==\n```"
+    );
+    let answer = "Ask <EMAIL_1>; the token <GITHUB_TOKEN_1> looks fine.";
+    let restored = format!("Ask jane.doe@example.com; the token {token} looks fine.");
+    let resp = client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("x-mock-answer", answer)
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": yaml}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], restored.as_str());
+    let sent = mock.last_request().unwrap();
+    assert!(!sent.body.contains(&owner) && !sent.body.contains(&secret) && !sent.body.contains("jane.doe"));
+    let text = sent.json().unwrap()["messages"][0]["content"].as_str().unwrap().to_string();
+    let value = |key: &str| {
+        let line = text.lines().find(|l| l.trim_start().starts_with(key)).unwrap();
+        String::from_utf8(base64_decode(line.split(": ").nth(1).unwrap()).unwrap()).unwrap()
+    };
+    assert_eq!(value("owner:"), "<EMAIL_1>");
+    assert_eq!(value("token:"), "<GITHUB_TOKEN_1>");
+    assert!(text.contains("  password: aHVudGVyMg==\n```"), "{text}");
+    assert_eq!(proxy.stat("meshwarden.pii_redactor.base64_in_text_masked").await.unwrap(), 2);
+
+    // Anthropic, streamed: the same values in a text block, restored across the SSE deltas.
+    let resp = client()
+        .post(proxy.url("/v1/messages"))
+        .header("x-mock-answer", answer)
+        .json(&json!({"model": "claude", "max_tokens": 50, "stream": true,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": yaml}]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(sse_text(&resp.text().await.unwrap()), restored);
+    let sent = mock.last_request().unwrap();
+    assert!(!sent.body.contains(&owner) && !sent.body.contains(&secret), "{}", sent.body);
+
+    let off = envoy_with(&mock, json!({"scan_base64_in_text": false})).await;
+    let resp = client()
+        .post(off.url("/v1/chat/completions"))
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": yaml}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sent = mock.last_request().unwrap().json().unwrap();
+    assert_eq!(sent["messages"][0]["content"], yaml.as_str(), "left as sent when switched off");
 }
 
 /// gRPC and other length-framed binary bodies are never scanned as text nor rewritten: refused with a

@@ -11,8 +11,9 @@
 //!   Responses `input_file.file_data`, and wherever else a client puts one.
 //!
 //! Binary files (PDF, images, office documents) are not reported: their content cannot be read without a
-//! parser for the format. A text file that is not UTF-8 is reported with its text decoded lossily and
-//! [`EncodedText::utf8`] false (enough to estimate or scan it, not to rewrite it byte for byte).
+//! parser for the format. A text file that is not UTF-8 (Latin-1, Windows-1252, Shift JIS) is reported
+//! with its text decoded lossily, [`EncodedText::utf8`] false and its bytes in [`EncodedText::raw`] (to
+//! scan and rewrite it byte for byte).
 
 use crate::encoding::{base64_decode, base64_encode};
 use crate::llm::Role;
@@ -31,13 +32,25 @@ pub struct EncodedText {
     pub text: String,
     /// The file is UTF-8: `text` is exactly its content.
     pub utf8: bool,
+    /// The file's bytes when it is not UTF-8 (`None` when it is: `text` holds them).
+    pub raw: Option<Vec<u8>>,
 }
 
 impl EncodedText {
     /// The string to put at [`EncodedText::pointer`] for a rewritten `text`: the same prefix, standard
     /// base64 with padding (what every provider accepts).
     pub fn encode(&self, text: &str) -> String {
-        format!("{}{}", self.prefix, base64_encode(text.as_bytes()))
+        self.encode_bytes(text.as_bytes())
+    }
+
+    /// As [`EncodedText::encode`], for a file that is not UTF-8.
+    pub fn encode_bytes(&self, bytes: &[u8]) -> String {
+        format!("{}{}", self.prefix, base64_encode(bytes))
+    }
+
+    /// The file's content: its bytes as sent, UTF-8 or not.
+    pub fn bytes(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or(self.text.as_bytes())
     }
 }
 
@@ -109,11 +122,12 @@ struct Walk {
 impl Walk {
     fn push(&mut self, role: Role, pointer: String, prefix: &str, b64: &str) {
         if let Some(bytes) = decode_bytes(b64) {
-            let (text, utf8) = match String::from_utf8(bytes) {
-                Ok(t) => (t, true),
-                Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
+            let (text, raw) = match String::from_utf8(bytes) {
+                Ok(t) => (t, None),
+                Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), Some(e.into_bytes())),
             };
-            self.out.push(EncodedText { role, pointer, prefix: prefix.to_string(), text, utf8 });
+            let utf8 = raw.is_none();
+            self.out.push(EncodedText { role, pointer, prefix: prefix.to_string(), text, utf8, raw });
         }
     }
 
@@ -266,6 +280,9 @@ mod tests {
             (latin1.pointer.as_str(), latin1.text.as_str()),
             ("/contents/0/parts/4/inline_data/data", "caf\u{fffd}")
         );
+        assert_eq!(latin1.bytes(), b"caf\xe9");
+        assert_eq!(latin1.encode_bytes(latin1.bytes()), base64_encode(b"caf\xe9"));
+        assert!(found.iter().filter(|e| e.utf8).all(|e| e.raw.is_none() && e.bytes() == e.text.as_bytes()));
         // Re-encoding keeps the prefix; the result decodes to the new text.
         let chat = found.get(4).unwrap();
         let enc = chat.encode("masked <EMAIL_1>");

@@ -154,6 +154,9 @@ pub struct Config {
     pub on_upgrade: UpgradeMode,
     /// Scan non-JSON request bodies (and JSON that does not parse) as plain text.
     pub raw_fallback: bool,
+    /// Decode base64 written into the texts (a pasted Kubernetes Secret, a Basic credential) and mask
+    /// what it encodes, re-encoded the same way.
+    pub scan_base64_in_text: bool,
     /// Response header carrying counts per type (`email=2,phone=1`) for the access log (`%RESP(...)%`);
     /// never values. Empty disables it.
     pub counts_header: String,
@@ -179,6 +182,7 @@ impl Default for Config {
             on_unscannable: Unscannable::Reject,
             on_upgrade: UpgradeMode::Unscannable,
             raw_fallback: true,
+            scan_base64_in_text: true,
             counts_header: "x-meshwarden-pii".to_string(),
             stats_flush_interval_ms: 20,
         }

@@ -8,6 +8,7 @@
 //! real email becomes `<EMAIL_2>`. Restoration only replaces placeholders this request created, so a
 //! look-alike sent by the client is never turned into someone's data; it passes through as text.
 
+use crate::base64_runs::{decode_text, encode_like, find_runs, Run};
 use crate::config::{Action, Config, Validator};
 use crate::detect::{contains_ci, luhn, mod97, Builtin, Confidence, Scanner};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -51,6 +52,41 @@ pub struct Engine {
     redact_text: String,
     salt: (u64, u64),
     pub response_action: Action,
+    /// Decode base64 written into texts and mask what it encodes (`scan_base64_in_text`).
+    base64_in_text: bool,
+}
+
+/// A base64 run of a scanned text whose decoded text holds findings.
+#[derive(Debug)]
+pub struct EncodedRun {
+    run: Run,
+    text: String,
+    hits: Vec<Hit>,
+}
+
+/// One thing to replace in a scanned text: a value found, or a base64 run encoding some.
+enum Edit {
+    Value(Hit),
+    Encoded(EncodedRun),
+}
+
+impl Edit {
+    fn span(&self) -> (usize, usize) {
+        match self {
+            Edit::Value(h) => (h.start, h.end),
+            Edit::Encoded(r) => (r.run.start, r.run.end),
+        }
+    }
+}
+
+/// `hits` and `runs` (which never overlap) in text order.
+fn in_text_order(hits: Vec<Hit>, runs: Vec<EncodedRun>) -> Vec<Edit> {
+    let mut edits: Vec<Edit> = hits.into_iter().map(Edit::Value).collect();
+    if !runs.is_empty() {
+        edits.extend(runs.into_iter().map(Edit::Encoded));
+        edits.sort_by_key(Edit::span);
+    }
+    edits
 }
 
 impl Engine {
@@ -104,6 +140,7 @@ impl Engine {
             redact_text: cfg.redact_text.clone(),
             salt: salt_keys(cfg.hash_salt.as_bytes()),
             response_action: cfg.response_action,
+            base64_in_text: cfg.scan_base64_in_text,
         }
     }
 
@@ -198,6 +235,29 @@ impl Engine {
             }
         }
         hits
+    }
+
+    /// The base64 runs of `text` (outside `hits`) whose decoded text holds findings (see
+    /// [`crate::base64_runs`]); one level deep: base64 inside the decoded text is not decoded again.
+    pub fn encoded_runs(&self, text: &[u8], hits: &[Hit]) -> Vec<EncodedRun> {
+        if !self.base64_in_text {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for run in find_runs(text) {
+            // A finding over a run (an AWS session token, a key id) is masked as itself.
+            if hits.iter().any(|h| h.start < run.end && run.start < h.end) {
+                continue;
+            }
+            let Some(decoded) = decode_text(text, &run) else {
+                continue;
+            };
+            let hits = self.find(decoded.as_bytes());
+            if !hits.is_empty() {
+                found.push(EncodedRun { run, text: decoded, hits });
+            }
+        }
+        found
     }
 
     fn custom_ok(&self, c: &Custom, text: &[u8], start: usize, end: usize) -> bool {
@@ -328,7 +388,7 @@ impl Engine {
         let mut out = Vec::with_capacity(text.len() + 16);
         let mut last = skip;
         for h in hits {
-            let (start, end) = orig_span(map, text.len(), &h);
+            let (start, end) = orig_span(map, text.len(), (h.start, h.end));
             if start < last {
                 continue; // in `before`, or two findings in one escape: the first one covers it
             }
@@ -362,12 +422,12 @@ fn json_escaped(s: &str) -> String {
 
 /// The span of the original bytes a hit in the decoded text came from (`map`: per decoded byte, the
 /// original bytes it was decoded from; `None`: the text was not decoded).
-fn orig_span(map: Option<&[(usize, usize)]>, orig_len: usize, h: &Hit) -> (usize, usize) {
+fn orig_span(map: Option<&[(usize, usize)]>, orig_len: usize, (s, e): (usize, usize)) -> (usize, usize) {
     match map {
-        None => (h.start, h.end),
+        None => (s, e),
         Some(m) => {
-            let start = m.get(h.start).map_or(orig_len, |x| x.0);
-            let end = h.end.checked_sub(1).and_then(|e| m.get(e)).map_or(start, |x| x.1);
+            let start = m.get(s).map_or(orig_len, |x| x.0);
+            let end = e.checked_sub(1).and_then(|e| m.get(e)).map_or(start, |x| x.1);
             (start, end.max(start))
         }
     }
@@ -515,6 +575,8 @@ pub struct MaskState {
     pub counts: Counts,
     /// Detector names whose action is reject and that found something.
     pub rejected: Vec<String>,
+    /// Base64 runs in texts rewritten because what they encode held findings.
+    pub base64_runs_masked: u64,
 }
 
 impl MaskState {
@@ -578,29 +640,27 @@ impl MaskState {
         map: Option<&[(usize, usize)]>,
     ) -> Option<Vec<u8>> {
         let hits = engine.find(scan);
-        if hits.is_empty() {
+        let runs = engine.encoded_runs(scan, &hits);
+        if hits.is_empty() && runs.is_empty() {
             return None;
         }
-        let to_orig = |h: &Hit| orig_span(map, orig.len(), h);
         let text = orig;
         let mut out = Vec::with_capacity(text.len() + 16);
         let mut last = 0;
-        for h in hits {
-            let value = scan.get(h.start..h.end).unwrap_or(&[]);
-            let (start, end) = to_orig(&h);
+        for edit in in_text_order(hits, runs) {
+            let (start, end) = orig_span(map, orig.len(), edit.span());
             if start < last {
                 continue; // two findings in one escape: the first one covers it
             }
-            let h = Hit { start, end, ..h };
-            let Some((action, replacement)) = self.replacement(engine, &h, value) else {
+            let Some((action, replacement)) = self.edit_replacement(engine, scan, &edit) else {
                 continue;
             };
-            // `value` was decoded from JSON text: what replaces its original bytes is JSON-escaped.
+            // What was found was decoded from JSON text: what replaces its original bytes is JSON-escaped.
             let replacement =
                 if action != Action::Mask && map.is_some() { json_escaped(&replacement) } else { replacement };
-            out.extend_from_slice(text.get(last..h.start).unwrap_or(&[]));
+            out.extend_from_slice(text.get(last..start).unwrap_or(&[]));
             out.extend_from_slice(replacement.as_bytes());
-            last = h.end;
+            last = end;
         }
         out.extend_from_slice(text.get(last..).unwrap_or(&[]));
         Some(out)
@@ -608,6 +668,39 @@ impl MaskState {
 }
 
 impl MaskState {
+    /// What replaces one edit of `scan`: as [`MaskState::replacement`] for a value; for a base64 run, the
+    /// run's text masked and encoded as the run was (with a non-`Mask` action: the encoding may hold line
+    /// breaks to escape). `None` when nothing replaces it (a `reject` finding, remembered).
+    fn edit_replacement(&mut self, engine: &Engine, scan: &[u8], edit: &Edit) -> Option<(Action, String)> {
+        match edit {
+            Edit::Value(h) => self.replacement(engine, h, scan.get(h.start..h.end).unwrap_or(&[])),
+            Edit::Encoded(r) => {
+                let text = r.text.as_bytes();
+                // A look-alike the client encoded is one the model reads: never handed out from here on.
+                self.reserve_lookalikes(text);
+                let mut masked = Vec::with_capacity(text.len() + 16);
+                let mut last = 0;
+                let mut changed = false;
+                for h in &r.hits {
+                    let value = text.get(h.start..h.end).unwrap_or(&[]);
+                    let Some((_, replacement)) = self.replacement(engine, h, value) else {
+                        continue;
+                    };
+                    masked.extend_from_slice(text.get(last..h.start).unwrap_or(&[]));
+                    masked.extend_from_slice(replacement.as_bytes());
+                    last = h.end;
+                    changed = true;
+                }
+                if !changed {
+                    return None;
+                }
+                masked.extend_from_slice(text.get(last..).unwrap_or(&[]));
+                self.base64_runs_masked += 1;
+                Some((Action::Redact, encode_like(&r.run, &masked)))
+            }
+        }
+    }
+
     /// Count a finding and give what replaces its `value` with the action taken: a placeholder (`Mask`, to
     /// be restored), an irreversible redaction, or `None` for `Reject` (remembered for the 4xx answer).
     fn replacement(&mut self, engine: &Engine, h: &Hit, value: &[u8]) -> Option<(Action, String)> {
@@ -634,18 +727,19 @@ impl MaskState {
     pub fn mask_parts(&mut self, engine: &Engine, parts: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
         let joined = parts.concat();
         let hits = engine.find(&joined);
+        let runs = engine.encoded_runs(&joined, &hits);
         let mut outs: Vec<Option<Vec<u8>>> = vec![None; parts.len()];
-        if hits.is_empty() {
+        if hits.is_empty() && runs.is_empty() {
             return outs;
         }
-        // Each hit's replacement, in order (numbering as a one-text scan gives it); reject hits stay.
-        let mut replaced: Vec<(usize, usize, String)> = Vec::with_capacity(hits.len());
-        for h in &hits {
-            let value = joined.get(h.start..h.end).unwrap_or(&[]);
-            let Some((_, replacement)) = self.replacement(engine, h, value) else {
+        // Each edit's replacement, in order (numbering as a one-text scan gives it); reject hits stay.
+        let mut replaced: Vec<(usize, usize, String)> = Vec::new();
+        for edit in in_text_order(hits, runs) {
+            let (start, end) = edit.span();
+            let Some((_, replacement)) = self.edit_replacement(engine, &joined, &edit) else {
                 continue;
             };
-            replaced.push((h.start, h.end, replacement));
+            replaced.push((start, end, replacement));
         }
         let mut part_start = 0;
         for (k, part) in parts.iter().enumerate() {
@@ -962,5 +1056,99 @@ mod tests {
         assert_eq!(partial(b"E1234", 4), "***34");
         assert_eq!(partial(b"536-22-8963", 4), "***-**-8963");
         assert_eq!(partial(b"7", 4), "*");
+    }
+
+    /// Base64 written into a text (a pasted Kubernetes Secret, a Basic credential): what it encodes is
+    /// scanned and the run re-encoded with placeholders inside, the same alphabet, padding and wrap; the
+    /// restore map holds the decoded values. Before 2026-12-08 such values reached the provider.
+    #[test]
+    fn base64_in_text_is_decoded_masked_and_reencoded() {
+        use meshwarden_shared::encoding::{base64_decode, base64_encode};
+        let e = engine("{}");
+        let token = "ghp_abcdefghijklmnopqrstuvwxyz0123456789";
+        let secret = format!(
+            "apiVersion: v1\nkind: Secret\ndata:\n  owner: {}\n  token: {}\n  password: aHVudGVyMg==\n",
+            base64_encode(b"jane.doe@example.com"),
+            base64_encode(format!("{token}\n").as_bytes()),
+        );
+        let mut st = MaskState::default();
+        let out = String::from_utf8(st.mask(&e, secret.as_bytes()).unwrap()).unwrap();
+        let value = |key: &str| {
+            let line = out.lines().find(|l| l.trim_start().starts_with(key)).unwrap();
+            String::from_utf8(base64_decode(line.split(": ").nth(1).unwrap()).unwrap()).unwrap()
+        };
+        assert_eq!(value("owner:"), "<EMAIL_1>");
+        assert_eq!(value("token:"), "<GITHUB_TOKEN_1>\n");
+        assert!(out.contains("password: aHVudGVyMg==\n"), "{out}");
+        assert_eq!(st.restore.get("<EMAIL_1>").map(String::as_str), Some("jane.doe@example.com"));
+        assert_eq!(st.restore.get("<GITHUB_TOKEN_1>").map(String::as_str), Some(token));
+        assert_eq!(st.base64_runs_masked, 2);
+        assert_eq!(st.counts.summary(), "email=1,github_token=1");
+
+        // The same value plain and encoded gets one placeholder; numbering follows the text.
+        let mut st = MaskState::default();
+        let t = format!("a@b.io then {} then c@d.io", base64_encode(b"mail c@d.io or a@b.io"));
+        let out = String::from_utf8(st.mask(&e, t.as_bytes()).unwrap()).unwrap();
+        let run = out.split(" then ").nth(1).unwrap();
+        assert_eq!(base64_decode(run).unwrap(), b"mail <EMAIL_2> or <EMAIL_1>");
+        assert!(out.starts_with("<EMAIL_1> then ") && out.ends_with(" then <EMAIL_2>"), "{out}");
+
+        // URL-safe and unpadded stays so.
+        let mut st = MaskState::default();
+        let enc = base64_encode(b"?>?> jane@example.com ?>").trim_end_matches('=').replace('/', "_").replace('+', "-");
+        let out = String::from_utf8(st.mask(&e, format!("x {enc} y").as_bytes()).unwrap()).unwrap();
+        let run = out.split(' ').nth(1).unwrap();
+        assert!(!run.contains('=') && !run.contains('/') && !run.contains('+'), "{run}");
+        assert_eq!(base64_decode(run).unwrap(), b"?>?> <EMAIL_1> ?>");
+
+        // Switched off: left as sent.
+        let off = engine(r#"{"scan_base64_in_text": false}"#);
+        assert!(MaskState::default().mask(&off, secret.as_bytes()).is_none());
+    }
+
+    /// Wrapped base64 inside JSON text (tool-call `arguments`): its line breaks are JSON escapes, read
+    /// decoded and written back escaped. Inside text parts, a run is one edit of the joined text.
+    #[test]
+    fn base64_in_json_text_and_text_parts() {
+        use meshwarden_shared::encoding::{base64_decode, base64_encode};
+        let e = engine("{}");
+        let text = "Customer: jane.doe@example.com, card 4111 1111 1111 1111, tel +44 20 7946 0958.".repeat(2);
+        let flat = base64_encode(text.as_bytes());
+        let wrapped: Vec<&str> = flat.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let args = serde_json::json!({ "attachment": wrapped.join("\n") }).to_string();
+        let mut st = MaskState::default();
+        let out = String::from_utf8(st.mask_json(&e, args.as_bytes()).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let masked = v["attachment"].as_str().unwrap();
+        assert!(masked.lines().all(|l| l.len() <= 76) && masked.lines().count() > 1, "{masked}");
+        let decoded = String::from_utf8(base64_decode(&masked.replace('\n', "")).unwrap()).unwrap();
+        assert_eq!(decoded, "Customer: <EMAIL_1>, card <CREDIT_CARD_1>, tel <PHONE_1>.".repeat(2));
+
+        let run = base64_encode(b"owner jane.doe@example.com");
+        let parts: [&[u8]; 2] = [b"see the file:", format!(" {run} (base64)").leak().as_bytes()];
+        let mut st = MaskState::default();
+        let outs = st.mask_parts(&e, &parts);
+        assert!(outs[0].is_none());
+        let second = String::from_utf8(outs[1].clone().unwrap()).unwrap();
+        let inner = second.trim().split(' ').next().unwrap();
+        assert_eq!(base64_decode(inner).unwrap(), b"owner <EMAIL_1>");
+    }
+
+    /// `reject` inside base64 refuses the request like a plain finding; a finding over a run (an AWS
+    /// session token is base64) is masked as itself, not decoded.
+    #[test]
+    fn base64_in_text_rejects_and_yields_to_findings() {
+        use meshwarden_shared::encoding::base64_encode;
+        let e = engine(r#"{"detectors": {"credit_card": {"action": "reject"}}}"#);
+        let mut st = MaskState::default();
+        let _ = st.mask(&e, base64_encode(b"card 4111 1111 1111 1111 exp 12/29").as_bytes());
+        assert_eq!(st.rejected, vec!["credit_card".to_string()]);
+        let e = engine("{}");
+        let tail = "Ab3/+Cd5Ef7Gh9Ij1Kl3Mn5".repeat(8);
+        let tok = format!("IQoJb3JpZ2luX2VjEJr//////////wEaCXVzLWVhc3QtMSJHMEUCIQ{tail}==");
+        let mut st = MaskState::default();
+        let out = String::from_utf8(st.mask(&e, format!("AWS_SESSION_TOKEN={tok}").as_bytes()).unwrap()).unwrap();
+        assert_eq!(out, "AWS_SESSION_TOKEN=<AWS_KEY_1>");
+        assert_eq!(st.base64_runs_masked, 0);
     }
 }

@@ -455,6 +455,9 @@ impl Request {
         if result.encoded_texts > 0 {
             self.count("encoded_texts_scanned", result.encoded_texts as u64);
         }
+        if result.state.base64_runs_masked > 0 {
+            self.count("base64_in_text_masked", result.state.base64_runs_masked);
+        }
         match result.scanned {
             Scanned::Raw => self.count("scanned_raw", 1),
             Scanned::Skipped => self.count("not_scanned", 1),

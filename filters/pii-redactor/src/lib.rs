@@ -9,6 +9,7 @@
 //!
 //! `filter` is the thin proxy-wasm adapter, compiled only for wasm32 (and for clippy).
 
+pub mod base64_runs;
 pub mod config;
 pub mod detect;
 pub mod engine;

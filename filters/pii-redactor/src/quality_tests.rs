@@ -143,3 +143,70 @@ fn evaluate(file: &str) {
     }
     assert!(failed.is_empty(), "quality targets missed: {failed:#?}");
 }
+
+/// Base64 written into prompts (`scan_base64_in_text`): every labelled text of the two main sets, encoded
+/// and pasted as a YAML value, must come out with each entity masked inside the re-encoded run (recall
+/// per type, same targets), and no text of the sets as written (keys, JWTs, hashes, UUIDs, tracking ids,
+/// long words: the hard negatives) may have a run decoded into a finding (precision).
+#[test]
+fn quality_targets_with_values_base64_encoded_in_the_text() {
+    use crate::engine::MaskState;
+    use meshwarden_shared::encoding::{base64_decode, base64_encode};
+    let engine = Engine::new(&parse_config::<Config>(b"{}").unwrap());
+    let mut scores: BTreeMap<String, Score> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for file in ["pii_eval.jsonl", "pii_eval_holdout.jsonl"] {
+        let data = std::fs::read_to_string(format!("{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        for line in data.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let text = v["text"].as_str().unwrap();
+            let runs = engine.encoded_runs(text.as_bytes(), &engine.find(text.as_bytes()));
+            if !runs.is_empty() {
+                scores.entry("decoded_negative".into()).or_default().fp += 1;
+                errors.push(format!("FP: a run decoded into findings in {text:?}: {runs:?}"));
+            }
+            let entities = v["entities"].as_array().unwrap();
+            if entities.is_empty() {
+                continue;
+            }
+            let pasted = format!("data:\n  value: {}\n", base64_encode(text.as_bytes()));
+            let mut state = MaskState::default();
+            let masked = state.mask(&engine, pasted.as_bytes()).map(|m| String::from_utf8(m).unwrap());
+            let inner = masked
+                .as_deref()
+                .and_then(|m| m.lines().nth(1))
+                .and_then(|l| l.trim().strip_prefix("value: "))
+                .and_then(|b| base64_decode(b).ok())
+                .map(|d| String::from_utf8(d).unwrap())
+                .unwrap_or_else(|| text.to_string());
+            for e in entities {
+                let (t, s, end) =
+                    (e["type"].as_str().unwrap(), e["start"].as_u64().unwrap(), e["end"].as_u64().unwrap());
+                let value = &text[s as usize..end as usize];
+                let score = scores.entry(t.to_string()).or_default();
+                if inner.contains(value) {
+                    score.fn_ += 1;
+                    errors.push(format!("FN {t}: {value:?} left in {inner:?}"));
+                } else {
+                    score.tp += 1;
+                }
+            }
+        }
+    }
+    println!("\nbase64 in text\n| type | TP | FP | FN | precision | recall |\n|---|---|---|---|---|---|");
+    for (t, s) in &scores {
+        println!("| {t} | {} | {} | {} | {:.3} | {:.3} |", s.tp, s.fp, s.fn_, s.precision(), s.recall());
+    }
+    for e in errors.iter().take(40) {
+        println!("{e}");
+    }
+    let failed: Vec<String> = scores
+        .iter()
+        .filter(|(t, s)| {
+            let target = if matches!(t.as_str(), "phone" | "ipv4" | "ipv6" | "uk_nhs") { 0.95 } else { 0.99 };
+            s.fp > 0 && t.as_str() == "decoded_negative" || s.recall() < target
+        })
+        .map(|(t, s)| format!("{t}: fp {} recall {:.3}", s.fp, s.recall()))
+        .collect();
+    assert!(failed.is_empty(), "base64-in-text targets missed: {failed:#?}");
+}

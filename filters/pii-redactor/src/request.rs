@@ -105,9 +105,11 @@ fn mask_encoded_texts(
     edits: &mut Vec<(String, String)>,
 ) {
     for e in encoded {
-        if let Some(masked) = state.mask(engine, e.text.as_bytes()).and_then(|m| String::from_utf8(m).ok()) {
+        // The masked bytes are re-encoded as they are: UTF-8 stays UTF-8 (placeholders are ASCII), and a
+        // Latin-1 file stays Latin-1 around them.
+        if let Some(masked) = state.mask(engine, e.bytes()) {
             edits.retain(|(pointer, _)| pointer != &e.pointer);
-            edits.push((e.pointer.clone(), e.encode(&masked)));
+            edits.push((e.pointer.clone(), e.encode_bytes(&masked)));
         }
     }
 }
@@ -224,11 +226,11 @@ pub fn process_request(engine: &Engine, path: &str, body: &[u8], raw_fallback: b
             });
             // Text files sent base64-encoded (a CSV in Gemini `inline_data`, a `data:text/plain` file part):
             // the model reads their text, the body's strings show only base64. Before 2026-12-07 they left
-            // unscanned.
-            // A file that is not UTF-8 could not be put back byte for byte once masked: left as sent.
-            let encoded: Vec<EncodedText> = extract_encoded_texts(&v).into_iter().filter(|e| e.utf8).collect();
+            // unscanned. A file that is not UTF-8 (Latin-1, Windows-1252) is scanned and rewritten as bytes
+            // (every built-in shape is ASCII; before 2026-12-08 such a file was left as sent).
+            let encoded: Vec<EncodedText> = extract_encoded_texts(&v);
             for e in &encoded {
-                state.reserve_lookalikes(e.text.as_bytes());
+                state.reserve_lookalikes(e.bytes());
             }
             if spans.is_empty() {
                 let mut copy = v.clone();
@@ -579,6 +581,16 @@ mod tests {
         let strict = Engine::new(&parse_config::<Config>(br#"{"detectors":{"us_ssn":{"action":"reject"}}}"#).unwrap());
         let r = process_request(&strict, "/v1/messages", anthropic.to_string().as_bytes(), true);
         assert_eq!(r.state.rejected, vec!["us_ssn".to_string()]);
+        // A Latin-1 (Windows-1252) file is masked as bytes and stays Latin-1 around the placeholders;
+        // before 2026-12-08 it was left as sent.
+        let latin1 = b"Name;E-Mail\nJ\xfcrgen M\xfcller;juergen.mueller@example.de\nCaf\xe9;+49 30 901820\n";
+        let body = json!({"contents": [{"parts": [{"inline_data": {"mime_type": "text/csv", "data": base64_encode(latin1)}}]}]});
+        let r = process_request(&e, "/v1beta/models/g:generateContent", body.to_string().as_bytes(), true);
+        assert_eq!(r.encoded_texts, 1);
+        let out: Value = serde_json::from_slice(&r.body.unwrap()).unwrap();
+        let file = base64_decode(out["contents"][0]["parts"][0]["inline_data"]["data"].as_str().unwrap()).unwrap();
+        assert_eq!(file, b"Name;E-Mail\nJ\xfcrgen M\xfcller;<EMAIL_1>\nCaf\xe9;<PHONE_1>\n");
+        assert_eq!(r.state.restore.get("<EMAIL_1>").map(String::as_str), Some("juergen.mueller@example.de"));
     }
 
     /// Text parts of one message are one text to the model: a value cut across two is masked whole, its
