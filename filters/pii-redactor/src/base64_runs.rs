@@ -14,7 +14,7 @@
 //! is a run candidate too; it decodes to bytes that are almost never printable UTF-8 (~1 in 10^4 for 12
 //! letters), and even then only a detector's finding in them changes anything.
 
-use meshwarden_shared::encoding::base64_encode;
+use meshwarden_shared::encoding::{base64_decode, base64_encode};
 
 /// Shortest run decoded, in symbols without padding: 12 symbols are 9 bytes, as short as a US SSN
 /// written without dashes; shorter runs hold nothing a detector reports.
@@ -171,35 +171,15 @@ fn run_at(t: &[u8], start: usize) -> Option<Run> {
 
 /// The text a run encodes, if it is text: UTF-8 with no control characters but tab and line breaks.
 pub fn decode_text(t: &[u8], run: &Run) -> Option<String> {
-    let span = t.get(run.start..run.end)?;
-    let mut out = Vec::with_capacity(span.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0u32;
-    for &b in span {
-        let v = match b {
-            b'A'..=b'Z' => b - b'A',
-            b'a'..=b'z' => b - b'a' + 26,
-            b'0'..=b'9' => b - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            b'\r' | b'\n' | b'=' => continue,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            let byte = ((acc >> bits) & 0xff) as u8;
-            // Control bytes end it early: random bytes (a long word decoded) almost always have one.
-            if byte < 0x20 && !matches!(byte, b'\t' | b'\n' | b'\r') || byte == 0x7f {
-                return None;
-            }
-            out.push(byte);
-        }
-    }
-    let text = String::from_utf8(out).ok()?;
-    // C1 controls (U+0080-U+009F) are no text either.
-    if text.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)) {
+    let span = std::str::from_utf8(t.get(run.start..run.end)?).ok()?;
+    let bytes = match run.wrap {
+        None => base64_decode(span).ok()?,
+        Some(_) => base64_decode(&span.replace(['\r', '\n'], "")).ok()?,
+    };
+    let text = String::from_utf8(bytes).ok()?;
+    // Control characters (C0 but tab and line breaks, DEL, C1) are no text: random bytes (a long word
+    // decoded) almost always have one.
+    if text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
         return None;
     }
     Some(text)
