@@ -20,6 +20,7 @@
 //! | `x-mock-abort-after-bytes: N` | JSON answers: announce the whole `content-length`, send N bytes, then reset |
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
+//! | `x-mock-response-id: id` | Responses: the response's `id` (JSON, `response.created`, `response.completed`; default `resp_mock`) |
 //! | `x-mock-image-result-bytes: N` | Responses streams: `response.completed` also carries an `image_generation_call` item whose base64 `result` is N characters (before the usage, as OpenAI orders it) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
@@ -227,6 +228,8 @@ struct Plan {
     sse_no_done: bool,
     /// Responses streams: an `image_generation_call` output item with a base64 `result` of this many characters.
     image_result: Option<usize>,
+    /// Responses: the response's `id` (default `resp_mock`).
+    response_id: String,
     /// JSON answers: gzip the body.
     gzip: bool,
     /// Responses: `"background": true` in the request (streams say so in `response.created`).
@@ -399,6 +402,7 @@ async fn answer(
         sse_garbage: header_flag(&headers, "x-mock-sse-garbage"),
         sse_no_done: header_flag(&headers, "x-mock-sse-no-done"),
         image_result: header_u64(&headers, "x-mock-image-result-bytes").and_then(|n| usize::try_from(n).ok()),
+        response_id: headers.get("x-mock-response-id").and_then(|v| v.to_str().ok()).unwrap_or("resp_mock").to_string(),
         gzip: match headers.get("x-mock-gzip").and_then(|v| v.to_str().ok()).map(str::trim) {
             Some("always") => true,
             Some("1") => headers.get_all("accept-encoding").iter().filter_map(|v| v.to_str().ok()).any(|v| {
@@ -501,7 +505,7 @@ fn json_response(plan: &Plan) -> Response {
             "usage": {"input_tokens": p, "output_tokens": c}
         }),
         Api::OpenAiResponses => json!({
-            "id": "resp_mock", "object": "response", "status": "completed", "model": plan.model,
+            "id": plan.response_id, "object": "response", "status": "completed", "model": plan.model,
             "output": [{"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
                         "content": [{"type": "output_text", "text": plan.answer(), "annotations": []}]}],
             "usage": {"input_tokens": p, "output_tokens": c, "total_tokens": p + c}
@@ -610,11 +614,11 @@ fn stream_events(plan: &Plan) -> Vec<String> {
             ev.push(sse(Some("message_stop"), &json!({"type":"message_stop"})));
         }
         Api::OpenAiResponses => {
-            ev.push(sse(Some("response.created"), &json!({"type":"response.created","response":{"id":"resp_mock","object":"response","status":"in_progress","background":plan.background,"model":model,"output":[]}})));
+            ev.push(sse(Some("response.created"), &json!({"type":"response.created","response":{"id":plan.response_id,"object":"response","status":"in_progress","background":plan.background,"model":model,"output":[]}})));
             for piece in &plan.pieces {
                 ev.push(sse(Some("response.output_text.delta"), &json!({"type":"response.output_text.delta","item_id":"msg_mock","output_index":0,"content_index":0,"delta":piece})));
             }
-            let mut resp = json!({"id":"resp_mock","object":"response","status":"completed","model":model,
+            let mut resp = json!({"id":plan.response_id,"object":"response","status":"completed","model":model,
                 "output":[{"type":"message","id":"msg_mock","role":"assistant","status":"completed","content":[{"type":"output_text","text":plan.answer(),"annotations":[]}]}]});
             if let (Some(n), Some(output)) = (plan.image_result, resp["output"].as_array_mut()) {
                 // The image generation tool's result: the whole image as base64, before the usage.

@@ -2322,3 +2322,84 @@ async fn base64_text_files_are_estimated_as_their_text() {
     let rem: u64 = h(&r, "x-ratelimit-remaining-tokens").parse().unwrap();
     assert_eq!(rem, 20000 - (7 + 1100 + 10), "the question, the file's 4,400 characters, max_tokens");
 }
+
+/// A Responses turn that names a stored conversation (`previous_response_id`, or `conversation`) makes the
+/// model read it again: it is admitted on the context the earlier turn left behind (that turn's reported
+/// input plus output tokens), not on its few new tokens. Before 2026-12-08 `{"previous_response_id":
+/// "resp_t1", "input": "go on"}` was admitted on ~6 tokens whatever the conversation held, and the budget
+/// overshot by all of it (still so with `context_memory_slots: 0`, shown last). JSON and streamed answers;
+/// an unknown id is admitted on the request's own estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_turns_are_admitted_on_the_stored_conversation_they_name() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(10_000)).await;
+    let stat = |name: &str| format!("meshwarden.token_limiter.context_memory.{name}");
+    let turn1 = json!({"model": "gpt-4o", "input": "Summarise the attached contract.", "max_output_tokens": 10});
+    let usage = [("x-mock-prompt-tokens", "6000"), ("x-mock-completion-tokens", "10")];
+    let r = post(
+        &e,
+        "/v1/responses",
+        &turn1,
+        &[&[("x-team", "a"), ("x-mock-response-id", "resp_t1")], &usage[..]].concat(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    assert_eq!(stat_at_least(&e, &stat("stored"), 1).await, 1);
+    // Team a has 3,990 tokens left; the next turn reads the 6,010 again.
+    let turn2 =
+        json!({"model": "gpt-4o", "previous_response_id": "resp_t1", "input": "go on", "max_output_tokens": 10});
+    let r = post(&e, "/v1/responses", &turn2, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    assert_eq!(e.stat(&stat("hits")).await.unwrap(), 1);
+    // Team b has room for it: admitted (the charge is still the reported usage).
+    let r = post(&e, "/v1/responses", &turn2, &[("x-team", "b"), ("x-mock-prompt-tokens", "6020")]).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    assert_eq!(e.stat(&stat("hits")).await.unwrap(), 2);
+    // An id this Envoy never answered: the request's own estimate.
+    let unknown = json!({"model": "gpt-4o", "previous_response_id": "resp_elsewhere", "input": "go on"});
+    let r = post(&e, "/v1/responses", &unknown, &[("x-team", "c")]).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    assert_eq!(e.stat(&stat("misses")).await.unwrap(), 1);
+
+    // Streamed, in a conversation: the id comes from `response.created`, and the conversation is remembered.
+    let turn1 = json!({"model": "gpt-4o", "conversation": "conv_d", "input": "Read this log.", "stream": true,
+                       "max_output_tokens": 10});
+    let hdrs = [
+        ("x-team", "d"),
+        ("x-mock-response-id", "resp_d1"),
+        ("x-mock-prompt-tokens", "7000"),
+        ("x-mock-completion-tokens", "10"),
+    ];
+    let r = post(&e, "/v1/responses", &turn1, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("resp_d1"));
+    // resp_d1 and conv_d, besides the three JSON answers above (b's and c's both answered as `resp_mock`).
+    assert_eq!(stat_at_least(&e, &stat("stored"), 5).await, 5);
+    for next in [
+        json!({"model": "gpt-4o", "conversation": {"id": "conv_d"}, "input": "and then?", "max_output_tokens": 10}),
+        json!({"model": "gpt-4o", "previous_response_id": "resp_d1", "input": "and then?", "max_output_tokens": 10}),
+    ] {
+        let r = post(&e, "/v1/responses", &next, &[("x-team", "d")]).await;
+        assert_eq!(r.status(), 429, "{next}");
+    }
+
+    // Switched off: the second turn passes on its own few tokens.
+    let mut off = team_budget(10_000);
+    off["context_memory_slots"] = json!(0);
+    let e = envoy(&mock, off).await;
+    let turn1 = json!({"model": "gpt-4o", "input": "Summarise the attached contract.", "max_output_tokens": 10});
+    let r = post(
+        &e,
+        "/v1/responses",
+        &turn1,
+        &[&[("x-team", "a"), ("x-mock-response-id", "resp_t1")], &usage[..]].concat(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let r = post(&e, "/v1/responses", &turn2, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 200, "admitted on ~6 tokens: the overshoot the memory prevents");
+}

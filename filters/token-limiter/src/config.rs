@@ -38,6 +38,9 @@ pub struct Config {
     pub file_default_tokens: u64,
     /// Admission estimate of one page of a base64 PDF whose pages are counted.
     pub pdf_page_tokens: u64,
+    /// Responses answered through this Envoy whose context size is remembered, so that a request naming
+    /// one (`previous_response_id`, `conversation`) is admitted on it (see `context_memory`); 0: none.
+    pub context_memory_slots: u64,
     /// Response header naming the model actually used after a fallback.
     pub fallback_header: String,
     /// How often (ms) queued settlements are sent to the sidecar.
@@ -121,6 +124,7 @@ impl Default for Config {
             image_default_tokens: 1600,
             file_default_tokens: 3000,
             pdf_page_tokens: 3000,
+            context_memory_slots: 4096,
             fallback_header: "x-meshwarden-fallback-model".to_string(),
             settle_interval_ms: 20,
             stats_flush_interval_ms: 20,
@@ -417,6 +421,7 @@ impl Validate for Config {
         check_range("image_default_tokens", self.image_default_tokens, 0, 1_000_000)?;
         check_range("file_default_tokens", self.file_default_tokens, 0, 10_000_000)?;
         check_range("pdf_page_tokens", self.pdf_page_tokens, 0, 1_000_000)?;
+        check_range("context_memory_slots", self.context_memory_slots, 0, 1_000_000)?;
         check_range("settle_interval_ms", self.settle_interval_ms, 1, 10_000)?;
         check_range("stats_flush_interval_ms", self.stats_flush_interval_ms, 1, 10_000)?;
         check_range("lease_ms", self.lease_ms, 1_000, 86_400_000)?;

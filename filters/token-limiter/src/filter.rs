@@ -3,6 +3,7 @@
 //! settles every admitted request exactly once in `on_log`.
 
 use crate::config::{Config, KeySource, OnUpgrade, StateMode, UnknownModel};
+use crate::context_memory::{self, ContextRef};
 use crate::keys::{claim_value, spiffe_part, unverified_jwt_claim};
 use crate::limiter::{settle_deltas, Admission, Denial, Facts, Outcome, Plan};
 use crate::meter::Meter;
@@ -1411,6 +1412,7 @@ impl Request {
                 output_reservation: cfg.default_output_reservation,
                 bad: Some(if self.grpc { BadBody::NotJson } else { BadBody::TooLarge }),
                 problem: None,
+                contexts: Vec::new(),
             }
         } else {
             let p = parse_request(&cfg, &self.path, &self.body, self.encoded);
@@ -1451,6 +1453,27 @@ impl Request {
                 &[],
             );
             return Action::Pause;
+        }
+        let mut parsed = parsed;
+        if !parsed.contexts.is_empty() && cfg.context_memory_slots > 0 {
+            // The stored conversation the request names is read by the model: admitted on it too.
+            let remembered = parsed
+                .contexts
+                .iter()
+                .filter_map(ContextRef::key)
+                .filter_map(|key| {
+                    let slot = context_memory::slot_key(&key, cfg.context_memory_slots);
+                    let (value, _) = hostcalls::get_shared_data(&slot).ok()?;
+                    context_memory::decode(&value?, &key)
+                })
+                .max();
+            match remembered {
+                Some(tokens) => {
+                    parsed.input_estimate = parsed.input_estimate.saturating_add(tokens);
+                    self.shared.count("context_memory.hits", 1);
+                }
+                None => self.shared.count("context_memory.misses", 1),
+            }
         }
         let facts = Facts {
             model: parsed.model.clone(),
@@ -1730,6 +1753,9 @@ impl Request {
             // No response at all (client went away, upstream never answered): the prompt was sent.
             None => (est, 0, crate::meter::Source::Estimated),
         };
+        if source == crate::meter::Source::Reported {
+            self.remember_context(&cfg, input.saturating_add(output));
+        }
         let cached_input = self.meter.as_ref().map_or(0, Meter::cached_input_tokens);
         if cached_input > 0 {
             self.shared.count("cached_input_tokens", cached_input);
@@ -1777,6 +1803,29 @@ impl Request {
                 if releases || self.shared.retired.get() {
                     self.release_leases_now();
                 }
+            }
+        }
+    }
+
+    /// After a Responses answer with reported usage: its context size (`tokens`, input plus output: what
+    /// the next turn reads again) under its response id and the conversation it continued, for the
+    /// requests that will name them (see `context_memory`). An answer without a response id (an error)
+    /// stores nothing.
+    fn remember_context(&self, cfg: &Config, tokens: u64) {
+        if cfg.context_memory_slots == 0 {
+            return;
+        }
+        // Only a Responses object answered (an error body has no response id).
+        let Some(id) = self.meter.as_ref().and_then(Meter::response_id) else {
+            return;
+        };
+        let answered = ContextRef::Response(id.to_string());
+        let conversations =
+            self.parsed.iter().flat_map(|p| &p.contexts).filter(|c| matches!(c, ContextRef::Conversation(_)));
+        for key in std::iter::once(&answered).chain(conversations).filter_map(ContextRef::key) {
+            let slot = context_memory::slot_key(&key, cfg.context_memory_slots);
+            if hostcalls::set_shared_data(&slot, Some(&context_memory::encode(&key, tokens)), None).is_ok() {
+                self.shared.count("context_memory.stored", 1);
             }
         }
     }
@@ -2018,6 +2067,9 @@ impl Request {
         }
         if meshwarden_shared::llm::is_image_generation_path(&self.path) {
             meter.media_answer();
+        }
+        if cfg.context_memory_slots > 0 && self.parsed.as_ref().is_some_and(|p| p.api == Api::OpenAiResponses) {
+            meter.watch_response_id();
         }
         self.meter = Some(meter);
         if let Some(w) = self.window {

@@ -77,6 +77,9 @@ pub struct Meter {
     /// Of the input tokens [`Meter::finish`] charged, those the usage reports as read from the
     /// provider's prompt cache (0 when estimated).
     cached_input: u64,
+    /// Read the answer's Responses id ([`Meter::watch_response_id`]), and what was read.
+    watch_response_id: bool,
+    response_id: Option<String>,
 }
 
 impl Meter {
@@ -103,7 +106,28 @@ impl Meter {
         } else {
             Kind::Json { scan: UsageScanner::default(), buf: Vec::new(), overflow: false }
         };
-        Self { kind, max_bytes, status, header_usage: None, media: false, cached_input: 0 }
+        Self {
+            kind,
+            max_bytes,
+            status,
+            header_usage: None,
+            media: false,
+            cached_input: 0,
+            watch_response_id: false,
+            response_id: None,
+        }
+    }
+
+    /// Read the OpenAI Responses id of the answer (`resp_...`: the JSON's top-level `id`, or the
+    /// `response.created` event's `response.id`), for [`crate::context_memory`]; see
+    /// [`Meter::response_id`].
+    pub fn watch_response_id(&mut self) {
+        self.watch_response_id = true;
+    }
+
+    /// The answer's Responses id, once read (JSON answers: after [`Meter::finish`]).
+    pub fn response_id(&self) -> Option<&str> {
+        self.response_id.as_deref()
     }
 
     pub fn is_stream(&self) -> bool {
@@ -126,7 +150,15 @@ impl Meter {
                 }
             }
             Kind::Sse { parser, usage, done, background } => {
+                let watch_id = self.watch_response_id && self.response_id.is_none();
+                let response_id = &mut self.response_id;
                 parser.feed_with(chunk, |ev| {
+                    // The first event (small: no output yet) names the response.
+                    if watch_id && response_id.is_none() && ev.event.as_deref() == Some("response.created") {
+                        *response_id = serde_json::from_str::<serde_json::Value>(&ev.data)
+                            .ok()
+                            .and_then(|v| v.pointer("/response/id").and_then(|i| i.as_str().map(str::to_string)));
+                    }
                     // The stream's first event says whether the response runs in the background.
                     if !*background
                         && matches!(ev.event.as_deref(), Some("response.created" | "response.queued"))
@@ -237,6 +269,11 @@ impl Meter {
         let unreadable_output = if error { 0 } else { output_reservation };
         let header_usage = self.header_usage;
         let media = self.media;
+        if self.watch_response_id {
+            if let Kind::Json { buf, overflow: false, .. } = &self.kind {
+                self.response_id = response_object_id(buf);
+            }
+        }
         let body_only = match &mut self.kind {
             Kind::Json { scan, buf, overflow } => {
                 if let Some(u) = scan.finish() {
@@ -340,6 +377,17 @@ fn reported_cached_input(usage: &StreamUsage) -> u64 {
 /// The event that ends a stream and carries its final usage: Anthropic `message_stop`, the Responses API's
 /// `response.completed` / `response.incomplete` (the output cap was reached) / `response.failed`, OpenAI
 /// image streams' `image_generation.completed` / `image_edit.completed` (gpt-image-1 `"stream": true`).
+/// The `id` of a JSON answer that is a Responses object (`"object": "response"`); other keys skipped unread.
+fn response_object_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Top {
+        id: Option<String>,
+        object: Option<String>,
+    }
+    let top: Top = serde_json::from_slice(body).ok()?;
+    top.id.filter(|_| top.object.as_deref() == Some("response"))
+}
+
 fn is_final_event(event: Option<&str>) -> bool {
     matches!(
         event,
@@ -533,6 +581,41 @@ data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\" world\"}]},\"finish
     /// `in_progress`) and no usage; the model runs afterwards and the client polls `GET /v1/responses/{id}`
     /// (no body, not limited). Its output was charged the few strings of the queued object (~15 tokens),
     /// whatever the model then wrote: it is charged the output reservation, as an unreadable answer.
+    /// The Responses id is read where asked for (JSON: the top-level `id` of a `response` object;
+    /// SSE: `response.created`), whatever the chunking, and not from other answers.
+    #[test]
+    fn responses_ids_are_read_when_watched() {
+        let json = r#"{"id":"resp_abc","object":"response","status":"completed","output":[],"usage":{"input_tokens":6000,"output_tokens":10,"total_tokens":6010}}"#;
+        let mut m = Meter::new(200, Some("application/json"), None, 1 << 20);
+        m.watch_response_id();
+        m.on_chunk(json.as_bytes());
+        assert_eq!(m.finish(1, 1), (6000, 10, Source::Reported));
+        assert_eq!(m.response_id(), Some("resp_abc"));
+        let mut unwatched = Meter::new(200, Some("application/json"), None, 1 << 20);
+        unwatched.on_chunk(json.as_bytes());
+        unwatched.finish(1, 1);
+        assert_eq!(unwatched.response_id(), None);
+        let mut chat = Meter::new(200, Some("application/json"), None, 1 << 20);
+        chat.watch_response_id();
+        chat.on_chunk(
+            br#"{"id":"chatcmpl-1","object":"chat.completion","usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+        );
+        chat.finish(1, 1);
+        assert_eq!(chat.response_id(), None, "not a Responses object");
+        let stream = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_s1\",\"object\":\"response\",\"status\":\"in_progress\",\"output\":[]}}\n\n\
+event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_s1\",\"object\":\"response\",\"status\":\"completed\",\"usage\":{\"input_tokens\":40,\"output_tokens\":2,\"total_tokens\":42}}}\n\n";
+        for split in [1, 5, 1000] {
+            let mut m = Meter::new(200, Some("text/event-stream"), None, 1 << 20);
+            m.watch_response_id();
+            for c in stream.as_bytes().chunks(split) {
+                m.on_chunk(c);
+            }
+            assert_eq!(m.finish(1, 1), (40, 2, Source::Reported));
+            assert_eq!(m.response_id(), Some("resp_s1"), "split {split}");
+        }
+    }
+
     #[test]
     fn a_background_response_is_charged_the_output_reservation() {
         let queued = r#"{"id":"resp_68b","object":"response","created_at":1765000000,"status":"queued","background":true,

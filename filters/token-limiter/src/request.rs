@@ -2,6 +2,7 @@
 //! rewrites the limiter makes (`stream_options.include_usage`, `model` after a fallback).
 
 use crate::config::Config;
+use crate::context_memory::{referenced, ContextRef};
 use meshwarden_shared::attachments::extract_encoded_texts;
 use meshwarden_shared::json::{parse_strict, JsonBodyError};
 use meshwarden_shared::llm::{
@@ -63,6 +64,9 @@ pub struct Parsed {
     pub bad: Option<BadBody>,
     /// Why a refused body is refused (names the key or the encoding), for the 400.
     pub problem: Option<JsonBodyError>,
+    /// Stored context the request names (OpenAI Responses `previous_response_id`, `conversation`): see
+    /// [`crate::context_memory`].
+    pub contexts: Vec<ContextRef>,
 }
 
 /// Size-based estimate for bodies that cannot be read: a token per 4 bytes.
@@ -158,6 +162,7 @@ pub fn parsed_multipart(cfg: &Config, path: &str, model: Option<String>, estimat
         input_estimate: estimate,
         output_reservation: cfg.default_output_reservation,
         problem: None,
+        contexts: Vec::new(),
     }
 }
 
@@ -173,6 +178,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         output_reservation: cfg.default_output_reservation,
         bad: Some(bad),
         problem: None,
+        contexts: Vec::new(),
     };
     if encoded {
         return fallback(BadBody::Encoded);
@@ -222,6 +228,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         stream: info.stream,
         input_estimate: prompt_estimate(cfg, &json, &spans, body.len(), media),
         output_reservation,
+        contexts: if api == Api::OpenAiResponses { referenced(&json) } else { Vec::new() },
         json: Some(json),
         problem: None,
     }
