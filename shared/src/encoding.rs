@@ -29,26 +29,45 @@ pub fn base64_decode(input: &str) -> Result<Vec<u8>, &'static str> {
     if trimmed.len() % 4 == 1 {
         return Err("impossible length");
     }
-    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+    decode_symbols(trimmed.as_bytes(), false, |_| true).ok_or("invalid character")
+}
+
+/// Decode Base64 (either alphabet) skipping line breaks (`\r`, `\n`, as wrapped base64 has them) and
+/// `=`, stopping with `None` at the first decoded byte `accept` refuses or at any other byte: a caller
+/// that wants text rejects binary at its first bytes instead of decoding all of it (a PNG's fourth
+/// byte is `\r`). Lengths are the caller's to check.
+pub fn base64_decode_accepting(input: &[u8], accept: impl Fn(u8) -> bool) -> Option<Vec<u8>> {
+    decode_symbols(input, true, accept)
+}
+
+/// The symbols of `input` decoded; with `wrapped`, line breaks and `=` are skipped, else they are errors.
+fn decode_symbols(input: &[u8], wrapped: bool, accept: impl Fn(u8) -> bool) -> Option<Vec<u8>> {
+    // Not more up front: a caller refusing binary usually stops within a few bytes of a large input.
+    let mut out = Vec::with_capacity((input.len() * 3 / 4).min(4096));
     let mut acc: u32 = 0;
     let mut bits = 0u32;
-    for b in trimmed.bytes() {
+    for &b in input {
         let v = match b {
             b'A'..=b'Z' => b - b'A',
             b'a'..=b'z' => b - b'a' + 26,
             b'0'..=b'9' => b - b'0' + 52,
             b'+' | b'-' => 62,
             b'/' | b'_' => 63,
-            _ => return Err("invalid character"),
+            b'\r' | b'\n' | b'=' if wrapped => continue,
+            _ => return None,
         };
         acc = (acc << 6) | u32::from(v);
         bits += 6;
         if bits >= 8 {
             bits -= 8;
-            out.push(((acc >> bits) & 0xff) as u8);
+            let byte = ((acc >> bits) & 0xff) as u8;
+            if !accept(byte) {
+                return None;
+            }
+            out.push(byte);
         }
     }
-    Ok(out)
+    Some(out)
 }
 
 #[cfg(test)]
@@ -64,6 +83,16 @@ mod tests {
         assert_eq!(base64_decode("-_8").unwrap(), vec![0xfb, 0xff]);
         assert_eq!(base64_decode("+/8=").unwrap(), vec![0xfb, 0xff]);
         assert_eq!(String::from_utf8(base64_decode("w6lsw6h2ZQ==").unwrap()).unwrap(), "\u{e9}l\u{e8}ve");
+    }
+
+    #[wasm_bindgen_test(unsupported = test)]
+    fn decoding_wrapped_base64_and_stopping_at_refused_bytes() {
+        assert_eq!(base64_decode_accepting(b"amFuZUBl\r\neGFtcGxl\nLmNvbQ==", |_| true).unwrap(), b"jane@example.com");
+        assert_eq!(base64_decode_accepting(b"SGVsbG8=", |b| b != b'l'), None);
+        assert_eq!(base64_decode_accepting(b"SGV*bG8=", |_| true), None);
+        // The strict decoder still refuses line breaks and inner padding.
+        assert!(base64_decode("amFuZUBl\neGFt").is_err());
+        assert!(base64_decode("SG=VsbG8").is_err());
     }
 
     #[wasm_bindgen_test(unsupported = test)]

@@ -14,7 +14,7 @@
 //! is a run candidate too; it decodes to bytes that are almost never printable UTF-8 (~1 in 10^4 for 12
 //! letters), and even then only a detector's finding in them changes anything.
 
-use meshwarden_shared::encoding::{base64_decode, base64_encode};
+use meshwarden_shared::encoding::{base64_decode_accepting, base64_encode};
 
 /// Shortest run decoded, in symbols without padding: 12 symbols are 9 bytes, as short as a US SSN
 /// written without dashes; shorter runs hold nothing a detector reports.
@@ -63,19 +63,48 @@ fn class(t: &[u8], i: usize) -> u8 {
 }
 
 /// End of the run of symbols starting at `i`, and the alphabet classes seen in it.
-fn symbols_end(t: &[u8], mut i: usize) -> (usize, u8) {
+fn symbols_end(t: &[u8], i: usize) -> (usize, u8) {
+    let rest = t.get(i..).unwrap_or(&[]);
     let mut seen = 0;
-    loop {
-        let c = class(t, i);
-        if c & SYMBOL == 0 {
-            return (i, seen);
-        }
-        seen |= c;
-        i += 1;
-    }
+    let len = rest
+        .iter()
+        .position(|&b| {
+            let c = CLASSES.get(usize::from(b)).copied().unwrap_or(0);
+            seen |= c;
+            c & SYMBOL == 0
+        })
+        .unwrap_or(rest.len());
+    (i + len, seen & !SYMBOL)
 }
 
-/// The runs in `t` that are long enough and of a possible length, in order (not yet decoded).
+/// Whether `b` is a base64 symbol, as comparisons (which the compiler turns into vector code over a
+/// block of bytes, unlike a table lookup).
+fn is_symbol(b: u8) -> bool {
+    (b | 0x20).wrapping_sub(b'a') < 26 || b.wrapping_sub(b'0') < 10 || matches!(b, b'+' | b'/' | b'-' | b'_')
+}
+
+/// End of the run of symbols starting at `i`, 32 bytes at a time: how a long binary run (an image in a
+/// body scanned whole) is passed over.
+fn skip_symbols(t: &[u8], i: usize) -> usize {
+    let rest = t.get(i..).unwrap_or(&[]);
+    let mut n = 0;
+    for block in rest.chunks_exact(32) {
+        if !block.iter().fold(true, |all, &b| all & is_symbol(b)) {
+            break;
+        }
+        n += 32;
+    }
+    let tail = rest.get(n..).unwrap_or(&[]);
+    i + n + tail.iter().position(|&b| !is_symbol(b)).unwrap_or(tail.len())
+}
+
+/// A byte that UTF-8 text without control characters (but tab and line breaks) can hold.
+fn text_byte(b: u8) -> bool {
+    !(b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') || b == 0x7f || b == 0xc0 || b == 0xc1 || b >= 0xf5)
+}
+
+/// The runs in `t` that are long enough and of a possible length and whose first 12 symbols decode to
+/// bytes text can hold, in order (not yet decoded whole).
 ///
 /// Fast path for prose, as Boyer-Moore-Horspool skips: the window `i..i + MIN_SYMBOLS` is read from its
 /// end backwards; the first byte that is no symbol rules out a run starting anywhere up to it, and the
@@ -88,6 +117,12 @@ pub fn find_runs(t: &[u8]) -> Vec<Run> {
     while let Some(window) = t.get(i..i + MIN_SYMBOLS) {
         if let Some(k) = window.iter().rposition(|&b| CLASSES.get(usize::from(b)).is_none_or(|c| c & SYMBOL == 0)) {
             i += k + 1;
+            continue;
+        }
+        // The first 12 symbols already show binary (an image in a body scanned whole): the run is passed
+        // over without its layout worked out or anything decoded.
+        if base64_decode_accepting(t.get(i..i + MIN_SYMBOLS).unwrap_or(&[]), text_byte).is_none() {
+            i = skip_symbols(t, i) + 1;
             continue;
         }
         match run_at(t, i) {
@@ -170,16 +205,15 @@ fn run_at(t: &[u8], start: usize) -> Option<Run> {
 }
 
 /// The text a run encodes, if it is text: UTF-8 with no control characters but tab and line breaks.
+/// Binary (an image's base64 in a body scanned whole) is given up at its first byte that no text has,
+/// usually within a few bytes, not decoded whole.
 pub fn decode_text(t: &[u8], run: &Run) -> Option<String> {
-    let span = std::str::from_utf8(t.get(run.start..run.end)?).ok()?;
-    let bytes = match run.wrap {
-        None => base64_decode(span).ok()?,
-        Some(_) => base64_decode(&span.replace(['\r', '\n'], "")).ok()?,
-    };
+    let text_byte =
+        |b: u8| !(b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') || b == 0x7f || b == 0xc0 || b == 0xc1 || b >= 0xf5);
+    let bytes = base64_decode_accepting(t.get(run.start..run.end)?, text_byte)?;
     let text = String::from_utf8(bytes).ok()?;
-    // Control characters (C0 but tab and line breaks, DEL, C1) are no text: random bytes (a long word
-    // decoded) almost always have one.
-    if text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+    // C1 controls (U+0080-U+009F) are no text either.
+    if text.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)) {
         return None;
     }
     Some(text)
@@ -294,11 +328,32 @@ mod tests {
     }
 
     #[test]
+    fn both_symbol_tests_agree() {
+        for b in 0..=255u8 {
+            assert_eq!(is_symbol(b), CLASSES[usize::from(b)] & SYMBOL != 0, "{b}");
+        }
+        let t = format!("{}!{}", "a".repeat(100), "b".repeat(7));
+        for i in [0, 5, 31, 32, 99, 100, 101, 108] {
+            assert_eq!(skip_symbols(t.as_bytes(), i), symbols_end(t.as_bytes(), i).0, "{i}");
+        }
+    }
+
+    #[test]
     fn binary_and_control_bytes_are_not_text() {
-        let binary = base64_encode(&[0x89, b'P', b'N', b'G', 13, 10, 26, 10, 0, 0, 0, 13, b'I', b'H', b'D', b'R']);
-        let runs = find_runs(binary.as_bytes());
+        // Binary shows in the first 12 symbols: no run at all (a PNG header's seventh byte is 0x1a).
+        let png = [0x89, b'P', b'N', b'G', 13, 10, 26, 10, 0, 0, 0, 13, b'I', b'H', b'D', b'R'];
+        assert!(find_runs(base64_encode(&png).as_bytes()).is_empty());
+        // ... also when large, and the run after it is still found.
+        let big = base64_encode(&[&png[..], &vec![b'x'; 3_000_000]].concat());
+        let t = format!("{big} {}", base64_encode(b"jane.doe@example.com"));
+        let runs = find_runs(t.as_bytes());
         assert_eq!(runs.len(), 1);
-        assert!(decode_text(binary.as_bytes(), &runs[0]).is_none());
+        assert_eq!(decode_text(t.as_bytes(), &runs[0]).unwrap(), "jane.doe@example.com");
+        // Binary after a text-like start is refused by the whole decode.
+        let late = base64_encode(b"plain text start, then \x01 binary");
+        let runs = find_runs(late.as_bytes());
+        assert_eq!(runs.len(), 1);
+        assert!(decode_text(late.as_bytes(), &runs[0]).is_none());
         let c1 = base64_encode("abc\u{85}defghijkl".as_bytes());
         assert!(decoded(&c1).is_empty());
     }
