@@ -20,7 +20,8 @@
 //! | `x-mock-abort-after-bytes: N` | JSON answers: announce the whole `content-length`, send N bytes, then reset |
 //! | `x-mock-stream: 1` | answer as a stream even when the body does not say `"stream": true` (any JSON body) |
 //! | `x-mock-sse-garbage: 1` | streams: after the first event, insert lines no parser should choke on (a line without a colon, a `data:` line that is not JSON, a comment, an unknown field, invalid UTF-8, blank lines) |
-//! | `x-mock-response-id: id` | Responses: the response's `id` (JSON, `response.created`, `response.completed`; default `resp_mock`) |
+//! | `x-mock-response-id: id` | Responses: the response's `id` (JSON, `response.created`, `response.completed`; default `resp_mock`); Gemini `POST .../cachedContents`: the cache is `cachedContents/<id>` |
+//! | (path `.../cachedContents`) | Gemini context caching: `{"name": "cachedContents/<id>", "usageMetadata": {"totalTokenCount": <prompt tokens>}}` |
 //! | `x-mock-image-result-bytes: N` | Responses streams: `response.completed` also carries an `image_generation_call` item whose base64 `result` is N characters (before the usage, as OpenAI orders it) |
 //! | `x-mock-sse-no-done: 1` | streams: leave out the terminator (`data: [DONE]`, Anthropic `message_stop`) |
 //! | (path `/model/<id>/converse-stream`) | Bedrock ConverseStream: the AWS binary event stream (`application/vnd.amazon.eventstream`), usage in the last `metadata` event |
@@ -426,6 +427,15 @@ async fn answer(
         // Ollama streams unless the body says `"stream": false`.
         let stream = parsed.get("stream").and_then(Value::as_bool).unwrap_or(true);
         return ollama_response(&plan, uri.path().ends_with("/api/chat"), stream, guard);
+    }
+    if uri.path().ends_with("/cachedContents") {
+        // Gemini context caching: the cache created, its size in `usageMetadata.totalTokenCount` (the
+        // prompt tokens), named after `x-mock-response-id`.
+        let name = format!("cachedContents/{}", plan.response_id);
+        let answer = json!({"name": name, "model": format!("models/{}", plan.model),
+            "createTime": "2026-12-07T00:00:00Z", "expireTime": "2026-12-07T01:00:00Z",
+            "usageMetadata": {"totalTokenCount": plan.prompt_tokens}});
+        return (StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response();
     }
     if uri.path().ends_with("/audio/speech") {
         // Text to speech: binary audio, no usage (as OpenAI's `tts-1` answers).

@@ -2403,3 +2403,41 @@ async fn responses_turns_are_admitted_on_the_stored_conversation_they_name() {
     let r = post(&e, "/v1/responses", &turn2, &[("x-team", "a")]).await;
     assert_eq!(r.status(), 200, "admitted on ~6 tokens: the overshoot the memory prevents");
 }
+
+/// A Gemini request naming a context cache (`cachedContent`) is admitted on the cache's size, which the
+/// answer to `POST .../cachedContents` gave (`usageMetadata.totalTokenCount`), not on its few new tokens.
+/// Before 2026-12-08 it was admitted on its own size whatever the cache held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemini_requests_are_admitted_on_the_context_cache_they_name() {
+    let mock = MockLlm::start().await.unwrap();
+    let e = envoy(&mock, team_budget(10_000)).await;
+    let create = json!({"model": "models/gemini-2.5-flash", "contents": [{"role": "user", "parts": [{"text": "A long manual."}]}],
+                        "ttl": "3600s"});
+    let r = post(
+        &e,
+        "/v1beta/cachedContents",
+        &create,
+        &[("x-team", "a"), ("x-mock-response-id", "m1"), ("x-mock-prompt-tokens", "8000")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("cachedContents/m1"));
+    assert_eq!(stat_at_least(&e, "meshwarden.token_limiter.context_memory.stored", 1).await, 1);
+    let ask = json!({"cachedContent": "cachedContents/m1", "contents": [{"role": "user", "parts": [{"text": "Chapter 2?"}]}],
+                     "generationConfig": {"maxOutputTokens": 10}});
+    let path = "/v1beta/models/gemini-2.5-flash:generateContent";
+    // Team a spent little on the create call (its body's estimate): the first question fits (8,000 read),
+    // and is charged what it reports; the second does not fit any more.
+    let r = post(&e, path, &ask, &[("x-team", "a"), ("x-mock-prompt-tokens", "8010")]).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let r = post(&e, path, &ask, &[("x-team", "a")]).await;
+    assert_eq!(r.status(), 429, "8,000 cached tokens and ~1,900 left");
+    assert_eq!(e.stat("meshwarden.token_limiter.context_memory.hits").await.unwrap(), 2);
+    // Another team, a cache this Envoy never saw created: its own estimate.
+    let other =
+        json!({"cachedContent": "cachedContents/elsewhere", "contents": [{"role": "user", "parts": [{"text": "Hi"}]}]});
+    let r = post(&e, path, &other, &[("x-team", "b")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(e.stat("meshwarden.token_limiter.context_memory.misses").await.unwrap(), 1);
+}

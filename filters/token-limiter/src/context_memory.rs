@@ -1,6 +1,7 @@
 //! Context a request names but does not carry: an OpenAI Responses request with `previous_response_id`
 //! (or `conversation`) makes the model read the stored conversation, often far more than its new
-//! `input`. Without a memory of those conversations, `{"previous_response_id": "resp_1", "input": "go
+//! `input`; a Gemini request with `cachedContent` makes it read the cache created before
+//! (`POST .../cachedContents`, whose answer gives its size as `usageMetadata.totalTokenCount`). Without a memory of those conversations, `{"previous_response_id": "resp_1", "input": "go
 //! on"}` is admitted on a handful of tokens and the budget overshoots by the whole conversation. So each
 //! answered Responses request leaves behind how large its context became (the reported input plus output
 //! tokens: what the next turn reads again), under its response id and its conversation id, and a request
@@ -22,6 +23,8 @@ pub enum ContextRef {
     Response(String),
     /// `conversation` (a string id, or an object with `id`).
     Conversation(String),
+    /// Gemini `cachedContent` (`cachedContents/...`, or a Vertex AI resource name).
+    GeminiCache(String),
 }
 
 impl ContextRef {
@@ -30,14 +33,21 @@ impl ContextRef {
         let (kind, id) = match self {
             ContextRef::Response(id) => ("resp", id),
             ContextRef::Conversation(id) => ("conv", id),
+            ContextRef::GeminiCache(name) => ("gcache", name),
         };
         (!id.is_empty() && id.len() <= MAX_ID_BYTES).then(|| format!("{kind}:{id}"))
     }
 }
 
-/// The contexts an OpenAI Responses request body names (`previous_response_id`, `conversation`).
+/// The contexts a request body names: OpenAI Responses `previous_response_id` and `conversation`, Gemini
+/// `cachedContent` (`cached_content` as protobuf's JSON mapping also accepts).
 pub fn referenced(json: &serde_json::Value) -> Vec<ContextRef> {
     let mut out = Vec::new();
+    for key in ["cachedContent", "cached_content"] {
+        if let Some(name) = json.get(key).and_then(serde_json::Value::as_str) {
+            out.push(ContextRef::GeminiCache(name.to_string()));
+        }
+    }
     if let Some(id) = json.get("previous_response_id").and_then(serde_json::Value::as_str) {
         out.push(ContextRef::Response(id.to_string()));
     }
@@ -51,6 +61,31 @@ pub fn referenced(json: &serde_json::Value) -> Vec<ContextRef> {
         _ => {}
     }
     out
+}
+
+/// A Gemini context cache created by `answer` (the JSON answer of `POST .../cachedContents`): its name and
+/// size in tokens.
+pub fn created_gemini_cache(answer: &[u8]) -> Option<(String, u64)> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Usage {
+        total_token_count: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Cache {
+        name: Option<String>,
+        usage_metadata: Option<Usage>,
+    }
+    let cache: Cache = serde_json::from_slice(answer).ok()?;
+    let name = cache.name.filter(|n| n.contains("cachedContents/"))?;
+    Some((name, cache.usage_metadata?.total_token_count?))
+}
+
+/// Whether a request creates a Gemini context cache (`POST .../cachedContents`, Gemini API or Vertex AI).
+pub fn creates_gemini_cache(method: &str, path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
+    method.eq_ignore_ascii_case("POST") && path.ends_with("/cachedContents")
 }
 
 /// The shared-data key of the slot `key` lives in, with `slots` slots.
@@ -95,6 +130,8 @@ mod tests {
         assert_eq!(refs[0].key().unwrap(), "conv:conv_9");
         assert_eq!(referenced(&json!({"conversation": "conv_9"}))[0].key().unwrap(), "conv:conv_9");
         assert!(referenced(&json!({"previous_response_id": null, "conversation": 3})).is_empty());
+        let refs = referenced(&json!({"cachedContent": "cachedContents/abc", "contents": []}));
+        assert_eq!(refs[0].key().unwrap(), "gcache:cachedContents/abc");
         assert!(ContextRef::Response("r".repeat(MAX_ID_BYTES + 1)).key().is_none());
         assert!(ContextRef::Response(String::new()).key().is_none());
         // Slots spread and stay in range.
@@ -102,6 +139,19 @@ mod tests {
             (0..1000).map(|i| slot_key(&format!("resp:resp_{i}"), 64)).collect();
         assert_eq!(slots.len(), 64);
         assert!(slot_key("resp:x", 0).starts_with("meshwarden.tl.ctx."));
+    }
+
+    #[test]
+    fn gemini_cache_creation_answers() {
+        let answer = br#"{"name":"cachedContents/x1y2","model":"models/gemini-2.5-flash","usageMetadata":{"totalTokenCount":31000},"expireTime":"2026-12-08T00:00:00Z"}"#;
+        assert_eq!(created_gemini_cache(answer), Some(("cachedContents/x1y2".to_string(), 31000)));
+        assert_eq!(created_gemini_cache(br#"{"name":"models/x","usageMetadata":{"totalTokenCount":3}}"#), None);
+        assert_eq!(created_gemini_cache(br#"{"name":"cachedContents/x"}"#), None);
+        assert_eq!(created_gemini_cache(br#"{"error":{"code":400}}"#), None);
+        assert!(creates_gemini_cache("POST", "/v1beta/cachedContents?key=k"));
+        assert!(creates_gemini_cache("post", "/v1/projects/p/locations/us-central1/cachedContents"));
+        assert!(!creates_gemini_cache("GET", "/v1beta/cachedContents"));
+        assert!(!creates_gemini_cache("POST", "/v1beta/cachedContents/x1y2"));
     }
 
     #[test]

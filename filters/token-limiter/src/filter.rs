@@ -814,6 +814,8 @@ struct Request {
     /// A gRPC request (protobuf, often a stream that never ends while it waits for answers): admitted on
     /// its first body bytes instead of its end.
     grpc: bool,
+    /// `POST .../cachedContents`: the answer names a Gemini context cache and its size (`context_memory`).
+    creates_gemini_cache: bool,
     identities: Vec<Option<String>>,
     body_size: usize,
     /// The request body as read, until the request is let through (see `start_admission`).
@@ -1315,6 +1317,7 @@ impl Request {
             encoded: false,
             multipart: None,
             grpc: false,
+            creates_gemini_cache: false,
             identities: Vec::new(),
             body_size: 0,
             body: Vec::new(),
@@ -1753,9 +1756,8 @@ impl Request {
             // No response at all (client went away, upstream never answered): the prompt was sent.
             None => (est, 0, crate::meter::Source::Estimated),
         };
-        if source == crate::meter::Source::Reported {
-            self.remember_context(&cfg, input.saturating_add(output));
-        }
+        let reported = (source == crate::meter::Source::Reported).then(|| input.saturating_add(output));
+        self.remember_context(&cfg, reported);
         let cached_input = self.meter.as_ref().map_or(0, Meter::cached_input_tokens);
         if cached_input > 0 {
             self.shared.count("cached_input_tokens", cached_input);
@@ -1807,26 +1809,37 @@ impl Request {
         }
     }
 
-    /// After a Responses answer with reported usage: its context size (`tokens`, input plus output: what
-    /// the next turn reads again) under its response id and the conversation it continued, for the
-    /// requests that will name them (see `context_memory`). An answer without a response id (an error)
-    /// stores nothing.
-    fn remember_context(&self, cfg: &Config, tokens: u64) {
+    /// After a Responses answer with reported usage: its context size (`reported`, input plus output:
+    /// what the next turn reads again) under its response id and the conversation it continued; after a
+    /// Gemini cache was created: its size under its name. For the requests that will name them (see
+    /// `context_memory`). An answer without a response id (an error) stores nothing.
+    fn remember_context(&self, cfg: &Config, reported: Option<u64>) {
         if cfg.context_memory_slots == 0 {
             return;
         }
-        // Only a Responses object answered (an error body has no response id).
-        let Some(id) = self.meter.as_ref().and_then(Meter::response_id) else {
+        if let Some((name, size)) = self.meter.as_ref().and_then(Meter::created_gemini_cache) {
+            // A cache's size is what every request naming it reads, whatever this call was charged.
+            self.store_context(cfg, &ContextRef::GeminiCache(name.to_string()), size);
+        }
+        // Only a Responses object answered (an error body has no response id), with its usage.
+        let (Some(id), Some(tokens)) = (self.meter.as_ref().and_then(Meter::response_id), reported) else {
             return;
         };
         let answered = ContextRef::Response(id.to_string());
         let conversations =
             self.parsed.iter().flat_map(|p| &p.contexts).filter(|c| matches!(c, ContextRef::Conversation(_)));
-        for key in std::iter::once(&answered).chain(conversations).filter_map(ContextRef::key) {
-            let slot = context_memory::slot_key(&key, cfg.context_memory_slots);
-            if hostcalls::set_shared_data(&slot, Some(&context_memory::encode(&key, tokens)), None).is_ok() {
-                self.shared.count("context_memory.stored", 1);
-            }
+        for context in std::iter::once(&answered).chain(conversations) {
+            self.store_context(cfg, context, tokens);
+        }
+    }
+
+    fn store_context(&self, cfg: &Config, context: &ContextRef, tokens: u64) {
+        let Some(key) = context.key() else {
+            return;
+        };
+        let slot = context_memory::slot_key(&key, cfg.context_memory_slots);
+        if hostcalls::set_shared_data(&slot, Some(&context_memory::encode(&key, tokens)), None).is_ok() {
+            self.shared.count("context_memory.stored", 1);
         }
     }
 
@@ -1969,6 +1982,8 @@ impl Request {
             .is_some_and(|e| !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity"));
         self.multipart = headers.get("content-type").and_then(multipart_boundary);
         self.grpc = headers.get("content-type").is_some_and(meshwarden_shared::binary::is_grpc);
+        self.creates_gemini_cache =
+            context_memory::creates_gemini_cache(headers.get(":method").unwrap_or(""), &self.path);
         let cfg = self.cfg();
         self.identities = cfg.rules.iter().map(|r| self.identity(&headers, &r.key)).collect();
         // The body may be rewritten (include_usage, fallback model).
@@ -2070,6 +2085,9 @@ impl Request {
         }
         if cfg.context_memory_slots > 0 && self.parsed.as_ref().is_some_and(|p| p.api == Api::OpenAiResponses) {
             meter.watch_response_id();
+        }
+        if cfg.context_memory_slots > 0 && self.creates_gemini_cache {
+            meter.watch_gemini_cache();
         }
         self.meter = Some(meter);
         if let Some(w) = self.window {

@@ -80,6 +80,9 @@ pub struct Meter {
     /// Read the answer's Responses id ([`Meter::watch_response_id`]), and what was read.
     watch_response_id: bool,
     response_id: Option<String>,
+    /// Read the Gemini context cache a `cachedContents` answer creates, and what was read.
+    watch_gemini_cache: bool,
+    gemini_cache: Option<(String, u64)>,
 }
 
 impl Meter {
@@ -115,6 +118,8 @@ impl Meter {
             cached_input: 0,
             watch_response_id: false,
             response_id: None,
+            watch_gemini_cache: false,
+            gemini_cache: None,
         }
     }
 
@@ -123,6 +128,17 @@ impl Meter {
     /// [`Meter::response_id`].
     pub fn watch_response_id(&mut self) {
         self.watch_response_id = true;
+    }
+
+    /// Read the name and size of the Gemini context cache the answer creates (`POST .../cachedContents`);
+    /// see [`Meter::created_gemini_cache`].
+    pub fn watch_gemini_cache(&mut self) {
+        self.watch_gemini_cache = true;
+    }
+
+    /// The Gemini context cache the answer created (name, tokens), after [`Meter::finish`].
+    pub fn created_gemini_cache(&self) -> Option<(&str, u64)> {
+        self.gemini_cache.as_ref().map(|(n, t)| (n.as_str(), *t))
     }
 
     /// The answer's Responses id, once read (JSON answers: after [`Meter::finish`]).
@@ -269,9 +285,12 @@ impl Meter {
         let unreadable_output = if error { 0 } else { output_reservation };
         let header_usage = self.header_usage;
         let media = self.media;
-        if self.watch_response_id {
-            if let Kind::Json { buf, overflow: false, .. } = &self.kind {
+        if let Kind::Json { buf, overflow: false, .. } = &self.kind {
+            if self.watch_response_id {
                 self.response_id = response_object_id(buf);
+            }
+            if self.watch_gemini_cache && !error {
+                self.gemini_cache = crate::context_memory::created_gemini_cache(buf);
             }
         }
         let body_only = match &mut self.kind {

@@ -228,7 +228,7 @@ pub fn parse_request(cfg: &Config, path: &str, body: &[u8], encoded: bool) -> Pa
         stream: info.stream,
         input_estimate: prompt_estimate(cfg, &json, &spans, body.len(), media),
         output_reservation,
-        contexts: if api == Api::OpenAiResponses { referenced(&json) } else { Vec::new() },
+        contexts: if matches!(api, Api::OpenAiResponses | Api::Unknown) { referenced(&json) } else { Vec::new() },
         json: Some(json),
         problem: None,
     }
