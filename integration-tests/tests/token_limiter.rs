@@ -2323,6 +2323,20 @@ async fn base64_text_files_are_estimated_as_their_text() {
     assert_eq!(rem, 20000 - (7 + 1100 + 10), "the question, the file's 4,400 characters, max_tokens");
 }
 
+/// Team `a`'s first Responses turn, `resp_t1`: 6,000 input and 10 output tokens reported.
+async fn first_responses_turn(e: &Envoy) {
+    let turn1 = json!({"model": "gpt-4o", "input": "Summarise the attached contract.", "max_output_tokens": 10});
+    let hdrs = [
+        ("x-team", "a"),
+        ("x-mock-response-id", "resp_t1"),
+        ("x-mock-prompt-tokens", "6000"),
+        ("x-mock-completion-tokens", "10"),
+    ];
+    let r = post(e, "/v1/responses", &turn1, &hdrs).await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+}
+
 /// A Responses turn that names a stored conversation (`previous_response_id`, or `conversation`) makes the
 /// model read it again: it is admitted on the context the earlier turn left behind (that turn's reported
 /// input plus output tokens), not on its few new tokens. Before 2026-12-08 `{"previous_response_id":
@@ -2334,17 +2348,7 @@ async fn responses_turns_are_admitted_on_the_stored_conversation_they_name() {
     let mock = MockLlm::start().await.unwrap();
     let e = envoy(&mock, team_budget(10_000)).await;
     let stat = |name: &str| format!("meshwarden.token_limiter.context_memory.{name}");
-    let turn1 = json!({"model": "gpt-4o", "input": "Summarise the attached contract.", "max_output_tokens": 10});
-    let usage = [("x-mock-prompt-tokens", "6000"), ("x-mock-completion-tokens", "10")];
-    let r = post(
-        &e,
-        "/v1/responses",
-        &turn1,
-        &[&[("x-team", "a"), ("x-mock-response-id", "resp_t1")], &usage[..]].concat(),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    let _ = r.text().await;
+    first_responses_turn(&e).await;
     assert_eq!(stat_at_least(&e, &stat("stored"), 1).await, 1);
     // Team a has 3,990 tokens left; the next turn reads the 6,010 again.
     let turn2 =
@@ -2390,16 +2394,7 @@ async fn responses_turns_are_admitted_on_the_stored_conversation_they_name() {
     let mut off = team_budget(10_000);
     off["context_memory_slots"] = json!(0);
     let e = envoy(&mock, off).await;
-    let turn1 = json!({"model": "gpt-4o", "input": "Summarise the attached contract.", "max_output_tokens": 10});
-    let r = post(
-        &e,
-        "/v1/responses",
-        &turn1,
-        &[&[("x-team", "a"), ("x-mock-response-id", "resp_t1")], &usage[..]].concat(),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    let _ = r.text().await;
+    first_responses_turn(&e).await;
     let r = post(&e, "/v1/responses", &turn2, &[("x-team", "a")]).await;
     assert_eq!(r.status(), 200, "admitted on ~6 tokens: the overshoot the memory prevents");
 }
