@@ -998,7 +998,7 @@ fn percent_encoded_at(t: &[u8], i: usize) -> Option<(usize, Option<u8>)> {
 /// (or a percent-encoded character after it), inside a value that follows a `key=` (`phone=%2B44+20+7946+0958`,
 /// `iban=NL55+RETG+5458+1089+02`, `card=4111+1111+1111+1111`). Not in a value with an `@` after the `+`
 /// (`email=jane+tag@example.com` is an address with a tag to the model), nor outside a query value (`a+b`,
-/// `jane+tag@example.com` in prose).
+/// `jane+tag@example.com` in prose), except in a `tel:` / `sms:` URI's number (since 2026-12-08).
 fn form_space_at(t: &[u8], i: usize) -> bool {
     let Some(prev) = i.checked_sub(1).map(|p| at(t, p)) else {
         return false;
@@ -1013,8 +1013,12 @@ fn form_space_at(t: &[u8], i: usize) -> bool {
     let before = t.get(i.saturating_sub(128)..i).unwrap_or(&[]);
     let after = t.get(i + 1..(i + 129).min(t.len())).unwrap_or(&[]);
     let key = before.iter().rposition(|c| *c == b'=' || ends_value(c)).is_some_and(|p| before.get(p) == Some(&b'='));
+    // A `tel:` or `sms:` URI written by a form encoder (`sms:%28415%29+555+2671?body=...`): its number is
+    // the value, with `+` for its spaces (its leading `+`, after the `:`, is the country prefix).
+    let token = before.iter().rposition(ends_value).map_or(before, |p| before.get(p + 1..).unwrap_or(&[]));
+    let number_uri = token.get(..4).is_some_and(|s| s.eq_ignore_ascii_case(b"tel:") || s.eq_ignore_ascii_case(b"sms:"));
     let value_rest = after.iter().position(ends_value).map_or(after, |e| after.get(..e).unwrap_or(&[]));
-    key && !value_rest.contains(&b'@') && find(value_rest, b"%40").is_none()
+    (key || number_uri) && !value_rest.contains(&b'@') && find(value_rest, b"%40").is_none()
 }
 
 /// HTML named references the scanner reads, with what they stand for: the characters of values (an
@@ -2863,6 +2867,9 @@ mod tests {
             ("card=4111+1111+1111+1111&x=1", Builtin::CreditCard, "4111+1111+1111+1111"),
             ("pay?iban=NL91+ABNA+0417+1643+00&c=EUR", Builtin::Iban, "NL91+ABNA+0417+1643+00"),
             ("tel=%2B33+%280%295+67+79+03+77&n=J", Builtin::Phone, "%2B33+%280%295+67+79+03+77"),
+            // ... and in a `sms:` / `tel:` URI's number (since 2026-12-08).
+            ("<a href=\"sms:%28415%29+555+2671?body=Hi\">", Builtin::Phone, "%28415%29+555+2671"),
+            ("call TEL:%2B44+20+7946+0958 now", Builtin::Phone, "%2B44+20+7946+0958"),
             // A `+` tag in an address stays a tag, in a query value too.
             ("signup?email=jane+news@example.com&x=1", Builtin::Email, "jane+news@example.com"),
             ("signup?email=jane+news%40example.com&x=1", Builtin::Email, "jane+news%40example.com"),
