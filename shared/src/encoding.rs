@@ -34,8 +34,8 @@ pub fn base64_decode(input: &str) -> Result<Vec<u8>, &'static str> {
 
 /// Decode Base64 (either alphabet) skipping line breaks (`\r`, `\n`, as wrapped base64 has them) and
 /// `=`, stopping with `None` at the first decoded byte `accept` refuses or at any other byte: a caller
-/// that wants text rejects binary at its first bytes instead of decoding all of it (a PNG's fourth
-/// byte is `\r`). Lengths are the caller's to check.
+/// that wants text rejects binary at its first bytes instead of decoding all of it (a PNG's seventh
+/// byte, 0x1a, is no text). Lengths are the caller's to check.
 pub fn base64_decode_accepting(input: &[u8], accept: impl Fn(u8) -> bool) -> Option<Vec<u8>> {
     decode_symbols(input, true, accept)
 }

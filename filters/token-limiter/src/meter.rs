@@ -166,7 +166,7 @@ impl Meter {
                 }
             }
             Kind::Sse { parser, usage, done, background } => {
-                let watch_id = self.watch_response_id && self.response_id.is_none();
+                let watch_id = self.watch_response_id;
                 let response_id = &mut self.response_id;
                 parser.feed_with(chunk, |ev| {
                     // The first event (small: no output yet) names the response.
@@ -393,9 +393,6 @@ fn reported_cached_input(usage: &StreamUsage) -> u64 {
     usage.reported().filter(|u| u.input_tokens > 0).map_or(0, |u| u.cached_input_tokens)
 }
 
-/// The event that ends a stream and carries its final usage: Anthropic `message_stop`, the Responses API's
-/// `response.completed` / `response.incomplete` (the output cap was reached) / `response.failed`, OpenAI
-/// image streams' `image_generation.completed` / `image_edit.completed` (gpt-image-1 `"stream": true`).
 /// The `id` of a JSON answer that is a Responses object (`"object": "response"`); other keys skipped unread.
 fn response_object_id(body: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
@@ -407,6 +404,9 @@ fn response_object_id(body: &[u8]) -> Option<String> {
     top.id.filter(|_| top.object.as_deref() == Some("response"))
 }
 
+/// The event that ends a stream and carries its final usage: Anthropic `message_stop`, the Responses API's
+/// `response.completed` / `response.incomplete` (the output cap was reached) / `response.failed`, OpenAI
+/// image streams' `image_generation.completed` / `image_edit.completed` (gpt-image-1 `"stream": true`).
 fn is_final_event(event: Option<&str>) -> bool {
     matches!(
         event,
